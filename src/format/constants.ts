@@ -1,0 +1,67 @@
+/** Layout constants of the snapshot file; docs/FORMAT.md is the specification. */
+
+export const HEADER_MAGIC = 'UFFDSNAP'
+export const FOOTER_MAGIC = 'UFFDFOOT'
+export const FORMAT_MAJOR = 1
+export const FORMAT_MINOR = 0
+
+export const FIXED_HEADER_SIZE = 64
+export const REGION_ENTRY_SIZE = 64
+export const HEADER_TRAILER_SIZE = 8 // header CRC + reserved
+export const INDEX_ENTRY_SIZE = 32
+export const FOOTER_SIZE = 64
+
+/** A header larger than this is treated as corrupt rather than allocated. */
+export const MAX_HEADER_SIZE = 64 * 1024 * 1024
+export const MAX_REGION_COUNT = 1 << 20
+
+export const PAGE_SIZE_4K = 4096
+export const PAGE_SIZE_2M = 2 * 1024 * 1024
+export const VALID_PAGE_SIZES: readonly number[] = [PAGE_SIZE_4K, PAGE_SIZE_2M]
+export const MIN_CHUNK_SIZE = 4096
+export const MAX_CHUNK_SIZE = 4 * 1024 * 1024
+
+/**
+ * Feature bits. A reader refuses a file with incompatible bits it does not know and ignores
+ * unknown compatible bits. Version 1.0 defines none; when diff snapshots (stacked on a base) or
+ * attached working sets arrive they take the next free bit here.
+ */
+export const KNOWN_INCOMPAT_FEATURES = 0n
+export const KNOWN_COMPAT_FEATURES = 0n
+
+export enum Codec {
+  /** All-zero chunk: nothing stored. */
+  None = 0,
+  Raw = 1,
+  Lz4 = 2,
+  Zstd = 3,
+}
+
+export const CODEC_NAMES: Record<Codec, string> = {
+  [Codec.None]: 'none',
+  [Codec.Raw]: 'raw',
+  [Codec.Lz4]: 'lz4',
+  [Codec.Zstd]: 'zstd',
+}
+
+export const CHUNK_FLAG_SHARED = 1
+
+export enum RegionKind {
+  GuestMemory = 0,
+  ProcessVma = 1,
+}
+
+export const REGION_PROT_READ = 1
+export const REGION_PROT_WRITE = 2
+export const REGION_PROT_EXEC = 4
+export const REGION_FLAG_SHARED = 1
+export const REGION_FLAG_FILE = 2
+export const REGION_FLAG_SPECIAL = 4
+
+/**
+ * Worst case of a compressed chunk's size: both zstd (compressBound: n + n/256 + small) and the
+ * lz4 block format with its 4-byte size prefix (n + n/255 + 16 + 4) stay below this.
+ */
+export function maxStoredLength(payloadLength: number): number {
+  return payloadLength + Math.ceil(payloadLength / 128) + 1024
+}

@@ -1,0 +1,38 @@
+/**
+ * Every inconsistency in a snapshot file becomes one of these, naming the file, the part of it
+ * and what is wrong, so a user can tell a truncated copy from a version mismatch from bit rot.
+ */
+export type SnapshotErrorCode =
+  | 'NOT_A_SNAPSHOT' // wrong magic: some other file
+  | 'UNSUPPORTED_VERSION' // a major version or incompatible feature this reader does not know
+  | 'TRUNCATED' // the file ends before a structure it declares
+  | 'CORRUPT' // checksums or cross-checks disagree
+  | 'INVALID' // a value out of its allowed range
+
+export class SnapshotFormatError extends Error {
+  readonly code: SnapshotErrorCode
+  /** The part of the file: 'header', 'footer', 'index', 'zero map', 'chunk 12', 'region 3'. */
+  readonly part: string
+  readonly detail: string
+  file: string | undefined
+
+  constructor(code: SnapshotErrorCode, part: string, detail: string, file?: string) {
+    super(SnapshotFormatError.describe(file, part, detail))
+    this.name = 'SnapshotFormatError'
+    this.code = code
+    this.part = part
+    this.detail = detail
+    this.file = file
+  }
+
+  /** Attaches the file name once the I/O layer knows it (pure decoders do not). */
+  withFile(file: string): this {
+    this.file = file
+    this.message = SnapshotFormatError.describe(file, this.part, this.detail)
+    return this
+  }
+
+  private static describe(file: string | undefined, part: string, detail: string): string {
+    return file ? `${file}: ${part}: ${detail}` : `${part}: ${detail}`
+  }
+}

@@ -1,0 +1,165 @@
+import {crc32} from 'node:zlib'
+
+import {CHUNK_FLAG_SHARED, Codec, FOOTER_MAGIC, FOOTER_SIZE, INDEX_ENTRY_SIZE, maxStoredLength} from './constants.js'
+import {SnapshotFormatError} from './errors.js'
+import {Geometry} from './geometry.js'
+import {hex} from './header.js'
+import {ZeroMap} from './zero-map.js'
+
+export interface ChunkEntry {
+  dataOffset: number
+  storedLength: number
+  payloadLength: number
+  payloadCrc: number
+  codec: Codec
+  flags: number
+}
+
+export interface Footer {
+  indexOffset: number
+  chunkCount: number
+  zeroMapOffset: number
+  zeroMapSize: number
+  indexCrc: number
+  zeroMapCrc: number
+  headerCrc: number
+}
+
+export function encodeIndex(entries: readonly ChunkEntry[]): Buffer {
+  const buf = Buffer.alloc(entries.length * INDEX_ENTRY_SIZE)
+  for (const [i, e] of entries.entries()) {
+    const at = i * INDEX_ENTRY_SIZE
+    buf.writeBigUInt64LE(BigInt(e.dataOffset), at)
+    buf.writeUInt32LE(e.storedLength, at + 8)
+    buf.writeUInt32LE(e.payloadLength, at + 12)
+    buf.writeUInt32LE(e.payloadCrc, at + 16)
+    buf.writeUInt8(e.codec, at + 20)
+    buf.writeUInt8(e.flags, at + 21)
+  }
+  return buf
+}
+
+export function encodeFooter(f: Footer): Buffer {
+  const buf = Buffer.alloc(FOOTER_SIZE)
+  buf.write(FOOTER_MAGIC, 0, 'ascii')
+  buf.writeBigUInt64LE(BigInt(f.indexOffset), 8)
+  buf.writeBigUInt64LE(BigInt(f.chunkCount), 16)
+  buf.writeBigUInt64LE(BigInt(f.zeroMapOffset), 24)
+  buf.writeBigUInt64LE(BigInt(f.zeroMapSize), 32)
+  buf.writeUInt32LE(f.indexCrc, 40)
+  buf.writeUInt32LE(f.zeroMapCrc, 44)
+  buf.writeUInt32LE(f.headerCrc, 48)
+  buf.writeUInt32LE(crc32(buf.subarray(0, 60)), 60)
+  return buf
+}
+
+function u64(buf: Buffer, at: number, part: string, field: string): number {
+  const v = buf.readBigUInt64LE(at)
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new SnapshotFormatError('CORRUPT', part, `${field} ${v} is out of range`)
+  return Number(v)
+}
+
+/**
+ * Decodes the footer and checks that the index and zero map it points at lie between the header
+ * and the footer and agree with the header's geometry, before anyone allocates for them.
+ */
+export function decodeFooter(buf: Buffer, fileSize: number, headerSize: number, headerCrc: number, geometry: Geometry): Footer {
+  if (buf.length !== FOOTER_SIZE) throw new SnapshotFormatError('TRUNCATED', 'footer', `file is too short for a footer`)
+  if (buf.toString('latin1', 0, 8) !== FOOTER_MAGIC) {
+    throw new SnapshotFormatError('TRUNCATED', 'footer', 'no footer at the end of the file (truncated or still being written?)')
+  }
+  const storedCrc = buf.readUInt32LE(60)
+  const actualCrc = crc32(buf.subarray(0, 60))
+  if (storedCrc !== actualCrc) throw new SnapshotFormatError('CORRUPT', 'footer', `checksum mismatch (stored ${hex(storedCrc)}, computed ${hex(actualCrc)})`)
+  if (buf.readBigUInt64LE(52) !== 0n) throw new SnapshotFormatError('CORRUPT', 'footer', 'reserved field is not zero')
+  const f: Footer = {
+    indexOffset: u64(buf, 8, 'footer', 'index offset'),
+    chunkCount: u64(buf, 16, 'footer', 'chunk count'),
+    zeroMapOffset: u64(buf, 24, 'footer', 'zero map offset'),
+    zeroMapSize: u64(buf, 32, 'footer', 'zero map size'),
+    indexCrc: buf.readUInt32LE(40),
+    zeroMapCrc: buf.readUInt32LE(44),
+    headerCrc: buf.readUInt32LE(48),
+  }
+  if (f.headerCrc !== headerCrc) throw new SnapshotFormatError('CORRUPT', 'footer', 'belongs to a different header (header checksum differs)')
+  if (f.chunkCount !== geometry.chunkCount) {
+    throw new SnapshotFormatError('CORRUPT', 'footer', `chunk count ${f.chunkCount} does not match the header's geometry (${geometry.chunkCount})`)
+  }
+  if (f.zeroMapSize !== ZeroMap.byteLength(geometry.pageCount)) {
+    throw new SnapshotFormatError('CORRUPT', 'footer', `zero map size ${f.zeroMapSize} does not match ${geometry.pageCount} pages`)
+  }
+  const footerAt = fileSize - FOOTER_SIZE
+  const indexEnd = f.indexOffset + f.chunkCount * INDEX_ENTRY_SIZE
+  const zeroMapEnd = f.zeroMapOffset + f.zeroMapSize
+  if (f.indexOffset < headerSize || indexEnd > footerAt) {
+    throw new SnapshotFormatError('CORRUPT', 'footer', `index [${f.indexOffset}, ${indexEnd}) lies outside the file's data area [${headerSize}, ${footerAt})`)
+  }
+  if (f.zeroMapOffset < headerSize || zeroMapEnd > footerAt) {
+    throw new SnapshotFormatError('CORRUPT', 'footer', `zero map [${f.zeroMapOffset}, ${zeroMapEnd}) lies outside the file's data area [${headerSize}, ${footerAt})`)
+  }
+  if (f.zeroMapOffset < indexEnd && f.indexOffset < zeroMapEnd && f.chunkCount > 0 && f.zeroMapSize > 0) {
+    throw new SnapshotFormatError('CORRUPT', 'footer', 'index and zero map overlap')
+  }
+  return f
+}
+
+export function decodeZeroMap(buf: Buffer, footer: Footer, geometry: Geometry): ZeroMap {
+  const crc = crc32(buf)
+  if (crc !== footer.zeroMapCrc) throw new SnapshotFormatError('CORRUPT', 'zero map', `checksum mismatch (stored ${hex(footer.zeroMapCrc)}, computed ${hex(crc)})`)
+  const map = new ZeroMap(geometry.pageCount, new Uint8Array(buf.buffer, buf.byteOffset, buf.length))
+  if (!map.paddingIsClear()) throw new SnapshotFormatError('CORRUPT', 'zero map', 'bits past the last page are set')
+  return map
+}
+
+/**
+ * Decodes and cross-checks every index entry: codec, lengths against the zero map, stored bytes
+ * inside the data section. After this, reading chunk N needs no further validation but the
+ * decoder's output length and the payload checksum.
+ */
+export function decodeIndex(buf: Buffer, footer: Footer, headerSize: number, geometry: Geometry, zeroMap: ZeroMap): ChunkEntry[] {
+  const crc = crc32(buf)
+  if (crc !== footer.indexCrc) throw new SnapshotFormatError('CORRUPT', 'index', `checksum mismatch (stored ${hex(footer.indexCrc)}, computed ${hex(crc)})`)
+  const dataEnd = Math.min(footer.indexOffset, footer.zeroMapOffset)
+  const entries: ChunkEntry[] = new Array(footer.chunkCount)
+  for (let c = 0; c < footer.chunkCount; c++) {
+    const at = c * INDEX_ENTRY_SIZE
+    const part = `index entry ${c}`
+    const e: ChunkEntry = {
+      dataOffset: u64(buf, at, part, 'data offset'),
+      storedLength: buf.readUInt32LE(at + 8),
+      payloadLength: buf.readUInt32LE(at + 12),
+      payloadCrc: buf.readUInt32LE(at + 16),
+      codec: buf.readUInt8(at + 20),
+      flags: buf.readUInt8(at + 21),
+    }
+    if (buf.readUInt16LE(at + 22) !== 0 || buf.readBigUInt64LE(at + 24) !== 0n) throw new SnapshotFormatError('CORRUPT', part, 'reserved field is not zero')
+    if ((e.flags & ~CHUNK_FLAG_SHARED) !== 0) throw new SnapshotFormatError('CORRUPT', part, `unknown flags 0x${e.flags.toString(16)}`)
+    const nonZeroPages = geometry.pagesInChunk(c) - zeroMap.countZero(geometry.firstPageOfChunk(c), geometry.pagesInChunk(c))
+    const expectedPayload = nonZeroPages * geometry.pageSize
+    if (e.payloadLength !== expectedPayload) {
+      throw new SnapshotFormatError('CORRUPT', part, `payload of ${e.payloadLength} bytes disagrees with the zero map (${nonZeroPages} non-zero pages)`)
+    }
+    entries[c] = e
+    switch (e.codec) {
+      case Codec.None:
+        if (e.payloadLength !== 0 || e.storedLength !== 0 || e.dataOffset !== 0) throw new SnapshotFormatError('CORRUPT', part, 'codec none on a chunk that has data')
+        continue
+      case Codec.Raw:
+        if (e.storedLength !== e.payloadLength) throw new SnapshotFormatError('CORRUPT', part, `raw chunk stores ${e.storedLength} bytes for a ${e.payloadLength}-byte payload`)
+        break
+      case Codec.Lz4:
+      case Codec.Zstd:
+        if (e.storedLength === 0 || e.storedLength > maxStoredLength(e.payloadLength)) {
+          throw new SnapshotFormatError('CORRUPT', part, `stored length ${e.storedLength} is impossible for a ${e.payloadLength}-byte payload`)
+        }
+        break
+      default:
+        throw new SnapshotFormatError('CORRUPT', part, `unknown codec ${e.codec as number}`)
+    }
+    if (e.payloadLength === 0) throw new SnapshotFormatError('CORRUPT', part, 'an all-zero chunk must use codec none')
+    if (e.dataOffset < headerSize || e.dataOffset + e.storedLength > dataEnd) {
+      throw new SnapshotFormatError('CORRUPT', part, `stored bytes [${e.dataOffset}, ${e.dataOffset + e.storedLength}) lie outside the data section [${headerSize}, ${dataEnd})`)
+    }
+  }
+  return entries
+}

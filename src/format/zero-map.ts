@@ -1,0 +1,75 @@
+/**
+ * One bit per page, set when the page is all zeros (such pages are never stored; a handler maps
+ * them with UFFDIO_ZEROPAGE). Bit p%8 of byte p>>3, least significant first.
+ */
+export class ZeroMap {
+  readonly bytes: Uint8Array
+
+  constructor(
+    readonly pageCount: number,
+    bytes?: Uint8Array,
+  ) {
+    const size = ZeroMap.byteLength(pageCount)
+    if (bytes && bytes.length !== size) throw new RangeError(`zero map of ${pageCount} pages needs ${size} bytes, got ${bytes.length}`)
+    this.bytes = bytes ?? new Uint8Array(size)
+  }
+
+  static byteLength(pageCount: number): number {
+    return Math.ceil(pageCount / 8)
+  }
+
+  isZero(page: number): boolean {
+    return (this.bytes[page >>> 3] & (1 << (page & 7))) !== 0
+  }
+
+  setZero(page: number): void {
+    this.bytes[page >>> 3] |= 1 << (page & 7)
+  }
+
+  /** Copies `count` bits from a chunk-local map (bit i = page first+i) into this map. */
+  setRange(firstPage: number, count: number, localBits: Uint8Array): void {
+    for (let i = 0; i < count; i++) {
+      if (localBits[i >>> 3] & (1 << (i & 7))) this.setZero(firstPage + i)
+    }
+  }
+
+  /** Zero pages in [first, first + count). */
+  countZero(first: number, count: number): number {
+    let zeros = 0
+    for (let p = first; p < first + count; p++) if (this.isZero(p)) zeros++
+    return zeros
+  }
+
+  /** True when no bit beyond pageCount is set (a writer never sets them; a reader checks). */
+  paddingIsClear(): boolean {
+    const tailBits = this.pageCount & 7
+    if (tailBits === 0) return true
+    const last = this.bytes[this.bytes.length - 1]
+    return (last & ~((1 << tailBits) - 1) & 0xff) === 0
+  }
+}
+
+/** A maximal run of pages that are all zero or all non-zero. */
+export interface PageRun {
+  firstPage: number
+  count: number
+  zero: boolean
+}
+
+/**
+ * Splits [firstPage, firstPage + count) into alternating runs of zero and non-zero pages: a
+ * handler serves each non-zero run with one UFFDIO_COPY and each zero run with one UFFDIO_ZEROPAGE.
+ */
+export function pageRuns(map: ZeroMap, firstPage: number, count: number): PageRun[] {
+  const runs: PageRun[] = []
+  let p = firstPage
+  const end = firstPage + count
+  while (p < end) {
+    const zero = map.isZero(p)
+    let q = p + 1
+    while (q < end && map.isZero(q) === zero) q++
+    runs.push({firstPage: p, count: q - p, zero})
+    p = q
+  }
+  return runs
+}
