@@ -2,7 +2,7 @@ import fc from 'fast-check'
 import {describe, expect, it} from 'vitest'
 import {crc32} from 'node:zlib'
 
-import {RegionKind} from '../src/format/constants.js'
+import {type Codec, RegionKind} from '../src/format/constants.js'
 import {SnapshotFormatError} from '../src/format/errors.js'
 import {Geometry} from '../src/format/geometry.js'
 import {decodeHeader, encodeHeader, type HeaderFields, type Region} from '../src/format/header.js'
@@ -171,7 +171,7 @@ describe('footer, index and zero map', () => {
       expectFormatError(() => decodeIndex(bytes, {...f, indexCrc: crc32(bytes)}, headerSize, geometry, map), 'CORRUPT', text)
     }
     check({payloadLength: 4 * 4096}, 0, /disagrees with the zero map/)
-    check({codec: 9}, 0, /unknown codec 9/)
+    check({codec: 9 as Codec}, 0, /unknown codec 9/)
     check({storedLength: 100}, 2, /raw chunk stores 100/)
     check({dataOffset: 100}, 0, /outside the data section/)
     check({dataOffset: indexOffset - 10}, 0, /outside the data section/)

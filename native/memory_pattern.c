@@ -1,0 +1,104 @@
+/*
+ * memory_pattern: a process whose memory contents are known exactly, for tests that snapshot a
+ * live process (uffd snapshot --pid) or restore one (CRIU lazy pages).
+ *
+ *   memory_pattern --mib N [--seed S] [--verify-loop]
+ *
+ * Maps N MiB of private anonymous memory and fills page i as follows:
+ *   i % 7 == 3   never touched (not populated: a snapshot must store it as a zero page)
+ *   i % 5 == 0   written with zeros (populated, yet a zero page by content)
+ *   otherwise    xorshift64 bytes seeded by (seed, i): the same on every run
+ * Then prints one JSON line {"address":..,"size":..,"seed":..,"pid":..} and waits: until stdin
+ * closes (default), or with --verify-loop re-checks the pattern every 100 ms, printing
+ * {"verified":n} lines, and exits 1 at the first wrong byte (used after a restore).
+ */
+#include <getopt.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096
+
+static uint64_t page_seed(uint64_t seed, uint64_t page) {
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull ^ (page + 1) * 0xBF58476D1CE4E5B9ull;
+  return x ? x : 1;
+}
+
+static void fill_page(uint8_t *p, uint64_t seed, uint64_t page) {
+  uint64_t x = page_seed(seed, page);
+  uint64_t *w = (uint64_t *)p;
+  for (size_t i = 0; i < PAGE / 8; i++) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    w[i] = x;
+  }
+}
+
+/* Returns the index of the first wrong page, or -1 when every page holds its pattern. */
+static long check(const uint8_t *base, size_t pages, uint64_t seed) {
+  static uint8_t expect[PAGE];
+  for (size_t i = 0; i < pages; i++) {
+    const uint8_t *p = base + i * PAGE;
+    if (i % 7 == 3 || i % 5 == 0) {
+      for (size_t k = 0; k < PAGE; k++)
+        if (p[k]) return (long)i;
+    } else {
+      fill_page(expect, seed, i);
+      if (memcmp(p, expect, PAGE)) return (long)i;
+    }
+  }
+  return -1;
+}
+
+int main(int argc, char **argv) {
+  size_t mib = 0;
+  uint64_t seed = 1;
+  int verify_loop = 0;
+  static const struct option opts[] = {
+      {"mib", required_argument, 0, 'm'}, {"seed", required_argument, 0, 's'}, {"verify-loop", no_argument, 0, 'v'}, {0, 0, 0, 0}};
+  for (int c; (c = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
+    if (c == 'm') mib = strtoull(optarg, NULL, 10);
+    else if (c == 's') seed = strtoull(optarg, NULL, 10);
+    else if (c == 'v') verify_loop = 1;
+    else return 2;
+  }
+  if (mib == 0) {
+    fprintf(stderr, "usage: memory_pattern --mib N [--seed S] [--verify-loop]\n");
+    return 2;
+  }
+  size_t size = mib << 20, pages = size / PAGE;
+  uint8_t *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) {
+    perror("mmap");
+    return 2;
+  }
+  for (size_t i = 0; i < pages; i++) {
+    if (i % 7 == 3) continue;
+    if (i % 5 == 0) memset(base + i * PAGE, 0, PAGE); /* populates the page, contents zero */
+    else fill_page(base + i * PAGE, seed, i);
+  }
+  printf("{\"address\":%lu,\"size\":%zu,\"seed\":%lu,\"pid\":%d}\n", (unsigned long)(uintptr_t)base, size, (unsigned long)seed, getpid());
+  fflush(stdout);
+  if (!verify_loop) {
+    char buf[64];
+    while (read(0, buf, sizeof buf) > 0) {
+    }
+    return 0;
+  }
+  for (unsigned long n = 1;; n++) {
+    long bad = check(base, pages, seed);
+    if (bad >= 0) {
+      printf("{\"verified\":false,\"bad_page\":%ld}\n", bad);
+      return 1;
+    }
+    printf("{\"verified\":%lu}\n", n);
+    fflush(stdout);
+    struct timespec ts = {0, 100 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+}

@@ -1,0 +1,44 @@
+import {Command, Errors} from '@oclif/core'
+
+import {SnapshotFormatError} from '../format/errors.js'
+
+/** Exit codes shared by every command (README: "Exit codes"). */
+export const EXIT = {
+  OK: 0,
+  /** The operation failed: bad or corrupt input, I/O error, verification failed, peer error. */
+  FAILURE: 1,
+  /** The command line is wrong. */
+  USAGE: 2,
+  /** Interrupted by SIGINT/SIGTERM (128 + SIGINT). */
+  INTERRUPTED: 130,
+} as const
+
+export class InterruptedError extends Error {
+  constructor(signal: string) {
+    super(`interrupted by ${signal}`)
+    this.name = 'InterruptedError'
+  }
+}
+
+/**
+ * Turns every failure into one line on stderr (or an {error} object under --json) and the exit
+ * code scripts can rely on; a stack trace is a bug report, not an error message.
+ */
+export abstract class BaseCommand extends Command {
+  static override enableJsonFlag = true
+
+  protected override async catch(error: Error & {exitCode?: number; oclif?: {exit?: number}; code?: string}): Promise<unknown> {
+    const isUsage = error instanceof Errors.CLIError && error.oclif?.exit === 2
+    const exitCode = isUsage ? EXIT.USAGE : error instanceof InterruptedError || error.name === 'AbortError' ? EXIT.INTERRUPTED : (error.oclif?.exit ?? EXIT.FAILURE)
+    process.exitCode = exitCode
+    const code = error instanceof SnapshotFormatError ? error.code : (error.code ?? (isUsage ? 'USAGE' : 'ERROR'))
+    const message = error.name === 'AbortError' ? 'interrupted' : error.message
+    if (this.jsonEnabled()) {
+      this.logJson({error: {code, message, exitCode}})
+      return undefined
+    }
+    if (isUsage) throw error
+    process.stderr.write(`uffd ${this.id ?? ''}: ${message}\n`.replace('uffd : ', 'uffd: '))
+    return undefined
+  }
+}

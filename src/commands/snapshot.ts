@@ -1,0 +1,109 @@
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+
+import {Flags} from '@oclif/core'
+
+import {BaseCommand} from '../cli/base-command.js'
+import {progressBar, withInterruptHandling} from '../cli/progress.js'
+import {formatBytes, formatPercent, parseSize} from '../core/units.js'
+import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../format/constants.js'
+import {geometryProblem} from '../format/geometry.js'
+import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
+import {freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
+import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'
+
+export const DEFAULT_CODEC: CompressionCodec = 'zstd'
+export const DEFAULT_LEVEL = 1
+export const DEFAULT_CHUNK_SIZE = '256K'
+
+export default class Snapshot extends BaseCommand {
+  static override summary = 'Turn guest memory or a live process into a chunked, compressed, checksummed snapshot.'
+  static override description = `Reads a raw memory image (--mem-file: a Firecracker full-snapshot memory file, a QEMU RAM dump, any raw image) or a live process (--pid) and writes one snapshot file: fixed-size chunks compressed independently, zero pages recorded in a bitmap and never stored, identical chunks stored once, every chunk checksummed. The file appears atomically (temporary file, fsync, rename); an interrupted or failed run leaves nothing behind.
+
+With --pid the process is stopped (SIGSTOP) while its memory is read, for a consistent image, and resumed afterwards, also on error or Ctrl-C; pages it never populated are stored as zero pages.`
+
+  static override examples = [
+    '<%= config.bin %> snapshot --mem-file vm.mem -o vm.uffd',
+    '<%= config.bin %> snapshot --mem-file vm.mem -o vm.uffd --codec lz4 --chunk-size 1M',
+    '<%= config.bin %> snapshot --pid 1234 -o app.uffd --json',
+  ]
+
+  static override flags = {
+    'mem-file': Flags.string({summary: 'Raw memory image to snapshot (sparse holes are skipped without reading).', exactlyOne: ['mem-file', 'pid']}),
+    pid: Flags.integer({summary: 'Live process to snapshot (needs root or ptrace access).', min: 1, exactlyOne: ['mem-file', 'pid']}),
+    output: Flags.string({char: 'o', summary: 'Snapshot file to write [default: <image>.uffd or pid-<PID>.uffd].'}),
+    force: Flags.boolean({char: 'f', summary: 'Replace the output file if it exists.', default: false}),
+    codec: Flags.string({summary: 'Compression codec per chunk (chunks that do not shrink are stored raw).', options: ['zstd', 'lz4', 'raw'], default: DEFAULT_CODEC}),
+    level: Flags.integer({summary: `zstd level, ${ZSTD_MIN_LEVEL}..${ZSTD_MAX_LEVEL}; negative levels are zstd's fast modes. Ignored by lz4 and raw.`, min: ZSTD_MIN_LEVEL, max: ZSTD_MAX_LEVEL, default: DEFAULT_LEVEL}),
+    'chunk-size': Flags.string({summary: 'Bytes per independently compressed chunk: a power of two, 4K..4M, at least the page size.', default: DEFAULT_CHUNK_SIZE}),
+    'page-size': Flags.string({summary: 'Page size of the memory the snapshot will serve: 4K, or 2M for hugetlbfs-backed guests.', options: ['4K', '2M'], default: '4K'}),
+    regions: Flags.string({summary: 'Comma-separated sizes of the guest memory regions in the mem file (default: one region).', dependsOn: ['mem-file']}),
+    jobs: Flags.integer({char: 'j', summary: 'Compression worker threads [default: number of CPUs].', min: 1, max: 256}),
+    freeze: Flags.boolean({summary: 'Stop the process while reading it (--no-freeze reads it running: faster for the process, inconsistent image).', default: true, allowNo: true}),
+  }
+
+  async run(): Promise<WriteSummary & {ratio: number; source: string}> {
+    const {flags} = await this.parse(Snapshot)
+    const chunkSize = this.sizeFlag(flags['chunk-size'], '--chunk-size')
+    const pageSize = flags['page-size'] === '2M' ? PAGE_SIZE_2M : PAGE_SIZE_4K
+    if (flags.pid !== undefined && pageSize !== PAGE_SIZE_4K) this.error('--page-size 2M applies to guest memory files, not processes', {exit: 2})
+    const problem = geometryProblem(pageSize, chunkSize, 0)
+    if (problem) this.error(`--chunk-size: ${problem} (allowed ${formatBytes(MIN_CHUNK_SIZE)}..${formatBytes(MAX_CHUNK_SIZE)})`, {exit: 2})
+    const regionSizes = flags.regions?.split(',').map((s) => this.sizeFlag(s, '--regions'))
+
+    const output = flags.output ?? (flags['mem-file'] ? `${path.basename(flags['mem-file'])}.uffd` : `pid-${flags.pid}.uffd`)
+    if (!flags.force && fs.existsSync(output)) this.error(`${output} exists (use --force to replace it)`, {exit: 1})
+    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism()}
+    const bar = progressBar(!this.jsonEnabled(), flags.pid ? `pid ${flags.pid}` : path.basename(flags['mem-file']!))
+
+    const summary = await withInterruptHandling(async (signal) => {
+      try {
+        if (flags['mem-file']) {
+          const input = memFileInput(flags['mem-file'], regionSizes)
+          if (regionSizes && regionSizes.reduce((a, b) => a + b, 0) > Math.ceil(input.logicalSize / pageSize) * pageSize) {
+            this.error(`--regions add up to more than the ${input.logicalSize}-byte file`, {exit: 2})
+          }
+          if (input.logicalSize % pageSize !== 0 && pageSize === PAGE_SIZE_2M) this.error(`${flags['mem-file']} is not a whole number of 2 MiB pages`, {exit: 1})
+          return await writeSnapshot(input, output, {...options, signal, onProgress: bar.update})
+        }
+        return await this.snapshotProcess(flags.pid!, flags.freeze, output, {...options, signal, onProgress: bar.update})
+      } finally {
+        bar.stop()
+      }
+    })
+    const ratio = summary.fileSize === 0 ? 0 : summary.logicalSize / summary.fileSize
+    this.log(
+      `${summary.path}: ${formatBytes(summary.logicalSize)} -> ${formatBytes(summary.fileSize)} (${ratio.toFixed(2)}x), ` +
+        `${formatPercent(summary.zeroPages, summary.pageCount)} zero pages, ${summary.chunkCount} chunks of ${formatBytes(chunkSize)}` +
+        `${summary.dedupChunks ? `, ${summary.dedupChunks} deduplicated` : ''}, ${summary.seconds.toFixed(2)} s ` +
+        `(${formatBytes(summary.logicalSize / Math.max(summary.seconds, 1e-9))}/s)`,
+    )
+    return {...summary, ratio, source: flags.pid ? `pid ${flags.pid}` : flags['mem-file']!}
+  }
+
+  private async snapshotProcess(pid: number, freeze: boolean, output: string, options: Parameters<typeof writeSnapshot>[2]): Promise<WriteSummary> {
+    if (!processExists(pid)) throw new ProcessSnapshotError(`no process with pid ${pid}`, 'NO_SUCH_PROCESS')
+    const resume = freeze ? await freezeProcess(pid) : () => {}
+    try {
+      let input: ImageInput
+      try {
+        input = new ProcessInput(pid)
+        return await writeSnapshot(input, output, options)
+      } catch (error) {
+        if (!processExists(pid)) throw new ProcessSnapshotError(`process ${pid} exited during the snapshot`, 'EXITED')
+        throw error
+      }
+    } finally {
+      resume()
+    }
+  }
+
+  private sizeFlag(text: string, flag: string): number {
+    try {
+      return parseSize(text)
+    } catch (error) {
+      this.error(`${flag}: ${(error as Error).message}`, {exit: 2})
+    }
+  }
+}

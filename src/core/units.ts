@@ -1,0 +1,28 @@
+/** Human sizes: "64K", "256KiB", "2M", "1g", "4096". Binary multiples throughout. */
+const SIZE = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$/i
+const MULTIPLIER: Record<string, number> = {'': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4}
+
+export function parseSize(text: string): number {
+  const m = SIZE.exec(text.trim())
+  if (!m) throw new Error(`invalid size ${JSON.stringify(text)} (examples: 4096, 64K, 2M, 1G)`)
+  const value = Number(m[1]) * MULTIPLIER[m[2].toLowerCase()]
+  if (!Number.isSafeInteger(value)) throw new Error(`invalid size ${JSON.stringify(text)}: not a whole number of bytes`)
+  return value
+}
+
+export function formatBytes(n: number): string {
+  if (n < 1024) return `${n} B`
+  const units = ['KiB', 'MiB', 'GiB', 'TiB']
+  let value = n
+  let unit = -1
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024
+    unit++
+  }
+  const digits = Number.isInteger(value) || value >= 100 ? 0 : value >= 10 ? 1 : 2
+  return `${value.toFixed(digits)} ${units[unit]}`
+}
+
+export function formatPercent(part: number, whole: number): string {
+  return whole === 0 ? '0%' : `${((100 * part) / whole).toFixed(1)}%`
+}

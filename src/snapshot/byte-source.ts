@@ -1,0 +1,48 @@
+import fs from 'node:fs'
+
+/**
+ * Where snapshot bytes come from. Every chunk read goes through this one interface, so a local
+ * file, an HTTP range-request client with a local cache, or a stack of diff snapshots can stand
+ * behind a reader without it knowing. Synchronous on purpose: the fault loop runs synchronously
+ * in a worker thread.
+ */
+export interface ByteSource {
+  /** Human-readable name used in error messages (a path or URL). */
+  readonly name: string
+  readonly size: number
+  /** Fills `dst` entirely with the bytes at `position`; throws if the source ends first. */
+  readAt(dst: Uint8Array, position: number): void
+  close(): void
+}
+
+export class FileByteSource implements ByteSource {
+  readonly size: number
+  private fd: number | undefined
+
+  constructor(readonly name: string) {
+    this.fd = fs.openSync(name, 'r')
+    try {
+      const st = fs.fstatSync(this.fd)
+      if (!st.isFile() && !st.isBlockDevice()) throw new Error(`${name} is not a regular file`)
+      this.size = st.size
+    } catch (error) {
+      fs.closeSync(this.fd)
+      throw error
+    }
+  }
+
+  readAt(dst: Uint8Array, position: number): void {
+    if (this.fd === undefined) throw new Error(`${this.name} is closed`)
+    let done = 0
+    while (done < dst.length) {
+      const n = fs.readSync(this.fd, dst, done, dst.length - done, position + done)
+      if (n === 0) throw new Error(`${this.name}: unexpected end of file at ${position + done} (wanted ${dst.length} bytes at ${position})`)
+      done += n
+    }
+  }
+
+  close(): void {
+    if (this.fd !== undefined) fs.closeSync(this.fd)
+    this.fd = undefined
+  }
+}

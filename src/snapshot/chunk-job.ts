@@ -1,0 +1,86 @@
+import {crc32} from 'node:zlib'
+
+import {Codec} from '../format/constants.js'
+import {type ChunkCompressor} from './codecs.js'
+
+/** A byte range of a source file that lands at `imageOffset` in the image. */
+export interface ReadSegment {
+  path: string
+  position: number
+  length: number
+  imageOffset: number
+}
+
+/** Work for one compression worker: consecutive chunks starting at image offset `start`. */
+export interface ChunkJob {
+  id: number
+  firstChunk: number
+  start: number
+  /** Whole-page length of each chunk in this job. */
+  chunkLengths: number[]
+  pageSize: number
+  segments: ReadSegment[]
+}
+
+export interface EncodedChunk {
+  codec: Codec
+  payloadLength: number
+  payloadCrc: number
+  /** Where this chunk's stored bytes lie in the job's `stored` buffer. */
+  storedOffset: number
+  storedLength: number
+  /** Chunk-local zero-page bits (bit i = page i of the chunk). */
+  zeroBits: Uint8Array
+  zeroPages: number
+}
+
+export interface ChunkJobResult {
+  id: number
+  chunks: EncodedChunk[]
+  stored: Uint8Array
+}
+
+/**
+ * Turns one chunk's bytes into its stored form: finds zero pages (never stored), concatenates the
+ * rest into the payload, checksums it and compresses it. Pure apart from the compressor's
+ * buffers; shared by the worker and by tests.
+ */
+export function encodeChunk(
+  bytes: Buffer,
+  pageSize: number,
+  compressor: ChunkCompressor,
+  zeroPage: Buffer,
+  payloadScratch: Buffer,
+): {chunk: Omit<EncodedChunk, 'storedOffset' | 'storedLength'>; stored: Buffer} {
+  const pages = bytes.length / pageSize
+  const zeroBits = new Uint8Array(Math.ceil(pages / 8))
+  let zeroPages = 0
+  let payloadLength = 0
+  for (let i = 0; i < pages; i++) {
+    const at = i * pageSize
+    if (zeroPage.compare(bytes, at, at + pageSize) === 0) {
+      zeroBits[i >>> 3] |= 1 << (i & 7)
+      zeroPages++
+    } else {
+      payloadLength += pageSize
+    }
+  }
+  if (payloadLength === 0) {
+    return {chunk: {codec: Codec.None, payloadLength: 0, payloadCrc: 0, zeroBits, zeroPages}, stored: Buffer.alloc(0)}
+  }
+  // A chunk without zero pages is its own payload; otherwise its non-zero pages are packed.
+  const payload = zeroPages === 0 ? bytes : compactPayload(bytes, pageSize, zeroBits, payloadScratch, payloadLength)
+  const {codec, stored} = compressor.compress(payload)
+  return {chunk: {codec, payloadLength, payloadCrc: crc32(payload), zeroBits, zeroPages}, stored}
+}
+
+/** Writes the non-zero pages of `bytes`, in order, to the start of `scratch`. */
+function compactPayload(bytes: Buffer, pageSize: number, zeroBits: Uint8Array, scratch: Buffer, payloadLength: number): Buffer {
+  let out = 0
+  for (let i = 0; out < payloadLength; i++) {
+    if (zeroBits[i >>> 3] & (1 << (i & 7))) continue
+    bytes.copy(scratch, out, i * pageSize, (i + 1) * pageSize)
+    out += pageSize
+  }
+  return scratch.subarray(0, payloadLength)
+}

@@ -1,0 +1,85 @@
+import {createRequire} from 'node:module'
+
+import {compressSync as lz4Compress, uncompressSync as lz4Uncompress} from 'lz4-napi'
+import type * as ZstdBinding from 'zstd-napi/binding.js'
+
+import {Codec} from '../format/constants.js'
+
+// The low-level binding is CommonJS without an exports map; it is the only zstd API that
+// decompresses straight into a caller's buffer (no allocation per chunk on the fault path).
+const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as typeof ZstdBinding
+
+export type CompressionCodec = 'zstd' | 'lz4' | 'raw'
+
+export const ZSTD_MIN_LEVEL = -131072
+export const ZSTD_MAX_LEVEL = 22
+
+/**
+ * Compresses chunk payloads with one codec, reusing one zstd context and output buffer (one
+ * instance per worker thread).
+ */
+export class ChunkCompressor {
+  private readonly cctx = new zstd.CCtx()
+  private output = Buffer.alloc(0)
+
+  constructor(
+    readonly codec: CompressionCodec,
+    readonly level: number,
+  ) {}
+
+  /**
+   * Returns the stored form and its codec. Falls back to raw whenever compression would not make
+   * the payload smaller, so incompressible memory costs no decode time at fault time.
+   */
+  compress(payload: Buffer): {codec: Codec; stored: Buffer} {
+    let stored: Buffer | undefined
+    let codec = Codec.Raw
+    if (this.codec === 'zstd') {
+      const bound = zstd.compressBound(payload.length)
+      if (this.output.length < bound) this.output = Buffer.alloc(bound)
+      const n = this.cctx.compress(this.output, payload, this.level)
+      stored = this.output.subarray(0, n)
+      codec = Codec.Zstd
+    } else if (this.codec === 'lz4') {
+      stored = lz4Compress(payload)
+      codec = Codec.Lz4
+    }
+    if (stored === undefined || stored.length >= payload.length) return {codec: Codec.Raw, stored: payload}
+    return {codec, stored}
+  }
+}
+
+/**
+ * Decodes stored chunk bytes into `dst` (exactly `dst.length` bytes expected). Throws a plain
+ * Error on malformed input or a length mismatch; the reader turns it into a SnapshotFormatError
+ * naming the chunk.
+ */
+export class ChunkDecompressor {
+  private readonly dctx = new zstd.DCtx()
+
+  decompress(codec: Codec, stored: Buffer, dst: Buffer): void {
+    switch (codec) {
+      case Codec.Raw:
+        if (stored.length !== dst.length) throw new Error(`raw data is ${stored.length} bytes, expected ${dst.length}`)
+        stored.copy(dst)
+        return
+      case Codec.Zstd: {
+        const size = zstd.getFrameContentSize(stored)
+        if (size !== null && size !== dst.length) throw new Error(`zstd frame declares ${size} bytes, expected ${dst.length}`)
+        const n = this.dctx.decompress(dst, stored)
+        if (n !== dst.length) throw new Error(`zstd produced ${n} bytes, expected ${dst.length}`)
+        return
+      }
+      case Codec.Lz4: {
+        // The lz4 block format's 4-byte size prefix is read before the allocation it sizes.
+        if (stored.length < 4 || stored.readUInt32LE(0) !== dst.length) throw new Error(`lz4 block does not declare ${dst.length} bytes`)
+        const out = lz4Uncompress(stored)
+        if (out.length !== dst.length) throw new Error(`lz4 produced ${out.length} bytes, expected ${dst.length}`)
+        out.copy(dst)
+        return
+      }
+      default:
+        throw new Error(`codec ${codec} has no data to decode`)
+    }
+  }
+}

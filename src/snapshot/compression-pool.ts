@@ -1,0 +1,71 @@
+import {type Worker} from 'node:worker_threads'
+
+import {startWorker} from '../core/workers.js'
+import {type ChunkJob, type ChunkJobResult} from './chunk-job.js'
+import {type CompressionCodec} from './codecs.js'
+
+type Reply = {ok: true; result: ChunkJobResult} | {ok: false; id: number; error: string; code?: string}
+
+/** A fixed set of compression workers; jobs queue until a worker is idle. */
+export class CompressionPool {
+  private readonly idle: Worker[] = []
+  private readonly queue: {job: ChunkJob; resolve: (r: ChunkJobResult) => void; reject: (e: Error) => void}[] = []
+  private readonly pending = new Map<Worker, {resolve: (r: ChunkJobResult) => void; reject: (e: Error) => void}>()
+  private readonly workers: Worker[] = []
+  private failure: Error | undefined
+  private closing = false
+
+  constructor(size: number, codec: CompressionCodec, level: number) {
+    for (let i = 0; i < size; i++) {
+      const worker = startWorker(import.meta.url, 'compress-worker', {codec, level})
+      worker.on('message', (reply: Reply) => this.onReply(worker, reply))
+      worker.on('error', (error) => this.fail(error))
+      worker.on('exit', (code) => {
+        if (code !== 0 && !this.failure && !this.closing) this.fail(new Error(`compression worker exited with code ${code}`))
+      })
+      this.workers.push(worker)
+      this.idle.push(worker)
+    }
+  }
+
+  submit(job: ChunkJob): Promise<ChunkJobResult> {
+    if (this.failure) return Promise.reject(this.failure)
+    return new Promise((resolve, reject) => {
+      this.queue.push({job, resolve, reject})
+      this.dispatch()
+    })
+  }
+
+  async close(): Promise<void> {
+    this.closing = true
+    this.fail(new Error('compression pool closed'))
+    await Promise.all(this.workers.map((w) => w.terminate()))
+  }
+
+  private dispatch(): void {
+    while (this.idle.length > 0 && this.queue.length > 0) {
+      const worker = this.idle.pop()!
+      const {job, resolve, reject} = this.queue.shift()!
+      this.pending.set(worker, {resolve, reject})
+      worker.postMessage(job)
+    }
+  }
+
+  private onReply(worker: Worker, reply: Reply): void {
+    const waiter = this.pending.get(worker)
+    this.pending.delete(worker)
+    this.idle.push(worker)
+    if (waiter) {
+      if (reply.ok) waiter.resolve(reply.result)
+      else waiter.reject(Object.assign(new Error(reply.error), {code: reply.code}))
+    }
+    this.dispatch()
+  }
+
+  private fail(error: Error): void {
+    this.failure = error
+    for (const waiter of this.pending.values()) waiter.reject(error)
+    for (const queued of this.queue.splice(0)) queued.reject(error)
+    this.pending.clear()
+  }
+}

@@ -1,0 +1,145 @@
+import {CHUNK_FLAG_SHARED, Codec, CODEC_NAMES, RegionKind} from '../format/constants.js'
+import {type SnapshotReader} from './reader.js'
+import {FileByteSource} from './byte-source.js'
+
+export interface SnapshotStats {
+  file: string
+  format: string
+  pageSize: number
+  chunkSize: number
+  logicalSize: number
+  fileSize: number
+  /** logicalSize / fileSize */
+  ratio: number
+  pageCount: number
+  zeroPages: number
+  zeroBytes: number
+  chunkCount: number
+  allZeroChunks: number
+  /** Chunks whose stored bytes are shared with an earlier chunk, and the bytes that saved. */
+  dedupChunks: number
+  dedupSavedBytes: number
+  codecs: Record<string, {chunks: number; payloadBytes: number; storedBytes: number}>
+  /** Count of stored chunks by stored size, buckets labelled by their upper bound in bytes. */
+  storedSizeHistogram: {upTo: number; chunks: number}[]
+  regions: {kind: string; imageOffset: number; size: number; address: number; prot: number; flags: number; owner: number; name: string; fileOffset: number}[]
+  metadata: Record<string, unknown>
+}
+
+export function snapshotStats(reader: SnapshotReader, file: string): SnapshotStats {
+  const {header, geometry, index} = reader
+  const codecs: SnapshotStats['codecs'] = {}
+  const seenOffsets = new Set<number>()
+  let dedupChunks = 0
+  let dedupSavedBytes = 0
+  let allZeroChunks = 0
+  const bounds: number[] = []
+  for (let b = 1024; b <= Math.max(1024, geometry.chunkSize * 2); b *= 4) bounds.push(b)
+  const histogram = bounds.map((upTo) => ({upTo, chunks: 0}))
+  for (const entry of index) {
+    const name = CODEC_NAMES[entry.codec]
+    const usage = (codecs[name] ??= {chunks: 0, payloadBytes: 0, storedBytes: 0})
+    usage.chunks++
+    usage.payloadBytes += entry.payloadLength
+    if (entry.codec === Codec.None) {
+      allZeroChunks++
+      continue
+    }
+    if (entry.flags & CHUNK_FLAG_SHARED && seenOffsets.has(entry.dataOffset)) {
+      dedupChunks++
+      dedupSavedBytes += entry.storedLength
+      continue
+    }
+    seenOffsets.add(entry.dataOffset)
+    usage.storedBytes += entry.storedLength
+    const bucket = histogram.find((h) => entry.storedLength <= h.upTo) ?? histogram[histogram.length - 1]
+    bucket.chunks++
+  }
+  const zeroPages = reader.zeroMap.countZero(0, geometry.pageCount)
+  return {
+    file,
+    format: `${header.major}.${header.minor}`,
+    pageSize: header.pageSize,
+    chunkSize: header.chunkSize,
+    logicalSize: header.logicalSize,
+    fileSize: reader.fileSize,
+    ratio: reader.fileSize === 0 ? 0 : header.logicalSize / reader.fileSize,
+    pageCount: geometry.pageCount,
+    zeroPages,
+    zeroBytes: zeroPages * geometry.pageSize,
+    chunkCount: geometry.chunkCount,
+    allZeroChunks,
+    dedupChunks,
+    dedupSavedBytes,
+    codecs,
+    storedSizeHistogram: histogram.filter((h) => h.chunks > 0),
+    regions: header.regions.map((r) => ({...r, kind: r.kind === RegionKind.ProcessVma ? 'vma' : 'guest-memory'})),
+    metadata: header.metadata,
+  }
+}
+
+export interface VerifyResult {
+  file: string
+  ok: boolean
+  chunksChecked: number
+  bytesChecked: number
+  errors: string[]
+  against?: {file: string; mismatchedPages: number; firstMismatchOffset: number | null}
+}
+
+/**
+ * Decodes every chunk and checks its checksum (the reader refuses unverified bytes); with a raw
+ * image, compares the decoded image byte for byte. Collects up to `maxErrors` problems rather than
+ * stopping at the first, so a damaged file's extent is visible.
+ */
+export function verifySnapshot(reader: SnapshotReader, file: string, againstPath?: string, onProgress?: (done: number, total: number) => void, maxErrors = 20): VerifyResult {
+  const {geometry} = reader
+  const errors: string[] = []
+  const chunk = Buffer.alloc(geometry.chunkSize)
+  let raw: FileByteSource | undefined
+  let rawChunk: Buffer | undefined
+  const against = againstPath ? {file: againstPath, mismatchedPages: 0, firstMismatchOffset: null as number | null} : undefined
+  if (againstPath) {
+    raw = new FileByteSource(againstPath)
+    rawChunk = Buffer.alloc(geometry.chunkSize)
+    if (raw.size !== geometry.logicalSize) errors.push(`${againstPath} is ${raw.size} bytes, the snapshot image is ${geometry.logicalSize}`)
+  }
+  let chunksChecked = 0
+  let bytesChecked = 0
+  try {
+    for (let c = 0; c < geometry.chunkCount && errors.length < maxErrors; c++) {
+      try {
+        reader.readChunk(c, chunk)
+      } catch (error) {
+        errors.push((error as Error).message)
+        continue
+      }
+      chunksChecked++
+      const logical = geometry.chunkLogicalLength(c)
+      bytesChecked += logical
+      if (raw && rawChunk && against && geometry.chunkStart(c) + logical <= raw.size) {
+        raw.readAt(rawChunk.subarray(0, logical), geometry.chunkStart(c))
+        if (!rawChunk.subarray(0, logical).equals(chunk.subarray(0, logical))) {
+          for (let at = 0; at < logical; at += geometry.pageSize) {
+            const end = Math.min(logical, at + geometry.pageSize)
+            if (!rawChunk.subarray(at, end).equals(chunk.subarray(at, end))) {
+              against.mismatchedPages++
+              if (against.firstMismatchOffset === null) {
+                let i = at
+                while (rawChunk[i] === chunk[i]) i++
+                against.firstMismatchOffset = geometry.chunkStart(c) + i
+              }
+            }
+          }
+        }
+      }
+      onProgress?.(bytesChecked, geometry.logicalSize)
+    }
+  } finally {
+    raw?.close()
+  }
+  if (against && against.mismatchedPages > 0) {
+    errors.push(`${against.mismatchedPages} pages differ from ${against.file}; first difference at byte ${against.firstMismatchOffset}`)
+  }
+  return {file, ok: errors.length === 0, chunksChecked, bytesChecked, errors, against}
+}

@@ -1,0 +1,158 @@
+import {crc32} from 'node:zlib'
+
+import {Codec, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INDEX_ENTRY_SIZE} from '../format/constants.js'
+import {SnapshotFormatError} from '../format/errors.js'
+import {Geometry} from '../format/geometry.js'
+import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
+import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} from '../format/index-table.js'
+import {ZeroMap} from '../format/zero-map.js'
+import {type ByteSource, FileByteSource} from './byte-source.js'
+import {ChunkDecompressor} from './codecs.js'
+
+/**
+ * Opens a snapshot and validates its header, footer, index and zero map up front (every offset
+ * and length checked against the file size before anything is allocated), so that reading a
+ * chunk afterwards is one index lookup, one positioned read, one decode and one checksum.
+ */
+export class SnapshotReader {
+  readonly geometry: Geometry
+  private readonly decompressor = new ChunkDecompressor()
+  private storedScratch = Buffer.alloc(0)
+  private payloadScratch = Buffer.alloc(0)
+
+  private constructor(
+    readonly source: ByteSource,
+    readonly header: SnapshotHeader,
+    readonly footer: Footer,
+    readonly index: readonly ChunkEntry[],
+    readonly zeroMap: ZeroMap,
+  ) {
+    this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
+  }
+
+  static open(path: string): SnapshotReader {
+    return SnapshotReader.fromSource(new FileByteSource(path))
+  }
+
+  static fromSource(source: ByteSource): SnapshotReader {
+    try {
+      return SnapshotReader.load(source)
+    } catch (error) {
+      source.close()
+      if (error instanceof SnapshotFormatError) throw error.withFile(source.name)
+      throw error
+    }
+  }
+
+  private static load(source: ByteSource): SnapshotReader {
+    const minimum = FIXED_HEADER_SIZE + HEADER_TRAILER_SIZE + FOOTER_SIZE
+    const fixed = Buffer.alloc(Math.min(FIXED_HEADER_SIZE, source.size))
+    source.readAt(fixed, 0)
+    const headerSize = peekHeaderSize(fixed, source.size)
+    if (source.size < minimum || source.size < headerSize + FOOTER_SIZE) {
+      throw new SnapshotFormatError('TRUNCATED', 'footer', `file of ${source.size} bytes ends before its footer`)
+    }
+    const headerBytes = Buffer.alloc(headerSize)
+    source.readAt(headerBytes, 0)
+    const header = decodeHeader(headerBytes, source.size)
+    const geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
+
+    const footerBytes = Buffer.alloc(FOOTER_SIZE)
+    source.readAt(footerBytes, source.size - FOOTER_SIZE)
+    const footer = decodeFooter(footerBytes, source.size, headerSize, header.headerCrc, geometry)
+
+    const zeroMapBytes = Buffer.alloc(footer.zeroMapSize)
+    source.readAt(zeroMapBytes, footer.zeroMapOffset)
+    const zeroMap = decodeZeroMap(zeroMapBytes, footer, geometry)
+
+    const indexBytes = Buffer.alloc(footer.chunkCount * INDEX_ENTRY_SIZE)
+    source.readAt(indexBytes, footer.indexOffset)
+    const index = decodeIndex(indexBytes, footer, headerSize, geometry, zeroMap)
+    return new SnapshotReader(source, header, footer, index, zeroMap)
+  }
+
+  get fileSize(): number {
+    return this.source.size
+  }
+
+  /**
+   * Decodes chunk `chunk`'s payload (its non-zero pages, concatenated) and verifies its checksum.
+   * Returns a view of `dst` (or of an internal scratch buffer, valid until the next call).
+   */
+  readPayload(chunk: number, dst?: Buffer): Buffer {
+    const entry = this.entry(chunk)
+    if (entry.codec === Codec.None) return Buffer.alloc(0)
+    let payload: Buffer
+    if (dst) {
+      if (dst.length < entry.payloadLength) throw new RangeError(`buffer of ${dst.length} bytes is too small for chunk ${chunk} (${entry.payloadLength})`)
+      payload = dst.subarray(0, entry.payloadLength)
+    } else {
+      if (this.payloadScratch.length < entry.payloadLength) this.payloadScratch = Buffer.alloc(this.geometry.chunkSize)
+      payload = this.payloadScratch.subarray(0, entry.payloadLength)
+    }
+    const stored = this.readStored(entry, payload)
+    if (stored !== payload) {
+      try {
+        this.decompressor.decompress(entry.codec, stored, payload)
+      } catch (error) {
+        throw this.chunkError(chunk, 'CORRUPT', `${codecName(entry.codec)} data does not decode (${(error as Error).message})`)
+      }
+    }
+    const crc = crc32(payload)
+    if (crc !== entry.payloadCrc) {
+      throw this.chunkError(chunk, 'CORRUPT', `checksum mismatch (stored ${hex(entry.payloadCrc)}, computed ${hex(crc)})`)
+    }
+    return payload
+  }
+
+  /**
+   * Fills `dst` with the chunk's whole-page bytes (zero pages included), verified. `dst` must hold
+   * `geometry.chunkPaddedLength(chunk)` bytes.
+   */
+  readChunk(chunk: number, dst: Buffer): void {
+    const length = this.geometry.chunkPaddedLength(chunk)
+    if (dst.length < length) throw new RangeError(`buffer of ${dst.length} bytes is too small for chunk ${chunk} (${length})`)
+    const payload = this.readPayload(chunk)
+    const {pageSize} = this.geometry
+    const first = this.geometry.firstPageOfChunk(chunk)
+    let from = 0
+    for (let i = 0, pages = this.geometry.pagesInChunk(chunk); i < pages; i++) {
+      const at = i * pageSize
+      if (this.zeroMap.isZero(first + i)) {
+        dst.fill(0, at, at + pageSize)
+      } else {
+        payload.copy(dst, at, from, from + pageSize)
+        from += pageSize
+      }
+    }
+  }
+
+  entry(chunk: number): ChunkEntry {
+    if (!Number.isInteger(chunk) || chunk < 0 || chunk >= this.index.length) throw new RangeError(`chunk ${chunk} is outside 0..${this.index.length - 1}`)
+    return this.index[chunk]
+  }
+
+  close(): void {
+    this.source.close()
+  }
+
+  /** Reads the stored bytes; raw chunks are read straight into `payload` (no copy). */
+  private readStored(entry: ChunkEntry, payload: Buffer): Buffer {
+    if (entry.codec === Codec.Raw) {
+      this.source.readAt(payload, entry.dataOffset)
+      return payload
+    }
+    if (this.storedScratch.length < entry.storedLength) this.storedScratch = Buffer.alloc(Math.max(entry.storedLength, this.geometry.chunkSize))
+    const stored = this.storedScratch.subarray(0, entry.storedLength)
+    this.source.readAt(stored, entry.dataOffset)
+    return stored
+  }
+
+  private chunkError(chunk: number, code: 'CORRUPT', detail: string): SnapshotFormatError {
+    return new SnapshotFormatError(code, `chunk ${chunk}`, detail, this.source.name)
+  }
+}
+
+function codecName(codec: Codec): string {
+  return Codec[codec].toLowerCase()
+}

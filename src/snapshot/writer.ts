@@ -1,0 +1,253 @@
+import fs from 'node:fs'
+import path from 'node:path'
+import {crc32} from 'node:zlib'
+
+import {CHUNK_FLAG_SHARED, Codec, KNOWN_COMPAT_FEATURES} from '../format/constants.js'
+import {Geometry} from '../format/geometry.js'
+import {encodeHeader, type Region, type SnapshotMetadata} from '../format/header.js'
+import {type ChunkEntry, encodeFooter, encodeIndex} from '../format/index-table.js'
+import {ZeroMap} from '../format/zero-map.js'
+import {fsyncDir} from '../sys/file.js'
+import {type ChunkJob, type ChunkJobResult, type ReadSegment} from './chunk-job.js'
+import {type CompressionCodec} from './codecs.js'
+import {CompressionPool} from './compression-pool.js'
+
+/** What a snapshot is made of: an image of `logicalSize` bytes whose data comes from segments. */
+export interface ImageInput {
+  readonly logicalSize: number
+  readonly regions: Region[]
+  readonly metadata: SnapshotMetadata
+  /** The source byte ranges that make up image bytes [start, end); everything else reads as zero. */
+  segments(start: number, end: number): ReadSegment[]
+}
+
+export interface WriteOptions {
+  codec: CompressionCodec
+  level: number
+  chunkSize: number
+  pageSize: number
+  jobs: number
+  onProgress?: (doneBytes: number, totalBytes: number) => void
+  signal?: AbortSignal
+}
+
+export interface CodecUsage {
+  chunks: number
+  payloadBytes: number
+  storedBytes: number
+}
+
+export interface WriteSummary {
+  path: string
+  logicalSize: number
+  fileSize: number
+  pageSize: number
+  chunkSize: number
+  chunkCount: number
+  pageCount: number
+  zeroPages: number
+  dedupChunks: number
+  dedupBytes: number
+  codecs: Record<string, CodecUsage>
+  seconds: number
+}
+
+/** A job covers at least this much of the image, to amortise messaging with the workers. */
+const JOB_BYTES = 4 * 1024 * 1024
+
+/**
+ * Writes a snapshot atomically: into a temporary file next to `outputPath`, fsync'd, then renamed
+ * over it, so readers only ever see a complete file; on any failure or abort the temporary file is
+ * removed and nothing else changes. Chunks are encoded by a pool of workers and written in image
+ * order, so the output does not depend on the number of workers.
+ */
+export async function writeSnapshot(input: ImageInput, outputPath: string, options: WriteOptions): Promise<WriteSummary> {
+  const started = performance.now()
+  const geometry = new Geometry(options.pageSize, options.chunkSize, input.logicalSize)
+  const header = encodeHeader({
+    incompatFeatures: 0n,
+    compatFeatures: KNOWN_COMPAT_FEATURES,
+    pageSize: options.pageSize,
+    chunkSize: options.chunkSize,
+    logicalSize: input.logicalSize,
+    regions: input.regions,
+    metadata: {...input.metadata, codec: options.codec, level: options.level},
+  })
+
+  const dir = path.dirname(path.resolve(outputPath))
+  const tempPath = path.join(dir, `.${path.basename(outputPath)}.${process.pid}.${Date.now().toString(36)}.tmp`)
+  const fd = fs.openSync(tempPath, 'wx+', 0o644)
+  let pool: CompressionPool | undefined
+  let renamed = false
+  const inflight: Promise<ChunkJobResult>[] = []
+  try {
+    const file = new SequentialFile(fd)
+    file.append(header)
+    pool = new CompressionPool(Math.max(1, options.jobs), options.codec, options.level)
+    const assembler = new Assembler(geometry, file)
+    const chunksPerJob = Math.max(1, Math.floor(JOB_BYTES / options.chunkSize))
+    let doneBytes = 0
+    for (let first = 0, id = 0; first < geometry.chunkCount; first += chunksPerJob, id++) {
+      options.signal?.throwIfAborted()
+      const count = Math.min(chunksPerJob, geometry.chunkCount - first)
+      const start = geometry.chunkStart(first)
+      const end = Math.min(input.logicalSize, geometry.chunkStart(first + count))
+      const chunkLengths = Array.from({length: count}, (_, i) => geometry.chunkPaddedLength(first + i))
+      const job: ChunkJob = {id, firstChunk: first, start, chunkLengths, pageSize: options.pageSize, segments: input.segments(start, end)}
+      const result = pool.submit(job)
+      // Marked handled now: a job can fail while an earlier one is awaited; it is awaited (and its
+      // error raised) in order, or abandoned after an earlier failure.
+      result.catch(() => {})
+      inflight.push(result)
+      // Keep every worker busy with one job queued behind it; consume results in order.
+      while (inflight.length > options.jobs * 2) {
+        doneBytes += assembler.consume(await inflight.shift()!)
+        options.onProgress?.(doneBytes, input.logicalSize)
+      }
+    }
+    while (inflight.length > 0) {
+      options.signal?.throwIfAborted()
+      doneBytes += assembler.consume(await inflight.shift()!)
+      options.onProgress?.(Math.min(doneBytes, input.logicalSize), input.logicalSize)
+    }
+
+    const index = encodeIndex(assembler.entries)
+    const indexOffset = file.append(index)
+    const zeroMapOffset = file.append(Buffer.from(assembler.zeroMap.bytes.buffer, assembler.zeroMap.bytes.byteOffset, assembler.zeroMap.bytes.length))
+    file.append(
+      encodeFooter({
+        indexOffset,
+        chunkCount: geometry.chunkCount,
+        zeroMapOffset,
+        zeroMapSize: assembler.zeroMap.bytes.length,
+        indexCrc: crc32(index),
+        zeroMapCrc: crc32(assembler.zeroMap.bytes),
+        headerCrc: header.readUInt32LE(header.length - 8),
+      }),
+    )
+    fs.fsyncSync(fd)
+    fs.closeSync(fd)
+    fs.renameSync(tempPath, outputPath)
+    renamed = true
+    fsyncDir(dir)
+    return {
+      path: outputPath,
+      logicalSize: input.logicalSize,
+      fileSize: file.size,
+      pageSize: options.pageSize,
+      chunkSize: options.chunkSize,
+      chunkCount: geometry.chunkCount,
+      pageCount: geometry.pageCount,
+      zeroPages: assembler.zeroPages,
+      dedupChunks: assembler.dedupChunks,
+      dedupBytes: assembler.dedupBytes,
+      codecs: assembler.codecs,
+      seconds: (performance.now() - started) / 1000,
+    }
+  } finally {
+    await pool?.close()
+    if (!renamed) {
+      try {
+        fs.closeSync(fd)
+      } catch {
+        // Already closed after fsync: the rename is what failed.
+      }
+      fs.rmSync(tempPath, {force: true})
+    }
+  }
+}
+
+/** Appends to a file with positioned writes, tracking the size; can read back what it wrote. */
+class SequentialFile {
+  size = 0
+  constructor(readonly fd: number) {}
+
+  append(bytes: Uint8Array): number {
+    const at = this.size
+    let done = 0
+    while (done < bytes.length) done += fs.writeSync(this.fd, bytes, done, bytes.length - done, at + done)
+    this.size += bytes.length
+    return at
+  }
+
+  readBack(position: number, length: number): Buffer {
+    const buf = Buffer.alloc(length)
+    let done = 0
+    while (done < length) done += fs.readSync(this.fd, buf, done, length - done, position + done)
+    return buf
+  }
+}
+
+/** Collects worker results in image order into the index and zero map; writes stored bytes once. */
+class Assembler {
+  readonly entries: ChunkEntry[] = []
+  readonly zeroMap: ZeroMap
+  readonly codecs: Record<string, CodecUsage> = {}
+  zeroPages = 0
+  dedupChunks = 0
+  dedupBytes = 0
+  /** Stored chunks by (crc, lengths, codec), to find identical payloads stored before. */
+  private readonly seen = new Map<string, number[]>()
+
+  constructor(
+    private readonly geometry: Geometry,
+    private readonly file: SequentialFile,
+  ) {
+    this.zeroMap = new ZeroMap(geometry.pageCount)
+  }
+
+  /** Returns the image bytes the result covered. */
+  consume(result: ChunkJobResult): number {
+    let covered = 0
+    const stored = Buffer.from(result.stored.buffer, result.stored.byteOffset, result.stored.length)
+    for (const chunk of result.chunks) {
+      const index = this.entries.length
+      const pages = this.geometry.pagesInChunk(index)
+      this.zeroMap.setRange(this.geometry.firstPageOfChunk(index), pages, chunk.zeroBits)
+      this.zeroPages += chunk.zeroPages
+      covered += this.geometry.chunkLogicalLength(index)
+      const name = Codec[chunk.codec].toLowerCase()
+      const usage = (this.codecs[name] ??= {chunks: 0, payloadBytes: 0, storedBytes: 0})
+      usage.chunks++
+      usage.payloadBytes += chunk.payloadLength
+      if (chunk.codec === Codec.None) {
+        this.entries.push({dataOffset: 0, storedLength: 0, payloadLength: 0, payloadCrc: 0, codec: Codec.None, flags: 0})
+        continue
+      }
+      const bytes = stored.subarray(chunk.storedOffset, chunk.storedOffset + chunk.storedLength)
+      const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, payloadCrc: chunk.payloadCrc, codec: chunk.codec, flags: 0}
+      const original = this.findIdentical(entry, bytes)
+      if (original) {
+        entry.dataOffset = original.dataOffset
+        entry.flags = original.flags = CHUNK_FLAG_SHARED
+        this.dedupChunks++
+        this.dedupBytes += bytes.length
+      } else {
+        entry.dataOffset = this.file.append(bytes)
+        usage.storedBytes += bytes.length
+      }
+      this.entries.push(entry)
+    }
+    return covered
+  }
+
+  /**
+   * An earlier chunk whose stored bytes are identical. The checksum only nominates candidates;
+   * the stored bytes are compared for real, since decoding is a function of them.
+   */
+  private findIdentical(entry: ChunkEntry, bytes: Buffer): ChunkEntry | undefined {
+    const key = `${entry.payloadCrc}:${entry.payloadLength}:${entry.codec}:${entry.storedLength}`
+    const candidates = this.seen.get(key)
+    if (candidates) {
+      for (const index of candidates) {
+        const earlier = this.entries[index]
+        if (this.file.readBack(earlier.dataOffset, earlier.storedLength).equals(bytes)) return earlier
+      }
+    }
+    const list = candidates ?? []
+    list.push(this.entries.length)
+    if (!candidates) this.seen.set(key, list)
+    return undefined
+  }
+}
+

@@ -1,0 +1,39 @@
+import {spawn, spawnSync} from 'node:child_process'
+import path from 'node:path'
+import {fileURLToPath} from 'node:url'
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
+export const UFFD_BIN = path.join(ROOT, 'bin/run.js')
+export const NATIVE = path.join(ROOT, 'native/build')
+
+export interface CliResult {
+  status: number | null
+  signal: NodeJS.Signals | null
+  stdout: string
+  stderr: string
+  /** stdout parsed as JSON when --json was given. */
+  json: any
+}
+
+/** Runs the built CLI (npm test builds dist first) as a real process: exit codes and streams included. */
+export function uffd(args: string[], options: {input?: string; timeoutMs?: number; cwd?: string} = {}): CliResult {
+  const r = spawnSync(process.execPath, [UFFD_BIN, ...args], {encoding: 'utf8', input: options.input, timeout: options.timeoutMs ?? 120_000, cwd: options.cwd})
+  let json: unknown
+  if (args.includes('--json')) {
+    try {
+      json = JSON.parse(r.stdout)
+    } catch {
+      json = undefined
+    }
+  }
+  return {status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr, json}
+}
+
+/** Starts the CLI without waiting; for commands that run until told to stop. */
+export function uffdSpawn(args: string[]) {
+  return spawn(process.execPath, [UFFD_BIN, ...args], {stdio: ['ignore', 'pipe', 'pipe']})
+}
+
+export function isRoot(): boolean {
+  return process.getuid?.() === 0
+}
