@@ -1,0 +1,83 @@
+// File operations Node's fs lacks: SEEK_DATA/SEEK_HOLE extent discovery, pread straight into
+// raw memory (e.g. a staging mapping used as UFFDIO_COPY's source), and fsync of a directory.
+
+import {closeSync, fsyncSync, openSync} from 'node:fs'
+
+import {Errno, SysError, rethrowAsSysError} from './errors.js'
+import * as libc from './libc.js'
+import {checkUnsigned, hex} from './raw.js'
+
+/** lseek whence values for sparse files (Linux >= 3.1; ext4, xfs, btrfs, tmpfs support them). */
+export const SEEK_DATA = 3
+export const SEEK_HOLE = 4
+
+/**
+ * The offset of the first byte of data at or after `offset`, or null if there is none (the
+ * kernel answers ENXIO when only a hole, or nothing, follows). Filesystems without hole
+ * tracking report the whole file as data.
+ */
+export function seekData(fd: number, offset: number): number | null {
+  checkUnsigned('offset', offset)
+  const at = libc.lseek(fd, offset, SEEK_DATA)
+  if (at >= 0) return at
+  const errno = libc.lastErrno()
+  if (errno === Errno.ENXIO) return null
+  throw new SysError('lseek', errno, `seeking data from offset ${offset} of fd ${fd}`)
+}
+
+/**
+ * The offset of the first hole at or after `offset` (< file size); the end of the file counts as
+ * a hole, so within the file there always is one. Throws SysError ENXIO if offset >= file size.
+ */
+export function seekHole(fd: number, offset: number): number {
+  checkUnsigned('offset', offset)
+  const at = libc.lseek(fd, offset, SEEK_HOLE)
+  if (at < 0) libc.fail('lseek', `seeking a hole from offset ${offset} of fd ${fd}`)
+  return at
+}
+
+/**
+ * Reads `len` bytes at file `offset` into raw memory at `address` (which we own and which is
+ * not uffd-registered: a fault there would block this thread forever). Retries short reads and
+ * EINTR; returns the bytes read, which is less than `len` only at end of file.
+ */
+export function preadInto(fd: number, address: number, len: number, offset: number): number {
+  checkUnsigned('address', address)
+  checkUnsigned('len', len)
+  checkUnsigned('offset', offset)
+  let done = 0
+  while (done < len) {
+    const n = libc.preadAddr(fd, address + done, len - done, offset + done)
+    if (n > 0) {
+      done += n
+    } else if (n === 0) {
+      break
+    } else {
+      const errno = libc.lastErrno()
+      if (errno !== Errno.EINTR) {
+        throw new SysError('pread', errno, `reading ${len - done} bytes at offset ${offset + done} of fd ${fd} into ${hex(address + done)}`)
+      }
+    }
+  }
+  return done
+}
+
+/**
+ * fsync(2) of a directory, so that a rename or create inside it survives a crash. Node has no
+ * call for it, but opening a directory read-only and fsyncing that fd works on Linux.
+ */
+export function fsyncDir(path: string): void {
+  let fd: number
+  try {
+    fd = openSync(path, 'r')
+  } catch (error) {
+    rethrowAsSysError(error, 'open', `opening directory ${path} to fsync it`)
+  }
+  try {
+    fsyncSync(fd)
+  } catch (error) {
+    rethrowAsSysError(error, 'fsync', `syncing directory ${path}`)
+  } finally {
+    closeSync(fd)
+  }
+}

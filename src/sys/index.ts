@@ -1,0 +1,71 @@
+// The public surface of src/sys, the only layer of the program that calls libc.
+
+export {Errno, SysError, errnoName} from './errors.js'
+export {
+  type CreateUserfaultfdOptions,
+  type FillOptions,
+  type FillResult,
+  type UffdApiResult,
+  type UffdMessage,
+  UFFD_EVENT,
+  UFFD_FEATURE,
+  UFFD_MSG_SIZE,
+  UFFD_PAGEFAULT_FLAG,
+  UFFDIO_BIT,
+  UFFDIO_REGISTER_MODE,
+  createUserfaultfd,
+  decodeCopyResult,
+  decodeUffdMessage,
+  hasIoctl,
+  readUffdMessages,
+  uffdApi,
+  uffdCopy,
+  uffdRegister,
+  uffdUnregister,
+  uffdWake,
+  uffdZeropage,
+} from './uffd.js'
+export {
+  type ListenOptions,
+  type PeerCredentials,
+  type Received,
+  MAX_FDS_PER_MESSAGE,
+  acceptUnix,
+  closeFd,
+  connectUnix,
+  listenUnix,
+  peerCredentials,
+  readSome,
+  recvWithFds,
+  sendWithFds,
+  unlinkIfSocket,
+  writeAll,
+} from './socket.js'
+export {
+  type PollEntry,
+  POLLERR,
+  POLLHUP,
+  POLLIN,
+  POLLNVAL,
+  POLLOUT,
+  PollSet,
+  createEventfd,
+  eventfdDrain,
+  eventfdSignal,
+  poll,
+} from './poll.js'
+export {
+  type MmapAnonymousOptions,
+  HUGE_PAGE_SIZE,
+  MADV,
+  PAGE_SIZE,
+  PROT,
+  addressOf,
+  bufferAt,
+  madvise,
+  mmapAnonymous,
+  mmapFile,
+  munmap,
+} from './memory.js'
+export {fsyncDir, preadInto, seekData, seekHole} from './file.js'
+export {processVmReadv} from './process.js'

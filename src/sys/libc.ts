@@ -1,0 +1,172 @@
+// The raw libc surface of the project, declared once through koffi.
+//
+// This is the only file that loads a native library. Everything here is internal to src/sys: the
+// typed wrappers in the sibling modules validate arguments, turn failures into SysError and hide
+// koffi's types from the rest of the program.
+//
+// Conventions (x86-64 Linux, glibc):
+// - Variadic functions (ioctl, syscall) are declared non-variadic, once per argument type. The
+//   call is ABI-identical on x86-64 for integer and pointer arguments, and only non-variadic
+//   declarations get koffi's fast path (and `.async`).
+// - Raw memory addresses (our own mmap'd memory, addresses inside another mm) are passed as
+//   `uintptr_t` JS numbers: koffi converts a number argument much faster than a BigInt pointer,
+//   and every user-space address on x86-64 (< 2^47) is exact in a double.
+// - `void *` parameters take a Buffer or typed array, which koffi passes in place (no copy).
+// - ssize_t / off_t results are declared `intptr_t` / `int64_t`; koffi returns them as numbers
+//   while they fit in 53 bits, which every value we use does (-1 on failure, sizes, offsets).
+// - `errno` is read with `koffi.errno()` right after the failing call, before any other call
+//   into libc from this thread.
+
+import koffi from 'koffi'
+
+import {SysError} from './errors.js'
+
+const lib = koffi.load('libc.so.6')
+
+// Types not built into koffi; named after their C counterparts for readability.
+const ssize_t = 'intptr_t'
+const off_t = 'int64_t'
+
+// --- files and descriptors ---------------------------------------------------------------------
+export const close = lib.func('close', 'int', ['int']) as (fd: number) => number
+export const read = lib.func('read', ssize_t, ['int', 'void *', 'size_t']) as (
+  fd: number,
+  buf: Uint8Array | Uint32Array | BigUint64Array,
+  count: number,
+) => number
+export const write = lib.func('write', ssize_t, ['int', 'void *', 'size_t']) as (
+  fd: number,
+  buf: Uint8Array | Uint32Array | BigUint64Array,
+  count: number,
+) => number
+export const preadAddr = lib.func('pread', ssize_t, ['int', 'uintptr_t', 'size_t', off_t]) as (
+  fd: number,
+  address: number,
+  count: number,
+  offset: number,
+) => number
+export const lseek = lib.func('lseek', off_t, ['int', off_t, 'int']) as (
+  fd: number,
+  offset: number,
+  whence: number,
+) => number
+
+// --- ioctl and raw syscalls --------------------------------------------------------------------
+/** ioctl whose argument is a struct we own, passed by its raw address (hot path: no koffi marshalling). */
+export const ioctlAddr = lib.func('ioctl', 'int', ['int', 'unsigned long', 'uintptr_t']) as (
+  fd: number,
+  request: number,
+  argAddress: number,
+) => number
+/** ioctl whose argument is a plain integer (USERFAULTFD_IOC_NEW takes the open flags by value). */
+export const ioctlInt = lib.func('ioctl', 'int', ['int', 'unsigned long', 'unsigned long']) as (
+  fd: number,
+  request: number,
+  arg: number,
+) => number
+/** syscall(nr, int): used for userfaultfd(2), which glibc 2.36 does not wrap. */
+export const syscallInt = lib.func('syscall', 'long', ['long', 'int']) as (nr: number, arg: number) => number
+
+// --- memory ------------------------------------------------------------------------------------
+export const mmap = lib.func('mmap', 'intptr_t', ['uintptr_t', 'size_t', 'int', 'int', 'int', off_t]) as (
+  address: number,
+  length: number,
+  prot: number,
+  flags: number,
+  fd: number,
+  offset: number,
+) => number
+export const munmap = lib.func('munmap', 'int', ['uintptr_t', 'size_t']) as (address: number, length: number) => number
+export const madvise = lib.func('madvise', 'int', ['uintptr_t', 'size_t', 'int']) as (
+  address: number,
+  length: number,
+  advice: number,
+) => number
+export const sysconf = lib.func('sysconf', 'long', ['int']) as (name: number) => number
+
+// --- poll and eventfd --------------------------------------------------------------------------
+export const poll = lib.func('poll', 'int', ['void *', 'unsigned long', 'int']) as (
+  fds: Uint8Array,
+  nfds: number,
+  timeoutMs: number,
+) => number
+export const eventfd = lib.func('eventfd', 'int', ['unsigned int', 'int']) as (initval: number, flags: number) => number
+
+// --- sockets -----------------------------------------------------------------------------------
+export const socket = lib.func('socket', 'int', ['int', 'int', 'int']) as (
+  domain: number,
+  type: number,
+  protocol: number,
+) => number
+export const bind = lib.func('bind', 'int', ['int', 'void *', 'unsigned int']) as (
+  fd: number,
+  addr: Uint8Array,
+  addrlen: number,
+) => number
+export const connect = lib.func('connect', 'int', ['int', 'void *', 'unsigned int']) as (
+  fd: number,
+  addr: Uint8Array,
+  addrlen: number,
+) => number
+export const listen = lib.func('listen', 'int', ['int', 'int']) as (fd: number, backlog: number) => number
+/** accept4 without the peer address (addr and addrlen NULL). */
+export const accept4 = lib.func('accept4', 'int', ['int', 'uintptr_t', 'uintptr_t', 'int']) as (
+  fd: number,
+  addr: 0,
+  addrlen: 0,
+  flags: number,
+) => number
+export const sendmsg = lib.func('sendmsg', ssize_t, ['int', 'void *', 'int']) as (
+  fd: number,
+  msg: Uint8Array,
+  flags: number,
+) => number
+export const recvmsg = lib.func('recvmsg', ssize_t, ['int', 'void *', 'int']) as (
+  fd: number,
+  msg: Uint8Array,
+  flags: number,
+) => number
+export const getsockopt = lib.func('getsockopt', 'int', ['int', 'int', 'int', 'void *', 'void *']) as (
+  fd: number,
+  level: number,
+  name: number,
+  value: Uint8Array,
+  valueLength: Uint32Array,
+) => number
+
+// --- other processes ---------------------------------------------------------------------------
+export const processVmReadv = lib.func('process_vm_readv', ssize_t, [
+  'int',
+  'void *',
+  'unsigned long',
+  'void *',
+  'unsigned long',
+  'unsigned long',
+]) as (
+  pid: number,
+  localIov: Uint8Array,
+  localCount: number,
+  remoteIov: Uint8Array,
+  remoteCount: number,
+  flags: number,
+) => number
+
+/** errno of the last failed libc call on this thread. Read it before any other libc call. */
+export function lastErrno(): number {
+  return koffi.errno()
+}
+
+/** Throws a SysError for the libc call that just failed on this thread, with its errno. */
+export function fail(syscall: string, step: string): never {
+  throw new SysError(syscall, koffi.errno(), step)
+}
+
+/** Address of a Buffer's or typed array's first byte (its byteOffset included), as a number. */
+export function addressOfView(view: ArrayBufferView): number {
+  return Number(koffi.address(view))
+}
+
+/** A zero-copy ArrayBuffer over memory that we mapped ourselves. */
+export function viewAt(address: number, length: number): ArrayBuffer {
+  return koffi.view(address, length)
+}

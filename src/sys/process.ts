@@ -1,0 +1,31 @@
+// Reading another process's memory, for snapshots of live processes: process_vm_readv(2) copies
+// straight from the target's address space, one syscall per range, without the seek + read of
+// /proc/PID/mem. It needs ptrace access to the target (same uid and not dumpable-protected, or
+// CAP_SYS_PTRACE), and it does not fault pages in on the target's behalf: a range that is not
+// mapped stops the copy (partial result) or fails with EFAULT.
+
+import * as libc from './libc.js'
+import {IOVEC_LAYOUT, RawStruct, checkUnsigned, hex} from './raw.js'
+
+const localIov = new RawStruct(IOVEC_LAYOUT.size)
+const remoteIov = new RawStruct(IOVEC_LAYOUT.size)
+
+/**
+ * Copies `len` bytes at `remoteAddress` in process `pid` into `localBuffer` (from its start;
+ * `len` <= its length). Returns the bytes copied: less than `len` if the remote range runs into
+ * an unmapped page part way. Throws SysError: ESRCH (no such process), EPERM (no ptrace
+ * access), EFAULT (the first remote page is not mapped).
+ */
+export function processVmReadv(pid: number, localBuffer: Uint8Array, remoteAddress: number, len: number): number {
+  checkUnsigned('remoteAddress', remoteAddress)
+  if (!Number.isSafeInteger(len) || len <= 0 || len > localBuffer.length) {
+    throw new RangeError(`len must be in [1, ${localBuffer.length}] (the local buffer's length), got ${len}`)
+  }
+  localIov.set64(IOVEC_LAYOUT.base, libc.addressOfView(localBuffer))
+  localIov.set64(IOVEC_LAYOUT.len, len)
+  remoteIov.set64(IOVEC_LAYOUT.base, remoteAddress)
+  remoteIov.set64(IOVEC_LAYOUT.len, len)
+  const n = libc.processVmReadv(pid, localIov.bytes, 1, remoteIov.bytes, 1, 0)
+  if (n < 0) libc.fail('process_vm_readv', `reading ${len} bytes at ${hex(remoteAddress)} of process ${pid}`)
+  return n
+}
