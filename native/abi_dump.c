@@ -158,6 +158,9 @@ int main(void)
 	C(MADV_POPULATE_READ);
 	C(MADV_POPULATE_WRITE);
 
+	/* processes */
+	C(__NR_pidfd_open);
+
 	/* files */
 	C(SEEK_DATA);
 	C(SEEK_HOLE);

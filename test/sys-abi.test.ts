@@ -9,6 +9,7 @@ import {describe, expect, it} from 'vitest'
 import {MADV, MAP, PROT, SC_PAGESIZE} from '../src/sys/memory.js'
 import {EFD_CLOEXEC, EFD_NONBLOCK, POLLERR, POLLFD_LAYOUT, POLLHUP, POLLIN, POLLNVAL, POLLOUT} from '../src/sys/poll.js'
 import {SEEK_DATA, SEEK_HOLE} from '../src/sys/file.js'
+import {SYS_PIDFD_OPEN} from '../src/sys/process.js'
 import {IOVEC_LAYOUT} from '../src/sys/raw.js'
 import * as S from '../src/sys/socket.js'
 import * as U from '../src/sys/uffd.js'
@@ -108,6 +109,8 @@ const expected: Record<string, number> = {
   MAP_HUGETLB: MAP.HUGETLB,
   MAP_HUGE_2MB: MAP.HUGE_2MB,
   ...Object.fromEntries(Object.entries(MADV).map(([k, v]) => [`MADV_${k}`, v])),
+  // processes
+  __NR_pidfd_open: SYS_PIDFD_OPEN,
   // files
   SEEK_DATA,
   SEEK_HOLE,

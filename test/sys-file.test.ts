@@ -1,5 +1,6 @@
 // src/sys file, memory, process, poll/eventfd and error helpers against the real kernel.
 
+import {spawn} from 'node:child_process'
 import {closeSync, ftruncateSync, mkdtempSync, openSync, rmSync, writeSync} from 'node:fs'
 import {tmpdir} from 'node:os'
 import {join} from 'node:path'
@@ -26,6 +27,7 @@ import {
   mmapAnonymous,
   mmapFile,
   munmap,
+  pidfdOpen,
   poll,
   preadInto,
   processVmReadv,
@@ -135,6 +137,28 @@ describe('processVmReadv', () => {
     expect(() => processVmReadv(process.pid, Buffer.alloc(16), address, 16)).toThrow(
       expect.objectContaining({syscall: 'process_vm_readv', code: 'EFAULT'}),
     )
+  })
+})
+
+describe('pidfdOpen', () => {
+  it('becomes readable when the process exits', async () => {
+    const child = spawn('sleep', ['30'], {stdio: 'ignore'})
+    const exited = new Promise((resolve) => child.once('exit', resolve))
+    const pidfd = pidfdOpen(child.pid ?? -1)
+    try {
+      expect(poll([{fd: pidfd, events: POLLIN}], 0)).toEqual([0])
+      child.kill('SIGKILL')
+      await exited
+      // POLLIN once it exited (POLLHUP too once it has been reaped, as Node does at 'exit').
+      const [revents = 0] = poll([{fd: pidfd, events: POLLIN}], 5000)
+      expect(revents & POLLIN).toBe(POLLIN)
+    } finally {
+      closeFd(pidfd)
+    }
+  })
+
+  it('fails with ESRCH for a process that does not exist', () => {
+    expect(() => pidfdOpen(0x3fff_fff0)).toThrow(expect.objectContaining({syscall: 'pidfd_open', code: 'ESRCH'}))
   })
 })
 

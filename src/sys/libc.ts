@@ -66,6 +66,8 @@ export const ioctlInt = lib.func('ioctl', 'int', ['int', 'unsigned long', 'unsig
 ) => number
 /** syscall(nr, int): used for userfaultfd(2), which glibc 2.36 does not wrap. */
 export const syscallInt = lib.func('syscall', 'long', ['long', 'int']) as (nr: number, arg: number) => number
+/** syscall(nr, int, unsigned): used for pidfd_open(2), which glibc 2.36 does not wrap. */
+export const syscallIntUint = lib.func('syscall', 'long', ['long', 'int', 'unsigned int']) as (nr: number, a: number, b: number) => number
 
 // --- memory ------------------------------------------------------------------------------------
 export const mmap = lib.func('mmap', 'intptr_t', ['uintptr_t', 'size_t', 'int', 'int', 'int', off_t]) as (

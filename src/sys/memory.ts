@@ -48,25 +48,24 @@ export const MADV = {
 export interface MmapAnonymousOptions {
   /**
    * Back the mapping with 2 MiB hugetlbfs pages (MAP_HUGETLB | MAP_HUGE_2MB). The length must be
-   * a multiple of 2 MiB and the pool (/proc/sys/vm/nr_hugepages) must hold enough free pages,
-   * else mmap fails with ENOMEM.
+   * a multiple of 2 MiB. The pages are reserved from the pool (/proc/sys/vm/nr_hugepages) at
+   * mmap time, so a short pool fails here with ENOMEM rather than with SIGBUS on first touch.
    */
   hugepages?: boolean
 }
 
 /**
  * Maps `length` bytes of private anonymous read/write memory and returns its address.
- * MAP_NORESERVE: the memory is typically populated lazily by a uffd handler, so no swap is
- * reserved up front for mappings larger than what will ever be touched.
+ * Without hugepages it is MAP_NORESERVE: such memory is typically populated lazily by a uffd
+ * handler, so no swap is reserved up front for mappings larger than what will ever be touched.
  */
 export function mmapAnonymous(length: number, options: MmapAnonymousOptions = {}): number {
-  const pageSize = options.hugepages === true ? HUGE_PAGE_SIZE : PAGE_SIZE
-  checkLength(length, pageSize)
-  let flags = MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE
-  if (options.hugepages === true) flags |= MAP.HUGETLB | MAP.HUGE_2MB
+  const huge = options.hugepages === true
+  checkLength(length, huge ? HUGE_PAGE_SIZE : PAGE_SIZE)
+  const flags = MAP.PRIVATE | MAP.ANONYMOUS | (huge ? MAP.HUGETLB | MAP.HUGE_2MB : MAP.NORESERVE)
   const address = libc.mmap(0, length, PROT.READ | PROT.WRITE, flags, -1, 0)
   if (address === -1) {
-    libc.fail('mmap', `mapping ${length} bytes of anonymous memory${options.hugepages === true ? ' with 2 MiB huge pages' : ''}`)
+    libc.fail('mmap', `mapping ${length} bytes of anonymous memory${huge ? ' in 2 MiB huge pages' : ''}`)
   }
   return address
 }

@@ -29,3 +29,18 @@ export function processVmReadv(pid: number, localBuffer: Uint8Array, remoteAddre
   if (n < 0) libc.fail('process_vm_readv', `reading ${len} bytes at ${hex(remoteAddress)} of process ${pid}`)
   return n
 }
+
+/** pidfd_open(2) on x86-64. */
+export const SYS_PIDFD_OPEN = 434
+
+/**
+ * A pidfd for process `pid` (close-on-exec). Polling it reports POLLIN once the process has
+ * exited: the one race-free way to notice a client's death (a pid can be reused; a uffd gives no
+ * sign when its process exits). Throws SysError ESRCH if there is no such process.
+ */
+export function pidfdOpen(pid: number): number {
+  checkUnsigned('pid', pid)
+  const fd = libc.syscallIntUint(SYS_PIDFD_OPEN, pid, 0)
+  if (fd < 0) libc.fail('pidfd_open', `opening a pidfd for process ${pid}`)
+  return fd
+}
