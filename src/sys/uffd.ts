@@ -300,7 +300,9 @@ export function uffdCopy(fd: number, dst: number, srcAddress: number, len: numbe
   s.set64(UFFDIO_COPY_LAYOUT.mode, options?.dontWake === true ? UFFDIO_COPY_MODE_DONTWAKE : 0)
   s.set64(UFFDIO_COPY_LAYOUT.copy, 0)
   const ret = libc.ioctlAddr(fd, UFFDIO_COPY, s.address)
-  const result = decodeCopyResult(ret, ret === 0 ? 0 : libc.lastErrno(), s.getS64(UFFDIO_COPY_LAYOUT.copy))
+  const field = s.getS64(UFFDIO_COPY_LAYOUT.copy)
+  // errno is only needed when the field does not already hold -errno (saves a koffi call on EEXIST).
+  const result = decodeCopyResult(ret, ret === 0 || field < 0 ? 0 : libc.lastErrno(), field)
   if (result.error !== 0 && !isExpectedFillError(result.error)) {
     throw new SysError('UFFDIO_COPY', result.error, `copying ${len} bytes from ${hex(srcAddress)} to ${hex(dst)}`)
   }
@@ -320,7 +322,8 @@ export function uffdZeropage(fd: number, start: number, len: number, options?: F
   s.set64(UFFDIO_ZEROPAGE_LAYOUT.mode, options?.dontWake === true ? UFFDIO_ZEROPAGE_MODE_DONTWAKE : 0)
   s.set64(UFFDIO_ZEROPAGE_LAYOUT.zeropage, 0)
   const ret = libc.ioctlAddr(fd, UFFDIO_ZEROPAGE, s.address)
-  const result = decodeCopyResult(ret, ret === 0 ? 0 : libc.lastErrno(), s.getS64(UFFDIO_ZEROPAGE_LAYOUT.zeropage))
+  const field = s.getS64(UFFDIO_ZEROPAGE_LAYOUT.zeropage)
+  const result = decodeCopyResult(ret, ret === 0 || field < 0 ? 0 : libc.lastErrno(), field)
   if (result.error !== 0 && !isExpectedFillError(result.error)) {
     throw new SysError('UFFDIO_ZEROPAGE', result.error, `zero-filling ${describeRange(start, len)}`)
   }
