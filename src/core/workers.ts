@@ -1,4 +1,4 @@
-import {Worker} from 'node:worker_threads'
+import {type Transferable, Worker} from 'node:worker_threads'
 
 /**
  * Starts a worker from a sibling module given by its base name. Compiled code runs `name.js`.
@@ -6,9 +6,9 @@ import {Worker} from 'node:worker_threads'
  * tsx first and then imports `name.ts`, so both paths run the same worker code. (A worker does
  * not inherit the parent's loader hooks, and `--import tsx` in a worker's execArgv is ignored.)
  */
-export function startWorker(callerUrl: string, name: string, workerData: unknown): Worker {
-  if (!callerUrl.endsWith('.ts')) return new Worker(new URL(`./${name}.js`, callerUrl), {workerData})
+export function startWorker(callerUrl: string, name: string, workerData: unknown, transferList: Transferable[] = []): Worker {
+  if (!callerUrl.endsWith('.ts')) return new Worker(new URL(`./${name}.js`, callerUrl), {workerData, transferList})
   const url = new URL(`./${name}.ts`, callerUrl).href
   const bootstrap = `import('tsx/esm/api').then(({register}) => { register(); return import(${JSON.stringify(url)}) })`
-  return new Worker(bootstrap, {eval: true, workerData})
+  return new Worker(bootstrap, {eval: true, workerData, transferList})
 }

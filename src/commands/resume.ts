@@ -1,0 +1,107 @@
+import {Args, Flags} from '@oclif/core'
+
+import {BaseCommand, InterruptedError} from '../cli/base-command.js'
+import {formatBytes, parseSize} from '../core/units.js'
+import {type ResumeResult, runResume} from '../resume/session.js'
+import {SnapshotReader} from '../snapshot/reader.js'
+
+export default class Resume extends BaseCommand {
+  static override summary = 'Serve a snapshot to a VMM or process as its userfaultfd page-fault handler.'
+  static override description = `Listens on a Unix socket for Firecracker's Uffd memory backend handshake (the VMM sends its memory regions as JSON and the userfaultfd as SCM_RIGHTS), then serves every page fault from the snapshot: the faulting chunk is decoded (and cached), verified against its checksum, and the missing pages around the fault are installed with one UFFDIO_COPY; zero pages are mapped with UFFDIO_ZEROPAGE. Memory the client removes (balloon, UFFD_EVENT_REMOVE) reads as zeros afterwards.
+
+Ready when the socket exists (and --ready-file is written); "listening on PATH" is logged to stderr. Ends with exit 0 when the client exits. On a corrupt chunk or any error that makes correct serving impossible the client is killed (pid from SO_PEERCRED) and the exit code is 1; with --no-kill the client is left frozen instead, never fed wrong bytes. SIGINT/SIGTERM stop the handler (killing clients that still depend on it, unless --no-kill; exit 130). SIGUSR1 prints live statistics to stderr.`
+
+  static override examples = [
+    '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock',
+    '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock --ready-file /tmp/ready --stats-file run.json',
+    '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock --serve --cache-mb 1024',
+  ]
+
+  static override args = {
+    snapshot: Args.string({description: 'Snapshot file to serve.', required: true}),
+  }
+
+  static override flags = {
+    socket: Flags.string({summary: 'Unix socket to listen on (created 0600; a stale socket file is replaced).', required: true}),
+    timeout: Flags.integer({summary: 'Seconds to wait for the client to connect and send its handshake; 0 waits forever.', default: 60, min: 0}),
+    'ready-file': Flags.string({summary: 'Written (atomically) once the socket is listening, for scripts to wait on.'}),
+    serve: Flags.boolean({summary: 'Keep accepting clients (VMs resumed from the same snapshot share one decoded-chunk cache) until SIGINT/SIGTERM.', default: false}),
+    kill: Flags.boolean({summary: 'Kill a client that can no longer be served correctly (--no-kill leaves it frozen).', default: true, allowNo: true}),
+    'cache-mb': Flags.integer({summary: 'Memory for decoded chunks, MiB.', default: 256, min: 1}),
+    'fault-around': Flags.string({summary: 'Bytes installed around each faulting page: a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size) or "page" (no fault-around).', default: 'chunk'}),
+    'spin-us': Flags.integer({summary: 'Microseconds to keep polling after a fault before sleeping (saves a cross-CPU wake-up per fault; costs CPU).', default: 0, min: 0, max: 1_000_000}),
+    'stats-file': Flags.string({summary: 'Write run statistics as JSON here at exit (render with `uffd stats FILE`).'}),
+  }
+
+  async run(): Promise<ResumeResult> {
+    const {args, flags} = await this.parse(Resume)
+    const reader = SnapshotReader.open(args.snapshot)
+    const {chunkSize, pageSize} = reader.geometry
+    reader.close()
+    const faultAroundBytes = this.faultAround(flags['fault-around'], chunkSize, pageSize)
+
+    const controller = new AbortController()
+    let signalName: string | undefined
+    const onStop = (signal: NodeJS.Signals): void => {
+      signalName = signal
+      controller.abort()
+    }
+    let current: {stats: () => unknown} | undefined
+    const onUsr1 = (): void => {
+      if (current) process.stderr.write(`${JSON.stringify(current.stats())}\n`)
+    }
+    process.on('SIGINT', onStop)
+    process.on('SIGTERM', onStop)
+    process.on('SIGUSR1', onUsr1)
+    let result: ResumeResult
+    try {
+      result = await runResume({
+        snapshotPath: args.snapshot,
+        socketPath: flags.socket,
+        timeoutMs: flags.timeout * 1000,
+        readyFile: flags['ready-file'],
+        serve: flags.serve,
+        kill: flags.kill,
+        cacheBytes: flags['cache-mb'] * 1024 * 1024,
+        faultAroundBytes,
+        spinMicros: flags['spin-us'],
+        statsFile: flags['stats-file'],
+        signal: controller.signal,
+        log: (line) => process.stderr.write(`uffd resume: ${line}\n`),
+        onStats: (statsOf) => {
+          current = {stats: statsOf}
+        },
+      })
+    } finally {
+      process.off('SIGINT', onStop)
+      process.off('SIGTERM', onStop)
+      process.off('SIGUSR1', onUsr1)
+    }
+    const s = result.stats
+    this.log(
+      `served ${s.faults.total} faults: ${s.pages.copied} pages copied (${formatBytes(s.bytes.copied)}), ${s.pages.zeroed} zeroed, ` +
+        `${s.chunks.decoded} chunks decoded, latency p50 ${s.latencyUs.p50 ?? '-'} µs p99 ${s.latencyUs.p99 ?? '-'} µs`,
+    )
+    if (result.error) {
+      process.exitCode = 1
+      if (!this.jsonEnabled()) this.logToStderr(`uffd resume: ${result.error.message}`)
+    } else if (result.interrupted) {
+      if (this.jsonEnabled()) process.exitCode = 130
+      else throw new InterruptedError(signalName ?? 'signal')
+    }
+    return result
+  }
+
+  private faultAround(text: string, chunkSize: number, pageSize: number): number {
+    if (text === 'chunk') return chunkSize
+    if (text === 'page') return pageSize
+    let bytes: number
+    try {
+      bytes = parseSize(text)
+    } catch (error) {
+      this.error(`--fault-around: ${(error as Error).message}`, {exit: 2})
+    }
+    if (bytes < pageSize || bytes % pageSize !== 0) this.error(`--fault-around must be a multiple of the snapshot's page size (${pageSize})`, {exit: 2})
+    return bytes
+  }
+}

@@ -1,0 +1,58 @@
+import {type SnapshotReader} from '../snapshot/reader.js'
+import {type RunStats} from './run-stats.js'
+
+/**
+ * Decoded chunk payloads (their non-zero pages, packed), least recently used first out, within a
+ * byte budget. Every fault and prefetch of every client goes through one cache, so VMs resumed
+ * from the same snapshot by one process decode each chunk once. Evicted buffers are reused:
+ * allocating fresh 64 KiB-4 MiB buffers makes glibc return and re-fault memory on every chunk.
+ */
+export class ChunkCache {
+  private readonly entries = new Map<number, Buffer>()
+  private readonly spare: Buffer[] = []
+  private bytes = 0
+
+  constructor(
+    private readonly reader: SnapshotReader,
+    private readonly budgetBytes: number,
+    private readonly stats: RunStats,
+  ) {}
+
+  /** The verified payload of `chunk`; throws SnapshotFormatError if it cannot be verified. */
+  payload(chunk: number): Buffer {
+    const hit = this.entries.get(chunk)
+    if (hit) {
+      this.entries.delete(chunk)
+      this.entries.set(chunk, hit)
+      this.stats.add('cacheHits')
+      return hit
+    }
+    this.stats.add('cacheMisses')
+    const entry = this.reader.entry(chunk)
+    const buffer = this.take(entry.payloadLength)
+    const payload = this.reader.readPayload(chunk, buffer)
+    this.stats.add('chunksDecoded')
+    this.stats.add('bytesDecompressed', payload.length)
+    this.entries.set(chunk, payload)
+    this.bytes += payload.length
+    this.evict()
+    return payload
+  }
+
+  private take(length: number): Buffer {
+    const chunkSize = this.reader.geometry.chunkSize
+    const reusable = this.spare.pop()
+    // Buffers are allocated at full chunk size so any payload fits a reused one.
+    return (reusable ?? Buffer.allocUnsafeSlow(chunkSize)).subarray(0, length)
+  }
+
+  private evict(): void {
+    // Keep the newest entry even if it alone exceeds the budget: it is about to be copied from.
+    while (this.bytes > this.budgetBytes && this.entries.size > 1) {
+      const [oldest, buffer] = this.entries.entries().next().value as [number, Buffer]
+      this.entries.delete(oldest)
+      this.bytes -= buffer.length
+      if (this.spare.length < 4) this.spare.push(Buffer.from(buffer.buffer, buffer.byteOffset, this.reader.geometry.chunkSize))
+    }
+  }
+}

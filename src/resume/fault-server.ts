@@ -1,0 +1,252 @@
+import {SnapshotFormatError} from '../format/errors.js'
+import {type Geometry} from '../format/geometry.js'
+import {type SnapshotReader} from '../snapshot/reader.js'
+import {addressOf, Errno, errnoName, uffdCopy, uffdWake, uffdZeropage, type FillResult} from '../sys/index.js'
+import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from './address-map.js'
+import {ChunkCache} from './chunk-cache.js'
+import {type GuestRegion} from './handshake.js'
+import {type RunStats} from './run-stats.js'
+
+/** A fault read from the uffd and not yet served. */
+export interface PendingFault {
+  address: number
+  /** performance.now() when the message was read, for the latency histogram. */
+  readAt: number
+}
+
+function hex(n: number): string {
+  return `0x${n.toString(16)}`
+}
+
+/** One client (a VMM or a restored process) whose memory is served through one uffd. */
+export class Client {
+  readonly map: AddressMap
+  readonly states: PageStates
+  readonly pending: PendingFault[] = []
+  /** Pages inside the client's regions: memory is complete when all are present or removed. */
+  readonly regionPages: number
+
+  constructor(
+    readonly id: number,
+    readonly uffd: number,
+    regions: readonly GuestRegion[],
+    geometry: Geometry,
+  ) {
+    this.map = new AddressMap(regions)
+    this.states = new PageStates(geometry.pageCount)
+    this.regionPages = regions.reduce((sum, r) => sum + r.size / geometry.pageSize, 0)
+  }
+}
+
+/** An error that makes serving a client impossible: the client must not run on. */
+export class FatalServeError extends Error {
+  constructor(
+    message: string,
+    readonly code: string,
+  ) {
+    super(message)
+    this.name = 'FatalServeError'
+  }
+}
+
+export type ServeOutcome = 'served' | 'retry' | 'gone'
+
+export interface ServeOptions {
+  /** Bytes around a faulting page installed with it (aligned window, clipped to its region). */
+  faultAroundBytes: number
+}
+
+/**
+ * Serves page faults from a snapshot: the policy half of the fault loop. For a fault it installs
+ * the faulting page's run first (so the faulting thread wakes as early as possible), then the
+ * other missing pages of the fault-around window: data runs with one UFFDIO_COPY each straight
+ * from the decoded chunk payload, zero runs with one UFFDIO_ZEROPAGE each. Only MISSING pages are
+ * ever filled, so nothing is copied twice and removed memory is never refilled with snapshot data.
+ */
+export class FaultServer {
+  readonly geometry: Geometry
+  private readonly cache: ChunkCache
+  private readonly pageSize: number
+  private readonly huge: boolean
+  private zeroSource: Buffer | undefined
+  private readonly windowPages: number
+
+  constructor(
+    private readonly reader: SnapshotReader,
+    private readonly stats: RunStats,
+    cacheBytes: number,
+    options: ServeOptions,
+    private readonly startedAt: number,
+  ) {
+    this.geometry = reader.geometry
+    this.pageSize = this.geometry.pageSize
+    // hugetlbfs has no UFFDIO_ZEROPAGE: zero pages are copied from a zero buffer there.
+    this.huge = this.pageSize > 4096
+    this.cache = new ChunkCache(reader, cacheBytes, stats)
+    this.windowPages = Math.max(1, Math.floor(options.faultAroundBytes / this.pageSize))
+  }
+
+  serve(client: Client, fault: PendingFault): ServeOutcome {
+    const location = client.map.locate(fault.address)
+    if (!location) {
+      throw new FatalServeError(`fault at ${hex(fault.address)} lies outside every memory region the client announced`, 'FAULT_OUTSIDE_REGIONS')
+    }
+    const {region} = location
+    const page = Math.floor(location.imageOffset / this.pageSize)
+    const regionFirst = region.offset / this.pageSize
+    const regionEnd = regionFirst + region.size / this.pageSize
+    const state = client.states.get(page)
+    let outcome: ServeOutcome
+    if (state === PAGE_PRESENT) {
+      // Served already (by fault-around, or a duplicate message from another thread): the page
+      // is there, but make sure the thread that faulted is not left waiting.
+      uffdWake(client.uffd, this.pageAddress(region, page), this.pageSize)
+      outcome = 'served'
+      this.recordServed(fault, 'faultsAlreadyPresent')
+    } else if (state === PAGE_REMOVED) {
+      outcome = this.install(client, region, page, 1, true)
+      if (outcome === 'served') this.recordServed(fault, 'faultsRemoved')
+    } else {
+      const windowFirst = Math.max(regionFirst, page - (page % this.windowPages))
+      const windowEnd = Math.min(regionEnd, windowFirst + this.windowPages)
+      const installedBefore = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed')
+      const [runFirst, runEnd] = this.runAround(client, page, windowFirst, windowEnd)
+      outcome = this.install(client, region, runFirst, runEnd - runFirst, this.reader.zeroMap.isZero(page))
+      if (outcome === 'served') {
+        this.recordServed(fault, this.reader.zeroMap.isZero(page) ? 'faultsZero' : 'faultsData')
+        // The fault itself is served; the rest of the window is a bonus. If the address space
+        // is changing (EAGAIN), the remaining pages are left to later faults.
+        if (this.fillWindow(client, region, windowFirst, windowEnd) === 'gone') outcome = 'gone'
+        this.stats.add('faultAroundPages', this.stats.get('pagesCopied') + this.stats.get('pagesZeroed') - installedBefore - 1)
+      }
+    }
+    return outcome
+  }
+
+  private recordServed(fault: PendingFault, kind: 'faultsData' | 'faultsZero' | 'faultsRemoved' | 'faultsAlreadyPresent'): void {
+    const now = performance.now()
+    this.stats.add('faults')
+    this.stats.add(kind)
+    this.stats.recordLatency((now - fault.readAt) * 1000)
+    const sinceStart = performance.timeOrigin + now - this.startedAt
+    if (this.stats.get('faults') === 1) this.stats.set('firstFaultMs', sinceStart)
+    this.stats.set('lastFaultMs', sinceStart)
+  }
+
+  /** The maximal run of missing pages around `page` (inside the window) that one ioctl can fill. */
+  private runAround(client: Client, page: number, windowFirst: number, windowEnd: number): [number, number] {
+    const zero = this.reader.zeroMap.isZero(page)
+    const chunk = this.geometry.chunkOfOffset(page * this.pageSize)
+    const same = (p: number): boolean =>
+      client.states.get(p) === PAGE_MISSING && this.reader.zeroMap.isZero(p) === zero && (zero || this.geometry.chunkOfOffset(p * this.pageSize) === chunk)
+    let first = page
+    while (first > windowFirst && same(first - 1)) first--
+    let end = page + 1
+    while (end < windowEnd && same(end)) end++
+    return [first, end]
+  }
+
+  /** Installs every still-missing run in [first, end). */
+  private fillWindow(client: Client, region: GuestRegion, first: number, end: number): ServeOutcome {
+    let p = first
+    while (p < end) {
+      if (client.states.get(p) !== PAGE_MISSING) {
+        p++
+        continue
+      }
+      const zero = this.reader.zeroMap.isZero(p)
+      const chunk = this.geometry.chunkOfOffset(p * this.pageSize)
+      let q = p + 1
+      while (q < end && client.states.get(q) === PAGE_MISSING && this.reader.zeroMap.isZero(q) === zero && (zero || this.geometry.chunkOfOffset(q * this.pageSize) === chunk)) q++
+      const outcome = this.install(client, region, p, q - p, zero)
+      if (outcome !== 'served') return outcome
+      p = q
+    }
+    return 'served'
+  }
+
+  /**
+   * Fills pages [first, first+count) of one region with zeros or with their snapshot data,
+   * handling the kernel's partial results: a copy that runs into a page already present stops
+   * there (EAGAIN with bytes done, or EEXIST at the first page): that page is marked present and
+   * the copy goes on after it, so no page after a collision is left missing.
+   */
+  private install(client: Client, region: GuestRegion, first: number, count: number, zero: boolean): ServeOutcome {
+    const length = count * this.pageSize
+    const dst = this.pageAddress(region, first)
+    let source = 0
+    if (!zero) {
+      source = this.payloadAddress(first)
+    } else if (this.huge) {
+      this.zeroSource ??= Buffer.alloc(this.pageSize)
+    }
+    let done = 0
+    while (done < length) {
+      let result: FillResult
+      if (!zero) {
+        result = uffdCopy(client.uffd, dst + done, source + done, length - done)
+        this.stats.add('copyIoctls')
+      } else if (this.huge) {
+        result = uffdCopy(client.uffd, dst + done, addressOf(this.zeroSource!), this.pageSize)
+        this.stats.add('copyIoctls')
+      } else {
+        result = uffdZeropage(client.uffd, dst + done, length - done)
+        this.stats.add('zeropageIoctls')
+      }
+      if (result.done > 0) {
+        const pages = result.done / this.pageSize
+        client.states.markPresent(first + done / this.pageSize, pages)
+        this.stats.add(zero ? 'pagesZeroed' : 'pagesCopied', pages)
+        if (!zero) this.stats.add('bytesCopied', result.done)
+        done += result.done
+      }
+      if (result.error === 0) continue
+      if (result.error === Errno.EEXIST) {
+        // The page at dst+done is already there: nothing to install, but wake any waiter on it.
+        this.stats.add('eexist')
+        uffdWake(client.uffd, dst + done, this.pageSize)
+        client.states.markPresent(first + done / this.pageSize, 1)
+        done += this.pageSize
+      } else if (result.error === Errno.EAGAIN) {
+        this.stats.add('eagain')
+        // Progress then a stop: a present page follows (the next call reports EEXIST for it).
+        // No progress: the client's address space is changing (a REMOVE/UNMAP event is queued
+        // and unread); read the events first, then retry this fault.
+        if (result.done === 0) return 'retry'
+      } else if (result.error === Errno.ENOENT || result.error === Errno.ESRCH) {
+        // The mapping or the whole process is gone.
+        return 'gone'
+      } else {
+        throw new FatalServeError(`unexpected ${errnoName(result.error)} installing ${length} bytes at ${hex(dst)}`, errnoName(result.error))
+      }
+    }
+    return 'served'
+  }
+
+  private pageAddress(region: GuestRegion, page: number): number {
+    return region.baseHostVirtAddr + (page * this.pageSize - region.offset)
+  }
+
+  /**
+   * The address of `page`'s bytes in its chunk's decoded payload: a chunk's payload is its
+   * non-zero pages packed in order, so consecutive non-zero pages are contiguous there too.
+   */
+  private payloadAddress(page: number): number {
+    const chunk = this.geometry.chunkOfOffset(page * this.pageSize)
+    let payload: Buffer
+    try {
+      payload = this.cache.payload(chunk)
+    } catch (error) {
+      if (error instanceof SnapshotFormatError) throw new FatalServeError(error.message, error.code)
+      throw error
+    }
+    const chunkFirst = this.geometry.firstPageOfChunk(chunk)
+    const index = page - chunkFirst - this.reader.zeroMap.countZero(chunkFirst, page - chunkFirst)
+    return addressOf(payload) + index * this.pageSize
+  }
+
+  /** Pages that are present or removed, of all the client's region pages. */
+  isComplete(client: Client): boolean {
+    return client.states.presentCount >= client.regionPages
+  }
+}

@@ -1,0 +1,37 @@
+import {type MessagePort} from 'node:worker_threads'
+
+import {type GuestRegion} from './handshake.js'
+
+/** What the main thread tells the fault-loop worker (over a MessagePort, with an eventfd poke). */
+export type ToWorker =
+  | {
+      type: 'add'
+      id: number
+      uffd: number
+      /** Becomes readable when the client process exits; -1 if its pid is unknown. */
+      pidfd: number
+      /** The client's handshake socket: EOF ends the client when there is no pidfd. */
+      socket: number
+      regions: GuestRegion[]
+    }
+  | {type: 'stop'}
+
+/** What the worker tells the main thread. */
+export type FromWorker =
+  | {type: 'ready'}
+  | {type: 'client-ended'; id: number; reason: 'exited' | 'gone' | 'socket-closed'}
+  /** Serving this client failed; its uffd is kept open (so it stays frozen) until it is killed. */
+  | {type: 'fatal'; id: number; message: string; code: string}
+
+export interface WorkerConfig {
+  snapshotPath: string
+  cacheBytes: number
+  faultAroundBytes: number
+  /** Keep polling this long after the last message before sleeping (cuts cross-CPU wake-ups). */
+  spinMicros: number
+  stats: SharedArrayBuffer
+  /** Epoch ms (performance.timeOrigin + now) the run started, for time-to-first-fault. */
+  startedAt: number
+  control: MessagePort
+  controlFd: number
+}

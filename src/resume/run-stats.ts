@@ -1,0 +1,150 @@
+/**
+ * Counters and a latency histogram of a resume, kept in a SharedArrayBuffer: the fault-loop
+ * worker writes them with plain stores on its hot path, the main thread reads them whenever it
+ * wants (SIGUSR1, exit) without interrupting the worker. A torn read of a counter that is being
+ * incremented can only be one event stale.
+ */
+export const COUNTERS = [
+  'faults',
+  'faultsData',
+  'faultsZero',
+  'faultsRemoved',
+  'faultsAlreadyPresent',
+  'pagesCopied',
+  'pagesZeroed',
+  'faultAroundPages',
+  'copyIoctls',
+  'zeropageIoctls',
+  'bytesCopied',
+  'chunksDecoded',
+  'bytesDecompressed',
+  'cacheHits',
+  'cacheMisses',
+  'eexist',
+  'eagain',
+  'removeEvents',
+  'removedPages',
+  'unmapEvents',
+  'remapEvents',
+  'forkEvents',
+  'clients',
+  'clientsEnded',
+  'firstFaultMs',
+  'lastFaultMs',
+  'latencyMaxUs',
+  'latencySumUs',
+] as const
+
+export type CounterName = (typeof COUNTERS)[number]
+
+/** Latency buckets: 8 per power of two from 1 µs up, so a percentile is within ~9%. */
+const SUB_BUCKETS = 8
+const OCTAVES = 26
+export const BUCKETS = SUB_BUCKETS * OCTAVES
+
+export class RunStats {
+  readonly values: Float64Array
+  readonly histogram: Float64Array
+  private readonly index: Record<CounterName, number>
+
+  constructor(readonly buffer: SharedArrayBuffer = new SharedArrayBuffer((COUNTERS.length + BUCKETS) * 8)) {
+    this.values = new Float64Array(buffer, 0, COUNTERS.length)
+    this.histogram = new Float64Array(buffer, COUNTERS.length * 8, BUCKETS)
+    this.index = Object.fromEntries(COUNTERS.map((name, i) => [name, i])) as Record<CounterName, number>
+  }
+
+  add(name: CounterName, n = 1): void {
+    this.values[this.index[name]] += n
+  }
+
+  set(name: CounterName, value: number): void {
+    this.values[this.index[name]] = value
+  }
+
+  get(name: CounterName): number {
+    return this.values[this.index[name]]
+  }
+
+  recordLatency(us: number): void {
+    this.histogram[bucketOf(us)]++
+    this.values[this.index.latencySumUs] += us
+    if (us > this.values[this.index.latencyMaxUs]) this.values[this.index.latencyMaxUs] = us
+  }
+}
+
+export function bucketOf(us: number): number {
+  if (us < 1) return 0
+  const octave = Math.floor(Math.log2(us))
+  const sub = Math.floor((us / 2 ** octave - 1) * SUB_BUCKETS)
+  return Math.min(BUCKETS - 1, octave * SUB_BUCKETS + sub)
+}
+
+/** The upper bound of a bucket in µs. */
+export function bucketUpperUs(bucket: number): number {
+  const octave = Math.floor(bucket / SUB_BUCKETS)
+  const sub = bucket % SUB_BUCKETS
+  return 2 ** octave * (1 + (sub + 1) / SUB_BUCKETS)
+}
+
+/** The smallest bucket bound below which `q` (0..1) of the samples fall. */
+export function percentileUs(histogram: ArrayLike<number>, q: number): number | null {
+  let total = 0
+  for (let i = 0; i < histogram.length; i++) total += histogram[i]
+  if (total === 0) return null
+  const rank = Math.ceil(q * total)
+  let seen = 0
+  for (let i = 0; i < histogram.length; i++) {
+    seen += histogram[i]
+    if (seen >= rank) return bucketUpperUs(i)
+  }
+  return bucketUpperUs(histogram.length - 1)
+}
+
+export interface ResumeReport {
+  kind: 'uffd-resume-stats'
+  version: 1
+  snapshot: string
+  startedAt: string
+  durationMs: number
+  clients: {served: number; ended: number}
+  faults: {total: number; data: number; zero: number; removed: number; alreadyPresent: number}
+  pages: {copied: number; zeroed: number; faultAround: number}
+  ioctls: {copy: number; zeropage: number; eexist: number; eagain: number}
+  bytes: {copied: number; decompressed: number}
+  chunks: {decoded: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
+  events: {remove: number; removedPages: number; unmap: number; remap: number; fork: number}
+  /** Time from reading a fault message to the faulting page being installed, in µs. */
+  latencyUs: {p50: number | null; p90: number | null; p99: number | null; max: number | null; mean: number | null}
+  /** From the first handshake to the first and last fault, ms. */
+  timeToFirstFaultMs: number | null
+  timeToLastFaultMs: number | null
+}
+
+export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, now = Date.now()): ResumeReport {
+  const g = (name: CounterName): number => stats.get(name)
+  const faults = g('faults')
+  const lookups = g('cacheHits') + g('cacheMisses')
+  return {
+    kind: 'uffd-resume-stats',
+    version: 1,
+    snapshot,
+    startedAt: startedAt.toISOString(),
+    durationMs: now - startedAt.getTime(),
+    clients: {served: g('clients'), ended: g('clientsEnded')},
+    faults: {total: faults, data: g('faultsData'), zero: g('faultsZero'), removed: g('faultsRemoved'), alreadyPresent: g('faultsAlreadyPresent')},
+    pages: {copied: g('pagesCopied'), zeroed: g('pagesZeroed'), faultAround: g('faultAroundPages')},
+    ioctls: {copy: g('copyIoctls'), zeropage: g('zeropageIoctls'), eexist: g('eexist'), eagain: g('eagain')},
+    bytes: {copied: g('bytesCopied'), decompressed: g('bytesDecompressed')},
+    chunks: {decoded: g('chunksDecoded'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},
+    events: {remove: g('removeEvents'), removedPages: g('removedPages'), unmap: g('unmapEvents'), remap: g('remapEvents'), fork: g('forkEvents')},
+    latencyUs: {
+      p50: percentileUs(stats.histogram, 0.5),
+      p90: percentileUs(stats.histogram, 0.9),
+      p99: percentileUs(stats.histogram, 0.99),
+      max: faults ? g('latencyMaxUs') : null,
+      mean: faults ? g('latencySumUs') / faults : null,
+    },
+    timeToFirstFaultMs: faults ? g('firstFaultMs') : null,
+    timeToLastFaultMs: faults ? g('lastFaultMs') : null,
+  }
+}

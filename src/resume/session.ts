@@ -1,0 +1,342 @@
+import fs from 'node:fs'
+import path from 'node:path'
+import {MessageChannel, type Worker} from 'node:worker_threads'
+
+import {startWorker} from '../core/workers.js'
+import {SnapshotReader} from '../snapshot/reader.js'
+import {
+  acceptUnix,
+  closeFd,
+  createEventfd,
+  eventfdSignal,
+  listenUnix,
+  peerCredentials,
+  pidfdOpen,
+  recvWithFds,
+  SysError,
+} from '../sys/index.js'
+import {type GuestRegion, HandshakeError, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from './handshake.js'
+import {type FromWorker, type ToWorker, type WorkerConfig} from './protocol.js'
+import {buildReport, type ResumeReport, RunStats} from './run-stats.js'
+
+export interface ResumeOptions {
+  snapshotPath: string
+  socketPath: string
+  /** For the first connection and each handshake; 0 waits forever. */
+  timeoutMs: number
+  readyFile?: string
+  /** Keep accepting clients until stopped, instead of serving one. */
+  serve: boolean
+  /** Kill a client that can no longer be served correctly rather than leave it frozen. */
+  kill: boolean
+  cacheBytes: number
+  faultAroundBytes: number
+  spinMicros: number
+  statsFile?: string
+  signal: AbortSignal
+  log: (line: string) => void
+  /** Receives a function that reports the statistics so far (for SIGUSR1). */
+  onStats?: (current: () => ResumeReport) => void
+}
+
+export interface ClientSummary {
+  id: number
+  pid: number | null
+  regions: GuestRegion[]
+  ended: 'exited' | 'gone' | 'socket-closed' | 'killed' | 'running'
+  error?: {code: string; message: string}
+}
+
+export interface ResumeResult {
+  socket: string
+  clients: ClientSummary[]
+  stats: ResumeReport
+  /** The first fatal error, if any: the command exits non-zero with it. */
+  error?: {code: string; message: string}
+  interrupted: boolean
+}
+
+/** Handshake JSON can arrive after an empty first read; Firecracker's own handlers retry. */
+const HANDSHAKE_READ_TRIES = 3
+/** How long the accept loop blocks before it lets the event loop run (signals, worker messages). */
+const ACCEPT_SLICE_MS = 50
+/** After killing a client, how long to wait for it to exit before giving up on it. */
+const KILL_WAIT_MS = 5000
+
+export class ResumeError extends Error {
+  constructor(
+    message: string,
+    readonly code: string,
+  ) {
+    super(message)
+    this.name = 'ResumeError'
+  }
+}
+
+/**
+ * Runs `uffd resume`: listens on the socket, takes each client's handshake and uffd, and hands
+ * them to the fault-loop worker; ends when the (single) client is gone, or on a signal. On a fatal
+ * error a client is killed (unless kill is off, in which case its uffd stays open so it stays
+ * frozen: a frozen VM is better than one reading zeros from a released uffd).
+ */
+export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
+  const reader = SnapshotReader.open(options.snapshotPath)
+  const geometry = reader.geometry
+  reader.close()
+
+  const startedAtDate = new Date()
+  const startedAt = performance.timeOrigin + performance.now()
+  const stats = new RunStats()
+  options.onStats?.(() => buildReport(stats, options.snapshotPath, startedAtDate))
+  const clients = new Map<number, ClientSummary>()
+  const pids = new Map<number, number>()
+  let firstError: {code: string; message: string} | undefined
+
+  const controlFd = createEventfd()
+  const channel = new MessageChannel()
+  const config: WorkerConfig = {
+    snapshotPath: options.snapshotPath,
+    cacheBytes: options.cacheBytes,
+    faultAroundBytes: options.faultAroundBytes,
+    spinMicros: options.spinMicros,
+    stats: stats.buffer,
+    startedAt,
+    control: channel.port2,
+    controlFd,
+  }
+  const worker = startWorker(import.meta.url, 'fault-worker', config, [channel.port2])
+  const events = new WorkerEvents(worker)
+  const send = (message: ToWorker): void => {
+    channel.port1.postMessage(message)
+    eventfdSignal(controlFd)
+  }
+
+  let listenFd = -1
+  let interrupted = false
+  try {
+    await events.next((m) => m.type === 'ready')
+    listenFd = listenUnix(options.socketPath, {mode: 0o600})
+    if (options.readyFile) writeAtomically(options.readyFile, `${JSON.stringify({socket: options.socketPath, pid: process.pid})}\n`)
+    options.log(`listening on ${options.socketPath}`)
+
+    const onWorkerMessage = (m: FromWorker): void => {
+      if (m.type === 'client-ended') {
+        const c = clients.get(m.id)
+        if (c && c.ended === 'running') c.ended = pids.has(m.id) && c.error && options.kill ? 'killed' : m.reason
+        options.log(`client ${m.id} ended (${m.reason})`)
+      } else if (m.type === 'fatal') {
+        const c = clients.get(m.id)
+        const error = {code: m.code, message: m.message}
+        if (c) c.error = error
+        firstError ??= error
+        const pid = pids.get(m.id)
+        options.log(`client ${m.id}: ${m.message}`)
+        if (options.kill && pid) {
+          options.log(`killing client ${m.id} (pid ${pid}) rather than let it run on without its memory`)
+          killQuietly(pid)
+        } else {
+          options.log(`client ${m.id} left frozen (--no-kill): its faults will not be served`)
+        }
+      }
+    }
+    events.onMessage = onWorkerMessage
+
+    let nextId = 1
+    let deadline = options.timeoutMs > 0 ? Date.now() + options.timeoutMs : Infinity
+    while (!options.signal.aborted) {
+      if (!options.serve && clients.size > 0) break
+      if (Date.now() > deadline) throw new ResumeError(`no client connected to ${options.socketPath} within ${options.timeoutMs / 1000} s`, 'TIMEOUT')
+      const connection = acceptUnix(listenFd, ACCEPT_SLICE_MS)
+      if (connection === null) {
+        await events.yieldToEventLoop()
+        continue
+      }
+      const id = nextId++
+      try {
+        const accepted = takeHandshake(connection, options.timeoutMs, geometry)
+        clients.set(id, {id, pid: accepted.pid, regions: accepted.regions, ended: 'running'})
+        if (accepted.pid) pids.set(id, accepted.pid)
+        send({type: 'add', id, uffd: accepted.uffd, pidfd: accepted.pidfd, socket: connection, regions: accepted.regions})
+        options.log(`client ${id}${accepted.pid ? ` (pid ${accepted.pid})` : ''}: ${accepted.regions.length} region(s), ${accepted.regions.reduce((s, r) => s + r.size, 0)} bytes`)
+      } catch (error) {
+        closeFd(connection)
+        if (!(error instanceof HandshakeError || error instanceof SysError || error instanceof ResumeError)) throw error
+        const code = error instanceof HandshakeError ? error.code : error instanceof SysError ? error.code : error.code
+        if (!options.serve) throw new ResumeError(error.message, code)
+        firstError ??= {code, message: error.message}
+        options.log(`rejected a client: ${error.message}`)
+      }
+      if (!options.serve) {
+        // One client: stop listening so the socket path no longer accepts anyone.
+        closeFd(listenFd)
+        listenFd = -1
+        fs.rmSync(options.socketPath, {force: true})
+      }
+      deadline = Infinity
+    }
+
+    // Serve until every client is gone, or a signal.
+    while (!options.signal.aborted && [...clients.values()].some((c) => c.ended === 'running')) {
+      await events.nextOrAbort(options.signal)
+    }
+    interrupted = options.signal.aborted
+    if (interrupted) {
+      for (const [id, c] of clients) {
+        if (c.ended !== 'running') continue
+        const pid = pids.get(id)
+        if (options.kill && pid) {
+          options.log(`stopping: killing client ${id} (pid ${pid}), which cannot run on without this handler`)
+          killQuietly(pid)
+          c.ended = 'killed'
+        }
+      }
+    }
+    // A killed client's uffd is closed by the worker once its pidfd reports the exit.
+    const killWait = Date.now() + KILL_WAIT_MS
+    while (firstError && [...clients.values()].some((c) => c.ended === 'running' && c.error && options.kill) && Date.now() < killWait) {
+      await events.nextOrTimeout(killWait - Date.now())
+    }
+  } catch (error) {
+    // Whatever went wrong, a client must not outlive this handler with missing pages: once our
+    // uffd is released the kernel fills them with zeros.
+    if (options.kill) for (const [id, c] of clients) if (c.ended === 'running' && pids.has(id)) killQuietly(pids.get(id)!)
+    throw error
+  } finally {
+    if (listenFd >= 0) {
+      closeFd(listenFd)
+      fs.rmSync(options.socketPath, {force: true})
+    }
+    send({type: 'stop'})
+    await events.exit()
+    closeFd(controlFd)
+    channel.port1.close()
+  }
+
+  const report = buildReport(stats, options.snapshotPath, startedAtDate)
+  if (options.statsFile) writeAtomically(options.statsFile, `${JSON.stringify(report, null, 2)}\n`)
+  return {socket: options.socketPath, clients: [...clients.values()], stats: report, error: firstError, interrupted}
+}
+
+interface AcceptedClient {
+  uffd: number
+  pid: number | null
+  pidfd: number
+  regions: GuestRegion[]
+}
+
+/** Reads and validates one handshake; on any failure closes what it received and throws. */
+function takeHandshake(connection: number, timeoutMs: number, geometry: SnapshotReader['geometry']): AcceptedClient {
+  let received: {data: Buffer; fds: number[]} = {data: Buffer.alloc(0), fds: []}
+  for (let attempt = 0; attempt < HANDSHAKE_READ_TRIES && received.data.length === 0; attempt++) {
+    received = recvWithFds(connection, MAX_HANDSHAKE_BYTES, 3, timeoutMs > 0 ? timeoutMs : -1)
+    if (received.data.length === 0 && received.fds.length === 0 && attempt === HANDSHAKE_READ_TRIES - 1) {
+      throw new HandshakeError('the client closed the connection without sending anything')
+    }
+  }
+  const [uffd, ...extra] = received.fds
+  // Forks send a memfd or guest_memfd after the uffd: only the uffd is ours to use.
+  for (const fd of extra) closeFd(fd)
+  try {
+    if (uffd === undefined) throw new HandshakeError('no file descriptor came with the message (expected the uffd)')
+    const regions = validateRegions(parseHandshake(received.data), geometry)
+    const {pid} = peerCredentials(connection)
+    let pidfd = -1
+    if (pid > 0) {
+      try {
+        pidfd = pidfdOpen(pid)
+      } catch (error) {
+        if (error instanceof SysError && error.code === 'ESRCH') throw new HandshakeError(`the client (pid ${pid}) exited right after the handshake`)
+        throw error
+      }
+    }
+    return {uffd, pid: pid > 0 ? pid : null, pidfd, regions}
+  } catch (error) {
+    if (uffd !== undefined) closeFd(uffd)
+    throw error
+  }
+}
+
+function killQuietly(pid: number): void {
+  try {
+    process.kill(pid, 'SIGKILL')
+  } catch {
+    // Already gone.
+  }
+}
+
+/** Writes a file by temp + rename, so a reader (a script waiting for it) never sees it half-written. */
+export function writeAtomically(file: string, text: string): void {
+  const temp = path.join(path.dirname(path.resolve(file)), `.${path.basename(file)}.${process.pid}.tmp`)
+  fs.writeFileSync(temp, text)
+  fs.renameSync(temp, file)
+}
+
+/** Worker messages as awaitable events, and the worker's end as a promise. */
+class WorkerEvents {
+  onMessage: ((m: FromWorker) => void) | undefined
+  private waiters: ((m: FromWorker | undefined) => void)[] = []
+  private failure: Error | undefined
+  private readonly exited: Promise<void>
+
+  constructor(private readonly worker: Worker) {
+    worker.on('message', (m: FromWorker) => {
+      this.onMessage?.(m)
+      for (const w of this.waiters.splice(0)) w(m)
+    })
+    worker.on('error', (error) => {
+      this.failure = error
+      for (const w of this.waiters.splice(0)) w(undefined)
+    })
+    this.exited = new Promise((resolve) => worker.once('exit', () => resolve()))
+    this.exited.then(() => {
+      this.failure ??= new ResumeError('the fault-loop worker stopped unexpectedly', 'WORKER_EXIT')
+      for (const w of this.waiters.splice(0)) w(undefined)
+    })
+  }
+
+  private check(): void {
+    if (this.failure) throw this.failure
+  }
+
+  async next(match: (m: FromWorker) => boolean): Promise<FromWorker> {
+    for (;;) {
+      this.check()
+      const m = await new Promise<FromWorker | undefined>((resolve) => this.waiters.push(resolve))
+      this.check()
+      if (m && match(m)) return m
+    }
+  }
+
+  async nextOrAbort(signal: AbortSignal): Promise<void> {
+    this.check()
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        signal.removeEventListener('abort', done)
+        resolve()
+      }
+      signal.addEventListener('abort', done)
+      this.waiters.push(done)
+    })
+    if (!signal.aborted) this.check()
+  }
+
+  async nextOrTimeout(ms: number): Promise<void> {
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, Math.max(0, ms))
+      this.waiters.push(() => {
+        clearTimeout(timer)
+        resolve()
+      })
+    })
+  }
+
+  async yieldToEventLoop(): Promise<void> {
+    this.check()
+    await new Promise((resolve) => setImmediate(resolve))
+  }
+
+  async exit(): Promise<void> {
+    if (this.failure instanceof ResumeError && this.failure.code === 'WORKER_EXIT') return
+    await this.exited
+  }
+}
