@@ -133,10 +133,10 @@ describe('footer, index and zero map', () => {
   const zeroMap = new ZeroMap(geometry.pageCount)
   ;[1, 4, 5, 6, 7].forEach((p) => zeroMap.setZero(p))
   const entries: ChunkEntry[] = [
-    {dataOffset: 256, storedLength: 100, payloadLength: 3 * 4096, payloadCrc: 1, codec: 3, flags: 0},
-    {dataOffset: 0, storedLength: 0, payloadLength: 0, payloadCrc: 0, codec: 0, flags: 0},
-    {dataOffset: 356, storedLength: 16384, payloadLength: 16384, payloadCrc: 2, codec: 1, flags: 0},
-    {dataOffset: 16740, storedLength: 50, payloadLength: 4096, payloadCrc: 3, codec: 2, flags: 0},
+    {dataOffset: 256, storedLength: 100, payloadLength: 3 * 4096, storedCrc: 1, codec: 3, flags: 0},
+    {dataOffset: 0, storedLength: 0, payloadLength: 0, storedCrc: 0, codec: 0, flags: 0},
+    {dataOffset: 356, storedLength: 16384, payloadLength: 16384, storedCrc: 2, codec: 1, flags: 0},
+    {dataOffset: 16740, storedLength: 50, payloadLength: 4096, storedCrc: 3, codec: 2, flags: 0},
   ]
   const index = encodeIndex(entries)
   const indexOffset = 16790

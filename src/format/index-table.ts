@@ -10,7 +10,7 @@ export interface ChunkEntry {
   dataOffset: number
   storedLength: number
   payloadLength: number
-  payloadCrc: number
+  storedCrc: number
   codec: Codec
   flags: number
 }
@@ -32,7 +32,7 @@ export function encodeIndex(entries: readonly ChunkEntry[]): Buffer {
     buf.writeBigUInt64LE(BigInt(e.dataOffset), at)
     buf.writeUInt32LE(e.storedLength, at + 8)
     buf.writeUInt32LE(e.payloadLength, at + 12)
-    buf.writeUInt32LE(e.payloadCrc, at + 16)
+    buf.writeUInt32LE(e.storedCrc, at + 16)
     buf.writeUInt8(e.codec, at + 20)
     buf.writeUInt8(e.flags, at + 21)
   }
@@ -128,7 +128,7 @@ export function decodeIndex(buf: Buffer, footer: Footer, headerSize: number, geo
       dataOffset: u64(buf, at, part, 'data offset'),
       storedLength: buf.readUInt32LE(at + 8),
       payloadLength: buf.readUInt32LE(at + 12),
-      payloadCrc: buf.readUInt32LE(at + 16),
+      storedCrc: buf.readUInt32LE(at + 16),
       codec: buf.readUInt8(at + 20),
       flags: buf.readUInt8(at + 21),
     }

@@ -25,7 +25,7 @@ export interface ChunkJob {
 export interface EncodedChunk {
   codec: Codec
   payloadLength: number
-  payloadCrc: number
+  storedCrc: number
   /** Where this chunk's stored bytes lie in the job's `stored` buffer. */
   storedOffset: number
   storedLength: number
@@ -42,7 +42,7 @@ export interface ChunkJobResult {
 
 /**
  * Turns one chunk's bytes into its stored form: finds zero pages (never stored), concatenates the
- * rest into the payload, checksums it and compresses it. Pure apart from the compressor's
+ * rest into the payload, compresses it and checksums the stored bytes. Pure apart from the compressor's
  * buffers; shared by the worker and by tests.
  */
 export function encodeChunk(
@@ -66,12 +66,12 @@ export function encodeChunk(
     }
   }
   if (payloadLength === 0) {
-    return {chunk: {codec: Codec.None, payloadLength: 0, payloadCrc: 0, zeroBits, zeroPages}, stored: Buffer.alloc(0)}
+    return {chunk: {codec: Codec.None, payloadLength: 0, storedCrc: 0, zeroBits, zeroPages}, stored: Buffer.alloc(0)}
   }
   // A chunk without zero pages is its own payload; otherwise its non-zero pages are packed.
   const payload = zeroPages === 0 ? bytes : compactPayload(bytes, pageSize, zeroBits, payloadScratch, payloadLength)
   const {codec, stored} = compressor.compress(payload)
-  return {chunk: {codec, payloadLength, payloadCrc: crc32(payload), zeroBits, zeroPages}, stored}
+  return {chunk: {codec, payloadLength, storedCrc: crc32(stored), zeroBits, zeroPages}, stored}
 }
 
 /** Writes the non-zero pages of `bytes`, in order, to the start of `scratch`. */

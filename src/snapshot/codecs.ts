@@ -25,7 +25,12 @@ export class ChunkCompressor {
   constructor(
     readonly codec: CompressionCodec,
     readonly level: number,
-  ) {}
+  ) {
+    // compress2 honours these; the content checksum (XXH64 of the decoded bytes, 4 bytes per
+    // frame) makes zstd itself verify its output when decoding.
+    this.cctx.setParameter(zstd.CParameter.compressionLevel, level)
+    this.cctx.setParameter(zstd.CParameter.checksumFlag, 1)
+  }
 
   /**
    * Returns the stored form and its codec. Falls back to raw whenever compression would not make
@@ -37,7 +42,7 @@ export class ChunkCompressor {
     if (this.codec === 'zstd') {
       const bound = zstd.compressBound(payload.length)
       if (this.output.length < bound) this.output = Buffer.alloc(bound)
-      const n = this.cctx.compress(this.output, payload, this.level)
+      const n = this.cctx.compress2(this.output, payload)
       stored = this.output.subarray(0, n)
       codec = Codec.Zstd
     } else if (this.codec === 'lz4') {

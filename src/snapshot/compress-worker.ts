@@ -65,7 +65,7 @@ function run(job: ChunkJob): ChunkJobResult {
       const pages = chunkLength / job.pageSize
       const zeroBits = new Uint8Array(Math.ceil(pages / 8)).fill(0xff)
       if (pages % 8) zeroBits[zeroBits.length - 1] = (1 << (pages % 8)) - 1
-      chunks.push({codec: Codec.None, payloadLength: 0, payloadCrc: 0, zeroBits, zeroPages: pages, storedOffset: 0, storedLength: 0})
+      chunks.push({codec: Codec.None, payloadLength: 0, storedCrc: 0, zeroBits, zeroPages: pages, storedOffset: 0, storedLength: 0})
     }
     at += chunkLength
   }

@@ -76,7 +76,8 @@ export class SnapshotReader {
   }
 
   /**
-   * Decodes chunk `chunk`'s payload (its non-zero pages, concatenated) and verifies its checksum.
+   * Decodes chunk `chunk`'s payload (its non-zero pages, concatenated), verified: its stored
+   * bytes against their checksum, the decoded length against the index.
    * Returns a view of `dst` (or of an internal scratch buffer, valid until the next call).
    */
   readPayload(chunk: number, dst?: Buffer): Buffer {
@@ -90,17 +91,20 @@ export class SnapshotReader {
       if (this.payloadScratch.length < entry.payloadLength) this.payloadScratch = Buffer.alloc(this.geometry.chunkSize)
       payload = this.payloadScratch.subarray(0, entry.payloadLength)
     }
+    // The checksum covers the stored bytes, so corrupt data is refused before it reaches a
+    // decoder, and checking costs a pass over the compressed size only. zstd frames also carry
+    // their own checksum of the decoded content, which zstd verifies while decoding.
     const stored = this.readStored(entry, payload)
+    const crc = crc32(stored)
+    if (crc !== entry.storedCrc) {
+      throw this.chunkError(chunk, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)})`)
+    }
     if (stored !== payload) {
       try {
         this.decompressor.decompress(entry.codec, stored, payload)
       } catch (error) {
         throw this.chunkError(chunk, 'CORRUPT', `${codecName(entry.codec)} data does not decode (${(error as Error).message})`)
       }
-    }
-    const crc = crc32(payload)
-    if (crc !== entry.payloadCrc) {
-      throw this.chunkError(chunk, 'CORRUPT', `checksum mismatch (stored ${hex(entry.payloadCrc)}, computed ${hex(crc)})`)
     }
     return payload
   }

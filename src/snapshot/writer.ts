@@ -211,11 +211,11 @@ class Assembler {
       usage.chunks++
       usage.payloadBytes += chunk.payloadLength
       if (chunk.codec === Codec.None) {
-        this.entries.push({dataOffset: 0, storedLength: 0, payloadLength: 0, payloadCrc: 0, codec: Codec.None, flags: 0})
+        this.entries.push({dataOffset: 0, storedLength: 0, payloadLength: 0, storedCrc: 0, codec: Codec.None, flags: 0})
         continue
       }
       const bytes = stored.subarray(chunk.storedOffset, chunk.storedOffset + chunk.storedLength)
-      const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, payloadCrc: chunk.payloadCrc, codec: chunk.codec, flags: 0}
+      const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, storedCrc: chunk.storedCrc, codec: chunk.codec, flags: 0}
       const original = this.findIdentical(entry, bytes)
       if (original) {
         entry.dataOffset = original.dataOffset
@@ -236,7 +236,7 @@ class Assembler {
    * the stored bytes are compared for real, since decoding is a function of them.
    */
   private findIdentical(entry: ChunkEntry, bytes: Buffer): ChunkEntry | undefined {
-    const key = `${entry.payloadCrc}:${entry.payloadLength}:${entry.codec}:${entry.storedLength}`
+    const key = `${entry.storedCrc}:${entry.payloadLength}:${entry.codec}:${entry.storedLength}`
     const candidates = this.seen.get(key)
     if (candidates) {
       for (const index of candidates) {
