@@ -1,0 +1,83 @@
+import {spawn, spawnSync, type ChildProcess} from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import {fileURLToPath} from 'node:url'
+
+/** Shared plumbing of the benchmarks: processes, readiness, medians, result files. */
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..')
+export const NATIVE = path.join(ROOT, 'native/build')
+export const UFFD = path.join(ROOT, 'bin/run.js')
+
+export function median(values: number[]): number {
+  const s = [...values].sort((a, b) => a - b)
+  const m = s.length >> 1
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2
+}
+
+export function arg(name: string, fallback: string): string {
+  const i = process.argv.indexOf(`--${name}`)
+  return i >= 0 && process.argv[i + 1] !== undefined ? process.argv[i + 1] : fallback
+}
+
+export function flag(name: string): boolean {
+  return process.argv.includes(`--${name}`)
+}
+
+export function tempDir(prefix: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix))
+}
+
+export async function waitForFile(file: string, timeoutMs: number, child?: ChildProcess): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  while (!fs.existsSync(file)) {
+    if (child && child.exitCode !== null) throw new Error(`process exited (${child.exitCode}) before ${file} appeared`)
+    if (Date.now() > deadline) throw new Error(`${file} did not appear within ${timeoutMs} ms`)
+    await new Promise((r) => setTimeout(r, 5))
+  }
+}
+
+export interface Finished {
+  code: number | null
+  stdout: string
+  stderr: string
+}
+
+export function start(command: string, args: string[]): {child: ChildProcess; done: Promise<Finished>} {
+  const child = spawn(command, args, {stdio: ['ignore', 'pipe', 'pipe']})
+  let stdout = ''
+  let stderr = ''
+  child.stdout!.on('data', (d) => (stdout += d))
+  child.stderr!.on('data', (d) => (stderr += d))
+  const done = new Promise<Finished>((resolve) => child.on('close', (code) => resolve({code, stdout, stderr})))
+  return {child, done}
+}
+
+export function run(command: string, args: string[]): Finished {
+  const r = spawnSync(command, args, {encoding: 'utf8', maxBuffer: 64 * 1024 * 1024})
+  return {code: r.status, stdout: r.stdout, stderr: r.stderr}
+}
+
+export function dropCaches(): void {
+  spawnSync('sync')
+  try {
+    fs.writeFileSync('/proc/sys/vm/drop_caches', '3')
+  } catch {
+    // Not root: caches stay warm, which the report says.
+  }
+}
+
+export function writeResults(name: string, data: unknown): string {
+  const dir = path.join(ROOT, 'bench/results')
+  fs.mkdirSync(dir, {recursive: true})
+  const file = path.join(dir, `${name}-${new Date().toISOString().replace(/[:.]/g, '-')}.json`)
+  fs.writeFileSync(file, `${JSON.stringify(data, null, 2)}\n`)
+  return file
+}
+
+export function table(header: string[], rows: (string | number)[][]): string {
+  const cells = [header, ...rows.map((r) => r.map(String))]
+  const widths = header.map((_, i) => Math.max(...cells.map((r) => r[i].length)))
+  const line = (r: string[]): string => `| ${r.map((c, i) => c.padEnd(widths[i])).join(' | ')} |`
+  return [line(header), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`, ...cells.slice(1).map(line)].join('\n')
+}

@@ -1,0 +1,48 @@
+import fs from 'node:fs'
+
+import {formatBytes, formatPercent} from '../core/units.js'
+import {type ResumeReport} from './run-stats.js'
+
+/**
+ * The report in `file` if it is a statistics file written by `uffd resume --stats-file` (JSON
+ * with kind "uffd-resume-stats"), else undefined: snapshots start with a binary magic.
+ */
+export function readResumeReport(file: string): ResumeReport | undefined {
+  const fd = fs.openSync(file, 'r')
+  let text: string
+  try {
+    const first = Buffer.alloc(1)
+    if (fs.readSync(fd, first, 0, 1, 0) !== 1 || first[0] !== 0x7b /* { */) return undefined
+    text = fs.readFileSync(fd, 'utf8')
+  } finally {
+    fs.closeSync(fd)
+  }
+  try {
+    const parsed = JSON.parse(text) as Partial<ResumeReport>
+    return parsed.kind === 'uffd-resume-stats' ? (parsed as ResumeReport) : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/** Human-readable lines for a resume report, the `uffd stats run.json` view. */
+export function renderResumeReport(file: string, r: ResumeReport): string[] {
+  const us = (v: number | null): string => (v === null ? '-' : `${v < 10 ? v.toFixed(1) : Math.round(v)} µs`)
+  const ms = (v: number | null): string => (v === null ? '-' : `${v.toFixed(1)} ms`)
+  const rows: [string, string][] = [
+    ['run', `${file}: uffd resume of ${r.snapshot}, started ${r.startedAt}, ${(r.durationMs / 1000).toFixed(2)} s`],
+    ['clients', `${r.clients.served} served, ${r.clients.ended} ended`],
+    ['faults', `${r.faults.total}: ${r.faults.data} data, ${r.faults.zero} zero, ${r.faults.removed} removed (served zeros), ${r.faults.alreadyPresent} already present`],
+    ['latency', `p50 ${us(r.latencyUs.p50)}, p90 ${us(r.latencyUs.p90)}, p99 ${us(r.latencyUs.p99)}, max ${us(r.latencyUs.max)}, mean ${us(r.latencyUs.mean)}`],
+    ['first/last', `first fault ${ms(r.timeToFirstFaultMs)}, last fault ${ms(r.timeToLastFaultMs)} after the start`],
+    ['pages', `${r.pages.copied} copied (${formatBytes(r.bytes.copied)}), ${r.pages.zeroed} zeroed, ${r.pages.faultAround} installed by fault-around`],
+    ['ioctls', `${r.ioctls.copy} UFFDIO_COPY, ${r.ioctls.zeropage} UFFDIO_ZEROPAGE, ${r.ioctls.eexist} EEXIST, ${r.ioctls.eagain} EAGAIN`],
+    [
+      'chunks',
+      `${r.chunks.decoded} decoded (${formatBytes(r.bytes.decompressed)}), cache ${r.chunks.cacheHits} hits / ${r.chunks.cacheMisses} misses` +
+        (r.chunks.hitRate === null ? '' : ` (${formatPercent(r.chunks.cacheHits, r.chunks.cacheHits + r.chunks.cacheMisses)} hits)`),
+    ],
+    ['events', `${r.events.remove} remove (${r.events.removedPages} pages), ${r.events.unmap} unmap, ${r.events.remap} remap, ${r.events.fork} fork`],
+  ]
+  return rows.map(([label, value]) => `${label.padEnd(12)}${value}`)
+}
