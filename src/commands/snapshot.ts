@@ -10,29 +10,34 @@ import {formatBytes, formatPercent, parseSize} from '../core/units.js'
 import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../format/constants.js'
 import {geometryProblem} from '../format/geometry.js'
 import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
-import {freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
+import {criuDirInput, freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
 import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'
 
 export const DEFAULT_CODEC: CompressionCodec = 'zstd'
 export const DEFAULT_LEVEL = 1
 export const DEFAULT_CHUNK_SIZE = '256K'
+const SOURCES = ['mem-file', 'pid', 'criu-dir']
 
 export default class Snapshot extends BaseCommand {
-  static override summary = 'Turn guest memory or a live process into a chunked, compressed, checksummed snapshot.'
+  static override summary = 'Turn guest memory, a live process or a CRIU dump into a chunked, compressed, checksummed snapshot.'
   static override description = `Reads a raw memory image (--mem-file: a Firecracker full-snapshot memory file, a QEMU RAM dump, any raw image) or a live process (--pid) and writes one snapshot file: fixed-size chunks compressed independently, zero pages recorded in a bitmap and never stored, identical chunks stored once, every chunk checksummed. The file appears atomically (temporary file, fsync, rename); an interrupted or failed run leaves nothing behind.
 
-With --pid the process is stopped (SIGSTOP) while its memory is read, for a consistent image, and resumed afterwards, also on error or Ctrl-C; pages it never populated are stored as zero pages.`
+With --pid the process is stopped (SIGSTOP) while its memory is read, for a consistent image, and resumed afterwards, also on error or Ctrl-C; pages it never populated are stored as zero pages.
+
+With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted: one region per VMA of every task in the dumped tree, owned by the task's pid; pages CRIU did not dump are zero pages. Incremental dumps (pages in a parent dump) and --lazy-pages dumps are refused.`
 
   static override examples = [
     '<%= config.bin %> snapshot --mem-file vm.mem -o vm.uffd',
     '<%= config.bin %> snapshot --mem-file vm.mem -o vm.uffd --codec lz4 --chunk-size 1M',
     '<%= config.bin %> snapshot --pid 1234 -o app.uffd --json',
+    '<%= config.bin %> snapshot --criu-dir ./dump -o app.uffd',
   ]
 
   static override flags = {
-    'mem-file': Flags.string({summary: 'Raw memory image to snapshot (sparse holes are skipped without reading).', exactlyOne: ['mem-file', 'pid']}),
-    pid: Flags.integer({summary: 'Live process to snapshot (needs root or ptrace access).', min: 1, exactlyOne: ['mem-file', 'pid']}),
-    output: Flags.string({char: 'o', summary: 'Snapshot file to write [default: <image>.uffd or pid-<PID>.uffd].'}),
+    'mem-file': Flags.string({summary: 'Raw memory image to snapshot (sparse holes are skipped without reading).', exactlyOne: SOURCES}),
+    pid: Flags.integer({summary: 'Live process to snapshot (needs root or ptrace access).', min: 1, exactlyOne: SOURCES}),
+    'criu-dir': Flags.string({summary: 'CRIU dump directory (criu dump -D DIR) whose page images to convert.', exactlyOne: SOURCES}),
+    output: Flags.string({char: 'o', summary: 'Snapshot file to write [default: <image>.uffd, pid-<PID>.uffd or <dir>.uffd].'}),
     force: Flags.boolean({char: 'f', summary: 'Replace the output file if it exists.', default: false}),
     codec: Flags.string({summary: 'Compression codec per chunk (chunks that do not shrink are stored raw).', options: ['zstd', 'lz4', 'raw'], default: DEFAULT_CODEC}),
     level: Flags.integer({summary: `zstd level, ${ZSTD_MIN_LEVEL}..${ZSTD_MAX_LEVEL}; negative levels are zstd's fast modes. Ignored by lz4 and raw.`, min: ZSTD_MIN_LEVEL, max: ZSTD_MAX_LEVEL, default: DEFAULT_LEVEL}),
@@ -47,15 +52,16 @@ With --pid the process is stopped (SIGSTOP) while its memory is read, for a cons
     const {flags} = await this.parse(Snapshot)
     const chunkSize = this.sizeFlag(flags['chunk-size'], '--chunk-size')
     const pageSize = flags['page-size'] === '2M' ? PAGE_SIZE_2M : PAGE_SIZE_4K
-    if (flags.pid !== undefined && pageSize !== PAGE_SIZE_4K) this.error('--page-size 2M applies to guest memory files, not processes', {exit: 2})
+    if (flags['mem-file'] === undefined && pageSize !== PAGE_SIZE_4K) this.error('--page-size 2M applies to guest memory files, not processes', {exit: 2})
     const problem = geometryProblem(pageSize, chunkSize, 0)
     if (problem) this.error(`--chunk-size: ${problem} (allowed ${formatBytes(MIN_CHUNK_SIZE)}..${formatBytes(MAX_CHUNK_SIZE)})`, {exit: 2})
     const regionSizes = flags.regions?.split(',').map((s) => this.sizeFlag(s, '--regions'))
 
-    const output = flags.output ?? (flags['mem-file'] ? `${path.basename(flags['mem-file'])}.uffd` : `pid-${flags.pid}.uffd`)
+    const source = flags['mem-file'] ?? flags['criu-dir'] ?? `pid ${flags.pid}`
+    const output = flags.output ?? (flags.pid === undefined ? `${path.basename(path.resolve(source))}.uffd` : `pid-${flags.pid}.uffd`)
     if (!flags.force && fs.existsSync(output)) this.error(`${output} exists (use --force to replace it)`, {exit: 1})
     const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism()}
-    const bar = progressBar(!this.jsonEnabled(), flags.pid ? `pid ${flags.pid}` : path.basename(flags['mem-file']!))
+    const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
 
     const summary = await withInterruptHandling(async (signal) => {
       try {
@@ -67,6 +73,7 @@ With --pid the process is stopped (SIGSTOP) while its memory is read, for a cons
           if (input.logicalSize % pageSize !== 0 && pageSize === PAGE_SIZE_2M) this.error(`${flags['mem-file']} is not a whole number of 2 MiB pages`, {exit: 1})
           return await writeSnapshot(input, output, {...options, signal, onProgress: bar.update})
         }
+        if (flags['criu-dir']) return await writeSnapshot(criuDirInput(flags['criu-dir']), output, {...options, signal, onProgress: bar.update})
         return await this.snapshotProcess(flags.pid!, flags.freeze, output, {...options, signal, onProgress: bar.update})
       } finally {
         bar.stop()
@@ -79,7 +86,7 @@ With --pid the process is stopped (SIGSTOP) while its memory is read, for a cons
         `${summary.dedupChunks ? `, ${summary.dedupChunks} deduplicated` : ''}, ${summary.seconds.toFixed(2)} s ` +
         `(${formatBytes(summary.logicalSize / Math.max(summary.seconds, 1e-9))}/s)`,
     )
-    return {...summary, ratio, source: flags.pid ? `pid ${flags.pid}` : flags['mem-file']!}
+    return {...summary, ratio, source}
   }
 
   private async snapshotProcess(pid: number, freeze: boolean, output: string, options: Parameters<typeof writeSnapshot>[2]): Promise<WriteSummary> {

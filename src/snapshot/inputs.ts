@@ -1,6 +1,7 @@
 import fs from 'node:fs'
 import os from 'node:os'
 
+import {isFileVma, isSharedVma, isSpecialVma, readCriuDump, taskVmas} from '../criu/images.js'
 import {PAGE_SIZE_4K, REGION_FLAG_FILE, REGION_FLAG_SHARED, REGION_FLAG_SPECIAL, REGION_PROT_EXEC, REGION_PROT_READ, REGION_PROT_WRITE, RegionKind} from '../format/constants.js'
 import {type Region, type SnapshotMetadata} from '../format/header.js'
 import {seekData, seekHole} from '../sys/file.js'
@@ -64,6 +65,64 @@ export function memFileInput(path: string, regionSizes?: number[]): ImageInput {
     }
   } finally {
     fs.closeSync(fd)
+  }
+}
+
+/** Bytes of an image range [start, end) that are at `position` in the file `path`. */
+interface FileExtent extends Extent {
+  path: string
+  position: number
+}
+
+/**
+ * The memory of a CRIU dump (criu dump -D DIR): every task's VMAs, tasks in pstree order, each
+ * task's VMAs in address order, laid end to end; regions are owned by the task's pid. The data is
+ * read straight from the raw pages images; whatever CRIU did not dump (pages never populated,
+ * clean file pages, shared file mappings) reads as zero pages.
+ */
+export function criuDirInput(dir: string): ImageInput {
+  const dump = readCriuDump(dir)
+  const regions: Region[] = []
+  const extents: FileExtent[] = []
+  const tasks: {pid: number; ppid: number; comm: string; pages: number; rawPageBytes: number}[] = []
+  let imageOffset = 0
+  for (const task of dump.tasks) {
+    for (const {vma, name, data} of taskVmas(dump, task)) {
+      regions.push({
+        kind: RegionKind.ProcessVma,
+        imageOffset,
+        size: vma.end - vma.start,
+        address: vma.start,
+        fileOffset: vma.pgoff,
+        // CRIU stores PROT_* bits, which are the region's prot bits.
+        prot: vma.prot & (REGION_PROT_READ | REGION_PROT_WRITE | REGION_PROT_EXEC),
+        flags: (isSharedVma(vma) ? REGION_FLAG_SHARED : 0) | (isFileVma(vma) ? REGION_FLAG_FILE : 0) | (isSpecialVma(vma) ? REGION_FLAG_SPECIAL : 0),
+        owner: task.pid,
+        name,
+      })
+      for (const d of data) {
+        const start = imageOffset + (d.address - vma.start)
+        extents.push({start, end: start + d.length, path: d.file, position: d.position})
+      }
+      imageOffset += vma.end - vma.start
+    }
+    tasks.push({pid: task.pid, ppid: task.ppid, comm: task.comm, pages: task.pagemap?.presentPages ?? 0, rawPageBytes: task.pagemap?.pagesFileSize ?? 0})
+  }
+  const shmemPageBytes = [...dump.shmem.values()].reduce((sum, p) => sum + p.pagesFileSize, 0)
+  return {
+    logicalSize: imageOffset,
+    regions,
+    metadata: {
+      source: 'criu',
+      criuDir: dir,
+      tasks,
+      // Everything in the dump's page images, shared memory included: what the snapshot replaces.
+      rawPageBytes: tasks.reduce((sum, t) => sum + t.rawPageBytes, 0) + shmemPageBytes,
+      toolVersion: TOOL_VERSION,
+      createdAt: new Date().toISOString(),
+      host: os.hostname(),
+    },
+    segments: (start, end) => segmentsOf(extents, start, end, (e, from, to) => ({path: e.path, position: e.position + (from - e.start), length: to - from, imageOffset: from})),
   }
 }
 
