@@ -2,9 +2,57 @@ import {Args} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
 import {formatBytes, formatPercent} from '../core/units.js'
-import {REGION_PROT_EXEC, REGION_PROT_READ, REGION_PROT_WRITE} from '../format/constants.js'
+import {REGION_PROT_EXEC, REGION_PROT_READ, REGION_PROT_WRITE, RegionKind} from '../format/constants.js'
 import {type SnapshotStats, snapshotStats} from '../snapshot/inspect.js'
 import {SnapshotReader} from '../snapshot/reader.js'
+
+/** The memory of one process (region owner) in a process or CRIU snapshot. */
+export interface TaskSize {
+  pid: number
+  regions: number
+  /** Sum of its regions' sizes. */
+  bytes: number
+  /** Bytes of its pages that are not zero pages. */
+  nonZeroBytes: number
+  /** CRIU: the task's command name and the size of its raw pages image. */
+  comm?: string
+  rawPageBytes?: number
+}
+
+export type StatsResult = SnapshotStats & {
+  tasks: TaskSize[]
+  /** CRIU: the dump's page images in all, against the snapshot file's size. */
+  criu?: {rawPageBytes: number; snapshotBytes: number; ratio: number}
+}
+
+interface CriuTaskMetadata {
+  pid: number
+  comm?: string
+  rawPageBytes?: number
+}
+
+/** Per-owner sizes of the process regions (the zero map tells non-zero pages), in first-seen order. */
+function taskSizes(reader: SnapshotReader): TaskSize[] {
+  const {header, geometry, zeroMap} = reader
+  const byPid = new Map<number, TaskSize>()
+  for (const r of header.regions) {
+    if (r.kind !== RegionKind.ProcessVma) continue
+    let t = byPid.get(r.owner)
+    if (!t) byPid.set(r.owner, (t = {pid: r.owner, regions: 0, bytes: 0, nonZeroBytes: 0}))
+    const firstPage = geometry.pageOfOffset(r.imageOffset)
+    const pages = Math.ceil(r.size / geometry.pageSize)
+    t.regions++
+    t.bytes += r.size
+    t.nonZeroBytes += (pages - zeroMap.countZero(firstPage, pages)) * geometry.pageSize
+  }
+  const criuTasks = header.metadata.source === 'criu' && Array.isArray(header.metadata.tasks) ? (header.metadata.tasks as CriuTaskMetadata[]) : []
+  for (const m of criuTasks) {
+    // A task without memory (a zombie) owns no region but is still part of the dump.
+    const t = byPid.get(m.pid) ?? {pid: m.pid, regions: 0, bytes: 0, nonZeroBytes: 0}
+    byPid.set(m.pid, {...t, comm: m.comm, rawPageBytes: m.rawPageBytes})
+  }
+  return [...byPid.values()]
+}
 
 export default class Stats extends BaseCommand {
   static override summary = 'Show what a snapshot holds: sizes, ratio, zero pages, deduplication, chunks, codecs, regions.'
@@ -13,11 +61,15 @@ export default class Stats extends BaseCommand {
     file: Args.string({description: 'Snapshot file.', required: true}),
   }
 
-  async run(): Promise<SnapshotStats> {
+  async run(): Promise<StatsResult> {
     const {args} = await this.parse(Stats)
     const reader = SnapshotReader.open(args.file)
     try {
-      const stats = snapshotStats(reader, args.file)
+      const stats: StatsResult = {...snapshotStats(reader, args.file), tasks: taskSizes(reader)}
+      const raw = stats.metadata.rawPageBytes
+      if (stats.metadata.source === 'criu' && typeof raw === 'number') {
+        stats.criu = {rawPageBytes: raw, snapshotBytes: stats.fileSize, ratio: stats.fileSize === 0 ? 0 : raw / stats.fileSize}
+      }
       if (!this.jsonEnabled()) this.render(stats)
       return stats
     } finally {
@@ -25,11 +77,16 @@ export default class Stats extends BaseCommand {
     }
   }
 
-  private render(s: SnapshotStats): void {
+  private render(s: StatsResult): void {
     const row = (label: string, value: string): void => this.log(`${label.padEnd(14)}${value}`)
     const m = s.metadata
     row('snapshot', `${s.file} (format ${s.format})`)
-    const origin = m.source === 'process' ? `process ${m.pid}${m.command ? ` (${m.command})` : ''}` : `${m.source ?? 'unknown'}${m.sourcePath ? ` ${m.sourcePath}` : ''}`
+    const origin =
+      m.source === 'process'
+        ? `process ${m.pid}${m.command ? ` (${m.command})` : ''}`
+        : m.source === 'criu'
+          ? `CRIU dump ${m.criuDir}`
+          : `${m.source ?? 'unknown'}${m.sourcePath ? ` ${m.sourcePath}` : ''}`
     row('source', `${origin}, created ${m.createdAt ?? '?'} by uffd ${m.toolVersion ?? '?'}`)
     row('logical size', `${formatBytes(s.logicalSize)} (${s.logicalSize} bytes, ${s.pageCount} pages of ${formatBytes(s.pageSize)})`)
     row('stored size', `${formatBytes(s.fileSize)} (${s.fileSize} bytes), ratio ${s.ratio.toFixed(2)}x`)
@@ -43,6 +100,14 @@ export default class Stats extends BaseCommand {
     if (s.storedSizeHistogram.length > 0) {
       row('stored chunk sizes', '')
       for (const h of s.storedSizeHistogram) row('', `<= ${formatBytes(h.upTo).padEnd(9)} ${h.chunks}`)
+    }
+    if (s.criu) row('CRIU pages', `${formatBytes(s.criu.rawPageBytes)} in the dump's page images, ${s.criu.ratio.toFixed(2)}x the snapshot's ${formatBytes(s.criu.snapshotBytes)}`)
+    if (s.tasks.length > 0) {
+      row('tasks', `   pid      mapped    non-zero${s.criu ? '  raw pages' : ''}  regions`)
+      for (const t of s.tasks) {
+        const raw = s.criu ? formatBytes(t.rawPageBytes ?? 0).padStart(11) : ''
+        row('', `${String(t.pid).padStart(6)} ${formatBytes(t.bytes).padStart(11)} ${formatBytes(t.nonZeroBytes).padStart(11)}${raw} ${String(t.regions).padStart(8)}${t.comm ? `  ${t.comm}` : ''}`)
+      }
     }
     row('regions', String(s.regions.length))
     const shown = s.regions.slice(0, 40)
