@@ -29,7 +29,7 @@ debian_mirror() {
 }
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 DEST=/usr/local/sbin/criu
-CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/uffd/criu-$CRIU_VERSION"
+CACHE_DIR="${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/uffd/criu-$CRIU_VERSION"
 
 # Build dependencies (from bookworm). The *-dev packages pull in the runtime libraries the binary
 # links against, so the same list also repairs a cached binary whose libraries are missing.
