@@ -1,3 +1,5 @@
+import os from 'node:os'
+
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand, InterruptedError} from '../cli/base-command.js'
@@ -29,6 +31,9 @@ Ready when the socket exists (and --ready-file is written); "listening on PATH" 
     kill: Flags.boolean({summary: 'Kill a client that can no longer be served correctly (--no-kill leaves it frozen).', default: true, allowNo: true}),
     'cache-mb': Flags.integer({summary: 'Memory for decoded chunks, MiB.', default: 256, min: 1}),
     'fault-around': Flags.string({summary: 'Bytes installed around each faulting page: a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size) or "page" (no fault-around).', default: 'chunk'}),
+    populate: Flags.string({summary: 'Fill memory ahead of faults: "none" (lazy; sequential readahead only) or "all" (the whole memory in the background, demand faults first).', options: ['none', 'all'], default: 'none'}),
+    readahead: Flags.string({summary: 'Most memory installed ahead of a sequential run of faults (a size, 0 to disable).', default: '16M'}),
+    decoders: Flags.integer({summary: 'Threads decoding chunks ahead of need [default: number of CPUs]; 0 decodes in the fault loop only.', min: 0, max: 64}),
     'spin-us': Flags.integer({summary: 'Microseconds to keep polling after a fault before sleeping (saves a cross-CPU wake-up per fault; costs CPU).', default: 0, min: 0, max: 1_000_000}),
     'stats-file': Flags.string({summary: 'Write run statistics as JSON here at exit (render with `uffd stats FILE`).'}),
   }
@@ -65,6 +70,9 @@ Ready when the socket exists (and --ready-file is written); "listening on PATH" 
         cacheBytes: flags['cache-mb'] * 1024 * 1024,
         faultAroundBytes,
         spinMicros: flags['spin-us'],
+        decoders: flags.decoders ?? os.availableParallelism(),
+        readaheadBytes: this.size(flags.readahead, '--readahead'),
+        populateAll: flags.populate === 'all',
         statsFile: flags['stats-file'],
         signal: controller.signal,
         log: (line) => process.stderr.write(`uffd resume: ${line}\n`),
@@ -90,6 +98,14 @@ Ready when the socket exists (and --ready-file is written); "listening on PATH" 
       else throw new InterruptedError(signalName ?? 'signal')
     }
     return result
+  }
+
+  private size(text: string, flag: string): number {
+    try {
+      return parseSize(text)
+    } catch (error) {
+      this.error(`${flag}: ${(error as Error).message}`, {exit: 2})
+    }
   }
 
   private faultAround(text: string, chunkSize: number, pageSize: number): number {

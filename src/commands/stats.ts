@@ -5,6 +5,8 @@ import {formatBytes, formatPercent} from '../core/units.js'
 import {REGION_PROT_EXEC, REGION_PROT_READ, REGION_PROT_WRITE, RegionKind} from '../format/constants.js'
 import {type SnapshotStats, snapshotStats} from '../snapshot/inspect.js'
 import {SnapshotReader} from '../snapshot/reader.js'
+import {readResumeReport, renderResumeReport} from '../resume/report-render.js'
+import {type ResumeReport} from '../resume/run-stats.js'
 
 /** The memory of one process (region owner) in a process or CRIU snapshot. */
 export interface TaskSize {
@@ -55,14 +57,19 @@ function taskSizes(reader: SnapshotReader): TaskSize[] {
 }
 
 export default class Stats extends BaseCommand {
-  static override summary = 'Show what a snapshot holds: sizes, ratio, zero pages, deduplication, chunks, codecs, regions.'
+  static override summary = 'Show what a snapshot holds (sizes, ratio, zero pages, dedup, chunks, codecs, regions), or what a resume did (its --stats-file).'
   static override examples = ['<%= config.bin %> stats vm.uffd', '<%= config.bin %> stats vm.uffd --json']
   static override args = {
-    file: Args.string({description: 'Snapshot file.', required: true}),
+    file: Args.string({description: 'Snapshot file, or a statistics file written by `uffd resume --stats-file`.', required: true}),
   }
 
-  async run(): Promise<StatsResult> {
+  async run(): Promise<StatsResult | ResumeReport> {
     const {args} = await this.parse(Stats)
+    const report = readResumeReport(args.file)
+    if (report) {
+      if (!this.jsonEnabled()) for (const line of renderResumeReport(args.file, report)) this.log(line)
+      return report
+    }
     const reader = SnapshotReader.open(args.file)
     try {
       const stats: StatsResult = {...snapshotStats(reader, args.file), tasks: taskSizes(reader)}

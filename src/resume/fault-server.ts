@@ -69,7 +69,14 @@ export class FaultServer {
   private readonly pageSize: number
   private readonly huge: boolean
   private zeroSource: Buffer | undefined
-  private readonly windowPages: number
+  readonly windowPages: number
+  /**
+   * Decoded payloads available without decoding here (the decode pool's slots); consulted before
+   * the cache. Returns undefined when the chunk is not there.
+   */
+  chunkSource: ((chunk: number) => Buffer | undefined) | undefined
+  /** The window of the last fault served from a missing page (for readahead), in image pages. */
+  lastWindow = {page: -1, end: -1}
 
   constructor(
     private readonly reader: SnapshotReader,
@@ -109,6 +116,7 @@ export class FaultServer {
     } else {
       const windowFirst = Math.max(regionFirst, page - (page % this.windowPages))
       const windowEnd = Math.min(regionEnd, windowFirst + this.windowPages)
+      this.lastWindow = {page, end: windowEnd}
       const installedBefore = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed')
       const [runFirst, runEnd] = this.runAround(client, page, windowFirst, windowEnd)
       outcome = this.install(client, region, runFirst, runEnd - runFirst, this.reader.zeroMap.isZero(page))
@@ -144,6 +152,22 @@ export class FaultServer {
     let end = page + 1
     while (end < windowEnd && same(end)) end++
     return [first, end]
+  }
+
+  /**
+   * Installs every still-missing page of image pages [first, end) that lies in one of the
+   * client's regions (prefetch and population work in image space; regions map it to addresses).
+   */
+  fillImageRange(client: Client, first: number, end: number): ServeOutcome {
+    for (const region of client.map.all) {
+      const regionFirst = region.offset / this.pageSize
+      const from = Math.max(first, regionFirst)
+      const to = Math.min(end, regionFirst + region.size / this.pageSize)
+      if (from >= to) continue
+      const outcome = this.fillWindow(client, region, from, to)
+      if (outcome !== 'served') return outcome
+    }
+    return 'served'
   }
 
   /** Installs every still-missing run in [first, end). */
@@ -235,7 +259,7 @@ export class FaultServer {
     const chunk = this.geometry.chunkOfOffset(page * this.pageSize)
     let payload: Buffer
     try {
-      payload = this.cache.payload(chunk)
+      payload = this.chunkSource?.(chunk) ?? this.cache.payload(chunk)
     } catch (error) {
       if (error instanceof SnapshotFormatError) throw new FatalServeError(error.message, error.code)
       throw error

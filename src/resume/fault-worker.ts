@@ -15,7 +15,9 @@ import {
   SysError,
   UFFD_MSG_SIZE,
 } from '../sys/index.js'
+import {DecodePool} from './decode-pool.js'
 import {Client, FatalServeError, FaultServer} from './fault-server.js'
+import {Prefetcher} from './prefetch.js'
 import {type FromWorker, type ToWorker, type WorkerConfig} from './protocol.js'
 import {RunStats} from './run-stats.js'
 
@@ -29,6 +31,12 @@ const stats = new RunStats(config.stats)
 const reader = SnapshotReader.open(config.snapshotPath)
 const server = new FaultServer(reader, stats, config.cacheBytes, {faultAroundBytes: config.faultAroundBytes}, config.startedAt)
 const messages = Buffer.alloc(64 * UFFD_MSG_SIZE)
+const {chunkSize} = reader.geometry
+// Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.
+const pool = config.decoders > 0 ? new DecodePool(config.snapshotPath, config.decoders, Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize))), chunkSize) : undefined
+const prefetcher = new Prefetcher(server, reader, pool, stats, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll}, config.startedAt, (client) =>
+  post({type: 'complete', id: client.id}),
+)
 
 interface ClientState {
   client: Client
@@ -40,7 +48,7 @@ interface ClientState {
 
 const clients = new Map<number, ClientState>()
 let pollSet: PollSet
-let polled: {kind: 'control' | 'uffd' | 'pidfd' | 'socket'; state?: ClientState}[] = []
+let polled: {kind: 'control' | 'decoded' | 'uffd' | 'pidfd' | 'socket'; state?: ClientState}[] = []
 let stopping = false
 
 function post(message: FromWorker): void {
@@ -50,6 +58,10 @@ function post(message: FromWorker): void {
 function rebuildPollSet(): void {
   const entries: PollEntry[] = [{fd: config.controlFd, events: POLLIN}]
   polled = [{kind: 'control'}]
+  if (pool) {
+    entries.push({fd: pool.eventFd, events: POLLIN})
+    polled.push({kind: 'decoded'})
+  }
   for (const state of clients.values()) {
     if (!state.failed) {
       entries.push({fd: state.client.uffd, events: POLLIN})
@@ -75,6 +87,7 @@ function handleControl(): void {
     } else {
       const client = new Client(message.id, message.uffd, message.regions, reader.geometry)
       clients.set(message.id, {client, pidfd: message.pidfd, socket: message.socket, failed: false})
+      prefetcher.addClient(client)
       stats.add('clients')
     }
   }
@@ -83,6 +96,7 @@ function handleControl(): void {
 
 function endClient(state: ClientState, reason: 'exited' | 'gone' | 'socket-closed'): void {
   clients.delete(state.client.id)
+  prefetcher.removeClient(state.client)
   for (const fd of [state.client.uffd, state.pidfd, state.socket]) {
     if (fd >= 0) closeFd(fd)
   }
@@ -94,6 +108,7 @@ function endClient(state: ClientState, reason: 'exited' | 'gone' | 'socket-close
 function fail(state: ClientState, error: Error, code: string): void {
   state.failed = true
   state.client.pending.length = 0
+  prefetcher.removeClient(state.client)
   post({type: 'fatal', id: state.client.id, message: error.message, code})
   rebuildPollSet()
 }
@@ -147,9 +162,11 @@ function drain(state: ClientState): void {
 function servePending(state: ClientState): 'ok' | 'retry' | 'gone' {
   const {client} = state
   while (client.pending.length > 0) {
+    server.lastWindow.page = -1
     const outcome = server.serve(client, client.pending[0])
     if (outcome === 'retry') return 'retry'
     if (outcome === 'gone') return 'gone'
+    if (server.lastWindow.page >= 0) prefetcher.noteFault(client, server.lastWindow.page, server.lastWindow.end)
     client.pending.shift()
   }
   return 'ok'
@@ -165,25 +182,36 @@ function guarded(state: ClientState, body: () => void): void {
   }
 }
 
+/**
+ * Demand faults always go first: prefetch work runs one chunk at a time, only when no fault is
+ * queued, and the loop polls (without sleeping) between chunks.
+ */
 function loop(): void {
   rebuildPollSet()
   post({type: 'ready'})
   let retry = false
+  let prefetchState: 'busy' | 'waiting' | 'idle' = 'idle'
   let lastActivity = performance.now()
   while (!stopping) {
     let timeout = -1
     if (retry) timeout = 1
+    else if (prefetchState === 'busy' || (prefetchState === 'idle' && prefetcher.hasWork())) timeout = 0
+    // Waiting for decoders: their eventfd wakes the loop; the bound is only a safety net.
+    else if (prefetchState === 'waiting') timeout = 50
     else if (config.spinMicros > 0 && (performance.now() - lastActivity) * 1000 < config.spinMicros) timeout = 0
-    if (pollSet.wait(timeout) === 0 && !retry) continue
-    lastActivity = performance.now()
+    const ready = pollSet.wait(timeout)
+    if (ready > 0) lastActivity = performance.now()
     retry = false
     const snapshot = polled
-    for (let i = 0; i < snapshot.length; i++) {
+    for (let i = 0; ready > 0 && i < snapshot.length; i++) {
       const revents = pollSet.revents(i)
       if (revents === 0) continue
       const entry = snapshot[i]
       if (entry.kind === 'control') {
         handleControl()
+      } else if (entry.kind === 'decoded') {
+        prefetcher.reap()
+        prefetchState = 'idle'
       } else if (entry.kind === 'uffd' && clients.has(entry.state!.client.id)) {
         if (revents & (POLLERR | POLLHUP)) endClient(entry.state!, 'gone')
         else guarded(entry.state!, () => drain(entry.state!))
@@ -194,6 +222,7 @@ function loop(): void {
         if (readSome(entry.state!.socket, 256, 0).length === 0) endClient(entry.state!, 'socket-closed')
       }
     }
+    let faultsQueued = false
     for (const state of [...clients.values()]) {
       if (state.failed || state.client.pending.length === 0) continue
       guarded(state, () => {
@@ -201,6 +230,23 @@ function loop(): void {
         if (outcome === 'retry') retry = true
         if (outcome === 'gone') state.client.pending.length = 0
       })
+      if (state.client.pending.length > 0) faultsQueued = true
+    }
+    if (faultsQueued || retry) continue
+    const step = prefetcher.step()
+    if (step.result === 'failed') {
+      const state = clients.get(step.client.id)
+      if (state) guarded(state, () => {
+        throw step.error
+      })
+      prefetchState = 'busy'
+    } else if (step.result === 'outcome') {
+      const state = clients.get(step.client.id)
+      if (step.outcome === 'retry') retry = true
+      else if (state && step.outcome === 'gone') prefetcher.removeClient(state.client)
+      prefetchState = 'busy'
+    } else {
+      prefetchState = step.result
     }
   }
   reader.close()

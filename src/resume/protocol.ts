@@ -20,6 +20,8 @@ export type ToWorker =
 export type FromWorker =
   | {type: 'ready'}
   | {type: 'client-ended'; id: number; reason: 'exited' | 'gone' | 'socket-closed'}
+  /** Every page of the client's memory is present (or removed): it no longer faults. */
+  | {type: 'complete'; id: number}
   /** Serving this client failed; its uffd is kept open (so it stays frozen) until it is killed. */
   | {type: 'fatal'; id: number; message: string; code: string}
 
@@ -27,6 +29,10 @@ export interface WorkerConfig {
   snapshotPath: string
   cacheBytes: number
   faultAroundBytes: number
+  /** Threads decoding chunks ahead of need (readahead, population); 0 decodes in the fault loop only. */
+  decoders: number
+  readaheadBytes: number
+  populateAll: boolean
   /** Keep polling this long after the last message before sleeping (cuts cross-CPU wake-ups). */
   spinMicros: number
   stats: SharedArrayBuffer

@@ -13,6 +13,7 @@ export const COUNTERS = [
   'pagesCopied',
   'pagesZeroed',
   'faultAroundPages',
+  'prefetchedPages',
   'copyIoctls',
   'zeropageIoctls',
   'bytesCopied',
@@ -33,6 +34,7 @@ export const COUNTERS = [
   'lastFaultMs',
   'latencyMaxUs',
   'latencySumUs',
+  'memoryCompleteMs',
 ] as const
 
 export type CounterName = (typeof COUNTERS)[number]
@@ -108,7 +110,7 @@ export interface ResumeReport {
   durationMs: number
   clients: {served: number; ended: number}
   faults: {total: number; data: number; zero: number; removed: number; alreadyPresent: number}
-  pages: {copied: number; zeroed: number; faultAround: number}
+  pages: {copied: number; zeroed: number; faultAround: number; prefetched: number}
   ioctls: {copy: number; zeropage: number; eexist: number; eagain: number}
   bytes: {copied: number; decompressed: number}
   chunks: {decoded: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
@@ -118,6 +120,8 @@ export interface ResumeReport {
   /** From the first handshake to the first and last fault, ms. */
   timeToFirstFaultMs: number | null
   timeToLastFaultMs: number | null
+  /** From the first handshake until a client's memory was all present (prefetch, population). */
+  timeToMemoryCompleteMs: number | null
 }
 
 export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, now = Date.now()): ResumeReport {
@@ -132,7 +136,7 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     durationMs: now - startedAt.getTime(),
     clients: {served: g('clients'), ended: g('clientsEnded')},
     faults: {total: faults, data: g('faultsData'), zero: g('faultsZero'), removed: g('faultsRemoved'), alreadyPresent: g('faultsAlreadyPresent')},
-    pages: {copied: g('pagesCopied'), zeroed: g('pagesZeroed'), faultAround: g('faultAroundPages')},
+    pages: {copied: g('pagesCopied'), zeroed: g('pagesZeroed'), faultAround: g('faultAroundPages'), prefetched: g('prefetchedPages')},
     ioctls: {copy: g('copyIoctls'), zeropage: g('zeropageIoctls'), eexist: g('eexist'), eagain: g('eagain')},
     bytes: {copied: g('bytesCopied'), decompressed: g('bytesDecompressed')},
     chunks: {decoded: g('chunksDecoded'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},
@@ -146,5 +150,6 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     },
     timeToFirstFaultMs: faults ? g('firstFaultMs') : null,
     timeToLastFaultMs: faults ? g('lastFaultMs') : null,
+    timeToMemoryCompleteMs: g('memoryCompleteMs') || null,
   }
 }

@@ -32,6 +32,9 @@ export interface ResumeOptions {
   cacheBytes: number
   faultAroundBytes: number
   spinMicros: number
+  decoders: number
+  readaheadBytes: number
+  populateAll: boolean
   statsFile?: string
   signal: AbortSignal
   log: (line: string) => void
@@ -99,6 +102,9 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
     cacheBytes: options.cacheBytes,
     faultAroundBytes: options.faultAroundBytes,
     spinMicros: options.spinMicros,
+    decoders: options.decoders,
+    readaheadBytes: options.readaheadBytes,
+    populateAll: options.populateAll,
     stats: stats.buffer,
     startedAt,
     control: channel.port2,
@@ -124,6 +130,8 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
         const c = clients.get(m.id)
         if (c && c.ended === 'running') c.ended = pids.has(m.id) && c.error && options.kill ? 'killed' : m.reason
         options.log(`client ${m.id} ended (${m.reason})`)
+      } else if (m.type === 'complete') {
+        options.log(`client ${m.id}: all memory present`)
       } else if (m.type === 'fatal') {
         const c = clients.get(m.id)
         const error = {code: m.code, message: m.message}

@@ -1,0 +1,234 @@
+import {Codec} from '../format/constants.js'
+import {type SnapshotReader} from '../snapshot/reader.js'
+import {PAGE_MISSING} from './address-map.js'
+import {type DecodePool, SLOT_ERROR, SLOT_PENDING, SLOT_READY} from './decode-pool.js'
+import {type Client, type FaultServer, type ServeOutcome} from './fault-server.js'
+import {type RunStats} from './run-stats.js'
+
+export interface PrefetchOptions {
+  /** Upper bound of sequential readahead, bytes past the last fault's window. 0 disables it. */
+  readaheadBytes: number
+  /** Fill all of each client's memory in the background (demand faults still go first). */
+  populateAll: boolean
+}
+
+/** What a client still wants installed ahead of its faults, in order. */
+interface ClientQueue {
+  client: Client
+  /** Readahead: chunks just past a sequential run of faults. Served before `background`. */
+  urgent: number[]
+  urgentAt: number
+  /** Population: every chunk of the client's regions, in image order. */
+  background: number[]
+  backgroundAt: number
+  /** First page after the last fault's window, and how many faults in a row continued there. */
+  nextPage: number
+  streak: number
+  /** Chunks already queued as readahead (so a long sequential run does not queue twice). */
+  aheadUntilChunk: number
+  completeReported: boolean
+}
+
+/**
+ * Installs memory before it faults: sequential readahead (a run of faults that each continue the
+ * previous window asks for a growing stretch ahead) and background population. Chunks that need
+ * decoding are decoded by the decode pool on other cores; the fault loop only copies, one chunk
+ * per step, and checks for demand faults between steps, so a fault never waits behind prefetch.
+ * Only missing pages are filled (PageStates), so removed memory is never refilled and nothing is
+ * copied twice.
+ */
+export class Prefetcher {
+  private readonly queues = new Map<number, ClientQueue>()
+  /** Decodes in flight or done, and the clients that still want each. */
+  private readonly wanted = new Map<number, Set<number>>()
+  private readonly pagesPerChunk: number
+
+  constructor(
+    private readonly server: FaultServer,
+    private readonly reader: SnapshotReader,
+    private readonly pool: DecodePool | undefined,
+    private readonly stats: RunStats,
+    private readonly options: PrefetchOptions,
+    private readonly startedAt: number,
+    private readonly onComplete: (client: Client) => void,
+  ) {
+    this.pagesPerChunk = reader.geometry.pagesPerChunk
+    server.chunkSource = (chunk) => this.decoded(chunk)
+  }
+
+  addClient(client: Client): void {
+    const background: number[] = []
+    if (this.options.populateAll) {
+      const seen = new Set<number>()
+      for (const r of client.map.imagePageRanges(this.reader.geometry.pageSize)) {
+        for (let c = Math.floor(r.firstPage / this.pagesPerChunk); c * this.pagesPerChunk < r.endPage; c++) {
+          if (!seen.has(c)) background.push(c)
+          seen.add(c)
+        }
+      }
+    }
+    this.queues.set(client.id, {client, urgent: [], urgentAt: 0, background, backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false})
+  }
+
+  removeClient(client: Client): void {
+    this.queues.delete(client.id)
+    for (const [chunk, clients] of this.wanted) {
+      clients.delete(client.id)
+      if (clients.size === 0) this.forget(chunk)
+    }
+  }
+
+  /** Called after a demand fault at image page `page` whose window ended at `windowEnd`. */
+  noteFault(client: Client, page: number, windowEnd: number): void {
+    const q = this.queues.get(client.id)
+    if (!q || this.options.readaheadBytes <= 0) return
+    const windowPages = this.server.windowPages
+    q.streak = page >= q.nextPage && page < q.nextPage + windowPages ? q.streak + 1 : 0
+    q.nextPage = windowEnd
+    if (q.streak === 0) return
+    // Like the kernel's readahead: double the distance while the pattern holds.
+    const pageSize = this.reader.geometry.pageSize
+    const aheadPages = Math.min(this.options.readaheadBytes / pageSize, windowPages * 2 ** Math.min(q.streak, 16))
+    const lastChunk = Math.min(this.reader.geometry.chunkCount - 1, Math.floor((windowEnd + aheadPages - 1) / this.pagesPerChunk))
+    for (let c = Math.max(Math.floor(windowEnd / this.pagesPerChunk), q.aheadUntilChunk + 1); c <= lastChunk; c++) q.urgent.push(c)
+    q.aheadUntilChunk = Math.max(q.aheadUntilChunk, lastChunk)
+  }
+
+  /** True when a step could make progress now (not only wait for a decoder). */
+  hasWork(): boolean {
+    for (const q of this.queues.values()) {
+      if (q.urgentAt < q.urgent.length || q.backgroundAt < q.background.length) return true
+    }
+    return false
+  }
+
+  /**
+   * One unit of prefetch work: installs the next wanted chunk of some client if it is ready (or
+   * needs no decoding), keeps the decoders fed. Returns 'busy' when it did something, 'waiting'
+   * when everything left waits for a decoder, 'idle' when there is nothing to do, or a client
+   * outcome ('retry': events are queued; 'gone').
+   */
+  step(): {result: 'busy' | 'waiting' | 'idle'} | {result: 'outcome'; client: Client; outcome: ServeOutcome} | {result: 'failed'; client: Client; error: Error} {
+    let waiting = false
+    for (const q of this.queues.values()) {
+      this.feed(q)
+      for (const urgent of [true, false]) {
+        const list = urgent ? q.urgent : q.background
+        let at = urgent ? q.urgentAt : q.backgroundAt
+        while (at < list.length && !this.needed(q.client, list[at])) at++
+        if (urgent) q.urgentAt = at
+        else q.backgroundAt = at
+        if (at >= list.length) continue
+        const chunk = list[at]
+        const ready = this.readyToInstall(chunk)
+        if (!ready) {
+          waiting = true
+          continue
+        }
+        const before = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed')
+        let outcome: ServeOutcome
+        try {
+          outcome = this.server.fillImageRange(q.client, chunk * this.pagesPerChunk, (chunk + 1) * this.pagesPerChunk)
+        } catch (error) {
+          return {result: 'failed', client: q.client, error: error as Error}
+        }
+        this.stats.add('prefetchedPages', this.stats.get('pagesCopied') + this.stats.get('pagesZeroed') - before)
+        if (outcome !== 'served') return {result: 'outcome', client: q.client, outcome}
+        this.done(q.client, chunk)
+        if (urgent) q.urgentAt++
+        else q.backgroundAt++
+        this.checkComplete(q)
+        return {result: 'busy'}
+      }
+      this.checkComplete(q)
+    }
+    return {result: waiting ? 'waiting' : 'idle'}
+  }
+
+  /** Requests decodes for the next chunks this client will want, while slots are free. */
+  private feed(q: ClientQueue): void {
+    if (!this.pool) return
+    for (const [list, from] of [
+      [q.urgent, q.urgentAt],
+      [q.background, q.backgroundAt],
+    ] as const) {
+      for (let i = from; i < list.length && i < from + this.pool.slots; i++) {
+        const chunk = list[i]
+        if (this.reader.entry(chunk).codec === Codec.None || !this.needed(q.client, chunk)) continue
+        let clients = this.wanted.get(chunk)
+        if (!clients) {
+          if (!this.pool.request(chunk)) return
+          this.wanted.set(chunk, (clients = new Set()))
+        }
+        clients.add(q.client.id)
+      }
+    }
+  }
+
+  /** Can `chunk` be installed without waiting: all zeros, decoded, or no decode pool at all. */
+  private readyToInstall(chunk: number): boolean {
+    if (this.reader.entry(chunk).codec === Codec.None || !this.pool) return true
+    const slot = this.pool.slotOf(chunk)
+    if (slot === undefined) return false
+    const state = this.pool.state(slot)
+    return state === SLOT_READY || state === SLOT_ERROR
+  }
+
+  /** The decode pool's payload for `chunk`, waiting if it is being decoded right now. */
+  private decoded(chunk: number): Buffer | undefined {
+    const slot = this.pool?.slotOf(chunk)
+    if (slot === undefined || !this.pool) return undefined
+    const state = this.pool.state(slot) === SLOT_PENDING ? this.pool.waitFor(slot) : this.pool.state(slot)
+    if (state === SLOT_READY) return this.pool.payload(slot)
+    // ERROR: decode it here instead, which raises the real error with its context.
+    this.forget(chunk)
+    return undefined
+  }
+
+  private needed(client: Client, chunk: number): boolean {
+    const first = chunk * this.pagesPerChunk
+    const end = Math.min(first + this.pagesPerChunk, this.reader.geometry.pageCount)
+    for (const r of client.map.imagePageRanges(this.reader.geometry.pageSize)) {
+      for (let p = Math.max(first, r.firstPage); p < Math.min(end, r.endPage); p++) {
+        if (client.states.get(p) === PAGE_MISSING) return true
+      }
+    }
+    return false
+  }
+
+  private done(client: Client, chunk: number): void {
+    const clients = this.wanted.get(chunk)
+    if (!clients) return
+    clients.delete(client.id)
+    if (clients.size === 0) this.forget(chunk)
+  }
+
+  private forget(chunk: number): void {
+    this.wanted.delete(chunk)
+    const slot = this.pool?.slotOf(chunk)
+    if (slot !== undefined && this.pool!.state(slot) !== SLOT_PENDING) this.release(slot)
+  }
+
+  private release(slot: number): void {
+    if (this.pool!.state(slot) === SLOT_READY) {
+      this.stats.add('chunksDecoded')
+      this.stats.add('bytesDecompressed', this.pool!.payload(slot).length)
+    }
+    this.pool!.release(slot)
+  }
+
+  /** Frees slots whose decode finished after every client that wanted them lost interest. */
+  reap(): void {
+    if (!this.pool) return
+    for (const slot of this.pool.finished()) {
+      if (!this.wanted.has(this.pool.chunkIn(slot))) this.release(slot)
+    }
+  }
+
+  private checkComplete(q: ClientQueue): void {
+    if (q.completeReported || !this.server.isComplete(q.client)) return
+    q.completeReported = true
+    if (this.stats.get('memoryCompleteMs') === 0) this.stats.set('memoryCompleteMs', performance.timeOrigin + performance.now() - this.startedAt)
+    this.onComplete(q.client)
+  }
+}
