@@ -14,6 +14,8 @@ export const EXIT = {
 } as const
 
 export class InterruptedError extends Error {
+  /** The error code under --json. */
+  readonly code = 'INTERRUPTED'
   constructor(signal: string) {
     super(`interrupted by ${signal}`)
     this.name = 'InterruptedError'

@@ -56,6 +56,8 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     const problem = geometryProblem(pageSize, chunkSize, 0)
     if (problem) this.error(`--chunk-size: ${problem} (allowed ${formatBytes(MIN_CHUNK_SIZE)}..${formatBytes(MAX_CHUNK_SIZE)})`, {exit: 2})
     const regionSizes = flags.regions?.split(',').map((s) => this.sizeFlag(s, '--regions'))
+    const badRegion = regionSizes?.find((size) => size <= 0 || size % pageSize !== 0)
+    if (badRegion !== undefined) this.error(`--regions: ${badRegion} is not a positive multiple of the ${formatBytes(pageSize)} page size`, {exit: 2})
 
     const source = flags['mem-file'] ?? flags['criu-dir'] ?? `pid ${flags.pid}`
     const output = flags.output ?? (flags.pid === undefined ? `${path.basename(path.resolve(source))}.uffd` : `pid-${flags.pid}.uffd`)

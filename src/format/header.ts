@@ -125,8 +125,11 @@ export function encodeHeader(fields: HeaderFields): Buffer {
  * what is needed to trust that number.
  */
 export function peekHeaderSize(fixed: Buffer, fileSize: number): number {
+  // The magic first, on as many bytes as there are: a short file of something else is not a
+  // truncated snapshot.
+  const magic = fixed.toString('latin1', 0, Math.min(HEADER_MAGIC.length, fixed.length))
+  if (magic !== HEADER_MAGIC.slice(0, magic.length)) throw new SnapshotFormatError('NOT_A_SNAPSHOT', 'header', 'not a uffd snapshot (bad magic)')
   if (fixed.length < FIXED_HEADER_SIZE) throw new SnapshotFormatError('TRUNCATED', 'header', `file is ${fileSize} bytes, too short for a snapshot header`)
-  if (fixed.toString('latin1', 0, 8) !== HEADER_MAGIC) throw new SnapshotFormatError('NOT_A_SNAPSHOT', 'header', 'not a uffd snapshot (bad magic)')
   const major = fixed.readUInt16LE(8)
   const minor = fixed.readUInt16LE(10)
   if (major !== FORMAT_MAJOR) {
