@@ -11,6 +11,8 @@ export function readResumeReport(file: string): ResumeReport | undefined {
   const fd = fs.openSync(file, 'r')
   let text: string
   try {
+    // A directory or device is no report; the snapshot reader says what is wrong with it.
+    if (!fs.fstatSync(fd).isFile()) return undefined
     const first = Buffer.alloc(1)
     if (fs.readSync(fd, first, 0, 1, 0) !== 1 || first[0] !== 0x7b /* { */) return undefined
     text = fs.readFileSync(fd, 'utf8')
