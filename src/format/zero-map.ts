@@ -73,3 +73,22 @@ export function pageRuns(map: ZeroMap, firstPage: number, count: number): PageRu
   }
   return runs
 }
+
+/**
+ * For every page, its index among the non-zero pages of its chunk (its position in the chunk's
+ * payload, in pages), or -1 for a zero page. Lets a fault handler find a page's bytes in a
+ * decoded payload in O(1) instead of counting zero pages on every fault.
+ */
+export function payloadPageIndex(map: ZeroMap, pagesPerChunk: number): Int32Array {
+  const index = new Int32Array(map.pageCount)
+  let inChunk = 0
+  for (let p = 0; p < map.pageCount; p++) {
+    if (p % pagesPerChunk === 0) inChunk = 0
+    if (map.isZero(p)) {
+      index[p] = -1
+    } else {
+      index[p] = inChunk++
+    }
+  }
+  return index
+}

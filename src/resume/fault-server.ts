@@ -4,6 +4,7 @@ import {type SnapshotReader} from '../snapshot/reader.js'
 import {addressOf, Errno, errnoName, uffdCopy, uffdWake, uffdZeropage, type FillResult} from '../sys/index.js'
 import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from './address-map.js'
 import {ChunkCache} from './chunk-cache.js'
+import {payloadPageIndex} from '../format/zero-map.js'
 import {type GuestRegion} from './handshake.js'
 import {type RunStats} from './run-stats.js'
 
@@ -70,6 +71,8 @@ export class FaultServer {
   private readonly huge: boolean
   private zeroSource: Buffer | undefined
   readonly windowPages: number
+  /** Each page's position in its chunk's payload (see payloadPageIndex). */
+  private readonly payloadIndex: Int32Array
   /**
    * Decoded payloads available without decoding here (the decode pool's slots); consulted before
    * the cache. Returns undefined when the chunk is not there.
@@ -91,6 +94,7 @@ export class FaultServer {
     this.huge = this.pageSize > 4096
     this.cache = new ChunkCache(reader, cacheBytes, stats)
     this.windowPages = Math.max(1, Math.floor(options.faultAroundBytes / this.pageSize))
+    this.payloadIndex = payloadPageIndex(reader.zeroMap, this.geometry.pagesPerChunk)
   }
 
   serve(client: Client, fault: PendingFault): ServeOutcome {
@@ -264,9 +268,7 @@ export class FaultServer {
       if (error instanceof SnapshotFormatError) throw new FatalServeError(error.message, error.code)
       throw error
     }
-    const chunkFirst = this.geometry.firstPageOfChunk(chunk)
-    const index = page - chunkFirst - this.reader.zeroMap.countZero(chunkFirst, page - chunkFirst)
-    return addressOf(payload) + index * this.pageSize
+    return addressOf(payload) + this.payloadIndex[page] * this.pageSize
   }
 
   /** Pages that are present or removed, of all the client's region pages. */

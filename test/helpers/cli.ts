@@ -15,9 +15,19 @@ export interface CliResult {
   json: any
 }
 
+/**
+ * The environment for CLI processes: vitest sets NODE_ENV=test, which would make oclif look for
+ * TypeScript sources (slower, and not what users run).
+ */
+export function cliEnv(): NodeJS.ProcessEnv {
+  const env = {...process.env}
+  delete env.NODE_ENV
+  return env
+}
+
 /** Runs the built CLI (npm test builds dist first) as a real process: exit codes and streams included. */
 export function uffd(args: string[], options: {input?: string; timeoutMs?: number; cwd?: string} = {}): CliResult {
-  const r = spawnSync(process.execPath, [UFFD_BIN, ...args], {encoding: 'utf8', input: options.input, timeout: options.timeoutMs ?? 120_000, cwd: options.cwd})
+  const r = spawnSync(process.execPath, [UFFD_BIN, ...args], {encoding: 'utf8', input: options.input, timeout: options.timeoutMs ?? 120_000, cwd: options.cwd, env: cliEnv()})
   let json: unknown
   if (args.includes('--json')) {
     try {
@@ -31,7 +41,7 @@ export function uffd(args: string[], options: {input?: string; timeoutMs?: numbe
 
 /** Starts the CLI without waiting; for commands that run until told to stop. */
 export function uffdSpawn(args: string[]) {
-  return spawn(process.execPath, [UFFD_BIN, ...args], {stdio: ['ignore', 'pipe', 'pipe']})
+  return spawn(process.execPath, [UFFD_BIN, ...args], {stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv()})
 }
 
 export function isRoot(): boolean {
