@@ -38,13 +38,17 @@ function snapshotImage(): void {
   console.log(`snapshot: ${image} ${s.logicalSize} -> ${s.fileSize} bytes (${(s.logicalSize / s.fileSize).toFixed(2)}x), chunk ${s.chunkSize}`)
 }
 
-const scenarios: Scenario[] = [
+const only = arg('only', '')
+const allScenarios: Scenario[] = [
   {name: 'baseline (4 KiB copy per fault, raw file)', handler: 'baseline', handlerArgs: []},
-  {name: 'uffd resume, no fault-around', handler: 'uffd', handlerArgs: ['--fault-around', 'page']},
-  {name: 'uffd resume, fault-around 64K', handler: 'uffd', handlerArgs: ['--fault-around', '64K']},
-  {name: 'uffd resume, fault-around = chunk (default)', handler: 'uffd', handlerArgs: []},
-  {name: 'uffd resume, fault-around 2M', handler: 'uffd', handlerArgs: ['--fault-around', '2M']},
+  {name: 'uffd lazy: page per fault', handler: 'uffd', handlerArgs: ['--fault-around', 'page', '--readahead', '0', '--decoders', '0']},
+  {name: 'uffd fault-around = chunk', handler: 'uffd', handlerArgs: ['--readahead', '0', '--decoders', '0']},
+  {name: 'uffd fault-around 2M', handler: 'uffd', handlerArgs: ['--fault-around', '2M', '--readahead', '0', '--decoders', '0']},
+  {name: 'uffd default (chunk + readahead)', handler: 'uffd', handlerArgs: []},
+  {name: 'uffd --populate all', handler: 'uffd', handlerArgs: ['--populate', 'all']},
 ]
+
+const scenarios = only ? allScenarios.filter((s, i) => i === 0 || only.split(',').some((o) => s.name.includes(o))) : allScenarios
 
 const touches: {name: string; args: string[]}[] = [
   {name: 'sequential, every page', args: ['--touch', 'sequential']},
