@@ -6,7 +6,7 @@ import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from '
 import {ChunkCache} from './chunk-cache.js'
 import {payloadPageIndex} from '../format/zero-map.js'
 import {type GuestRegion} from './handshake.js'
-import {type RunStats} from './run-stats.js'
+import {type RunClock, type RunStats} from './run-stats.js'
 
 /** A fault read from the uffd and not yet served. */
 export interface PendingFault {
@@ -86,7 +86,7 @@ export class FaultServer {
     private readonly stats: RunStats,
     cacheBytes: number,
     options: ServeOptions,
-    private readonly startedAt: number,
+    private readonly clock: RunClock,
   ) {
     this.geometry = reader.geometry
     this.pageSize = this.geometry.pageSize
@@ -140,7 +140,7 @@ export class FaultServer {
     this.stats.add('faults')
     this.stats.add(kind)
     this.stats.recordLatency((now - fault.readAt) * 1000)
-    const sinceStart = performance.timeOrigin + now - this.startedAt
+    const sinceStart = this.clock.now()
     if (this.stats.get('faults') === 1) this.stats.set('firstFaultMs', sinceStart)
     this.stats.set('lastFaultMs', sinceStart)
   }

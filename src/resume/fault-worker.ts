@@ -19,7 +19,8 @@ import {DecodePool} from './decode-pool.js'
 import {Client, FatalServeError, FaultServer} from './fault-server.js'
 import {Prefetcher} from './prefetch.js'
 import {type FromWorker, type ToWorker, type WorkerConfig} from './protocol.js'
-import {RunStats} from './run-stats.js'
+import {RunClock, RunStats} from './run-stats.js'
+import {WorkingSetRecorder} from './working-set.js'
 
 /**
  * The fault loop: one worker thread, synchronous system calls, every client's uffd in one poll
@@ -29,12 +30,14 @@ import {RunStats} from './run-stats.js'
 const config = workerData as WorkerConfig
 const stats = new RunStats(config.stats)
 const reader = SnapshotReader.open(config.snapshotPath)
-const server = new FaultServer(reader, stats, config.cacheBytes, {faultAroundBytes: config.faultAroundBytes}, config.startedAt)
+const clock = new RunClock()
+const server = new FaultServer(reader, stats, config.cacheBytes, {faultAroundBytes: config.faultAroundBytes}, clock)
 const messages = Buffer.alloc(64 * UFFD_MSG_SIZE)
 const {chunkSize} = reader.geometry
 // Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.
 const pool = config.decoders > 0 ? new DecodePool(config.snapshotPath, config.decoders, Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize))), chunkSize) : undefined
-const prefetcher = new Prefetcher(server, reader, pool, stats, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll}, config.startedAt, (client) =>
+const recorder = config.record ? new WorkingSetRecorder(reader.geometry.pageCount) : undefined
+const prefetcher = new Prefetcher(server, reader, pool, stats, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll}, clock, (client) =>
   post({type: 'complete', id: client.id}),
 )
 
@@ -85,9 +88,10 @@ function handleControl(): void {
     if (message.type === 'stop') {
       stopping = true
     } else {
+      clock.start()
       const client = new Client(message.id, message.uffd, message.regions, reader.geometry)
       clients.set(message.id, {client, pidfd: message.pidfd, socket: message.socket, failed: false})
-      prefetcher.addClient(client)
+      prefetcher.addClient(client, config.workingSetChunks)
       stats.add('clients')
     }
   }
@@ -166,7 +170,10 @@ function servePending(state: ClientState): 'ok' | 'retry' | 'gone' {
     const outcome = server.serve(client, client.pending[0])
     if (outcome === 'retry') return 'retry'
     if (outcome === 'gone') return 'gone'
-    if (server.lastWindow.page >= 0) prefetcher.noteFault(client, server.lastWindow.page, server.lastWindow.end)
+    if (server.lastWindow.page >= 0) {
+      prefetcher.noteFault(client, server.lastWindow.page, server.lastWindow.end)
+      recorder?.record(server.lastWindow.page, clock.now())
+    }
     client.pending.shift()
   }
   return 'ok'
@@ -250,6 +257,7 @@ function loop(): void {
     }
   }
   reader.close()
+  if (recorder) post({type: 'recording', ...recorder.result()})
 }
 
 loop()

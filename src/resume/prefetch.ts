@@ -3,7 +3,7 @@ import {type SnapshotReader} from '../snapshot/reader.js'
 import {PAGE_MISSING} from './address-map.js'
 import {type DecodePool, SLOT_ERROR, SLOT_PENDING, SLOT_READY} from './decode-pool.js'
 import {type Client, type FaultServer, type ServeOutcome} from './fault-server.js'
-import {type RunStats} from './run-stats.js'
+import {type RunClock, type RunStats} from './run-stats.js'
 
 export interface PrefetchOptions {
   /** Upper bound of sequential readahead, bytes past the last fault's window. 0 disables it. */
@@ -49,14 +49,15 @@ export class Prefetcher {
     private readonly pool: DecodePool | undefined,
     private readonly stats: RunStats,
     private readonly options: PrefetchOptions,
-    private readonly startedAt: number,
+    private readonly clock: RunClock,
     private readonly onComplete: (client: Client) => void,
   ) {
     this.pagesPerChunk = reader.geometry.pagesPerChunk
     server.chunkSource = (chunk) => this.decoded(chunk)
   }
 
-  addClient(client: Client): void {
+  /** `first`: chunks to install before anything else (a recorded working set), in order. */
+  addClient(client: Client, first: readonly number[] = []): void {
     const background: number[] = []
     if (this.options.populateAll) {
       const seen = new Set<number>()
@@ -67,7 +68,9 @@ export class Prefetcher {
         }
       }
     }
-    this.queues.set(client.id, {client, urgent: [], urgentAt: 0, background, backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false})
+    const urgent = first.filter((chunk) => this.needed(client, chunk))
+    this.stats.add('workingSetChunks', urgent.length)
+    this.queues.set(client.id, {client, urgent, urgentAt: 0, background, backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false})
   }
 
   removeClient(client: Client): void {
@@ -228,7 +231,7 @@ export class Prefetcher {
   private checkComplete(q: ClientQueue): void {
     if (q.completeReported || !this.server.isComplete(q.client)) return
     q.completeReported = true
-    if (this.stats.get('memoryCompleteMs') === 0) this.stats.set('memoryCompleteMs', performance.timeOrigin + performance.now() - this.startedAt)
+    if (this.stats.get('memoryCompleteMs') === 0) this.stats.set('memoryCompleteMs', this.clock.now())
     this.onComplete(q.client)
   }
 }

@@ -22,6 +22,8 @@ export type FromWorker =
   | {type: 'client-ended'; id: number; reason: 'exited' | 'gone' | 'socket-closed'}
   /** Every page of the client's memory is present (or removed): it no longer faults. */
   | {type: 'complete'; id: number}
+  /** The recorded working set (--record), sent when the worker stops. */
+  | {type: 'recording'; pages: number[]; firstTouchMs: number[]}
   /** Serving this client failed; its uffd is kept open (so it stays frozen) until it is killed. */
   | {type: 'fatal'; id: number; message: string; code: string}
 
@@ -33,11 +35,13 @@ export interface WorkerConfig {
   decoders: number
   readaheadBytes: number
   populateAll: boolean
+  /** Record first touches for --record. */
+  record: boolean
+  /** Chunks to prefetch for every client as soon as it connects (--working-set), in order. */
+  workingSetChunks: number[]
   /** Keep polling this long after the last message before sleeping (cuts cross-CPU wake-ups). */
   spinMicros: number
   stats: SharedArrayBuffer
-  /** Epoch ms (performance.timeOrigin + now) the run started, for time-to-first-fault. */
-  startedAt: number
   control: MessagePort
   controlFd: number
 }

@@ -14,6 +14,7 @@ export const COUNTERS = [
   'pagesZeroed',
   'faultAroundPages',
   'prefetchedPages',
+  'workingSetChunks',
   'copyIoctls',
   'zeropageIoctls',
   'bytesCopied',
@@ -74,6 +75,23 @@ export class RunStats {
   }
 }
 
+/**
+ * Milliseconds since the first client's handshake: the origin of time-to-first-fault,
+ * time-to-complete and working-set timestamps (not process start, which includes start-up and
+ * waiting for the VMM).
+ */
+export class RunClock {
+  private origin: number | undefined
+
+  start(): void {
+    this.origin ??= performance.now()
+  }
+
+  now(): number {
+    return this.origin === undefined ? 0 : performance.now() - this.origin
+  }
+}
+
 export function bucketOf(us: number): number {
   if (us < 1) return 0
   const octave = Math.floor(Math.log2(us))
@@ -111,6 +129,8 @@ export interface ResumeReport {
   clients: {served: number; ended: number}
   faults: {total: number; data: number; zero: number; removed: number; alreadyPresent: number}
   pages: {copied: number; zeroed: number; faultAround: number; prefetched: number}
+  /** Chunks queued from a recorded working set (--working-set) for the clients. */
+  workingSetChunks: number
   ioctls: {copy: number; zeropage: number; eexist: number; eagain: number}
   bytes: {copied: number; decompressed: number}
   chunks: {decoded: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
@@ -137,6 +157,7 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     clients: {served: g('clients'), ended: g('clientsEnded')},
     faults: {total: faults, data: g('faultsData'), zero: g('faultsZero'), removed: g('faultsRemoved'), alreadyPresent: g('faultsAlreadyPresent')},
     pages: {copied: g('pagesCopied'), zeroed: g('pagesZeroed'), faultAround: g('faultAroundPages'), prefetched: g('prefetchedPages')},
+    workingSetChunks: g('workingSetChunks'),
     ioctls: {copy: g('copyIoctls'), zeropage: g('zeropageIoctls'), eexist: g('eexist'), eagain: g('eagain')},
     bytes: {copied: g('bytesCopied'), decompressed: g('bytesDecompressed')},
     chunks: {decoded: g('chunksDecoded'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},

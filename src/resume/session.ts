@@ -18,6 +18,7 @@ import {
 import {type GuestRegion, HandshakeError, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from './handshake.js'
 import {type FromWorker, type ToWorker, type WorkerConfig} from './protocol.js'
 import {buildReport, type ResumeReport, RunStats} from './run-stats.js'
+import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from './working-set.js'
 
 export interface ResumeOptions {
   snapshotPath: string
@@ -35,6 +36,10 @@ export interface ResumeOptions {
   decoders: number
   readaheadBytes: number
   populateAll: boolean
+  /** Write the pages that faulted, in first-touch order, here at exit. */
+  recordFile?: string
+  /** Prefetch this recorded working set for every client. */
+  workingSetFile?: string
   statsFile?: string
   signal: AbortSignal
   log: (line: string) => void
@@ -85,10 +90,17 @@ export class ResumeError extends Error {
 export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   const reader = SnapshotReader.open(options.snapshotPath)
   const geometry = reader.geometry
+  const identity = {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: reader.header.headerCrc}
   reader.close()
+  let workingSetChunks: number[] = []
+  if (options.workingSetFile) {
+    const set = parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
+    checkMatches(set, identity, options.workingSetFile)
+    workingSetChunks = chunksInTouchOrder(set.pages, geometry.pagesPerChunk)
+  }
+  let recording: {pages: number[]; firstTouchMs: number[]} | undefined
 
   const startedAtDate = new Date()
-  const startedAt = performance.timeOrigin + performance.now()
   const stats = new RunStats()
   options.onStats?.(() => buildReport(stats, options.snapshotPath, startedAtDate))
   const clients = new Map<number, ClientSummary>()
@@ -105,8 +117,9 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
     decoders: options.decoders,
     readaheadBytes: options.readaheadBytes,
     populateAll: options.populateAll,
+    record: options.recordFile !== undefined,
+    workingSetChunks,
     stats: stats.buffer,
-    startedAt,
     control: channel.port2,
     controlFd,
   }
@@ -130,6 +143,8 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
         const c = clients.get(m.id)
         if (c && c.ended === 'running') c.ended = pids.has(m.id) && c.error && options.kill ? 'killed' : m.reason
         options.log(`client ${m.id} ended (${m.reason})`)
+      } else if (m.type === 'recording') {
+        recording = {pages: m.pages, firstTouchMs: m.firstTouchMs}
       } else if (m.type === 'complete') {
         options.log(`client ${m.id}: all memory present`)
       } else if (m.type === 'fatal') {
@@ -221,6 +236,11 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   }
 
   const report = buildReport(stats, options.snapshotPath, startedAtDate)
+  if (options.recordFile) {
+    if (!recording) throw new ResumeError('the fault loop ended without handing over its recording', 'NO_RECORDING')
+    const set: WorkingSetFile = {kind: 'uffd-working-set', version: 1, snapshot: identity, runs: 1, ...recording}
+    writeAtomically(options.recordFile, `${JSON.stringify(set)}\n`)
+  }
   if (options.statsFile) writeAtomically(options.statsFile, `${JSON.stringify(report, null, 2)}\n`)
   return {socket: options.socketPath, clients: [...clients.values()], stats: report, error: firstError, interrupted}
 }
