@@ -209,9 +209,12 @@ function loop(): void {
     const ready = pollSet.wait(timeout)
     if (ready > 0) lastActivity = performance.now()
     retry = false
+    // Handlers below may rebuild the poll set (a client added or ended): read this wait's
+    // results from the set that was waited on, index for index with its entries.
+    const waited = pollSet
     const snapshot = polled
     for (let i = 0; ready > 0 && i < snapshot.length; i++) {
-      const revents = pollSet.revents(i)
+      const revents = waited.revents(i)
       if (revents === 0) continue
       const entry = snapshot[i]
       if (entry.kind === 'control') {
