@@ -3,7 +3,9 @@ import path from 'node:path'
 import {MessageChannel, type Worker} from 'node:worker_threads'
 
 import {startWorker} from '../core/workers.js'
+import {writeFileAtomically} from '../snapshot/atomic-file.js'
 import {SnapshotReader} from '../snapshot/reader.js'
+import {attachedWorkingSet} from '../snapshot/relayout.js'
 import {
   acceptUnix,
   closeFd,
@@ -91,13 +93,14 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   const reader = SnapshotReader.open(options.snapshotPath)
   const geometry = reader.geometry
   const identity = {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: reader.header.headerCrc}
-  reader.close()
-  let workingSetChunks: number[] = []
-  if (options.workingSetFile) {
+  // A working set given on the command line wins over one attached to the snapshot.
+  let workingSetChunks: number[] = options.workingSetFile === 'none' ? [] : (attachedWorkingSet(reader)?.chunks ?? [])
+  if (options.workingSetFile && options.workingSetFile !== 'none') {
     const set = parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
     checkMatches(set, identity, options.workingSetFile)
     workingSetChunks = chunksInTouchOrder(set.pages, geometry.pagesPerChunk)
   }
+  reader.close()
   let recording: {pages: number[]; firstTouchMs: number[]} | undefined
 
   const startedAtDate = new Date()
@@ -135,7 +138,7 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   try {
     await events.next((m) => m.type === 'ready')
     listenFd = listenUnix(options.socketPath, {mode: 0o600})
-    if (options.readyFile) writeAtomically(options.readyFile, `${JSON.stringify({socket: options.socketPath, pid: process.pid})}\n`)
+    if (options.readyFile) writeFileAtomically(options.readyFile, `${JSON.stringify({socket: options.socketPath, pid: process.pid})}\n`)
     options.log(`listening on ${options.socketPath}`)
 
     const onWorkerMessage = (m: FromWorker): void => {
@@ -174,9 +177,16 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
         await events.yieldToEventLoop()
         continue
       }
-      const id = nextId++
       try {
         const accepted = takeHandshake(connection, options.timeoutMs, geometry)
+        if (accepted === null) {
+          // Connected and closed without a byte: a liveness probe (another `uffd resume` checking
+          // whether this socket is in use, a health check), not a VMM. Keep waiting for the client.
+          closeFd(connection)
+          options.log('a connection closed without sending anything (a probe?); still waiting for a client')
+          continue
+        }
+        const id = nextId++
         clients.set(id, {id, pid: accepted.pid, regions: accepted.regions, ended: 'running'})
         if (accepted.pid) pids.set(id, accepted.pid)
         send({type: 'add', id, uffd: accepted.uffd, pidfd: accepted.pidfd, socket: connection, regions: accepted.regions})
@@ -239,9 +249,9 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   if (options.recordFile) {
     if (!recording) throw new ResumeError('the fault loop ended without handing over its recording', 'NO_RECORDING')
     const set: WorkingSetFile = {kind: 'uffd-working-set', version: 1, snapshot: identity, runs: 1, ...recording}
-    writeAtomically(options.recordFile, `${JSON.stringify(set)}\n`)
+    writeFileAtomically(options.recordFile, `${JSON.stringify(set)}\n`)
   }
-  if (options.statsFile) writeAtomically(options.statsFile, `${JSON.stringify(report, null, 2)}\n`)
+  if (options.statsFile) writeFileAtomically(options.statsFile, `${JSON.stringify(report, null, 2)}\n`)
   return {socket: options.socketPath, clients: [...clients.values()], stats: report, error: firstError, interrupted}
 }
 
@@ -252,14 +262,15 @@ interface AcceptedClient {
   regions: GuestRegion[]
 }
 
-/** Reads and validates one handshake; on any failure closes what it received and throws. */
-function takeHandshake(connection: number, timeoutMs: number, geometry: SnapshotReader['geometry']): AcceptedClient {
+/**
+ * Reads and validates one handshake; on any failure closes what it received and throws. Returns
+ * null when the peer closed the connection without sending anything (not a client).
+ */
+function takeHandshake(connection: number, timeoutMs: number, geometry: SnapshotReader['geometry']): AcceptedClient | null {
   let received: {data: Buffer; fds: number[]} = {data: Buffer.alloc(0), fds: []}
   for (let attempt = 0; attempt < HANDSHAKE_READ_TRIES && received.data.length === 0; attempt++) {
     received = recvWithFds(connection, MAX_HANDSHAKE_BYTES, 3, timeoutMs > 0 ? timeoutMs : -1)
-    if (received.data.length === 0 && received.fds.length === 0 && attempt === HANDSHAKE_READ_TRIES - 1) {
-      throw new HandshakeError('the client closed the connection without sending anything')
-    }
+    if (received.data.length === 0 && received.fds.length === 0 && attempt === HANDSHAKE_READ_TRIES - 1) return null
   }
   const [uffd, ...extra] = received.fds
   // Forks send a memfd or guest_memfd after the uffd: only the uffd is ours to use.
@@ -290,13 +301,6 @@ function killQuietly(pid: number): void {
   } catch {
     // Already gone.
   }
-}
-
-/** Writes a file by temp + rename, so a reader (a script waiting for it) never sees it half-written. */
-export function writeAtomically(file: string, text: string): void {
-  const temp = path.join(path.dirname(path.resolve(file)), `.${path.basename(file)}.${process.pid}.tmp`)
-  fs.writeFileSync(temp, text)
-  fs.renameSync(temp, file)
 }
 
 /** Worker messages as awaitable events, and the worker's end as a promise. */
