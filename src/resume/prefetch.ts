@@ -118,7 +118,9 @@ export class Prefetcher {
       for (const urgent of [true, false]) {
         const list = urgent ? q.urgent : q.background
         let at = urgent ? q.urgentAt : q.backgroundAt
-        while (at < list.length && !this.needed(q.client, list[at])) at++
+        // Chunks faults have filled meanwhile: drop this client's claim on their decode slots,
+        // or the slots stay taken until the client ends and readahead starves.
+        while (at < list.length && !this.needed(q.client, list[at])) this.done(q.client, list[at++])
         if (urgent) q.urgentAt = at
         else q.backgroundAt = at
         if (at >= list.length) continue
