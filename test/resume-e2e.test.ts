@@ -1,0 +1,854 @@
+// End-to-end tests of `uffd resume` against real userfaultfd clients: native/build/fc_client
+// (behaves like Firecracker restoring a snapshot with the Uffd backend: maps the regions,
+// registers a uffd, sends the handshake, touches and verifies every byte against the raw image)
+// and native/build/kvm_vmm (a real KVM guest restored lazily through the handler). Every test
+// runs the built CLI as a real process, waits for its --ready-file, and checks what the client
+// saw (bytes, zeros after a balloon, being killed rather than fed wrong data) together with the
+// handler's exit code, messages and --stats-file.
+import {type ChildProcess, spawn} from 'node:child_process'
+import fs from 'node:fs'
+import path from 'node:path'
+import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
+
+import {Codec} from '../src/format/constants.js'
+import {type ResumeReport} from '../src/resume/run-stats.js'
+import {type CompressionCodec} from '../src/snapshot/codecs.js'
+import {SnapshotReader} from '../src/snapshot/reader.js'
+import {listenUnix} from '../src/sys/socket.js'
+import {closeFd} from '../src/sys/index.js'
+import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
+import {makeImage, pseudoRandom, tempDir, writeSparse} from './helpers/images.js'
+
+const FC_CLIENT = path.join(NATIVE, 'fc_client')
+const KVM_VMM = path.join(NATIVE, 'kvm_vmm')
+const PAGE = 4096
+const HUGE = 2 * 1024 * 1024
+const MiB = 1024 * 1024
+/** fc_client's own watchdog: a handler that stops serving makes it exit 3 instead of hanging. */
+const CLIENT_TIMEOUT_MS = 30_000
+
+function skipReason(): string | undefined {
+  if (process.platform !== 'linux') return 'not Linux'
+  // fc_client's uffd traps kernel-mode faults too (like Firecracker's, for KVM): that needs root.
+  if (process.getuid?.() !== 0) return 'not root (a uffd that traps kernel-mode faults needs root)'
+  if (!fs.existsSync(FC_CLIENT)) return `${FC_CLIENT} is not built (npm run build)`
+  return undefined
+}
+const skip = skipReason()
+if (skip) console.warn(`test/resume-e2e.test.ts skipped: ${skip}`)
+
+// ------------------------------------------------------------------------------------------
+// Processes: every child is tracked and SIGKILLed in afterEach, and none may outlive a bound.
+
+interface Outcome {
+  code: number | null
+  signal: NodeJS.Signals | null
+  stdout: string
+  stderr: string
+  /** fc_client/kvm_vmm: the last stdout line as JSON; uffd --json: all of stdout. */
+  json: any
+}
+
+interface Running {
+  child: ChildProcess
+  done: Promise<Outcome>
+  exited: boolean
+  stderr: () => string
+}
+
+const live = new Set<ChildProcess>()
+
+function parseJson(stdout: string, whole: boolean): any {
+  try {
+    return JSON.parse(whole ? stdout : (stdout.trim().split('\n').at(-1) ?? ''))
+  } catch {
+    return undefined
+  }
+}
+
+function track(child: ChildProcess, jsonWhole = false, killAfterMs = 90_000): Running {
+  live.add(child)
+  let stdout = ''
+  let stderr = ''
+  child.stdout?.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  const timer = setTimeout(() => child.kill('SIGKILL'), killAfterMs)
+  const running: Running = {
+    child,
+    exited: false,
+    stderr: () => stderr,
+    done: new Promise((resolve, reject) => {
+      child.on('error', reject)
+      child.on('close', (code, signal) => {
+        clearTimeout(timer)
+        live.delete(child)
+        running.exited = true
+        resolve({code, signal, stdout, stderr, json: parseJson(stdout, jsonWhole)})
+      })
+    }),
+  }
+  return running
+}
+
+afterEach(async () => {
+  const pending = [...live]
+  for (const child of pending) child.kill('SIGKILL')
+  await Promise.all(pending.map((child) => new Promise((resolve) => (live.has(child) ? child.once('close', resolve) : resolve(undefined)))))
+})
+
+async function waitFor(what: string, condition: () => boolean, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 10))
+  }
+}
+
+/** The process's outcome, or an error (with its stderr) if it has not exited within `ms`. */
+async function exitWithin(p: Running, ms: number, what: string): Promise<Outcome> {
+  let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} did not exit within ${ms} ms; stderr so far:\n${p.stderr()}`)), ms)
+  })
+  try {
+    return await Promise.race([p.done, timeout])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Images and snapshots
+
+let dir: string
+let names = 0
+
+interface Image {
+  file: string
+  /** The image's bytes (a sparse file's holes as zeros). */
+  data: Buffer
+}
+
+const images = new Map<string, Image>()
+
+type Kind = 'mixed' | 'random' | 'zero' | 'sparse' | 'huge'
+
+/** Test images, made once: all kinds have zero pages except random, and mixed has an odd size. */
+function image(kind: Kind): Image {
+  let img = images.get(kind)
+  if (img) return img
+  const file = path.join(dir, `${kind}.raw`)
+  let data: Buffer
+  switch (kind) {
+    case 'mixed':
+      // Zero, compressible, random and repeated (deduplicated) pages, and a partial last page.
+      data = makeImage('mixed', 16 * MiB + 1234, 11)
+      fs.writeFileSync(file, data)
+      break
+    case 'random':
+      data = makeImage('random', 8 * MiB, 12)
+      fs.writeFileSync(file, data)
+      break
+    case 'zero':
+      data = makeImage('zero', 8 * MiB)
+      fs.writeFileSync(file, data)
+      break
+    case 'sparse':
+      // Holes around unaligned data extents: pages partly data, partly hole.
+      data = writeSparse(file, 16 * MiB, [
+        [12345, 100_000],
+        [5 * MiB, MiB],
+        [9 * MiB + 4000, 3 * PAGE],
+        [16 * MiB - 5000, 5000],
+      ])
+      break
+    case 'huge':
+      // 2 MiB pages: data, all zeros (hugetlbfs has no UFFDIO_ZEROPAGE), random, compressible.
+      data = Buffer.concat([makeImage('mixed', HUGE, 13), Buffer.alloc(HUGE), pseudoRandom(HUGE, 14), makeImage('compressible', HUGE, 15)])
+      fs.writeFileSync(file, data)
+      break
+  }
+  img = {file, data}
+  images.set(kind, img)
+  return img
+}
+
+/** Zero and non-zero pages of an image padded to whole pages (what the handler must install). */
+function pageCounts(data: Buffer, pageSize = PAGE): {pages: number; zero: number; nonZero: number} {
+  const pages = Math.ceil(data.length / pageSize)
+  let zero = 0
+  for (let p = 0; p < pages; p++) {
+    const page = data.subarray(p * pageSize, Math.min(data.length, (p + 1) * pageSize))
+    if (page.every((b) => b === 0)) zero++
+  }
+  return {pages, zero, nonZero: pages - zero}
+}
+
+const snapshots = new Map<string, string>()
+
+/**
+ * A snapshot of a test image, made with `uffd snapshot` (the same build as the `uffd resume`
+ * under test, so writer and reader always agree on the format).
+ */
+function snapshotOf(kind: Kind, codec: CompressionCodec, chunkSize: number, pageSize = PAGE): string {
+  const key = `${kind}-${codec}-${chunkSize}-${pageSize}`
+  const existing = snapshots.get(key)
+  if (existing) return existing
+  const out = path.join(dir, `${key}.uffd`)
+  const made = uffd(['snapshot', '--mem-file', image(kind).file, '-o', out, '--codec', codec, '--chunk-size', `${chunkSize / 1024}K`, '--page-size', pageSize === HUGE ? '2M' : '4K'])
+  if (made.status !== 0) throw new Error(`uffd snapshot failed (${made.status}):\n${made.stderr}`)
+  snapshots.set(key, out)
+  return out
+}
+
+/** Chunks that have stored bytes (not all-zero): each is decoded once when the cache holds them all. */
+function storedChunks(snapshot: string): number {
+  const reader = SnapshotReader.open(snapshot)
+  try {
+    return reader.index.filter((e) => e.codec !== Codec.None).length
+  } finally {
+    reader.close()
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Running the handler and its clients
+
+interface Handler {
+  proc: Running
+  socket: string
+  ready: string
+  statsFile: string
+  name: string
+}
+
+/** Starts `uffd resume` and waits for its --ready-file (never sleeps a guessed time). */
+async function startResume(snapshot: string, args: string[] = [], options: {json?: boolean} = {}): Promise<Handler> {
+  const name = `r${names++}`
+  const socket = path.join(dir, `${name}.sock`)
+  const ready = path.join(dir, `${name}.ready`)
+  const statsFile = path.join(dir, `${name}.stats.json`)
+  const proc = track(uffdSpawn(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, ...args]), options.json ?? args.includes('--json'))
+  await waitFor(`uffd resume ${name} to write its ready file`, () => fs.existsSync(ready) || proc.exited, 30_000)
+  if (!fs.existsSync(ready)) {
+    const out = await proc.done
+    throw new Error(`uffd resume exited (${out.code}) before it was ready:\n${out.stderr}`)
+  }
+  return {proc, socket, ready, statsFile, name}
+}
+
+function startClient(handler: Handler, img: Image, args: string[], timeoutMs = CLIENT_TIMEOUT_MS): Running {
+  return track(spawn(FC_CLIENT, ['--socket', handler.socket, '--image', img.file, '--timeout-ms', String(timeoutMs), ...args], {stdio: ['ignore', 'pipe', 'pipe']}))
+}
+
+function readStats(handler: Handler): ResumeReport {
+  return JSON.parse(fs.readFileSync(handler.statsFile, 'utf8')) as ResumeReport
+}
+
+/** One resume, one client; both must succeed, the client must have verified every byte it read. */
+async function serveOne(snapshot: string, img: Image, clientArgs: string[], resumeArgs: string[] = []) {
+  const handler = await startResume(snapshot, resumeArgs)
+  const client = await exitWithin(startClient(handler, img, clientArgs), 60_000, 'fc_client')
+  const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (after its client exited)')
+  expect(client.code, `fc_client failed:\n${client.stderr}\nuffd resume:\n${resume.stderr}`).toBe(0)
+  expect(client.json, client.stdout).toMatchObject({ok: true, verify_errors: 0, first_bad_offset: null})
+  expect(resume.code, `uffd resume failed:\n${resume.stderr}`).toBe(0)
+  return {client: client.json, resume, stats: readStats(handler), handler}
+}
+
+/** With every page read once, each page is installed exactly once: data pages copied, zero pages zeroed. */
+function expectEveryPageOnce(stats: ResumeReport, data: Buffer, pageSize = PAGE): void {
+  const {zero, nonZero} = pageCounts(data, pageSize)
+  expect(stats.pages.copied, 'pages copied = non-zero pages').toBe(nonZero)
+  expect(stats.bytes.copied).toBe(nonZero * pageSize)
+  expect(stats.pages.zeroed, 'pages zeroed = zero pages').toBe(zero)
+  expect(stats.clients).toEqual({served: 1, ended: 1})
+}
+
+/** Starts a handler on a snapshot whose every client is refused; returns its outcome and the client's. */
+async function refused(snapshot: string, img: Image, clientArgs: string[], clientTimeoutMs = CLIENT_TIMEOUT_MS) {
+  const handler = await startResume(snapshot)
+  const clientProc = startClient(handler, img, clientArgs, clientTimeoutMs)
+  const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (refusing a handshake)')
+  const client = await exitWithin(clientProc, clientTimeoutMs + 10_000, 'fc_client')
+  // Nothing was served: no client was ever registered, no fault counted.
+  expect(resume.stderr).not.toMatch(/client 1 \(pid/)
+  if (fs.existsSync(handler.statsFile)) expect(readStats(handler).faults.total).toBe(0)
+  return {resume, client, handler}
+}
+
+const hugeSkip = ((): string | undefined => {
+  if (skip) return skip
+  if (!fs.existsSync('/proc/sys/vm/nr_hugepages')) return 'no /proc/sys/vm/nr_hugepages (kernel without hugetlbfs)'
+  try {
+    fs.accessSync('/proc/sys/vm/nr_hugepages', fs.constants.W_OK)
+  } catch (error) {
+    return `cannot write /proc/sys/vm/nr_hugepages: ${(error as Error).message}`
+  }
+  return undefined
+})()
+
+const kvmSkip = ((): string | undefined => {
+  if (skip) return skip
+  if (!fs.existsSync('/dev/kvm')) return 'no /dev/kvm on this machine'
+  if (!fs.existsSync(KVM_VMM)) return `${KVM_VMM} is not built`
+  return undefined
+})()
+
+// ------------------------------------------------------------------------------------------
+
+describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients', () => {
+  beforeAll(() => {
+    dir = tempDir('uffd-e2e-')
+  })
+  afterAll(() => {
+    if (dir) fs.rmSync(dir, {recursive: true, force: true})
+  })
+
+  describe('byte-exact restore (fc_client --verify-all)', () => {
+    // A sensible cut through kinds x codecs x chunk sizes x fault-around x touch order x regions:
+    // every kind meets every codec once, every chunk size and fault-around appears with each
+    // kind; some rows also vary the prefetch machinery (readahead off, population, no decoders).
+    const matrix: {kind: Kind; codec: CompressionCodec; chunk: number; around: string; touch: string; regions: number; extra?: string[]}[] = [
+      {kind: 'mixed', codec: 'zstd', chunk: 64 * 1024, around: 'chunk', touch: 'sequential', regions: 1},
+      {kind: 'mixed', codec: 'lz4', chunk: 4096, around: 'page', touch: 'random', regions: 2, extra: ['--readahead', '0']},
+      {kind: 'mixed', codec: 'raw', chunk: MiB, around: '2M', touch: 'random', regions: 1},
+      {kind: 'mixed', codec: 'zstd', chunk: MiB, around: 'page', touch: 'random', regions: 2, extra: ['--decoders', '0']},
+      {kind: 'random', codec: 'zstd', chunk: 64 * 1024, around: 'page', touch: 'sequential', regions: 1},
+      {kind: 'random', codec: 'lz4', chunk: MiB, around: 'chunk', touch: 'random', regions: 2, extra: ['--populate', 'all']},
+      {kind: 'random', codec: 'raw', chunk: 4096, around: '2M', touch: 'sequential', regions: 1, extra: ['--decoders', '0']},
+      {kind: 'zero', codec: 'zstd', chunk: 64 * 1024, around: 'chunk', touch: 'random', regions: 2},
+      {kind: 'zero', codec: 'lz4', chunk: MiB, around: '2M', touch: 'sequential', regions: 1, extra: ['--populate', 'all']},
+      {kind: 'zero', codec: 'raw', chunk: 4096, around: 'page', touch: 'random', regions: 1, extra: ['--readahead', '0']},
+      {kind: 'sparse', codec: 'zstd', chunk: MiB, around: 'chunk', touch: 'random', regions: 1},
+      {kind: 'sparse', codec: 'lz4', chunk: 64 * 1024, around: '2M', touch: 'sequential', regions: 2},
+      {kind: 'sparse', codec: 'raw', chunk: 4096, around: 'page', touch: 'sequential', regions: 1, extra: ['--readahead', '0']},
+    ]
+    for (const c of matrix) {
+      const extra = c.extra ?? []
+      const title = `${c.kind} image, ${c.codec}, ${c.chunk / 1024}K chunks, fault-around ${c.around}, ${c.touch} touch, ${c.regions} region(s)${extra.length ? `, ${extra.join(' ')}` : ''}`
+      it(title, async () => {
+        const snapshot = snapshotOf(c.kind, c.codec, c.chunk)
+        const img = image(c.kind)
+        const r = await serveOne(snapshot, img, ['--touch', c.touch, '--regions', String(c.regions), '--verify-all'], ['--fault-around', c.around, ...extra])
+        const {pages} = pageCounts(img.data)
+        expect(r.client).toMatchObject({regions: c.regions, mem_size: pages * PAGE, pages_touched: pages, pages_verified: pages})
+        expectEveryPageOnce(r.stats, img.data)
+        // Fault-around installs whole windows (clipped to regions); prefetch only makes faults fewer.
+        const windowBytes = c.around === 'page' ? PAGE : c.around === 'chunk' ? c.chunk : 2 * MiB
+        const windows = Math.ceil((pages * PAGE) / windowBytes) + c.regions - 1
+        expect(r.stats.faults.total).toBeGreaterThan(0)
+        expect(r.stats.faults.total).toBeLessThanOrEqual(windows)
+        const prefetching = !extra.includes('--readahead') || extra.includes('--populate')
+        if (!prefetching) {
+          expect(r.stats.pages.prefetched).toBe(0)
+          expect(r.stats.faults.total).toBeGreaterThanOrEqual(Math.ceil((pages * PAGE) / windowBytes))
+          if (c.around === 'page') expect(r.stats.faults.total, 'one fault per page').toBe(pages)
+        }
+        if (extra.includes('--populate')) {
+          expect(r.stats.timeToMemoryCompleteMs).toBeGreaterThan(0)
+          expect(r.resume.stderr).toContain('client 1: all memory present')
+        }
+        expect(r.stats.faults.alreadyPresent + r.stats.faults.removed).toBe(0)
+        // Every page came from exactly one of: a fault, fault-around, prefetch.
+        expect(r.stats.faults.total + r.stats.pages.faultAround + r.stats.pages.prefetched).toBe(pages)
+        // Every stored chunk was decoded (at least once: readahead may decode one the fault path had already).
+        expect(r.stats.chunks.decoded).toBeGreaterThanOrEqual(storedChunks(snapshot))
+        expect(r.stats.ioctls.eexist + r.stats.ioctls.eagain).toBe(0)
+      })
+    }
+
+    it('evicts and re-decodes chunks with a cache smaller than the image (--cache-mb 1, 1M chunks, random pages, no decoders)', async () => {
+      const snapshot = snapshotOf('mixed', 'zstd', MiB)
+      const img = image('mixed')
+      const r = await serveOne(snapshot, img, ['--touch', 'random', '--verify-all'], ['--fault-around', 'page', '--cache-mb', '1', '--decoders', '0'])
+      expectEveryPageOnce(r.stats, img.data)
+      expect(r.stats.chunks.decoded).toBeGreaterThan(storedChunks(snapshot))
+      expect(r.stats.chunks.cacheMisses).toBe(r.stats.chunks.decoded)
+    })
+
+    for (const version of ['1.1', '1.7', '1.12']) {
+      it(`takes a Firecracker ${version} handshake (2 regions, random touch)`, async () => {
+        const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+        const img = image('mixed')
+        const r = await serveOne(snapshot, img, ['--fc-version', version, '--regions', '2', '--touch', 'random', '--verify-all'])
+        expect(r.client).toMatchObject({fc_version: version, regions: 2})
+        expectEveryPageOnce(r.stats, img.data)
+        expect(r.resume.stderr).toMatch(/client 1 \(pid \d+\): 2 region\(s\), 16781312 bytes/)
+      })
+    }
+
+    for (const fds of ['2', '3']) {
+      it(`takes a fork's handshake: unknown fields and ${fds} fds (uffd first)`, async () => {
+        const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+        const img = image('mixed')
+        const r = await serveOne(snapshot, img, ['--extra-fields', '--fds', fds, '--regions', '2', '--touch', 'random', '--verify-all'])
+        expect(r.client).toMatchObject({fds: Number(fds), regions: 2})
+        expectEveryPageOnce(r.stats, img.data)
+      })
+    }
+
+    it('serves kernel-mode faults (write(2), process_vm_readv) from 4 threads at once', async () => {
+      const snapshot = snapshotOf('mixed', 'lz4', 64 * 1024)
+      const img = image('mixed')
+      const r = await serveOne(snapshot, img, ['--threads', '4', '--access', 'mixed', '--touch', 'random', '--regions', '2', '--verify-all'], ['--fault-around', 'page', '--readahead', '0'])
+      expect(r.client).toMatchObject({threads: 4, access: 'mixed'})
+      expectEveryPageOnce(r.stats, img.data)
+      // One page per fault: threads may fault on one page together, and the second fault finds
+      // it present (and is woken).
+      const {pages} = pageCounts(img.data)
+      expect(r.stats.faults.total).toBeGreaterThanOrEqual(pages)
+      expect(r.stats.faults.total - r.stats.faults.alreadyPresent).toBe(pages)
+    })
+  })
+
+  describe('balloon (MADV_DONTNEED -> UFFD_EVENT_REMOVE)', () => {
+    it('serves zeros for removed pages, never snapshot data, and counts the removes', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const img = image('random')
+      // Two ranges: one inside a chunk fault-around has filled, one partly in untouched chunks.
+      const r = await serveOne(snapshot, img, ['--touch', 'random', '--count', '100', '--verify', '--balloon', '4096:64K,1M:12K'])
+      expect(r.client).toMatchObject({pages_touched: 100, balloon_ok: true, balloon_bytes: 65536 + 12288, balloon_bad_pages: 0})
+      expect(r.stats.events).toMatchObject({remove: 2, removedPages: 16 + 3})
+      // Each removed page read again faults once and is served zeros (random image: no zero pages).
+      expect(r.stats.faults.removed).toBe(19)
+      expect(r.stats.pages.zeroed).toBe(19)
+    })
+
+    it('keeps removed pages zero when the balloon inflates while 2 threads fault (--balloon-concurrent)', async () => {
+      const snapshot = snapshotOf('random', 'lz4', 64 * 1024)
+      const img = image('random')
+      const balloon = Array.from({length: 20}, (_, i) => `${i * 393216 + 8192}:40K`).join(',')
+      const r = await serveOne(snapshot, img, ['--threads', '2', '--touch', 'random', '--verify-all', '--balloon', balloon, '--balloon-concurrent'])
+      expect(r.client).toMatchObject({balloon_ok: true, balloon_bytes: 20 * 40960, balloon_bad_pages: 0})
+      expect(r.stats.events.remove).toBe(20)
+      expect(r.stats.events.removedPages).toBe(20 * 10)
+      // Every ballooned page the client reads afterwards is zeroed on demand, none refilled with data.
+      expect(r.stats.faults.removed).toBeGreaterThan(0)
+      expect(r.stats.pages.copied).toBeLessThanOrEqual(pageCounts(img.data).pages)
+    })
+  })
+
+  describe('refused handshakes: exit 1 naming the problem, nothing served, connection closed', () => {
+    const kinds: [string, RegExp][] = [
+      ['not-json', /invalid handshake: not JSON .*this is not JSON/],
+      ['unaligned', /invalid handshake: region 0 base_host_virt_addr \d+ is not a multiple of the page size 4096/],
+      ['two-page-sizes', /invalid handshake: regions use different page sizes \(4096 and 2097152\)/],
+      ['no-fd', /invalid handshake: no file descriptor came with the message \(expected the uffd\)/],
+      ['empty-array', /invalid handshake: no memory regions/],
+      ['huge-size', /invalid handshake: region 0 "size" is \d+, not a non-negative integer below 2\^53/],
+    ]
+    for (const [kind, message] of kinds) {
+      it(`--malformed ${kind}`, async () => {
+        const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+        const {resume, client} = await refused(snapshot, image('mixed'), ['--malformed', kind])
+        expect(resume.code, resume.stderr).toBe(1)
+        expect(resume.stderr).toMatch(message)
+        expect(client.code, client.stderr).toBe(0)
+        expect(client.json).toMatchObject({ok: true, malformed: kind, handler_closed: true})
+      })
+    }
+
+    it('a client with 4 KiB pages against a 2 MiB-page snapshot', async () => {
+      const snapshot = snapshotOf('huge', 'zstd', HUGE, HUGE)
+      // The client sends a valid handshake and then faults: with its uffd refused, nothing
+      // serves it and its watchdog reports the stall (exit 3) in the touch phase.
+      const {resume, client} = await refused(snapshot, image('huge'), ['--count', '1'], 2000)
+      expect(resume.code, resume.stderr).toBe(1)
+      expect(resume.stderr).toContain('invalid handshake: the VMM uses 4096-byte pages but the snapshot was taken with 2097152-byte pages')
+      expect(client.code, client.stderr).toBe(3)
+      expect(client.json).toMatchObject({ok: false, error: 'timeout', phase: 'touch', touches_done: 0})
+    })
+
+    it('regions bigger than the snapshot', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const {resume, client} = await refused(snapshot, image('random'), ['--size', '16M', '--regions', '2', '--count', '1'], 2000)
+      expect(resume.code, resume.stderr).toBe(1)
+      expect(resume.stderr).toContain('invalid handshake: regions need 16777216 bytes of memory but the snapshot holds 8388608')
+      expect(client.code, client.stderr).toBe(3)
+      expect(client.json).toMatchObject({ok: false, phase: 'touch', touches_done: 0})
+    })
+  })
+
+  describe('a corrupted chunk', () => {
+    /** A copy of a snapshot with one byte flipped in the middle of a stored, unshared zstd chunk. */
+    async function corrupted(): Promise<{snapshot: string; chunk: number; firstPage: number}> {
+      const good = snapshotOf('mixed', 'zstd', 64 * 1024)
+      const snapshot = path.join(dir, `corrupt-${names++}.uffd`)
+      fs.copyFileSync(good, snapshot)
+      const reader = SnapshotReader.open(snapshot)
+      let chunk: number
+      let at: number
+      let firstPage: number
+      try {
+        chunk = reader.index.findIndex((e, c) => c >= 40 && e.codec === Codec.Zstd && (e.flags & 1) === 0 && e.storedLength > 64)
+        expect(chunk, 'a stored zstd chunk to corrupt').toBeGreaterThan(0)
+        const entry = reader.entry(chunk)
+        at = entry.dataOffset + Math.floor(entry.storedLength / 2)
+        firstPage = reader.geometry.firstPageOfChunk(chunk)
+      } finally {
+        reader.close()
+      }
+      const fd = fs.openSync(snapshot, 'r+')
+      try {
+        const byte = Buffer.alloc(1)
+        fs.readSync(fd, byte, 0, 1, at)
+        byte[0] ^= 0x5a
+        fs.writeSync(fd, byte, 0, 1, at)
+      } finally {
+        fs.closeSync(fd)
+      }
+      return {snapshot, chunk, firstPage}
+    }
+
+    it('kills the client (SIGKILL, never a wrong byte) and exits 1 naming the chunk', async () => {
+      const {snapshot, chunk, firstPage} = await corrupted()
+      const handler = await startResume(snapshot)
+      const client = await exitWithin(startClient(handler, image('mixed'), ['--touch', 'sequential', '--verify-all']), 30_000, 'fc_client')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume')
+      expect(client.signal, `fc_client should have been killed:\n${client.stdout}${client.stderr}`).toBe('SIGKILL')
+      expect(client.stdout).toBe('') // it never got to report anything, let alone wrong bytes
+      expect(resume.code, resume.stderr).toBe(1)
+      expect(resume.stderr).toContain(`chunk ${chunk}`)
+      expect(resume.stderr).toMatch(/checksum mismatch|does not decode/)
+      expect(resume.stderr).toMatch(/killing client 1 \(pid \d+\)/)
+      // Sequential touch: nothing was copied from the bad chunk (its zero pages may have been
+      // mapped before its data was needed: zeros are never wrong there).
+      const stats = readStats(handler)
+      expect(stats.clients).toEqual({served: 1, ended: 1})
+      expect(stats.pages.copied).toBeLessThanOrEqual(pageCounts(image('mixed').data.subarray(0, firstPage * PAGE)).nonZero)
+    })
+
+    it('with --no-kill leaves the client frozen, and exits 1 once it is gone', async () => {
+      const {snapshot, chunk} = await corrupted()
+      const handler = await startResume(snapshot, ['--no-kill'])
+      const clientProc = startClient(handler, image('mixed'), ['--touch', 'sequential', '--verify-all'])
+      await waitFor('the handler to give up on the client', () => handler.proc.stderr().includes('left frozen'), 30_000)
+      await new Promise((resolve) => setTimeout(resolve, 1000))
+      expect(clientProc.exited, 'the client must stay frozen, not complete or read zeros').toBe(false)
+      expect(handler.proc.exited, 'the handler waits for the frozen client').toBe(false)
+      clientProc.child.kill('SIGKILL')
+      const client = await exitWithin(clientProc, 10_000, 'fc_client')
+      expect(client.signal).toBe('SIGKILL')
+      expect(client.stdout).toBe('')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (after the frozen client was killed)')
+      expect(resume.code, resume.stderr).toBe(1)
+      expect(resume.stderr).toContain(`chunk ${chunk}`)
+      expect(resume.stderr).not.toMatch(/killing client/)
+    })
+  })
+
+  describe('client lifetime', () => {
+    it('exits 0 with its statistics when the client crashes mid-restore (--crash-after)', async () => {
+      const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+      // One page per fault, nothing ahead of them: the client dies with most memory missing.
+      const handler = await startResume(snapshot, ['--fault-around', 'page', '--readahead', '0', '--json'])
+      const clientProc = startClient(handler, image('mixed'), ['--crash-after', '50'])
+      const client = await exitWithin(clientProc, 30_000, 'fc_client')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume')
+      expect(client.signal).toBe('SIGABRT')
+      expect(resume.code, resume.stderr).toBe(0)
+      // --json: the result names the client by the pid SO_PEERCRED gave.
+      expect(resume.json).toMatchObject({interrupted: false, clients: [{id: 1, pid: clientProc.child.pid, regions: [{offset: 0}], ended: 'exited'}]})
+      expect(resume.json.error).toBeUndefined()
+      const stats = readStats(handler)
+      expect(stats.clients).toEqual({served: 1, ended: 1})
+      expect(stats.faults.total).toBe(50)
+      expect(stats.pages.copied + stats.pages.zeroed).toBe(50)
+    })
+
+    it('SIGTERM while a client runs: kills it and exits 130', async () => {
+      const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+      const handler = await startResume(snapshot, ['--json'])
+      const clientProc = startClient(handler, image('mixed'), ['--touch', 'sequential', '--count', '10', '--hold-ms', '60000'])
+      await waitFor('the client to be accepted', () => /client 1 \(pid \d+\)/.test(handler.proc.stderr()), 30_000)
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (SIGTERM)')
+      const client = await exitWithin(clientProc, 10_000, 'fc_client')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.json).toMatchObject({interrupted: true, clients: [{ended: 'killed'}]})
+      expect(client.signal).toBe('SIGKILL')
+      expect(resume.stderr).toMatch(/stopping: killing client 1/)
+      expect(fs.existsSync(handler.statsFile)).toBe(true)
+    })
+
+    it('--serve: three clients at once share one decoded-chunk cache; SIGTERM ends it with 130', async () => {
+      const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+      const img = image('mixed')
+      const handler = await startResume(snapshot, ['--serve'])
+      const clients = [1, 2, 3].map((seed) => startClient(handler, img, ['--touch', 'random', '--seed', String(seed), '--verify-all']))
+      const outcomes = await Promise.all(clients.map((c, i) => exitWithin(c, 60_000, `fc_client ${i + 1}`)))
+      for (const out of outcomes) {
+        expect(out.code, out.stderr).toBe(0)
+        expect(out.json).toMatchObject({ok: true, verify_errors: 0})
+      }
+      // Still serving after they all left: --serve waits for more clients until a signal.
+      await waitFor('all three clients to be noticed gone', () => (handler.proc.stderr().match(/ended \(exited\)/g) ?? []).length === 3, 10_000)
+      expect(handler.proc.exited).toBe(false)
+      expect(fs.lstatSync(handler.socket).isSocket()).toBe(true)
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (SIGTERM)')
+      // Documented: SIGINT/SIGTERM stop the handler with exit 130, clients running or not.
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.stderr).toContain('interrupted by SIGTERM')
+      expect(fs.existsSync(handler.socket), 'socket file removed').toBe(false)
+      const stats = readStats(handler)
+      expect(stats.clients).toEqual({served: 3, ended: 3})
+      const chunks = storedChunks(snapshot)
+      // Three clients, yet about one decode per chunk: the clients share the decoded chunks
+      // (each chunk at least once; readahead's decoders may repeat a few the cache holds).
+      expect(stats.chunks.decoded).toBeGreaterThanOrEqual(chunks)
+      expect(stats.chunks.decoded, 'decoded chunks shared between clients').toBeLessThan(1.5 * chunks)
+      expect(stats.chunks.cacheHits).toBeGreaterThan(0)
+      const {zero, nonZero} = pageCounts(img.data)
+      expect(stats.pages.copied).toBe(3 * nonZero)
+      expect(stats.pages.zeroed).toBe(3 * zero)
+    })
+    it('--serve: a client leaving does not disturb the others, and new ones are still served', async () => {
+      const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+      const img = image('mixed')
+      const handler = await startResume(snapshot, ['--serve'])
+      // The first client to connect is the first to leave, while the second is still running.
+      const first = startClient(handler, img, ['--touch', 'random', '--count', '20', '--verify', '--hold-ms', '500'])
+      await waitFor('the first client to be accepted', () => /client 1 \(pid/.test(handler.proc.stderr()), 30_000)
+      const second = startClient(handler, img, ['--touch', 'random', '--count', '20', '--verify', '--hold-ms', '3000'])
+      await waitFor('the second client to be accepted', () => /client 2 \(pid/.test(handler.proc.stderr()), 30_000)
+      const a = await exitWithin(first, 30_000, 'first fc_client')
+      expect(a.code, a.stderr).toBe(0)
+      await waitFor('the first client to be noticed gone', () => /client 1 ended/.test(handler.proc.stderr()) || handler.proc.exited, 10_000)
+      // The second is still alive (not killed by a handler that fell over), and so is the handler.
+      expect(second.exited, `second client:\n${second.stderr()}\nuffd resume:\n${handler.proc.stderr()}`).toBe(false)
+      expect(handler.proc.exited, handler.proc.stderr()).toBe(false)
+      // A third client, arriving after a departure, is served in full.
+      const third = await exitWithin(startClient(handler, img, ['--touch', 'random', '--verify-all']), 30_000, 'third fc_client')
+      expect(third.code, `${third.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+      const b = await exitWithin(second, 30_000, 'second fc_client')
+      expect(b.code, b.stderr).toBe(0)
+      await waitFor('all clients to be noticed gone', () => (handler.proc.stderr().match(/ended \(exited\)/g) ?? []).length === 3, 10_000)
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(readStats(handler).clients).toEqual({served: 3, ended: 3})
+    })
+  })
+
+  describe('readiness and the socket', () => {
+    it('writes --ready-file only once the socket listens, with mode 0600', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const name = `r${names++}`
+      const socket = path.join(dir, `${name}.sock`)
+      const ready = path.join(dir, `${name}.ready`)
+      const proc = track(uffdSpawn(['resume', snapshot, '--socket', socket, '--ready-file', ready]))
+      // Sample as often as possible: whenever the ready file exists, the socket must already.
+      let sawReady = false
+      const deadline = Date.now() + 30_000
+      while (!sawReady) {
+        if (proc.exited) throw new Error(`uffd resume exited early:\n${proc.stderr()}`)
+        if (Date.now() > deadline) throw new Error(`no ready file within 30 s:\n${proc.stderr()}`)
+        sawReady = fs.existsSync(ready)
+        if (sawReady) {
+          const st = fs.lstatSync(socket)
+          expect(st.isSocket()).toBe(true)
+          expect(st.mode & 0o777).toBe(0o600)
+        }
+        await new Promise((resolve) => setImmediate(resolve))
+      }
+      expect(JSON.parse(fs.readFileSync(ready, 'utf8'))).toEqual({socket, pid: proc.child.pid})
+      // And a client connecting right away is served.
+      const client = await exitWithin(track(spawn(FC_CLIENT, ['--socket', socket, '--image', image('random').file, '--verify-all', '--timeout-ms', String(CLIENT_TIMEOUT_MS)])), 30_000, 'fc_client')
+      expect(client.code, client.stderr).toBe(0)
+      const resume = await exitWithin(proc, 15_000, 'uffd resume')
+      expect(resume.code, resume.stderr).toBe(0)
+      expect(resume.stderr).toContain(`listening on ${socket}`)
+      expect(fs.existsSync(socket), 'socket removed').toBe(false)
+    })
+
+    it('replaces a stale socket file left at the path', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const name = `r${names}`
+      const socket = path.join(dir, `${name}.sock`)
+      closeFd(listenUnix(socket)) // a socket file nobody listens on any more
+      expect(fs.lstatSync(socket).isSocket()).toBe(true)
+      const handler = await startResume(snapshot)
+      expect(handler.socket).toBe(socket)
+      const client = await exitWithin(startClient(handler, image('random'), ['--touch', 'random', '--verify-all']), 30_000, 'fc_client')
+      expect(client.code, client.stderr).toBe(0)
+      expect((await exitWithin(handler.proc, 15_000, 'uffd resume')).code).toBe(0)
+    })
+
+    it('refuses to replace a socket another handler listens on (which carries on), or a regular file', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const handler = await startResume(snapshot, ['--timeout', '30'])
+      const second = await exitWithin(track(uffdSpawn(['resume', snapshot, '--socket', handler.socket])), 20_000, 'second uffd resume')
+      expect(second.code).toBe(1)
+      expect(second.stderr).toContain(`another process is listening on ${handler.socket}`)
+      // Its probe (connect, close) is not mistaken for a client: the first one still waits and serves.
+      await waitFor('the first handler to log the probe', () => handler.proc.stderr().includes('closed without sending anything') || handler.proc.exited, 10_000)
+      expect(handler.proc.exited, handler.proc.stderr()).toBe(false)
+      const client = await exitWithin(startClient(handler, image('random'), ['--touch', 'random', '--verify-all']), 30_000, 'fc_client')
+      expect(client.code, client.stderr).toBe(0)
+      const first = await exitWithin(handler.proc, 15_000, 'first uffd resume')
+      expect(first.code, first.stderr).toBe(0)
+      expect(readStats(handler).clients).toEqual({served: 1, ended: 1})
+      const file = path.join(dir, `plain-${names++}.sock`)
+      fs.writeFileSync(file, 'not a socket')
+      const third = await exitWithin(track(uffdSpawn(['resume', snapshot, '--socket', file])), 20_000, 'third uffd resume')
+      expect(third.code).toBe(1)
+      expect(third.stderr).toContain('exists and is not a socket')
+      expect(fs.readFileSync(file, 'utf8')).toBe('not a socket')
+    })
+
+    it('--timeout 1 with no client: exits 1 within ~2 s with a message, socket removed', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const handler = await startResume(snapshot, ['--timeout', '1'])
+      const readyAt = Date.now()
+      const resume = await exitWithin(handler.proc, 10_000, 'uffd resume --timeout 1')
+      const elapsed = Date.now() - readyAt
+      expect(resume.code, resume.stderr).toBe(1)
+      expect(resume.stderr).toContain(`no client connected to ${handler.socket} within 1 s`)
+      expect(elapsed).toBeGreaterThanOrEqual(800)
+      expect(elapsed).toBeLessThan(2500)
+      expect(fs.existsSync(handler.socket)).toBe(false)
+    })
+  })
+
+  describe('the statistics file', () => {
+    it('is written atomically at exit with faults, pages and latency percentiles', async () => {
+      const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+      const img = image('mixed')
+      const handler = await startResume(snapshot)
+      expect(fs.existsSync(handler.statsFile), 'not before the run ends').toBe(false)
+      const client = await exitWithin(startClient(handler, img, ['--touch', 'random', '--verify-all']), 30_000, 'fc_client')
+      expect(client.code, client.stderr).toBe(0)
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume')
+      expect(resume.code, resume.stderr).toBe(0)
+      // No temporary file left next to it.
+      expect(fs.readdirSync(dir).filter((f) => f.includes(path.basename(handler.statsFile)) && f.endsWith('.tmp'))).toEqual([])
+      const stats = readStats(handler)
+      const {pages, zero, nonZero} = pageCounts(img.data)
+      expect(stats).toMatchObject({
+        kind: 'uffd-resume-stats',
+        version: 1,
+        snapshot,
+        clients: {served: 1, ended: 1},
+        pages: {copied: nonZero, zeroed: zero},
+        bytes: {copied: nonZero * PAGE},
+        events: {remove: 0, removedPages: 0},
+      })
+      expect(stats.faults.total).toBe(stats.faults.data + stats.faults.zero + stats.faults.removed + stats.faults.alreadyPresent)
+      expect(stats.faults.total).toBeGreaterThan(0)
+      expect(stats.faults.total).toBeLessThanOrEqual(pages)
+      expect(stats.chunks.decoded).toBeGreaterThanOrEqual(storedChunks(snapshot))
+      expect(stats.bytes.decompressed).toBeGreaterThanOrEqual(nonZero * PAGE)
+      const l = stats.latencyUs
+      for (const v of [l.p50, l.p90, l.p99, l.max, l.mean]) expect(v).toBeGreaterThan(0)
+      expect(l.p50!).toBeLessThanOrEqual(l.p90!)
+      expect(l.p90!).toBeLessThanOrEqual(l.p99!)
+      expect(l.p99!).toBeLessThanOrEqual(l.max! * 1.125)
+      expect(stats.timeToFirstFaultMs!).toBeLessThanOrEqual(stats.timeToLastFaultMs!)
+      expect(stats.timeToLastFaultMs!).toBeLessThanOrEqual(stats.durationMs)
+      expect(new Date(stats.startedAt).getTime()).toBeGreaterThan(Date.now() - 120_000)
+      // The summary line on stdout agrees.
+      expect(resume.stdout).toContain(`served ${stats.faults.total} faults: ${nonZero} pages copied`)
+    })
+
+    it('renders with `uffd stats RUN.json`', async () => {
+      const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+      const r = await serveOne(snapshot, image('mixed'), ['--touch', 'random', '--count', '500', '--verify'])
+      const shown = uffd(['stats', r.handler.statsFile])
+      expect(shown.status, shown.stderr).toBe(0)
+      expect(shown.stdout).toContain(String(r.stats.faults.total))
+      expect(shown.stdout).toMatch(/fault/i)
+      expect(shown.stdout).toMatch(/p99/i)
+    })
+  })
+
+  describe.skipIf(hugeSkip !== undefined)('2 MiB hugepages', () => {
+    const nrPath = '/proc/sys/vm/nr_hugepages'
+    // Enough for two 8 MiB clients at once, and for native-clients.test.ts running alongside.
+    const WANT = 16
+    let added = 0
+    let reason: string | undefined
+    const free = (): number => Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
+
+    beforeAll(() => {
+      try {
+        const before = Number(fs.readFileSync(nrPath, 'utf8'))
+        fs.writeFileSync(nrPath, String(before + WANT))
+        added = Number(fs.readFileSync(nrPath, 'utf8')) - before
+        if (free() < 8) reason = `only ${free()} free 2 MiB pages after asking for ${WANT} more (memory too fragmented?)`
+      } catch (error) {
+        reason = `cannot reserve 2 MiB pages through ${nrPath}: ${(error as Error).message}`
+      }
+      if (reason) console.warn(`hugepage tests skipped: ${reason}`)
+    })
+
+    afterAll(() => {
+      // Give back what this file added (relative, so a concurrent test's own change survives).
+      if (added > 0) fs.writeFileSync(nrPath, String(Math.max(0, Number(fs.readFileSync(nrPath, 'utf8')) - added)))
+    })
+
+    for (const chunk of ['2M', '4M']) {
+      it(`serves a --page-size 2M --chunk-size ${chunk} snapshot to a MAP_HUGETLB client (2 regions, mixed access, balloon)`, async (ctx) => {
+        if (reason) ctx.skip()
+        const img = image('huge')
+        const snapshot = path.join(dir, `huge-${chunk}.uffd`)
+        const made = uffd(['snapshot', '--mem-file', img.file, '-o', snapshot, '--page-size', '2M', '--chunk-size', chunk, '--codec', 'zstd'])
+        expect(made.status, made.stderr).toBe(0)
+        const r = await serveOne(snapshot, img, ['--hugepages', '--regions', '2', '--access', 'mixed', '--stride', '64K', '--verify-all', '--balloon', `${2 * HUGE}:${HUGE}`])
+        expect(r.client).toMatchObject({page_size: HUGE, mem_size: 4 * HUGE, regions: 2, balloon_ok: true, pages_verified: 4})
+        // hugetlbfs has no UFFDIO_ZEROPAGE: the zero page and the re-touched balloon page are
+        // copied from a zero buffer.
+        expect(r.stats.ioctls.zeropage).toBe(0)
+        expect(r.stats.pages).toMatchObject({copied: 3, zeroed: 2})
+        expect(r.stats.events).toMatchObject({remove: 1, removedPages: 1})
+        expect(r.stats.faults.removed).toBe(1)
+      })
+    }
+
+    it('refuses a MAP_HUGETLB client on a 4 KiB-page snapshot', async (ctx) => {
+      if (reason) ctx.skip()
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const {resume, client} = await refused(snapshot, image('random'), ['--hugepages', '--count', '1'], 2000)
+      expect(resume.code, resume.stderr).toBe(1)
+      expect(resume.stderr).toContain('invalid handshake: the VMM uses 2097152-byte pages but the snapshot was taken with 4096-byte pages')
+      expect(client.code, client.stderr).toBe(3)
+    })
+  })
+
+  describe.skipIf(kvmSkip !== undefined)('a KVM guest (kvm_vmm) restored lazily', () => {
+    let snapDir: string
+    let checksum: string
+    let snapshot: string
+
+    beforeAll(async () => {
+      snapDir = path.join(dir, 'kvm')
+      const run = await exitWithin(track(spawn(KVM_VMM, ['run', '--mem-mib', '64', '--snapshot-dir', snapDir, '--timeout-ms', '30000'], {stdio: ['ignore', 'pipe', 'pipe']})), 60_000, 'kvm_vmm run')
+      if (run.code !== 0) throw new Error(`kvm_vmm run failed (${run.code}):\n${run.stderr}`)
+      checksum = run.json.checksum
+      snapshot = path.join(snapDir, 'mem.uffd')
+      const made = uffd(['snapshot', '--mem-file', path.join(snapDir, 'mem.raw'), '-o', snapshot])
+      if (made.status !== 0) throw new Error(`uffd snapshot failed:\n${made.stderr}`)
+    })
+
+    for (const regions of ['1', '2']) {
+      it(`resumes with the guest's checksum intact (${regions} region(s))`, async () => {
+        const handler = await startResume(snapshot)
+        const vm = await exitWithin(
+          track(spawn(KVM_VMM, ['restore', '--snapshot-dir', snapDir, '--uffd-socket', handler.socket, '--regions', regions, '--timeout-ms', '30000'], {stdio: ['ignore', 'pipe', 'pipe']})),
+          60_000,
+          'kvm_vmm restore',
+        )
+        const resume = await exitWithin(handler.proc, 15_000, 'uffd resume')
+        expect(vm.code, `kvm_vmm restore failed:\n${vm.stderr}\nuffd resume:\n${resume.stderr}`).toBe(0)
+        expect(vm.json).toMatchObject({ok: true, mode: 'uffd', regions: Number(regions), checksum})
+        expect(resume.code, resume.stderr).toBe(0)
+        const stats = readStats(handler)
+        expect(stats.faults.total).toBeGreaterThan(0)
+        // Every resident guest page was installed by the handler (and fault-around installs more).
+        expect(stats.pages.copied + stats.pages.zeroed).toBeGreaterThanOrEqual(vm.json.resident_pages)
+        expect(stats.pages.copied + stats.pages.zeroed).toBeLessThanOrEqual((64 * MiB) / PAGE)
+      })
+    }
+  })
+})
