@@ -96,7 +96,7 @@ static struct {
 	enum access_kind access;
 	enum verify_mode verify;
 	enum malformed_kind malformed;
-	uint64_t seed, count, stride, hold_ms, crash_after, timeout_ms;
+	uint64_t seed, count, stride, hold_ms, delay_ms, crash_after, timeout_ms;
 	unsigned threads;
 	struct range balloon[MAX_BALLOON];
 	unsigned nballoon;
@@ -931,6 +931,8 @@ static void usage(FILE *f)
 	    "                          huge-size; then wait until the handler closes the socket\n"
 	    "  --timeout-ms N          give up with exit 3 after N ms (default 120000, 0: never)\n"
 	    "  --hold-ms N             sleep N ms after printing the result\n"
+	    "  --delay-ms N            sleep N ms between the handshake and the first touch (a guest\n"
+	    "                          busy elsewhere before it touches memory; lets prefetch run)\n"
 	    "exit: 0 ok, 1 wrong bytes, 2 usage/setup error, 3 timeout\n",
 	    f);
 }
@@ -955,7 +957,7 @@ static void parse_args(int argc, char **argv)
 	enum {
 		O_SOCKET = 256, O_IMAGE, O_SIZE, O_REGIONS, O_HUGEPAGES, O_FC_VERSION, O_EXTRA_FIELDS,
 		O_FDS, O_TOUCH, O_SEED, O_COUNT, O_STRIDE, O_VERIFY, O_VERIFY_ALL, O_BALLOON, O_THREADS,
-		O_HOLD_MS, O_CRASH_AFTER, O_MALFORMED, O_ACCESS, O_SYSCALL_TOUCH, O_TIMEOUT_MS,
+		O_HOLD_MS, O_DELAY_MS, O_CRASH_AFTER, O_MALFORMED, O_ACCESS, O_SYSCALL_TOUCH, O_TIMEOUT_MS,
 		O_BALLOON_CONCURRENT,
 	};
 	static const struct option longopts[] = {
@@ -977,6 +979,7 @@ static void parse_args(int argc, char **argv)
 		{"balloon-concurrent", no_argument, 0, O_BALLOON_CONCURRENT},
 		{"threads", required_argument, 0, O_THREADS},
 		{"hold-ms", required_argument, 0, O_HOLD_MS},
+		{"delay-ms", required_argument, 0, O_DELAY_MS},
 		{"crash-after", required_argument, 0, O_CRASH_AFTER},
 		{"malformed", required_argument, 0, O_MALFORMED},
 		{"access", required_argument, 0, O_ACCESS},
@@ -1023,6 +1026,7 @@ static void parse_args(int argc, char **argv)
 		case O_BALLOON_CONCURRENT: opt.balloon_concurrent = true; break;
 		case O_THREADS: opt.threads = (unsigned)arg_u64("threads", optarg, false); break;
 		case O_HOLD_MS: opt.hold_ms = arg_u64("hold-ms", optarg, false); break;
+		case O_DELAY_MS: opt.delay_ms = arg_u64("delay-ms", optarg, false); break;
 		case O_CRASH_AFTER: opt.crash_after = arg_u64("crash-after", optarg, false); break;
 		case O_MALFORMED:
 			opt.malformed = (enum malformed_kind)arg_enum("malformed", optarg, malformed_names, 7);
@@ -1105,6 +1109,8 @@ int main(int argc, char **argv)
 	}
 
 	struct touch_result tr;
+	if (opt.delay_ms)
+		sleep_ms(opt.delay_ms);
 	run_touch(&tr);
 
 	atomic_store(&phase, PH_VERIFY);

@@ -23,11 +23,15 @@ export const MAX_CHUNK_SIZE = 4 * 1024 * 1024
 
 /**
  * Feature bits. A reader refuses a file with incompatible bits it does not know and ignores
- * unknown compatible bits. Version 1.0 defines none; when diff snapshots (stacked on a base) or
- * attached working sets arrive they take the next free bit here.
+ * unknown compatible bits. Diff snapshots stacked on a base will take the first incompatible bit.
  */
 export const KNOWN_INCOMPAT_FEATURES = 0n
-export const KNOWN_COMPAT_FEATURES = 0n
+/**
+ * The snapshot carries a working set (metadata.workingSet) and stores those chunks first, so a
+ * handler can read them with one sequential read. Readers that ignore it lose nothing.
+ */
+export const COMPAT_WORKING_SET = 1n << 0n
+export const KNOWN_COMPAT_FEATURES = COMPAT_WORKING_SET
 
 export enum Codec {
   /** All-zero chunk: nothing stored. */

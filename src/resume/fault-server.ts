@@ -120,11 +120,11 @@ export class FaultServer {
     } else {
       const windowFirst = Math.max(regionFirst, page - (page % this.windowPages))
       const windowEnd = Math.min(regionEnd, windowFirst + this.windowPages)
-      this.lastWindow = {page, end: windowEnd}
       const installedBefore = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed')
       const [runFirst, runEnd] = this.runAround(client, page, windowFirst, windowEnd)
       outcome = this.install(client, region, runFirst, runEnd - runFirst, this.reader.zeroMap.isZero(page))
       if (outcome === 'served') {
+        this.lastWindow = {page, end: windowEnd}
         this.recordServed(fault, this.reader.zeroMap.isZero(page) ? 'faultsZero' : 'faultsData')
         // The fault itself is served; the rest of the window is a bonus. If the address space
         // is changing (EAGAIN), the remaining pages are left to later faults.

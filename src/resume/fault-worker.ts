@@ -33,6 +33,8 @@ const reader = SnapshotReader.open(config.snapshotPath)
 const clock = new RunClock()
 const server = new FaultServer(reader, stats, config.cacheBytes, {faultAroundBytes: config.faultAroundBytes}, clock)
 const messages = Buffer.alloc(64 * UFFD_MSG_SIZE)
+/** Longest stretch of prefetch work between two checks for demand faults. */
+const PREFETCH_SLICE_MS = 0.5
 const {chunkSize} = reader.geometry
 // Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.
 const pool = config.decoders > 0 ? new DecodePool(config.snapshotPath, config.decoders, Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize))), chunkSize) : undefined
@@ -169,11 +171,13 @@ function servePending(state: ClientState): 'ok' | 'retry' | 'gone' {
     server.lastWindow.page = -1
     const outcome = server.serve(client, client.pending[0])
     if (outcome === 'retry') return 'retry'
-    if (outcome === 'gone') return 'gone'
+    // 'gone' can come after the faulting page was served (the client exited while its window
+    // was being filled): that fault still belongs to the working set.
     if (server.lastWindow.page >= 0) {
-      prefetcher.noteFault(client, server.lastWindow.page, server.lastWindow.end)
       recorder?.record(server.lastWindow.page, clock.now())
+      if (outcome === 'served') prefetcher.noteFault(client, server.lastWindow.page, server.lastWindow.end)
     }
+    if (outcome === 'gone') return 'gone'
     client.pending.shift()
   }
   return 'ok'
@@ -243,21 +247,26 @@ function loop(): void {
       if (state.client.pending.length > 0) faultsQueued = true
     }
     if (faultsQueued || retry) continue
-    const step = prefetcher.step()
-    if (step.result === 'failed') {
-      const state = clients.get(step.client.id)
-      if (state) guarded(state, () => {
-        throw step.error
-      })
-      prefetchState = 'busy'
-    } else if (step.result === 'outcome') {
-      const state = clients.get(step.client.id)
-      if (step.outcome === 'retry') retry = true
-      else if (state && step.outcome === 'gone') prefetcher.removeClient(state.client)
-      prefetchState = 'busy'
-    } else {
-      prefetchState = step.result
-    }
+    // Prefetch in slices: enough work per wake-up to outrun a client that faults continuously,
+    // short enough that a fault arriving meanwhile waits well under a millisecond.
+    const sliceEnd = performance.now() + PREFETCH_SLICE_MS
+    do {
+      const step = prefetcher.step()
+      if (step.result === 'failed') {
+        const state = clients.get(step.client.id)
+        if (state) guarded(state, () => {
+          throw step.error
+        })
+        prefetchState = 'busy'
+      } else if (step.result === 'outcome') {
+        const state = clients.get(step.client.id)
+        if (step.outcome === 'retry') retry = true
+        else if (state && step.outcome === 'gone') prefetcher.removeClient(state.client)
+        prefetchState = 'busy'
+      } else {
+        prefetchState = step.result
+      }
+    } while (prefetchState === 'busy' && !retry && performance.now() < sliceEnd)
   }
   reader.close()
   if (recorder) post({type: 'recording', ...recorder.result()})

@@ -93,14 +93,18 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   const reader = SnapshotReader.open(options.snapshotPath)
   const geometry = reader.geometry
   const identity = {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: reader.header.headerCrc}
-  // A working set given on the command line wins over one attached to the snapshot.
-  let workingSetChunks: number[] = options.workingSetFile === 'none' ? [] : (attachedWorkingSet(reader)?.chunks ?? [])
-  if (options.workingSetFile && options.workingSetFile !== 'none') {
-    const set = parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
-    checkMatches(set, identity, options.workingSetFile)
-    workingSetChunks = chunksInTouchOrder(set.pages, geometry.pagesPerChunk)
+  let workingSetChunks: number[]
+  try {
+    // A working set given on the command line wins over one attached to the snapshot.
+    workingSetChunks = options.workingSetFile === 'none' ? [] : (attachedWorkingSet(reader)?.chunks ?? [])
+    if (options.workingSetFile && options.workingSetFile !== 'none') {
+      const set = parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
+      checkMatches(set, identity, options.workingSetFile)
+      workingSetChunks = chunksInTouchOrder(set.pages, geometry.pagesPerChunk)
+    }
+  } finally {
+    reader.close()
   }
-  reader.close()
   let recording: {pages: number[]; firstTouchMs: number[]} | undefined
 
   const startedAtDate = new Date()

@@ -1,13 +1,10 @@
-import fs from 'node:fs'
-import path from 'node:path'
-import {crc32} from 'node:zlib'
 
 import {CHUNK_FLAG_SHARED, Codec, KNOWN_COMPAT_FEATURES} from '../format/constants.js'
 import {Geometry} from '../format/geometry.js'
 import {encodeHeader, type Region, type SnapshotMetadata} from '../format/header.js'
-import {type ChunkEntry, encodeFooter, encodeIndex} from '../format/index-table.js'
+import {type ChunkEntry} from '../format/index-table.js'
 import {ZeroMap} from '../format/zero-map.js'
-import {fsyncDir} from '../sys/file.js'
+import {AtomicFile, appendTail} from './atomic-file.js'
 import {type ChunkJob, type ChunkJobResult, type ReadSegment} from './chunk-job.js'
 import {type CompressionCodec} from './codecs.js'
 import {CompressionPool} from './compression-pool.js'
@@ -74,14 +71,10 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
     metadata: {...input.metadata, codec: options.codec, level: options.level},
   })
 
-  const dir = path.dirname(path.resolve(outputPath))
-  const tempPath = path.join(dir, `.${path.basename(outputPath)}.${process.pid}.${Date.now().toString(36)}.tmp`)
-  const fd = fs.openSync(tempPath, 'wx+', 0o644)
+  const file = new AtomicFile(outputPath)
   let pool: CompressionPool | undefined
-  let renamed = false
   const inflight: Promise<ChunkJobResult>[] = []
   try {
-    const file = new SequentialFile(fd)
     file.append(header)
     pool = new CompressionPool(Math.max(1, options.jobs), options.codec, options.level)
     const assembler = new Assembler(geometry, file)
@@ -110,26 +103,8 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
       doneBytes += assembler.consume(await inflight.shift()!)
       options.onProgress?.(Math.min(doneBytes, input.logicalSize), input.logicalSize)
     }
-
-    const index = encodeIndex(assembler.entries)
-    const indexOffset = file.append(index)
-    const zeroMapOffset = file.append(Buffer.from(assembler.zeroMap.bytes.buffer, assembler.zeroMap.bytes.byteOffset, assembler.zeroMap.bytes.length))
-    file.append(
-      encodeFooter({
-        indexOffset,
-        chunkCount: geometry.chunkCount,
-        zeroMapOffset,
-        zeroMapSize: assembler.zeroMap.bytes.length,
-        indexCrc: crc32(index),
-        zeroMapCrc: crc32(assembler.zeroMap.bytes),
-        headerCrc: header.readUInt32LE(header.length - 8),
-      }),
-    )
-    fs.fsyncSync(fd)
-    fs.closeSync(fd)
-    fs.renameSync(tempPath, outputPath)
-    renamed = true
-    fsyncDir(dir)
+    appendTail(file, assembler.entries, assembler.zeroMap, header.readUInt32LE(header.length - 8))
+    file.commit()
     return {
       path: outputPath,
       logicalSize: input.logicalSize,
@@ -146,35 +121,7 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
     }
   } finally {
     await pool?.close()
-    if (!renamed) {
-      try {
-        fs.closeSync(fd)
-      } catch {
-        // Already closed after fsync: the rename is what failed.
-      }
-      fs.rmSync(tempPath, {force: true})
-    }
-  }
-}
-
-/** Appends to a file with positioned writes, tracking the size; can read back what it wrote. */
-class SequentialFile {
-  size = 0
-  constructor(readonly fd: number) {}
-
-  append(bytes: Uint8Array): number {
-    const at = this.size
-    let done = 0
-    while (done < bytes.length) done += fs.writeSync(this.fd, bytes, done, bytes.length - done, at + done)
-    this.size += bytes.length
-    return at
-  }
-
-  readBack(position: number, length: number): Buffer {
-    const buf = Buffer.alloc(length)
-    let done = 0
-    while (done < length) done += fs.readSync(this.fd, buf, done, length - done, position + done)
-    return buf
+    file.discard()
   }
 }
 
@@ -191,7 +138,7 @@ class Assembler {
 
   constructor(
     private readonly geometry: Geometry,
-    private readonly file: SequentialFile,
+    private readonly file: AtomicFile,
   ) {
     this.zeroMap = new ZeroMap(geometry.pageCount)
   }

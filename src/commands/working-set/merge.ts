@@ -3,7 +3,7 @@ import fs from 'node:fs'
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../../cli/base-command.js'
-import {writeAtomically} from '../../resume/session.js'
+import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {mergeWorkingSets, parseWorkingSet, type WorkingSetFile} from '../../resume/working-set.js'
 
 export default class WorkingSetMerge extends BaseCommand {
@@ -27,7 +27,7 @@ export default class WorkingSetMerge extends BaseCommand {
     const files = argv as string[]
     const sets: WorkingSetFile[] = files.map((f) => parseWorkingSet(fs.readFileSync(f, 'utf8'), f))
     const merged = mergeWorkingSets(sets, flags.mode as 'union' | 'majority')
-    writeAtomically(flags.output, `${JSON.stringify(merged)}\n`)
+    writeFileAtomically(flags.output, `${JSON.stringify(merged)}\n`)
     this.log(`${flags.output}: ${merged.pages.length} pages from ${merged.runs} runs (${flags.mode})`)
     return {output: flags.output, runs: merged.runs, pages: merged.pages.length, mode: flags.mode}
   }

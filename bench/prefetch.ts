@@ -1,0 +1,125 @@
+/**
+ * bench/prefetch: working-set prefetch and background population on a realistic guest image.
+ * A client (native/fc_client) touches a random subset of pages (--fraction of them); one run with
+ * `uffd resume --record` records the set in one order, then every scenario replays the same set
+ * in another order (the order of faults varies between resumes; the set barely does). Scenarios
+ * run interleaved, medians over --runs, ratios against plain lazy serving and the baseline
+ * handler (one 4 KiB UFFDIO_COPY per fault from the raw file). Population is timed to "all
+ * memory present" against native/copy_floor (bulk UFFDIO_COPY of the same size, no waiter) in the
+ * same run.
+ *
+ *   node --import tsx bench/prefetch.ts --image /work/data/guest-1g.raw [--runs 5] [--fraction 0.1]
+ */
+import fs from 'node:fs'
+import path from 'node:path'
+
+import {arg, median, NATIVE, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
+
+const image = arg('image', '/work/data/guest-1g.raw')
+const runs = Number(arg('runs', '5'))
+const fraction = Number(arg('fraction', '0.1'))
+const work = tempDir('uffd-bench-prefetch-')
+const snapshot = path.join(work, 'image.uffd')
+const size = fs.statSync(image).size
+const pages = Math.ceil(size / 4096)
+
+/** A seeded shuffle (xorshift), so every run of the benchmark uses the same sets. */
+function shuffled(values: number[], seed: number): number[] {
+  let x = seed
+  const out = [...values]
+  for (let i = out.length - 1; i > 0; i--) {
+    x ^= x << 13
+    x ^= x >>> 17
+    x ^= x << 5
+    const j = (x >>> 0) % (i + 1)
+    ;[out[i], out[j]] = [out[j], out[i]]
+  }
+  return out
+}
+
+const set = shuffled(Array.from({length: pages}, (_, p) => p), 12345).slice(0, Math.round(pages * fraction))
+const recordTrace = path.join(work, 'record.trace')
+const replayTrace = path.join(work, 'replay.trace')
+fs.writeFileSync(recordTrace, set.map((p) => String(p * 4096)).join('\n'))
+fs.writeFileSync(replayTrace, shuffled(set, 777).map((p) => String(p * 4096)).join('\n'))
+const workingSet = path.join(work, 'ws.json')
+
+interface Scenario {
+  name: string
+  handler: 'baseline' | 'uffd'
+  args: string[]
+  touch: string[]
+}
+
+const touchReplay = ['--touch', `trace:${replayTrace}`]
+const scenarios: Scenario[] = [
+  {name: 'baseline (4 KiB copy per fault, raw file)', handler: 'baseline', args: [], touch: touchReplay},
+  {name: 'uffd lazy (page per fault)', handler: 'uffd', args: ['--fault-around', 'page', '--readahead', '0', '--decoders', '0'], touch: touchReplay},
+  {name: 'uffd fault-around (chunk)', handler: 'uffd', args: ['--readahead', '0'], touch: touchReplay},
+  {name: 'uffd + working set', handler: 'uffd', args: ['--working-set', workingSet], touch: touchReplay},
+  {name: 'uffd + working set + populate all', handler: 'uffd', args: ['--working-set', workingSet, '--populate', 'all'], touch: touchReplay},
+]
+
+async function resume(args: string[], client: string[], tag: string): Promise<{touchMs: number; stats: any; clientOut: any}> {
+  const socket = path.join(work, `${tag}.sock`)
+  const ready = path.join(work, `${tag}.ready`)
+  const statsFile = path.join(work, `${tag}.stats.json`)
+  fs.rmSync(ready, {force: true})
+  const handler = args[0] === 'baseline'
+    ? start(path.join(NATIVE, 'baseline_handler'), ['--socket', socket, '--mem-file', image, '--ready-file', ready])
+    : start(process.execPath, [UFFD, 'resume', snapshot, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, ...args])
+  try {
+    await waitForFile(ready, 30_000, handler.child)
+    const c = await start(path.join(NATIVE, 'fc_client'), ['--socket', socket, '--image', image, ...client]).done
+    if (c.code !== 0) throw new Error(`fc_client failed (${c.code}): ${c.stderr}`)
+    const h = await handler.done
+    if (h.code !== 0) throw new Error(`handler exited ${h.code}: ${h.stderr}`)
+    const clientOut = JSON.parse(c.stdout.trim().split('\n').pop()!)
+    const stats = args[0] === 'baseline' ? JSON.parse(h.stdout.trim().split('\n').pop()!) : JSON.parse(fs.readFileSync(statsFile, 'utf8'))
+    return {touchMs: clientOut.touch_ns / 1e6, stats, clientOut}
+  } finally {
+    handler.child.kill('SIGKILL')
+  }
+}
+
+async function main(): Promise<void> {
+  const s = run(process.execPath, [UFFD, 'snapshot', '--mem-file', image, '-o', snapshot, '--force'])
+  if (s.code !== 0) throw new Error(s.stderr)
+  // Record the working set once, in the recording order, with the default handler.
+  await resume(['--record', workingSet], ['--touch', `trace:${recordTrace}`], 'record')
+  const recorded = JSON.parse(fs.readFileSync(workingSet, 'utf8')) as {pages: number[]}
+  console.log(`${image}: ${set.length} pages touched (${(fraction * 100).toFixed(0)}%), ${recorded.pages.length} faults recorded`)
+
+  const touch: Record<string, number[]> = {}
+  const faults: Record<string, number[]> = {}
+  const populate: {uffdMs: number[]; floorMs: number[]} = {uffdMs: [], floorMs: []}
+  for (let i = 0; i < runs; i++) {
+    for (const sc of scenarios) {
+      const r = await resume(sc.handler === 'baseline' ? ['baseline'] : sc.args, sc.touch, `r${i}`)
+      ;(touch[sc.name] ??= []).push(r.touchMs)
+      ;(faults[sc.name] ??= []).push(sc.handler === 'baseline' ? r.stats.faults : r.stats.faults.total)
+      process.stderr.write(`run ${i + 1}/${runs} ${sc.name}: ${r.touchMs.toFixed(1)} ms\n`)
+    }
+    // Population to completion (the client touches nothing and waits), then the floor.
+    const p = await resume(['--populate', 'all'], ['--touch', 'none', '--hold-ms', '8000'], `p${i}`)
+    populate.uffdMs.push(p.stats.timeToMemoryCompleteMs)
+    const floor = JSON.parse(run(path.join(NATIVE, 'copy_floor'), ['--size', String(size)]).stdout) as {copy_ns: number}
+    populate.floorMs.push(floor.copy_ns / 1e6)
+    process.stderr.write(`run ${i + 1}/${runs} populate all: ${p.stats.timeToMemoryCompleteMs} ms, copy floor ${(floor.copy_ns / 1e6).toFixed(0)} ms\n`)
+  }
+  const lazy = median(touch[scenarios[1].name])
+  const base = median(touch[scenarios[0].name])
+  const rows = scenarios.map((sc) => {
+    const ms = median(touch[sc.name])
+    return [sc.name, ms.toFixed(1), String(Math.round(median(faults[sc.name]))), `${(lazy / ms).toFixed(2)}x`, `${(base / ms).toFixed(2)}x`]
+  })
+  console.log(`\nreplaying a recorded ${(fraction * 100).toFixed(0)}% working set in a new order (${image}, medians of ${runs} runs)\n`)
+  console.log(table(['handler', 'touch ms', 'faults', 'speed vs lazy', 'speed vs baseline'], rows))
+  const u = median(populate.uffdMs)
+  const f = median(populate.floorMs)
+  console.log(`\npopulate all: memory complete after ${u.toFixed(0)} ms; bulk UFFDIO_COPY floor ${f.toFixed(0)} ms; ratio ${(u / f).toFixed(2)}x the floor`)
+  console.log(`\nresults: ${writeResults('prefetch', {image, runs, fraction, touch, faults, populate, rows})}`)
+  fs.rmSync(work, {recursive: true, force: true})
+}
+
+await main()

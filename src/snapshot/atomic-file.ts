@@ -1,0 +1,84 @@
+import fs from 'node:fs'
+import path from 'node:path'
+import {crc32} from 'node:zlib'
+
+import {type ChunkEntry, encodeFooter, encodeIndex} from '../format/index-table.js'
+import {type ZeroMap} from '../format/zero-map.js'
+import {fsyncDir} from '../sys/file.js'
+
+/**
+ * A file written by appending to a temporary file next to its destination, then fsync'd and
+ * renamed over it: readers see the old file or the complete new one, never a part. discard()
+ * (after any failure) removes the temporary file and changes nothing else.
+ */
+export class AtomicFile {
+  size = 0
+  private fd: number | undefined
+  private readonly tempPath: string
+
+  constructor(readonly destination: string) {
+    const dir = path.dirname(path.resolve(destination))
+    this.tempPath = path.join(dir, `.${path.basename(destination)}.${process.pid}.${Date.now().toString(36)}.tmp`)
+    this.fd = fs.openSync(this.tempPath, 'wx+', 0o644)
+  }
+
+  append(bytes: Uint8Array): number {
+    const at = this.size
+    let done = 0
+    while (done < bytes.length) done += fs.writeSync(this.fd!, bytes, done, bytes.length - done, at + done)
+    this.size += bytes.length
+    return at
+  }
+
+  readBack(position: number, length: number): Buffer {
+    const buf = Buffer.alloc(length)
+    let done = 0
+    while (done < length) done += fs.readSync(this.fd!, buf, done, length - done, position + done)
+    return buf
+  }
+
+  commit(): void {
+    fs.fsyncSync(this.fd!)
+    fs.closeSync(this.fd!)
+    this.fd = undefined
+    fs.renameSync(this.tempPath, this.destination)
+    fsyncDir(path.dirname(path.resolve(this.destination)))
+  }
+
+  /** Removes the temporary file unless committed; safe to call more than once. */
+  discard(): void {
+    if (this.fd === undefined && !fs.existsSync(this.tempPath)) return
+    if (this.fd !== undefined) fs.closeSync(this.fd)
+    this.fd = undefined
+    fs.rmSync(this.tempPath, {force: true})
+  }
+}
+
+/** Appends the chunk index, the zero map and the footer that finds them: the end of every snapshot. */
+export function appendTail(file: AtomicFile, entries: readonly ChunkEntry[], zeroMap: ZeroMap, headerCrc: number): void {
+  const index = encodeIndex(entries)
+  const indexOffset = file.append(index)
+  const zeroMapOffset = file.append(zeroMap.bytes)
+  file.append(
+    encodeFooter({
+      indexOffset,
+      chunkCount: entries.length,
+      zeroMapOffset,
+      zeroMapSize: zeroMap.bytes.length,
+      indexCrc: crc32(index),
+      zeroMapCrc: crc32(zeroMap.bytes),
+      headerCrc,
+    }),
+  )
+}
+
+/** Writes a small file atomically (a ready file, statistics, a working set). */
+export function writeFileAtomically(file: string, text: string): void {
+  const out = new AtomicFile(file)
+  try {
+    out.append(Buffer.from(text))
+    out.commit()
+  } finally {
+    out.discard()
+  }
+}
