@@ -46,6 +46,7 @@ const allScenarios: Scenario[] = [
   {name: 'uffd fault-around 2M', handler: 'uffd', handlerArgs: ['--fault-around', '2M', '--readahead', '0', '--decoders', '0']},
   {name: 'uffd default (chunk + readahead)', handler: 'uffd', handlerArgs: []},
   {name: 'uffd --populate all', handler: 'uffd', handlerArgs: ['--populate', 'all']},
+  {name: 'uffd default + --record', handler: 'uffd', handlerArgs: ['--record', path.join(work, 'bench.ws')]},
 ]
 
 const scenarios = only ? allScenarios.filter((s, i) => i === 0 || only.split(',').some((o) => s.name.includes(o))) : allScenarios
