@@ -4,6 +4,7 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand, InterruptedError} from '../cli/base-command.js'
 import {formatBytes, parseSize} from '../core/units.js'
+import {runCriuResume} from '../resume/criu-session.js'
 import {type ResumeResult, runResume} from '../resume/session.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 
@@ -11,12 +12,15 @@ export default class Resume extends BaseCommand {
   static override summary = 'Serve a snapshot to a VMM or process as its userfaultfd page-fault handler.'
   static override description = `Listens on a Unix socket for Firecracker's Uffd memory backend handshake (the VMM sends its memory regions as JSON and the userfaultfd as SCM_RIGHTS), then serves every page fault from the snapshot: the faulting chunk is decoded (and cached), verified against its checksum, and the missing pages around the fault are installed with one UFFDIO_COPY; zero pages are mapped with UFFDIO_ZEROPAGE. Memory the client removes (balloon, UFFD_EVENT_REMOVE) reads as zeros afterwards.
 
-Ready when the socket exists (and --ready-file is written); "listening on PATH" is logged to stderr. Ends with exit 0 when the client exits. On a corrupt chunk or any error that makes correct serving impossible the client is killed (pid from SO_PEERCRED) and the exit code is 1; with --no-kill the client is left frozen instead, never fed wrong bytes. SIGINT/SIGTERM stop the handler (killing clients that still depend on it, unless --no-kill; exit 130). SIGUSR1 prints live statistics to stderr.`
+Ready when the socket exists (and --ready-file is written); "listening on PATH" is logged to stderr. Ends with exit 0 when the client exits. On a corrupt chunk or any error that makes correct serving impossible the client is killed (pid from SO_PEERCRED) and the exit code is 1; with --no-kill the client is left frozen instead, never fed wrong bytes. SIGINT/SIGTERM stop the handler (killing clients that still depend on it, unless --no-kill; exit 130). SIGUSR1 prints live statistics to stderr.
+
+With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\` instead (in place of \`criu lazy-pages\`), serving a snapshot made with \`uffd snapshot --criu-dir DIR\`: it listens on lazy-pages.socket in --work-dir (default DIR, criu restore's own default working directory), takes each restored task's pid and userfaultfd, serves its faults, follows fork (the child is served too), mremap, munmap and MADV_DONTNEED, and once the restore finished fills all remaining memory in the background. Exit 0 when every task's memory has been delivered (the tasks then run on without the handler) or the tasks are gone; on a fatal error the restored tasks and their descendants are killed (unless --no-kill) and the exit code is 1.`
 
   static override examples = [
     '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock',
     '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock --ready-file /tmp/ready --stats-file run.json',
     '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock --serve --cache-mb 1024',
+    '<%= config.bin %> resume app.uffd --criu-dir /tmp/dump &  criu restore -D /tmp/dump --lazy-pages --shell-job -d',
   ]
 
   static override args = {
@@ -24,7 +28,9 @@ Ready when the socket exists (and --ready-file is written); "listening on PATH" 
   }
 
   static override flags = {
-    socket: Flags.string({summary: 'Unix socket to listen on (created 0600; a stale socket file is replaced).', required: true}),
+    socket: Flags.string({summary: 'Unix socket to listen on (created 0600; a stale socket file is replaced).', exactlyOne: ['socket', 'criu-dir']}),
+    'criu-dir': Flags.string({summary: 'Serve `criu restore --lazy-pages` of this CRIU dump (the one the snapshot was made from) instead of a VMM.', exactlyOne: ['socket', 'criu-dir'], exclusive: ['serve', 'record', 'working-set']}),
+    'work-dir': Flags.string({summary: 'With --criu-dir: criu restore\'s --work-dir, where it looks for lazy-pages.socket [default: the --criu-dir].', dependsOn: ['criu-dir']}),
     timeout: Flags.integer({summary: 'Seconds to wait for the client to connect and send its handshake; 0 waits forever.', default: 60, min: 0}),
     'ready-file': Flags.string({summary: 'Written (atomically) once the socket is listening, for scripts to wait on.'}),
     serve: Flags.boolean({summary: 'Keep accepting clients (VMs resumed from the same snapshot share one decoded-chunk cache) until SIGINT/SIGTERM.', default: false}),
@@ -61,29 +67,36 @@ Ready when the socket exists (and --ready-file is written); "listening on PATH" 
     process.on('SIGTERM', onStop)
     process.on('SIGUSR1', onUsr1)
     let result: ResumeResult
+    const common = {
+      snapshotPath: args.snapshot,
+      timeoutMs: flags.timeout * 1000,
+      readyFile: flags['ready-file'],
+      kill: flags.kill,
+      cacheBytes: flags['cache-mb'] * 1024 * 1024,
+      faultAroundBytes,
+      spinMicros: flags['spin-us'],
+      decoders: flags.decoders ?? os.availableParallelism(),
+      readaheadBytes: this.size(flags.readahead, '--readahead'),
+      statsFile: flags['stats-file'],
+      signal: controller.signal,
+      log: (line: string) => process.stderr.write(`uffd resume: ${line}\n`),
+      onStats: (statsOf: () => unknown) => {
+        current = {stats: statsOf}
+      },
+    }
     try {
-      result = await runResume({
-        snapshotPath: args.snapshot,
-        socketPath: flags.socket,
-        timeoutMs: flags.timeout * 1000,
-        readyFile: flags['ready-file'],
-        serve: flags.serve,
-        kill: flags.kill,
-        cacheBytes: flags['cache-mb'] * 1024 * 1024,
-        faultAroundBytes,
-        spinMicros: flags['spin-us'],
-        decoders: flags.decoders ?? os.availableParallelism(),
-        readaheadBytes: this.size(flags.readahead, '--readahead'),
-        populateAll: flags.populate === 'all',
-        recordFile: flags.record,
-        workingSetFile: flags['working-set'],
-        statsFile: flags['stats-file'],
-        signal: controller.signal,
-        log: (line) => process.stderr.write(`uffd resume: ${line}\n`),
-        onStats: (statsOf) => {
-          current = {stats: statsOf}
-        },
-      })
+      if (flags['criu-dir']) {
+        result = await runCriuResume({...common, criuDir: flags['criu-dir'], workDir: flags['work-dir'] ?? flags['criu-dir']})
+      } else {
+        result = await runResume({
+          ...common,
+          socketPath: flags.socket!,
+          serve: flags.serve,
+          populateAll: flags.populate === 'all',
+          recordFile: flags.record,
+          workingSetFile: flags['working-set'],
+        })
+      }
     } finally {
       process.off('SIGINT', onStop)
       process.off('SIGTERM', onStop)

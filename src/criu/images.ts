@@ -435,6 +435,25 @@ export function isSharedVma(vma: CriuVma): boolean {
   return (vma.flags & MAP_SHARED) !== 0
 }
 
+const MAP_PRIVATE = 0x02
+const MAP_ANONYMOUS = 0x20
+const MAP_LOCKED = 0x2000
+const MAP_HUGETLB = 0x40000
+
+/**
+ * Whether `criu restore --lazy-pages` leaves this VMA's pages to the lazy-pages daemon: it
+ * registers exactly these with the task's userfaultfd (vma_entry_can_be_lazy in criu/include/vma.h:
+ * private anonymous memory that is neither locked, hugetlb, nor one the kernel provides).
+ */
+export function isLazyVma(vma: CriuVma): boolean {
+  return (
+    (vma.flags & MAP_ANONYMOUS) !== 0 &&
+    (vma.flags & MAP_PRIVATE) !== 0 &&
+    (vma.flags & (MAP_LOCKED | MAP_HUGETLB)) === 0 &&
+    (vma.status & (VMA_AREA_VDSO | VMA_AREA_VVAR | VMA_AREA_VSYSCALL)) === 0
+  )
+}
+
 /** Whether a VMA maps a file (its name is then the file's path). */
 export function isFileVma(vma: CriuVma): boolean {
   return (vma.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED | VMA_AREA_MEMFD)) !== 0

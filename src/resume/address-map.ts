@@ -11,11 +11,39 @@ export interface Location {
  * (one or two for a Firecracker guest), so a sorted array with a last-hit shortcut beats a tree.
  */
 export class AddressMap {
-  private readonly regions: readonly GuestRegion[]
+  private regions: readonly GuestRegion[]
   private last = 0
 
   constructor(regions: readonly GuestRegion[]) {
     this.regions = [...regions].sort((a, b) => a.baseHostVirtAddr - b.baseHostVirtAddr)
+  }
+
+  /**
+   * Follows munmap(start, end): the addresses no longer map to the image. (A restored process
+   * can map something new there later; it is not ours, and must not resolve to snapshot pages.)
+   */
+  unmap(start: number, end: number): void {
+    this.regions = this.regions.flatMap((r) => cut(r, start, end).outside)
+    this.last = 0
+  }
+
+  /**
+   * Follows mremap moving `len` bytes from `from` to `to`: the kernel moves the page tables, so
+   * pages already installed stay installed and missing ones stay missing, at the new address;
+   * the image offsets behind them do not change. Whatever was mapped at the destination before
+   * was unmapped by the move.
+   */
+  remap(from: number, to: number, len: number): void {
+    const kept = this.regions.flatMap((r) => cut(r, to, to + len).outside)
+    const moved: GuestRegion[] = []
+    const stay: GuestRegion[] = []
+    for (const r of kept) {
+      const {inside, outside} = cut(r, from, from + len)
+      stay.push(...outside)
+      for (const piece of inside) moved.push({...piece, baseHostVirtAddr: to + (piece.baseHostVirtAddr - from)})
+    }
+    this.regions = [...stay, ...moved].sort((a, b) => a.baseHostVirtAddr - b.baseHostVirtAddr)
+    this.last = 0
   }
 
   locate(address: number): Location | undefined {
@@ -48,6 +76,19 @@ export class AddressMap {
   }
 }
 
+/** Splits a region at [start, end): the piece inside (if any) and the pieces outside. */
+function cut(r: GuestRegion, start: number, end: number): {inside: GuestRegion[]; outside: GuestRegion[]} {
+  const rEnd = r.baseHostVirtAddr + r.size
+  const from = Math.max(start, r.baseHostVirtAddr)
+  const to = Math.min(end, rEnd)
+  if (from >= to) return {inside: [], outside: [r]}
+  const piece = (a: number, b: number): GuestRegion => ({...r, baseHostVirtAddr: a, size: b - a, offset: r.offset + (a - r.baseHostVirtAddr)})
+  const outside: GuestRegion[] = []
+  if (r.baseHostVirtAddr < from) outside.push(piece(r.baseHostVirtAddr, from))
+  if (to < rEnd) outside.push(piece(to, rEnd))
+  return {inside: [piece(from, to)], outside}
+}
+
 export const PAGE_MISSING = 0
 export const PAGE_PRESENT = 1
 /** Dropped by the client (UFFD_EVENT_REMOVE, e.g. a balloon): must read as zeros if touched again. */
@@ -61,9 +102,20 @@ export const PAGE_REMOVED = 2
 export class PageStates {
   readonly states: Uint8Array
   presentCount = 0
+  /** Pages no longer missing (present or removed): none of them will be filled from the image. */
+  settledCount = 0
 
   constructor(readonly pageCount: number) {
     this.states = new Uint8Array(pageCount)
+  }
+
+  /** An independent copy (a forked child starts with its parent's page tables). */
+  clone(): PageStates {
+    const copy = new PageStates(this.pageCount)
+    copy.states.set(this.states)
+    copy.presentCount = this.presentCount
+    copy.settledCount = this.settledCount
+    return copy
   }
 
   get(page: number): number {
@@ -73,6 +125,7 @@ export class PageStates {
   markPresent(first: number, count: number): void {
     for (let p = first; p < first + count; p++) {
       if (this.states[p] !== PAGE_PRESENT) {
+        if (this.states[p] === PAGE_MISSING) this.settledCount++
         this.states[p] = PAGE_PRESENT
         this.presentCount++
       }
@@ -82,6 +135,7 @@ export class PageStates {
   markRemoved(first: number, count: number): void {
     for (let p = first; p < first + count; p++) {
       if (this.states[p] === PAGE_PRESENT) this.presentCount--
+      else if (this.states[p] === PAGE_MISSING) this.settledCount++
       this.states[p] = PAGE_REMOVED
     }
   }

@@ -27,15 +27,33 @@ export class Client {
   /** Pages inside the client's regions: memory is complete when all are present or removed. */
   readonly regionPages: number
 
+  /**
+   * `nonCooperative`: a process restored by CRIU, which does not announce its memory layout
+   * changes but lets the kernel report them (fork, mremap, munmap): its faults outside the
+   * snapshot's regions are fresh memory, and its mappings can be split or moved under us.
+   */
   constructor(
     readonly id: number,
     readonly uffd: number,
     regions: readonly GuestRegion[],
     geometry: Geometry,
+    readonly nonCooperative = false,
+    inherited?: {states: PageStates; regionPages: number},
   ) {
     this.map = new AddressMap(regions)
-    this.states = new PageStates(geometry.pageCount)
-    this.regionPages = regions.reduce((sum, r) => sum + r.size / geometry.pageSize, 0)
+    this.states = inherited?.states ?? new PageStates(geometry.pageCount)
+    this.regionPages = inherited?.regionPages ?? regions.reduce((sum, r) => sum + r.size / geometry.pageSize, 0)
+  }
+
+  /**
+   * The client for a child this process forked (UFFD_EVENT_FORK), with the child's new uffd:
+   * fork copies the page tables, so what is present here is present there and what is missing
+   * is missing there too. While the event is unread the kernel fails copies into the parent with
+   * EAGAIN (mmap_changing), so the parent's states are exactly the child's at this point.
+   */
+  fork(id: number, uffd: number, geometry: Geometry): Client {
+    // Unmapped pages are settled in the copy as they are here, so the total stays the parent's.
+    return new Client(id, uffd, this.map.all, geometry, true, {states: this.states.clone(), regionPages: this.regionPages})
   }
 }
 
@@ -99,6 +117,14 @@ export class FaultServer {
 
   serve(client: Client, fault: PendingFault): ServeOutcome {
     const location = client.map.locate(fault.address)
+    if (!location && client.nonCooperative) {
+      // A restored process's registered memory that was not in the dump: a mapping grown with
+      // mremap (it keeps the registration), or a PROT_NONE reservation made accessible since.
+      // Such memory did not exist at dump time, so it is fresh anonymous memory: zeros.
+      const outcome = this.zeroOutside(client, fault.address - (fault.address % this.pageSize))
+      if (outcome === 'served') this.recordServed(fault, 'faultsZero')
+      return outcome
+    }
     if (!location) {
       throw new FatalServeError(`fault at ${hex(fault.address)} lies outside every memory region the client announced`, 'FAULT_OUTSIDE_REGIONS')
     }
@@ -133,6 +159,18 @@ export class FaultServer {
       }
     }
     return outcome
+  }
+
+  private zeroOutside(client: Client, address: number): ServeOutcome {
+    const result = this.huge ? uffdCopy(client.uffd, address, addressOf((this.zeroSource ??= Buffer.alloc(this.pageSize))), this.pageSize) : uffdZeropage(client.uffd, address, this.pageSize)
+    if (result.error === Errno.EAGAIN) return 'retry'
+    if (result.error === Errno.ESRCH) return 'gone'
+    // EEXIST: another thread's fault installed it; ENOENT: no longer registered (unmapped
+    // meanwhile). Either way the faulting thread only needs waking to retry its access.
+    if (result.error === Errno.EEXIST || result.error === Errno.ENOENT) uffdWake(client.uffd, address, this.pageSize)
+    else if (result.error !== 0) throw new FatalServeError(`unexpected ${errnoName(result.error)} zeroing the page at ${hex(address)}`, errnoName(result.error))
+    else this.stats.add('pagesZeroed')
+    return 'served'
   }
 
   private recordServed(fault: PendingFault, kind: 'faultsData' | 'faultsZero' | 'faultsRemoved' | 'faultsAlreadyPresent'): void {
@@ -209,16 +247,18 @@ export class FaultServer {
       this.zeroSource ??= Buffer.alloc(this.pageSize)
     }
     let done = 0
+    // Bytes per ioctl; drops to one page when a range turns out to span several VMAs.
+    let step = length
     while (done < length) {
       let result: FillResult
       if (!zero) {
-        result = uffdCopy(client.uffd, dst + done, source + done, length - done)
+        result = uffdCopy(client.uffd, dst + done, source + done, Math.min(step, length - done))
         this.stats.add('copyIoctls')
       } else if (this.huge) {
         result = uffdCopy(client.uffd, dst + done, addressOf(this.zeroSource!), this.pageSize)
         this.stats.add('copyIoctls')
       } else {
-        result = uffdZeropage(client.uffd, dst + done, length - done)
+        result = uffdZeropage(client.uffd, dst + done, Math.min(step, length - done))
         this.stats.add('zeropageIoctls')
       }
       if (result.done > 0) {
@@ -241,6 +281,17 @@ export class FaultServer {
         // No progress: the client's address space is changing (a REMOVE/UNMAP event is queued
         // and unread); read the events first, then retry this fault.
         if (result.done === 0) return 'retry'
+      } else if (result.error === Errno.ENOENT && client.nonCooperative) {
+        // A copy must lie inside one registered VMA. A restored process may have split one
+        // (mprotect of part of it) or unregistered part of it: go page by page; a single page
+        // the kernel still refuses is not registered memory, so no fault can ever ask for it.
+        if (step > this.pageSize) {
+          step = this.pageSize
+          continue
+        }
+        uffdWake(client.uffd, dst + done, this.pageSize)
+        client.states.markRemoved(first + done / this.pageSize, 1)
+        done += this.pageSize
       } else if (result.error === Errno.ENOENT || result.error === Errno.ESRCH) {
         // The mapping or the whole process is gone.
         return 'gone'
@@ -273,6 +324,6 @@ export class FaultServer {
 
   /** Pages that are present or removed, of all the client's region pages. */
   isComplete(client: Client): boolean {
-    return client.states.presentCount >= client.regionPages
+    return client.states.settledCount >= client.regionPages
   }
 }

@@ -52,6 +52,10 @@ interface ClientState {
 }
 
 const clients = new Map<number, ClientState>()
+/** Forked children get ids the main thread never hands out (it counts up from 1). */
+let nextForkId = 1 << 30
+/** After CRIU's restore finished: every client, forked ones too, is populated in the background. */
+let populating = false
 let pollSet: PollSet
 let polled: {kind: 'control' | 'decoded' | 'uffd' | 'pidfd' | 'socket'; state?: ClientState}[] = []
 let stopping = false
@@ -89,14 +93,32 @@ function handleControl(): void {
     const message = m.message as ToWorker
     if (message.type === 'stop') {
       stopping = true
+    } else if (message.type === 'populate') {
+      populating = true
+      for (const state of clients.values()) if (!state.failed) prefetcher.populate(state.client)
     } else {
       clock.start()
-      const client = new Client(message.id, message.uffd, message.regions, reader.geometry)
+      const client = new Client(message.id, message.uffd, message.regions, reader.geometry, message.nonCooperative)
       clients.set(message.id, {client, pidfd: message.pidfd, socket: message.socket, failed: false})
       prefetcher.addClient(client, config.workingSetChunks)
       stats.add('clients')
     }
   }
+  rebuildPollSet()
+}
+
+/**
+ * A restored process forked: serve the child through the uffd the event carried. The child's
+ * pid is not in the event, so there is no pidfd: the child is gone when copies into it fail
+ * with ESRCH (its mm is gone); a uffd never reports the end of its process by itself.
+ */
+function addForkedClient(parent: ClientState, ufd: number): void {
+  const child = parent.client.fork(nextForkId++, ufd, reader.geometry)
+  clients.set(child.id, {client: child, pidfd: -1, socket: -1, failed: false})
+  prefetcher.addClient(child)
+  if (populating) prefetcher.populate(child)
+  stats.add('clients')
+  post({type: 'forked', id: child.id, parent: parent.client.id})
   rebuildPollSet()
 }
 
@@ -146,15 +168,19 @@ function drain(state: ClientState): void {
             client.states.markRemoved(Math.floor(first), pages)
             stats.add('removedPages', pages)
           }
+          if (m.kind === 'unmap' && client.nonCooperative) client.map.unmap(m.start, m.end)
           break
         }
         case 'remap':
           stats.add('remapEvents')
-          throw new FatalServeError(`the client moved memory with mremap (0x${m.from.toString(16)} -> 0x${m.to.toString(16)}), which this handler does not follow`, 'UNSUPPORTED_EVENT')
+          if (!client.nonCooperative) throw new FatalServeError(`the client moved memory with mremap (0x${m.from.toString(16)} -> 0x${m.to.toString(16)}), which this handler does not follow`, 'UNSUPPORTED_EVENT')
+          client.map.remap(m.from, m.to, m.len)
+          break
         case 'fork':
           stats.add('forkEvents')
+          if (client.nonCooperative) addForkedClient(state, m.ufd)
           // A child's uffd we do not serve; closing it lets the child's faults be handled normally.
-          closeFd(m.ufd)
+          else closeFd(m.ufd)
           break
         case 'unknown':
           throw new FatalServeError(`unknown userfaultfd event 0x${m.event.toString(16)}`, 'UNSUPPORTED_EVENT')
@@ -242,7 +268,10 @@ function loop(): void {
       guarded(state, () => {
         const outcome = servePending(state)
         if (outcome === 'retry') retry = true
-        if (outcome === 'gone') state.client.pending.length = 0
+        if (outcome === 'gone') {
+          state.client.pending.length = 0
+          if (state.pidfd < 0 && state.socket < 0) endClient(state, 'gone')
+        }
       })
       if (state.client.pending.length > 0) faultsQueued = true
     }
@@ -261,7 +290,11 @@ function loop(): void {
       } else if (step.result === 'outcome') {
         const state = clients.get(step.client.id)
         if (step.outcome === 'retry') retry = true
-        else if (state && step.outcome === 'gone') prefetcher.removeClient(state.client)
+        else if (state && step.outcome === 'gone') {
+          // Without a pidfd (a forked child), a failed copy is the only sign the process is gone.
+          if (state.pidfd < 0 && state.socket < 0) endClient(state, 'gone')
+          else prefetcher.removeClient(state.client)
+        }
         prefetchState = 'busy'
       } else {
         prefetchState = step.result

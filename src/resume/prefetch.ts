@@ -58,19 +58,23 @@ export class Prefetcher {
 
   /** `first`: chunks to install before anything else (a recorded working set), in order. */
   addClient(client: Client, first: readonly number[] = []): void {
-    const background: number[] = []
-    if (this.options.populateAll) {
-      const seen = new Set<number>()
-      for (const r of client.map.imagePageRanges(this.reader.geometry.pageSize)) {
-        for (let c = Math.floor(r.firstPage / this.pagesPerChunk); c * this.pagesPerChunk < r.endPage; c++) {
-          if (!seen.has(c)) background.push(c)
-          seen.add(c)
-        }
-      }
-    }
     const urgent = first.filter((chunk) => this.needed(client, chunk))
     this.stats.add('workingSetChunks', urgent.length)
-    this.queues.set(client.id, {client, urgent, urgentAt: 0, background, backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false})
+    this.queues.set(client.id, {client, urgent, urgentAt: 0, background: [], backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false})
+    if (this.options.populateAll) this.populate(client)
+  }
+
+  /** Queues all of the client's memory for background population (once). */
+  populate(client: Client): void {
+    const q = this.queues.get(client.id)
+    if (!q || q.background.length > 0) return
+    const seen = new Set<number>()
+    for (const r of client.map.imagePageRanges(this.reader.geometry.pageSize)) {
+      for (let c = Math.floor(r.firstPage / this.pagesPerChunk); c * this.pagesPerChunk < r.endPage; c++) {
+        if (!seen.has(c)) q.background.push(c)
+        seen.add(c)
+      }
+    }
   }
 
   removeClient(client: Client): void {

@@ -13,13 +13,19 @@ export type ToWorker =
       /** The client's handshake socket: EOF ends the client when there is no pidfd. */
       socket: number
       regions: GuestRegion[]
+      /** A CRIU-restored task: follow fork/mremap/munmap (see Client). */
+      nonCooperative: boolean
     }
+  /** CRIU's restore finished: fill every client's remaining memory in the background from now on. */
+  | {type: 'populate'}
   | {type: 'stop'}
 
 /** What the worker tells the main thread. */
 export type FromWorker =
   | {type: 'ready'}
   | {type: 'client-ended'; id: number; reason: 'exited' | 'gone' | 'socket-closed'}
+  /** A client forked (UFFD_EVENT_FORK): the child is served as client `id`; its pid is unknown. */
+  | {type: 'forked'; id: number; parent: number}
   /** Every page of the client's memory is present (or removed): it no longer faults. */
   | {type: 'complete'; id: number}
   /** The recorded working set (--record), sent when the worker stops. */

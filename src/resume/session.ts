@@ -54,6 +54,8 @@ export interface ClientSummary {
   pid: number | null
   regions: GuestRegion[]
   ended: 'exited' | 'gone' | 'socket-closed' | 'killed' | 'running'
+  /** Every page of its memory was delivered (it no longer depends on the handler). */
+  complete?: boolean
   error?: {code: string; message: string}
 }
 
@@ -69,9 +71,9 @@ export interface ResumeResult {
 /** Handshake JSON can arrive after an empty first read; Firecracker's own handlers retry. */
 const HANDSHAKE_READ_TRIES = 3
 /** How long the accept loop blocks before it lets the event loop run (signals, worker messages). */
-const ACCEPT_SLICE_MS = 50
+export const ACCEPT_SLICE_MS = 50
 /** After killing a client, how long to wait for it to exit before giving up on it. */
-const KILL_WAIT_MS = 5000
+export const KILL_WAIT_MS = 5000
 
 export class ResumeError extends Error {
   constructor(
@@ -193,7 +195,7 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
         const id = nextId++
         clients.set(id, {id, pid: accepted.pid, regions: accepted.regions, ended: 'running'})
         if (accepted.pid) pids.set(id, accepted.pid)
-        send({type: 'add', id, uffd: accepted.uffd, pidfd: accepted.pidfd, socket: connection, regions: accepted.regions})
+        send({type: 'add', id, uffd: accepted.uffd, pidfd: accepted.pidfd, socket: connection, regions: accepted.regions, nonCooperative: false})
         options.log(`client ${id}${accepted.pid ? ` (pid ${accepted.pid})` : ''}: ${accepted.regions.length} region(s), ${accepted.regions.reduce((s, r) => s + r.size, 0)} bytes`)
       } catch (error) {
         closeFd(connection)
@@ -299,7 +301,7 @@ function takeHandshake(connection: number, timeoutMs: number, geometry: Snapshot
   }
 }
 
-function killQuietly(pid: number): void {
+export function killQuietly(pid: number): void {
   try {
     process.kill(pid, 'SIGKILL')
   } catch {
@@ -308,7 +310,7 @@ function killQuietly(pid: number): void {
 }
 
 /** Worker messages as awaitable events, and the worker's end as a promise. */
-class WorkerEvents {
+export class WorkerEvents {
   onMessage: ((m: FromWorker) => void) | undefined
   private waiters: ((m: FromWorker | undefined) => void)[] = []
   private failure: Error | undefined

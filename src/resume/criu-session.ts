@@ -1,0 +1,307 @@
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import {MessageChannel} from 'node:worker_threads'
+
+import {isLazyVma, readCriuDump} from '../criu/images.js'
+import {RegionKind} from '../format/constants.js'
+import {startWorker} from '../core/workers.js'
+import {writeFileAtomically} from '../snapshot/atomic-file.js'
+import {SnapshotReader} from '../snapshot/reader.js'
+import {acceptUnix, closeFd, createEventfd, eventfdSignal, listenUnix, pidfdOpen, recvWithFds, SysError} from '../sys/index.js'
+import {type GuestRegion} from './handshake.js'
+import {type FromWorker, type ToWorker, type WorkerConfig} from './protocol.js'
+import {buildReport, RunStats} from './run-stats.js'
+import {ACCEPT_SLICE_MS, type ClientSummary, KILL_WAIT_MS, killQuietly, ResumeError, type ResumeOptions, type ResumeResult, WorkerEvents} from './session.js'
+
+/** The socket name CRIU connects to, relative to its working directory (criu/uffd.c). */
+export const LAZY_PAGES_SOCKET = 'lazy-pages.socket'
+/** "RSTF": sent by `criu restore` once every task is restored (LAZY_PAGES_RESTORE_FINISHED). */
+export const RESTORE_FINISHED = 0x52535446
+
+export type RestoreMessage = {kind: 'task'; pid: number; uffd: number} | {kind: 'zombie'; pid: number} | {kind: 'finished'}
+
+/**
+ * The stream `criu restore --lazy-pages` writes to the lazy-pages socket (send_uffd and
+ * lazy_pages_finish_restore in criu/uffd.c): per task a native-endian int32 pid, then for a live
+ * task a one-byte sendmsg carrying its uffd in SCM_RIGHTS (a zombie is sent as -pid with no fd);
+ * at the end the uint32 RESTORE_FINISHED. No pid reaches 0x52535446 (pid_max is at most 2^22),
+ * so the two cannot be confused. Bytes may arrive split or merged; each fd arrives with its byte.
+ */
+export class RestoreStream {
+  private bytes = Buffer.alloc(0)
+  private readonly fds: number[] = []
+  private readonly little = os.endianness() === 'LE'
+
+  push(data: Buffer, fds: readonly number[]): void {
+    this.bytes = Buffer.concat([this.bytes, data])
+    this.fds.push(...fds)
+  }
+
+  /** The next complete message, or undefined until more arrives. Throws on a malformed stream. */
+  next(): RestoreMessage | undefined {
+    if (this.bytes.length < 4) return undefined
+    const word = this.little ? this.bytes.readInt32LE(0) : this.bytes.readInt32BE(0)
+    if (word === RESTORE_FINISHED) {
+      this.bytes = this.bytes.subarray(4)
+      return {kind: 'finished'}
+    }
+    if (word === 0) throw new ResumeError('criu sent pid 0 on the lazy-pages socket', 'CRIU_PROTOCOL')
+    if (word < 0) {
+      this.bytes = this.bytes.subarray(4)
+      return {kind: 'zombie', pid: -word}
+    }
+    if (this.bytes.length < 5) return undefined
+    const uffd = this.fds.shift()
+    if (uffd === undefined) throw new ResumeError(`criu sent task ${word} without its userfaultfd`, 'CRIU_PROTOCOL')
+    this.bytes = this.bytes.subarray(5)
+    return {kind: 'task', pid: word, uffd}
+  }
+
+  /** Closes fds received but not handed out. */
+  close(): void {
+    for (const fd of this.fds.splice(0)) closeFd(fd)
+  }
+}
+
+export interface CriuResumeOptions extends Pick<ResumeOptions, 'snapshotPath' | 'timeoutMs' | 'readyFile' | 'kill' | 'cacheBytes' | 'faultAroundBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes' | 'statsFile' | 'signal' | 'log' | 'onStats'> {
+  /** The dump the snapshot was made from (`uffd snapshot --criu-dir`), which `criu restore` reads. */
+  criuDir: string
+  /** Where the socket goes: criu restore's working directory (its --work-dir, else the dump dir). */
+  workDir: string
+}
+
+/**
+ * The memory the handler serves for each task: the snapshot regions of the VMAs CRIU registers
+ * with the task's uffd (isLazyVma). Everything else (file mappings, shared memory, the vdso) CRIU
+ * restores itself. Checks that the snapshot was made from this dump.
+ */
+export function lazyRegionsByTask(reader: SnapshotReader, snapshotPath: string, criuDir: string): Map<number, GuestRegion[]> {
+  const dump = readCriuDump(criuDir)
+  const {pageSize} = reader.geometry
+  const meta = reader.header.metadata
+  const snapshotPids = Array.isArray(meta.tasks) ? (meta.tasks as {pid: number}[]).map((t) => t.pid) : []
+  const dumpPids = dump.tasks.map((t) => t.pid)
+  if (meta.source !== 'criu' || snapshotPids.join(',') !== dumpPids.join(',')) {
+    throw new ResumeError(`${snapshotPath} was not made from the CRIU dump in ${criuDir} (uffd snapshot --criu-dir ${criuDir}): its tasks are [${snapshotPids.join(', ')}], the dump's [${dumpPids.join(', ')}]`, 'NOT_THIS_DUMP')
+  }
+  const byTask = new Map<number, GuestRegion[]>()
+  for (const task of dump.tasks) {
+    const lazy = new Set(task.vmas.filter(isLazyVma).map((v) => `${v.start}:${v.end - v.start}`))
+    const regions = reader.header.regions
+      .filter((r) => r.kind === RegionKind.ProcessVma && r.owner === task.pid && lazy.has(`${r.address}:${r.size}`))
+      .map((r) => ({baseHostVirtAddr: r.address, size: r.size, offset: r.imageOffset, pageSize}))
+    byTask.set(task.pid, regions)
+  }
+  return byTask
+}
+
+/** `pids` and every live descendant of theirs (/proc/PID/task/TID/children). */
+function processTree(pids: Iterable<number>): number[] {
+  const out: number[] = []
+  const queue = [...pids]
+  const seen = new Set<number>()
+  while (queue.length > 0) {
+    const pid = queue.shift()!
+    if (seen.has(pid)) continue
+    seen.add(pid)
+    out.push(pid)
+    let tids: string[] = []
+    try {
+      tids = fs.readdirSync(`/proc/${pid}/task`)
+    } catch {
+      continue // gone
+    }
+    for (const tid of tids) {
+      try {
+        for (const child of fs.readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').split(' ')) if (child.trim()) queue.push(Number(child))
+      } catch {
+        // The thread exited meanwhile.
+      }
+    }
+  }
+  return out
+}
+
+/**
+ * Runs `uffd resume --criu-dir`: CRIU's lazy-pages daemon protocol. Listens on
+ * WORKDIR/lazy-pages.socket, takes the one connection of `criu restore --lazy-pages`, serves each
+ * task's faults from the time its uffd arrives (tasks can fault before the restore finishes),
+ * follows forks, mremaps and munmaps (the uffds are opened with the non-cooperative events),
+ * and once the restore finished fills all remaining memory in the background. Ends when every
+ * task's memory is delivered (the uffds are then closed: the kernel serves any later faults
+ * normally) or every task is gone. On a fatal error the restored tree is killed (unless kill is
+ * off): a task whose uffd is released would read zeros where its memory should be.
+ */
+export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeResult> {
+  const reader = SnapshotReader.open(options.snapshotPath)
+  let regionsByTask: Map<number, GuestRegion[]>
+  try {
+    regionsByTask = lazyRegionsByTask(reader, options.snapshotPath, options.criuDir)
+  } finally {
+    reader.close()
+  }
+  const socketPath = path.join(options.workDir, LAZY_PAGES_SOCKET)
+
+  const startedAtDate = new Date()
+  const stats = new RunStats()
+  options.onStats?.(() => buildReport(stats, options.snapshotPath, startedAtDate))
+  const clients = new Map<number, ClientSummary>()
+  /** Pids of the tasks CRIU restored: the roots of what is killed on a fatal error. */
+  const taskPids = new Set<number>()
+  let firstError: {code: string; message: string} | undefined
+  let killed = false
+
+  const controlFd = createEventfd()
+  const channel = new MessageChannel()
+  const config: WorkerConfig = {
+    snapshotPath: options.snapshotPath,
+    cacheBytes: options.cacheBytes,
+    faultAroundBytes: options.faultAroundBytes,
+    spinMicros: options.spinMicros,
+    decoders: options.decoders,
+    readaheadBytes: options.readaheadBytes,
+    // Population starts when the restore finished (the 'populate' message), as CRIU's daemon does.
+    populateAll: false,
+    record: false,
+    workingSetChunks: [],
+    stats: stats.buffer,
+    control: channel.port2,
+    controlFd,
+  }
+  const worker = startWorker(import.meta.url, 'fault-worker', config, [channel.port2])
+  const events = new WorkerEvents(worker)
+  const send = (message: ToWorker): void => {
+    channel.port1.postMessage(message)
+    eventfdSignal(controlFd)
+  }
+  /**
+   * Kills the whole restored tree: a forked child's pid is not in its uffd event, so a failure
+   * of any client can only be contained by killing every task and its descendants.
+   */
+  const killTasks = (why: string): void => {
+    if (!options.kill || killed) return
+    killed = true
+    const tree = processTree(taskPids)
+    options.log(`killing the restored tasks (${tree.join(', ')}): ${why}`)
+    for (const pid of tree) killQuietly(pid)
+  }
+
+  let listenFd = -1
+  let connection = -1
+  const stream = new RestoreStream()
+  let interrupted = false
+  let restoreFinished = false
+  try {
+    await events.next((m) => m.type === 'ready')
+    events.onMessage = (m: FromWorker): void => {
+      if (m.type === 'client-ended') {
+        const c = clients.get(m.id)
+        if (c && c.ended === 'running') c.ended = killed ? 'killed' : m.reason
+        options.log(`client ${m.id} ended (${m.reason})`)
+      } else if (m.type === 'forked') {
+        clients.set(m.id, {id: m.id, pid: null, regions: clients.get(m.parent)?.regions ?? [], ended: 'running'})
+        options.log(`client ${m.parent} forked: its child is client ${m.id}`)
+      } else if (m.type === 'complete') {
+        const c = clients.get(m.id)
+        if (c) c.complete = true
+        options.log(`client ${m.id}: all memory present`)
+      } else if (m.type === 'fatal') {
+        const error = {code: m.code, message: m.message}
+        const c = clients.get(m.id)
+        if (c) c.error = error
+        firstError ??= error
+        options.log(`client ${m.id}: ${m.message}`)
+        if (options.kill) killTasks('a task can no longer be served correctly')
+        else options.log(`client ${m.id} left frozen (--no-kill): its faults will not be served`)
+      }
+    }
+
+    listenFd = listenUnix(socketPath, {mode: 0o600})
+    if (options.readyFile) writeFileAtomically(options.readyFile, `${JSON.stringify({socket: socketPath, pid: process.pid})}\n`)
+    options.log(`listening on ${socketPath}`)
+    const deadline = options.timeoutMs > 0 ? Date.now() + options.timeoutMs : Infinity
+    while (connection < 0 && !options.signal.aborted) {
+      if (Date.now() > deadline) throw new ResumeError(`criu restore --lazy-pages did not connect to ${socketPath} within ${options.timeoutMs / 1000} s`, 'TIMEOUT')
+      connection = acceptUnix(listenFd, ACCEPT_SLICE_MS) ?? -1
+      if (connection < 0) await events.yieldToEventLoop()
+    }
+    // CRIU makes one connection; nobody else is served.
+    closeFd(listenFd)
+    listenFd = -1
+    fs.rmSync(socketPath, {force: true})
+
+    let nextId = 1
+    while (!restoreFinished && !options.signal.aborted) {
+      let received: {data: Buffer; fds: number[]}
+      try {
+        received = recvWithFds(connection, 4096, 8, ACCEPT_SLICE_MS)
+      } catch (error) {
+        if (error instanceof SysError && error.code === 'ETIMEDOUT') {
+          await events.yieldToEventLoop()
+          continue
+        }
+        throw error
+      }
+      if (received.data.length === 0) throw new ResumeError('criu restore closed the lazy-pages socket before the restore finished (see its log)', 'RESTORE_FAILED')
+      stream.push(received.data, received.fds)
+      for (let m = stream.next(); m; m = stream.next()) {
+        if (m.kind === 'finished') {
+          restoreFinished = true
+          options.log('restore finished: filling the remaining memory in the background')
+          send({type: 'populate'})
+        } else if (m.kind === 'zombie') {
+          options.log(`task ${m.pid} is a zombie: no memory to serve`)
+        } else {
+          taskPids.add(m.pid)
+          const regions = regionsByTask.get(m.pid)
+          if (!regions) {
+            closeFd(m.uffd)
+            throw new ResumeError(`criu restored task ${m.pid}, which is not in the snapshot`, 'NOT_THIS_DUMP')
+          }
+          let pidfd: number
+          try {
+            pidfd = pidfdOpen(m.pid)
+          } catch (error) {
+            closeFd(m.uffd)
+            throw error
+          }
+          const id = nextId++
+          clients.set(id, {id, pid: m.pid, regions, ended: 'running'})
+          send({type: 'add', id, uffd: m.uffd, pidfd, socket: -1, regions, nonCooperative: true})
+          options.log(`client ${id} (pid ${m.pid}): ${regions.length} lazy VMA(s), ${regions.reduce((s, r) => s + r.size, 0)} bytes`)
+        }
+      }
+    }
+
+    const pending = (): boolean => [...clients.values()].some((c) => c.ended === 'running' && !c.complete)
+    // After a fatal error with --no-kill the failed task stays frozen (its uffd open, unread)
+    // until it is killed from outside or this handler is stopped.
+    while (!options.signal.aborted && !(firstError && options.kill) && pending()) await events.nextOrAbort(options.signal)
+    interrupted = options.signal.aborted
+    if (interrupted && pending()) killTasks('stopped while they still depend on this handler')
+    // A killed task's uffd is closed by the worker once its pidfd reports the exit.
+    const killWait = Date.now() + KILL_WAIT_MS
+    while (killed && [...clients.values()].some((c) => c.ended === 'running' && c.pid !== null) && Date.now() < killWait) {
+      await events.nextOrTimeout(killWait - Date.now())
+    }
+  } catch (error) {
+    killTasks(error instanceof Error ? error.message : String(error))
+    throw error
+  } finally {
+    stream.close()
+    if (connection >= 0) closeFd(connection)
+    if (listenFd >= 0) {
+      closeFd(listenFd)
+      fs.rmSync(socketPath, {force: true})
+    }
+    send({type: 'stop'})
+    await events.exit()
+    closeFd(controlFd)
+    channel.port1.close()
+  }
+
+  const report = buildReport(stats, options.snapshotPath, startedAtDate)
+  if (options.statsFile) writeFileAtomically(options.statsFile, `${JSON.stringify(report, null, 2)}\n`)
+  return {socket: socketPath, clients: [...clients.values()], stats: report, error: firstError, interrupted}
+}
