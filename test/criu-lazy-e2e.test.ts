@@ -1,0 +1,157 @@
+// uffd resume --criu-dir as the lazy-pages daemon of a real `criu restore --lazy-pages`: a process
+// with a known memory pattern is dumped, converted with `uffd snapshot --criu-dir`, restored
+// lazily and must keep verifying its memory; a process that forks, mremaps, munmaps and discards
+// lazy memory right after the restore must see exactly its memory. Needs root, a working criu
+// (bash scripts/install-criu.sh) and the native programs (make -C native).
+import {type ChildProcess, spawn, spawnSync} from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+
+import {afterAll, beforeAll, describe, expect, it} from 'vitest'
+
+import {cliEnv, isRoot, NATIVE, ROOT, uffd} from './helpers/cli.js'
+
+const MEMORY_PATTERN = path.join(NATIVE, 'memory_pattern')
+const LAZY_MM_OPS = path.join(NATIVE, 'lazy_mm_ops')
+
+function skipReason(): string | undefined {
+  if (process.platform !== 'linux' || process.arch !== 'x64') return 'not Linux on x86_64'
+  if (!isRoot()) return 'not root (criu needs it)'
+  const check = spawnSync('criu', ['check', '--feature', 'uffd-noncoop'], {encoding: 'utf8'})
+  if (check.error) return 'criu is not installed (bash scripts/install-criu.sh installs it)'
+  if (check.status !== 0) return `criu has no non-cooperative userfaultfd here: ${(check.stderr || check.stdout).trim().split('\n').at(-1)}`
+  for (const program of [MEMORY_PATTERN, LAZY_MM_OPS]) if (!fs.existsSync(program)) return `${program} is not built (make -C native)`
+  return undefined
+}
+
+const skip = skipReason()
+if (skip) console.warn(`test/criu-lazy-e2e.test.ts skipped: ${skip}`)
+
+let dir: string
+const pids: number[] = []
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-criu-lazy-'))
+})
+afterAll(() => {
+  for (const pid of pids) {
+    try {
+      process.kill(pid, 'SIGKILL')
+    } catch {
+      // Gone already.
+    }
+  }
+  fs.rmSync(dir, {recursive: true, force: true})
+})
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
+
+async function waitFor<T>(what: string, probe: () => T | undefined, timeoutMs = 30_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const value = probe()
+    if (value !== undefined) return value
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await sleep(20)
+  }
+}
+
+const lines = (file: string): string[] => (fs.existsSync(file) ? fs.readFileSync(file, 'utf8').split('\n').filter(Boolean) : [])
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return !fs.readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z ')
+  } catch {
+    return false
+  }
+}
+
+/**
+ * Starts `command` in its own session with stdout on a file, waits for its first JSON line, dumps
+ * it with criu (which kills it), waits until the pid is free, and converts the dump.
+ */
+async function dumpAndConvert(name: string, command: string): Promise<{out: string; dump: string; snapshot: string; pid: number}> {
+  const out = path.join(dir, `${name}.out`)
+  // criu wants the tree's session to be its own (or --shell-job): a detached sh, exec'd.
+  spawn('sh', ['-c', `exec ${command} > ${out} 2> ${out}.err`], {detached: true, stdio: 'ignore', cwd: dir}).unref()
+  const info = JSON.parse(await waitFor('the first line', () => lines(out)[0])) as {pid: number}
+  pids.push(info.pid)
+  const dump = path.join(dir, `${name}-dump`)
+  fs.mkdirSync(dump)
+  const r = spawnSync('criu', ['dump', '-t', String(info.pid), '-D', dump, '--shell-job', '-o', 'dump.log'], {encoding: 'utf8', timeout: 120_000})
+  expect(r.status, fs.existsSync(path.join(dump, 'dump.log')) ? fs.readFileSync(path.join(dump, 'dump.log'), 'utf8').slice(-2000) : r.stderr).toBe(0)
+  await waitFor('the dumped pid to be free', () => (alive(info.pid) ? undefined : true))
+  const snapshot = path.join(dir, `${name}.uffd`)
+  const snap = uffd(['snapshot', '--criu-dir', dump, '-o', snapshot])
+  expect(snap.status, snap.stderr).toBe(0)
+  return {out, dump, snapshot, pid: info.pid}
+}
+
+/** Starts the handler, restores with criu (detached), and returns the handler's exit. */
+async function lazyRestore(dump: string, snapshot: string, beforeRestore: () => void = () => {}) {
+  const ready = path.join(dir, `${path.basename(dump)}.ready`)
+  const stats = path.join(dir, `${path.basename(dump)}.stats.json`)
+  const handler: ChildProcess = spawn(process.execPath, [path.join(ROOT, 'bin/run.js'), 'resume', snapshot, '--criu-dir', dump, '--ready-file', ready, '--stats-file', stats], {stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv()})
+  let stderr = ''
+  handler.stderr!.on('data', (d) => (stderr += d))
+  const exited = new Promise<number | null>((resolve) => handler.on('exit', (code) => resolve(code)))
+  await waitFor('the handler to listen', () => (fs.existsSync(ready) ? true : undefined))
+  beforeRestore()
+  const restore = spawnSync('criu', ['restore', '-D', dump, '--lazy-pages', '--shell-job', '-d', '-o', 'restore.log'], {encoding: 'utf8', timeout: 120_000})
+  expect(restore.status, fs.readFileSync(path.join(dump, 'restore.log'), 'utf8').slice(-2000)).toBe(0)
+  const code = await Promise.race([exited, sleep(120_000).then(() => 'timeout' as const)])
+  return {code, stderr, stats: JSON.parse(fs.readFileSync(stats, 'utf8'))}
+}
+
+describe.skipIf(skip)('uffd resume --criu-dir with criu restore --lazy-pages', () => {
+  it('restores a 256 MiB process lazily; it keeps verifying its memory after the handler is done', async () => {
+    const {out, dump, snapshot, pid} = await dumpAndConvert('pattern', `${MEMORY_PATTERN} --mib 256 --seed 21 --verify-loop`)
+    const before = lines(out).length
+    const {code, stderr, stats} = await lazyRestore(dump, snapshot)
+    expect(code, stderr).toBe(0)
+    expect(stderr).toMatch(new RegExp(`client 1 \\(pid ${pid}\\)`))
+    expect(stderr).toMatch(/restore finished/)
+    expect(stderr).toMatch(/client 1: all memory present/)
+    // The pattern's pages went through the handler: data copied, zero pages mapped, and faults
+    // served before the background fill got there.
+    expect(stats.pages.copied * 4096).toBeGreaterThan(150 << 20)
+    expect(stats.pages.zeroed).toBeGreaterThan(0)
+    expect(stats.faults.total).toBeGreaterThan(0)
+    // Two more full verifications after the handler exited (uffd closed: every page is present).
+    await waitFor('two more verifications', () => (lines(out).length >= before + 3 ? true : undefined))
+    expect(lines(out).filter((l) => l.includes('"verified":false'))).toEqual([])
+    expect(alive(pid)).toBe(true)
+    process.kill(pid, 'SIGKILL')
+  }, 240_000)
+
+  it('follows fork, mremap, munmap and MADV_DONTNEED of lazy memory right after the restore', async () => {
+    const go = path.join(dir, 'go')
+    const {out, dump, snapshot, pid} = await dumpAndConvert('ops', `${LAZY_MM_OPS} --mib 256 --seed 9 --go ${go}`)
+    // The process acts the moment it runs again, while most of its memory is still lazy.
+    const {code, stderr, stats} = await lazyRestore(dump, snapshot, () => fs.writeFileSync(go, ''))
+    expect(code, stderr).toBe(0)
+    await waitFor('the process to finish', () => (alive(pid) ? undefined : true))
+    expect(lines(out).at(-1), fs.readFileSync(`${out}.err`, 'utf8')).toBe('{"ok":true}')
+    expect(stderr).toMatch(/client 1 forked: its child is client \d+/)
+    expect(stats.events.fork).toBe(1)
+    expect(stats.events.remap).toBeGreaterThanOrEqual(2)
+    expect(stats.events.unmap).toBeGreaterThanOrEqual(1)
+  }, 240_000)
+
+  it('kills nothing and fails when criu restore hangs up before the restore finished', async () => {
+    const {dump, snapshot} = await dumpAndConvert('broken', `${MEMORY_PATTERN} --mib 4 --seed 3 --verify-loop`)
+    // The restore fails (the output file the process had open changed size), after connecting.
+    fs.appendFileSync(path.join(dir, 'broken.out'), 'x')
+    const ready = path.join(dir, 'broken.ready')
+    const handler = spawn(process.execPath, [path.join(ROOT, 'bin/run.js'), 'resume', snapshot, '--criu-dir', dump, '--ready-file', ready], {stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv()})
+    let stderr = ''
+    handler.stderr.on('data', (d) => (stderr += d))
+    const exited = new Promise<number | null>((resolve) => handler.on('exit', (c) => resolve(c)))
+    await waitFor('the handler to listen', () => (fs.existsSync(ready) ? true : undefined))
+    const restore = spawnSync('criu', ['restore', '-D', dump, '--lazy-pages', '--shell-job', '-d', '-o', 'restore.log'], {encoding: 'utf8', timeout: 60_000})
+    expect(restore.status).not.toBe(0)
+    expect(await exited).toBe(1)
+    expect(stderr).toMatch(/criu restore closed the lazy-pages socket before the restore finished/)
+  }, 120_000)
+})
