@@ -1,18 +1,17 @@
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
-import {MessageChannel} from 'node:worker_threads'
 
 import {isLazyVma, readCriuDump} from '../criu/images.js'
 import {RegionKind} from '../format/constants.js'
-import {startWorker} from '../core/workers.js'
 import {writeFileAtomically} from '../snapshot/atomic-file.js'
 import {SnapshotReader} from '../snapshot/reader.js'
-import {acceptUnix, closeFd, createEventfd, eventfdSignal, listenUnix, pidfdOpen, recvWithFds, SysError} from '../sys/index.js'
+import {acceptUnix, closeFd, listenUnix, pidfdOpen, recvWithFds, SysError} from '../sys/index.js'
 import {type GuestRegion} from './handshake.js'
-import {type FromWorker, type ToWorker, type WorkerConfig} from './protocol.js'
-import {buildReport, RunStats} from './run-stats.js'
-import {ACCEPT_SLICE_MS, type ClientSummary, KILL_WAIT_MS, killQuietly, ResumeError, type ResumeOptions, type ResumeResult, WorkerEvents} from './session.js'
+import {FaultLoopHost} from './fault-loop-host.js'
+import {type FromWorker, type ToWorker} from './protocol.js'
+import {buildReport} from './run-stats.js'
+import {ACCEPT_SLICE_MS, type ClientSummary, KILL_WAIT_MS, killQuietly, ResumeError, type ResumeOptions, type ResumeResult} from './session.js'
 
 /** The socket name CRIU connects to, relative to its working directory (criu/uffd.c). */
 export const LAZY_PAGES_SOCKET = 'lazy-pages.socket'
@@ -144,17 +143,7 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
   const socketPath = path.join(options.workDir, LAZY_PAGES_SOCKET)
 
   const startedAtDate = new Date()
-  const stats = new RunStats()
-  options.onStats?.(() => buildReport(stats, options.snapshotPath, startedAtDate))
-  const clients = new Map<number, ClientSummary>()
-  /** Pids of the tasks CRIU restored: the roots of what is killed on a fatal error. */
-  const taskPids = new Set<number>()
-  let firstError: {code: string; message: string} | undefined
-  let killed = false
-
-  const controlFd = createEventfd()
-  const channel = new MessageChannel()
-  const config: WorkerConfig = {
+  const loop = new FaultLoopHost({
     snapshotPath: options.snapshotPath,
     cacheBytes: options.cacheBytes,
     faultAroundBytes: options.faultAroundBytes,
@@ -165,16 +154,16 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
     populateAll: false,
     record: false,
     workingSetChunks: [],
-    stats: stats.buffer,
-    control: channel.port2,
-    controlFd,
-  }
-  const worker = startWorker(import.meta.url, 'fault-worker', config, [channel.port2])
-  const events = new WorkerEvents(worker)
-  const send = (message: ToWorker): void => {
-    channel.port1.postMessage(message)
-    eventfdSignal(controlFd)
-  }
+  })
+  const {stats, events} = loop
+  const send = (message: ToWorker): void => loop.send(message)
+  options.onStats?.(() => buildReport(stats, options.snapshotPath, startedAtDate))
+  const clients = new Map<number, ClientSummary>()
+  /** Pids of the tasks CRIU restored: the roots of what is killed on a fatal error. */
+  const taskPids = new Set<number>()
+  let firstError: {code: string; message: string} | undefined
+  let killed = false
+
   /**
    * Kills the whole restored tree: a forked child's pid is not in its uffd event, so a failure
    * of any client can only be contained by killing every task and its descendants.
@@ -295,10 +284,7 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
       closeFd(listenFd)
       fs.rmSync(socketPath, {force: true})
     }
-    send({type: 'stop'})
-    await events.exit()
-    closeFd(controlFd)
-    channel.port1.close()
+    await loop.stop()
   }
 
   const report = buildReport(stats, options.snapshotPath, startedAtDate)

@@ -1,16 +1,12 @@
 import fs from 'node:fs'
 import path from 'node:path'
-import {MessageChannel, type Worker} from 'node:worker_threads'
 
-import {startWorker} from '../core/workers.js'
 import {writeFileAtomically} from '../snapshot/atomic-file.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {attachedWorkingSet} from '../snapshot/relayout.js'
 import {
   acceptUnix,
   closeFd,
-  createEventfd,
-  eventfdSignal,
   listenUnix,
   peerCredentials,
   pidfdOpen,
@@ -18,8 +14,9 @@ import {
   SysError,
 } from '../sys/index.js'
 import {type GuestRegion, HandshakeError, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from './handshake.js'
-import {type FromWorker, type ToWorker, type WorkerConfig} from './protocol.js'
-import {buildReport, type ResumeReport, RunStats} from './run-stats.js'
+import {FaultLoopHost} from './fault-loop-host.js'
+import {type FromWorker, type ToWorker} from './protocol.js'
+import {buildReport, type ResumeReport} from './run-stats.js'
 import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from './working-set.js'
 
 export interface ResumeOptions {
@@ -110,15 +107,7 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   let recording: {pages: number[]; firstTouchMs: number[]} | undefined
 
   const startedAtDate = new Date()
-  const stats = new RunStats()
-  options.onStats?.(() => buildReport(stats, options.snapshotPath, startedAtDate))
-  const clients = new Map<number, ClientSummary>()
-  const pids = new Map<number, number>()
-  let firstError: {code: string; message: string} | undefined
-
-  const controlFd = createEventfd()
-  const channel = new MessageChannel()
-  const config: WorkerConfig = {
+  const loop = new FaultLoopHost({
     snapshotPath: options.snapshotPath,
     cacheBytes: options.cacheBytes,
     faultAroundBytes: options.faultAroundBytes,
@@ -128,16 +117,13 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
     populateAll: options.populateAll,
     record: options.recordFile !== undefined,
     workingSetChunks,
-    stats: stats.buffer,
-    control: channel.port2,
-    controlFd,
-  }
-  const worker = startWorker(import.meta.url, 'fault-worker', config, [channel.port2])
-  const events = new WorkerEvents(worker)
-  const send = (message: ToWorker): void => {
-    channel.port1.postMessage(message)
-    eventfdSignal(controlFd)
-  }
+  })
+  const {stats, events} = loop
+  const send = (message: ToWorker): void => loop.send(message)
+  options.onStats?.(() => buildReport(stats, options.snapshotPath, startedAtDate))
+  const clients = new Map<number, ClientSummary>()
+  const pids = new Map<number, number>()
+  let firstError: {code: string; message: string} | undefined
 
   let listenFd = -1
   let interrupted = false
@@ -245,10 +231,7 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
       closeFd(listenFd)
       fs.rmSync(options.socketPath, {force: true})
     }
-    send({type: 'stop'})
-    await events.exit()
-    closeFd(controlFd)
-    channel.port1.close()
+    await loop.stop()
   }
 
   const report = buildReport(stats, options.snapshotPath, startedAtDate)
@@ -306,75 +289,5 @@ export function killQuietly(pid: number): void {
     process.kill(pid, 'SIGKILL')
   } catch {
     // Already gone.
-  }
-}
-
-/** Worker messages as awaitable events, and the worker's end as a promise. */
-export class WorkerEvents {
-  onMessage: ((m: FromWorker) => void) | undefined
-  private waiters: ((m: FromWorker | undefined) => void)[] = []
-  private failure: Error | undefined
-  private readonly exited: Promise<void>
-
-  constructor(private readonly worker: Worker) {
-    worker.on('message', (m: FromWorker) => {
-      this.onMessage?.(m)
-      for (const w of this.waiters.splice(0)) w(m)
-    })
-    worker.on('error', (error) => {
-      this.failure = error
-      for (const w of this.waiters.splice(0)) w(undefined)
-    })
-    this.exited = new Promise((resolve) => worker.once('exit', () => resolve()))
-    this.exited.then(() => {
-      this.failure ??= new ResumeError('the fault-loop worker stopped unexpectedly', 'WORKER_EXIT')
-      for (const w of this.waiters.splice(0)) w(undefined)
-    })
-  }
-
-  private check(): void {
-    if (this.failure) throw this.failure
-  }
-
-  async next(match: (m: FromWorker) => boolean): Promise<FromWorker> {
-    for (;;) {
-      this.check()
-      const m = await new Promise<FromWorker | undefined>((resolve) => this.waiters.push(resolve))
-      this.check()
-      if (m && match(m)) return m
-    }
-  }
-
-  async nextOrAbort(signal: AbortSignal): Promise<void> {
-    this.check()
-    await new Promise<void>((resolve) => {
-      const done = (): void => {
-        signal.removeEventListener('abort', done)
-        resolve()
-      }
-      signal.addEventListener('abort', done)
-      this.waiters.push(done)
-    })
-    if (!signal.aborted) this.check()
-  }
-
-  async nextOrTimeout(ms: number): Promise<void> {
-    await new Promise<void>((resolve) => {
-      const timer = setTimeout(resolve, Math.max(0, ms))
-      this.waiters.push(() => {
-        clearTimeout(timer)
-        resolve()
-      })
-    })
-  }
-
-  async yieldToEventLoop(): Promise<void> {
-    this.check()
-    await new Promise((resolve) => setImmediate(resolve))
-  }
-
-  async exit(): Promise<void> {
-    if (this.failure instanceof ResumeError && this.failure.code === 'WORKER_EXIT') return
-    await this.exited
   }
 }
