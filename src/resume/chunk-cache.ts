@@ -39,6 +39,23 @@ export class ChunkCache {
     return payload
   }
 
+  has(chunk: number): boolean {
+    return this.entries.has(chunk)
+  }
+
+  /**
+   * Keeps a copy of a payload decoded elsewhere (by the decode pool, whose slots are reused), so
+   * later faults and other clients of the same snapshot find it here instead of decoding again.
+   */
+  adopt(chunk: number, payload: Buffer): void {
+    if (this.entries.has(chunk)) return
+    const copy = this.take(payload.length)
+    payload.copy(copy)
+    this.entries.set(chunk, copy)
+    this.bytes += copy.length
+    this.evict()
+  }
+
   private take(length: number): Buffer {
     const chunkSize = this.reader.geometry.chunkSize
     const reusable = this.spare.pop()

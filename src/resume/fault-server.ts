@@ -314,12 +314,22 @@ export class FaultServer {
     const chunk = this.geometry.chunkOfOffset(page * this.pageSize)
     let payload: Buffer
     try {
-      payload = this.chunkSource?.(chunk) ?? this.cache.payload(chunk)
+      payload = (this.cache.has(chunk) ? undefined : this.chunkSource?.(chunk)) ?? this.cache.payload(chunk)
     } catch (error) {
       if (error instanceof SnapshotFormatError) throw new FatalServeError(error.message, error.code)
       throw error
     }
     return addressOf(payload) + this.payloadIndex[page] * this.pageSize
+  }
+
+  /** True when `chunk`'s payload is decoded in the cache (no decode needed to install it). */
+  isCached(chunk: number): boolean {
+    return this.cache.has(chunk)
+  }
+
+  /** Hands a payload decoded by the decode pool to the cache, for later faults and other clients. */
+  adoptDecoded(chunk: number, payload: Buffer): void {
+    this.cache.adopt(chunk, payload)
   }
 
   /** Pages that are present or removed, of all the client's region pages. */

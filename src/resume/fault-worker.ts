@@ -306,4 +306,7 @@ function loop(): void {
 }
 
 loop()
+// Stop the decoders before this thread exits: a worker torn down while it is still loading its
+// native modules can abort the process.
+await pool?.close()
 process.exit(0)

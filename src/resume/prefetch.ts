@@ -163,7 +163,7 @@ export class Prefetcher {
     ] as const) {
       for (let i = from; i < list.length && i < from + this.pool.slots; i++) {
         const chunk = list[i]
-        if (this.reader.entry(chunk).codec === Codec.None || !this.needed(q.client, chunk)) continue
+        if (this.reader.entry(chunk).codec === Codec.None || this.server.isCached(chunk) || !this.needed(q.client, chunk)) continue
         let clients = this.wanted.get(chunk)
         if (!clients) {
           if (!this.pool.request(chunk)) return
@@ -176,7 +176,7 @@ export class Prefetcher {
 
   /** Can `chunk` be installed without waiting: all zeros, decoded, or no decode pool at all. */
   private readyToInstall(chunk: number): boolean {
-    if (this.reader.entry(chunk).codec === Codec.None || !this.pool) return true
+    if (this.reader.entry(chunk).codec === Codec.None || !this.pool || this.server.isCached(chunk)) return true
     const slot = this.pool.slotOf(chunk)
     if (slot === undefined) return false
     const state = this.pool.state(slot)
@@ -220,8 +220,12 @@ export class Prefetcher {
 
   private release(slot: number): void {
     if (this.pool!.state(slot) === SLOT_READY) {
+      const payload = this.pool!.payload(slot)
       this.stats.add('chunksDecoded')
-      this.stats.add('bytesDecompressed', this.pool!.payload(slot).length)
+      this.stats.add('bytesDecompressed', payload.length)
+      // Worth a copy into the cache only if someone will want this chunk again: another client of
+      // the snapshot, or faults whose window is smaller than a chunk.
+      if (this.queues.size > 1 || this.server.windowPages < this.pagesPerChunk) this.server.adoptDecoded(this.pool!.chunkIn(slot), payload)
     }
     this.pool!.release(slot)
   }
