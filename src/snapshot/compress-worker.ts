@@ -16,6 +16,7 @@ const fds = new Map<string, number>()
 let input = Buffer.alloc(0)
 let payloadScratch = Buffer.alloc(0)
 let zeroPage = Buffer.alloc(0)
+let storedScratch = Buffer.alloc(0)
 
 function fdFor(path: string): number {
   let fd = fds.get(path)
@@ -26,8 +27,34 @@ function fdFor(path: string): number {
   return fd
 }
 
-function readSegments(job: ChunkJob, length: number): void {
-  input.fill(0, 0, length)
+/** The job's chunks as [start, end) offsets in `input`, and whether any segment touches each. */
+function chunkSpans(job: ChunkJob): {start: number; end: number; covered: boolean}[] {
+  let at = 0
+  return job.chunkLengths.map((length) => {
+    const start = at
+    at += length
+    const covered = job.segments.some((s) => s.imageOffset - job.start < at && s.imageOffset - job.start + s.length > start)
+    return {start, end: at, covered}
+  })
+}
+
+/**
+ * Reads the job's segments into `input`, and zeroes the bytes no segment covers, but only in
+ * chunks that have data: a chunk that is all hole is never read, zeroed or scanned.
+ */
+function readSegments(job: ChunkJob, spans: readonly {start: number; end: number; covered: boolean}[]): void {
+  const zeroGap = (from: number, to: number): void => {
+    for (const span of spans) {
+      if (span.covered && span.start < to && span.end > from) input.fill(0, Math.max(from, span.start), Math.min(to, span.end))
+    }
+  }
+  let cursor = 0
+  for (const s of [...job.segments].sort((a, b) => a.imageOffset - b.imageOffset)) {
+    const at = s.imageOffset - job.start
+    if (at > cursor) zeroGap(cursor, at)
+    cursor = Math.max(cursor, at + s.length)
+  }
+  zeroGap(cursor, spans.length ? spans[spans.length - 1].end : 0)
   for (const s of job.segments) {
     const fd = fdFor(s.path)
     let done = 0
@@ -45,16 +72,17 @@ function run(job: ChunkJob): ChunkJobResult {
   if (zeroPage.length !== job.pageSize) zeroPage = Buffer.alloc(job.pageSize)
   const longest = Math.max(...job.chunkLengths)
   if (payloadScratch.length < longest) payloadScratch = Buffer.alloc(longest)
-  readSegments(job, length)
+  const spans = chunkSpans(job)
+  readSegments(job, spans)
 
-  // Its own ArrayBuffer (not the shared pool) so it can be transferred to the main thread, not copied.
-  const stored = Buffer.allocUnsafeSlow(job.chunkLengths.reduce((a, n) => a + maxStoredLength(n), 0))
+  const bound = job.chunkLengths.reduce((a, n) => a + maxStoredLength(n), 0)
+  if (storedScratch.length < bound) storedScratch = Buffer.allocUnsafeSlow(bound)
+  const stored = storedScratch
   const chunks: EncodedChunk[] = []
-  let at = 0
   let storedAt = 0
-  for (const chunkLength of job.chunkLengths) {
-    const bytes = input.subarray(at, at + chunkLength)
-    const covered = job.segments.some((s) => s.imageOffset < job.start + at + chunkLength && s.imageOffset + s.length > job.start + at)
+  for (const {start, end, covered} of spans) {
+    const chunkLength = end - start
+    const bytes = input.subarray(start, end)
     if (covered) {
       const encoded = encodeChunk(bytes, job.pageSize, compressor, zeroPage, payloadScratch)
       encoded.stored.copy(stored, storedAt)
@@ -67,9 +95,13 @@ function run(job: ChunkJob): ChunkJobResult {
       if (pages % 8) zeroBits[zeroBits.length - 1] = (1 << (pages % 8)) - 1
       chunks.push({codec: Codec.None, payloadLength: 0, storedCrc: 0, zeroBits, zeroPages: pages, storedOffset: 0, storedLength: 0})
     }
-    at += chunkLength
   }
-  return {id: job.id, chunks, stored: new Uint8Array(stored.buffer, stored.byteOffset, storedAt)}
+  // Compressed data is a fraction of the job: hand over an exact-size copy (its own ArrayBuffer,
+  // transferred, not cloned) and keep the scratch. Transferring the worst-case-sized buffer made
+  // the main thread collect gigabytes of external memory on a large snapshot.
+  const result = Buffer.allocUnsafeSlow(storedAt)
+  stored.copy(result, 0, 0, storedAt)
+  return {id: job.id, chunks, stored: new Uint8Array(result.buffer, result.byteOffset, storedAt)}
 }
 
 parentPort!.on('message', (job: ChunkJob) => {
