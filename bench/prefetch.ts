@@ -55,7 +55,7 @@ const touchReplay = ['--touch', `trace:${replayTrace}`]
 const scenarios: Scenario[] = [
   {name: 'baseline (4 KiB copy per fault, raw file)', handler: 'baseline', args: [], touch: touchReplay},
   {name: 'uffd lazy (page per fault)', handler: 'uffd', args: ['--fault-around', 'page', '--readahead', '0', '--decoders', '0'], touch: touchReplay},
-  {name: 'uffd fault-around (chunk)', handler: 'uffd', args: ['--readahead', '0'], touch: touchReplay},
+  {name: 'uffd fault-around (chunk)', handler: 'uffd', args: ['--fault-around', 'chunk', '--readahead', '0'], touch: touchReplay},
   {name: 'uffd + working set', handler: 'uffd', args: ['--working-set', workingSet], touch: touchReplay},
   {name: 'uffd + working set + populate all', handler: 'uffd', args: ['--working-set', workingSet, '--populate', 'all'], touch: touchReplay},
 ]

@@ -42,9 +42,9 @@ const only = arg('only', '')
 const allScenarios: Scenario[] = [
   {name: 'baseline (4 KiB copy per fault, raw file)', handler: 'baseline', handlerArgs: []},
   {name: 'uffd lazy: page per fault', handler: 'uffd', handlerArgs: ['--fault-around', 'page', '--readahead', '0', '--decoders', '0']},
-  {name: 'uffd fault-around = chunk', handler: 'uffd', handlerArgs: ['--readahead', '0', '--decoders', '0']},
+  {name: 'uffd fault-around = chunk', handler: 'uffd', handlerArgs: ['--fault-around', 'chunk', '--readahead', '0', '--decoders', '0']},
   {name: 'uffd fault-around 2M', handler: 'uffd', handlerArgs: ['--fault-around', '2M', '--readahead', '0', '--decoders', '0']},
-  {name: 'uffd default (chunk + readahead)', handler: 'uffd', handlerArgs: []},
+  {name: 'uffd default (fault-around auto = 2M, readahead)', handler: 'uffd', handlerArgs: []},
   {name: 'uffd --populate all', handler: 'uffd', handlerArgs: ['--populate', 'all']},
   {name: 'uffd default + --record', handler: 'uffd', handlerArgs: ['--record', path.join(work, 'bench.ws')]},
 ]

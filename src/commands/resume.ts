@@ -36,7 +36,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     serve: Flags.boolean({summary: 'Keep accepting clients (VMs resumed from the same snapshot share one decoded-chunk cache) until SIGINT/SIGTERM.', default: false}),
     kill: Flags.boolean({summary: 'Kill a client that can no longer be served correctly (--no-kill leaves it frozen).', default: true, allowNo: true}),
     'cache-mb': Flags.integer({summary: 'Memory for decoded chunks, MiB.', default: 256, min: 1}),
-    'fault-around': Flags.string({summary: 'Bytes installed around each faulting page: a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size) or "page" (no fault-around).', default: 'chunk'}),
+    'fault-around': Flags.string({summary: 'Bytes installed around each faulting page: a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size), "page" (no fault-around) or "auto" (2 MiB, or the chunk size if larger: a fault round trip costs far more than copying 2 MiB, see docs/BENCHMARKS.md).', default: 'auto'}),
     populate: Flags.string({summary: 'Fill memory ahead of faults: "none" (lazy; sequential readahead only) or "all" (the whole memory in the background, demand faults first).', options: ['none', 'all'], default: 'none'}),
     readahead: Flags.string({summary: 'Most memory installed ahead of a sequential run of faults (a size, 0 to disable).', default: '16M'}),
     decoders: Flags.integer({summary: 'Threads decoding chunks ahead of need [default: number of CPUs]; 0 decodes in the fault loop only.', min: 0, max: 64}),
@@ -126,6 +126,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
   }
 
   private faultAround(text: string, chunkSize: number, pageSize: number): number {
+    if (text === 'auto') return Math.max(2 * 1024 * 1024, chunkSize)
     if (text === 'chunk') return chunkSize
     if (text === 'page') return pageSize
     let bytes: number
