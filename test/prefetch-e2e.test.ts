@@ -80,7 +80,9 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     expect(JSON.parse(recorded.client.stdout).verify_errors).toBe(0)
     const set = JSON.parse(fs.readFileSync(ws, 'utf8'))
     expect(set.kind).toBe('uffd-working-set')
-    expect(set.pages.length).toBe(recorded.stats.faults.data + recorded.stats.faults.zero)
+    // Each fault's whole window is recorded (faulting page first), as fault-around installed it.
+    expect(set.pages.length).toBeGreaterThanOrEqual(recorded.stats.faults.data + recorded.stats.faults.zero)
+    expect(set.pages.length).toBeLessThanOrEqual(recorded.stats.pages.copied + recorded.stats.pages.zeroed)
 
     const attach = uffd(['working-set', 'attach', snapshot, ws, '--json'])
     expect(attach.status, attach.stderr).toBe(0)

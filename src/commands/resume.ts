@@ -40,7 +40,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     populate: Flags.string({summary: 'Fill memory ahead of faults: "none" (lazy; sequential readahead only) or "all" (the whole memory in the background, demand faults first).', options: ['none', 'all'], default: 'none'}),
     readahead: Flags.string({summary: 'Most memory installed ahead of a sequential run of faults (a size, 0 to disable).', default: '16M'}),
     decoders: Flags.integer({summary: 'Threads decoding chunks ahead of need [default: number of CPUs]; 0 decodes in the fault loop only.', min: 0, max: 64}),
-    record: Flags.string({summary: 'Write the working set (pages that faulted, in first-touch order, with times) to this file at exit.'}),
+    record: Flags.string({summary: 'Write the working set (the pages each fault installed, faulting page first, in fault order, with times) to this file at exit.'}),
     'working-set': Flags.string({summary: 'Prefetch this recorded working set (from --record or `uffd working-set merge`) as soon as a client connects [default: the one attached to the snapshot, if any; "none" to ignore it].'}),
     'spin-us': Flags.integer({summary: 'Microseconds to keep polling after a fault before sleeping (saves a cross-CPU wake-up per fault; costs CPU).', default: 0, min: 0, max: 1_000_000}),
     'stats-file': Flags.string({summary: 'Write run statistics as JSON here at exit (render with `uffd stats FILE`).'}),

@@ -97,7 +97,7 @@ export class FaultServer {
    */
   chunkSource: ((chunk: number) => Buffer | undefined) | undefined
   /** The window of the last fault served from a missing page (for readahead), in image pages. */
-  lastWindow = {page: -1, end: -1}
+  lastWindow = {page: -1, first: -1, end: -1}
 
   constructor(
     private readonly reader: SnapshotReader,
@@ -150,7 +150,7 @@ export class FaultServer {
       const [runFirst, runEnd] = this.runAround(client, page, windowFirst, windowEnd)
       outcome = this.install(client, region, runFirst, runEnd - runFirst, this.reader.zeroMap.isZero(page))
       if (outcome === 'served') {
-        this.lastWindow = {page, end: windowEnd}
+        this.lastWindow = {page, first: windowFirst, end: windowEnd}
         this.recordServed(fault, this.reader.zeroMap.isZero(page) ? 'faultsZero' : 'faultsData')
         // The fault itself is served; the rest of the window is a bonus. If the address space
         // is changing (EAGAIN), the remaining pages are left to later faults.

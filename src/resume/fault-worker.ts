@@ -200,7 +200,11 @@ function servePending(state: ClientState): 'ok' | 'retry' | 'gone' {
     // 'gone' can come after the faulting page was served (the client exited while its window
     // was being filled): that fault still belongs to the working set.
     if (server.lastWindow.page >= 0) {
-      recorder?.record(server.lastWindow.page, clock.now())
+      // The whole window, faulting page first: a replay must prefetch what this fault
+      // installed, or the same fault (on another page of the window) happens again.
+      const now = clock.now()
+      recorder?.record(server.lastWindow.page, now)
+      for (let p = server.lastWindow.first; recorder && p < server.lastWindow.end; p++) recorder.record(p, now)
       if (outcome === 'served') prefetcher.noteFault(client, server.lastWindow.page, server.lastWindow.end)
     }
     if (outcome === 'gone') return 'gone'

@@ -1,13 +1,18 @@
 import {createRequire} from 'node:module'
 
-import {compressSync as lz4Compress, uncompressSync as lz4Uncompress} from 'lz4-napi'
+import type * as Lz4 from 'lz4-napi'
 import type * as ZstdBinding from 'zstd-napi/binding.js'
 
 import {Codec} from '../format/constants.js'
 
 // The low-level binding is CommonJS without an exports map; it is the only zstd API that
 // decompresses straight into a caller's buffer (no allocation per chunk on the fault path).
-const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as typeof ZstdBinding
+const require = createRequire(import.meta.url)
+const zstd = require('zstd-napi/binding.js') as typeof ZstdBinding
+// Loaded on first use: every compression worker and fault-loop thread starts faster without a
+// native module most snapshots never use.
+let lz4Module: typeof Lz4 | undefined
+const lz4 = (): typeof Lz4 => (lz4Module ??= require('lz4-napi') as typeof Lz4)
 
 export type CompressionCodec = 'zstd' | 'lz4' | 'raw'
 
@@ -46,7 +51,7 @@ export class ChunkCompressor {
       stored = this.output.subarray(0, n)
       codec = Codec.Zstd
     } else if (this.codec === 'lz4') {
-      stored = lz4Compress(payload)
+      stored = lz4().compressSync(payload)
       codec = Codec.Lz4
     }
     if (stored === undefined || stored.length >= payload.length) return {codec: Codec.Raw, stored: payload}
@@ -78,7 +83,7 @@ export class ChunkDecompressor {
       case Codec.Lz4: {
         // The lz4 block format's 4-byte size prefix is read before the allocation it sizes.
         if (stored.length < 4 || stored.readUInt32LE(0) !== dst.length) throw new Error(`lz4 block does not declare ${dst.length} bytes`)
-        const out = lz4Uncompress(stored)
+        const out = lz4().uncompressSync(stored)
         if (out.length !== dst.length) throw new Error(`lz4 produced ${out.length} bytes, expected ${dst.length}`)
         out.copy(dst)
         return
