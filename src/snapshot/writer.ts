@@ -92,8 +92,9 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
       // error raised) in order, or abandoned after an earlier failure.
       result.catch(() => {})
       inflight.push(result)
-      // Keep every worker busy with one job queued behind it; consume results in order.
-      while (inflight.length > options.jobs * 2) {
+      // Keep every worker busy with jobs queued behind it (a job with much data takes longer than
+      // its neighbours, and results are consumed in order).
+      while (inflight.length > options.jobs * 4) {
         doneBytes += assembler.consume(await inflight.shift()!)
         options.onProgress?.(doneBytes, input.logicalSize)
       }
