@@ -38,7 +38,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     'cache-mb': Flags.integer({summary: 'Memory for decoded chunks, MiB.', default: 256, min: 1}),
     'fault-around': Flags.string({summary: 'Bytes installed around each faulting page: a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size), "page" (no fault-around) or "auto" (2 MiB, or the chunk size if larger: a fault round trip costs far more than copying 2 MiB, see docs/BENCHMARKS.md).', default: 'auto'}),
     populate: Flags.string({summary: 'Fill memory ahead of faults: "none" (lazy; sequential readahead only) or "all" (the whole memory in the background, demand faults first).', options: ['none', 'all'], default: 'none'}),
-    readahead: Flags.string({summary: 'Most memory installed ahead of a sequential run of faults (a size, 0 to disable).', default: '16M'}),
+    readahead: Flags.string({summary: 'Most memory installed ahead of a sequential run of faults (a size, 0 to disable); the distance doubles with each fault that continues the run.', default: '256M'}),
     decoders: Flags.integer({summary: 'Threads decoding chunks ahead of need [default: number of CPUs]; 0 decodes in the fault loop only.', min: 0, max: 64}),
     record: Flags.string({summary: 'Write the working set (the pages each fault installed, faulting page first, in fault order, with times) to this file at exit.'}),
     'working-set': Flags.string({summary: 'Prefetch this recorded working set (from --record or `uffd working-set merge`) as soon as a client connects [default: the one attached to the snapshot, if any; "none" to ignore it].'}),
