@@ -82,7 +82,8 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     expect(set.kind).toBe('uffd-working-set')
     // Each fault's whole window is recorded (faulting page first), as fault-around installed it.
     expect(set.pages.length).toBeGreaterThanOrEqual(recorded.stats.faults.data + recorded.stats.faults.zero)
-    expect(set.pages.length).toBeLessThanOrEqual(recorded.stats.pages.copied + recorded.stats.pages.zeroed)
+    // (A window is recorded whole even if the client exited before all of it was installed.)
+    expect(set.pages.length).toBeLessThanOrEqual((48 * 1024 * 1024) / 4096)
 
     const attach = uffd(['working-set', 'attach', snapshot, ws, '--json'])
     expect(attach.status, attach.stderr).toBe(0)
