@@ -4,8 +4,15 @@
  * same run, scenarios interleaved so machine noise hits all of them alike. Reports medians and
  * ratios against the baseline.
  *
+ * CPU placement decides a fault round trip's cost (~10 µs when handler and client share a CPU, ~20 µs
+ * across CPUs), so every run measures each placement (--placements, comma-separated):
+ *   split   client on CPU 1, handler confined to CPU 0 (a pinned vCPU, its handler on another core)
+ *   shared  client and handler both confined to CPU 0 (the handler's best case for the baseline)
+ *   client  client on CPU 1, handler free to use every CPU (uffd's decoders spread out)
+ *   free    nothing pinned: wherever the scheduler puts them
+ *
  *   node --import tsx bench/resume.ts --image /work/data/guest-1g.raw [--runs 5] [--sparse 0.05]
- *        [--chunk-size 256K] [--codec zstd] [--level 1] [--cold]
+ *        [--placements split,shared,client,free] [--touches sequential,random,sparse] [--only NAME,...] [--chunk-size 256K] [--codec zstd] [--level 1] [--cold]
  */
 import fs from 'node:fs'
 import path from 'node:path'
@@ -27,6 +34,27 @@ const image = arg('image', '/work/data/guest-1g.raw')
 const runs = Number(arg('runs', '5'))
 const sparse = Number(arg('sparse', '0.05'))
 const cold = flag('cold')
+
+interface Placement {
+  name: string
+  client: string | null
+  handler: string | null
+}
+const PLACEMENTS: Record<string, Placement> = {
+  split: {name: 'split: client CPU 1, handler CPU 0', client: '1', handler: '0'},
+  shared: {name: 'shared: client and handler CPU 0', client: '0', handler: '0'},
+  client: {name: 'client CPU 1, handler unpinned', client: '1', handler: null},
+  free: {name: 'unpinned', client: null, handler: null},
+}
+const placements = arg('placements', 'split,shared,client,free').split(',').map((p) => {
+  if (!PLACEMENTS[p]) throw new Error(`unknown placement ${p}: one of ${Object.keys(PLACEMENTS).join(', ')}`)
+  return PLACEMENTS[p]
+})
+
+/** Runs a command confined to a CPU list with taskset (inherited by its threads), or as is. */
+function pinned(cpus: string | null, command: string, args: string[]): [string, string[]] {
+  return cpus === null ? [command, args] : ['taskset', ['-c', cpus, command, ...args]]
+}
 const work = tempDir('uffd-bench-resume-')
 const snapshot = path.join(work, 'image.uffd')
 const pageCount = Math.ceil(fs.statSync(image).size / 4096)
@@ -51,13 +79,15 @@ const allScenarios: Scenario[] = [
 
 const scenarios = only ? allScenarios.filter((s, i) => i === 0 || only.split(',').some((o) => s.name.includes(o))) : allScenarios
 
-const touches: {name: string; args: string[]}[] = [
-  {name: 'sequential, every page', args: ['--touch', 'sequential']},
-  {name: 'random order, every page', args: ['--touch', 'random', '--seed', '7']},
-  {name: `random ${(sparse * 100).toFixed(0)}% of pages`, args: ['--touch', 'random', '--seed', '7', '--count', String(Math.round(pageCount * sparse))]},
+const allTouches: {id: string; name: string; args: string[]}[] = [
+  {id: 'sequential', name: 'sequential, every page', args: ['--touch', 'sequential']},
+  {id: 'random', name: 'random order, every page', args: ['--touch', 'random', '--seed', '7']},
+  {id: 'sparse', name: `random ${(sparse * 100).toFixed(0)}% of pages`, args: ['--touch', 'random', '--seed', '7', '--count', String(Math.round(pageCount * sparse))]},
 ]
+const touchIds = arg('touches', 'sequential,random,sparse').split(',')
+const touches = allTouches.filter((t) => touchIds.includes(t.id))
 
-async function measure(scenario: Scenario, touch: string[], runIndex: number): Promise<Measurement> {
+async function measure(scenario: Scenario, touch: string[], runIndex: number, placement: Placement): Promise<Measurement> {
   const socket = path.join(work, `s-${runIndex}.sock`)
   const ready = path.join(work, `ready-${runIndex}`)
   const statsFile = path.join(work, `stats-${runIndex}.json`)
@@ -65,11 +95,11 @@ async function measure(scenario: Scenario, touch: string[], runIndex: number): P
   if (cold) dropCaches()
   const handler =
     scenario.handler === 'baseline'
-      ? start(path.join(NATIVE, 'baseline_handler'), ['--socket', socket, '--mem-file', image, '--ready-file', ready])
-      : start(process.execPath, [UFFD, 'resume', snapshot, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, ...scenario.handlerArgs])
+      ? start(...pinned(placement.handler, path.join(NATIVE, 'baseline_handler'), ['--socket', socket, '--mem-file', image, '--ready-file', ready]))
+      : start(...pinned(placement.handler, process.execPath, [UFFD, 'resume', snapshot, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, ...scenario.handlerArgs]))
   try {
     await waitForFile(ready, 30_000, handler.child)
-    const client = start(path.join(NATIVE, 'fc_client'), ['--socket', socket, '--image', image, ...touch])
+    const client = start(...pinned(placement.client, path.join(NATIVE, 'fc_client'), ['--socket', socket, '--image', image, ...touch]))
     const c = await client.done
     if (c.code !== 0) throw new Error(`fc_client failed (${c.code}): ${c.stderr}${c.stdout}`)
     const result = JSON.parse(c.stdout.trim().split('\n').pop()!) as {touch_ns: number}
@@ -87,28 +117,34 @@ async function measure(scenario: Scenario, touch: string[], runIndex: number): P
 async function main(): Promise<void> {
   snapshotImage()
   const results: Record<string, Record<string, Measurement[]>> = {}
+  const key = (touch: string, placement: Placement): string => `${touch} | ${placement.name}`
   for (let i = 0; i < runs; i++) {
     for (const touch of touches) {
-      for (const scenario of scenarios) {
-        const m = await measure(scenario, touch.args, i)
-        ;((results[touch.name] ??= {})[scenario.name] ??= []).push(m)
-        process.stderr.write(`run ${i + 1}/${runs} ${touch.name} / ${scenario.name}: ${m.touchMs.toFixed(1)} ms, ${m.faults} faults\n`)
+      for (const placement of placements) {
+        for (const scenario of scenarios) {
+          const m = await measure(scenario, touch.args, i, placement)
+          ;((results[key(touch.name, placement)] ??= {})[scenario.name] ??= []).push(m)
+          process.stderr.write(`run ${i + 1}/${runs} ${touch.name} / ${placement.name} / ${scenario.name}: ${m.touchMs.toFixed(1)} ms, ${m.faults} faults\n`)
+        }
       }
     }
   }
   const summary: Record<string, unknown> = {}
   for (const touch of touches) {
-    const base = median(results[touch.name][scenarios[0].name].map((m) => m.touchMs))
-    const rows = scenarios.map((s) => {
-      const ms = median(results[touch.name][s.name].map((m) => m.touchMs))
-      const faults = median(results[touch.name][s.name].map((m) => m.faults ?? NaN))
-      return [s.name, ms.toFixed(1), Number.isNaN(faults) ? '-' : String(Math.round(faults)), Number.isNaN(faults) ? '-' : String(Math.round(faults / (ms / 1000))), `${(base / ms).toFixed(2)}x`]
-    })
-    console.log(`\n${touch.name} (${image}, medians of ${runs} runs${cold ? ', caches dropped before each' : ''})\n`)
-    console.log(table(['handler', 'touch ms', 'faults', 'faults/s', 'speed vs baseline'], rows))
-    summary[touch.name] = rows
+    for (const placement of placements) {
+      const r = results[key(touch.name, placement)]
+      const base = median(r[scenarios[0].name].map((m) => m.touchMs))
+      const rows = scenarios.map((s) => {
+        const ms = median(r[s.name].map((m) => m.touchMs))
+        const faults = median(r[s.name].map((m) => m.faults ?? NaN))
+        return [s.name, ms.toFixed(1), Number.isNaN(faults) ? '-' : String(Math.round(faults)), Number.isNaN(faults) ? '-' : String(Math.round(faults / (ms / 1000))), `${(base / ms).toFixed(2)}x`]
+      })
+      console.log(`\n${touch.name}, ${placement.name} (${image}, medians of ${runs} runs${cold ? ', caches dropped before each' : ''})\n`)
+      console.log(table(['handler', 'touch ms', 'faults', 'faults/s', 'speed vs baseline'], rows))
+      summary[key(touch.name, placement)] = rows
+    }
   }
-  console.log(`\nresults: ${writeResults('resume', {image, runs, sparse, cold, argv: process.argv.slice(2), results, summary})}`)
+  console.log(`\nresults: ${writeResults('resume', {image, runs, sparse, cold, placements, argv: process.argv.slice(2), results, summary})}`)
   fs.rmSync(work, {recursive: true, force: true})
 }
 
