@@ -1,14 +1,17 @@
 /**
  * bench/prefetch: working-set prefetch and background population on a realistic guest image.
- * A client (native/fc_client) touches a random subset of pages (--fraction of them); one run with
- * `uffd resume --record` records the set in one order, then every scenario replays the same set
- * in another order (the order of faults varies between resumes; the set barely does). Scenarios
- * run interleaved, medians over --runs, ratios against plain lazy serving and the baseline
- * handler (one 4 KiB UFFDIO_COPY per fault from the raw file). Population is timed to "all
- * memory present" against native/copy_floor (bulk UFFDIO_COPY of the same size, no waiter) in the
- * same run.
+ * A client (native/fc_client) touches a random subset of the image (--fraction of its pages, in
+ * runs of --cluster pages: 1 is scattered single pages, 16 is 64 KiB extents); one run with
+ * `uffd resume --record --fault-around page` records the exact set in one order, `uffd
+ * working-set attach` attaches it (packed, and as chunks only), then every scenario replays the
+ * same set in another order (the order of faults varies between resumes; the set barely does).
+ * Scenarios run interleaved, medians over --runs, ratios against plain lazy serving and the
+ * baseline handler (one 4 KiB UFFDIO_COPY per fault from the raw file). Population is timed to
+ * "all memory present" against native/copy_floor (bulk UFFDIO_COPY of the same size, no waiter)
+ * in the same run.
  *
  *   node --import tsx bench/prefetch.ts --image /work/data/guest-1g.raw [--runs 5] [--fraction 0.1]
+ *        [--cluster 1] [--no-populate]
  */
 import fs from 'node:fs'
 import path from 'node:path'
@@ -18,6 +21,8 @@ import {arg, median, NATIVE, run, start, table, tempDir, UFFD, waitForFile, writ
 const image = arg('image', '/work/data/guest-1g.raw')
 const runs = Number(arg('runs', '5'))
 const fraction = Number(arg('fraction', '0.1'))
+const cluster = Number(arg('cluster', '1'))
+const measurePopulation = !process.argv.includes('--no-populate')
 const work = tempDir('uffd-bench-prefetch-')
 const snapshot = path.join(work, 'image.uffd')
 const size = fs.statSync(image).size
@@ -37,18 +42,25 @@ function shuffled(values: number[], seed: number): number[] {
   return out
 }
 
-const set = shuffled(Array.from({length: pages}, (_, p) => p), 12345).slice(0, Math.round(pages * fraction))
+// Whole clusters of `cluster` pages, picked at random: the set a guest touches is clustered (page
+// cache files, kernel text, heaps); cluster 1 is the adversarial case of scattered pages.
+const clusters = shuffled(Array.from({length: Math.floor(pages / cluster)}, (_, c) => c), 12345).slice(0, Math.round((pages * fraction) / cluster))
+const set = clusters.flatMap((c) => Array.from({length: cluster}, (_, i) => c * cluster + i))
 const recordTrace = path.join(work, 'record.trace')
 const replayTrace = path.join(work, 'replay.trace')
 fs.writeFileSync(recordTrace, set.map((p) => String(p * 4096)).join('\n'))
 fs.writeFileSync(replayTrace, shuffled(set, 777).map((p) => String(p * 4096)).join('\n'))
 const workingSet = path.join(work, 'ws.json')
+const packedSnapshot = path.join(work, 'image-packed.uffd')
+const packedRawSnapshot = path.join(work, 'image-packed-raw.uffd')
+const chunksSnapshot = path.join(work, 'image-ws-chunks.uffd')
 
 interface Scenario {
   name: string
   handler: 'baseline' | 'uffd'
   args: string[]
   touch: string[]
+  snapshot?: string
 }
 
 const touchReplay = ['--touch', `trace:${replayTrace}`]
@@ -56,18 +68,20 @@ const scenarios: Scenario[] = [
   {name: 'baseline (4 KiB copy per fault, raw file)', handler: 'baseline', args: [], touch: touchReplay},
   {name: 'uffd lazy (page per fault)', handler: 'uffd', args: ['--fault-around', 'page', '--readahead', '0', '--decoders', '0'], touch: touchReplay},
   {name: 'uffd fault-around (chunk)', handler: 'uffd', args: ['--fault-around', 'chunk', '--readahead', '0'], touch: touchReplay},
-  {name: 'uffd + working set', handler: 'uffd', args: ['--working-set', workingSet], touch: touchReplay},
-  {name: 'uffd + working set + populate all', handler: 'uffd', args: ['--working-set', workingSet, '--populate', 'all'], touch: touchReplay},
+  {name: 'uffd + working set as chunks (--pack none)', handler: 'uffd', args: [], touch: touchReplay, snapshot: chunksSnapshot},
+  {name: 'uffd + packed working set (zstd)', handler: 'uffd', args: [], touch: touchReplay, snapshot: packedSnapshot},
+  {name: 'uffd + packed working set (raw)', handler: 'uffd', args: [], touch: touchReplay, snapshot: packedRawSnapshot},
+  {name: 'uffd + packed working set (zstd) + populate all', handler: 'uffd', args: ['--populate', 'all'], touch: touchReplay, snapshot: packedSnapshot},
 ]
 
-async function resume(args: string[], client: string[], tag: string): Promise<{touchMs: number; stats: any; clientOut: any}> {
+async function resume(args: string[], client: string[], tag: string, file = snapshot): Promise<{touchMs: number; stats: any; clientOut: any}> {
   const socket = path.join(work, `${tag}.sock`)
   const ready = path.join(work, `${tag}.ready`)
   const statsFile = path.join(work, `${tag}.stats.json`)
   fs.rmSync(ready, {force: true})
   const handler = args[0] === 'baseline'
     ? start(path.join(NATIVE, 'baseline_handler'), ['--socket', socket, '--mem-file', image, '--ready-file', ready])
-    : start(process.execPath, [UFFD, 'resume', snapshot, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, ...args])
+    : start(process.execPath, [UFFD, 'resume', file, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, ...args])
   try {
     await waitForFile(ready, 30_000, handler.child)
     const c = await start(path.join(NATIVE, 'fc_client'), ['--socket', socket, '--image', image, ...client]).done
@@ -85,21 +99,31 @@ async function resume(args: string[], client: string[], tag: string): Promise<{t
 async function main(): Promise<void> {
   const s = run(process.execPath, [UFFD, 'snapshot', '--mem-file', image, '-o', snapshot, '--force'])
   if (s.code !== 0) throw new Error(s.stderr)
-  // Record the working set once, in the recording order, with the default handler.
-  await resume(['--record', workingSet], ['--touch', `trace:${recordTrace}`], 'record')
+  // Record the working set once, in the recording order, page by page: the exact set.
+  await resume(['--record', workingSet, '--fault-around', 'page', '--readahead', '0'], ['--touch', `trace:${recordTrace}`], 'record')
   const recorded = JSON.parse(fs.readFileSync(workingSet, 'utf8')) as {pages: number[]}
-  console.log(`${image}: ${set.length} pages touched (${(fraction * 100).toFixed(0)}%), ${recorded.pages.length} faults recorded`)
+  for (const [file, pack] of [
+    [packedSnapshot, 'zstd'],
+    [packedRawSnapshot, 'raw'],
+    [chunksSnapshot, 'none'],
+  ]) {
+    const a = run(process.execPath, [UFFD, 'working-set', 'attach', snapshot, workingSet, '-o', file, '--pack', pack])
+    if (a.code !== 0) throw new Error(a.stderr)
+    console.log(a.stdout.trim())
+  }
+  console.log(`${image}: ${set.length} pages touched (${(fraction * 100).toFixed(0)}% in clusters of ${cluster} pages), ${recorded.pages.length} faults recorded`)
 
   const touch: Record<string, number[]> = {}
   const faults: Record<string, number[]> = {}
   const populate: {uffdMs: number[]; floorMs: number[]} = {uffdMs: [], floorMs: []}
   for (let i = 0; i < runs; i++) {
     for (const sc of scenarios) {
-      const r = await resume(sc.handler === 'baseline' ? ['baseline'] : sc.args, sc.touch, `r${i}`)
+      const r = await resume(sc.handler === 'baseline' ? ['baseline'] : sc.args, sc.touch, `r${i}`, sc.snapshot)
       ;(touch[sc.name] ??= []).push(r.touchMs)
       ;(faults[sc.name] ??= []).push(sc.handler === 'baseline' ? r.stats.faults : r.stats.faults.total)
       process.stderr.write(`run ${i + 1}/${runs} ${sc.name}: ${r.touchMs.toFixed(1)} ms\n`)
     }
+    if (!measurePopulation) continue
     // Population to completion (the client touches nothing and waits), then the floor.
     const p = await resume(['--populate', 'all'], ['--touch', 'none', '--hold-ms', '8000'], `p${i}`)
     populate.uffdMs.push(p.stats.timeToMemoryCompleteMs)
@@ -113,12 +137,14 @@ async function main(): Promise<void> {
     const ms = median(touch[sc.name])
     return [sc.name, ms.toFixed(1), String(Math.round(median(faults[sc.name]))), `${(lazy / ms).toFixed(2)}x`, `${(base / ms).toFixed(2)}x`]
   })
-  console.log(`\nreplaying a recorded ${(fraction * 100).toFixed(0)}% working set in a new order (${image}, medians of ${runs} runs)\n`)
+  console.log(`\nreplaying a recorded ${(fraction * 100).toFixed(0)}% working set (clusters of ${cluster} pages) in a new order (${image}, medians of ${runs} runs)\n`)
   console.log(table(['handler', 'touch ms', 'faults', 'speed vs lazy', 'speed vs baseline'], rows))
-  const u = median(populate.uffdMs)
-  const f = median(populate.floorMs)
-  console.log(`\npopulate all: memory complete after ${u.toFixed(0)} ms; bulk UFFDIO_COPY floor ${f.toFixed(0)} ms; ratio ${(u / f).toFixed(2)}x the floor`)
-  console.log(`\nresults: ${writeResults('prefetch', {image, runs, fraction, touch, faults, populate, rows})}`)
+  if (measurePopulation) {
+    const u = median(populate.uffdMs)
+    const f = median(populate.floorMs)
+    console.log(`\npopulate all: memory complete after ${u.toFixed(0)} ms; bulk UFFDIO_COPY floor ${f.toFixed(0)} ms; ratio ${(u / f).toFixed(2)}x the floor`)
+  }
+  console.log(`\nresults: ${writeResults('prefetch', {image, runs, fraction, cluster, touch, faults, populate, rows})}`)
   fs.rmSync(work, {recursive: true, force: true})
 }
 

@@ -100,6 +100,67 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     expect(replay.stats.faults.total).toBeLessThan(recorded.stats.faults.total)
   })
 
+  it('packs an exact working set: the replay installs only its pages, right bytes, and a corrupt packed block kills the client', async () => {
+    const raw = path.join(dir, 'packed.raw')
+    const snapshot = path.join(dir, 'packed.uffd')
+    const pageCount = (32 * 1024 * 1024) / 4096
+    fs.writeFileSync(raw, makeImage('mixed', 32 * 1024 * 1024, 33))
+    expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
+    // 1 page in 16, scattered: every 256 KiB chunk is touched, but only 1/16 of its pages.
+    const pages = Array.from({length: pageCount}, (_, p) => p).filter((p) => (p * 2654435761) % 16 === 0)
+    const ws = path.join(dir, 'packed.ws')
+    const client = (tr: string, extra: string[] = []): [string, string[]] => [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, '--touch', `trace:${tr}`, '--verify', ...extra]]
+    // Page-granular serving records exactly the touched pages.
+    const recorded = await resumeWith(snapshot, ['--record', ws, '--fault-around', 'page', '--readahead', '0'], client(trace(path.join(dir, 'p1.trace'), pages)), 'packed-record')
+    expect(JSON.parse(recorded.client.stdout).verify_errors).toBe(0)
+    expect(new Set(JSON.parse(fs.readFileSync(ws, 'utf8')).pages)).toEqual(new Set(pages))
+
+    const attached = path.join(dir, 'packed-ws.uffd')
+    const attach = uffd(['working-set', 'attach', snapshot, ws, '-o', attached, '--json'])
+    expect(attach.status, attach.stderr).toBe(0)
+    expect(JSON.parse(attach.stdout).packedBlocks).toBe(Math.ceil(pages.length / 64))
+    const stats = JSON.parse(uffd(['stats', attached, '--json']).stdout)
+    expect(stats.workingSet.packed.pages).toBe(pages.length)
+    const verify = uffd(['verify', attached, '--against', raw])
+    expect(verify.status, verify.stderr).toBe(0)
+    expect(verify.stdout).toMatch(/packed working-set blocks match their chunks/)
+
+    // Replayed in reverse, touching from the handshake on: whatever the race, every byte is right,
+    // and only the set's pages are installed (no chunk windows), in far fewer faults.
+    const replay = await resumeWith(attached, [], client(trace(path.join(dir, 'p2.trace'), [...pages].reverse())), 'packed-replay')
+    expect(JSON.parse(replay.client.stdout).verify_errors).toBe(0)
+    expect(replay.stats.timeToWorkingSetMs).toBeGreaterThan(0)
+    expect(replay.stats.pages.copied + replay.stats.pages.zeroed).toBeLessThan(pages.length * 1.5)
+    expect(replay.stats.faults.total).toBeLessThan(pages.length / 4)
+
+    // One flipped byte in a packed block's stored bytes (the last one is just before the table):
+    // verify names it, and resume kills the client rather than install anything from it.
+    const broken = path.join(dir, 'packed-broken.uffd')
+    fs.copyFileSync(attached, broken)
+    const header = JSON.parse(uffd(['stats', broken, '--json']).stdout)
+    const lastBlockByte = header.metadata.workingSet.packed.offset - 1
+    const fd = fs.openSync(broken, 'r+')
+    const byte = Buffer.alloc(1)
+    fs.readSync(fd, byte, 0, 1, lastBlockByte)
+    byte[0] ^= 0xff
+    fs.writeSync(fd, byte, 0, 1, lastBlockByte)
+    fs.closeSync(fd)
+    const bad = uffd(['verify', broken])
+    expect(bad.status).toBe(1)
+    expect(bad.stdout + bad.stderr).toMatch(/packed working set block \d+: checksum mismatch/)
+    const socket = path.join(dir, 'broken.sock')
+    const ready = path.join(dir, 'broken.ready')
+    const handler = start(process.execPath, [UFFD_BIN, 'resume', broken, '--socket', socket, '--ready-file', ready])
+    await waitFor(ready)
+    const killed = spawn(path.join(NATIVE, 'fc_client'), ['--socket', socket, '--image', raw, '--touch', 'none', '--hold-ms', '5000', '--verify-all'], {stdio: 'ignore'})
+    children.push(killed)
+    const signal = await new Promise((resolve) => killed.on('close', (_code, sig) => resolve(sig)))
+    expect(signal).toBe('SIGKILL')
+    const h = await handler
+    expect(h.code).toBe(1)
+    expect(h.stderr).toMatch(/packed working set block \d+/)
+  })
+
   it('--populate all fills all memory, reports completion, and never refills removed memory', async () => {
     const raw = path.join(dir, 'pop.raw')
     const snapshot = path.join(dir, 'pop.uffd')

@@ -12,7 +12,8 @@ import {geometryProblem} from '../format/geometry.js'
 import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
 import {criuDirInput, freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
 import {chunksInTouchOrder, parseWorkingSet} from '../resume/working-set.js'
-import {attachWorkingSet} from '../snapshot/relayout.js'
+import {attachWorkingSet, PACK_CODECS, packOptionsFor} from '../snapshot/relayout.js'
+import {describeAttached} from './working-set/attach.js'
 import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'
 
 export const DEFAULT_CODEC: CompressionCodec = 'zstd'
@@ -47,7 +48,8 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     'page-size': Flags.string({summary: 'Page size of the memory the snapshot will serve: 4K, or 2M for hugetlbfs-backed guests.', options: ['4K', '2M'], default: '4K'}),
     regions: Flags.string({summary: 'Comma-separated sizes of the guest memory regions in the mem file (default: one region).', dependsOn: ['mem-file']}),
     jobs: Flags.integer({char: 'j', summary: 'Compression worker threads [default: number of CPUs].', min: 1, max: 256}),
-    'working-set': Flags.string({summary: 'Attach a working set recorded by `uffd resume --record` (on a snapshot of the same memory): its chunks are stored first and prefetched on resume.'}),
+    'working-set': Flags.string({summary: 'Attach a working set recorded by `uffd resume --record` (on a snapshot of the same memory): its pages are stored first, packed, and prefetched on resume.'}),
+    pack: Flags.string({summary: "With --working-set: codec of the packed copy of the set's pages [default: --codec]; none: reorder chunks only.", options: PACK_CODECS, dependsOn: ['working-set']}),
     freeze: Flags.boolean({summary: 'Stop the process while reading it (--no-freeze reads it running: faster for the process, inconsistent image).', default: true, allowNo: true}),
   }
 
@@ -91,8 +93,9 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
       if (set.snapshot.logicalSize !== summary.logicalSize || set.snapshot.pageSize !== summary.pageSize) {
         this.error(`${flags['working-set']} was recorded on ${set.snapshot.logicalSize} bytes of ${set.snapshot.pageSize}-byte pages, not on this image`, {exit: 1})
       }
-      const attached = attachWorkingSet(output, output, {chunks: chunksInTouchOrder(set.pages, chunkSize / pageSize), pages: set.pages.length, runs: set.runs})
+      const attached = attachWorkingSet(output, output, set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack))
       summary.fileSize = attached.fileSize
+      this.logToStderr(`${output}: ${describeAttached(attached, set)}`)
     }
     const ratio = summary.fileSize === 0 ? 0 : summary.logicalSize / summary.fileSize
     this.log(

@@ -108,6 +108,11 @@ export default class Stats extends BaseCommand {
       row('stored chunk sizes', '')
       for (const h of s.storedSizeHistogram) row('', `<= ${formatBytes(h.upTo).padEnd(9)} ${h.chunks}`)
     }
+    const ws = s.workingSet
+    if (ws) {
+      const packed = ws.packed ? `; packed copy: ${ws.packed.pages} pages in ${ws.packed.blocks} blocks, ${formatBytes(ws.packed.payloadBytes)} -> ${formatBytes(ws.packed.storedBytes)} (${Object.entries(ws.packed.codecs).map(([c, n]) => `${n} ${c}`).join(', ')})` : ''
+      row('working set', `${ws.pages} pages from ${ws.runs} run(s), ${ws.chunksFirst} chunks stored first${packed}`)
+    }
     if (s.criu) row('CRIU pages', `${formatBytes(s.criu.rawPageBytes)} in the dump's page images, ${s.criu.ratio.toFixed(2)}x the snapshot's ${formatBytes(s.criu.snapshotBytes)}`)
     if (s.tasks.length > 0) {
       row('tasks', `   pid      mapped    non-zero${s.criu ? '  raw pages' : ''}  regions`)

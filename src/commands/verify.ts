@@ -30,7 +30,7 @@ export default class Verify extends BaseCommand {
       reader.close()
     }
     if (result.ok) {
-      this.log(`${args.file}: OK, ${result.chunksChecked} chunks, ${formatBytes(result.bytesChecked)} verified${flags.against ? `, identical to ${flags.against}` : ''}`)
+      this.log(`${args.file}: OK, ${result.chunksChecked} chunks, ${formatBytes(result.bytesChecked)} verified${result.blocksChecked ? `, ${result.blocksChecked} packed working-set blocks match their chunks` : ''}${flags.against ? `, identical to ${flags.against}` : ''}`)
     } else {
       for (const e of result.errors) process.stderr.write(`${e}\n`)
       if (!this.jsonEnabled()) process.stderr.write(`${args.file}: FAILED\n`)

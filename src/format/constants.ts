@@ -10,6 +10,7 @@ export const REGION_ENTRY_SIZE = 64
 export const HEADER_TRAILER_SIZE = 8 // header CRC + reserved
 export const INDEX_ENTRY_SIZE = 32
 export const FOOTER_SIZE = 64
+export const PACKED_BLOCK_ENTRY_SIZE = 32
 
 /** A header larger than this is treated as corrupt rather than allocated. */
 export const MAX_HEADER_SIZE = 64 * 1024 * 1024
@@ -31,7 +32,14 @@ export const KNOWN_INCOMPAT_FEATURES = 0n
  * handler can read them with one sequential read. Readers that ignore it lose nothing.
  */
 export const COMPAT_WORKING_SET = 1n << 0n
-export const KNOWN_COMPAT_FEATURES = COMPAT_WORKING_SET
+/**
+ * The working set's pages are also stored packed, in blocks of their own in first-touch order
+ * (metadata.workingSet.packed locates the block table), so prefetching a set that is scattered
+ * over the image decodes only its pages. The chunks still hold every page: readers that ignore
+ * the bit lose nothing.
+ */
+export const COMPAT_PACKED_WORKING_SET = 1n << 1n
+export const KNOWN_COMPAT_FEATURES = COMPAT_WORKING_SET | COMPAT_PACKED_WORKING_SET
 
 export enum Codec {
   /** All-zero chunk: nothing stored. */

@@ -71,6 +71,12 @@ export class AddressMap {
     return this.regions.map((region) => ({region, firstPage: region.offset / pageSize, endPage: (region.offset + region.size) / pageSize}))
   }
 
+  /** The region holding image page `page`, if any (a linear scan: for the few regions of a VM). */
+  regionOfImagePage(page: number, pageSize: number): GuestRegion | undefined {
+    const offset = page * pageSize
+    return this.regions.find((r) => offset >= r.offset && offset < r.offset + r.size)
+  }
+
   get all(): readonly GuestRegion[] {
     return this.regions
   }

@@ -8,25 +8,32 @@ export const SLOT_PENDING = 1
 export const SLOT_READY = 2
 export const SLOT_ERROR = 3
 
+/** Int32 cells of DecoderConfig.control. */
+export const CONTROL_STARTED = 0 // decoders that have loaded their modules and opened the snapshot
+export const CONTROL_GENERATION = 1 // bumped on every request: idle decoders sleep on it
+export const CONTROL_STOP = 2 // 1: decoders exit
+export const CONTROL_CELLS = 3
+
 export interface DecoderConfig {
   snapshotPath: string
   arena: SharedArrayBuffer
   slotBytes: number
+  /** Per slot: state, payload length, unit to decode, request order, claimed by a decoder. */
   states: SharedArrayBuffer
   lengths: SharedArrayBuffer
+  units: SharedArrayBuffer
+  order: SharedArrayBuffer
+  claims: SharedArrayBuffer
+  control: SharedArrayBuffer
   eventFd: number
-}
-
-export interface DecodeRequest {
-  slot: number
-  chunk: number
 }
 
 /**
  * Decoder threads that fill fixed slots of shared memory with verified chunk payloads, ahead of
- * the faults that will need them. Used from the synchronous fault loop: requests go out with
- * postMessage (never blocks), completions come back through slot states in shared memory and an
- * eventfd the fault loop polls.
+ * the faults that will need them. Used from the synchronous fault loop, entirely through shared
+ * memory: a request is a few stores and a futex wake (postMessage cost ~50 µs per request here,
+ * more than decoding a small block); idle decoders sleep in Atomics.wait; completions come back
+ * through slot states and an eventfd the fault loop polls. Decoders take the oldest request first.
  */
 export class DecodePool {
   readonly eventFd: number
@@ -35,8 +42,12 @@ export class DecodePool {
   private readonly states: Int32Array
   private readonly lengths: Int32Array
   private readonly slotChunk: Int32Array
+  private readonly order: Int32Array
+  private readonly claims: Int32Array
+  private readonly control: Int32Array
   private readonly bySlotChunk = new Map<number, number>()
   private next = 0
+  private requests = 0
 
   constructor(
     snapshotPath: string,
@@ -50,9 +61,30 @@ export class DecodePool {
     const lengths = new SharedArrayBuffer(slots * 4)
     this.states = new Int32Array(states)
     this.lengths = new Int32Array(lengths)
-    this.slotChunk = new Int32Array(slots).fill(-1)
-    const config: DecoderConfig = {snapshotPath, arena: this.arena, slotBytes, states, lengths, eventFd: this.eventFd}
+    const units = new SharedArrayBuffer(slots * 4)
+    const order = new SharedArrayBuffer(slots * 4)
+    const claims = new SharedArrayBuffer(slots * 4)
+    const control = new SharedArrayBuffer(CONTROL_CELLS * 4)
+    this.slotChunk = new Int32Array(units).fill(-1)
+    this.order = new Int32Array(order)
+    this.claims = new Int32Array(claims)
+    this.control = new Int32Array(control)
+    const config: DecoderConfig = {snapshotPath, arena: this.arena, slotBytes, states, lengths, units, order, claims, control, eventFd: this.eventFd}
     for (let i = 0; i < decoders; i++) this.workers.push(startWorker(import.meta.url, 'decoder-worker', config))
+  }
+
+  /**
+   * Blocks until every decoder thread is up (a thread takes ~100 ms to load its modules here):
+   * a fault that waited for a decoder still starting would wait that long.
+   */
+  waitUntilStarted(timeoutMs: number): boolean {
+    const deadline = performance.now() + timeoutMs
+    for (let n = Atomics.load(this.control, CONTROL_STARTED); n < this.workers.length; n = Atomics.load(this.control, CONTROL_STARTED)) {
+      const left = deadline - performance.now()
+      if (left <= 0) return false
+      Atomics.wait(this.control, CONTROL_STARTED, n, left)
+    }
+    return true
   }
 
   /** The slot holding (or decoding) `chunk`, if any. */
@@ -73,10 +105,13 @@ export class DecodePool {
       const slot = (this.next + i) % this.slots
       if (Atomics.load(this.states, slot) !== SLOT_FREE) continue
       this.next = slot + 1
-      Atomics.store(this.states, slot, SLOT_PENDING)
       this.slotChunk[slot] = chunk
+      this.order[slot] = ++this.requests
+      Atomics.store(this.claims, slot, 0)
+      Atomics.store(this.states, slot, SLOT_PENDING)
       this.bySlotChunk.set(chunk, slot)
-      this.workers[chunk % this.workers.length].postMessage({slot, chunk} satisfies DecodeRequest)
+      Atomics.add(this.control, CONTROL_GENERATION, 1)
+      Atomics.notify(this.control, CONTROL_GENERATION, 1)
       return true
     }
     return false
@@ -119,6 +154,9 @@ export class DecodePool {
   }
 
   async close(): Promise<void> {
+    Atomics.store(this.control, CONTROL_STOP, 1)
+    Atomics.add(this.control, CONTROL_GENERATION, 1)
+    Atomics.notify(this.control, CONTROL_GENERATION)
     await Promise.all(this.workers.map((w) => w.terminate()))
     closeFd(this.eventFd)
   }

@@ -1,28 +1,56 @@
-import {parentPort, workerData} from 'node:worker_threads'
+import {workerData} from 'node:worker_threads'
 
 import {SnapshotReader} from '../snapshot/reader.js'
 import {eventfdSignal} from '../sys/index.js'
-import {SLOT_ERROR, SLOT_READY, type DecoderConfig, type DecodeRequest} from './decode-pool.js'
+import {CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ERROR, SLOT_PENDING, SLOT_READY, type DecoderConfig} from './decode-pool.js'
 
 /**
  * A decoder: reads and verifies chunks into shared slots for the fault loop, so decompression
- * runs on other cores while the fault loop copies. Completion is published with Atomics (the
- * fault loop never runs an event loop to receive messages) and an eventfd poke to wake its poll.
+ * runs on other cores while the fault loop copies. Requests arrive and completions leave through
+ * shared memory (the fault loop never runs an event loop); completion also pokes an eventfd to
+ * wake the fault loop's poll. This thread never returns to its own event loop: it sleeps in
+ * Atomics.wait until a request or the stop flag arrives.
  */
 const config = workerData as DecoderConfig
 const reader = SnapshotReader.open(config.snapshotPath)
 const states = new Int32Array(config.states)
 const lengths = new Int32Array(config.lengths)
+const units = new Int32Array(config.units)
+const order = new Int32Array(config.order)
+const claims = new Int32Array(config.claims)
+const control = new Int32Array(config.control)
+Atomics.add(control, CONTROL_STARTED, 1)
+Atomics.notify(control, CONTROL_STARTED)
 
-parentPort!.on('message', (request: DecodeRequest) => {
-  const view = Buffer.from(config.arena, request.slot * config.slotBytes, config.slotBytes)
+/** Claims the oldest unclaimed request, or returns -1. */
+function claim(): number {
+  for (;;) {
+    let best = -1
+    for (let s = 0; s < states.length; s++) {
+      if (Atomics.load(states, s) === SLOT_PENDING && Atomics.load(claims, s) === 0 && (best < 0 || order[s] < order[best])) best = s
+    }
+    if (best < 0) return -1
+    // Another decoder may have claimed it between the scan and here: scan again.
+    if (Atomics.compareExchange(claims, best, 0, 1) === 0) return best
+  }
+}
+
+while (Atomics.load(control, CONTROL_STOP) === 0) {
+  const generation = Atomics.load(control, CONTROL_GENERATION)
+  const slot = claim()
+  if (slot < 0) {
+    Atomics.wait(control, CONTROL_GENERATION, generation)
+    continue
+  }
+  const view = Buffer.from(config.arena, slot * config.slotBytes, config.slotBytes)
   try {
-    lengths[request.slot] = reader.readPayload(request.chunk, view).length
-    Atomics.store(states, request.slot, SLOT_READY)
+    lengths[slot] = reader.readPayload(units[slot], view).length
+    Atomics.store(states, slot, SLOT_READY)
   } catch {
     // The fault loop decodes the chunk itself on ERROR and reports the real error with context.
-    Atomics.store(states, request.slot, SLOT_ERROR)
+    Atomics.store(states, slot, SLOT_ERROR)
   }
-  Atomics.notify(states, request.slot)
+  Atomics.notify(states, slot)
   eventfdSignal(config.eventFd)
-})
+}
+reader.close()

@@ -73,6 +73,11 @@ export type ServeOutcome = 'served' | 'retry' | 'gone'
 export interface ServeOptions {
   /** Bytes around a faulting page installed with it (aligned window, clipped to its region). */
   faultAroundBytes: number
+  /**
+   * Serve faults on pages of the snapshot's packed working set from their packed block (the
+   * pages the set touches next) instead of a window of chunks around them.
+   */
+  packedWorkingSet?: boolean
 }
 
 /**
@@ -98,6 +103,8 @@ export class FaultServer {
   chunkSource: ((chunk: number) => Buffer | undefined) | undefined
   /** The window of the last fault served from a missing page (for readahead), in image pages. */
   lastWindow = {page: -1, first: -1, end: -1}
+  /** Each page's packed working-set block, or -1 (when serving from packed blocks). */
+  private readonly blockOfPage: Int32Array | undefined
 
   constructor(
     private readonly reader: SnapshotReader,
@@ -113,6 +120,13 @@ export class FaultServer {
     this.cache = new ChunkCache(reader, cacheBytes, stats)
     this.windowPages = Math.max(1, Math.floor(options.faultAroundBytes / this.pageSize))
     this.payloadIndex = payloadPageIndex(reader.zeroMap, this.geometry.pagesPerChunk)
+    const packed = reader.packed
+    if (options.packedWorkingSet && packed) {
+      this.blockOfPage = new Int32Array(this.geometry.pageCount).fill(-1)
+      for (const [b, block] of packed.blocks.entries()) {
+        for (let k = block.listStart; k < block.listStart + block.pageCount; k++) this.blockOfPage[packed.pages[k]] = b
+      }
+    }
   }
 
   serve(client: Client, fault: PendingFault): ServeOutcome {
@@ -143,6 +157,16 @@ export class FaultServer {
     } else if (state === PAGE_REMOVED) {
       outcome = this.install(client, region, page, 1, true)
       if (outcome === 'served') this.recordServed(fault, 'faultsRemoved')
+    } else if (this.blockOfPage && this.blockOfPage[page] >= 0) {
+      // A page of the packed working set: its block holds the pages touched around the same
+      // time, wherever they lie, which predicts the next faults better than its neighbours do.
+      const installedBefore = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed')
+      outcome = this.installBlock(client, this.blockOfPage[page], page)
+      if (outcome === 'served' || (outcome === 'gone' && client.states.get(page) === PAGE_PRESENT)) {
+        this.lastWindow = {page, first: page, end: page + 1}
+        this.recordServed(fault, this.reader.zeroMap.isZero(page) ? 'faultsZero' : 'faultsData')
+        this.stats.add('faultAroundPages', this.stats.get('pagesCopied') + this.stats.get('pagesZeroed') - installedBefore - 1)
+      }
     } else {
       const windowFirst = Math.max(regionFirst, page - (page % this.windowPages))
       const windowEnd = Math.min(regionEnd, windowFirst + this.windowPages)
@@ -212,6 +236,41 @@ export class FaultServer {
     return 'served'
   }
 
+  /**
+   * Installs the still-missing pages of packed working-set block `block`, `first` (a faulting
+   * page) before the others. Runs of consecutive image pages in one region are one ioctl each:
+   * a block's pages are sorted, so such runs are adjacent in its payload too.
+   */
+  installBlock(client: Client, block: number, first = -1): ServeOutcome {
+    const packed = this.reader.packed!
+    const {listStart, pageCount} = packed.blocks[block]
+    const unit = this.reader.index.length + block
+    const runs: {region: GuestRegion; page: number; count: number; zero: boolean; at: number}[] = []
+    let payloadAt = 0
+    let payloadBase = -1
+    for (let k = listStart; k < listStart + pageCount; k++) {
+      const page = packed.pages[k]
+      const zero = this.reader.zeroMap.isZero(page)
+      const at = payloadAt
+      if (!zero) payloadAt += this.pageSize
+      if (client.states.get(page) !== PAGE_MISSING) continue
+      const region = client.map.regionOfImagePage(page, this.pageSize)
+      if (!region) continue
+      const last = runs[runs.length - 1]
+      if (last && last.region === region && last.zero === zero && last.page + last.count === page && (zero || last.at + last.count * this.pageSize === at)) last.count++
+      else runs.push({region, page, count: 1, zero, at})
+    }
+    if (runs.length === 0) return 'served'
+    if (runs.some((r) => !r.zero)) payloadBase = this.unitAddress(unit)
+    const firstRun = runs.findIndex((r) => first >= r.page && first < r.page + r.count)
+    if (firstRun > 0) runs.unshift(...runs.splice(firstRun, 1))
+    for (const r of runs) {
+      const outcome = this.install(client, r.region, r.page, r.count, r.zero, r.zero ? undefined : payloadBase + r.at)
+      if (outcome !== 'served') return outcome
+    }
+    return 'served'
+  }
+
   /** Installs every still-missing run in [first, end). */
   private fillWindow(client: Client, region: GuestRegion, first: number, end: number): ServeOutcome {
     let p = first
@@ -237,12 +296,12 @@ export class FaultServer {
    * there (EAGAIN with bytes done, or EEXIST at the first page): that page is marked present and
    * the copy goes on after it, so no page after a collision is left missing.
    */
-  private install(client: Client, region: GuestRegion, first: number, count: number, zero: boolean): ServeOutcome {
+  private install(client: Client, region: GuestRegion, first: number, count: number, zero: boolean, from?: number): ServeOutcome {
     const length = count * this.pageSize
     const dst = this.pageAddress(region, first)
     let source = 0
     if (!zero) {
-      source = this.payloadAddress(first)
+      source = from ?? this.payloadAddress(first)
     } else if (this.huge) {
       this.zeroSource ??= Buffer.alloc(this.pageSize)
     }
@@ -311,15 +370,17 @@ export class FaultServer {
    * non-zero pages packed in order, so consecutive non-zero pages are contiguous there too.
    */
   private payloadAddress(page: number): number {
-    const chunk = this.geometry.chunkOfOffset(page * this.pageSize)
-    let payload: Buffer
+    return this.unitAddress(this.geometry.chunkOfOffset(page * this.pageSize)) + this.payloadIndex[page] * this.pageSize
+  }
+
+  /** Where the verified payload of a unit (chunk or packed block) is, decoding it if needed. */
+  private unitAddress(unit: number): number {
     try {
-      payload = (this.cache.has(chunk) ? undefined : this.chunkSource?.(chunk)) ?? this.cache.payload(chunk)
+      return addressOf((this.cache.has(unit) ? undefined : this.chunkSource?.(unit)) ?? this.cache.payload(unit))
     } catch (error) {
       if (error instanceof SnapshotFormatError) throw new FatalServeError(error.message, error.code)
       throw error
     }
-    return addressOf(payload) + this.payloadIndex[page] * this.pageSize
   }
 
   /** True when `chunk`'s payload is decoded in the cache (no decode needed to install it). */

@@ -31,7 +31,10 @@ const config = workerData as WorkerConfig
 const stats = new RunStats(config.stats)
 const reader = SnapshotReader.open(config.snapshotPath)
 const clock = new RunClock()
-const server = new FaultServer(reader, stats, config.cacheBytes, {faultAroundBytes: config.faultAroundBytes}, clock)
+// Faults on packed working-set pages are served from their blocks only while those blocks are
+// being prefetched (not with --working-set none, nor for CRIU's restored processes).
+const packedWorkingSet = config.workingSetChunks.some((unit) => unit >= reader.index.length)
+const server = new FaultServer(reader, stats, config.cacheBytes, {faultAroundBytes: config.faultAroundBytes, packedWorkingSet}, clock)
 const messages = Buffer.alloc(64 * UFFD_MSG_SIZE)
 /** Longest stretch of prefetch work between two checks for demand faults. */
 const PREFETCH_SLICE_MS = 0.5
@@ -229,6 +232,9 @@ function guarded(state: ClientState, body: () => void): void {
  */
 function loop(): void {
   rebuildPollSet()
+  // Ready means ready to serve at full speed: decoders that are still loading would hold up the
+  // first faults that need them. If they never start, faults are decoded here.
+  pool?.waitUntilStarted(10_000)
   post({type: 'ready'})
   let retry = false
   let prefetchState: 'busy' | 'waiting' | 'idle' = 'idle'

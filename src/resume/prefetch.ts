@@ -12,7 +12,10 @@ export interface PrefetchOptions {
   populateAll: boolean
 }
 
-/** What a client still wants installed ahead of its faults, in order. */
+/**
+ * What a client still wants installed ahead of its faults, in order. Entries are reader units:
+ * chunks, or packed working-set blocks (numbered after the chunks).
+ */
 interface ClientQueue {
   client: Client
   /** Readahead: chunks just past a sequential run of faults. Served before `background`. */
@@ -27,6 +30,8 @@ interface ClientQueue {
   /** Chunks already queued as readahead (so a long sequential run does not queue twice). */
   aheadUntilChunk: number
   completeReported: boolean
+  /** The working set is urgent[0..workingSetEnd): readahead appends after it. */
+  workingSetEnd: number
 }
 
 /**
@@ -60,7 +65,7 @@ export class Prefetcher {
   addClient(client: Client, first: readonly number[] = []): void {
     const urgent = first.filter((chunk) => this.needed(client, chunk))
     this.stats.add('workingSetChunks', urgent.length)
-    this.queues.set(client.id, {client, urgent, urgentAt: 0, background: [], backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false})
+    this.queues.set(client.id, {client, urgent, urgentAt: 0, background: [], backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false, workingSetEnd: urgent.length})
     if (this.options.populateAll) this.populate(client)
   }
 
@@ -127,6 +132,7 @@ export class Prefetcher {
         while (at < list.length && !this.needed(q.client, list[at])) this.done(q.client, list[at++])
         if (urgent) q.urgentAt = at
         else q.backgroundAt = at
+        if (urgent) this.checkWorkingSet(q)
         if (at >= list.length) continue
         const chunk = list[at]
         const ready = this.readyToInstall(chunk)
@@ -137,7 +143,8 @@ export class Prefetcher {
         const before = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed')
         let outcome: ServeOutcome
         try {
-          outcome = this.server.fillImageRange(q.client, chunk * this.pagesPerChunk, (chunk + 1) * this.pagesPerChunk)
+          const block = this.reader.packedBlock(chunk)
+          outcome = block !== undefined ? this.server.installBlock(q.client, block) : this.server.fillImageRange(q.client, chunk * this.pagesPerChunk, (chunk + 1) * this.pagesPerChunk)
         } catch (error) {
           return {result: 'failed', client: q.client, error: error as Error}
         }
@@ -146,6 +153,7 @@ export class Prefetcher {
         this.done(q.client, chunk)
         if (urgent) q.urgentAt++
         else q.backgroundAt++
+        if (urgent) this.checkWorkingSet(q)
         this.checkComplete(q)
         return {result: 'busy'}
       }
@@ -195,6 +203,13 @@ export class Prefetcher {
   }
 
   private needed(client: Client, chunk: number): boolean {
+    const block = this.reader.packedBlock(chunk)
+    if (block !== undefined) {
+      const packed = this.reader.packed!
+      const {listStart, pageCount} = packed.blocks[block]
+      for (let k = listStart; k < listStart + pageCount; k++) if (client.states.get(packed.pages[k]) === PAGE_MISSING) return true
+      return false
+    }
     const first = chunk * this.pagesPerChunk
     const end = Math.min(first + this.pagesPerChunk, this.reader.geometry.pageCount)
     for (const r of client.map.imagePageRanges(this.reader.geometry.pageSize)) {
@@ -236,6 +251,12 @@ export class Prefetcher {
     for (const slot of this.pool.finished()) {
       if (!this.wanted.has(this.pool.chunkIn(slot))) this.release(slot)
     }
+  }
+
+  private checkWorkingSet(q: ClientQueue): void {
+    if (q.workingSetEnd === 0 || q.urgentAt < q.workingSetEnd) return
+    q.workingSetEnd = 0
+    if (this.stats.get('workingSetDoneMs') === 0) this.stats.set('workingSetDoneMs', this.clock.now())
   }
 
   private checkComplete(q: ClientQueue): void {

@@ -43,7 +43,10 @@ export interface WorkerConfig {
   populateAll: boolean
   /** Record first touches for --record. */
   record: boolean
-  /** Chunks to prefetch for every client as soon as it connects (--working-set), in order. */
+  /**
+   * Units to prefetch for every client as soon as it connects (--working-set), in order: chunks,
+   * or packed working-set blocks (numbered after the chunks).
+   */
   workingSetChunks: number[]
   /** Keep polling this long after the last message before sleeping (cuts cross-CPU wake-ups). */
   spinMicros: number

@@ -38,7 +38,7 @@ export function renderResumeReport(file: string, r: ResumeReport): string[] {
     ['latency', `p50 ${us(r.latencyUs.p50)}, p90 ${us(r.latencyUs.p90)}, p99 ${us(r.latencyUs.p99)}, max ${us(r.latencyUs.max)}, mean ${us(r.latencyUs.mean)}`],
     ['first/last', `first fault ${ms(r.timeToFirstFaultMs)}, last fault ${ms(r.timeToLastFaultMs)} after the start`],
     ['pages', `${r.pages.copied} copied (${formatBytes(r.bytes.copied)}), ${r.pages.zeroed} zeroed; ${r.pages.faultAround} by fault-around, ${r.pages.prefetched ?? 0} by prefetch`],
-    ['complete', r.timeToMemoryCompleteMs ? `all memory present ${ms(r.timeToMemoryCompleteMs)} after the start` : 'memory not completely present'],
+    ['complete', `${r.timeToWorkingSetMs ? `working set (${r.workingSetChunks} units) in ${ms(r.timeToWorkingSetMs)} after the start; ` : ''}${r.timeToMemoryCompleteMs ? `all memory present ${ms(r.timeToMemoryCompleteMs)} after the start` : 'memory not completely present'}`],
     ['ioctls', `${r.ioctls.copy} UFFDIO_COPY, ${r.ioctls.zeropage} UFFDIO_ZEROPAGE, ${r.ioctls.eexist} EEXIST, ${r.ioctls.eagain} EAGAIN`],
     [
       'chunks',

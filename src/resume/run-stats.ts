@@ -36,6 +36,7 @@ export const COUNTERS = [
   'latencyMaxUs',
   'latencySumUs',
   'memoryCompleteMs',
+  'workingSetDoneMs',
 ] as const
 
 export type CounterName = (typeof COUNTERS)[number]
@@ -142,6 +143,8 @@ export interface ResumeReport {
   timeToLastFaultMs: number | null
   /** From the first handshake until a client's memory was all present (prefetch, population). */
   timeToMemoryCompleteMs: number | null
+  /** From the first handshake until a client's working set was all installed (or faulted in). */
+  timeToWorkingSetMs: number | null
 }
 
 export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, now = Date.now()): ResumeReport {
@@ -172,5 +175,6 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     timeToFirstFaultMs: faults ? g('firstFaultMs') : null,
     timeToLastFaultMs: faults ? g('lastFaultMs') : null,
     timeToMemoryCompleteMs: g('memoryCompleteMs') || null,
+    timeToWorkingSetMs: g('workingSetDoneMs') || null,
   }
 }

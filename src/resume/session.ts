@@ -95,7 +95,10 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   let workingSetChunks: number[]
   try {
     // A working set given on the command line wins over one attached to the snapshot.
-    workingSetChunks = options.workingSetFile === 'none' ? [] : (attachedWorkingSet(reader)?.chunks ?? [])
+    // An attached set is prefetched from its packed blocks when it has them (units after the
+    // chunks, see SnapshotReader.unitCount), else as whole chunks.
+    const packedUnits = reader.packed?.blocks.map((_, b) => reader.index.length + b)
+    workingSetChunks = options.workingSetFile === 'none' ? [] : (packedUnits ?? attachedWorkingSet(reader)?.chunks ?? [])
     if (options.workingSetFile && options.workingSetFile !== 'none') {
       const set = parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
       checkMatches(set, identity, options.workingSetFile)

@@ -1,10 +1,11 @@
 import {crc32} from 'node:zlib'
 
-import {Codec, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INDEX_ENTRY_SIZE} from '../format/constants.js'
+import {Codec, COMPAT_PACKED_WORKING_SET, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INDEX_ENTRY_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
 import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} from '../format/index-table.js'
+import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {type ByteSource, FileByteSource} from './byte-source.js'
 import {ChunkDecompressor} from './codecs.js'
@@ -26,9 +27,18 @@ export class SnapshotReader {
     readonly footer: Footer,
     readonly index: readonly ChunkEntry[],
     readonly zeroMap: ZeroMap,
+    /** The packed working set, if the file has one: its blocks are units chunkCount.. onwards. */
+    readonly packed: PackedSet | undefined,
   ) {
     this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
+    this.unitCount = index.length + (packed?.blocks.length ?? 0)
   }
+
+  /**
+   * Units are what readPayload decodes: chunks 0..chunkCount-1, then the packed working set's
+   * blocks. One numbering lets caches and decoder threads handle both alike.
+   */
+  readonly unitCount: number
 
   static open(path: string): SnapshotReader {
     return SnapshotReader.fromSource(new FileByteSource(path))
@@ -68,7 +78,17 @@ export class SnapshotReader {
     const indexBytes = Buffer.alloc(footer.chunkCount * INDEX_ENTRY_SIZE)
     source.readAt(indexBytes, footer.indexOffset)
     const index = decodeIndex(indexBytes, footer, headerSize, geometry, zeroMap)
-    return new SnapshotReader(source, header, footer, index, zeroMap)
+
+    let packed: PackedSet | undefined
+    const packedAt = (header.metadata.workingSet as {packed?: unknown} | undefined)?.packed
+    if ((header.compatFeatures & COMPAT_PACKED_WORKING_SET) !== 0n) {
+      const dataEnd = Math.min(footer.indexOffset, footer.zeroMapOffset)
+      const location = checkPackedLocation(packedAt, headerSize, dataEnd, geometry)
+      const table = Buffer.alloc(location.length)
+      source.readAt(table, location.offset)
+      packed = decodePackedTable(table, location, headerSize, dataEnd, geometry, zeroMap)
+    }
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed)
   }
 
   get fileSize(): number {
@@ -76,8 +96,8 @@ export class SnapshotReader {
   }
 
   /**
-   * Decodes chunk `chunk`'s payload (its non-zero pages, concatenated), verified: its stored
-   * bytes against their checksum, the decoded length against the index.
+   * Decodes unit `chunk`'s payload (a chunk's or a packed block's non-zero pages, concatenated),
+   * verified: its stored bytes against their checksum, the decoded length against the index.
    * Returns a view of `dst` (or of an internal scratch buffer, valid until the next call).
    */
   readPayload(chunk: number, dst?: Buffer): Buffer {
@@ -131,9 +151,15 @@ export class SnapshotReader {
     }
   }
 
-  entry(chunk: number): ChunkEntry {
-    if (!Number.isInteger(chunk) || chunk < 0 || chunk >= this.index.length) throw new RangeError(`chunk ${chunk} is outside 0..${this.index.length - 1}`)
-    return this.index[chunk]
+  /** The index entry of a chunk, or of a packed block (unit chunkCount + block). */
+  entry(unit: number): ChunkEntry {
+    if (!Number.isInteger(unit) || unit < 0 || unit >= this.unitCount) throw new RangeError(`chunk ${unit} is outside 0..${this.unitCount - 1}`)
+    return unit < this.index.length ? this.index[unit] : this.packed!.blocks[unit - this.index.length]
+  }
+
+  /** The packed block a unit number names, or undefined for a chunk. */
+  packedBlock(unit: number): number | undefined {
+    return unit >= this.index.length && unit < this.unitCount ? unit - this.index.length : undefined
   }
 
   close(): void {
@@ -152,8 +178,9 @@ export class SnapshotReader {
     return stored
   }
 
-  private chunkError(chunk: number, code: 'CORRUPT', detail: string): SnapshotFormatError {
-    return new SnapshotFormatError(code, `chunk ${chunk}`, detail, this.source.name)
+  private chunkError(unit: number, code: 'CORRUPT', detail: string): SnapshotFormatError {
+    const block = this.packedBlock(unit)
+    return new SnapshotFormatError(code, block === undefined ? `chunk ${unit}` : `packed working set block ${block}`, detail, this.source.name)
   }
 }
 

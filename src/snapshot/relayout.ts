@@ -1,7 +1,12 @@
-import {Codec, COMPAT_WORKING_SET} from '../format/constants.js'
+import {crc32} from 'node:zlib'
+
+import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_WORKING_SET} from '../format/constants.js'
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
+import {encodePackedTable, type PackedBlock, type PackedSetLocation, planPackedBlocks} from '../format/packed-set.js'
+import {payloadPageIndex} from '../format/zero-map.js'
 import {AtomicFile, appendTail} from './atomic-file.js'
+import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {SnapshotReader} from './reader.js'
 
 /** What an attached working set records in the snapshot's metadata (docs/FORMAT.md). */
@@ -10,33 +15,141 @@ export interface AttachedWorkingSet {
   chunks: number[]
   pages: number
   runs: number
+  /** Where the packed copy of the set's pages is described (compat feature bit 1). */
+  packed?: Omit<PackedSetLocation, 'crc'> & {crc: string; codec: string}
+}
+
+export interface PackOptions {
+  /** Codec of the packed blocks; 'none' stores no packed copy. */
+  codec: CompressionCodec | 'none'
+  level: number
+}
+
+export const PACK_CODECS = ['zstd', 'lz4', 'raw', 'none']
+
+/** The packing options for a snapshot: `codec` if given, else the codec and level it was written with. */
+export function packOptionsFor(metadata: Record<string, unknown>, codec: string | undefined): PackOptions {
+  const level = typeof metadata.level === 'number' ? metadata.level : 1
+  const chosen = codec ?? (typeof metadata.codec === 'string' && PACK_CODECS.includes(metadata.codec) ? metadata.codec : 'zstd')
+  return {codec: chosen as PackOptions['codec'], level}
+}
+
+/** Payload gathered per pass: bounds memory when a large working set is packed. */
+const PACK_PASS_BYTES = 256 << 20
+
+/**
+ * The packed blocks' stored bytes: the set cut into blocks in touch order, each block's non-zero
+ * pages gathered from their chunks (each chunk decoded once per pass, verified as any read is),
+ * then compressed on their own.
+ */
+function packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[], options: PackOptions): {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array} {
+  const {geometry, zeroMap} = reader
+  const {pageSize, pagesPerChunk} = geometry
+  const plans = planPackedBlocks(pagesInTouchOrder, pagesPerChunk)
+  const positionInChunk = payloadPageIndex(zeroMap, pagesPerChunk)
+  const compressor = new ChunkCompressor(options.codec === 'none' ? 'raw' : options.codec, options.level)
+  const blocks: Omit<PackedBlock, 'dataOffset'>[] = []
+  const stored: Buffer[] = []
+  const list = new Uint32Array(pagesInTouchOrder.length)
+  for (let from = 0; from < plans.length; ) {
+    // One pass: as many blocks as fit the budget; every chunk they need is decoded once.
+    let to = from
+    let bytes = 0
+    while (to < plans.length && (to === from || bytes + plans[to].pageCount * pageSize <= PACK_PASS_BYTES)) bytes += plans[to++].pageCount * pageSize
+    const payloads = plans.slice(from, to).map((plan) => Buffer.alloc(plan.pages.filter((p) => !zeroMap.isZero(p)).length * pageSize))
+    const wanted = new Map<number, {block: number; at: number; page: number}[]>()
+    for (let b = from; b < to; b++) {
+      let at = 0
+      for (const page of plans[b].pages) {
+        if (zeroMap.isZero(page)) continue
+        const chunk = Math.floor(page / pagesPerChunk)
+        let needs = wanted.get(chunk)
+        if (!needs) wanted.set(chunk, (needs = []))
+        needs.push({block: b - from, at, page})
+        at += pageSize
+      }
+    }
+    for (const chunk of [...wanted.keys()].sort((a, b) => a - b)) {
+      const payload = reader.readPayload(chunk)
+      for (const need of wanted.get(chunk)!) {
+        const start = positionInChunk[need.page] * pageSize
+        payload.copy(payloads[need.block], need.at, start, start + pageSize)
+      }
+    }
+    for (let b = from; b < to; b++) {
+      const plan = plans[b]
+      list.set(plan.pages, plan.listStart)
+      const payload = payloads[b - from]
+      const c = payload.length === 0 ? {codec: Codec.None, stored: payload} : compressor.compress(payload)
+      // The compressor reuses its output buffer: keep a copy.
+      stored.push(Buffer.from(c.stored))
+      blocks.push({storedLength: c.stored.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(c.stored), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
+    }
+    from = to
+  }
+  return {blocks, stored, list}
 }
 
 /**
- * Rewrites a snapshot with a working set attached: the working set's chunks are stored first, in
- * first-touch order, so prefetching them is one sequential read, and the set is recorded in the
- * metadata (compat feature bit). Stored bytes are copied, not recompressed; the result is written
- * atomically (to `outputPath`, which may be the input itself).
+ * Rewrites a snapshot with a working set attached: the set's pages packed in blocks of their own
+ * (unless options.codec is 'none'), then its chunks, are stored first, in first-touch order, so
+ * prefetching the set is one sequential read that decodes only its pages; the set is recorded in
+ * the metadata (compat feature bits). Chunks' stored bytes are copied, not recompressed; the
+ * result is written atomically (to `outputPath`, which may be the input itself).
  */
-export function attachWorkingSet(inputPath: string, outputPath: string, set: AttachedWorkingSet): {fileSize: number; chunksFirst: number} {
+export function attachWorkingSet(
+  inputPath: string,
+  outputPath: string,
+  set: {pages: readonly number[]; runs: number},
+  options: PackOptions = {codec: 'zstd', level: 1},
+): {fileSize: number; chunksFirst: number; packedBlocks: number; packedBytes: number} {
   const reader = SnapshotReader.open(inputPath)
   const out = new AtomicFile(outputPath)
   try {
-    const {header, index} = reader
-    for (const c of set.chunks) if (!Number.isInteger(c) || c < 0 || c >= index.length) throw new RangeError(`working-set chunk ${c} is outside the snapshot's ${index.length} chunks`)
-    const chunks = [...new Set(set.chunks)].filter((c) => index[c].codec !== Codec.None)
+    const {header, index, geometry} = reader
+    for (const p of set.pages) if (!Number.isInteger(p) || p < 0 || p >= geometry.pageCount) throw new RangeError(`working-set page ${p} is outside the snapshot's ${geometry.pageCount} pages`)
+    const pages = [...new Set(set.pages)]
+    const seenChunks = new Set<number>()
+    const chunks: number[] = []
+    for (const p of pages) {
+      const c = Math.floor(p / geometry.pagesPerChunk)
+      if (!seenChunks.has(c) && index[c].codec !== Codec.None) chunks.push(c)
+      seenChunks.add(c)
+    }
     const first = new Set(chunks)
     const order = [...chunks, ...index.keys()].filter((c, i) => i < chunks.length || !first.has(c))
-    const encoded = encodeHeader({
-      incompatFeatures: header.incompatFeatures,
-      compatFeatures: header.compatFeatures | COMPAT_WORKING_SET,
-      pageSize: header.pageSize,
-      chunkSize: header.chunkSize,
-      logicalSize: header.logicalSize,
-      regions: header.regions,
-      metadata: {...header.metadata, workingSet: {chunks, pages: set.pages, runs: set.runs} satisfies AttachedWorkingSet},
-    })
+    const packed = options.codec === 'none' || pages.length === 0 ? undefined : packBlocks(reader, pages, options)
+    // The header records where the packed table lies, which depends on the header's own size:
+    // encode until the size is stable. The CRC is fixed-width hex and a larger header only adds
+    // digits to the offset, so this settles in two or three rounds.
+    let encoded: Buffer = Buffer.alloc(0)
+    let table: Buffer = Buffer.alloc(0)
+    let blocks: PackedBlock[] = []
+    for (let headerSize = 0, round = 0; ; headerSize = encoded.length, round++) {
+      if (round > 8) throw new Error('the header size does not settle (a bug): giving up')
+      let at = headerSize
+      blocks = (packed?.blocks ?? []).map((b, i) => {
+        const dataOffset = b.codec === Codec.None ? 0 : at
+        at += packed!.stored[i].length
+        return {...b, dataOffset}
+      })
+      table = packed ? encodePackedTable({blocks, pages: packed.list}) : Buffer.alloc(0)
+      const workingSet: AttachedWorkingSet = {chunks, pages: pages.length, runs: set.runs}
+      if (packed) workingSet.packed = {offset: at, length: table.length, crc: crc32(table).toString(16).padStart(8, '0'), blocks: blocks.length, pages: packed.list.length, codec: options.codec}
+      encoded = encodeHeader({
+        incompatFeatures: header.incompatFeatures,
+        compatFeatures: (header.compatFeatures & ~COMPAT_PACKED_WORKING_SET) | COMPAT_WORKING_SET | (packed ? COMPAT_PACKED_WORKING_SET : 0n),
+        pageSize: header.pageSize,
+        chunkSize: header.chunkSize,
+        logicalSize: header.logicalSize,
+        regions: header.regions,
+        metadata: {...header.metadata, workingSet},
+      })
+      if (encoded.length === headerSize) break
+    }
     out.append(encoded)
+    for (const bytes of packed?.stored ?? []) out.append(bytes)
+    if (packed) out.append(table)
     const entries: ChunkEntry[] = [...index]
     // Deduplicated chunks share stored bytes: copy each stored range once.
     const moved = new Map<number, number>()
@@ -54,7 +167,7 @@ export function attachWorkingSet(inputPath: string, outputPath: string, set: Att
     }
     appendTail(out, entries, reader.zeroMap, encoded.readUInt32LE(encoded.length - 8))
     out.commit()
-    return {fileSize: out.size, chunksFirst: chunks.length}
+    return {fileSize: out.size, chunksFirst: chunks.length, packedBlocks: blocks.length, packedBytes: (packed?.stored ?? []).reduce((n, b) => n + b.length, 0)}
   } finally {
     out.discard()
     reader.close()

@@ -1,5 +1,5 @@
 
-import {CHUNK_FLAG_SHARED, Codec, KNOWN_COMPAT_FEATURES} from '../format/constants.js'
+import {CHUNK_FLAG_SHARED, Codec} from '../format/constants.js'
 import {Geometry} from '../format/geometry.js'
 import {encodeHeader, type Region, type SnapshotMetadata} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
@@ -63,7 +63,7 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
   const geometry = new Geometry(options.pageSize, options.chunkSize, input.logicalSize)
   const header = encodeHeader({
     incompatFeatures: 0n,
-    compatFeatures: KNOWN_COMPAT_FEATURES,
+    compatFeatures: 0n,
     pageSize: options.pageSize,
     chunkSize: options.chunkSize,
     logicalSize: input.logicalSize,

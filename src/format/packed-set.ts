@@ -1,0 +1,165 @@
+import {crc32} from 'node:zlib'
+
+import {Codec, maxStoredLength, PACKED_BLOCK_ENTRY_SIZE} from './constants.js'
+import {SnapshotFormatError} from './errors.js'
+import {type Geometry} from './geometry.js'
+import {hex} from './header.js'
+import {type ChunkEntry} from './index-table.js'
+import {type ZeroMap} from './zero-map.js'
+
+/**
+ * The packed working set (docs/FORMAT.md): a working set's pages copied a second time into
+ * blocks of their own, in first-touch order, so prefetching a set scattered over the whole image
+ * decodes only its pages instead of every chunk it touches. Pure: no I/O.
+ */
+export interface PackedBlock extends ChunkEntry {
+  /** Position of the block's first page in the page list. */
+  listStart: number
+  pageCount: number
+}
+
+export interface PackedSet {
+  blocks: PackedBlock[]
+  /** Image page numbers: each block's pages, ascending within a block, blocks in touch order. */
+  pages: Uint32Array
+}
+
+/** Where the table lives, recorded in the metadata (`workingSet.packed`, the CRC as 8 hex digits). */
+export interface PackedSetLocation {
+  offset: number
+  length: number
+  crc: number
+  blocks: number
+  pages: number
+}
+
+export function packedTableLength(blocks: number, pages: number): number {
+  return blocks * PACKED_BLOCK_ENTRY_SIZE + pages * 4
+}
+
+export function encodePackedTable(set: PackedSet): Buffer {
+  const buf = Buffer.alloc(packedTableLength(set.blocks.length, set.pages.length))
+  for (const [i, b] of set.blocks.entries()) {
+    const at = i * PACKED_BLOCK_ENTRY_SIZE
+    buf.writeBigUInt64LE(BigInt(b.dataOffset), at)
+    buf.writeUInt32LE(b.storedLength, at + 8)
+    buf.writeUInt32LE(b.payloadLength, at + 12)
+    buf.writeUInt32LE(b.storedCrc, at + 16)
+    buf.writeUInt8(b.codec, at + 20)
+    buf.writeUInt32LE(b.listStart, at + 24)
+    buf.writeUInt32LE(b.pageCount, at + 28)
+  }
+  const listAt = set.blocks.length * PACKED_BLOCK_ENTRY_SIZE
+  for (let i = 0; i < set.pages.length; i++) buf.writeUInt32LE(set.pages[i], listAt + 4 * i)
+  return buf
+}
+
+/** Checks a location from the (untrusted) metadata before anything is read or allocated for it. */
+export function checkPackedLocation(value: unknown, dataStart: number, dataEnd: number, geometry: Geometry): PackedSetLocation {
+  const fail = (detail: string): never => {
+    throw new SnapshotFormatError('CORRUPT', 'packed working set', detail)
+  }
+  if (typeof value !== 'object' || value === null) return fail('metadata.workingSet.packed is not an object')
+  const v = value as Record<string, unknown>
+  const n = (key: string, max: number): number => {
+    const x = v[key]
+    if (typeof x !== 'number' || !Number.isSafeInteger(x) || x < 0 || x > max) return fail(`${key} ${String(x)} is not an integer in 0..${max}`)
+    return x
+  }
+  // The CRC is 8 hex digits: fixed width, so the header's size does not depend on its value.
+  if (typeof v.crc !== 'string' || !/^[0-9a-f]{8}$/.test(v.crc)) fail(`crc ${String(v.crc)} is not 8 hex digits`)
+  const crc = Number.parseInt(v.crc as string, 16)
+  const location = {offset: n('offset', dataEnd), length: n('length', dataEnd), crc, blocks: n('blocks', geometry.pageCount), pages: n('pages', geometry.pageCount)}
+  if (location.length !== packedTableLength(location.blocks, location.pages)) fail(`table of ${location.length} bytes cannot hold ${location.blocks} blocks and ${location.pages} pages`)
+  if (location.offset < dataStart || location.offset + location.length > dataEnd) {
+    fail(`table [${location.offset}, ${location.offset + location.length}) lies outside the data section [${dataStart}, ${dataEnd})`)
+  }
+  return location
+}
+
+/**
+ * Decodes and cross-checks the table: every block's codec and lengths against its pages (from the
+ * zero map), its stored bytes inside the data section, its pages ascending, in the image, each in
+ * one block only, and at most a chunk's worth per block (so any decode buffer fits a chunk).
+ */
+export function decodePackedTable(buf: Buffer, location: PackedSetLocation, dataStart: number, dataEnd: number, geometry: Geometry, zeroMap: ZeroMap): PackedSet {
+  const crc = crc32(buf)
+  if (crc !== location.crc) throw new SnapshotFormatError('CORRUPT', 'packed working set', `checksum mismatch (stored ${hex(location.crc)}, computed ${hex(crc)})`)
+  const listAt = location.blocks * PACKED_BLOCK_ENTRY_SIZE
+  const pages = new Uint32Array(location.pages)
+  for (let i = 0; i < pages.length; i++) pages[i] = buf.readUInt32LE(listAt + 4 * i)
+  const seen = new Uint8Array(geometry.pageCount)
+  const blocks: PackedBlock[] = []
+  let nextListStart = 0
+  for (let i = 0; i < location.blocks; i++) {
+    const at = i * PACKED_BLOCK_ENTRY_SIZE
+    const part = `packed working set block ${i}`
+    const fail = (detail: string): never => {
+      throw new SnapshotFormatError('CORRUPT', part, detail)
+    }
+    const dataOffset = buf.readBigUInt64LE(at)
+    if (dataOffset > BigInt(Number.MAX_SAFE_INTEGER)) fail(`data offset ${dataOffset} is out of range`)
+    const b: PackedBlock = {
+      dataOffset: Number(dataOffset),
+      storedLength: buf.readUInt32LE(at + 8),
+      payloadLength: buf.readUInt32LE(at + 12),
+      storedCrc: buf.readUInt32LE(at + 16),
+      codec: buf.readUInt8(at + 20),
+      flags: 0,
+      listStart: buf.readUInt32LE(at + 24),
+      pageCount: buf.readUInt32LE(at + 28),
+    }
+    if (buf.readUInt8(at + 21) !== 0 || buf.readUInt16LE(at + 22) !== 0) fail('reserved field is not zero')
+    // Blocks partition the list in order, so a reader can walk both together.
+    if (b.listStart !== nextListStart) fail(`pages start at ${b.listStart}, expected ${nextListStart}`)
+    if (b.pageCount === 0 || b.pageCount > geometry.pagesPerChunk || b.listStart + b.pageCount > pages.length) {
+      fail(`${b.pageCount} pages from ${b.listStart} do not fit (at most ${geometry.pagesPerChunk} per block, ${pages.length} listed)`)
+    }
+    nextListStart += b.pageCount
+    let nonZero = 0
+    for (let k = b.listStart; k < b.listStart + b.pageCount; k++) {
+      const p = pages[k]
+      if (p >= geometry.pageCount) fail(`page ${p} is outside the image's ${geometry.pageCount} pages`)
+      if (k > b.listStart && p <= pages[k - 1]) fail(`pages are not ascending (${pages[k - 1]} then ${p})`)
+      if (seen[p]) fail(`page ${p} is packed twice`)
+      seen[p] = 1
+      if (!zeroMap.isZero(p)) nonZero++
+    }
+    if (b.payloadLength !== nonZero * geometry.pageSize) fail(`payload of ${b.payloadLength} bytes disagrees with its ${nonZero} non-zero pages`)
+    switch (b.codec) {
+      case Codec.None:
+        if (b.payloadLength !== 0 || b.storedLength !== 0 || b.dataOffset !== 0) fail('codec none on a block that has data')
+        break
+      case Codec.Raw:
+        if (b.storedLength !== b.payloadLength) fail(`raw block stores ${b.storedLength} bytes for a ${b.payloadLength}-byte payload`)
+        break
+      case Codec.Lz4:
+      case Codec.Zstd:
+        if (b.storedLength === 0 || b.storedLength > maxStoredLength(b.payloadLength)) fail(`stored length ${b.storedLength} is impossible for a ${b.payloadLength}-byte payload`)
+        break
+      default:
+        fail(`unknown codec ${b.codec as number}`)
+    }
+    if (b.codec !== Codec.None && b.payloadLength === 0) fail('a block of zero pages must use codec none')
+    if (b.codec !== Codec.None && (b.dataOffset < dataStart || b.dataOffset + b.storedLength > dataEnd)) {
+      fail(`stored bytes [${b.dataOffset}, ${b.dataOffset + b.storedLength}) lie outside the data section [${dataStart}, ${dataEnd})`)
+    }
+    blocks.push(b)
+  }
+  if (nextListStart !== pages.length) throw new SnapshotFormatError('CORRUPT', 'packed working set', `blocks cover ${nextListStart} of ${pages.length} listed pages`)
+  return {blocks, pages}
+}
+
+/**
+ * Cuts a working set (pages in first-touch order) into blocks of at most `pagesPerBlock` pages,
+ * keeping touch order between blocks and sorting pages within one, so consecutive image pages in
+ * a block are adjacent in its payload and install with one UFFDIO_COPY.
+ */
+export function planPackedBlocks(pagesInTouchOrder: readonly number[], pagesPerBlock: number): {listStart: number; pageCount: number; pages: number[]}[] {
+  const blocks: {listStart: number; pageCount: number; pages: number[]}[] = []
+  for (let i = 0; i < pagesInTouchOrder.length; i += pagesPerBlock) {
+    const pages = pagesInTouchOrder.slice(i, i + pagesPerBlock).sort((a, b) => a - b)
+    blocks.push({listStart: i, pageCount: pages.length, pages})
+  }
+  return blocks
+}
