@@ -161,6 +161,37 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     expect(h.stderr).toMatch(/packed working set block \d+/)
   })
 
+  it('--count-hits counts which prefetched pages the client touched, from its accessed bits', async () => {
+    const raw = path.join(dir, 'hits.raw')
+    const snapshot = path.join(dir, 'hits.uffd')
+    const pageCount = (16 * 1024 * 1024) / 4096
+    fs.writeFileSync(raw, makeImage('mixed', 16 * 1024 * 1024, 8))
+    expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
+    const pages = Array.from({length: pageCount}, (_, p) => p).filter((p) => (p * 2654435761) % 8 === 0)
+    const ws = path.join(dir, 'hits.ws')
+    const fc = (args: string[]): [string, string[]] => [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, ...args]]
+    await resumeWith(snapshot, ['--record', ws, '--fault-around', 'page', '--readahead', '0'], fc(['--touch', `trace:${trace(path.join(dir, 'h1.trace'), pages)}`]), 'hits-record')
+    expect(uffd(['working-set', 'attach', snapshot, ws]).status).toBe(0)
+
+    // The client waits until the set is in, then touches half of it and stays alive for a sample.
+    const half = trace(path.join(dir, 'h2.trace'), pages.filter((_, i) => i % 2 === 0))
+    const r = await resumeWith(snapshot, ['--count-hits'], fc(['--delay-ms', '800', '--touch', `trace:${half}`, '--verify', '--hold-ms', '1200']), 'hits-half')
+    expect(JSON.parse(r.client.stdout).verify_errors).toBe(0)
+    const h = r.stats.prefetchHits
+    expect(h.copiedPages).toBeGreaterThan(0)
+    expect(h.hits + h.wasted).toBe(h.copiedPages)
+    // Pages were installed before any touch, so about half of the data pages are hits.
+    expect(h.hits / h.copiedPages).toBeGreaterThan(0.35)
+    expect(h.hits / h.copiedPages).toBeLessThan(0.65)
+
+    const none = await resumeWith(snapshot, ['--count-hits'], fc(['--touch', 'none', '--hold-ms', '1200']), 'hits-none')
+    expect(none.stats.prefetchHits.hits).toBe(0)
+    expect(none.stats.prefetchHits.wasted).toBe(none.stats.prefetchHits.copiedPages)
+    // Without the flag nothing is cleared or counted.
+    const off = await resumeWith(snapshot, [], fc(['--touch', 'none']), 'hits-off')
+    expect(off.stats.prefetchHits).toBeNull()
+  })
+
   it('--populate all fills all memory, reports completion, and never refills removed memory', async () => {
     const raw = path.join(dir, 'pop.raw')
     const snapshot = path.join(dir, 'pop.uffd')

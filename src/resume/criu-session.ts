@@ -153,6 +153,7 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
     // Population starts when the restore finished (the 'populate' message), as CRIU's daemon does.
     populateAll: false,
     record: false,
+    countHits: false,
     workingSetChunks: [],
   })
   const {stats, events} = loop

@@ -26,6 +26,8 @@ export class Client {
   readonly pending: PendingFault[] = []
   /** Pages inside the client's regions: memory is complete when all are present or removed. */
   readonly regionPages: number
+  /** A pidfd for process_madvise when prefetch hits are counted (else -1). */
+  hitTrackingPidfd = -1
 
   /**
    * `nonCooperative`: a process restored by CRIU, which does not announce its memory layout
@@ -101,6 +103,8 @@ export class FaultServer {
    * the cache. Returns undefined when the chunk is not there.
    */
   chunkSource: ((chunk: number) => Buffer | undefined) | undefined
+  /** Called with every range installed by UFFDIO_COPY while set (the prefetcher's hit tracking). */
+  onCopied: ((client: Client, address: number, length: number) => void) | undefined
   /** The window of the last fault served from a missing page (for readahead), in image pages. */
   lastWindow = {page: -1, first: -1, end: -1}
   /** Each page's packed working-set block, or -1 (when serving from packed blocks). */
@@ -324,7 +328,10 @@ export class FaultServer {
         const pages = result.done / this.pageSize
         client.states.markPresent(first + done / this.pageSize, pages)
         this.stats.add(zero ? 'pagesZeroed' : 'pagesCopied', pages)
-        if (!zero) this.stats.add('bytesCopied', result.done)
+        if (!zero) {
+          this.stats.add('bytesCopied', result.done)
+          this.onCopied?.(client, dst + done, result.done)
+        }
         done += result.done
       }
       if (result.error === 0) continue

@@ -41,6 +41,7 @@ const PREFETCH_SLICE_MS = 0.5
 const {chunkSize} = reader.geometry
 // Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.
 const pool = config.decoders > 0 ? new DecodePool(config.snapshotPath, config.decoders, Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize))), chunkSize) : undefined
+if (config.countHits) stats.set('hitsTracked', 1)
 const recorder = config.record ? new WorkingSetRecorder(reader.geometry.pageCount) : undefined
 const prefetcher = new Prefetcher(server, reader, pool, stats, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll}, clock, (client) =>
   post({type: 'complete', id: client.id}),
@@ -102,6 +103,7 @@ function handleControl(): void {
     } else {
       clock.start()
       const client = new Client(message.id, message.uffd, message.regions, reader.geometry, message.nonCooperative)
+      if (config.countHits && message.pidfd >= 0) client.hitTrackingPidfd = message.pidfd
       clients.set(message.id, {client, pidfd: message.pidfd, socket: message.socket, failed: false})
       prefetcher.addClient(client, config.workingSetChunks)
       stats.add('clients')

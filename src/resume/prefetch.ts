@@ -1,4 +1,5 @@
 import {Codec} from '../format/constants.js'
+import {MADV, processMadvise, SysError} from '../sys/index.js'
 import {type SnapshotReader} from '../snapshot/reader.js'
 import {PAGE_MISSING} from './address-map.js'
 import {type DecodePool, SLOT_ERROR, SLOT_PENDING, SLOT_READY} from './decode-pool.js'
@@ -47,6 +48,8 @@ export class Prefetcher {
   /** Decodes in flight or done, and the clients that still want each. */
   private readonly wanted = new Map<number, Set<number>>()
   private readonly pagesPerChunk: number
+  /** Ranges installed by the current step, for clearAccessed. */
+  private readonly installed: {address: number; length: number}[] = []
 
   constructor(
     private readonly server: FaultServer,
@@ -142,11 +145,16 @@ export class Prefetcher {
         }
         const before = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed')
         let outcome: ServeOutcome
+        const tracking = q.client.hitTrackingPidfd >= 0
+        if (tracking) this.server.onCopied = (_client, address, length) => this.installed.push({address, length})
         try {
           const block = this.reader.packedBlock(chunk)
           outcome = block !== undefined ? this.server.installBlock(q.client, block) : this.server.fillImageRange(q.client, chunk * this.pagesPerChunk, (chunk + 1) * this.pagesPerChunk)
         } catch (error) {
           return {result: 'failed', client: q.client, error: error as Error}
+        } finally {
+          this.server.onCopied = undefined
+          if (tracking) this.clearAccessed(q.client)
         }
         this.stats.add('prefetchedPages', this.stats.get('pagesCopied') + this.stats.get('pagesZeroed') - before)
         if (outcome !== 'served') return {result: 'outcome', client: q.client, outcome}
@@ -160,6 +168,27 @@ export class Prefetcher {
       this.checkComplete(q)
     }
     return {result: waiting ? 'waiting' : 'idle'}
+  }
+
+  /**
+   * Prefetch hits: UFFDIO_COPY installs pages with their accessed bit set; clearing it right
+   * after (MADV_COLD, which also flushes the client's TLB) lets /proc/PID/smaps count later
+   * which prefetched pages the client touched. Zero pages map the shared zero page, which smaps
+   * does not count: hits are counted over data pages. If the kernel refuses (no CAP_SYS_NICE),
+   * counting stops for this client and the report says so by its absence.
+   */
+  private clearAccessed(client: Client): void {
+    const ranges = this.installed.splice(0)
+    if (ranges.length === 0) return
+    try {
+      processMadvise(client.hitTrackingPidfd, ranges, MADV.COLD)
+      this.stats.add('prefetchCopiedPages', ranges.reduce((n, r) => n + r.length, 0) / this.reader.geometry.pageSize)
+    } catch (error) {
+      if (!(error instanceof SysError)) throw error
+      // ESRCH: the client is exiting (its end is reported by its pidfd); anything else: stop.
+      if (error.code !== 'ESRCH') this.stats.set('hitsTracked', 0)
+      client.hitTrackingPidfd = -1
+    }
   }
 
   /** Requests decodes for the next chunks this client will want, while slots are free. */

@@ -43,6 +43,8 @@ export interface WorkerConfig {
   populateAll: boolean
   /** Record first touches for --record. */
   record: boolean
+  /** Clear the accessed bits of prefetched pages so the main thread can count prefetch hits. */
+  countHits: boolean
   /**
    * Units to prefetch for every client as soon as it connects (--working-set), in order: chunks,
    * or packed working-set blocks (numbered after the chunks).

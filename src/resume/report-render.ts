@@ -39,6 +39,9 @@ export function renderResumeReport(file: string, r: ResumeReport): string[] {
     ['first/last', `first fault ${ms(r.timeToFirstFaultMs)}, last fault ${ms(r.timeToLastFaultMs)} after the start`],
     ['pages', `${r.pages.copied} copied (${formatBytes(r.bytes.copied)}), ${r.pages.zeroed} zeroed; ${r.pages.faultAround} by fault-around, ${r.pages.prefetched ?? 0} by prefetch`],
     ['complete', `${r.timeToWorkingSetMs ? `working set (${r.workingSetChunks} units) in ${ms(r.timeToWorkingSetMs)} after the start; ` : ''}${r.timeToMemoryCompleteMs ? `all memory present ${ms(r.timeToMemoryCompleteMs)} after the start` : 'memory not completely present'}`],
+    ...(r.prefetchHits
+      ? ([['prefetch', `${r.prefetchHits.copiedPages} data pages installed ahead of need: ${r.prefetchHits.hits} touched since (hits), ${r.prefetchHits.wasted} not (wasted), as of ${ms(r.prefetchHits.sampledAtMs)}`]] as [string, string][])
+      : []),
     ['ioctls', `${r.ioctls.copy} UFFDIO_COPY, ${r.ioctls.zeropage} UFFDIO_ZEROPAGE, ${r.ioctls.eexist} EEXIST, ${r.ioctls.eagain} EAGAIN`],
     [
       'chunks',

@@ -37,6 +37,11 @@ export const COUNTERS = [
   'latencySumUs',
   'memoryCompleteMs',
   'workingSetDoneMs',
+  'prefetchCopiedPages',
+  'hitsTracked',
+  'prefetchHits',
+  'prefetchWasted',
+  'hitsSampledMs',
 ] as const
 
 export type CounterName = (typeof COUNTERS)[number]
@@ -145,6 +150,13 @@ export interface ResumeReport {
   timeToMemoryCompleteMs: number | null
   /** From the first handshake until a client's working set was all installed (or faulted in). */
   timeToWorkingSetMs: number | null
+  /**
+   * With --count-hits: of the data pages installed ahead of need (prefetch, readahead,
+   * population), how many the client touched afterwards, and how many it had not, as of the
+   * last sample of its accessed bits (`sampledAtMs`: ms after the handler started). null when
+   * not counted.
+   */
+  prefetchHits: {copiedPages: number; hits: number; wasted: number; sampledAtMs: number} | null
 }
 
 export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, now = Date.now()): ResumeReport {
@@ -176,5 +188,6 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     timeToLastFaultMs: faults ? g('lastFaultMs') : null,
     timeToMemoryCompleteMs: g('memoryCompleteMs') || null,
     timeToWorkingSetMs: g('workingSetDoneMs') || null,
+    prefetchHits: g('hitsTracked') ? {copiedPages: g('prefetchCopiedPages'), hits: g('prefetchHits'), wasted: g('prefetchWasted'), sampledAtMs: g('hitsSampledMs')} : null,
   }
 }

@@ -68,6 +68,15 @@ export const ioctlInt = lib.func('ioctl', 'int', ['int', 'unsigned long', 'unsig
 export const syscallInt = lib.func('syscall', 'long', ['long', 'int']) as (nr: number, arg: number) => number
 /** syscall(nr, int, unsigned): used for pidfd_open(2), which glibc 2.36 does not wrap. */
 export const syscallIntUint = lib.func('syscall', 'long', ['long', 'int', 'unsigned int']) as (nr: number, a: number, b: number) => number
+/** syscall(nr, int, address, size_t, int, unsigned): process_madvise(2), by raw iovec address. */
+export const syscallMadvise = lib.func('syscall', 'long', ['long', 'int', 'uintptr_t', 'size_t', 'int', 'unsigned int']) as (
+  nr: number,
+  pidfd: number,
+  iovAddress: number,
+  vlen: number,
+  advice: number,
+  flags: number,
+) => number
 
 // --- memory ------------------------------------------------------------------------------------
 export const mmap = lib.func('mmap', 'intptr_t', ['uintptr_t', 'size_t', 'int', 'int', 'int', off_t]) as (

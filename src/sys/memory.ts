@@ -39,6 +39,11 @@ export const MADV = {
   DONTNEED: 4,
   /** Like DONTNEED but also frees the backing store of shared/hugetlbfs memory. */
   REMOVE: 9,
+  /**
+   * Deactivates the pages and clears their accessed bits (flushing the TLB), so a later read of
+   * /proc/PID/smaps counts as Referenced only the pages touched since.
+   */
+  COLD: 20,
   HUGEPAGE: 14,
   NOHUGEPAGE: 15,
   POPULATE_READ: 22,

@@ -44,3 +44,32 @@ export function pidfdOpen(pid: number): number {
   if (fd < 0) libc.fail('pidfd_open', `opening a pidfd for process ${pid}`)
   return fd
 }
+
+/** process_madvise(2) on x86-64. */
+export const SYS_PROCESS_MADVISE = 440
+/** Ranges per process_madvise call: the kernel's UIO_MAXIOV. */
+export const PROCESS_MADVISE_MAX_RANGES = 1024
+
+const madviseIovecs = new RawStruct(IOVEC_LAYOUT.size * PROCESS_MADVISE_MAX_RANGES)
+
+/**
+ * Applies `advice` to address ranges of the process behind `pidfd` (one syscall per 1024
+ * ranges). Needs ptrace read access to it and CAP_SYS_NICE. Returns the bytes advised. Throws
+ * SysError: ESRCH (the process is gone), EPERM (no permission), EINVAL (an advice the kernel does
+ * not accept remotely, or a bad range).
+ */
+export function processMadvise(pidfd: number, ranges: readonly {address: number; length: number}[], advice: number): number {
+  let advised = 0
+  for (let from = 0; from < ranges.length; from += PROCESS_MADVISE_MAX_RANGES) {
+    const batch = ranges.slice(from, from + PROCESS_MADVISE_MAX_RANGES)
+    batch.forEach((r, i) => {
+      checkUnsigned('address', r.address)
+      madviseIovecs.set64(i * IOVEC_LAYOUT.size + IOVEC_LAYOUT.base, r.address)
+      madviseIovecs.set64(i * IOVEC_LAYOUT.size + IOVEC_LAYOUT.len, r.length)
+    })
+    const n = libc.syscallMadvise(SYS_PROCESS_MADVISE, pidfd, madviseIovecs.address, batch.length, advice, 0)
+    if (n < 0) libc.fail('process_madvise', `advising ${batch.length} range(s) from ${hex(batch[0].address)}`)
+    advised += n
+  }
+  return advised
+}
