@@ -25,17 +25,19 @@ export interface Footer {
   headerCrc: number
 }
 
+/** Writes the first 22 bytes of an index entry (a packed block entry shares them). */
+export function writeEntryFields(buf: Buffer, at: number, e: ChunkEntry): void {
+  buf.writeBigUInt64LE(BigInt(e.dataOffset), at)
+  buf.writeUInt32LE(e.storedLength, at + 8)
+  buf.writeUInt32LE(e.payloadLength, at + 12)
+  buf.writeUInt32LE(e.storedCrc, at + 16)
+  buf.writeUInt8(e.codec, at + 20)
+  buf.writeUInt8(e.flags, at + 21)
+}
+
 export function encodeIndex(entries: readonly ChunkEntry[]): Buffer {
   const buf = Buffer.alloc(entries.length * INDEX_ENTRY_SIZE)
-  for (const [i, e] of entries.entries()) {
-    const at = i * INDEX_ENTRY_SIZE
-    buf.writeBigUInt64LE(BigInt(e.dataOffset), at)
-    buf.writeUInt32LE(e.storedLength, at + 8)
-    buf.writeUInt32LE(e.payloadLength, at + 12)
-    buf.writeUInt32LE(e.storedCrc, at + 16)
-    buf.writeUInt8(e.codec, at + 20)
-    buf.writeUInt8(e.flags, at + 21)
-  }
+  for (const [i, e] of entries.entries()) writeEntryFields(buf, i * INDEX_ENTRY_SIZE, e)
   return buf
 }
 

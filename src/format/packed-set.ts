@@ -4,7 +4,7 @@ import {Codec, maxStoredLength, PACKED_BLOCK_ENTRY_SIZE} from './constants.js'
 import {SnapshotFormatError} from './errors.js'
 import {type Geometry} from './geometry.js'
 import {hex} from './header.js'
-import {type ChunkEntry} from './index-table.js'
+import {type ChunkEntry, writeEntryFields} from './index-table.js'
 import {type ZeroMap} from './zero-map.js'
 
 /**
@@ -41,11 +41,7 @@ export function encodePackedTable(set: PackedSet): Buffer {
   const buf = Buffer.alloc(packedTableLength(set.blocks.length, set.pages.length))
   for (const [i, b] of set.blocks.entries()) {
     const at = i * PACKED_BLOCK_ENTRY_SIZE
-    buf.writeBigUInt64LE(BigInt(b.dataOffset), at)
-    buf.writeUInt32LE(b.storedLength, at + 8)
-    buf.writeUInt32LE(b.payloadLength, at + 12)
-    buf.writeUInt32LE(b.storedCrc, at + 16)
-    buf.writeUInt8(b.codec, at + 20)
+    writeEntryFields(buf, at, {...b, flags: 0})
     buf.writeUInt32LE(b.listStart, at + 24)
     buf.writeUInt32LE(b.pageCount, at + 28)
   }

@@ -121,6 +121,26 @@ export class DecodePool {
     return Atomics.load(this.states, slot)
   }
 
+  /**
+   * Takes a pending request back from the decoders when none has started on it, so a demand
+   * fault that needs the chunk decodes it at once instead of waiting behind every request queued
+   * before it. The caller then fills the slot and calls finish().
+   */
+  takeBack(slot: number): boolean {
+    return Atomics.load(this.states, slot) === SLOT_PENDING && Atomics.compareExchange(this.claims, slot, 0, 1) === 0
+  }
+
+  /** The whole buffer of a slot, to decode into after takeBack(). */
+  slotBuffer(slot: number): Buffer {
+    return Buffer.from(this.arena, slot * this.slotBytes, this.slotBytes)
+  }
+
+  /** Publishes a slot filled by the caller after takeBack(): its payload length, or -1 on failure. */
+  finish(slot: number, length: number): void {
+    if (length >= 0) this.lengths[slot] = length
+    Atomics.store(this.states, slot, length >= 0 ? SLOT_READY : SLOT_ERROR)
+  }
+
   /** Blocks until a pending slot is decoded (a demand fault needs exactly this chunk). */
   waitFor(slot: number): number {
     while (Atomics.load(this.states, slot) === SLOT_PENDING) Atomics.wait(this.states, slot, SLOT_PENDING, 1000)

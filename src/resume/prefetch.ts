@@ -200,8 +200,10 @@ export class Prefetcher {
     ] as const) {
       for (let i = from; i < list.length && i < from + this.pool.slots; i++) {
         const chunk = list[i]
-        if (this.reader.entry(chunk).codec === Codec.None || this.server.isCached(chunk) || !this.needed(q.client, chunk)) continue
         let clients = this.wanted.get(chunk)
+        // Already asked for (most of the window on every step): skip before the page scan.
+        if (clients?.has(q.client.id)) continue
+        if (this.reader.entry(chunk).codec === Codec.None || this.server.isCached(chunk) || !this.needed(q.client, chunk)) continue
         if (!clients) {
           if (!this.pool.request(chunk)) return
           this.wanted.set(chunk, (clients = new Set()))
@@ -220,10 +222,22 @@ export class Prefetcher {
     return state === SLOT_READY || state === SLOT_ERROR
   }
 
-  /** The decode pool's payload for `chunk`, waiting if it is being decoded right now. */
+  /**
+   * The decode pool's payload for `chunk` (a demand fault needs it now): decoded here if no
+   * decoder has started on it yet, else waited for (at most one decode).
+   */
   private decoded(chunk: number): Buffer | undefined {
     const slot = this.pool?.slotOf(chunk)
     if (slot === undefined || !this.pool) return undefined
+    if (this.pool.takeBack(slot)) {
+      let length = -1
+      try {
+        length = this.reader.readPayload(chunk, this.pool.slotBuffer(slot)).length
+      } catch {
+        // Reported with its context when the fault path decodes it again (below).
+      }
+      this.pool.finish(slot, length)
+    }
     const state = this.pool.state(slot) === SLOT_PENDING ? this.pool.waitFor(slot) : this.pool.state(slot)
     if (state === SLOT_READY) return this.pool.payload(slot)
     // ERROR: decode it here instead, which raises the real error with its context.
