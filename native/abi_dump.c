@@ -153,6 +153,7 @@ int main(void)
 	C(MADV_WILLNEED);
 	C(MADV_DONTNEED);
 	C(MADV_REMOVE);
+	C(MADV_COLD);
 	C(MADV_HUGEPAGE);
 	C(MADV_NOHUGEPAGE);
 	C(MADV_POPULATE_READ);
@@ -160,6 +161,7 @@ int main(void)
 
 	/* processes */
 	C(__NR_pidfd_open);
+	C(__NR_process_madvise);
 
 	/* files */
 	C(SEEK_DATA);

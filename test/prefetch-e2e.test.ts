@@ -229,5 +229,15 @@ describe.skipIf(kvmSkip)('working-set prefetch with a KVM guest', () => {
     expect(JSON.parse(replay.client.stdout.trim().split('\n').pop()!).checksum).toBe(checksum)
     expect(replay.stats.pages.prefetched).toBeGreaterThan(0)
     expect(replay.stats.faults.total).toBeLessThan(lazy.stats.faults.total)
+
+    // The same set attached, so its pages are packed: the guest's memory comes from the packed
+    // blocks (prefetched and on faults), and its checksum is still right.
+    const attached = path.join(dir, 'vm-ws.uffd')
+    expect(uffd(['working-set', 'attach', snapshot, ws, '-o', attached]).status).toBe(0)
+    const packed = await resumeWith(attached, ['--readahead', '0'], vmm('replay'), 'vm-packed')
+    expect(packed.client.code, packed.client.stderr).toBe(0)
+    expect(JSON.parse(packed.client.stdout.trim().split('\n').pop()!).checksum).toBe(checksum)
+    expect(packed.stats.timeToWorkingSetMs).toBeGreaterThan(0)
+    expect(packed.stats.faults.total).toBeLessThan(lazy.stats.faults.total)
   })
 })

@@ -9,7 +9,7 @@ import {describe, expect, it} from 'vitest'
 import {MADV, MAP, PROT, SC_PAGESIZE} from '../src/sys/memory.js'
 import {EFD_CLOEXEC, EFD_NONBLOCK, POLLERR, POLLFD_LAYOUT, POLLHUP, POLLIN, POLLNVAL, POLLOUT} from '../src/sys/poll.js'
 import {SEEK_DATA, SEEK_HOLE} from '../src/sys/file.js'
-import {SYS_PIDFD_OPEN} from '../src/sys/process.js'
+import {SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE} from '../src/sys/process.js'
 import {IOVEC_LAYOUT} from '../src/sys/raw.js'
 import * as S from '../src/sys/socket.js'
 import * as U from '../src/sys/uffd.js'
@@ -111,6 +111,7 @@ const expected: Record<string, number> = {
   ...Object.fromEntries(Object.entries(MADV).map(([k, v]) => [`MADV_${k}`, v])),
   // processes
   __NR_pidfd_open: SYS_PIDFD_OPEN,
+  __NR_process_madvise: SYS_PROCESS_MADVISE,
   // files
   SEEK_DATA,
   SEEK_HOLE,
