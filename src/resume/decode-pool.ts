@@ -8,6 +8,9 @@ export const SLOT_PENDING = 1
 export const SLOT_READY = 2
 export const SLOT_ERROR = 3
 
+/** Nice value of decoder threads (0 is the fault loop's and usually the client's). */
+export const DECODER_NICE = 10
+
 /** Int32 cells of DecoderConfig.control. */
 export const CONTROL_STARTED = 0 // decoders that have loaded their modules and opened the snapshot
 export const CONTROL_GENERATION = 1 // bumped on every request: idle decoders sleep on it

@@ -1,8 +1,8 @@
 import {workerData} from 'node:worker_threads'
 
 import {SnapshotReader} from '../snapshot/reader.js'
-import {eventfdSignal} from '../sys/index.js'
-import {CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ERROR, SLOT_PENDING, SLOT_READY, type DecoderConfig} from './decode-pool.js'
+import {eventfdSignal, setThreadNice} from '../sys/index.js'
+import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ERROR, SLOT_PENDING, SLOT_READY, type DecoderConfig} from './decode-pool.js'
 
 /**
  * A decoder: reads and verifies chunks into shared slots for the fault loop, so decompression
@@ -19,6 +19,8 @@ const units = new Int32Array(config.units)
 const order = new Int32Array(config.order)
 const claims = new Int32Array(config.claims)
 const control = new Int32Array(config.control)
+// Decoding ahead must never take a core from the fault loop or the client: they preempt us.
+setThreadNice(DECODER_NICE)
 Atomics.add(control, CONTROL_STARTED, 1)
 Atomics.notify(control, CONTROL_STARTED)
 

@@ -8,6 +8,9 @@ import {payloadPageIndex} from '../format/zero-map.js'
 import {type GuestRegion} from './handshake.js'
 import {type RunClock, type RunStats} from './run-stats.js'
 
+/** Bound of a zero run installed around a packed working-set page. */
+const ZERO_RUN_WINDOW_BYTES = 2 * 1024 * 1024
+
 /** A fault read from the uffd and not yet served. */
 export interface PendingFault {
   address: number
@@ -269,6 +272,27 @@ export class FaultServer {
     const firstRun = runs.findIndex((r) => first >= r.page && first < r.page + r.count)
     if (firstRun > 0) runs.unshift(...runs.splice(firstRun, 1))
     for (const r of runs) {
+      if (r.zero) {
+        // Zero pages come in long runs, and a scattered set holds many of them: map the whole
+        // missing zero run around a set page (within its 2 MiB window) with one ioctl instead of
+        // one per set page. A zero page is its own content, so extra ones are never wrong.
+        // (An earlier run's growth may have covered some of this one already.)
+        while (r.count > 0 && client.states.get(r.page) !== PAGE_MISSING) {
+          r.page++
+          r.count--
+        }
+        if (r.count === 0) continue
+        const windowPages = Math.max(1, ZERO_RUN_WINDOW_BYTES / this.pageSize)
+        const regionFirst = r.region.offset / this.pageSize
+        const windowFirst = Math.max(regionFirst, r.page - (r.page % windowPages))
+        const windowEnd = Math.min(regionFirst + r.region.size / this.pageSize, windowFirst + windowPages)
+        const zeroMissing = (p: number): boolean => this.reader.zeroMap.isZero(p) && client.states.get(p) === PAGE_MISSING
+        while (r.page > windowFirst && zeroMissing(r.page - 1)) {
+          r.page--
+          r.count++
+        }
+        while (r.page + r.count < windowEnd && zeroMissing(r.page + r.count)) r.count++
+      }
       const outcome = this.install(client, r.region, r.page, r.count, r.zero, r.zero ? undefined : payloadBase + r.at)
       if (outcome !== 'served') return outcome
     }

@@ -68,4 +68,4 @@ export {
   munmap,
 } from './memory.js'
 export {fsyncDir, preadInto, seekData, seekHole} from './file.js'
-export {pidfdOpen, processMadvise, processVmReadv} from './process.js'
+export {pidfdOpen, processMadvise, processVmReadv, setThreadNice} from './process.js'

@@ -94,6 +94,9 @@ export const madvise = lib.func('madvise', 'int', ['uintptr_t', 'size_t', 'int']
   advice: number,
 ) => number
 export const sysconf = lib.func('sysconf', 'long', ['int']) as (name: number) => number
+export const gettid = lib.func('gettid', 'int', []) as () => number
+/** setpriority(which, who, prio); with PRIO_PROCESS and a thread id it sets that thread's nice value (Linux). */
+export const setpriority = lib.func('setpriority', 'int', ['int', 'unsigned int', 'int']) as (which: number, who: number, prio: number) => number
 
 // --- poll and eventfd --------------------------------------------------------------------------
 export const poll = lib.func('poll', 'int', ['void *', 'unsigned long', 'int']) as (

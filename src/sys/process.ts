@@ -73,3 +73,15 @@ export function processMadvise(pidfd: number, ranges: readonly {address: number;
   }
   return advised
 }
+
+const PRIO_PROCESS = 0
+
+/**
+ * Lowers (or raises, as root) the calling thread's scheduling priority: on Linux a nice value
+ * belongs to a thread, so setpriority(PRIO_PROCESS, gettid()) leaves the process's other threads
+ * alone. Background work (chunk decoders) niced this way yields the CPU to the fault loop and to
+ * the client whenever they need it, and still uses every idle cycle.
+ */
+export function setThreadNice(nice: number): void {
+  if (libc.setpriority(PRIO_PROCESS, libc.gettid(), nice) !== 0) libc.fail('setpriority', `setting this thread's nice value to ${nice}`)
+}
