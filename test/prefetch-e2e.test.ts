@@ -130,7 +130,8 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     const replay = await resumeWith(attached, [], client(trace(path.join(dir, 'p2.trace'), [...pages].reverse())), 'packed-replay')
     expect(JSON.parse(replay.client.stdout).verify_errors).toBe(0)
     expect(replay.stats.timeToWorkingSetMs).toBeGreaterThan(0)
-    expect(replay.stats.pages.copied + replay.stats.pages.zeroed).toBeLessThan(pages.length * 1.5)
+    // (Zero pages are mapped as whole zero runs around set pages: only data pages are counted.)
+    expect(replay.stats.pages.copied).toBeLessThan(pages.length * 1.5)
     expect(replay.stats.faults.total).toBeLessThan(pages.length / 4)
 
     // One flipped byte in a packed block's stored bytes (the last one is just before the table):
@@ -188,7 +189,7 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     expect(none.stats.prefetchHits.hits).toBe(0)
     expect(none.stats.prefetchHits.wasted).toBe(none.stats.prefetchHits.copiedPages)
     // Without the flag nothing is cleared or counted.
-    const off = await resumeWith(snapshot, [], fc(['--touch', 'none']), 'hits-off')
+    const off = await resumeWith(snapshot, [], fc(['--touch', 'none', '--hold-ms', '300']), 'hits-off')
     expect(off.stats.prefetchHits).toBeNull()
   })
 
