@@ -64,6 +64,16 @@ function trace(file: string, pages: number[]): string {
   return file
 }
 
+/** A snapshot of a `mib` MiB mixed image and a working set of 1 page in `oneIn`, scattered. */
+function scatteredSet(name: string, mib: number, seed: number, oneIn: number): {raw: string; snapshot: string; pages: number[]} {
+  const raw = path.join(dir, `${name}.raw`)
+  const snapshot = path.join(dir, `${name}.uffd`)
+  fs.writeFileSync(raw, makeImage('mixed', mib * 1024 * 1024, seed))
+  expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
+  const pages = Array.from({length: (mib * 1024 * 1024) / 4096}, (_, p) => p).filter((p) => (p * 2654435761) % oneIn === 0)
+  return {raw, snapshot, pages}
+}
+
 describe.skipIf(skip)('working-set prefetch with fc_client', () => {
   it('records a run, attaches the set, and replays it in another order with fewer faults and the right bytes', async () => {
     const raw = path.join(dir, 'mixed.raw')
@@ -101,13 +111,8 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
   })
 
   it('packs an exact working set: the replay installs only its pages, right bytes, and a corrupt packed block kills the client', async () => {
-    const raw = path.join(dir, 'packed.raw')
-    const snapshot = path.join(dir, 'packed.uffd')
-    const pageCount = (32 * 1024 * 1024) / 4096
-    fs.writeFileSync(raw, makeImage('mixed', 32 * 1024 * 1024, 33))
-    expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
     // 1 page in 16, scattered: every 256 KiB chunk is touched, but only 1/16 of its pages.
-    const pages = Array.from({length: pageCount}, (_, p) => p).filter((p) => (p * 2654435761) % 16 === 0)
+    const {raw, snapshot, pages} = scatteredSet('packed', 32, 33, 16)
     const ws = path.join(dir, 'packed.ws')
     const client = (tr: string, extra: string[] = []): [string, string[]] => [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, '--touch', `trace:${tr}`, '--verify', ...extra]]
     // Page-granular serving records exactly the touched pages.
@@ -163,12 +168,7 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
   })
 
   it('--count-hits counts which prefetched pages the client touched, from its accessed bits', async () => {
-    const raw = path.join(dir, 'hits.raw')
-    const snapshot = path.join(dir, 'hits.uffd')
-    const pageCount = (16 * 1024 * 1024) / 4096
-    fs.writeFileSync(raw, makeImage('mixed', 16 * 1024 * 1024, 8))
-    expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
-    const pages = Array.from({length: pageCount}, (_, p) => p).filter((p) => (p * 2654435761) % 8 === 0)
+    const {raw, snapshot, pages} = scatteredSet('hits', 16, 8, 8)
     const ws = path.join(dir, 'hits.ws')
     const fc = (args: string[]): [string, string[]] => [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, ...args]]
     await resumeWith(snapshot, ['--record', ws, '--fault-around', 'page', '--readahead', '0'], fc(['--touch', `trace:${trace(path.join(dir, 'h1.trace'), pages)}`]), 'hits-record')
