@@ -139,6 +139,14 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     expect(replay.stats.pages.copied).toBeLessThan(pages.length * 1.5)
     expect(replay.stats.faults.total).toBeLessThan(pages.length / 4)
 
+    // A balloon inflating over set pages while their blocks are being prefetched: whatever the
+    // race, the removed range reads zeros afterwards (never refilled from a block), the rest right.
+    const ballooned = await resumeWith(attached, [], client(path.join(dir, 'p2.trace'), ['--balloon', '8M:4M', '--balloon-concurrent']), 'packed-balloon')
+    const b = JSON.parse(ballooned.client.stdout)
+    expect(b.verify_errors).toBe(0)
+    expect(b.balloon_ok).toBe(true)
+    expect(ballooned.stats.events.removedPages).toBeGreaterThan(0)
+
     // One flipped byte in a packed block's stored bytes (the last one is just before the table):
     // verify names it, and resume kills the client rather than install anything from it.
     const broken = path.join(dir, 'packed-broken.uffd')
