@@ -296,6 +296,43 @@ describe('damaged and foreign files', () => {
     expect(stats.json).toMatchObject({logicalSize: SIZE, chunkCount})
   })
 
+  it('a damaged packed working-set table is refused with the part named; a damaged block fails verify only', async () => {
+    // A working set of every 5th page, in reverse, attached (packed) to a copy of the good snapshot.
+    const reader = SnapshotReader.open(goodPath)
+    const identity = {logicalSize: reader.geometry.logicalSize, pageSize: reader.geometry.pageSize, headerCrc: reader.header.headerCrc}
+    const pages = [...Array(reader.geometry.pageCount).keys()].filter((p) => p % 5 === 0).reverse()
+    reader.close()
+    const wsFile = path.join(dir, 'damage.ws')
+    fs.writeFileSync(wsFile, JSON.stringify({kind: 'uffd-working-set', version: 1, snapshot: identity, runs: 1, pages, firstTouchMs: pages.map((_, i) => i)}))
+    const packedPath = path.join(dir, 'damage-packed.uffd')
+    const attach = await run(['working-set', 'attach', goodPath, wsFile, '-o', packedPath, '--json'])
+    expect(attach.status, attach.stderr).toBe(0)
+    const packed = fs.readFileSync(packedPath)
+    const ok = await run(['verify', packedPath, '--against', rawPath])
+    expect(ok.status, ok.stderr).toBe(0)
+    const location = (await run(['stats', packedPath, '--json'])).json.metadata.workingSet.packed
+
+    // The table (block entries and page list) is checked when the file is opened: every command
+    // refuses the file, one line, naming the part.
+    const badTable = path.join(dir, 'damage-packed-table.uffd')
+    const t = Buffer.from(packed)
+    t[location.offset + location.length - 2] ^= 0x10
+    fs.writeFileSync(badTable, t)
+    const [stats, verify] = await Promise.all([run(['stats', badTable]), run(['verify', badTable, '--json'])])
+    expectFailure(stats, 'stats of a damaged packed table', badTable, /packed working set: checksum mismatch/)
+    expectJsonError(verify, 'verify --json of a damaged packed table', 'CORRUPT', badTable, /packed working set: checksum mismatch/)
+
+    // A block's stored bytes are checked when read: verify names the block, stats still works.
+    const badBlock = path.join(dir, 'damage-packed-block.uffd')
+    const b = Buffer.from(packed)
+    b[location.offset - 3] ^= 0x10
+    fs.writeFileSync(badBlock, b)
+    const [v2, s2] = await Promise.all([run(['verify', badBlock]), run(['stats', badBlock, '--json'])])
+    expectFailure(v2, 'verify of a damaged packed block', badBlock, /packed working set block \d+: (checksum mismatch|zstd data does not decode)/)
+    expect(s2.status, s2.stderr).toBe(0)
+    expect(s2.json.workingSet.packed.pages).toBe(pages.length)
+  })
+
   it('a missing file and a directory are clear errors too', async () => {
     const missing = path.join(dir, 'no-such.uffd')
     const [stats, verify, statsDir] = await Promise.all([run(['stats', missing]), run(['verify', missing, '--json']), run(['stats', dir])])
