@@ -1,7 +1,7 @@
 import {CHUNK_FLAG_SHARED, Codec, CODEC_NAMES, RegionKind} from '../format/constants.js'
-import {payloadPageIndex} from '../format/zero-map.js'
 import {type SnapshotReader} from './reader.js'
 import {FileByteSource} from './byte-source.js'
+import {walkPackedPages} from './packed-pages.js'
 import {attachedWorkingSet} from './relayout.js'
 
 export interface SnapshotStats {
@@ -170,9 +170,6 @@ export function verifySnapshot(reader: SnapshotReader, file: string, againstPath
   return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked, errors, against}
 }
 
-/** Blocks decoded per pass of verifyPacked, to bound memory on large working sets. */
-const VERIFY_PASS_BYTES = 256 << 20
-
 /**
  * Decodes every packed working-set block (checksums verified as for any read) and checks that
  * each of its pages equals the same page in its chunk: a handler serves either copy. Returns the
@@ -181,51 +178,31 @@ const VERIFY_PASS_BYTES = 256 << 20
 function verifyPacked(reader: SnapshotReader, errors: string[], maxErrors: number): number {
   const packed = reader.packed
   if (!packed) return 0
-  const {pageSize, pagesPerChunk} = reader.geometry
-  const positionInChunk = payloadPageIndex(reader.zeroMap, pagesPerChunk)
   let checked = 0
-  for (let from = 0; from < packed.blocks.length && errors.length < maxErrors; ) {
-    let to = from
-    let bytes = 0
-    while (to < packed.blocks.length && (to === from || bytes + packed.blocks[to].payloadLength <= VERIFY_PASS_BYTES)) bytes += packed.blocks[to++].payloadLength
-    const wanted = new Map<number, {payload: Buffer; at: number; page: number; block: number}[]>()
-    for (let b = from; b < to; b++) {
-      const block = packed.blocks[b]
-      let payload: Buffer
-      try {
-        payload = reader.readPayload(reader.index.length + b, Buffer.alloc(block.payloadLength))
-      } catch (error) {
-        errors.push((error as Error).message)
-        continue
-      }
-      checked++
-      let at = 0
-      for (let k = block.listStart; k < block.listStart + block.pageCount; k++) {
-        const page = packed.pages[k]
-        if (reader.zeroMap.isZero(page)) continue
-        const chunk = Math.floor(page / pagesPerChunk)
-        const needs = wanted.get(chunk) ?? []
-        needs.push({payload, at, page, block: b})
-        wanted.set(chunk, needs)
-        at += pageSize
-      }
-    }
-    for (const chunk of [...wanted.keys()].sort((a, b) => a - b)) {
-      if (errors.length >= maxErrors) break
-      let chunkPayload: Buffer
-      try {
-        chunkPayload = reader.readPayload(chunk)
-      } catch {
-        continue // reported by the chunk pass
-      }
-      for (const need of wanted.get(chunk)!) {
-        const start = positionInChunk[need.page] * pageSize
-        if (!need.payload.subarray(need.at, need.at + pageSize).equals(chunkPayload.subarray(start, start + pageSize))) {
-          errors.push(`${reader.source.name}: packed working set block ${need.block}: page ${need.page} differs from chunk ${chunk}`)
+  walkPackedPages(
+    reader,
+    packed.blocks.map((b) => packed.pages.subarray(b.listStart, b.listStart + b.pageCount)),
+    {
+      start: (from, to) =>
+        packed.blocks.slice(from, to).map((block, i) => {
+          if (errors.length >= maxErrors) return undefined
+          try {
+            const payload = reader.readPayload(reader.index.length + from + i, Buffer.alloc(block.payloadLength))
+            checked++
+            return payload
+          } catch (error) {
+            errors.push((error as Error).message)
+            return undefined
+          }
+        }),
+      page: (block, payload, at, page, chunk, chunkPage) => {
+        if (errors.length < maxErrors && !payload.subarray(at, at + chunkPage.length).equals(chunkPage)) {
+          errors.push(`${reader.source.name}: packed working set block ${block}: page ${page} differs from chunk ${chunk}`)
         }
-      }
-    }
-    from = to
-  }
+      },
+      // A chunk that does not read is reported by the chunk pass.
+      chunkFailed: () => true,
+    },
+  )
   return checked
 }

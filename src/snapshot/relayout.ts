@@ -4,9 +4,10 @@ import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_WORKING_SET} from '../format/co
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
 import {encodePackedTable, type PackedBlock, type PackedSetLocation, planPackedBlocks} from '../format/packed-set.js'
-import {payloadPageIndex} from '../format/zero-map.js'
 import {AtomicFile, appendTail} from './atomic-file.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
+import {chunksInTouchOrder} from '../resume/working-set.js'
+import {walkPackedPages} from './packed-pages.js'
 import {SnapshotReader} from './reader.js'
 
 /** What an attached working set records in the snapshot's metadata (docs/FORMAT.md). */
@@ -34,59 +35,32 @@ export function packOptionsFor(metadata: Record<string, unknown>, codec: string 
   return {codec: chosen as PackOptions['codec'], level}
 }
 
-/** Payload gathered per pass: bounds memory when a large working set is packed. */
-const PACK_PASS_BYTES = 256 << 20
-
-/**
- * The packed blocks' stored bytes: the set cut into blocks in touch order, each block's non-zero
- * pages gathered from their chunks (each chunk decoded once per pass, verified as any read is),
- * then compressed on their own.
- */
 function packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[], options: PackOptions): {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array} {
-  const {geometry, zeroMap} = reader
-  const {pageSize, pagesPerChunk} = geometry
-  const plans = planPackedBlocks(pagesInTouchOrder, pagesPerChunk)
-  const positionInChunk = payloadPageIndex(zeroMap, pagesPerChunk)
+  const {zeroMap, geometry} = reader
+  const plans = planPackedBlocks(pagesInTouchOrder, geometry.pagesPerChunk)
   const compressor = new ChunkCompressor(options.codec === 'none' ? 'raw' : options.codec, options.level)
   const blocks: Omit<PackedBlock, 'dataOffset'>[] = []
   const stored: Buffer[] = []
   const list = new Uint32Array(pagesInTouchOrder.length)
-  for (let from = 0; from < plans.length; ) {
-    // One pass: as many blocks as fit the budget; every chunk they need is decoded once.
-    let to = from
-    let bytes = 0
-    while (to < plans.length && (to === from || bytes + plans[to].pageCount * pageSize <= PACK_PASS_BYTES)) bytes += plans[to++].pageCount * pageSize
-    const payloads = plans.slice(from, to).map((plan) => Buffer.alloc(plan.pages.filter((p) => !zeroMap.isZero(p)).length * pageSize))
-    const wanted = new Map<number, {block: number; at: number; page: number}[]>()
-    for (let b = from; b < to; b++) {
-      let at = 0
-      for (const page of plans[b].pages) {
-        if (zeroMap.isZero(page)) continue
-        const chunk = Math.floor(page / pagesPerChunk)
-        let needs = wanted.get(chunk)
-        if (!needs) wanted.set(chunk, (needs = []))
-        needs.push({block: b - from, at, page})
-        at += pageSize
-      }
-    }
-    for (const chunk of [...wanted.keys()].sort((a, b) => a - b)) {
-      const payload = reader.readPayload(chunk)
-      for (const need of wanted.get(chunk)!) {
-        const start = positionInChunk[need.page] * pageSize
-        payload.copy(payloads[need.block], need.at, start, start + pageSize)
-      }
-    }
-    for (let b = from; b < to; b++) {
-      const plan = plans[b]
-      list.set(plan.pages, plan.listStart)
-      const payload = payloads[b - from]
-      const c = payload.length === 0 ? {codec: Codec.None, stored: payload} : compressor.compress(payload)
-      // The compressor reuses its output buffer: keep a copy.
-      stored.push(Buffer.from(c.stored))
-      blocks.push({storedLength: c.stored.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(c.stored), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
-    }
-    from = to
-  }
+  walkPackedPages(
+    reader,
+    plans.map((plan) => plan.pages),
+    {
+      start: (from, to) => plans.slice(from, to).map((plan) => Buffer.alloc(plan.pages.filter((p) => !zeroMap.isZero(p)).length * geometry.pageSize)),
+      page: (_block, payload, at, _page, _chunk, chunkPage) => chunkPage.copy(payload, at),
+      end: (from, to, payloads) => {
+        for (let b = from; b < to; b++) {
+          const plan = plans[b]
+          list.set(plan.pages, plan.listStart)
+          const payload = payloads[b - from]!
+          const c = payload.length === 0 ? {codec: Codec.None, stored: payload} : compressor.compress(payload)
+          // The compressor reuses its output buffer: keep a copy.
+          stored.push(Buffer.from(c.stored))
+          blocks.push({storedLength: c.stored.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(c.stored), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
+        }
+      },
+    },
+  )
   return {blocks, stored, list}
 }
 
@@ -109,13 +83,7 @@ export function attachWorkingSet(
     const {header, index, geometry} = reader
     for (const p of set.pages) if (!Number.isInteger(p) || p < 0 || p >= geometry.pageCount) throw new RangeError(`working-set page ${p} is outside the snapshot's ${geometry.pageCount} pages`)
     const pages = [...new Set(set.pages)]
-    const seenChunks = new Set<number>()
-    const chunks: number[] = []
-    for (const p of pages) {
-      const c = Math.floor(p / geometry.pagesPerChunk)
-      if (!seenChunks.has(c) && index[c].codec !== Codec.None) chunks.push(c)
-      seenChunks.add(c)
-    }
+    const chunks = chunksInTouchOrder(pages, geometry.pagesPerChunk).filter((c) => index[c].codec !== Codec.None)
     const first = new Set(chunks)
     const order = [...chunks, ...index.keys()].filter((c, i) => i < chunks.length || !first.has(c))
     const packed = options.codec === 'none' || pages.length === 0 ? undefined : packBlocks(reader, pages, options)

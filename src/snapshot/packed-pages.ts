@@ -1,0 +1,72 @@
+import {payloadPageIndex} from '../format/zero-map.js'
+import {type SnapshotReader} from './reader.js'
+
+/** Block payload held in memory at once while walking a large packed set. */
+const PASS_BYTES = 256 << 20
+
+export interface PackedPageWalk {
+  /**
+   * Starts a pass over blocks [from, to): the payload buffer of each (its non-zero pages in list
+   * order, to fill or to check), or undefined to leave a block out of this pass.
+   */
+  start(from: number, to: number): (Buffer | undefined)[]
+  /** A non-zero page of block `block`, at `at` in its payload, and the same page's bytes in its chunk. */
+  page(block: number, payload: Buffer, at: number, page: number, chunk: number, chunkPage: Buffer): void
+  /** The chunk could not be read (its own error is someone else's to report); false stops the pass. */
+  chunkFailed?(chunk: number, error: Error): boolean
+  /** After every page of blocks [from, to) was visited. */
+  end?(from: number, to: number, payloads: (Buffer | undefined)[]): void
+}
+
+/**
+ * Pairs every non-zero page of packed working-set blocks with the same page in its chunk, for
+ * packing a set (copy chunk -> block) and verifying one (compare). Blocks go in passes holding at
+ * most PASS_BYTES of payload; within a pass each chunk is decoded once, in file order, however
+ * scattered the set (a random 10% of the pages touches every chunk).
+ */
+export function walkPackedPages(reader: SnapshotReader, blockPages: readonly ArrayLike<number>[], walk: PackedPageWalk): void {
+  const {zeroMap, geometry} = reader
+  const {pageSize, pagesPerChunk} = geometry
+  const positionInChunk = payloadPageIndex(zeroMap, pagesPerChunk)
+  const payloadBytes = (pages: ArrayLike<number>): number => {
+    let n = 0
+    for (let i = 0; i < pages.length; i++) if (!zeroMap.isZero(pages[i])) n += pageSize
+    return n
+  }
+  for (let from = 0; from < blockPages.length; ) {
+    let to = from
+    let bytes = 0
+    while (to < blockPages.length && (to === from || bytes + payloadBytes(blockPages[to]) <= PASS_BYTES)) bytes += payloadBytes(blockPages[to++])
+    const payloads = walk.start(from, to)
+    const wanted = new Map<number, {block: number; at: number; page: number}[]>()
+    for (let b = from; b < to; b++) {
+      if (!payloads[b - from]) continue
+      const pages = blockPages[b]
+      let at = 0
+      for (let i = 0; i < pages.length; i++) {
+        const page = pages[i]
+        if (zeroMap.isZero(page)) continue
+        const chunk = Math.floor(page / pagesPerChunk)
+        let needs = wanted.get(chunk)
+        if (!needs) wanted.set(chunk, (needs = []))
+        needs.push({block: b, at, page})
+        at += pageSize
+      }
+    }
+    for (const chunk of [...wanted.keys()].sort((a, b) => a - b)) {
+      let chunkPayload: Buffer
+      try {
+        chunkPayload = reader.readPayload(chunk)
+      } catch (error) {
+        if (walk.chunkFailed?.(chunk, error as Error) ?? false) continue
+        throw error
+      }
+      for (const need of wanted.get(chunk)!) {
+        const start = positionInChunk[need.page] * pageSize
+        walk.page(need.block, payloads[need.block - from]!, need.at, need.page, chunk, chunkPayload.subarray(start, start + pageSize))
+      }
+    }
+    walk.end?.(from, to, payloads)
+    from = to
+  }
+}
