@@ -8,7 +8,7 @@ import {writeFileAtomically} from '../snapshot/atomic-file.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {acceptUnix, closeFd, listenUnix, pidfdOpen, recvWithFds, SysError} from '../sys/index.js'
 import {type GuestRegion} from './handshake.js'
-import {FaultLoopHost} from './fault-loop-host.js'
+import {FaultLoopHost, servingSettings} from './fault-loop-host.js'
 import {type FromWorker, type ToWorker} from './protocol.js'
 import {buildReport} from './run-stats.js'
 import {ACCEPT_SLICE_MS, type ClientSummary, KILL_WAIT_MS, killQuietly, ResumeError, type ResumeOptions, type ResumeResult} from './session.js'
@@ -144,17 +144,12 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
 
   const startedAtDate = new Date()
   const loop = new FaultLoopHost({
-    snapshotPath: options.snapshotPath,
-    cacheBytes: options.cacheBytes,
-    faultAroundBytes: options.faultAroundBytes,
-    spinMicros: options.spinMicros,
-    decoders: options.decoders,
-    readaheadBytes: options.readaheadBytes,
+    ...servingSettings(options),
     // Population starts when the restore finished (the 'populate' message), as CRIU's daemon does.
     populateAll: false,
     record: false,
     countHits: false,
-    workingSetChunks: [],
+    workingSetUnits: [],
   })
   const {stats, events} = loop
   const send = (message: ToWorker): void => loop.send(message)

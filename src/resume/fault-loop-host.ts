@@ -15,6 +15,17 @@ export class FaultLoopError extends Error {
   }
 }
 
+/** How chunks are served, the same for a VMM's client and for CRIU's restored processes. */
+export type ServingSettings = Pick<WorkerConfig, 'snapshotPath' | 'cacheBytes' | 'faultAroundBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes'>
+
+/**
+ * The serving settings out of a command's options: picked field by field, since the options
+ * also hold things a worker cannot receive (an AbortSignal, callbacks).
+ */
+export function servingSettings(o: ServingSettings): ServingSettings {
+  return {snapshotPath: o.snapshotPath, cacheBytes: o.cacheBytes, faultAroundBytes: o.faultAroundBytes, spinMicros: o.spinMicros, decoders: o.decoders, readaheadBytes: o.readaheadBytes}
+}
+
 /**
  * The main thread's side of the fault-loop worker: starts it with its statistics buffer and
  * control channel, sends it messages (a MessagePort message plus an eventfd poke, since the

@@ -33,7 +33,7 @@ const reader = SnapshotReader.open(config.snapshotPath)
 const clock = new RunClock()
 // Faults on packed working-set pages are served from their blocks only while those blocks are
 // being prefetched (not with --working-set none, nor for CRIU's restored processes).
-const packedWorkingSet = config.workingSetChunks.some((unit) => unit >= reader.index.length)
+const packedWorkingSet = config.workingSetUnits.some((unit) => unit >= reader.index.length)
 const server = new FaultServer(reader, stats, config.cacheBytes, {faultAroundBytes: config.faultAroundBytes, packedWorkingSet}, clock)
 const messages = Buffer.alloc(64 * UFFD_MSG_SIZE)
 /** Longest stretch of prefetch work between two checks for demand faults. */
@@ -105,7 +105,7 @@ function handleControl(): void {
       const client = new Client(message.id, message.uffd, message.regions, reader.geometry, message.nonCooperative)
       if (config.countHits && message.pidfd >= 0) client.hitTrackingPidfd = message.pidfd
       clients.set(message.id, {client, pidfd: message.pidfd, socket: message.socket, failed: false})
-      prefetcher.addClient(client, config.workingSetChunks)
+      prefetcher.addClient(client, config.workingSetUnits)
       stats.add('clients')
     }
   }

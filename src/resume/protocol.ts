@@ -49,7 +49,7 @@ export interface WorkerConfig {
    * Units to prefetch for every client as soon as it connects (--working-set), in order: chunks,
    * or packed working-set blocks (numbered after the chunks).
    */
-  workingSetChunks: number[]
+  workingSetUnits: number[]
   /** Keep polling this long after the last message before sleeping (cuts cross-CPU wake-ups). */
   spinMicros: number
   stats: SharedArrayBuffer

@@ -135,7 +135,7 @@ export interface ResumeReport {
   clients: {served: number; ended: number}
   faults: {total: number; data: number; zero: number; removed: number; alreadyPresent: number}
   pages: {copied: number; zeroed: number; faultAround: number; prefetched: number}
-  /** Chunks queued from a recorded working set (--working-set) for the clients. */
+  /** Units queued from a recorded working set for the clients: its packed blocks, or its chunks. */
   workingSetChunks: number
   ioctls: {copy: number; zeropage: number; eexist: number; eagain: number}
   bytes: {copied: number; decompressed: number}

@@ -15,7 +15,7 @@ import {
   SysError,
 } from '../sys/index.js'
 import {type GuestRegion, HandshakeError, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from './handshake.js'
-import {FaultLoopHost} from './fault-loop-host.js'
+import {FaultLoopHost, servingSettings} from './fault-loop-host.js'
 import {type FromWorker, type ToWorker} from './protocol.js'
 import {buildReport, type ResumeReport, type RunStats} from './run-stats.js'
 import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from './working-set.js'
@@ -95,17 +95,17 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   const reader = SnapshotReader.open(options.snapshotPath)
   const geometry = reader.geometry
   const identity = {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: reader.header.headerCrc}
-  let workingSetChunks: number[]
+  let workingSetUnits: number[]
   try {
     // A working set given on the command line wins over one attached to the snapshot.
     // An attached set is prefetched from its packed blocks when it has them (units after the
     // chunks, see SnapshotReader.unitCount), else as whole chunks.
     const packedUnits = reader.packed?.blocks.map((_, b) => reader.index.length + b)
-    workingSetChunks = options.workingSetFile === 'none' ? [] : (packedUnits ?? attachedWorkingSet(reader)?.chunks ?? [])
+    workingSetUnits = options.workingSetFile === 'none' ? [] : (packedUnits ?? attachedWorkingSet(reader)?.chunks ?? [])
     if (options.workingSetFile && options.workingSetFile !== 'none') {
       const set = parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
       checkMatches(set, identity, options.workingSetFile)
-      workingSetChunks = chunksInTouchOrder(set.pages, geometry.pagesPerChunk)
+      workingSetUnits = chunksInTouchOrder(set.pages, geometry.pagesPerChunk)
     }
   } finally {
     reader.close()
@@ -114,16 +114,11 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
 
   const startedAtDate = new Date()
   const loop = new FaultLoopHost({
-    snapshotPath: options.snapshotPath,
-    cacheBytes: options.cacheBytes,
-    faultAroundBytes: options.faultAroundBytes,
-    spinMicros: options.spinMicros,
-    decoders: options.decoders,
-    readaheadBytes: options.readaheadBytes,
+    ...servingSettings(options),
     populateAll: options.populateAll,
     record: options.recordFile !== undefined,
     countHits: options.countHits ?? false,
-    workingSetChunks,
+    workingSetUnits,
   })
   const {stats, events} = loop
   const send = (message: ToWorker): void => loop.send(message)
