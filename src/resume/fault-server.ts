@@ -255,13 +255,16 @@ export class FaultServer {
     const runs: {region: GuestRegion; page: number; count: number; zero: boolean; at: number}[] = []
     let payloadAt = 0
     let payloadBase = -1
+    let region: GuestRegion | undefined
     for (let k = listStart; k < listStart + pageCount; k++) {
       const page = packed.pages[k]
       const zero = this.reader.zeroMap.isZero(page)
       const at = payloadAt
       if (!zero) payloadAt += this.pageSize
       if (client.states.get(page) !== PAGE_MISSING) continue
-      const region = client.map.regionOfImagePage(page, this.pageSize)
+      // Pages ascend within a block: usually in the previous page's region.
+      const offset = page * this.pageSize
+      if (!region || offset < region.offset || offset >= region.offset + region.size) region = client.map.regionOfImagePage(page, this.pageSize)
       if (!region) continue
       const last = runs[runs.length - 1]
       if (last && last.region === region && last.zero === zero && last.page + last.count === page && (zero || last.at + last.count * this.pageSize === at)) last.count++
