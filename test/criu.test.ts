@@ -15,6 +15,7 @@ import {criuDirInput} from '../src/snapshot/inputs.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {writeSnapshot} from '../src/snapshot/writer.js'
 import {isRoot, NATIVE, uffd} from './helpers/cli.js'
+import {decodeImage} from './helpers/images.js'
 
 const PAGE = CRIU_PAGE_SIZE
 const MEMORY_PATTERN = path.join(NATIVE, 'memory_pattern')
@@ -91,14 +92,7 @@ const page = (value: number, count = 1): Buffer => Buffer.alloc(count * PAGE, va
 /** Decodes a whole snapshot through the reader. */
 function decodeAll(file: string): {reader: SnapshotReader; image: Buffer} {
   const reader = SnapshotReader.open(file)
-  const {geometry} = reader
-  const out = Buffer.alloc(geometry.paddedSize)
-  const chunk = Buffer.alloc(geometry.chunkSize)
-  for (let c = 0; c < geometry.chunkCount; c++) {
-    reader.readChunk(c, chunk)
-    chunk.copy(out, geometry.chunkStart(c), 0, geometry.chunkPaddedLength(c))
-  }
-  return {reader, image: out.subarray(0, geometry.logicalSize)}
+  return {reader, image: decodeImage(reader)}
 }
 
 async function convert(dumpDir: string, name: string): Promise<{reader: SnapshotReader; image: Buffer}> {

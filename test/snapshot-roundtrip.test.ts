@@ -7,7 +7,7 @@ import {type CompressionCodec} from '../src/snapshot/codecs.js'
 import {memFileInput} from '../src/snapshot/inputs.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {writeSnapshot} from '../src/snapshot/writer.js'
-import {type ImageKind, makeImage, tempDir, writeSparse} from './helpers/images.js'
+import {decodeImage, type ImageKind, makeImage, tempDir, writeSparse} from './helpers/images.js'
 
 let dir: string
 beforeAll(() => {
@@ -19,14 +19,7 @@ afterAll(() => fs.rmSync(dir, {recursive: true, force: true}))
 function decodeAll(file: string): Buffer {
   const reader = SnapshotReader.open(file)
   try {
-    const {geometry} = reader
-    const out = Buffer.alloc(geometry.paddedSize)
-    const chunk = Buffer.alloc(geometry.chunkSize)
-    for (let c = 0; c < geometry.chunkCount; c++) {
-      reader.readChunk(c, chunk)
-      chunk.copy(out, geometry.chunkStart(c), 0, geometry.chunkPaddedLength(c))
-    }
-    return out.subarray(0, geometry.logicalSize)
+    return decodeImage(reader)
   } finally {
     reader.close()
   }

@@ -3,6 +3,8 @@ import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
+import {type SnapshotReader} from '../../src/snapshot/reader.js'
+
 /** Deterministic pseudo-random bytes (AES-CTR keystream), reproducible from a seed. */
 export function pseudoRandom(length: number, seed: number): Buffer {
   const key = crypto.createHash('sha256').update(`uffd-test-${seed}`).digest().subarray(0, 16)
@@ -76,4 +78,16 @@ export function writeSparse(file: string, size: number, extents: [number, number
     fs.closeSync(fd)
   }
   return image
+}
+
+/** Decodes a whole snapshot through its reader, chunk by chunk, cut at the logical size. */
+export function decodeImage(reader: SnapshotReader): Buffer {
+  const {geometry} = reader
+  const out = Buffer.alloc(geometry.paddedSize)
+  const chunk = Buffer.alloc(geometry.chunkSize)
+  for (let c = 0; c < geometry.chunkCount; c++) {
+    reader.readChunk(c, chunk)
+    chunk.copy(out, geometry.chunkStart(c), 0, geometry.chunkPaddedLength(c))
+  }
+  return out.subarray(0, geometry.logicalSize)
 }
