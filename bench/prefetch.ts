@@ -6,7 +6,12 @@
  * working-set attach` attaches it (packed, and as chunks only), then every scenario replays the
  * same set in another order (the order of faults varies between resumes; the set barely does).
  * Scenarios run interleaved, medians over --runs, ratios against plain lazy serving and the
- * baseline handler (one 4 KiB UFFDIO_COPY per fault from the raw file). Population is timed to
+ * baseline handler (one 4 KiB UFFDIO_COPY per fault from the raw file). The bound is the same C
+ * handler prefetching the recorded set in its recorded order straight from the raw file in memory
+ * (baseline_handler --prefetch): no decoding, no checksums, the least work any prefetcher can do.
+ * "ready ms" is start to ready file, as this script sees it (5 ms polls): uffd stages the set
+ * (decodes it into memory) before it is ready, the C handlers map and pre-read the whole raw
+ * file. Population is timed to
  * "all memory present" against native/copy_floor (bulk UFFDIO_COPY of the same size, no waiter)
  * in the same run.
  *
@@ -57,7 +62,7 @@ const chunksSnapshot = path.join(work, 'image-ws-chunks.uffd')
 
 interface Scenario {
   name: string
-  handler: 'baseline' | 'uffd'
+  handler: 'baseline' | 'bound' | 'uffd'
   args: string[]
   touch: string[]
   snapshot?: string
@@ -67,6 +72,7 @@ interface Scenario {
 const touchReplay = ['--touch', `trace:${replayTrace}`, '--hold-ms', '700']
 const scenarios: Scenario[] = [
   {name: 'baseline (4 KiB copy per fault, raw file)', handler: 'baseline', args: [], touch: touchReplay},
+  {name: 'bound: C prefetcher, raw file in memory', handler: 'bound', args: [], touch: touchReplay},
   {name: 'uffd lazy (page per fault)', handler: 'uffd', args: ['--fault-around', 'page', '--readahead', '0', '--decoders', '0'], touch: touchReplay},
   {name: 'uffd fault-around (chunk)', handler: 'uffd', args: ['--fault-around', 'chunk', '--readahead', '0'], touch: touchReplay},
   {name: 'uffd + working set as chunks (--pack none)', handler: 'uffd', args: [], touch: touchReplay, snapshot: chunksSnapshot},
@@ -75,23 +81,27 @@ const scenarios: Scenario[] = [
   {name: 'uffd + packed working set (zstd) + populate all', handler: 'uffd', args: ['--populate', 'all'], touch: touchReplay, snapshot: packedSnapshot},
 ]
 
-async function resume(args: string[], client: string[], tag: string, file = snapshot): Promise<{touchMs: number; stats: any; clientOut: any}> {
+/** `args[0]` 'baseline' or 'bound' runs the C handler (the bound prefetching the recorded set). */
+async function resume(args: string[], client: string[], tag: string, file = snapshot): Promise<{touchMs: number; readyMs: number; stats: any; clientOut: any}> {
   const socket = path.join(work, `${tag}.sock`)
   const ready = path.join(work, `${tag}.ready`)
   const statsFile = path.join(work, `${tag}.stats.json`)
   fs.rmSync(ready, {force: true})
-  const handler = args[0] === 'baseline'
-    ? start(path.join(NATIVE, 'baseline_handler'), ['--socket', socket, '--mem-file', image, '--ready-file', ready])
+  const native = args[0] === 'baseline' || args[0] === 'bound'
+  const t0 = performance.now()
+  const handler = native
+    ? start(path.join(NATIVE, 'baseline_handler'), ['--socket', socket, '--mem-file', image, '--ready-file', ready, ...(args[0] === 'bound' ? ['--prefetch', recordTrace] : [])])
     : start(process.execPath, [UFFD, 'resume', file, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, ...args])
   try {
     await waitForFile(ready, 30_000, handler.child)
+    const readyMs = performance.now() - t0
     const c = await start(path.join(NATIVE, 'fc_client'), ['--socket', socket, '--image', image, ...client]).done
     if (c.code !== 0) throw new Error(`fc_client failed (${c.code}): ${c.stderr}`)
     const h = await handler.done
     if (h.code !== 0) throw new Error(`handler exited ${h.code}: ${h.stderr}`)
     const clientOut = JSON.parse(c.stdout.trim().split('\n').pop()!)
-    const stats = args[0] === 'baseline' ? JSON.parse(h.stdout.trim().split('\n').pop()!) : JSON.parse(fs.readFileSync(statsFile, 'utf8'))
-    return {touchMs: clientOut.touch_ns / 1e6, stats, clientOut}
+    const stats = native ? JSON.parse(h.stdout.trim().split('\n').pop()!) : JSON.parse(fs.readFileSync(statsFile, 'utf8'))
+    return {touchMs: clientOut.touch_ns / 1e6, readyMs, stats, clientOut}
   } finally {
     handler.child.kill('SIGKILL')
   }
@@ -115,14 +125,16 @@ async function main(): Promise<void> {
   console.log(`${image}: ${set.length} pages touched (${(fraction * 100).toFixed(0)}% in clusters of ${cluster} pages), ${recorded.pages.length} faults recorded`)
 
   const touch: Record<string, number[]> = {}
+  const readyMs: Record<string, number[]> = {}
   const faults: Record<string, number[]> = {}
   const hits: Record<string, {copiedPages: number; hits: number; wasted: number}[]> = {}
   const populate: {uffdMs: number[]; floorMs: number[]} = {uffdMs: [], floorMs: []}
   for (let i = 0; i < runs; i++) {
     for (const sc of scenarios) {
-      const r = await resume(sc.handler === 'baseline' ? ['baseline'] : sc.args, sc.touch, `r${i}`, sc.snapshot)
+      const r = await resume(sc.handler === 'uffd' ? sc.args : [sc.handler], sc.touch, `r${i}`, sc.snapshot)
       ;(touch[sc.name] ??= []).push(r.touchMs)
-      ;(faults[sc.name] ??= []).push(sc.handler === 'baseline' ? r.stats.faults : r.stats.faults.total)
+      ;(readyMs[sc.name] ??= []).push(r.readyMs)
+      ;(faults[sc.name] ??= []).push(sc.handler === 'uffd' ? r.stats.faults.total : r.stats.faults)
       process.stderr.write(`run ${i + 1}/${runs} ${sc.name}: ${r.touchMs.toFixed(1)} ms\n`)
       // Hits are counted in a run of their own: clearing accessed bits costs a TLB flush per
       // prefetched block, which the timed runs must not pay.
@@ -139,22 +151,22 @@ async function main(): Promise<void> {
     populate.floorMs.push(floor.copy_ns / 1e6)
     process.stderr.write(`run ${i + 1}/${runs} populate all: ${p.stats.timeToMemoryCompleteMs} ms, copy floor ${(floor.copy_ns / 1e6).toFixed(0)} ms\n`)
   }
-  const lazy = median(touch[scenarios[1].name])
+  const lazy = median(touch[scenarios[2].name])
   const base = median(touch[scenarios[0].name])
   const rows = scenarios.map((sc) => {
     const ms = median(touch[sc.name])
     const h = hits[sc.name]
     const hitText = h ? `${Math.round(median(h.map((x) => x.hits)))} / ${Math.round(median(h.map((x) => x.wasted)))} of ${Math.round(median(h.map((x) => x.copiedPages)))}` : '-'
-    return [sc.name, ms.toFixed(1), String(Math.round(median(faults[sc.name]))), hitText, `${(lazy / ms).toFixed(2)}x`, `${(base / ms).toFixed(2)}x`]
+    return [sc.name, ms.toFixed(1), String(Math.round(median(faults[sc.name]))), hitText, median(readyMs[sc.name]).toFixed(0), `${(lazy / ms).toFixed(2)}x`, `${(base / ms).toFixed(2)}x`]
   })
   console.log(`\nreplaying a recorded ${(fraction * 100).toFixed(0)}% working set (clusters of ${cluster} pages) in a new order (${image}, medians of ${runs} runs)\n`)
-  console.log(table(['handler', 'touch ms', 'faults', 'prefetch hits / wasted of data pages', 'speed vs lazy', 'speed vs baseline'], rows))
+  console.log(table(['handler', 'touch ms', 'faults', 'prefetch hits / wasted of data pages', 'ready ms', 'speed vs lazy', 'speed vs baseline'], rows))
   if (measurePopulation) {
     const u = median(populate.uffdMs)
     const f = median(populate.floorMs)
     console.log(`\npopulate all: memory complete after ${u.toFixed(0)} ms; bulk UFFDIO_COPY floor ${f.toFixed(0)} ms; ratio ${(u / f).toFixed(2)}x the floor`)
   }
-  console.log(`\nresults: ${writeResults('prefetch', {image, runs, fraction, cluster, touch, faults, hits, populate, rows})}`)
+  console.log(`\nresults: ${writeResults('prefetch', {image, runs, fraction, cluster, touch, readyMs, faults, hits, populate, rows})}`)
   fs.rmSync(work, {recursive: true, force: true})
 }
 

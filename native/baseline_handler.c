@@ -6,6 +6,12 @@
 // one message holding a JSON array of regions and the userfaultfd as SCM_RIGHTS, then serve the
 // faults of that uffd until the client goes away.
 //
+// With --prefetch FILE it is also the bound for any working-set prefetcher: right after the
+// handshake it installs the listed pages (image offsets, one per line, in that order) straight
+// from the mapped file, consecutive pages of one kind with one ioctl (UFFDIO_ZEROPAGE for pages
+// that are all zeros), serving queued faults before each batch. No decompression, no checksum,
+// no reading: what is left is the kernel's cost of installing the set while the client touches.
+//
 // Prints one JSON line on stdout at exit. Exit status: 0 the client went away, 1 handshake
 // rejected or a fault could not be served, 2 usage or setup error.
 
@@ -46,7 +52,7 @@ struct region {
 };
 
 static struct {
-	const char *socket_path, *mem_path, *ready_path;
+	const char *socket_path, *mem_path, *ready_path, *prefetch_path;
 	uint64_t timeout_ms;
 } opt = {.timeout_ms = 60000};
 
@@ -67,6 +73,15 @@ static struct {
 	uint64_t faults, copies, zero_copies, zeropages, eexist, eagain, gone, removes, removed_bytes,
 	    bytes, ioctl_ns, extra_fds;
 } st;
+
+// --prefetch: the pages to install, and which image pages are in place already.
+static struct {
+	uint64_t *off; // image offsets, page-aligned, in prefetch order
+	size_t n, next;
+	uint8_t *zero;    // one byte per image page: all zeros in the file
+	uint8_t *present; // one byte per image page: installed by prefetch or a fault
+	uint64_t pages, ioctls, done_ns;
+} pf;
 
 // ---------------------------------------------------------------------------------------------
 
@@ -594,6 +609,8 @@ static int serve_page(uint64_t addr)
 	}
 	struct uffdio_copy c = {.dst = addr, .src = (uintptr_t)src, .len = h.page};
 	int e = do_ioctl(UFFDIO_COPY, &c);
+	if (pf.present && (!e || e == EEXIST) && foff < h.file_size)
+		pf.present[foff / h.page] = 1;
 	if (!e) {
 		if (src == h.zeros)
 			st.zero_copies++;
@@ -688,6 +705,71 @@ static void serve_pending(void)
 	pending.n -= i;
 }
 
+// The region holding image offset `foff`, or NULL.
+static struct region *region_of_offset(uint64_t foff)
+{
+	for (unsigned i = 0; i < h.n; i++)
+		if (foff >= h.r[i].offset && foff - h.r[i].offset < h.r[i].size)
+			return &h.r[i];
+	return NULL;
+}
+
+// Installs up to `budget` runs of the prefetch list. Returns false when it must wait (EAGAIN: a
+// REMOVE is being read; the loop drains events first).
+static bool prefetch_step(unsigned budget)
+{
+	while (budget-- && pf.next < pf.n) {
+		uint64_t foff = pf.off[pf.next], page = foff / h.page;
+		struct region *r = region_of_offset(foff);
+		uint64_t rp = r ? (foff - r->offset) / h.page : 0;
+		if (!r || foff >= h.file_size || pf.present[page] || (r->removed[rp / 64] & (1ULL << (rp % 64)))) {
+			pf.next++;
+			continue;
+		}
+		bool zero = pf.zero[page];
+		size_t k = pf.next + 1;
+		while (k < pf.n && pf.off[k] == pf.off[k - 1] + h.page && pf.off[k] < h.file_size &&
+		       pf.off[k] - r->offset < r->size && pf.zero[pf.off[k] / h.page] == zero &&
+		       !pf.present[pf.off[k] / h.page]) {
+			uint64_t q = (pf.off[k] - r->offset) / h.page;
+			if (r->removed[q / 64] & (1ULL << (q % 64)))
+				break;
+			k++;
+		}
+		uint64_t count = k - pf.next, addr = r->base + (foff - r->offset);
+		int e;
+		if (zero && h.page == 4096) {
+			struct uffdio_zeropage z = {.range = {.start = addr, .len = count * h.page}};
+			e = do_ioctl(UFFDIO_ZEROPAGE, &z);
+		} else {
+			if (zero) // hugetlb has no UFFDIO_ZEROPAGE, and the zero source is one page
+				count = 1, k = pf.next + 1;
+			struct uffdio_copy c = {.dst = addr, .src = (uintptr_t)(zero ? h.zeros : h.file + foff), .len = count * h.page};
+			e = do_ioctl(UFFDIO_COPY, &c);
+		}
+		pf.ioctls++;
+		if (e == EAGAIN) {
+			st.eagain++;
+			return false;
+		}
+		if (e == EEXIST && count > 1) {
+			// Part of the run was faulted in meanwhile: go on page by page from here.
+			k = pf.next + 1;
+			count = 1;
+			struct uffdio_copy c = {.dst = addr, .src = (uintptr_t)(zero ? h.zeros : h.file + foff), .len = h.page};
+			e = do_ioctl(UFFDIO_COPY, &c);
+		}
+		if (e && e != EEXIST && e != ESRCH && e != ENOENT)
+			fatal_serving("prefetch at 0x%" PRIx64 " (%" PRIu64 " pages) failed: %s", addr, count, strerror(e));
+		for (size_t i = pf.next; i < k; i++)
+			pf.present[pf.off[i] / h.page] = 1;
+		if (!e)
+			pf.pages += count;
+		pf.next = k;
+	}
+	return true;
+}
+
 // Serves until the client is gone. Its exit is seen through a pidfd when we have one: Firecracker
 // before 1.12 closed the socket right after the handshake while the VM kept running, so socket
 // EOF only means "gone" when the pid is unknown (another pid namespace) or pidfds are missing.
@@ -706,7 +788,7 @@ static const char *serve(void)
 		// through once the madvise thread, woken by our read, has run and dropped its "mm
 		// changing" count. Yield so that thread can run (it is often queued on our CPU: without
 		// the yield, a spin of 1000 polls never let it in), and fall back to 1 ms retries.
-		int timeout = pending.n ? (spins++ < 1000 ? 0 : 1) : -1;
+		int timeout = pending.n ? (spins++ < 1000 ? 0 : 1) : pf.next < pf.n ? 0 : -1;
 		if (!pending.n)
 			spins = 0;
 		else if (timeout == 0)
@@ -736,6 +818,9 @@ static const char *serve(void)
 		if (p[0].revents & POLLIN)
 			drain();
 		serve_pending();
+		// Faults first: prefetch only when none is queued, a few ioctls at a time.
+		if (!pending.n && pf.next < pf.n && prefetch_step(16) && pf.next == pf.n)
+			pf.done_ns = now_ns();
 	}
 }
 
@@ -744,11 +829,14 @@ static const char *serve(void)
 static void usage(FILE *f)
 {
 	fputs("usage: baseline_handler --socket PATH --mem-file RAW [--ready-file PATH] [--timeout-ms N]\n"
+	      "                        [--prefetch FILE]\n"
 	      "  --socket PATH      Unix socket to listen on (a stale socket file is replaced)\n"
 	      "  --mem-file RAW     raw guest memory image to serve (zeros past its end)\n"
 	      "  --ready-file PATH  created once the socket is listening\n"
 	      "  --timeout-ms N     give up waiting for the connection and handshake after N ms\n"
 	      "                     (default 60000, 0: wait forever)\n"
+	      "  --prefetch FILE    after the handshake, install these image offsets (one per line,\n"
+	      "                     in order) before the client asks: the bound for a prefetcher\n"
 	      "exit: 0 client went away, 1 handshake rejected / serving failed, 2 usage/setup error\n",
 	      f);
 }
@@ -758,6 +846,7 @@ static void parse_args(int argc, char **argv)
 	static const struct option longopts[] = {
 		{"socket", required_argument, 0, 's'}, {"mem-file", required_argument, 0, 'm'},
 		{"ready-file", required_argument, 0, 'r'}, {"timeout-ms", required_argument, 0, 't'},
+		{"prefetch", required_argument, 0, 'p'},
 		{"help", no_argument, 0, 'h'}, {0, 0, 0, 0},
 	};
 	int c;
@@ -766,6 +855,7 @@ static void parse_args(int argc, char **argv)
 		case 's': opt.socket_path = optarg; break;
 		case 'm': opt.mem_path = optarg; break;
 		case 'r': opt.ready_path = optarg; break;
+		case 'p': opt.prefetch_path = optarg; break;
 		case 't': {
 			char *e;
 			errno = 0;
@@ -807,6 +897,38 @@ static int listen_on(const char *path)
 	return s;
 }
 
+// Reads the --prefetch list and classifies every page of the file (all zeros or not), before
+// listening: the bound pays none of that while the client waits.
+static void load_prefetch(void)
+{
+	FILE *f = fopen(opt.prefetch_path, "r");
+	if (!f)
+		die_errno(EXIT_SETUP, "open --prefetch %s", opt.prefetch_path);
+	size_t cap = 0;
+	char line[64];
+	while (fgets(line, sizeof line, f)) {
+		char *e;
+		errno = 0;
+		uint64_t off = strtoull(line, &e, 0);
+		if (e == line)
+			continue; // blank line
+		if (errno || (*e && *e != '\n' && *e != '\r'))
+			die(EXIT_SETUP, "--prefetch %s: not an offset: '%s'", opt.prefetch_path, line);
+		if (pf.n == cap && !(pf.off = realloc(pf.off, (cap = cap ? cap * 2 : 4096) * sizeof *pf.off)))
+			die(EXIT_SETUP, "out of memory");
+		pf.off[pf.n++] = off & ~(uint64_t)4095;
+	}
+	fclose(f);
+	uint64_t pages = (h.file_size + 4095) / 4096;
+	static const uint8_t zeros[4096];
+	pf.zero = calloc(pages + 1, 1);
+	pf.present = calloc(pages + 1, 1);
+	if (!pf.zero || !pf.present)
+		die(EXIT_SETUP, "out of memory");
+	for (uint64_t p = 0; p + 1 <= h.file_size / 4096; p++)
+		pf.zero[p] = !memcmp(h.file + p * 4096, zeros, 4096);
+}
+
 int main(int argc, char **argv)
 {
 	parse_args(argc, argv);
@@ -824,6 +946,8 @@ int main(int argc, char **argv)
 			die_errno(EXIT_SETUP, "mmap(%s)", opt.mem_path);
 	}
 	close(mf);
+	if (opt.prefetch_path)
+		load_prefetch();
 
 	int ls = listen_on(opt.socket_path);
 	if (opt.ready_path) {
@@ -864,6 +988,8 @@ int main(int argc, char **argv)
 	const char *err = parse_regions(json, json_len);
 	if (err)
 		die(EXIT_FAIL, "handshake rejected: %s", err);
+	if (opt.prefetch_path && h.page != 4096)
+		die(EXIT_FAIL, "--prefetch supports 4 KiB pages only (the client's are %" PRIu64 " bytes)", h.page);
 	free(json);
 	// The uffd was created O_NONBLOCK by the client (it is the same open file); make sure, since
 	// drain() relies on read() returning EAGAIN.
@@ -885,9 +1011,11 @@ int main(int argc, char **argv)
 	       ",\"extra_fds\":%" PRIu64 ",\"peer_pid\":%d,\"faults\":%" PRIu64 ",\"copies\":%" PRIu64
 	       ",\"zero_copies\":%" PRIu64 ",\"zeropages\":%" PRIu64 ",\"bytes_copied\":%" PRIu64
 	       ",\"eexist\":%" PRIu64 ",\"eagain\":%" PRIu64 ",\"gone\":%" PRIu64 ",\"removes\":%" PRIu64
-	       ",\"removed_bytes\":%" PRIu64 ",\"ioctl_ns\":%" PRIu64 ",\"elapsed_ns\":%" PRIu64 "}\n",
+	       ",\"removed_bytes\":%" PRIu64 ",\"ioctl_ns\":%" PRIu64 ",\"elapsed_ns\":%" PRIu64
+	       ",\"prefetched_pages\":%" PRIu64 ",\"prefetch_ioctls\":%" PRIu64 ",\"prefetch_done_ns\":%" PRIu64 "}\n",
 	       reason, h.shape, h.n, h.page, mem_size, h.file_size, st.extra_fds, (int)h.peer, st.faults,
 	       st.copies, st.zero_copies, st.zeropages, st.bytes, st.eexist, st.eagain, st.gone,
-	       st.removes, st.removed_bytes, st.ioctl_ns, now_ns() - t_start);
+	       st.removes, st.removed_bytes, st.ioctl_ns, now_ns() - t_start, pf.pages, pf.ioctls,
+	       pf.done_ns ? pf.done_ns - t_start : 0);
 	return 0;
 }
