@@ -175,6 +175,55 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     expect(h.stderr).toMatch(/packed working set block \d+/)
   })
 
+  it('stages the packed set before it is ready, within --cache-mb, and keeps it for every client with --serve', async () => {
+    const {raw, snapshot, pages} = scatteredSet('staged', 16, 5, 8)
+    const ws = path.join(dir, 'staged.ws')
+    const client = (tr: string): [string, string[]] => [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, '--touch', `trace:${tr}`, '--verify']]
+    await resumeWith(snapshot, ['--record', ws, '--fault-around', 'page', '--readahead', '0'], client(trace(path.join(dir, 's1.trace'), pages)), 'staged-record')
+    const attached = path.join(dir, 'staged-ws.uffd')
+    expect(uffd(['working-set', 'attach', snapshot, ws, '-o', attached]).status).toBe(0)
+    const image = fs.readFileSync(raw)
+    const dataPages = pages.filter((p) => image.subarray(p * 4096, (p + 1) * 4096).some((b) => b !== 0)).length
+    const blocks = Math.ceil(pages.length / 64)
+    const reversed = trace(path.join(dir, 's2.trace'), [...pages].reverse())
+
+    // Every block that holds data is decoded before the ready file appears: exactly the set's data pages.
+    const replay = await resumeWith(attached, [], client(reversed), 'staged-replay')
+    expect(JSON.parse(replay.client.stdout).verify_errors).toBe(0)
+    expect(replay.stats.staged.bytes).toBe(dataPages * 4096)
+    expect(replay.stats.staged.units).toBeGreaterThan(0)
+    expect(replay.stats.staged.units).toBeLessThanOrEqual(blocks)
+    expect(replay.handler.stderr).toMatch(/working set staged: \d+ units, [\d.]+ [KM]iB decoded in \d+ ms/)
+    expect(uffd(['stats', path.join(dir, 'staged-replay.stats.json')]).stdout).toMatch(/^staged +working set decoded before the first client: \d+ units/m)
+
+    // --cache-mb bounds what is staged (1 MiB: four 256 KiB slots); the rest is decoded on the way.
+    const small = await resumeWith(attached, ['--cache-mb', '1'], client(reversed), 'staged-small')
+    expect(JSON.parse(small.client.stdout).verify_errors).toBe(0)
+    expect(small.stats.staged.units).toBe(4)
+
+    // --serve keeps the staged blocks for every client: the second one gets them from memory too.
+    const socket = path.join(dir, 'staged-serve.sock')
+    const ready = path.join(dir, 'staged-serve.ready')
+    const statsFile = path.join(dir, 'staged-serve.stats.json')
+    const handler = start(process.execPath, [UFFD_BIN, 'resume', attached, '--serve', '--socket', socket, '--ready-file', ready, '--stats-file', statsFile])
+    const handlerChild = children[children.length - 1]
+    await waitFor(ready)
+    for (const tag of ['first', 'second']) {
+      const c = await start(path.join(NATIVE, 'fc_client'), ['--socket', socket, '--image', raw, '--touch', `trace:${reversed}`, '--verify'])
+      expect(c.code, `${tag} client: ${c.stderr}`).toBe(0)
+      expect(JSON.parse(c.stdout).verify_errors, `${tag} client`).toBe(0)
+    }
+    handlerChild.kill('SIGTERM')
+    expect((await handler).code).toBe(130)
+    const served = JSON.parse(fs.readFileSync(statsFile, 'utf8'))
+    expect(served.clients).toEqual({served: 2, ended: 2})
+    expect(served.staged.bytes).toBe(dataPages * 4096)
+    // Each block decoded once, for both clients.
+    expect(served.chunks.decoded).toBe(served.staged.units)
+    expect(served.pages.copied).toBe(2 * dataPages)
+    expect(served.faults.total).toBeLessThan(pages.length / 2)
+  })
+
   it('--count-hits counts which prefetched pages the client touched, from its accessed bits', async () => {
     const {raw, snapshot, pages} = scatteredSet('hits', 16, 8, 8)
     const ws = path.join(dir, 'hits.ws')

@@ -150,6 +150,7 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
     record: false,
     countHits: false,
     workingSetUnits: [],
+    keepWorkingSet: false,
   })
   const {stats, events} = loop
   const send = (message: ToWorker): void => loop.send(message)

@@ -144,9 +144,15 @@ export class DecodePool {
     Atomics.store(this.states, slot, length >= 0 ? SLOT_READY : SLOT_ERROR)
   }
 
-  /** Blocks until a pending slot is decoded (a demand fault needs exactly this chunk). */
-  waitFor(slot: number): number {
-    while (Atomics.load(this.states, slot) === SLOT_PENDING) Atomics.wait(this.states, slot, SLOT_PENDING, 1000)
+  /**
+   * Blocks until a pending slot is decoded (a demand fault needs exactly this chunk), or at most
+   * `timeoutMs`; returns its state.
+   */
+  waitFor(slot: number, timeoutMs = Infinity): number {
+    const deadline = performance.now() + timeoutMs
+    for (let left = timeoutMs; Atomics.load(this.states, slot) === SLOT_PENDING && left > 0; left = deadline - performance.now()) {
+      Atomics.wait(this.states, slot, SLOT_PENDING, Math.min(1000, left))
+    }
     return Atomics.load(this.states, slot)
   }
 

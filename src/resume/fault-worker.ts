@@ -36,16 +36,24 @@ const clock = new RunClock()
 const packedWorkingSet = config.workingSetUnits.some((unit) => unit >= reader.index.length)
 const server = new FaultServer(reader, stats, config.cacheBytes, {faultAroundBytes: config.faultAroundBytes, packedWorkingSet}, clock)
 const messages = Buffer.alloc(64 * UFFD_MSG_SIZE)
+/** Longest wait for the decoders to start, and again for them to stage the working set. */
+const STARTUP_WAIT_MS = 10_000
 /** Longest stretch of prefetch work between two checks for demand faults. */
 const PREFETCH_SLICE_MS = 0.5
 const {chunkSize} = reader.geometry
 // Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.
-const pool = config.decoders > 0 ? new DecodePool(config.snapshotPath, config.decoders, Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize))), chunkSize) : undefined
+const readaheadSlots = Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize)))
+// Plus one per working-set unit staged before the first client, within --cache-mb. Slots are
+// chunk-sized, but only the decoded bytes are ever touched, so only those take memory.
+const stagedSlots = config.decoders > 0 ? Math.min(config.workingSetUnits.length, Math.floor(config.cacheBytes / chunkSize)) : 0
+const pool = config.decoders > 0 ? new DecodePool(config.snapshotPath, config.decoders, readaheadSlots + stagedSlots, chunkSize) : undefined
 if (config.countHits) stats.set('hitsTracked', 1)
 const recorder = config.record ? new WorkingSetRecorder(reader.geometry.pageCount) : undefined
-const prefetcher = new Prefetcher(server, reader, pool, stats, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll}, clock, (client) =>
+const prefetcher = new Prefetcher(server, reader, pool, stats, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll, decodeAhead: readaheadSlots}, clock, (client) =>
   post({type: 'complete', id: client.id}),
 )
+const startedAt = performance.now()
+prefetcher.stage(config.workingSetUnits, stagedSlots, config.keepWorkingSet)
 
 interface ClientState {
   client: Client
@@ -91,7 +99,9 @@ function rebuildPollSet(): void {
   pollSet = new PollSet(entries)
 }
 
-function handleControl(): void {
+/** Returns true when a client was added. */
+function handleControl(): boolean {
+  let added = false
   eventfdDrain(config.controlFd)
   for (let m = receiveMessageOnPort(config.control); m; m = receiveMessageOnPort(config.control)) {
     const message = m.message as ToWorker
@@ -107,9 +117,11 @@ function handleControl(): void {
       clients.set(message.id, {client, pidfd: message.pidfd, socket: message.socket, failed: false})
       prefetcher.addClient(client, config.workingSetUnits)
       stats.add('clients')
+      added = true
     }
   }
   rebuildPollSet()
+  return added
 }
 
 /**
@@ -236,7 +248,14 @@ function loop(): void {
   rebuildPollSet()
   // Ready means ready to serve at full speed: decoders that are still loading would hold up the
   // first faults that need them. If they never start, faults are decoded here.
-  pool?.waitUntilStarted(10_000)
+  const started = pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false
+  // And the working set decoded: after a handshake, installing it then costs only the copies.
+  const staged = started ? prefetcher.waitUntilStaged(STARTUP_WAIT_MS) : {units: 0, bytes: 0}
+  if (staged.units > 0) {
+    stats.set('stagedUnits', staged.units)
+    stats.set('stagedBytes', staged.bytes)
+    stats.set('stagedMs', performance.now() - startedAt)
+  }
   post({type: 'ready'})
   let retry = false
   let prefetchState: 'busy' | 'waiting' | 'idle' = 'idle'
@@ -255,12 +274,13 @@ function loop(): void {
     // results from the set that was waited on, index for index with its entries.
     const waited = pollSet
     const snapshot = polled
+    let clientAdded = false
     for (let i = 0; ready > 0 && i < snapshot.length; i++) {
       const revents = waited.revents(i)
       if (revents === 0) continue
       const entry = snapshot[i]
       if (entry.kind === 'control') {
-        handleControl()
+        if (handleControl()) clientAdded = true
       } else if (entry.kind === 'decoded') {
         prefetcher.reap()
         prefetchState = 'idle'
@@ -287,7 +307,9 @@ function loop(): void {
       })
       if (state.client.pending.length > 0) faultsQueued = true
     }
-    if (faultsQueued || retry) continue
+    // A new client faults at once (a vCPU resumes right after its handshake): poll its uffd
+    // before starting on its prefetch.
+    if (faultsQueued || retry || clientAdded) continue
     // Prefetch in slices: enough work per wake-up to outrun a client that faults continuously,
     // short enough that a fault arriving meanwhile waits well under a millisecond.
     const sliceEnd = performance.now() + PREFETCH_SLICE_MS

@@ -11,6 +11,8 @@ export interface PrefetchOptions {
   readaheadBytes: number
   /** Fill all of each client's memory in the background (demand faults still go first). */
   populateAll: boolean
+  /** How many units past a queue's head are asked of the decoders at once. */
+  decodeAhead: number
 }
 
 /**
@@ -35,6 +37,9 @@ interface ClientQueue {
   workingSetEnd: number
 }
 
+/** The owner of staged units in `wanted`: no client (client ids count up from 1). */
+const STAGED = -1
+
 /**
  * Installs memory before it faults: sequential readahead (a run of faults that each continue the
  * previous window asks for a growing stretch ahead) and background population. Chunks that need
@@ -50,6 +55,11 @@ export class Prefetcher {
   private readonly pagesPerChunk: number
   /** Ranges installed by the current step, for clearAccessed. */
   private readonly installed: {address: number; length: number}[] = []
+  /** Units decoded before any client connected (stage()), in order, and whether they stay. */
+  private staged: number[] = []
+  private keepStaged = false
+  /** Staged units already counted as decoded (at staging, not again when their slot is freed). */
+  private readonly countedDecodes = new Set<number>()
 
   constructor(
     private readonly server: FaultServer,
@@ -64,11 +74,56 @@ export class Prefetcher {
     server.chunkSource = (chunk) => this.decoded(chunk)
   }
 
+  /**
+   * Decodes `units` (the working set) into the decode pool's slots before any client connects, so
+   * that after a handshake installing them costs only the copies. They stay in memory until every
+   * client that wants them has them, or for good with `keep` (every later client wants them too).
+   * Returns how many were queued (the pool's slots bound them).
+   */
+  stage(units: readonly number[], maxUnits: number, keep: boolean): number {
+    if (!this.pool) return 0
+    for (const unit of units.slice(0, maxUnits)) {
+      if (this.wanted.has(unit) || this.reader.entry(unit).codec === Codec.None || !this.pool.request(unit)) continue
+      this.wanted.set(unit, new Set([STAGED]))
+      this.staged.push(unit)
+    }
+    this.keepStaged = keep
+    return this.staged.length
+  }
+
+  /**
+   * Blocks until every staged unit is decoded, or failed (a failed one is decoded again when it
+   * is installed, which reports its error), or `timeoutMs` passed (the rest is decoded on the
+   * way). Returns the units and bytes ready.
+   */
+  waitUntilStaged(timeoutMs: number): {units: number; bytes: number} {
+    const deadline = performance.now() + timeoutMs
+    let units = 0
+    let bytes = 0
+    for (const unit of this.staged) {
+      const slot = this.pool!.slotOf(unit)
+      if (slot === undefined || this.pool!.waitFor(slot, deadline - performance.now()) !== SLOT_READY) continue
+      const length = this.pool!.payload(slot).length
+      units++
+      bytes += length
+      this.stats.add('chunksDecoded')
+      this.stats.add('bytesDecompressed', length)
+      this.countedDecodes.add(unit)
+    }
+    return {units, bytes}
+  }
+
   /** `first`: chunks to install before anything else (a recorded working set), in order. */
   addClient(client: Client, first: readonly number[] = []): void {
     const urgent = first.filter((chunk) => this.needed(client, chunk))
     this.stats.add('workingSetChunks', urgent.length)
     this.queues.set(client.id, {client, urgent, urgentAt: 0, background: [], backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false, workingSetEnd: urgent.length})
+    // Staged units this client wants are its own now; unless they are kept for later clients,
+    // each slot is freed once the clients that want it have it.
+    for (const unit of urgent) this.wanted.get(unit)?.add(client.id)
+    if (!this.keepStaged) {
+      for (const unit of this.staged.splice(0)) this.done(STAGED, unit)
+    }
     if (this.options.populateAll) this.populate(client)
   }
 
@@ -198,7 +253,7 @@ export class Prefetcher {
       [q.urgent, q.urgentAt],
       [q.background, q.backgroundAt],
     ] as const) {
-      for (let i = from; i < list.length && i < from + this.pool.slots; i++) {
+      for (let i = from; i < list.length && i < from + this.options.decodeAhead; i++) {
         const chunk = list[i]
         let clients = this.wanted.get(chunk)
         // Already asked for (most of the window on every step): skip before the page scan.
@@ -263,10 +318,10 @@ export class Prefetcher {
     return false
   }
 
-  private done(client: Client, chunk: number): void {
+  private done(client: Client | typeof STAGED, chunk: number): void {
     const clients = this.wanted.get(chunk)
     if (!clients) return
-    clients.delete(client.id)
+    clients.delete(client === STAGED ? STAGED : client.id)
     if (clients.size === 0) this.forget(chunk)
   }
 
@@ -279,8 +334,10 @@ export class Prefetcher {
   private release(slot: number): void {
     if (this.pool!.state(slot) === SLOT_READY) {
       const payload = this.pool!.payload(slot)
-      this.stats.add('chunksDecoded')
-      this.stats.add('bytesDecompressed', payload.length)
+      if (!this.countedDecodes.delete(this.pool!.chunkIn(slot))) {
+        this.stats.add('chunksDecoded')
+        this.stats.add('bytesDecompressed', payload.length)
+      }
       // Worth a copy into the cache only if someone will want this chunk again: another client of
       // the snapshot, or faults whose window is smaller than a chunk.
       if (this.queues.size > 1 || this.server.windowPages < this.pagesPerChunk) this.server.adoptDecoded(this.pool!.chunkIn(slot), payload)

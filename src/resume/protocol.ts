@@ -50,6 +50,8 @@ export interface WorkerConfig {
    * or packed working-set blocks (numbered after the chunks).
    */
   workingSetUnits: number[]
+  /** Keep the staged working set in memory for later clients (--serve) instead of freeing it as it is installed. */
+  keepWorkingSet: boolean
   /** Keep polling this long after the last message before sleeping (cuts cross-CPU wake-ups). */
   spinMicros: number
   stats: SharedArrayBuffer

@@ -39,6 +39,8 @@ export function renderResumeReport(file: string, r: ResumeReport): string[] {
     ['first/last', `first fault ${ms(r.timeToFirstFaultMs)}, last fault ${ms(r.timeToLastFaultMs)} after the start`],
     ['pages', `${r.pages.copied} copied (${formatBytes(r.bytes.copied)}), ${r.pages.zeroed} zeroed; ${r.pages.faultAround} by fault-around, ${r.pages.prefetched ?? 0} by prefetch`],
     ['complete', `${r.timeToWorkingSetMs ? `working set (${r.workingSetChunks} units) in ${ms(r.timeToWorkingSetMs)} after the start; ` : ''}${r.timeToMemoryCompleteMs ? `all memory present ${ms(r.timeToMemoryCompleteMs)} after the start` : 'memory not completely present'}`],
+    // Reports written before staging existed have no `staged` field.
+    ...(r.staged ? ([['staged', `working set decoded before the first client: ${r.staged.units} units, ${formatBytes(r.staged.bytes)}, ready ${ms(r.staged.ms)} after start-up`]] as [string, string][]) : []),
     ...(r.prefetchHits
       ? ([['prefetch', `${r.prefetchHits.copiedPages} data pages installed ahead of need: ${r.prefetchHits.hits} touched since (hits), ${r.prefetchHits.wasted} not (wasted), as of ${ms(r.prefetchHits.sampledAtMs)}`]] as [string, string][])
       : []),

@@ -42,6 +42,9 @@ export const COUNTERS = [
   'prefetchHits',
   'prefetchWasted',
   'hitsSampledMs',
+  'stagedUnits',
+  'stagedBytes',
+  'stagedMs',
 ] as const
 
 export type CounterName = (typeof COUNTERS)[number]
@@ -137,6 +140,11 @@ export interface ResumeReport {
   pages: {copied: number; zeroed: number; faultAround: number; prefetched: number}
   /** Units queued from a recorded working set for the clients: its packed blocks, or its chunks. */
   workingSetChunks: number
+  /**
+   * The working set's units decoded into memory before the first client (bytes decoded, ms from
+   * start until done; --ready-file waits for it). null when nothing was staged.
+   */
+  staged: {units: number; bytes: number; ms: number} | null
   ioctls: {copy: number; zeropage: number; eexist: number; eagain: number}
   bytes: {copied: number; decompressed: number}
   chunks: {decoded: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
@@ -173,6 +181,7 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     faults: {total: faults, data: g('faultsData'), zero: g('faultsZero'), removed: g('faultsRemoved'), alreadyPresent: g('faultsAlreadyPresent')},
     pages: {copied: g('pagesCopied'), zeroed: g('pagesZeroed'), faultAround: g('faultAroundPages'), prefetched: g('prefetchedPages')},
     workingSetChunks: g('workingSetChunks'),
+    staged: g('stagedUnits') ? {units: g('stagedUnits'), bytes: g('stagedBytes'), ms: g('stagedMs')} : null,
     ioctls: {copy: g('copyIoctls'), zeropage: g('zeropageIoctls'), eexist: g('eexist'), eagain: g('eagain')},
     bytes: {copied: g('bytesCopied'), decompressed: g('bytesDecompressed')},
     chunks: {decoded: g('chunksDecoded'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},

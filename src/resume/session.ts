@@ -1,6 +1,8 @@
 import fs from 'node:fs'
 import path from 'node:path'
 
+import {formatBytes} from '../core/units.js'
+
 import {writeFileAtomically} from '../snapshot/atomic-file.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {attachedWorkingSet} from '../snapshot/relayout.js'
@@ -119,6 +121,7 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
     record: options.recordFile !== undefined,
     countHits: options.countHits ?? false,
     workingSetUnits,
+    keepWorkingSet: options.serve,
   })
   const {stats, events} = loop
   const send = (message: ToWorker): void => loop.send(message)
@@ -137,6 +140,8 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
     await events.next((m) => m.type === 'ready')
     listenFd = listenUnix(options.socketPath, {mode: 0o600})
     if (options.readyFile) writeFileAtomically(options.readyFile, `${JSON.stringify({socket: options.socketPath, pid: process.pid})}\n`)
+    const staged = stats.get('stagedUnits')
+    if (staged) options.log(`working set staged: ${staged} units, ${formatBytes(stats.get('stagedBytes'))} decoded in ${Math.round(stats.get('stagedMs'))} ms`)
     options.log(`listening on ${options.socketPath}`)
 
     const onWorkerMessage = (m: FromWorker): void => {
