@@ -714,6 +714,13 @@ static struct region *region_of_offset(uint64_t foff)
 	return NULL;
 }
 
+// Image page `p` of region `r` is all zeros in the file, not installed and not removed.
+static bool zero_missing(const struct region *r, uint64_t p)
+{
+	uint64_t rp = p - r->offset / h.page;
+	return p < h.file_size / h.page && pf.zero[p] && !pf.present[p] && !(r->removed[rp / 64] & (1ULL << (rp % 64)));
+}
+
 // Installs up to `budget` runs of the prefetch list. Returns false when it must wait (EAGAIN: a
 // REMOVE is being read; the loop drains events first).
 static bool prefetch_step(unsigned budget)
@@ -738,13 +745,25 @@ static bool prefetch_step(unsigned budget)
 		}
 		uint64_t count = k - pf.next, addr = r->base + (foff - r->offset);
 		int e;
-		if (zero && h.page == 4096) {
-			struct uffdio_zeropage z = {.range = {.start = addr, .len = count * h.page}};
+		if (zero) {
+			// Like uffd resume: grow the zero run over the missing zero pages of its 2 MiB
+			// window, so scattered zero pages cost one ioctl per window.
+			uint64_t first = page, end = page + count, rfirst = r->offset / h.page, rend = rfirst + r->size / h.page;
+			uint64_t wfirst = first - first % 512 > rfirst ? first - first % 512 : rfirst;
+			uint64_t wend = (end - 1) - (end - 1) % 512 + 512 < rend ? (end - 1) - (end - 1) % 512 + 512 : rend;
+			while (first > wfirst && zero_missing(r, first - 1))
+				first--;
+			while (end < wend && zero_missing(r, end))
+				end++;
+			struct uffdio_zeropage z = {.range = {.start = r->base + (first * h.page - r->offset), .len = (end - first) * h.page}};
 			e = do_ioctl(UFFDIO_ZEROPAGE, &z);
+			if (!e) {
+				for (uint64_t p = first; p < end; p++)
+					pf.present[p] = 1;
+				pf.pages += end - first - count; // the list's own pages are added below
+			}
 		} else {
-			if (zero) // hugetlb has no UFFDIO_ZEROPAGE, and the zero source is one page
-				count = 1, k = pf.next + 1;
-			struct uffdio_copy c = {.dst = addr, .src = (uintptr_t)(zero ? h.zeros : h.file + foff), .len = count * h.page};
+			struct uffdio_copy c = {.dst = addr, .src = (uintptr_t)(h.file + foff), .len = count * h.page};
 			e = do_ioctl(UFFDIO_COPY, &c);
 		}
 		pf.ioctls++;
@@ -756,8 +775,13 @@ static bool prefetch_step(unsigned budget)
 			// Part of the run was faulted in meanwhile: go on page by page from here.
 			k = pf.next + 1;
 			count = 1;
-			struct uffdio_copy c = {.dst = addr, .src = (uintptr_t)(zero ? h.zeros : h.file + foff), .len = h.page};
-			e = do_ioctl(UFFDIO_COPY, &c);
+			if (zero) {
+				struct uffdio_zeropage z = {.range = {.start = addr, .len = h.page}};
+				e = do_ioctl(UFFDIO_ZEROPAGE, &z);
+			} else {
+				struct uffdio_copy c = {.dst = addr, .src = (uintptr_t)(h.file + foff), .len = h.page};
+				e = do_ioctl(UFFDIO_COPY, &c);
+			}
 		}
 		if (e && e != EEXIST && e != ESRCH && e != ENOENT)
 			fatal_serving("prefetch at 0x%" PRIx64 " (%" PRIu64 " pages) failed: %s", addr, count, strerror(e));

@@ -8,8 +8,8 @@ import {payloadPageIndex} from '../format/zero-map.js'
 import {type GuestRegion} from './handshake.js'
 import {type RunClock, type RunStats} from './run-stats.js'
 
-/** Bound of a zero run installed around a packed working-set page. */
-const ZERO_RUN_WINDOW_BYTES = 2 * 1024 * 1024
+/** Bound of a zero run installed around packed working-set pages (2 MiB of 4 KiB pages). */
+const ZERO_RUN_WINDOW_PAGES = 512
 
 /** A fault read from the uffd and not yet served. */
 export interface PendingFault {
@@ -112,6 +112,10 @@ export class FaultServer {
   lastWindow = {page: -1, first: -1, end: -1}
   /** Each page's packed working-set block, or -1 (when serving from packed blocks). */
   private readonly blockOfPage: Int32Array | undefined
+  /** The region of the block run installed last (installBlock's lookup cache; reset per block). */
+  private blockRegion: GuestRegion | undefined
+  /** Each packed block's runs (blockRuns), once computed. */
+  private readonly runsOfBlock: (Int32Array | undefined)[] = []
 
   constructor(
     private readonly reader: SnapshotReader,
@@ -244,62 +248,113 @@ export class FaultServer {
   }
 
   /**
-   * Installs the still-missing pages of packed working-set block `block`, `first` (a faulting
-   * page) before the others. Runs of consecutive image pages in one region are one ioctl each:
-   * a block's pages are sorted, so such runs are adjacent in its payload too.
+   * Installs the still-missing pages of packed working-set block `block`, the run holding `first`
+   * (a faulting page) before the others. Each run of consecutive image pages of one kind is one
+   * ioctl: a block's pages are sorted, so a data run is adjacent in its payload too.
    */
   installBlock(client: Client, block: number, first = -1): ServeOutcome {
-    const packed = this.reader.packed!
-    const {listStart, pageCount} = packed.blocks[block]
-    const unit = this.reader.index.length + block
-    const runs: {region: GuestRegion; page: number; count: number; zero: boolean; at: number}[] = []
-    let payloadAt = 0
+    const runs = this.blockRuns(block)
+    this.blockRegion = undefined
+    // Resolved before anything is installed: a block that fails its checksum installs nothing.
     let payloadBase = -1
-    let region: GuestRegion | undefined
-    for (let k = listStart; k < listStart + pageCount; k++) {
-      const page = packed.pages[k]
-      const zero = this.reader.zeroMap.isZero(page)
-      const at = payloadAt
-      if (!zero) payloadAt += this.pageSize
-      if (client.states.get(page) !== PAGE_MISSING) continue
-      // Pages ascend within a block: usually in the previous page's region.
-      const offset = page * this.pageSize
-      if (!region || offset < region.offset || offset >= region.offset + region.size) region = client.map.regionOfImagePage(page, this.pageSize)
-      if (!region) continue
-      const last = runs[runs.length - 1]
-      if (last && last.region === region && last.zero === zero && last.page + last.count === page && (zero || last.at + last.count * this.pageSize === at)) last.count++
-      else runs.push({region, page, count: 1, zero, at})
-    }
-    if (runs.length === 0) return 'served'
-    if (runs.some((r) => !r.zero)) payloadBase = this.unitAddress(unit)
-    const firstRun = runs.findIndex((r) => first >= r.page && first < r.page + r.count)
-    if (firstRun > 0) runs.unshift(...runs.splice(firstRun, 1))
-    for (const r of runs) {
-      if (r.zero) {
-        // Zero pages come in long runs, and a scattered set holds many of them: map the whole
-        // missing zero run around a set page (within its 2 MiB window) with one ioctl instead of
-        // one per set page. A zero page is its own content, so extra ones are never wrong.
-        // (An earlier run's growth may have covered some of this one already.)
-        while (r.count > 0 && client.states.get(r.page) !== PAGE_MISSING) {
-          r.page++
-          r.count--
-        }
-        if (r.count === 0) continue
-        const windowPages = Math.max(1, ZERO_RUN_WINDOW_BYTES / this.pageSize)
-        const regionFirst = r.region.offset / this.pageSize
-        const windowFirst = Math.max(regionFirst, r.page - (r.page % windowPages))
-        const windowEnd = Math.min(regionFirst + r.region.size / this.pageSize, windowFirst + windowPages)
-        const zeroMissing = (p: number): boolean => this.reader.zeroMap.isZero(p) && client.states.get(p) === PAGE_MISSING
-        while (r.page > windowFirst && zeroMissing(r.page - 1)) {
-          r.page--
-          r.count++
-        }
-        while (r.page + r.count < windowEnd && zeroMissing(r.page + r.count)) r.count++
+    for (let i = 2; i < runs.length; i += 3) {
+      if (runs[i] >= 0) {
+        payloadBase = this.unitAddress(this.reader.index.length + block)
+        break
       }
-      const outcome = this.install(client, r.region, r.page, r.count, r.zero, r.zero ? undefined : payloadBase + r.at)
+    }
+    let firstRun = -1
+    for (let i = 0; first >= 0 && i < runs.length; i += 3) {
+      if (first >= runs[i] && first < runs[i] + runs[i + 1]) firstRun = i
+    }
+    const installRun = (i: number): ServeOutcome => this.installBlockRun(client, runs[i], runs[i + 1], runs[i + 2] < 0 ? -1 : payloadBase + runs[i + 2] * this.pageSize)
+    // The faulting page's run first, then the others in order.
+    if (firstRun >= 0) {
+      const outcome = installRun(firstRun)
+      if (outcome !== 'served') return outcome
+    }
+    for (let i = 0; i < runs.length; i += 3) {
+      if (i === firstRun) continue
+      const outcome = installRun(i)
       if (outcome !== 'served') return outcome
     }
     return 'served'
+  }
+
+  /**
+   * A packed block's pages as runs of consecutive image pages of one kind: (first page, count,
+   * payload page or -1 for zeros) triples. The same for every client, so computed once.
+   */
+  private blockRuns(block: number): Int32Array {
+    const known = this.runsOfBlock[block]
+    if (known) return known
+    const packed = this.reader.packed!
+    const {listStart, pageCount} = packed.blocks[block]
+    const runs: number[] = []
+    let payloadPage = 0
+    for (let k = listStart; k < listStart + pageCount; k++) {
+      const page = packed.pages[k]
+      const zero = this.reader.zeroMap.isZero(page)
+      const n = runs.length
+      if (n > 0 && runs[n - 3] + runs[n - 2] === page && runs[n - 1] < 0 === zero) runs[n - 2]++
+      else runs.push(page, 1, zero ? -1 : payloadPage)
+      if (!zero) payloadPage++
+    }
+    return (this.runsOfBlock[block] = Int32Array.from(runs))
+  }
+
+  /**
+   * Installs the missing pages of one run of a block (`source`: the payload address of its first
+   * page, -1 for zeros), one ioctl per stretch of missing pages inside one region.
+   */
+  private installBlockRun(client: Client, page: number, count: number, source: number): ServeOutcome {
+    const {states} = client
+    const end = page + count
+    for (let p = page; p < end; ) {
+      if (states.get(p) !== PAGE_MISSING) {
+        p++
+        continue
+      }
+      // Usually the same region as the block's previous run.
+      let region = this.blockRegion
+      if (!region || p * this.pageSize < region.offset || p * this.pageSize >= region.offset + region.size) region = this.blockRegion = client.map.regionOfImagePage(p, this.pageSize)
+      if (!region) {
+        p++
+        continue
+      }
+      const regionFirst = region.offset / this.pageSize
+      const regionEnd = regionFirst + region.size / this.pageSize
+      let q = p + 1
+      while (q < end && q < regionEnd && states.get(q) === PAGE_MISSING) q++
+      let outcome: ServeOutcome
+      if (source < 0) {
+        const [from, to] = this.zeroRunAround(client, p, q, regionFirst, regionEnd)
+        outcome = this.install(client, region, from, to - from, true)
+      } else {
+        outcome = this.install(client, region, p, q - p, false, source + (p - page) * this.pageSize)
+      }
+      if (outcome !== 'served') return outcome
+      p = q
+    }
+    return 'served'
+  }
+
+  /**
+   * The zero run to map for set pages [first, end): grown over the missing zero pages around it
+   * within its 2 MiB window, so that the zero pages of a scattered set cost one ioctl per window
+   * rather than one each (a zero page is its own content, so extra ones are never wrong). The
+   * window bounds the ioctl: a zero page costs a page-table entry, and a fault waits behind it.
+   */
+  private zeroRunAround(client: Client, first: number, end: number, regionFirst: number, regionEnd: number): [number, number] {
+    const {zeroMap} = this.reader
+    const {states} = client
+    const windowFirst = Math.max(regionFirst, first - (first % ZERO_RUN_WINDOW_PAGES))
+    const windowEnd = Math.min(regionEnd, end - 1 - ((end - 1) % ZERO_RUN_WINDOW_PAGES) + ZERO_RUN_WINDOW_PAGES)
+    let from = first
+    while (from > windowFirst && zeroMap.isZero(from - 1) && states.get(from - 1) === PAGE_MISSING) from--
+    let to = end
+    while (to < windowEnd && zeroMap.isZero(to) && states.get(to) === PAGE_MISSING) to++
+    return [from, to]
   }
 
   /** Installs every still-missing run in [first, end). */
