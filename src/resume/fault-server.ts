@@ -8,8 +8,8 @@ import {payloadPageIndex} from '../format/zero-map.js'
 import {type GuestRegion} from './handshake.js'
 import {type RunClock, type RunStats} from './run-stats.js'
 
-/** Bound of a zero run installed around packed working-set pages (2 MiB of 4 KiB pages). */
-const ZERO_RUN_WINDOW_PAGES = 512
+/** Bound of a zero run installed around packed working-set pages. */
+const ZERO_RUN_WINDOW_BYTES = 2 * 1024 * 1024
 
 /** A fault read from the uffd and not yet served. */
 export interface PendingFault {
@@ -348,8 +348,10 @@ export class FaultServer {
   private zeroRunAround(client: Client, first: number, end: number, regionFirst: number, regionEnd: number): [number, number] {
     const {zeroMap} = this.reader
     const {states} = client
-    const windowFirst = Math.max(regionFirst, first - (first % ZERO_RUN_WINDOW_PAGES))
-    const windowEnd = Math.min(regionEnd, end - 1 - ((end - 1) % ZERO_RUN_WINDOW_PAGES) + ZERO_RUN_WINDOW_PAGES)
+    // (One page on hugetlbfs, where zeros are copied, not mapped.)
+    const windowPages = Math.max(1, ZERO_RUN_WINDOW_BYTES / this.pageSize)
+    const windowFirst = Math.max(regionFirst, first - (first % windowPages))
+    const windowEnd = Math.min(regionEnd, end - 1 - ((end - 1) % windowPages) + windowPages)
     let from = first
     while (from > windowFirst && zeroMap.isZero(from - 1) && states.get(from - 1) === PAGE_MISSING) from--
     let to = end
