@@ -6,7 +6,7 @@ import {describe, expect, it} from 'vitest'
 import {Codec} from '../src/format/constants.js'
 import {SnapshotFormatError} from '../src/format/errors.js'
 import {Geometry} from '../src/format/geometry.js'
-import {checkPackedLocation, decodePackedTable, encodePackedTable, type PackedBlock, packedTableLength, planPackedBlocks} from '../src/format/packed-set.js'
+import {checkPackedLocation, decodePackedTable, encodePackedTable, type PackedBlock, packedBlockRuns, packedTableLength, planPackedBlocks} from '../src/format/packed-set.js'
 import {ZeroMap} from '../src/format/zero-map.js'
 
 const geometry = new Geometry(4096, 64 * 1024, 256 * 4096) // 256 pages, 16 per chunk
@@ -46,6 +46,35 @@ describe('planPackedBlocks', () => {
 })
 
 describe('packed table', () => {
+  it('splits each block into runs of one kind that cover its pages in order, data runs at their payload position', () => {
+    fc.assert(
+      fc.property(fc.uniqueArray(fc.integer({min: 0, max: 255}), {maxLength: 200}), fc.integer({min: 1, max: 16}), fc.array(fc.boolean(), {minLength: 256, maxLength: 256}), (pages, perBlock, zeros) => {
+        const zero = new ZeroMap(256)
+        zeros.forEach((z, p) => z && zero.setZero(p))
+        const {blocks, list} = build(pages, perBlock, zero)
+        for (let b = 0; b < blocks.length; b++) {
+          const runs = packedBlockRuns({blocks, pages: list}, b, zero)
+          const blockPages = Array.from(list.subarray(blocks[b].listStart, blocks[b].listStart + blocks[b].pageCount))
+          const dataPages = blockPages.filter((p) => !zero.isZero(p))
+          const covered: number[] = []
+          for (let i = 0; i < runs.length; i += 3) {
+            const [first, count, payloadPage] = [runs[i], runs[i + 1], runs[i + 2]]
+            expect(count).toBeGreaterThan(0)
+            for (let p = first; p < first + count; p++) {
+              covered.push(p)
+              expect(zero.isZero(p)).toBe(payloadPage < 0)
+              // A data page's bytes are at its position among the block's data pages.
+              if (payloadPage >= 0) expect(dataPages.indexOf(p)).toBe(payloadPage + p - first)
+            }
+            // Maximal: the next run does not continue this one with pages of the same kind.
+            if (i + 3 < runs.length) expect(runs[i + 3] === first + count && runs[i + 5] < 0 === payloadPage < 0).toBe(false)
+          }
+          expect(covered).toEqual(blockPages)
+        }
+      }),
+    )
+  })
+
   it('round-trips any set through encode and decode', () => {
     fc.assert(
       fc.property(fc.uniqueArray(fc.integer({min: 0, max: 255}), {maxLength: 256}), fc.array(fc.boolean(), {minLength: 256, maxLength: 256}), (pages, zeros) => {

@@ -37,6 +37,9 @@ import {
   readUffdMessages,
   uffdApi,
   uffdCopy,
+  fillRegions,
+  nativeBlockFill,
+  uffdFillBlock,
   uffdRegister,
   uffdUnregister,
   uffdWake,
@@ -354,6 +357,48 @@ describe.skipIf(skipReason !== undefined)('userfaultfd round trips', () => {
     expect(uffdCopy(uffd, base + 3 * PAGE_SIZE, src + 3 * PAGE_SIZE, PAGE_SIZE)).toEqual({done: PAGE_SIZE, error: 0})
     uffdWake(uffd, base, 4 * PAGE_SIZE)
     expect(bufferAt(base, 4 * PAGE_SIZE)).toEqual(source)
+  })
+
+  it.skipIf(!nativeBlockFill)('uffdFillBlock installs a packed block: runs split at regions, zero runs grown in their window, present pages skipped', () => {
+    // Image pages 0-15 in one mapping, 16-31 in another (two regions of one client).
+    const uffd = newUffd(0)
+    const low = newRegion(16)
+    const high = newRegion(16)
+    uffdRegister(uffd, low, 16 * PAGE_SIZE, UFFDIO_REGISTER_MODE.MISSING)
+    uffdRegister(uffd, high, 16 * PAGE_SIZE, UFFDIO_REGISTER_MODE.MISSING)
+    const regions = fillRegions([
+      {offset: 0, size: 16 * PAGE_SIZE, base: low},
+      {offset: 16 * PAGE_SIZE, size: 16 * PAGE_SIZE, base: high},
+    ])
+    // Zero pages: 5-8 and 20-31.
+    const zeroMap = new Uint8Array(4)
+    for (const p of [5, 6, 7, 8, ...Array.from({length: 12}, (_, i) => 20 + i)]) zeroMap[p >> 3] |= 1 << (p & 7)
+    // The block: pages 0-4 (payload 0-4), 6 (zero), 14-17 (payload 5-8, across the region
+    // boundary), 24 (zero); zero runs grow within aligned windows of 4 pages.
+    const runs = Int32Array.from([0, 5, 0, 6, 1, -1, 14, 4, 5, 24, 1, -1])
+    const payload = pattern(3, 9 * PAGE_SIZE)
+    const states = new Uint8Array(32)
+    // Page 2 is already there (a fault served it) though the states do not know yet: EEXIST.
+    expect(uffdCopy(uffd, low + 2 * PAGE_SIZE, addressOf(payload) + 2 * PAGE_SIZE, PAGE_SIZE).error).toBe(0)
+    // Page 15 is known present: skipped (its bytes must stay as they are: zeros from the source).
+    states[15] = 1
+    expect(uffdCopy(uffd, low + 15 * PAGE_SIZE, addressOf(Buffer.alloc(PAGE_SIZE)), PAGE_SIZE).error).toBe(0)
+
+    // Pages 0-1 go in, the copy stops at 2 (EAGAIN after progress), 2 reports EEXIST, 3-4 go in:
+    // three copies; 14, and 16-17 in the other region: two more.
+    const result = uffdFillBlock(uffd, states, zeroMap, PAGE_SIZE, regions, runs, addressOf(payload), 2, 4)
+    expect(result).toEqual({error: 0, stopPage: 0, pagesCopied: 7, pagesZeroed: 7, copyIoctls: 5, zeropageIoctls: 2, eexist: 1, newlyPresent: 15})
+    const present = [...states.keys()].filter((p) => states[p] === 1)
+    expect(present).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 14, 15, 16, 17, 24, 25, 26, 27])
+    expect(bufferAt(low, 5 * PAGE_SIZE)).toEqual(payload.subarray(0, 5 * PAGE_SIZE))
+    expect(bufferAt(low + 5 * PAGE_SIZE, 3 * PAGE_SIZE).every((b) => b === 0)).toBe(true)
+    expect(bufferAt(low + 14 * PAGE_SIZE, PAGE_SIZE)).toEqual(payload.subarray(5 * PAGE_SIZE, 6 * PAGE_SIZE))
+    expect(bufferAt(low + 15 * PAGE_SIZE, PAGE_SIZE).every((b) => b === 0)).toBe(true)
+    expect(bufferAt(high, 2 * PAGE_SIZE)).toEqual(payload.subarray(7 * PAGE_SIZE, 9 * PAGE_SIZE))
+    expect(bufferAt(high + 8 * PAGE_SIZE, 4 * PAGE_SIZE).every((b) => b === 0)).toBe(true)
+
+    // Again: nothing missing, nothing done.
+    expect(uffdFillBlock(uffd, states, zeroMap, PAGE_SIZE, regions, runs, addressOf(payload), -1, 4)).toMatchObject({error: 0, copyIoctls: 0, zeropageIoctls: 0, newlyPresent: 0})
   })
 
   it('delivers REMOVE for madvise(MADV_DONTNEED), with EAGAIN on copies until it is read', async () => {

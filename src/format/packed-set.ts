@@ -159,3 +159,25 @@ export function planPackedBlocks(pagesInTouchOrder: readonly number[], pagesPerB
   }
   return blocks
 }
+
+/**
+ * A block's pages as runs of consecutive image pages of one kind, for installing it with one
+ * ioctl per run: (first page, page count, payload page) triples, the payload page being the run's
+ * position among the block's stored (non-zero) pages, or -1 for a run of zero pages. A block's
+ * pages ascend and its payload holds its non-zero pages in that order, so a data run is contiguous
+ * in the payload too.
+ */
+export function packedBlockRuns(set: PackedSet, block: number, zeroMap: ZeroMap): Int32Array {
+  const {listStart, pageCount} = set.blocks[block]
+  const runs: number[] = []
+  let payloadPage = 0
+  for (let k = listStart; k < listStart + pageCount; k++) {
+    const page = set.pages[k]
+    const zero = zeroMap.isZero(page)
+    const n = runs.length
+    if (n > 0 && runs[n - 3] + runs[n - 2] === page && runs[n - 1] < 0 === zero) runs[n - 2]++
+    else runs.push(page, 1, zero ? -1 : payloadPage)
+    if (!zero) payloadPage++
+  }
+  return Int32Array.from(runs)
+}

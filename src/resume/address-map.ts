@@ -138,6 +138,12 @@ export class PageStates {
     }
   }
 
+  /** Accounts `count` pages that went from missing to present in `states` directly (the native block fill). */
+  countInstalled(count: number): void {
+    this.presentCount += count
+    this.settledCount += count
+  }
+
   markRemoved(first: number, count: number): void {
     for (let p = first; p < first + count; p++) {
       if (this.states[p] === PAGE_PRESENT) this.presentCount--

@@ -1,9 +1,10 @@
 import {SnapshotFormatError} from '../format/errors.js'
 import {type Geometry} from '../format/geometry.js'
 import {type SnapshotReader} from '../snapshot/reader.js'
-import {addressOf, Errno, errnoName, uffdCopy, uffdWake, uffdZeropage, type FillResult} from '../sys/index.js'
+import {addressOf, Errno, errnoName, fillRegions, nativeBlockFill, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage, type FillResult} from '../sys/index.js'
 import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from './address-map.js'
 import {ChunkCache} from './chunk-cache.js'
+import {packedBlockRuns} from '../format/packed-set.js'
 import {payloadPageIndex} from '../format/zero-map.js'
 import {type GuestRegion} from './handshake.js'
 import {type RunClock, type RunStats} from './run-stats.js'
@@ -31,6 +32,7 @@ export class Client {
   readonly regionPages: number
   /** A pidfd for process_madvise when prefetch hits are counted (else -1). */
   hitTrackingPidfd = -1
+  private fillRegionTable: BigUint64Array | undefined
 
   /**
    * `nonCooperative`: a process restored by CRIU, which does not announce its memory layout
@@ -48,6 +50,11 @@ export class Client {
     this.map = new AddressMap(regions)
     this.states = inherited?.states ?? new PageStates(geometry.pageCount)
     this.regionPages = inherited?.regionPages ?? regions.reduce((sum, r) => sum + r.size / geometry.pageSize, 0)
+  }
+
+  /** The regions as the native block fill takes them (a cooperative client's never change). */
+  get fillRegions(): BigUint64Array {
+    return (this.fillRegionTable ??= fillRegions(this.map.all.map((r) => ({offset: r.offset, size: r.size, base: r.baseHostVirtAddr}))))
   }
 
   /**
@@ -114,8 +121,8 @@ export class FaultServer {
   private readonly blockOfPage: Int32Array | undefined
   /** The region of the block run installed last (installBlock's lookup cache; reset per block). */
   private blockRegion: GuestRegion | undefined
-  /** Each packed block's runs (blockRuns), once computed. */
-  private readonly runsOfBlock: (Int32Array | undefined)[] = []
+  /** Each packed block's runs (packedBlockRuns): the same for every client. */
+  private readonly runsOfBlock: Int32Array[] = []
 
   constructor(
     private readonly reader: SnapshotReader,
@@ -136,6 +143,7 @@ export class FaultServer {
       this.blockOfPage = new Int32Array(this.geometry.pageCount).fill(-1)
       for (const [b, block] of packed.blocks.entries()) {
         for (let k = block.listStart; k < block.listStart + block.pageCount; k++) this.blockOfPage[packed.pages[k]] = b
+        this.runsOfBlock.push(packedBlockRuns(packed, b, reader.zeroMap))
       }
     }
   }
@@ -253,7 +261,7 @@ export class FaultServer {
    * ioctl: a block's pages are sorted, so a data run is adjacent in its payload too.
    */
   installBlock(client: Client, block: number, first = -1): ServeOutcome {
-    const runs = this.blockRuns(block)
+    const runs = this.runsOfBlock[block]
     this.blockRegion = undefined
     // Resolved before anything is installed: a block that fails its checksum installs nothing.
     let payloadBase = -1
@@ -266,6 +274,12 @@ export class FaultServer {
     let firstRun = -1
     for (let i = 0; first >= 0 && i < runs.length; i += 3) {
       if (first >= runs[i] && first < runs[i] + runs[i + 1]) firstRun = i
+    }
+    // The same work in one native call (native/libuffd_fill.c) when it is built: per page, the
+    // JavaScript below costs about what the kernel's copy does. Not for hit counting (which
+    // needs each copied range), hugetlbfs or restored processes (their mappings change).
+    if (nativeBlockFill && !this.onCopied && !this.huge && !client.nonCooperative) {
+      return this.fillBlockNatively(client, block, runs, payloadBase, firstRun)
     }
     const installRun = (i: number): ServeOutcome => this.installBlockRun(client, runs[i], runs[i + 1], runs[i + 2] < 0 ? -1 : payloadBase + runs[i + 2] * this.pageSize)
     // The faulting page's run first, then the others in order.
@@ -281,26 +295,22 @@ export class FaultServer {
     return 'served'
   }
 
-  /**
-   * A packed block's pages as runs of consecutive image pages of one kind: (first page, count,
-   * payload page or -1 for zeros) triples. The same for every client, so computed once.
-   */
-  private blockRuns(block: number): Int32Array {
-    const known = this.runsOfBlock[block]
-    if (known) return known
-    const packed = this.reader.packed!
-    const {listStart, pageCount} = packed.blocks[block]
-    const runs: number[] = []
-    let payloadPage = 0
-    for (let k = listStart; k < listStart + pageCount; k++) {
-      const page = packed.pages[k]
-      const zero = this.reader.zeroMap.isZero(page)
-      const n = runs.length
-      if (n > 0 && runs[n - 3] + runs[n - 2] === page && runs[n - 1] < 0 === zero) runs[n - 2]++
-      else runs.push(page, 1, zero ? -1 : payloadPage)
-      if (!zero) payloadPage++
+  private fillBlockNatively(client: Client, block: number, runs: Int32Array, payloadBase: number, firstRun: number): ServeOutcome {
+    const r = uffdFillBlock(client.uffd, client.states.states, this.reader.zeroMap.bytes, this.pageSize, client.fillRegions, runs, Math.max(0, payloadBase), firstRun < 0 ? -1 : firstRun / 3, Math.max(1, ZERO_RUN_WINDOW_BYTES / this.pageSize))
+    client.states.countInstalled(r.newlyPresent)
+    this.stats.add('pagesCopied', r.pagesCopied)
+    this.stats.add('pagesZeroed', r.pagesZeroed)
+    this.stats.add('bytesCopied', r.pagesCopied * this.pageSize)
+    this.stats.add('copyIoctls', r.copyIoctls)
+    this.stats.add('zeropageIoctls', r.zeropageIoctls)
+    this.stats.add('eexist', r.eexist)
+    if (r.error === 0) return 'served'
+    if (r.error === Errno.EAGAIN) {
+      this.stats.add('eagain')
+      return 'retry'
     }
-    return (this.runsOfBlock[block] = Int32Array.from(runs))
+    if (r.error === Errno.ENOENT || r.error === Errno.ESRCH) return 'gone'
+    throw new FatalServeError(`unexpected ${errnoName(r.error)} installing packed working-set block ${block} at image page ${r.stopPage}`, errnoName(r.error))
   }
 
   /**

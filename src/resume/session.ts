@@ -11,6 +11,7 @@ import {
   acceptUnix,
   closeFd,
   listenUnix,
+  nativeBlockFill,
   peerCredentials,
   pidfdOpen,
   recvWithFds,
@@ -141,7 +142,10 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
     listenFd = listenUnix(options.socketPath, {mode: 0o600})
     if (options.readyFile) writeFileAtomically(options.readyFile, `${JSON.stringify({socket: options.socketPath, pid: process.pid})}\n`)
     const staged = stats.get('stagedUnits')
-    if (staged) options.log(`working set staged: ${staged} units, ${formatBytes(stats.get('stagedBytes'))} decoded in ${Math.round(stats.get('stagedMs'))} ms`)
+    if (staged) {
+      const fill = nativeBlockFill ? 'installed by native/libuffd_fill' : 'installed page by page in JavaScript (native/libuffd_fill not loaded)'
+      options.log(`working set staged: ${staged} units, ${formatBytes(stats.get('stagedBytes'))} decoded in ${Math.round(stats.get('stagedMs'))} ms; ${fill}`)
+    }
     options.log(`listening on ${options.socketPath}`)
 
     const onWorkerMessage = (m: FromWorker): void => {

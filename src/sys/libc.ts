@@ -1,6 +1,6 @@
 // The raw libc surface of the project, declared once through koffi.
 //
-// This is the only file that loads a native library. Everything here is internal to src/sys: the
+// This is the only file that loads native libraries: libc, and our own native/libuffd_fill. Everything here is internal to src/sys: the
 // typed wrappers in the sibling modules validate arguments, turn failures into SysError and hide
 // koffi's types from the rest of the program.
 //
@@ -17,11 +17,46 @@
 // - `errno` is read with `koffi.errno()` right after the failing call, before any other call
 //   into libc from this thread.
 
+import {fileURLToPath} from 'node:url'
+
 import koffi from 'koffi'
 
 import {SysError} from './errors.js'
 
 const lib = koffi.load('libc.so.6')
+
+/**
+ * native/libuffd_fill (built by `npm run build`), or undefined: not built, or disabled with
+ * UFFD_NATIVE_FILL=0 (the JavaScript path then does the same work, more slowly).
+ */
+function loadFillLibrary(): ReturnType<typeof koffi.load> | undefined {
+  if (process.env.UFFD_NATIVE_FILL === '0') return undefined
+  try {
+    // dist/sys/libc.js and src/sys/libc.ts are both two levels below the project root.
+    return koffi.load(fileURLToPath(new URL('../../native/build/libuffd_fill.so', import.meta.url)))
+  } catch {
+    return undefined
+  }
+}
+const fillLib = loadFillLibrary()
+
+/** uffd_fill_block (native/libuffd_fill.c): installs a packed working-set block's missing pages. */
+export const fillBlock = fillLib?.func('uffd_fill_block', 'int', ['int', 'uintptr_t', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'int32_t', 'uint64_t', 'uintptr_t']) as
+  | ((
+      uffd: number,
+      states: number,
+      zeroMap: number,
+      pageSize: number,
+      regions: number,
+      regionCount: number,
+      runs: number,
+      runCount: number,
+      payload: number,
+      firstRun: number,
+      zeroWindowPages: number,
+      out: number,
+    ) => number)
+  | undefined
 
 // Types not built into koffi; named after their C counterparts for readability.
 const ssize_t = 'intptr_t'

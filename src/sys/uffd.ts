@@ -439,3 +439,70 @@ function setRange(start: number, len: number): void {
 function describeRange(start: number, len: number): string {
   return `[${hex(start)}, ${hex(start + len)})`
 }
+
+// --- filling a packed working-set block (native/libuffd_fill) ----------------------------------
+/** Whether native/libuffd_fill is loaded (see libc.ts); without it callers install page by page. */
+export const nativeBlockFill = libc.fillBlock !== undefined
+
+/** A client region for uffdFillBlock: image bytes [offset, offset + size) at host address base. */
+export interface FillRegion {
+  offset: number
+  size: number
+  base: number
+}
+
+/** The regions as uffdFillBlock takes them (struct fill_region[]): build once per client. */
+export function fillRegions(regions: readonly FillRegion[]): BigUint64Array {
+  const table = new BigUint64Array(regions.length * 3)
+  regions.forEach((r, i) => table.set([BigInt(r.offset), BigInt(r.size), BigInt(r.base)], i * 3))
+  return table
+}
+
+export interface BlockFillResult {
+  /** 0, or what stopped it: EAGAIN (nothing installed, events queued), ENOENT/ESRCH (gone), other. */
+  error: number
+  /** With an error: the image page it stopped at (pages installed before it stay installed). */
+  stopPage: number
+  pagesCopied: number
+  pagesZeroed: number
+  copyIoctls: number
+  zeropageIoctls: number
+  eexist: number
+  /** Pages that went from missing to present (the caller's page counts). */
+  newlyPresent: number
+}
+
+const fillOut = new Uint32Array(7)
+const fillOutAddress = libc.addressOfView(fillOut)
+/** Addresses of the arrays passed to uffdFillBlock (their backing stores never move). */
+const fillAddresses = new WeakMap<ArrayBufferView, number>()
+function fillAddress(view: ArrayBufferView): number {
+  let address = fillAddresses.get(view)
+  if (address === undefined) fillAddresses.set(view, (address = libc.addressOfView(view)))
+  return address
+}
+
+/**
+ * Installs the missing pages of one packed working-set block in a single native call: `runs` are
+ * (first image page, count, payload page or -1 for zeros) triples, `payload` the block's decoded
+ * bytes, `firstRun` the run to install first (or -1). It reads and updates `states` (one byte per
+ * image page: 0 missing, 1 present) and grows zero runs over missing zero pages (`zeroMap` bits)
+ * inside aligned windows of `zeroWindowPages`. For 4 KiB pages of a cooperative client only;
+ * throws if the library is not loaded (check nativeBlockFill).
+ */
+export function uffdFillBlock(
+  fd: number,
+  states: Uint8Array,
+  zeroMap: Uint8Array,
+  pageSize: number,
+  regions: BigUint64Array,
+  runs: Int32Array,
+  payload: number,
+  firstRun: number,
+  zeroWindowPages: number,
+): BlockFillResult {
+  if (!libc.fillBlock) throw new Error('native/libuffd_fill is not loaded')
+  const error = libc.fillBlock(fd, fillAddress(states), fillAddress(zeroMap), pageSize, fillAddress(regions), regions.length / 3, fillAddress(runs), runs.length / 3, payload, firstRun, zeroWindowPages, fillOutAddress)
+  const o = fillOut
+  return {error, stopPage: o[6], pagesCopied: o[0], pagesZeroed: o[1], copyIoctls: o[2], zeropageIoctls: o[3], eexist: o[4], newlyPresent: o[5]}
+}
