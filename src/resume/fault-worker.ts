@@ -114,7 +114,14 @@ function handleControl(): boolean {
       clock.start()
       const client = new Client(message.id, message.uffd, message.regions, reader.geometry, message.nonCooperative)
       if (config.countHits && message.pidfd >= 0) client.hitTrackingPidfd = message.pidfd
-      clients.set(message.id, {client, pidfd: message.pidfd, socket: message.socket, failed: false})
+      const state: ClientState = {client, pidfd: message.pidfd, socket: message.socket, failed: false}
+      clients.set(message.id, state)
+      // Its first fault is likely queued already (a vCPU runs right after the handshake): serve
+      // it before the bookkeeping below. What is left queued is served by the loop.
+      guarded(state, () => {
+        drain(state)
+        servePending(state)
+      })
       prefetcher.addClient(client, config.workingSetUnits)
       stats.add('clients')
       added = true
