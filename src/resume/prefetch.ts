@@ -35,6 +35,9 @@ interface ClientQueue {
   completeReported: boolean
   /** The working set is urgent[0..workingSetEnd): readahead appends after it. */
   workingSetEnd: number
+  /** feed() has seen urgent[..urgentFedTo) and background[..backgroundFedTo). */
+  urgentFedTo: number
+  backgroundFedTo: number
 }
 
 /** The owner of staged units in `wanted`: no client (client ids count up from 1). */
@@ -117,7 +120,7 @@ export class Prefetcher {
   addClient(client: Client, first: readonly number[] = []): void {
     const urgent = first.filter((chunk) => this.needed(client, chunk))
     this.stats.add('workingSetChunks', urgent.length)
-    this.queues.set(client.id, {client, urgent, urgentAt: 0, background: [], backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false, workingSetEnd: urgent.length})
+    this.queues.set(client.id, {client, urgent, urgentAt: 0, background: [], backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false, workingSetEnd: urgent.length, urgentFedTo: 0, backgroundFedTo: 0})
     // Staged units this client wants are its own now; unless they are kept for later clients,
     // each slot is freed once the clients that want it have it.
     for (const unit of urgent) this.wanted.get(unit)?.add(client.id)
@@ -195,6 +198,11 @@ export class Prefetcher {
         const chunk = list[at]
         const ready = this.readyToInstall(chunk)
         if (!ready) {
+          // Never asked for (it was in the cache when fed, and evicted since): feed it again.
+          if (this.pool!.slotOf(chunk) === undefined) {
+            if (urgent) q.urgentFedTo = Math.min(q.urgentFedTo, at)
+            else q.backgroundFedTo = Math.min(q.backgroundFedTo, at)
+          }
           waiting = true
           continue
         }
@@ -246,25 +254,30 @@ export class Prefetcher {
     }
   }
 
-  /** Requests decodes for the next chunks this client will want, while slots are free. */
+  /**
+   * Requests decodes for the next chunks this client will want, while slots are free. Each unit
+   * is looked at once (every step would rescan the whole window otherwise: ~20% of installing
+   * a staged working set).
+   */
   private feed(q: ClientQueue): void {
     if (!this.pool) return
-    for (const [list, from] of [
-      [q.urgent, q.urgentAt],
-      [q.background, q.backgroundAt],
-    ] as const) {
-      for (let i = from; i < list.length && i < from + this.options.decodeAhead; i++) {
+    for (const urgent of [true, false]) {
+      const list = urgent ? q.urgent : q.background
+      const from = urgent ? q.urgentAt : q.backgroundAt
+      let i = Math.max(from, urgent ? q.urgentFedTo : q.backgroundFedTo)
+      for (; i < list.length && i < from + this.options.decodeAhead; i++) {
         const chunk = list[i]
         let clients = this.wanted.get(chunk)
-        // Already asked for (most of the window on every step): skip before the page scan.
         if (clients?.has(q.client.id)) continue
         if (this.reader.entry(chunk).codec === Codec.None || this.server.isCached(chunk) || !this.needed(q.client, chunk)) continue
         if (!clients) {
-          if (!this.pool.request(chunk)) return
+          if (!this.pool.request(chunk)) break
           this.wanted.set(chunk, (clients = new Set()))
         }
         clients.add(q.client.id)
       }
+      if (urgent) q.urgentFedTo = i
+      else q.backgroundFedTo = i
     }
   }
 
