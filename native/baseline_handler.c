@@ -81,6 +81,7 @@ static struct {
 	uint8_t *zero;    // one byte per image page: all zeros in the file
 	uint8_t *present; // one byte per image page: installed by prefetch or a fault
 	uint64_t pages, ioctls, done_ns;
+	uint64_t zero_window; // pages: the window zero runs grow in, chosen as uffd resume does
 } pf;
 
 // ---------------------------------------------------------------------------------------------
@@ -746,11 +747,12 @@ static bool prefetch_step(unsigned budget)
 		uint64_t count = k - pf.next, addr = r->base + (foff - r->offset);
 		int e;
 		if (zero) {
-			// Like uffd resume: grow the zero run over the missing zero pages of its 2 MiB
+			// Like uffd resume: grow the zero run over the missing zero pages of its aligned
 			// window, so scattered zero pages cost one ioctl per window.
 			uint64_t first = page, end = page + count, rfirst = r->offset / h.page, rend = rfirst + r->size / h.page;
-			uint64_t wfirst = first - first % 512 > rfirst ? first - first % 512 : rfirst;
-			uint64_t wend = (end - 1) - (end - 1) % 512 + 512 < rend ? (end - 1) - (end - 1) % 512 + 512 : rend;
+			uint64_t w = pf.zero_window;
+			uint64_t wfirst = first - first % w > rfirst ? first - first % w : rfirst;
+			uint64_t wend = (end - 1) - (end - 1) % w + w < rend ? (end - 1) - (end - 1) % w + w : rend;
 			while (first > wfirst && zero_missing(r, first - 1))
 				first--;
 			while (end < wend && zero_missing(r, end))
@@ -921,6 +923,12 @@ static int listen_on(const char *path)
 	return s;
 }
 
+static int compare_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
 // Reads the --prefetch list and classifies every page of the file (all zeros or not), before
 // listening: the bound pays none of that while the client waits.
 static void load_prefetch(void)
@@ -943,6 +951,17 @@ static void load_prefetch(void)
 		pf.off[pf.n++] = off & ~(uint64_t)4095;
 	}
 	fclose(f);
+	// As zeroRunWindowBytes (src/format/packed-set.ts): 2 MiB windows when most of the set's
+	// pages have no set neighbour, 256 KiB when the set comes in runs.
+	uint64_t *sorted = malloc((pf.n + 1) * sizeof *sorted), adjacent = 0;
+	if (!sorted)
+		die(EXIT_SETUP, "out of memory");
+	memcpy(sorted, pf.off, pf.n * sizeof *sorted);
+	qsort(sorted, pf.n, sizeof *sorted, compare_u64);
+	for (size_t i = 1; i < pf.n; i++)
+		adjacent += sorted[i] == sorted[i - 1] + 4096;
+	free(sorted);
+	pf.zero_window = adjacent * 2 < pf.n ? 512 : 64;
 	uint64_t pages = (h.file_size + 4095) / 4096;
 	static const uint8_t zeros[4096];
 	pf.zero = calloc(pages + 1, 1);

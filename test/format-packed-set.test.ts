@@ -6,7 +6,7 @@ import {describe, expect, it} from 'vitest'
 import {Codec} from '../src/format/constants.js'
 import {SnapshotFormatError} from '../src/format/errors.js'
 import {Geometry} from '../src/format/geometry.js'
-import {checkPackedLocation, decodePackedTable, encodePackedTable, type PackedBlock, packedBlockRuns, packedTableLength, planPackedBlocks} from '../src/format/packed-set.js'
+import {checkPackedLocation, decodePackedTable, encodePackedTable, type PackedBlock, packedBlockRuns, packedTableLength, planPackedBlocks, zeroRunWindowBytes} from '../src/format/packed-set.js'
 import {ZeroMap} from '../src/format/zero-map.js'
 
 const geometry = new Geometry(4096, 64 * 1024, 256 * 4096) // 256 pages, 16 per chunk
@@ -73,6 +73,16 @@ describe('packed table', () => {
         }
       }),
     )
+  })
+
+  it('grows zero runs over 2 MiB windows for sets of isolated pages, 256 KiB for sets that come in runs', () => {
+    const setOf = (pages: number[]) => ({blocks: [], pages: Uint32Array.from(pages)})
+    // Every 8th page, in touch order: no page has a set neighbour.
+    expect(zeroRunWindowBytes(setOf([80, 8, 0, 160, 24, 16]))).toBe(2 * 1024 * 1024)
+    // Runs of 4 in any order: 3 of 4 pages have their successor in the set.
+    expect(zeroRunWindowBytes(setOf([103, 100, 102, 101, 3, 0, 2, 1]))).toBe(256 * 1024)
+    // One adjacent pair among five pages is not "in runs".
+    expect(zeroRunWindowBytes(setOf([0, 1, 10, 20, 30]))).toBe(2 * 1024 * 1024)
   })
 
   it('round-trips any set through encode and decode', () => {

@@ -181,3 +181,18 @@ export function packedBlockRuns(set: PackedSet, block: number, zeroMap: ZeroMap)
   }
   return Int32Array.from(runs)
 }
+
+/**
+ * How far zero runs around a packed set's pages grow when installed, in bytes. A zero page costs
+ * one page-table entry; an ioctl costs ~3 µs. Where most of the set's pages are isolated (no set
+ * neighbour), its zero pages are too, and growing each over its 2 MiB window saves an ioctl per
+ * zero page; where the set comes in runs, so do its zero pages, and a 256 KiB window avoids mapping
+ * memory nobody touches (bench/prefetch: 64 KiB clusters ~15% faster with 256 KiB, scattered
+ * pages ~10% faster with 2 MiB).
+ */
+export function zeroRunWindowBytes(set: PackedSet): number {
+  const sorted = Uint32Array.from(set.pages).sort()
+  let adjacent = 0
+  for (let i = 1; i < sorted.length; i++) if (sorted[i] === sorted[i - 1] + 1) adjacent++
+  return adjacent * 2 < sorted.length ? 2 * 1024 * 1024 : 256 * 1024
+}

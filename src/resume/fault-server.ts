@@ -4,13 +4,11 @@ import {type SnapshotReader} from '../snapshot/reader.js'
 import {addressOf, Errno, errnoName, fillRegions, nativeBlockFill, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage, type FillResult} from '../sys/index.js'
 import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from './address-map.js'
 import {ChunkCache} from './chunk-cache.js'
-import {packedBlockRuns} from '../format/packed-set.js'
+import {packedBlockRuns, zeroRunWindowBytes} from '../format/packed-set.js'
 import {payloadPageIndex} from '../format/zero-map.js'
 import {type GuestRegion} from './handshake.js'
 import {type RunClock, type RunStats} from './run-stats.js'
 
-/** Bound of a zero run installed around packed working-set pages. */
-const ZERO_RUN_WINDOW_BYTES = 2 * 1024 * 1024
 
 /** A fault read from the uffd and not yet served. */
 export interface PendingFault {
@@ -121,6 +119,8 @@ export class FaultServer {
   private readonly blockOfPage: Int32Array | undefined
   /** The region of the block run installed last (installBlock's lookup cache; reset per block). */
   private blockRegion: GuestRegion | undefined
+  /** Zero runs around packed set pages grow within aligned windows of this many pages. */
+  private readonly zeroRunWindowPages: number = 1
   /** Each packed block's runs (packedBlockRuns): the same for every client. */
   private readonly runsOfBlock: Int32Array[] = []
 
@@ -145,6 +145,8 @@ export class FaultServer {
         for (let k = block.listStart; k < block.listStart + block.pageCount; k++) this.blockOfPage[packed.pages[k]] = b
         this.runsOfBlock.push(packedBlockRuns(packed, b, reader.zeroMap))
       }
+      // (One page on hugetlbfs, where zeros are copied, not mapped.)
+      this.zeroRunWindowPages = Math.max(1, zeroRunWindowBytes(packed) / this.pageSize)
     }
   }
 
@@ -296,7 +298,7 @@ export class FaultServer {
   }
 
   private fillBlockNatively(client: Client, block: number, runs: Int32Array, payloadBase: number, firstRun: number): ServeOutcome {
-    const r = uffdFillBlock(client.uffd, client.states.states, this.reader.zeroMap.bytes, this.pageSize, client.fillRegions, runs, Math.max(0, payloadBase), firstRun < 0 ? -1 : firstRun / 3, Math.max(1, ZERO_RUN_WINDOW_BYTES / this.pageSize))
+    const r = uffdFillBlock(client.uffd, client.states.states, this.reader.zeroMap.bytes, this.pageSize, client.fillRegions, runs, Math.max(0, payloadBase), firstRun < 0 ? -1 : firstRun / 3, this.zeroRunWindowPages)
     client.states.countInstalled(r.newlyPresent)
     this.stats.add('pagesCopied', r.pagesCopied)
     this.stats.add('pagesZeroed', r.pagesZeroed)
@@ -358,8 +360,7 @@ export class FaultServer {
   private zeroRunAround(client: Client, first: number, end: number, regionFirst: number, regionEnd: number): [number, number] {
     const {zeroMap} = this.reader
     const {states} = client
-    // (One page on hugetlbfs, where zeros are copied, not mapped.)
-    const windowPages = Math.max(1, ZERO_RUN_WINDOW_BYTES / this.pageSize)
+    const windowPages = this.zeroRunWindowPages
     const windowFirst = Math.max(regionFirst, first - (first % windowPages))
     const windowEnd = Math.min(regionEnd, end - 1 - ((end - 1) % windowPages) + windowPages)
     let from = first
