@@ -111,9 +111,11 @@ static int install(struct fill *f, const struct fill_region *r, uint64_t first, 
 
 // Installs the missing pages of a packed block given as `nruns` runs (first image page, page
 // count, payload page or -1 for zero pages) whose payload is at `payload`; run `first_run` (the
-// faulting page's, or -1) first. Zero runs grow over missing zero pages within their aligned
-// window of `zero_window` pages. Returns 0 or the errno that stopped it (see install).
-int uffd_fill_block(int uffd, uint8_t *states, const uint8_t *zero_map, uint64_t page_size,
+// faulting page's, or -1) first. `states` and `zero_map` cover `page_count` image pages: nothing
+// past them is read or installed (a region may reach into the snapshot's padding). Zero runs grow
+// over missing zero pages within their aligned window of `zero_window` pages. Returns 0 or the
+// errno that stopped it (see install).
+int uffd_fill_block(int uffd, uint8_t *states, uint64_t page_count, const uint8_t *zero_map, uint64_t page_size,
 		    const struct fill_region *regions, uint32_t nregions, const int32_t *runs,
 		    uint32_t nruns, uint64_t payload, int32_t first_run, uint64_t zero_window, uint32_t *out)
 {
@@ -126,6 +128,8 @@ int uffd_fill_block(int uffd, uint8_t *states, const uint8_t *zero_map, uint64_t
 			continue;
 		uint32_t i = k < 0 ? (uint32_t)first_run : (uint32_t)k;
 		uint64_t page = (uint64_t)runs[3 * i], end = page + (uint64_t)runs[3 * i + 1];
+		if (end > page_count)
+			end = page_count;
 		int32_t payload_page = runs[3 * i + 2];
 		for (uint64_t p = page; p < end;) {
 			if (states[p] != PAGE_MISSING) {
@@ -144,6 +148,8 @@ int uffd_fill_block(int uffd, uint8_t *states, const uint8_t *zero_map, uint64_t
 				continue;
 			}
 			uint64_t rfirst = r->offset / page_size, rend = rfirst + r->size / page_size;
+			if (rend > page_count)
+				rend = page_count;
 			uint64_t q = p + 1;
 			while (q < end && q < rend && states[q] == PAGE_MISSING)
 				q++;

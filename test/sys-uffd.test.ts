@@ -399,6 +399,14 @@ describe.skipIf(skipReason !== undefined)('userfaultfd round trips', () => {
 
     // Again: nothing missing, nothing done.
     expect(uffdFillBlock(uffd, states, zeroMap, PAGE_SIZE, regions, runs, addressOf(payload), -1, 4)).toMatchObject({error: 0, copyIoctls: 0, zeropageIoctls: 0, newlyPresent: 0})
+
+    // A region reaching past the pages the states cover (into a snapshot's padding): the zero run
+    // around page 4 grows back to its window's start but stops at the 6 known pages, not 8.
+    const padded = newRegion(8)
+    uffdRegister(uffd, padded, 8 * PAGE_SIZE, UFFDIO_REGISTER_MODE.MISSING)
+    const six = new Uint8Array(6)
+    expect(uffdFillBlock(uffd, six, Uint8Array.of(0xff), PAGE_SIZE, fillRegions([{offset: 0, size: 8 * PAGE_SIZE, base: padded}]), Int32Array.of(4, 1, -1), 0, -1, 8)).toMatchObject({error: 0, pagesZeroed: 6, newlyPresent: 6})
+    expect([...six]).toEqual([1, 1, 1, 1, 1, 1])
   })
 
   it('delivers REMOVE for madvise(MADV_DONTNEED), with EAGAIN on copies until it is read', async () => {

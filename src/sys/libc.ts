@@ -41,10 +41,11 @@ function loadFillLibrary(): ReturnType<typeof koffi.load> | undefined {
 const fillLib = loadFillLibrary()
 
 /** uffd_fill_block (native/libuffd_fill.c): installs a packed working-set block's missing pages. */
-export const fillBlock = fillLib?.func('uffd_fill_block', 'int', ['int', 'uintptr_t', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'int32_t', 'uint64_t', 'uintptr_t']) as
+export const fillBlock = fillLib?.func('uffd_fill_block', 'int', ['int', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'int32_t', 'uint64_t', 'uintptr_t']) as
   | ((
       uffd: number,
       states: number,
+      pageCount: number,
       zeroMap: number,
       pageSize: number,
       regions: number,

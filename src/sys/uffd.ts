@@ -486,7 +486,7 @@ function fillAddress(view: ArrayBufferView): number {
  * Installs the missing pages of one packed working-set block in a single native call: `runs` are
  * (first image page, count, payload page or -1 for zeros) triples, `payload` the block's decoded
  * bytes, `firstRun` the run to install first (or -1). It reads and updates `states` (one byte per
- * image page: 0 missing, 1 present) and grows zero runs over missing zero pages (`zeroMap` bits)
+ * image page: 0 missing, 1 present; pages past its end are never touched) and grows zero runs over missing zero pages (`zeroMap` bits)
  * inside aligned windows of `zeroWindowPages`. For 4 KiB pages of a cooperative client only;
  * throws if the library is not loaded (check nativeBlockFill).
  */
@@ -502,7 +502,8 @@ export function uffdFillBlock(
   zeroWindowPages: number,
 ): BlockFillResult {
   if (!libc.fillBlock) throw new Error('native/libuffd_fill is not loaded')
-  const error = libc.fillBlock(fd, fillAddress(states), fillAddress(zeroMap), pageSize, fillAddress(regions), regions.length / 3, fillAddress(runs), runs.length / 3, payload, firstRun, zeroWindowPages, fillOutAddress)
+  if (zeroMap.length * 8 < states.length) throw new RangeError(`a zero map of ${zeroMap.length} bytes cannot cover ${states.length} pages`)
+  const error = libc.fillBlock(fd, fillAddress(states), states.length, fillAddress(zeroMap), pageSize, fillAddress(regions), regions.length / 3, fillAddress(runs), runs.length / 3, payload, firstRun, zeroWindowPages, fillOutAddress)
   const o = fillOut
   return {error, stopPage: o[6], pagesCopied: o[0], pagesZeroed: o[1], copyIoctls: o[2], zeropageIoctls: o[3], eexist: o[4], newlyPresent: o[5]}
 }
