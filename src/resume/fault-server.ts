@@ -1,14 +1,13 @@
 import {SnapshotFormatError} from '../format/errors.js'
 import {type Geometry} from '../format/geometry.js'
+import {packedBlockRuns, zeroRunWindowBytes} from '../format/packed-set.js'
 import {type SnapshotReader} from '../snapshot/reader.js'
 import {addressOf, Errno, errnoName, fillRegions, nativeBlockFill, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage, type FillResult} from '../sys/index.js'
 import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from './address-map.js'
 import {ChunkCache} from './chunk-cache.js'
-import {packedBlockRuns, zeroRunWindowBytes} from '../format/packed-set.js'
 import {payloadPageIndex} from '../format/zero-map.js'
 import {type GuestRegion} from './handshake.js'
 import {type RunClock, type RunStats} from './run-stats.js'
-
 
 /** A fault read from the uffd and not yet served. */
 export interface PendingFault {
@@ -353,9 +352,10 @@ export class FaultServer {
 
   /**
    * The zero run to map for set pages [first, end): grown over the missing zero pages around it
-   * within its 2 MiB window, so that the zero pages of a scattered set cost one ioctl per window
-   * rather than one each (a zero page is its own content, so extra ones are never wrong). The
-   * window bounds the ioctl: a zero page costs a page-table entry, and a fault waits behind it.
+   * within its aligned window (zeroRunWindowBytes), so that the isolated zero pages of a scattered
+   * set cost one ioctl per window rather than one each (a zero page is its own content, so extra
+   * ones are never wrong). The window bounds the ioctl: a zero page costs a page-table entry, and
+   * a fault may wait behind it.
    */
   private zeroRunAround(client: Client, first: number, end: number, regionFirst: number, regionEnd: number): [number, number] {
     const {zeroMap} = this.reader

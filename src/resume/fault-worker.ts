@@ -122,7 +122,8 @@ function handleControl(): boolean {
         drain(state)
         servePending(state)
       })
-      prefetcher.addClient(client, config.workingSetUnits)
+      // (A client that could not be served stays frozen: nothing is prefetched into it.)
+      if (!state.failed) prefetcher.addClient(client, config.workingSetUnits)
       stats.add('clients')
       added = true
     }
