@@ -123,6 +123,10 @@ int uffd_fill_block(int uffd, uint8_t *states, uint64_t page_count, const uint8_
 	for (int i = 0; i < OUT_FIELDS; i++)
 		out[i] = 0;
 	const struct fill_region *r = NULL;
+	if (first_run >= (int32_t)nruns)
+		first_run = -1;
+	if (zero_window == 0)
+		zero_window = 1;
 	for (int64_t k = first_run >= 0 ? -1 : 0; k < (int64_t)nruns; k++) {
 		if (k >= 0 && k == first_run)
 			continue;
