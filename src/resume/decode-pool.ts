@@ -49,6 +49,8 @@ export class DecodePool {
   private readonly claims: Int32Array
   private readonly control: Int32Array
   private readonly bySlotChunk = new Map<number, number>()
+  /** Per slot: its current decode has been counted (countOnce). */
+  private readonly counted: Uint8Array
   private next = 0
   private requests = 0
 
@@ -72,6 +74,7 @@ export class DecodePool {
     this.order = new Int32Array(order)
     this.claims = new Int32Array(claims)
     this.control = new Int32Array(control)
+    this.counted = new Uint8Array(slots)
     const config: DecoderConfig = {snapshotPath, arena: this.arena, slotBytes, states, lengths, units, order, claims, control, eventFd: this.eventFd}
     for (let i = 0; i < decoders; i++) this.workers.push(startWorker(import.meta.url, 'decoder-worker', config))
   }
@@ -109,6 +112,7 @@ export class DecodePool {
       if (Atomics.load(this.states, slot) !== SLOT_FREE) continue
       this.next = slot + 1
       this.slotChunk[slot] = chunk
+      this.counted[slot] = 0
       this.order[slot] = ++this.requests
       Atomics.store(this.claims, slot, 0)
       Atomics.store(this.states, slot, SLOT_PENDING)
@@ -163,6 +167,16 @@ export class DecodePool {
 
   chunkIn(slot: number): number {
     return this.slotChunk[slot]
+  }
+
+  /**
+   * The payload length of a READY slot the first time it is asked for since its request, else -1:
+   * each decode is counted once, whether its slot is released or kept.
+   */
+  countOnce(slot: number): number {
+    if (this.counted[slot] || Atomics.load(this.states, slot) !== SLOT_READY) return -1
+    this.counted[slot] = 1
+    return this.lengths[slot]
   }
 
   release(slot: number): void {

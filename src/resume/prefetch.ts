@@ -61,8 +61,6 @@ export class Prefetcher {
   /** Units decoded before any client connected (stage()), in order, and whether they stay. */
   private staged: number[] = []
   private keepStaged = false
-  /** Staged units already counted as decoded (at staging, not again when their slot is freed). */
-  private readonly countedDecodes = new Set<number>()
 
   constructor(
     private readonly server: FaultServer,
@@ -106,12 +104,9 @@ export class Prefetcher {
     for (const unit of this.staged) {
       const slot = this.pool!.slotOf(unit)
       if (slot === undefined || this.pool!.waitFor(slot, deadline - performance.now()) !== SLOT_READY) continue
-      const length = this.pool!.payload(slot).length
       units++
-      bytes += length
-      this.stats.add('chunksDecoded')
-      this.stats.add('bytesDecompressed', length)
-      this.countedDecodes.add(unit)
+      bytes += this.pool!.payload(slot).length
+      this.countDecode(slot)
     }
     return {units, bytes}
   }
@@ -190,7 +185,7 @@ export class Prefetcher {
         let at = urgent ? q.urgentAt : q.backgroundAt
         // Chunks faults have filled meanwhile: drop this client's claim on their decode slots,
         // or the slots stay taken until the client ends and readahead starves.
-        while (at < list.length && !this.needed(q.client, list[at])) this.done(q.client, list[at++])
+        while (at < list.length && !this.needed(q.client, list[at])) this.done(q.client.id, list[at++])
         if (urgent) q.urgentAt = at
         else q.backgroundAt = at
         if (urgent) this.checkWorkingSet(q)
@@ -221,7 +216,7 @@ export class Prefetcher {
         }
         this.stats.add('prefetchedPages', this.stats.get('pagesCopied') + this.stats.get('pagesZeroed') - before)
         if (outcome !== 'served') return {result: 'outcome', client: q.client, outcome}
-        this.done(q.client, chunk)
+        this.done(q.client.id, chunk)
         if (urgent) q.urgentAt++
         else q.backgroundAt++
         if (urgent) this.checkWorkingSet(q)
@@ -331,10 +326,11 @@ export class Prefetcher {
     return false
   }
 
-  private done(client: Client | typeof STAGED, chunk: number): void {
+  /** `owner` (a client id, or STAGED) no longer wants `chunk`; the last one out frees it. */
+  private done(owner: number, chunk: number): void {
     const clients = this.wanted.get(chunk)
     if (!clients) return
-    clients.delete(client === STAGED ? STAGED : client.id)
+    clients.delete(owner)
     if (clients.size === 0) this.forget(chunk)
   }
 
@@ -347,15 +343,19 @@ export class Prefetcher {
   private release(slot: number): void {
     if (this.pool!.state(slot) === SLOT_READY) {
       const payload = this.pool!.payload(slot)
-      if (!this.countedDecodes.delete(this.pool!.chunkIn(slot))) {
-        this.stats.add('chunksDecoded')
-        this.stats.add('bytesDecompressed', payload.length)
-      }
+      this.countDecode(slot)
       // Worth a copy into the cache only if someone will want this chunk again: another client of
       // the snapshot, or faults whose window is smaller than a chunk.
       if (this.queues.size > 1 || this.server.windowPages < this.pagesPerChunk) this.server.adoptDecoded(this.pool!.chunkIn(slot), payload)
     }
     this.pool!.release(slot)
+  }
+
+  private countDecode(slot: number): void {
+    const length = this.pool!.countOnce(slot)
+    if (length < 0) return
+    this.stats.add('chunksDecoded')
+    this.stats.add('bytesDecompressed', length)
   }
 
   /** Frees slots whose decode finished after every client that wanted them lost interest. */

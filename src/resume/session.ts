@@ -2,7 +2,6 @@ import fs from 'node:fs'
 import path from 'node:path'
 
 import {formatBytes} from '../core/units.js'
-
 import {writeFileAtomically} from '../snapshot/atomic-file.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {attachedWorkingSet} from '../snapshot/relayout.js'

@@ -1,8 +1,8 @@
 // The raw libc surface of the project, declared once through koffi.
 //
-// This is the only file that loads native libraries: libc, and our own native/libuffd_fill. Everything here is internal to src/sys: the
-// typed wrappers in the sibling modules validate arguments, turn failures into SysError and hide
-// koffi's types from the rest of the program.
+// This is the only file that loads native libraries: libc, and our own native/libuffd_fill.
+// Everything here is internal to src/sys: the typed wrappers in the sibling modules validate
+// arguments, turn failures into SysError and hide koffi's types from the rest of the program.
 //
 // Conventions (x86-64 Linux, glibc):
 // - Variadic functions (ioctl, syscall) are declared non-variadic, once per argument type. The
