@@ -8,7 +8,9 @@
  * Scenarios run interleaved, medians over --runs, ratios against plain lazy serving and the
  * baseline handler (one 4 KiB UFFDIO_COPY per fault from the raw file). The bound is the same C
  * handler prefetching the recorded set in its recorded order straight from the raw file in memory
- * (baseline_handler --prefetch): no decoding, no checksums, the least work any prefetcher can do.
+ * (baseline_handler --prefetch): no decoding, no checksums, the least work any prefetcher can do;
+ * once on one thread (as uffd installs) and once on every core (--prefetch-threads: the list cut
+ * in one part per thread, no lock against REMOVE events, which this benchmark has none of).
  * "ready ms" is start to ready file, as this script sees it (5 ms polls): uffd stages the set
  * (decodes it into memory) before it is ready, the C handlers map and pre-read the whole raw
  * file. Population is timed to
@@ -19,6 +21,7 @@
  *        [--cluster 1] [--no-populate]
  */
 import fs from 'node:fs'
+import os from 'node:os'
 import path from 'node:path'
 
 import {arg, median, NATIVE, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
@@ -27,6 +30,8 @@ const image = arg('image', '/work/data/guest-1g.raw')
 const runs = Number(arg('runs', '5'))
 const fraction = Number(arg('fraction', '0.1'))
 const cluster = Number(arg('cluster', '1'))
+/** Threads of the parallel bound: one per core, at most baseline_handler's 8. */
+const cores = Math.min(8, os.availableParallelism())
 const measurePopulation = !process.argv.includes('--no-populate')
 const work = tempDir('uffd-bench-prefetch-')
 const snapshot = path.join(work, 'image.uffd')
@@ -62,7 +67,7 @@ const chunksSnapshot = path.join(work, 'image-ws-chunks.uffd')
 
 interface Scenario {
   name: string
-  handler: 'baseline' | 'bound' | 'uffd'
+  handler: 'baseline' | 'bound' | 'bound-threads' | 'uffd'
   args: string[]
   touch: string[]
   snapshot?: string
@@ -73,6 +78,7 @@ const touchReplay = ['--touch', `trace:${replayTrace}`, '--hold-ms', '700']
 const scenarios: Scenario[] = [
   {name: 'baseline (4 KiB copy per fault, raw file)', handler: 'baseline', args: [], touch: touchReplay},
   {name: 'bound: C prefetcher, raw file in memory', handler: 'bound', args: [], touch: touchReplay},
+  {name: `bound on ${cores} threads (no REMOVE safety)`, handler: 'bound-threads', args: [], touch: touchReplay},
   {name: 'uffd lazy (page per fault)', handler: 'uffd', args: ['--fault-around', 'page', '--readahead', '0', '--decoders', '0'], touch: touchReplay},
   {name: 'uffd fault-around (chunk)', handler: 'uffd', args: ['--fault-around', 'chunk', '--readahead', '0'], touch: touchReplay},
   {name: 'uffd + working set as chunks (--pack none)', handler: 'uffd', args: [], touch: touchReplay, snapshot: chunksSnapshot},
@@ -81,16 +87,17 @@ const scenarios: Scenario[] = [
   {name: 'uffd + packed working set (zstd) + populate all', handler: 'uffd', args: ['--populate', 'all'], touch: touchReplay, snapshot: packedSnapshot},
 ]
 
-/** `args[0]` 'baseline' or 'bound' runs the C handler (the bound prefetching the recorded set). */
+/** `args[0]` 'baseline', 'bound' or 'bound-threads' runs the C handler (the bounds prefetch the recorded set). */
 async function resume(args: string[], client: string[], tag: string, file = snapshot): Promise<{touchMs: number; readyMs: number; stats: any; clientOut: any}> {
   const socket = path.join(work, `${tag}.sock`)
   const ready = path.join(work, `${tag}.ready`)
   const statsFile = path.join(work, `${tag}.stats.json`)
   fs.rmSync(ready, {force: true})
-  const native = args[0] === 'baseline' || args[0] === 'bound'
+  const native = args[0] === 'baseline' || args[0] === 'bound' || args[0] === 'bound-threads'
+  const prefetch = args[0] === 'bound' ? ['--prefetch', recordTrace] : args[0] === 'bound-threads' ? ['--prefetch', recordTrace, '--prefetch-threads', String(cores)] : []
   const t0 = performance.now()
   const handler = native
-    ? start(path.join(NATIVE, 'baseline_handler'), ['--socket', socket, '--mem-file', image, '--ready-file', ready, ...(args[0] === 'bound' ? ['--prefetch', recordTrace] : [])])
+    ? start(path.join(NATIVE, 'baseline_handler'), ['--socket', socket, '--mem-file', image, '--ready-file', ready, ...prefetch])
     : start(process.execPath, [UFFD, 'resume', file, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, ...args])
   try {
     await waitForFile(ready, 30_000, handler.child)
@@ -151,8 +158,8 @@ async function main(): Promise<void> {
     populate.floorMs.push(floor.copy_ns / 1e6)
     process.stderr.write(`run ${i + 1}/${runs} populate all: ${p.stats.timeToMemoryCompleteMs} ms, copy floor ${(floor.copy_ns / 1e6).toFixed(0)} ms\n`)
   }
-  const lazy = median(touch[scenarios[2].name])
-  const base = median(touch[scenarios[0].name])
+  const lazy = median(touch[scenarios.find((sc) => sc.name.startsWith('uffd lazy'))!.name])
+  const base = median(touch[scenarios.find((sc) => sc.handler === 'baseline')!.name])
   const rows = scenarios.map((sc) => {
     const ms = median(touch[sc.name])
     const h = hits[sc.name]

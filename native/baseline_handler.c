@@ -11,6 +11,11 @@
 // from the mapped file, consecutive pages of one kind with one ioctl (UFFDIO_ZEROPAGE for pages
 // that are all zeros), serving queued faults before each batch. No decompression, no checksum,
 // no reading: what is left is the kernel's cost of installing the set while the client touches.
+// With --prefetch-threads N the list is cut into N consecutive parts, each installed by its own
+// thread (the first by the serving thread, between faults): the bound for a prefetcher that uses
+// every core. The helpers take no lock, so a REMOVE could land between a helper's check and its
+// copy (refilling removed memory with file data): the bound stops serving if one arrives while
+// helpers run. A prefetcher that handles REMOVE pays for that; the bound does not.
 //
 // Prints one JSON line on stdout at exit. Exit status: 0 the client went away, 1 handshake
 // rejected or a fault could not be served, 2 usage or setup error.
@@ -23,6 +28,7 @@
 #include <limits.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -54,7 +60,8 @@ struct region {
 static struct {
 	const char *socket_path, *mem_path, *ready_path, *prefetch_path;
 	uint64_t timeout_ms;
-} opt = {.timeout_ms = 60000};
+	unsigned prefetch_threads;
+} opt = {.timeout_ms = 60000, .prefetch_threads = 1};
 
 static struct {
 	const uint8_t *file; // the memory file, mapped read-only
@@ -77,12 +84,33 @@ static struct {
 // --prefetch: the pages to install, and which image pages are in place already.
 static struct {
 	uint64_t *off; // image offsets, page-aligned, in prefetch order
-	size_t n, next;
+	size_t n;
 	uint8_t *zero;    // one byte per image page: all zeros in the file
-	uint8_t *present; // one byte per image page: installed by prefetch or a fault
-	uint64_t pages, ioctls, done_ns;
+	uint8_t *present; // one byte per image page: installed by prefetch or a fault (any thread)
 	uint64_t zero_window; // pages: the window zero runs grow in, chosen as uffd resume does
 } pf;
+
+// One thread's consecutive part of the prefetch list, and what it did (a cache line of its own:
+// each thread updates its part after every ioctl).
+struct pf_part {
+	size_t next, end;
+	uint64_t pages, ioctls, eagain, done_ns, ioctl_ns;
+	pthread_t thread;
+} __attribute__((aligned(64)));
+#define MAX_PREFETCH_THREADS 8
+static struct pf_part parts[MAX_PREFETCH_THREADS];
+static int helpers_stop, helpers_running;
+static __thread uint64_t thread_ioctl_ns; // summed into st.ioctl_ns when the helpers stop
+
+static bool is_present(uint64_t page)
+{
+	return __atomic_load_n(&pf.present[page], __ATOMIC_RELAXED);
+}
+
+static void set_present(uint64_t page)
+{
+	__atomic_store_n(&pf.present[page], 1, __ATOMIC_RELAXED);
+}
 
 // ---------------------------------------------------------------------------------------------
 
@@ -576,7 +604,7 @@ static int do_ioctl(unsigned long req, void *arg)
 	uint64_t t0 = now_ns();
 	int rc = ioctl(h.uffd, req, arg);
 	int e = rc < 0 ? errno : 0;
-	st.ioctl_ns += now_ns() - t0;
+	thread_ioctl_ns += now_ns() - t0;
 	return e;
 }
 
@@ -611,7 +639,7 @@ static int serve_page(uint64_t addr)
 	struct uffdio_copy c = {.dst = addr, .src = (uintptr_t)src, .len = h.page};
 	int e = do_ioctl(UFFDIO_COPY, &c);
 	if (pf.present && (!e || e == EEXIST) && foff < h.file_size)
-		pf.present[foff / h.page] = 1;
+		set_present(foff / h.page);
 	if (!e) {
 		if (src == h.zeros)
 			st.zero_copies++;
@@ -672,6 +700,9 @@ static void drain(void)
 				pending.addr[pending.n++] = m->arg.pagefault.address & ~(h.page - 1);
 				break;
 			case UFFD_EVENT_REMOVE:
+				if (__atomic_load_n(&helpers_running, __ATOMIC_ACQUIRE))
+					fatal_serving("a REMOVE event arrived while --prefetch-threads helpers were installing: "
+						      "they take no lock, so the removed range may have been refilled");
 				apply_remove(m->arg.remove.start, m->arg.remove.end);
 				break;
 			default:
@@ -719,32 +750,32 @@ static struct region *region_of_offset(uint64_t foff)
 static bool zero_missing(const struct region *r, uint64_t p)
 {
 	uint64_t rp = p - r->offset / h.page;
-	return p < h.file_size / h.page && pf.zero[p] && !pf.present[p] && !(r->removed[rp / 64] & (1ULL << (rp % 64)));
+	return p < h.file_size / h.page && pf.zero[p] && !is_present(p) && !(r->removed[rp / 64] & (1ULL << (rp % 64)));
 }
 
-// Installs up to `budget` runs of the prefetch list. Returns false when it must wait (EAGAIN: a
-// REMOVE is being read; the loop drains events first).
-static bool prefetch_step(unsigned budget)
+// Installs up to `budget` runs of a part of the prefetch list. Returns false when it must wait
+// (EAGAIN: a REMOVE is being read; the serving thread drains events first).
+static bool prefetch_step(struct pf_part *part, unsigned budget)
 {
-	while (budget-- && pf.next < pf.n) {
-		uint64_t foff = pf.off[pf.next], page = foff / h.page;
+	while (budget-- && part->next < part->end) {
+		uint64_t foff = pf.off[part->next], page = foff / h.page;
 		struct region *r = region_of_offset(foff);
 		uint64_t rp = r ? (foff - r->offset) / h.page : 0;
-		if (!r || foff >= h.file_size || pf.present[page] || (r->removed[rp / 64] & (1ULL << (rp % 64)))) {
-			pf.next++;
+		if (!r || foff >= h.file_size || is_present(page) || (r->removed[rp / 64] & (1ULL << (rp % 64)))) {
+			part->next++;
 			continue;
 		}
 		bool zero = pf.zero[page];
-		size_t k = pf.next + 1;
-		while (k < pf.n && pf.off[k] == pf.off[k - 1] + h.page && pf.off[k] < h.file_size &&
+		size_t k = part->next + 1;
+		while (k < part->end && pf.off[k] == pf.off[k - 1] + h.page && pf.off[k] < h.file_size &&
 		       pf.off[k] - r->offset < r->size && pf.zero[pf.off[k] / h.page] == zero &&
-		       !pf.present[pf.off[k] / h.page]) {
+		       !is_present(pf.off[k] / h.page)) {
 			uint64_t q = (pf.off[k] - r->offset) / h.page;
 			if (r->removed[q / 64] & (1ULL << (q % 64)))
 				break;
 			k++;
 		}
-		uint64_t count = k - pf.next, addr = r->base + (foff - r->offset);
+		uint64_t count = k - part->next, addr = r->base + (foff - r->offset);
 		int e;
 		if (zero) {
 			// Like uffd resume: grow the zero run over the missing zero pages of its aligned
@@ -761,21 +792,21 @@ static bool prefetch_step(unsigned budget)
 			e = do_ioctl(UFFDIO_ZEROPAGE, &z);
 			if (!e) {
 				for (uint64_t p = first; p < end; p++)
-					pf.present[p] = 1;
-				pf.pages += end - first - count; // the list's own pages are added below
+					set_present(p);
+				part->pages += end - first - count; // the list's own pages are added below
 			}
 		} else {
 			struct uffdio_copy c = {.dst = addr, .src = (uintptr_t)(h.file + foff), .len = count * h.page};
 			e = do_ioctl(UFFDIO_COPY, &c);
 		}
-		pf.ioctls++;
+		part->ioctls++;
 		if (e == EAGAIN) {
-			st.eagain++;
+			part->eagain++;
 			return false;
 		}
 		if (e == EEXIST && count > 1) {
 			// Part of the run was faulted in meanwhile: go on page by page from here.
-			k = pf.next + 1;
+			k = part->next + 1;
 			count = 1;
 			if (zero) {
 				struct uffdio_zeropage z = {.range = {.start = addr, .len = h.page}};
@@ -787,13 +818,50 @@ static bool prefetch_step(unsigned budget)
 		}
 		if (e && e != EEXIST && e != ESRCH && e != ENOENT)
 			fatal_serving("prefetch at 0x%" PRIx64 " (%" PRIu64 " pages) failed: %s", addr, count, strerror(e));
-		for (size_t i = pf.next; i < k; i++)
-			pf.present[pf.off[i] / h.page] = 1;
+		for (size_t i = part->next; i < k; i++)
+			set_present(pf.off[i] / h.page);
 		if (!e)
-			pf.pages += count;
-		pf.next = k;
+			part->pages += count;
+		part->next = k;
 	}
 	return true;
+}
+
+// A helper thread: installs its part; yields while events are queued (EAGAIN).
+static void *prefetch_helper(void *arg)
+{
+	struct pf_part *part = arg;
+	while (part->next < part->end && !__atomic_load_n(&helpers_stop, __ATOMIC_RELAXED))
+		if (!prefetch_step(part, 16))
+			sched_yield();
+	if (part->next >= part->end)
+		part->done_ns = now_ns();
+	part->ioctl_ns = thread_ioctl_ns;
+	__atomic_fetch_sub(&helpers_running, 1, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+// Cuts the list into opt.prefetch_threads parts and starts a helper for each but the first.
+static void start_prefetch(void)
+{
+	unsigned n = opt.prefetch_threads;
+	for (unsigned t = 0; t < n; t++)
+		parts[t] = (struct pf_part){.next = pf.n * t / n, .end = pf.n * (t + 1) / n};
+	helpers_running = (int)n - 1;
+	for (unsigned t = 1; t < n; t++) {
+		int rc = pthread_create(&parts[t].thread, NULL, prefetch_helper, &parts[t]);
+		if (rc)
+			die(EXIT_SETUP, "pthread_create(prefetch helper): %s", strerror(rc));
+	}
+}
+
+static void stop_prefetch(void)
+{
+	__atomic_store_n(&helpers_stop, 1, __ATOMIC_RELAXED);
+	for (unsigned t = 1; t < opt.prefetch_threads; t++) {
+		pthread_join(parts[t].thread, NULL);
+		st.ioctl_ns += parts[t].ioctl_ns;
+	}
 }
 
 // Serves until the client is gone. Its exit is seen through a pidfd when we have one: Firecracker
@@ -814,7 +882,7 @@ static const char *serve(void)
 		// through once the madvise thread, woken by our read, has run and dropped its "mm
 		// changing" count. Yield so that thread can run (it is often queued on our CPU: without
 		// the yield, a spin of 1000 polls never let it in), and fall back to 1 ms retries.
-		int timeout = pending.n ? (spins++ < 1000 ? 0 : 1) : pf.next < pf.n ? 0 : -1;
+		int timeout = pending.n ? (spins++ < 1000 ? 0 : 1) : parts[0].next < parts[0].end ? 0 : -1;
 		if (!pending.n)
 			spins = 0;
 		else if (timeout == 0)
@@ -845,8 +913,8 @@ static const char *serve(void)
 			drain();
 		serve_pending();
 		// Faults first: prefetch only when none is queued, a few ioctls at a time.
-		if (!pending.n && pf.next < pf.n && prefetch_step(16) && pf.next == pf.n)
-			pf.done_ns = now_ns();
+		if (!pending.n && parts[0].next < parts[0].end && prefetch_step(&parts[0], 16) && parts[0].next == parts[0].end)
+			parts[0].done_ns = now_ns();
 	}
 }
 
@@ -855,7 +923,7 @@ static const char *serve(void)
 static void usage(FILE *f)
 {
 	fputs("usage: baseline_handler --socket PATH --mem-file RAW [--ready-file PATH] [--timeout-ms N]\n"
-	      "                        [--prefetch FILE]\n"
+	      "                        [--prefetch FILE [--prefetch-threads N]]\n"
 	      "  --socket PATH      Unix socket to listen on (a stale socket file is replaced)\n"
 	      "  --mem-file RAW     raw guest memory image to serve (zeros past its end)\n"
 	      "  --ready-file PATH  created once the socket is listening\n"
@@ -863,6 +931,7 @@ static void usage(FILE *f)
 	      "                     (default 60000, 0: wait forever)\n"
 	      "  --prefetch FILE    after the handshake, install these image offsets (one per line,\n"
 	      "                     in order) before the client asks: the bound for a prefetcher\n"
+	      "  --prefetch-threads N  install the list on N threads, 1-8 (default 1)\n"
 	      "exit: 0 client went away, 1 handshake rejected / serving failed, 2 usage/setup error\n",
 	      f);
 }
@@ -872,7 +941,7 @@ static void parse_args(int argc, char **argv)
 	static const struct option longopts[] = {
 		{"socket", required_argument, 0, 's'}, {"mem-file", required_argument, 0, 'm'},
 		{"ready-file", required_argument, 0, 'r'}, {"timeout-ms", required_argument, 0, 't'},
-		{"prefetch", required_argument, 0, 'p'},
+		{"prefetch", required_argument, 0, 'p'}, {"prefetch-threads", required_argument, 0, 'T'},
 		{"help", no_argument, 0, 'h'}, {0, 0, 0, 0},
 	};
 	int c;
@@ -882,6 +951,14 @@ static void parse_args(int argc, char **argv)
 		case 'm': opt.mem_path = optarg; break;
 		case 'r': opt.ready_path = optarg; break;
 		case 'p': opt.prefetch_path = optarg; break;
+		case 'T': {
+			char *e;
+			unsigned long v = strtoul(optarg, &e, 10);
+			if (!*optarg || *e || v < 1 || v > MAX_PREFETCH_THREADS)
+				die(EXIT_SETUP, "--prefetch-threads: not a thread count from 1 to %d: '%s'", MAX_PREFETCH_THREADS, optarg);
+			opt.prefetch_threads = (unsigned)v;
+			break;
+		}
 		case 't': {
 			char *e;
 			errno = 0;
@@ -898,6 +975,8 @@ static void parse_args(int argc, char **argv)
 		die(EXIT_SETUP, "unexpected argument '%s' (see --help)", argv[optind]);
 	if (!opt.socket_path || !opt.mem_path)
 		die(EXIT_SETUP, "--socket and --mem-file are required (see --help)");
+	if (opt.prefetch_threads > 1 && !opt.prefetch_path)
+		die(EXIT_SETUP, "--prefetch-threads needs --prefetch");
 }
 
 static int listen_on(const char *path)
@@ -1045,7 +1124,25 @@ int main(int argc, char **argv)
 	if (h.zeros == MAP_FAILED || !h.bounce)
 		die(EXIT_SETUP, "out of memory");
 
+	if (opt.prefetch_path)
+		start_prefetch();
 	const char *reason = serve();
+	uint64_t pf_pages = 0, pf_ioctls = 0, pf_done = 0;
+	st.ioctl_ns += thread_ioctl_ns;
+	if (opt.prefetch_path) {
+		stop_prefetch();
+		for (unsigned t = 0; t < opt.prefetch_threads; t++) {
+			pf_pages += parts[t].pages;
+			pf_ioctls += parts[t].ioctls;
+			st.eagain += parts[t].eagain;
+			if (parts[t].done_ns > pf_done)
+				pf_done = parts[t].done_ns;
+		}
+		// Done when the last part is; 0 when some part never finished.
+		for (unsigned t = 0; t < opt.prefetch_threads; t++)
+			if (!parts[t].done_ns && parts[t].next < parts[t].end)
+				pf_done = 0;
+	}
 	uint64_t mem_size = 0;
 	for (unsigned i = 0; i < h.n; i++)
 		mem_size += h.r[i].size;
@@ -1055,10 +1152,11 @@ int main(int argc, char **argv)
 	       ",\"zero_copies\":%" PRIu64 ",\"zeropages\":%" PRIu64 ",\"bytes_copied\":%" PRIu64
 	       ",\"eexist\":%" PRIu64 ",\"eagain\":%" PRIu64 ",\"gone\":%" PRIu64 ",\"removes\":%" PRIu64
 	       ",\"removed_bytes\":%" PRIu64 ",\"ioctl_ns\":%" PRIu64 ",\"elapsed_ns\":%" PRIu64
-	       ",\"prefetched_pages\":%" PRIu64 ",\"prefetch_ioctls\":%" PRIu64 ",\"prefetch_done_ns\":%" PRIu64 "}\n",
+	       ",\"prefetched_pages\":%" PRIu64 ",\"prefetch_ioctls\":%" PRIu64 ",\"prefetch_done_ns\":%" PRIu64
+	       ",\"prefetch_threads\":%u}\n",
 	       reason, h.shape, h.n, h.page, mem_size, h.file_size, st.extra_fds, (int)h.peer, st.faults,
 	       st.copies, st.zero_copies, st.zeropages, st.bytes, st.eexist, st.eagain, st.gone,
-	       st.removes, st.removed_bytes, st.ioctl_ns, now_ns() - t_start, pf.pages, pf.ioctls,
-	       pf.done_ns ? pf.done_ns - t_start : 0);
+	       st.removes, st.removed_bytes, st.ioctl_ns, now_ns() - t_start, pf_pages, pf_ioctls,
+	       pf_done ? pf_done - t_start : 0, opt.prefetch_threads);
 	return 0;
 }

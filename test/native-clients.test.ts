@@ -97,12 +97,12 @@ describe.skipIf(skip !== undefined)('fc_client against baseline_handler', () => 
   })
 
   /** Starts baseline_handler serving `served`, runs fc_client against it, returns both results. */
-  async function pair(clientArgs: string[], served = image) {
+  async function pair(clientArgs: string[], served = image, handlerArgs: string[] = []) {
     const n = runs++
     const sock = join(dir, `h${n}.sock`)
     const ready = join(dir, `h${n}.ready`)
     const handlerProc = spawn(baselineHandler, [
-      '--socket', sock, '--mem-file', served, '--ready-file', ready, '--timeout-ms', TIMEOUT_MS,
+      '--socket', sock, '--mem-file', served, '--ready-file', ready, '--timeout-ms', TIMEOUT_MS, ...handlerArgs,
     ])
     const handlerDone = collect(handlerProc)
     let exited = false
@@ -145,6 +145,35 @@ describe.skipIf(skip !== undefined)('fc_client against baseline_handler', () => 
       })
     }
   }
+
+  for (const threads of [1, 2]) {
+    it(`--prefetch installs a page list on ${threads} thread(s) before the client touches it`, async () => {
+      // Every other page, last first: data pages, zero pages (which grow into zero runs) and the
+      // partial tail page; the client waits until the list is surely in, then checks every byte.
+      const listed = Array.from({length: Math.ceil(PAGES / 2)}, (_, i) => (PAGES - 1 - 2 * i) * PAGE)
+      const list = join(dir, `prefetch-${threads}.list`)
+      writeFileSync(list, listed.join('\n'))
+      const r = await pair(['--delay-ms', '300', '--touch', 'sequential', '--verify-all'], image, ['--prefetch', list, '--prefetch-threads', String(threads)])
+      expectClean(r)
+      expect(r.client.json).toMatchObject({pages_verified: PAGES})
+      expect(r.handler.json).toMatchObject({prefetch_threads: threads, removes: 0})
+      expect(r.handler.json.prefetch_done_ns).toBeGreaterThan(0)
+      expect(r.handler.json.prefetched_pages).toBeGreaterThanOrEqual(listed.length)
+      // Listed pages never fault: at most the others do.
+      expect(r.handler.json.faults).toBeLessThanOrEqual(PAGES - listed.length)
+    })
+  }
+
+  it('--prefetch-threads refuses a REMOVE it cannot order against its helpers', async () => {
+    // A list long enough that the helper still runs when the balloon inflates right away.
+    const list = join(dir, 'prefetch-remove.list')
+    writeFileSync(list, Array.from({length: PAGES}, (_, p) => p * PAGE).join('\n'))
+    const r = await pair(['--touch', 'none', '--balloon', '0:3M'], image, ['--prefetch', list, '--prefetch-threads', '2'])
+    // Either the helper had finished (the REMOVE is served) or the handler stopped serving with
+    // a clear error: never a silent refill.
+    if (r.handler.code !== 0) expect(r.handler.stderr).toContain('REMOVE event arrived while --prefetch-threads helpers were installing')
+    else expect(r.client.json).toMatchObject({balloon_ok: true})
+  })
 
   it('serves kernel-mode faults (write(2) and get_user_pages) from two threads', async () => {
     const r = await pair(['--access', 'mixed', '--threads', '2', '--verify-all'])
