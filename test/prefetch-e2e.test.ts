@@ -3,6 +3,7 @@
 // a run, attach the working set, resume again: the bytes must be right and demand faults must drop.
 import {spawn} from 'node:child_process'
 import fs from 'node:fs'
+import os from 'node:os'
 import path from 'node:path'
 
 import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
@@ -132,12 +133,17 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
 
     // Replayed in reverse, touching from the handshake on: whatever the race, every byte is right,
     // and only the set's pages are installed (no chunk windows), in far fewer faults. Blocks are
-    // installed by native/libuffd_fill, or page by page in JavaScript without it: the same.
+    // installed by native/libuffd_fill, half of them by a helper thread where there are 2 CPUs,
+    // or page by page in JavaScript without the library: the same.
     const reversed = trace(path.join(dir, 'p2.trace'), [...pages].reverse())
-    for (const fill of ['native', 'javascript']) {
-      const replay = await resumeWith(attached, [], client(reversed), `packed-replay-${fill}`, fill === 'native' ? {} : {UFFD_NATIVE_FILL: '0'})
+    const env: Record<string, Record<string, string>> = {native: {}, 'native, no helper': {UFFD_INSTALL_HELPER: '0'}, javascript: {UFFD_NATIVE_FILL: '0'}}
+    for (const fill of ['native', 'native, no helper', 'javascript']) {
+      const replay = await resumeWith(attached, [], client(reversed), `packed-replay-${fill.replace(/\W+/g, '-')}`, env[fill])
       expect(JSON.parse(replay.client.stdout).verify_errors, fill).toBe(0)
-      expect(replay.handler.stderr).toMatch(fill === 'native' ? /installed by native\/libuffd_fill/ : /installed page by page in JavaScript/)
+      expect(replay.handler.stderr).toMatch(fill === 'javascript' ? /installed page by page in JavaScript/ : /installed by native\/libuffd_fill/)
+      // The helper installs the second half of the set (far fewer pages go by faults meanwhile).
+      if (fill === 'native' && os.availableParallelism() > 1) expect(replay.stats.pages.byHelper, fill).toBeGreaterThan(0)
+      else expect(replay.stats.pages.byHelper ?? 0, fill).toBe(0)
       expect(replay.stats.timeToWorkingSetMs, fill).toBeGreaterThan(0)
       // (Zero pages are mapped as whole zero runs around set pages: only data pages are counted.)
       expect(replay.stats.pages.copied, fill).toBeLessThan(pages.length * 1.5)

@@ -40,6 +40,7 @@ import {
   fillRegions,
   nativeBlockFill,
   uffdFillBlock,
+  InstallHelper,
   uffdRegister,
   uffdUnregister,
   uffdWake,
@@ -407,6 +408,48 @@ describe.skipIf(skipReason !== undefined)('userfaultfd round trips', () => {
     const six = new Uint8Array(6)
     expect(uffdFillBlock(uffd, six, Uint8Array.of(0xff), PAGE_SIZE, fillRegions([{offset: 0, size: 8 * PAGE_SIZE, base: padded}]), Int32Array.of(4, 1, -1), 0, -1, 8)).toMatchObject({error: 0, pagesZeroed: 6, newlyPresent: 6})
     expect([...six]).toEqual([1, 1, 1, 1, 1, 1])
+  })
+
+  it.skipIf(!nativeBlockFill)('an InstallHelper installs its blocks on its own thread, makes no progress while the gate is held, counts each page once', async () => {
+    // 2048 blocks of 8 scattered data pages each: block b holds pages b, b + 2048, ..., b + 7 * 2048
+    // (one run each; payload page k is its k-th page). Enough single-page copies to outlast the
+    // moment between starting the helper and raising the gate.
+    const blockCount = 2048
+    const pages = blockCount * 8
+    const uffd = newUffd(0)
+    const base = newRegion(pages)
+    uffdRegister(uffd, base, pages * PAGE_SIZE, UFFDIO_REGISTER_MODE.MISSING)
+    const regions = fillRegions([{offset: 0, size: pages * PAGE_SIZE, base}])
+    const states = new Uint8Array(pages)
+    const zeroMap = new Uint8Array(pages / 8)
+    const payloads = Array.from({length: blockCount}, (_, b) => pattern(b, 8 * PAGE_SIZE))
+    const runsOf = (b: number): Int32Array => Int32Array.from({length: 24}, (_, i) => [b + blockCount * Math.floor(i / 3), 1, Math.floor(i / 3)][i % 3])
+    const jobs = payloads.map((payload, b) => ({runs: runsOf(b), payload: addressOf(payload)}))
+    const notify = createEventfd()
+    cleanups.push(() => closeFd(notify))
+    const helper = InstallHelper.start(uffd, states, zeroMap, PAGE_SIZE, regions, jobs, 1, notify)
+    expect(helper).toBeDefined()
+    // Held: whatever page the helper was on goes in, then nothing more until released.
+    helper!.holdGate()
+    const installed = (): number => states.reduce((n, state) => n + state, 0)
+    const atHold = installed()
+    await new Promise((resolve) => setTimeout(resolve, 50))
+    expect(installed()).toBe(atHold)
+    expect(atHold).toBeLessThan(pages)
+    // Meanwhile this thread installs the last block itself, as a fault would: counted here, once.
+    const last = blockCount - 1
+    expect(uffdFillBlock(uffd, states, zeroMap, PAGE_SIZE, regions, runsOf(last), addressOf(payloads[last]), -1, 1)).toMatchObject({error: 0, newlyPresent: 8})
+    helper!.releaseGate()
+    expect(poll([{fd: notify, events: POLLIN}], 20_000)[0] & POLLIN).toBeTruthy()
+    expect(helper!.finished).toBe(true)
+    expect(helper!.stop()).toBe(0)
+    // Every page once: 8 by this thread, the rest by the helper, none twice.
+    expect(helper!.takeProgress()).toMatchObject({error: 0, pagesCopied: pages - 8, newlyPresent: pages - 8, eexist: 0})
+    expect(installed()).toBe(pages)
+    for (const b of [0, 1000, last]) {
+      for (let k = 0; k < 8; k++) expect(bufferAt(base + (b + blockCount * k) * PAGE_SIZE, PAGE_SIZE)).toEqual(payloads[b].subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE))
+    }
+    expect(jobs.every((_, k) => helper!.done(k))).toBe(true)
   })
 
   it('delivers REMOVE for madvise(MADV_DONTNEED), with EAGAIN on copies until it is read', async () => {

@@ -130,8 +130,14 @@ export class PageStates {
 
   markPresent(first: number, count: number): void {
     for (let p = first; p < first + count; p++) {
-      if (this.states[p] !== PAGE_PRESENT) {
-        if (this.states[p] === PAGE_MISSING) this.settledCount++
+      // An install helper (native/libuffd_fill) may mark the same page at the same moment: each
+      // page goes from missing to present once, and is counted by whoever moved it.
+      const was = Atomics.compareExchange(this.states, p, PAGE_MISSING, PAGE_PRESENT)
+      if (was === PAGE_MISSING) {
+        this.settledCount++
+        this.presentCount++
+      } else if (was === PAGE_REMOVED) {
+        // Only the fault loop moves pages out of REMOVED (a fault on removed memory).
         this.states[p] = PAGE_PRESENT
         this.presentCount++
       }

@@ -2,7 +2,7 @@ import {SnapshotFormatError} from '../format/errors.js'
 import {type Geometry} from '../format/geometry.js'
 import {packedBlockRuns, zeroRunWindowBytes} from '../format/packed-set.js'
 import {type SnapshotReader} from '../snapshot/reader.js'
-import {addressOf, Errno, errnoName, fillRegions, nativeBlockFill, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage, type FillResult} from '../sys/index.js'
+import {addressOf, type BlockFillResult, Errno, errnoName, fillRegions, InstallHelper, nativeBlockFill, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage, type FillResult} from '../sys/index.js'
 import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from './address-map.js'
 import {ChunkCache} from './chunk-cache.js'
 import {payloadPageIndex} from '../format/zero-map.js'
@@ -29,6 +29,8 @@ export class Client {
   readonly regionPages: number
   /** A pidfd for process_madvise when prefetch hits are counted (else -1). */
   hitTrackingPidfd = -1
+  /** A thread installing part of the working set beside the fault loop (see Prefetcher), if any. */
+  installHelper: InstallHelper | undefined
   private fillRegionTable: BigUint64Array | undefined
 
   /**
@@ -276,12 +278,8 @@ export class FaultServer {
     for (let i = 0; first >= 0 && i < runs.length; i += 3) {
       if (first >= runs[i] && first < runs[i] + runs[i + 1]) firstRun = i
     }
-    // The same work in one native call (native/libuffd_fill.c) when it is built: per page, the
-    // JavaScript below costs about what the kernel's copy does. Not for hit counting (which
-    // needs each copied range), hugetlbfs or restored processes (their mappings change).
-    if (nativeBlockFill && !this.onCopied && !this.huge && !client.nonCooperative) {
-      return this.fillBlockNatively(client, block, runs, payloadBase, firstRun)
-    }
+    // The same work in one native call (native/libuffd_fill.c) when it can.
+    if (this.fillsNatively(client)) return this.fillBlockNatively(client, block, runs, payloadBase, firstRun)
     const installRun = (i: number): ServeOutcome => this.installBlockRun(client, runs[i], runs[i + 1], runs[i + 2] < 0 ? -1 : payloadBase + runs[i + 2] * this.pageSize)
     // The faulting page's run first, then the others in order.
     if (firstRun >= 0) {
@@ -296,8 +294,39 @@ export class FaultServer {
     return 'served'
   }
 
+  /**
+   * Whether a client's packed blocks can go to native/libuffd_fill: per page, the JavaScript
+   * path costs about what the kernel's copy does. Not for hit counting (which needs each copied
+   * range), hugetlbfs or restored processes (their mappings change).
+   */
+  fillsNatively(client: Client): boolean {
+    return nativeBlockFill && !this.onCopied && !this.huge && !client.nonCooperative
+  }
+
+  /**
+   * Starts a thread installing packed blocks `blocks` (decoded at `payloads`) into the client
+   * beside this one, or returns undefined when it cannot (see fillsNatively). `notifyFd`: an
+   * eventfd the thread signals when it stops.
+   */
+  startInstallHelper(client: Client, blocks: readonly number[], payloads: readonly number[], notifyFd: number): InstallHelper | undefined {
+    // (Prefetch hits are counted per installed range, which a helper does not report.)
+    if (!this.fillsNatively(client) || client.hitTrackingPidfd >= 0) return undefined
+    const jobs = blocks.map((block, k) => ({runs: this.runsOfBlock[block], payload: payloads[k]}))
+    return InstallHelper.start(client.uffd, client.states.states, this.reader.zeroMap.bytes, this.pageSize, client.fillRegions, jobs, this.zeroRunWindowPages, notifyFd)
+  }
+
+  /** Accounts what a helper installed since last asked; once it stopped on an error, that outcome. */
+  helperProgress(client: Client, helper: InstallHelper): ServeOutcome {
+    return this.blockFilled(client, 'a packed working-set block (install helper)', helper.takeProgress())
+  }
+
   private fillBlockNatively(client: Client, block: number, runs: Int32Array, payloadBase: number, firstRun: number): ServeOutcome {
     const r = uffdFillBlock(client.uffd, client.states.states, this.reader.zeroMap.bytes, this.pageSize, client.fillRegions, runs, Math.max(0, payloadBase), firstRun < 0 ? -1 : firstRun / 3, this.zeroRunWindowPages)
+    return this.blockFilled(client, `packed working-set block ${block}`, r)
+  }
+
+  /** Accounts a native block fill and turns its errno into an outcome. */
+  private blockFilled(client: Client, what: string, r: BlockFillResult): ServeOutcome {
     client.states.countInstalled(r.newlyPresent)
     this.stats.add('pagesCopied', r.pagesCopied)
     this.stats.add('pagesZeroed', r.pagesZeroed)
@@ -311,7 +340,7 @@ export class FaultServer {
       return 'retry'
     }
     if (r.error === Errno.ENOENT || r.error === Errno.ESRCH) return 'gone'
-    throw new FatalServeError(`unexpected ${errnoName(r.error)} installing packed working-set block ${block} at image page ${r.stopPage}`, errnoName(r.error))
+    throw new FatalServeError(`unexpected ${errnoName(r.error)} installing ${what} at image page ${r.stopPage}`, errnoName(r.error))
   }
 
   /**

@@ -1,5 +1,5 @@
 import {Codec} from '../format/constants.js'
-import {MADV, processMadvise, SysError} from '../sys/index.js'
+import {addressOf, type InstallHelper, MADV, processMadvise, SysError} from '../sys/index.js'
 import {type SnapshotReader} from '../snapshot/reader.js'
 import {PAGE_MISSING} from './address-map.js'
 import {type DecodePool, SLOT_ERROR, SLOT_PENDING, SLOT_READY} from './decode-pool.js'
@@ -13,6 +13,8 @@ export interface PrefetchOptions {
   populateAll: boolean
   /** How many units past a queue's head are asked of the decoders at once. */
   decodeAhead: number
+  /** Hand half of a client's staged working set to a helper thread (native/libuffd_fill). */
+  installHelper?: boolean
 }
 
 /**
@@ -38,6 +40,8 @@ interface ClientQueue {
   /** feed() has seen urgent[..urgentFedTo) and background[..backgroundFedTo). */
   urgentFedTo: number
   backgroundFedTo: number
+  /** The rest of the working set, being installed by a helper thread; units[..reapAt) are released. */
+  helper?: {installer: InstallHelper; units: number[]; reapAt: number}
 }
 
 /** The owner of staged units in `wanted`: no client (client ids count up from 1). */
@@ -122,7 +126,74 @@ export class Prefetcher {
     if (!this.keepStaged) {
       for (const unit of this.staged.splice(0)) this.done(STAGED, unit)
     }
+    this.startHelper(this.queues.get(client.id)!)
     if (this.options.populateAll) this.populate(client)
+  }
+
+  /**
+   * Gives the second half of a client's working set to a helper thread, when every unit of it is
+   * a packed block already decoded (staged): the fault loop installs the first half and serves
+   * faults meanwhile (baseline_handler --prefetch-threads: ~1.3x faster on 2 cores).
+   */
+  private startHelper(q: ClientQueue): void {
+    const pool = this.pool
+    if (!this.options.installHelper || !pool || q.workingSetEnd < 2) return
+    const half = Math.ceil(q.workingSetEnd / 2)
+    const units = q.urgent.slice(half, q.workingSetEnd)
+    // Every unit decoded already (or all zeros: nothing to decode), so the helper never waits.
+    const payloads: number[] = []
+    for (const unit of units) {
+      const slot = pool.slotOf(unit)
+      if (this.reader.packedBlock(unit) === undefined) return
+      if (this.reader.entry(unit).codec === Codec.None) payloads.push(0)
+      else if (slot !== undefined && pool.state(slot) === SLOT_READY) payloads.push(addressOf(pool.payload(slot)))
+      else return
+    }
+    const installer = this.server.startInstallHelper(q.client, units.map((unit) => this.reader.packedBlock(unit)!), payloads, pool.eventFd)
+    if (!installer) return
+    q.urgent.splice(half, units.length)
+    q.workingSetEnd = half
+    q.helper = {installer, units, reapAt: 0}
+    q.client.installHelper = installer
+  }
+
+  /**
+   * Collects a helper's work: its counts, the slots of the units it installed, and once it has
+   * stopped, the helper itself. Returns an outcome when it stopped on an error.
+   */
+  private pollHelper(q: ClientQueue): ServeOutcome | undefined {
+    const h = q.helper
+    if (!h) return undefined
+    // Read before its counts: once it says finished, all it did is counted.
+    const finished = h.installer.finished
+    const outcome = this.helperProgress(q, h.installer)
+    while (h.reapAt < h.units.length && h.installer.done(h.reapAt)) this.done(q.client.id, h.units[h.reapAt++])
+    if (!finished && outcome === 'served') return undefined
+    this.dropHelper(q)
+    // Units it did not finish (it stopped on an error) are installed by faults or not at all.
+    for (const unit of h.units.slice(h.reapAt)) this.done(q.client.id, unit)
+    this.checkWorkingSet(q)
+    return outcome === 'served' ? undefined : outcome
+  }
+
+  /** Accounts what a helper installed since last asked: prefetched pages, by a helper. */
+  private helperProgress(q: ClientQueue, installer: InstallHelper): ServeOutcome {
+    const before = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed')
+    try {
+      return this.server.helperProgress(q.client, installer)
+    } finally {
+      const pages = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed') - before
+      this.stats.add('prefetchedPages', pages)
+      this.stats.add('helperPages', pages)
+    }
+  }
+
+  /** Stops a client's helper after the block it is on: it must be gone before the client's uffd closes or its slots are freed. */
+  private dropHelper(q: ClientQueue): void {
+    if (!q.helper) return
+    q.helper.installer.stop()
+    q.client.installHelper = undefined
+    q.helper = undefined
   }
 
   /** Queues all of the client's memory for background population (once). */
@@ -139,6 +210,16 @@ export class Prefetcher {
   }
 
   removeClient(client: Client): void {
+    const q = this.queues.get(client.id)
+    const installer = q?.helper?.installer
+    if (q && installer) {
+      this.dropHelper(q)
+      try {
+        this.helperProgress(q, installer)
+      } catch {
+        // The client is being dropped: what stopped its helper no longer matters.
+      }
+    }
     this.queues.delete(client.id)
     for (const [chunk, clients] of this.wanted) {
       clients.delete(client.id)
@@ -165,7 +246,7 @@ export class Prefetcher {
   /** True when a step could make progress now (not only wait for a decoder). */
   hasWork(): boolean {
     for (const q of this.queues.values()) {
-      if (q.urgentAt < q.urgent.length || q.backgroundAt < q.background.length) return true
+      if (q.urgentAt < q.urgent.length || q.backgroundAt < q.background.length || q.helper?.installer.finished) return true
     }
     return false
   }
@@ -179,6 +260,14 @@ export class Prefetcher {
   step(): {result: 'busy' | 'waiting' | 'idle'} | {result: 'outcome'; client: Client; outcome: ServeOutcome} | {result: 'failed'; client: Client; error: Error} {
     let waiting = false
     for (const q of this.queues.values()) {
+      try {
+        const outcome = this.pollHelper(q)
+        if (outcome) return {result: 'outcome', client: q.client, outcome}
+      } catch (error) {
+        return {result: 'failed', client: q.client, error: error as Error}
+      }
+      // A helper still installing: the loop is woken (pool.eventFd) when it stops.
+      if (q.helper) waiting = true
       this.feed(q)
       for (const urgent of [true, false]) {
         const list = urgent ? q.urgent : q.background
@@ -367,7 +456,7 @@ export class Prefetcher {
   }
 
   private checkWorkingSet(q: ClientQueue): void {
-    if (q.workingSetEnd === 0 || q.urgentAt < q.workingSetEnd) return
+    if (q.workingSetEnd === 0 || q.urgentAt < q.workingSetEnd || q.helper) return
     q.workingSetEnd = 0
     if (this.stats.get('workingSetDoneMs') === 0) this.stats.set('workingSetDoneMs', this.clock.now())
   }

@@ -14,6 +14,7 @@ export const COUNTERS = [
   'pagesZeroed',
   'faultAroundPages',
   'prefetchedPages',
+  'helperPages',
   'workingSetChunks',
   'copyIoctls',
   'zeropageIoctls',
@@ -137,7 +138,8 @@ export interface ResumeReport {
   durationMs: number
   clients: {served: number; ended: number}
   faults: {total: number; data: number; zero: number; removed: number; alreadyPresent: number}
-  pages: {copied: number; zeroed: number; faultAround: number; prefetched: number}
+  /** byHelper: of the prefetched, installed by a helper thread beside the fault loop (absent in older reports). */
+  pages: {copied: number; zeroed: number; faultAround: number; prefetched: number; byHelper?: number}
   /** Units queued from a recorded working set for the clients: its packed blocks, or its chunks. */
   workingSetChunks: number
   /**
@@ -179,7 +181,7 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     durationMs: now - startedAt.getTime(),
     clients: {served: g('clients'), ended: g('clientsEnded')},
     faults: {total: faults, data: g('faultsData'), zero: g('faultsZero'), removed: g('faultsRemoved'), alreadyPresent: g('faultsAlreadyPresent')},
-    pages: {copied: g('pagesCopied'), zeroed: g('pagesZeroed'), faultAround: g('faultAroundPages'), prefetched: g('prefetchedPages')},
+    pages: {copied: g('pagesCopied'), zeroed: g('pagesZeroed'), faultAround: g('faultAroundPages'), prefetched: g('prefetchedPages'), byHelper: g('helperPages')},
     workingSetChunks: g('workingSetChunks'),
     staged: g('stagedUnits') ? {units: g('stagedUnits'), bytes: g('stagedBytes'), ms: g('stagedMs')} : null,
     ioctls: {copy: g('copyIoctls'), zeropage: g('zeropageIoctls'), eexist: g('eexist'), eagain: g('eagain')},

@@ -21,6 +21,8 @@ export {
   uffdApi,
   uffdCopy,
   uffdFillBlock,
+  InstallHelper,
+  type HelperJob,
   fillRegions,
   nativeBlockFill,
   type BlockFillResult,

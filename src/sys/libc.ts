@@ -40,6 +40,27 @@ function loadFillLibrary(): ReturnType<typeof koffi.load> | undefined {
 }
 const fillLib = loadFillLibrary()
 
+/** uffd_helper_start / uffd_helper_stop (native/libuffd_fill.c): blocks installed on a helper thread. */
+export const helperStart = fillLib?.func('uffd_helper_start', 'uintptr_t', ['int', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'uint32_t', 'uint64_t', 'uintptr_t', 'uintptr_t', 'uintptr_t', 'int']) as
+  | ((
+      uffd: number,
+      states: number,
+      pageCount: number,
+      zeroMap: number,
+      pageSize: number,
+      regions: number,
+      regionCount: number,
+      jobs: number,
+      jobCount: number,
+      zeroWindowPages: number,
+      jobState: number,
+      gate: number,
+      totals: number,
+      notifyFd: number,
+    ) => number)
+  | undefined
+export const helperStop = fillLib?.func('uffd_helper_stop', 'int', ['uintptr_t']) as ((handle: number) => number) | undefined
+
 /** uffd_fill_block (native/libuffd_fill.c): installs a packed working-set block's missing pages. */
 export const fillBlock = fillLib?.func('uffd_fill_block', 'int', ['int', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'int32_t', 'uint64_t', 'uintptr_t']) as
   | ((

@@ -507,3 +507,115 @@ export function uffdFillBlock(
   const o = fillOut
   return {error, stopPage: o[6], pagesCopied: o[0], pagesZeroed: o[1], copyIoctls: o[2], zeropageIoctls: o[3], eexist: o[4], newlyPresent: o[5]}
 }
+
+// --- installing blocks on a helper thread (native/libuffd_fill) ---------------------------------
+/** A block for an InstallHelper: its runs (packedBlockRuns) and the address of its decoded payload (0: none). */
+export interface HelperJob {
+  runs: Int32Array
+  payload: number
+}
+
+const JOB_WORDS = 3
+const JOB_DONE = 2
+const GATE_HELPER = 0
+const GATE_LOOP = 1
+const TOTAL_FIELDS = 9
+
+/**
+ * A native thread installing packed blocks, in order, into one client beside the fault loop
+ * (native/libuffd_fill.c, uffd_helper_start). It shares the client's page states (each page goes
+ * from missing to present once, by compare-and-swap) and a gate: the fault loop must hold the gate
+ * (holdGate/releaseGate) while it reads and applies the client's events, so that no REMOVE is
+ * applied between the helper's check of a page and its copy. Every buffer it was given must stay
+ * alive until stop().
+ */
+export class InstallHelper {
+  private handle: number
+  private readonly jobTable: Uint32Array
+  readonly jobState: Uint32Array
+  private readonly gate = new Uint32Array(2)
+  private readonly totals = new Uint32Array(TOTAL_FIELDS)
+  /** The totals already handed out by takeProgress(). */
+  private readonly taken = new Uint32Array(TOTAL_FIELDS)
+
+  private constructor(handle: number, jobTable: Uint32Array, jobState: Uint32Array, private readonly keep: unknown[]) {
+    this.handle = handle
+    this.jobTable = jobTable
+    this.jobState = jobState
+  }
+
+  /**
+   * Starts a helper, or returns undefined when the library is not loaded or no thread starts.
+   * When it stops it writes 1 to the eventfd `notifyFd` (-1: none).
+   */
+  static start(fd: number, states: Uint8Array, zeroMap: Uint8Array, pageSize: number, regions: BigUint64Array, jobs: readonly HelperJob[], zeroWindowPages: number, notifyFd: number): InstallHelper | undefined {
+    if (!libc.helperStart || jobs.length === 0) return undefined
+    if (zeroMap.length * 8 < states.length) throw new RangeError(`a zero map of ${zeroMap.length} bytes cannot cover ${states.length} pages`)
+    // uint64 words as (low, high) halves: addresses are below 2^53, so exact as numbers.
+    const table = new Uint32Array(Math.max(16, jobs.length * JOB_WORDS * 2))
+    const set64 = (word: number, value: number): void => {
+      table[word * 2] = value >>> 0
+      table[word * 2 + 1] = Math.floor(value / 2 ** 32)
+    }
+    jobs.forEach((job, k) => {
+      set64(k * JOB_WORDS, fillAddress(job.runs))
+      set64(k * JOB_WORDS + 1, job.runs.length / 3)
+      set64(k * JOB_WORDS + 2, job.payload)
+    })
+    const jobState = new Uint32Array(Math.max(16, jobs.length))
+    const helper = new InstallHelper(0, table, jobState, [states, zeroMap, regions, jobs])
+    helper.handle = libc.helperStart(fd, fillAddress(states), states.length, fillAddress(zeroMap), pageSize, fillAddress(regions), regions.length / 3, libc.addressOfView(table), jobs.length, zeroWindowPages, libc.addressOfView(jobState), libc.addressOfView(helper.gate), libc.addressOfView(helper.totals), notifyFd)
+    return helper.handle === 0 ? undefined : helper
+  }
+
+  /** Whether job `k` is installed. */
+  done(k: number): boolean {
+    return Atomics.load(this.jobState, k) === JOB_DONE
+  }
+
+  /** Whether the helper has stopped: every job done, or an error (see error). */
+  get finished(): boolean {
+    return Atomics.load(this.totals, 8) === 1
+  }
+
+  /** The errno that stopped the helper (ENOENT/ESRCH: the client is gone), or 0. */
+  get error(): number {
+    return Atomics.load(this.totals, 7)
+  }
+
+  /** What the helper did since the last call, as uffdFillBlock reports it. */
+  takeProgress(): BlockFillResult {
+    const delta = (i: number): number => {
+      const now = Atomics.load(this.totals, i)
+      const d = now - this.taken[i]
+      this.taken[i] = now
+      return d
+    }
+    return {error: this.error, stopPage: this.totals[6], pagesCopied: delta(0), pagesZeroed: delta(1), copyIoctls: delta(2), zeropageIoctls: delta(3), eexist: delta(4), newlyPresent: delta(5)}
+  }
+
+  /**
+   * Keeps the helper from deciding on or installing a page until releaseGate: hold it while
+   * reading and applying the client's events. Waits at most for the ioctl in progress.
+   */
+  holdGate(): void {
+    Atomics.store(this.gate, GATE_LOOP, 1)
+    while (Atomics.load(this.gate, GATE_HELPER) !== 0) {
+      // The helper is inside one ioctl: a few microseconds.
+    }
+  }
+
+  releaseGate(): void {
+    Atomics.store(this.gate, GATE_LOOP, 0)
+  }
+
+  /** Stops the helper after the block it is on and waits for it; idempotent. Returns its error. */
+  stop(): number {
+    if (this.handle === 0) return this.error
+    const handle = this.handle
+    this.handle = 0
+    libc.helperStop!(handle)
+    this.keep.length = 0
+    return this.error
+  }
+}
