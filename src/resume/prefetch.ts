@@ -155,6 +155,7 @@ export class Prefetcher {
     q.workingSetEnd = half
     q.helper = {installer, units, reapAt: 0}
     q.client.installHelper = installer
+    q.client.states.shared = true
   }
 
   /**
@@ -193,6 +194,7 @@ export class Prefetcher {
     if (!q.helper) return
     q.helper.installer.stop()
     q.client.installHelper = undefined
+    q.client.states.shared = false
     q.helper = undefined
   }
 
