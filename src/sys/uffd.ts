@@ -522,6 +522,15 @@ const GATE_LOOP = 1
 const TOTAL_FIELDS = 9
 
 /**
+ * A Uint32Array whose memory never moves: the helper thread keeps pointers into it. (V8 keeps
+ * typed arrays of up to 64 bytes inside its heap, where a collection may move them; taking their
+ * address moves them out first, but one made over an ArrayBuffer of its own is never inside.)
+ */
+function pinnedUint32(length: number): Uint32Array {
+  return new Uint32Array(new ArrayBuffer(Math.max(length, 1) * Uint32Array.BYTES_PER_ELEMENT))
+}
+
+/**
  * A native thread installing packed blocks, in order, into one client beside the fault loop
  * (native/libuffd_fill.c, uffd_helper_start). It shares the client's page states (each page goes
  * from missing to present once, by compare-and-swap) and a gate: the fault loop must hold the gate
@@ -533,8 +542,8 @@ export class InstallHelper {
   private handle: number
   private readonly jobTable: Uint32Array
   readonly jobState: Uint32Array
-  private readonly gate = new Uint32Array(2)
-  private readonly totals = new Uint32Array(TOTAL_FIELDS)
+  private readonly gate = pinnedUint32(2)
+  private readonly totals = pinnedUint32(TOTAL_FIELDS)
   /** The totals already handed out by takeProgress(). */
   private readonly taken = new Uint32Array(TOTAL_FIELDS)
 
@@ -552,7 +561,7 @@ export class InstallHelper {
     if (!libc.helperStart || jobs.length === 0) return undefined
     if (zeroMap.length * 8 < states.length) throw new RangeError(`a zero map of ${zeroMap.length} bytes cannot cover ${states.length} pages`)
     // uint64 words as (low, high) halves: addresses are below 2^53, so exact as numbers.
-    const table = new Uint32Array(Math.max(16, jobs.length * JOB_WORDS * 2))
+    const table = pinnedUint32(jobs.length * JOB_WORDS * 2)
     const set64 = (word: number, value: number): void => {
       table[word * 2] = value >>> 0
       table[word * 2 + 1] = Math.floor(value / 2 ** 32)
@@ -562,7 +571,7 @@ export class InstallHelper {
       set64(k * JOB_WORDS + 1, job.runs.length / 3)
       set64(k * JOB_WORDS + 2, job.payload)
     })
-    const jobState = new Uint32Array(Math.max(16, jobs.length))
+    const jobState = pinnedUint32(jobs.length)
     const helper = new InstallHelper(0, table, jobState, [states, zeroMap, regions, jobs])
     helper.handle = libc.helperStart(fd, fillAddress(states), states.length, fillAddress(zeroMap), pageSize, fillAddress(regions), regions.length / 3, libc.addressOfView(table), jobs.length, zeroWindowPages, libc.addressOfView(jobState), libc.addressOfView(helper.gate), libc.addressOfView(helper.totals), notifyFd)
     return helper.handle === 0 ? undefined : helper
