@@ -50,7 +50,7 @@ const stagedSlots = config.decoders > 0 ? Math.min(config.workingSetUnits.length
 const pool = config.decoders > 0 ? new DecodePool(config.snapshotPath, config.decoders, readaheadSlots + stagedSlots, chunkSize) : undefined
 if (config.countHits) stats.set('hitsTracked', 1)
 const recorder = config.record ? new WorkingSetRecorder(reader.geometry.pageCount) : undefined
-// A helper thread installs half of each client's staged working set beside this one: single-page
+// A helper thread installs most of each client's staged working set beside this one: single-page
 // copies cost ~2-3 µs each in the kernel and two threads copying run side by side.
 const installHelper = pool !== undefined && availableParallelism() > 1 && process.env.UFFD_INSTALL_HELPER !== '0'
 const prefetcher = new Prefetcher(server, reader, pool, stats, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll, decodeAhead: readaheadSlots, installHelper}, clock, (client) =>
