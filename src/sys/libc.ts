@@ -40,45 +40,23 @@ function loadFillLibrary(): ReturnType<typeof koffi.load> | undefined {
 }
 const fillLib = loadFillLibrary()
 
-/** uffd_helper_start / uffd_helper_stop (native/libuffd_fill.c): blocks installed on a helper thread. */
-export const helperStart = fillLib?.func('uffd_helper_start', 'uintptr_t', ['int', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'uint32_t', 'uint64_t', 'uintptr_t', 'uintptr_t', 'uintptr_t', 'int']) as
-  | ((
-      uffd: number,
-      states: number,
-      pageCount: number,
-      zeroMap: number,
-      pageSize: number,
-      regions: number,
-      regionCount: number,
-      jobs: number,
-      jobCount: number,
-      zeroWindowPages: number,
-      jobState: number,
-      gate: number,
-      totals: number,
-      notifyFd: number,
-    ) => number)
-  | undefined
-export const helperStop = fillLib?.func('uffd_helper_stop', 'int', ['uintptr_t']) as ((handle: number) => number) | undefined
+/**
+ * The first arguments of every libuffd_fill entry point: the client (its uffd, page states, the
+ * snapshot's zero map, page size and regions) that blocks are installed into.
+ */
+const FILL_TARGET = ['int', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint32_t']
+export type FillTarget = [uffd: number, states: number, pageCount: number, zeroMap: number, pageSize: number, regions: number, regionCount: number]
 
 /** uffd_fill_block (native/libuffd_fill.c): installs a packed working-set block's missing pages. */
-export const fillBlock = fillLib?.func('uffd_fill_block', 'int', ['int', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint64_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'uint32_t', 'uintptr_t', 'int32_t', 'uint64_t', 'uintptr_t']) as
-  | ((
-      uffd: number,
-      states: number,
-      pageCount: number,
-      zeroMap: number,
-      pageSize: number,
-      regions: number,
-      regionCount: number,
-      runs: number,
-      runCount: number,
-      payload: number,
-      firstRun: number,
-      zeroWindowPages: number,
-      out: number,
-    ) => number)
+export const fillBlock = fillLib?.func('uffd_fill_block', 'int', [...FILL_TARGET, 'uintptr_t', 'uint32_t', 'uintptr_t', 'int32_t', 'uint64_t', 'uintptr_t']) as
+  | ((...args: [...FillTarget, runs: number, runCount: number, payload: number, firstRun: number, zeroWindowPages: number, out: number]) => number)
   | undefined
+
+/** uffd_helper_start / uffd_helper_stop (native/libuffd_fill.c): blocks installed on a helper thread. */
+export const helperStart = fillLib?.func('uffd_helper_start', 'uintptr_t', [...FILL_TARGET, 'uintptr_t', 'uint32_t', 'uint64_t', 'uintptr_t', 'uintptr_t', 'uintptr_t', 'int']) as
+  | ((...args: [...FillTarget, jobs: number, jobCount: number, zeroWindowPages: number, jobState: number, gate: number, totals: number, notifyFd: number]) => number)
+  | undefined
+export const helperStop = fillLib?.func('uffd_helper_stop', 'int', ['uintptr_t']) as ((handle: number) => number) | undefined
 
 // Types not built into koffi; named after their C counterparts for readability.
 const ssize_t = 'intptr_t'

@@ -472,6 +472,12 @@ export interface BlockFillResult {
   newlyPresent: number
 }
 
+/** The client arguments every libuffd_fill call starts with (libc.FillTarget), checked. */
+function fillTarget(fd: number, states: Uint8Array, zeroMap: Uint8Array, pageSize: number, regions: BigUint64Array): libc.FillTarget {
+  if (zeroMap.length * 8 < states.length) throw new RangeError(`a zero map of ${zeroMap.length} bytes cannot cover ${states.length} pages`)
+  return [fd, fillAddress(states), states.length, fillAddress(zeroMap), pageSize, fillAddress(regions), regions.length / 3]
+}
+
 const fillOut = new Uint32Array(7)
 const fillOutAddress = libc.addressOfView(fillOut)
 /** Addresses of the arrays passed to uffdFillBlock (their backing stores never move). */
@@ -502,8 +508,7 @@ export function uffdFillBlock(
   zeroWindowPages: number,
 ): BlockFillResult {
   if (!libc.fillBlock) throw new Error('native/libuffd_fill is not loaded')
-  if (zeroMap.length * 8 < states.length) throw new RangeError(`a zero map of ${zeroMap.length} bytes cannot cover ${states.length} pages`)
-  const error = libc.fillBlock(fd, fillAddress(states), states.length, fillAddress(zeroMap), pageSize, fillAddress(regions), regions.length / 3, fillAddress(runs), runs.length / 3, payload, firstRun, zeroWindowPages, fillOutAddress)
+  const error = libc.fillBlock(...fillTarget(fd, states, zeroMap, pageSize, regions), fillAddress(runs), runs.length / 3, payload, firstRun, zeroWindowPages, fillOutAddress)
   const o = fillOut
   return {error, stopPage: o[6], pagesCopied: o[0], pagesZeroed: o[1], copyIoctls: o[2], zeropageIoctls: o[3], eexist: o[4], newlyPresent: o[5]}
 }
@@ -519,6 +524,10 @@ const JOB_WORDS = 3
 const JOB_DONE = 2
 const GATE_HELPER = 0
 const GATE_LOOP = 1
+// The helper's totals, as native/libuffd_fill.c lays them out: the fillOut fields, then these.
+const TOTAL_STOP_PAGE = 6
+const TOTAL_ERROR = 7
+const TOTAL_FINISHED = 8
 const TOTAL_FIELDS = 9
 
 /**
@@ -539,17 +548,15 @@ function pinnedUint32(length: number): Uint32Array {
  * alive until stop().
  */
 export class InstallHelper {
-  private handle: number
-  private readonly jobTable: Uint32Array
-  readonly jobState: Uint32Array
+  private handle = 0
+  private readonly jobState: Uint32Array
   private readonly gate = pinnedUint32(2)
   private readonly totals = pinnedUint32(TOTAL_FIELDS)
   /** The totals already handed out by takeProgress(). */
   private readonly taken = new Uint32Array(TOTAL_FIELDS)
 
-  private constructor(handle: number, jobTable: Uint32Array, jobState: Uint32Array, private readonly keep: unknown[]) {
-    this.handle = handle
-    this.jobTable = jobTable
+  /** `keep`: everything the thread points into, alive until stop(). */
+  private constructor(jobState: Uint32Array, private readonly keep: unknown[]) {
     this.jobState = jobState
   }
 
@@ -559,7 +566,7 @@ export class InstallHelper {
    */
   static start(fd: number, states: Uint8Array, zeroMap: Uint8Array, pageSize: number, regions: BigUint64Array, jobs: readonly HelperJob[], zeroWindowPages: number, notifyFd: number): InstallHelper | undefined {
     if (!libc.helperStart || jobs.length === 0) return undefined
-    if (zeroMap.length * 8 < states.length) throw new RangeError(`a zero map of ${zeroMap.length} bytes cannot cover ${states.length} pages`)
+    const target = fillTarget(fd, states, zeroMap, pageSize, regions)
     // uint64 words as (low, high) halves: addresses are below 2^53, so exact as numbers.
     const table = pinnedUint32(jobs.length * JOB_WORDS * 2)
     const set64 = (word: number, value: number): void => {
@@ -572,8 +579,8 @@ export class InstallHelper {
       set64(k * JOB_WORDS + 2, job.payload)
     })
     const jobState = pinnedUint32(jobs.length)
-    const helper = new InstallHelper(0, table, jobState, [states, zeroMap, regions, jobs])
-    helper.handle = libc.helperStart(fd, fillAddress(states), states.length, fillAddress(zeroMap), pageSize, fillAddress(regions), regions.length / 3, libc.addressOfView(table), jobs.length, zeroWindowPages, libc.addressOfView(jobState), libc.addressOfView(helper.gate), libc.addressOfView(helper.totals), notifyFd)
+    const helper = new InstallHelper(jobState, [table, states, zeroMap, regions, jobs])
+    helper.handle = libc.helperStart(...target, libc.addressOfView(table), jobs.length, zeroWindowPages, libc.addressOfView(jobState), libc.addressOfView(helper.gate), libc.addressOfView(helper.totals), notifyFd)
     return helper.handle === 0 ? undefined : helper
   }
 
@@ -584,12 +591,12 @@ export class InstallHelper {
 
   /** Whether the helper has stopped: every job done, or an error (see error). */
   get finished(): boolean {
-    return Atomics.load(this.totals, 8) === 1
+    return Atomics.load(this.totals, TOTAL_FINISHED) === 1
   }
 
   /** The errno that stopped the helper (ENOENT/ESRCH: the client is gone), or 0. */
   get error(): number {
-    return Atomics.load(this.totals, 7)
+    return Atomics.load(this.totals, TOTAL_ERROR)
   }
 
   /** What the helper did since the last call, as uffdFillBlock reports it. */
@@ -600,7 +607,7 @@ export class InstallHelper {
       this.taken[i] = now
       return d
     }
-    return {error: this.error, stopPage: this.totals[6], pagesCopied: delta(0), pagesZeroed: delta(1), copyIoctls: delta(2), zeropageIoctls: delta(3), eexist: delta(4), newlyPresent: delta(5)}
+    return {error: this.error, stopPage: this.totals[TOTAL_STOP_PAGE], pagesCopied: delta(0), pagesZeroed: delta(1), copyIoctls: delta(2), zeropageIoctls: delta(3), eexist: delta(4), newlyPresent: delta(5)}
   }
 
   /**
