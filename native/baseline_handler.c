@@ -679,6 +679,10 @@ static void drain(void)
 {
 	struct uffd_msg msgs[UFFD_MSG_BATCH];
 	for (;;) {
+		// Sampled before the read: once read() returns a REMOVE, the madvise goes on to zap, so a
+		// helper that was running at the read may copy after the zap and then finish. Checked
+		// after the read, helpers_running could already be 0 with the refill done.
+		int helpers_at_read = __atomic_load_n(&helpers_running, __ATOMIC_ACQUIRE);
 		ssize_t n = read(h.uffd, msgs, sizeof msgs);
 		if (n < 0) {
 			if (errno == EAGAIN)
@@ -700,7 +704,7 @@ static void drain(void)
 				pending.addr[pending.n++] = m->arg.pagefault.address & ~(h.page - 1);
 				break;
 			case UFFD_EVENT_REMOVE:
-				if (__atomic_load_n(&helpers_running, __ATOMIC_ACQUIRE))
+				if (helpers_at_read)
 					fatal_serving("a REMOVE event arrived while --prefetch-threads helpers were installing: "
 						      "they take no lock, so the removed range may have been refilled");
 				apply_remove(m->arg.remove.start, m->arg.remove.end);
