@@ -4,6 +4,7 @@ import type * as Lz4 from 'lz4-napi'
 import type * as ZstdBinding from 'zstd-napi/binding.js'
 
 import {Codec} from '../format/constants.js'
+import {hasSystemLz4, lz4DecodeBlock} from '../sys/lz4.js'
 
 // The low-level binding is CommonJS without an exports map; it is the only zstd API that
 // decompresses straight into a caller's buffer (no allocation per chunk on the fault path).
@@ -67,6 +68,9 @@ export class ChunkCompressor {
 export class ChunkDecompressor {
   private readonly dctx = new zstd.DCtx()
 
+  /** `systemLz4`: decode lz4 with the system's liblz4 (in place) rather than lz4-napi. */
+  constructor(private readonly systemLz4 = hasSystemLz4) {}
+
   decompress(codec: Codec, stored: Buffer, dst: Buffer): void {
     switch (codec) {
       case Codec.Raw:
@@ -83,6 +87,12 @@ export class ChunkDecompressor {
       case Codec.Lz4: {
         // The lz4 block format's 4-byte size prefix is read before the allocation it sizes.
         if (stored.length < 4 || stored.readUInt32LE(0) !== dst.length) throw new Error(`lz4 block does not declare ${dst.length} bytes`)
+        if (this.systemLz4) {
+          // The same block format as lz4-napi's, decoded in place (lz4-napi allocates per block).
+          const n = lz4DecodeBlock(stored.subarray(4), dst)
+          if (n !== dst.length) throw new Error(n < 0 ? 'malformed lz4 block' : `lz4 produced ${n} bytes, expected ${dst.length}`)
+          return
+        }
         const out = lz4().uncompressSync(stored)
         if (out.length !== dst.length) throw new Error(`lz4 produced ${out.length} bytes, expected ${dst.length}`)
         out.copy(dst)

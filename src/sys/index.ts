@@ -75,4 +75,5 @@ export {
   munmap,
 } from './memory.js'
 export {fsyncDir, preadInto, seekData, seekHole} from './file.js'
+export {hasSystemLz4, lz4DecodeBlock} from './lz4.js'
 export {pidfdOpen, processMadvise, processVmReadv, setThreadNice} from './process.js'

@@ -1,6 +1,7 @@
 // The raw libc surface of the project, declared once through koffi.
 //
-// This is the only file that loads native libraries: libc, and our own native/libuffd_fill.
+// This is the only file that loads native libraries: libc, our own native/libuffd_fill, and the
+// system's liblz4 when it is there.
 // Everything here is internal to src/sys: the typed wrappers in the sibling modules validate
 // arguments, turn failures into SysError and hide koffi's types from the rest of the program.
 //
@@ -57,6 +58,24 @@ export const helperStart = fillLib?.func('uffd_helper_start', 'uintptr_t', [...F
   | ((...args: [...FillTarget, jobs: number, jobCount: number, zeroWindowPages: number, jobState: number, gate: number, totals: number, notifyFd: number]) => number)
   | undefined
 export const helperStop = fillLib?.func('uffd_helper_stop', 'int', ['uintptr_t']) as ((handle: number) => number) | undefined
+
+/**
+ * LZ4_decompress_safe from the system's liblz4 (Debian's apt depends on it, so it is nearly
+ * always there), or undefined. It decodes straight into the caller's buffer, where lz4-napi
+ * allocates a new one per block: replaying 406 MiB of 256 KiB blocks took 200 ms against 330 ms.
+ * Safe means bounded: malformed input returns a negative number, it never writes past `dstCapacity`.
+ */
+function loadLz4(): ReturnType<typeof koffi.load> | undefined {
+  if (process.env.UFFD_SYSTEM_LZ4 === '0') return undefined
+  try {
+    return koffi.load('liblz4.so.1')
+  } catch {
+    return undefined
+  }
+}
+export const lz4DecompressSafe = loadLz4()?.func('LZ4_decompress_safe', 'int', ['void *', 'void *', 'int', 'int']) as
+  | ((src: Uint8Array, dst: Uint8Array, srcSize: number, dstCapacity: number) => number)
+  | undefined
 
 // Types not built into koffi; named after their C counterparts for readability.
 const ssize_t = 'intptr_t'
