@@ -99,7 +99,7 @@ interface Codec {
   compress(src: Buffer): Buffer
   /**
    * Decode a stored compressed payload into dst[0, payloadLen) the way the snapshot reader does
-   * (src/snapshot/codecs.ts ChunkDecompressor); returns the bytes produced.
+   * (src/snapshot/decompressor.ts ChunkDecompressor); returns the bytes produced.
    */
   decompress(src: Buffer, dst: Buffer, payloadLen: number): number
 }

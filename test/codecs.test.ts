@@ -5,7 +5,8 @@ import {createRequire} from 'node:module'
 import {describe, expect, it} from 'vitest'
 
 import {Codec} from '../src/format/constants.js'
-import {ChunkCompressor, ChunkDecompressor} from '../src/snapshot/codecs.js'
+import {ChunkCompressor} from '../src/snapshot/codecs.js'
+import {ChunkDecompressor} from '../src/snapshot/decompressor.js'
 import {hasSystemLz4, lz4DecodeBlock} from '../src/sys/index.js'
 import {type ImageKind, makeImage} from './helpers/images.js'
 

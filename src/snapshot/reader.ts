@@ -8,7 +8,7 @@ import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} 
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {type ByteSource, FileByteSource} from './byte-source.js'
-import {ChunkDecompressor} from './codecs.js'
+import {ChunkDecompressor} from './decompressor.js'
 
 /**
  * Opens a snapshot and validates its header, footer, index and zero map up front (every offset
