@@ -46,7 +46,11 @@ import {Worker, isMainThread, parentPort, workerData} from 'node:worker_threads'
 import {crc32} from 'node:zlib'
 import type * as ZstdBinding from 'zstd-napi/binding.js'
 
+
 type Lz4Module = typeof import('lz4-napi')
+// Only the main thread decodes; the pipeline's workers must not load koffi (src/sys), which now
+// and then aborted a process that started and ended many workers that loaded it.
+const sysLz4 = isMainThread ? await import('../src/sys/lz4.js') : undefined
 
 const require = createRequire(import.meta.url)
 const zstd = require('zstd-napi/binding') as typeof ZstdBinding
@@ -141,7 +145,9 @@ function makeCodec(spec: CodecSpec, maxPayload: number): Codec {
       return lz4.compressSync(src)
     },
     decompress(src, out, payloadLen) {
-      // lz4-napi cannot decode into a caller's buffer: it allocates, and the reader copies.
+      // As the reader does: the system's liblz4 decodes in place; lz4-napi (the fallback)
+      // allocates, and the reader copies.
+      if (sysLz4?.hasSystemLz4) return sysLz4.lz4DecodeBlock(src.subarray(4), out.subarray(0, payloadLen))
       const d = lz4.uncompressSync(src)
       return d.copy(out, 0, 0, payloadLen)
     },

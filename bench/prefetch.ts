@@ -166,7 +166,7 @@ async function main(): Promise<void> {
     populate.lz4Ms.push(p4.stats.timeToMemoryCompleteMs)
     const floor = JSON.parse(run(path.join(NATIVE, 'copy_floor'), ['--size', String(size)]).stdout) as {copy_ns: number}
     populate.floorMs.push(floor.copy_ns / 1e6)
-    process.stderr.write(`run ${i + 1}/${runs} populate all: zstd ${p.stats.timeToMemoryCompleteMs} ms, lz4 ${p4.stats.timeToMemoryCompleteMs} ms, copy floor ${(floor.copy_ns / 1e6).toFixed(0)} ms\n`)
+    process.stderr.write(`run ${i + 1}/${runs} populate all: zstd ${p.stats.timeToMemoryCompleteMs.toFixed(0)} ms, lz4 ${p4.stats.timeToMemoryCompleteMs.toFixed(0)} ms, copy floor ${(floor.copy_ns / 1e6).toFixed(0)} ms\n`)
   }
   const lazy = median(touch[scenarios.find((sc) => sc.name.startsWith('uffd lazy'))!.name])
   const base = median(touch[scenarios.find((sc) => sc.handler === 'baseline')!.name])

@@ -42,7 +42,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     'criu-dir': Flags.string({summary: 'CRIU dump directory (criu dump -D DIR) whose page images to convert.', exactlyOne: SOURCES}),
     output: Flags.string({char: 'o', summary: 'Snapshot file to write [default: <image>.uffd, pid-<PID>.uffd or <dir>.uffd].'}),
     force: Flags.boolean({char: 'f', summary: 'Replace the output file if it exists.', default: false}),
-    codec: Flags.string({summary: 'Compression codec per chunk (chunks that do not shrink are stored raw).', options: ['zstd', 'lz4', 'raw'], default: DEFAULT_CODEC}),
+    codec: Flags.string({summary: 'Compression codec per chunk: zstd is smallest, lz4 ~20% larger and decodes ~2.5x faster (for resumes that populate all memory). Chunks that do not shrink are stored raw.', options: ['zstd', 'lz4', 'raw'], default: DEFAULT_CODEC}),
     level: Flags.integer({summary: `zstd level, ${ZSTD_MIN_LEVEL}..${ZSTD_MAX_LEVEL}; negative levels are zstd's fast modes. Ignored by lz4 and raw.`, min: ZSTD_MIN_LEVEL, max: ZSTD_MAX_LEVEL, default: DEFAULT_LEVEL}),
     'chunk-size': Flags.string({summary: 'Bytes per independently compressed chunk: a power of two, 4K..4M, at least the page size.', default: DEFAULT_CHUNK_SIZE}),
     'page-size': Flags.string({summary: 'Page size of the memory the snapshot will serve: 4K, or 2M for hugetlbfs-backed guests.', options: ['4K', '2M'], default: '4K'}),
