@@ -1,5 +1,3 @@
-import {crc32} from 'node:zlib'
-
 import {Codec, COMPAT_PACKED_WORKING_SET, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INDEX_ENTRY_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
@@ -7,6 +5,7 @@ import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/
 import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} from '../format/index-table.js'
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
 import {ZeroMap} from '../format/zero-map.js'
+import {crc32} from '../sys/crc.js'
 import {type ByteSource, FileByteSource} from './byte-source.js'
 import {ChunkDecompressor} from './decompressor.js'
 
