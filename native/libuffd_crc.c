@@ -15,7 +15,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __x86_64__
 #include <immintrin.h>
+#endif
 
 static uint32_t table[256];
 
@@ -37,6 +39,7 @@ static uint32_t crc_bytes(uint32_t crc, const uint8_t *p, size_t len)
 	return crc;
 }
 
+#ifdef __x86_64__
 // Moves `x` 64 or 16 bytes ahead (the constants' pair) and adds the data found there.
 __attribute__((target("pclmul,sse4.1"))) static inline __m128i fold(__m128i x, __m128i k, __m128i data)
 {
@@ -72,25 +75,30 @@ __attribute__((target("pclmul,sse4.1"))) static uint32_t crc_folded(uint32_t raw
 	_mm_storeu_si128((__m128i *)rest, x0);
 	return crc_bytes(crc_bytes(0, rest, 16), p, len);
 }
+#endif
 
 // 1 when this CPU has what uffd_crc32 folds with (else it works byte by byte: use zlib instead).
 int uffd_crc32_fast(void)
 {
+#ifdef __x86_64__
 	static int fast = -1;
 	if (fast < 0) {
 		__builtin_cpu_init();
 		fast = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
 	}
 	return fast;
+#else
+	return 0;
+#endif
 }
 
 // zlib's crc32(crc, buf, len): `crc` is a previous result (0 to start).
 uint32_t uffd_crc32(uint32_t crc, const uint8_t *buf, size_t len)
 {
 	uint32_t raw = ~crc;
+#ifdef __x86_64__
 	if (len >= 64 && uffd_crc32_fast())
-		raw = crc_folded(raw, buf, len);
-	else
-		raw = crc_bytes(raw, buf, len);
-	return ~raw;
+		return ~crc_folded(raw, buf, len);
+#endif
+	return ~crc_bytes(raw, buf, len);
 }
