@@ -221,20 +221,41 @@ export class Prefetcher {
 
   removeClient(client: Client): void {
     const q = this.queues.get(client.id)
-    const installer = q?.helper?.installer
-    if (q && installer) {
+    if (q) this.settle(q)
+    this.queues.delete(client.id)
+    for (const [chunk, clients] of this.wanted) {
+      clients.delete(client.id)
+      if (clients.size === 0) this.forget(chunk)
+    }
+  }
+
+  /**
+   * Before a client is dropped: stops its helper and collects its counts. A helper that had
+   * already finished its part completed it, and with the loop's part done (by prefetch or by
+   * faults) the working set is complete: recorded now, whichever the loop saw first, the
+   * helper's signal or the client's exit (both can arrive in one wake-up, and a client that
+   * found its set installed may exit at once).
+   */
+  private settle(q: ClientQueue): void {
+    const installer = q.helper?.installer
+    if (installer && !(installer.finished && installer.error === 0)) {
       this.dropHelper(q)
       try {
         this.helperProgress(q, installer)
       } catch {
         // The client is being dropped: what stopped its helper no longer matters.
       }
+      return
     }
-    this.queues.delete(client.id)
-    for (const [chunk, clients] of this.wanted) {
-      clients.delete(client.id)
-      if (clients.size === 0) this.forget(chunk)
+    try {
+      this.pollHelper(q)
+    } catch {
+      // As above.
+    } finally {
+      this.dropHelper(q)
     }
+    while (q.urgentAt < q.workingSetEnd && !this.needed(q.client, q.urgent[q.urgentAt])) this.done(q.client.id, q.urgent[q.urgentAt++])
+    this.checkWorkingSet(q)
   }
 
   /** Called after a demand fault at image page `page` whose window ended at `windowEnd`. */
