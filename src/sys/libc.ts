@@ -27,31 +27,36 @@ import {SysError} from './errors.js'
 const lib = koffi.load('libc.so.6')
 
 /**
- * native/libuffd_fill (built by `npm run build`), or undefined: not built, or disabled with
- * UFFD_NATIVE_FILL=0 (the JavaScript path then does the same work, more slowly).
+ * An optional library (a soname or a path): undefined when it is turned off (`envSwitch` set to
+ * 0) or cannot be loaded.
  */
-function loadFillLibrary(): ReturnType<typeof koffi.load> | undefined {
-  return process.env.UFFD_NATIVE_FILL === '0' ? undefined : loadOwnLibrary('libuffd_fill.so')
-}
-
-/** A library of native/ (built by `npm run build` into native/build), or undefined. */
-function loadOwnLibrary(name: string): ReturnType<typeof koffi.load> | undefined {
+function loadOptional(library: string, envSwitch: string): ReturnType<typeof koffi.load> | undefined {
+  if (process.env[envSwitch] === '0') return undefined
   try {
-    // dist/sys/libc.js and src/sys/libc.ts are both two levels below the project root.
-    return koffi.load(fileURLToPath(new URL(`../../native/build/${name}`, import.meta.url)))
+    return koffi.load(library)
   } catch {
     return undefined
   }
 }
-const fillLib = loadFillLibrary()
+
+/** The path of a library of native/, built by `npm run build` into native/build. */
+function ownLibrary(name: string): string {
+  // dist/sys/libc.js and src/sys/libc.ts are both two levels below the project root.
+  return fileURLToPath(new URL(`../../native/build/${name}`, import.meta.url))
+}
+
+/**
+ * native/libuffd_fill, or undefined: not built, or disabled with UFFD_NATIVE_FILL=0 (the
+ * JavaScript path then does the same work, more slowly).
+ */
+const fillLib = loadOptional(ownLibrary('libuffd_fill.so'), 'UFFD_NATIVE_FILL')
 
 /**
  * native/libuffd_crc: zlib's crc32 with carry-less multiplication, ~2.5x zlib.crc32 here. Only when
  * this CPU has PCLMULQDQ (else it would work byte by byte) and not turned off (UFFD_NATIVE_CRC=0).
  */
 function loadCrc(): ((crc: number, buf: Uint8Array, len: number) => number) | undefined {
-  if (process.env.UFFD_NATIVE_CRC === '0') return undefined
-  const crcLib = loadOwnLibrary('libuffd_crc.so')
+  const crcLib = loadOptional(ownLibrary('libuffd_crc.so'), 'UFFD_NATIVE_CRC')
   if (!crcLib || (crcLib.func('uffd_crc32_fast', 'int', []) as () => number)() !== 1) return undefined
   return crcLib.func('uffd_crc32', 'uint32_t', ['uint32_t', 'void *', 'size_t']) as (crc: number, buf: Uint8Array, len: number) => number
 }
@@ -81,15 +86,7 @@ export const helperStop = fillLib?.func('uffd_helper_stop', 'int', ['uintptr_t']
  * allocates a new one per block: replaying 406 MiB of 256 KiB blocks took 200 ms against 330 ms.
  * Safe means bounded: malformed input returns a negative number, it never writes past `dstCapacity`.
  */
-function loadLz4(): ReturnType<typeof koffi.load> | undefined {
-  if (process.env.UFFD_SYSTEM_LZ4 === '0') return undefined
-  try {
-    return koffi.load('liblz4.so.1')
-  } catch {
-    return undefined
-  }
-}
-export const lz4DecompressSafe = loadLz4()?.func('LZ4_decompress_safe', 'int', ['void *', 'void *', 'int', 'int']) as
+export const lz4DecompressSafe = loadOptional('liblz4.so.1', 'UFFD_SYSTEM_LZ4')?.func('LZ4_decompress_safe', 'int', ['void *', 'void *', 'int', 'int']) as
   | ((src: Uint8Array, dst: Uint8Array, srcSize: number, dstCapacity: number) => number)
   | undefined
 
