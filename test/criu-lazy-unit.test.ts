@@ -3,9 +3,9 @@
 import fc from 'fast-check'
 import {describe, expect, it} from 'vitest'
 
-import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from '../src/resume/address-map.js'
-import {RESTORE_FINISHED, RestoreStream} from '../src/resume/criu-session.js'
-import {type GuestRegion} from '../src/resume/handshake.js'
+import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from '../src/resume/fault-loop/address-map.js'
+import {RESTORE_FINISHED, RestoreStream} from '../src/resume/main/criu-session.js'
+import {type GuestRegion} from '../src/resume/main/handshake.js'
 
 const P = 4096
 

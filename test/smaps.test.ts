@@ -1,6 +1,6 @@
 import {describe, expect, it} from 'vitest'
 
-import {parseSmaps, referencedPages} from '../src/resume/smaps.js'
+import {parseSmaps, referencedPages} from '../src/resume/main/smaps.js'
 
 const SMAPS = `55d0c0a00000-55d0c0a21000 r--p 00000000 08:01 1234   /usr/bin/fc
 Size:                132 kB

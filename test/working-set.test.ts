@@ -1,7 +1,7 @@
 import fc from 'fast-check'
 import {describe, expect, it} from 'vitest'
 
-import {checkMatches, chunksInTouchOrder, mergeWorkingSets, parseWorkingSet, type WorkingSetFile, WorkingSetRecorder} from '../src/resume/working-set.js'
+import {checkMatches, chunksInTouchOrder, mergeWorkingSets, parseWorkingSet, type WorkingSetFile, WorkingSetRecorder} from '../src/format/working-set.js'
 
 const snapshot = {logicalSize: 1 << 20, pageSize: 4096, headerCrc: 42}
 const set = (pages: number[], times = pages.map((_, i) => i), runs = 1): WorkingSetFile => ({kind: 'uffd-working-set', version: 1, snapshot, runs, pages, firstTouchMs: times})

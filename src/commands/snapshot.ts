@@ -11,7 +11,7 @@ import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../for
 import {geometryProblem} from '../format/geometry.js'
 import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
 import {criuDirInput, freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
-import {chunksInTouchOrder, parseWorkingSet} from '../resume/working-set.js'
+import {chunksInTouchOrder, parseWorkingSet} from '../format/working-set.js'
 import {attachWorkingSet, PACK_CODECS, packOptionsFor} from '../snapshot/relayout.js'
 import {describeAttached} from './working-set/attach.js'
 import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'

@@ -5,7 +5,7 @@ import {formatBytes, formatPercent} from '../core/units.js'
 import {REGION_PROT_EXEC, REGION_PROT_READ, REGION_PROT_WRITE, RegionKind} from '../format/constants.js'
 import {type SnapshotStats, snapshotStats} from '../snapshot/inspect.js'
 import {SnapshotReader} from '../snapshot/reader.js'
-import {readResumeReport, renderResumeReport} from '../resume/report-render.js'
+import {readResumeReport, renderResumeReport} from '../resume/main/report-render.js'
 import {type ResumeReport} from '../resume/run-stats.js'
 
 /** The memory of one process (region owner) in a process or CRIU snapshot. */

@@ -1,7 +1,7 @@
 import {type Transferable, Worker} from 'node:worker_threads'
 
 /**
- * Starts a worker from a sibling module given by its base name. Compiled code runs `name.js`.
+ * Starts a worker from a module given by its path relative to the caller, without extension. Compiled code runs `name.js`.
  * When the caller itself runs from TypeScript source (tests, bin/dev.js), the worker registers
  * tsx first and then imports `name.ts`, so both paths run the same worker code. (A worker does
  * not inherit the parent's loader hooks, and `--import tsx` in a worker's execArgv is ignored.)

@@ -1,6 +1,6 @@
 import {type MessagePort} from 'node:worker_threads'
 
-import {type GuestRegion} from './handshake.js'
+import {type GuestRegion} from './main/handshake.js'
 
 /** What the main thread tells the fault-loop worker (over a MessagePort, with an eventfd poke). */
 export type ToWorker =

@@ -6,7 +6,7 @@ import {type ChunkEntry} from '../format/index-table.js'
 import {encodePackedTable, type PackedBlock, type PackedSetLocation, planPackedBlocks} from '../format/packed-set.js'
 import {AtomicFile, appendTail} from './atomic-file.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
-import {chunksInTouchOrder} from '../resume/working-set.js'
+import {chunksInTouchOrder} from '../format/working-set.js'
 import {walkPackedPages} from './packed-pages.js'
 import {SnapshotReader} from './reader.js'
 

@@ -4,7 +4,7 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../../cli/base-command.js'
 import {formatBytes} from '../../core/units.js'
-import {checkMatches, parseWorkingSet} from '../../resume/working-set.js'
+import {checkMatches, parseWorkingSet} from '../../format/working-set.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
 import {attachWorkingSet, PACK_CODECS, packOptionsFor} from '../../snapshot/relayout.js'
 

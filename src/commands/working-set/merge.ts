@@ -4,7 +4,7 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../../cli/base-command.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
-import {mergeWorkingSets, parseWorkingSet, type WorkingSetFile} from '../../resume/working-set.js'
+import {mergeWorkingSets, parseWorkingSet, type WorkingSetFile} from '../../format/working-set.js'
 
 export default class WorkingSetMerge extends BaseCommand {
   static override summary = 'Merge working sets recorded by `uffd resume --record` into one.'

@@ -1,10 +1,10 @@
-import {Codec} from '../format/constants.js'
-import {addressOf, type InstallHelper, MADV, processMadvise, SysError} from '../sys/index.js'
-import {type SnapshotReader} from '../snapshot/reader.js'
+import {Codec} from '../../format/constants.js'
+import {addressOf, type InstallHelper, MADV, processMadvise, SysError} from '../../sys/index.js'
+import {type SnapshotReader} from '../../snapshot/reader.js'
 import {PAGE_MISSING} from './address-map.js'
 import {type DecodePool, SLOT_ERROR, SLOT_PENDING, SLOT_READY} from './decode-pool.js'
 import {type Client, type FaultServer, type ServeOutcome} from './fault-server.js'
-import {type RunClock, type RunStats} from './run-stats.js'
+import {type RunClock, type RunStats} from '../run-stats.js'
 
 export interface PrefetchOptions {
   /** Upper bound of sequential readahead, bytes past the last fault's window. 0 disables it. */

@@ -1,4 +1,4 @@
-import {type Geometry} from '../format/geometry.js'
+import {type Geometry} from '../../format/geometry.js'
 
 /**
  * One guest memory region as the VMM announces it in the Firecracker Uffd handshake: where it is

@@ -1,5 +1,5 @@
-import {type SnapshotReader} from '../snapshot/reader.js'
-import {type RunStats} from './run-stats.js'
+import {type SnapshotReader} from '../../snapshot/reader.js'
+import {type RunStats} from '../run-stats.js'
 
 /**
  * Decoded chunk payloads (their non-zero pages, packed), least recently used first out, within a

@@ -1,10 +1,10 @@
 import fs from 'node:fs'
 import path from 'node:path'
 
-import {formatBytes} from '../core/units.js'
-import {writeFileAtomically} from '../snapshot/atomic-file.js'
-import {SnapshotReader} from '../snapshot/reader.js'
-import {attachedWorkingSet} from '../snapshot/relayout.js'
+import {formatBytes} from '../../core/units.js'
+import {writeFileAtomically} from '../../snapshot/atomic-file.js'
+import {SnapshotReader} from '../../snapshot/reader.js'
+import {attachedWorkingSet} from '../../snapshot/relayout.js'
 import {parseSmaps, referencedPages} from './smaps.js'
 import {
   acceptUnix,
@@ -15,12 +15,12 @@ import {
   pidfdOpen,
   recvWithFds,
   SysError,
-} from '../sys/index.js'
+} from '../../sys/index.js'
 import {type GuestRegion, HandshakeError, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from './handshake.js'
 import {FaultLoopHost, servingSettings} from './fault-loop-host.js'
-import {type FromWorker, type ToWorker} from './protocol.js'
-import {buildReport, type ResumeReport, type RunStats} from './run-stats.js'
-import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from './working-set.js'
+import {type FromWorker, type ToWorker} from '../protocol.js'
+import {buildReport, type ResumeReport, type RunStats} from '../run-stats.js'
+import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from '../../format/working-set.js'
 
 export interface ResumeOptions {
   snapshotPath: string

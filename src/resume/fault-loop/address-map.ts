@@ -1,4 +1,4 @@
-import {type GuestRegion} from './handshake.js'
+import {type GuestRegion} from '../main/handshake.js'
 
 /** Where a faulting address lands: its region and its byte offset in the snapshot image. */
 export interface Location {

@@ -1,7 +1,7 @@
 import {type Worker} from 'node:worker_threads'
 
-import {startWorker} from '../core/workers.js'
-import {createEventfd, closeFd, eventfdDrain} from '../sys/index.js'
+import {startWorker} from '../../core/workers.js'
+import {createEventfd, closeFd, eventfdDrain} from '../../sys/index.js'
 
 export const SLOT_FREE = 0
 export const SLOT_PENDING = 1
@@ -76,7 +76,7 @@ export class DecodePool {
     this.control = new Int32Array(control)
     this.counted = new Uint8Array(slots)
     const config: DecoderConfig = {snapshotPath, arena: this.arena, slotBytes, states, lengths, units, order, claims, control, eventFd: this.eventFd}
-    for (let i = 0; i < decoders; i++) this.workers.push(startWorker(import.meta.url, 'decoder-worker', config))
+    for (let i = 0; i < decoders; i++) this.workers.push(startWorker(import.meta.url, '../decoder/worker', config))
   }
 
   /**

@@ -1,7 +1,7 @@
 import {availableParallelism} from 'node:os'
 import {parentPort, receiveMessageOnPort, workerData} from 'node:worker_threads'
 
-import {SnapshotReader} from '../snapshot/reader.js'
+import {SnapshotReader} from '../../snapshot/reader.js'
 import {
   closeFd,
   decodeUffdMessage,
@@ -15,13 +15,13 @@ import {
   readUffdMessages,
   SysError,
   UFFD_MSG_SIZE,
-} from '../sys/index.js'
+} from '../../sys/index.js'
 import {DecodePool} from './decode-pool.js'
 import {Client, FatalServeError, FaultServer} from './fault-server.js'
 import {Prefetcher} from './prefetch.js'
-import {type FromWorker, type ToWorker, type WorkerConfig} from './protocol.js'
-import {RunClock, RunStats} from './run-stats.js'
-import {WorkingSetRecorder} from './working-set.js'
+import {type FromWorker, type ToWorker, type WorkerConfig} from '../protocol.js'
+import {RunClock, RunStats} from '../run-stats.js'
+import {WorkingSetRecorder} from '../../format/working-set.js'
 
 /**
  * The fault loop: one worker thread, synchronous system calls, every client's uffd in one poll

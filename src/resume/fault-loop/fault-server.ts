@@ -1,13 +1,13 @@
-import {SnapshotFormatError} from '../format/errors.js'
-import {type Geometry} from '../format/geometry.js'
-import {packedBlockRuns, zeroRunWindowBytes} from '../format/packed-set.js'
-import {type SnapshotReader} from '../snapshot/reader.js'
-import {addressOf, type BlockFillResult, Errno, errnoName, fillRegions, InstallHelper, nativeBlockFill, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage, type FillResult} from '../sys/index.js'
+import {SnapshotFormatError} from '../../format/errors.js'
+import {type Geometry} from '../../format/geometry.js'
+import {packedBlockRuns, zeroRunWindowBytes} from '../../format/packed-set.js'
+import {type SnapshotReader} from '../../snapshot/reader.js'
+import {addressOf, type BlockFillResult, Errno, errnoName, fillRegions, InstallHelper, nativeBlockFill, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage, type FillResult} from '../../sys/index.js'
 import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from './address-map.js'
 import {ChunkCache} from './chunk-cache.js'
-import {payloadPageIndex} from '../format/zero-map.js'
-import {type GuestRegion} from './handshake.js'
-import {type RunClock, type RunStats} from './run-stats.js'
+import {payloadPageIndex} from '../../format/zero-map.js'
+import {type GuestRegion} from '../main/handshake.js'
+import {type RunClock, type RunStats} from '../run-stats.js'
 
 /** A fault read from the uffd and not yet served. */
 export interface PendingFault {

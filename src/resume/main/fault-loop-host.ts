@@ -1,9 +1,9 @@
 import {MessageChannel, type Worker} from 'node:worker_threads'
 
-import {startWorker} from '../core/workers.js'
-import {closeFd, createEventfd, eventfdSignal} from '../sys/index.js'
-import {type FromWorker, type ToWorker, type WorkerConfig} from './protocol.js'
-import {RunStats} from './run-stats.js'
+import {startWorker} from '../../core/workers.js'
+import {closeFd, createEventfd, eventfdSignal} from '../../sys/index.js'
+import {type FromWorker, type ToWorker, type WorkerConfig} from '../protocol.js'
+import {RunStats} from '../run-stats.js'
 
 export class FaultLoopError extends Error {
   constructor(
@@ -40,7 +40,7 @@ export class FaultLoopHost {
   constructor(config: Omit<WorkerConfig, 'stats' | 'control' | 'controlFd'>) {
     this.controlFd = createEventfd()
     const full: WorkerConfig = {...config, stats: this.stats.buffer, control: this.channel.port2, controlFd: this.controlFd}
-    this.events = new WorkerEvents(startWorker(import.meta.url, 'fault-worker', full, [this.channel.port2]))
+    this.events = new WorkerEvents(startWorker(import.meta.url, '../fault-loop/worker', full, [this.channel.port2]))
   }
 
   send(message: ToWorker): void {

@@ -1,7 +1,7 @@
 import fs from 'node:fs'
 
-import {formatBytes, formatPercent} from '../core/units.js'
-import {type ResumeReport} from './run-stats.js'
+import {formatBytes, formatPercent} from '../../core/units.js'
+import {type ResumeReport} from '../run-stats.js'
 
 /**
  * The report in `file` if it is a statistics file written by `uffd resume --stats-file` (JSON

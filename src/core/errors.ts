@@ -1,0 +1,51 @@
+/**
+ * The one error vocabulary of uffd. Every failure a user can see carries a `code` from
+ * ERROR_CODES: it is what `--json` prints as `error.code`, a public API that scripts switch on
+ * (docs/ERRORS.md lists them, and a test keeps that list and this table the same). Errors from
+ * system calls keep their errno name as the code (SysError: 'ENOENT', 'EACCES', ...).
+ */
+export const ERROR_CODES = {
+  // The snapshot file (format/errors.ts, SnapshotFormatError).
+  NOT_A_SNAPSHOT: 'the file is not a uffd snapshot (wrong magic)',
+  UNSUPPORTED_VERSION: 'a format version or incompatible feature this build does not know',
+  TRUNCATED: 'the file ends before a structure it declares',
+  CORRUPT: 'a checksum or cross-check disagrees: the stored bytes are not what was written',
+  INVALID: 'a value in the file lies outside its allowed range',
+  // Serving a client (uffd resume).
+  BAD_HANDSHAKE: "the VMM's handshake is malformed or does not match the snapshot",
+  FAULT_OUTSIDE_REGIONS: 'a fault at an address outside every region the client announced',
+  UNSUPPORTED_EVENT: 'a userfaultfd event the handler cannot follow for this kind of client',
+  TIMEOUT: 'no client connected (or sent its handshake) within --timeout',
+  WORKER_EXIT: 'the fault-loop thread stopped unexpectedly (a bug: please report it)',
+  NO_RECORDING: 'the fault loop ended without handing over the --record working set (a bug)',
+  // CRIU (uffd snapshot --criu-dir, uffd resume --criu-dir).
+  CRIU_IMAGE: 'a CRIU image file is malformed or of a kind this tool does not read',
+  CRIU_PROTOCOL: 'criu restore sent something the lazy-pages protocol does not allow',
+  RESTORE_FAILED: 'criu restore closed the lazy-pages socket before the restore finished',
+  NOT_THIS_DUMP: 'the snapshot was not made from this CRIU dump',
+  // Inputs of uffd snapshot.
+  NO_SUCH_PROCESS: 'the --pid process does not exist',
+  PERMISSION: 'not allowed to read the --pid process (needs root or ptrace rights)',
+  EXITED: 'the --pid process exited while it was being read',
+  NOT_A_FILE: 'an input or output path is not a regular file',
+  // Working sets.
+  BAD_WORKING_SET: 'a working-set file is malformed or belongs to another snapshot',
+  // Every command.
+  USAGE: 'the command line is wrong (exit code 2)',
+  INTERRUPTED: 'stopped by SIGINT or SIGTERM (exit code 130)',
+  INTERNAL: 'an unexpected failure inside uffd (a bug: please report it with the message)',
+} as const
+
+export type ErrorCode = keyof typeof ERROR_CODES
+
+/** An error a user sees, with one of the documented codes. */
+export class UffdError extends Error {
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    options?: {cause?: unknown},
+  ) {
+    super(message, options)
+    this.name = 'UffdError'
+  }
+}
