@@ -3,7 +3,8 @@
 import fc from 'fast-check'
 import {describe, expect, it} from 'vitest'
 
-import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from '../src/resume/fault-loop/address-map.js'
+import {AddressMap} from '../src/resume/fault-loop/address-map.js'
+import {PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from '../src/resume/fault-loop/page-states.js'
 import {RESTORE_FINISHED, RestoreStream} from '../src/resume/main/criu-session.js'
 import {type GuestRegion} from '../src/resume/main/handshake.js'
 

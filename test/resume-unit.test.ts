@@ -5,7 +5,8 @@ import fc from 'fast-check'
 import {describe, expect, it} from 'vitest'
 
 import {Geometry} from '../src/format/geometry.js'
-import {AddressMap, PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from '../src/resume/fault-loop/address-map.js'
+import {AddressMap} from '../src/resume/fault-loop/address-map.js'
+import {PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from '../src/resume/fault-loop/page-states.js'
 import {type GuestRegion, HandshakeError, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from '../src/resume/main/handshake.js'
 import {BUCKETS, bucketOf, bucketUpperUs, buildReport, percentileUs, RunStats} from '../src/resume/run-stats.js'
 

@@ -2,6 +2,8 @@ import {type MessagePort} from 'node:worker_threads'
 
 import {type GuestRegion} from './main/handshake.js'
 
+export type {GuestRegion}
+
 /** What the main thread tells the fault-loop worker (over a MessagePort, with an eventfd poke). */
 export type ToWorker =
   | {

@@ -1,17 +1,19 @@
-import {Codec} from '../../format/constants.js'
-import {addressOf, type InstallHelper, MADV, processMadvise, SysError} from '../../sys/index.js'
 import {type SnapshotReader} from '../../snapshot/reader.js'
-import {PAGE_MISSING} from './address-map.js'
-import {type DecodePool, SLOT_ERROR, SLOT_PENDING, SLOT_READY} from './decode-pool.js'
-import {type Client, type FaultServer, type ServeOutcome} from './fault-server.js'
+import {MADV, processMadvise, SysError} from '../../sys/index.js'
 import {type RunClock, type RunStats} from '../run-stats.js'
+import {type Client} from './client.js'
+import {type FaultServer, type FaultWindow} from './fault-server.js'
+import {type CopiedRange, type Installed, type Installer, type Outcome} from './installer.js'
+import {PAGE_MISSING} from './page-states.js'
+import {type PayloadSource} from './payload-source.js'
+import {WorkingSetHelper} from './working-set-helper.js'
 
 export interface PrefetchOptions {
   /** Upper bound of sequential readahead, bytes past the last fault's window. 0 disables it. */
   readaheadBytes: number
   /** Fill all of each client's memory in the background (demand faults still go first). */
   populateAll: boolean
-  /** How many units past a queue's head are asked of the decoders at once. */
+  /** How many units past a queue's head are asked of the source at once. */
   decodeAhead: number
   /** Hand most of a client's staged working set to a helper thread (native/libuffd_fill). */
   installHelper?: boolean
@@ -40,169 +42,99 @@ interface ClientQueue {
   /** feed() has seen urgent[..urgentFedTo) and background[..backgroundFedTo). */
   urgentFedTo: number
   backgroundFedTo: number
-  /** The rest of the working set, being installed by a helper thread; units[..reapAt) are released. */
-  helper?: {installer: InstallHelper; units: number[]; reapAt: number}
+  /** The rest of the working set, being installed by a helper thread. */
+  helper?: WorkingSetHelper
 }
 
 /**
- * The part of a working set the fault loop installs itself when a helper thread takes the rest:
- * the loop also serves the faults and runs the JavaScript around each block, so even shares left
- * it finishing last. Replaying recorded sets (medians of 9): 30% against 50% was 1.12x faster on
- * scattered pages and 1.13x on 64 KiB clusters, 20% was slower again on scattered pages.
+ * One step of prefetch work: 'busy' (it installed something), 'waiting' (everything left waits
+ * for a decode or a helper), 'idle' (nothing to do), 'outcome' (a client's install stopped:
+ * 'retry' while its events are unread, 'gone'), 'failed' (serving that client is impossible).
  */
-const LOOP_SHARE_OF_WORKING_SET = 0.3
-
-/** The owner of staged units in `wanted`: no client (client ids count up from 1). */
-const STAGED = -1
+export type PrefetchStep =
+  | {result: 'busy' | 'waiting' | 'idle'}
+  | {result: 'outcome'; client: Client; outcome: Exclude<Outcome, 'served'>}
+  | {result: 'failed'; client: Client; error: Error}
 
 /**
- * Installs memory before it faults: sequential readahead (a run of faults that each continue the
- * previous window asks for a growing stretch ahead) and background population. Chunks that need
- * decoding are decoded by the decode pool on other cores; the fault loop only copies, one chunk
- * per step, and checks for demand faults between steps, so a fault never waits behind prefetch.
- * Only missing pages are filled (PageStates), so removed memory is never refilled and nothing is
- * copied twice.
+ * Installs memory before it faults: the working set, sequential readahead (a run of faults that
+ * each continue the previous window asks for a growing stretch ahead) and background population.
+ * Units that need decoding are asked of the payload source ahead of time (decoded on other
+ * cores); the fault loop only copies, one unit per step, and checks for demand faults between
+ * steps, so a fault never waits behind prefetch. It tells the loop when a client's memory is
+ * complete through step()'s caller asking completedClients().
  */
 export class Prefetcher {
   private readonly queues = new Map<number, ClientQueue>()
-  /** Decodes in flight or done, and the clients that still want each. */
-  private readonly wanted = new Map<number, Set<number>>()
   private readonly pagesPerChunk: number
-  /** Ranges installed by the current step, for clearAccessed. */
-  private readonly installed: {address: number; length: number}[] = []
-  /** Units decoded before any client connected (stage()), in order, and whether they stay. */
-  private staged: number[] = []
-  private keepStaged = false
+  /** Clients whose memory became complete since last asked (completedClients). */
+  private readonly completed: Client[] = []
 
   constructor(
     private readonly server: FaultServer,
+    private readonly installer: Installer,
+    private readonly source: PayloadSource,
     private readonly reader: SnapshotReader,
-    private readonly pool: DecodePool | undefined,
     private readonly stats: RunStats,
-    private readonly options: PrefetchOptions,
     private readonly clock: RunClock,
-    private readonly onComplete: (client: Client) => void,
+    private readonly options: PrefetchOptions,
   ) {
     this.pagesPerChunk = reader.geometry.pagesPerChunk
-    server.chunkSource = (chunk) => this.decoded(chunk)
   }
 
-  /**
-   * Decodes `units` (the working set) into the decode pool's slots before any client connects, so
-   * that after a handshake installing them costs only the copies. They stay in memory until every
-   * client that wants them has them, or for good with `keep` (every later client wants them too).
-   * Returns how many were queued (the pool's slots bound them).
-   */
-  stage(units: readonly number[], maxUnits: number, keep: boolean): number {
-    if (!this.pool) return 0
-    for (const unit of units.slice(0, maxUnits)) {
-      if (this.wanted.has(unit) || this.reader.entry(unit).codec === Codec.None || !this.pool.request(unit)) continue
-      this.wanted.set(unit, new Set([STAGED]))
-      this.staged.push(unit)
-    }
-    this.keepStaged = keep
-    return this.staged.length
-  }
-
-  /**
-   * Blocks until every staged unit is decoded, or failed (a failed one is decoded again when it
-   * is installed, which reports its error), or `timeoutMs` passed (the rest is decoded on the
-   * way). Returns the units and bytes ready.
-   */
-  waitUntilStaged(timeoutMs: number): {units: number; bytes: number} {
-    const deadline = performance.now() + timeoutMs
-    let units = 0
-    let bytes = 0
-    for (const unit of this.staged) {
-      const slot = this.pool!.slotOf(unit)
-      if (slot === undefined || this.pool!.waitFor(slot, deadline - performance.now()) !== SLOT_READY) continue
-      units++
-      bytes += this.pool!.payload(slot).length
-      this.countDecode(slot)
-    }
-    return {units, bytes}
-  }
-
-  /** `first`: chunks to install before anything else (a recorded working set), in order. */
-  addClient(client: Client, first: readonly number[] = []): void {
-    const urgent = first.filter((chunk) => this.needed(client, chunk))
+  /** `workingSet`: units to install before anything else (a recorded working set), in order. */
+  addClient(client: Client, workingSet: readonly number[] = []): void {
+    const urgent = workingSet.filter((unit) => this.needed(client, unit))
     this.stats.add('workingSetChunks', urgent.length)
-    this.queues.set(client.id, {client, urgent, urgentAt: 0, background: [], backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false, workingSetEnd: urgent.length, urgentFedTo: 0, backgroundFedTo: 0})
-    // Staged units this client wants are its own now; unless they are kept for later clients,
-    // each slot is freed once the clients that want it have it.
-    for (const unit of urgent) this.wanted.get(unit)?.add(client.id)
-    if (!this.keepStaged) {
-      for (const unit of this.staged.splice(0)) this.done(STAGED, unit)
-    }
-    this.startHelper(this.queues.get(client.id)!)
+    const q: ClientQueue = {client, urgent, urgentAt: 0, background: [], backgroundAt: 0, nextPage: -1, streak: 0, aheadUntilChunk: -1, completeReported: false, workingSetEnd: urgent.length, urgentFedTo: 0, backgroundFedTo: 0}
+    this.queues.set(client.id, q)
+    this.updateRetention()
+    this.source.adoptStaged(client.id, urgent)
+    if (this.options.installHelper) this.startHelper(q)
     if (this.options.populateAll) this.populate(client)
   }
 
-  /**
-   * Gives the later part of a client's working set to a helper thread, when every unit of it is
-   * a packed block already decoded (staged): the fault loop installs the first part and serves
-   * faults meanwhile (baseline_handler --prefetch-threads: ~1.3x faster on 2 cores).
-   */
   private startHelper(q: ClientQueue): void {
-    const pool = this.pool
-    if (!this.options.installHelper || !pool || q.workingSetEnd < 2) return
-    const loopShare = Math.ceil(q.workingSetEnd * LOOP_SHARE_OF_WORKING_SET)
-    const units = q.urgent.slice(loopShare, q.workingSetEnd)
-    // Every unit decoded already (or all zeros: nothing to decode), so the helper never waits.
-    const payloads: number[] = []
-    for (const unit of units) {
-      const slot = pool.slotOf(unit)
-      if (this.reader.packedBlock(unit) === undefined) return
-      if (this.reader.entry(unit).codec === Codec.None) payloads.push(0)
-      else if (slot !== undefined && pool.state(slot) === SLOT_READY) payloads.push(addressOf(pool.payload(slot)))
-      else return
-    }
-    const installer = this.server.startInstallHelper(q.client, units.map((unit) => this.reader.packedBlock(unit)!), payloads, pool.eventFd)
-    if (!installer) return
-    q.urgent.splice(loopShare, units.length)
-    q.workingSetEnd = loopShare
-    q.helper = {installer, units, reapAt: 0}
-    q.client.installHelper = installer
-    q.client.states.shared = true
+    const started = WorkingSetHelper.start(q.client, q.urgent.slice(0, q.workingSetEnd), {
+      reader: this.reader,
+      installer: this.installer,
+      source: this.source,
+      blockRuns: (block) => this.server.blockRuns(block),
+    })
+    if (!started) return
+    q.urgent.splice(started.loopUnits, started.helper.units.length)
+    q.workingSetEnd = started.loopUnits
+    q.helper = started.helper
   }
 
   /**
-   * Collects a helper's work: its counts, the slots of the units it installed, and once it has
-   * stopped, the helper itself. Returns an outcome when it stopped on an error.
+   * Collects a helper's work, and once it has stopped, the helper itself. Returns an outcome
+   * when it stopped on one; throws when it stopped on an unexpected error.
    */
-  private pollHelper(q: ClientQueue): ServeOutcome | undefined {
-    const h = q.helper
-    if (!h) return undefined
-    // Read before its counts: once it says finished, all it did is counted.
-    const finished = h.installer.finished
-    const outcome = this.helperProgress(q, h.installer)
-    while (h.reapAt < h.units.length && h.installer.done(h.reapAt)) this.done(q.client.id, h.units[h.reapAt++])
-    if (!finished && outcome === 'served') return undefined
-    this.dropHelper(q)
-    // Units it did not finish (it stopped on an error) are installed by faults or not at all.
-    for (const unit of h.units.slice(h.reapAt)) this.done(q.client.id, unit)
-    this.checkWorkingSet(q)
-    return outcome === 'served' ? undefined : outcome
-  }
-
-  /** Accounts what a helper installed since last asked: prefetched pages, by a helper. */
-  private helperProgress(q: ClientQueue, installer: InstallHelper): ServeOutcome {
-    const before = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed')
+  private pollHelper(q: ClientQueue): Exclude<Outcome, 'served'> | undefined {
+    const helper = q.helper
+    if (!helper) return undefined
+    let progress
     try {
-      return this.server.helperProgress(q.client, installer)
-    } finally {
-      const pages = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed') - before
-      this.stats.add('prefetchedPages', pages)
-      this.stats.add('helperPages', pages)
+      progress = helper.poll()
+    } catch (error) {
+      this.dropHelper(q)
+      throw error
     }
+    this.countHelperPages(progress.pages)
+    if (!progress.stopped && progress.outcome === 'served') return undefined
+    this.dropHelper(q)
+    this.checkWorkingSet(q)
+    return progress.outcome === 'served' ? undefined : progress.outcome
   }
 
-  /** Stops a client's helper after the block it is on: it must be gone before the client's uffd closes or its slots are freed. */
+  private countHelperPages(pages: number): void {
+    this.stats.add('prefetchedPages', pages)
+    this.stats.add('helperPages', pages)
+  }
+
   private dropHelper(q: ClientQueue): void {
-    if (!q.helper) return
-    q.helper.installer.stop()
-    q.client.installHelper = undefined
-    q.client.states.shared = false
+    q.helper?.stop()
     q.helper = undefined
   }
 
@@ -223,10 +155,16 @@ export class Prefetcher {
     const q = this.queues.get(client.id)
     if (q) this.settle(q)
     this.queues.delete(client.id)
-    for (const [chunk, clients] of this.wanted) {
-      clients.delete(client.id)
-      if (clients.size === 0) this.forget(chunk)
-    }
+    this.updateRetention()
+    this.source.releaseOwner(client.id)
+  }
+
+  /**
+   * A decoded payload is worth a copy into the cache when released only if someone will want it
+   * again: another client of the snapshot, or faults whose window is smaller than a chunk.
+   */
+  private updateRetention(): void {
+    this.source.retainReleased = this.queues.size > 1 || this.server.windowPages < this.pagesPerChunk
   }
 
   /**
@@ -237,11 +175,11 @@ export class Prefetcher {
    * found its set installed may exit at once).
    */
   private settle(q: ClientQueue): void {
-    const installer = q.helper?.installer
-    if (installer && !(installer.finished && installer.error === 0)) {
+    const helper = q.helper
+    if (helper && !helper.completedAll) {
       this.dropHelper(q)
       try {
-        this.helperProgress(q, installer)
+        this.countHelperPages(helper.poll().pages)
       } catch {
         // The client is being dropped: what stopped its helper no longer matters.
       }
@@ -254,15 +192,16 @@ export class Prefetcher {
     } finally {
       this.dropHelper(q)
     }
-    while (q.urgentAt < q.workingSetEnd && !this.needed(q.client, q.urgent[q.urgentAt])) this.done(q.client.id, q.urgent[q.urgentAt++])
+    while (q.urgentAt < q.workingSetEnd && !this.needed(q.client, q.urgent[q.urgentAt])) this.source.release(q.client.id, q.urgent[q.urgentAt++])
     this.checkWorkingSet(q)
   }
 
-  /** Called after a demand fault at image page `page` whose window ended at `windowEnd`. */
-  noteFault(client: Client, page: number, windowEnd: number): void {
+  /** After a demand fault that installed `window`: sequential runs of faults ask for readahead. */
+  noteFault(client: Client, window: FaultWindow): void {
     const q = this.queues.get(client.id)
     if (!q || this.options.readaheadBytes <= 0) return
     const windowPages = this.server.windowPages
+    const {page, end: windowEnd} = window
     q.streak = page >= q.nextPage && page < q.nextPage + windowPages ? q.streak + 1 : 0
     q.nextPage = windowEnd
     if (q.streak === 0) return
@@ -277,18 +216,21 @@ export class Prefetcher {
   /** True when a step could make progress now (not only wait for a decoder). */
   hasWork(): boolean {
     for (const q of this.queues.values()) {
-      if (q.urgentAt < q.urgent.length || q.backgroundAt < q.background.length || q.helper?.installer.finished) return true
+      if (q.urgentAt < q.urgent.length || q.backgroundAt < q.background.length || q.helper?.stopped) return true
     }
     return false
   }
 
+  /** Clients whose memory became complete (every page present or removed) since last asked. */
+  completedClients(): Client[] {
+    return this.completed.splice(0)
+  }
+
   /**
-   * One unit of prefetch work: installs the next wanted chunk of some client if it is ready (or
-   * needs no decoding), keeps the decoders fed. Returns 'busy' when it did something, 'waiting'
-   * when everything left waits for a decoder, 'idle' when there is nothing to do, or a client
-   * outcome ('retry': events are queued; 'gone').
+   * One unit of prefetch work: installs the next wanted unit of some client if it is ready (or
+   * needs no decoding), and keeps the source asked ahead.
    */
-  step(): {result: 'busy' | 'waiting' | 'idle'} | {result: 'outcome'; client: Client; outcome: ServeOutcome} | {result: 'failed'; client: Client; error: Error} {
+  step(): PrefetchStep {
     let waiting = false
     for (const q of this.queues.values()) {
       try {
@@ -297,46 +239,38 @@ export class Prefetcher {
       } catch (error) {
         return {result: 'failed', client: q.client, error: error as Error}
       }
-      // A helper still installing: the loop is woken (pool.eventFd) when it stops.
+      // A helper still installing: the loop is woken (source.eventFd) when it stops.
       if (q.helper) waiting = true
       this.feed(q)
       for (const urgent of [true, false]) {
         const list = urgent ? q.urgent : q.background
         let at = urgent ? q.urgentAt : q.backgroundAt
-        // Chunks faults have filled meanwhile: drop this client's claim on their decode slots,
-        // or the slots stay taken until the client ends and readahead starves.
-        while (at < list.length && !this.needed(q.client, list[at])) this.done(q.client.id, list[at++])
+        // Units faults have filled meanwhile: drop this client's claim on them, or their decode
+        // slots stay taken until the client ends and readahead starves.
+        while (at < list.length && !this.needed(q.client, list[at])) this.source.release(q.client.id, list[at++])
         if (urgent) q.urgentAt = at
         else q.backgroundAt = at
         if (urgent) this.checkWorkingSet(q)
         if (at >= list.length) continue
-        const chunk = list[at]
-        const ready = this.readyToInstall(chunk)
-        if (!ready) {
+        const unit = list[at]
+        if (!this.source.isReady(unit)) {
           // Never asked for (it was in the cache when fed, and evicted since): feed it again.
-          if (this.pool!.slotOf(chunk) === undefined) {
+          if (!this.source.isRequested(unit)) {
             if (urgent) q.urgentFedTo = Math.min(q.urgentFedTo, at)
             else q.backgroundFedTo = Math.min(q.backgroundFedTo, at)
           }
           waiting = true
           continue
         }
-        const before = this.stats.get('pagesCopied') + this.stats.get('pagesZeroed')
-        let outcome: ServeOutcome
-        const tracking = q.client.hitTrackingPidfd >= 0
-        if (tracking) this.server.onCopied = (_client, address, length) => this.installed.push({address, length})
+        let installed: Installed
         try {
-          const block = this.reader.packedBlock(chunk)
-          outcome = block !== undefined ? this.server.installBlock(q.client, block) : this.server.fillImageRange(q.client, chunk * this.pagesPerChunk, (chunk + 1) * this.pagesPerChunk)
+          installed = this.install(q.client, unit)
         } catch (error) {
           return {result: 'failed', client: q.client, error: error as Error}
-        } finally {
-          this.server.onCopied = undefined
-          if (tracking) this.clearAccessed(q.client)
         }
-        this.stats.add('prefetchedPages', this.stats.get('pagesCopied') + this.stats.get('pagesZeroed') - before)
-        if (outcome !== 'served') return {result: 'outcome', client: q.client, outcome}
-        this.done(q.client.id, chunk)
+        this.stats.add('prefetchedPages', installed.pages)
+        if (installed.outcome !== 'served') return {result: 'outcome', client: q.client, outcome: installed.outcome}
+        this.source.release(q.client.id, unit)
         if (urgent) q.urgentAt++
         else q.backgroundAt++
         if (urgent) this.checkWorkingSet(q)
@@ -348,6 +282,17 @@ export class Prefetcher {
     return {result: waiting ? 'waiting' : 'idle'}
   }
 
+  /** Installs one unit's missing pages into the client, clearing their accessed bits when hits are counted. */
+  private install(client: Client, unit: number): Installed {
+    const copied: CopiedRange[] | undefined = client.hitTrackingPidfd >= 0 ? [] : undefined
+    try {
+      const block = this.reader.packedBlock(unit)
+      return block !== undefined ? this.server.installBlock(client, block, -1, copied) : this.server.fillImageRange(client, unit * this.pagesPerChunk, (unit + 1) * this.pagesPerChunk, copied)
+    } finally {
+      if (copied) this.clearAccessed(client, copied)
+    }
+  }
+
   /**
    * Prefetch hits: UFFDIO_COPY installs pages with their accessed bit set; clearing it right
    * after (MADV_COLD, which also flushes the client's TLB) lets /proc/PID/smaps count later
@@ -355,8 +300,7 @@ export class Prefetcher {
    * does not count: hits are counted over data pages. If the kernel refuses (no CAP_SYS_NICE),
    * counting stops for this client and the report says so by its absence.
    */
-  private clearAccessed(client: Client): void {
-    const ranges = this.installed.splice(0)
+  private clearAccessed(client: Client, ranges: CopiedRange[]): void {
     if (ranges.length === 0) return
     try {
       processMadvise(client.hitTrackingPidfd, ranges, MADV.COLD)
@@ -370,73 +314,33 @@ export class Prefetcher {
   }
 
   /**
-   * Requests decodes for the next chunks this client will want, while slots are free. Each unit
-   * is looked at once (every step would rescan the whole window otherwise: ~20% of installing
-   * a staged working set).
+   * Asks the source for the next units this client will want, while it has room. Each unit is
+   * looked at once (every step would rescan the whole window otherwise).
    */
   private feed(q: ClientQueue): void {
-    if (!this.pool) return
     for (const urgent of [true, false]) {
       const list = urgent ? q.urgent : q.background
       const from = urgent ? q.urgentAt : q.backgroundAt
       let i = Math.max(from, urgent ? q.urgentFedTo : q.backgroundFedTo)
       for (; i < list.length && i < from + this.options.decodeAhead; i++) {
-        const chunk = list[i]
-        let clients = this.wanted.get(chunk)
-        if (clients?.has(q.client.id)) continue
-        if (this.reader.entry(chunk).codec === Codec.None || this.server.isCached(chunk) || !this.needed(q.client, chunk)) continue
-        if (!clients) {
-          if (!this.pool.request(chunk)) break
-          this.wanted.set(chunk, (clients = new Set()))
-        }
-        clients.add(q.client.id)
+        const unit = list[i]
+        if (this.source.isClaimedBy(q.client.id, unit) || !this.needed(q.client, unit)) continue
+        if (this.source.prefetch(q.client.id, unit) === 'full') break
       }
       if (urgent) q.urgentFedTo = i
       else q.backgroundFedTo = i
     }
   }
 
-  /** Can `chunk` be installed without waiting: all zeros, decoded, or no decode pool at all. */
-  private readyToInstall(chunk: number): boolean {
-    if (this.reader.entry(chunk).codec === Codec.None || !this.pool || this.server.isCached(chunk)) return true
-    const slot = this.pool.slotOf(chunk)
-    if (slot === undefined) return false
-    const state = this.pool.state(slot)
-    return state === SLOT_READY || state === SLOT_ERROR
-  }
-
-  /**
-   * The decode pool's payload for `chunk` (a demand fault needs it now): decoded here if no
-   * decoder has started on it yet, else waited for (at most one decode).
-   */
-  private decoded(chunk: number): Buffer | undefined {
-    const slot = this.pool?.slotOf(chunk)
-    if (slot === undefined || !this.pool) return undefined
-    if (this.pool.takeBack(slot)) {
-      let length = -1
-      try {
-        length = this.reader.readPayload(chunk, this.pool.slotBuffer(slot)).length
-      } catch {
-        // Reported with its context when the fault path decodes it again (below).
-      }
-      this.pool.finish(slot, length)
-    }
-    const state = this.pool.state(slot) === SLOT_PENDING ? this.pool.waitFor(slot) : this.pool.state(slot)
-    if (state === SLOT_READY) return this.pool.payload(slot)
-    // ERROR: decode it here instead, which raises the real error with its context.
-    this.forget(chunk)
-    return undefined
-  }
-
-  private needed(client: Client, chunk: number): boolean {
-    const block = this.reader.packedBlock(chunk)
+  private needed(client: Client, unit: number): boolean {
+    const block = this.reader.packedBlock(unit)
     if (block !== undefined) {
       const packed = this.reader.packed!
       const {listStart, pageCount} = packed.blocks[block]
       for (let k = listStart; k < listStart + pageCount; k++) if (client.states.get(packed.pages[k]) === PAGE_MISSING) return true
       return false
     }
-    const first = chunk * this.pagesPerChunk
+    const first = unit * this.pagesPerChunk
     const end = Math.min(first + this.pagesPerChunk, this.reader.geometry.pageCount)
     for (const r of client.map.imagePageRanges(this.reader.geometry.pageSize)) {
       for (let p = Math.max(first, r.firstPage); p < Math.min(end, r.endPage); p++) {
@@ -446,46 +350,6 @@ export class Prefetcher {
     return false
   }
 
-  /** `owner` (a client id, or STAGED) no longer wants `chunk`; the last one out frees it. */
-  private done(owner: number, chunk: number): void {
-    const clients = this.wanted.get(chunk)
-    if (!clients) return
-    clients.delete(owner)
-    if (clients.size === 0) this.forget(chunk)
-  }
-
-  private forget(chunk: number): void {
-    this.wanted.delete(chunk)
-    const slot = this.pool?.slotOf(chunk)
-    if (slot !== undefined && this.pool!.state(slot) !== SLOT_PENDING) this.release(slot)
-  }
-
-  private release(slot: number): void {
-    if (this.pool!.state(slot) === SLOT_READY) {
-      const payload = this.pool!.payload(slot)
-      this.countDecode(slot)
-      // Worth a copy into the cache only if someone will want this chunk again: another client of
-      // the snapshot, or faults whose window is smaller than a chunk.
-      if (this.queues.size > 1 || this.server.windowPages < this.pagesPerChunk) this.server.adoptDecoded(this.pool!.chunkIn(slot), payload)
-    }
-    this.pool!.release(slot)
-  }
-
-  private countDecode(slot: number): void {
-    const length = this.pool!.countOnce(slot)
-    if (length < 0) return
-    this.stats.add('chunksDecoded')
-    this.stats.add('bytesDecompressed', length)
-  }
-
-  /** Frees slots whose decode finished after every client that wanted them lost interest. */
-  reap(): void {
-    if (!this.pool) return
-    for (const slot of this.pool.finished()) {
-      if (!this.wanted.has(this.pool.chunkIn(slot))) this.release(slot)
-    }
-  }
-
   private checkWorkingSet(q: ClientQueue): void {
     if (q.workingSetEnd === 0 || q.urgentAt < q.workingSetEnd || q.helper) return
     q.workingSetEnd = 0
@@ -493,9 +357,9 @@ export class Prefetcher {
   }
 
   private checkComplete(q: ClientQueue): void {
-    if (q.completeReported || !this.server.isComplete(q.client)) return
+    if (q.completeReported || !q.client.isComplete) return
     q.completeReported = true
     if (this.stats.get('memoryCompleteMs') === 0) this.stats.set('memoryCompleteMs', this.clock.now())
-    this.onComplete(q.client)
+    this.completed.push(q.client)
   }
 }

@@ -1,0 +1,341 @@
+// The installer: the only code in resume that puts pages into a client's memory. It issues every
+// UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_WAKE and every native block fill, marks page states as
+// pages land, turns each errno into an outcome in one place (fillErrnoMeaning), and tells its
+// callers what it did: they never look at the global counters to find out.
+
+import {type ZeroMap} from '../../format/zero-map.js'
+import {UffdError} from '../../core/errors.js'
+import {addressOf, type BlockFillResult, Errno, errnoName, type FillResult, type HelperJob, InstallHelper, nativeBlockFill, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage} from '../../sys/index.js'
+import {type GuestRegion} from '../protocol.js'
+import {type RunStats} from '../run-stats.js'
+import {type Client} from './client.js'
+import {PAGE_MISSING} from './page-states.js'
+
+/**
+ * What happened to a request for a client: 'served' (every page asked for is present, or was
+ * never the handler's to fill), 'retry' (the client's address space is changing: read its events
+ * first, then ask again), 'gone' (its mapping or its whole process is gone).
+ */
+export type Outcome = 'served' | 'retry' | 'gone'
+
+/** An outcome and the pages this call installed (copied or zero-mapped) on the way to it. */
+export interface Installed {
+  outcome: Outcome
+  pages: number
+}
+
+/** A range the installer copied data into (prefetch hit counting clears their accessed bits). */
+export interface CopiedRange {
+  address: number
+  length: number
+}
+
+/** The kernel calls the installer makes: sys's real ones, or a test's simulated page table. */
+export interface FillCalls {
+  copy(uffd: number, dst: number, src: number, length: number): FillResult
+  zeropage(uffd: number, start: number, length: number): FillResult
+  wake(uffd: number, start: number, length: number): void
+  /** native/libuffd_fill's uffd_fill_block (uffdFillBlock's arguments), when it is loaded. */
+  fillBlock: typeof uffdFillBlock | undefined
+  /** native/libuffd_fill's install helper thread (InstallHelper.start's arguments), when loaded. */
+  startHelper: typeof InstallHelper.start | undefined
+}
+
+export const kernelFillCalls: FillCalls = {
+  copy: uffdCopy,
+  zeropage: uffdZeropage,
+  wake: uffdWake,
+  fillBlock: nativeBlockFill ? uffdFillBlock : undefined,
+  startHelper: nativeBlockFill ? InstallHelper.start : undefined,
+}
+
+/**
+ * What an errno from UFFDIO_COPY / UFFDIO_ZEROPAGE (or a native fill built on them) means
+ * (mm/userfaultfd.c):
+ * - EEXIST: the first page is present already (another thread's fault, or fault-around of a
+ *   duplicate message): nothing to install there, but its waiters may need a wake.
+ * - EAGAIN: the mm is changing (mmap_changing: a REMOVE, UNMAP, REMAP or FORK event is queued and
+ *   unread), or, after some bytes, the copy ran into a present page.
+ * - ENOENT: no registered VMA at the address. A VMM's regions never change, so its mapping is
+ *   gone; a restored process may have split, moved or unregistered part of one, so the page is
+ *   simply not registered memory any more (no fault can ask for it).
+ * - ESRCH: the mm is gone (the process exited).
+ */
+export type FillErrnoMeaning = 'installed' | 'already-present' | 'address-space-changing' | 'not-registered' | 'gone' | 'unexpected'
+
+export function fillErrnoMeaning(errno: number, nonCooperative: boolean): FillErrnoMeaning {
+  switch (errno) {
+    case 0:
+      return 'installed'
+    case Errno.EEXIST:
+      return 'already-present'
+    case Errno.EAGAIN:
+      return 'address-space-changing'
+    case Errno.ENOENT:
+      return nonCooperative ? 'not-registered' : 'gone'
+    case Errno.ESRCH:
+      return 'gone'
+    default:
+      return 'unexpected'
+  }
+}
+
+/** A payload address for fill(): where the run's first page's bytes are, or ZEROS. */
+export const ZEROS = -1
+
+function hex(n: number): string {
+  return `0x${n.toString(16)}`
+}
+
+export class Installer {
+  /** hugetlbfs has no UFFDIO_ZEROPAGE: zero pages are copied from a zero buffer there. */
+  private readonly huge: boolean
+  private zeroPage: Buffer | undefined
+  /** The region of the block run installed last (a block's runs usually share one). */
+  private blockRegion: GuestRegion | undefined
+
+  constructor(
+    private readonly calls: FillCalls,
+    private readonly stats: RunStats,
+    private readonly pageSize: number,
+    private readonly zeroMap: ZeroMap,
+    /** Zero runs around packed set pages grow within aligned windows of this many pages. */
+    private readonly zeroRunWindowPages: number,
+  ) {
+    this.huge = pageSize > 4096
+  }
+
+  /**
+   * Fills pages [first, first+count) of one region with zeros (`source` ZEROS) or with data
+   * starting at address `source`, handling the kernel's partial results: a copy that runs into a
+   * page already present stops there (EAGAIN with bytes done, or EEXIST at the first page): that
+   * page is marked present and the copy goes on after it, so no page after a collision is left
+   * missing. Copied ranges are appended to `copied` when given.
+   */
+  fill(client: Client, region: GuestRegion, first: number, count: number, source: number, copied?: CopiedRange[]): Installed {
+    const zero = source === ZEROS
+    const length = count * this.pageSize
+    const dst = region.baseHostVirtAddr + (first * this.pageSize - region.offset)
+    let done = 0
+    let pages = 0
+    // Bytes per ioctl; drops to one page when a range turns out to span several VMAs.
+    let step = length
+    while (done < length) {
+      let result: FillResult
+      if (!zero) {
+        result = this.calls.copy(client.uffd, dst + done, source + done, Math.min(step, length - done))
+        this.stats.add('copyIoctls')
+      } else if (this.huge) {
+        result = this.calls.copy(client.uffd, dst + done, this.zeroPageAddress(), this.pageSize)
+        this.stats.add('copyIoctls')
+      } else {
+        result = this.calls.zeropage(client.uffd, dst + done, Math.min(step, length - done))
+        this.stats.add('zeropageIoctls')
+      }
+      if (result.done > 0) {
+        const n = result.done / this.pageSize
+        client.states.markPresent(first + done / this.pageSize, n)
+        this.stats.add(zero ? 'pagesZeroed' : 'pagesCopied', n)
+        pages += n
+        if (!zero) {
+          this.stats.add('bytesCopied', result.done)
+          copied?.push({address: dst + done, length: result.done})
+        }
+        done += result.done
+      }
+      switch (fillErrnoMeaning(result.error, client.nonCooperative)) {
+        case 'installed':
+          continue
+        case 'already-present':
+          this.stats.add('eexist')
+          this.calls.wake(client.uffd, dst + done, this.pageSize)
+          client.states.markPresent(first + done / this.pageSize, 1)
+          done += this.pageSize
+          continue
+        case 'address-space-changing':
+          this.stats.add('eagain')
+          // After progress: a present page follows (the next call reports EEXIST for it).
+          if (result.done === 0) return {outcome: 'retry', pages}
+          continue
+        case 'not-registered':
+          // A copy must lie inside one registered VMA: go page by page; a single page the
+          // kernel still refuses is not registered memory.
+          if (step > this.pageSize) {
+            step = this.pageSize
+            continue
+          }
+          this.calls.wake(client.uffd, dst + done, this.pageSize)
+          client.states.markRemoved(first + done / this.pageSize, 1)
+          done += this.pageSize
+          continue
+        case 'gone':
+          return {outcome: 'gone', pages}
+        case 'unexpected':
+          throw new UffdError('FILL_FAILED', `unexpected ${errnoName(result.error)} installing ${length} bytes at ${hex(dst)}`)
+      }
+    }
+    return {outcome: 'served', pages}
+  }
+
+  /**
+   * Zero-fills the page at `address` of a restored process's registered memory outside the
+   * snapshot's regions (fresh anonymous memory, see FaultServer.serve): no page state tracks it.
+   */
+  fillFreshPage(client: Client, address: number): Installed {
+    const result = this.huge ? this.calls.copy(client.uffd, address, this.zeroPageAddress(), this.pageSize) : this.calls.zeropage(client.uffd, address, this.pageSize)
+    switch (fillErrnoMeaning(result.error, client.nonCooperative)) {
+      case 'installed':
+        this.stats.add('pagesZeroed')
+        return {outcome: 'served', pages: 1}
+      case 'already-present':
+      case 'not-registered':
+        // Installed by another thread's fault, or unmapped meanwhile: the faulting thread only
+        // needs waking to retry its access.
+        this.calls.wake(client.uffd, address, this.pageSize)
+        return {outcome: 'served', pages: 0}
+      case 'address-space-changing':
+        return {outcome: 'retry', pages: 0}
+      case 'gone':
+        return {outcome: 'gone', pages: 0}
+      case 'unexpected':
+        throw new UffdError('FILL_FAILED', `unexpected ${errnoName(result.error)} zeroing the page at ${hex(address)}`)
+    }
+  }
+
+  /** Wakes the threads waiting on one present page (served already: a duplicate message). */
+  wakePage(client: Client, region: GuestRegion, page: number): void {
+    this.calls.wake(client.uffd, region.baseHostVirtAddr + (page * this.pageSize - region.offset), this.pageSize)
+  }
+
+  /**
+   * Whether a client's packed blocks can go to native/libuffd_fill: per page, the JavaScript
+   * path costs about what the kernel's copy does. Not when copied ranges are wanted (hit
+   * counting), on hugetlbfs, or for restored processes (their mappings change).
+   */
+  fillsNatively(client: Client, tracking: boolean): boolean {
+    return this.calls.fillBlock !== undefined && !tracking && !this.huge && !client.nonCooperative
+  }
+
+  /**
+   * Installs the still-missing pages of a packed working-set block: `runs` are (first image page,
+   * count, payload page or -1 for zeros) triples (packedBlockRuns), `payload` the address of the
+   * block's decoded bytes, `firstRun` the index of the run to install first (a faulting page's),
+   * or -1. Each run of consecutive image pages of one kind is one ioctl: a block's pages are
+   * sorted, so a data run is adjacent in its payload too.
+   */
+  fillBlock(client: Client, what: string, runs: Int32Array, payload: number, firstRun: number, copied?: CopiedRange[]): Installed {
+    if (this.fillsNatively(client, copied !== undefined)) {
+      const r = this.calls.fillBlock!(client.uffd, client.states.states, this.zeroMap.bytes, this.pageSize, client.fillRegions, runs, Math.max(0, payload), firstRun, this.zeroRunWindowPages)
+      return this.accountBlockFill(client, what, r)
+    }
+    this.blockRegion = undefined
+    let pages = 0
+    for (let k = firstRun < 0 ? 0 : -1; k < runs.length / 3; k++) {
+      // The faulting page's run first (k = -1), then the others in order.
+      const i = k < 0 ? firstRun * 3 : k * 3
+      if (k >= 0 && k === firstRun) continue
+      const r = this.fillBlockRun(client, runs[i], runs[i + 1], runs[i + 2] < 0 ? ZEROS : payload + runs[i + 2] * this.pageSize, copied)
+      pages += r.pages
+      if (r.outcome !== 'served') return {outcome: r.outcome, pages}
+    }
+    return {outcome: 'served', pages}
+  }
+
+  /**
+   * Starts a native thread installing packed blocks (`jobs`, in order) into the client beside
+   * this one, or returns undefined when it cannot (see fillsNatively; prefetch hits are counted
+   * per copied range, which a helper does not report). It writes to the eventfd `notifyFd` when
+   * it stops; what it did is accounted with accountBlockFill(helper.takeProgress()).
+   */
+  startHelper(client: Client, jobs: readonly HelperJob[], notifyFd: number): InstallHelper | undefined {
+    if (!this.fillsNatively(client, client.hitTrackingPidfd >= 0) || !this.calls.startHelper) return undefined
+    return this.calls.startHelper(client.uffd, client.states.states, this.zeroMap.bytes, this.pageSize, client.fillRegions, jobs, this.zeroRunWindowPages, notifyFd)
+  }
+
+  /**
+   * Accounts a native block fill (one call, or what an install helper did since last asked)
+   * and turns its errno into an outcome. Its page states were moved by the native code.
+   */
+  accountBlockFill(client: Client, what: string, r: BlockFillResult): Installed {
+    client.states.countInstalled(r.newlyPresent)
+    this.stats.add('pagesCopied', r.pagesCopied)
+    this.stats.add('pagesZeroed', r.pagesZeroed)
+    this.stats.add('bytesCopied', r.pagesCopied * this.pageSize)
+    this.stats.add('copyIoctls', r.copyIoctls)
+    this.stats.add('zeropageIoctls', r.zeropageIoctls)
+    this.stats.add('eexist', r.eexist)
+    const pages = r.pagesCopied + r.pagesZeroed
+    switch (fillErrnoMeaning(r.error, false)) {
+      case 'installed':
+        return {outcome: 'served', pages}
+      case 'address-space-changing':
+        this.stats.add('eagain')
+        return {outcome: 'retry', pages}
+      case 'gone':
+        return {outcome: 'gone', pages}
+      default:
+        // (EEXIST is handled inside the native fill: it never stops it.)
+        throw new UffdError('FILL_FAILED', `unexpected ${errnoName(r.error)} installing ${what} at image page ${r.stopPage}`)
+    }
+  }
+
+  /**
+   * Installs the missing pages of one run of a block (`source`: the payload address of its first
+   * page, or ZEROS), one ioctl per stretch of missing pages inside one region.
+   */
+  private fillBlockRun(client: Client, page: number, count: number, source: number, copied?: CopiedRange[]): Installed {
+    const {states} = client
+    const end = page + count
+    let pages = 0
+    for (let p = page; p < end; ) {
+      if (states.get(p) !== PAGE_MISSING) {
+        p++
+        continue
+      }
+      let region = this.blockRegion
+      if (!region || p * this.pageSize < region.offset || p * this.pageSize >= region.offset + region.size) region = this.blockRegion = client.map.regionOfImagePage(p, this.pageSize)
+      if (!region) {
+        p++
+        continue
+      }
+      const regionFirst = region.offset / this.pageSize
+      const regionEnd = regionFirst + region.size / this.pageSize
+      let q = p + 1
+      while (q < end && q < regionEnd && states.get(q) === PAGE_MISSING) q++
+      let r: Installed
+      if (source === ZEROS) {
+        const [from, to] = this.zeroRunAround(client, p, q, regionFirst, regionEnd)
+        r = this.fill(client, region, from, to - from, ZEROS)
+      } else {
+        r = this.fill(client, region, p, q - p, source + (p - page) * this.pageSize, copied)
+      }
+      pages += r.pages
+      if (r.outcome !== 'served') return {outcome: r.outcome, pages}
+      p = q
+    }
+    return {outcome: 'served', pages}
+  }
+
+  /**
+   * The zero run to map for set pages [first, end): grown over the missing zero pages around it
+   * within its aligned window (zeroRunWindowBytes), so that the isolated zero pages of a scattered
+   * set cost one ioctl per window rather than one each (a zero page is its own content, so extra
+   * ones are never wrong). The window bounds the ioctl: a zero page costs a page-table entry, and
+   * a fault may wait behind it.
+   */
+  private zeroRunAround(client: Client, first: number, end: number, regionFirst: number, regionEnd: number): [number, number] {
+    const {states} = client
+    const windowPages = this.zeroRunWindowPages
+    const windowFirst = Math.max(regionFirst, first - (first % windowPages))
+    const windowEnd = Math.min(regionEnd, end - 1 - ((end - 1) % windowPages) + windowPages)
+    let from = first
+    while (from > windowFirst && this.zeroMap.isZero(from - 1) && states.get(from - 1) === PAGE_MISSING) from--
+    let to = end
+    while (to < windowEnd && this.zeroMap.isZero(to) && states.get(to) === PAGE_MISSING) to++
+    return [from, to]
+  }
+
+  private zeroPageAddress(): number {
+    return addressOf((this.zeroPage ??= Buffer.alloc(this.pageSize)))
+  }
+}

@@ -1,0 +1,440 @@
+import {availableParallelism} from 'node:os'
+import {receiveMessageOnPort} from 'node:worker_threads'
+
+import {UffdError} from '../../core/errors.js'
+import {WorkingSetRecorder} from '../../format/working-set.js'
+import {SnapshotReader} from '../../snapshot/reader.js'
+import {
+  closeFd,
+  decodeUffdMessage,
+  eventfdDrain,
+  POLLERR,
+  POLLHUP,
+  POLLIN,
+  type PollEntry,
+  PollSet,
+  readSome,
+  readUffdMessages,
+  SysError,
+  UFFD_MSG_SIZE,
+  type UffdMessage,
+} from '../../sys/index.js'
+import {type FromWorker, type ToWorker, type WorkerConfig} from '../protocol.js'
+import {RunClock, RunStats} from '../run-stats.js'
+import {Client} from './client.js'
+import {DecodePool} from './decode-pool.js'
+import {FaultServer, zeroRunWindowPages} from './fault-server.js'
+import {Installer, kernelFillCalls} from './installer.js'
+import {DecodedUnits} from './payload-source.js'
+import {Prefetcher} from './prefetch.js'
+
+/** Longest wait for the decoders to start, and again for them to stage the working set. */
+const STARTUP_WAIT_MS = 10_000
+/** Longest stretch of prefetch work between two checks for demand faults. */
+const PREFETCH_SLICE_MS = 0.5
+/** Forked children get ids the main thread never hands out (it counts up from 1). */
+const FIRST_FORK_ID = 1 << 30
+
+/** How the loop talks to the main thread: control messages in (with an eventfd poke, since the loop sleeps in poll()), reports out. */
+export interface LoopChannel {
+  controlFd: number
+  receive(): ToWorker | undefined
+  post(message: FromWorker): void
+}
+
+/** Everything the loop serves with, built from its settings by FaultLoop.start (or by a test). */
+export interface LoopParts {
+  config: Pick<WorkerConfig, 'workingSetUnits' | 'keepWorkingSet' | 'countHits' | 'spinMicros'>
+  reader: SnapshotReader
+  stats: RunStats
+  clock: RunClock
+  source: DecodedUnits
+  pool: DecodePool | undefined
+  server: FaultServer
+  prefetcher: Prefetcher
+  recorder: WorkingSetRecorder | undefined
+  /** Working-set units to stage before the first client, at most. */
+  stagedSlots: number
+}
+
+type Polled = {kind: 'control'} | {kind: 'decoded'} | {kind: 'uffd' | 'pidfd' | 'socket'; client: Client}
+
+/**
+ * The fault loop: one worker thread, synchronous system calls, every client's uffd in one poll
+ * set. Synchronous calls in a worker cost about what C does; async calls or the main thread's
+ * event loop would add a wake-up per fault. Demand faults always go first: prefetch work runs one
+ * unit at a time, only when no fault is queued, and the loop polls (without sleeping) between
+ * units.
+ */
+export class FaultLoop {
+  private readonly clients = new Map<number, Client>()
+  private readonly messages = Buffer.alloc(64 * UFFD_MSG_SIZE)
+  private nextForkId = FIRST_FORK_ID
+  /** After CRIU's restore finished: every client, forked ones too, is populated in the background. */
+  private populating = false
+  private stopping = false
+  private pollSet = new PollSet([])
+  private polled: Polled[] = []
+  private readonly startedAt = performance.now()
+
+  /** Builds the loop's parts from the worker's settings: the snapshot, decoders, cache, installer, policies. */
+  static start(config: WorkerConfig, channel: LoopChannel): FaultLoop {
+    const stats = new RunStats(config.stats)
+    const reader = SnapshotReader.open(config.snapshotPath)
+    const clock = new RunClock()
+    const {chunkSize} = reader.geometry
+    // Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.
+    const readaheadSlots = Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize)))
+    // Plus one per working-set unit staged before the first client, within --cache-mb. Slots are
+    // chunk-sized, but only the decoded bytes are ever touched, so only those take memory.
+    const stagedSlots = config.decoders > 0 ? Math.min(config.workingSetUnits.length, Math.floor(config.cacheBytes / chunkSize)) : 0
+    const pool = config.decoders > 0 ? new DecodePool(config.snapshotPath, config.decoders, readaheadSlots + stagedSlots, chunkSize) : undefined
+    const source = new DecodedUnits(reader, pool, stats, config.cacheBytes)
+    const installer = new Installer(kernelFillCalls, stats, reader.geometry.pageSize, reader.zeroMap, zeroRunWindowPages(reader))
+    // Faults on packed working-set pages are served from their blocks only while those blocks are
+    // being prefetched (not with --working-set none, nor for CRIU's restored processes).
+    const packedWorkingSet = config.workingSetUnits.some((unit) => unit >= reader.index.length)
+    const server = new FaultServer(reader, source, installer, stats, clock, {faultAroundBytes: config.faultAroundBytes, packedWorkingSet})
+    // A helper thread installs most of each client's staged working set beside this one:
+    // single-page copies cost ~2-3 µs each in the kernel and two threads copying run side by side.
+    const installHelper = pool !== undefined && availableParallelism() > 1 && process.env.UFFD_INSTALL_HELPER !== '0'
+    const prefetcher = new Prefetcher(server, installer, source, reader, stats, clock, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll, decodeAhead: readaheadSlots, installHelper})
+    const recorder = config.record ? new WorkingSetRecorder(reader.geometry.pageCount) : undefined
+    if (config.countHits) stats.set('hitsTracked', 1)
+    return new FaultLoop({config, reader, stats, clock, source, pool, server, prefetcher, recorder, stagedSlots}, channel)
+  }
+
+  /** The worker's channel over a MessagePort and its eventfd. */
+  static channelOf(config: WorkerConfig, post: (message: FromWorker) => void): LoopChannel {
+    return {controlFd: config.controlFd, receive: () => receiveMessageOnPort(config.control)?.message as ToWorker | undefined, post}
+  }
+
+  constructor(
+    private readonly parts: LoopParts,
+    private readonly channel: LoopChannel,
+  ) {
+    parts.source.stage(parts.config.workingSetUnits, parts.stagedSlots, parts.config.keepWorkingSet)
+  }
+
+  /** Serves until told to stop. */
+  run(): void {
+    const {pool, source, stats, prefetcher} = this.parts
+    this.rebuildPollSet()
+    // Ready means ready to serve at full speed: decoders that are still loading would hold up the
+    // first faults that need them. If they never start, faults are decoded here.
+    const started = pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false
+    // And the working set decoded: after a handshake, installing it then costs only the copies.
+    const staged = started ? source.waitUntilStaged(STARTUP_WAIT_MS) : {units: 0, bytes: 0}
+    if (staged.units > 0) {
+      stats.set('stagedUnits', staged.units)
+      stats.set('stagedBytes', staged.bytes)
+      stats.set('stagedMs', performance.now() - this.startedAt)
+    }
+    this.channel.post({type: 'ready'})
+    let retry = false
+    let prefetchState: 'busy' | 'waiting' | 'idle' = 'idle'
+    let lastActivity = performance.now()
+    while (!this.stopping) {
+      let timeout = -1
+      if (retry) timeout = 1
+      else if (prefetchState === 'busy' || (prefetchState === 'idle' && prefetcher.hasWork())) timeout = 0
+      // Waiting for decoders: their eventfd wakes the loop; the bound is only a safety net.
+      else if (prefetchState === 'waiting') timeout = 50
+      else if (this.parts.config.spinMicros > 0 && (performance.now() - lastActivity) * 1000 < this.parts.config.spinMicros) timeout = 0
+      const ready = this.pollSet.wait(timeout)
+      if (ready > 0) lastActivity = performance.now()
+      const woken = this.handleReady(ready)
+      if (woken.decoded) prefetchState = 'idle'
+      const faults = this.serveQueuedFaults()
+      retry = faults.retry
+      // A new client faults at once (a vCPU resumes right after its handshake): poll its uffd
+      // before starting on its prefetch.
+      if (faults.stillQueued || retry || woken.clientAdded) continue
+      const slice = this.prefetchSlice()
+      prefetchState = slice.state
+      retry = slice.retry
+    }
+    // Install helpers stop before the decode pool's eventfd and the clients' uffds close.
+    for (const client of this.clients.values()) prefetcher.removeClient(client)
+    this.parts.reader.close()
+    if (this.parts.recorder) this.channel.post({type: 'recording', ...this.parts.recorder.result()})
+  }
+
+  /** Stops the decoders: a worker torn down while one is still loading its native modules can abort the process. */
+  async close(): Promise<void> {
+    await this.parts.pool?.close()
+  }
+
+  /** Handles one poll's results; reports whether a client was added and whether decodes finished. */
+  private handleReady(ready: number): {clientAdded: boolean; decoded: boolean} {
+    // Handlers below may rebuild the poll set (a client added or ended): read this wait's
+    // results from the set that was waited on, index for index with its entries.
+    const waited = this.pollSet
+    const entries = this.polled
+    let clientAdded = false
+    let decoded = false
+    for (let i = 0; ready > 0 && i < entries.length; i++) {
+      const revents = waited.revents(i)
+      if (revents === 0) continue
+      const entry = entries[i]
+      if (entry.kind === 'control') {
+        if (this.handleControl()) clientAdded = true
+        continue
+      }
+      if (entry.kind === 'decoded') {
+        this.parts.source.reap()
+        decoded = true
+        continue
+      }
+      const {client} = entry
+      if (!this.clients.has(client.id)) continue
+      if (entry.kind === 'uffd') {
+        if (revents & (POLLERR | POLLHUP)) this.endClient(client, 'gone')
+        else this.guarded(client, () => this.drain(client))
+      } else if (entry.kind === 'pidfd') {
+        this.endClient(client, 'exited')
+      } else if (readSome(client.lifeline.socket, 256, 0).length === 0) {
+        // Without a pidfd, the handshake socket closing is the only sign the client is gone.
+        this.endClient(client, 'socket-closed')
+      }
+    }
+    return {clientAdded, decoded}
+  }
+
+  private serveQueuedFaults(): {retry: boolean; stillQueued: boolean} {
+    let retry = false
+    let stillQueued = false
+    for (const client of [...this.clients.values()]) {
+      if (client.failed || client.pending.length === 0) continue
+      this.guarded(client, () => {
+        const outcome = this.servePending(client)
+        if (outcome === 'retry') retry = true
+        if (outcome === 'gone') {
+          client.pending.length = 0
+          if (client.endsOnlyByFailedCopies) this.endClient(client, 'gone')
+        }
+      })
+      if (client.pending.length > 0) stillQueued = true
+    }
+    return {retry, stillQueued}
+  }
+
+  /**
+   * Prefetch in slices: enough work per wake-up to outrun a client that faults continuously,
+   * short enough that a fault arriving meanwhile waits well under a millisecond.
+   */
+  private prefetchSlice(): {state: 'busy' | 'waiting' | 'idle'; retry: boolean} {
+    const {prefetcher} = this.parts
+    const sliceEnd = performance.now() + PREFETCH_SLICE_MS
+    let state: 'busy' | 'waiting' | 'idle'
+    let retry = false
+    do {
+      const step = prefetcher.step()
+      if (step.result === 'failed') {
+        const client = this.clients.get(step.client.id)
+        if (client) {
+          this.guarded(client, () => {
+            throw step.error
+          })
+        }
+        state = 'busy'
+      } else if (step.result === 'outcome') {
+        const client = this.clients.get(step.client.id)
+        if (step.outcome === 'retry') retry = true
+        else if (client) {
+          if (client.endsOnlyByFailedCopies) this.endClient(client, 'gone')
+          else prefetcher.removeClient(client)
+        }
+        state = 'busy'
+      } else {
+        state = step.result
+      }
+      for (const client of prefetcher.completedClients()) this.channel.post({type: 'complete', id: client.id})
+    } while (state === 'busy' && !retry && performance.now() < sliceEnd)
+    return {state, retry}
+  }
+
+  private rebuildPollSet(): void {
+    const entries: PollEntry[] = [{fd: this.channel.controlFd, events: POLLIN}]
+    this.polled = [{kind: 'control'}]
+    const {eventFd} = this.parts.source
+    if (eventFd >= 0) {
+      entries.push({fd: eventFd, events: POLLIN})
+      this.polled.push({kind: 'decoded'})
+    }
+    for (const client of this.clients.values()) {
+      if (!client.failed) {
+        entries.push({fd: client.uffd, events: POLLIN})
+        this.polled.push({kind: 'uffd', client})
+      }
+      if (client.lifeline.pidfd >= 0) {
+        entries.push({fd: client.lifeline.pidfd, events: POLLIN})
+        this.polled.push({kind: 'pidfd', client})
+      } else if (client.lifeline.socket >= 0) {
+        entries.push({fd: client.lifeline.socket, events: POLLIN})
+        this.polled.push({kind: 'socket', client})
+      }
+    }
+    this.pollSet = new PollSet(entries)
+  }
+
+  /** Returns true when a client was added. */
+  private handleControl(): boolean {
+    let added = false
+    eventfdDrain(this.channel.controlFd)
+    for (let message = this.channel.receive(); message; message = this.channel.receive()) {
+      if (message.type === 'stop') {
+        this.stopping = true
+      } else if (message.type === 'populate') {
+        this.populating = true
+        for (const client of this.clients.values()) if (!client.failed) this.parts.prefetcher.populate(client)
+      } else {
+        this.addClient(message)
+        added = true
+      }
+    }
+    this.rebuildPollSet()
+    return added
+  }
+
+  private addClient(message: Extract<ToWorker, {type: 'add'}>): void {
+    const {reader, stats, clock, prefetcher, config} = this.parts
+    clock.start()
+    const client = new Client(message.id, message.uffd, message.regions, reader.geometry, {pidfd: message.pidfd, socket: message.socket}, message.nonCooperative)
+    if (config.countHits && message.pidfd >= 0) client.hitTrackingPidfd = message.pidfd
+    this.clients.set(client.id, client)
+    // Its first fault is likely queued already (a vCPU runs right after the handshake): serve
+    // it before the bookkeeping below. What is left queued is served by the loop.
+    this.guarded(client, () => {
+      this.drain(client)
+      this.servePending(client)
+    })
+    // (A client that could not be served stays frozen: nothing is prefetched into it.)
+    if (!client.failed) prefetcher.addClient(client, config.workingSetUnits)
+    stats.add('clients')
+  }
+
+  /** A restored process forked: serve the child through the uffd the event carried. */
+  private addForkedClient(parent: Client, ufd: number): void {
+    const {reader, stats, prefetcher} = this.parts
+    const child = parent.fork(this.nextForkId++, ufd, reader.geometry)
+    this.clients.set(child.id, child)
+    prefetcher.addClient(child)
+    if (this.populating) prefetcher.populate(child)
+    stats.add('clients')
+    this.channel.post({type: 'forked', id: child.id, parent: parent.id})
+    this.rebuildPollSet()
+  }
+
+  private endClient(client: Client, reason: 'exited' | 'gone' | 'socket-closed'): void {
+    this.clients.delete(client.id)
+    this.parts.prefetcher.removeClient(client)
+    for (const fd of [client.uffd, client.lifeline.pidfd, client.lifeline.socket]) {
+      if (fd >= 0) closeFd(fd)
+    }
+    this.parts.stats.add('clientsEnded')
+    this.channel.post({type: 'client-ended', id: client.id, reason})
+    this.rebuildPollSet()
+  }
+
+  /** Serving this client is impossible: it stays frozen (its uffd open, unread) until the main thread kills it. */
+  private failOn(client: Client, error: Error & {code?: string}): void {
+    client.failed = true
+    client.pending.length = 0
+    this.parts.prefetcher.removeClient(client)
+    this.channel.post({type: 'fatal', id: client.id, message: error.message, code: error.code ?? 'INTERNAL'})
+    this.rebuildPollSet()
+  }
+
+  private guarded(client: Client, body: () => void): void {
+    try {
+      body()
+    } catch (error) {
+      if (error instanceof UffdError || error instanceof SysError) this.failOn(client, error)
+      else throw error
+    }
+  }
+
+  /** Reads every queued message. Removals are applied at once; faults are queued to serve after. */
+  private drain(client: Client): void {
+    // A helper thread installing into this client waits while events are read and applied (a
+    // REMOVE must not be applied between its check of a page and its copy).
+    const helper = client.helper
+    helper?.holdGate()
+    try {
+      for (;;) {
+        const count = readUffdMessages(client.uffd, this.messages)
+        const now = performance.now()
+        for (let i = 0; i < count; i++) this.applyMessage(client, decodeUffdMessage(this.messages, i), now)
+        if (count < this.messages.length / UFFD_MSG_SIZE) return
+      }
+    } finally {
+      helper?.releaseGate()
+    }
+  }
+
+  /** Applies one message read from a client's uffd at time `readAt`. */
+  applyMessage(client: Client, m: UffdMessage, readAt: number): void {
+    const {stats} = this.parts
+    const {pageSize} = this.parts.reader.geometry
+    switch (m.kind) {
+      case 'pagefault':
+        client.pending.push({address: m.address, readAt})
+        break
+      case 'remove':
+      case 'unmap': {
+        stats.add(m.kind === 'remove' ? 'removeEvents' : 'unmapEvents')
+        // From now on these pages read as zeros if touched: mark them removed in every region
+        // they overlap, so no prefetch or fault-around refills them with snapshot data.
+        for (const r of client.map.all) {
+          const start = Math.max(m.start, r.baseHostVirtAddr)
+          const end = Math.min(m.end, r.baseHostVirtAddr + r.size)
+          if (start >= end) continue
+          const first = (r.offset + start - r.baseHostVirtAddr) / pageSize
+          const pages = Math.ceil((end - start) / pageSize)
+          client.states.markRemoved(Math.floor(first), pages)
+          stats.add('removedPages', pages)
+        }
+        if (m.kind === 'unmap' && client.nonCooperative) client.map.unmap(m.start, m.end)
+        break
+      }
+      case 'remap':
+        stats.add('remapEvents')
+        if (!client.nonCooperative) throw new UffdError('UNSUPPORTED_EVENT', `the client moved memory with mremap (0x${m.from.toString(16)} -> 0x${m.to.toString(16)}), which this handler does not follow`)
+        client.map.remap(m.from, m.to, m.len)
+        break
+      case 'fork':
+        stats.add('forkEvents')
+        if (client.nonCooperative) this.addForkedClient(client, m.ufd)
+        // A child's uffd we do not serve; closing it lets the child's faults be handled normally.
+        else closeFd(m.ufd)
+        break
+      case 'unknown':
+        throw new UffdError('UNSUPPORTED_EVENT', `unknown userfaultfd event 0x${m.event.toString(16)}`)
+    }
+  }
+
+  /** Serves queued faults in arrival order; stops at one that must wait for queued events. */
+  private servePending(client: Client): 'ok' | 'retry' | 'gone' {
+    const {server, recorder, clock, prefetcher} = this.parts
+    while (client.pending.length > 0) {
+      const {outcome, window} = server.serve(client, client.pending[0])
+      if (outcome === 'retry') return 'retry'
+      // 'gone' can come after the faulting page was served (the client exited while its window
+      // was being filled): that fault still belongs to the working set.
+      if (window) {
+        // The whole window, faulting page first: a replay must prefetch what this fault
+        // installed, or the same fault (on another page of the window) happens again.
+        if (recorder) {
+          const now = clock.now()
+          recorder.record(window.page, now)
+          for (let p = window.first; p < window.end; p++) recorder.record(p, now)
+        }
+        if (outcome === 'served') prefetcher.noteFault(client, window)
+      }
+      if (outcome === 'gone') return 'gone'
+      client.pending.shift()
+    }
+    return 'ok'
+  }
+}

@@ -1,0 +1,241 @@
+import {Codec} from '../../format/constants.js'
+import {type SnapshotReader} from '../../snapshot/reader.js'
+import {addressOf} from '../../sys/index.js'
+import {type RunStats} from '../run-stats.js'
+import {ChunkCache} from './chunk-cache.js'
+import {type DecodePool, SLOT_ERROR, SLOT_PENDING, SLOT_READY} from './decode-pool.js'
+
+/**
+ * Where the fault loop gets a unit's verified bytes (a chunk's payload, or a packed working-set
+ * block's). A fault asks for a unit and does not care where it comes from; prefetch asks ahead
+ * for the units it will install, on behalf of an owner (a client id, or STAGED), and says when
+ * it no longer needs them. This is the seam a new place of chunks plugs into.
+ */
+export interface PayloadSource {
+  /**
+   * The verified payload of `unit`, now: decoded here if nothing has it ready, waited for if a
+   * decoder is on it. Valid until the unit is released (or, for a fault, the next call).
+   * Throws SnapshotFormatError when it cannot be verified.
+   */
+  payload(unit: number): Buffer
+  /** Whether `unit` can be installed without waiting: nothing to decode, decoded, or failed (installing it reports the error). */
+  isReady(unit: number): boolean
+  /** Whether a decode of `unit` was asked for and is not yet released. */
+  isRequested(unit: number): boolean
+  /** Whether `owner` has asked for `unit` and not released it. */
+  isClaimedBy(owner: number, unit: number): boolean
+  /**
+   * Asks for `unit` ahead of need for `owner`: 'asked' (being made ready), 'unneeded' (ready
+   * already, or nothing to decode), 'full' (no room now: ask again after releases).
+   */
+  prefetch(owner: number, unit: number): 'asked' | 'unneeded' | 'full'
+  /** `owner` no longer wants `unit`; the last owner out frees it. */
+  release(owner: number, unit: number): void
+  /** Releases every unit `owner` asked for (a client that ended). */
+  releaseOwner(owner: number): void
+  /** Frees units whose decode finished after every owner lost interest; call when eventFd is readable. */
+  reap(): void
+  /**
+   * The address of `unit`'s decoded bytes if it is ready now (0 when it has none: all zeros),
+   * else undefined. For a helper thread, which must never wait.
+   */
+  readyAddress(unit: number): number | undefined
+  /**
+   * A client connected: the units staged before it (see DecodedUnits.stage) that it will
+   * install are its own now; `units` is its working set.
+   */
+  adoptStaged(owner: number, units: readonly number[]): void
+  /** Readable when decodes finish (-1: no decoders, never readable). */
+  readonly eventFd: number
+  /** Keep released payloads in the decoded-chunk cache (someone will want them again). */
+  retainReleased: boolean
+}
+
+/** The owner of units decoded before any client connected (client ids count up from 1). */
+export const STAGED = -1
+
+/**
+ * A snapshot's units, decoded: the decoded-chunk cache (shared by every client) in front of the
+ * decode pool's slots (decodes ahead of need on other cores, for prefetch, population and the
+ * staged working set), in front of decoding in this thread. Each pool slot is held while some
+ * owner wants its unit, and freed (its payload kept in the cache when retainReleased) when the
+ * last one releases it.
+ */
+export class DecodedUnits implements PayloadSource {
+  private readonly cache: ChunkCache
+  /** Decodes in flight or done, and the owners that still want each. */
+  private readonly wanted = new Map<number, Set<number>>()
+  /** Units decoded before any client connected (stage()), in order, and whether they stay. */
+  private staged: number[] = []
+  private keepStaged = false
+  retainReleased = false
+
+  constructor(
+    private readonly reader: SnapshotReader,
+    private readonly pool: DecodePool | undefined,
+    private readonly stats: RunStats,
+    cacheBytes: number,
+  ) {
+    this.cache = new ChunkCache(reader, cacheBytes, stats)
+  }
+
+  get eventFd(): number {
+    return this.pool?.eventFd ?? -1
+  }
+
+  payload(unit: number): Buffer {
+    if (this.cache.has(unit)) return this.cache.payload(unit)
+    return this.fromPool(unit) ?? this.cache.payload(unit)
+  }
+
+  isReady(unit: number): boolean {
+    if (this.needsNoDecode(unit) || !this.pool || this.cache.has(unit)) return true
+    const slot = this.pool.slotOf(unit)
+    if (slot === undefined) return false
+    const state = this.pool.state(slot)
+    return state === SLOT_READY || state === SLOT_ERROR
+  }
+
+  isRequested(unit: number): boolean {
+    return this.pool?.slotOf(unit) !== undefined
+  }
+
+  isClaimedBy(owner: number, unit: number): boolean {
+    return this.wanted.get(unit)?.has(owner) ?? false
+  }
+
+  prefetch(owner: number, unit: number): 'asked' | 'unneeded' | 'full' {
+    if (!this.pool || this.needsNoDecode(unit) || this.cache.has(unit)) return 'unneeded'
+    let owners = this.wanted.get(unit)
+    if (!owners) {
+      if (!this.pool.request(unit)) return 'full'
+      this.wanted.set(unit, (owners = new Set()))
+    }
+    owners.add(owner)
+    return 'asked'
+  }
+
+  release(owner: number, unit: number): void {
+    const owners = this.wanted.get(unit)
+    if (!owners) return
+    owners.delete(owner)
+    if (owners.size === 0) this.forget(unit)
+  }
+
+  releaseOwner(owner: number): void {
+    for (const [unit, owners] of this.wanted) {
+      owners.delete(owner)
+      if (owners.size === 0) this.forget(unit)
+    }
+  }
+
+  reap(): void {
+    if (!this.pool) return
+    for (const slot of this.pool.finished()) {
+      if (!this.wanted.has(this.pool.chunkIn(slot))) this.freeSlot(slot)
+    }
+  }
+
+  readyAddress(unit: number): number | undefined {
+    if (this.needsNoDecode(unit)) return 0
+    const slot = this.pool?.slotOf(unit)
+    if (slot === undefined || this.pool!.state(slot) !== SLOT_READY) return undefined
+    return addressOf(this.pool!.payload(slot))
+  }
+
+  /**
+   * Decodes `units` (the working set) into the decode pool's slots before any client connects, so
+   * that after a handshake installing them costs only the copies. They stay until every client
+   * that wants them has them (see adoptStaged), or for good with `keep` (every later client
+   * wants them too). Returns how many were queued (the pool's slots bound them).
+   */
+  stage(units: readonly number[], maxUnits: number, keep: boolean): number {
+    if (!this.pool) return 0
+    for (const unit of units.slice(0, maxUnits)) {
+      if (this.wanted.has(unit) || this.needsNoDecode(unit) || !this.pool.request(unit)) continue
+      this.wanted.set(unit, new Set([STAGED]))
+      this.staged.push(unit)
+    }
+    this.keepStaged = keep
+    return this.staged.length
+  }
+
+  /**
+   * Blocks until every staged unit is decoded, or failed (a failed one is decoded again when it
+   * is installed, which reports its error), or `timeoutMs` passed (the rest is decoded on the
+   * way). Returns the units and bytes ready.
+   */
+  waitUntilStaged(timeoutMs: number): {units: number; bytes: number} {
+    const deadline = performance.now() + timeoutMs
+    let units = 0
+    let bytes = 0
+    for (const unit of this.staged) {
+      const slot = this.pool!.slotOf(unit)
+      if (slot === undefined || this.pool!.waitFor(slot, deadline - performance.now()) !== SLOT_READY) continue
+      units++
+      bytes += this.pool!.payload(slot).length
+      this.countDecode(slot)
+    }
+    return {units, bytes}
+  }
+
+  /** Unless staged units are kept for later clients, each is freed once the clients that want it have it. */
+  adoptStaged(owner: number, units: readonly number[]): void {
+    for (const unit of units) this.wanted.get(unit)?.add(owner)
+    if (!this.keepStaged) {
+      for (const unit of this.staged.splice(0)) this.release(STAGED, unit)
+    }
+  }
+
+  /** Stored raw zeros or data that needs no decoding (Codec.None: all zeros, nothing stored). */
+  private needsNoDecode(unit: number): boolean {
+    return this.reader.entry(unit).codec === Codec.None
+  }
+
+  /**
+   * The decode pool's payload for `unit` (a demand fault needs it now): decoded here if no
+   * decoder has started on it yet, else waited for (at most one decode). Undefined when the
+   * pool does not have it, or its decode failed (decoded again by the caller, which then raises
+   * the real error with its context).
+   */
+  private fromPool(unit: number): Buffer | undefined {
+    const pool = this.pool
+    const slot = pool?.slotOf(unit)
+    if (slot === undefined || !pool) return undefined
+    if (pool.takeBack(slot)) {
+      let length = -1
+      try {
+        length = this.reader.readPayload(unit, pool.slotBuffer(slot)).length
+      } catch {
+        // Reported with its context when the cache decodes it again.
+      }
+      pool.finish(slot, length)
+    }
+    const state = pool.state(slot) === SLOT_PENDING ? pool.waitFor(slot) : pool.state(slot)
+    if (state === SLOT_READY) return pool.payload(slot)
+    this.forget(unit)
+    return undefined
+  }
+
+  private forget(unit: number): void {
+    this.wanted.delete(unit)
+    const slot = this.pool?.slotOf(unit)
+    if (slot !== undefined && this.pool!.state(slot) !== SLOT_PENDING) this.freeSlot(slot)
+  }
+
+  private freeSlot(slot: number): void {
+    const pool = this.pool!
+    if (pool.state(slot) === SLOT_READY) {
+      this.countDecode(slot)
+      if (this.retainReleased) this.cache.adopt(pool.chunkIn(slot), pool.payload(slot))
+    }
+    pool.release(slot)
+  }
+
+  private countDecode(slot: number): void {
+    const length = this.pool!.countOnce(slot)
+    if (length < 0) return
+    this.stats.add('chunksDecoded')
+    this.stats.add('bytesDecompressed', length)
+  }
+}

@@ -1,0 +1,344 @@
+// The fault loop's parts in one thread, without a real client: the installer, the fault server
+// and the prefetcher run against a simulated kernel (FillCalls that keep their own page table
+// and copy from the real payload addresses they are given) and a payload source that can be told
+// to fail or to hold a unit back. The snapshots are real files written by `uffd snapshot`.
+import fs from 'node:fs'
+import path from 'node:path'
+
+import {afterAll, beforeAll, describe, expect, it} from 'vitest'
+
+import {UffdError} from '../src/core/errors.js'
+import {SnapshotFormatError} from '../src/format/errors.js'
+import {Client} from '../src/resume/fault-loop/client.js'
+import {FaultServer} from '../src/resume/fault-loop/fault-server.js'
+import {type FillCalls, fillErrnoMeaning, Installer, ZEROS} from '../src/resume/fault-loop/installer.js'
+import {FaultLoop} from '../src/resume/fault-loop/loop.js'
+import {PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED} from '../src/resume/fault-loop/page-states.js'
+import {DecodedUnits, type PayloadSource} from '../src/resume/fault-loop/payload-source.js'
+import {Prefetcher} from '../src/resume/fault-loop/prefetch.js'
+import {type GuestRegion} from '../src/resume/protocol.js'
+import {RunClock, RunStats} from '../src/resume/run-stats.js'
+import {SnapshotReader} from '../src/snapshot/reader.js'
+import {addressOf, bufferAt, Errno} from '../src/sys/index.js'
+import {uffd} from './helpers/cli.js'
+import {makeImage, tempDir} from './helpers/images.js'
+
+const PAGE = 4096
+/** Where the simulated client maps its one region (any page-aligned address: nothing is touched there). */
+const BASE = 0x7f00_0000_0000
+const UFFD = 99
+
+/**
+ * A client's page table as the kernel keeps it, for the installer's calls: a copy installs pages
+ * until it meets a present one (EEXIST at the first page, else EAGAIN with the bytes done), a
+ * queued event makes every call fail with EAGAIN (mmap_changing), a gone mm with ESRCH.
+ */
+class SimulatedKernel implements FillCalls {
+  readonly memory: Buffer
+  readonly present: Uint8Array
+  /** How often each page was installed: never more than once, or a page was copied twice. */
+  readonly installs: Uint16Array
+  eventQueued = false
+  gone = false
+  /** Stop a copy after this many pages with EAGAIN (a partial copy), once. */
+  stopAfterPages: number | undefined
+  readonly wakes: number[] = []
+  calls = 0
+  fillBlock = undefined
+  startHelper = undefined
+
+  constructor(readonly pages: number) {
+    this.memory = Buffer.alloc(pages * PAGE)
+    this.present = new Uint8Array(pages)
+    this.installs = new Uint16Array(pages)
+  }
+
+  copy(fd: number, dst: number, src: number, length: number): {done: number; error: number} {
+    return this.install(fd, dst, length, (page, offset) => bufferAt(src + offset, PAGE).copy(this.memory, page * PAGE))
+  }
+
+  zeropage(fd: number, start: number, length: number): {done: number; error: number} {
+    return this.install(fd, start, length, (page) => this.memory.fill(0, page * PAGE, (page + 1) * PAGE))
+  }
+
+  wake(fd: number, start: number): void {
+    expect(fd).toBe(UFFD)
+    this.wakes.push((start - BASE) / PAGE)
+  }
+
+  /** A balloon's MADV_DONTNEED: the pages are zapped (read as zeros, missing again). */
+  zap(first: number, count: number): void {
+    for (let p = first; p < first + count; p++) this.present[p] = 0
+    this.memory.fill(0, first * PAGE, (first + count) * PAGE)
+  }
+
+  private install(fd: number, start: number, length: number, put: (page: number, offset: number) => void): {done: number; error: number} {
+    expect(fd).toBe(UFFD)
+    this.calls++
+    if (this.gone) return {done: 0, error: Errno.ESRCH}
+    if (this.eventQueued) return {done: 0, error: Errno.EAGAIN}
+    const first = (start - BASE) / PAGE
+    let done = 0
+    for (let p = first; p < first + length / PAGE; p++) {
+      if (this.present[p]) return done === 0 ? {done: 0, error: Errno.EEXIST} : {done: done * PAGE, error: Errno.EAGAIN}
+      if (this.stopAfterPages !== undefined && done === this.stopAfterPages) {
+        this.stopAfterPages = undefined
+        return {done: done * PAGE, error: Errno.EAGAIN}
+      }
+      put(p, done * PAGE)
+      this.present[p] = 1
+      this.installs[p]++
+      done++
+    }
+    return {done: length, error: 0}
+  }
+}
+
+/** A payload source over a real reader that can fail a unit (as a corrupt one would) or hold one back. */
+class ScriptedSource implements PayloadSource {
+  readonly eventFd = -1
+  retainReleased = false
+  corrupt = new Set<number>()
+  notReady = new Set<number>()
+  readonly asked: number[] = []
+  readonly released: number[] = []
+  constructor(private readonly reader: SnapshotReader) {}
+  payload(unit: number): Buffer {
+    if (this.corrupt.has(unit)) throw new SnapshotFormatError('CORRUPT', `chunk ${unit}`, 'stored bytes do not match their checksum')
+    return this.reader.readPayload(unit)
+  }
+  isReady(unit: number): boolean {
+    return !this.notReady.has(unit)
+  }
+  isRequested(unit: number): boolean {
+    return this.asked.includes(unit)
+  }
+  isClaimedBy(_owner: number, unit: number): boolean {
+    return this.asked.includes(unit) && !this.released.includes(unit)
+  }
+  prefetch(_owner: number, unit: number): 'asked' | 'unneeded' | 'full' {
+    this.asked.push(unit)
+    return 'asked'
+  }
+  release(_owner: number, unit: number): void {
+    this.released.push(unit)
+  }
+  releaseOwner(): void {}
+  reap(): void {}
+  readyAddress(): number | undefined {
+    return undefined
+  }
+  adoptStaged(): void {}
+}
+
+let dir: string
+let image: Buffer
+let reader: SnapshotReader
+
+beforeAll(() => {
+  dir = tempDir()
+  // 2 MiB of mixed pages (data and zeros), 64 KiB chunks: 32 chunks of 16 pages.
+  image = makeImage('mixed', 2 << 20, 11)
+  fs.writeFileSync(path.join(dir, 'mem.raw'), image)
+  const made = uffd(['snapshot', '--mem-file', path.join(dir, 'mem.raw'), '-o', path.join(dir, 'mem.uffd'), '--chunk-size', '64K'])
+  expect(made.status, made.stderr).toBe(0)
+  reader = SnapshotReader.open(path.join(dir, 'mem.uffd'))
+})
+
+afterAll(() => {
+  reader?.close()
+  fs.rmSync(dir, {recursive: true, force: true})
+})
+
+function setup(options: {faultAroundBytes?: number; source?: 'scripted' | 'decoded'} = {}) {
+  const pages = reader.geometry.pageCount
+  const kernel = new SimulatedKernel(pages)
+  const stats = new RunStats()
+  const clock = new RunClock()
+  const scripted = new ScriptedSource(reader)
+  const source = options.source === 'decoded' ? new DecodedUnits(reader, undefined, stats, 1 << 20) : scripted
+  const installer = new Installer(kernel, stats, PAGE, reader.zeroMap, 1)
+  const server = new FaultServer(reader, source, installer, stats, clock, {faultAroundBytes: options.faultAroundBytes ?? 64 * 1024})
+  const regions: GuestRegion[] = [{baseHostVirtAddr: BASE, size: pages * PAGE, offset: 0, pageSize: PAGE}]
+  const client = new Client(1, UFFD, regions, reader.geometry)
+  return {kernel, stats, clock, scripted, source, installer, server, client, regions}
+}
+
+/** The client's memory equals the image wherever the kernel has a page (and is zero elsewhere). */
+function expectImageWherePresent(kernel: SimulatedKernel): void {
+  for (let p = 0; p < kernel.pages; p++) {
+    const want = kernel.present[p] ? image.subarray(p * PAGE, (p + 1) * PAGE) : Buffer.alloc(PAGE)
+    if (!kernel.memory.subarray(p * PAGE, (p + 1) * PAGE).equals(want)) throw new Error(`page ${p} holds the wrong bytes`)
+  }
+}
+
+function firstDataPage(from = 0): number {
+  for (let p = from; p < reader.geometry.pageCount; p++) if (!reader.zeroMap.isZero(p)) return p
+  throw new Error('no data page')
+}
+
+describe('fillErrnoMeaning: one triage of every fill errno', () => {
+  it('reads ENOENT as gone for a VMM and as an unregistered page for a restored process', () => {
+    expect(fillErrnoMeaning(0, false)).toBe('installed')
+    expect(fillErrnoMeaning(Errno.EEXIST, false)).toBe('already-present')
+    expect(fillErrnoMeaning(Errno.EAGAIN, true)).toBe('address-space-changing')
+    expect(fillErrnoMeaning(Errno.ENOENT, false)).toBe('gone')
+    expect(fillErrnoMeaning(Errno.ENOENT, true)).toBe('not-registered')
+    expect(fillErrnoMeaning(Errno.ESRCH, true)).toBe('gone')
+    expect(fillErrnoMeaning(Errno.EINVAL, false)).toBe('unexpected')
+  })
+})
+
+describe('Installer against a simulated kernel', () => {
+  it('EEXIST in the middle of a run: installs the rest, wakes the present page, copies nothing twice', () => {
+    const {kernel, installer, client, regions, stats} = setup()
+    const first = firstDataPage()
+    // Another thread's fault installed page first+5 behind our back (our states say missing).
+    kernel.present[first + 5] = 1
+    kernel.installs[first + 5] = 1
+    const payload = Buffer.alloc(8 * PAGE)
+    for (let k = 0; k < 8; k++) image.copy(payload, k * PAGE, (first + k) * PAGE, (first + k + 1) * PAGE)
+    kernel.memory.set(image.subarray((first + 5) * PAGE, (first + 6) * PAGE), (first + 5) * PAGE)
+    const result = installer.fill(client, regions[0], first, 8, addressOf(payload))
+    expect(result).toEqual({outcome: 'served', pages: 7})
+    for (let k = 0; k < 8; k++) expect(client.states.get(first + k)).toBe(PAGE_PRESENT)
+    expect(kernel.wakes).toEqual([first + 5])
+    expect(Math.max(...kernel.installs)).toBe(1)
+    expect(stats.get('eexist')).toBe(1)
+    expect(stats.get('pagesCopied')).toBe(7)
+    expectImageWherePresent(kernel)
+  })
+
+  it('EAGAIN after a partial copy, then a queued event: retry, with what was copied kept', () => {
+    const {kernel, installer, client, regions} = setup()
+    const first = firstDataPage()
+    const payload = Buffer.alloc(8 * PAGE)
+    for (let k = 0; k < 8; k++) image.copy(payload, k * PAGE, (first + k) * PAGE, (first + k + 1) * PAGE)
+    kernel.stopAfterPages = 3
+    // The partial copy stops after 3 pages; the next call finds an event queued.
+    const calls = kernel.calls
+    const copy = kernel.copy.bind(kernel)
+    kernel.copy = (fd, dst, src, length) => {
+      const r = copy(fd, dst, src, length)
+      if (r.error === Errno.EAGAIN && r.done > 0) kernel.eventQueued = true
+      return r
+    }
+    const result = installer.fill(client, regions[0], first, 8, addressOf(payload))
+    expect(kernel.calls - calls).toBe(2)
+    expect(result).toEqual({outcome: 'retry', pages: 3})
+    for (let k = 0; k < 8; k++) expect(client.states.get(first + k)).toBe(k < 3 ? PAGE_PRESENT : PAGE_MISSING)
+    // The events read, the same request again installs only the rest.
+    kernel.eventQueued = false
+    expect(installer.fill(client, regions[0], first + 3, 5, addressOf(payload) + 3 * PAGE)).toEqual({outcome: 'served', pages: 5})
+    expect(Math.max(...kernel.installs)).toBe(1)
+    expectImageWherePresent(kernel)
+  })
+
+  it('ESRCH: gone, nothing marked', () => {
+    const {kernel, installer, client, regions} = setup()
+    kernel.gone = true
+    expect(installer.fill(client, regions[0], 0, 4, ZEROS)).toEqual({outcome: 'gone', pages: 0})
+    expect(client.states.presentCount).toBe(0)
+  })
+})
+
+describe('FaultServer with a scripted payload source', () => {
+  it('serves a data fault with its window and returns the window instead of keeping it', () => {
+    const {kernel, server, client} = setup({faultAroundBytes: 64 * 1024})
+    const page = firstDataPage(40)
+    const served = server.serve(client, {address: BASE + page * PAGE + 123, readAt: performance.now()})
+    const first = page - (page % 16)
+    expect(served).toEqual({outcome: 'served', window: {page, first, end: first + 16}})
+    for (let p = first; p < first + 16; p++) expect(client.states.get(p)).toBe(PAGE_PRESENT)
+    expectImageWherePresent(kernel)
+  })
+
+  it('a unit that fails its check is fatal for the client and installs nothing of it', () => {
+    const {kernel, server, client, scripted} = setup({faultAroundBytes: 64 * 1024})
+    const page = firstDataPage(64)
+    const chunk = Math.floor(page / 16)
+    scripted.corrupt.add(chunk)
+    let caught: unknown
+    try {
+      server.serve(client, {address: BASE + page * PAGE, readAt: performance.now()})
+    } catch (error) {
+      caught = error
+    }
+    expect(caught).toBeInstanceOf(UffdError)
+    expect((caught as UffdError).code).toBe('CORRUPT')
+    expect(kernel.present[page]).toBe(0)
+    expect(kernel.installs.slice(chunk * 16, chunk * 16 + 16).every((n, k) => n === 0 || reader.zeroMap.isZero(chunk * 16 + k))).toBe(true)
+  })
+
+  it('a fault on removed memory gets zeros, not snapshot data', () => {
+    const {kernel, server, client} = setup()
+    const page = firstDataPage(100)
+    client.states.markRemoved(page, 1)
+    expect(server.serve(client, {address: BASE + page * PAGE, readAt: performance.now()}).outcome).toBe('served')
+    expect(client.states.get(page)).toBe(PAGE_PRESENT)
+    expect(kernel.memory.subarray(page * PAGE, (page + 1) * PAGE).equals(Buffer.alloc(PAGE))).toBe(true)
+  })
+
+  it('a fault outside every region is refused with its code', () => {
+    const {server, client} = setup()
+    expect(() => server.serve(client, {address: BASE - PAGE, readAt: 0})).toThrow(expect.objectContaining({code: 'FAULT_OUTSIDE_REGIONS'}))
+  })
+})
+
+describe('Prefetcher: population, readiness and REMOVE', () => {
+  it('waits for a unit that is not ready, and never refills memory removed while it populates', () => {
+    const {kernel, server, installer, source, scripted, client, stats, clock} = setup()
+    const prefetcher = new Prefetcher(server, installer, source, reader, stats, clock, {readaheadBytes: 0, populateAll: true, decodeAhead: 4})
+    scripted.notReady.add(0)
+    prefetcher.addClient(client)
+    // Chunk 0 is not ready: the step installs nothing of it and says what it waits for.
+    const steps: string[] = []
+    for (let i = 0; i < 5; i++) steps.push(prefetcher.step().result)
+    expect(steps.every((s) => s === 'waiting')).toBe(true)
+    expect(kernel.calls).toBe(0)
+    scripted.notReady.clear()
+    for (let i = 0; i < 10; i++) expect(prefetcher.step().result).toBe('busy')
+    // A balloon removes a range the population has not reached yet, and one it has filled. The
+    // kernel zaps them; while the REMOVE is unread it fails copies with EAGAIN.
+    kernel.eventQueued = true
+    const step = prefetcher.step()
+    expect(step).toMatchObject({result: 'outcome', outcome: 'retry'})
+    const loop = new FaultLoop(
+      {config: {workingSetUnits: [], keepWorkingSet: false, countHits: false, spinMicros: 0}, reader, stats, clock, source: new DecodedUnits(reader, undefined, stats, 1 << 20), pool: undefined, server, prefetcher, recorder: undefined, stagedSlots: 0},
+      {controlFd: -1, receive: () => undefined, post: () => {}},
+    )
+    const removed = [
+      [20 * 16, 32],
+      [2 * 16, 16],
+    ]
+    for (const [first, count] of removed) {
+      kernel.zap(first, count)
+      loop.applyMessage(client, {kind: 'remove', start: BASE + first * PAGE, end: BASE + (first + count) * PAGE}, performance.now())
+    }
+    kernel.eventQueued = false
+    for (let i = 0; i < 100 && prefetcher.step().result === 'busy'; i++);
+    const completed = prefetcher.completedClients()
+    expect(completed.map((c) => c.id)).toEqual([1])
+    for (const [first, count] of removed) {
+      for (let p = first; p < first + count; p++) {
+        expect(client.states.get(p)).toBe(PAGE_REMOVED)
+        expect(kernel.present[p]).toBe(0)
+      }
+    }
+    expect(Math.max(...kernel.installs)).toBe(1)
+    expect(stats.get('removedPages')).toBe(48)
+    expectImageWherePresent(kernel)
+  })
+
+  it('counts the pages each step installed from what the installer returned', () => {
+    const {server, installer, client, stats, clock} = setup({source: 'decoded'})
+    const source = new DecodedUnits(reader, undefined, stats, 1 << 20)
+    const prefetcher = new Prefetcher(server, installer, source, reader, stats, clock, {readaheadBytes: 0, populateAll: true, decodeAhead: 4})
+    prefetcher.addClient(client)
+    while (prefetcher.step().result === 'busy');
+    expect(client.isComplete).toBe(true)
+    expect(stats.get('prefetchedPages')).toBe(reader.geometry.pageCount)
+    expect(stats.get('pagesCopied') + stats.get('pagesZeroed')).toBe(reader.geometry.pageCount)
+  })
+})
+
