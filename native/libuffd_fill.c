@@ -5,8 +5,8 @@
 // region boundaries, grow zero runs over the missing zero pages of their window, issue
 // UFFDIO_COPY / UFFDIO_ZEROPAGE, and mark what was installed. Done in JavaScript that part cost
 // ~2-3 us per ioctl on top of the kernel's own ~3 us (docs/BENCHMARKS.md), doubling the time to
-// install a scattered working set. The JavaScript path (src/resume/fault-server.ts) does the
-// same and stays the fallback when this library is not built.
+// install a scattered working set. The JavaScript path (src/resume/fault-loop/fault-server.ts)
+// does the same and stays the fallback when this library is not built.
 //
 // uffd_helper_start runs the same fill on a helper thread over a list of blocks, beside the
 // caller's fault loop: single-page copies cost ~2-3 us each in the kernel, and a second thread
@@ -29,10 +29,10 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-// Page states, as src/resume/address-map.ts numbers them.
+// Page states, as src/resume/fault-loop/address-map.ts numbers them.
 enum { PAGE_MISSING = 0, PAGE_PRESENT = 1 };
 
-// Fields of `out`, as src/sys/uffd.ts reads them.
+// Fields of `out`, as src/sys/fill.ts reads them.
 enum { OUT_COPIED, OUT_ZEROED, OUT_COPY_IOCTLS, OUT_ZERO_IOCTLS, OUT_EEXIST, OUT_NEWLY_PRESENT, OUT_STOP_PAGE, OUT_FIELDS };
 
 // A client's memory region: image bytes [offset, offset + size) live at host address base.
@@ -250,7 +250,7 @@ int uffd_fill_block(int uffd, uint8_t *states, uint64_t page_count, const uint8_
 
 // --- a helper thread ----------------------------------------------------------------------------
 
-// Per job, as src/sys/uffd.ts writes them: runs address, run count, payload address (uint64s).
+// Per job, as src/sys/fill.ts writes them: runs address, run count, payload address (uint64s).
 enum { JOB_RUNS, JOB_NRUNS, JOB_PAYLOAD, JOB_WORDS };
 // Per job state, written by the helper: not started, being installed, installed.
 enum { JOB_PENDING, JOB_RUNNING, JOB_DONE };

@@ -20,18 +20,20 @@ export {
   readUffdMessages,
   uffdApi,
   uffdCopy,
-  uffdFillBlock,
-  InstallHelper,
-  type HelperJob,
-  fillRegions,
-  nativeBlockFill,
-  type BlockFillResult,
-  type FillRegion,
   uffdRegister,
   uffdUnregister,
   uffdWake,
   uffdZeropage,
 } from './uffd.js'
+export {
+  type BlockFillResult,
+  type FillRegion,
+  type HelperJob,
+  InstallHelper,
+  fillRegions,
+  nativeBlockFill,
+  uffdFillBlock,
+} from './fill.js'
 export {
   type ListenOptions,
   type PeerCredentials,
