@@ -29,6 +29,7 @@ export {
   type BlockFillResult,
   type FillRegion,
   type HelperJob,
+  FILL_ABI,
   InstallHelper,
   fillRegions,
   nativeBlockFill,
