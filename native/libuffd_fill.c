@@ -5,8 +5,8 @@
 // region boundaries, grow zero runs over the missing zero pages of their window, issue
 // UFFDIO_COPY / UFFDIO_ZEROPAGE, and mark what was installed. Done in JavaScript that part cost
 // ~2-3 us per ioctl on top of the kernel's own ~3 us (docs/BENCHMARKS.md), doubling the time to
-// install a scattered working set. The JavaScript path (src/resume/fault-server.ts) does the
-// same and stays the fallback when this library is not built.
+// install a scattered working set. The JavaScript path (src/resume/fault-loop/fault-server.ts)
+// does the same and stays the fallback when this library is not built.
 //
 // uffd_helper_start runs the same fill on a helper thread over a list of blocks, beside the
 // caller's fault loop: single-page copies cost ~2-3 us each in the kernel, and a second thread
@@ -29,16 +29,71 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-// Page states, as src/resume/address-map.ts numbers them.
-enum { PAGE_MISSING = 0, PAGE_PRESENT = 1 };
+// --- the ABI shared with src/sys/fill.ts -----------------------------------------------------
+// Every index and value the caller and this library both use on shared memory. uffd_fill_abi
+// reports them all, and test/sys-fill-abi.test.ts checks them against FILL_ABI in src/sys/fill.ts.
 
-// Fields of `out`, as src/sys/uffd.ts reads them.
+// Page states, one byte per image page, as src/resume/fault-loop/address-map.ts numbers them. Only
+// a missing page is installed here; a removed one (the client dropped it: a REMOVE event) must
+// read as zeros, so only the fault loop fills it again, on a fault.
+enum { PAGE_MISSING = 0, PAGE_PRESENT = 1, PAGE_REMOVED = 2 };
+
+// Fields of `out` (uint32 each): what uffd_fill_block did, and with an error where it stopped.
 enum { OUT_COPIED, OUT_ZEROED, OUT_COPY_IOCTLS, OUT_ZERO_IOCTLS, OUT_EEXIST, OUT_NEWLY_PRESENT, OUT_STOP_PAGE, OUT_FIELDS };
+
+// A run of a packed block (int32 each): its first image page, its page count, and the block's
+// payload page holding its first page, or RUN_ZERO for zero pages.
+enum { RUN_PAGE, RUN_COUNT, RUN_PAYLOAD, RUN_WORDS };
+enum { RUN_ZERO = -1 };
+
+// A job of a helper (uint64 each): the address of its runs, their count, its payload's address.
+enum { JOB_RUNS, JOB_NRUNS, JOB_PAYLOAD, JOB_WORDS };
+// A job's state (uint32), written by the helper: not started, being installed, installed.
+enum { JOB_PENDING, JOB_RUNNING, JOB_DONE };
+
+// A helper's totals (uint32 each, shared, added to atomically): the OUT_* counts at their OUT_*
+// index, the page it stopped at, then the errno that stopped it (0: none), then whether it has
+// finished (nonzero once all jobs are done, or it stopped or failed).
+enum { TOTAL_STOP_PAGE = OUT_STOP_PAGE, TOTAL_ERROR = OUT_FIELDS, TOTAL_FINISHED, TOTAL_FIELDS };
+
+// A helper's gate (uint32 cells, see gate_enter): the helper's flag, then the fault loop's.
+enum { GATE_HELPER, GATE_LOOP, GATE_CELLS };
 
 // A client's memory region: image bytes [offset, offset + size) live at host address base.
 struct fill_region {
 	uint64_t offset, size, base;
 };
+
+struct uffd_fill_abi_entry {
+	const char *name;
+	int64_t value;
+};
+
+#define ABI(name) {#name, name}
+#define ABI_SIZE(type) {"sizeof:" #type, sizeof(struct type)}
+#define ABI_OFF(type, field) {"offsetof:" #type "." #field, offsetof(struct type, field)}
+
+static const struct uffd_fill_abi_entry abi[] = {
+	ABI(PAGE_MISSING), ABI(PAGE_PRESENT), ABI(PAGE_REMOVED),
+	ABI(OUT_COPIED), ABI(OUT_ZEROED), ABI(OUT_COPY_IOCTLS), ABI(OUT_ZERO_IOCTLS), ABI(OUT_EEXIST),
+	ABI(OUT_NEWLY_PRESENT), ABI(OUT_STOP_PAGE), ABI(OUT_FIELDS),
+	ABI(RUN_PAGE), ABI(RUN_COUNT), ABI(RUN_PAYLOAD), ABI(RUN_WORDS), ABI(RUN_ZERO),
+	ABI(JOB_RUNS), ABI(JOB_NRUNS), ABI(JOB_PAYLOAD), ABI(JOB_WORDS),
+	ABI(JOB_PENDING), ABI(JOB_RUNNING), ABI(JOB_DONE),
+	ABI(TOTAL_STOP_PAGE), ABI(TOTAL_ERROR), ABI(TOTAL_FINISHED), ABI(TOTAL_FIELDS),
+	ABI(GATE_HELPER), ABI(GATE_LOOP), ABI(GATE_CELLS),
+	ABI_SIZE(fill_region), ABI_OFF(fill_region, offset), ABI_OFF(fill_region, size), ABI_OFF(fill_region, base),
+	{NULL, 0},
+};
+
+// The table above, ended by a NULL name. Keys are the C names, "sizeof:<struct>" and
+// "offsetof:<struct>.<field>", as in native/abi_dump.c.
+const struct uffd_fill_abi_entry *uffd_fill_abi(void)
+{
+	return abi;
+}
+
+// --- installing a block -------------------------------------------------------------------------
 
 struct fill {
 	int uffd;
@@ -49,14 +104,13 @@ struct fill {
 	uint32_t *gate; // a helper's gate (see gate_enter), or NULL on the fault loop's own thread
 };
 
-// The gate orders a helper's installs against the fault loop's reading of events. Once the loop
-// has read a REMOVE, the kernel lets the client's madvise go on and zap the range; a copy landing
-// after that would refill removed memory with snapshot data. So a helper raises gate[0] from
-// checking a page's state until it is marked installed, and the loop raises gate[1] while it
-// reads and applies events. Each raises its own flag, then looks at the other's (both sequentially
-// consistent: the store-then-load cannot be reordered), so the two never both go ahead. The
-// helper yields to the loop; the loop waits at most one ioctl for the helper.
-enum { GATE_HELPER, GATE_LOOP };
+// The gate orders a helper's installs against the fault loop's reading of events. Once the loop has
+// read a REMOVE, the kernel lets the client's madvise go on and zap the range; a copy landing after
+// that would refill removed memory with snapshot data. So a helper raises gate[GATE_HELPER] from
+// checking a page's state until it is marked installed, and the loop raises gate[GATE_LOOP] while
+// it reads and applies events. Each raises its own flag, then looks at the other's (both
+// sequentially consistent: the store-then-load cannot be reordered), so the two never both go
+// ahead. The helper yields to the loop; the loop waits at most one ioctl for the helper.
 
 static void gate_enter(uint32_t *gate)
 {
@@ -154,12 +208,12 @@ static int install(struct fill *f, const struct fill_region *r, uint64_t first, 
 	return 0;
 }
 
-// Installs the missing pages of a packed block given as `nruns` runs (first image page, page
-// count, payload page or -1 for zero pages) whose payload is at `payload`; run `first_run` (the
-// faulting page's, or -1) first. `states` and `zero_map` cover `page_count` image pages: nothing
-// past them is read or installed (a region may reach into the snapshot's padding). Zero runs grow
-// over missing zero pages within their aligned window of `zero_window` pages. Returns 0 or the
-// errno that stopped it (see install).
+// Installs the missing pages of a packed block given as `nruns` runs (RUN_WORDS int32 each: first
+// image page, page count, payload page or RUN_ZERO) whose payload is at `payload`; run `first_run`
+// (the faulting page's, or -1) first. `states` and `zero_map` cover `page_count` image pages:
+// nothing past them is read or installed (a region may reach into the snapshot's padding). Zero
+// runs grow over missing zero pages within their aligned window of `zero_window` pages. Returns 0
+// or the errno that stopped it (see install).
 static int fill_one(struct fill *f, uint64_t page_count, const struct fill_region *regions, uint32_t nregions,
 		    const int32_t *runs, uint32_t nruns, uint64_t payload, int32_t first_run, uint64_t zero_window)
 {
@@ -175,10 +229,11 @@ static int fill_one(struct fill *f, uint64_t page_count, const struct fill_regio
 		if (k >= 0 && k == first_run)
 			continue;
 		uint32_t i = k < 0 ? (uint32_t)first_run : (uint32_t)k;
-		uint64_t page = (uint64_t)runs[3 * i], end = page + (uint64_t)runs[3 * i + 1];
+		const int32_t *run = runs + (uint64_t)RUN_WORDS * i;
+		uint64_t page = (uint64_t)run[RUN_PAGE], end = page + (uint64_t)run[RUN_COUNT];
 		if (end > page_count)
 			end = page_count;
-		int32_t payload_page = runs[3 * i + 2];
+		int32_t payload_page = run[RUN_PAYLOAD];
 		for (uint64_t p = page; p < end;) {
 			if (!missing(states, p)) {
 				p++;
@@ -213,7 +268,7 @@ static int fill_one(struct fill *f, uint64_t page_count, const struct fill_regio
 			while (q < end && q < rend && missing(states, q))
 				q++;
 			int err;
-			if (payload_page < 0) {
+			if (payload_page < 0) { // RUN_ZERO
 				uint64_t wfirst = p - p % zero_window, wend = (q - 1) - (q - 1) % zero_window + zero_window;
 				if (wfirst < rfirst)
 					wfirst = rfirst;
@@ -250,14 +305,6 @@ int uffd_fill_block(int uffd, uint8_t *states, uint64_t page_count, const uint8_
 
 // --- a helper thread ----------------------------------------------------------------------------
 
-// Per job, as src/sys/uffd.ts writes them: runs address, run count, payload address (uint64s).
-enum { JOB_RUNS, JOB_NRUNS, JOB_PAYLOAD, JOB_WORDS };
-// Per job state, written by the helper: not started, being installed, installed.
-enum { JOB_PENDING, JOB_RUNNING, JOB_DONE };
-// The helper's totals (shared, added to atomically): the OUT_* counts, then the errno that stopped
-// it (0: none), then whether it has finished (all jobs done, stopped, or failed).
-enum { TOTAL_ERROR = OUT_FIELDS, TOTAL_FINISHED, TOTAL_FIELDS };
-
 struct helper {
 	pthread_t thread;
 	int uffd;
@@ -285,7 +332,7 @@ static void *helper_main(void *arg)
 			err = fill_one(&f, hp->page_count, hp->regions, hp->nregions, (const int32_t *)(uintptr_t)job[JOB_RUNS],
 				       (uint32_t)job[JOB_NRUNS], job[JOB_PAYLOAD], -1, hp->zero_window);
 			for (int i = 0; i < OUT_FIELDS; i++)
-				if (i != OUT_STOP_PAGE)
+				if (i != TOTAL_STOP_PAGE)
 					__atomic_fetch_add(&hp->totals[i], out[i], __ATOMIC_RELAXED);
 			if (err == EAGAIN && !__atomic_load_n(&hp->stop, __ATOMIC_RELAXED)) {
 				// Events are queued: the fault loop reads them; try this block again after.
@@ -293,7 +340,7 @@ static void *helper_main(void *arg)
 				continue;
 			}
 			if (err && err != EAGAIN) {
-				__atomic_store_n(&hp->totals[OUT_STOP_PAGE], out[OUT_STOP_PAGE], __ATOMIC_RELAXED);
+				__atomic_store_n(&hp->totals[TOTAL_STOP_PAGE], out[OUT_STOP_PAGE], __ATOMIC_RELAXED);
 				__atomic_store_n(&hp->totals[TOTAL_ERROR], (uint32_t)err, __ATOMIC_RELEASE);
 				__atomic_store_n(&hp->stop, 1, __ATOMIC_RELAXED);
 			}
@@ -314,10 +361,10 @@ static void *helper_main(void *arg)
 // Starts a helper thread that installs `njobs` packed blocks (`jobs`: JOB_WORDS uint64 each), in
 // order, into one client, beside the caller, with the arguments of uffd_fill_block. The caller
 // keeps every buffer alive and unchanged until uffd_helper_stop; `job_state` (uint32 per job),
-// `gate` (2 uint32, zero) and `totals` (TOTAL_FIELDS uint32, zero) are shared with it: the caller
-// reads job states and totals, and raises gate[1] around reading events. When the helper stops it
-// writes 1 to the eventfd `notify_fd` (if not -1). Returns a handle, or NULL if no thread could
-// be started.
+// `gate` (GATE_CELLS uint32, zero) and `totals` (TOTAL_FIELDS uint32, zero) are shared with it: the
+// caller reads job states and totals, and raises gate[GATE_LOOP] around reading events. When the
+// helper stops it writes 1 to the eventfd `notify_fd` (if not -1). Returns a handle, or NULL if
+// no thread could be started.
 void *uffd_helper_start(int uffd, uint8_t *states, uint64_t page_count, const uint8_t *zero_map, uint64_t page_size,
 			const struct fill_region *regions, uint32_t nregions, const uint64_t *jobs, uint32_t njobs,
 			uint64_t zero_window, uint32_t *job_state, uint32_t *gate, uint32_t *totals, int notify_fd)

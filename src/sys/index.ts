@@ -20,18 +20,21 @@ export {
   readUffdMessages,
   uffdApi,
   uffdCopy,
-  uffdFillBlock,
-  InstallHelper,
-  type HelperJob,
-  fillRegions,
-  nativeBlockFill,
-  type BlockFillResult,
-  type FillRegion,
   uffdRegister,
   uffdUnregister,
   uffdWake,
   uffdZeropage,
 } from './uffd.js'
+export {
+  type BlockFillResult,
+  type FillRegion,
+  type HelperJob,
+  FILL_ABI,
+  InstallHelper,
+  fillRegions,
+  nativeBlockFill,
+  uffdFillBlock,
+} from './fill.js'
 export {
   type ListenOptions,
   type PeerCredentials,

@@ -81,6 +81,26 @@ export const helperStart = fillLib?.func('uffd_helper_start', 'uintptr_t', [...F
 export const helperStop = fillLib?.func('uffd_helper_stop', 'int', ['uintptr_t']) as ((handle: number) => number) | undefined
 
 /**
+ * uffd_fill_abi (native/libuffd_fill.c): the library's own table of the indices and values it
+ * shares with src/sys/fill.ts, as [name, value] pairs in its order.
+ */
+export const fillAbi = fillLib ? readFillAbi(fillLib) : undefined
+
+function readFillAbi(library: ReturnType<typeof koffi.load>): () => Array<[string, number]> {
+  const entry = koffi.struct('uffd_fill_abi_entry', {name: 'const char *', value: 'int64_t'})
+  const table = library.func('uffd_fill_abi', koffi.pointer(entry), []) as () => unknown
+  return () => {
+    const pointer = table()
+    const pairs: Array<[string, number]> = []
+    for (let i = 0; ; i++) {
+      const {name, value} = koffi.decode(pointer, i * koffi.sizeof(entry), entry) as {name: string | null; value: number}
+      if (name === null) return pairs
+      pairs.push([name, value])
+    }
+  }
+}
+
+/**
  * LZ4_decompress_safe from the system's liblz4 (Debian's apt depends on it, so it is nearly
  * always there), or undefined. It decodes straight into the caller's buffer, where lz4-napi
  * allocates a new one per block: replaying 406 MiB of 256 KiB blocks took 200 ms against 330 ms.
