@@ -1,10 +1,12 @@
-// What the handler knows about each page of a client's memory. The values are shared with
-// native/libuffd_fill.c, which reads and moves them too (a block fill, an install helper).
+// What the handler knows about each page of a client's memory. The values are native/libuffd_fill's
+// (FILL_ABI.page, checked against the library by test/sys-fill-abi.test.ts): a block fill and an
+// install helper read and move the same bytes.
+import {FILL_ABI} from '../../sys/index.js'
 
-export const PAGE_MISSING = 0
-export const PAGE_PRESENT = 1
+export const PAGE_MISSING = FILL_ABI.page.missing
+export const PAGE_PRESENT = FILL_ABI.page.present
 /** Dropped by the client (UFFD_EVENT_REMOVE, e.g. a balloon): must read as zeros if touched again. */
-export const PAGE_REMOVED = 2
+export const PAGE_REMOVED = FILL_ABI.page.removed
 
 /**
  * What the handler knows about each page of a client's memory, indexed by image page. A page is
