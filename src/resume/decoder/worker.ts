@@ -2,7 +2,7 @@ import {workerData} from 'node:worker_threads'
 
 import {SnapshotReader} from '../../snapshot/reader.js'
 import {eventfdSignal, setThreadNice} from '../../sys/index.js'
-import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ERROR, SLOT_PENDING, SLOT_READY, type DecoderConfig} from '../fault-loop/decode-pool.js'
+import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ERROR, SLOT_PENDING, SLOT_READY, type DecoderConfig} from './slots.js'
 
 /**
  * A decoder: reads and verifies chunks into shared slots for the fault loop, so decompression

@@ -2,34 +2,9 @@ import {type Worker} from 'node:worker_threads'
 
 import {startWorker} from '../../core/workers.js'
 import {createEventfd, closeFd, eventfdDrain} from '../../sys/index.js'
+import {CONTROL_CELLS, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, type DecoderConfig, SLOT_ERROR, SLOT_FREE, SLOT_PENDING, SLOT_READY} from '../decoder/slots.js'
 
-export const SLOT_FREE = 0
-export const SLOT_PENDING = 1
-export const SLOT_READY = 2
-export const SLOT_ERROR = 3
-
-/** Nice value of decoder threads (0 is the fault loop's and usually the client's). */
-export const DECODER_NICE = 10
-
-/** Int32 cells of DecoderConfig.control. */
-export const CONTROL_STARTED = 0 // decoders that have loaded their modules and opened the snapshot
-export const CONTROL_GENERATION = 1 // bumped on every request: idle decoders sleep on it
-export const CONTROL_STOP = 2 // 1: decoders exit
-export const CONTROL_CELLS = 3
-
-export interface DecoderConfig {
-  snapshotPath: string
-  arena: SharedArrayBuffer
-  slotBytes: number
-  /** Per slot: state, payload length, unit to decode, request order, claimed by a decoder. */
-  states: SharedArrayBuffer
-  lengths: SharedArrayBuffer
-  units: SharedArrayBuffer
-  order: SharedArrayBuffer
-  claims: SharedArrayBuffer
-  control: SharedArrayBuffer
-  eventFd: number
-}
+export {SLOT_ERROR, SLOT_FREE, SLOT_PENDING, SLOT_READY}
 
 /**
  * Decoder threads that fill fixed slots of shared memory with verified chunk payloads, ahead of
