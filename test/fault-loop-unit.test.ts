@@ -8,6 +8,7 @@ import path from 'node:path'
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
 import {UffdError} from '../src/core/errors.js'
+import {Codec} from '../src/format/constants.js'
 import {SnapshotFormatError} from '../src/format/errors.js'
 import {Client} from '../src/resume/fault-loop/client.js'
 import {FaultServer} from '../src/resume/fault-loop/fault-server.js'
@@ -342,3 +343,72 @@ describe('Prefetcher: population, readiness and REMOVE', () => {
   })
 })
 
+
+describe('DecodedUnits: cache, decoder slots and owners behind one source', () => {
+  it('decodes ahead for owners, frees a slot when the last owner releases it, keeps it in the cache when asked to', async () => {
+    const {DecodePool} = await import('../src/resume/fault-loop/decode-pool.js')
+    const stats = new RunStats()
+    const pool = new DecodePool(path.join(dir, 'mem.uffd'), 1, 2, reader.geometry.chunkSize)
+    try {
+      expect(pool.waitUntilStarted(10_000)).toBe(true)
+      const source = new DecodedUnits(reader, pool, stats, 1 << 20)
+      const data = [...Array(reader.index.length).keys()].filter((c) => reader.entry(c).codec !== Codec.None)
+      const [a, b, c] = data
+      expect(source.prefetch(1, a)).toBe('asked')
+      expect(source.prefetch(2, a)).toBe('asked')
+      expect(source.prefetch(1, b)).toBe('asked')
+      // Two slots: a third unit waits for room.
+      expect(source.prefetch(1, c)).toBe('full')
+      for (const unit of [a, b]) {
+        const deadline = Date.now() + 10_000
+        while (!source.isReady(unit) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2))
+        expect(source.isReady(unit)).toBe(true)
+        expect(source.readyAddress(unit)).toBeGreaterThan(0)
+      }
+      expect(source.payload(a).equals(reader.readPayload(a))).toBe(true)
+      // Owner 1 lets go of a: owner 2 still holds it.
+      source.release(1, a)
+      expect(source.isRequested(a)).toBe(true)
+      source.retainReleased = true
+      source.release(2, a)
+      expect(source.isRequested(a)).toBe(false)
+      // Kept in the cache: ready without a slot, and a fault finds it there.
+      expect(source.isReady(a)).toBe(true)
+      expect(source.prefetch(3, a)).toBe('unneeded')
+      const hits = stats.get('cacheHits')
+      expect(source.payload(a).equals(reader.readPayload(a))).toBe(true)
+      expect(stats.get('cacheHits')).toBe(hits + 1)
+      // An owner that ends releases everything it held: room again.
+      source.releaseOwner(1)
+      expect(source.isRequested(b)).toBe(false)
+      expect(source.prefetch(1, c)).toBe('asked')
+      expect(stats.get('chunksDecoded')).toBe(2)
+    } finally {
+      await pool.close()
+    }
+  })
+
+  it('a corrupt unit in a decoder slot is decoded again by the caller, which raises its error', async () => {
+    const {DecodePool} = await import('../src/resume/fault-loop/decode-pool.js')
+    const corrupt = path.join(dir, 'corrupt.uffd')
+    const bytes = fs.readFileSync(path.join(dir, 'mem.uffd'))
+    const unit = [...Array(reader.index.length).keys()].find((c) => reader.entry(c).codec !== Codec.None)!
+    const entry = reader.entry(unit)
+    bytes[entry.dataOffset + Math.floor(entry.storedLength / 2)] ^= 0xff
+    fs.writeFileSync(corrupt, bytes)
+    const corruptReader = SnapshotReader.open(corrupt)
+    const pool = new DecodePool(corrupt, 1, 2, reader.geometry.chunkSize)
+    try {
+      expect(pool.waitUntilStarted(10_000)).toBe(true)
+      const source = new DecodedUnits(corruptReader, pool, new RunStats(), 1 << 20)
+      expect(source.prefetch(1, unit)).toBe('asked')
+      const deadline = Date.now() + 10_000
+      while (!source.isReady(unit) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2))
+      expect(source.readyAddress(unit)).toBeUndefined()
+      expect(() => source.payload(unit)).toThrow(expect.objectContaining({code: 'CORRUPT'}))
+    } finally {
+      await pool.close()
+      corruptReader.close()
+    }
+  })
+})
