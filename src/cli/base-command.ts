@@ -1,5 +1,6 @@
 import {Command, Errors} from '@oclif/core'
 
+import {UffdError} from '../core/errors.js'
 import {SnapshotFormatError} from '../format/errors.js'
 
 /** Exit codes shared by every command (README: "Exit codes"). */
@@ -13,11 +14,10 @@ export const EXIT = {
   INTERRUPTED: 130,
 } as const
 
-export class InterruptedError extends Error {
-  /** The error code under --json. */
-  readonly code = 'INTERRUPTED'
+export class InterruptedError extends UffdError {
+  declare readonly code: 'INTERRUPTED'
   constructor(signal: string) {
-    super(`interrupted by ${signal}`)
+    super('INTERRUPTED', `interrupted by ${signal}`)
     this.name = 'InterruptedError'
   }
 }
