@@ -1,7 +1,7 @@
 import {Command, Errors} from '@oclif/core'
 
-import {UffdError} from '../core/errors.js'
-import {SnapshotFormatError} from '../format/errors.js'
+import {isErrorCode, UffdError} from '../core/errors.js'
+import {isErrnoName} from '../sys/errors.js'
 
 /** Exit codes shared by every command (README: "Exit codes"). */
 export const EXIT = {
@@ -23,6 +23,17 @@ export class InterruptedError extends UffdError {
 }
 
 /**
+ * The `error.code` of --json: only documented codes (docs/ERRORS.md) reach scripts, so one
+ * without a code, or with a code of some library's own, is reported as the bug it is.
+ */
+function reportedCode(error: Error & {code?: unknown}, isUsage: boolean): string {
+  if (isErrorCode(error.code) || isErrnoName(error.code)) return error.code
+  if (isUsage) return 'USAGE'
+  if (error.name === 'AbortError') return 'INTERRUPTED'
+  return 'INTERNAL'
+}
+
+/**
  * Turns every failure into one line on stderr (or an {error} object under --json) and the exit
  * code scripts can rely on; a stack trace is a bug report, not an error message.
  */
@@ -31,9 +42,9 @@ export abstract class BaseCommand extends Command {
 
   protected override async catch(error: Error & {exitCode?: number; oclif?: {exit?: number}; code?: string}): Promise<unknown> {
     const isUsage = error instanceof Errors.CLIError && error.oclif?.exit === 2
-    const exitCode = isUsage ? EXIT.USAGE : error instanceof InterruptedError || error.name === 'AbortError' ? EXIT.INTERRUPTED : (error.oclif?.exit ?? EXIT.FAILURE)
+    const exitCode = isUsage || (error instanceof UffdError && error.code === 'USAGE') ? EXIT.USAGE : error instanceof InterruptedError || error.name === 'AbortError' ? EXIT.INTERRUPTED : (error.oclif?.exit ?? EXIT.FAILURE)
     process.exitCode = exitCode
-    const code = error instanceof SnapshotFormatError ? error.code : (error.code ?? (isUsage ? 'USAGE' : 'ERROR'))
+    const code = reportedCode(error, isUsage)
     const message = error.name === 'AbortError' ? 'interrupted' : error.message
     if (this.jsonEnabled()) {
       this.logJson({error: {code, message, exitCode}})
