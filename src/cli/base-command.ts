@@ -42,9 +42,10 @@ export abstract class BaseCommand extends Command {
 
   protected override async catch(error: Error & {exitCode?: number; oclif?: {exit?: number}; code?: string}): Promise<unknown> {
     const isUsage = error instanceof Errors.CLIError && error.oclif?.exit === 2
-    const exitCode = isUsage || (error instanceof UffdError && error.code === 'USAGE') ? EXIT.USAGE : error instanceof InterruptedError || error.name === 'AbortError' ? EXIT.INTERRUPTED : (error.oclif?.exit ?? EXIT.FAILURE)
-    process.exitCode = exitCode
     const code = reportedCode(error, isUsage)
+    // From the code, so the exit status is always the one docs/ERRORS.md gives for it.
+    const exitCode = isUsage || code === 'USAGE' ? EXIT.USAGE : code === 'INTERRUPTED' ? EXIT.INTERRUPTED : (error.oclif?.exit ?? EXIT.FAILURE)
+    process.exitCode = exitCode
     const message = error.name === 'AbortError' ? 'interrupted' : error.message
     if (this.jsonEnabled()) {
       this.logJson({error: {code, message, exitCode}})

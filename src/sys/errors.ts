@@ -52,7 +52,7 @@ export const Errno = {
 export class SysError extends Error {
   /** The call that failed: a libc function ('recvmsg') or an ioctl ('UFFDIO_COPY'). */
   readonly syscall: string
-  /** errno name, e.g. 'EEXIST'. */
+  /** errno name, e.g. 'EEXIST': the --json error code (docs/ERRORS.md, "System errors"). */
   readonly code: string
   /** errno value, e.g. 17. */
   readonly errno: number
