@@ -1,6 +1,7 @@
 import {Command, Errors} from '@oclif/core'
 
-import {SnapshotFormatError} from '../format/errors.js'
+import {isErrorCode, UffdError} from '../core/errors.js'
+import {isErrnoName} from '../sys/errors.js'
 
 /** Exit codes shared by every command (README: "Exit codes"). */
 export const EXIT = {
@@ -13,13 +14,23 @@ export const EXIT = {
   INTERRUPTED: 130,
 } as const
 
-export class InterruptedError extends Error {
-  /** The error code under --json. */
-  readonly code = 'INTERRUPTED'
+export class InterruptedError extends UffdError {
+  declare readonly code: 'INTERRUPTED'
   constructor(signal: string) {
-    super(`interrupted by ${signal}`)
+    super('INTERRUPTED', `interrupted by ${signal}`)
     this.name = 'InterruptedError'
   }
+}
+
+/**
+ * The `error.code` of --json: only documented codes (docs/ERRORS.md) reach scripts, so one
+ * without a code, or with a code of some library's own, is reported as the bug it is.
+ */
+function reportedCode(error: Error & {code?: unknown}, isUsage: boolean): string {
+  if (isErrorCode(error.code) || isErrnoName(error.code)) return error.code
+  if (isUsage) return 'USAGE'
+  if (error.name === 'AbortError') return 'INTERRUPTED'
+  return 'INTERNAL'
 }
 
 /**
@@ -31,9 +42,10 @@ export abstract class BaseCommand extends Command {
 
   protected override async catch(error: Error & {exitCode?: number; oclif?: {exit?: number}; code?: string}): Promise<unknown> {
     const isUsage = error instanceof Errors.CLIError && error.oclif?.exit === 2
-    const exitCode = isUsage ? EXIT.USAGE : error instanceof InterruptedError || error.name === 'AbortError' ? EXIT.INTERRUPTED : (error.oclif?.exit ?? EXIT.FAILURE)
+    const code = reportedCode(error, isUsage)
+    // From the code, so the exit status is always the one docs/ERRORS.md gives for it.
+    const exitCode = isUsage || code === 'USAGE' ? EXIT.USAGE : code === 'INTERRUPTED' ? EXIT.INTERRUPTED : (error.oclif?.exit ?? EXIT.FAILURE)
     process.exitCode = exitCode
-    const code = error instanceof SnapshotFormatError ? error.code : (error.code ?? (isUsage ? 'USAGE' : 'ERROR'))
     const message = error.name === 'AbortError' ? 'interrupted' : error.message
     if (this.jsonEnabled()) {
       this.logJson({error: {code, message, exitCode}})

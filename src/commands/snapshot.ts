@@ -6,12 +6,13 @@ import {Flags} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
 import {progressBar, withInterruptHandling} from '../cli/progress.js'
+import {UffdError} from '../core/errors.js'
 import {formatBytes, formatPercent, parseSize} from '../core/units.js'
 import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../format/constants.js'
 import {geometryProblem} from '../format/geometry.js'
 import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
 import {criuDirInput, freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
-import {chunksInTouchOrder, parseWorkingSet} from '../format/working-set.js'
+import {chunksInTouchOrder, parseWorkingSet, WorkingSetError} from '../format/working-set.js'
 import {attachWorkingSet, PACK_CODECS, packOptionsFor} from '../snapshot/relayout.js'
 import {describeAttached} from './working-set/attach.js'
 import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'
@@ -66,7 +67,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
 
     const source = flags['mem-file'] ?? flags['criu-dir'] ?? `pid ${flags.pid}`
     const output = flags.output ?? (flags.pid === undefined ? `${path.basename(path.resolve(source))}.uffd` : `pid-${flags.pid}.uffd`)
-    if (!flags.force && fs.existsSync(output)) this.error(`${output} exists (use --force to replace it)`, {exit: 1})
+    if (!flags.force && fs.existsSync(output)) throw new UffdError('OUTPUT_EXISTS', `${output} exists (use --force to replace it)`)
     const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism()}
     const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
 
@@ -77,7 +78,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
           if (regionSizes && regionSizes.reduce((a, b) => a + b, 0) > Math.ceil(input.logicalSize / pageSize) * pageSize) {
             this.error(`--regions add up to more than the ${input.logicalSize}-byte file`, {exit: 2})
           }
-          if (input.logicalSize % pageSize !== 0 && pageSize === PAGE_SIZE_2M) this.error(`${flags['mem-file']} is not a whole number of 2 MiB pages`, {exit: 1})
+          if (input.logicalSize % pageSize !== 0 && pageSize === PAGE_SIZE_2M) throw new UffdError('INPUT_MISMATCH', `${flags['mem-file']} is not a whole number of 2 MiB pages`)
           return await writeSnapshot(input, output, {...options, signal, onProgress: bar.update})
         }
         if (flags['criu-dir']) return await writeSnapshot(criuDirInput(flags['criu-dir']), output, {...options, signal, onProgress: bar.update})
@@ -91,7 +92,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
       // the geometry must match. A stale set costs prefetch work, never correctness.
       const set = parseWorkingSet(fs.readFileSync(flags['working-set'], 'utf8'), flags['working-set'])
       if (set.snapshot.logicalSize !== summary.logicalSize || set.snapshot.pageSize !== summary.pageSize) {
-        this.error(`${flags['working-set']} was recorded on ${set.snapshot.logicalSize} bytes of ${set.snapshot.pageSize}-byte pages, not on this image`, {exit: 1})
+        throw new WorkingSetError(`${flags['working-set']} was recorded on ${set.snapshot.logicalSize} bytes of ${set.snapshot.pageSize}-byte pages, not on this image`)
       }
       const attached = attachWorkingSet(output, output, set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack))
       summary.fileSize = attached.fileSize

@@ -8,7 +8,7 @@ export const ERROR_CODES = {
   // The snapshot file (format/errors.ts, SnapshotFormatError).
   NOT_A_SNAPSHOT: 'the file is not a uffd snapshot (wrong magic)',
   UNSUPPORTED_VERSION: 'a format version or incompatible feature this build does not know',
-  TRUNCATED: 'the file ends before a structure it declares',
+  TRUNCATED: 'the file ends before a structure it declares, or an input file shrank while it was read',
   CORRUPT: 'a checksum or cross-check disagrees: the stored bytes are not what was written',
   INVALID: 'a value in the file lies outside its allowed range',
   // Serving a client (uffd resume).
@@ -17,7 +17,7 @@ export const ERROR_CODES = {
   UNSUPPORTED_EVENT: 'a userfaultfd event the handler cannot follow for this kind of client',
   FILL_FAILED: 'the kernel refused to install pages for an unexpected reason (the errno is in the message)',
   TIMEOUT: 'no client connected (or sent its handshake) within --timeout',
-  WORKER_EXIT: 'the fault-loop thread stopped unexpectedly (a bug: please report it)',
+  WORKER_EXIT: 'the fault-loop or a compression thread stopped unexpectedly (a bug: please report it)',
   NO_RECORDING: 'the fault loop ended without handing over the --record working set (a bug)',
   // CRIU (uffd snapshot --criu-dir, uffd resume --criu-dir).
   CRIU_IMAGE: 'a CRIU image file is malformed or of a kind this tool does not read',
@@ -29,6 +29,8 @@ export const ERROR_CODES = {
   PERMISSION: 'not allowed to read the --pid process (needs root or ptrace rights)',
   EXITED: 'the --pid process exited while it was being read',
   NOT_A_FILE: 'an input or output path is not a regular file',
+  INPUT_MISMATCH: 'the input does not fit the options (a --mem-file that is not a whole number of --page-size pages)',
+  OUTPUT_EXISTS: 'the output file exists and --force was not given',
   // Working sets.
   BAD_WORKING_SET: 'a working-set file is malformed or belongs to another snapshot',
   // Every command.
@@ -38,6 +40,10 @@ export const ERROR_CODES = {
 } as const
 
 export type ErrorCode = keyof typeof ERROR_CODES
+
+export function isErrorCode(code: unknown): code is ErrorCode {
+  return typeof code === 'string' && Object.hasOwn(ERROR_CODES, code)
+}
 
 /** An error a user sees, with one of the documented codes. */
 export class UffdError extends Error {
@@ -49,4 +55,14 @@ export class UffdError extends Error {
     super(message, options)
     this.name = 'UffdError'
   }
+}
+
+/**
+ * Rebuilds an error that crossed a worker boundary as its message and code (an Error does not
+ * survive postMessage with its class), so the code a script sees does not depend on which thread
+ * failed. A code outside the vocabulary (an errno name from Node's fs) is kept as it is.
+ */
+export function errorFromWorker(message: string, code: string | undefined): Error {
+  if (isErrorCode(code)) return new UffdError(code, message)
+  return Object.assign(new Error(message), code === undefined ? {} : {code})
 }

@@ -1,12 +1,14 @@
+import {UffdError} from './errors.js'
+
 /** Human sizes: "64K", "256KiB", "2M", "1g", "4096". Binary multiples throughout. */
 const SIZE = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$/i
 const MULTIPLIER: Record<string, number> = {'': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4}
 
 export function parseSize(text: string): number {
   const m = SIZE.exec(text.trim())
-  if (!m) throw new Error(`invalid size ${JSON.stringify(text)} (examples: 4096, 64K, 2M, 1G)`)
+  if (!m) throw new UffdError('USAGE', `invalid size ${JSON.stringify(text)} (examples: 4096, 64K, 2M, 1G)`)
   const value = Number(m[1]) * MULTIPLIER[m[2].toLowerCase()]
-  if (!Number.isSafeInteger(value)) throw new Error(`invalid size ${JSON.stringify(text)}: not a whole number of bytes`)
+  if (!Number.isSafeInteger(value)) throw new UffdError('USAGE', `invalid size ${JSON.stringify(text)}: not a whole number of bytes`)
   return value
 }
 

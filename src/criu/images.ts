@@ -1,6 +1,7 @@
 import fs from 'node:fs'
 import path from 'node:path'
 
+import {UffdError} from '../core/errors.js'
 import {CORE_ENTRY, type Decoder, FILE_ENTRY, has, MEMFD_INODE_ENTRY, MM_ENTRY, PAGEMAP_ENTRY, PAGEMAP_HEAD, PSTREE_ENTRY, type U64} from './schema.js'
 
 /**
@@ -68,14 +69,13 @@ const MARCH_X86_64 = 1
 const FD_TYPE_REG = 1
 const FD_TYPE_MEMFD = 18
 
-export class CriuImageError extends Error {
-  /** The error code under --json. */
-  readonly code = 'CRIU_IMAGE'
+export class CriuImageError extends UffdError {
+  declare readonly code: 'CRIU_IMAGE'
   constructor(
     readonly file: string,
     detail: string,
   ) {
-    super(`${file}: ${detail}`)
+    super('CRIU_IMAGE', `${file}: ${detail}`)
     this.name = 'CriuImageError'
   }
 }

@@ -1,25 +1,25 @@
+import {UffdError} from '../core/errors.js'
+
+/**
+ * The codes of a snapshot file's problems; their meanings are in ERROR_CODES, and narrowing
+ * UffdError's `code` to them fails to compile if one is not a key there.
+ */
+export type SnapshotErrorCode = 'NOT_A_SNAPSHOT' | 'UNSUPPORTED_VERSION' | 'TRUNCATED' | 'CORRUPT' | 'INVALID'
+
 /**
  * Every inconsistency in a snapshot file becomes one of these, naming the file, the part of it
  * and what is wrong, so a user can tell a truncated copy from a version mismatch from bit rot.
  */
-export type SnapshotErrorCode =
-  | 'NOT_A_SNAPSHOT' // wrong magic: some other file
-  | 'UNSUPPORTED_VERSION' // a major version or incompatible feature this reader does not know
-  | 'TRUNCATED' // the file ends before a structure it declares
-  | 'CORRUPT' // checksums or cross-checks disagree
-  | 'INVALID' // a value out of its allowed range
-
-export class SnapshotFormatError extends Error {
-  readonly code: SnapshotErrorCode
+export class SnapshotFormatError extends UffdError {
+  declare readonly code: SnapshotErrorCode
   /** The part of the file: 'header', 'footer', 'index', 'zero map', 'chunk 12', 'region 3'. */
   readonly part: string
   readonly detail: string
   file: string | undefined
 
   constructor(code: SnapshotErrorCode, part: string, detail: string, file?: string) {
-    super(SnapshotFormatError.describe(file, part, detail))
+    super(code, SnapshotFormatError.describe(file, part, detail))
     this.name = 'SnapshotFormatError'
-    this.code = code
     this.part = part
     this.detail = detail
     this.file = file

@@ -209,7 +209,7 @@ export function decodeHeader(buf: Buffer, fileSize: number): SnapshotHeader {
   let metadata: SnapshotMetadata
   try {
     const parsed: unknown = JSON.parse(decodeUtf8(buf.subarray(metadataAt, contentEnd), 'metadata'))
-    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not a JSON object')
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new SnapshotFormatError('CORRUPT', 'metadata', 'invalid JSON (not a JSON object)')
     metadata = parsed as SnapshotMetadata
   } catch (error) {
     if (error instanceof SnapshotFormatError) throw error

@@ -3,6 +3,8 @@
  * `uffd resume --record`, merged across runs (the order of faults varies between resumes; the set
  * barely does), and replayed by `uffd resume --working-set` as prefetch. Pure: no I/O.
  */
+import {UffdError} from '../core/errors.js'
+
 export interface WorkingSetFile {
   kind: 'uffd-working-set'
   version: 1
@@ -16,8 +18,12 @@ export interface WorkingSetFile {
   firstTouchMs: number[]
 }
 
-export class WorkingSetError extends Error {
-  readonly code = 'BAD_WORKING_SET'
+export class WorkingSetError extends UffdError {
+  declare readonly code: 'BAD_WORKING_SET'
+  constructor(message: string) {
+    super('BAD_WORKING_SET', message)
+    this.name = 'WorkingSetError'
+  }
 }
 
 /** Collects first touches while a resume runs: appends only, a few ns per fault. */

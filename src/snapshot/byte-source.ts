@@ -1,5 +1,7 @@
 import fs from 'node:fs'
 
+import {UffdError} from '../core/errors.js'
+
 /**
  * Where snapshot bytes come from. Every chunk read goes through this one interface, so a local
  * file, an HTTP range-request client with a local cache, or a stack of diff snapshots can stand
@@ -23,7 +25,7 @@ export class FileByteSource implements ByteSource {
     this.fd = fs.openSync(name, 'r')
     try {
       const st = fs.fstatSync(this.fd)
-      if (!st.isFile() && !st.isBlockDevice()) throw new Error(`${name} is not a regular file`)
+      if (!st.isFile() && !st.isBlockDevice()) throw new UffdError('NOT_A_FILE', `${name} is not a regular file`)
       this.size = st.size
     } catch (error) {
       fs.closeSync(this.fd)
@@ -32,11 +34,11 @@ export class FileByteSource implements ByteSource {
   }
 
   readAt(dst: Uint8Array, position: number): void {
-    if (this.fd === undefined) throw new Error(`${this.name} is closed`)
+    if (this.fd === undefined) throw new UffdError('INTERNAL', `${this.name} is closed`)
     let done = 0
     while (done < dst.length) {
       const n = fs.readSync(this.fd, dst, done, dst.length - done, position + done)
-      if (n === 0) throw new Error(`${this.name}: unexpected end of file at ${position + done} (wanted ${dst.length} bytes at ${position})`)
+      if (n === 0) throw new UffdError('TRUNCATED', `${this.name}: unexpected end of file at ${position + done} (wanted ${dst.length} bytes at ${position})`)
       done += n
     }
   }

@@ -1,6 +1,7 @@
 import fs from 'node:fs'
 import {parentPort, workerData} from 'node:worker_threads'
 
+import {UffdError} from '../core/errors.js'
 import {Codec, maxStoredLength} from '../format/constants.js'
 import {type ChunkJob, type ChunkJobResult, type EncodedChunk, encodeChunk} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
@@ -60,7 +61,7 @@ function readSegments(job: ChunkJob, spans: readonly {start: number; end: number
     let done = 0
     while (done < s.length) {
       const n = fs.readSync(fd, input, s.imageOffset - job.start + done, s.length - done, s.position + done)
-      if (n === 0) throw new Error(`${s.path}: ended at ${s.position + done}, expected ${s.length - done} more bytes`)
+      if (n === 0) throw new UffdError('TRUNCATED', `${s.path}: ended at ${s.position + done}, expected ${s.length - done} more bytes`)
       done += n
     }
   }

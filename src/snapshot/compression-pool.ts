@@ -1,5 +1,6 @@
 import {type Worker} from 'node:worker_threads'
 
+import {errorFromWorker, UffdError} from '../core/errors.js'
 import {startWorker} from '../core/workers.js'
 import {type ChunkJob, type ChunkJobResult} from './chunk-job.js'
 import {type CompressionCodec} from './codecs.js'
@@ -21,7 +22,7 @@ export class CompressionPool {
       worker.on('message', (reply: Reply) => this.onReply(worker, reply))
       worker.on('error', (error) => this.fail(error))
       worker.on('exit', (code) => {
-        if (code !== 0 && !this.failure && !this.closing) this.fail(new Error(`compression worker exited with code ${code}`))
+        if (code !== 0 && !this.failure && !this.closing) this.fail(new UffdError('WORKER_EXIT', `compression worker exited with code ${code}`))
       })
       this.workers.push(worker)
       this.idle.push(worker)
@@ -38,7 +39,7 @@ export class CompressionPool {
 
   async close(): Promise<void> {
     this.closing = true
-    this.fail(new Error('compression pool closed'))
+    this.fail(new UffdError('INTERNAL', 'compression pool closed'))
     await Promise.all(this.workers.map((w) => w.terminate()))
   }
 
@@ -57,7 +58,7 @@ export class CompressionPool {
     this.idle.push(worker)
     if (waiter) {
       if (reply.ok) waiter.resolve(reply.result)
-      else waiter.reject(Object.assign(new Error(reply.error), {code: reply.code}))
+      else waiter.reject(errorFromWorker(reply.error, reply.code))
     }
     this.dispatch()
   }

@@ -1,6 +1,7 @@
 import fs from 'node:fs'
 import os from 'node:os'
 
+import {UffdError} from '../core/errors.js'
 import {isFileVma, isSharedVma, isSpecialVma, readCriuDump, taskVmas} from '../criu/images.js'
 import {PAGE_SIZE_4K, REGION_FLAG_FILE, REGION_FLAG_SHARED, REGION_FLAG_SPECIAL, REGION_PROT_EXEC, REGION_PROT_READ, REGION_PROT_WRITE, RegionKind} from '../format/constants.js'
 import {type Region, type SnapshotMetadata} from '../format/header.js'
@@ -41,7 +42,7 @@ export function memFileInput(path: string, regionSizes?: number[]): ImageInput {
   const fd = fs.openSync(path, 'r')
   try {
     const st = fs.fstatSync(fd)
-    if (!st.isFile()) throw new Error(`${path} is not a regular file`)
+    if (!st.isFile()) throw new UffdError('NOT_A_FILE', `${path} is not a regular file`)
     const size = st.size
     const extents: Extent[] = []
     for (let at = seekData(fd, 0); at !== null && at < size; ) {
@@ -126,12 +127,11 @@ export function criuDirInput(dir: string): ImageInput {
   }
 }
 
-export class ProcessSnapshotError extends Error {
-  constructor(
-    message: string,
-    readonly code: 'NO_SUCH_PROCESS' | 'PERMISSION' | 'EXITED',
-  ) {
-    super(message)
+export class ProcessSnapshotError extends UffdError {
+  declare readonly code: 'NO_SUCH_PROCESS' | 'PERMISSION' | 'EXITED'
+  constructor(message: string, code: ProcessSnapshotError['code']) {
+    super(code, message)
+    this.name = 'ProcessSnapshotError'
   }
 }
 

@@ -1,4 +1,5 @@
 /** Parsing of /proc/PID/maps and /proc/PID/stat. Pure; unit-tested on captured text. */
+import {UffdError} from '../core/errors.js'
 
 export interface Vma {
   start: number
@@ -19,7 +20,7 @@ export function parseMaps(text: string): Vma[] {
   for (const line of text.split('\n')) {
     if (line.trim() === '') continue
     const m = MAPS_LINE.exec(line)
-    if (!m) throw new Error(`unexpected line in maps: ${JSON.stringify(line)}`)
+    if (!m) throw new UffdError('INTERNAL', `unexpected line in maps: ${JSON.stringify(line)}`)
     vmas.push({
       start: parseInt(m[1], 16),
       end: parseInt(m[2], 16),
@@ -49,7 +50,7 @@ export function isSnapshottable(vma: Vma): boolean {
 export function parseStatState(stat: string): string {
   // The command name is in parentheses and may itself contain spaces or parentheses.
   const close = stat.lastIndexOf(')')
-  if (close < 0) throw new Error('unexpected /proc/PID/stat format')
+  if (close < 0) throw new UffdError('INTERNAL', 'unexpected /proc/PID/stat format')
   return stat.slice(close + 2, close + 3)
 }
 

@@ -1,5 +1,6 @@
 import {crc32} from 'node:zlib'
 
+import {UffdError} from '../core/errors.js'
 import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_WORKING_SET} from '../format/constants.js'
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
@@ -94,7 +95,7 @@ export function attachWorkingSet(
     let table: Buffer = Buffer.alloc(0)
     let blocks: PackedBlock[] = []
     for (let headerSize = 0, round = 0; ; headerSize = encoded.length, round++) {
-      if (round > 8) throw new Error('the header size does not settle (a bug): giving up')
+      if (round > 8) throw new UffdError('INTERNAL', 'the header size does not settle (a bug): giving up')
       let at = headerSize
       blocks = (packed?.blocks ?? []).map((b, i) => {
         const dataOffset = b.codec === Codec.None ? 0 : at

@@ -9,9 +9,16 @@ import {getSystemErrorMap} from 'node:util'
 // from any thread without touching libc.
 const errnoTable = getSystemErrorMap()
 
+const errnoNames = new Set([...errnoTable.values()].map(([name]) => name))
+
 /** The symbolic name of a positive errno value ('EINVAL' for 22), or `E<n>` if unknown. */
 export function errnoName(errno: number): string {
   return errnoTable.get(-errno)?.[0] ?? `E${errno}`
+}
+
+/** Whether `code` is a name errnoName can return: the `code` of a SysError or of Node's fs errors. */
+export function isErrnoName(code: unknown): code is string {
+  return typeof code === 'string' && (errnoNames.has(code) || /^E\d+$/.test(code))
 }
 
 function errnoDescription(errno: number): string {
@@ -45,7 +52,7 @@ export const Errno = {
 export class SysError extends Error {
   /** The call that failed: a libc function ('recvmsg') or an ioctl ('UFFDIO_COPY'). */
   readonly syscall: string
-  /** errno name, e.g. 'EEXIST'. */
+  /** errno name, e.g. 'EEXIST': the --json error code (docs/ERRORS.md, "System errors"). */
   readonly code: string
   /** errno value, e.g. 17. */
   readonly errno: number

@@ -1,3 +1,4 @@
+import {UffdError} from '../../core/errors.js'
 import {type Geometry} from '../../format/geometry.js'
 
 /**
@@ -12,10 +13,10 @@ export interface GuestRegion {
   pageSize: number
 }
 
-export class HandshakeError extends Error {
-  readonly code = 'BAD_HANDSHAKE'
+export class HandshakeError extends UffdError {
+  declare readonly code: 'BAD_HANDSHAKE'
   constructor(message: string) {
-    super(`invalid handshake: ${message}`)
+    super('BAD_HANDSHAKE', `invalid handshake: ${message}`)
     this.name = 'HandshakeError'
   }
 }
