@@ -2,6 +2,7 @@ import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
+import {UffdError} from '../../core/errors.js'
 import {isLazyVma, readCriuDump} from '../../criu/images.js'
 import {RegionKind} from '../../format/constants.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
@@ -11,7 +12,7 @@ import {type GuestRegion} from './handshake.js'
 import {FaultLoopHost, servingSettings} from './fault-loop-host.js'
 import {type FromWorker, type ToWorker} from '../protocol.js'
 import {buildReport} from '../run-stats.js'
-import {ACCEPT_SLICE_MS, type ClientSummary, KILL_WAIT_MS, killQuietly, ResumeError, type ResumeOptions, type ResumeResult} from './session.js'
+import {ACCEPT_SLICE_MS, type ClientSummary, KILL_WAIT_MS, killQuietly, type ResumeOptions, type ResumeResult} from './session.js'
 
 /** The socket name CRIU connects to, relative to its working directory (criu/uffd.c). */
 export const LAZY_PAGES_SOCKET = 'lazy-pages.socket'
@@ -45,14 +46,14 @@ export class RestoreStream {
       this.bytes = this.bytes.subarray(4)
       return {kind: 'finished'}
     }
-    if (word === 0) throw new ResumeError('criu sent pid 0 on the lazy-pages socket', 'CRIU_PROTOCOL')
+    if (word === 0) throw new UffdError('CRIU_PROTOCOL', 'criu sent pid 0 on the lazy-pages socket')
     if (word < 0) {
       this.bytes = this.bytes.subarray(4)
       return {kind: 'zombie', pid: -word}
     }
     if (this.bytes.length < 5) return undefined
     const uffd = this.fds.shift()
-    if (uffd === undefined) throw new ResumeError(`criu sent task ${word} without its userfaultfd`, 'CRIU_PROTOCOL')
+    if (uffd === undefined) throw new UffdError('CRIU_PROTOCOL', `criu sent task ${word} without its userfaultfd`)
     this.bytes = this.bytes.subarray(5)
     return {kind: 'task', pid: word, uffd}
   }
@@ -82,7 +83,7 @@ export function lazyRegionsByTask(reader: SnapshotReader, snapshotPath: string, 
   const snapshotPids = Array.isArray(meta.tasks) ? (meta.tasks as {pid: number}[]).map((t) => t.pid) : []
   const dumpPids = dump.tasks.map((t) => t.pid)
   if (meta.source !== 'criu' || snapshotPids.join(',') !== dumpPids.join(',')) {
-    throw new ResumeError(`${snapshotPath} was not made from the CRIU dump in ${criuDir} (uffd snapshot --criu-dir ${criuDir}): its tasks are [${snapshotPids.join(', ')}], the dump's [${dumpPids.join(', ')}]`, 'NOT_THIS_DUMP')
+    throw new UffdError('NOT_THIS_DUMP', `${snapshotPath} was not made from the CRIU dump in ${criuDir} (uffd snapshot --criu-dir ${criuDir}): its tasks are [${snapshotPids.join(', ')}], the dump's [${dumpPids.join(', ')}]`)
   }
   const byTask = new Map<number, GuestRegion[]>()
   for (const task of dump.tasks) {
@@ -208,7 +209,7 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
     options.log(`listening on ${socketPath}`)
     const deadline = options.timeoutMs > 0 ? Date.now() + options.timeoutMs : Infinity
     while (connection < 0 && !options.signal.aborted) {
-      if (Date.now() > deadline) throw new ResumeError(`criu restore --lazy-pages did not connect to ${socketPath} within ${options.timeoutMs / 1000} s`, 'TIMEOUT')
+      if (Date.now() > deadline) throw new UffdError('TIMEOUT', `criu restore --lazy-pages did not connect to ${socketPath} within ${options.timeoutMs / 1000} s`)
       connection = acceptUnix(listenFd, ACCEPT_SLICE_MS) ?? -1
       if (connection < 0) await events.yieldToEventLoop()
     }
@@ -229,7 +230,7 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
         }
         throw error
       }
-      if (received.data.length === 0) throw new ResumeError('criu restore closed the lazy-pages socket before the restore finished (see its log)', 'RESTORE_FAILED')
+      if (received.data.length === 0) throw new UffdError('RESTORE_FAILED', 'criu restore closed the lazy-pages socket before the restore finished (see its log)')
       stream.push(received.data, received.fds)
       for (let m = stream.next(); m; m = stream.next()) {
         if (m.kind === 'finished') {
@@ -243,7 +244,7 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
           const regions = regionsByTask.get(m.pid)
           if (!regions) {
             closeFd(m.uffd)
-            throw new ResumeError(`criu restored task ${m.pid}, which is not in the snapshot`, 'NOT_THIS_DUMP')
+            throw new UffdError('NOT_THIS_DUMP', `criu restored task ${m.pid}, which is not in the snapshot`)
           }
           let pidfd: number
           try {

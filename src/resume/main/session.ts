@@ -1,6 +1,7 @@
 import fs from 'node:fs'
 import path from 'node:path'
 
+import {UffdError} from '../../core/errors.js'
 import {formatBytes} from '../../core/units.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
@@ -76,16 +77,6 @@ const HANDSHAKE_READ_TRIES = 3
 export const ACCEPT_SLICE_MS = 50
 /** After killing a client, how long to wait for it to exit before giving up on it. */
 export const KILL_WAIT_MS = 5000
-
-export class ResumeError extends Error {
-  constructor(
-    message: string,
-    readonly code: string,
-  ) {
-    super(message)
-    this.name = 'ResumeError'
-  }
-}
 
 /**
  * Runs `uffd resume`: listens on the socket, takes each client's handshake and uffd, and hands
@@ -178,7 +169,7 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
     let deadline = options.timeoutMs > 0 ? Date.now() + options.timeoutMs : Infinity
     while (!options.signal.aborted) {
       if (!options.serve && clients.size > 0) break
-      if (Date.now() > deadline) throw new ResumeError(`no client connected to ${options.socketPath} within ${options.timeoutMs / 1000} s`, 'TIMEOUT')
+      if (Date.now() > deadline) throw new UffdError('TIMEOUT', `no client connected to ${options.socketPath} within ${options.timeoutMs / 1000} s`)
       const connection = acceptUnix(listenFd, ACCEPT_SLICE_MS)
       if (connection === null) {
         await events.yieldToEventLoop()
@@ -200,10 +191,9 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
         options.log(`client ${id}${accepted.pid ? ` (pid ${accepted.pid})` : ''}: ${accepted.regions.length} region(s), ${accepted.regions.reduce((s, r) => s + r.size, 0)} bytes`)
       } catch (error) {
         closeFd(connection)
-        if (!(error instanceof HandshakeError || error instanceof SysError || error instanceof ResumeError)) throw error
-        const code = error instanceof HandshakeError ? error.code : error instanceof SysError ? error.code : error.code
-        if (!options.serve) throw new ResumeError(error.message, code)
-        firstError ??= {code, message: error.message}
+        if (!(error instanceof HandshakeError || error instanceof SysError || error instanceof UffdError)) throw error
+        if (!options.serve) throw error
+        firstError ??= {code: error.code, message: error.message}
         options.log(`rejected a client: ${error.message}`)
       }
       if (!options.serve) {
@@ -254,7 +244,7 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
 
   const report = buildReport(stats, options.snapshotPath, startedAtDate)
   if (options.recordFile) {
-    if (!recording) throw new ResumeError('the fault loop ended without handing over its recording', 'NO_RECORDING')
+    if (!recording) throw new UffdError('NO_RECORDING', 'the fault loop ended without handing over its recording')
     const set: WorkingSetFile = {kind: 'uffd-working-set', version: 1, snapshot: identity, runs: 1, ...recording}
     writeFileAtomically(options.recordFile, `${JSON.stringify(set)}\n`)
   }
