@@ -5,7 +5,8 @@ import {Args, Flags} from '@oclif/core'
 import {BaseCommand, InterruptedError} from '../cli/base-command.js'
 import {formatBytes, parseSize} from '../core/units.js'
 import {runCriuResume} from '../resume/main/criu-session.js'
-import {type ResumeResult, runResume} from '../resume/main/session.js'
+import {type ResumeResult} from '../resume/main/serving-session.js'
+import {runResume} from '../resume/main/session.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 
 export default class Resume extends BaseCommand {

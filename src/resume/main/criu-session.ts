@@ -2,16 +2,13 @@ import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
+import {UffdError} from '../../core/errors.js'
 import {isLazyVma, readCriuDump} from '../../criu/images.js'
 import {RegionKind} from '../../format/constants.js'
-import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
-import {acceptUnix, closeFd, listenUnix, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
+import {closeFd, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
 import {type GuestRegion} from './handshake.js'
-import {FaultLoopHost, servingSettings} from './fault-loop-host.js'
-import {type FromWorker, type ToWorker} from '../protocol.js'
-import {buildReport} from '../run-stats.js'
-import {ACCEPT_SLICE_MS, type ClientSummary, KILL_WAIT_MS, killQuietly, ResumeError, type ResumeOptions, type ResumeResult} from './session.js'
+import {ACCEPT_SLICE_MS, type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 
 /** The socket name CRIU connects to, relative to its working directory (criu/uffd.c). */
 export const LAZY_PAGES_SOCKET = 'lazy-pages.socket'
@@ -45,14 +42,14 @@ export class RestoreStream {
       this.bytes = this.bytes.subarray(4)
       return {kind: 'finished'}
     }
-    if (word === 0) throw new ResumeError('criu sent pid 0 on the lazy-pages socket', 'CRIU_PROTOCOL')
+    if (word === 0) throw new UffdError('CRIU_PROTOCOL', 'criu sent pid 0 on the lazy-pages socket')
     if (word < 0) {
       this.bytes = this.bytes.subarray(4)
       return {kind: 'zombie', pid: -word}
     }
     if (this.bytes.length < 5) return undefined
     const uffd = this.fds.shift()
-    if (uffd === undefined) throw new ResumeError(`criu sent task ${word} without its userfaultfd`, 'CRIU_PROTOCOL')
+    if (uffd === undefined) throw new UffdError('CRIU_PROTOCOL', `criu sent task ${word} without its userfaultfd`)
     this.bytes = this.bytes.subarray(5)
     return {kind: 'task', pid: word, uffd}
   }
@@ -63,7 +60,7 @@ export class RestoreStream {
   }
 }
 
-export interface CriuResumeOptions extends Pick<ResumeOptions, 'snapshotPath' | 'timeoutMs' | 'readyFile' | 'kill' | 'cacheBytes' | 'faultAroundBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes' | 'statsFile' | 'signal' | 'log' | 'onStats'> {
+export interface CriuResumeOptions extends SessionOptions {
   /** The dump the snapshot was made from (`uffd snapshot --criu-dir`), which `criu restore` reads. */
   criuDir: string
   /** Where the socket goes: criu restore's working directory (its --work-dir, else the dump dir). */
@@ -82,7 +79,7 @@ export function lazyRegionsByTask(reader: SnapshotReader, snapshotPath: string, 
   const snapshotPids = Array.isArray(meta.tasks) ? (meta.tasks as {pid: number}[]).map((t) => t.pid) : []
   const dumpPids = dump.tasks.map((t) => t.pid)
   if (meta.source !== 'criu' || snapshotPids.join(',') !== dumpPids.join(',')) {
-    throw new ResumeError(`${snapshotPath} was not made from the CRIU dump in ${criuDir} (uffd snapshot --criu-dir ${criuDir}): its tasks are [${snapshotPids.join(', ')}], the dump's [${dumpPids.join(', ')}]`, 'NOT_THIS_DUMP')
+    throw new UffdError('NOT_THIS_DUMP', `${snapshotPath} was not made from the CRIU dump in ${criuDir} (uffd snapshot --criu-dir ${criuDir}): its tasks are [${snapshotPids.join(', ')}], the dump's [${dumpPids.join(', ')}]`)
   }
   const byTask = new Map<number, GuestRegion[]>()
   for (const task of dump.tasks) {
@@ -140,11 +137,7 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
   } finally {
     reader.close()
   }
-  const socketPath = path.join(options.workDir, LAZY_PAGES_SOCKET)
-
-  const startedAtDate = new Date()
-  const loop = new FaultLoopHost({
-    ...servingSettings(options),
+  const {result} = await serveClients(options, new RestoredTasks(options, regionsByTask), {
     // Population starts when the restore finished (the 'populate' message), as CRIU's daemon does.
     populateAll: false,
     record: false,
@@ -152,139 +145,119 @@ export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeR
     workingSetUnits: [],
     keepWorkingSet: false,
   })
-  const {stats, events} = loop
-  const send = (message: ToWorker): void => loop.send(message)
-  options.onStats?.(() => buildReport(stats, options.snapshotPath, startedAtDate))
-  const clients = new Map<number, ClientSummary>()
-  /** Pids of the tasks CRIU restored: the roots of what is killed on a fatal error. */
-  const taskPids = new Set<number>()
-  let firstError: {code: string; message: string} | undefined
-  let killed = false
+  writeStatsFile(options.statsFile, result.stats)
+  return result
+}
 
-  /**
-   * Kills the whole restored tree: a forked child's pid is not in its uffd event, so a failure
-   * of any client can only be contained by killing every task and its descendants.
-   */
-  const killTasks = (why: string): void => {
-    if (!options.kill || killed) return
-    killed = true
-    const tree = processTree(taskPids)
-    options.log(`killing the restored tasks (${tree.join(', ')}): ${why}`)
-    for (const pid of tree) killQuietly(pid)
+/**
+ * CRIU's restored tasks: they arrive one by one on the single connection of `criu restore`, and
+ * are killed as one tree, since a forked child's pid is not in its uffd event: a failure of any
+ * client can only be contained by killing every task and its descendants.
+ */
+class RestoredTasks implements FrontEnd {
+  readonly socketPath: string
+  /** Once all its memory is present a task never faults again; the kernel serves it once the uffd closes. */
+  readonly completionFreesClient = true
+  private connection = -1
+  private readonly stream = new RestoreStream()
+  /** Pids of the tasks CRIU restored: the roots of what is killed. */
+  private readonly taskPids = new Set<number>()
+  private treeKilled = false
+
+  constructor(
+    private readonly options: CriuResumeOptions,
+    private readonly regionsByTask: ReadonlyMap<number, GuestRegion[]>,
+  ) {
+    this.socketPath = path.join(options.workDir, LAZY_PAGES_SOCKET)
   }
 
-  let listenFd = -1
-  let connection = -1
-  const stream = new RestoreStream()
-  let interrupted = false
-  let restoreFinished = false
-  try {
-    await events.next((m) => m.type === 'ready')
-    events.onMessage = (m: FromWorker): void => {
-      if (m.type === 'client-ended') {
-        const c = clients.get(m.id)
-        if (c && c.ended === 'running') c.ended = killed ? 'killed' : m.reason
-        options.log(`client ${m.id} ended (${m.reason})`)
-      } else if (m.type === 'forked') {
-        clients.set(m.id, {id: m.id, pid: null, regions: clients.get(m.parent)?.regions ?? [], ended: 'running'})
-        options.log(`client ${m.parent} forked: its child is client ${m.id}`)
-      } else if (m.type === 'complete') {
-        const c = clients.get(m.id)
-        if (c) c.complete = true
-        options.log(`client ${m.id}: all memory present`)
-      } else if (m.type === 'fatal') {
-        const error = {code: m.code, message: m.message}
-        const c = clients.get(m.id)
-        if (c) c.error = error
-        firstError ??= error
-        options.log(`client ${m.id}: ${m.message}`)
-        if (options.kill) killTasks('a task can no longer be served correctly')
-        else options.log(`client ${m.id} left frozen (--no-kill): its faults will not be served`)
-      }
-    }
-
-    listenFd = listenUnix(socketPath, {mode: 0o600})
-    if (options.readyFile) writeFileAtomically(options.readyFile, `${JSON.stringify({socket: socketPath, pid: process.pid})}\n`)
-    options.log(`listening on ${socketPath}`)
-    const deadline = options.timeoutMs > 0 ? Date.now() + options.timeoutMs : Infinity
-    while (connection < 0 && !options.signal.aborted) {
-      if (Date.now() > deadline) throw new ResumeError(`criu restore --lazy-pages did not connect to ${socketPath} within ${options.timeoutMs / 1000} s`, 'TIMEOUT')
-      connection = acceptUnix(listenFd, ACCEPT_SLICE_MS) ?? -1
-      if (connection < 0) await events.yieldToEventLoop()
-    }
+  async admit(intake: ClientIntake): Promise<void> {
+    const {timeoutMs} = this.options
+    const deadline = timeoutMs > 0 ? Date.now() + timeoutMs : Infinity
+    const connection = await intake.accept(deadline, `criu restore --lazy-pages did not connect to ${this.socketPath} within ${timeoutMs / 1000} s`)
     // CRIU makes one connection; nobody else is served.
-    closeFd(listenFd)
-    listenFd = -1
-    fs.rmSync(socketPath, {force: true})
-
-    let nextId = 1
-    while (!restoreFinished && !options.signal.aborted) {
+    intake.stopListening()
+    if (connection === null) return
+    this.connection = connection
+    let restoreFinished = false
+    while (!restoreFinished && !intake.signal.aborted) {
       let received: {data: Buffer; fds: number[]}
       try {
         received = recvWithFds(connection, 4096, 8, ACCEPT_SLICE_MS)
       } catch (error) {
         if (error instanceof SysError && error.code === 'ETIMEDOUT') {
-          await events.yieldToEventLoop()
+          await intake.yieldToEventLoop()
           continue
         }
         throw error
       }
-      if (received.data.length === 0) throw new ResumeError('criu restore closed the lazy-pages socket before the restore finished (see its log)', 'RESTORE_FAILED')
-      stream.push(received.data, received.fds)
-      for (let m = stream.next(); m; m = stream.next()) {
+      if (received.data.length === 0) throw new UffdError('RESTORE_FAILED', 'criu restore closed the lazy-pages socket before the restore finished (see its log)')
+      this.stream.push(received.data, received.fds)
+      for (let m = this.stream.next(); m; m = this.stream.next()) {
         if (m.kind === 'finished') {
           restoreFinished = true
-          options.log('restore finished: filling the remaining memory in the background')
-          send({type: 'populate'})
+          intake.log('restore finished: filling the remaining memory in the background')
+          intake.populate()
         } else if (m.kind === 'zombie') {
-          options.log(`task ${m.pid} is a zombie: no memory to serve`)
+          intake.log(`task ${m.pid} is a zombie: no memory to serve`)
         } else {
-          taskPids.add(m.pid)
-          const regions = regionsByTask.get(m.pid)
-          if (!regions) {
-            closeFd(m.uffd)
-            throw new ResumeError(`criu restored task ${m.pid}, which is not in the snapshot`, 'NOT_THIS_DUMP')
-          }
-          let pidfd: number
-          try {
-            pidfd = pidfdOpen(m.pid)
-          } catch (error) {
-            closeFd(m.uffd)
-            throw error
-          }
-          const id = nextId++
-          clients.set(id, {id, pid: m.pid, regions, ended: 'running'})
-          send({type: 'add', id, uffd: m.uffd, pidfd, socket: -1, regions, nonCooperative: true})
-          options.log(`client ${id} (pid ${m.pid}): ${regions.length} lazy VMA(s), ${regions.reduce((s, r) => s + r.size, 0)} bytes`)
+          this.addTask(intake, m.pid, m.uffd)
         }
       }
     }
-
-    const pending = (): boolean => [...clients.values()].some((c) => c.ended === 'running' && !c.complete)
-    // After a fatal error with --no-kill the failed task stays frozen (its uffd open, unread)
-    // until it is killed from outside or this handler is stopped.
-    while (!options.signal.aborted && !(firstError && options.kill) && pending()) await events.nextOrAbort(options.signal)
-    interrupted = options.signal.aborted
-    if (interrupted && pending()) killTasks('stopped while they still depend on this handler')
-    // A killed task's uffd is closed by the worker once its pidfd reports the exit.
-    const killWait = Date.now() + KILL_WAIT_MS
-    while (killed && [...clients.values()].some((c) => c.ended === 'running' && c.pid !== null) && Date.now() < killWait) {
-      await events.nextOrTimeout(killWait - Date.now())
-    }
-  } catch (error) {
-    killTasks(error instanceof Error ? error.message : String(error))
-    throw error
-  } finally {
-    stream.close()
-    if (connection >= 0) closeFd(connection)
-    if (listenFd >= 0) {
-      closeFd(listenFd)
-      fs.rmSync(socketPath, {force: true})
-    }
-    await loop.stop()
   }
 
-  const report = buildReport(stats, options.snapshotPath, startedAtDate)
-  if (options.statsFile) writeFileAtomically(options.statsFile, `${JSON.stringify(report, null, 2)}\n`)
-  return {socket: socketPath, clients: [...clients.values()], stats: report, error: firstError, interrupted}
+  private addTask(intake: ClientIntake, pid: number, uffd: number): void {
+    this.taskPids.add(pid)
+    const regions = this.regionsByTask.get(pid)
+    if (!regions) {
+      closeFd(uffd)
+      throw new UffdError('NOT_THIS_DUMP', `criu restored task ${pid}, which is not in the snapshot`)
+    }
+    let pidfd: number
+    try {
+      pidfd = pidfdOpen(pid)
+    } catch (error) {
+      closeFd(uffd)
+      throw error
+    }
+    const id = intake.add({pid, uffd, pidfd, socket: -1, regions, nonCooperative: true})
+    intake.log(`client ${id} (pid ${pid}): ${regions.length} lazy VMA(s), ${regions.reduce((s, r) => s + r.size, 0)} bytes`)
+  }
+
+  /**
+   * After a fatal error with --no-kill the failed task stays frozen (its uffd open, unread) until
+   * it is killed from outside or this handler is stopped. Once the tree is killed, only the wait
+   * for the tasks' exits is left: forked children, whose pids are unknown, are not waited for.
+   */
+  servingDone(clients: readonly ClientSummary[]): boolean {
+    return this.treeKilled || !clients.some((c) => c.ended === 'running' && !c.complete)
+  }
+
+  killFailed(_failed: ClientSummary, clients: readonly ClientSummary[]): number[] {
+    this.killTree('a task can no longer be served correctly')
+    return clients.map((c) => c.id)
+  }
+
+  killDependents(_dependents: readonly ClientSummary[], clients: readonly ClientSummary[]): number[] {
+    this.killTree('stopped while they still depend on this handler')
+    return clients.map((c) => c.id)
+  }
+
+  killAfterError(error: unknown): void {
+    this.killTree(error instanceof Error ? error.message : String(error))
+  }
+
+  release(): void {
+    this.stream.close()
+    if (this.connection >= 0) closeFd(this.connection)
+  }
+
+  private killTree(why: string): void {
+    if (this.treeKilled) return
+    this.treeKilled = true
+    const tree = processTree(this.taskPids)
+    this.options.log(`killing the restored tasks (${tree.join(', ')}): ${why}`)
+    for (const pid of tree) killQuietly(pid)
+  }
 }

@@ -1,19 +1,10 @@
 import {MessageChannel, type Worker} from 'node:worker_threads'
 
+import {UffdError} from '../../core/errors.js'
 import {startWorker} from '../../core/workers.js'
 import {closeFd, createEventfd, eventfdSignal} from '../../sys/index.js'
 import {type FromWorker, type ToWorker, type WorkerConfig} from '../protocol.js'
 import {RunStats} from '../run-stats.js'
-
-export class FaultLoopError extends Error {
-  constructor(
-    message: string,
-    readonly code: string,
-  ) {
-    super(message)
-    this.name = 'FaultLoopError'
-  }
-}
 
 /** How chunks are served, the same for a VMM's client and for CRIU's restored processes. */
 export type ServingSettings = Pick<WorkerConfig, 'snapshotPath' | 'cacheBytes' | 'faultAroundBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes'>
@@ -75,7 +66,7 @@ export class WorkerEvents {
     })
     this.exited = new Promise((resolve) => worker.once('exit', () => resolve()))
     this.exited.then(() => {
-      this.failure ??= new FaultLoopError('the fault-loop worker stopped unexpectedly', 'WORKER_EXIT')
+      this.failure ??= new UffdError('WORKER_EXIT', 'the fault-loop worker stopped unexpectedly')
       for (const w of this.waiters.splice(0)) w(undefined)
     })
   }
@@ -122,7 +113,7 @@ export class WorkerEvents {
   }
 
   async exit(): Promise<void> {
-    if (this.failure instanceof FaultLoopError && this.failure.code === 'WORKER_EXIT') return
+    if (this.failure instanceof UffdError && this.failure.code === 'WORKER_EXIT') return
     await this.exited
   }
 }

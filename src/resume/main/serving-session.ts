@@ -1,0 +1,304 @@
+import fs from 'node:fs'
+
+import {UffdError} from '../../core/errors.js'
+import {formatBytes} from '../../core/units.js'
+import {writeFileAtomically} from '../../snapshot/atomic-file.js'
+import {acceptUnix, closeFd, listenUnix, nativeBlockFill} from '../../sys/index.js'
+import {type FromWorker, type WorkerConfig} from '../protocol.js'
+import {buildReport, type ResumeReport} from '../run-stats.js'
+import {FaultLoopHost, servingSettings, type ServingSettings} from './fault-loop-host.js'
+import {type GuestRegion} from './handshake.js'
+import {PrefetchHitSampler} from './prefetch-hits.js'
+
+/** What every `uffd resume`, for a VMM or for CRIU, takes from the command line. */
+export interface SessionOptions extends ServingSettings {
+  /** For the first connection (and each Firecracker handshake); 0 waits forever. */
+  timeoutMs: number
+  readyFile?: string
+  /** Kill a client that can no longer be served correctly rather than leave it frozen. */
+  kill: boolean
+  statsFile?: string
+  signal: AbortSignal
+  log: (line: string) => void
+  /** Receives a function that reports the statistics so far (for SIGUSR1). */
+  onStats?: (current: () => ResumeReport) => void
+}
+
+export interface ClientSummary {
+  id: number
+  pid: number | null
+  regions: GuestRegion[]
+  ended: 'exited' | 'gone' | 'socket-closed' | 'killed' | 'running'
+  /** Every page of its memory was delivered (it no longer depends on the handler). */
+  complete?: boolean
+  error?: {code: string; message: string}
+}
+
+export interface ResumeResult {
+  socket: string
+  clients: ClientSummary[]
+  stats: ResumeReport
+  /** The first fatal error, if any: the command exits non-zero with it. */
+  error?: {code: string; message: string}
+  interrupted: boolean
+}
+
+/** What the fault-loop worker does beyond serving faults; each front end asks for its own. */
+export type Prefetching = Pick<WorkerConfig, 'populateAll' | 'record' | 'countHits' | 'workingSetUnits' | 'keepWorkingSet'>
+
+/** How long a blocking accept or read lasts before it lets the event loop run (signals, worker messages). */
+export const ACCEPT_SLICE_MS = 50
+/** After killing a client, how long to wait for it to exit before giving up on it. */
+export const KILL_WAIT_MS = 5000
+
+/** A client as its front end hands it over: the fds are the worker's from then on. */
+export interface ArrivingClient {
+  pid: number | null
+  uffd: number
+  /** -1 if the pid is unknown. */
+  pidfd: number
+  /** The client's handshake socket, or -1. */
+  socket: number
+  regions: GuestRegion[]
+  nonCooperative: boolean
+}
+
+/** The session as a front end sees it while it takes clients. */
+export interface ClientIntake {
+  readonly signal: AbortSignal
+  log(line: string): void
+  /**
+   * The next connection on the socket, or null once stopped by a signal. Throws TIMEOUT, with
+   * `timeoutMessage`, when none came before `deadline` (a Date.now() time; Infinity waits forever).
+   */
+  accept(deadline: number, timeoutMessage: string): Promise<number | null>
+  /** Closes the listening socket and removes its path: nobody else can connect. */
+  stopListening(): void
+  /** For a front end polling its own fds: lets signals and worker messages through. */
+  yieldToEventLoop(): Promise<void>
+  /** Hands a client to the fault loop. Returns its id. */
+  add(client: ArrivingClient): number
+  /** A client that could not be taken: its error is the session's if it is the first. */
+  reject(error: {code: string; message: string}): void
+  /** From now on every client's remaining memory is filled in the background. */
+  populate(): void
+}
+
+/**
+ * What differs between serving a VMM and serving CRIU's restored tasks: how clients arrive, when
+ * serving is done, and how clients are killed when they must not run on (which the session only
+ * asks for with kill on).
+ */
+export interface FrontEnd {
+  readonly socketPath: string
+  /** Whether a client whose memory is all present (the worker's 'complete') no longer depends on the handler. */
+  readonly completionFreesClient: boolean
+  /** Takes clients until no more will come or the session is stopped; the socket listens meanwhile. */
+  admit(intake: ClientIntake): Promise<void>
+  servingDone(clients: readonly ClientSummary[]): boolean
+  /** `failed` can no longer be served. Returns the ids of the clients killed with it: none leaves it frozen. */
+  killFailed(failed: ClientSummary, clients: readonly ClientSummary[]): number[]
+  /** Stopping while `dependents` still need the handler. Returns the ids of the clients killed. */
+  killDependents(dependents: readonly ClientSummary[], clients: readonly ClientSummary[]): number[]
+  /** Serving failed with `error` while `running` still ran. */
+  killAfterError(error: unknown, running: readonly ClientSummary[]): void
+  /** Closes what admit kept open for the length of the session. */
+  release(): void
+}
+
+export interface ServedSession {
+  result: ResumeResult
+  /** The worker's recording, when Prefetching.record asked for one. */
+  recording?: {pages: number[]; firstTouchMs: number[]}
+}
+
+/**
+ * Serves the clients `frontEnd` brings until it says serving is done, or a signal: starts the
+ * fault-loop worker, listens once the worker is ready, follows the worker's reports on each
+ * client, and returns what happened. Whatever ends it, no client is left running on a released
+ * uffd (the kernel would fill its missing pages with zeros): with kill on, clients that still
+ * depend on the handler are killed; with kill off, they stay frozen until the handler ends.
+ */
+export async function serveClients(options: SessionOptions, frontEnd: FrontEnd, prefetching: Prefetching): Promise<ServedSession> {
+  return new ServingSession(options, frontEnd, prefetching).run()
+}
+
+export function writeStatsFile(statsFile: string | undefined, report: ResumeReport): void {
+  if (statsFile) writeFileAtomically(statsFile, `${JSON.stringify(report, null, 2)}\n`)
+}
+
+export function killQuietly(pid: number): void {
+  try {
+    process.kill(pid, 'SIGKILL')
+  } catch {
+    // Already gone.
+  }
+}
+
+class ServingSession implements ClientIntake {
+  readonly signal: AbortSignal
+  private readonly startedAt = new Date()
+  private readonly host: FaultLoopHost
+  private readonly clients = new Map<number, ClientSummary>()
+  /** Clients this handler killed: they end as 'killed', and are waited for. */
+  private readonly killed = new Set<number>()
+  private readonly hitSampler: PrefetchHitSampler | undefined
+  private firstError: {code: string; message: string} | undefined
+  private recording: ServedSession['recording']
+  private listenFd = -1
+  private nextId = 1
+
+  constructor(
+    private readonly options: SessionOptions,
+    private readonly frontEnd: FrontEnd,
+    prefetching: Prefetching,
+  ) {
+    this.signal = options.signal
+    this.host = new FaultLoopHost({...servingSettings(options), ...prefetching})
+    options.onStats?.(() => buildReport(this.host.stats, options.snapshotPath, this.startedAt))
+    this.hitSampler = prefetching.countHits ? new PrefetchHitSampler(this.host.stats, this.clients) : undefined
+  }
+
+  async run(): Promise<ServedSession> {
+    const {options, frontEnd, host} = this
+    const {events} = host
+    let interrupted = false
+    try {
+      await events.next((m) => m.type === 'ready')
+      events.onMessage = (m) => this.onWorkerMessage(m)
+      this.listen()
+      this.hitSampler?.start()
+      await frontEnd.admit(this)
+      while (!options.signal.aborted && !frontEnd.servingDone(this.summaries())) await events.nextOrAbort(options.signal)
+      interrupted = options.signal.aborted
+      if (interrupted && options.kill) this.killDependents()
+      await this.waitForKilled()
+    } catch (error) {
+      if (options.kill) frontEnd.killAfterError(error, this.summaries().filter((c) => c.ended === 'running'))
+      throw error
+    } finally {
+      this.hitSampler?.stop()
+      frontEnd.release()
+      this.stopListening()
+      await host.stop()
+    }
+    const stats = buildReport(host.stats, options.snapshotPath, this.startedAt)
+    return {result: {socket: frontEnd.socketPath, clients: this.summaries(), stats, error: this.firstError, interrupted}, recording: this.recording}
+  }
+
+  async accept(deadline: number, timeoutMessage: string): Promise<number | null> {
+    for (;;) {
+      if (this.signal.aborted) return null
+      if (Date.now() > deadline) throw new UffdError('TIMEOUT', timeoutMessage)
+      const connection = acceptUnix(this.listenFd, ACCEPT_SLICE_MS)
+      if (connection !== null) return connection
+      await this.yieldToEventLoop()
+    }
+  }
+
+  stopListening(): void {
+    if (this.listenFd < 0) return
+    closeFd(this.listenFd)
+    this.listenFd = -1
+    fs.rmSync(this.frontEnd.socketPath, {force: true})
+  }
+
+  async yieldToEventLoop(): Promise<void> {
+    await this.host.events.yieldToEventLoop()
+  }
+
+  add(client: ArrivingClient): number {
+    const id = this.nextId++
+    this.clients.set(id, {id, pid: client.pid, regions: client.regions, ended: 'running'})
+    this.host.send({type: 'add', id, uffd: client.uffd, pidfd: client.pidfd, socket: client.socket, regions: client.regions, nonCooperative: client.nonCooperative})
+    return id
+  }
+
+  reject(error: {code: string; message: string}): void {
+    this.firstError ??= error
+  }
+
+  populate(): void {
+    this.host.send({type: 'populate'})
+  }
+
+  log(line: string): void {
+    this.options.log(line)
+  }
+
+  private listen(): void {
+    const {options, frontEnd, host} = this
+    this.listenFd = listenUnix(frontEnd.socketPath, {mode: 0o600})
+    if (options.readyFile) writeFileAtomically(options.readyFile, `${JSON.stringify({socket: frontEnd.socketPath, pid: process.pid})}\n`)
+    const staged = host.stats.get('stagedUnits')
+    if (staged) {
+      const fill = nativeBlockFill ? 'installed by native/libuffd_fill' : 'installed page by page in JavaScript (native/libuffd_fill not loaded)'
+      this.log(`working set staged: ${staged} units, ${formatBytes(host.stats.get('stagedBytes'))} decoded in ${Math.round(host.stats.get('stagedMs'))} ms; ${fill}`)
+    }
+    this.log(`listening on ${frontEnd.socketPath}`)
+  }
+
+  private onWorkerMessage(m: FromWorker): void {
+    switch (m.type) {
+      case 'client-ended': {
+        const c = this.clients.get(m.id)
+        if (c && c.ended === 'running') c.ended = this.killed.has(m.id) ? 'killed' : m.reason
+        this.log(`client ${m.id} ended (${m.reason})`)
+        break
+      }
+      case 'forked': {
+        this.clients.set(m.id, {id: m.id, pid: null, regions: this.clients.get(m.parent)?.regions ?? [], ended: 'running'})
+        // The fork happened before the event was read: a child of a killed client was killed with it.
+        if (this.killed.has(m.parent)) this.killed.add(m.id)
+        this.log(`client ${m.parent} forked: its child is client ${m.id}`)
+        break
+      }
+      case 'complete': {
+        const c = this.clients.get(m.id)
+        if (c && this.frontEnd.completionFreesClient) c.complete = true
+        this.log(`client ${m.id}: all memory present`)
+        break
+      }
+      case 'recording': {
+        this.recording = {pages: m.pages, firstTouchMs: m.firstTouchMs}
+        break
+      }
+      case 'fatal': {
+        this.onFatal(m.id, {code: m.code, message: m.message})
+        break
+      }
+    }
+  }
+
+  private onFatal(id: number, error: {code: string; message: string}): void {
+    const c = this.clients.get(id)
+    if (c) c.error = error
+    this.firstError ??= error
+    this.log(`client ${id}: ${error.message}`)
+    if (this.killed.has(id)) return
+    const killed = this.options.kill && c ? this.frontEnd.killFailed(c, this.summaries()) : []
+    if (killed.length === 0) this.log(`client ${id} left frozen (--no-kill): its faults will not be served`)
+    this.markKilled(killed)
+  }
+
+  private killDependents(): void {
+    const dependents = this.summaries().filter((c) => c.ended === 'running' && !c.complete && !this.killed.has(c.id))
+    if (dependents.length > 0) this.markKilled(this.frontEnd.killDependents(dependents, this.summaries()))
+  }
+
+  /** A killed client's uffd is closed by the worker once its pidfd reports the exit. */
+  private async waitForKilled(): Promise<void> {
+    const until = Date.now() + KILL_WAIT_MS
+    while (this.summaries().some((c) => c.ended === 'running' && c.pid !== null && this.killed.has(c.id)) && Date.now() < until) {
+      await this.host.events.nextOrTimeout(until - Date.now())
+    }
+  }
+
+  private markKilled(ids: readonly number[]): void {
+    for (const id of ids) this.killed.add(id)
+  }
+
+  private summaries(): ClientSummary[] {
+    return [...this.clients.values()]
+  }
+}
