@@ -81,3 +81,31 @@ export function table(header: string[], rows: (string | number)[][]): string {
   const line = (r: string[]): string => `| ${r.map((c, i) => c.padEnd(widths[i])).join(' | ')} |`
   return [line(header), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`, ...cells.slice(1).map(line)].join('\n')
 }
+
+export interface BenchRun {
+  code: number | null
+  seconds: number
+  /** The JSON file the benchmark wrote (its `results: PATH` line), absolute; null if none. */
+  resultsFile: string | null
+}
+
+/**
+ * Runs one benchmark script (`node --import tsx SCRIPT ARGS`) in checkout `cwd`, so it uses that
+ * checkout's build, and copies its output to `stdout` and `stderr` as it comes.
+ */
+export function runBenchmark(cwd: string, script: string, args: string[], stdout: NodeJS.WritableStream, stderr: NodeJS.WritableStream): Promise<BenchRun> {
+  const t0 = performance.now()
+  const child = spawn(process.execPath, ['--import', 'tsx', script, ...args], {cwd, stdio: ['ignore', 'pipe', 'pipe']})
+  let out = ''
+  child.stdout.on('data', (d) => {
+    out += d
+    stdout.write(d)
+  })
+  child.stderr.on('data', (d) => stderr.write(d))
+  return new Promise((resolve) =>
+    child.on('close', (code) => {
+      const m = /^results: (.+)$/m.exec(out)
+      resolve({code, seconds: (performance.now() - t0) / 1000, resultsFile: m ? path.resolve(cwd, m[1].trim()) : null})
+    }),
+  )
+}
