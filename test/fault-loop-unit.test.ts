@@ -41,6 +41,8 @@ class SimulatedKernel implements FillCalls {
   readonly installs: Uint16Array
   eventQueued = false
   gone = false
+  /** Pages outside every registered VMA (a restored process unmapped or unregistered them). */
+  readonly unregistered = new Set<number>()
   /** Stop a copy after this many pages with EAGAIN (a partial copy), once. */
   stopAfterPages: number | undefined
   readonly wakes: number[] = []
@@ -62,7 +64,7 @@ class SimulatedKernel implements FillCalls {
     return this.install(fd, start, length, (page) => this.memory.fill(0, page * PAGE, (page + 1) * PAGE))
   }
 
-  wake(fd: number, start: number): void {
+  wake(fd: number, start: number, _length?: number): void {
     expect(fd).toBe(UFFD)
     this.wakes.push((start - BASE) / PAGE)
   }
@@ -79,6 +81,8 @@ class SimulatedKernel implements FillCalls {
     if (this.gone) return {done: 0, error: Errno.ESRCH}
     if (this.eventQueued) return {done: 0, error: Errno.EAGAIN}
     const first = (start - BASE) / PAGE
+    // A request must lie inside one registered VMA, checked before anything is installed.
+    for (let p = first; p < first + length / PAGE; p++) if (this.unregistered.has(p)) return {done: 0, error: Errno.ENOENT}
     let done = 0
     for (let p = first; p < first + length / PAGE; p++) {
       if (this.present[p]) return done === 0 ? {done: 0, error: Errno.EEXIST} : {done: done * PAGE, error: Errno.EAGAIN}
@@ -114,6 +118,9 @@ class ScriptedSource implements PayloadSource {
   isRequested(unit: number): boolean {
     return this.asked.includes(unit)
   }
+  needsRequest(): boolean {
+    return true
+  }
   isClaimedBy(_owner: number, unit: number): boolean {
     return this.asked.includes(unit) && !this.released.includes(unit)
   }
@@ -126,7 +133,7 @@ class ScriptedSource implements PayloadSource {
   }
   releaseOwner(): void {}
   reap(): void {}
-  readyAddress(): number | undefined {
+  readyAddress(_unit: number): number | undefined {
     return undefined
   }
   adoptStaged(): void {}
@@ -235,6 +242,25 @@ describe('Installer against a simulated kernel', () => {
     expectImageWherePresent(kernel)
   })
 
+  it('ENOENT: a restored process goes page by page and settles the unregistered page; a VMM is gone', () => {
+    for (const nonCooperative of [true, false]) {
+      const {kernel, installer, regions, stats} = setup()
+      const client = new Client(1, UFFD, regions, reader.geometry, undefined, nonCooperative)
+      kernel.unregistered.add(10 + 3)
+      const result = installer.fill(client, regions[0], 10, 8, ZEROS)
+      if (nonCooperative) {
+        expect(result).toEqual({outcome: 'served', pages: 7})
+        expect(client.states.get(13)).toBe(PAGE_REMOVED)
+        expect(kernel.wakes).toEqual([13])
+        for (const p of [10, 12, 14, 17]) expect(kernel.present[p]).toBe(1)
+        expect(stats.get('zeropageIoctls')).toBe(9)
+      } else {
+        expect(result).toEqual({outcome: 'gone', pages: 0})
+        expect(client.states.presentCount).toBe(0)
+      }
+    }
+  })
+
   it('ESRCH: gone, nothing marked', () => {
     const {kernel, installer, client, regions} = setup()
     kernel.gone = true
@@ -245,11 +271,12 @@ describe('Installer against a simulated kernel', () => {
 
 describe('FaultServer with a scripted payload source', () => {
   it('serves a data fault with its window and returns the window instead of keeping it', () => {
-    const {kernel, server, client} = setup({faultAroundBytes: 64 * 1024})
+    const {kernel, server, client, stats} = setup({faultAroundBytes: 64 * 1024})
     const page = firstDataPage(40)
     const served = server.serve(client, {address: BASE + page * PAGE + 123, readAt: performance.now()})
     const first = page - (page % 16)
     expect(served).toEqual({outcome: 'served', window: {page, first, end: first + 16}})
+    expect(stats.get('faultAroundPages')).toBe(15)
     for (let p = first; p < first + 16; p++) expect(client.states.get(p)).toBe(PAGE_PRESENT)
     expectImageWherePresent(kernel)
   })
@@ -308,9 +335,11 @@ describe('Prefetcher: population, readiness and REMOVE', () => {
       {config: {workingSetUnits: [], keepWorkingSet: false, countHits: false, spinMicros: 0}, reader, stats, clock, source: new DecodedUnits(reader, undefined, stats, 1 << 20), pool: undefined, server, prefetcher, recorder: undefined, stagedSlots: 0},
       {controlFd: -1, receive: () => undefined, post: () => {}},
     )
+    // Part of a chunk population has not reached (the rest of it must still be filled), and a
+    // stretch across two chunks it has filled.
     const removed = [
-      [20 * 16, 32],
-      [2 * 16, 16],
+      [20 * 16 + 3, 5],
+      [2 * 16 + 10, 12],
     ]
     for (const [first, count] of removed) {
       kernel.zap(first, count)
@@ -327,7 +356,8 @@ describe('Prefetcher: population, readiness and REMOVE', () => {
       }
     }
     expect(Math.max(...kernel.installs)).toBe(1)
-    expect(stats.get('removedPages')).toBe(48)
+    expect(stats.get('removedPages')).toBe(17)
+    for (const p of [20 * 16, 20 * 16 + 2, 20 * 16 + 8, 20 * 16 + 15]) expect(kernel.present[p]).toBe(1)
     expectImageWherePresent(kernel)
   })
 
@@ -410,5 +440,185 @@ describe('DecodedUnits: cache, decoder slots and owners behind one source', () =
       await pool.close()
       corruptReader.close()
     }
+  })
+})
+
+/**
+ * An install helper thread as native/libuffd_fill runs one, played synchronously: run() installs
+ * its jobs' missing pages into the simulated kernel (moving page states missing -> present, as
+ * the native thread does by compare-and-swap) and can stop on an errno after some pages.
+ */
+class PlayedHelper {
+  finished = false
+  error = 0
+  stopped = false
+  gateHeld = 0
+  private readonly jobDone: boolean[]
+  private totals = {pagesCopied: 0, pagesZeroed: 0, copyIoctls: 0, zeropageIoctls: 0, eexist: 0, newlyPresent: 0}
+  private taken = {...this.totals}
+
+  constructor(
+    private readonly kernel: SimulatedKernel,
+    private readonly states: Uint8Array,
+    private readonly jobs: readonly {runs: Int32Array; payload: number}[],
+  ) {
+    this.jobDone = jobs.map(() => false)
+  }
+
+  run(options: {failAfterPages?: number} = {}): void {
+    let installed = 0
+    for (const [k, job] of this.jobs.entries()) {
+      for (let i = 0; i < job.runs.length; i += 3) {
+        for (let p = job.runs[i]; p < job.runs[i] + job.runs[i + 1]; p++) {
+          if (this.states[p] !== PAGE_MISSING) continue
+          if (options.failAfterPages !== undefined && installed === options.failAfterPages) {
+            this.error = Errno.EINVAL
+            this.finished = true
+            return
+          }
+          const zero = job.runs[i + 2] < 0
+          const r = zero ? this.kernel.zeropage(UFFD, BASE + p * PAGE, PAGE) : this.kernel.copy(UFFD, BASE + p * PAGE, job.payload + (job.runs[i + 2] + p - job.runs[i]) * PAGE, PAGE)
+          expect(r.error).toBe(0)
+          this.states[p] = PAGE_PRESENT
+          this.totals[zero ? 'pagesZeroed' : 'pagesCopied']++
+          this.totals[zero ? 'zeropageIoctls' : 'copyIoctls']++
+          this.totals.newlyPresent++
+          installed++
+        }
+      }
+      this.jobDone[k] = true
+    }
+    this.finished = true
+  }
+
+  done(k: number): boolean {
+    return this.jobDone[k]
+  }
+
+  takeProgress() {
+    const d = Object.fromEntries(Object.entries(this.totals).map(([key, v]) => [key, v - this.taken[key as keyof typeof this.taken]])) as typeof this.totals
+    this.taken = {...this.totals}
+    return {error: this.error, stopPage: 0, ...d}
+  }
+
+  holdGate(): void {
+    this.gateHeld++
+  }
+
+  releaseGate(): void {}
+
+  stop(): number {
+    this.stopped = true
+    return this.error
+  }
+}
+
+describe('a packed working set: blocks, the install helper and its share', () => {
+  let packedReader: SnapshotReader
+  beforeAll(() => {
+    // Every third page of the image, in reverse order: a set scattered over many chunks.
+    const pages = [...Array(reader.geometry.pageCount).keys()].filter((p) => p % 3 === 0).reverse()
+    const set = {kind: 'uffd-working-set', version: 1, snapshot: {logicalSize: reader.geometry.logicalSize, pageSize: PAGE, headerCrc: reader.header.headerCrc}, runs: 1, pages, firstTouchMs: pages.map((_, i) => i)}
+    fs.writeFileSync(path.join(dir, 'set.ws'), JSON.stringify(set))
+    const attached = uffd(['working-set', 'attach', path.join(dir, 'mem.uffd'), path.join(dir, 'set.ws'), '-o', path.join(dir, 'packed.uffd')])
+    expect(attached.status, attached.stderr).toBe(0)
+    packedReader = SnapshotReader.open(path.join(dir, 'packed.uffd'))
+    expect(packedReader.packed!.blocks.length).toBeGreaterThanOrEqual(4)
+  })
+  afterAll(() => packedReader?.close())
+
+  /** Parts over the packed snapshot, with a source that has every unit decoded (as staged ones are). */
+  function packedSetup(helper: 'played' | 'none') {
+    const r = packedReader
+    const kernel = new SimulatedKernel(r.geometry.pageCount)
+    const stats = new RunStats()
+    const clock = new RunClock()
+    // (The loop starts the clock when the first client arrives; times before that read 0.)
+    clock.start()
+    const payloads = new Map<number, Buffer>()
+    const source = new ScriptedSource(r)
+    Object.assign(source, {eventFd: 1000})
+    source.readyAddress = (unit: number) => addressOf(payloads.get(unit) ?? payloads.set(unit, Buffer.from(r.readPayload(unit))).get(unit)!)
+    let played: PlayedHelper | undefined
+    const calls: FillCalls = {
+      copy: (...a) => kernel.copy(...a),
+      zeropage: (...a) => kernel.zeropage(...a),
+      wake: (...a) => kernel.wake(...a),
+      fillBlock: undefined,
+      startHelper:
+        helper === 'played'
+          ? (_fd, states, _zeroMap, _pageSize, _regions, jobs) => {
+              played = new PlayedHelper(kernel, states, jobs)
+              return played
+            }
+          : undefined,
+    }
+    const installer = new Installer(calls, stats, PAGE, r.zeroMap, 1)
+    const server = new FaultServer(r, source, installer, stats, clock, {faultAroundBytes: 64 * 1024, packedWorkingSet: true})
+    const prefetcher = new Prefetcher(server, installer, source, r, stats, clock, {readaheadBytes: 0, populateAll: false, decodeAhead: 4, installHelper: true})
+    const client = new Client(1, UFFD, [{baseHostVirtAddr: BASE, size: r.geometry.pageCount * PAGE, offset: 0, pageSize: PAGE}], r.geometry)
+    const units = r.packed!.blocks.map((_, b) => r.index.length + b)
+    return {kernel, stats, source, server, prefetcher, client, units, played: () => played}
+  }
+
+  function expectPackedImage(kernel: SimulatedKernel): void {
+    for (let p = 0; p < kernel.pages; p++) {
+      const want = kernel.present[p] ? image.subarray(p * PAGE, (p + 1) * PAGE) : Buffer.alloc(PAGE)
+      if (!kernel.memory.subarray(p * PAGE, (p + 1) * PAGE).equals(want)) throw new Error(`page ${p} holds the wrong bytes`)
+    }
+  }
+
+  it('a fault on a set page installs its block, faulting page first, and returns a one-page window', () => {
+    const {kernel, server, client} = packedSetup('none')
+    const page = [...Array(kernel.pages).keys()].find((p) => p % 3 === 0 && !packedReader.zeroMap.isZero(p) && p > 100)!
+    const order: number[] = []
+    const copy = kernel.copy.bind(kernel)
+    kernel.copy = (fd, dst, src, length) => {
+      order.push((dst - BASE) / PAGE)
+      return copy(fd, dst, src, length)
+    }
+    expect(server.serve(client, {address: BASE + page * PAGE, readAt: performance.now()})).toEqual({outcome: 'served', window: {page, first: page, end: page + 1}})
+    expect(order[0]).toBe(page)
+    expect(order.length).toBeGreaterThan(1)
+    expectPackedImage(kernel)
+  })
+
+  it('the helper takes the later 70% of the set, the loop the first 30%; both are counted and the set completes', () => {
+    const {kernel, stats, prefetcher, client, units, played, source} = packedSetup('played')
+    prefetcher.addClient(client, units)
+    const helper = played()!
+    expect(helper).toBeDefined()
+    expect(client.states.shared).toBe(true)
+    for (let i = 0; i < 200 && prefetcher.step().result === 'busy'; i++);
+    // The loop's share is in; the set is not complete while the helper runs.
+    expect(stats.get('workingSetDoneMs')).toBe(0)
+    helper.run()
+    for (let i = 0; i < 10; i++) prefetcher.step()
+    expect(helper.stopped).toBe(true)
+    expect(client.states.shared).toBe(false)
+    expect(stats.get('workingSetDoneMs')).toBeGreaterThan(0)
+    const setPages = packedReader.packed!.pages.length
+    expect(stats.get('helperPages')).toBeGreaterThan(setPages / 2)
+    expect(stats.get('prefetchedPages')).toBe(stats.get('pagesCopied') + stats.get('pagesZeroed'))
+    for (const p of packedReader.packed!.pages) expect(kernel.present[p]).toBe(1)
+    expect(Math.max(...kernel.installs)).toBe(1)
+    // Every unit the helper was given is released once it finished.
+    for (const unit of units.slice(Math.ceil(units.length * 0.3))) expect(source.released).toContain(unit)
+    expectPackedImage(kernel)
+  })
+
+  it('a helper that stops on an unexpected errno fails the client, its pages counted, the set not recorded complete', () => {
+    const {stats, prefetcher, client, units, played} = packedSetup('played')
+    prefetcher.addClient(client, units)
+    const helper = played()!
+    helper.run({failAfterPages: 5})
+    let step = prefetcher.step()
+    for (let i = 0; i < 200 && step.result === 'busy'; i++) step = prefetcher.step()
+    expect(step.result).toBe('failed')
+    expect(step.result === 'failed' && (step.error as Error & {code: string}).code).toBe('EINVAL')
+    expect(stats.get('helperPages')).toBe(5)
+    prefetcher.removeClient(client)
+    expect(helper.stopped).toBe(true)
+    expect(stats.get('workingSetDoneMs')).toBe(0)
   })
 })

@@ -15,7 +15,6 @@ export const ERROR_CODES = {
   BAD_HANDSHAKE: "the VMM's handshake is malformed or does not match the snapshot",
   FAULT_OUTSIDE_REGIONS: 'a fault at an address outside every region the client announced',
   UNSUPPORTED_EVENT: 'a userfaultfd event the handler cannot follow for this kind of client',
-  FILL_FAILED: 'the kernel refused to install pages for an unexpected reason (the errno is in the message)',
   TIMEOUT: 'no client connected (or sent its handshake) within --timeout',
   WORKER_EXIT: 'the fault-loop or a compression thread stopped unexpectedly (a bug: please report it)',
   NO_RECORDING: 'the fault loop ended without handing over the --record working set (a bug)',

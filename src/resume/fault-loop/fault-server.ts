@@ -70,7 +70,7 @@ export class FaultServer {
   private readonly payloadIndex: Int32Array
   /** Each page's packed working-set block, or -1 (when serving from packed blocks). */
   private readonly blockOfPage: Int32Array | undefined
-  /** Each packed block's runs (packedBlockRuns): the same for every client. */
+  /** Each packed block's runs (packedBlockRuns): the same for every client (only while the set is served from its blocks). */
   private readonly runsOfBlock: Int32Array[] = []
 
   constructor(
@@ -88,13 +88,11 @@ export class FaultServer {
     this.windowPages = Math.max(1, Math.floor(options.faultAroundBytes / this.pageSize))
     this.payloadIndex = payloadPageIndex(reader.zeroMap, this.geometry.pagesPerChunk)
     const packed = reader.packed
-    if (packed) {
-      for (let b = 0; b < packed.blocks.length; b++) this.runsOfBlock.push(packedBlockRuns(packed, b, reader.zeroMap))
-    }
     if (options.packedWorkingSet && packed) {
       this.blockOfPage = new Int32Array(this.geometry.pageCount).fill(-1)
       for (const [b, block] of packed.blocks.entries()) {
         for (let k = block.listStart; k < block.listStart + block.pageCount; k++) this.blockOfPage[packed.pages[k]] = b
+        this.runsOfBlock.push(packedBlockRuns(packed, b, reader.zeroMap))
       }
     }
   }

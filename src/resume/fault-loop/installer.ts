@@ -1,11 +1,11 @@
 // The installer: the only code in resume that puts pages into a client's memory. It issues every
 // UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_WAKE and every native block fill, marks page states as
 // pages land, turns each errno into an outcome in one place (fillErrnoMeaning), and tells its
-// callers what it did: they never look at the global counters to find out.
+// callers what it did: they never look at the global counters to find out. An errno it does not
+// expect is a SysError (its code the errno name): serving that client is impossible.
 
 import {type ZeroMap} from '../../format/zero-map.js'
-import {UffdError} from '../../core/errors.js'
-import {addressOf, type BlockFillResult, Errno, errnoName, type FillResult, type HelperJob, InstallHelper, nativeBlockFill, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage} from '../../sys/index.js'
+import {addressOf, type BlockFillResult, Errno, type FillResult, type HelperJob, InstallHelper, nativeBlockFill, SysError, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage} from '../../sys/index.js'
 import {type GuestRegion} from '../protocol.js'
 import {type RunStats} from '../run-stats.js'
 import {type Client} from './client.js'
@@ -38,8 +38,11 @@ export interface FillCalls {
   /** native/libuffd_fill's uffd_fill_block (uffdFillBlock's arguments), when it is loaded. */
   fillBlock: typeof uffdFillBlock | undefined
   /** native/libuffd_fill's install helper thread (InstallHelper.start's arguments), when loaded. */
-  startHelper: typeof InstallHelper.start | undefined
+  startHelper: ((...args: Parameters<typeof InstallHelper.start>) => HelperThread | undefined) | undefined
 }
+
+/** A thread installing packed blocks beside the loop: sys's InstallHelper, or a test's. */
+export type HelperThread = Pick<InstallHelper, 'done' | 'finished' | 'error' | 'takeProgress' | 'holdGate' | 'releaseGate' | 'stop'>
 
 export const kernelFillCalls: FillCalls = {
   copy: uffdCopy,
@@ -171,7 +174,7 @@ export class Installer {
         case 'gone':
           return {outcome: 'gone', pages}
         case 'unexpected':
-          throw new UffdError('FILL_FAILED', `unexpected ${errnoName(result.error)} installing ${length} bytes at ${hex(dst)}`)
+          throw new SysError(zero && !this.huge ? 'UFFDIO_ZEROPAGE' : 'UFFDIO_COPY', result.error, `installing ${length} bytes at ${hex(dst)}`)
       }
     }
     return {outcome: 'served', pages}
@@ -198,7 +201,7 @@ export class Installer {
       case 'gone':
         return {outcome: 'gone', pages: 0}
       case 'unexpected':
-        throw new UffdError('FILL_FAILED', `unexpected ${errnoName(result.error)} zeroing the page at ${hex(address)}`)
+        throw new SysError(this.huge ? 'UFFDIO_COPY' : 'UFFDIO_ZEROPAGE', result.error, `zeroing the page at ${hex(address)}`)
     }
   }
 
@@ -213,7 +216,11 @@ export class Installer {
    * counting), on hugetlbfs, or for restored processes (their mappings change).
    */
   fillsNatively(client: Client, tracking: boolean): boolean {
-    return this.calls.fillBlock !== undefined && !tracking && !this.huge && !client.nonCooperative
+    return this.calls.fillBlock !== undefined && this.nativeAllowed(client, tracking)
+  }
+
+  private nativeAllowed(client: Client, tracking: boolean): boolean {
+    return !tracking && !this.huge && !client.nonCooperative
   }
 
   /**
@@ -247,8 +254,8 @@ export class Installer {
    * per copied range, which a helper does not report). It writes to the eventfd `notifyFd` when
    * it stops; what it did is accounted with accountBlockFill(helper.takeProgress()).
    */
-  startHelper(client: Client, jobs: readonly HelperJob[], notifyFd: number): InstallHelper | undefined {
-    if (!this.fillsNatively(client, client.hitTrackingPidfd >= 0) || !this.calls.startHelper) return undefined
+  startHelper(client: Client, jobs: readonly HelperJob[], notifyFd: number): HelperThread | undefined {
+    if (!this.calls.startHelper || !this.nativeAllowed(client, client.hitTrackingPidfd >= 0)) return undefined
     return this.calls.startHelper(client.uffd, client.states.states, this.zeroMap.bytes, this.pageSize, client.fillRegions, jobs, this.zeroRunWindowPages, notifyFd)
   }
 
@@ -265,7 +272,7 @@ export class Installer {
     this.stats.add('zeropageIoctls', r.zeropageIoctls)
     this.stats.add('eexist', r.eexist)
     const pages = r.pagesCopied + r.pagesZeroed
-    switch (fillErrnoMeaning(r.error, false)) {
+    switch (fillErrnoMeaning(r.error, client.nonCooperative)) {
       case 'installed':
         return {outcome: 'served', pages}
       case 'address-space-changing':
@@ -275,7 +282,7 @@ export class Installer {
         return {outcome: 'gone', pages}
       default:
         // (EEXIST is handled inside the native fill: it never stops it.)
-        throw new UffdError('FILL_FAILED', `unexpected ${errnoName(r.error)} installing ${what} at image page ${r.stopPage}`)
+        throw new SysError('uffd_fill_block', r.error, `installing ${what} at image page ${r.stopPage}`)
     }
   }
 

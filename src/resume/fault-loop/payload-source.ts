@@ -24,6 +24,8 @@ export interface PayloadSource {
   isRequested(unit: number): boolean
   /** Whether `owner` has asked for `unit` and not released it. */
   isClaimedBy(owner: number, unit: number): boolean
+  /** Whether prefetch() would have anything to make ready for `unit` (false: ready already, or nothing to decode). */
+  needsRequest(unit: number): boolean
   /**
    * Asks for `unit` ahead of need for `owner`: 'asked' (being made ready), 'unneeded' (ready
    * already, or nothing to decode), 'full' (no room now: ask again after releases).
@@ -104,11 +106,15 @@ export class DecodedUnits implements PayloadSource {
     return this.wanted.get(unit)?.has(owner) ?? false
   }
 
+  needsRequest(unit: number): boolean {
+    return this.pool !== undefined && !this.needsNoDecode(unit) && !this.cache.has(unit)
+  }
+
   prefetch(owner: number, unit: number): 'asked' | 'unneeded' | 'full' {
-    if (!this.pool || this.needsNoDecode(unit) || this.cache.has(unit)) return 'unneeded'
+    if (!this.needsRequest(unit)) return 'unneeded'
     let owners = this.wanted.get(unit)
     if (!owners) {
-      if (!this.pool.request(unit)) return 'full'
+      if (!this.pool!.request(unit)) return 'full'
       this.wanted.set(unit, (owners = new Set()))
     }
     owners.add(owner)

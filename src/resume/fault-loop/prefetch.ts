@@ -80,6 +80,7 @@ export class Prefetcher {
     private readonly options: PrefetchOptions,
   ) {
     this.pagesPerChunk = reader.geometry.pagesPerChunk
+    this.updateRetention()
   }
 
   /** `workingSet`: units to install before anything else (a recorded working set), in order. */
@@ -109,19 +110,15 @@ export class Prefetcher {
 
   /**
    * Collects a helper's work, and once it has stopped, the helper itself. Returns an outcome
-   * when it stopped on one; throws when it stopped on an unexpected error.
+   * when it stopped on one; throws when it stopped on an unexpected error (the helper then stays
+   * until the client is dropped, so settle() sees that it did not complete its part).
    */
   private pollHelper(q: ClientQueue): Exclude<Outcome, 'served'> | undefined {
     const helper = q.helper
     if (!helper) return undefined
-    let progress
-    try {
-      progress = helper.poll()
-    } catch (error) {
-      this.dropHelper(q)
-      throw error
-    }
+    const progress = helper.poll()
     this.countHelperPages(progress.pages)
+    if (progress.error) throw progress.error
     if (!progress.stopped && progress.outcome === 'served') return undefined
     this.dropHelper(q)
     this.checkWorkingSet(q)
@@ -178,11 +175,8 @@ export class Prefetcher {
     const helper = q.helper
     if (helper && !helper.completedAll) {
       this.dropHelper(q)
-      try {
-        this.countHelperPages(helper.poll().pages)
-      } catch {
-        // The client is being dropped: what stopped its helper no longer matters.
-      }
+      // (The client is being dropped: what stopped its helper no longer matters.)
+      this.countHelperPages(helper.poll().pages)
       return
     }
     try {
@@ -324,7 +318,7 @@ export class Prefetcher {
       let i = Math.max(from, urgent ? q.urgentFedTo : q.backgroundFedTo)
       for (; i < list.length && i < from + this.options.decodeAhead; i++) {
         const unit = list[i]
-        if (this.source.isClaimedBy(q.client.id, unit) || !this.needed(q.client, unit)) continue
+        if (this.source.isClaimedBy(q.client.id, unit) || !this.source.needsRequest(unit) || !this.needed(q.client, unit)) continue
         if (this.source.prefetch(q.client.id, unit) === 'full') break
       }
       if (urgent) q.urgentFedTo = i

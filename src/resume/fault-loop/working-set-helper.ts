@@ -1,7 +1,6 @@
 import {type SnapshotReader} from '../../snapshot/reader.js'
-import {type InstallHelper} from '../../sys/index.js'
 import {type Client} from './client.js'
-import {type Installed, type Installer} from './installer.js'
+import {type HelperThread, type Installed, type Installer} from './installer.js'
 import {type PayloadSource} from './payload-source.js'
 
 /**
@@ -15,6 +14,7 @@ export const LOOP_SHARE_OF_WORKING_SET = 0.3
 /** What a helper did since it was last polled, and whether it has stopped (finished or failed). */
 export interface HelperProgress extends Installed {
   stopped: boolean
+  error?: Error
 }
 
 /**
@@ -32,7 +32,7 @@ export class WorkingSetHelper {
 
   private constructor(
     private readonly client: Client,
-    private readonly thread: InstallHelper,
+    private readonly thread: HelperThread,
     /** The units it installs, in order: packed blocks, all decoded before it started. */
     readonly units: readonly number[],
     private readonly installer: Installer,
@@ -82,14 +82,21 @@ export class WorkingSetHelper {
 
   /**
    * Accounts what the thread installed since last asked and releases the units it finished.
-   * Throws (UffdError FILL_FAILED) when it stopped on an unexpected errno.
+   * `error`: it stopped on an errno the installer does not expect (a SysError), after
+   * installing `pages`; serving the client is then impossible.
    */
   poll(): HelperProgress {
     // Read before its counts: once it says finished, all it did is counted.
     const stopped = this.thread.finished
-    const progress = this.installer.accountBlockFill(this.client, 'a packed working-set block (install helper)', this.thread.takeProgress())
+    const done = this.thread.takeProgress()
+    let progress: HelperProgress
+    try {
+      progress = {...this.installer.accountBlockFill(this.client, 'a packed working-set block (install helper)', done), stopped}
+    } catch (error) {
+      progress = {outcome: 'served', pages: done.pagesCopied + done.pagesZeroed, stopped, error: error as Error}
+    }
     while (this.releasedUpTo < this.units.length && this.thread.done(this.releasedUpTo)) this.source.release(this.client.id, this.units[this.releasedUpTo++])
-    return {...progress, stopped}
+    return progress
   }
 
   /**
