@@ -10,6 +10,8 @@ import {tmpdir} from 'node:os'
 import {join, resolve} from 'node:path'
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
+import {reserveHugePages} from './helpers/hugepages.js'
+
 const nativeDir = resolve(import.meta.dirname, '..', 'native')
 const fcClient = join(nativeDir, 'build', 'fc_client')
 const baselineHandler = join(nativeDir, 'build', 'baseline_handler')
@@ -248,23 +250,10 @@ describe.skipIf(skip !== undefined)('fc_client against baseline_handler', () => 
   })
 
   it('serves 2 MiB hugepages (when they can be reserved)', async (ctx) => {
-    const need = 4 // --size 8M
-    const nrPath = '/proc/sys/vm/nr_hugepages'
-    const free = () => Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
-    const old = readFileSync(nrPath, 'utf8').trim()
-    let changed = false
+    const reservation = reserveHugePages(4) // --size 8M
     try {
-      if (free() < need) {
-        try {
-          writeFileSync(nrPath, String(Number(old) + need))
-          changed = true
-        } catch (err) {
-          console.warn(`hugepage test skipped: cannot write ${nrPath}: ${(err as Error).message}`)
-          ctx.skip()
-        }
-      }
-      if (free() < need) {
-        console.warn(`hugepage test skipped: only ${free()} free 2 MiB pages after asking for ${need} more`)
+      if (reservation.reason) {
+        console.warn(`hugepage test skipped: ${reservation.reason}`)
         ctx.skip()
       }
       const r = await pair([
@@ -277,7 +266,7 @@ describe.skipIf(skip !== undefined)('fc_client against baseline_handler', () => 
       expect(r.handler.json).toMatchObject({page_size: HUGE_PAGE, copies: 2, zeropages: 0, removes: 1})
       expect(r.handler.json.zero_copies).toBe(3)
     } finally {
-      if (changed) writeFileSync(nrPath, old)
+      reservation.release()
     }
   })
 })

@@ -17,6 +17,7 @@ import {SnapshotReader} from '../src/snapshot/reader.js'
 import {listenUnix} from '../src/sys/socket.js'
 import {closeFd} from '../src/sys/index.js'
 import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
+import {reserveHugePages} from './helpers/hugepages.js'
 import {makeImage, pseudoRandom, tempDir, writeSparse} from './helpers/images.js'
 
 const FC_CLIENT = path.join(NATIVE, 'fc_client')
@@ -777,29 +778,17 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
   })
 
   describe.skipIf(hugeSkip !== undefined)('2 MiB hugepages', () => {
-    const nrPath = '/proc/sys/vm/nr_hugepages'
-    // Enough for two 8 MiB clients at once, and for native-clients.test.ts running alongside.
-    const WANT = 16
-    let added = 0
+    // Enough for two 8 MiB clients at once.
+    let reservation: ReturnType<typeof reserveHugePages> | undefined
     let reason: string | undefined
-    const free = (): number => Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
 
     beforeAll(() => {
-      try {
-        const before = Number(fs.readFileSync(nrPath, 'utf8'))
-        fs.writeFileSync(nrPath, String(before + WANT))
-        added = Number(fs.readFileSync(nrPath, 'utf8')) - before
-        if (free() < 8) reason = `only ${free()} free 2 MiB pages after asking for ${WANT} more (memory too fragmented?)`
-      } catch (error) {
-        reason = `cannot reserve 2 MiB pages through ${nrPath}: ${(error as Error).message}`
-      }
+      reservation = reserveHugePages(8)
+      reason = reservation.reason
       if (reason) console.warn(`hugepage tests skipped: ${reason}`)
     })
 
-    afterAll(() => {
-      // Give back what this file added (relative, so a concurrent test's own change survives).
-      if (added > 0) fs.writeFileSync(nrPath, String(Math.max(0, Number(fs.readFileSync(nrPath, 'utf8')) - added)))
-    })
+    afterAll(() => reservation?.release())
 
     for (const chunk of ['2M', '4M']) {
       it(`serves a --page-size 2M --chunk-size ${chunk} snapshot to a MAP_HUGETLB client (2 regions, mixed access, balloon)`, async (ctx) => {

@@ -7,7 +7,7 @@ import {createRequire} from 'node:module'
 import {performance} from 'node:perf_hooks'
 import {Worker} from 'node:worker_threads'
 
-import {afterEach, describe, expect, it} from 'vitest'
+import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
 
 import * as libc from '../src/sys/libc.js'
 import {
@@ -48,6 +48,7 @@ import {
 } from '../src/sys/index.js'
 import {UFFDIO_COPY, UFFDIO_COPY_LAYOUT} from '../src/sys/uffd.js'
 import {RawStruct} from '../src/sys/raw.js'
+import {reserveHugePages} from './helpers/hugepages.js'
 
 // --- can this machine run the real-uffd tests? --------------------------------------------------
 function uffdUnavailableReason(): string | undefined {
@@ -61,16 +62,6 @@ function uffdUnavailableReason(): string | undefined {
 const skipReason = uffdUnavailableReason()
 if (skipReason !== undefined) console.log(`[sys-uffd] skipping real-uffd tests: ${skipReason}`)
 
-function freeHugePages(): number {
-  try {
-    return Number(readFileSync('/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages', 'utf8'))
-  } catch {
-    return 0
-  }
-}
-const hugeSkipReason =
-  skipReason ?? (freeHugePages() < 1 ? 'no free 2 MiB huge page (raise vm.nr_hugepages to run it)' : undefined)
-if (hugeSkipReason !== undefined) console.log(`[sys-uffd] skipping the hugetlbfs test: ${hugeSkipReason}`)
 
 // --- worker threads that load src/sys themselves ------------------------------------------------
 const require = createRequire(import.meta.url)
@@ -581,8 +572,16 @@ describe.skipIf(skipReason !== undefined)('userfaultfd round trips', () => {
   })
 })
 
-describe.skipIf(hugeSkipReason !== undefined)('userfaultfd on hugetlbfs memory', () => {
-  it('installs whole 2 MiB pages with UFFDIO_COPY and has no UFFDIO_ZEROPAGE', () => {
+describe.skipIf(skipReason !== undefined)('userfaultfd on hugetlbfs memory', () => {
+  let reservation: ReturnType<typeof reserveHugePages> | undefined
+  beforeAll(() => {
+    reservation = reserveHugePages(1)
+    if (reservation.reason) console.log(`[sys-uffd] skipping the hugetlbfs test: ${reservation.reason}`)
+  })
+  afterAll(() => reservation?.release())
+
+  it('installs whole 2 MiB pages with UFFDIO_COPY and has no UFFDIO_ZEROPAGE', (ctx) => {
+    if (reservation?.reason) ctx.skip()
     const uffd = newUffd(0)
     const base = mmapAnonymous(HUGE_PAGE_SIZE, {hugepages: true})
     cleanups.push(() => munmap(base, HUGE_PAGE_SIZE))
