@@ -11,6 +11,7 @@ import {formatBytes, formatPercent, parseSize} from '../core/units.js'
 import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../format/constants.js'
 import {geometryProblem} from '../format/geometry.js'
 import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
+import {readInputText} from '../snapshot/input-file.js'
 import {criuDirInput, freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
 import {chunksInTouchOrder, parseWorkingSet, WorkingSetError} from '../format/working-set.js'
 import {attachWorkingSet, PACK_CODECS, packOptionsFor} from '../snapshot/relayout.js'
@@ -90,7 +91,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     if (flags['working-set']) {
       // Recorded against an earlier snapshot of the same memory: the header CRCs differ, so only
       // the geometry must match. A stale set costs prefetch work, never correctness.
-      const set = parseWorkingSet(fs.readFileSync(flags['working-set'], 'utf8'), flags['working-set'])
+      const set = parseWorkingSet(readInputText(flags['working-set']), flags['working-set'])
       if (set.snapshot.logicalSize !== summary.logicalSize || set.snapshot.pageSize !== summary.pageSize) {
         throw new WorkingSetError(`${flags['working-set']} was recorded on ${set.snapshot.logicalSize} bytes of ${set.snapshot.pageSize}-byte pages, not on this image`)
       }

@@ -1,10 +1,9 @@
-import fs from 'node:fs'
-
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../../cli/base-command.js'
 import {formatBytes} from '../../core/units.js'
 import {checkMatches, parseWorkingSet} from '../../format/working-set.js'
+import {readInputText} from '../../snapshot/input-file.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
 import {attachWorkingSet, PACK_CODECS, packOptionsFor} from '../../snapshot/relayout.js'
 
@@ -29,7 +28,7 @@ export default class WorkingSetAttach extends BaseCommand {
 
   async run(): Promise<{output: string; fileSize: number; chunksFirst: number; packedBlocks: number; packedBytes: number; pages: number}> {
     const {args, flags} = await this.parse(WorkingSetAttach)
-    const set = parseWorkingSet(fs.readFileSync(args['working-set'], 'utf8'), args['working-set'])
+    const set = parseWorkingSet(readInputText(args['working-set']), args['working-set'])
     const reader = SnapshotReader.open(args.snapshot)
     const {geometry, header} = reader
     reader.close()
