@@ -5,6 +5,7 @@ import path from 'node:path'
 import {Flags} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
+import {modeFlag, parseMode} from '../cli/mode-flag.js'
 import {progressBar, withInterruptHandling} from '../cli/progress.js'
 import {UffdError} from '../core/errors.js'
 import {formatBytes, formatPercent, parseSize} from '../core/units.js'
@@ -52,6 +53,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     jobs: Flags.integer({char: 'j', summary: 'Compression worker threads [default: number of CPUs].', min: 1, max: 256}),
     'working-set': Flags.string({summary: 'Attach a working set recorded by `uffd resume --record` (on a snapshot of the same memory): its pages are stored first, packed, and prefetched on resume.'}),
     pack: Flags.string({summary: "With --working-set: codec of the packed copy of the set's pages [default: --codec]; none: reorder chunks only.", options: PACK_CODECS, dependsOn: ['working-set']}),
+    mode: modeFlag,
     freeze: Flags.boolean({summary: 'Stop the process while reading it (--no-freeze reads it running: faster for the process, inconsistent image).', default: true, allowNo: true}),
   }
 
@@ -66,10 +68,17 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     const badRegion = regionSizes?.find((size) => size <= 0 || size % pageSize !== 0)
     if (badRegion !== undefined) this.error(`--regions: ${badRegion} is not a positive multiple of the ${formatBytes(pageSize)} page size`, {exit: 2})
 
+    let mode: number | undefined
+    try {
+      mode = parseMode(flags.mode)
+    } catch (error) {
+      this.error((error as Error).message, {exit: 2})
+    }
+
     const source = flags['mem-file'] ?? flags['criu-dir'] ?? `pid ${flags.pid}`
     const output = flags.output ?? (flags.pid === undefined ? `${path.basename(path.resolve(source))}.uffd` : `pid-${flags.pid}.uffd`)
     if (!flags.force && fs.existsSync(output)) throw new UffdError('OUTPUT_EXISTS', `${output} exists (use --force to replace it)`)
-    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism()}
+    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism(), mode}
     const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
 
     const summary = await withInterruptHandling(async (signal) => {
@@ -95,7 +104,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
       if (set.snapshot.logicalSize !== summary.logicalSize || set.snapshot.pageSize !== summary.pageSize) {
         throw new WorkingSetError(`${flags['working-set']} was recorded on ${set.snapshot.logicalSize} bytes of ${set.snapshot.pageSize}-byte pages, not on this image`)
       }
-      const attached = attachWorkingSet(output, output, set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack))
+      const attached = attachWorkingSet(output, output, set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), mode)
       summary.fileSize = attached.fileSize
       this.logToStderr(`${output}: ${describeAttached(attached, set)}`)
     }
