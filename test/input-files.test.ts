@@ -57,3 +57,37 @@ describe('a FIFO as an input', () => {
     expect(error.message).toMatch(/not a regular file/)
   })
 })
+
+describe('snapshot --working-set with a bad set', () => {
+  it.each([
+    ['malformed', 'not json'],
+    ['of another image size', () => JSON.stringify({kind: 'uffd-working-set', version: 1, snapshot: {logicalSize: 2 * 1024 * 1024, pageSize: 4096, headerCrc: 1}, runs: 1, pages: [0], firstTouchMs: [0]})],
+  ] as [string, string | (() => string)][])('%s: refused before anything is written; --force leaves the old output as it was', (name, content) => {
+    const sub = fs.mkdtempSync(path.join(dir, 'bad-set-'))
+    const bad = path.join(sub, 'bad.ws')
+    fs.writeFileSync(bad, typeof content === 'string' ? content : content())
+    const out = path.join(sub, 'out.uffd')
+    const fresh = uffd(['snapshot', '--mem-file', image, '-o', out, '--working-set', bad, '--json'])
+    expect(fresh.status, name).toBe(1)
+    expect(fresh.json.error.code).toBe('BAD_WORKING_SET')
+    expect(fs.readdirSync(sub)).toEqual(['bad.ws'])
+
+    const old = Buffer.from('the previous output')
+    fs.writeFileSync(out, old)
+    const forced = uffd(['snapshot', '--mem-file', image, '-o', out, '--working-set', bad, '--force', '--json'])
+    expect(forced.status, name).toBe(1)
+    expect(forced.json.error.code).toBe('BAD_WORKING_SET')
+    expect(fs.readFileSync(out)).toEqual(old)
+    expect(fs.readdirSync(sub).sort()).toEqual(['bad.ws', 'out.uffd'])
+  })
+
+  it('a good set is attached and leaves no intermediate file', () => {
+    const sub = fs.mkdtempSync(path.join(dir, 'good-set-'))
+    const out = path.join(sub, 'out.uffd')
+    const r = uffd(['snapshot', '--mem-file', image, '-o', out, '--working-set', workingSet, '--json'])
+    expect(r.status, r.stderr).toBe(0)
+    expect(r.json.path).toBe(out)
+    expect(fs.readdirSync(sub)).toEqual(['out.uffd'])
+    expect(uffd(['verify', out]).status).toBe(0)
+  })
+})
