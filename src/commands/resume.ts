@@ -7,6 +7,7 @@ import {formatBytes, parseSize} from '../core/units.js'
 import {runCriuResume} from '../resume/main/criu-session.js'
 import {type ResumeResult} from '../resume/main/serving-session.js'
 import {runResume} from '../resume/main/session.js'
+import {checkInput} from '../snapshot/input-file.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 
 export default class Resume extends BaseCommand {
@@ -53,6 +54,8 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     const reader = SnapshotReader.open(args.snapshot)
     const {chunkSize, pageSize} = reader.geometry
     reader.close()
+    // The session opens the set itself, and would block on a FIFO before listening.
+    if (flags['working-set'] && flags['working-set'] !== 'none') checkInput(flags['working-set'])
     const faultAroundBytes = this.faultAround(flags['fault-around'], chunkSize, pageSize)
 
     const controller = new AbortController()

@@ -5,12 +5,14 @@ import path from 'node:path'
 import {Flags} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
+import {modeFlag, parseMode} from '../cli/mode-flag.js'
 import {progressBar, withInterruptHandling} from '../cli/progress.js'
 import {UffdError} from '../core/errors.js'
 import {formatBytes, formatPercent, parseSize} from '../core/units.js'
 import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../format/constants.js'
 import {geometryProblem} from '../format/geometry.js'
 import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
+import {readInputText} from '../snapshot/input-file.js'
 import {criuDirInput, freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
 import {chunksInTouchOrder, parseWorkingSet, WorkingSetError} from '../format/working-set.js'
 import {attachWorkingSet, PACK_CODECS, packOptionsFor} from '../snapshot/relayout.js'
@@ -51,6 +53,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     jobs: Flags.integer({char: 'j', summary: 'Compression worker threads [default: number of CPUs].', min: 1, max: 256}),
     'working-set': Flags.string({summary: 'Attach a working set recorded by `uffd resume --record` (on a snapshot of the same memory): its pages are stored first, packed, and prefetched on resume.'}),
     pack: Flags.string({summary: "With --working-set: codec of the packed copy of the set's pages [default: --codec]; none: reorder chunks only.", options: PACK_CODECS, dependsOn: ['working-set']}),
+    mode: modeFlag,
     freeze: Flags.boolean({summary: 'Stop the process while reading it (--no-freeze reads it running: faster for the process, inconsistent image).', default: true, allowNo: true}),
   }
 
@@ -65,10 +68,31 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     const badRegion = regionSizes?.find((size) => size <= 0 || size % pageSize !== 0)
     if (badRegion !== undefined) this.error(`--regions: ${badRegion} is not a positive multiple of the ${formatBytes(pageSize)} page size`, {exit: 2})
 
+    let mode: number | undefined
+    try {
+      mode = parseMode(flags.mode)
+    } catch (error) {
+      this.error((error as Error).message, {exit: 2})
+    }
+
     const source = flags['mem-file'] ?? flags['criu-dir'] ?? `pid ${flags.pid}`
     const output = flags.output ?? (flags.pid === undefined ? `${path.basename(path.resolve(source))}.uffd` : `pid-${flags.pid}.uffd`)
     if (!flags.force && fs.existsSync(output)) throw new UffdError('OUTPUT_EXISTS', `${output} exists (use --force to replace it)`)
-    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism()}
+    // The set is checked before anything is written: a bad one must not cost the output, nor
+    // (with --force) the file it would replace. Recorded against an earlier snapshot of the same
+    // memory, its header CRC differs, so only the geometry must match; a stale set costs
+    // prefetch work, never correctness.
+    const workingSetFile = flags['working-set']
+    const set = workingSetFile === undefined ? undefined : parseWorkingSet(readInputText(workingSetFile), workingSetFile)
+    const checkSet = (input: ImageInput): void => {
+      if (set && (set.snapshot.logicalSize !== input.logicalSize || set.snapshot.pageSize !== pageSize)) {
+        throw new WorkingSetError(`${workingSetFile} was recorded on ${set.snapshot.logicalSize} bytes of ${set.snapshot.pageSize}-byte pages, not on this image (${input.logicalSize} bytes of ${pageSize}-byte pages)`)
+      }
+    }
+    // With a set, the snapshot is written beside the output first and only the attached result
+    // takes the output's name, so a failed attach leaves the output as it was.
+    const written = set ? path.join(path.dirname(path.resolve(output)), `.${path.basename(output)}.${process.pid}.unattached.tmp`) : output
+    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism(), mode}
     const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
 
     const summary = await withInterruptHandling(async (signal) => {
@@ -79,24 +103,28 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
             this.error(`--regions add up to more than the ${input.logicalSize}-byte file`, {exit: 2})
           }
           if (input.logicalSize % pageSize !== 0 && pageSize === PAGE_SIZE_2M) throw new UffdError('INPUT_MISMATCH', `${flags['mem-file']} is not a whole number of 2 MiB pages`)
-          return await writeSnapshot(input, output, {...options, signal, onProgress: bar.update})
+          checkSet(input)
+          return await writeSnapshot(input, written, {...options, signal, onProgress: bar.update})
         }
-        if (flags['criu-dir']) return await writeSnapshot(criuDirInput(flags['criu-dir']), output, {...options, signal, onProgress: bar.update})
-        return await this.snapshotProcess(flags.pid!, flags.freeze, output, {...options, signal, onProgress: bar.update})
+        if (flags['criu-dir']) {
+          const input = criuDirInput(flags['criu-dir'])
+          checkSet(input)
+          return await writeSnapshot(input, written, {...options, signal, onProgress: bar.update})
+        }
+        return await this.snapshotProcess(flags.pid!, flags.freeze, written, {...options, signal, onProgress: bar.update}, checkSet)
       } finally {
         bar.stop()
       }
     })
-    if (flags['working-set']) {
-      // Recorded against an earlier snapshot of the same memory: the header CRCs differ, so only
-      // the geometry must match. A stale set costs prefetch work, never correctness.
-      const set = parseWorkingSet(fs.readFileSync(flags['working-set'], 'utf8'), flags['working-set'])
-      if (set.snapshot.logicalSize !== summary.logicalSize || set.snapshot.pageSize !== summary.pageSize) {
-        throw new WorkingSetError(`${flags['working-set']} was recorded on ${set.snapshot.logicalSize} bytes of ${set.snapshot.pageSize}-byte pages, not on this image`)
+    if (set) {
+      try {
+        const attached = attachWorkingSet(written, output, set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), mode)
+        summary.fileSize = attached.fileSize
+        summary.path = output
+        this.logToStderr(`${output}: ${describeAttached(attached, set)}`)
+      } finally {
+        fs.rmSync(written, {force: true})
       }
-      const attached = attachWorkingSet(output, output, set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack))
-      summary.fileSize = attached.fileSize
-      this.logToStderr(`${output}: ${describeAttached(attached, set)}`)
     }
     const ratio = summary.fileSize === 0 ? 0 : summary.logicalSize / summary.fileSize
     this.log(
@@ -108,13 +136,14 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     return {...summary, ratio, source}
   }
 
-  private async snapshotProcess(pid: number, freeze: boolean, output: string, options: Parameters<typeof writeSnapshot>[2]): Promise<WriteSummary> {
+  private async snapshotProcess(pid: number, freeze: boolean, output: string, options: Parameters<typeof writeSnapshot>[2], checkInput: (input: ImageInput) => void): Promise<WriteSummary> {
     if (!processExists(pid)) throw new ProcessSnapshotError(`no process with pid ${pid}`, 'NO_SUCH_PROCESS')
     const resume = freeze ? await freezeProcess(pid) : () => {}
     try {
       let input: ImageInput
       try {
         input = new ProcessInput(pid)
+        checkInput(input)
         return await writeSnapshot(input, output, options)
       } catch (error) {
         if (!processExists(pid)) throw new ProcessSnapshotError(`process ${pid} exited during the snapshot`, 'EXITED')

@@ -4,6 +4,7 @@ import {BaseCommand} from '../cli/base-command.js'
 import {formatBytes, formatPercent} from '../core/units.js'
 import {REGION_PROT_EXEC, REGION_PROT_READ, REGION_PROT_WRITE, RegionKind} from '../format/constants.js'
 import {type SnapshotStats, snapshotStats} from '../snapshot/inspect.js'
+import {checkInput} from '../snapshot/input-file.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {readResumeReport, renderResumeReport} from '../resume/main/report-render.js'
 import {type ResumeReport} from '../resume/run-stats.js'
@@ -65,6 +66,8 @@ export default class Stats extends BaseCommand {
 
   async run(): Promise<StatsResult | ResumeReport> {
     const {args} = await this.parse(Stats)
+    // readResumeReport opens the file itself, and would block on a FIFO.
+    checkInput(args.file, {blockDevice: true})
     const report = readResumeReport(args.file)
     if (report) {
       if (!this.jsonEnabled()) for (const line of renderResumeReport(args.file, report)) this.log(line)

@@ -7,6 +7,19 @@ import {type ZeroMap} from '../format/zero-map.js'
 import {fsyncDir} from '../sys/file.js'
 
 /**
+ * Snapshots hold a memory image (keys, passwords of the process or guest): readable by their
+ * owner only unless asked otherwise.
+ */
+export const SNAPSHOT_MODE = 0o600
+
+export interface FileMode {
+  /** Exactly these permission bits (fchmod, so the umask does not apply). */
+  mode?: number
+  /** Without `mode`: the bits to create the file with, less the umask. */
+  createMode?: number
+}
+
+/**
  * A file written by appending to a temporary file next to its destination, then fsync'd and
  * renamed over it: readers see the old file or the complete new one, never a part. discard()
  * (after any failure) removes the temporary file and changes nothing else.
@@ -16,10 +29,19 @@ export class AtomicFile {
   private fd: number | undefined
   private readonly tempPath: string
 
-  constructor(readonly destination: string) {
+  constructor(
+    readonly destination: string,
+    options: FileMode = {},
+  ) {
     const dir = path.dirname(path.resolve(destination))
     this.tempPath = path.join(dir, `.${path.basename(destination)}.${process.pid}.${Date.now().toString(36)}.tmp`)
-    this.fd = fs.openSync(this.tempPath, 'wx+', 0o644)
+    this.fd = fs.openSync(this.tempPath, 'wx+', options.mode ?? options.createMode ?? SNAPSHOT_MODE)
+    try {
+      if (options.mode !== undefined) fs.fchmodSync(this.fd, options.mode)
+    } catch (error) {
+      this.discard()
+      throw error
+    }
   }
 
   append(bytes: Uint8Array): number {
@@ -72,9 +94,12 @@ export function appendTail(file: AtomicFile, entries: readonly ChunkEntry[], zer
   )
 }
 
-/** Writes a small file atomically (a ready file, statistics, a working set). */
+/**
+ * Writes a small file atomically (a ready file, statistics, a working set). They hold page
+ * numbers and timings, no memory contents: created 0644 less the umask, like any tool's output.
+ */
 export function writeFileAtomically(file: string, text: string): void {
-  const out = new AtomicFile(file)
+  const out = new AtomicFile(file, {createMode: 0o644})
   try {
     out.append(Buffer.from(text))
     out.commit()

@@ -1,6 +1,7 @@
 import fs from 'node:fs'
 
 import {UffdError} from '../core/errors.js'
+import {openInput} from './input-file.js'
 
 /**
  * Where snapshot bytes come from. Every chunk read goes through this one interface, so a local
@@ -22,15 +23,9 @@ export class FileByteSource implements ByteSource {
   private fd: number | undefined
 
   constructor(readonly name: string) {
-    this.fd = fs.openSync(name, 'r')
-    try {
-      const st = fs.fstatSync(this.fd)
-      if (!st.isFile() && !st.isBlockDevice()) throw new UffdError('NOT_A_FILE', `${name} is not a regular file`)
-      this.size = st.size
-    } catch (error) {
-      fs.closeSync(this.fd)
-      throw error
-    }
+    const {fd, stat} = openInput(name, {blockDevice: true})
+    this.fd = fd
+    this.size = stat.size
   }
 
   readAt(dst: Uint8Array, position: number): void {

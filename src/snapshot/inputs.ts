@@ -7,6 +7,7 @@ import {PAGE_SIZE_4K, REGION_FLAG_FILE, REGION_FLAG_SHARED, REGION_FLAG_SPECIAL,
 import {type Region, type SnapshotMetadata} from '../format/header.js'
 import {seekData, seekHole} from '../sys/file.js'
 import {type ReadSegment} from './chunk-job.js'
+import {openInput} from './input-file.js'
 import {isSnapshottable, parseMaps, parseStatState, populatedRuns, type Vma} from './proc-maps.js'
 import {type ImageInput} from './writer.js'
 
@@ -39,10 +40,8 @@ function segmentsOf<E extends Extent>(extents: readonly E[], start: number, end:
  * sparse file are found with SEEK_DATA/SEEK_HOLE and never read: they are zero pages.
  */
 export function memFileInput(path: string, regionSizes?: number[]): ImageInput {
-  const fd = fs.openSync(path, 'r')
+  const {fd, stat: st} = openInput(path)
   try {
-    const st = fs.fstatSync(fd)
-    if (!st.isFile()) throw new UffdError('NOT_A_FILE', `${path} is not a regular file`)
     const size = st.size
     const extents: Extent[] = []
     for (let at = seekData(fd, 0); at !== null && at < size; ) {

@@ -77,9 +77,10 @@ export function attachWorkingSet(
   outputPath: string,
   set: {pages: readonly number[]; runs: number},
   options: PackOptions = {codec: 'zstd', level: 1},
+  mode?: number,
 ): {fileSize: number; chunksFirst: number; packedBlocks: number; packedBytes: number} {
   const reader = SnapshotReader.open(inputPath)
-  const out = new AtomicFile(outputPath)
+  const out = new AtomicFile(outputPath, {mode})
   try {
     const {header, index, geometry} = reader
     for (const p of set.pages) if (!Number.isInteger(p) || p < 0 || p >= geometry.pageCount) throw new RangeError(`working-set page ${p} is outside the snapshot's ${geometry.pageCount} pages`)

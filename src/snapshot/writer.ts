@@ -26,6 +26,8 @@ export interface WriteOptions {
   jobs: number
   onProgress?: (doneBytes: number, totalBytes: number) => void
   signal?: AbortSignal
+  /** Permission bits of the output, exactly [default: SNAPSHOT_MODE less the umask]. */
+  mode?: number
 }
 
 export interface CodecUsage {
@@ -71,7 +73,7 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
     metadata: {...input.metadata, codec: options.codec, level: options.level},
   })
 
-  const file = new AtomicFile(outputPath)
+  const file = new AtomicFile(outputPath, {mode: options.mode})
   let pool: CompressionPool | undefined
   const inflight: Promise<ChunkJobResult>[] = []
   try {

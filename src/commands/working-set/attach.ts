@@ -1,10 +1,10 @@
-import fs from 'node:fs'
-
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../../cli/base-command.js'
+import {modeFlag, parseMode} from '../../cli/mode-flag.js'
 import {formatBytes} from '../../core/units.js'
 import {checkMatches, parseWorkingSet} from '../../format/working-set.js'
+import {readInputText} from '../../snapshot/input-file.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
 import {attachWorkingSet, PACK_CODECS, packOptionsFor} from '../../snapshot/relayout.js'
 
@@ -24,18 +24,25 @@ export default class WorkingSetAttach extends BaseCommand {
 
   static override flags = {
     output: Flags.string({char: 'o', summary: 'Write the result here instead of replacing the snapshot.'}),
+    mode: modeFlag,
     pack: Flags.string({summary: "Codec of the packed copy of the set's pages [default: the snapshot's codec]; none: reorder chunks only.", options: PACK_CODECS}),
   }
 
   async run(): Promise<{output: string; fileSize: number; chunksFirst: number; packedBlocks: number; packedBytes: number; pages: number}> {
     const {args, flags} = await this.parse(WorkingSetAttach)
-    const set = parseWorkingSet(fs.readFileSync(args['working-set'], 'utf8'), args['working-set'])
+    let mode: number | undefined
+    try {
+      mode = parseMode(flags.mode)
+    } catch (error) {
+      this.error((error as Error).message, {exit: 2})
+    }
+    const set = parseWorkingSet(readInputText(args['working-set']), args['working-set'])
     const reader = SnapshotReader.open(args.snapshot)
     const {geometry, header} = reader
     reader.close()
     checkMatches(set, {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: header.headerCrc}, args['working-set'])
     const output = flags.output ?? args.snapshot
-    const result = attachWorkingSet(args.snapshot, output, set, packOptionsFor(header.metadata, flags.pack))
+    const result = attachWorkingSet(args.snapshot, output, set, packOptionsFor(header.metadata, flags.pack), mode)
     this.log(`${output}: ${describeAttached(result, set)}`)
     return {output, ...result, pages: set.pages.length}
   }

@@ -1,9 +1,8 @@
-import fs from 'node:fs'
-
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../../cli/base-command.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
+import {readInputText} from '../../snapshot/input-file.js'
 import {mergeWorkingSets, parseWorkingSet, type WorkingSetFile} from '../../format/working-set.js'
 
 export default class WorkingSetMerge extends BaseCommand {
@@ -25,7 +24,7 @@ export default class WorkingSetMerge extends BaseCommand {
   async run(): Promise<{output: string; runs: number; pages: number; mode: string}> {
     const {argv, flags} = await this.parse(WorkingSetMerge)
     const files = argv as string[]
-    const sets: WorkingSetFile[] = files.map((f) => parseWorkingSet(fs.readFileSync(f, 'utf8'), f))
+    const sets: WorkingSetFile[] = files.map((f) => parseWorkingSet(readInputText(f), f))
     const merged = mergeWorkingSets(sets, flags.mode as 'union' | 'majority')
     writeFileAtomically(flags.output, `${JSON.stringify(merged)}\n`)
     this.log(`${flags.output}: ${merged.pages.length} pages from ${merged.runs} runs (${flags.mode})`)
