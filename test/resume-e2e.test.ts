@@ -5,7 +5,7 @@
 // runs the built CLI as a real process, waits for its --ready-file, and checks what the client
 // saw (bytes, zeros after a balloon, being killed rather than fed wrong data) together with the
 // handler's exit code, messages and --stats-file.
-import {type ChildProcess, spawn} from 'node:child_process'
+import {type ChildProcess, execFileSync, spawn} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
@@ -14,7 +14,7 @@ import {Codec} from '../src/format/constants.js'
 import {type ResumeReport} from '../src/resume/run-stats.js'
 import {type CompressionCodec} from '../src/snapshot/codecs.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
-import {listenUnix} from '../src/sys/socket.js'
+import {connectUnix, listenUnix, sendWithFds} from '../src/sys/socket.js'
 import {closeFd} from '../src/sys/index.js'
 import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
 import {makeImage, pseudoRandom, tempDir, writeSparse} from './helpers/images.js'
@@ -481,6 +481,35 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       expect(client.code, client.stderr).toBe(3)
       expect(client.json).toMatchObject({ok: false, phase: 'touch', touches_done: 0})
     })
+
+    for (const kind of ['/dev/null', 'a FIFO', 'a regular file']) {
+      it(`a valid handshake whose "uffd" is ${kind}`, async () => {
+        const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+        const handler = await startResume(snapshot)
+        let path_ = '/dev/null'
+        if (kind === 'a FIFO') {
+          path_ = path.join(dir, `fifo-${names++}`)
+          execFileSync('mkfifo', [path_])
+        } else if (kind === 'a regular file') {
+          path_ = path.join(dir, `plain-${names++}`)
+          fs.writeFileSync(path_, Buffer.alloc(64, 0xff))
+        }
+        // O_RDWR: a FIFO opened so does not wait for a writer (Linux).
+        const fake = fs.openSync(path_, 'r+')
+        const connection = connectUnix(handler.socket)
+        try {
+          const regions = [{base_host_virt_addr: 0x7f00_0000_0000, size: 8 * MiB, offset: 0, page_size: PAGE}]
+          sendWithFds(connection, Buffer.from(JSON.stringify(regions)), [fake])
+          const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (refusing a fake uffd)')
+          expect(resume.code, resume.stderr).toBe(1)
+          expect(resume.stderr).toContain('invalid handshake: the file descriptor that came with the message is not a userfaultfd')
+          expect(resume.stderr).not.toMatch(/client 1/)
+        } finally {
+          closeFd(connection)
+          fs.closeSync(fake)
+        }
+      })
+    }
   })
 
   describe('a corrupted chunk', () => {

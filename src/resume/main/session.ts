@@ -5,7 +5,7 @@ import {type Geometry} from '../../format/geometry.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
 import {attachedWorkingSet} from '../../snapshot/relayout.js'
-import {closeFd, peerCredentials, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
+import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
 import {type GuestRegion, HandshakeError, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from './handshake.js'
 import {type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from '../../format/working-set.js'
@@ -172,6 +172,9 @@ function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry
   for (const fd of extra) closeFd(fd)
   try {
     if (uffd === undefined) throw new HandshakeError('no file descriptor came with the message (expected the uffd)')
+    // Anything else would be polled and read as the client's uffd: a pipe's bytes decode as
+    // events (a fork event names an fd number the handler would then close or serve).
+    if (!isUserfaultfd(uffd)) throw new HandshakeError('the file descriptor that came with the message is not a userfaultfd')
     const regions = validateRegions(parseHandshake(received.data), geometry)
     const {pid} = peerCredentials(connection)
     let pidfd = -1
