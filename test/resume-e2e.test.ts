@@ -15,7 +15,7 @@ import {type ResumeReport} from '../src/resume/run-stats.js'
 import {type CompressionCodec} from '../src/snapshot/codecs.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {connectUnix, listenUnix, sendWithFds} from '../src/sys/socket.js'
-import {closeFd} from '../src/sys/index.js'
+import {closeFd, createUserfaultfd, uffdApi} from '../src/sys/index.js'
 import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
 import {makeImage, pseudoRandom, tempDir, writeSparse} from './helpers/images.js'
 
@@ -510,6 +510,34 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
         }
       })
     }
+  })
+
+  describe('handshakes sent by this process', () => {
+    it('takes a valid handshake of 700 regions (more than one recvmsg returns), sent in one sendmsg', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      // The client is this test process: --no-kill, so that stopping the handler does not kill it.
+      const handler = await startResume(snapshot, ['--no-kill'])
+      const uffd = createUserfaultfd()
+      uffdApi(uffd, 0)
+      const connection = connectUnix(handler.socket)
+      try {
+        // Every other page of the VMM's space, so that no two regions touch; offsets a running sum.
+        const regions = Array.from({length: 700}, (_, i) => ({base_host_virt_addr: 0x7f00_0000_0000 + 2 * i * PAGE, size: PAGE, offset: i * PAGE, page_size: PAGE}))
+        const message = Buffer.from(JSON.stringify(regions))
+        expect(message.length).toBeGreaterThan(40 * 1024)
+        sendWithFds(connection, message, [uffd])
+        await waitFor('the client to be accepted', () => /client 1 \(pid \d+\): 700 region\(s\)/.test(handler.proc.stderr()) || handler.proc.exited, 15_000)
+        expect(handler.proc.exited, handler.proc.stderr()).toBe(false)
+      } finally {
+        closeFd(connection)
+        closeFd(uffd)
+      }
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.stderr).not.toContain('invalid handshake')
+      expect(resume.stderr).toMatch(new RegExp(`client 1 \\(pid ${process.pid}\\): 700 region\\(s\\), ${700 * PAGE} bytes`))
+    })
   })
 
   describe('a corrupted chunk', () => {

@@ -40,6 +40,36 @@ function field(entry: Record<string, unknown>, name: string, index: number, requ
 }
 
 /**
+ * Whether `bytes` hold a whole JSON value, or something that will never become one (it does not
+ * start as an array or object): on a stream socket one recvmsg can return part of a message (the
+ * kernel queues a large send as several buffers, and ends a read after the one that carried fds),
+ * so the handshake is read until this says the value is closed. Only brackets outside strings
+ * count; whether the value is valid JSON is parseHandshake's to say.
+ */
+export function handshakeComplete(bytes: Buffer): boolean {
+  let depth = 0
+  let inString = false
+  let escaped = false
+  for (let i = 0; i < bytes.length; i++) {
+    const c = bytes[i]
+    if (inString) {
+      if (escaped) escaped = false
+      else if (c === 0x5c) escaped = true
+      else if (c === 0x22) inString = false
+      continue
+    }
+    if (depth === 0 && (c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d)) continue
+    if (depth === 0 && c !== 0x5b && c !== 0x7b) return true
+    if (c === 0x22) inString = true
+    else if (c === 0x5b || c === 0x7b) depth++
+    else if (c === 0x5d || c === 0x7d) {
+      if (--depth === 0) return true
+    }
+  }
+  return false
+}
+
+/**
  * Parses the JSON the VMM sends with the uffd. Accepts every shape Firecracker has used:
  * v1.1-v1.6 without a page size (4 KiB then), v1.7+ `page_size_kib` (which holds bytes despite
  * its name), v1.12+ `page_size`, and unknown extra fields (forks add `gpa_start`,

@@ -5,8 +5,8 @@ import {type Geometry} from '../../format/geometry.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
 import {attachedWorkingSet} from '../../snapshot/relayout.js'
-import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
-import {type GuestRegion, HandshakeError, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from './handshake.js'
+import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, readSome, recvWithFds, SysError} from '../../sys/index.js'
+import {type GuestRegion, HandshakeError, handshakeComplete, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from './handshake.js'
 import {type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from '../../format/working-set.js'
 
@@ -172,10 +172,11 @@ function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry
   for (const fd of extra) closeFd(fd)
   try {
     if (uffd === undefined) throw new HandshakeError('no file descriptor came with the message (expected the uffd)')
+    const data = readRest(connection, received.data, timeoutMs)
     // Anything else would be polled and read as the client's uffd: a pipe's bytes decode as
     // events (a fork event names an fd number the handler would then close or serve).
     if (!isUserfaultfd(uffd)) throw new HandshakeError('the file descriptor that came with the message is not a userfaultfd')
-    const regions = validateRegions(parseHandshake(received.data), geometry)
+    const regions = validateRegions(parseHandshake(data), geometry)
     const {pid} = peerCredentials(connection)
     let pidfd = -1
     if (pid > 0) {
@@ -193,3 +194,29 @@ function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry
   }
 }
 
+
+/**
+ * The rest of a handshake whose first read was `first`: reads on until the JSON value is closed,
+ * the peer stops sending (end of stream), or there are more bytes than MAX_HANDSHAKE_BYTES (which
+ * parseHandshake refuses), within `timeoutMs` in all. The fds rode on the first read; later ones
+ * are not taken.
+ */
+function readRest(connection: number, first: Buffer, timeoutMs: number): Buffer {
+  const parts = [first]
+  let length = first.length
+  const deadline = timeoutMs > 0 ? Date.now() + timeoutMs : Infinity
+  while (length <= MAX_HANDSHAKE_BYTES && !handshakeComplete(parts.length === 1 ? parts[0] : Buffer.concat(parts))) {
+    const remaining = deadline === Infinity ? -1 : Math.max(0, deadline - Date.now())
+    let more: Buffer
+    try {
+      more = readSome(connection, MAX_HANDSHAKE_BYTES + 1 - length, remaining)
+    } catch (error) {
+      if (error instanceof SysError && error.code === 'ETIMEDOUT') throw new HandshakeError(`the message was still incomplete after ${timeoutMs / 1000} s (${length} bytes)`)
+      throw error
+    }
+    if (more.length === 0) break
+    parts.push(more)
+    length += more.length
+  }
+  return Buffer.concat(parts)
+}
