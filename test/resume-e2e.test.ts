@@ -702,6 +702,26 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
     })
   })
 
+  describe('--serve and refused clients', () => {
+    it('a refused handshake is logged and counted, not the run\'s error: SIGTERM still exits 130', async () => {
+      const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+      const img = image('mixed')
+      const handler = await startResume(snapshot, ['--serve', '--json'])
+      const bad = await exitWithin(startClient(handler, img, ['--malformed', 'not-json']), 30_000, 'malformed fc_client')
+      expect(bad.json).toMatchObject({malformed: 'not-json', handler_closed: true})
+      await waitFor('the refusal to be logged', () => /rejected a client: invalid handshake: not JSON/.test(handler.proc.stderr()), 10_000)
+      // Another client is still served in full.
+      const good = await exitWithin(startClient(handler, img, ['--touch', 'random', '--verify-all']), 30_000, 'fc_client')
+      expect(good.code, good.stderr).toBe(0)
+      await waitFor('the client to be noticed gone', () => /client 1 ended \(exited\)/.test(handler.proc.stderr()), 10_000)
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.json).toMatchObject({interrupted: true, clients: [{id: 1, ended: 'exited'}], rejected: [{code: 'BAD_HANDSHAKE'}]})
+      expect(resume.json.error).toBeUndefined()
+    })
+  })
+
   describe('readiness and the socket', () => {
     it('writes --ready-file only once the socket listens, with mode 0600', async () => {
       const snapshot = snapshotOf('random', 'zstd', 64 * 1024)

@@ -40,6 +40,8 @@ export interface ResumeResult {
   stats: ResumeReport
   /** The first fatal error, if any: the command exits non-zero with it. */
   error?: {code: string; message: string}
+  /** Clients refused before they were served (--serve goes on without them), in arrival order. */
+  rejected: {code: string; message: string}[]
   interrupted: boolean
 }
 
@@ -78,7 +80,10 @@ export interface ClientIntake {
   yieldToEventLoop(): Promise<void>
   /** Hands a client to the fault loop. Returns its id. */
   add(client: ArrivingClient): number
-  /** A client that could not be taken: its error is the session's if it is the first. */
+  /**
+   * A client that could not be taken, while the session goes on serving others: counted in the
+   * result, not the session's error (one connecting peer must not decide how the run ends).
+   */
   reject(error: {code: string; message: string}): void
   /** From now on every client's remaining memory is filled in the background. */
   populate(): void
@@ -144,6 +149,7 @@ class ServingSession implements ClientIntake {
   private readonly killed = new Set<number>()
   private readonly hitSampler: PrefetchHitSampler | undefined
   private firstError: {code: string; message: string} | undefined
+  private readonly rejected: {code: string; message: string}[] = []
   private recording: ServedSession['recording']
   private listenFd = -1
   private nextId = 1
@@ -183,7 +189,7 @@ class ServingSession implements ClientIntake {
       await host.stop()
     }
     const stats = buildReport(host.stats, options.snapshotPath, this.startedAt)
-    return {result: {socket: frontEnd.socketPath, clients: this.summaries(), stats, error: this.firstError, interrupted}, recording: this.recording}
+    return {result: {socket: frontEnd.socketPath, clients: this.summaries(), stats, error: this.firstError, rejected: this.rejected, interrupted}, recording: this.recording}
   }
 
   async accept(deadline: number, timeoutMessage: string): Promise<number | null> {
@@ -215,7 +221,7 @@ class ServingSession implements ClientIntake {
   }
 
   reject(error: {code: string; message: string}): void {
-    this.firstError ??= error
+    this.rejected.push(error)
   }
 
   populate(): void {
