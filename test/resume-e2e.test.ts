@@ -753,6 +753,51 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       expect(fs.existsSync(socket), 'socket removed').toBe(false)
     })
 
+    it('removes a stale --ready-file before it listens, and its own at exit', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const name = `r${names++}`
+      const socket = path.join(dir, `${name}.sock`)
+      const ready = path.join(dir, `${name}.ready`)
+      fs.writeFileSync(ready, 'left by an earlier run\n')
+      const proc = track(uffdSpawn(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30']))
+      // A wait loop must not go on before this handler listens: the stale file goes first.
+      let sawGone = false
+      const deadline = Date.now() + 30_000
+      for (;;) {
+        if (proc.exited) throw new Error(`uffd resume exited early:\n${proc.stderr()}`)
+        if (Date.now() > deadline) throw new Error(`no ready file within 30 s:\n${proc.stderr()}`)
+        const text = fs.existsSync(ready) ? fs.readFileSync(ready, 'utf8') : undefined
+        if (text === undefined) sawGone = true
+        else if (text !== 'left by an earlier run\n') break
+        await new Promise((resolve) => setImmediate(resolve))
+      }
+      expect(sawGone, 'the stale ready file was removed before the new one was written').toBe(true)
+      proc.child.kill('SIGTERM')
+      const resume = await exitWithin(proc, 15_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(fs.existsSync(ready), 'ready file removed at exit').toBe(false)
+    })
+
+    it('at exit leaves alone whatever replaced its socket at the path', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const handler = await startResume(snapshot, ['--timeout', '30'])
+      fs.rmSync(handler.socket)
+      fs.writeFileSync(handler.socket, 'not the handler\'s')
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(fs.readFileSync(handler.socket, 'utf8')).toBe('not the handler\'s')
+      // Nor another listener's socket made at the same path after it.
+      const other = await startResume(snapshot, ['--timeout', '30'])
+      const replaced = path.join(dir, `other-${names++}.sock`)
+      fs.renameSync(other.socket, replaced)
+      closeFd(listenUnix(other.socket))
+      const ino = fs.lstatSync(other.socket).ino
+      other.proc.child.kill('SIGTERM')
+      expect((await exitWithin(other.proc, 15_000, 'second uffd resume (SIGTERM)')).code).toBe(130)
+      expect(fs.lstatSync(other.socket).ino).toBe(ino)
+    })
+
     it('replaces a stale socket file left at the path', async () => {
       const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
       const name = `r${names}`

@@ -152,6 +152,8 @@ class ServingSession implements ClientIntake {
   private readonly rejected: {code: string; message: string}[] = []
   private recording: ServedSession['recording']
   private listenFd = -1
+  /** The socket file listenUnix made, to remove only that one at exit. */
+  private socketFile: {dev: number; ino: number} | undefined
   private nextId = 1
 
   constructor(
@@ -169,6 +171,9 @@ class ServingSession implements ClientIntake {
     const {options, frontEnd, host} = this
     const {events} = host
     let interrupted = false
+    // A ready file left by an earlier run would tell a waiting script to go on before this
+    // handler listens.
+    if (options.readyFile) fs.rmSync(options.readyFile, {force: true})
     try {
       await events.next((m) => m.type === 'ready')
       events.onMessage = (m) => this.onWorkerMessage(m)
@@ -186,6 +191,7 @@ class ServingSession implements ClientIntake {
       this.hitSampler?.stop()
       frontEnd.release()
       this.stopListening()
+      if (options.readyFile) fs.rmSync(options.readyFile, {force: true})
       await host.stop()
     }
     const stats = buildReport(host.stats, options.snapshotPath, this.startedAt)
@@ -206,7 +212,7 @@ class ServingSession implements ClientIntake {
     if (this.listenFd < 0) return
     closeFd(this.listenFd)
     this.listenFd = -1
-    fs.rmSync(this.frontEnd.socketPath, {force: true})
+    removeIfSame(this.frontEnd.socketPath, this.socketFile)
   }
 
   async yieldToEventLoop(): Promise<void> {
@@ -235,6 +241,8 @@ class ServingSession implements ClientIntake {
   private listen(): void {
     const {options, frontEnd, host} = this
     this.listenFd = listenUnix(frontEnd.socketPath, {mode: 0o600})
+    const st = fs.lstatSync(frontEnd.socketPath)
+    this.socketFile = {dev: st.dev, ino: st.ino}
     if (options.readyFile) writeFileAtomically(options.readyFile, `${JSON.stringify({socket: frontEnd.socketPath, pid: process.pid})}\n`)
     const staged = host.stats.get('stagedUnits')
     if (staged) {
@@ -307,4 +315,20 @@ class ServingSession implements ClientIntake {
   private summaries(): ClientSummary[] {
     return [...this.clients.values()]
   }
+}
+
+/**
+ * Removes `path` if it is still the socket file this handler made: anyone may have replaced it
+ * meanwhile (with a file of theirs, or another listener's socket), and that is not ours to remove.
+ */
+function removeIfSame(path: string, made: {dev: number; ino: number} | undefined): void {
+  if (!made) return
+  let st: fs.Stats
+  try {
+    st = fs.lstatSync(path)
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return
+    throw error
+  }
+  if (st.isSocket() && st.dev === made.dev && st.ino === made.ino) fs.rmSync(path, {force: true})
 }
