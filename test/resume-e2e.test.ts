@@ -266,8 +266,8 @@ function expectEveryPageOnce(stats: ResumeReport, data: Buffer, pageSize = PAGE)
 }
 
 /** Starts a handler on a snapshot whose every client is refused; returns its outcome and the client's. */
-async function refused(snapshot: string, img: Image, clientArgs: string[], clientTimeoutMs = CLIENT_TIMEOUT_MS) {
-  const handler = await startResume(snapshot)
+async function refused(snapshot: string, img: Image, clientArgs: string[], clientTimeoutMs = CLIENT_TIMEOUT_MS, resumeArgs: string[] = []) {
+  const handler = await startResume(snapshot, resumeArgs)
   const clientProc = startClient(handler, img, clientArgs, clientTimeoutMs)
   const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (refusing a handshake)')
   const client = await exitWithin(clientProc, clientTimeoutMs + 10_000, 'fc_client')
@@ -462,22 +462,32 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       })
     }
 
-    it('a client with 4 KiB pages against a 2 MiB-page snapshot', async () => {
+    it('a client with 4 KiB pages against a 2 MiB-page snapshot: killed, never left waiting', async () => {
       const snapshot = snapshotOf('huge', 'zstd', HUGE, HUGE)
       // The client sends a valid handshake and then faults: with its uffd refused, nothing
-      // serves it and its watchdog reports the stall (exit 3) in the touch phase.
+      // would serve it, so the handler kills it (its watchdog would report the stall with exit 3).
       const {resume, client} = await refused(snapshot, image('huge'), ['--count', '1'], 2000)
       expect(resume.code, resume.stderr).toBe(1)
       expect(resume.stderr).toContain('invalid handshake: the VMM uses 4096-byte pages but the snapshot was taken with 2097152-byte pages')
-      expect(client.code, client.stderr).toBe(3)
-      expect(client.json).toMatchObject({ok: false, error: 'timeout', phase: 'touch', touches_done: 0})
+      expect(resume.stderr).toMatch(/killing the refused client \(pid \d+\)/)
+      expect(client.signal, client.stderr).toBe('SIGKILL')
     })
 
-    it('regions bigger than the snapshot', async () => {
+    it('regions bigger than the snapshot: killed, never left waiting', async () => {
       const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
       const {resume, client} = await refused(snapshot, image('random'), ['--size', '16M', '--regions', '2', '--count', '1'], 2000)
       expect(resume.code, resume.stderr).toBe(1)
       expect(resume.stderr).toContain('invalid handshake: regions need 16777216 bytes of memory but the snapshot holds 8388608')
+      expect(resume.stderr).toMatch(/killing the refused client \(pid \d+\)/)
+      expect(client.signal, client.stderr).toBe('SIGKILL')
+    })
+
+    it('regions bigger than the snapshot, --no-kill: the client is left alone (it stalls)', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const {resume, client} = await refused(snapshot, image('random'), ['--size', '16M', '--regions', '2', '--count', '1'], 2000, ['--no-kill'])
+      expect(resume.code, resume.stderr).toBe(1)
+      expect(resume.stderr).toContain('invalid handshake: regions need 16777216 bytes of memory but the snapshot holds 8388608')
+      expect(resume.stderr).not.toContain('killing')
       expect(client.code, client.stderr).toBe(3)
       expect(client.json).toMatchObject({ok: false, phase: 'touch', touches_done: 0})
     })

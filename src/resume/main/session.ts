@@ -94,8 +94,9 @@ class FirecrackerClients implements FrontEnd {
     for (;;) {
       const connection = await intake.accept(deadline, `no client connected to ${options.socketPath} within ${options.timeoutMs / 1000} s`)
       if (connection === null) return
+      const refused: RefusedVmm = {pid: null}
       try {
-        const accepted = takeHandshake(connection, options.timeoutMs, this.geometry)
+        const accepted = takeHandshake(connection, options.timeoutMs, this.geometry, refused)
         if (accepted === null) {
           // Connected and closed without a byte: a liveness probe (another `uffd resume` checking
           // whether this socket is in use, a health check), not a VMM. Keep waiting for the client.
@@ -108,6 +109,11 @@ class FirecrackerClients implements FrontEnd {
       } catch (error) {
         closeFd(connection)
         if (!(error instanceof HandshakeError || error instanceof SysError || error instanceof UffdError)) throw error
+        if (refused.pid !== null && options.kill) {
+          // It registered its memory with the uffd it sent: with nobody serving it, its first fault waits forever.
+          intake.log(`killing the refused client (pid ${refused.pid}) rather than leave it waiting on memory nobody serves`)
+          killQuietly(refused.pid)
+        }
         if (!options.serve) throw error
         intake.reject({code: error.code, message: error.message})
         intake.log(`rejected a client: ${error.message}`)
@@ -150,6 +156,11 @@ class FirecrackerClients implements FrontEnd {
   release(): void {}
 }
 
+/** Set by takeHandshake to the pid of a VMM whose well-formed handshake it refuses. */
+interface RefusedVmm {
+  pid: number | null
+}
+
 interface AcceptedClient {
   uffd: number
   pid: number | null
@@ -161,7 +172,7 @@ interface AcceptedClient {
  * Reads and validates one handshake; on any failure closes what it received and throws. Returns
  * null when the peer closed the connection without sending anything (not a client).
  */
-function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry): AcceptedClient | null {
+function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry, refused: RefusedVmm): AcceptedClient | null {
   let received: {data: Buffer; fds: number[]} = {data: Buffer.alloc(0), fds: []}
   for (let attempt = 0; attempt < HANDSHAKE_READ_TRIES && received.data.length === 0; attempt++) {
     received = recvWithFds(connection, MAX_HANDSHAKE_BYTES, 3, timeoutMs > 0 ? timeoutMs : -1)
@@ -176,17 +187,25 @@ function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry
     // Anything else would be polled and read as the client's uffd: a pipe's bytes decode as
     // events (a fork event names an fd number the handler would then close or serve).
     if (!isUserfaultfd(uffd)) throw new HandshakeError('the file descriptor that came with the message is not a userfaultfd')
-    const regions = validateRegions(parseHandshake(data), geometry)
+    const announced = parseHandshake(data)
     const {pid} = peerCredentials(connection)
+    // From here on the peer is a VMM (a well-formed handshake with its userfaultfd) that
+    // this snapshot cannot serve.
+    if (pid > 0) refused.pid = pid
+    const regions = validateRegions(announced, geometry)
     let pidfd = -1
     if (pid > 0) {
       try {
         pidfd = pidfdOpen(pid)
       } catch (error) {
-        if (error instanceof SysError && error.code === 'ESRCH') throw new HandshakeError(`the client (pid ${pid}) exited right after the handshake`)
+        if (error instanceof SysError && error.code === 'ESRCH') {
+          refused.pid = null // gone: its pid may already name another process
+          throw new HandshakeError(`the client (pid ${pid}) exited right after the handshake`)
+        }
         throw error
       }
     }
+    refused.pid = null
     return {uffd, pid: pid > 0 ? pid : null, pidfd, regions}
   } catch (error) {
     if (uffd !== undefined) closeFd(uffd)
