@@ -21,6 +21,12 @@ export class HandshakeError extends UffdError {
   }
 }
 
+/**
+ * A well-formed handshake that does not fit the snapshot (its page size, its size): the peer is a
+ * VMM set up for other memory, waiting on a uffd nobody will serve.
+ */
+export class SnapshotMismatchError extends HandshakeError {}
+
 /** Longest handshake accepted: a JSON array of a handful of regions is a few hundred bytes. */
 export const MAX_HANDSHAKE_BYTES = 64 * 1024
 const MAX_REGIONS = 1024
@@ -117,7 +123,7 @@ export function validateRegions(regions: readonly GuestRegion[], geometry: Geome
     }
   }
   if (pageSize !== geometry.pageSize) {
-    throw new HandshakeError(`the VMM uses ${pageSize}-byte pages but the snapshot was taken with ${geometry.pageSize}-byte pages`)
+    throw new SnapshotMismatchError(`the VMM uses ${pageSize}-byte pages but the snapshot was taken with ${geometry.pageSize}-byte pages`)
   }
   const byAddress = [...regions].sort((a, b) => a.baseHostVirtAddr - b.baseHostVirtAddr)
   for (let i = 1; i < byAddress.length; i++) {
@@ -129,7 +135,7 @@ export function validateRegions(regions: readonly GuestRegion[], geometry: Geome
   }
   const last = byOffset[byOffset.length - 1]
   if (last.offset + last.size > geometry.paddedSize) {
-    throw new HandshakeError(`regions need ${last.offset + last.size} bytes of memory but the snapshot holds ${geometry.logicalSize}`)
+    throw new SnapshotMismatchError(`regions need ${last.offset + last.size} bytes of memory but the snapshot holds ${geometry.logicalSize}`)
   }
   return byAddress
 }

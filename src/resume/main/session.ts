@@ -6,7 +6,7 @@ import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
 import {attachedWorkingSet} from '../../snapshot/relayout.js'
 import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, readSome, recvWithFds, SysError} from '../../sys/index.js'
-import {type GuestRegion, HandshakeError, handshakeComplete, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from './handshake.js'
+import {type GuestRegion, HandshakeError, handshakeComplete, MAX_HANDSHAKE_BYTES, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
 import {type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from '../../format/working-set.js'
 
@@ -156,7 +156,7 @@ class FirecrackerClients implements FrontEnd {
   release(): void {}
 }
 
-/** Set by takeHandshake to the pid of a VMM whose well-formed handshake it refuses. */
+/** Set by takeHandshake to the pid of a VMM whose well-formed handshake does not fit the snapshot. */
 interface RefusedVmm {
   pid: number | null
 }
@@ -189,23 +189,22 @@ function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry
     if (!isUserfaultfd(uffd)) throw new HandshakeError('the file descriptor that came with the message is not a userfaultfd')
     const announced = parseHandshake(data)
     const {pid} = peerCredentials(connection)
-    // From here on the peer is a VMM (a well-formed handshake with its userfaultfd) that
-    // this snapshot cannot serve.
-    if (pid > 0) refused.pid = pid
-    const regions = validateRegions(announced, geometry)
+    let regions: GuestRegion[]
+    try {
+      regions = validateRegions(announced, geometry)
+    } catch (error) {
+      if (error instanceof SnapshotMismatchError && pid > 0) refused.pid = pid
+      throw error
+    }
     let pidfd = -1
     if (pid > 0) {
       try {
         pidfd = pidfdOpen(pid)
       } catch (error) {
-        if (error instanceof SysError && error.code === 'ESRCH') {
-          refused.pid = null // gone: its pid may already name another process
-          throw new HandshakeError(`the client (pid ${pid}) exited right after the handshake`)
-        }
+        if (error instanceof SysError && error.code === 'ESRCH') throw new HandshakeError(`the client (pid ${pid}) exited right after the handshake`)
         throw error
       }
     }
-    refused.pid = null
     return {uffd, pid: pid > 0 ? pid : null, pidfd, regions}
   } catch (error) {
     if (uffd !== undefined) closeFd(uffd)
