@@ -5,7 +5,7 @@
 // runs the built CLI as a real process, waits for its --ready-file, and checks what the client
 // saw (bytes, zeros after a balloon, being killed rather than fed wrong data) together with the
 // handler's exit code, messages and --stats-file.
-import {type ChildProcess, spawn} from 'node:child_process'
+import {type ChildProcess, execFileSync, spawn} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
@@ -14,8 +14,8 @@ import {Codec} from '../src/format/constants.js'
 import {type ResumeReport} from '../src/resume/run-stats.js'
 import {type CompressionCodec} from '../src/snapshot/codecs.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
-import {listenUnix} from '../src/sys/socket.js'
-import {closeFd} from '../src/sys/index.js'
+import {connectUnix, listenUnix, sendWithFds} from '../src/sys/socket.js'
+import {closeFd, createUserfaultfd, uffdApi} from '../src/sys/index.js'
 import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
 import {reserveHugePages} from './helpers/hugepages.js'
 import {makeImage, pseudoRandom, tempDir, writeSparse} from './helpers/images.js'
@@ -267,8 +267,8 @@ function expectEveryPageOnce(stats: ResumeReport, data: Buffer, pageSize = PAGE)
 }
 
 /** Starts a handler on a snapshot whose every client is refused; returns its outcome and the client's. */
-async function refused(snapshot: string, img: Image, clientArgs: string[], clientTimeoutMs = CLIENT_TIMEOUT_MS) {
-  const handler = await startResume(snapshot)
+async function refused(snapshot: string, img: Image, clientArgs: string[], clientTimeoutMs = CLIENT_TIMEOUT_MS, resumeArgs: string[] = []) {
+  const handler = await startResume(snapshot, resumeArgs)
   const clientProc = startClient(handler, img, clientArgs, clientTimeoutMs)
   const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (refusing a handshake)')
   const client = await exitWithin(clientProc, clientTimeoutMs + 10_000, 'fc_client')
@@ -463,24 +463,91 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       })
     }
 
-    it('a client with 4 KiB pages against a 2 MiB-page snapshot', async () => {
+    it('a client with 4 KiB pages against a 2 MiB-page snapshot: killed, never left waiting', async () => {
       const snapshot = snapshotOf('huge', 'zstd', HUGE, HUGE)
       // The client sends a valid handshake and then faults: with its uffd refused, nothing
-      // serves it and its watchdog reports the stall (exit 3) in the touch phase.
+      // would serve it, so the handler kills it (its watchdog would report the stall with exit 3).
       const {resume, client} = await refused(snapshot, image('huge'), ['--count', '1'], 2000)
       expect(resume.code, resume.stderr).toBe(1)
       expect(resume.stderr).toContain('invalid handshake: the VMM uses 4096-byte pages but the snapshot was taken with 2097152-byte pages')
-      expect(client.code, client.stderr).toBe(3)
-      expect(client.json).toMatchObject({ok: false, error: 'timeout', phase: 'touch', touches_done: 0})
+      expect(resume.stderr).toMatch(/killing the refused client \(pid \d+\)/)
+      expect(client.signal, client.stderr).toBe('SIGKILL')
     })
 
-    it('regions bigger than the snapshot', async () => {
+    it('regions bigger than the snapshot: killed, never left waiting', async () => {
       const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
       const {resume, client} = await refused(snapshot, image('random'), ['--size', '16M', '--regions', '2', '--count', '1'], 2000)
       expect(resume.code, resume.stderr).toBe(1)
       expect(resume.stderr).toContain('invalid handshake: regions need 16777216 bytes of memory but the snapshot holds 8388608')
+      expect(resume.stderr).toMatch(/killing the refused client \(pid \d+\)/)
+      expect(client.signal, client.stderr).toBe('SIGKILL')
+    })
+
+    it('regions bigger than the snapshot, --no-kill: the client is left alone (it stalls)', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const {resume, client} = await refused(snapshot, image('random'), ['--size', '16M', '--regions', '2', '--count', '1'], 2000, ['--no-kill'])
+      expect(resume.code, resume.stderr).toBe(1)
+      expect(resume.stderr).toContain('invalid handshake: regions need 16777216 bytes of memory but the snapshot holds 8388608')
+      expect(resume.stderr).not.toContain('killing')
       expect(client.code, client.stderr).toBe(3)
       expect(client.json).toMatchObject({ok: false, phase: 'touch', touches_done: 0})
+    })
+
+    for (const kind of ['/dev/null', 'a FIFO', 'a regular file']) {
+      it(`a valid handshake whose "uffd" is ${kind}`, async () => {
+        const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+        const handler = await startResume(snapshot)
+        let path_ = '/dev/null'
+        if (kind === 'a FIFO') {
+          path_ = path.join(dir, `fifo-${names++}`)
+          execFileSync('mkfifo', [path_])
+        } else if (kind === 'a regular file') {
+          path_ = path.join(dir, `plain-${names++}`)
+          fs.writeFileSync(path_, Buffer.alloc(64, 0xff))
+        }
+        // O_RDWR: a FIFO opened so does not wait for a writer (Linux).
+        const fake = fs.openSync(path_, 'r+')
+        const connection = connectUnix(handler.socket)
+        try {
+          const regions = [{base_host_virt_addr: 0x7f00_0000_0000, size: 8 * MiB, offset: 0, page_size: PAGE}]
+          sendWithFds(connection, Buffer.from(JSON.stringify(regions)), [fake])
+          const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (refusing a fake uffd)')
+          expect(resume.code, resume.stderr).toBe(1)
+          expect(resume.stderr).toContain('invalid handshake: the file descriptor that came with the message is not a userfaultfd')
+          expect(resume.stderr).not.toMatch(/client 1/)
+        } finally {
+          closeFd(connection)
+          fs.closeSync(fake)
+        }
+      })
+    }
+  })
+
+  describe('handshakes sent by this process', () => {
+    it('takes a valid handshake of 700 regions (more than one recvmsg returns), sent in one sendmsg', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      // The client is this test process: --no-kill, so that stopping the handler does not kill it.
+      const handler = await startResume(snapshot, ['--no-kill'])
+      const uffd = createUserfaultfd()
+      uffdApi(uffd, 0)
+      const connection = connectUnix(handler.socket)
+      try {
+        // Every other page of the VMM's space, so that no two regions touch; offsets a running sum.
+        const regions = Array.from({length: 700}, (_, i) => ({base_host_virt_addr: 0x7f00_0000_0000 + 2 * i * PAGE, size: PAGE, offset: i * PAGE, page_size: PAGE}))
+        const message = Buffer.from(JSON.stringify(regions))
+        expect(message.length).toBeGreaterThan(40 * 1024)
+        sendWithFds(connection, message, [uffd])
+        await waitFor('the client to be accepted', () => /client 1 \(pid \d+\): 700 region\(s\)/.test(handler.proc.stderr()) || handler.proc.exited, 15_000)
+        expect(handler.proc.exited, handler.proc.stderr()).toBe(false)
+      } finally {
+        closeFd(connection)
+        closeFd(uffd)
+      }
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.stderr).not.toContain('invalid handshake')
+      expect(resume.stderr).toMatch(new RegExp(`client 1 \\(pid ${process.pid}\\): 700 region\\(s\\), ${700 * PAGE} bytes`))
     })
   })
 
@@ -646,6 +713,26 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
     })
   })
 
+  describe('--serve and refused clients', () => {
+    it('a refused handshake is logged and counted, not the run\'s error: SIGTERM still exits 130', async () => {
+      const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
+      const img = image('mixed')
+      const handler = await startResume(snapshot, ['--serve', '--json'])
+      const bad = await exitWithin(startClient(handler, img, ['--malformed', 'not-json']), 30_000, 'malformed fc_client')
+      expect(bad.json).toMatchObject({malformed: 'not-json', handler_closed: true})
+      await waitFor('the refusal to be logged', () => /rejected a client: invalid handshake: not JSON/.test(handler.proc.stderr()), 10_000)
+      // Another client is still served in full.
+      const good = await exitWithin(startClient(handler, img, ['--touch', 'random', '--verify-all']), 30_000, 'fc_client')
+      expect(good.code, good.stderr).toBe(0)
+      await waitFor('the client to be noticed gone', () => /client 1 ended \(exited\)/.test(handler.proc.stderr()), 10_000)
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.json).toMatchObject({interrupted: true, clients: [{id: 1, ended: 'exited'}], rejected: [{code: 'BAD_HANDSHAKE'}]})
+      expect(resume.json.error).toBeUndefined()
+    })
+  })
+
   describe('readiness and the socket', () => {
     it('writes --ready-file only once the socket listens, with mode 0600', async () => {
       const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
@@ -675,6 +762,51 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       expect(resume.code, resume.stderr).toBe(0)
       expect(resume.stderr).toContain(`listening on ${socket}`)
       expect(fs.existsSync(socket), 'socket removed').toBe(false)
+    })
+
+    it('removes a stale --ready-file before it listens, and its own at exit', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const name = `r${names++}`
+      const socket = path.join(dir, `${name}.sock`)
+      const ready = path.join(dir, `${name}.ready`)
+      fs.writeFileSync(ready, 'left by an earlier run\n')
+      const proc = track(uffdSpawn(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30']))
+      // A wait loop must not go on before this handler listens: the stale file goes first.
+      let sawGone = false
+      const deadline = Date.now() + 30_000
+      for (;;) {
+        if (proc.exited) throw new Error(`uffd resume exited early:\n${proc.stderr()}`)
+        if (Date.now() > deadline) throw new Error(`no ready file within 30 s:\n${proc.stderr()}`)
+        const text = fs.existsSync(ready) ? fs.readFileSync(ready, 'utf8') : undefined
+        if (text === undefined) sawGone = true
+        else if (text !== 'left by an earlier run\n') break
+        await new Promise((resolve) => setImmediate(resolve))
+      }
+      expect(sawGone, 'the stale ready file was removed before the new one was written').toBe(true)
+      proc.child.kill('SIGTERM')
+      const resume = await exitWithin(proc, 15_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(fs.existsSync(ready), 'ready file removed at exit').toBe(false)
+    })
+
+    it('at exit leaves alone whatever replaced its socket at the path', async () => {
+      const snapshot = snapshotOf('random', 'zstd', 64 * 1024)
+      const handler = await startResume(snapshot, ['--timeout', '30'])
+      fs.rmSync(handler.socket)
+      fs.writeFileSync(handler.socket, 'not the handler\'s')
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 15_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(fs.readFileSync(handler.socket, 'utf8')).toBe('not the handler\'s')
+      // Nor another listener's socket made at the same path after it.
+      const other = await startResume(snapshot, ['--timeout', '30'])
+      const replaced = path.join(dir, `other-${names++}.sock`)
+      fs.renameSync(other.socket, replaced)
+      closeFd(listenUnix(other.socket))
+      const ino = fs.lstatSync(other.socket).ino
+      other.proc.child.kill('SIGTERM')
+      expect((await exitWithin(other.proc, 15_000, 'second uffd resume (SIGTERM)')).code).toBe(130)
+      expect(fs.lstatSync(other.socket).ino).toBe(ino)
     })
 
     it('replaces a stale socket file left at the path', async () => {
@@ -814,7 +946,8 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       const {resume, client} = await refused(snapshot, image('random'), ['--hugepages', '--count', '1'], 2000)
       expect(resume.code, resume.stderr).toBe(1)
       expect(resume.stderr).toContain('invalid handshake: the VMM uses 2097152-byte pages but the snapshot was taken with 4096-byte pages')
-      expect(client.code, client.stderr).toBe(3)
+      // Nothing would serve its faults: killed rather than left waiting (its watchdog's exit 3).
+      expect(client.signal, client.stderr).toBe('SIGKILL')
     })
   })
 

@@ -34,7 +34,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     'criu-dir': Flags.string({summary: 'Serve `criu restore --lazy-pages` of this CRIU dump (the one the snapshot was made from) instead of a VMM.', exactlyOne: ['socket', 'criu-dir'], exclusive: ['serve', 'record', 'working-set']}),
     'work-dir': Flags.string({summary: 'With --criu-dir: criu restore\'s --work-dir, where it looks for lazy-pages.socket [default: the --criu-dir].', dependsOn: ['criu-dir']}),
     timeout: Flags.integer({summary: 'Seconds to wait for the client to connect and send its handshake; 0 waits forever.', default: 60, min: 0}),
-    'ready-file': Flags.string({summary: 'Written (atomically) once the socket is listening and the working set is staged (decoded into memory), for scripts to wait on.'}),
+    'ready-file': Flags.string({summary: 'Written (atomically) once the socket is listening and the working set is staged (decoded into memory), for scripts to wait on; a stale one is removed at start, and this one at exit.'}),
     serve: Flags.boolean({summary: 'Keep accepting clients (VMs resumed from the same snapshot share one decoded-chunk cache) until SIGINT/SIGTERM.', default: false}),
     kill: Flags.boolean({summary: 'Kill a client that can no longer be served correctly (--no-kill leaves it frozen).', default: true, allowNo: true}),
     'cache-mb': Flags.integer({summary: 'Memory for decoded chunks, MiB; the working set staged before the first client gets as much again.', default: 256, min: 1}),

@@ -17,6 +17,7 @@ export {
   decodeCopyResult,
   decodeUffdMessage,
   hasIoctl,
+  isUserfaultfd,
   readUffdMessages,
   uffdApi,
   uffdCopy,

@@ -19,7 +19,7 @@
 //   Non-cooperative events (REMOVE, UNMAP, REMAP, FORK) block the thread that caused them until
 //   the handler has read the message.
 
-import {openSync, closeSync, constants as fsConstants} from 'node:fs'
+import {openSync, closeSync, readlinkSync, constants as fsConstants} from 'node:fs'
 
 import {Errno, SysError, rethrowAsSysError} from './errors.js'
 import * as libc from './libc.js'
@@ -136,6 +136,22 @@ export interface CreateUserfaultfdOptions {
    * CAP_SYS_PTRACE, or seccomp); access to the device node is then the permission check.
    */
   via?: 'auto' | 'syscall' | 'device'
+}
+
+/**
+ * Whether `fd` (an fd of this process) is a userfaultfd. A userfaultfd is an anonymous inode, so
+ * its /proc/self/fd link reads `anon_inode:[userfaultfd]` however it was made (the syscall or
+ * /dev/userfaultfd). A peer that hands over a file, a pipe or a socket instead gets false: the
+ * UFFDIO ioctls would fail on it, and its reads would decode as uffd_msg records it wrote.
+ */
+export function isUserfaultfd(fd: number): boolean {
+  checkUnsigned('fd', fd)
+  try {
+    return readlinkSync(`/proc/self/fd/${fd}`) === 'anon_inode:[userfaultfd]'
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false
+    rethrowAsSysError(error, 'readlink', `checking whether fd ${fd} is a userfaultfd`)
+  }
 }
 
 /** Creates a userfaultfd (always O_CLOEXEC) and returns its fd. Call uffdApi() on it next. */

@@ -21,6 +21,12 @@ export class HandshakeError extends UffdError {
   }
 }
 
+/**
+ * A well-formed handshake that does not fit the snapshot (its page size, its size): the peer is a
+ * VMM set up for other memory, waiting on a uffd nobody will serve.
+ */
+export class SnapshotMismatchError extends HandshakeError {}
+
 /** Longest handshake accepted: a JSON array of a handful of regions is a few hundred bytes. */
 export const MAX_HANDSHAKE_BYTES = 64 * 1024
 const MAX_REGIONS = 1024
@@ -37,6 +43,36 @@ function field(entry: Record<string, unknown>, name: string, index: number, requ
     throw new HandshakeError(`region ${index} "${name}" is ${JSON.stringify(value)}, not a non-negative integer below 2^53`)
   }
   return value
+}
+
+/**
+ * Whether `bytes` hold a whole JSON value, or something that will never become one (it does not
+ * start as an array or object): on a stream socket one recvmsg can return part of a message (the
+ * kernel queues a large send as several buffers, and ends a read after the one that carried fds),
+ * so the handshake is read until this says the value is closed. Only brackets outside strings
+ * count; whether the value is valid JSON is parseHandshake's to say.
+ */
+export function handshakeComplete(bytes: Buffer): boolean {
+  let depth = 0
+  let inString = false
+  let escaped = false
+  for (let i = 0; i < bytes.length; i++) {
+    const c = bytes[i]
+    if (inString) {
+      if (escaped) escaped = false
+      else if (c === 0x5c) escaped = true
+      else if (c === 0x22) inString = false
+      continue
+    }
+    if (depth === 0 && (c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d)) continue
+    if (depth === 0 && c !== 0x5b && c !== 0x7b) return true
+    if (c === 0x22) inString = true
+    else if (c === 0x5b || c === 0x7b) depth++
+    else if (c === 0x5d || c === 0x7d) {
+      if (--depth === 0) return true
+    }
+  }
+  return false
 }
 
 /**
@@ -87,7 +123,7 @@ export function validateRegions(regions: readonly GuestRegion[], geometry: Geome
     }
   }
   if (pageSize !== geometry.pageSize) {
-    throw new HandshakeError(`the VMM uses ${pageSize}-byte pages but the snapshot was taken with ${geometry.pageSize}-byte pages`)
+    throw new SnapshotMismatchError(`the VMM uses ${pageSize}-byte pages but the snapshot was taken with ${geometry.pageSize}-byte pages`)
   }
   const byAddress = [...regions].sort((a, b) => a.baseHostVirtAddr - b.baseHostVirtAddr)
   for (let i = 1; i < byAddress.length; i++) {
@@ -99,7 +135,7 @@ export function validateRegions(regions: readonly GuestRegion[], geometry: Geome
   }
   const last = byOffset[byOffset.length - 1]
   if (last.offset + last.size > geometry.paddedSize) {
-    throw new HandshakeError(`regions need ${last.offset + last.size} bytes of memory but the snapshot holds ${geometry.logicalSize}`)
+    throw new SnapshotMismatchError(`regions need ${last.offset + last.size} bytes of memory but the snapshot holds ${geometry.logicalSize}`)
   }
   return byAddress
 }

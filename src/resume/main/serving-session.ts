@@ -40,6 +40,8 @@ export interface ResumeResult {
   stats: ResumeReport
   /** The first fatal error, if any: the command exits non-zero with it. */
   error?: {code: string; message: string}
+  /** Clients refused before they were served (--serve goes on without them), in arrival order. */
+  rejected: {code: string; message: string}[]
   interrupted: boolean
 }
 
@@ -78,7 +80,10 @@ export interface ClientIntake {
   yieldToEventLoop(): Promise<void>
   /** Hands a client to the fault loop. Returns its id. */
   add(client: ArrivingClient): number
-  /** A client that could not be taken: its error is the session's if it is the first. */
+  /**
+   * A client that could not be taken, while the session goes on serving others: counted in the
+   * result, not the session's error (one connecting peer must not decide how the run ends).
+   */
   reject(error: {code: string; message: string}): void
   /** From now on every client's remaining memory is filled in the background. */
   populate(): void
@@ -144,8 +149,11 @@ class ServingSession implements ClientIntake {
   private readonly killed = new Set<number>()
   private readonly hitSampler: PrefetchHitSampler | undefined
   private firstError: {code: string; message: string} | undefined
+  private readonly rejected: {code: string; message: string}[] = []
   private recording: ServedSession['recording']
   private listenFd = -1
+  /** The socket file listenUnix made, to remove only that one at exit. */
+  private socketFile: {dev: number; ino: number} | undefined
   private nextId = 1
 
   constructor(
@@ -163,6 +171,9 @@ class ServingSession implements ClientIntake {
     const {options, frontEnd, host} = this
     const {events} = host
     let interrupted = false
+    // A ready file left by an earlier run would tell a waiting script to go on before this
+    // handler listens.
+    if (options.readyFile) fs.rmSync(options.readyFile, {force: true})
     try {
       await events.next((m) => m.type === 'ready')
       events.onMessage = (m) => this.onWorkerMessage(m)
@@ -180,10 +191,11 @@ class ServingSession implements ClientIntake {
       this.hitSampler?.stop()
       frontEnd.release()
       this.stopListening()
+      if (options.readyFile) fs.rmSync(options.readyFile, {force: true})
       await host.stop()
     }
     const stats = buildReport(host.stats, options.snapshotPath, this.startedAt)
-    return {result: {socket: frontEnd.socketPath, clients: this.summaries(), stats, error: this.firstError, interrupted}, recording: this.recording}
+    return {result: {socket: frontEnd.socketPath, clients: this.summaries(), stats, error: this.firstError, rejected: this.rejected, interrupted}, recording: this.recording}
   }
 
   async accept(deadline: number, timeoutMessage: string): Promise<number | null> {
@@ -200,7 +212,7 @@ class ServingSession implements ClientIntake {
     if (this.listenFd < 0) return
     closeFd(this.listenFd)
     this.listenFd = -1
-    fs.rmSync(this.frontEnd.socketPath, {force: true})
+    removeIfSame(this.frontEnd.socketPath, this.socketFile)
   }
 
   async yieldToEventLoop(): Promise<void> {
@@ -215,7 +227,7 @@ class ServingSession implements ClientIntake {
   }
 
   reject(error: {code: string; message: string}): void {
-    this.firstError ??= error
+    this.rejected.push(error)
   }
 
   populate(): void {
@@ -229,6 +241,8 @@ class ServingSession implements ClientIntake {
   private listen(): void {
     const {options, frontEnd, host} = this
     this.listenFd = listenUnix(frontEnd.socketPath, {mode: 0o600})
+    const st = fs.lstatSync(frontEnd.socketPath)
+    this.socketFile = {dev: st.dev, ino: st.ino}
     if (options.readyFile) writeFileAtomically(options.readyFile, `${JSON.stringify({socket: frontEnd.socketPath, pid: process.pid})}\n`)
     const staged = host.stats.get('stagedUnits')
     if (staged) {
@@ -301,4 +315,20 @@ class ServingSession implements ClientIntake {
   private summaries(): ClientSummary[] {
     return [...this.clients.values()]
   }
+}
+
+/**
+ * Removes `path` if it is still the socket file this handler made: anyone may have replaced it
+ * meanwhile (with a file of theirs, or another listener's socket), and that is not ours to remove.
+ */
+function removeIfSame(path: string, made: {dev: number; ino: number} | undefined): void {
+  if (!made) return
+  let st: fs.Stats
+  try {
+    st = fs.lstatSync(path)
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return
+    throw error
+  }
+  if (st.isSocket() && st.dev === made.dev && st.ino === made.ino) fs.rmSync(path, {force: true})
 }

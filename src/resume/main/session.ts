@@ -5,8 +5,8 @@ import {type Geometry} from '../../format/geometry.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
 import {attachedWorkingSet} from '../../snapshot/relayout.js'
-import {closeFd, peerCredentials, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
-import {type GuestRegion, HandshakeError, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from './handshake.js'
+import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, readSome, recvWithFds, SysError} from '../../sys/index.js'
+import {type GuestRegion, HandshakeError, handshakeComplete, MAX_HANDSHAKE_BYTES, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
 import {type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from '../../format/working-set.js'
 
@@ -94,8 +94,9 @@ class FirecrackerClients implements FrontEnd {
     for (;;) {
       const connection = await intake.accept(deadline, `no client connected to ${options.socketPath} within ${options.timeoutMs / 1000} s`)
       if (connection === null) return
+      const refused: RefusedVmm = {pid: null}
       try {
-        const accepted = takeHandshake(connection, options.timeoutMs, this.geometry)
+        const accepted = takeHandshake(connection, options.timeoutMs, this.geometry, refused)
         if (accepted === null) {
           // Connected and closed without a byte: a liveness probe (another `uffd resume` checking
           // whether this socket is in use, a health check), not a VMM. Keep waiting for the client.
@@ -108,6 +109,11 @@ class FirecrackerClients implements FrontEnd {
       } catch (error) {
         closeFd(connection)
         if (!(error instanceof HandshakeError || error instanceof SysError || error instanceof UffdError)) throw error
+        if (refused.pid !== null && options.kill) {
+          // It registered its memory with the uffd it sent: with nobody serving it, its first fault waits forever.
+          intake.log(`killing the refused client (pid ${refused.pid}) rather than leave it waiting on memory nobody serves`)
+          killQuietly(refused.pid)
+        }
         if (!options.serve) throw error
         intake.reject({code: error.code, message: error.message})
         intake.log(`rejected a client: ${error.message}`)
@@ -150,6 +156,11 @@ class FirecrackerClients implements FrontEnd {
   release(): void {}
 }
 
+/** Set by takeHandshake to the pid of a VMM whose well-formed handshake does not fit the snapshot. */
+interface RefusedVmm {
+  pid: number | null
+}
+
 interface AcceptedClient {
   uffd: number
   pid: number | null
@@ -161,7 +172,7 @@ interface AcceptedClient {
  * Reads and validates one handshake; on any failure closes what it received and throws. Returns
  * null when the peer closed the connection without sending anything (not a client).
  */
-function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry): AcceptedClient | null {
+function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry, refused: RefusedVmm): AcceptedClient | null {
   let received: {data: Buffer; fds: number[]} = {data: Buffer.alloc(0), fds: []}
   for (let attempt = 0; attempt < HANDSHAKE_READ_TRIES && received.data.length === 0; attempt++) {
     received = recvWithFds(connection, MAX_HANDSHAKE_BYTES, 3, timeoutMs > 0 ? timeoutMs : -1)
@@ -172,8 +183,19 @@ function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry
   for (const fd of extra) closeFd(fd)
   try {
     if (uffd === undefined) throw new HandshakeError('no file descriptor came with the message (expected the uffd)')
-    const regions = validateRegions(parseHandshake(received.data), geometry)
+    const data = readRest(connection, received.data, timeoutMs)
+    // Anything else would be polled and read as the client's uffd: a pipe's bytes decode as
+    // events (a fork event names an fd number the handler would then close or serve).
+    if (!isUserfaultfd(uffd)) throw new HandshakeError('the file descriptor that came with the message is not a userfaultfd')
+    const announced = parseHandshake(data)
     const {pid} = peerCredentials(connection)
+    let regions: GuestRegion[]
+    try {
+      regions = validateRegions(announced, geometry)
+    } catch (error) {
+      if (error instanceof SnapshotMismatchError && pid > 0) refused.pid = pid
+      throw error
+    }
     let pidfd = -1
     if (pid > 0) {
       try {
@@ -190,3 +212,29 @@ function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry
   }
 }
 
+
+/**
+ * The rest of a handshake whose first read was `first`: reads on until the JSON value is closed,
+ * the peer stops sending (end of stream), or there are more bytes than MAX_HANDSHAKE_BYTES (which
+ * parseHandshake refuses), within `timeoutMs` in all. The fds rode on the first read; later ones
+ * are not taken.
+ */
+function readRest(connection: number, first: Buffer, timeoutMs: number): Buffer {
+  const parts = [first]
+  let length = first.length
+  const deadline = timeoutMs > 0 ? Date.now() + timeoutMs : Infinity
+  while (length <= MAX_HANDSHAKE_BYTES && !handshakeComplete(parts.length === 1 ? parts[0] : Buffer.concat(parts))) {
+    const remaining = deadline === Infinity ? -1 : Math.max(0, deadline - Date.now())
+    let more: Buffer
+    try {
+      more = readSome(connection, MAX_HANDSHAKE_BYTES + 1 - length, remaining)
+    } catch (error) {
+      if (error instanceof SysError && error.code === 'ETIMEDOUT') throw new HandshakeError(`the message was still incomplete after ${timeoutMs / 1000} s (${length} bytes)`)
+      throw error
+    }
+    if (more.length === 0) break
+    parts.push(more)
+    length += more.length
+  }
+  return Buffer.concat(parts)
+}
