@@ -157,4 +157,17 @@ describe('--json errors of the CLI carry documented codes', () => {
     expectJsonError(['snapshot', '--mem-file', image, '-o', image], 'OUTPUT_EXISTS', 1)
     expectJsonError(['snapshot', '--mem-file', dir, '-o', path.join(dir, 'dir.uffd')], 'NOT_A_FILE', 1)
   })
+
+  it('an unknown command is USAGE, exit 2, wherever --json stands', () => {
+    expectJsonError(['nosuchcmd'], 'USAGE', 2)
+    expectJsonError(['working-set', 'nosuch'], 'USAGE', 2)
+    const first = uffd(['--json', 'nosuchcmd'])
+    expect(first.status).toBe(2)
+    expect(JSON.parse(first.stdout).error).toMatchObject({code: 'USAGE', exitCode: 2, message: expect.stringContaining('nosuchcmd')})
+    // Without --json it stays one line on stderr, and nothing on stdout.
+    const plain = uffd(['nosuchcmd'])
+    expect(plain.status).toBe(2)
+    expect(plain.stdout).toBe('')
+    expect(plain.stderr).toMatch(/nosuchcmd not found/)
+  })
 })

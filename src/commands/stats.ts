@@ -34,6 +34,11 @@ interface CriuTaskMetadata {
   rawPageBytes?: number
 }
 
+/** The metadata is untrusted JSON: a task entry without an integer pid is not shown. */
+function isCriuTask(value: unknown): value is CriuTaskMetadata {
+  return typeof value === 'object' && value !== null && Number.isSafeInteger((value as {pid?: unknown}).pid)
+}
+
 /** Per-owner sizes of the process regions (the zero map tells non-zero pages), in first-seen order. */
 function taskSizes(reader: SnapshotReader): TaskSize[] {
   const {header, geometry, zeroMap} = reader
@@ -48,11 +53,11 @@ function taskSizes(reader: SnapshotReader): TaskSize[] {
     t.bytes += r.size
     t.nonZeroBytes += (pages - zeroMap.countZero(firstPage, pages)) * geometry.pageSize
   }
-  const criuTasks = header.metadata.source === 'criu' && Array.isArray(header.metadata.tasks) ? (header.metadata.tasks as CriuTaskMetadata[]) : []
+  const criuTasks = header.metadata.source === 'criu' && Array.isArray(header.metadata.tasks) ? (header.metadata.tasks as unknown[]).filter(isCriuTask) : []
   for (const m of criuTasks) {
     // A task without memory (a zombie) owns no region but is still part of the dump.
     const t = byPid.get(m.pid) ?? {pid: m.pid, regions: 0, bytes: 0, nonZeroBytes: 0}
-    byPid.set(m.pid, {...t, comm: m.comm, rawPageBytes: m.rawPageBytes})
+    byPid.set(m.pid, {...t, comm: typeof m.comm === 'string' ? m.comm : undefined, rawPageBytes: typeof m.rawPageBytes === 'number' ? m.rawPageBytes : undefined})
   }
   return [...byPid.values()]
 }
@@ -89,13 +94,14 @@ export default class Stats extends BaseCommand {
 
   private render(s: StatsResult): void {
     const row = (label: string, value: string): void => this.log(`${label.padEnd(14)}${value}`)
-    const m = s.metadata
+    // Untrusted JSON: only strings and numbers are shown, so an object never prints as [object Object].
+    const m = Object.fromEntries(Object.entries(s.metadata).map(([k, v]) => [k, typeof v === 'string' || typeof v === 'number' ? String(v) : undefined]))
     row('snapshot', `${s.file} (format ${s.format})`)
     const origin =
       m.source === 'process'
-        ? `process ${m.pid}${m.command ? ` (${m.command})` : ''}`
+        ? `process ${m.pid ?? '?'}${m.command ? ` (${m.command})` : ''}`
         : m.source === 'criu'
-          ? `CRIU dump ${m.criuDir}`
+          ? `CRIU dump ${m.criuDir ?? '?'}`
           : `${m.source ?? 'unknown'}${m.sourcePath ? ` ${m.sourcePath}` : ''}`
     row('source', `${origin}, created ${m.createdAt ?? '?'} by uffd ${m.toolVersion ?? '?'}`)
     row('logical size', `${formatBytes(s.logicalSize)} (${s.logicalSize} bytes, ${s.pageCount} pages of ${formatBytes(s.pageSize)})`)

@@ -4,6 +4,7 @@
  * barely does), and replayed by `uffd resume --working-set` as prefetch. Pure: no I/O.
  */
 import {UffdError} from '../core/errors.js'
+import {schemaProblem, WorkingSetSchema} from './schemas.js'
 
 export interface WorkingSetFile {
   kind: 'uffd-working-set'
@@ -64,7 +65,10 @@ export function parseWorkingSet(text: string, source: string): WorkingSetFile {
   } catch (error) {
     throw new WorkingSetError(`${source}: not JSON (${(error as Error).message})`)
   }
-  if (parsed.kind !== 'uffd-working-set' || parsed.version !== 1) throw new WorkingSetError(`${source}: not a uffd working set (version 1)`)
+  if (parsed?.kind !== 'uffd-working-set' || parsed.version !== 1) throw new WorkingSetError(`${source}: not a uffd working set (version 1)`)
+  // Without this, a field of the wrong type flows into arithmetic: "runs":"many" was summed as a string.
+  const problem = schemaProblem(WorkingSetSchema, parsed, source)
+  if (problem) throw new WorkingSetError(problem)
   const {pages, firstTouchMs, snapshot} = parsed
   if (!Array.isArray(pages) || !Array.isArray(firstTouchMs) || pages.length !== firstTouchMs.length || !snapshot) {
     throw new WorkingSetError(`${source}: pages and firstTouchMs must be arrays of equal length`)

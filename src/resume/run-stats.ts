@@ -130,6 +130,14 @@ export function percentileUs(histogram: ArrayLike<number>, q: number): number | 
   return bucketUpperUs(histogram.length - 1)
 }
 
+/**
+ * A percentile is its bucket's upper bound, which can lie above every sample: the top bucket's
+ * bound over the exact max would report p99 > max, which no reader believes.
+ */
+function clampToMax(p: number | null, max: number | null): number | null {
+  return p === null || max === null ? p : Math.min(p, max)
+}
+
 export interface ResumeReport {
   kind: 'uffd-resume-stats'
   version: 1
@@ -189,9 +197,9 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     chunks: {decoded: g('chunksDecoded'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},
     events: {remove: g('removeEvents'), removedPages: g('removedPages'), unmap: g('unmapEvents'), remap: g('remapEvents'), fork: g('forkEvents')},
     latencyUs: {
-      p50: percentileUs(stats.histogram, 0.5),
-      p90: percentileUs(stats.histogram, 0.9),
-      p99: percentileUs(stats.histogram, 0.99),
+      p50: clampToMax(percentileUs(stats.histogram, 0.5), faults ? g('latencyMaxUs') : null),
+      p90: clampToMax(percentileUs(stats.histogram, 0.9), faults ? g('latencyMaxUs') : null),
+      p99: clampToMax(percentileUs(stats.histogram, 0.99), faults ? g('latencyMaxUs') : null),
       max: faults ? g('latencyMaxUs') : null,
       mean: faults ? g('latencySumUs') / faults : null,
     },

@@ -30,10 +30,36 @@ export interface SnapshotStats {
   metadata: Record<string, unknown>
 }
 
+/** Deeper than this, metadata is shown as a marker: uffd itself never writes more than 3 levels. */
+export const METADATA_SHOWN_DEPTH = 32
+
+/**
+ * The metadata as far as it can be shown: JSON.parse reads nesting of any depth, but printing it
+ * (oclif's JSON colouring, JSON.stringify) recurses once per level and overflows the stack on a
+ * few thousand, so deeper values are replaced by a marker string.
+ */
+export function boundedMetadata(metadata: Record<string, unknown>): Record<string, unknown> {
+  const copy = (value: unknown, depth: number): unknown => {
+    if (typeof value !== 'object' || value === null) return value
+    if (depth >= METADATA_SHOWN_DEPTH) return `(nested deeper than ${METADATA_SHOWN_DEPTH} levels: not shown)`
+    if (Array.isArray(value)) {
+      const out: unknown[] = new Array(value.length)
+      for (let i = 0; i < value.length; i++) out[i] = copy(value[i], depth + 1)
+      return out
+    }
+    const out: Record<string, unknown> = {}
+    for (const key of Object.keys(value)) out[key] = copy((value as Record<string, unknown>)[key], depth + 1)
+    return out
+  }
+  return copy(metadata, 0) as Record<string, unknown>
+}
+
 function workingSetStats(reader: SnapshotReader): SnapshotStats['workingSet'] {
   const ws = attachedWorkingSet(reader)
   if (!ws) return undefined
-  const result: SnapshotStats['workingSet'] = {pages: ws.pages, runs: ws.runs, chunksFirst: ws.chunks.length}
+  // The metadata is untrusted JSON: a count of another type is shown as unknown (0), not echoed.
+  const count = (v: unknown): number => (Number.isSafeInteger(v) && (v as number) >= 0 ? (v as number) : 0)
+  const result: SnapshotStats['workingSet'] = {pages: count(ws.pages), runs: count(ws.runs), chunksFirst: ws.chunks.length}
   if (reader.packed) {
     const codecs: Record<string, number> = {}
     for (const b of reader.packed.blocks) codecs[CODEC_NAMES[b.codec]] = (codecs[CODEC_NAMES[b.codec]] ?? 0) + 1
@@ -97,7 +123,7 @@ export function snapshotStats(reader: SnapshotReader, file: string): SnapshotSta
     storedSizeHistogram: histogram.filter((h) => h.chunks > 0),
     regions: header.regions.map((r) => ({...r, kind: r.kind === RegionKind.ProcessVma ? 'vma' : 'guest-memory'})),
     workingSet: workingSetStats(reader),
-    metadata: header.metadata,
+    metadata: boundedMetadata(header.metadata),
   }
 }
 

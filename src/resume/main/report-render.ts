@@ -1,6 +1,8 @@
 import fs from 'node:fs'
 
+import {UffdError} from '../../core/errors.js'
 import {formatBytes, formatPercent} from '../../core/units.js'
+import {ResumeReportSchema, schemaProblem} from '../../format/schemas.js'
 import {type ResumeReport} from '../run-stats.js'
 
 /**
@@ -19,12 +21,17 @@ export function readResumeReport(file: string): ResumeReport | undefined {
   } finally {
     fs.closeSync(fd)
   }
+  let parsed: Partial<ResumeReport> | null
   try {
-    const parsed = JSON.parse(text) as Partial<ResumeReport>
-    return parsed.kind === 'uffd-resume-stats' ? (parsed as ResumeReport) : undefined
+    parsed = JSON.parse(text) as Partial<ResumeReport> | null
   } catch {
     return undefined
   }
+  if (parsed?.kind !== 'uffd-resume-stats') return undefined
+  // It claims to be a report: a field of the wrong type is an error naming it, not a TypeError later.
+  const problem = schemaProblem(ResumeReportSchema, parsed, file)
+  if (problem) throw new UffdError('INVALID', problem)
+  return parsed as ResumeReport
 }
 
 /** Human-readable lines for a resume report, the `uffd stats run.json` view. */
