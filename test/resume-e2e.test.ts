@@ -777,7 +777,13 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       for (;;) {
         if (proc.exited) throw new Error(`uffd resume exited early:\n${proc.stderr()}`)
         if (Date.now() > deadline) throw new Error(`no ready file within 30 s:\n${proc.stderr()}`)
-        const text = fs.existsSync(ready) ? fs.readFileSync(ready, 'utf8') : undefined
+        // (The handler removes the file at any moment: exists-then-read would race with it.)
+        let text: string | undefined
+        try {
+          text = fs.readFileSync(ready, 'utf8')
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error
+        }
         if (text === undefined) sawGone = true
         else if (text !== 'left by an earlier run\n') break
         await new Promise((resolve) => setImmediate(resolve))
