@@ -94,9 +94,8 @@ class FirecrackerClients implements FrontEnd {
     for (;;) {
       const connection = await intake.accept(deadline, `no client connected to ${options.socketPath} within ${options.timeoutMs / 1000} s`)
       if (connection === null) return
-      const refused: RefusedVmm = {pid: null}
       try {
-        const accepted = takeHandshake(connection, options.timeoutMs, this.geometry, refused)
+        const accepted = takeHandshake(connection, options.timeoutMs, this.geometry)
         if (accepted === null) {
           // Connected and closed without a byte: a liveness probe (another `uffd resume` checking
           // whether this socket is in use, a health check), not a VMM. Keep waiting for the client.
@@ -107,12 +106,14 @@ class FirecrackerClients implements FrontEnd {
         const id = intake.add({...accepted, socket: connection, nonCooperative: false})
         intake.log(`client ${id}${accepted.pid ? ` (pid ${accepted.pid})` : ''}: ${accepted.regions.length} region(s), ${accepted.regions.reduce((s, r) => s + r.size, 0)} bytes`)
       } catch (error) {
+        // A well-formed handshake for another snapshot: the VMM registered its memory with the
+        // uffd it sent, and with nobody serving it, its first fault waits forever.
+        const refusedPid = error instanceof SnapshotMismatchError && options.kill ? peerCredentials(connection).pid : 0
         closeFd(connection)
         if (!(error instanceof HandshakeError || error instanceof SysError || error instanceof UffdError)) throw error
-        if (refused.pid !== null && options.kill) {
-          // It registered its memory with the uffd it sent: with nobody serving it, its first fault waits forever.
-          intake.log(`killing the refused client (pid ${refused.pid}) rather than leave it waiting on memory nobody serves`)
-          killQuietly(refused.pid)
+        if (refusedPid > 0) {
+          intake.log(`killing the refused client (pid ${refusedPid}) rather than leave it waiting on memory nobody serves`)
+          killQuietly(refusedPid)
         }
         if (!options.serve) throw error
         intake.reject({code: error.code, message: error.message})
@@ -157,10 +158,6 @@ class FirecrackerClients implements FrontEnd {
 }
 
 /** Set by takeHandshake to the pid of a VMM whose well-formed handshake does not fit the snapshot. */
-interface RefusedVmm {
-  pid: number | null
-}
-
 interface AcceptedClient {
   uffd: number
   pid: number | null
@@ -172,7 +169,7 @@ interface AcceptedClient {
  * Reads and validates one handshake; on any failure closes what it received and throws. Returns
  * null when the peer closed the connection without sending anything (not a client).
  */
-function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry, refused: RefusedVmm): AcceptedClient | null {
+function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry): AcceptedClient | null {
   let received: {data: Buffer; fds: number[]} = {data: Buffer.alloc(0), fds: []}
   for (let attempt = 0; attempt < HANDSHAKE_READ_TRIES && received.data.length === 0; attempt++) {
     received = recvWithFds(connection, MAX_HANDSHAKE_BYTES, 3, timeoutMs > 0 ? timeoutMs : -1)
@@ -189,13 +186,7 @@ function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry
     if (!isUserfaultfd(uffd)) throw new HandshakeError('the file descriptor that came with the message is not a userfaultfd')
     const announced = parseHandshake(data)
     const {pid} = peerCredentials(connection)
-    let regions: GuestRegion[]
-    try {
-      regions = validateRegions(announced, geometry)
-    } catch (error) {
-      if (error instanceof SnapshotMismatchError && pid > 0) refused.pid = pid
-      throw error
-    }
+    const regions = validateRegions(announced, geometry)
     let pidfd = -1
     if (pid > 0) {
       try {
