@@ -102,9 +102,13 @@ class SimulatedKernel implements FillCalls {
 /** A payload source over a real reader that can fail a unit (as a corrupt one would) or hold one back. */
 class ScriptedSource implements PayloadSource {
   readonly eventFd = -1
+  readonly landedFd = -1
   retainReleased = false
   corrupt = new Set<number>()
   notReady = new Set<number>()
+  /** Units whose bytes are still in object storage, and the ones fetchNow asked for. */
+  remote = new Set<number>()
+  readonly fetched: number[] = []
   readonly asked: number[] = []
   readonly released: number[] = []
   constructor(private readonly reader: SnapshotReader) {}
@@ -114,6 +118,12 @@ class ScriptedSource implements PayloadSource {
   }
   isReady(unit: number): boolean {
     return !this.notReady.has(unit)
+  }
+  isLocal(unit: number): boolean {
+    return !this.remote.has(unit)
+  }
+  fetchNow(unit: number): void {
+    this.fetched.push(unit)
   }
   isRequested(unit: number): boolean {
     return this.asked.includes(unit)
@@ -281,6 +291,34 @@ describe('FaultServer with a scripted payload source', () => {
     expectImageWherePresent(kernel)
   })
 
+  it('a fault whose bytes are still in object storage waits (asked at demand priority) and installs nothing until they land', () => {
+    const {kernel, server, client, scripted} = setup({faultAroundBytes: 64 * 1024})
+    const page = firstDataPage(40)
+    const chunk = Math.floor(page / 16)
+    scripted.remote.add(chunk)
+    const fault = {address: BASE + page * PAGE, readAt: performance.now()}
+    expect(server.serve(client, fault)).toEqual({outcome: 'wait', window: undefined})
+    expect(scripted.fetched).toEqual([chunk])
+    expect(kernel.present.some((x) => x)).toBe(false)
+    scripted.remote.delete(chunk)
+    expect(server.serve(client, fault).outcome).toBe('served')
+    expect(client.states.get(page)).toBe(PAGE_PRESENT)
+    expectImageWherePresent(kernel)
+  })
+
+  it('fault-around never waits on the network: chunks not here yet are left missing', () => {
+    // A 128 KiB window spans two 64 KiB chunks; the second is still remote.
+    const {kernel, server, client, scripted} = setup({faultAroundBytes: 128 * 1024})
+    const page = firstDataPage(64)
+    const windowFirst = page - (page % 32)
+    const other = Math.floor(windowFirst / 16) + (Math.floor(page / 16) === Math.floor(windowFirst / 16) ? 1 : 0)
+    scripted.remote.add(other)
+    expect(server.serve(client, {address: BASE + page * PAGE, readAt: performance.now()}).outcome).toBe('served')
+    for (let p = other * 16; p < other * 16 + 16; p++) if (!reader.zeroMap.isZero(p)) expect(client.states.get(p)).toBe(PAGE_MISSING)
+    expect(scripted.fetched).toEqual([])
+    expectImageWherePresent(kernel)
+  })
+
   it('a unit that fails its check is fatal for the client and installs nothing of it', () => {
     const {kernel, server, client, scripted} = setup({faultAroundBytes: 64 * 1024})
     const page = firstDataPage(64)
@@ -378,7 +416,7 @@ describe('DecodedUnits: cache, decoder slots and owners behind one source', () =
   it('decodes ahead for owners, frees a slot when the last owner releases it, keeps it in the cache when asked to', async () => {
     const {DecodePool} = await import('../src/resume/fault-loop/decode-pool.js')
     const stats = new RunStats()
-    const pool = new DecodePool(path.join(dir, 'mem.uffd'), 1, 2, reader.geometry.chunkSize)
+    const pool = new DecodePool({kind: 'file', path: path.join(dir, 'mem.uffd')}, 1, 2, reader.geometry.chunkSize)
     try {
       expect(pool.waitUntilStarted(10_000)).toBe(true)
       const source = new DecodedUnits(reader, pool, stats, 1 << 20)
@@ -427,7 +465,7 @@ describe('DecodedUnits: cache, decoder slots and owners behind one source', () =
     bytes[entry.dataOffset + Math.floor(entry.storedLength / 2)] ^= 0xff
     fs.writeFileSync(corrupt, bytes)
     const corruptReader = SnapshotReader.open(corrupt)
-    const pool = new DecodePool(corrupt, 1, 2, reader.geometry.chunkSize)
+    const pool = new DecodePool({kind: 'file', path: corrupt}, 1, 2, reader.geometry.chunkSize)
     try {
       expect(pool.waitUntilStarted(10_000)).toBe(true)
       const source = new DecodedUnits(corruptReader, pool, new RunStats(), 1 << 20)

@@ -1,14 +1,16 @@
 import os from 'node:os'
 
-import {Args, Flags} from '@oclif/core'
+import {Args, Flags, type Interfaces} from '@oclif/core'
 
 import {BaseCommand, InterruptedError} from '../cli/base-command.js'
+import {remoteFlags, remoteOptions} from '../cli/remote-flags.js'
+import {UffdError} from '../core/errors.js'
 import {formatBytes, parseSize} from '../core/units.js'
 import {runCriuResume} from '../resume/main/criu-session.js'
 import {type ResumeResult} from '../resume/main/serving-session.js'
 import {runResume} from '../resume/main/session.js'
 import {checkInput} from '../snapshot/input-file.js'
-import {SnapshotReader} from '../snapshot/reader.js'
+import {type OpenedSnapshot, openSnapshot} from '../snapshot/open.js'
 
 export default class Resume extends BaseCommand {
   static override summary = 'Serve a snapshot to a VMM or process as its userfaultfd page-fault handler.'
@@ -26,7 +28,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
   ]
 
   static override args = {
-    snapshot: Args.string({description: 'Snapshot file to serve.', required: true}),
+    snapshot: Args.string({description: 'Snapshot to serve: a path, an http(s):// URL or s3://BUCKET/KEY (chunks are fetched as they fault or are prefetched, into the --cache-dir).', required: true}),
   }
 
   static override flags = {
@@ -46,16 +48,30 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     'working-set': Flags.string({summary: 'Prefetch this recorded working set (from --record or `uffd working-set merge`) as soon as a client connects [default: the one attached to the snapshot, if any; "none" to ignore it].'}),
     'spin-us': Flags.integer({summary: 'Microseconds to keep polling after a fault before sleeping (saves a cross-CPU wake-up per fault; costs CPU).', default: 0, min: 0, max: 1_000_000}),
     'stats-file': Flags.string({summary: 'Write run statistics as JSON here at exit (render with `uffd stats FILE`).'}),
+    ...remoteFlags,
     'count-hits': Flags.boolean({summary: "Count prefetch hits and waste: clears the accessed bits of pages installed ahead of need (process_madvise MADV_COLD, which also moves them to the inactive LRU list) and reads the client's /proc/PID/smaps twice a second. Needs CAP_SYS_NICE.", default: false, exclusive: ['criu-dir']}),
   }
 
   async run(): Promise<ResumeResult> {
     const {args, flags} = await this.parse(Resume)
-    const reader = SnapshotReader.open(args.snapshot)
-    const {chunkSize, pageSize} = reader.geometry
-    reader.close()
     // The session opens the set itself, and would block on a FIFO before listening.
     if (flags['working-set'] && flags['working-set'] !== 'none') checkInput(flags['working-set'])
+    const decoders = flags.decoders ?? os.availableParallelism()
+    const remote = remoteOptions(flags)
+    const snapshot = await openSnapshot(args.snapshot, remote)
+    try {
+      // A remote chunk is fetched by the fetcher thread and decoded by a decoder: the fault loop
+      // itself never waits on the network (a fault whose chunk is not here yet waits, the loop
+      // goes on serving).
+      if (snapshot.remote && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
+      return await this.serve(snapshot, decoders, flags)
+    } finally {
+      await snapshot.close()
+    }
+  }
+
+  private async serve(snapshot: OpenedSnapshot, decoders: number, flags: Interfaces.InferredFlags<typeof Resume.flags>): Promise<ResumeResult> {
+    const {chunkSize, pageSize} = snapshot.reader.geometry
     const faultAroundBytes = this.faultAround(flags['fault-around'], chunkSize, pageSize)
 
     const controller = new AbortController()
@@ -73,14 +89,14 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     process.on('SIGUSR1', onUsr1)
     let result: ResumeResult
     const common = {
-      snapshotPath: args.snapshot,
+      snapshot,
       timeoutMs: flags.timeout * 1000,
       readyFile: flags['ready-file'],
       kill: flags.kill,
       cacheBytes: flags['cache-mb'] * 1024 * 1024,
       faultAroundBytes,
       spinMicros: flags['spin-us'],
-      decoders: flags.decoders ?? os.availableParallelism(),
+      decoders,
       readaheadBytes: this.size(flags.readahead, '--readahead'),
       statsFile: flags['stats-file'],
       signal: controller.signal,

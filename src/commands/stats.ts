@@ -1,11 +1,14 @@
 import {Args} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
+import {remoteFlags, remoteOptions} from '../cli/remote-flags.js'
+import {isRemote, parseLocation} from '../remote/location.js'
+import {openSnapshot} from '../snapshot/open.js'
+import {type SnapshotReader} from '../snapshot/reader.js'
 import {formatBytes, formatPercent} from '../core/units.js'
 import {REGION_PROT_EXEC, REGION_PROT_READ, REGION_PROT_WRITE, RegionKind} from '../format/constants.js'
 import {type SnapshotStats, snapshotStats} from '../snapshot/inspect.js'
 import {checkInput} from '../snapshot/input-file.js'
-import {SnapshotReader} from '../snapshot/reader.js'
 import {readResumeReport, renderResumeReport} from '../resume/main/report-render.js'
 import {type ResumeReport} from '../resume/run-stats.js'
 
@@ -66,19 +69,25 @@ export default class Stats extends BaseCommand {
   static override summary = 'Show what a snapshot holds (sizes, ratio, zero pages, dedup, chunks, codecs, regions), or what a resume did (its --stats-file).'
   static override examples = ['<%= config.bin %> stats vm.uffd', '<%= config.bin %> stats vm.uffd --json']
   static override args = {
-    file: Args.string({description: 'Snapshot file, or a statistics file written by `uffd resume --stats-file`.', required: true}),
+    file: Args.string({description: 'Snapshot (a path, http(s):// URL or s3://BUCKET/KEY: only its header and index are fetched), or a statistics file written by `uffd resume --stats-file`.', required: true}),
   }
 
+  static override flags = {...remoteFlags}
+
   async run(): Promise<StatsResult | ResumeReport> {
-    const {args} = await this.parse(Stats)
-    // readResumeReport opens the file itself, and would block on a FIFO.
-    checkInput(args.file, {blockDevice: true})
-    const report = readResumeReport(args.file)
-    if (report) {
-      if (!this.jsonEnabled()) for (const line of renderResumeReport(args.file, report)) this.log(line)
-      return report
+    const {args, flags} = await this.parse(Stats)
+    const remote = isRemote(parseLocation(args.file))
+    if (!remote) {
+      // readResumeReport opens the file itself, and would block on a FIFO.
+      checkInput(args.file, {blockDevice: true})
+      const report = readResumeReport(args.file)
+      if (report) {
+        if (!this.jsonEnabled()) for (const line of renderResumeReport(args.file, report)) this.log(line)
+        return report
+      }
     }
-    const reader = SnapshotReader.open(args.file)
+    const snapshot = await openSnapshot(args.file, remoteOptions(flags))
+    const {reader} = snapshot
     try {
       const stats: StatsResult = {...snapshotStats(reader, args.file), tasks: taskSizes(reader)}
       const raw = stats.metadata.rawPageBytes
@@ -88,7 +97,7 @@ export default class Stats extends BaseCommand {
       if (!this.jsonEnabled()) this.render(stats)
       return stats
     } finally {
-      reader.close()
+      await snapshot.close()
     }
   }
 

@@ -30,6 +30,14 @@ export const ERROR_CODES = {
   NOT_A_FILE: 'an input or output path is not a regular file',
   INPUT_MISMATCH: 'the input does not fit the options (a --mem-file that is not a whole number of --page-size pages)',
   OUTPUT_EXISTS: 'the output file exists and --force was not given',
+  // Snapshots in object storage (s3://, http://, https://) and the local chunk cache.
+  REMOTE_NOT_FOUND: 'the object, bucket or URL does not exist (404)',
+  REMOTE_DENIED: 'the store refused access (401/403, an expired presigned URL) or no credentials were found',
+  REMOTE_CHANGED: 'the object changed while it was in use (its ETag, Last-Modified or size differs, or 412 to If-Match)',
+  REMOTE_PROTOCOL: 'the server answered wrongly: a 200 instead of 206, a wrong Content-Range, a body longer than asked',
+  REMOTE_UNAVAILABLE: 'a request failed in a way a retry can fix (5xx, reset, idle timeout); seen only when retrying is not possible',
+  FETCH_DEADLINE: 'a chunk could not be fetched within --fetch-deadline (the message carries the last failure)',
+  CACHE_DIR: 'the --cache-dir cannot be created or written',
   // Working sets.
   BAD_WORKING_SET: 'a working-set file is malformed or belongs to another snapshot',
   // Every command.

@@ -28,3 +28,13 @@ export function formatBytes(n: number): string {
 export function formatPercent(part: number, whole: number): string {
   return whole === 0 ? '0%' : `${((100 * part) / whole).toFixed(1)}%`
 }
+
+/** Human durations: "500ms", "10s", "2m", "1h"; a bare number is seconds. */
+const DURATION = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/i
+const DURATION_MS: Record<string, number> = {ms: 1, s: 1000, m: 60_000, h: 3_600_000}
+
+export function parseDuration(text: string): number {
+  const m = DURATION.exec(text.trim())
+  if (!m) throw new UffdError('USAGE', `invalid duration ${JSON.stringify(text)} (examples: 500ms, 10s, 2m)`)
+  return Number(m[1]) * DURATION_MS[(m[2] ?? 's').toLowerCase()]
+}

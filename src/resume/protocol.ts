@@ -1,3 +1,4 @@
+import {type SnapshotSpec} from '../snapshot/spec.js'
 import {type MessagePort} from 'node:worker_threads'
 
 import {type GuestRegion} from './main/handshake.js'
@@ -36,7 +37,8 @@ export type FromWorker =
   | {type: 'fatal'; id: number; message: string; code: string}
 
 export interface WorkerConfig {
-  snapshotPath: string
+  /** How the worker opens the snapshot (its decoders get specs of their own from it). */
+  snapshot: SnapshotSpec
   cacheBytes: number
   faultAroundBytes: number
   /** Threads decoding chunks ahead of need (readahead, population); 0 decodes in the fault loop only. */

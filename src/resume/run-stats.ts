@@ -1,3 +1,5 @@
+import {type RemoteReport} from '../remote/remote-snapshot.js'
+
 /**
  * Counters and a latency histogram of a resume, kept in a SharedArrayBuffer: the fault-loop
  * worker writes them with plain stores on its hot path, the main thread reads them whenever it
@@ -175,9 +177,11 @@ export interface ResumeReport {
    * not counted.
    */
   prefetchHits: {copiedPages: number; hits: number; wasted: number; sampledAtMs: number} | null
+  /** A snapshot served from object storage: what fetching it cost (absent for a local file). */
+  remote?: RemoteReport
 }
 
-export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, now = Date.now()): ResumeReport {
+export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, now = Date.now(), remote?: RemoteReport): ResumeReport {
   const g = (name: CounterName): number => stats.get(name)
   const faults = g('faults')
   const lookups = g('cacheHits') + g('cacheMisses')
@@ -208,5 +212,6 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     timeToMemoryCompleteMs: g('memoryCompleteMs') || null,
     timeToWorkingSetMs: g('workingSetDoneMs') || null,
     prefetchHits: g('hitsTracked') ? {copiedPages: g('prefetchCopiedPages'), hits: g('prefetchHits'), wasted: g('prefetchWasted'), sampledAtMs: g('hitsSampledMs')} : null,
+    ...(remote ? {remote} : {}),
   }
 }

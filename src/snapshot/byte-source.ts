@@ -16,6 +16,14 @@ export interface ByteSource {
   /** Fills `dst` entirely with the bytes at `position`; throws if the source ends first. */
   readAt(dst: Uint8Array, position: number): void
   close(): void
+  /**
+   * Sources whose bytes may be far away (object storage) say whether a range can be read now
+   * without waiting on the network, take requests ahead of need, and can drop a copy that
+   * failed its check so the next read fetches it again. A local file needs none of these.
+   */
+  isLocal?(position: number, length: number): boolean
+  fetchAhead?(ranges: readonly {position: number; length: number}[], priority?: 1 | 2): void
+  discard?(position: number, length: number): boolean
 }
 
 export class FileByteSource implements ByteSource {

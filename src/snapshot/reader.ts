@@ -113,8 +113,14 @@ export class SnapshotReader {
     // The checksum covers the stored bytes, so corrupt data is refused before it reaches a
     // decoder, and checking costs a pass over the compressed size only. zstd frames also carry
     // their own checksum of the decoded content, which zstd verifies while decoding.
-    const stored = this.readStored(entry, payload)
-    const crc = crc32(stored)
+    let stored = this.readStored(entry, payload)
+    let crc = crc32(stored)
+    // A cached copy of remote bytes that went bad (a torn file after a crash, a disk error) is
+    // dropped and fetched again, once; the file itself failing is what the error reports.
+    if (crc !== entry.storedCrc && this.source.discard?.(entry.dataOffset, entry.storedLength)) {
+      stored = this.readStored(entry, payload)
+      crc = crc32(stored)
+    }
     if (crc !== entry.storedCrc) {
       throw this.chunkError(chunk, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)})`)
     }
@@ -159,6 +165,29 @@ export class SnapshotReader {
   /** The packed block a unit number names, or undefined for a chunk. */
   packedBlock(unit: number): number | undefined {
     return unit >= this.index.length && unit < this.unitCount ? unit - this.index.length : undefined
+  }
+
+  /** Whether the unit's stored bytes can be read without waiting on the network (always, for a local file). */
+  isLocal(unit: number): boolean {
+    const entry = this.entry(unit)
+    if (entry.codec === Codec.None || !this.source.isLocal) return true
+    return this.source.isLocal(entry.dataOffset, entry.storedLength)
+  }
+
+  /** Asks a remote source for these units' stored bytes ahead of need (nothing for a local file). */
+  fetchAhead(units: Iterable<number>, priority: 1 | 2 = 1): void {
+    if (!this.source.fetchAhead) return
+    const ranges: {position: number; length: number}[] = []
+    for (const unit of units) {
+      const entry = this.entry(unit)
+      if (entry.codec !== Codec.None) ranges.push({position: entry.dataOffset, length: entry.storedLength})
+    }
+    this.source.fetchAhead(ranges, priority)
+  }
+
+  /** Whether bytes may be far away (fetchAhead and isLocal mean something). */
+  get remote(): boolean {
+    return this.source.fetchAhead !== undefined
   }
 
   close(): void {

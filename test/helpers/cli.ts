@@ -47,3 +47,27 @@ export function uffdSpawn(args: string[]) {
 export function isRoot(): boolean {
   return process.getuid?.() === 0
 }
+
+/**
+ * Runs the built CLI without blocking this process's event loop (uffd() does block it): for
+ * commands that talk to servers the test itself runs (HTTP, S3 on loopback).
+ */
+export async function uffdAsync(args: string[], options: {timeoutMs?: number; env?: NodeJS.ProcessEnv} = {}): Promise<CliResult> {
+  const child = spawn(process.execPath, [UFFD_BIN, ...args], {stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? cliEnv()})
+  let stdout = ''
+  let stderr = ''
+  child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 120_000)
+  const {status, signal} = await new Promise<{status: number | null; signal: NodeJS.Signals | null}>((resolve) => child.on('close', (code, sig) => resolve({status: code, signal: sig})))
+  clearTimeout(timer)
+  let json: unknown
+  if (args.includes('--json')) {
+    try {
+      json = JSON.parse(stdout)
+    } catch {
+      json = undefined
+    }
+  }
+  return {status, signal, stdout, stderr, json}
+}

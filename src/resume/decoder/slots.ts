@@ -1,3 +1,5 @@
+import {type SnapshotSpec} from '../../snapshot/spec.js'
+
 // The shared memory between the fault loop's DecodePool and the decoder threads: slot states,
 // the control cells and the settings each decoder starts with: the one file both sides share.
 
@@ -16,7 +18,7 @@ export const CONTROL_STOP = 2 // 1: decoders exit
 export const CONTROL_CELLS = 3
 
 export interface DecoderConfig {
-  snapshotPath: string
+  snapshot: SnapshotSpec
   arena: SharedArrayBuffer
   slotBytes: number
   /** Per slot: state, payload length, unit to decode, request order, claimed by a decoder. */

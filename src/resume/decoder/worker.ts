@@ -1,6 +1,6 @@
 import {workerData} from 'node:worker_threads'
 
-import {SnapshotReader} from '../../snapshot/reader.js'
+import {openSpec} from '../../snapshot/spec.js'
 import {eventfdSignal, setThreadNice} from '../../sys/index.js'
 import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ERROR, SLOT_PENDING, SLOT_READY, type DecoderConfig} from './slots.js'
 
@@ -12,7 +12,7 @@ import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ER
  * Atomics.wait until a request or the stop flag arrives.
  */
 const config = workerData as DecoderConfig
-const reader = SnapshotReader.open(config.snapshotPath)
+const reader = openSpec(config.snapshot)
 const states = new Int32Array(config.states)
 const lengths = new Int32Array(config.lengths)
 const units = new Int32Array(config.units)

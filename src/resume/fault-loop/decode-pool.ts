@@ -1,6 +1,7 @@
 import {type Worker} from 'node:worker_threads'
 
 import {startWorker} from '../../core/workers.js'
+import {childSpec, type SnapshotSpec, specTransfer} from '../../snapshot/spec.js'
 import {createEventfd, closeFd, eventfdDrain} from '../../sys/index.js'
 import {CONTROL_CELLS, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, type DecoderConfig, SLOT_ERROR, SLOT_FREE, SLOT_PENDING, SLOT_READY} from '../decoder/slots.js'
 
@@ -30,7 +31,7 @@ export class DecodePool {
   private requests = 0
 
   constructor(
-    snapshotPath: string,
+    snapshot: SnapshotSpec,
     decoders: number,
     readonly slots: number,
     private readonly slotBytes: number,
@@ -50,8 +51,11 @@ export class DecodePool {
     this.claims = new Int32Array(claims)
     this.control = new Int32Array(control)
     this.counted = new Uint8Array(slots)
-    const config: DecoderConfig = {snapshotPath, arena: this.arena, slotBytes, states, lengths, units, order, claims, control, eventFd: this.eventFd}
-    for (let i = 0; i < decoders; i++) this.workers.push(startWorker(import.meta.url, '../decoder/worker', config))
+    for (let i = 0; i < decoders; i++) {
+      const spec = childSpec(snapshot)
+      const config: DecoderConfig = {snapshot: spec, arena: this.arena, slotBytes, states, lengths, units, order, claims, control, eventFd: this.eventFd}
+      this.workers.push(startWorker(import.meta.url, '../decoder/worker', config, specTransfer(spec)))
+    }
   }
 
   /**

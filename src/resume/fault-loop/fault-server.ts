@@ -29,7 +29,8 @@ export interface FaultWindow {
  * readahead.
  */
 export interface Served {
-  outcome: Outcome
+  /** 'wait': the unit's bytes are still on their way from object storage; serve it again when they land. */
+  outcome: Outcome | 'wait'
   window: FaultWindow | undefined
 }
 
@@ -126,6 +127,13 @@ export class FaultServer {
       return {outcome, window: undefined}
     }
     const kind = this.zeroMap.isZero(page) ? 'faultsZero' : 'faultsData'
+    // Bytes still in object storage: the fault waits (the vCPU with it) while the loop goes on
+    // serving everything else; it is served again when they land.
+    const unit = this.blockOfPage && this.blockOfPage[page] >= 0 ? this.chunkCount + this.blockOfPage[page] : kind === 'faultsData' ? this.geometry.chunkOfOffset(page * this.pageSize) : -1
+    if (unit >= 0 && !this.source.isLocal(unit)) {
+      this.source.fetchNow(unit)
+      return {outcome: 'wait', window: undefined}
+    }
     if (this.blockOfPage && this.blockOfPage[page] >= 0) {
       // A page of the packed working set: its block holds the pages touched around the same
       // time, wherever they lie, which predicts the next faults better than its neighbours do.
@@ -229,6 +237,12 @@ export class FaultServer {
       const chunk = this.geometry.chunkOfOffset(p * this.pageSize)
       let q = p + 1
       while (q < end && client.states.get(q) === PAGE_MISSING && this.zeroMap.isZero(q) === zero && (zero || this.geometry.chunkOfOffset(q * this.pageSize) === chunk)) q++
+      // Fault-around and prefetch never wait on the network: a run whose bytes are not here is
+      // left to its own fault, or to prefetch once they land.
+      if (!zero && !this.source.isLocal(chunk)) {
+        p = q
+        continue
+      }
       const r = this.fillRun(client, region, p, q - p, copied)
       pages += r.pages
       if (r.outcome !== 'served') return {outcome: r.outcome, pages}

@@ -3,7 +3,8 @@ import {receiveMessageOnPort} from 'node:worker_threads'
 
 import {UffdError} from '../../core/errors.js'
 import {WorkingSetRecorder} from '../../format/working-set.js'
-import {SnapshotReader} from '../../snapshot/reader.js'
+import {type SnapshotReader} from '../../snapshot/reader.js'
+import {openSpec} from '../../snapshot/spec.js'
 import {
   closeFd,
   decodeUffdMessage,
@@ -21,7 +22,7 @@ import {
 } from '../../sys/index.js'
 import {type FromWorker, type ToWorker, type WorkerConfig} from '../protocol.js'
 import {RunClock, RunStats} from '../run-stats.js'
-import {Client} from './client.js'
+import {Client, type PendingFault} from './client.js'
 import {DecodePool} from './decode-pool.js'
 import {FaultServer, zeroRunWindowPages} from './fault-server.js'
 import {Installer, kernelFillCalls} from './installer.js'
@@ -57,7 +58,7 @@ export interface LoopParts {
   stagedSlots: number
 }
 
-type Polled = {kind: 'control'} | {kind: 'decoded'} | {kind: 'uffd' | 'pidfd' | 'socket'; client: Client}
+type Polled = {kind: 'control'} | {kind: 'decoded'} | {kind: 'landed'} | {kind: 'uffd' | 'pidfd' | 'socket'; client: Client}
 
 /**
  * The fault loop: one worker thread, synchronous system calls, every client's uffd in one poll
@@ -76,11 +77,13 @@ export class FaultLoop {
   private pollSet = new PollSet([])
   private polled: Polled[] = []
   private readonly startedAt = performance.now()
+  /** Clients whose queued faults all wait for bytes from object storage: served again when something lands. */
+  private readonly waitingForBytes = new Set<Client>()
 
   /** Builds the loop's parts from the worker's settings: the snapshot, decoders, cache, installer, policies. */
   static start(config: WorkerConfig, channel: LoopChannel): FaultLoop {
     const stats = new RunStats(config.stats)
-    const reader = SnapshotReader.open(config.snapshotPath)
+    const reader = openSpec(config.snapshot)
     const clock = new RunClock()
     const {chunkSize} = reader.geometry
     // Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.
@@ -88,8 +91,8 @@ export class FaultLoop {
     // Plus one per working-set unit staged before the first client, within --cache-mb. Slots are
     // chunk-sized, but only the decoded bytes are ever touched, so only those take memory.
     const stagedSlots = config.decoders > 0 ? Math.min(config.workingSetUnits.length, Math.floor(config.cacheBytes / chunkSize)) : 0
-    const pool = config.decoders > 0 ? new DecodePool(config.snapshotPath, config.decoders, readaheadSlots + stagedSlots, chunkSize) : undefined
-    const source = new DecodedUnits(reader, pool, stats, config.cacheBytes)
+    const pool = config.decoders > 0 ? new DecodePool(config.snapshot, config.decoders, readaheadSlots + stagedSlots, chunkSize) : undefined
+    const source = new DecodedUnits(reader, pool, stats, config.cacheBytes, config.snapshot.kind === 'remote' ? config.snapshot.share.landedFd : -1)
     const installer = new Installer(kernelFillCalls, stats, reader.geometry.pageSize, reader.zeroMap, zeroRunWindowPages(reader))
     // Faults on packed working-set pages are served from their blocks only while those blocks are
     // being prefetched (not with --working-set none, nor for CRIU's restored processes).
@@ -124,7 +127,9 @@ export class FaultLoop {
     // first faults that need them. If they never start, faults are decoded here.
     const started = pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false
     // And the working set decoded: after a handshake, installing it then costs only the copies.
-    const staged = started ? source.waitUntilStaged(STARTUP_WAIT_MS) : {units: 0, bytes: 0}
+    // From object storage the set is fetched while the client connects: being ready (listening)
+    // does not wait for the network.
+    const staged = started ? source.waitUntilStaged(this.parts.reader.remote ? 0 : STARTUP_WAIT_MS) : {units: 0, bytes: 0}
     if (staged.units > 0) {
       stats.set('stagedUnits', staged.units)
       stats.set('stagedBytes', staged.bytes)
@@ -186,6 +191,11 @@ export class FaultLoop {
         decoded = true
         continue
       }
+      if (entry.kind === 'landed') {
+        eventfdDrain(this.parts.source.landedFd)
+        this.waitingForBytes.clear()
+        continue
+      }
       const {client} = entry
       if (!this.clients.has(client.id)) continue
       if (entry.kind === 'uffd') {
@@ -205,16 +215,17 @@ export class FaultLoop {
     let retry = false
     let stillQueued = false
     for (const client of [...this.clients.values()]) {
-      if (client.failed || client.pending.length === 0) continue
+      if (client.failed || client.pending.length === 0 || this.waitingForBytes.has(client)) continue
       this.guarded(client, () => {
         const outcome = this.servePending(client)
+        if (outcome === 'wait') this.waitingForBytes.add(client)
         if (outcome === 'retry') retry = true
         if (outcome === 'gone') {
           client.pending.length = 0
           if (client.endsOnlyByFailedCopies) this.endClient(client, 'gone')
         }
       })
-      if (client.pending.length > 0) stillQueued = true
+      if (client.pending.length > 0 && !this.waitingForBytes.has(client)) stillQueued = true
     }
     return {retry, stillQueued}
   }
@@ -257,10 +268,14 @@ export class FaultLoop {
   private rebuildPollSet(): void {
     const entries: PollEntry[] = [{fd: this.channel.controlFd, events: POLLIN}]
     this.polled = [{kind: 'control'}]
-    const {eventFd} = this.parts.source
+    const {eventFd, landedFd} = this.parts.source
     if (eventFd >= 0) {
       entries.push({fd: eventFd, events: POLLIN})
       this.polled.push({kind: 'decoded'})
+    }
+    if (landedFd >= 0) {
+      entries.push({fd: landedFd, events: POLLIN})
+      this.polled.push({kind: 'landed'})
     }
     for (const client of this.clients.values()) {
       if (!client.failed) {
@@ -307,7 +322,7 @@ export class FaultLoop {
     // it before the bookkeeping below. What is left queued is served by the loop.
     this.guarded(client, () => {
       this.drain(client)
-      this.servePending(client)
+      if (this.servePending(client) === 'wait') this.waitingForBytes.add(client)
     })
     // (A client that could not be served stays frozen: nothing is prefetched into it.)
     if (!client.failed) prefetcher.addClient(client, config.workingSetUnits)
@@ -328,6 +343,7 @@ export class FaultLoop {
 
   private endClient(client: Client, reason: 'exited' | 'gone' | 'socket-closed'): void {
     this.clients.delete(client.id)
+    this.waitingForBytes.delete(client)
     this.parts.prefetcher.removeClient(client)
     for (const fd of [client.uffd, client.lifeline.pidfd, client.lifeline.socket]) {
       if (fd >= 0) closeFd(fd)
@@ -414,11 +430,28 @@ export class FaultLoop {
     }
   }
 
-  /** Serves queued faults in arrival order; stops at one that must wait for queued events. */
-  private servePending(client: Client): 'ok' | 'retry' | 'gone' {
+  /**
+   * Serves queued faults in arrival order; stops at one that must wait for queued events. Faults
+   * whose bytes are still in object storage are set aside (each vCPU waits for its own page, so
+   * the others go ahead) and stay queued: 'wait' when only those are left.
+   */
+  private servePending(client: Client): 'ok' | 'retry' | 'gone' | 'wait' {
+    const waiting: PendingFault[] = []
+    try {
+      return this.serveInOrder(client, waiting)
+    } finally {
+      client.pending.unshift(...waiting)
+    }
+  }
+
+  private serveInOrder(client: Client, waiting: PendingFault[]): 'ok' | 'retry' | 'gone' | 'wait' {
     const {server, recorder, clock, prefetcher} = this.parts
     while (client.pending.length > 0) {
       const {outcome, window} = server.serve(client, client.pending[0])
+      if (outcome === 'wait') {
+        waiting.push(client.pending.shift()!)
+        continue
+      }
       if (outcome === 'retry') return 'retry'
       // 'gone' can come after the faulting page was served (the client exited while its window
       // was being filled): that fault still belongs to the working set.
@@ -435,6 +468,6 @@ export class FaultLoop {
       if (outcome === 'gone') return 'gone'
       client.pending.shift()
     }
-    return 'ok'
+    return waiting.length > 0 ? 'wait' : 'ok'
   }
 }

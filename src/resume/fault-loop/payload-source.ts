@@ -20,6 +20,15 @@ export interface PayloadSource {
   payload(unit: number): Buffer
   /** Whether `unit` can be installed without waiting: nothing to decode, decoded, or failed (installing it reports the error). */
   isReady(unit: number): boolean
+  /**
+   * Whether payload(unit) can be had without waiting on the network: always for a local file;
+   * for object storage, once its stored bytes are on this host (or decoded, or failed).
+   */
+  isLocal(unit: number): boolean
+  /** Asks for `unit`'s stored bytes at demand priority, without waiting; landedFd becomes readable when they arrive. */
+  fetchNow(unit: number): void
+  /** Readable when fetched bytes land (-1: a local file, never readable). */
+  readonly landedFd: number
   /** Whether a decode of `unit` was asked for and is not yet released. */
   isRequested(unit: number): boolean
   /** Whether `owner` has asked for `unit` and not released it. */
@@ -77,12 +86,29 @@ export class DecodedUnits implements PayloadSource {
     private readonly pool: DecodePool | undefined,
     private readonly stats: RunStats,
     cacheBytes: number,
+    /** The remote source's landing eventfd (-1 for a local file). */
+    private readonly landedEventFd = -1,
   ) {
     this.cache = new ChunkCache(reader, cacheBytes, stats)
   }
 
   get eventFd(): number {
     return this.pool?.eventFd ?? -1
+  }
+
+  get landedFd(): number {
+    return this.landedEventFd
+  }
+
+  isLocal(unit: number): boolean {
+    if (!this.reader.remote || this.cache.has(unit)) return true
+    const slot = this.pool?.slotOf(unit)
+    if (slot !== undefined && this.pool!.state(slot) !== SLOT_PENDING) return true
+    return this.reader.isLocal(unit)
+  }
+
+  fetchNow(unit: number): void {
+    this.reader.fetchAhead([unit], 2)
   }
 
   payload(unit: number): Buffer {
@@ -115,6 +141,9 @@ export class DecodedUnits implements PayloadSource {
     let owners = this.wanted.get(unit)
     if (!owners) {
       if (!this.pool!.request(unit)) return 'full'
+      // The decoder that takes it would wait for the network: fetching starts now, beside the
+      // other units asked ahead, not one at a time as decoders reach them.
+      this.reader.fetchAhead([unit])
       this.wanted.set(unit, (owners = new Set()))
     }
     owners.add(owner)
@@ -157,6 +186,10 @@ export class DecodedUnits implements PayloadSource {
    */
   stage(units: readonly number[], maxUnits: number, keep: boolean): number {
     if (!this.pool) return 0
+    // From object storage, the whole working set is fetched at once, with the fetcher's full
+    // concurrency, before or while the client connects (beyond the staged slots too: decoders
+    // then find those bytes on disk).
+    this.reader.fetchAhead(units)
     for (const unit of units.slice(0, maxUnits)) {
       if (this.wanted.has(unit) || this.needsNoDecode(unit) || !this.pool.request(unit)) continue
       this.wanted.set(unit, new Set([STAGED]))

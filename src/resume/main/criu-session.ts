@@ -5,7 +5,7 @@ import path from 'node:path'
 import {UffdError} from '../../core/errors.js'
 import {isLazyVma, readCriuDump} from '../../criu/images.js'
 import {RegionKind} from '../../format/constants.js'
-import {SnapshotReader} from '../../snapshot/reader.js'
+import {type SnapshotReader} from '../../snapshot/reader.js'
 import {closeFd, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
 import {type GuestRegion} from './handshake.js'
 import {ACCEPT_SLICE_MS, type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
@@ -130,13 +130,7 @@ function processTree(pids: Iterable<number>): number[] {
  * off): a task whose uffd is released would read zeros where its memory should be.
  */
 export async function runCriuResume(options: CriuResumeOptions): Promise<ResumeResult> {
-  const reader = SnapshotReader.open(options.snapshotPath)
-  let regionsByTask: Map<number, GuestRegion[]>
-  try {
-    regionsByTask = lazyRegionsByTask(reader, options.snapshotPath, options.criuDir)
-  } finally {
-    reader.close()
-  }
+  const regionsByTask = lazyRegionsByTask(options.snapshot.reader, options.snapshot.name, options.criuDir)
   const {result} = await serveClients(options, new RestoredTasks(options, regionsByTask), {
     // Population starts when the restore finished (the 'populate' message), as CRIU's daemon does.
     populateAll: false,

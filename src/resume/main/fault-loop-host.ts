@@ -5,16 +5,21 @@ import {startWorker} from '../../core/workers.js'
 import {closeFd, createEventfd, eventfdSignal} from '../../sys/index.js'
 import {type FromWorker, type ToWorker, type WorkerConfig} from '../protocol.js'
 import {RunStats} from '../run-stats.js'
+import {type OpenedSnapshot} from '../../snapshot/open.js'
+import {specTransfer} from '../../snapshot/spec.js'
 
 /** How chunks are served, the same for a VMM's client and for CRIU's restored processes. */
-export type ServingSettings = Pick<WorkerConfig, 'snapshotPath' | 'cacheBytes' | 'faultAroundBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes'>
+export type ServingSettings = Pick<WorkerConfig, 'cacheBytes' | 'faultAroundBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes'> & {
+  /** The snapshot the command opened (a local file, or object storage through the fetcher thread). */
+  snapshot: OpenedSnapshot
+}
 
 /**
- * The serving settings out of a command's options: picked field by field, since the options
- * also hold things a worker cannot receive (an AbortSignal, callbacks).
+ * The serving settings out of a command's options, as the worker receives them: picked field by
+ * field, since the options also hold things a worker cannot receive (an AbortSignal, callbacks).
  */
-export function servingSettings(o: ServingSettings): ServingSettings {
-  return {snapshotPath: o.snapshotPath, cacheBytes: o.cacheBytes, faultAroundBytes: o.faultAroundBytes, spinMicros: o.spinMicros, decoders: o.decoders, readaheadBytes: o.readaheadBytes}
+export function servingSettings(o: ServingSettings): Pick<WorkerConfig, 'snapshot' | 'cacheBytes' | 'faultAroundBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes'> {
+  return {snapshot: o.snapshot.spec(), cacheBytes: o.cacheBytes, faultAroundBytes: o.faultAroundBytes, spinMicros: o.spinMicros, decoders: o.decoders, readaheadBytes: o.readaheadBytes}
 }
 
 /**
@@ -31,7 +36,7 @@ export class FaultLoopHost {
   constructor(config: Omit<WorkerConfig, 'stats' | 'control' | 'controlFd'>) {
     this.controlFd = createEventfd()
     const full: WorkerConfig = {...config, stats: this.stats.buffer, control: this.channel.port2, controlFd: this.controlFd}
-    this.events = new WorkerEvents(startWorker(import.meta.url, '../fault-loop/worker', full, [this.channel.port2]))
+    this.events = new WorkerEvents(startWorker(import.meta.url, '../fault-loop/worker', full, [this.channel.port2, ...specTransfer(config.snapshot)]))
   }
 
   send(message: ToWorker): void {

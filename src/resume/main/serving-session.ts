@@ -163,7 +163,7 @@ class ServingSession implements ClientIntake {
   ) {
     this.signal = options.signal
     this.host = new FaultLoopHost({...servingSettings(options), ...prefetching})
-    options.onStats?.(() => buildReport(this.host.stats, options.snapshotPath, this.startedAt))
+    options.onStats?.(() => buildReport(this.host.stats, options.snapshot.name, this.startedAt, Date.now(), options.snapshot.report()))
     this.hitSampler = prefetching.countHits ? new PrefetchHitSampler(this.host.stats, this.clients) : undefined
   }
 
@@ -194,7 +194,7 @@ class ServingSession implements ClientIntake {
       if (options.readyFile) fs.rmSync(options.readyFile, {force: true})
       await host.stop()
     }
-    const stats = buildReport(host.stats, options.snapshotPath, this.startedAt)
+    const stats = buildReport(host.stats, options.snapshot.name, this.startedAt, Date.now(), options.snapshot.report())
     return {result: {socket: frontEnd.socketPath, clients: this.summaries(), stats, error: this.firstError, rejected: this.rejected, interrupted}, recording: this.recording}
   }
 

@@ -3,7 +3,6 @@ import fs from 'node:fs'
 import {UffdError} from '../../core/errors.js'
 import {type Geometry} from '../../format/geometry.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
-import {SnapshotReader} from '../../snapshot/reader.js'
 import {attachedWorkingSet} from '../../snapshot/relayout.js'
 import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, readSome, recvWithFds, SysError} from '../../sys/index.js'
 import {type GuestRegion, HandshakeError, handshakeComplete, MAX_HANDSHAKE_BYTES, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
@@ -52,8 +51,8 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
 
 /** The snapshot's geometry and identity, and the units to prefetch for every client. */
 function prefetchPlan(options: ResumeOptions): {geometry: Geometry; identity: WorkingSetFile['snapshot']; workingSetUnits: number[]} {
-  const reader = SnapshotReader.open(options.snapshotPath)
-  try {
+  const {reader} = options.snapshot
+  {
     const {geometry} = reader
     const identity = {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: reader.header.headerCrc}
     if (options.workingSetFile === 'none') return {geometry, identity, workingSetUnits: []}
@@ -67,8 +66,6 @@ function prefetchPlan(options: ResumeOptions): {geometry: Geometry; identity: Wo
     // chunks, see SnapshotReader.unitCount), else as whole chunks.
     const packedUnits = reader.packed?.blocks.map((_, b) => reader.index.length + b)
     return {geometry, identity, workingSetUnits: packedUnits ?? attachedWorkingSet(reader)?.chunks ?? []}
-  } finally {
-    reader.close()
   }
 }
 

@@ -1,0 +1,170 @@
+import crypto from 'node:crypto'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+
+import {UffdError} from '../core/errors.js'
+
+/** A stored extent: where its bytes lie in the snapshot object. */
+export interface ExtentRange {
+  offset: number
+  length: number
+}
+
+/**
+ * The default cache directory: /var/cache/uffd for root (shared by every handler on the host),
+ * else $XDG_CACHE_HOME/uffd or ~/.cache/uffd.
+ */
+export function defaultCacheRoot(): string {
+  if (process.getuid?.() === 0) return '/var/cache/uffd'
+  const base = process.env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache')
+  return path.join(base, 'uffd')
+}
+
+/** Files in the cache hold guest memory: readable by their owner only. */
+const FILE_MODE = 0o600
+const DIR_MODE = 0o700
+/** A cached extent whose mtime is older than this is touched when read, so eviction (oldest mtime first) keeps what is in use. */
+const TOUCH_AFTER_MS = 60 * 60 * 1000
+
+/**
+ * The local chunk cache: one directory per snapshot identity (a digest of its header, index,
+ * zero map and footer, so a replaced object never meets the old one's bytes), one file per
+ * stored extent, named by its offset and length, holding exactly the stored (compressed) bytes.
+ *
+ * Several handlers may use one directory at once. A file is written under a temporary name and
+ * renamed into place, so a reader sees it complete or not at all. Nothing is fsync'd: after a
+ * crash a file can hold garbage, which fails its CRC when read and is fetched again. Files may
+ * be evicted (unlinked) at any time by any handler; a reader that finds one gone fetches it.
+ */
+export class DiskCache {
+  constructor(readonly dir: string) {}
+
+  /** Creates the directory (and its root) if needed; CACHE_DIR when that is impossible. */
+  static prepare(root: string, digest: string): DiskCache {
+    const dir = path.join(root, digest)
+    try {
+      fs.mkdirSync(dir, {recursive: true, mode: DIR_MODE})
+      fs.accessSync(dir, fs.constants.W_OK | fs.constants.R_OK)
+    } catch (error) {
+      throw new UffdError('CACHE_DIR', `cache directory ${dir}: ${(error as Error).message} (choose another with --cache-dir)`, {cause: error})
+    }
+    return new DiskCache(dir)
+  }
+
+  pathOf(extent: ExtentRange): string {
+    return path.join(this.dir, `${extent.offset.toString(16)}-${extent.length.toString(16)}`)
+  }
+
+  has(extent: ExtentRange): boolean {
+    try {
+      return fs.statSync(this.pathOf(extent)).size === extent.length
+    } catch {
+      return false
+    }
+  }
+
+  /**
+   * Fills `dst` (extent.length bytes) from the cached file; false when there is none (or it has
+   * the wrong size: someone else's torn write, or a different file). The caller checks the CRC.
+   */
+  read(extent: ExtentRange, dst: Uint8Array): boolean {
+    let fd: number
+    try {
+      fd = fs.openSync(this.pathOf(extent), 'r')
+    } catch {
+      return false
+    }
+    try {
+      const stat = fs.fstatSync(fd)
+      if (stat.size !== extent.length) return false
+      let done = 0
+      while (done < dst.length) {
+        const n = fs.readSync(fd, dst, done, dst.length - done, done)
+        if (n === 0) return false
+        done += n
+      }
+      if (Date.now() - stat.mtimeMs > TOUCH_AFTER_MS) {
+        const now = new Date()
+        fs.futimesSync(fd, now, now)
+      }
+      return true
+    } catch {
+      return false
+    } finally {
+      fs.closeSync(fd)
+    }
+  }
+
+  /** Publishes verified bytes; throws on a write failure (a full disk) after removing its temporary file. */
+  publish(extent: ExtentRange, bytes: Uint8Array): void {
+    const final = this.pathOf(extent)
+    const temp = path.join(this.dir, `.tmp-${process.pid}-${crypto.randomBytes(6).toString('hex')}`)
+    try {
+      fs.writeFileSync(temp, bytes, {mode: FILE_MODE, flag: 'wx'})
+      fs.renameSync(temp, final)
+    } catch (error) {
+      fs.rmSync(temp, {force: true})
+      throw error
+    }
+  }
+
+  /** Removes a cached extent that failed its check, so the next read fetches it. */
+  discard(extent: ExtentRange): void {
+    fs.rmSync(this.pathOf(extent), {force: true})
+  }
+}
+
+/** Temporary files older than this were left by a handler that died mid-write. */
+const STALE_TEMP_MS = 10 * 60 * 1000
+
+/**
+ * Keeps a cache root under `maxBytes`: when a scan finds more, the files read least recently
+ * (oldest mtime: reads touch files, see TOUCH_AFTER_MS) are removed, across every snapshot's
+ * directory, down to 90% of the bound. Runs in the fetcher thread, asynchronously; racing
+ * another handler's eviction is harmless (a file removed twice is removed).
+ */
+export async function evict(root: string, maxBytes: number): Promise<{bytes: number; evictedBytes: number}> {
+  const files: {file: string; size: number; mtimeMs: number}[] = []
+  let total = 0
+  let dirs: string[]
+  try {
+    dirs = await fs.promises.readdir(root)
+  } catch {
+    return {bytes: 0, evictedBytes: 0}
+  }
+  const now = Date.now()
+  for (const name of dirs) {
+    const dir = path.join(root, name)
+    let entries: string[]
+    try {
+      entries = await fs.promises.readdir(dir)
+    } catch {
+      continue
+    }
+    for (const entry of entries) {
+      const file = path.join(dir, entry)
+      try {
+        const stat = await fs.promises.stat(file)
+        if (!stat.isFile()) continue
+        if (entry.startsWith('.tmp-')) {
+          if (now - stat.mtimeMs > STALE_TEMP_MS) await fs.promises.rm(file, {force: true})
+          continue
+        }
+        files.push({file, size: stat.size, mtimeMs: stat.mtimeMs})
+        total += stat.size
+      } catch {
+        // Removed meanwhile by another handler.
+      }
+    }
+  }
+  if (total <= maxBytes) return {bytes: total, evictedBytes: 0}
+  files.sort((a, b) => a.mtimeMs - b.mtimeMs)
+  let evictedBytes = 0
+  for (const f of files) {
+    if (total - evictedBytes <= maxBytes * 0.9) break
+    await fs.promises.rm(f.file, {force: true})
+    evictedBytes += f.size
+  }
+  return {bytes: total - evictedBytes, evictedBytes}
+}

@@ -1,0 +1,166 @@
+import {UffdError} from '../../core/errors.js'
+import {bucketOf} from '../../resume/run-stats.js'
+import {crc32} from '../../sys/crc.js'
+import {backoffMs, type ExtentTable, planRun} from '../coalesce.js'
+import {type ObjectIdentity, RemoteError, type RemoteObject} from '../object.js'
+import {type FetchOptions, PRIORITY_DEMAND, type Priority, type RemoteCounters} from '../shared.js'
+
+interface Wanted {
+  priority: Priority
+  deadline: number
+  resolve: (bytes: Buffer) => void
+  reject: (error: Error) => void
+  promise: Promise<Buffer>
+}
+
+/**
+ * Fetches extents of one remote object: each wanted extent once (concurrent wants share one
+ * fetch), neighbours wanted at the same time in one ranged request, at most `concurrency`
+ * requests at once, demand before prefetch (prefetch never takes the last slots, so a fault
+ * never queues behind a full pipe of readahead). A failed request is retried with backoff until
+ * its extents' deadline; bytes that fail their CRC are a failed request too, so a lying server
+ * never gets a byte through. Resolves each want with the extent's verified stored bytes.
+ */
+export class FetchScheduler {
+  private readonly wanted = new Map<number, Wanted>()
+  private readonly inFlight = new Set<number>()
+  private readonly demandQueue: number[] = []
+  private readonly prefetchQueue: number[] = []
+  private requests = 0
+  private readonly reserved: number
+
+  constructor(
+    private readonly table: ExtentTable,
+    private readonly object: RemoteObject,
+    private readonly identity: ObjectIdentity,
+    private readonly options: FetchOptions,
+    private readonly counters: RemoteCounters,
+    private readonly latency: BigInt64Array,
+    private readonly random: () => number = Math.random,
+  ) {
+    this.reserved = options.concurrency > 2 ? 2 : options.concurrency > 1 ? 1 : 0
+  }
+
+  /** The extent's verified bytes, fetched at `priority` (a later demand want promotes a queued prefetch). */
+  want(extent: number, priority: Priority): Promise<Buffer> {
+    const existing = this.wanted.get(extent)
+    if (existing) {
+      if (priority > existing.priority && !this.inFlight.has(extent)) {
+        existing.priority = priority
+        this.demandQueue.push(extent)
+        this.pump()
+      }
+      return existing.promise
+    }
+    let resolve!: (bytes: Buffer) => void
+    let reject!: (error: Error) => void
+    const promise = new Promise<Buffer>((res, rej) => {
+      resolve = res
+      reject = rej
+    })
+    this.wanted.set(extent, {priority, deadline: performance.now() + this.options.deadlineMs, resolve, reject, promise})
+    ;(priority === PRIORITY_DEMAND ? this.demandQueue : this.prefetchQueue).push(extent)
+    this.pump()
+    return promise
+  }
+
+  get idle(): boolean {
+    return this.wanted.size === 0
+  }
+
+  private pump(): void {
+    while (this.requests < this.options.concurrency) {
+      let head = this.next(this.demandQueue)
+      if (head < 0 && this.requests < this.options.concurrency - this.reserved) head = this.next(this.prefetchQueue)
+      if (head < 0) return
+      const [first, end] = planRun(this.table, head, (e) => this.wanted.has(e) && !this.inFlight.has(e), this.options.maxRequestBytes)
+      for (let e = first; e < end; e++) this.inFlight.add(e)
+      this.requests++
+      void this.fetchRun(first, end).finally(() => {
+        this.requests--
+        this.pump()
+      })
+    }
+  }
+
+  /** The first queued extent still wanted and not in flight. */
+  private next(queue: number[]): number {
+    while (queue.length > 0) {
+      const extent = queue.shift()!
+      if (this.wanted.has(extent) && !this.inFlight.has(extent)) return extent
+    }
+    return -1
+  }
+
+  /** Fetches extents [first, end) until each is verified, failed for good, or past its deadline. */
+  private async fetchRun(first: number, end: number): Promise<void> {
+    const {offsets, lengths} = this.table
+    let lastError: Error | undefined
+    for (let attempt = 0; ; attempt++) {
+      const from = offsets[first]
+      const length = offsets[end - 1] + lengths[end - 1] - from
+      const started = performance.now()
+      try {
+        const bytes = await this.object.read(from, length, this.identity, {idleTimeoutMs: this.options.idleTimeoutMs})
+        this.counters.add('requests')
+        this.counters.add('bytesFetched', bytes.length)
+        Atomics.add(this.latency, bucketOf((performance.now() - started) * 1000), 1n)
+        let bad = -1
+        let lastBad = -1
+        for (let e = first; e < end; e++) {
+          const at = offsets[e] - from
+          const piece = bytes.subarray(at, at + lengths[e])
+          if (crc32(piece) === this.table.crcs[e]) this.settle(e, Buffer.from(piece))
+          else {
+            if (bad < 0) bad = e
+            lastBad = e
+          }
+        }
+        if (bad < 0) return
+        this.counters.add('badResponses')
+        lastError = new RemoteError('REMOTE_PROTOCOL', `${this.object.name}: bytes ${offsets[bad]}-${offsets[lastBad] + lengths[lastBad] - 1} failed their CRC (the server sent other bytes than the snapshot's)`, true)
+        ;[first, end] = [bad, lastBad + 1]
+      } catch (error) {
+        lastError = error as Error
+        if (!(error instanceof RemoteError) || !error.retryable) {
+          this.failRange(first, end, error instanceof UffdError ? error : new UffdError('INTERNAL', `${this.object.name}: ${(error as Error).message}`))
+          return
+        }
+      }
+      const deadline = this.earliestDeadline(first, end)
+      const delay = backoffMs(attempt, this.random())
+      if (performance.now() + delay > deadline) {
+        const seconds = Math.round(this.options.deadlineMs / 100) / 10
+        this.failRange(first, end, new UffdError('FETCH_DEADLINE', `${this.object.name}: bytes ${offsets[first]}-${offsets[end - 1] + lengths[end - 1] - 1} could not be fetched within ${seconds} s (${attempt + 1} attempts; last: ${lastError?.message})`))
+        return
+      }
+      this.counters.add('retries')
+      await new Promise((resolve) => setTimeout(resolve, delay))
+    }
+  }
+
+  private earliestDeadline(first: number, end: number): number {
+    let deadline = Infinity
+    for (let e = first; e < end; e++) deadline = Math.min(deadline, this.wanted.get(e)?.deadline ?? Infinity)
+    return deadline
+  }
+
+  private settle(extent: number, bytes: Buffer): void {
+    const w = this.wanted.get(extent)
+    this.inFlight.delete(extent)
+    if (!w) return
+    this.wanted.delete(extent)
+    this.counters.add('extentsFetched')
+    w.resolve(bytes)
+  }
+
+  private failRange(first: number, end: number, error: Error): void {
+    for (let e = first; e < end; e++) {
+      const w = this.wanted.get(e)
+      this.inFlight.delete(e)
+      if (!w) continue
+      this.wanted.delete(e)
+      w.reject(error)
+    }
+  }
+}

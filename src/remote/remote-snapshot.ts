@@ -1,0 +1,244 @@
+import crypto from 'node:crypto'
+import {MessageChannel, type MessagePort, type Worker} from 'node:worker_threads'
+
+import {UffdError} from '../core/errors.js'
+import {startWorker} from '../core/workers.js'
+import {Codec} from '../format/constants.js'
+import {percentileUs} from '../resume/run-stats.js'
+import {type ByteSource} from '../snapshot/byte-source.js'
+import {SnapshotReader} from '../snapshot/reader.js'
+import {closeFd, createEventfd} from '../sys/index.js'
+import {backoffMs} from './coalesce.js'
+import {DiskCache} from './disk-cache.js'
+import {type FetcherMessage} from './fetcher/worker.js'
+import {describeLocation, type Location} from './location.js'
+import {type ObjectIdentity, RemoteError, type RemoteObject} from './object.js'
+import {remoteObject} from './objects.js'
+import {RemoteByteSource} from './remote-source.js'
+import {type S3Settings} from './s3-object.js'
+import {type FetchOptions, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
+
+/** How remote snapshots are read: the store's client settings, the cache directory, the fetch policy. */
+export interface RemoteOptions {
+  s3: S3Settings
+  cacheRoot: string
+  cacheMaxBytes: number
+  fetch: FetchOptions
+}
+
+/** The first request reads this much: the header and, for small snapshots, everything else. */
+const OPEN_BYTES = 256 * 1024
+/** When a structure near the end is needed, this much of the tail is read at once (index, zero map and footer together). */
+const TAIL_BYTES = 1024 * 1024
+
+/** Thrown by the open-time source when the reader needs bytes not read yet. */
+class NeedBytes {
+  constructor(
+    readonly position: number,
+    readonly length: number,
+  ) {}
+}
+
+/**
+ * The bytes read so far while opening, recording what the reader asked for: those ranges (header,
+ * footer, zero map, index, packed table) are the snapshot's identity and, for every thread, the
+ * segments it reads from memory.
+ */
+class SegmentSource implements ByteSource {
+  readonly reads: {offset: number; bytes: Uint8Array}[] = []
+  constructor(
+    readonly name: string,
+    readonly size: number,
+    readonly segments: {offset: number; bytes: Uint8Array}[],
+  ) {}
+
+  readAt(dst: Uint8Array, position: number): void {
+    for (const s of this.segments) {
+      if (position >= s.offset && position + dst.length <= s.offset + s.bytes.length) {
+        dst.set(s.bytes.subarray(position - s.offset, position - s.offset + dst.length))
+        this.reads.push({offset: position, bytes: dst.slice()})
+        return
+      }
+    }
+    throw new NeedBytes(position, dst.length)
+  }
+
+  close(): void {}
+}
+
+/**
+ * A snapshot in an object store, opened: its header and index read with one or two ranged
+ * requests and validated exactly as a local file is, a fetcher thread started for its chunks, and
+ * a reader for the calling thread. Other threads get their own readers through spec().
+ */
+export class RemoteSnapshot {
+  private constructor(
+    readonly share: RemoteShare,
+    readonly reader: SnapshotReader,
+    private readonly fetcher: Worker,
+    private readonly mainPort: MessagePort,
+  ) {}
+
+  static async open(location: Exclude<Location, {kind: 'file'}>, options: RemoteOptions): Promise<RemoteSnapshot> {
+    const object = remoteObject(location, options.s3)
+    const {identity, segments, reads} = await readStructures(object, options.fetch)
+    const probe = SnapshotReader.fromSource(new SegmentSource(object.name, identity.size, segments))
+    const extents = extentTable(probe)
+    const digest = identityDigest(identity.size, reads)
+    const cache = DiskCache.prepare(options.cacheRoot, digest)
+    const share: RemoteShare = {
+      location,
+      name: describeLocation(location),
+      s3: options.s3,
+      identity,
+      // Only what the reader reads at open: the chunk bytes of the first request are fetched
+      // (and cached) like any other, not held in every thread's memory.
+      segments: reads.map((r) => ({offset: r.offset, bytes: r.bytes})),
+      extentOffsets: extents.offsets,
+      extentLengths: extents.lengths,
+      extentCrcs: extents.crcs,
+      cacheDir: cache.dir,
+      cacheRoot: options.cacheRoot,
+      cacheMaxBytes: options.cacheMaxBytes,
+      fetch: options.fetch,
+      ...sharedBuffers(extents.offsets.length),
+      landedFd: createEventfd(),
+    }
+    const fetcher = startWorker(import.meta.url, 'fetcher/worker', share)
+    fetcher.unref()
+    fetcher.on('error', () => {})
+    const {port1, port2} = new MessageChannel()
+    const message: FetcherMessage = {type: 'port', port: port1}
+    fetcher.postMessage(message, [port1])
+    const reader = SnapshotReader.fromSource(new RemoteByteSource(share, port2))
+    return new RemoteSnapshot(share, reader, fetcher, port2)
+  }
+
+  /** What another thread needs to read this snapshot: the share and a port of its own to the fetcher. */
+  threadShare(): {share: RemoteShare; port: MessagePort} {
+    const {port1, port2} = new MessageChannel()
+    const message: FetcherMessage = {type: 'port', port: port1}
+    this.fetcher.postMessage(message, [port1])
+    return {share: this.share, port: port2}
+  }
+
+  report(): RemoteReport {
+    return remoteReport(this.share)
+  }
+
+  async close(): Promise<void> {
+    this.reader.close()
+    this.mainPort.close()
+    await this.fetcher.terminate()
+    closeFd(this.share.landedFd)
+  }
+}
+
+/** What a remote snapshot cost: requests, bytes and where extents came from. */
+export interface RemoteReport {
+  location: string
+  requests: number
+  bytesFetched: number
+  extentsFetched: number
+  retries: number
+  badResponses: number
+  /** Extents read from the cache directory that this run did not fetch. */
+  diskHits: number
+  /** Readers that had to wait for the network, and for how long in all and at most (ms). */
+  waits: number
+  waitMs: number
+  maxWaitMs: number
+  latencyMs: {p50: number | null; p90: number | null; p99: number | null}
+  cacheDir: string
+  evictedBytes: number
+  cacheWriteErrors: number
+}
+
+export function remoteReport(share: RemoteShare): RemoteReport {
+  const c = new RemoteCounters(share.counters)
+  const histogram = Array.from(new BigInt64Array(share.latency), Number)
+  const ms = (q: number): number | null => {
+    const us = percentileUs(histogram, q)
+    return us === null ? null : us / 1000
+  }
+  return {
+    location: share.name,
+    requests: c.get('requests'),
+    bytesFetched: c.get('bytesFetched'),
+    extentsFetched: c.get('extentsFetched'),
+    retries: c.get('retries'),
+    badResponses: c.get('badResponses'),
+    diskHits: c.get('diskHits'),
+    waits: c.get('waits'),
+    waitMs: c.get('waitUs') / 1000,
+    maxWaitMs: c.get('maxWaitUs') / 1000,
+    latencyMs: {p50: ms(0.5), p90: ms(0.9), p99: ms(0.99)},
+    cacheDir: share.cacheDir,
+    evictedBytes: c.get('evictedBytes'),
+    cacheWriteErrors: c.get('cacheWriteErrors'),
+  }
+}
+
+/**
+ * Reads the header, then whatever else the reader asks for (footer, index, zero map, packed
+ * table: the tail in one request when it fits), until a reader opens over the fetched bytes.
+ * Every request is retried like a chunk fetch, within the fetch deadline.
+ */
+async function readStructures(object: RemoteObject, fetch: FetchOptions): Promise<{identity: ObjectIdentity; segments: {offset: number; bytes: Uint8Array}[]; reads: {offset: number; bytes: Uint8Array}[]}> {
+  const deadline = performance.now() + fetch.deadlineMs
+  const first = await retried(() => object.openRange(OPEN_BYTES, {idleTimeoutMs: fetch.idleTimeoutMs}), deadline, fetch.deadlineMs)
+  const {identity} = first
+  const segments = [{offset: 0, bytes: first.bytes as Uint8Array}]
+  for (let round = 0; round < 16; round++) {
+    const source = new SegmentSource(object.name, identity.size, segments)
+    try {
+      SnapshotReader.fromSource(source)
+      return {identity, segments, reads: source.reads}
+    } catch (error) {
+      if (!(error instanceof NeedBytes)) throw error
+      // Near the end: the tail at once (the footer points back at the index and zero map).
+      const tailStart = Math.max(0, identity.size - TAIL_BYTES)
+      const offset = error.position >= tailStart ? tailStart : error.position
+      const end = error.position >= tailStart ? identity.size : Math.min(identity.size, error.position + Math.max(error.length, OPEN_BYTES))
+      const bytes = await retried(() => object.read(offset, end - offset, identity, {idleTimeoutMs: fetch.idleTimeoutMs}), deadline, fetch.deadlineMs)
+      segments.push({offset, bytes})
+    }
+  }
+  throw new UffdError('INTERNAL', `${object.name}: opening read more structures than a snapshot has`)
+}
+
+async function retried<T>(attempt: () => Promise<T>, deadline: number, deadlineMs: number): Promise<T> {
+  for (let n = 0; ; n++) {
+    try {
+      return await attempt()
+    } catch (error) {
+      const delay = backoffMs(n, Math.random())
+      if (!(error instanceof RemoteError) || !error.retryable) throw error
+      if (performance.now() + delay > deadline) throw new UffdError('FETCH_DEADLINE', `${error.message} (still failing after ${n + 1} attempts within ${deadlineMs / 1000} s)`, {cause: error})
+      await new Promise((resolve) => setTimeout(resolve, delay))
+    }
+  }
+}
+
+/** The distinct stored byte ranges of a snapshot (chunks and packed blocks; deduplicated chunks share one), sorted by offset. */
+function extentTable(reader: SnapshotReader): {offsets: Float64Array; lengths: Int32Array; crcs: Uint32Array} {
+  const byRange = new Map<string, {offset: number; length: number; crc: number}>()
+  for (let unit = 0; unit < reader.unitCount; unit++) {
+    const entry = reader.entry(unit)
+    if (entry.codec === Codec.None || entry.storedLength === 0) continue
+    byRange.set(`${entry.dataOffset}:${entry.storedLength}`, {offset: entry.dataOffset, length: entry.storedLength, crc: entry.storedCrc})
+  }
+  const extents = [...byRange.values()].sort((a, b) => a.offset - b.offset || a.length - b.length)
+  return {
+    offsets: Float64Array.from(extents, (e) => e.offset),
+    lengths: Int32Array.from(extents, (e) => e.length),
+    crcs: Uint32Array.from(extents, (e) => e.crc),
+  }
+}
+
+/** A digest of everything the reader validated at open (header, index, zero map, packed table, footer) and the size. */
+function identityDigest(size: number, reads: {offset: number; bytes: Uint8Array}[]): string {
+  const hash = crypto.createHash('sha256').update(`uffd-cache-v1:${size}`)
+  for (const r of reads) hash.update(`:${r.offset}:${r.bytes.length}:`).update(r.bytes)
+  return hash.digest('hex').slice(0, 32)
+}

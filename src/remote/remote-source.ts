@@ -1,0 +1,152 @@
+import {type MessagePort} from 'node:worker_threads'
+
+import {isErrorCode, UffdError} from '../core/errors.js'
+import {type ByteSource} from '../snapshot/byte-source.js'
+import {extentAt, type ExtentTable} from './coalesce.js'
+import {DiskCache} from './disk-cache.js'
+import {type FetcherMessage} from './fetcher/worker.js'
+import {EXTENT_ABSENT, EXTENT_FAILED, EXTENT_PRESENT, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority, readFailure, RemoteCounters, type RemoteShare} from './shared.js'
+
+/** A waiting reader looks again this often even without a wake-up (a lost notify costs this much, never a hang). */
+const WAIT_SLICE_MS = 1000
+
+/**
+ * A remote snapshot's bytes for one thread, synchronously: the byte ranges read at open come from
+ * memory; an extent comes from the cache directory, or is asked of the fetcher thread and waited
+ * for (Atomics.wait on its state). The thread blocks, which is what a reader of a snapshot does
+ * on a local file too; the fault loop avoids blocking by asking isLocal() first.
+ */
+export class RemoteByteSource implements ByteSource {
+  readonly name: string
+  readonly size: number
+  private readonly table: ExtentTable
+  private readonly states: Int32Array
+  private readonly counters: RemoteCounters
+  private readonly cache: DiskCache
+  /** The highest priority this thread has asked each extent at, so each ask is sent once. */
+  private readonly asked: Uint8Array
+  private open = true
+
+  constructor(
+    private readonly share: RemoteShare,
+    private readonly port: MessagePort,
+  ) {
+    this.name = share.name
+    this.size = share.identity.size
+    this.table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs: share.extentCrcs}
+    this.states = new Int32Array(share.states)
+    this.counters = new RemoteCounters(share.counters)
+    this.cache = new DiskCache(share.cacheDir)
+    this.asked = new Uint8Array(this.table.offsets.length)
+    // A reader that never returns to its event loop must not keep its thread alive for the port.
+    port.unref()
+  }
+
+  readAt(dst: Uint8Array, position: number): void {
+    if (!this.open) throw new UffdError('INTERNAL', `${this.name} is closed`)
+    for (const segment of this.share.segments) {
+      if (position >= segment.offset && position + dst.length <= segment.offset + segment.bytes.length) {
+        dst.set(segment.bytes.subarray(position - segment.offset, position - segment.offset + dst.length))
+        return
+      }
+    }
+    this.readExtent(this.extentOf(position, dst.length), dst)
+  }
+
+  /** Whether the bytes at [position, +length) can be read now, without the network. */
+  isLocal(position: number, length: number): boolean {
+    const extent = extentAt(this.table, position, length)
+    if (extent < 0) return true
+    const state = Atomics.load(this.states, extent)
+    if (state === EXTENT_PRESENT || state === EXTENT_FAILED) return true
+    if (!this.cache.has({offset: position, length})) return false
+    this.counters.add('diskHits')
+    Atomics.compareExchange(this.states, extent, state, EXTENT_PRESENT)
+    return true
+  }
+
+  /** Asks the fetcher for these ranges without waiting (prefetch, or a fault that will be served when they land). */
+  fetchAhead(ranges: readonly {position: number; length: number}[], priority: Priority = PRIORITY_PREFETCH): void {
+    const extents: number[] = []
+    for (const {position, length} of ranges) {
+      const extent = extentAt(this.table, position, length)
+      if (extent < 0 || this.asked[extent] >= priority) continue
+      if (Atomics.load(this.states, extent) !== EXTENT_ABSENT && this.asked[extent] > 0) continue
+      this.asked[extent] = priority
+      extents.push(extent)
+    }
+    if (extents.length > 0) this.ask(extents, priority)
+  }
+
+  /** Drops a cached extent whose bytes failed the reader's check, so the next read fetches it again. */
+  discard(position: number, length: number): boolean {
+    const extent = extentAt(this.table, position, length)
+    if (extent < 0) return false
+    this.cache.discard({offset: position, length})
+    Atomics.store(this.states, extent, EXTENT_ABSENT)
+    this.asked[extent] = 0
+    return true
+  }
+
+  close(): void {
+    if (!this.open) return
+    this.open = false
+    this.port.close()
+  }
+
+  private extentOf(position: number, length: number): number {
+    const extent = extentAt(this.table, position, length)
+    if (extent < 0) {
+      throw new UffdError('INTERNAL', `${this.name}: read of ${length} bytes at ${position} is neither a stored chunk nor a part read at open`)
+    }
+    return extent
+  }
+
+  private readExtent(extent: number, dst: Uint8Array): void {
+    const range = {offset: this.table.offsets[extent], length: this.table.lengths[extent]}
+    let waitedFrom: number | undefined
+    for (;;) {
+      const state = Atomics.load(this.states, extent)
+      if (this.cache.read(range, dst)) {
+        if (state === EXTENT_ABSENT && waitedFrom === undefined) {
+          this.counters.add('diskHits')
+          this.counters.add('diskBytes', range.length)
+          Atomics.compareExchange(this.states, extent, EXTENT_ABSENT, EXTENT_PRESENT)
+        }
+        if (waitedFrom !== undefined) this.countWait(waitedFrom)
+        return
+      }
+      if (state === EXTENT_FAILED) throw this.failure()
+      if (state === EXTENT_PRESENT) {
+        // Evicted since it landed (by this handler or another sharing the cache): fetch it again.
+        Atomics.compareExchange(this.states, extent, EXTENT_PRESENT, EXTENT_ABSENT)
+        this.asked[extent] = 0
+        continue
+      }
+      if (this.asked[extent] < PRIORITY_DEMAND || state === EXTENT_ABSENT) {
+        this.asked[extent] = PRIORITY_DEMAND
+        this.ask([extent], PRIORITY_DEMAND)
+      }
+      waitedFrom ??= performance.now()
+      Atomics.wait(this.states, extent, state, WAIT_SLICE_MS)
+    }
+  }
+
+  private ask(extents: number[], priority: Priority): void {
+    const message: FetcherMessage = {type: 'want', priority, extents}
+    this.port.postMessage(message)
+  }
+
+  private countWait(from: number): void {
+    const us = (performance.now() - from) * 1000
+    this.counters.add('waits')
+    this.counters.add('waitUs', us)
+    this.counters.max('maxWaitUs', us)
+  }
+
+  private failure(): UffdError {
+    const failure = readFailure(this.share.failure)
+    if (!failure) return new UffdError('FETCH_DEADLINE', `${this.name}: a chunk could not be fetched`)
+    return new UffdError(isErrorCode(failure.code) ? failure.code : 'FETCH_DEADLINE', failure.message)
+  }
+}

@@ -1,0 +1,134 @@
+import {BUCKETS} from '../resume/run-stats.js'
+import {type Location} from './location.js'
+import {type ObjectIdentity} from './object.js'
+import {type S3Settings} from './s3-object.js'
+
+/**
+ * What the fetcher thread and every thread that reads a remote snapshot share: the extents
+ * (distinct stored byte ranges: a chunk's or a packed block's stored bytes; deduplicated chunks
+ * share one), each extent's state, the counters, and the first failure. States and counters
+ * live in SharedArrayBuffers, so a reader blocked in Atomics.wait is woken by the fetcher
+ * without either running an event loop for the other.
+ */
+
+/** Not on disk as far as this handler knows. */
+export const EXTENT_ABSENT = 0
+/** Asked of the fetcher, not landed yet. */
+export const EXTENT_ASKED = 1
+/** In the cache directory (a reader that finds the file gone sets it back to ABSENT). */
+export const EXTENT_PRESENT = 2
+/** Could not be had (see the failure text); final. */
+export const EXTENT_FAILED = 3
+
+export const PRIORITY_PREFETCH = 1
+export const PRIORITY_DEMAND = 2
+export type Priority = typeof PRIORITY_PREFETCH | typeof PRIORITY_DEMAND
+
+/** Counters, integers (bytes, counts, µs), added to with Atomics by any thread. */
+export const REMOTE_COUNTERS = [
+  'requests',
+  'bytesFetched',
+  'extentsFetched',
+  'retries',
+  'badResponses',
+  'diskHits',
+  'diskBytes',
+  'waits',
+  'waitUs',
+  'maxWaitUs',
+  'cacheWriteErrors',
+  'evictedBytes',
+] as const
+export type RemoteCounter = (typeof REMOTE_COUNTERS)[number]
+
+export interface FetchOptions {
+  /** Requests in flight at once, at most. */
+  concurrency: number
+  /** Neighbouring extents wanted at once are fetched in one ranged request of at most this many bytes. */
+  maxRequestBytes: number
+  /** A request that receives nothing for this long is aborted and retried. */
+  idleTimeoutMs: number
+  /** An extent that cannot be had within this long of being asked for fails (FETCH_DEADLINE). */
+  deadlineMs: number
+}
+
+/** Everything a thread needs to read a remote snapshot; structured-cloneable (SharedArrayBuffers are shared, not copied). */
+export interface RemoteShare {
+  location: Location
+  name: string
+  s3: S3Settings
+  identity: ObjectIdentity
+  /** Byte ranges read when the snapshot was opened (header, index, zero map, packed table, footer). */
+  segments: {offset: number; bytes: Uint8Array}[]
+  /** Per extent, sorted by offset: its offset, stored length and CRC-32. */
+  extentOffsets: Float64Array
+  extentLengths: Int32Array
+  extentCrcs: Uint32Array
+  /** The snapshot's cache directory: root/<identity digest>. */
+  cacheDir: string
+  cacheRoot: string
+  cacheMaxBytes: number
+  fetch: FetchOptions
+  states: SharedArrayBuffer
+  counters: SharedArrayBuffer
+  /** Fetch latencies (µs, run-stats buckets). */
+  latency: SharedArrayBuffer
+  /** [length, ...utf-8 JSON {code, message}] of the first failure. */
+  failure: SharedArrayBuffer
+  /** Signalled (eventfd) whenever an extent lands or fails, for the fault loop's poll(). */
+  landedFd: number
+}
+
+export const FAILURE_BYTES = 4096
+
+export function sharedBuffers(extents: number): Pick<RemoteShare, 'states' | 'counters' | 'latency' | 'failure'> {
+  return {
+    states: new SharedArrayBuffer(Math.max(1, extents) * 4),
+    counters: new SharedArrayBuffer(REMOTE_COUNTERS.length * 8),
+    latency: new SharedArrayBuffer(BUCKETS * 8),
+    failure: new SharedArrayBuffer(FAILURE_BYTES),
+  }
+}
+
+/** The counters of a share, by name. */
+export class RemoteCounters {
+  private readonly cells: BigInt64Array
+  constructor(buffer: SharedArrayBuffer) {
+    this.cells = new BigInt64Array(buffer)
+  }
+
+  add(name: RemoteCounter, n = 1): void {
+    Atomics.add(this.cells, REMOTE_COUNTERS.indexOf(name), BigInt(Math.round(n)))
+  }
+
+  max(name: RemoteCounter, n: number): void {
+    const i = REMOTE_COUNTERS.indexOf(name)
+    const value = BigInt(Math.round(n))
+    for (let old = Atomics.load(this.cells, i); value > old; old = Atomics.load(this.cells, i)) {
+      if (Atomics.compareExchange(this.cells, i, old, value) === old) return
+    }
+  }
+
+  get(name: RemoteCounter): number {
+    return Number(Atomics.load(this.cells, REMOTE_COUNTERS.indexOf(name)))
+  }
+}
+
+/** Records the first failure (later ones lose: the first is the cause). */
+export function recordFailure(buffer: SharedArrayBuffer, failure: {code: string; message: string}): void {
+  const cells = new Int32Array(buffer, 0, 1)
+  const bytes = Buffer.from(JSON.stringify(failure)).subarray(0, FAILURE_BYTES - 8)
+  if (Atomics.compareExchange(cells, 0, 0, -1) !== 0) return
+  new Uint8Array(buffer, 8, bytes.length).set(bytes)
+  Atomics.store(cells, 0, bytes.length)
+}
+
+export function readFailure(buffer: SharedArrayBuffer): {code: string; message: string} | undefined {
+  const length = Atomics.load(new Int32Array(buffer, 0, 1), 0)
+  if (length <= 0) return undefined
+  try {
+    return JSON.parse(Buffer.from(new Uint8Array(buffer, 8, length)).toString()) as {code: string; message: string}
+  } catch {
+    return undefined
+  }
+}

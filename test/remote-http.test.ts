@@ -1,0 +1,217 @@
+// uffd reading snapshots from HTTP range servers: a real node:http server on loopback (started
+// here, with injectable faults: 5xx, resets, truncated and corrupted bodies, stalls, a server
+// that ignores ranges, an object replaced mid-resume), real `uffd` processes, and fc_client,
+// which faults real memory through a real userfaultfd and verifies every byte.
+import {type ChildProcess, spawn} from 'node:child_process'
+import fs from 'node:fs'
+import path from 'node:path'
+import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
+
+import {type ResumeReport} from '../src/resume/run-stats.js'
+import {NATIVE, uffd, uffdAsync, uffdSpawn} from './helpers/cli.js'
+import {makeImage, tempDir} from './helpers/images.js'
+import {RangeServer} from './helpers/range-server.js'
+
+const FC_CLIENT = path.join(NATIVE, 'fc_client')
+const skip = process.getuid?.() !== 0 ? 'needs root (fc_client traps kernel-mode faults)' : !fs.existsSync(FC_CLIENT) ? `${FC_CLIENT} is not built` : undefined
+if (skip) console.warn(`remote-http: resume tests skipped: ${skip}`)
+
+let dir: string
+let imageFile: string
+let snapshot: string
+let other: string
+let server: RangeServer
+const live = new Set<ChildProcess>()
+
+beforeAll(() => {
+  dir = tempDir('uffd-http-')
+  imageFile = path.join(dir, 'mem.raw')
+  // 8 MiB of mixed pages, 64 KiB chunks: many chunks, so coalescing and concurrency matter.
+  fs.writeFileSync(imageFile, makeImage('mixed', 8 << 20, 5))
+  snapshot = path.join(dir, 'mem.uffd')
+  const made = uffd(['snapshot', '--mem-file', imageFile, '-o', snapshot, '--chunk-size', '64K'])
+  expect(made.status, made.stderr).toBe(0)
+  const otherImage = path.join(dir, 'other.raw')
+  fs.writeFileSync(otherImage, makeImage('mixed', 8 << 20, 6))
+  other = path.join(dir, 'other.uffd')
+  expect(uffd(['snapshot', '--mem-file', otherImage, '-o', other, '--chunk-size', '64K']).status).toBe(0)
+})
+
+afterEach(async () => {
+  for (const child of live) child.kill('SIGKILL')
+  live.clear()
+  await server?.close()
+})
+
+afterAll(() => {
+  fs.rmSync(dir, {recursive: true, force: true})
+})
+
+interface Finished {
+  code: number | null
+  signal: NodeJS.Signals | null
+  stdout: string
+  stderr: string
+}
+
+function run(child: ChildProcess): Promise<Finished> {
+  live.add(child)
+  let stdout = ''
+  let stderr = ''
+  child.stdout?.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  return new Promise((resolve) =>
+    child.on('close', (code, signal) => {
+      live.delete(child)
+      resolve({code, signal, stdout, stderr})
+    }),
+  )
+}
+
+async function waitFor(what: string, condition: () => boolean, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 10))
+  }
+}
+
+let names = 0
+
+/** One `uffd resume URL` and one fc_client touching every page in random order and verifying all of memory. */
+async function resumeOnce(url: string, cacheDir: string, args: string[] = [], clientArgs: string[] = ['--touch', 'random', '--verify-all']) {
+  const name = `h${names++}`
+  const socket = path.join(dir, `${name}.sock`)
+  const ready = path.join(dir, `${name}.ready`)
+  const statsFile = path.join(dir, `${name}.json`)
+  const handler = run(uffdSpawn(['resume', url, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, '--cache-dir', cacheDir, '--timeout', '30', ...args]))
+  let handlerDone: Finished | undefined
+  void handler.then((r) => (handlerDone = r))
+  await waitFor('the ready file', () => fs.existsSync(ready) || handlerDone !== undefined, 30_000)
+  if (handlerDone) return {handler: handlerDone, client: undefined, stats: undefined}
+  const client = await run(spawn(FC_CLIENT, ['--socket', socket, '--image', imageFile, '--timeout-ms', '60000', ...clientArgs], {stdio: ['ignore', 'pipe', 'pipe']}))
+  const finished = await handler
+  const stats = fs.existsSync(statsFile) ? (JSON.parse(fs.readFileSync(statsFile, 'utf8')) as ResumeReport) : undefined
+  return {handler: finished, client, stats}
+}
+
+function expectVerified(r: Awaited<ReturnType<typeof resumeOnce>>): void {
+  expect(r.client?.code, `fc_client: ${r.client?.stderr}\nuffd: ${r.handler.stderr}`).toBe(0)
+  const result = JSON.parse(r.client!.stdout.trim().split('\n').at(-1)!)
+  expect(result).toMatchObject({ok: true, verify_errors: 0})
+  expect(r.handler.code, r.handler.stderr).toBe(0)
+}
+
+describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
+  it('serves every byte lazily, fetching only through ranged requests, and fills the cache directory', async () => {
+    server = await RangeServer.start(snapshot)
+    const cache = path.join(dir, 'cache-lazy')
+    const r = await resumeOnce(server.url(), cache)
+    expectVerified(r)
+    expect(server.requests.every((q) => q.status === 206 && q.range !== undefined)).toBe(true)
+    const remote = r.stats!.remote!
+    expect(remote.requests).toBeGreaterThan(0)
+    expect(remote.bytesFetched).toBeLessThanOrEqual(fs.statSync(snapshot).size)
+    expect(remote.retries).toBe(0)
+    expect(remote.latencyMs.p50).not.toBeNull()
+    // Coalescing: fewer requests than extents fetched.
+    expect(remote.requests).toBeLessThan(remote.extentsFetched)
+
+    // A second resume on the warm cache asks the server only for the header and index.
+    server.requests.length = 0
+    const warm = await resumeOnce(server.url(), cache)
+    expectVerified(warm)
+    expect(warm.stats!.remote!.requests).toBe(0)
+    expect(warm.stats!.remote!.diskHits).toBeGreaterThan(0)
+    expect(server.requests.length).toBeLessThanOrEqual(2)
+  })
+
+  it('rides out 503s, resets, truncated and corrupted bodies: retries, and never serves a wrong byte', async () => {
+    server = await RangeServer.start(snapshot)
+    const r0 = server
+    const cache = path.join(dir, 'cache-faults')
+    // The first two requests open the snapshot; faults start after them.
+    const started = resumeOnce(server.url(), cache, ['--fetch-timeout', '2s'])
+    await waitFor('the snapshot to be opened', () => r0.requests.length >= 2, 20_000)
+    server.faults = {status: {code: 503, count: 3}, resetAfterHeaders: 2, truncate: 2, corrupt: 3}
+    const r = await started
+    expectVerified(r)
+    expect(r.stats!.remote!.retries).toBeGreaterThanOrEqual(5)
+    expect(r.stats!.remote!.badResponses).toBeGreaterThanOrEqual(1)
+    // The corrupted bodies never reached the cache either: every cached file matches the snapshot.
+    const file = fs.readFileSync(snapshot)
+    const [digest] = fs.readdirSync(cache)
+    for (const name of fs.readdirSync(path.join(cache, digest))) {
+      const [offset, length] = name.split('-').map((h) => Number.parseInt(h, 16))
+      expect(fs.readFileSync(path.join(cache, digest, name)).equals(file.subarray(offset, offset + length)), name).toBe(true)
+    }
+  })
+
+  it('a stalled server: the faulting client waits, then the fetch deadline fails the resume and kills it', async () => {
+    server = await RangeServer.start(snapshot)
+    const s = server
+    const started = resumeOnce(server.url(), path.join(dir, 'cache-stall'), ['--fetch-timeout', '300ms', '--fetch-deadline', '2s'])
+    await waitFor('the snapshot to be opened', () => s.requests.length >= 2, 20_000)
+    server.faults = {stall: 1_000_000}
+    const r = await started
+    expect(r.handler.code).toBe(1)
+    expect(r.handler.stderr).toMatch(/could not be fetched within 2 s/)
+    expect(r.client?.signal).toBe('SIGKILL')
+  })
+
+  it('an object replaced mid-resume: REMOTE_CHANGED, and no byte of the new one reaches the client', async () => {
+    server = await RangeServer.start(snapshot)
+    const s = server
+    const started = resumeOnce(server.url(), path.join(dir, 'cache-changed'), ['--no-kill'], ['--touch', 'random', '--verify-all', '--timeout-ms', '4000'])
+    await waitFor('the snapshot to be opened', () => s.requests.length >= 2, 20_000)
+    server.replace(other)
+    const r = await started
+    expect(r.handler.stderr).toMatch(/changed while it was in use/)
+    // Frozen (--no-kill) until its own watchdog gives up: it never read a wrong byte.
+    expect(r.client?.code).toBe(3)
+    expect(r.handler.code).toBe(1)
+  })
+
+  it('two handlers sharing one cache directory at once both serve every byte right', async () => {
+    server = await RangeServer.start(snapshot)
+    const cache = path.join(dir, 'cache-shared')
+    const [a, b] = await Promise.all([resumeOnce(server.url(), cache), resumeOnce(server.url(), cache, [], ['--touch', 'sequential', '--verify-all'])])
+    expectVerified(a)
+    expectVerified(b)
+  })
+})
+
+describe('stats and verify of an HTTP URL', () => {
+  it('stats reads only the header and index; verify streams every chunk through retries', async () => {
+    server = await RangeServer.start(snapshot)
+    const cache = path.join(dir, 'cache-verify')
+    const stats = await uffdAsync(['stats', server.url(), '--json', '--cache-dir', cache])
+    expect(stats.status, stats.stderr).toBe(0)
+    expect((stats.json as {chunkCount: number}).chunkCount).toBe(128)
+    expect(server.requests.length).toBeLessThanOrEqual(2)
+    server.faults = {corrupt: 2, status: {code: 500, count: 2}}
+    const verify = await uffdAsync(['verify', server.url(), '--json', '--cache-dir', cache])
+    expect(verify.status, verify.stderr).toBe(0)
+    expect(verify.json).toMatchObject({ok: true, chunksChecked: 128})
+  })
+
+  it('clear errors: 404, 403, a server that ignores ranges, an object that is not a snapshot, an unknown scheme', async () => {
+    server = await RangeServer.start(snapshot)
+    const cache = path.join(dir, 'cache-errors')
+    const code = async (args: string[]): Promise<{code: string; exit: number | null}> => {
+      const r = await uffdAsync([...args, '--json', '--cache-dir', cache])
+      return {code: (r.json as {error?: {code: string}})?.error?.code ?? '?', exit: r.status}
+    }
+    server.faults = {status: {code: 404, count: 1}}
+    expect(await code(['stats', server.url()])).toEqual({code: 'REMOTE_NOT_FOUND', exit: 1})
+    server.faults = {status: {code: 403, count: 1}}
+    expect(await code(['verify', server.url()])).toEqual({code: 'REMOTE_DENIED', exit: 1})
+    server.faults = {ignoreRange: true}
+    expect(await code(['stats', server.url()])).toEqual({code: 'REMOTE_PROTOCOL', exit: 1})
+    await server.close()
+    server = await RangeServer.start(imageFile)
+    expect(await code(['stats', server.url()])).toEqual({code: 'NOT_A_SNAPSHOT', exit: 1})
+    expect(await code(['stats', 'ftp://example.com/x.uffd'])).toEqual({code: 'USAGE', exit: 2})
+    expect(await code(['stats', 's3://'])).toEqual({code: 'USAGE', exit: 2})
+  })
+})
