@@ -74,7 +74,7 @@ async function store(range: {offset: number; length: number}, bytes: Buffer): Pr
   } catch (error) {
     counters.add('cacheWriteErrors')
     const code = (error as {code?: string}).code
-    if (code !== 'ENOSPC' && code !== 'EDQUOT') throw cacheError(error)
+    if (code !== 'ENOSPC') throw cacheError(error)
     const held = await evict(share.cacheRoot, Infinity)
     const freed = await evict(share.cacheRoot, held.bytes / 2)
     counters.add('evictedBytes', freed.evictedBytes)

@@ -1,0 +1,165 @@
+import fc from 'fast-check'
+import {describe, expect, it} from 'vitest'
+
+import {backoffMs, extentAt, type ExtentTable, planRun} from '../src/remote/coalesce.js'
+import {FetchScheduler} from '../src/remote/fetcher/scheduler.js'
+import {parseLocation} from '../src/remote/location.js'
+import {checkRangeResponse, type ObjectIdentity, parseContentRange, RemoteError, type RemoteObject} from '../src/remote/object.js'
+import {PRIORITY_DEMAND, PRIORITY_PREFETCH, RemoteCounters, sharedBuffers} from '../src/remote/shared.js'
+import {BUCKETS} from '../src/resume/run-stats.js'
+import {crc32} from '../src/sys/crc.js'
+
+function table(lengths: number[], gaps: number[] = []): ExtentTable {
+  const offsets: number[] = []
+  let at = 100
+  for (const [i, length] of lengths.entries()) {
+    offsets.push(at)
+    at += length + (gaps[i] ?? 0)
+  }
+  return {offsets: Float64Array.from(offsets), lengths: Int32Array.from(lengths), crcs: new Uint32Array(lengths.length)}
+}
+
+describe('planRun: which neighbours one ranged request takes', () => {
+  it('takes wanted, back-to-back neighbours forward then backward, within the byte bound', () => {
+    fc.assert(
+      fc.property(fc.array(fc.integer({min: 1, max: 1000}), {minLength: 1, maxLength: 40}), fc.array(fc.constantFrom(0, 0, 0, 7), {maxLength: 40}), fc.array(fc.boolean(), {minLength: 40, maxLength: 40}), fc.nat(39), fc.integer({min: 1, max: 5000}), (lengths, gaps, wantedBits, headSeed, maxBytes) => {
+        const t = table(lengths, gaps)
+        const head = headSeed % lengths.length
+        const wanted = (e: number): boolean => e === head || wantedBits[e]
+        const [first, end] = planRun(t, head, wanted, maxBytes)
+        expect(first).toBeLessThanOrEqual(head)
+        expect(end).toBeGreaterThan(head)
+        let bytes = 0
+        for (let e = first; e < end; e++) {
+          expect(wanted(e)).toBe(true)
+          bytes += lengths[e]
+          if (e > first) expect(t.offsets[e]).toBe(t.offsets[e - 1] + lengths[e - 1])
+        }
+        if (end - first > 1) expect(bytes).toBeLessThanOrEqual(maxBytes)
+      }),
+    )
+  })
+
+  it('finds extents by exact offset and length', () => {
+    const t = table([10, 20, 30])
+    expect(extentAt(t, 110, 20)).toBe(1)
+    expect(extentAt(t, 110, 21)).toBe(-1)
+    expect(extentAt(t, 111, 20)).toBe(-1)
+  })
+
+  it('backs off from 5-10 ms up to 1-2 s', () => {
+    expect(backoffMs(0, 0)).toBe(5)
+    expect(backoffMs(0, 1)).toBe(10)
+    expect(backoffMs(30, 1)).toBe(2000)
+  })
+})
+
+describe('locations and range answers', () => {
+  it('parses paths, URLs and s3://BUCKET/KEY, and refuses what is neither', () => {
+    expect(parseLocation('vm.uffd')).toEqual({kind: 'file', path: 'vm.uffd'})
+    expect(parseLocation('host:1/vm.uffd')).toEqual({kind: 'file', path: 'host:1/vm.uffd'})
+    expect(parseLocation('s3://b/a/b.uffd')).toEqual({kind: 's3', bucket: 'b', key: 'a/b.uffd'})
+    expect(parseLocation('HTTPS://h/x?sig=1')).toMatchObject({kind: 'http', url: 'https://h/x?sig=1'})
+    for (const bad of ['s3://', 's3://bucket', 's3://bucket/', 'ftp://h/x', 'http://']) expect(() => parseLocation(bad), bad).toThrow(/scheme|bucket|key|URL|host/)
+  })
+
+  it('accepts only the range asked for, of the object first seen', () => {
+    const identity: ObjectIdentity = {size: 1000, etag: '"a"'}
+    expect(parseContentRange('bytes 0-9/1000')).toEqual({first: 0, last: 9, size: 1000})
+    expect(parseContentRange('bytes 9-0/1000')).toBeUndefined()
+    expect(parseContentRange('bytes 0-1000/1000')).toBeUndefined()
+    expect(checkRangeResponse('x', {offset: 10, length: 10}, 'bytes 10-19/1000', {etag: '"a"'}, identity)).toEqual({size: 1000})
+    const code = (f: () => unknown): string | undefined => {
+      try {
+        f()
+      } catch (error) {
+        return (error as RemoteError).code
+      }
+      return undefined
+    }
+    expect(code(() => checkRangeResponse('x', {offset: 10, length: 10}, 'bytes 10-18/1000', {}, identity))).toBe('REMOTE_PROTOCOL')
+    expect(code(() => checkRangeResponse('x', {offset: 10, length: 10}, 'bytes 10-19/1001', {}, identity))).toBe('REMOTE_CHANGED')
+    expect(code(() => checkRangeResponse('x', {offset: 10, length: 10}, 'bytes 10-19/1000', {etag: '"b"'}, identity))).toBe('REMOTE_CHANGED')
+    expect(code(() => checkRangeResponse('x', {offset: 10, length: 10}, undefined, {}, identity))).toBe('REMOTE_PROTOCOL')
+  })
+})
+
+/** An object whose reads the test answers by hand, in any order. */
+class HeldObject implements RemoteObject {
+  readonly name = 'held'
+  readonly reads: {offset: number; length: number; answer: (bytes: Buffer | Error) => void}[] = []
+  async openRange(): Promise<never> {
+    throw new Error('not used')
+  }
+  read(offset: number, length: number): Promise<Buffer> {
+    return new Promise((resolve, reject) => this.reads.push({offset, length, answer: (b) => (b instanceof Error ? reject(b) : resolve(b))}))
+  }
+}
+
+function schedulerOver(data: Buffer, lengths: number[], options: {concurrency: number; deadlineMs?: number; maxRequestBytes?: number}) {
+  const t = table(lengths)
+  for (let e = 0; e < lengths.length; e++) t.crcs[e] = crc32(data.subarray(t.offsets[e], t.offsets[e] + lengths[e]))
+  const object = new HeldObject()
+  const shared = sharedBuffers(lengths.length)
+  const counters = new RemoteCounters(shared.counters)
+  const scheduler = new FetchScheduler(t, object, {size: data.length}, {concurrency: options.concurrency, maxRequestBytes: options.maxRequestBytes ?? 1 << 20, idleTimeoutMs: 1000, deadlineMs: options.deadlineMs ?? 10_000}, counters, new BigInt64Array(BUCKETS), () => 0)
+  const answer = (i: number, corrupt = false): void => {
+    const r = object.reads[i]
+    const bytes = Buffer.from(data.subarray(r.offset, r.offset + r.length))
+    if (corrupt) bytes[0] ^= 1
+    r.answer(bytes)
+  }
+  return {t, object, scheduler, counters, answer}
+}
+
+const flush = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 0))
+
+describe('FetchScheduler', () => {
+  const data = Buffer.from(Array.from({length: 2000}, (_, i) => (i * 7) & 0xff))
+
+  it('fetches each extent once, coalesces neighbours wanted together, and keeps a slot for demand', async () => {
+    const {object, scheduler, answer} = schedulerOver(data, [100, 100, 100, 100, 100, 100], {concurrency: 3})
+    const got = [scheduler.want(0, PRIORITY_PREFETCH), scheduler.want(0, PRIORITY_PREFETCH)]
+    expect(got[0]).toBe(got[1])
+    // Prefetch may use one of three slots (two are kept for demand): extent 0 alone is in flight.
+    scheduler.want(3, PRIORITY_PREFETCH)
+    expect(object.reads.map((r) => r.offset)).toEqual([100])
+    // A demand want goes ahead at once.
+    const demanded = scheduler.want(5, PRIORITY_DEMAND)
+    expect(object.reads.map((r) => r.offset)).toEqual([100, 600])
+    answer(1)
+    expect((await demanded).equals(data.subarray(600, 700))).toBe(true)
+    answer(0)
+    await got[0]
+    await flush()
+    // Extent 3 went out after a prefetch slot freed.
+    expect(object.reads.at(-1)!.offset).toBe(400)
+  })
+
+  it('retries a corrupt body, then fails what cannot be had within the deadline', async () => {
+    const {object, scheduler, counters, answer} = schedulerOver(data, [100, 100], {concurrency: 4, deadlineMs: 30})
+    const first = scheduler.want(0, PRIORITY_DEMAND)
+    answer(0, true)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    expect(object.reads.length).toBe(2)
+    answer(1)
+    expect((await first).equals(data.subarray(100, 200))).toBe(true)
+    expect(counters.get('badResponses')).toBe(1)
+    expect(counters.get('retries')).toBe(1)
+    const second = scheduler.want(1, PRIORITY_DEMAND)
+    const failed = expect(second).rejects.toMatchObject({code: 'FETCH_DEADLINE'})
+    for (let i = 0; i < 10 && !scheduler.idle; i++) {
+      object.reads.at(-1)!.answer(new RemoteError('REMOTE_UNAVAILABLE', 'HTTP 503', true))
+      await new Promise((resolve) => setTimeout(resolve, 15))
+    }
+    await failed
+  })
+
+  it('fails at once on an error no retry can fix', async () => {
+    const {object, scheduler} = schedulerOver(data, [100], {concurrency: 2})
+    const wanted = scheduler.want(0, PRIORITY_DEMAND)
+    object.reads[0].answer(new RemoteError('REMOTE_NOT_FOUND', 'gone', false))
+    await expect(wanted).rejects.toMatchObject({code: 'REMOTE_NOT_FOUND'})
+    expect(object.reads.length).toBe(1)
+  })
+})
