@@ -88,11 +88,11 @@ async function resumeOnce(url: string, cacheDir: string, args: string[] = [], cl
   let handlerDone: Finished | undefined
   void handler.then((r) => (handlerDone = r))
   await waitFor('the ready file', () => fs.existsSync(ready) || handlerDone !== undefined, 30_000)
-  if (handlerDone) return {handler: handlerDone, client: undefined, stats: undefined}
+  if (handlerDone) return {handler: handlerDone, client: undefined, stats: undefined, statsFile}
   const client = await run(spawn(FC_CLIENT, ['--socket', socket, '--image', imageFile, '--timeout-ms', '60000', ...clientArgs], {stdio: ['ignore', 'pipe', 'pipe']}))
   const finished = await handler
   const stats = fs.existsSync(statsFile) ? (JSON.parse(fs.readFileSync(statsFile, 'utf8')) as ResumeReport) : undefined
-  return {handler: finished, client, stats}
+  return {handler: finished, client, stats, statsFile}
 }
 
 function expectVerified(r: Awaited<ReturnType<typeof resumeOnce>>): void {
@@ -170,6 +170,31 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     // Frozen (--no-kill) until its own watchdog gives up: it never read a wrong byte.
     expect(r.client?.code).toBe(3)
     expect(r.handler.code).toBe(1)
+  })
+
+  it('with a working set attached: fetched at start-up, installed at connect, every byte right', async () => {
+    // Record what a client touching a random quarter of memory faults, locally, and attach it.
+    const name = `ws${names++}`
+    const socket = path.join(dir, `${name}.sock`)
+    const ready = path.join(dir, `${name}.ready`)
+    const recording = path.join(dir, `${name}.ws`)
+    const recorder = run(uffdSpawn(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--record', recording, '--fault-around', 'page']))
+    await waitFor('the recording handler', () => fs.existsSync(ready), 30_000)
+    const touch = ['--touch', 'random', '--count', '512', '--seed', '3']
+    expect((await run(spawn(FC_CLIENT, ['--socket', socket, '--image', imageFile, ...touch], {stdio: ['ignore', 'pipe', 'pipe']}))).code).toBe(0)
+    expect((await recorder).code).toBe(0)
+    const withSet = path.join(dir, `${name}.uffd`)
+    const attached = await uffdAsync(['working-set', 'attach', snapshot, recording, '-o', withSet])
+    expect(attached.status, attached.stderr).toBe(0)
+
+    server = await RangeServer.start(withSet)
+    const r = await resumeOnce(server.url(), path.join(dir, 'cache-ws'), [], [...touch, '--verify-all'])
+    expectVerified(r)
+    expect(r.stats!.pages.prefetched).toBeGreaterThan(0)
+    expect(r.stats!.remote!.extentsFetched).toBeGreaterThan(0)
+    // The stats file renders its remote section.
+    const shown = await uffdAsync(['stats', r.statsFile])
+    expect(shown.stdout).toMatch(/remote\s+http:\/\/127\.0\.0\.1:\d+\/snapshot\.uffd: \d+ requests/)
   })
 
   it('two handlers sharing one cache directory at once both serve every byte right', async () => {

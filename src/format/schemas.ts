@@ -47,6 +47,25 @@ export const ResumeReportSchema = Type.Object(
     timeToMemoryCompleteMs: nullable(ms()),
     timeToWorkingSetMs: nullable(ms()),
     prefetchHits: Type.Optional(nullable(Type.Object({copiedPages: count(), hits: count(), wasted: count(), sampledAtMs: ms()}))),
+    // Only for snapshots served from object storage.
+    remote: Type.Optional(
+      Type.Object({
+        location: Type.String(),
+        requests: count(),
+        bytesFetched: count(),
+        extentsFetched: count(),
+        retries: count(),
+        badResponses: count(),
+        diskHits: count(),
+        waits: count(),
+        waitMs: ms(),
+        maxWaitMs: ms(),
+        latencyMs: Type.Object({p50: nullable(ms()), p90: nullable(ms()), p99: nullable(ms())}),
+        cacheDir: Type.String(),
+        evictedBytes: count(),
+        cacheWriteErrors: count(),
+      }),
+    ),
   },
   {$id: 'https://uffd.dev/schemas/resume-stats.json', title: 'uffd resume statistics (--stats-file)', description: 'What a resume did: written by uffd resume --stats-file, read by uffd stats.'},
 )

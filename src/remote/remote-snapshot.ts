@@ -7,7 +7,7 @@ import {Codec} from '../format/constants.js'
 import {percentileUs} from '../resume/run-stats.js'
 import {type ByteSource} from '../snapshot/byte-source.js'
 import {SnapshotReader} from '../snapshot/reader.js'
-import {closeFd, createEventfd} from '../sys/index.js'
+import {closeFd, createEventfd, eventfdSignal} from '../sys/index.js'
 import {backoffMs} from './coalesce.js'
 import {DiskCache} from './disk-cache.js'
 import {type FetcherMessage} from './fetcher/worker.js'
@@ -16,7 +16,7 @@ import {type ObjectIdentity, RemoteError, type RemoteObject} from './object.js'
 import {remoteObject} from './objects.js'
 import {RemoteByteSource} from './remote-source.js'
 import {type S3Settings} from './s3-object.js'
-import {type FetchOptions, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
+import {EXTENT_FAILED, EXTENT_PRESENT, type FetchOptions, recordFailure, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
 
 /** How remote snapshots are read: the store's client settings, the cache directory, the fetch policy. */
 export interface RemoteOptions {
@@ -106,7 +106,10 @@ export class RemoteSnapshot {
     }
     const fetcher = startWorker(import.meta.url, 'fetcher/worker', share)
     fetcher.unref()
-    fetcher.on('error', () => {})
+    // Readers wait on extent states: a fetcher that died must fail them, or they wait forever.
+    const died = (detail: string): void => failEverything(share, {code: 'WORKER_EXIT', message: `${share.name}: the fetcher thread stopped (${detail})`})
+    fetcher.on('error', (error) => died(error.message))
+    fetcher.on('exit', (code) => died(`exit code ${code}`))
     const {port1, port2} = new MessageChannel()
     const message: FetcherMessage = {type: 'port', port: port1}
     fetcher.postMessage(message, [port1])
@@ -129,9 +132,24 @@ export class RemoteSnapshot {
   async close(): Promise<void> {
     this.reader.close()
     this.mainPort.close()
+    this.fetcher.removeAllListeners('exit')
+    this.fetcher.removeAllListeners('error')
+    this.fetcher.on('error', () => {})
     await this.fetcher.terminate()
     closeFd(this.share.landedFd)
   }
+}
+
+/** Fails every extent not on disk yet, waking whoever waits for one. */
+function failEverything(share: RemoteShare, failure: {code: string; message: string}): void {
+  recordFailure(share.failure, failure)
+  const states = new Int32Array(share.states)
+  for (let e = 0; e < states.length; e++) {
+    if (Atomics.load(states, e) === EXTENT_PRESENT) continue
+    Atomics.store(states, e, EXTENT_FAILED)
+    Atomics.notify(states, e)
+  }
+  eventfdSignal(share.landedFd)
 }
 
 /** What a remote snapshot cost: requests, bytes and where extents came from. */

@@ -5,7 +5,7 @@ import {type ByteSource} from '../snapshot/byte-source.js'
 import {extentAt, type ExtentTable} from './coalesce.js'
 import {DiskCache} from './disk-cache.js'
 import {type FetcherMessage} from './fetcher/worker.js'
-import {EXTENT_ABSENT, EXTENT_FAILED, EXTENT_PRESENT, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority, readFailure, RemoteCounters, type RemoteShare} from './shared.js'
+import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_PRESENT, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority, readFailure, RemoteCounters, type RemoteShare} from './shared.js'
 
 /** A waiting reader looks again this often even without a wake-up (a lost notify costs this much, never a hang). */
 const WAIT_SLICE_MS = 1000
@@ -70,8 +70,11 @@ export class RemoteByteSource implements ByteSource {
     const extents: number[] = []
     for (const {position, length} of ranges) {
       const extent = extentAt(this.table, position, length)
-      if (extent < 0 || this.asked[extent] >= priority) continue
-      if (Atomics.load(this.states, extent) !== EXTENT_ABSENT && this.asked[extent] > 0) continue
+      if (extent < 0) continue
+      const state = Atomics.load(this.states, extent)
+      // On disk, or failing; or already on its way at this priority. (ABSENT is asked again: it
+      // may have been evicted, or reset after a failure, since this thread last asked.)
+      if (state === EXTENT_PRESENT || state === EXTENT_FAILED || (state === EXTENT_ASKED && this.asked[extent] >= priority)) continue
       this.asked[extent] = priority
       extents.push(extent)
     }

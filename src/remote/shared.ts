@@ -17,8 +17,12 @@ export const EXTENT_ABSENT = 0
 export const EXTENT_ASKED = 1
 /** In the cache directory (a reader that finds the file gone sets it back to ABSENT). */
 export const EXTENT_PRESENT = 2
-/** Could not be had (see the failure text); final. */
+/**
+ * Could not be had (see the failure text). Readers waiting on it fail; after FAILED_HOLD_MS it
+ * is ABSENT again, so a later client (--serve) or a retried command asks the store anew.
+ */
 export const EXTENT_FAILED = 3
+export const FAILED_HOLD_MS = 5000
 
 export const PRIORITY_PREFETCH = 1
 export const PRIORITY_DEMAND = 2
@@ -114,17 +118,24 @@ export class RemoteCounters {
   }
 }
 
-/** Records the first failure (later ones lose: the first is the cause). */
+/**
+ * Records the latest failure, for the readers its extents wake. Cell 0 is the text's length, -1
+ * while a write is under way (a write racing another is skipped: either message is true).
+ */
 export function recordFailure(buffer: SharedArrayBuffer, failure: {code: string; message: string}): void {
   const cells = new Int32Array(buffer, 0, 1)
-  const bytes = Buffer.from(JSON.stringify(failure)).subarray(0, FAILURE_BYTES - 8)
-  if (Atomics.compareExchange(cells, 0, 0, -1) !== 0) return
+  const text = JSON.stringify(failure)
+  const bytes = Buffer.from(text.length > FAILURE_BYTES / 4 ? JSON.stringify({code: failure.code, message: failure.message.slice(0, FAILURE_BYTES / 4)}) : text)
+  const old = Atomics.load(cells, 0)
+  if (old < 0 || Atomics.compareExchange(cells, 0, old, -1) !== old) return
   new Uint8Array(buffer, 8, bytes.length).set(bytes)
   Atomics.store(cells, 0, bytes.length)
 }
 
 export function readFailure(buffer: SharedArrayBuffer): {code: string; message: string} | undefined {
-  const length = Atomics.load(new Int32Array(buffer, 0, 1), 0)
+  const cells = new Int32Array(buffer, 0, 1)
+  let length = Atomics.load(cells, 0)
+  for (let spins = 0; length < 0 && spins < 1000; spins++) length = Atomics.load(cells, 0)
   if (length <= 0) return undefined
   try {
     return JSON.parse(Buffer.from(new Uint8Array(buffer, 8, length)).toString()) as {code: string; message: string}

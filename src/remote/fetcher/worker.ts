@@ -4,7 +4,7 @@ import {UffdError} from '../../core/errors.js'
 import {eventfdSignal} from '../../sys/index.js'
 import {DiskCache, evict} from '../disk-cache.js'
 import {remoteObject} from '../objects.js'
-import {EXTENT_ASKED, EXTENT_FAILED, EXTENT_PRESENT, type Priority, recordFailure, RemoteCounters, type RemoteShare} from '../shared.js'
+import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_PRESENT, FAILED_HOLD_MS, type Priority, recordFailure, RemoteCounters, type RemoteShare} from '../shared.js'
 import {FetchScheduler} from './scheduler.js'
 
 /**
@@ -62,6 +62,8 @@ function want(extent: number, priority: Priority): void {
 function fail(extent: number, error: Error & {code?: string}): void {
   recordFailure(share.failure, {code: error.code ?? 'INTERNAL', message: error.message})
   land(extent, EXTENT_FAILED)
+  // Whoever waited has been woken and failed; a later ask tries the store again.
+  setTimeout(() => Atomics.compareExchange(states, extent, EXTENT_FAILED, EXTENT_ABSENT), FAILED_HOLD_MS).unref()
 }
 
 let writtenSinceScan = 0

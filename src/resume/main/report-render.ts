@@ -57,6 +57,16 @@ export function renderResumeReport(file: string, r: ResumeReport): string[] {
       `${r.chunks.decoded} decoded (${formatBytes(r.bytes.decompressed)}), cache ${r.chunks.cacheHits} hits / ${r.chunks.cacheMisses} misses` +
         (r.chunks.hitRate === null ? '' : ` (${formatPercent(r.chunks.cacheHits, r.chunks.cacheHits + r.chunks.cacheMisses)} hits)`),
     ],
+    ...(r.remote
+      ? ([
+          [
+            'remote',
+            `${r.remote.location}: ${r.remote.requests} requests, ${formatBytes(r.remote.bytesFetched)} fetched (${r.remote.extentsFetched} chunks), ${r.remote.diskHits} from the cache directory, ` +
+              `${r.remote.retries} retries, ${r.remote.badResponses} bad answers; request p50 ${ms(r.remote.latencyMs.p50)}, p99 ${ms(r.remote.latencyMs.p99)}; ` +
+              `waited ${r.remote.waits} times, ${ms(r.remote.waitMs)} in all, ${ms(r.remote.maxWaitMs)} at most`,
+          ],
+        ] as [string, string][])
+      : []),
     ['events', `${r.events.remove} remove (${r.events.removedPages} pages), ${r.events.unmap} unmap, ${r.events.remap} remap, ${r.events.fork} fork`],
   ]
   return rows.map(([label, value]) => `${label.padEnd(12)}${value}`)
