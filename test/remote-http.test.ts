@@ -10,6 +10,7 @@ import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
 import {type ResumeReport} from '../src/resume/run-stats.js'
 import {NATIVE, uffd, uffdAsync, uffdSpawn} from './helpers/cli.js'
 import {makeImage, tempDir} from './helpers/images.js'
+import {FaultProxy} from './helpers/fault-proxy.js'
 import {RangeServer} from './helpers/range-server.js'
 
 const FC_CLIENT = path.join(NATIVE, 'fc_client')
@@ -21,6 +22,14 @@ let imageFile: string
 let snapshot: string
 let other: string
 let server: RangeServer
+let proxy: FaultProxy | undefined
+
+/** The range server for `file` with a fault-injecting proxy in front; the URL is the proxy's. */
+async function serveThroughProxy(file: string): Promise<string> {
+  server = await RangeServer.start(file)
+  proxy = await FaultProxy.start(server.url())
+  return proxy.url('/snapshot.uffd')
+}
 const live = new Set<ChildProcess>()
 
 beforeAll(() => {
@@ -40,6 +49,8 @@ beforeAll(() => {
 afterEach(async () => {
   for (const child of live) child.kill('SIGKILL')
   live.clear()
+  await proxy?.close()
+  proxy = undefined
   await server?.close()
 })
 
@@ -124,16 +135,30 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     expect(warm.stats!.remote!.requests).toBe(0)
     expect(warm.stats!.remote!.diskHits).toBeGreaterThan(0)
     expect(server.requests.length).toBeLessThanOrEqual(2)
+
+    // A cached chunk gone bad on disk (bit rot, a torn file after a crash) fails its CRC, is
+    // dropped and fetched again: the client still reads the right bytes.
+    const [digest] = fs.readdirSync(cache)
+    const files = fs.readdirSync(path.join(cache, digest)).sort()
+    for (const name of files.slice(0, 3)) {
+      const file = path.join(cache, digest, name)
+      const bytes = fs.readFileSync(file)
+      bytes[bytes.length >> 1] ^= 0x40
+      fs.writeFileSync(file, bytes)
+    }
+    const healed = await resumeOnce(server.url(), cache)
+    expectVerified(healed)
+    expect(healed.stats!.remote!.extentsFetched).toBe(3)
   })
 
   it('rides out 503s, resets, truncated and corrupted bodies: retries, and never serves a wrong byte', async () => {
-    server = await RangeServer.start(snapshot)
-    const r0 = server
+    const url = await serveThroughProxy(snapshot)
+    const p = proxy!
     const cache = path.join(dir, 'cache-faults')
     // The first two requests open the snapshot; faults start after them.
-    const started = resumeOnce(server.url(), cache, ['--fetch-timeout', '2s'])
-    await waitFor('the snapshot to be opened', () => r0.requests.length >= 2, 20_000)
-    server.faults = {status: {code: 503, count: 3}, resetAfterHeaders: 2, truncate: 2, corrupt: 3}
+    const started = resumeOnce(url, cache, ['--fetch-timeout', '2s'])
+    await waitFor('the snapshot to be opened', () => p.requests.length >= 2, 20_000)
+    p.faults = {status: {code: 503, count: 3}, resetAfterHeaders: 2, truncate: 2, corrupt: 3, delayMs: 2}
     const r = await started
     expectVerified(r)
     expect(r.stats!.remote!.retries).toBeGreaterThanOrEqual(5)
@@ -148,11 +173,11 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
   })
 
   it('a stalled server: the faulting client waits, then the fetch deadline fails the resume and kills it', async () => {
-    server = await RangeServer.start(snapshot)
-    const s = server
-    const started = resumeOnce(server.url(), path.join(dir, 'cache-stall'), ['--fetch-timeout', '300ms', '--fetch-deadline', '2s'])
-    await waitFor('the snapshot to be opened', () => s.requests.length >= 2, 20_000)
-    server.faults = {stall: 1_000_000}
+    const url = await serveThroughProxy(snapshot)
+    const p = proxy!
+    const started = resumeOnce(url, path.join(dir, 'cache-stall'), ['--fetch-timeout', '300ms', '--fetch-deadline', '2s'])
+    await waitFor('the snapshot to be opened', () => p.requests.length >= 2, 20_000)
+    p.faults = {stall: 1_000_000}
     const r = await started
     expect(r.handler.code).toBe(1)
     expect(r.handler.stderr).toMatch(/could not be fetched within 2 s/)
@@ -208,31 +233,33 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
 
 describe('stats and verify of an HTTP URL', () => {
   it('stats reads only the header and index; verify streams every chunk through retries', async () => {
-    server = await RangeServer.start(snapshot)
+    const url = await serveThroughProxy(snapshot)
     const cache = path.join(dir, 'cache-verify')
-    const stats = await uffdAsync(['stats', server.url(), '--json', '--cache-dir', cache])
+    const stats = await uffdAsync(['stats', url, '--json', '--cache-dir', cache])
     expect(stats.status, stats.stderr).toBe(0)
     expect((stats.json as {chunkCount: number}).chunkCount).toBe(128)
     expect(server.requests.length).toBeLessThanOrEqual(2)
-    server.faults = {corrupt: 2, status: {code: 500, count: 2}}
-    const verify = await uffdAsync(['verify', server.url(), '--json', '--cache-dir', cache])
+    proxy!.faults = {corrupt: 2, status: {code: 500, count: 2}}
+    const verify = await uffdAsync(['verify', url, '--json', '--cache-dir', cache])
     expect(verify.status, verify.stderr).toBe(0)
     expect(verify.json).toMatchObject({ok: true, chunksChecked: 128})
   })
 
   it('clear errors: 404, 403, a server that ignores ranges, an object that is not a snapshot, an unknown scheme', async () => {
-    server = await RangeServer.start(snapshot)
+    const url = await serveThroughProxy(snapshot)
     const cache = path.join(dir, 'cache-errors')
     const code = async (args: string[]): Promise<{code: string; exit: number | null}> => {
       const r = await uffdAsync([...args, '--json', '--cache-dir', cache])
       return {code: (r.json as {error?: {code: string}})?.error?.code ?? '?', exit: r.status}
     }
-    server.faults = {status: {code: 404, count: 1}}
-    expect(await code(['stats', server.url()])).toEqual({code: 'REMOTE_NOT_FOUND', exit: 1})
-    server.faults = {status: {code: 403, count: 1}}
-    expect(await code(['verify', server.url()])).toEqual({code: 'REMOTE_DENIED', exit: 1})
-    server.faults = {ignoreRange: true}
-    expect(await code(['stats', server.url()])).toEqual({code: 'REMOTE_PROTOCOL', exit: 1})
+    proxy!.faults = {status: {code: 404, count: 1}}
+    expect(await code(['stats', url])).toEqual({code: 'REMOTE_NOT_FOUND', exit: 1})
+    proxy!.faults = {status: {code: 403, count: 1}}
+    expect(await code(['verify', url])).toEqual({code: 'REMOTE_DENIED', exit: 1})
+    server.ignoreRange = true
+    expect(await code(['stats', url])).toEqual({code: 'REMOTE_PROTOCOL', exit: 1})
+    await proxy!.close()
+    proxy = undefined
     await server.close()
     server = await RangeServer.start(imageFile)
     expect(await code(['stats', server.url()])).toEqual({code: 'NOT_A_SNAPSHOT', exit: 1})

@@ -11,6 +11,7 @@ import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
 import {type ResumeReport} from '../src/resume/run-stats.js'
 import {cliEnv, NATIVE, UFFD_BIN, uffd, uffdAsync} from './helpers/cli.js'
+import {FaultProxy} from './helpers/fault-proxy.js'
 import {makeImage, tempDir} from './helpers/images.js'
 
 // The SDK's Node 20 notice is for versions this package does not pin (the CLI turns it off too).
@@ -24,6 +25,32 @@ let dir: string
 let imageFile: string
 let server: S3rver
 let endpoint: string
+let s3: S3Client
+
+/**
+ * `uffd resume LOCATION` through `endpoint` and fc_client touching all of memory at random,
+ * verifying it; `afterOpen` runs once the handler is ready (the header and index are read).
+ */
+async function resumeFromS3(location: string, via: string, cache: string, afterOpen?: () => unknown) {
+  const socket = path.join(dir, `${cache}.sock`)
+  const ready = path.join(dir, `${cache}.ready`)
+  const statsFile = path.join(dir, `${cache}.json`)
+  const handler = spawn(process.execPath, [UFFD_BIN, 'resume', location, '--s3-endpoint', via, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, '--cache-dir', path.join(dir, cache), '--fetch-timeout', '2s'], {stdio: ['ignore', 'pipe', 'pipe'], env: s3Env()})
+  let stderr = ''
+  handler.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  const exited = new Promise<number | null>((resolve) => handler.on('close', resolve))
+  const deadline = Date.now() + 30_000
+  while (!fs.existsSync(ready) && handler.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+  expect(fs.existsSync(ready), stderr).toBe(true)
+  await afterOpen?.()
+  const client = spawn(FC_CLIENT, ['--socket', socket, '--image', imageFile, '--touch', 'random', '--verify-all', '--timeout-ms', '60000'], {stdio: ['ignore', 'pipe', 'pipe']})
+  let stdout = ''
+  client.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+  const outcome = await new Promise<{code: number | null; signal: NodeJS.Signals | null}>((resolve) => client.on('close', (code, signal) => resolve({code, signal})))
+  const code = await exited
+  const stats = fs.existsSync(statsFile) ? (JSON.parse(fs.readFileSync(statsFile, 'utf8')) as ResumeReport) : ({} as ResumeReport)
+  return {code, stderr, stats, client: {...outcome, stdout}}
+}
 
 /** The environment of a user with credentials for the test server (s3rver's fixed pair) and nothing else of AWS. */
 function s3Env(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
@@ -38,12 +65,15 @@ beforeAll(async () => {
   fs.writeFileSync(imageFile, makeImage('mixed', 4 << 20, 9))
   const snapshot = path.join(dir, 'mem.uffd')
   expect(uffd(['snapshot', '--mem-file', imageFile, '-o', snapshot, '--chunk-size', '64K']).status).toBe(0)
+  const otherImage = path.join(dir, 'other.raw')
+  fs.writeFileSync(otherImage, makeImage('mixed', 4 << 20, 10))
+  expect(uffd(['snapshot', '--mem-file', otherImage, '-o', path.join(dir, 'other.uffd'), '--chunk-size', '64K']).status).toBe(0)
   server = new S3rver({port: 0, address: '127.0.0.1', silent: true, directory: path.join(dir, 's3')})
   const address = (await server.run()) as AddressInfo
   endpoint = `http://127.0.0.1:${address.port}`
-  const client = new S3Client({endpoint, forcePathStyle: true, region: 'us-east-1', credentials: {accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER'}})
-  await client.send(new CreateBucketCommand({Bucket: 'snapshots'}))
-  await client.send(new PutObjectCommand({Bucket: 'snapshots', Key: 'vm/mem.uffd', Body: fs.readFileSync(snapshot)}))
+  s3 = new S3Client({endpoint, forcePathStyle: true, region: 'us-east-1', credentials: {accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER'}})
+  await s3.send(new CreateBucketCommand({Bucket: 'snapshots'}))
+  await s3.send(new PutObjectCommand({Bucket: 'snapshots', Key: 'vm/mem.uffd', Body: fs.readFileSync(snapshot)}))
 })
 
 afterAll(async () => {
@@ -53,26 +83,37 @@ afterAll(async () => {
 
 describe('snapshots in S3', () => {
   it.skipIf(skip)('uffd resume s3://BUCKET/KEY serves every byte, fetched with ranged GETs through the SDK', async () => {
-    const socket = path.join(dir, 'r.sock')
-    const ready = path.join(dir, 'r.ready')
-    const statsFile = path.join(dir, 'r.json')
-    const handler = spawn(process.execPath, [UFFD_BIN, 'resume', 's3://snapshots/vm/mem.uffd', '--s3-endpoint', endpoint, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, '--cache-dir', path.join(dir, 'cache')], {stdio: ['ignore', 'pipe', 'pipe'], env: s3Env()})
-    let stderr = ''
-    handler.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d))
-    const exited = new Promise<number | null>((resolve) => handler.on('close', resolve))
-    const deadline = Date.now() + 30_000
-    while (!fs.existsSync(ready) && handler.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
-    expect(fs.existsSync(ready), stderr).toBe(true)
-    const client = spawn(FC_CLIENT, ['--socket', socket, '--image', imageFile, '--touch', 'random', '--verify-all', '--timeout-ms', '60000'], {stdio: ['ignore', 'pipe', 'pipe']})
-    let out = ''
-    client.stdout.setEncoding('utf8').on('data', (d: string) => (out += d))
-    const clientCode = await new Promise<number | null>((resolve) => client.on('close', resolve))
-    expect(clientCode, stderr).toBe(0)
-    expect(JSON.parse(out.trim().split('\n').at(-1)!)).toMatchObject({ok: true, verify_errors: 0})
-    expect(await exited, stderr).toBe(0)
-    const stats = JSON.parse(fs.readFileSync(statsFile, 'utf8')) as ResumeReport
-    expect(stats.snapshot).toBe('s3://snapshots/vm/mem.uffd')
-    expect(stats.remote!.requests).toBeGreaterThan(0)
+    const r = await resumeFromS3('s3://snapshots/vm/mem.uffd', endpoint, 'cache')
+    expect(r.client.code, r.stderr).toBe(0)
+    expect(JSON.parse(r.client.stdout.trim().split('\n').at(-1)!)).toMatchObject({ok: true, verify_errors: 0})
+    expect(r.code, r.stderr).toBe(0)
+    expect(r.stats.snapshot).toBe('s3://snapshots/vm/mem.uffd')
+    expect(r.stats.remote!.requests).toBeGreaterThan(0)
+  })
+
+  it.skipIf(skip)('through a failing proxy: 503s, resets and corrupt bodies are retried; every byte right', async () => {
+    const proxy = await FaultProxy.start(endpoint)
+    try {
+      const r = await resumeFromS3('s3://snapshots/vm/mem.uffd', proxy.url(), 'cache-faults', () => {
+        proxy.faults = {status: {code: 503, count: 2}, resetAfterHeaders: 1, corrupt: 2, truncate: 1}
+      })
+      expect(r.client.code, r.stderr).toBe(0)
+      expect(r.code, r.stderr).toBe(0)
+      expect(r.stats.remote!.retries).toBeGreaterThanOrEqual(4)
+    } finally {
+      await proxy.close()
+    }
+  })
+
+  it.skipIf(skip)('an object overwritten mid-resume: REMOTE_CHANGED, the client is killed, no byte of the new one served', async () => {
+    const key = 'vm/changing.uffd'
+    await s3.send(new PutObjectCommand({Bucket: 'snapshots', Key: key, Body: fs.readFileSync(path.join(dir, 'mem.uffd'))}))
+    const r = await resumeFromS3(`s3://snapshots/${key}`, endpoint, 'cache-changed', async () => {
+      await s3.send(new PutObjectCommand({Bucket: 'snapshots', Key: key, Body: fs.readFileSync(path.join(dir, 'other.uffd'))}))
+    })
+    expect(r.stderr).toMatch(/changed while it was in use/)
+    expect(r.code).toBe(1)
+    expect(r.client.signal).toBe('SIGKILL')
   })
 
   it('stats and verify take the endpoint from AWS_ENDPOINT_URL too', async () => {
