@@ -80,7 +80,7 @@ export class RemoteSnapshot {
   ) {}
 
   static async open(location: Exclude<Location, {kind: 'file'}>, options: RemoteOptions): Promise<RemoteSnapshot> {
-    const object = remoteObject(location, options.s3)
+    const object = await remoteObject(location, options.s3)
     const {identity, segments, reads} = await readStructures(object, options.fetch)
     const probe = SnapshotReader.fromSource(new SegmentSource(object.name, identity.size, segments))
     const extents = extentTable(probe)

@@ -1,5 +1,5 @@
 import {describeLocation, isRemote, parseLocation} from '../remote/location.js'
-import {type RemoteReport, type RemoteOptions, RemoteSnapshot} from '../remote/remote-snapshot.js'
+import {type RemoteOptions, type RemoteReport} from '../remote/remote-snapshot.js'
 import {SnapshotReader} from './reader.js'
 import {type SnapshotSpec} from './spec.js'
 
@@ -32,6 +32,8 @@ export async function openSnapshot(text: string, remote: RemoteOptions): Promise
       close: async () => reader.close(),
     }
   }
+  // Loaded only for URLs: a local snapshot's start-up does not pay for the remote machinery.
+  const {RemoteSnapshot} = await import('../remote/remote-snapshot.js')
   const snapshot = await RemoteSnapshot.open(location, remote)
   return {
     reader: snapshot.reader,
