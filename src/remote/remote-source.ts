@@ -60,7 +60,8 @@ export class RemoteByteSource implements ByteSource {
     const state = Atomics.load(this.states, extent)
     if (state === EXTENT_PRESENT || state === EXTENT_FAILED) return true
     if (!this.cache.has({offset: position, length})) return false
-    this.counters.add('diskHits')
+    // ASKED and on disk: it is landing (this handler's fetch, or another's that shares the cache).
+    if (state === EXTENT_ABSENT) this.counters.add('diskHits')
     Atomics.compareExchange(this.states, extent, state, EXTENT_PRESENT)
     return true
   }
