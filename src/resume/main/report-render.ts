@@ -3,6 +3,7 @@ import fs from 'node:fs'
 import {UffdError} from '../../core/errors.js'
 import {formatBytes, formatPercent} from '../../core/units.js'
 import {ResumeReportSchema, schemaProblem} from '../../format/schemas.js'
+import {onFile} from '../../sys/errors.js'
 import {type ResumeReport} from '../run-stats.js'
 
 /**
@@ -10,14 +11,14 @@ import {type ResumeReport} from '../run-stats.js'
  * with kind "uffd-resume-stats"), else undefined: snapshots start with a binary magic.
  */
 export function readResumeReport(file: string): ResumeReport | undefined {
-  const fd = fs.openSync(file, 'r')
+  const fd = onFile(file, 'opening', () => fs.openSync(file, 'r'))
   let text: string
   try {
     // A directory or device is no report; the snapshot reader says what is wrong with it.
     if (!fs.fstatSync(fd).isFile()) return undefined
     const first = Buffer.alloc(1)
-    if (fs.readSync(fd, first, 0, 1, 0) !== 1 || first[0] !== 0x7b /* { */) return undefined
-    text = fs.readFileSync(fd, 'utf8')
+    if (onFile(file, 'reading', () => fs.readSync(fd, first, 0, 1, 0)) !== 1 || first[0] !== 0x7b /* { */) return undefined
+    text = onFile(file, 'reading', () => fs.readFileSync(fd, 'utf8'))
   } finally {
     fs.closeSync(fd)
   }
