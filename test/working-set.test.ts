@@ -46,6 +46,8 @@ describe('mergeWorkingSets', () => {
   it('refuses sets of different snapshots', () => {
     const other = {...set([1]), snapshot: {...snapshot, headerCrc: 7}}
     expect(() => mergeWorkingSets([set([1]), other], 'union')).toThrow(/different snapshot/)
+    // The files' names, as the CLI passes them: which file is the odd one out.
+    expect(() => mergeWorkingSets([set([1]), other], 'union', ['run1.ws', 'run2.ws'])).toThrow(expect.objectContaining({code: 'BAD_WORKING_SET', message: expect.stringMatching(/^run2\.ws \(unlike run1\.ws\) was recorded against a different snapshot/)}))
     expect(() => checkMatches(other, snapshot, 'x.ws')).toThrow(/x.ws was recorded against a different snapshot/)
   })
 })
