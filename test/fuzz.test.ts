@@ -1,7 +1,8 @@
 // A bounded, seeded fuzz run of everything that reads untrusted files (the engine and what counts
 // as a crash: test/helpers/fuzz.ts). A longer run is bench/fuzz.ts (docs/BENCHMARKS.md). A
-// failure names the seed and case; UFFD_FUZZ_SEED=N runs another seed, and
-// `node --import tsx bench/fuzz.ts --seed N --from CASE --snapshots 1` remakes one case.
+// failure names the seed and case; UFFD_FUZZ_SEED=N runs another seed, and `node --import tsx
+// bench/fuzz.ts --seed N --from CASE --snapshots 1 --working-sets 0 --stats-files 0 --cli 0`
+// runs one snapshot case again.
 import fs from 'node:fs'
 import path from 'node:path'
 
