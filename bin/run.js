@@ -1,4 +1,11 @@
 #!/usr/bin/env node
-import {execute} from '@oclif/core'
+// Checked before anything is imported: on an older Node the first module that imports crc32 from
+// node:zlib (20.15+, 22.2+) would fail to link, with a message that does not say what to do.
+const [major, minor] = process.versions.node.split('.').map(Number)
+if (major < 20 || (major === 20 && minor < 15) || major === 21 || (major === 22 && minor < 2)) {
+  process.stderr.write(`uffd: needs Node.js 20.15 or later (22.2 or later on 22), not ${process.version}\n`)
+  process.exit(1)
+}
 
+const {execute} = await import('@oclif/core')
 await execute({dir: import.meta.url})

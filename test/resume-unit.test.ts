@@ -8,7 +8,7 @@ import {Geometry} from '../src/format/geometry.js'
 import {AddressMap} from '../src/resume/fault-loop/address-map.js'
 import {PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from '../src/resume/fault-loop/page-states.js'
 import {type GuestRegion, HandshakeError, MAX_HANDSHAKE_BYTES, parseHandshake, validateRegions} from '../src/resume/main/handshake.js'
-import {BUCKETS, bucketOf, bucketUpperUs, buildReport, percentileUs, RunStats} from '../src/resume/run-stats.js'
+import {BUCKETS, bucketOf, bucketUpperUs, buildReport, clampPercentile, percentileUs, RunStats} from '../src/resume/run-stats.js'
 
 const PAGE = 4096
 const HUGE = 2 * 1024 * 1024
@@ -387,26 +387,61 @@ describe('RunStats and buildReport', () => {
     expect(report.latencyUs.p90).toBe(3000)
   })
 
-  it('never reports a percentile above the max, whatever the samples', () => {
+  it('never reports a percentile below the min or above the max, whatever the samples', () => {
+    // From below 1 µs (bucket 0) to past 2^26 µs (the last bucket, whose bound lies below them).
+    const latency = fc.oneof(fc.double({min: 0, max: 2 ** 25, noNaN: true}), fc.double({min: 2 ** 25, max: 2 ** 32, noNaN: true}))
     fc.assert(
-      fc.property(fc.array(fc.double({min: 1, max: 2 ** 25, noNaN: true}), {minLength: 1, maxLength: 200}), (samples) => {
+      fc.property(fc.array(latency, {minLength: 1, maxLength: 200}), (samples) => {
         const stats = new RunStats()
         for (const us of samples) {
           stats.add('faults')
           stats.recordLatency(us)
         }
         const l = buildReport(stats, 's', new Date(0), 0).latencyUs
+        expect(l.min).toBe(Math.min(...samples))
+        expect(l.max).toBe(Math.max(...samples))
+        expect(l.min!).toBeLessThanOrEqual(l.p50!)
         expect(l.p50!).toBeLessThanOrEqual(l.p90!)
         expect(l.p90!).toBeLessThanOrEqual(l.p99!)
         expect(l.p99!).toBeLessThanOrEqual(l.max!)
       }),
-      {numRuns: 200},
+      {numRuns: 300},
     )
+  })
+
+  it('clamps up to the min where the last bucket lies below every sample', () => {
+    const stats = new RunStats()
+    for (const us of [1e8, 2e8, 3e8]) {
+      stats.add('faults')
+      stats.recordLatency(us)
+    }
+    // The unclamped percentile: the last bucket's bound, below the fastest fault.
+    expect(percentileUs(stats.histogram, 0.5)).toBeLessThan(1e8)
+    expect(buildReport(stats, 's', new Date(0), 0).latencyUs).toMatchObject({min: 1e8, p50: 1e8, p90: 1e8, p99: 1e8, max: 3e8})
+  })
+
+  it('clampPercentile bounds a percentile by whichever of min and max is known', () => {
+    expect(clampPercentile(5, 10, 20)).toBe(10)
+    expect(clampPercentile(25, 10, 20)).toBe(20)
+    expect(clampPercentile(15, 10, 20)).toBe(15)
+    expect(clampPercentile(5, null, 20)).toBe(5)
+    expect(clampPercentile(25, 10, null)).toBe(25)
+    expect(clampPercentile(null, 10, 20)).toBeNull()
+  })
+
+  it('a view of the counters (another thread\'s) does not reset the min', () => {
+    const writer = new RunStats()
+    writer.add('faults')
+    writer.recordLatency(0)
+    const reader = new RunStats(writer.buffer)
+    writer.add('faults')
+    writer.recordLatency(50)
+    expect(buildReport(reader, 's', new Date(0), 0).latencyUs).toMatchObject({min: 0, max: 50})
   })
 
   it('reports nulls, not zeros, when nothing was served', () => {
     const report = buildReport(new RunStats(), 's', new Date(0), 0)
-    expect(report.latencyUs).toEqual({p50: null, p90: null, p99: null, max: null, mean: null})
+    expect(report.latencyUs).toEqual({p50: null, p90: null, p99: null, min: null, max: null, mean: null})
     expect(report.chunks.hitRate).toBeNull()
     expect(report.timeToFirstFaultMs).toBeNull()
   })

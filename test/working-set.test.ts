@@ -1,7 +1,15 @@
+import fs from 'node:fs'
+import path from 'node:path'
+
 import fc from 'fast-check'
-import {describe, expect, it} from 'vitest'
+import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
 import {checkMatches, chunksInTouchOrder, mergeWorkingSets, parseWorkingSet, type WorkingSetFile, WorkingSetRecorder} from '../src/format/working-set.js'
+import {memFileInput} from '../src/snapshot/inputs.js'
+import {SnapshotReader} from '../src/snapshot/reader.js'
+import {writeSnapshot} from '../src/snapshot/writer.js'
+import {uffd} from './helpers/cli.js'
+import {makeImage, tempDir} from './helpers/images.js'
 
 const snapshot = {logicalSize: 1 << 20, pageSize: 4096, headerCrc: 42}
 const set = (pages: number[], times = pages.map((_, i) => i), runs = 1): WorkingSetFile => ({kind: 'uffd-working-set', version: 1, snapshot, runs, pages, firstTouchMs: times})
@@ -46,6 +54,8 @@ describe('mergeWorkingSets', () => {
   it('refuses sets of different snapshots', () => {
     const other = {...set([1]), snapshot: {...snapshot, headerCrc: 7}}
     expect(() => mergeWorkingSets([set([1]), other], 'union')).toThrow(/different snapshot/)
+    // The files' names, as the CLI passes them: which file is the odd one out.
+    expect(() => mergeWorkingSets([set([1]), other], 'union', ['run1.ws', 'run2.ws'])).toThrow(expect.objectContaining({code: 'BAD_WORKING_SET', message: expect.stringMatching(/^run2\.ws \(unlike run1\.ws\) was recorded against a different snapshot/)}))
     expect(() => checkMatches(other, snapshot, 'x.ws')).toThrow(/x.ws was recorded against a different snapshot/)
   })
 })
@@ -65,5 +75,94 @@ describe('parseWorkingSet', () => {
 describe('chunksInTouchOrder', () => {
   it('lists each chunk once, in the order its first page was touched', () => {
     expect(chunksInTouchOrder([70, 3, 65, 130, 1, 200], 64)).toEqual([1, 0, 2, 3])
+  })
+})
+
+describe('uffd working-set merge', () => {
+  let dir: string
+  let image: string
+  let snap: string
+  let recordings: string[]
+  let sets: WorkingSetFile[]
+  beforeAll(async () => {
+    dir = tempDir('uffd-ws-merge-test-')
+    image = path.join(dir, 'guest.mem')
+    fs.writeFileSync(image, makeImage('mixed', 1 << 20, 9))
+    snap = path.join(dir, 'guest.uffd')
+    await writeSnapshot(memFileInput(image), snap, {codec: 'zstd', level: 1, chunkSize: 65536, pageSize: 4096, jobs: 1})
+    const reader = SnapshotReader.open(snap)
+    const identity = {logicalSize: reader.geometry.logicalSize, pageSize: 4096, headerCrc: reader.header.headerCrc}
+    reader.close()
+    // Three runs as --record writes them: page 200 touched by one run only, the others by all three.
+    const runs = [
+      [10, 11, 12, 200],
+      [11, 10, 12],
+      [10, 12, 11, 13],
+    ]
+    sets = runs.map((pages) => ({kind: 'uffd-working-set', version: 1, snapshot: identity, runs: 1, pages, firstTouchMs: pages.map((_, i) => i * 2.5)}))
+    recordings = sets.map((set, i) => {
+      const file = path.join(dir, `run${i + 1}.ws`)
+      fs.writeFileSync(file, `${JSON.stringify(set)}\n`)
+      return file
+    })
+  })
+  afterAll(() => fs.rmSync(dir, {recursive: true, force: true}))
+
+  it('writes the majority of the runs by default, as mergeWorkingSets computes it, and says so', () => {
+    const out = path.join(dir, 'majority.ws')
+    const r = uffd(['working-set', 'merge', ...recordings, '-o', out])
+    expect(r.status, r.stderr).toBe(0)
+    const expected = mergeWorkingSets(sets, 'majority')
+    expect([...expected.pages].sort((a, b) => a - b)).toEqual([10, 11, 12])
+    expect(r.stdout).toBe(`${out}: 3 pages from 3 runs (majority)\n`)
+    expect(JSON.parse(fs.readFileSync(out, 'utf8'))).toEqual(expected)
+    // Page numbers and timings only: the umask's default, not a snapshot's 0600.
+    expect(fs.statSync(out).mode & 0o777).toBe(0o644 & ~process.umask())
+  })
+
+  it('--mode union keeps every page, --json reports the result, and an existing output is replaced', () => {
+    const out = path.join(dir, 'union.ws')
+    fs.writeFileSync(out, 'old contents')
+    const r = uffd(['working-set', 'merge', ...recordings, '--mode', 'union', '-o', out, '--json'])
+    expect(r.status, r.stderr).toBe(0)
+    expect(r.json).toEqual({output: out, runs: 3, pages: 5, mode: 'union'})
+    const merged = parseWorkingSet(fs.readFileSync(out, 'utf8'), out)
+    expect([...merged.pages].sort((a, b) => a - b)).toEqual([10, 11, 12, 13, 200])
+    expect(fs.readdirSync(dir).filter((f) => f.endsWith('.tmp'))).toEqual([])
+  })
+
+  it('the merged set attaches to its snapshot, which still verifies against the image', () => {
+    const out = path.join(dir, 'attach.ws')
+    expect(uffd(['working-set', 'merge', ...recordings, '-o', out]).status).toBe(0)
+    const attached = path.join(dir, 'attached.uffd')
+    const a = uffd(['working-set', 'attach', snap, out, '-o', attached, '--json'])
+    expect(a.status, a.stderr).toBe(0)
+    expect(a.json).toMatchObject({output: attached, pages: 3})
+    const v = uffd(['verify', attached, '--against', image, '--json'])
+    expect(v.json, v.stdout).toMatchObject({ok: true})
+  })
+
+  it("a set of another snapshot or a malformed file is BAD_WORKING_SET naming the file, and nothing is written", () => {
+    const other = path.join(dir, 'other.ws')
+    fs.writeFileSync(other, JSON.stringify({...sets[0], snapshot: {...sets[0].snapshot, headerCrc: (sets[0].snapshot.headerCrc + 1) >>> 0}}))
+    const out = path.join(dir, 'never.ws')
+    const mismatch = uffd(['working-set', 'merge', recordings[0], other, '-o', out, '--json'])
+    expect(mismatch.status).toBe(1)
+    expect(mismatch.json.error).toMatchObject({code: 'BAD_WORKING_SET', message: expect.stringMatching(new RegExp(`^${other} \\(unlike ${recordings[0]}\\) was recorded against a different snapshot`))})
+    const broken = path.join(dir, 'broken.ws')
+    fs.writeFileSync(broken, '{"kind": "uffd-working-set", ')
+    const text = uffd(['working-set', 'merge', recordings[0], broken, '-o', out])
+    expect(text.status).toBe(1)
+    expect(text.stderr).toMatch(new RegExp(`^uffd working-set merge: ${broken}: not JSON`))
+    expect(fs.existsSync(out)).toBe(false)
+  })
+
+  it('without -o it is a USAGE error, and its help names it as typed', () => {
+    const r = uffd(['working-set', 'merge', ...recordings, '--json'])
+    expect(r.status).toBe(2)
+    expect(r.json.error).toMatchObject({code: 'USAGE', exitCode: 2})
+    const help = uffd(['working-set', 'merge', '--help'])
+    expect(help.stdout).toMatch(/\$ uffd working-set merge FILES\.\.\. -o <value>/)
+    expect(`${help.stdout}${uffd(['working-set', '--help']).stdout}`).not.toMatch(/working-set:/)
   })
 })

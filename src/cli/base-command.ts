@@ -1,7 +1,7 @@
 import {Command, Errors} from '@oclif/core'
 
 import {isErrorCode, UffdError} from '../core/errors.js'
-import {isErrnoName} from '../sys/errors.js'
+import {isErrnoName, isNodeSystemError, nodeErrorMessage} from '../sys/errors.js'
 
 /** Exit codes shared by every command (README: "Exit codes"). */
 export const EXIT = {
@@ -46,13 +46,18 @@ export abstract class BaseCommand extends Command {
     // From the code, so the exit status is always the one docs/ERRORS.md gives for it.
     const exitCode = isUsage || code === 'USAGE' ? EXIT.USAGE : code === 'INTERRUPTED' ? EXIT.INTERRUPTED : (error.oclif?.exit ?? EXIT.FAILURE)
     process.exitCode = exitCode
-    const message = error.name === 'AbortError' ? 'interrupted' : error.message
+    const message = error.name === 'AbortError' ? 'interrupted' : isNodeSystemError(error) ? nodeErrorMessage(error) : error.message
     if (this.jsonEnabled()) {
       this.logJson({error: {code, message, exitCode}})
       return undefined
     }
     if (isUsage) throw error
-    process.stderr.write(`uffd ${this.id ?? ''}: ${message}\n`.replace('uffd : ', 'uffd: '))
+    process.stderr.write(`${this.commandName()}: ${message}\n`)
     return undefined
+  }
+
+  /** `uffd working-set merge`: oclif's ids separate topics with colons, users type spaces. */
+  protected commandName(): string {
+    return this.id ? `uffd ${this.id.replaceAll(':', ' ')}` : 'uffd'
   }
 }

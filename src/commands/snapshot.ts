@@ -92,7 +92,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     // With a set, the snapshot is written beside the output first and only the attached result
     // takes the output's name, so a failed attach leaves the output as it was.
     const written = set ? path.join(path.dirname(path.resolve(output)), `.${path.basename(output)}.${process.pid}.unattached.tmp`) : output
-    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism(), mode}
+    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism(), mode, name: output}
     const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
 
     const summary = await withInterruptHandling(async (signal) => {

@@ -12,17 +12,32 @@ export function parseSize(text: string): number {
   return value
 }
 
+/**
+ * "512 B", "64 KiB", "1.50 MiB": three significant digits at most (whole numbers as they are), in
+ * the largest unit the value reaches. A value that rounds up to 1024 of a unit is 1.00 of the
+ * next, and a fractional byte count (a rate) is rounded to whole bytes.
+ */
 export function formatBytes(n: number): string {
-  if (n < 1024) return `${n} B`
-  const units = ['KiB', 'MiB', 'GiB', 'TiB']
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB']
   let value = n
-  let unit = -1
-  while (value >= 1024 && unit < units.length - 1) {
+  let unit = 0
+  while (Math.abs(value) >= 1024 && unit < units.length - 1) {
     value /= 1024
     unit++
   }
-  const digits = Number.isInteger(value) || value >= 100 ? 0 : value >= 10 ? 1 : 2
-  return `${value.toFixed(digits)} ${units[unit]}`
+  let text = shown(value, unit)
+  if (Math.abs(Number(text)) >= 1024 && unit < units.length - 1) {
+    value /= 1024
+    unit++
+    text = shown(value, unit)
+  }
+  return `${text} ${units[unit]}`
+}
+
+function shown(value: number, unit: number): string {
+  if (unit === 0) return String(Math.round(value))
+  const magnitude = Math.abs(value)
+  return value.toFixed(Number.isInteger(value) || magnitude >= 100 ? 0 : magnitude >= 10 ? 1 : 2)
 }
 
 export function formatPercent(part: number, whole: number): string {

@@ -41,7 +41,8 @@ export const ResumeReportSchema = Type.Object(
     bytes: Type.Object({copied: count(), decompressed: count()}),
     chunks: Type.Object({decoded: count(), cacheHits: count(), cacheMisses: count(), hitRate: nullable(Type.Number({minimum: 0, maximum: 1}))}),
     events: Type.Object({remove: count(), removedPages: count(), unmap: count(), remap: count(), fork: count()}),
-    latencyUs: Type.Object({p50: nullable(ms()), p90: nullable(ms()), p99: nullable(ms()), max: nullable(ms()), mean: nullable(ms())}),
+    // min: optional, reports written before it was kept have none.
+    latencyUs: Type.Object({p50: nullable(ms()), p90: nullable(ms()), p99: nullable(ms()), min: Type.Optional(nullable(ms())), max: nullable(ms()), mean: nullable(ms())}),
     timeToFirstFaultMs: nullable(ms()),
     timeToLastFaultMs: nullable(ms()),
     timeToMemoryCompleteMs: nullable(ms()),

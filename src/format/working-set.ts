@@ -100,12 +100,13 @@ function median(values: number[]): number {
 /**
  * Merges recordings of one snapshot. `union` keeps every page any run touched; `majority` keeps
  * pages touched in more than half of the runs (one noisy run does not define the set). Pages are
- * ordered by the median of their first-touch times over the runs that touched them.
+ * ordered by the median of their first-touch times over the runs that touched them. `names` (the
+ * files') are what a mismatch reports.
  */
-export function mergeWorkingSets(sets: readonly WorkingSetFile[], mode: 'union' | 'majority'): WorkingSetFile {
+export function mergeWorkingSets(sets: readonly WorkingSetFile[], mode: 'union' | 'majority', names: readonly string[] = sets.map((_, i) => `working set ${i + 1}`)): WorkingSetFile {
   if (sets.length === 0) throw new WorkingSetError('nothing to merge')
   const snapshot = sets[0].snapshot
-  sets.forEach((s, i) => checkMatches(s, snapshot, `working set ${i + 1}`))
+  sets.forEach((s, i) => checkMatches(s, snapshot, i === 0 ? names[i] : `${names[i]} (unlike ${names[0]})`))
   const runs = sets.reduce((n, s) => n + s.runs, 0)
   const touches = new Map<number, {times: number[]; runs: number}>()
   for (const set of sets) {

@@ -36,6 +36,7 @@ export const COUNTERS = [
   'clientsEnded',
   'firstFaultMs',
   'lastFaultMs',
+  'latencyMinUs',
   'latencyMaxUs',
   'latencySumUs',
   'memoryCompleteMs',
@@ -62,10 +63,16 @@ export class RunStats {
   readonly histogram: Float64Array
   private readonly index: Record<CounterName, number>
 
-  constructor(readonly buffer: SharedArrayBuffer = new SharedArrayBuffer((COUNTERS.length + BUCKETS) * 8)) {
-    this.values = new Float64Array(buffer, 0, COUNTERS.length)
-    this.histogram = new Float64Array(buffer, COUNTERS.length * 8, BUCKETS)
+  readonly buffer: SharedArrayBuffer
+
+  /** Without `buffer`, new counters; with it, a view of counters another thread keeps. */
+  constructor(buffer?: SharedArrayBuffer) {
+    this.buffer = buffer ?? new SharedArrayBuffer((COUNTERS.length + BUCKETS) * 8)
+    this.values = new Float64Array(this.buffer, 0, COUNTERS.length)
+    this.histogram = new Float64Array(this.buffer, COUNTERS.length * 8, BUCKETS)
     this.index = Object.fromEntries(COUNTERS.map((name, i) => [name, i])) as Record<CounterName, number>
+    // Any first sample is below it; a 0 would stay the minimum for good.
+    if (!buffer) this.values[this.index.latencyMinUs] = Infinity
   }
 
   add(name: CounterName, n = 1): void {
@@ -84,6 +91,7 @@ export class RunStats {
     this.histogram[bucketOf(us)]++
     this.values[this.index.latencySumUs] += us
     if (us > this.values[this.index.latencyMaxUs]) this.values[this.index.latencyMaxUs] = us
+    if (us < this.values[this.index.latencyMinUs]) this.values[this.index.latencyMinUs] = us
   }
 }
 
@@ -133,11 +141,15 @@ export function percentileUs(histogram: ArrayLike<number>, q: number): number | 
 }
 
 /**
- * A percentile is its bucket's upper bound, which can lie above every sample: the top bucket's
- * bound over the exact max would report p99 > max, which no reader believes.
+ * A percentile is its bucket's upper bound, which can lie above every sample (the top bucket's
+ * bound over the exact max would report p99 > max), and the last bucket holds every sample from
+ * 2^26 µs up, so its bound can lie below them all (p50 < min): no reader believes either. The
+ * exact min and max bound every percentile.
  */
-function clampToMax(p: number | null, max: number | null): number | null {
-  return p === null || max === null ? p : Math.min(p, max)
+export function clampPercentile(p: number | null, min: number | null, max: number | null): number | null {
+  if (p === null) return null
+  const atLeast = min === null ? p : Math.max(p, min)
+  return max === null ? atLeast : Math.min(atLeast, max)
 }
 
 export interface ResumeReport {
@@ -161,8 +173,11 @@ export interface ResumeReport {
   bytes: {copied: number; decompressed: number}
   chunks: {decoded: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
   events: {remove: number; removedPages: number; unmap: number; remap: number; fork: number}
-  /** Time from reading a fault message to the faulting page being installed, in µs. */
-  latencyUs: {p50: number | null; p90: number | null; p99: number | null; max: number | null; mean: number | null}
+  /**
+   * Time from reading a fault message to the faulting page being installed, in µs; every
+   * percentile lies within [min, max]. `min` is absent in reports of older versions.
+   */
+  latencyUs: {p50: number | null; p90: number | null; p99: number | null; min?: number | null; max: number | null; mean: number | null}
   /** From the first handshake to the first and last fault, ms. */
   timeToFirstFaultMs: number | null
   timeToLastFaultMs: number | null
@@ -185,6 +200,10 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
   const g = (name: CounterName): number => stats.get(name)
   const faults = g('faults')
   const lookups = g('cacheHits') + g('cacheMisses')
+  // Finite once a sample is in: read while the loop records its first fault, it may not be yet.
+  const min = faults && Number.isFinite(g('latencyMinUs')) ? g('latencyMinUs') : null
+  const max = faults ? g('latencyMaxUs') : null
+  const percentile = (q: number): number | null => clampPercentile(percentileUs(stats.histogram, q), min, max)
   return {
     kind: 'uffd-resume-stats',
     version: 1,
@@ -200,13 +219,7 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     bytes: {copied: g('bytesCopied'), decompressed: g('bytesDecompressed')},
     chunks: {decoded: g('chunksDecoded'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},
     events: {remove: g('removeEvents'), removedPages: g('removedPages'), unmap: g('unmapEvents'), remap: g('remapEvents'), fork: g('forkEvents')},
-    latencyUs: {
-      p50: clampToMax(percentileUs(stats.histogram, 0.5), faults ? g('latencyMaxUs') : null),
-      p90: clampToMax(percentileUs(stats.histogram, 0.9), faults ? g('latencyMaxUs') : null),
-      p99: clampToMax(percentileUs(stats.histogram, 0.99), faults ? g('latencyMaxUs') : null),
-      max: faults ? g('latencyMaxUs') : null,
-      mean: faults ? g('latencySumUs') / faults : null,
-    },
+    latencyUs: {p50: percentile(0.5), p90: percentile(0.9), p99: percentile(0.99), min, max, mean: faults ? g('latencySumUs') / faults : null},
     timeToFirstFaultMs: faults ? g('firstFaultMs') : null,
     timeToLastFaultMs: faults ? g('lastFaultMs') : null,
     timeToMemoryCompleteMs: g('memoryCompleteMs') || null,

@@ -4,6 +4,7 @@ import {crc32} from 'node:zlib'
 
 import {type ChunkEntry, encodeFooter, encodeIndex} from '../format/index-table.js'
 import {type ZeroMap} from '../format/zero-map.js'
+import {onFile} from '../sys/errors.js'
 import {fsyncDir} from '../sys/file.js'
 
 /**
@@ -19,25 +20,36 @@ export interface FileMode {
   createMode?: number
 }
 
+export interface AtomicFileOptions extends FileMode {
+  /**
+   * The path errors name [default: the destination]: the user's output when the destination is
+   * itself an intermediate file.
+   */
+  name?: string
+}
+
 /**
  * A file written by appending to a temporary file next to its destination, then fsync'd and
  * renamed over it: readers see the old file or the complete new one, never a part. discard()
- * (after any failure) removes the temporary file and changes nothing else.
+ * (after any failure) removes the temporary file and changes nothing else. Its errors name the
+ * destination (or `options.name`), never the temporary file, which the user has never heard of.
  */
 export class AtomicFile {
   size = 0
   private fd: number | undefined
   private readonly tempPath: string
+  private readonly name: string
 
   constructor(
     readonly destination: string,
-    options: FileMode = {},
+    options: AtomicFileOptions = {},
   ) {
+    this.name = options.name ?? destination
     const dir = path.dirname(path.resolve(destination))
     this.tempPath = path.join(dir, `.${path.basename(destination)}.${process.pid}.${Date.now().toString(36)}.tmp`)
-    this.fd = fs.openSync(this.tempPath, 'wx+', options.mode ?? options.createMode ?? SNAPSHOT_MODE)
+    this.fd = onFile(this.name, 'creating', () => fs.openSync(this.tempPath, 'wx+', options.mode ?? options.createMode ?? SNAPSHOT_MODE))
     try {
-      if (options.mode !== undefined) fs.fchmodSync(this.fd, options.mode)
+      if (options.mode !== undefined) onFile(this.name, 'setting the mode of', () => fs.fchmodSync(this.fd!, options.mode!))
     } catch (error) {
       this.discard()
       throw error
@@ -47,7 +59,9 @@ export class AtomicFile {
   append(bytes: Uint8Array): number {
     const at = this.size
     let done = 0
-    while (done < bytes.length) done += fs.writeSync(this.fd!, bytes, done, bytes.length - done, at + done)
+    onFile(this.name, 'writing', () => {
+      while (done < bytes.length) done += fs.writeSync(this.fd!, bytes, done, bytes.length - done, at + done)
+    })
     this.size += bytes.length
     return at
   }
@@ -55,15 +69,19 @@ export class AtomicFile {
   readBack(position: number, length: number): Buffer {
     const buf = Buffer.alloc(length)
     let done = 0
-    while (done < length) done += fs.readSync(this.fd!, buf, done, length - done, position + done)
+    onFile(this.name, 'reading back', () => {
+      while (done < length) done += fs.readSync(this.fd!, buf, done, length - done, position + done)
+    })
     return buf
   }
 
   commit(): void {
-    fs.fsyncSync(this.fd!)
-    fs.closeSync(this.fd!)
+    onFile(this.name, 'writing', () => fs.fsyncSync(this.fd!))
+    // Linux frees the descriptor even when close fails: discard() must not close it again.
+    const fd = this.fd!
     this.fd = undefined
-    fs.renameSync(this.tempPath, this.destination)
+    onFile(this.name, 'writing', () => fs.closeSync(fd))
+    onFile(this.name, 'writing', () => fs.renameSync(this.tempPath, this.destination))
     fsyncDir(path.dirname(path.resolve(this.destination)))
   }
 

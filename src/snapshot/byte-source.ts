@@ -1,6 +1,7 @@
 import fs from 'node:fs'
 
 import {UffdError} from '../core/errors.js'
+import {fileError} from '../sys/errors.js'
 import {openInput} from './input-file.js'
 
 /**
@@ -40,7 +41,13 @@ export class FileByteSource implements ByteSource {
     if (this.fd === undefined) throw new UffdError('INTERNAL', `${this.name} is closed`)
     let done = 0
     while (done < dst.length) {
-      const n = fs.readSync(this.fd, dst, done, dst.length - done, position + done)
+      let n: number
+      try {
+        n = fs.readSync(this.fd, dst, done, dst.length - done, position + done)
+      } catch (error) {
+        // Node's EIO names no file; this does. Inline, not onFile(): this is every fault's read.
+        throw fileError(error, this.name, 'reading')
+      }
       if (n === 0) throw new UffdError('TRUNCATED', `${this.name}: unexpected end of file at ${position + done} (wanted ${dst.length} bytes at ${position})`)
       done += n
     }

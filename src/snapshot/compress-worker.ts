@@ -2,6 +2,7 @@ import fs from 'node:fs'
 import {parentPort, workerData} from 'node:worker_threads'
 
 import {UffdError} from '../core/errors.js'
+import {onFile} from '../sys/errors.js'
 import {Codec, maxStoredLength} from '../format/constants.js'
 import {type ChunkJob, type ChunkJobResult, type EncodedChunk, encodeChunk} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
@@ -22,7 +23,7 @@ let storedScratch = Buffer.alloc(0)
 function fdFor(path: string): number {
   let fd = fds.get(path)
   if (fd === undefined) {
-    fd = fs.openSync(path, 'r')
+    fd = onFile(path, 'opening', () => fs.openSync(path, 'r'))
     fds.set(path, fd)
   }
   return fd
@@ -60,7 +61,7 @@ function readSegments(job: ChunkJob, spans: readonly {start: number; end: number
     const fd = fdFor(s.path)
     let done = 0
     while (done < s.length) {
-      const n = fs.readSync(fd, input, s.imageOffset - job.start + done, s.length - done, s.position + done)
+      const n = onFile(s.path, 'reading', () => fs.readSync(fd, input, s.imageOffset - job.start + done, s.length - done, s.position + done))
       if (n === 0) throw new UffdError('TRUNCATED', `${s.path}: ended at ${s.position + done}, expected ${s.length - done} more bytes`)
       done += n
     }

@@ -1,6 +1,7 @@
 import fs from 'node:fs'
 
 import {UffdError} from '../core/errors.js'
+import {onFile} from '../sys/errors.js'
 
 /**
  * Opens an input for reading and refuses anything but a regular file (or a block device, where
@@ -10,9 +11,9 @@ import {UffdError} from '../core/errors.js'
  * block devices.
  */
 export function openInput(path: string, options: {blockDevice?: boolean} = {}): {fd: number; stat: fs.Stats} {
-  const fd = fs.openSync(path, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK)
+  const fd = onFile(path, 'opening', () => fs.openSync(path, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK))
   try {
-    const stat = fs.fstatSync(fd)
+    const stat = onFile(path, 'reading', () => fs.fstatSync(fd))
     if (!stat.isFile() && !(options.blockDevice && stat.isBlockDevice())) throw new UffdError('NOT_A_FILE', `${path} is not a regular file (${kindOf(stat)})`)
     return {fd, stat}
   } catch (error) {
@@ -25,7 +26,7 @@ export function openInput(path: string, options: {blockDevice?: boolean} = {}): 
 export function readInputText(path: string): string {
   const {fd} = openInput(path)
   try {
-    return fs.readFileSync(fd, 'utf8')
+    return onFile(path, 'reading', () => fs.readFileSync(fd, 'utf8'))
   } finally {
     fs.closeSync(fd)
   }

@@ -1,3 +1,4 @@
+import {UffdError} from '../core/errors.js'
 import {CHUNK_FLAG_SHARED, Codec, CODEC_NAMES, RegionKind} from '../format/constants.js'
 import {type SnapshotReader} from './reader.js'
 import {FileByteSource} from './byte-source.js'
@@ -162,7 +163,10 @@ export function verifySnapshot(reader: SnapshotReader, file: string, againstPath
       try {
         reader.readChunk(c, chunk)
       } catch (error) {
-        errors.push((error as Error).message)
+        // A refusal is a problem of the file, to list; anything else is a bug of ours, and
+        // listing it would report a good file as damaged.
+        if (!(error instanceof UffdError)) throw error
+        errors.push(error.message)
         continue
       }
       chunksChecked++
@@ -217,7 +221,8 @@ function verifyPacked(reader: SnapshotReader, errors: string[], maxErrors: numbe
             checked++
             return payload
           } catch (error) {
-            errors.push((error as Error).message)
+            if (!(error instanceof UffdError)) throw error
+            errors.push(error.message)
             return undefined
           }
         }),
@@ -226,8 +231,8 @@ function verifyPacked(reader: SnapshotReader, errors: string[], maxErrors: numbe
           errors.push(`${reader.source.name}: packed working set block ${block}: page ${page} differs from chunk ${chunk}`)
         }
       },
-      // A chunk that does not read is reported by the chunk pass.
-      chunkFailed: () => true,
+      // A chunk that does not read is reported by the chunk pass (a bug's error is thrown).
+      chunkFailed: (_chunk, error) => error instanceof UffdError,
     },
   )
   return checked

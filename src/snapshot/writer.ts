@@ -28,6 +28,8 @@ export interface WriteOptions {
   signal?: AbortSignal
   /** Permission bits of the output, exactly [default: SNAPSHOT_MODE less the umask]. */
   mode?: number
+  /** The path errors name, when outputPath is an intermediate file [default: outputPath]. */
+  name?: string
 }
 
 export interface CodecUsage {
@@ -73,7 +75,7 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
     metadata: {...input.metadata, codec: options.codec, level: options.level},
   })
 
-  const file = new AtomicFile(outputPath, {mode: options.mode})
+  const file = new AtomicFile(outputPath, {mode: options.mode, name: options.name})
   let pool: CompressionPool | undefined
   const inflight: Promise<ChunkJobResult>[] = []
   try {

@@ -80,3 +80,63 @@ export function rethrowAsSysError(error: unknown, syscall: string, step: string)
   if (errno === undefined) throw error
   throw new SysError(syscall, errno, step)
 }
+
+/** Whether `error` is one of Node's own system errors (fs, net): an errno name as code and the call. */
+export function isNodeSystemError(error: unknown): error is NodeJS.ErrnoException & {code: string; syscall: string} {
+  const e = error as NodeJS.ErrnoException | undefined
+  return e instanceof Error && !(e instanceof SysError) && !(e instanceof FileError) && isErrnoName(e.code) && typeof e.syscall === 'string'
+}
+
+/**
+ * The message of a Node system error that no caller turned into a FileError, in the same shape:
+ * `open x: permission denied (EACCES)` rather than `EACCES: permission denied, open 'x'`.
+ */
+export function nodeErrorMessage(error: NodeJS.ErrnoException & {code: string; syscall: string; dest?: string}): string {
+  const description = (error.errno === undefined ? undefined : errnoTable.get(error.errno)?.[1]) ?? error.message
+  const paths = [error.path, error.dest].filter((p) => p !== undefined).join(' -> ')
+  return `${error.syscall}${paths ? ` ${paths}` : ''}: ${description} (${error.code})`
+}
+
+/**
+ * A file operation of Node's fs failed on a file the user named. Node's own message names the
+ * call, and a path only when the call took one: a write that fails with ENOSPC, or a read with
+ * EIO, says `ENOSPC: no space left on device, write`, and a file written through a temporary one
+ * would be named by that. This message names the user's path and what was being done to it;
+ * the code stays the errno name (docs/ERRORS.md, "System errors").
+ */
+export class FileError extends Error {
+  /** errno name, e.g. 'ENOSPC': the --json error code. */
+  readonly code: string
+  readonly errno: number | undefined
+  readonly syscall: string
+  /** The path the user gave (the destination of a file written atomically). */
+  readonly path: string
+
+  constructor(path: string, doing: string, cause: NodeJS.ErrnoException & {code: string}) {
+    const description = (cause.errno === undefined ? undefined : errnoTable.get(cause.errno)?.[1]) ?? cause.message
+    super(`${doing} ${path}: ${description} (${cause.code})`, {cause})
+    this.name = 'FileError'
+    this.code = cause.code
+    this.errno = cause.errno === undefined ? undefined : -cause.errno
+    this.syscall = cause.syscall ?? 'unknown'
+    this.path = path
+  }
+}
+
+/**
+ * `error` as a FileError about `path` (`doing`: 'writing', 'opening', ...) if Node's fs raised
+ * it, else unchanged: an error that already says what went wrong (a UffdError, a SysError) keeps
+ * its own message.
+ */
+export function fileError(error: unknown, path: string, doing: string): unknown {
+  return isNodeSystemError(error) ? new FileError(path, doing, error) : error
+}
+
+/** Runs `operation`, turning an error of Node's fs into a FileError about `path`. */
+export function onFile<T>(path: string, doing: string, operation: () => T): T {
+  try {
+    return operation()
+  } catch (error) {
+    throw fileError(error, path, doing)
+  }
+}

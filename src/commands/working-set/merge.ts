@@ -13,7 +13,7 @@ export default class WorkingSetMerge extends BaseCommand {
   static override examples = ['<%= config.bin %> working-set merge run1.ws run2.ws run3.ws --mode majority -o vm.ws']
   static override strict = false
   static override args = {
-    files: Args.string({description: 'Working-set files (two or more).', required: true}),
+    files: Args.string({description: 'Working-set files, recorded on the same snapshot (usually two or more; one is rewritten as it is).', required: true}),
   }
 
   static override flags = {
@@ -25,7 +25,7 @@ export default class WorkingSetMerge extends BaseCommand {
     const {argv, flags} = await this.parse(WorkingSetMerge)
     const files = argv as string[]
     const sets: WorkingSetFile[] = files.map((f) => parseWorkingSet(readInputText(f), f))
-    const merged = mergeWorkingSets(sets, flags.mode as 'union' | 'majority')
+    const merged = mergeWorkingSets(sets, flags.mode as 'union' | 'majority', files)
     writeFileAtomically(flags.output, `${JSON.stringify(merged)}\n`)
     this.log(`${flags.output}: ${merged.pages.length} pages from ${merged.runs} runs (${flags.mode})`)
     return {output: flags.output, runs: merged.runs, pages: merged.pages.length, mode: flags.mode}

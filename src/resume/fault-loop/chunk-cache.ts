@@ -69,7 +69,12 @@ export class ChunkCache {
       const [oldest, buffer] = this.entries.entries().next().value as [number, Buffer]
       this.entries.delete(oldest)
       this.bytes -= buffer.length
-      if (this.spare.length < 4) this.spare.push(Buffer.from(buffer.buffer, buffer.byteOffset, this.reader.geometry.chunkSize))
+      // Only buffers take() allocated: an all-zero unit's empty payload is the reader's own, with
+      // no chunk-sized buffer behind it (widening it throws). The fault path asks for no such
+      // unit today; a cache must not depend on that.
+      if (this.spare.length < 4 && buffer.buffer.byteLength - buffer.byteOffset >= this.reader.geometry.chunkSize) {
+        this.spare.push(Buffer.from(buffer.buffer, buffer.byteOffset, this.reader.geometry.chunkSize))
+      }
     }
   }
 }

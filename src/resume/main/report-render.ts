@@ -3,6 +3,7 @@ import fs from 'node:fs'
 import {UffdError} from '../../core/errors.js'
 import {formatBytes, formatPercent} from '../../core/units.js'
 import {ResumeReportSchema, schemaProblem} from '../../format/schemas.js'
+import {onFile} from '../../sys/errors.js'
 import {type ResumeReport} from '../run-stats.js'
 
 /**
@@ -10,14 +11,14 @@ import {type ResumeReport} from '../run-stats.js'
  * with kind "uffd-resume-stats"), else undefined: snapshots start with a binary magic.
  */
 export function readResumeReport(file: string): ResumeReport | undefined {
-  const fd = fs.openSync(file, 'r')
+  const fd = onFile(file, 'opening', () => fs.openSync(file, 'r'))
   let text: string
   try {
     // A directory or device is no report; the snapshot reader says what is wrong with it.
     if (!fs.fstatSync(fd).isFile()) return undefined
     const first = Buffer.alloc(1)
-    if (fs.readSync(fd, first, 0, 1, 0) !== 1 || first[0] !== 0x7b /* { */) return undefined
-    text = fs.readFileSync(fd, 'utf8')
+    if (onFile(file, 'reading', () => fs.readSync(fd, first, 0, 1, 0)) !== 1 || first[0] !== 0x7b /* { */) return undefined
+    text = onFile(file, 'reading', () => fs.readFileSync(fd, 'utf8'))
   } finally {
     fs.closeSync(fd)
   }
@@ -42,7 +43,7 @@ export function renderResumeReport(file: string, r: ResumeReport): string[] {
     ['run', `${file}: uffd resume of ${r.snapshot}, started ${r.startedAt}, ${(r.durationMs / 1000).toFixed(2)} s`],
     ['clients', `${r.clients.served} served, ${r.clients.ended} ended`],
     ['faults', `${r.faults.total}: ${r.faults.data} data, ${r.faults.zero} zero, ${r.faults.removed} removed (served zeros), ${r.faults.alreadyPresent} already present`],
-    ['latency', `p50 ${us(r.latencyUs.p50)}, p90 ${us(r.latencyUs.p90)}, p99 ${us(r.latencyUs.p99)}, max ${us(r.latencyUs.max)}, mean ${us(r.latencyUs.mean)}`],
+    ['latency', `${r.latencyUs.min === undefined ? '' : `min ${us(r.latencyUs.min)}, `}p50 ${us(r.latencyUs.p50)}, p90 ${us(r.latencyUs.p90)}, p99 ${us(r.latencyUs.p99)}, max ${us(r.latencyUs.max)}, mean ${us(r.latencyUs.mean)}`],
     ['first/last', `first fault ${ms(r.timeToFirstFaultMs)}, last fault ${ms(r.timeToLastFaultMs)} after the start`],
     ['pages', `${r.pages.copied} copied (${formatBytes(r.bytes.copied)}), ${r.pages.zeroed} zeroed; ${r.pages.faultAround} by fault-around, ${r.pages.prefetched ?? 0} by prefetch${r.pages.byHelper ? ` (${r.pages.byHelper} of them by a helper thread)` : ''}`],
     ['complete', `${r.timeToWorkingSetMs ? `working set (${r.workingSetChunks} units) in ${ms(r.timeToWorkingSetMs)} after the start; ` : ''}${r.timeToMemoryCompleteMs ? `all memory present ${ms(r.timeToMemoryCompleteMs)} after the start` : 'memory not completely present'}`],
