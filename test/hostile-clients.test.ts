@@ -1,0 +1,227 @@
+// `uffd resume` against peers that do not behave: connections that send nothing or dribble
+// their handshake, a restore peer that hands over something other than a userfaultfd, and a
+// snapshot file that fails under the handler. Real handler processes, real clients
+// (native/build/fc_client), real sockets and uffds; this process plays the hostile peers.
+import {type ChildProcess, spawn} from 'node:child_process'
+import fs from 'node:fs'
+import net from 'node:net'
+import path from 'node:path'
+
+import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
+
+import {closeFd, connectUnix, poll, POLLIN, readSome, sendWithFds, writeAll} from '../src/sys/index.js'
+import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
+import {makeImage, tempDir} from './helpers/images.js'
+import {exitWithin, killAll, type Running, track, waitFor} from './helpers/processes.js'
+
+const FC_CLIENT = path.join(NATIVE, 'fc_client')
+const MiB = 1024 * 1024
+
+function skipReason(): string | undefined {
+  if (process.platform !== 'linux') return 'not Linux'
+  if (process.getuid?.() !== 0) return 'not root (a uffd that traps kernel-mode faults needs root)'
+  if (!fs.existsSync(FC_CLIENT)) return `${FC_CLIENT} is not built (npm run build)`
+  return undefined
+}
+const skip = skipReason()
+if (skip) console.warn(`test/hostile-clients.test.ts skipped: ${skip}`)
+
+const live = new Set<ChildProcess>()
+afterEach(() => killAll(live))
+
+let dir: string
+let image: string
+let snapshot: string
+let names = 0
+beforeAll(() => {
+  dir = tempDir('uffd-hostile-')
+  image = path.join(dir, 'mixed.raw')
+  fs.writeFileSync(image, makeImage('mixed', 8 * MiB, 21))
+  snapshot = path.join(dir, 'mixed.uffd')
+  const made = uffd(['snapshot', '--mem-file', image, '-o', snapshot])
+  if (made.status !== 0) throw new Error(`uffd snapshot failed:\n${made.stderr}`)
+})
+afterAll(() => {
+  if (dir) fs.rmSync(dir, {recursive: true, force: true})
+})
+
+interface Handler {
+  proc: Running
+  socket: string
+}
+
+async function startResume(file: string, args: string[]): Promise<Handler> {
+  const name = `r${names++}`
+  const socket = path.join(dir, `${name}.sock`)
+  const ready = path.join(dir, `${name}.ready`)
+  const proc = track(live, uffdSpawn(['resume', file, '--socket', socket, '--ready-file', ready, ...args]), args.includes('--json'))
+  await waitFor('uffd resume to write its ready file', () => fs.existsSync(ready) || proc.exited, 30_000)
+  if (!fs.existsSync(ready)) throw new Error(`uffd resume exited (${(await proc.done).code}) before it was ready:\n${proc.stderr()}`)
+  return {proc, socket}
+}
+
+function startClient(handler: Handler, args: string[], timeoutMs = 15_000): Running {
+  return track(live, spawn(FC_CLIENT, ['--socket', handler.socket, '--image', image, '--timeout-ms', String(timeoutMs), ...args], {stdio: ['ignore', 'pipe', 'pipe']}))
+}
+
+/** Whether the handler closed its end of `fd` (a read gives end of file), without waiting. */
+function closedByPeer(fd: number): boolean {
+  if ((poll([{fd, events: POLLIN}], 0)[0] ?? 0) === 0) return false
+  return readSome(fd, 4096, 0).length === 0
+}
+
+/**
+ * A connection that sends nothing, made without blocking this process (a handler that stops
+ * accepting would leave a blocking connect() waiting on a full backlog forever).
+ */
+interface Silent {
+  socket: net.Socket
+  /** Whether the handler has closed it. */
+  closed: () => boolean
+}
+
+async function connectSilently(socketPath: string): Promise<Silent> {
+  for (let attempt = 0; ; attempt++) {
+    const socket = net.createConnection({path: socketPath})
+    const connected = await new Promise<Error | undefined>((resolve) => {
+      socket.once('connect', () => resolve(undefined))
+      socket.once('error', resolve)
+    })
+    if (connected === undefined) {
+      let closed = false
+      socket.on('end', () => (closed = true))
+      socket.on('close', () => (closed = true))
+      socket.on('error', () => (closed = true))
+      return {socket, closed: () => closed}
+    }
+    socket.destroy()
+    // A full backlog: libuv reports EAGAIN instead of waiting for the handler to accept.
+    if ((connected as NodeJS.ErrnoException).code !== 'EAGAIN' || attempt > 500) throw connected
+    await new Promise((resolve) => setTimeout(resolve, 10))
+  }
+}
+
+describe.skipIf(skip !== undefined)('handshakes are read side by side, never waited for', () => {
+  it('--serve --timeout 0: a connection that sends nothing holds up no VM, is refused after 10 s, and SIGTERM still exits 130 at once', async () => {
+    const handler = await startResume(snapshot, ['--serve', '--timeout', '0', '--json'])
+    const silent = await connectSilently(handler.socket)
+    const connectedAt = Date.now()
+    let lateSilent: Silent | undefined
+    try {
+      // Connected first, yet the VM behind it is served in full, twice over.
+      for (const seed of [1, 2]) {
+        const client = await exitWithin(startClient(handler, ['--touch', 'random', '--seed', String(seed), '--verify-all']), 20_000, 'fc_client')
+        expect(client.code, `${client.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+        expect(client.json).toMatchObject({ok: true, verify_errors: 0})
+      }
+      expect(silent.closed(), 'the silent connection is still pending').toBe(false)
+      // --timeout 0 waits forever for a client, but never for one connection's handshake.
+      await waitFor('the silent connection to be refused', silent.closed, 15_000)
+      const refusedAfter = Date.now() - connectedAt
+      expect(refusedAfter).toBeGreaterThanOrEqual(9_500)
+      expect(refusedAfter).toBeLessThan(13_000)
+      expect(handler.proc.stderr()).toContain('rejected a client: a connection sent no handshake within 10 s')
+      // Stopping with a connection still pending does not wait for it.
+      lateSilent = await connectSilently(handler.socket)
+      await new Promise((resolve) => setTimeout(resolve, 200))
+      const signalledAt = Date.now()
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 5_000, 'uffd resume (SIGTERM)')
+      expect(Date.now() - signalledAt).toBeLessThan(2_000)
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.json).toMatchObject({interrupted: true, clients: [{id: 1, ended: 'exited'}, {id: 2, ended: 'exited'}], rejected: [{code: 'TIMEOUT'}]})
+      await waitFor('the pending connection to be closed at exit', lateSilent.closed, 2_000)
+    } finally {
+      silent.socket.destroy()
+      lateSilent?.socket.destroy()
+    }
+  })
+
+  it('a connection dribbling its handshake a byte at a time is refused when its own deadline passes, not later', async () => {
+    const handler = await startResume(snapshot, ['--serve', '--timeout', '3', '--json'])
+    const connection = connectUnix(handler.socket)
+    const fake = fs.openSync('/dev/null', 'r')
+    const connectedAt = Date.now()
+    let sent = 0
+    // '[' then spaces: never a whole JSON value, never more than the size limit.
+    sendWithFds(connection, Buffer.from('['), [fake])
+    const dribble = setInterval(() => {
+      try {
+        writeAll(connection, Buffer.from(' '))
+        sent++
+      } catch {
+        clearInterval(dribble)
+      }
+    }, 50)
+    try {
+      // Served while the other connection is still dribbling, not after it.
+      const client = await exitWithin(startClient(handler, ['--touch', 'random', '--verify-all']), 20_000, 'fc_client')
+      expect(client.code, `${client.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+      expect(closedByPeer(connection), 'the dribbling connection is still pending').toBe(false)
+      await waitFor('the dribbling connection to be refused', () => closedByPeer(connection), 10_000)
+      const refusedAfter = Date.now() - connectedAt
+      expect(sent, 'bytes kept coming until the end').toBeGreaterThan(20)
+      expect(refusedAfter).toBeGreaterThanOrEqual(2_900)
+      expect(refusedAfter).toBeLessThan(5_000)
+      expect(handler.proc.stderr()).toMatch(/rejected a client: invalid handshake: the message was still incomplete after 3 s \(\d+ bytes\)/)
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 5_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.json).toMatchObject({clients: [{id: 1, ended: 'exited'}], rejected: [{code: 'BAD_HANDSHAKE'}]})
+    } finally {
+      clearInterval(dribble)
+      closeFd(connection)
+      fs.closeSync(fake)
+    }
+  })
+
+  it('one client: a silent connection before it does not stop it being served, nor SIGINT being obeyed at once', async () => {
+    const handler = await startResume(snapshot, [])
+    const silent = await connectSilently(handler.socket)
+    try {
+      const client = await exitWithin(startClient(handler, ['--touch', 'sequential', '--verify-all']), 20_000, 'fc_client')
+      expect(client.code, `${client.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+      const resume = await exitWithin(handler.proc, 10_000, 'uffd resume')
+      expect(resume.code, resume.stderr).toBe(0)
+      await waitFor('the other connection to be closed once the client is taken', silent.closed, 2_000)
+    } finally {
+      silent.socket.destroy()
+    }
+    const second = await startResume(snapshot, [])
+    const waiting = await connectSilently(second.socket)
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 200))
+      const signalledAt = Date.now()
+      second.proc.child.kill('SIGINT')
+      const resume = await exitWithin(second.proc, 5_000, 'uffd resume (SIGINT)')
+      expect(Date.now() - signalledAt).toBeLessThan(2_000)
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.stderr).toContain('interrupted by SIGINT')
+    } finally {
+      waiting.socket.destroy()
+    }
+  })
+
+  it('more connections pending than allowed: the oldest is refused, a VM arriving last is served', async () => {
+    const handler = await startResume(snapshot, ['--serve', '--json'])
+    const silent: Silent[] = []
+    try {
+      // One after another, so that the order they are accepted in is known.
+      for (let i = 0; i < 70; i++) silent.push(await connectSilently(handler.socket))
+      await waitFor('the six oldest to be refused', () => (handler.proc.stderr().match(/connections were sending their handshakes at once/g) ?? []).length === 6, 10_000)
+      await waitFor('the oldest six to be closed', () => silent.slice(0, 6).every((c) => c.closed()), 2_000)
+      expect(silent.slice(6).some((c) => c.closed()), 'the rest still pending').toBe(false)
+      // One more connection refuses the oldest pending one, never the newcomer.
+      const client = await exitWithin(startClient(handler, ['--touch', 'random', '--verify-all']), 20_000, 'fc_client')
+      expect(client.code, `${client.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+      await waitFor('the next oldest to be closed', silent[6].closed, 2_000)
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 5_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.json.clients).toMatchObject([{id: 1, ended: 'exited'}])
+      expect(resume.json.rejected).toHaveLength(7)
+    } finally {
+      for (const c of silent) c.socket.destroy()
+    }
+  })
+})
