@@ -2,14 +2,16 @@
 // their handshake, a restore peer that hands over something other than a userfaultfd, and a
 // snapshot file that fails under the handler. Real handler processes, real clients
 // (native/build/fc_client), real sockets and uffds; this process plays the hostile peers.
-import {type ChildProcess, spawn} from 'node:child_process'
+import {type ChildProcess, execFileSync, spawn, spawnSync} from 'node:child_process'
 import fs from 'node:fs'
 import net from 'node:net'
 import path from 'node:path'
 
 import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
 
-import {closeFd, connectUnix, poll, POLLIN, readSome, sendWithFds, writeAll} from '../src/sys/index.js'
+import {FaultLoopHost} from '../src/resume/main/fault-loop-host.js'
+import {type FromWorker, type GuestRegion} from '../src/resume/protocol.js'
+import {closeFd, connectUnix, createUserfaultfd, isUserfaultfd, poll, POLLIN, readSome, sendWithFds, uffdApi, writeAll} from '../src/sys/index.js'
 import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
 import {makeImage, tempDir} from './helpers/images.js'
 import {exitWithin, killAll, type Running, track, waitFor} from './helpers/processes.js'
@@ -222,6 +224,136 @@ describe.skipIf(skip !== undefined)('handshakes are read side by side, never wai
       expect(resume.json.rejected).toHaveLength(7)
     } finally {
       for (const c of silent) c.socket.destroy()
+    }
+  })
+})
+
+/** One uffd_msg as the kernel writes it for UFFD_EVENT_FORK: event 0x13, the child's uffd at offset 8. */
+function forkRecord(ufd: number): Buffer {
+  const record = Buffer.alloc(32)
+  record[0] = 0x13
+  record.writeUInt32LE(ufd, 8)
+  return record
+}
+
+/** A FIFO opened read-write (so opening it waits for nobody), holding `bytes`. */
+function fifoHolding(bytes: Buffer): number {
+  const fifo = path.join(dir, `fifo-${names++}`)
+  execFileSync('mkfifo', [fifo])
+  const fd = fs.openSync(fifo, 'r+')
+  fs.writeSync(fd, bytes)
+  return fd
+}
+
+function readableNow(fd: number): boolean {
+  return (poll([{fd, events: POLLIN}], 0)[0] ?? 0) !== 0
+}
+
+describe.skipIf(skip !== undefined)('fork events', () => {
+  // The kernel cannot be made to forge a fork event, and both front ends refuse anything but a
+  // userfaultfd: the fault loop is driven here directly, as the main thread drives it, with a FIFO
+  // in place of a client's uffd. Its bytes are read and decoded like any uffd's.
+  it('a fork event naming an fd the handler holds, or no userfaultfd at all, fails that client alone and closes nothing', async () => {
+    const region: GuestRegion = {baseHostVirtAddr: 0x7f00_0000_0000, size: 8 * MiB, offset: 0, pageSize: 4096}
+    const host = new FaultLoopHost({snapshotPath: snapshot, cacheBytes: 1 << 20, faultAroundBytes: 4096, spinMicros: 0, decoders: 0, readaheadBytes: 0, populateAll: false, record: false, countHits: false, workingSetUnits: [], keepWorkingSet: false})
+    const messages: FromWorker[] = []
+    const held: number[] = []
+    try {
+      await host.events.next((m) => m.type === 'ready')
+      host.events.onMessage = (m) => messages.push(m)
+      const served = createUserfaultfd()
+      held.push(served)
+      uffdApi(served, 0)
+      host.send({type: 'add', id: 1, uffd: served, pidfd: -1, socket: -1, regions: [region], nonCooperative: false})
+      const devNull = fs.openSync('/dev/null', 'r')
+      held.push(devNull)
+      const fresh = createUserfaultfd()
+      // Clients 2-4 name client 1's uffd (as a VMM and as a restored task) and a file of this process.
+      const bogus: [number, number, boolean][] = [
+        [2, served, false],
+        [3, served, true],
+        [4, devNull, false],
+      ]
+      for (const [id, named, nonCooperative] of bogus) {
+        const fake = fifoHolding(forkRecord(named))
+        held.push(fake)
+        host.send({type: 'add', id, uffd: fake, pidfd: -1, socket: -1, regions: [region], nonCooperative})
+      }
+      // Client 5's event names a userfaultfd nobody held, as a genuine fork's does: it is taken.
+      held.push(fifoHolding(forkRecord(fresh)))
+      host.send({type: 'add', id: 5, uffd: held.at(-1)!, pidfd: -1, socket: -1, regions: [region], nonCooperative: false})
+      await waitFor('the three bogus forks to be refused', () => messages.filter((m) => m.type === 'fatal').length === 3, 10_000)
+      await new Promise((resolve) => setTimeout(resolve, 200))
+      const fatal = messages.filter((m) => m.type === 'fatal')
+      expect(fatal.map((m) => m.id).sort()).toEqual([2, 3, 4])
+      for (const m of fatal) expect(m).toMatchObject({code: 'UNSUPPORTED_EVENT'})
+      expect(fatal.find((m) => m.id === 2)!.message).toBe(`a fork event named fd ${served}, which this handler already uses: not a userfaultfd the kernel made for a child; neither served nor closed`)
+      expect(fatal.find((m) => m.id === 4)!.message).toContain(`fd ${devNull}, which is not a userfaultfd`)
+      expect(messages.filter((m) => m.type === 'forked'), 'no child served through a borrowed fd').toEqual([])
+      // Nothing of the handler's was closed: client 1's uffd and the file are still open.
+      expect(isUserfaultfd(served)).toBe(true)
+      expect(fs.fstatSync(devNull).isCharacterDevice()).toBe(true)
+      // The fresh one was the child's, of a VMM the handler does not follow into forks: closed.
+      expect(isUserfaultfd(fresh)).toBe(false)
+    } finally {
+      await host.stop()
+      for (const fd of held) closeFd(fd)
+    }
+  })
+})
+
+const criuSkip = ((): string | undefined => {
+  if (skip) return skip
+  if (process.arch !== 'x64') return 'not x86_64 (criu)'
+  const check = spawnSync('criu', ['check', '--feature', 'uffd-noncoop'], {encoding: 'utf8'})
+  if (check.error) return 'criu is not installed (bash scripts/install-criu.sh installs it)'
+  if (check.status !== 0) return 'criu has no non-cooperative userfaultfd here'
+  if (!fs.existsSync(path.join(NATIVE, 'memory_pattern'))) return 'native/build/memory_pattern is not built'
+  return undefined
+})()
+if (criuSkip && !skip) console.warn(`test/hostile-clients.test.ts: the criu test skipped: ${criuSkip}`)
+
+describe.skipIf(criuSkip !== undefined)('a restore peer that sends no userfaultfd', () => {
+  it('is refused with CRIU_PROTOCOL before a byte of what it sent is read as events', async () => {
+    const out = path.join(dir, 'pattern.out')
+    spawn('sh', ['-c', `exec ${path.join(NATIVE, 'memory_pattern')} --mib 4 --seed 5 --verify-loop > ${out}`], {detached: true, stdio: 'ignore', cwd: dir}).unref()
+    await waitFor('memory_pattern to start', () => fs.existsSync(out) && fs.readFileSync(out, 'utf8').includes('\n'), 10_000)
+    const {pid} = JSON.parse(fs.readFileSync(out, 'utf8').split('\n')[0]) as {pid: number}
+    const fake = fifoHolding(forkRecord(1))
+    try {
+      const dump = path.join(dir, 'pattern-dump')
+      fs.mkdirSync(dump)
+      // --leave-running: the task must be alive for the handler to take it.
+      const dumped = spawnSync('criu', ['dump', '-t', String(pid), '-D', dump, '--shell-job', '--leave-running', '-o', 'dump.log'], {encoding: 'utf8', timeout: 60_000})
+      expect(dumped.status, dumped.stderr).toBe(0)
+      const converted = path.join(dir, 'pattern.uffd')
+      expect(uffd(['snapshot', '--criu-dir', dump, '-o', converted]).status).toBe(0)
+      const ready = path.join(dir, 'criu.ready')
+      const handler = track(live, uffdSpawn(['resume', converted, '--criu-dir', dump, '--ready-file', ready, '--json']), true)
+      await waitFor('the handler to listen', () => fs.existsSync(ready) || handler.exited, 30_000)
+      // What criu restore sends for a task: its pid, then one byte carrying the uffd; here a FIFO
+      // whose first 32 bytes are a fork event naming the handler's stdout.
+      const connection = connectUnix(path.join(dump, 'lazy-pages.socket'))
+      try {
+        const pidBytes = Buffer.alloc(4)
+        pidBytes.writeInt32LE(pid)
+        writeAll(connection, pidBytes)
+        sendWithFds(connection, Buffer.from([0]), [fake])
+        const resume = await exitWithin(handler, 10_000, 'uffd resume --criu-dir')
+        expect(resume.code, resume.stderr).toBe(1)
+        expect(resume.json.error).toMatchObject({code: 'CRIU_PROTOCOL', message: `criu sent task ${pid} a file descriptor that is not a userfaultfd`})
+      } finally {
+        closeFd(connection)
+      }
+      expect(readableNow(fake), 'the forged event was never read').toBe(true)
+      expect(fs.readSync(fake, Buffer.alloc(64))).toBe(32)
+    } finally {
+      closeFd(fake)
+      try {
+        process.kill(pid, 'SIGKILL')
+      } catch {
+        // Killed with the restored tree already.
+      }
     }
   })
 })

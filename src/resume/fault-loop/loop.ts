@@ -8,6 +8,7 @@ import {
   closeFd,
   decodeUffdMessage,
   eventfdDrain,
+  isUserfaultfd,
   POLLERR,
   POLLHUP,
   POLLIN,
@@ -403,15 +404,34 @@ export class FaultLoop {
         if (!client.nonCooperative) throw new UffdError('UNSUPPORTED_EVENT', `the client moved memory with mremap (0x${m.from.toString(16)} -> 0x${m.to.toString(16)}), which this handler does not follow`)
         client.map.remap(m.from, m.to, m.len)
         break
-      case 'fork':
+      case 'fork': {
         stats.add('forkEvents')
+        const problem = this.forkedUffdProblem(m.ufd)
+        if (problem) throw new UffdError('UNSUPPORTED_EVENT', `a fork event named fd ${m.ufd}, ${problem}: not a userfaultfd the kernel made for a child; neither served nor closed`)
         if (client.nonCooperative) this.addForkedClient(client, m.ufd)
         // A child's uffd we do not serve; closing it lets the child's faults be handled normally.
         else closeFd(m.ufd)
         break
+      }
       case 'unknown':
         throw new UffdError('UNSUPPORTED_EVENT', `unknown userfaultfd event 0x${m.event.toString(16)}`)
     }
+  }
+
+  /**
+   * Why `fd`, named by a fork event, cannot be the child's uffd; undefined if it can. The kernel
+   * delivers UFFD_EVENT_FORK by installing a new userfaultfd in the reader's fd table while the
+   * event is read, so a genuine one is a userfaultfd this loop did not hold before. Any other
+   * number names a descriptor of the handler's own (another client's uffd, an eventfd, the
+   * snapshot, a socket): serving it would read another client's events, closing it would pull
+   * it from under its owner.
+   */
+  private forkedUffdProblem(fd: number): string | undefined {
+    const held = [this.channel.controlFd, this.parts.source.eventFd]
+    for (const c of this.clients.values()) held.push(c.uffd, c.lifeline.pidfd, c.lifeline.socket)
+    if (held.includes(fd)) return 'which this handler already uses'
+    if (!isUserfaultfd(fd)) return 'which is not a userfaultfd'
+    return undefined
   }
 
   /** Serves queued faults in arrival order; stops at one that must wait for queued events. */
