@@ -249,6 +249,30 @@ function readableNow(fd: number): boolean {
   return (poll([{fd, events: POLLIN}], 0)[0] ?? 0) !== 0
 }
 
+describe.skipIf(skip !== undefined)('a client\'s uffd as it sends it', () => {
+  it('a blocking uffd (no O_NONBLOCK) that never has an event does not stall the loop for the other VMs', async () => {
+    // --no-kill: the client is this process, and stopping the handler must not kill it.
+    const handler = await startResume(snapshot, ['--serve', '--no-kill', '--json'])
+    const blocking = createUserfaultfd({nonBlocking: false})
+    uffdApi(blocking, 0)
+    const connection = connectUnix(handler.socket)
+    try {
+      const regions = [{base_host_virt_addr: 0x7f00_0000_0000, size: 8 * MiB, offset: 0, page_size: 4096}]
+      sendWithFds(connection, Buffer.from(JSON.stringify(regions)), [blocking])
+      await waitFor('the client to be taken', () => /client 1 \(pid \d+\)/.test(handler.proc.stderr()), 10_000)
+      const client = await exitWithin(startClient(handler, ['--touch', 'random', '--verify-all']), 20_000, 'fc_client')
+      expect(client.code, `${client.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 5_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.json.clients).toMatchObject([{id: 1, ended: 'running'}, {id: 2, ended: 'exited'}])
+    } finally {
+      closeFd(connection)
+      closeFd(blocking)
+    }
+  })
+})
+
 describe.skipIf(skip !== undefined)('fork events', () => {
   // The kernel cannot be made to forge a fork event, and both front ends refuse anything but a
   // userfaultfd: the fault loop is driven here directly, as the main thread drives it, with a FIFO

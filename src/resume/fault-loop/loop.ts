@@ -16,6 +16,7 @@ import {
   PollSet,
   readSome,
   readUffdMessages,
+  setNonBlocking,
   SysError,
   UFFD_MSG_SIZE,
   type UffdMessage,
@@ -307,6 +308,9 @@ export class FaultLoop {
     // Its first fault is likely queued already (a vCPU runs right after the handshake): serve
     // it before the bookkeeping below. What is left queued is served by the loop.
     this.guarded(client, () => {
+      // A uffd created without O_NONBLOCK would make a read with nothing queued wait, and with
+      // it every other client: this thread reads each one until it is empty.
+      setNonBlocking(client.uffd, `making client ${client.id}'s userfaultfd non-blocking`)
       this.drain(client)
       this.servePending(client)
     })
@@ -408,7 +412,11 @@ export class FaultLoop {
         stats.add('forkEvents')
         const problem = this.forkedUffdProblem(m.ufd)
         if (problem) throw new UffdError('UNSUPPORTED_EVENT', `a fork event named fd ${m.ufd}, ${problem}: not a userfaultfd the kernel made for a child; neither served nor closed`)
-        if (client.nonCooperative) this.addForkedClient(client, m.ufd)
+        // (The child's uffd has the flags its parent's was created with.)
+        if (client.nonCooperative) {
+          setNonBlocking(m.ufd, `making the userfaultfd of client ${client.id}'s child non-blocking`)
+          this.addForkedClient(client, m.ufd)
+        }
         // A child's uffd we do not serve; closing it lets the child's faults be handled normally.
         else closeFd(m.ufd)
         break
