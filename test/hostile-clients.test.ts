@@ -217,6 +217,7 @@ describe.skipIf(skip !== undefined)('handshakes are read side by side, never wai
       const client = await exitWithin(startClient(handler, ['--touch', 'random', '--verify-all']), 20_000, 'fc_client')
       expect(client.code, `${client.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
       await waitFor('the next oldest to be closed', silent[6].closed, 2_000)
+      await waitFor('the VM to be noticed gone', () => handler.proc.stderr().includes('client 1 ended (exited)'), 5_000)
       handler.proc.child.kill('SIGTERM')
       const resume = await exitWithin(handler.proc, 5_000, 'uffd resume (SIGTERM)')
       expect(resume.code, resume.stderr).toBe(130)
@@ -245,6 +246,10 @@ function fifoHolding(bytes: Buffer): number {
   return fd
 }
 
+function escaped(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
+}
+
 function readableNow(fd: number): boolean {
   return (poll([{fd, events: POLLIN}], 0)[0] ?? 0) !== 0
 }
@@ -262,6 +267,7 @@ describe.skipIf(skip !== undefined)('a client\'s uffd as it sends it', () => {
       await waitFor('the client to be taken', () => /client 1 \(pid \d+\)/.test(handler.proc.stderr()), 10_000)
       const client = await exitWithin(startClient(handler, ['--touch', 'random', '--verify-all']), 20_000, 'fc_client')
       expect(client.code, `${client.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+      await waitFor('the VM to be noticed gone', () => handler.proc.stderr().includes('client 2 ended (exited)'), 5_000)
       handler.proc.child.kill('SIGTERM')
       const resume = await exitWithin(handler.proc, 5_000, 'uffd resume (SIGTERM)')
       expect(resume.code, resume.stderr).toBe(130)
@@ -378,6 +384,99 @@ describe.skipIf(criuSkip !== undefined)('a restore peer that sends no userfaultf
       } catch {
         // Killed with the restored tree already.
       }
+    }
+  })
+})
+
+const loopSkip = ((): string | undefined => {
+  if (skip) return skip
+  for (const tool of ['losetup', 'mkfs.ext4', 'mount', 'umount', 'filefrag', 'dd']) {
+    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) return `${tool} is not installed`
+  }
+  if (!fs.existsSync('/dev/loop-control')) return 'no loop devices (/dev/loop-control)'
+  return undefined
+})()
+if (loopSkip && !skip) console.warn(`test/hostile-clients.test.ts: the EIO test skipped: ${loopSkip}`)
+
+describe.skipIf(skip !== undefined)('the snapshot failing under the handler', () => {
+  /** 8 MiB: the first half zero pages (served with nothing read), the second random data. */
+  let halfZero: string
+  beforeAll(() => {
+    halfZero = path.join(dir, 'half-zero.raw')
+    fs.writeFileSync(halfZero, Buffer.concat([Buffer.alloc(4 * MiB), makeImage('random', 4 * MiB, 22)]))
+  })
+
+  /**
+   * Two VMs under --serve: the first has all of its memory, then `breakIt` makes the snapshot's
+   * chunks unreadable and the second faults. The second is killed with `message`, never fed a
+   * byte; the first runs on; the handler still serves a third VM whose memory needs no read.
+   */
+  async function oneFailsAlone(file: string, breakIt: () => void, code: string, message: RegExp): Promise<void> {
+    const handler = await startResume(file, ['--serve', '--cache-mb', '1', '--readahead', '0', '--json'])
+    const vm = (args: string[]): Running => track(live, spawn(FC_CLIENT, ['--socket', handler.socket, '--image', halfZero, '--timeout-ms', '60000', ...args], {stdio: ['ignore', 'pipe', 'pipe']}))
+    const first = vm(['--touch', 'sequential', '--verify-all', '--hold-ms', '60000'])
+    await waitFor('the first VM to have all its memory', () => first.stdout().includes('"ok":true') || first.exited, 20_000)
+    expect(first.exited, first.stderr()).toBe(false)
+    breakIt()
+    const second = await exitWithin(vm(['--touch', 'random', '--verify-all']), 20_000, 'the second fc_client')
+    expect(second.signal, `the second VM should have been killed:\n${second.stdout}${second.stderr}`).toBe('SIGKILL')
+    expect(second.stdout, 'it never reported bytes, let alone wrong ones').toBe('')
+    expect(handler.proc.stderr()).toMatch(new RegExp(`client 2: ${message.source}`))
+    expect(first.exited, 'the first VM runs on').toBe(false)
+    expect(handler.proc.exited, handler.proc.stderr()).toBe(false)
+    const third = await exitWithin(vm(['--size', '4M', '--touch', 'random', '--verify-all']), 20_000, 'the third fc_client')
+    expect(third.code, `${third.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+    expect(first.exited, 'the first VM still runs').toBe(false)
+    await waitFor('the third VM to be noticed gone', () => handler.proc.stderr().includes('client 3 ended (exited)'), 5_000)
+    handler.proc.child.kill('SIGTERM')
+    const resume = await exitWithin(handler.proc, 10_000, 'uffd resume (SIGTERM)')
+    // A client that could not be served is the run's error (docs/ERRORS.md): exit 1.
+    expect(resume.code, resume.stderr).toBe(1)
+    expect(resume.json.error).toEqual({code, message: expect.stringMatching(message)})
+    expect(resume.json.clients).toMatchObject([{id: 1, ended: 'killed'}, {id: 2, ended: 'killed', error: {code, message: expect.stringMatching(message)}}, {id: 3, ended: 'exited'}])
+    expect(resume.json.clients[0].error).toBeUndefined()
+    expect(resume.json.clients[2].error).toBeUndefined()
+  }
+
+  it('truncated: the VM that needs the lost chunks is killed with TRUNCATED naming the file, the others go on', async () => {
+    const file = path.join(dir, 'truncated.uffd')
+    expect(uffd(['snapshot', '--mem-file', halfZero, '-o', file]).status).toBe(0)
+    await oneFailsAlone(file, () => fs.truncateSync(file, 64 * 1024), 'TRUNCATED', new RegExp(`${escaped(file)}: unexpected end of file at \\d+ `))
+  })
+
+  it.skipIf(loopSkip !== undefined)('EIO from the disk: the VM that needs the data is killed with EIO naming the file and chunk, the others go on', async () => {
+    const image = path.join(dir, 'fs.img')
+    const mnt = path.join(dir, 'mnt')
+    fs.mkdirSync(mnt)
+    fs.writeFileSync(image, '')
+    fs.truncateSync(image, 64 * MiB)
+    execFileSync('mkfs.ext4', ['-q', '-F', image])
+    const device = execFileSync('losetup', ['-f', '--show', image], {encoding: 'utf8'}).trim()
+    let mounted = false
+    try {
+      execFileSync('mount', [device, mnt])
+      mounted = true
+      const file = path.join(mnt, 'vm.uffd')
+      expect(uffd(['snapshot', '--mem-file', halfZero, '-o', file]).status).toBe(0)
+      execFileSync('umount', [mnt])
+      execFileSync('mount', ['-o', 'ro', device, mnt])
+      // The device shrinks below the file's first block: reading its data is now an I/O error
+      // ("access beyond end of device"), once its cached pages are dropped.
+      const extents = [...execFileSync('filefrag', ['-v', file], {encoding: 'utf8'}).matchAll(/^\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+)\.\./gm)].map((m) => Number(m[1]))
+      const blockSize = Number(/blocks of (\d+) bytes/.exec(execFileSync('filefrag', ['-v', file], {encoding: 'utf8'}))![1])
+      const firstByte = Math.min(...extents) * blockSize
+      expect(firstByte, 'the file lies past the first MiB of the filesystem').toBeGreaterThan(MiB)
+      const breakIt = (): void => {
+        fs.truncateSync(image, Math.floor(firstByte / MiB) * MiB)
+        execFileSync('losetup', ['-c', device])
+        execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none'])
+      }
+      await oneFailsAlone(file, breakIt, 'EIO', new RegExp(`uffd: read failed while reading chunk \\d+ of ${escaped(file)} \\(EIO: `))
+    } finally {
+      // (A handler still running after a failure holds the file open.)
+      await killAll(live)
+      if (mounted) spawnSync('umount', [mnt])
+      spawnSync('losetup', ['-d', device])
     }
   })
 })

@@ -1,6 +1,6 @@
 // The public surface of src/sys, the only layer of the program that calls libc.
 
-export {Errno, SysError, errnoName} from './errors.js'
+export {Errno, SysError, errnoName, rethrowAsSysError} from './errors.js'
 export {
   type CreateUserfaultfdOptions,
   type FillOptions,
