@@ -52,7 +52,8 @@ export abstract class BaseCommand extends Command {
       return undefined
     }
     if (isUsage) throw error
-    process.stderr.write(`uffd ${this.id ?? ''}: ${message}\n`.replace('uffd : ', 'uffd: '))
+    // The id is 'working-set:attach'; users type (and --help shows) 'working-set attach'.
+    process.stderr.write(`uffd ${(this.id ?? '').replaceAll(':', ' ')}: ${message}\n`.replace('uffd : ', 'uffd: '))
     return undefined
   }
 }
