@@ -166,6 +166,8 @@ int main(void)
 	/* files */
 	C(SEEK_DATA);
 	C(SEEK_HOLE);
+	C(F_GETFL);
+	C(F_SETFL);
 
 	/* Unix sockets, SCM_RIGHTS, SO_PEERCRED */
 	C(AF_UNIX);

@@ -8,7 +8,7 @@ import {describe, expect, it} from 'vitest'
 
 import {MADV, MAP, PROT, SC_PAGESIZE} from '../src/sys/memory.js'
 import {EFD_CLOEXEC, EFD_NONBLOCK, POLLERR, POLLFD_LAYOUT, POLLHUP, POLLIN, POLLNVAL, POLLOUT} from '../src/sys/poll.js'
-import {SEEK_DATA, SEEK_HOLE} from '../src/sys/file.js'
+import {F_GETFL, F_SETFL, SEEK_DATA, SEEK_HOLE} from '../src/sys/file.js'
 import {SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE} from '../src/sys/process.js'
 import {IOVEC_LAYOUT} from '../src/sys/raw.js'
 import * as S from '../src/sys/socket.js'
@@ -115,6 +115,8 @@ const expected: Record<string, number> = {
   // files
   SEEK_DATA,
   SEEK_HOLE,
+  F_GETFL,
+  F_SETFL,
   // sockets
   AF_UNIX: S.AF_UNIX,
   SOCK_STREAM: S.SOCK_STREAM,

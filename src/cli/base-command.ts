@@ -16,8 +16,9 @@ export const EXIT = {
 
 export class InterruptedError extends UffdError {
   declare readonly code: 'INTERRUPTED'
-  constructor(signal: string) {
-    super('INTERRUPTED', `interrupted by ${signal}`)
+  /** `outcome`: what the interruption left, for the user (e.g. "vm.uffd left as it was"). */
+  constructor(signal: string, outcome?: string) {
+    super('INTERRUPTED', `interrupted by ${signal}${outcome ? `; ${outcome}` : ''}`)
     this.name = 'InterruptedError'
   }
 }

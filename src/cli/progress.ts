@@ -36,9 +36,11 @@ export function progressBar(enabled: boolean, label: string): {update: (done: nu
 
 /**
  * Runs `body` with SIGINT/SIGTERM turned into an abort of `controller` instead of an immediate
- * exit, so the command can clean up (remove temp files, resume a stopped process) first.
+ * exit, so the command can clean up (remove temp files, resume a stopped process) first. `body`
+ * must let the event loop run now and then, or the signal waits until it is done. Once it fails
+ * after a signal, the failure is an InterruptedError saying `outcome`.
  */
-export async function withInterruptHandling<T>(body: (signal: AbortSignal) => Promise<T>): Promise<T> {
+export async function withInterruptHandling<T>(body: (signal: AbortSignal) => Promise<T>, outcome?: string): Promise<T> {
   const controller = new AbortController()
   let received: string | undefined
   const onSignal = (signal: NodeJS.Signals): void => {
@@ -50,7 +52,7 @@ export async function withInterruptHandling<T>(body: (signal: AbortSignal) => Pr
   try {
     return await body(controller.signal)
   } catch (error) {
-    if (received) throw new InterruptedError(received)
+    if (received) throw new InterruptedError(received, outcome)
     throw error
   } finally {
     process.off('SIGINT', onSignal)

@@ -95,7 +95,10 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism(), mode, name: output}
     const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
 
+    // One handler for both steps: between two, a signal would meet the default action (an
+    // immediate exit, the unattached file left behind).
     const summary = await withInterruptHandling(async (signal) => {
+      let wrote: WriteSummary
       try {
         if (flags['mem-file']) {
           const input = memFileInput(flags['mem-file'], regionSizes)
@@ -104,28 +107,26 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
           }
           if (input.logicalSize % pageSize !== 0 && pageSize === PAGE_SIZE_2M) throw new UffdError('INPUT_MISMATCH', `${flags['mem-file']} is not a whole number of 2 MiB pages`)
           checkSet(input)
-          return await writeSnapshot(input, written, {...options, signal, onProgress: bar.update})
-        }
-        if (flags['criu-dir']) {
+          wrote = await writeSnapshot(input, written, {...options, signal, onProgress: bar.update})
+        } else if (flags['criu-dir']) {
           const input = criuDirInput(flags['criu-dir'])
           checkSet(input)
-          return await writeSnapshot(input, written, {...options, signal, onProgress: bar.update})
+          wrote = await writeSnapshot(input, written, {...options, signal, onProgress: bar.update})
+        } else {
+          wrote = await this.snapshotProcess(flags.pid!, flags.freeze, written, {...options, signal, onProgress: bar.update}, checkSet)
         }
-        return await this.snapshotProcess(flags.pid!, flags.freeze, written, {...options, signal, onProgress: bar.update}, checkSet)
       } finally {
         bar.stop()
       }
-    })
-    if (set) {
+      if (!set) return wrote
       try {
-        const attached = attachWorkingSet(written, output, set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), mode)
-        summary.fileSize = attached.fileSize
-        summary.path = output
+        const attached = await attachWorkingSet(written, output, set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), mode, signal)
         this.logToStderr(`${output}: ${describeAttached(attached, set)}`)
+        return {...wrote, fileSize: attached.fileSize, path: output}
       } finally {
         fs.rmSync(written, {force: true})
       }
-    }
+    }, `${output} left as it was`)
     const ratio = summary.fileSize === 0 ? 0 : summary.logicalSize / summary.fileSize
     this.log(
       `${summary.path}: ${formatBytes(summary.logicalSize)} -> ${formatBytes(summary.fileSize)} (${ratio.toFixed(2)}x), ` +

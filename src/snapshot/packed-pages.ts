@@ -18,6 +18,9 @@ export interface PackedPageWalk {
   end?(from: number, to: number, payloads: (Buffer | undefined)[]): void
 }
 
+/** What packedPageSteps has just done: one chunk's pages visited, or a pass over blocks [from, to) finished. */
+export type PackedPageStep = {kind: 'chunk'} | {kind: 'pass'; from: number; to: number; payloads: (Buffer | undefined)[]}
+
 /**
  * Pairs every non-zero page of packed working-set blocks with the same page in its chunk, for
  * packing a set (copy chunk -> block) and verifying one (compare). Blocks go in passes holding at
@@ -25,6 +28,17 @@ export interface PackedPageWalk {
  * scattered the set (a random 10% of the pages touches every chunk).
  */
 export function walkPackedPages(reader: SnapshotReader, blockPages: readonly ArrayLike<number>[], walk: PackedPageWalk): void {
+  for (const step of packedPageSteps(reader, blockPages, walk)) {
+    if (step.kind === 'pass') walk.end?.(step.from, step.to, step.payloads)
+  }
+}
+
+/**
+ * walkPackedPages a step at a time, for a caller that must stay responsive (to SIGINT) on a large
+ * set: it resumes the walk after each chunk and after each pass, which it is given instead of
+ * walk.end, so that what it does with a pass's payloads can be paced too.
+ */
+export function* packedPageSteps(reader: SnapshotReader, blockPages: readonly ArrayLike<number>[], walk: Omit<PackedPageWalk, 'end'>): Generator<PackedPageStep> {
   const {zeroMap, geometry} = reader
   const {pageSize, pagesPerChunk} = geometry
   const positionInChunk = payloadPageIndex(zeroMap, pagesPerChunk)
@@ -65,8 +79,9 @@ export function walkPackedPages(reader: SnapshotReader, blockPages: readonly Arr
         const start = positionInChunk[need.page] * pageSize
         walk.page(need.block, payloads[need.block - from]!, need.at, need.page, chunk, chunkPayload.subarray(start, start + pageSize))
       }
+      yield {kind: 'chunk'}
     }
-    walk.end?.(from, to, payloads)
+    yield {kind: 'pass', from, to, payloads}
     from = to
   }
 }

@@ -8,7 +8,7 @@ import {encodePackedTable, type PackedBlock, type PackedSetLocation, planPackedB
 import {AtomicFile, appendTail} from './atomic-file.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {chunksInTouchOrder} from '../format/working-set.js'
-import {walkPackedPages} from './packed-pages.js'
+import {packedPageSteps} from './packed-pages.js'
 import {SnapshotReader} from './reader.js'
 
 /** What an attached working set records in the snapshot's metadata (docs/FORMAT.md). */
@@ -36,32 +36,55 @@ export function packOptionsFor(metadata: Record<string, unknown>, codec: string 
   return {codec: chosen as PackOptions['codec'], level}
 }
 
-function packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[], options: PackOptions): {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array} {
+/** Longest stretch of attaching between two turns of the event loop, where SIGINT/SIGTERM are seen. */
+const SLICE_MS = 20
+
+/**
+ * Lets the event loop run once a slice has passed since `since` (a performance.now() time) and
+ * throws if `signal` was aborted meanwhile. Returns when the next slice starts.
+ */
+async function breathe(since: number, signal: AbortSignal | undefined): Promise<number> {
+  if (performance.now() - since < SLICE_MS) return since
+  await new Promise((resolve) => setImmediate(resolve))
+  signal?.throwIfAborted()
+  return performance.now()
+}
+
+async function packBlocks(
+  reader: SnapshotReader,
+  pagesInTouchOrder: readonly number[],
+  options: PackOptions,
+  signal: AbortSignal | undefined,
+): Promise<{blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array}> {
   const {zeroMap, geometry} = reader
   const plans = planPackedBlocks(pagesInTouchOrder, geometry.pagesPerChunk)
   const compressor = new ChunkCompressor(options.codec === 'none' ? 'raw' : options.codec, options.level)
   const blocks: Omit<PackedBlock, 'dataOffset'>[] = []
   const stored: Buffer[] = []
   const list = new Uint32Array(pagesInTouchOrder.length)
-  walkPackedPages(
+  const steps = packedPageSteps(
     reader,
     plans.map((plan) => plan.pages),
     {
       start: (from, to) => plans.slice(from, to).map((plan) => Buffer.alloc(plan.pages.filter((p) => !zeroMap.isZero(p)).length * geometry.pageSize)),
       page: (_block, payload, at, _page, _chunk, chunkPage) => chunkPage.copy(payload, at),
-      end: (from, to, payloads) => {
-        for (let b = from; b < to; b++) {
-          const plan = plans[b]
-          list.set(plan.pages, plan.listStart)
-          const payload = payloads[b - from]!
-          const c = payload.length === 0 ? {codec: Codec.None, stored: payload} : compressor.compress(payload)
-          // The compressor reuses its output buffer: keep a copy.
-          stored.push(Buffer.from(c.stored))
-          blocks.push({storedLength: c.stored.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(c.stored), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
-        }
-      },
     },
   )
+  let since = performance.now()
+  for (const step of steps) {
+    since = await breathe(since, signal)
+    if (step.kind !== 'pass') continue
+    for (let b = step.from; b < step.to; b++) {
+      const plan = plans[b]
+      list.set(plan.pages, plan.listStart)
+      const payload = step.payloads[b - step.from]!
+      const c = payload.length === 0 ? {codec: Codec.None, stored: payload} : compressor.compress(payload)
+      // The compressor reuses its output buffer: keep a copy.
+      stored.push(Buffer.from(c.stored))
+      blocks.push({storedLength: c.stored.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(c.stored), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
+      since = await breathe(since, signal)
+    }
+  }
   return {blocks, stored, list}
 }
 
@@ -70,15 +93,18 @@ function packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[]
  * (unless options.codec is 'none'), then its chunks, are stored first, in first-touch order, so
  * prefetching the set is one sequential read that decodes only its pages; the set is recorded in
  * the metadata (compat feature bits). Chunks' stored bytes are copied, not recompressed; the
- * result is written atomically (to `outputPath`, which may be the input itself).
+ * result is written atomically (to `outputPath`, which may be the input itself). It lets the
+ * event loop run every few milliseconds: once `signal` is aborted it stops, removes its
+ * temporary file and throws, and `outputPath` is as it was.
  */
-export function attachWorkingSet(
+export async function attachWorkingSet(
   inputPath: string,
   outputPath: string,
   set: {pages: readonly number[]; runs: number},
   options: PackOptions = {codec: 'zstd', level: 1},
   mode?: number,
-): {fileSize: number; chunksFirst: number; packedBlocks: number; packedBytes: number} {
+  signal?: AbortSignal,
+): Promise<{fileSize: number; chunksFirst: number; packedBlocks: number; packedBytes: number}> {
   const reader = SnapshotReader.open(inputPath)
   const out = new AtomicFile(outputPath, {mode})
   try {
@@ -88,7 +114,7 @@ export function attachWorkingSet(
     const chunks = chunksInTouchOrder(pages, geometry.pagesPerChunk).filter((c) => index[c].codec !== Codec.None)
     const first = new Set(chunks)
     const order = [...chunks, ...index.keys()].filter((c, i) => i < chunks.length || !first.has(c))
-    const packed = options.codec === 'none' || pages.length === 0 ? undefined : packBlocks(reader, pages, options)
+    const packed = options.codec === 'none' || pages.length === 0 ? undefined : await packBlocks(reader, pages, options, signal)
     // The header records where the packed table lies, which depends on the header's own size:
     // encode until the size is stable. The CRC is fixed-width hex and a larger header only adds
     // digits to the offset, so this settles in two or three rounds.
@@ -123,6 +149,7 @@ export function attachWorkingSet(
     const entries: ChunkEntry[] = [...index]
     // Deduplicated chunks share stored bytes: copy each stored range once.
     const moved = new Map<number, number>()
+    let since = performance.now()
     for (const c of order) {
       const e = index[c]
       if (e.codec === Codec.None) continue
@@ -134,8 +161,12 @@ export function attachWorkingSet(
         moved.set(e.dataOffset, at)
       }
       entries[c] = {...e, dataOffset: at}
+      since = await breathe(since, signal)
     }
     appendTail(out, entries, reader.zeroMap, encoded.readUInt32LE(encoded.length - 8))
+    // The last look before the output is replaced in one go (a signal during that is too late).
+    await new Promise((resolve) => setImmediate(resolve))
+    signal?.throwIfAborted()
     out.commit()
     return {fileSize: out.size, chunksFirst: chunks.length, packedBlocks: blocks.length, packedBytes: (packed?.stored ?? []).reduce((n, b) => n + b.length, 0)}
   } finally {

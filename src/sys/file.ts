@@ -1,15 +1,20 @@
 // File operations Node's fs lacks: SEEK_DATA/SEEK_HOLE extent discovery, pread straight into
-// raw memory (e.g. a staging mapping used as UFFDIO_COPY's source), and fsync of a directory.
+// raw memory (e.g. a staging mapping used as UFFDIO_COPY's source), fsync of a directory, and
+// making a descriptor someone else created non-blocking.
 
 import {closeSync, fsyncSync, openSync} from 'node:fs'
 
 import {Errno, SysError, rethrowAsSysError} from './errors.js'
 import * as libc from './libc.js'
 import {checkUnsigned, hex} from './raw.js'
+import {O_NONBLOCK} from './uffd.js'
 
 /** lseek whence values for sparse files (Linux >= 3.1; ext4, xfs, btrfs, tmpfs support them). */
 export const SEEK_DATA = 3
 export const SEEK_HOLE = 4
+/** fcntl commands that read and set the file status flags (O_NONBLOCK among them). */
+export const F_GETFL = 3
+export const F_SETFL = 4
 
 /**
  * The offset of the first byte of data at or after `offset`, or null if there is none (the
@@ -80,4 +85,16 @@ export function fsyncDir(path: string): void {
   } finally {
     closeSync(fd)
   }
+}
+
+/**
+ * Sets O_NONBLOCK on `fd`. The flag belongs to the open file, so a descriptor passed to us by
+ * another process (a client's uffd) changes for its sender too: for a uffd that only means its
+ * own reads no longer wait either.
+ */
+export function setNonBlocking(fd: number, step: string): void {
+  const flags = libc.fcntl(fd, F_GETFL, 0)
+  if (flags < 0) libc.fail('fcntl', step)
+  if ((flags & O_NONBLOCK) !== 0) return
+  if (libc.fcntl(fd, F_SETFL, flags | O_NONBLOCK) !== 0) libc.fail('fcntl', step)
 }

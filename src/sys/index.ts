@@ -1,6 +1,6 @@
 // The public surface of src/sys, the only layer of the program that calls libc.
 
-export {Errno, SysError, errnoName} from './errors.js'
+export {Errno, SysError, errnoName, rethrowAsSysError} from './errors.js'
 export {
   type CreateUserfaultfdOptions,
   type FillOptions,
@@ -78,7 +78,7 @@ export {
   mmapFile,
   munmap,
 } from './memory.js'
-export {fsyncDir, preadInto, seekData, seekHole} from './file.js'
+export {fsyncDir, preadInto, seekData, seekHole, setNonBlocking} from './file.js'
 export {hasSystemLz4, lz4DecodeBlock} from './lz4.js'
 export {crc32, nativeCrc32} from './crc.js'
 export {pidfdOpen, processMadvise, processVmReadv, setThreadNice} from './process.js'

@@ -2,6 +2,7 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../../cli/base-command.js'
 import {modeFlag, parseMode} from '../../cli/mode-flag.js'
+import {withInterruptHandling} from '../../cli/progress.js'
 import {formatBytes} from '../../core/units.js'
 import {checkMatches, parseWorkingSet} from '../../format/working-set.js'
 import {readInputText} from '../../snapshot/input-file.js'
@@ -15,7 +16,7 @@ export function describeAttached(result: {chunksFirst: number; packedBlocks: num
 
 export default class WorkingSetAttach extends BaseCommand {
   static override summary = 'Attach a working set to a snapshot: its pages are stored first, packed, and prefetched by `uffd resume` on connect.'
-  static override description = `The set's pages are copied into blocks of their own (in first-touch order, compressed with --pack), so prefetching a set scattered over the whole image decodes only its pages; its chunks follow, then the rest. The chunks still hold every page, so the file grows by the packed copy and older readers lose nothing. Chunks' stored bytes are copied, not recompressed. The snapshot is rewritten atomically in place, or written to --output.`
+  static override description = `The set's pages are copied into blocks of their own (in first-touch order, compressed with --pack), so prefetching a set scattered over the whole image decodes only its pages; its chunks follow, then the rest. The chunks still hold every page, so the file grows by the packed copy and older readers lose nothing. Chunks' stored bytes are copied, not recompressed. The snapshot is rewritten atomically in place, or written to --output; SIGINT/SIGTERM stop it with exit 130, the destination left as it was and no temporary file behind.`
   static override examples = ['<%= config.bin %> working-set attach vm.uffd vm.ws', '<%= config.bin %> working-set attach vm.uffd vm.ws -o vm-ws.uffd']
   static override args = {
     snapshot: Args.string({description: 'Snapshot file.', required: true}),
@@ -42,7 +43,7 @@ export default class WorkingSetAttach extends BaseCommand {
     reader.close()
     checkMatches(set, {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: header.headerCrc}, args['working-set'])
     const output = flags.output ?? args.snapshot
-    const result = attachWorkingSet(args.snapshot, output, set, packOptionsFor(header.metadata, flags.pack), mode)
+    const result = await withInterruptHandling((signal) => attachWorkingSet(args.snapshot, output, set, packOptionsFor(header.metadata, flags.pack), mode, signal), `${output} left as it was`)
     this.log(`${output}: ${describeAttached(result, set)}`)
     return {output, ...result, pages: set.pages.length}
   }

@@ -4,7 +4,7 @@ import {type Geometry} from '../../format/geometry.js'
 import {packedBlockRuns, zeroRunWindowBytes} from '../../format/packed-set.js'
 import {payloadPageIndex, type ZeroMap} from '../../format/zero-map.js'
 import {type SnapshotReader} from '../../snapshot/reader.js'
-import {addressOf} from '../../sys/index.js'
+import {addressOf, rethrowAsSysError, SysError} from '../../sys/index.js'
 import {type GuestRegion} from '../protocol.js'
 import {type RunClock, type RunStats} from '../run-stats.js'
 import {type Client, type PendingFault} from './client.js'
@@ -67,6 +67,8 @@ export class FaultServer {
   private readonly zeroMap: ZeroMap
   private readonly pageSize: number
   private readonly chunkCount: number
+  /** The snapshot's name, for errors reading it. */
+  private readonly snapshotName: string
   /** Each page's position in its chunk's payload (see payloadPageIndex). */
   private readonly payloadIndex: Int32Array
   /** Each page's packed working-set block, or -1 (when serving from packed blocks). */
@@ -86,6 +88,7 @@ export class FaultServer {
     this.zeroMap = reader.zeroMap
     this.pageSize = this.geometry.pageSize
     this.chunkCount = reader.index.length
+    this.snapshotName = reader.source.name
     this.windowPages = Math.max(1, Math.floor(options.faultAroundBytes / this.pageSize))
     this.payloadIndex = payloadPageIndex(reader.zeroMap, this.geometry.pagesPerChunk)
     const packed = reader.packed
@@ -265,13 +268,21 @@ export class FaultServer {
     return this.unitAddress(this.geometry.chunkOfOffset(page * this.pageSize)) + this.payloadIndex[page] * this.pageSize
   }
 
-  /** Where the verified payload of a unit (chunk or packed block) is; a unit that fails its check is fatal for the client. */
+  /**
+   * Where the verified payload of a unit (chunk or packed block) is; a unit that cannot be read
+   * or fails its check is fatal for the client, and only for it: other clients go on, and fail
+   * in turn only if they need that unit too.
+   */
   private unitAddress(unit: number): number {
     try {
       return addressOf(this.source.payload(unit))
     } catch (error) {
       if (error instanceof SnapshotFormatError) throw new UffdError(error.code, error.message, {cause: error})
-      throw error
+      if (error instanceof UffdError || error instanceof SysError) throw error
+      // Node's fs fails a read (EIO from a failing disk, a device that shrank) with an error that
+      // names neither the file nor the chunk, and that the loop would not contain to one client.
+      const what = unit < this.chunkCount ? `chunk ${unit}` : `packed working-set block ${unit - this.chunkCount}`
+      rethrowAsSysError(error, (error as NodeJS.ErrnoException).syscall ?? 'read', `reading ${what} of ${this.snapshotName}`)
     }
   }
 }

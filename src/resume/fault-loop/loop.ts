@@ -9,6 +9,7 @@ import {
   closeFd,
   decodeUffdMessage,
   eventfdDrain,
+  isUserfaultfd,
   POLLERR,
   POLLHUP,
   POLLIN,
@@ -16,6 +17,7 @@ import {
   PollSet,
   readSome,
   readUffdMessages,
+  setNonBlocking,
   SysError,
   UFFD_MSG_SIZE,
   type UffdMessage,
@@ -321,6 +323,9 @@ export class FaultLoop {
     // Its first fault is likely queued already (a vCPU runs right after the handshake): serve
     // it before the bookkeeping below. What is left queued is served by the loop.
     this.guarded(client, () => {
+      // A uffd created without O_NONBLOCK would make a read with nothing queued wait, and with
+      // it every other client: this thread reads each one until it is empty.
+      setNonBlocking(client.uffd, `making client ${client.id}'s userfaultfd non-blocking`)
       this.drain(client)
       if (this.servePending(client) === 'wait') this.waitingForBytes.add(client)
     })
@@ -419,15 +424,38 @@ export class FaultLoop {
         if (!client.nonCooperative) throw new UffdError('UNSUPPORTED_EVENT', `the client moved memory with mremap (0x${m.from.toString(16)} -> 0x${m.to.toString(16)}), which this handler does not follow`)
         client.map.remap(m.from, m.to, m.len)
         break
-      case 'fork':
+      case 'fork': {
         stats.add('forkEvents')
-        if (client.nonCooperative) this.addForkedClient(client, m.ufd)
+        const problem = this.forkedUffdProblem(m.ufd)
+        if (problem) throw new UffdError('UNSUPPORTED_EVENT', `a fork event named fd ${m.ufd}, ${problem}: not a userfaultfd the kernel made for a child; neither served nor closed`)
+        // (The child's uffd has the flags its parent's was created with.)
+        if (client.nonCooperative) {
+          setNonBlocking(m.ufd, `making the userfaultfd of client ${client.id}'s child non-blocking`)
+          this.addForkedClient(client, m.ufd)
+        }
         // A child's uffd we do not serve; closing it lets the child's faults be handled normally.
         else closeFd(m.ufd)
         break
+      }
       case 'unknown':
         throw new UffdError('UNSUPPORTED_EVENT', `unknown userfaultfd event 0x${m.event.toString(16)}`)
     }
+  }
+
+  /**
+   * Why `fd`, named by a fork event, cannot be the child's uffd; undefined if it can. The kernel
+   * delivers UFFD_EVENT_FORK by installing a new userfaultfd in the reader's fd table while the
+   * event is read, so a genuine one is a userfaultfd this loop did not hold before. Any other
+   * number names a descriptor of the handler's own (another client's uffd, an eventfd, the
+   * snapshot, a socket): serving it would read another client's events, closing it would pull
+   * it from under its owner.
+   */
+  private forkedUffdProblem(fd: number): string | undefined {
+    const held = [this.channel.controlFd, this.parts.source.eventFd, this.parts.source.landedFd]
+    for (const c of this.clients.values()) held.push(c.uffd, c.lifeline.pidfd, c.lifeline.socket)
+    if (held.includes(fd)) return 'which this handler already uses'
+    if (!isUserfaultfd(fd)) return 'which is not a userfaultfd'
+    return undefined
   }
 
   /**

@@ -6,7 +6,7 @@ import {UffdError} from '../../core/errors.js'
 import {isLazyVma, readCriuDump} from '../../criu/images.js'
 import {RegionKind} from '../../format/constants.js'
 import {type SnapshotReader} from '../../snapshot/reader.js'
-import {closeFd, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
+import {closeFd, isUserfaultfd, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
 import {type GuestRegion} from './handshake.js'
 import {ACCEPT_SLICE_MS, type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 
@@ -203,6 +203,12 @@ class RestoredTasks implements FrontEnd {
 
   private addTask(intake: ClientIntake, pid: number, uffd: number): void {
     this.taskPids.add(pid)
+    // Anything else would be polled and read as the task's uffd: its bytes would decode as
+    // events, and a fork event names an fd number the loop would then serve as a child's.
+    if (!isUserfaultfd(uffd)) {
+      closeFd(uffd)
+      throw new UffdError('CRIU_PROTOCOL', `criu sent task ${pid} a file descriptor that is not a userfaultfd`)
+    }
     const regions = this.regionsByTask.get(pid)
     if (!regions) {
       closeFd(uffd)

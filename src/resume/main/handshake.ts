@@ -45,17 +45,27 @@ function field(entry: Record<string, unknown>, name: string, index: number, requ
   return value
 }
 
+/** How far scanJson got through a message: bracket depth and string state, and whether the value is closed. */
+export interface JsonScan {
+  readonly depth: number
+  readonly inString: boolean
+  readonly escaped: boolean
+  readonly complete: boolean
+}
+
+export const JSON_SCAN_START: JsonScan = {depth: 0, inString: false, escaped: false, complete: false}
+
 /**
- * Whether `bytes` hold a whole JSON value, or something that will never become one (it does not
- * start as an array or object): on a stream socket one recvmsg can return part of a message (the
- * kernel queues a large send as several buffers, and ends a read after the one that carried fds),
- * so the handshake is read until this says the value is closed. Only brackets outside strings
- * count; whether the value is valid JSON is parseHandshake's to say.
+ * Scans the next `bytes` of a message: complete once they close a whole JSON value, or show
+ * something that will never become one (it does not start as an array or object). On a stream
+ * socket one recvmsg can return part of a message (the kernel queues a large send as several
+ * buffers, and ends a read after the one that carried fds), so the handshake is read until the
+ * value is closed; resuming from `scan` looks at each byte once, however the message is cut.
+ * Only brackets outside strings count; whether the value is valid JSON is parseHandshake's to say.
  */
-export function handshakeComplete(bytes: Buffer): boolean {
-  let depth = 0
-  let inString = false
-  let escaped = false
+export function scanJson(scan: JsonScan, bytes: Buffer): JsonScan {
+  if (scan.complete) return scan
+  let {depth, inString, escaped} = scan
   for (let i = 0; i < bytes.length; i++) {
     const c = bytes[i]
     if (inString) {
@@ -65,14 +75,14 @@ export function handshakeComplete(bytes: Buffer): boolean {
       continue
     }
     if (depth === 0 && (c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d)) continue
-    if (depth === 0 && c !== 0x5b && c !== 0x7b) return true
+    if (depth === 0 && c !== 0x5b && c !== 0x7b) return {depth, inString, escaped, complete: true}
     if (c === 0x22) inString = true
     else if (c === 0x5b || c === 0x7b) depth++
     else if (c === 0x5d || c === 0x7d) {
-      if (--depth === 0) return true
+      if (--depth === 0) return {depth, inString, escaped, complete: true}
     }
   }
-  return false
+  return {depth, inString, escaped, complete: false}
 }
 
 /**

@@ -3,7 +3,7 @@ import fs from 'node:fs'
 import {UffdError} from '../../core/errors.js'
 import {formatBytes} from '../../core/units.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
-import {acceptUnix, closeFd, listenUnix, nativeBlockFill} from '../../sys/index.js'
+import {acceptUnix, closeFd, listenUnix, nativeBlockFill, poll, POLLIN} from '../../sys/index.js'
 import {type FromWorker, type WorkerConfig} from '../protocol.js'
 import {buildReport, type ResumeReport} from '../run-stats.js'
 import {FaultLoopHost, servingSettings, type ServingSettings} from './fault-loop-host.js'
@@ -12,7 +12,7 @@ import {PrefetchHitSampler} from './prefetch-hits.js'
 
 /** What every `uffd resume`, for a VMM or for CRIU, takes from the command line. */
 export interface SessionOptions extends ServingSettings {
-  /** For the first connection (and each Firecracker handshake); 0 waits forever. */
+  /** For the first connection (and each Firecracker handshake, see handshakeTimeoutMs); 0 waits forever. */
   timeoutMs: number
   readyFile?: string
   /** Kill a client that can no longer be served correctly rather than leave it frozen. */
@@ -74,6 +74,13 @@ export interface ClientIntake {
    * `timeoutMessage`, when none came before `deadline` (a Date.now() time; Infinity waits forever).
    */
   accept(deadline: number, timeoutMessage: string): Promise<number | null>
+  /**
+   * Waits up to one slice for a connection on the socket or input on one of `watched` (fds of
+   * the front end's own, such as connections whose handshakes are still arriving), then lets
+   * signals and worker messages through. Returns the connection accepted, if any, and the
+   * watched fds that are readable (or hung up); null once stopped by a signal.
+   */
+  waitForInput(watched: readonly number[]): Promise<{connection: number | null; readable: number[]} | null>
   /** Closes the listening socket and removes its path: nobody else can connect. */
   stopListening(): void
   /** For a front end polling its own fds: lets signals and worker messages through. */
@@ -206,6 +213,15 @@ class ServingSession implements ClientIntake {
       if (connection !== null) return connection
       await this.yieldToEventLoop()
     }
+  }
+
+  async waitForInput(watched: readonly number[]): Promise<{connection: number | null; readable: number[]} | null> {
+    if (this.signal.aborted) return null
+    const revents = poll([{fd: this.listenFd, events: POLLIN}, ...watched.map((fd) => ({fd, events: POLLIN}))], ACCEPT_SLICE_MS)
+    const connection = revents[0] !== 0 ? acceptUnix(this.listenFd, 0) : null
+    const readable = watched.filter((_, i) => revents[i + 1] !== 0)
+    await this.yieldToEventLoop()
+    return {connection, readable}
   }
 
   stopListening(): void {

@@ -4,8 +4,9 @@ import {UffdError} from '../../core/errors.js'
 import {type Geometry} from '../../format/geometry.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {attachedWorkingSet} from '../../snapshot/relayout.js'
-import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, readSome, recvWithFds, SysError} from '../../sys/index.js'
-import {type GuestRegion, HandshakeError, handshakeComplete, MAX_HANDSHAKE_BYTES, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
+import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, SysError} from '../../sys/index.js'
+import {type GuestRegion, HandshakeError, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
+import {PendingHandshake} from './pending-handshake.js'
 import {type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from '../../format/working-set.js'
 
@@ -22,8 +23,20 @@ export interface ResumeOptions extends SessionOptions {
   countHits?: boolean
 }
 
-/** Handshake JSON can arrive after an empty first read; Firecracker's own handlers retry. */
-const HANDSHAKE_READ_TRIES = 3
+/**
+ * With --serve, the longest any connection may take to send its whole handshake, whatever
+ * --timeout says: a VMM sends it right after it connects, and a peer that does not must not hold
+ * a descriptor (or, dribbling, the main thread's attention) for long.
+ */
+export const SERVE_HANDSHAKE_MS = 10_000
+/** Connections reading their handshakes at once; beyond, the oldest is refused (each holds fds). */
+export const MAX_PENDING_HANDSHAKES = 64
+
+/** How long one connection has to send its handshake (0: forever): --timeout, at most SERVE_HANDSHAKE_MS with --serve. */
+export function handshakeTimeoutMs(options: Pick<ResumeOptions, 'timeoutMs' | 'serve'>): number {
+  if (!options.serve) return options.timeoutMs
+  return options.timeoutMs > 0 ? Math.min(options.timeoutMs, SERVE_HANDSHAKE_MS) : SERVE_HANDSHAKE_MS
+}
 
 /**
  * Runs `uffd resume`: listens on the socket, takes each client's handshake and uffd, and hands
@@ -85,44 +98,93 @@ class FirecrackerClients implements FrontEnd {
     this.socketPath = options.socketPath
   }
 
+  /**
+   * Accepts connections and reads their handshakes side by side, none waited for: a peer that
+   * connects and sends nothing, or sends a byte at a time, holds up neither the other VMs nor a
+   * signal. Each has its own deadline (handshakeTimeoutMs) from the moment it was accepted.
+   */
   async admit(intake: ClientIntake): Promise<void> {
     const {options} = this
-    let deadline = options.timeoutMs > 0 ? Date.now() + options.timeoutMs : Infinity
-    for (;;) {
-      const connection = await intake.accept(deadline, `no client connected to ${options.socketPath} within ${options.timeoutMs / 1000} s`)
-      if (connection === null) return
-      try {
-        const accepted = takeHandshake(connection, options.timeoutMs, this.geometry)
-        if (accepted === null) {
-          // Connected and closed without a byte: a liveness probe (another `uffd resume` checking
-          // whether this socket is in use, a health check), not a VMM. Keep waiting for the client.
-          closeFd(connection)
-          intake.log('a connection closed without sending anything (a probe?); still waiting for a client')
-          continue
+    const firstBy = options.timeoutMs > 0 ? Date.now() + options.timeoutMs : Infinity
+    const handshakeMs = handshakeTimeoutMs(options)
+    // In accept order, so that the oldest is the one given up when too many are pending.
+    const pending = new Map<number, PendingHandshake>()
+    // Once a peer other than a probe has connected, --timeout no longer bounds the wait for one.
+    let connected = false
+    try {
+      for (;;) {
+        if (!connected && pending.size === 0 && Date.now() > firstBy) {
+          throw new UffdError('TIMEOUT', `no client connected to ${options.socketPath} within ${options.timeoutMs / 1000} s`)
         }
-        const id = intake.add({...accepted, socket: connection, nonCooperative: false})
-        intake.log(`client ${id}${accepted.pid ? ` (pid ${accepted.pid})` : ''}: ${accepted.regions.length} region(s), ${accepted.regions.reduce((s, r) => s + r.size, 0)} bytes`)
-      } catch (error) {
-        // A well-formed handshake for another snapshot: the VMM registered its memory with the
-        // uffd it sent, and with nobody serving it, its first fault waits forever.
-        const refusedPid = error instanceof SnapshotMismatchError && options.kill ? peerCredentials(connection).pid : 0
+        const input = await intake.waitForInput([...pending.keys()])
+        if (input === null) return
+        if (input.connection !== null) {
+          if (pending.size >= MAX_PENDING_HANDSHAKES) this.giveUpOldest(intake, pending)
+          pending.set(input.connection, new PendingHandshake(input.connection, handshakeMs > 0 ? Date.now() + handshakeMs : Infinity, handshakeMs))
+        }
+        const now = Date.now()
+        for (const [connection, handshake] of [...pending]) {
+          const progress = handshake.step(input.readable.includes(connection), now)
+          if (progress.state === 'reading') continue
+          pending.delete(connection)
+          if (progress.state === 'probe') {
+            closeFd(connection)
+            intake.log('a connection closed without sending anything (a probe?); still waiting for a client')
+            continue
+          }
+          connected = true
+          const taken = progress.state === 'received' ? this.take(intake, connection, progress) : this.refuse(intake, connection, progress.error)
+          if (taken && !options.serve) {
+            // One client: stop listening so the socket path no longer accepts anyone.
+            intake.stopListening()
+            return
+          }
+        }
+      }
+    } finally {
+      for (const [connection, handshake] of pending) {
+        handshake.discard()
         closeFd(connection)
-        if (!(error instanceof HandshakeError || error instanceof SysError || error instanceof UffdError)) throw error
-        if (refusedPid > 0) {
-          intake.log(`killing the refused client (pid ${refusedPid}) rather than leave it waiting on memory nobody serves`)
-          killQuietly(refusedPid)
-        }
-        if (!options.serve) throw error
-        intake.reject({code: error.code, message: error.message})
-        intake.log(`rejected a client: ${error.message}`)
       }
-      if (!options.serve) {
-        // One client: stop listening so the socket path no longer accepts anyone.
-        intake.stopListening()
-        return
-      }
-      deadline = Infinity
     }
+  }
+
+  /** Serves the client whose handshake `connection` received, or refuses it (see refuse); returns whether it is served. */
+  private take(intake: ClientIntake, connection: number, received: {uffd: number; data: Buffer}): boolean {
+    let accepted: AcceptedClient
+    try {
+      accepted = acceptHandshake(connection, received.uffd, received.data, this.geometry)
+    } catch (error) {
+      return this.refuse(intake, connection, error)
+    }
+    const id = intake.add({...accepted, socket: connection, nonCooperative: false})
+    intake.log(`client ${id}${accepted.pid ? ` (pid ${accepted.pid})` : ''}: ${accepted.regions.length} region(s), ${accepted.regions.reduce((s, r) => s + r.size, 0)} bytes`)
+    return true
+  }
+
+  /** Closes a connection whose handshake failed with `error`: counted with --serve, else the run's error (thrown). Returns false. */
+  private refuse(intake: ClientIntake, connection: number, error: unknown): false {
+    // A well-formed handshake for another snapshot: the VMM registered its memory with the
+    // uffd it sent, and with nobody serving it, its first fault waits forever.
+    const refusedPid = error instanceof SnapshotMismatchError && this.options.kill ? peerCredentials(connection).pid : 0
+    closeFd(connection)
+    if (!(error instanceof SysError || error instanceof UffdError)) throw error
+    if (refusedPid > 0) {
+      intake.log(`killing the refused client (pid ${refusedPid}) rather than leave it waiting on memory nobody serves`)
+      killQuietly(refusedPid)
+    }
+    if (!this.options.serve) throw error
+    intake.reject({code: error.code, message: error.message})
+    intake.log(`rejected a client: ${error.message}`)
+    return false
+  }
+
+  /** Makes room for one more pending handshake: the connection waiting longest is refused. */
+  private giveUpOldest(intake: ClientIntake, pending: Map<number, PendingHandshake>): void {
+    const [connection, handshake] = pending.entries().next().value as [number, PendingHandshake]
+    pending.delete(connection)
+    handshake.discard()
+    this.refuse(intake, connection, new HandshakeError(`more than ${MAX_PENDING_HANDSHAKES} connections were sending their handshakes at once; the one waiting longest was closed`))
   }
 
   servingDone(clients: readonly ClientSummary[]): boolean {
@@ -154,7 +216,7 @@ class FirecrackerClients implements FrontEnd {
   release(): void {}
 }
 
-/** Set by takeHandshake to the pid of a VMM whose well-formed handshake does not fit the snapshot. */
+/** A VMM whose handshake was accepted, with what it sent. */
 interface AcceptedClient {
   uffd: number
   pid: number | null
@@ -163,21 +225,11 @@ interface AcceptedClient {
 }
 
 /**
- * Reads and validates one handshake; on any failure closes what it received and throws. Returns
- * null when the peer closed the connection without sending anything (not a client).
+ * Validates the handshake `data` that came on `connection` with `uffd`; on any failure closes
+ * the uffd and throws.
  */
-function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry): AcceptedClient | null {
-  let received: {data: Buffer; fds: number[]} = {data: Buffer.alloc(0), fds: []}
-  for (let attempt = 0; attempt < HANDSHAKE_READ_TRIES && received.data.length === 0; attempt++) {
-    received = recvWithFds(connection, MAX_HANDSHAKE_BYTES, 3, timeoutMs > 0 ? timeoutMs : -1)
-    if (received.data.length === 0 && received.fds.length === 0 && attempt === HANDSHAKE_READ_TRIES - 1) return null
-  }
-  const [uffd, ...extra] = received.fds
-  // Forks send a memfd or guest_memfd after the uffd: only the uffd is ours to use.
-  for (const fd of extra) closeFd(fd)
+function acceptHandshake(connection: number, uffd: number, data: Buffer, geometry: Geometry): AcceptedClient {
   try {
-    if (uffd === undefined) throw new HandshakeError('no file descriptor came with the message (expected the uffd)')
-    const data = readRest(connection, received.data, timeoutMs)
     // Anything else would be polled and read as the client's uffd: a pipe's bytes decode as
     // events (a fork event names an fd number the handler would then close or serve).
     if (!isUserfaultfd(uffd)) throw new HandshakeError('the file descriptor that came with the message is not a userfaultfd')
@@ -195,34 +247,7 @@ function takeHandshake(connection: number, timeoutMs: number, geometry: Geometry
     }
     return {uffd, pid: pid > 0 ? pid : null, pidfd, regions}
   } catch (error) {
-    if (uffd !== undefined) closeFd(uffd)
+    closeFd(uffd)
     throw error
   }
-}
-
-
-/**
- * The rest of a handshake whose first read was `first`: reads on until the JSON value is closed,
- * the peer stops sending (end of stream), or there are more bytes than MAX_HANDSHAKE_BYTES (which
- * parseHandshake refuses), within `timeoutMs` in all. The fds rode on the first read; later ones
- * are not taken.
- */
-function readRest(connection: number, first: Buffer, timeoutMs: number): Buffer {
-  const parts = [first]
-  let length = first.length
-  const deadline = timeoutMs > 0 ? Date.now() + timeoutMs : Infinity
-  while (length <= MAX_HANDSHAKE_BYTES && !handshakeComplete(parts.length === 1 ? parts[0] : Buffer.concat(parts))) {
-    const remaining = deadline === Infinity ? -1 : Math.max(0, deadline - Date.now())
-    let more: Buffer
-    try {
-      more = readSome(connection, MAX_HANDSHAKE_BYTES + 1 - length, remaining)
-    } catch (error) {
-      if (error instanceof SysError && error.code === 'ETIMEDOUT') throw new HandshakeError(`the message was still incomplete after ${timeoutMs / 1000} s (${length} bytes)`)
-      throw error
-    }
-    if (more.length === 0) break
-    parts.push(more)
-    length += more.length
-  }
-  return Buffer.concat(parts)
 }
