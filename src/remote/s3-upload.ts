@@ -16,6 +16,8 @@ const MIN_PART_BYTES = 8 << 20
 const UPLOAD_QUEUE = 4
 /** How long a discard waits for parts in flight to settle before aborting the upload by its id. */
 const DISCARD_WAIT_MS = 30_000
+/** How long that AbortMultipartUpload may take (a store that stopped answering must not hold the exit). */
+const ABORT_TIMEOUT_MS = 10_000
 
 /** The part size for an object of about `sizeHint` bytes: at least 8 MiB, whole MiB, under S3's part limit. */
 export function partSizeFor(sizeHint: number): number {
@@ -77,7 +79,7 @@ export class S3UploadSink implements OutputSink {
           throw error
         }
       },
-      {step: 'initialize', name: 'uffdUploadFailures'},
+      {step: 'initialize'},
     )
     this.upload = new Upload({
       client,
@@ -169,7 +171,7 @@ export class S3UploadSink implements OutputSink {
       // parts in flight did not settle in time: abort by the id once more. NoSuchUpload means
       // it is gone already.
       try {
-        await this.client.send(new AbortMultipartUploadCommand({Bucket: this.bucket, Key: this.key, UploadId: uploadId}))
+        await this.client.send(new AbortMultipartUploadCommand({Bucket: this.bucket, Key: this.key, UploadId: uploadId}), {abortSignal: AbortSignal.timeout(ABORT_TIMEOUT_MS)})
       } catch (error) {
         const e = error as {name?: string; $metadata?: {httpStatusCode?: number}}
         if (e.name === 'NoSuchUpload' || e.$metadata?.httpStatusCode === 404) return
