@@ -3,7 +3,6 @@ import fs from 'node:fs'
 import {UffdError} from '../core/errors.js'
 import {describeLocation, type Location, parseLocation} from '../remote/location.js'
 import {type S3Settings} from '../remote/s3-object.js'
-import {S3UploadSink} from '../remote/s3-upload.js'
 import {AtomicFile} from './atomic-file.js'
 import {type OutputSink} from './output-sink.js'
 
@@ -41,6 +40,8 @@ export async function prepareOutput(location: OutputLocation, options: {force: b
     if (!options.force && fs.existsSync(location.path)) throw new UffdError('OUTPUT_EXISTS', `${location.path} exists (use --force to replace it)`)
     return {destination, location, open: () => new AtomicFile(location.path, {mode: options.mode})}
   }
+  // Loaded only for an upload: the AWS SDK takes most of a second to import.
+  const {S3UploadSink} = await import('../remote/s3-upload.js')
   const open = await S3UploadSink.prepare(options.s3, location.bucket, location.key, {force: options.force})
   return {destination, location, open}
 }

@@ -1,6 +1,7 @@
 import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
+import {formatBytes} from '../core/units.js'
 import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_WORKING_SET} from '../format/constants.js'
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
@@ -73,6 +74,12 @@ export interface AttachResult {
   chunksFirst: number
   packedBlocks: number
   packedBytes: number
+}
+
+/** What attaching did, in words. */
+export function describeAttached(result: {chunksFirst: number; packedBlocks: number; packedBytes: number}, set: {pages: readonly number[]; runs: number}): string {
+  const packed = result.packedBlocks > 0 ? `${set.pages.length} pages packed in ${result.packedBlocks} blocks (${formatBytes(result.packedBytes)}), then ` : ''
+  return `${packed}${result.chunksFirst} working-set chunks stored first (a set of ${set.pages.length} pages from ${set.runs} run(s))`
 }
 
 /** About how large the result of attaching `set` to `reader`'s snapshot can be (the packed copy at most raw). */

@@ -4,17 +4,11 @@ import {BaseCommand} from '../../cli/base-command.js'
 import {modeFlag, parseMode} from '../../cli/mode-flag.js'
 import {withInterruptHandling} from '../../cli/progress.js'
 import {remoteFlags, remoteOptions} from '../../cli/remote-flags.js'
-import {formatBytes} from '../../core/units.js'
 import {checkMatches, parseWorkingSet} from '../../format/working-set.js'
 import {readInputText} from '../../snapshot/input-file.js'
 import {openSnapshot} from '../../snapshot/open.js'
 import {outputLocation, prepareOutput} from '../../snapshot/outputs.js'
-import {attachedSizeHint, PACK_CODECS, packOptionsFor, writeAttached} from '../../snapshot/relayout.js'
-
-export function describeAttached(result: {chunksFirst: number; packedBlocks: number; packedBytes: number}, set: {pages: readonly number[]; runs: number}): string {
-  const packed = result.packedBlocks > 0 ? `${set.pages.length} pages packed in ${result.packedBlocks} blocks (${formatBytes(result.packedBytes)}), then ` : ''
-  return `${packed}${result.chunksFirst} working-set chunks stored first (a set of ${set.pages.length} pages from ${set.runs} run(s))`
-}
+import {attachedSizeHint, describeAttached, PACK_CODECS, packOptionsFor, writeAttached} from '../../snapshot/relayout.js'
 
 export default class WorkingSetAttach extends BaseCommand {
   static override summary = 'Attach a working set to a snapshot: its pages are stored first, packed, and prefetched by `uffd resume` on connect.'
