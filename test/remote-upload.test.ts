@@ -22,6 +22,8 @@ import {S3Server} from './helpers/s3-server.js'
 
 const MiB = 1024 * 1024
 const BUCKET = 'snapshots'
+/** Each test runs several CLI processes (about a second of start-up each, more on a loaded machine). */
+const SLOW = 180_000
 const FC_CLIENT = path.join(NATIVE, 'fc_client')
 const resumeSkip = !isRoot() ? 'needs root (fc_client traps kernel-mode faults)' : !fs.existsSync(FC_CLIENT) ? `${FC_CLIENT} is not built` : undefined
 if (resumeSkip) console.warn(`remote-upload: the resume test is skipped: ${resumeSkip}`)
@@ -136,7 +138,7 @@ describe('uffd snapshot -o s3://', () => {
     const verify = await cli(['verify', `s3://${BUCKET}/${key}`, '--against', image, '--cache-dir', path.join(dir, 'cache-verify'), '--json'])
     expect(verify.status, verify.stderr).toBe(0)
     expect(verify.json).toMatchObject({ok: true, against: {mismatchedPages: 0}})
-  })
+  }, SLOW)
 
   it.skipIf(resumeSkip)('resume serves every byte of the uploaded snapshot to a client that checks them all', async () => {
     const key = 'vm/resume.uffd'
@@ -155,7 +157,7 @@ describe('uffd snapshot -o s3://', () => {
     expect(code, served.stderr).toBe(0)
     expect(JSON.parse(out.trim().split('\n').at(-1)!)).toMatchObject({ok: true, verify_errors: 0})
     expect(served.status, served.stderr).toBe(0)
-  })
+  }, SLOW)
 
   it('SIGINT mid-upload exits 130 and aborts the multipart upload: no object, nothing pending', async () => {
     const big = path.join(dir, 'big.raw')
@@ -178,7 +180,7 @@ describe('uffd snapshot -o s3://', () => {
     } finally {
       fs.rmSync(big, {force: true})
     }
-  })
+  }, SLOW)
 
   it('a failure mid-upload (the input shrinks) exits 1 and aborts the upload too', async () => {
     const big = path.join(dir, 'shrinking.raw')
@@ -200,7 +202,7 @@ describe('uffd snapshot -o s3://', () => {
     } finally {
       fs.rmSync(big, {force: true})
     }
-  })
+  }, SLOW)
 
   it('a working set of another image is refused before anything is uploaded', async () => {
     const ws = path.join(dir, 'other.ws')
@@ -210,7 +212,7 @@ describe('uffd snapshot -o s3://', () => {
     expect(r.status).toBe(1)
     expect(r.json.error.code).toBe('BAD_WORKING_SET')
     await expectNothingLeft(key)
-  })
+  }, SLOW)
 
   it('--working-set: the snapshot is written aside, then uploaded with the set attached', async () => {
     const reader = SnapshotReader.open(local)
@@ -227,7 +229,7 @@ describe('uffd snapshot -o s3://', () => {
     expect(stats.json.workingSet).toMatchObject({pages: pages.length})
     expect(stats.json.fileSize).toBe(r.json.fileSize)
     expect(await s3.pendingUploads(BUCKET)).toEqual([])
-  })
+  }, SLOW)
 
   it('an existing key is OUTPUT_EXISTS without --force (HeadObject) and replaced with it; http(s):// and --mode are usage errors', async () => {
     const key = 'vm/exists.uffd'
@@ -250,7 +252,7 @@ describe('uffd snapshot -o s3://', () => {
     await usage(['cp', local, 'http://example.com/vm.uffd'])
     await usage(['working-set', 'attach', 'http://127.0.0.1:9/vm.uffd', path.join(dir, 'any.ws')])
     await expectNothingLeft('vm/mode.uffd')
-  })
+  }, SLOW)
 })
 
 describe('uffd cp', () => {
@@ -276,7 +278,7 @@ describe('uffd cp', () => {
     expect((await cli(['cp', local, back, '--json'])).json.error.code).toBe('OUTPUT_EXISTS')
     expect((await cli(['cp', local, `s3://${BUCKET}/${key}`, '--json'])).json.error.code).toBe('OUTPUT_EXISTS')
     expect((await cli(['cp', local, back, '--force'])).status).toBe(0)
-  })
+  }, SLOW)
 
   it('from an http source through 503s and corrupted bodies: retried, and the copy is still byte-identical', async () => {
     http = await RangeServer.start(local)
@@ -289,7 +291,7 @@ describe('uffd cp', () => {
     expect(r.json.remote.badResponses).toBeGreaterThanOrEqual(1)
     expect(r.json.remote.retries).toBeGreaterThanOrEqual(3)
     expect(fs.readFileSync(out).equals(fs.readFileSync(local))).toBe(true)
-  })
+  }, SLOW)
 
   it('a corrupt source leaves nothing at the destination and exits 1 with CORRUPT', async () => {
     const reader = SnapshotReader.open(local)
@@ -316,7 +318,7 @@ describe('uffd cp', () => {
     expect(fromHttp.status).toBe(1)
     expect(fromHttp.json.error.code).toBe('CORRUPT')
     expect(fs.readdirSync(target)).toEqual([])
-  })
+  }, SLOW)
 })
 
 describe('uffd working-set attach with object storage', () => {
@@ -345,5 +347,5 @@ describe('uffd working-set attach with object storage', () => {
     expect(verify.json).toMatchObject({ok: true})
     expect(verify.json.blocksChecked).toBe(r.json.packedBlocks)
     expect(await s3.pendingUploads(BUCKET)).toEqual([])
-  })
+  }, SLOW)
 })
