@@ -4,6 +4,7 @@ import {UffdError} from '../core/errors.js'
 import {parseDuration, parseSize} from '../core/units.js'
 import {defaultCacheRoot} from '../remote/disk-cache.js'
 import {type RemoteOptions} from '../remote/remote-snapshot.js'
+import {type S3Settings} from '../remote/s3-object.js'
 
 /** Flags of every command that reads a snapshot which may live in object storage. */
 export const remoteFlags = {
@@ -26,6 +27,11 @@ export interface RemoteFlagValues {
   'fetch-deadline': string
 }
 
+/** The S3 client settings of --s3-endpoint (the one remote flag of commands that only write). */
+export function s3Settings(flags: {'s3-endpoint'?: string}): S3Settings {
+  return flags['s3-endpoint'] ? {endpoint: flags['s3-endpoint']} : {}
+}
+
 /** The options of remoteFlags; a malformed size or duration is a USAGE error naming its flag. */
 export function remoteOptions(flags: RemoteFlagValues): RemoteOptions {
   const named = <T>(flag: string, parse: () => T): T => {
@@ -39,7 +45,7 @@ export function remoteOptions(flags: RemoteFlagValues): RemoteOptions {
   const deadlineMs = named('fetch-deadline', () => parseDuration(flags['fetch-deadline']))
   if (idleTimeoutMs <= 0 || deadlineMs <= 0) throw new UffdError('USAGE', '--fetch-timeout and --fetch-deadline must be more than 0')
   return {
-    s3: flags['s3-endpoint'] ? {endpoint: flags['s3-endpoint']} : {},
+    s3: s3Settings(flags),
     cacheRoot: flags['cache-dir'] ?? defaultCacheRoot(),
     cacheMaxBytes: named('cache-dir-max', () => parseSize(flags['cache-dir-max'])),
     fetch: {

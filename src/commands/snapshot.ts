@@ -7,6 +7,7 @@ import {Flags} from '@oclif/core'
 import {BaseCommand} from '../cli/base-command.js'
 import {modeFlag, parseMode} from '../cli/mode-flag.js'
 import {progressBar, withInterruptHandling} from '../cli/progress.js'
+import {remoteFlags, s3Settings} from '../cli/remote-flags.js'
 import {UffdError} from '../core/errors.js'
 import {formatBytes, formatPercent, parseSize} from '../core/units.js'
 import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../format/constants.js'
@@ -14,9 +15,11 @@ import {geometryProblem} from '../format/geometry.js'
 import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
 import {readInputText} from '../snapshot/input-file.js'
 import {criuDirInput, freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
-import {chunksInTouchOrder, parseWorkingSet, WorkingSetError} from '../format/working-set.js'
-import {attachWorkingSet, PACK_CODECS, packOptionsFor} from '../snapshot/relayout.js'
-import {describeAttached} from './working-set/attach.js'
+import {parseWorkingSet, WorkingSetError} from '../format/working-set.js'
+import {type OutputSink} from '../snapshot/output-sink.js'
+import {outputLocation, prepareOutput} from '../snapshot/outputs.js'
+import {SnapshotReader} from '../snapshot/reader.js'
+import {attachedSizeHint, describeAttached, PACK_CODECS, packOptionsFor, writeAttached} from '../snapshot/relayout.js'
 import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'
 
 export const DEFAULT_CODEC: CompressionCodec = 'zstd'
@@ -30,21 +33,24 @@ export default class Snapshot extends BaseCommand {
 
 With --pid the process is stopped (SIGSTOP) while its memory is read, for a consistent image, and resumed afterwards, also on error or Ctrl-C; pages it never populated are stored as zero pages.
 
-With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted: one region per VMA of every task in the dumped tree, owned by the task's pid; pages CRIU did not dump are zero pages. Incremental dumps (pages in a parent dump) and --lazy-pages dumps are refused.`
+With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted: one region per VMA of every task in the dumped tree, owned by the task's pid; pages CRIU did not dump are zero pages. Incremental dumps (pages in a parent dump) and --lazy-pages dumps are refused.
+
+With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart upload: parts go out while later chunks are still being compressed, a few parts in memory at once); the object appears only when it is complete, and a failed or interrupted run aborts the upload, leaving nothing. With --working-set, the snapshot is first written to a temporary file in $TMPDIR, then uploaded with the set attached.`
 
   static override examples = [
     '<%= config.bin %> snapshot --mem-file vm.mem -o vm.uffd',
     '<%= config.bin %> snapshot --mem-file vm.mem -o vm.uffd --codec lz4 --chunk-size 1M',
     '<%= config.bin %> snapshot --pid 1234 -o app.uffd --json',
     '<%= config.bin %> snapshot --criu-dir ./dump -o app.uffd',
+    '<%= config.bin %> snapshot --mem-file vm.mem -o s3://snapshots/vm.uffd',
   ]
 
   static override flags = {
     'mem-file': Flags.string({summary: 'Raw memory image to snapshot (sparse holes are skipped without reading).', exactlyOne: SOURCES}),
     pid: Flags.integer({summary: 'Live process to snapshot (needs root or ptrace access).', min: 1, exactlyOne: SOURCES}),
     'criu-dir': Flags.string({summary: 'CRIU dump directory (criu dump -D DIR) whose page images to convert.', exactlyOne: SOURCES}),
-    output: Flags.string({char: 'o', summary: 'Snapshot file to write [default: <image>.uffd, pid-<PID>.uffd or <dir>.uffd].'}),
-    force: Flags.boolean({char: 'f', summary: 'Replace the output file if it exists.', default: false}),
+    output: Flags.string({char: 'o', summary: 'Snapshot to write: a path or s3://BUCKET/KEY [default: <image>.uffd, pid-<PID>.uffd or <dir>.uffd].'}),
+    force: Flags.boolean({char: 'f', summary: 'Replace the output if it exists (for s3://, checked with HeadObject before starting; not atomic against another writer).', default: false}),
     codec: Flags.string({summary: 'Compression codec per chunk: zstd is smallest, lz4 ~20% larger and decodes ~2.5x faster (for resumes that populate all memory). Chunks that do not shrink are stored raw.', options: ['zstd', 'lz4', 'raw'], default: DEFAULT_CODEC}),
     level: Flags.integer({summary: `zstd level, ${ZSTD_MIN_LEVEL}..${ZSTD_MAX_LEVEL}; negative levels are zstd's fast modes. Ignored by lz4 and raw.`, min: ZSTD_MIN_LEVEL, max: ZSTD_MAX_LEVEL, default: DEFAULT_LEVEL}),
     'chunk-size': Flags.string({summary: 'Bytes per independently compressed chunk: a power of two, 4K..4M, at least the page size.', default: DEFAULT_CHUNK_SIZE}),
@@ -55,6 +61,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     pack: Flags.string({summary: "With --working-set: codec of the packed copy of the set's pages [default: --codec]; none: reorder chunks only.", options: PACK_CODECS, dependsOn: ['working-set']}),
     mode: modeFlag,
     freeze: Flags.boolean({summary: 'Stop the process while reading it (--no-freeze reads it running: faster for the process, inconsistent image).', default: true, allowNo: true}),
+    's3-endpoint': remoteFlags['s3-endpoint'],
   }
 
   async run(): Promise<WriteSummary & {ratio: number; source: string}> {
@@ -76,8 +83,9 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     }
 
     const source = flags['mem-file'] ?? flags['criu-dir'] ?? `pid ${flags.pid}`
-    const output = flags.output ?? (flags.pid === undefined ? `${path.basename(path.resolve(source))}.uffd` : `pid-${flags.pid}.uffd`)
-    if (!flags.force && fs.existsSync(output)) throw new UffdError('OUTPUT_EXISTS', `${output} exists (use --force to replace it)`)
+    const location = outputLocation(flags.output ?? (flags.pid === undefined ? `${path.basename(path.resolve(source))}.uffd` : `pid-${flags.pid}.uffd`), {mode})
+    const prepared = await prepareOutput(location, {force: flags.force, mode, s3: s3Settings(flags)})
+    const output = prepared.destination
     // The set is checked before anything is written: a bad one must not cost the output, nor
     // (with --force) the file it would replace. Recorded against an earlier snapshot of the same
     // memory, its header CRC differs, so only the geometry must match; a stale set costs
@@ -89,42 +97,38 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
         throw new WorkingSetError(`${workingSetFile} was recorded on ${set.snapshot.logicalSize} bytes of ${set.snapshot.pageSize}-byte pages, not on this image (${input.logicalSize} bytes of ${pageSize}-byte pages)`)
       }
     }
-    // With a set, the snapshot is written beside the output first and only the attached result
-    // takes the output's name, so a failed attach leaves the output as it was.
-    const written = set ? path.join(path.dirname(path.resolve(output)), `.${path.basename(output)}.${process.pid}.unattached.tmp`) : output
-    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism(), mode, name: output}
+    // With a set, the snapshot is written aside first (beside a local output, in $TMPDIR for an
+    // upload) and only the attached result takes the output's name, so a failed attach leaves
+    // the output as it was.
+    const aside = location.kind === 'file' ? path.join(path.dirname(path.resolve(location.path)), `.${path.basename(location.path)}.${process.pid}.unattached.tmp`) : path.join(os.tmpdir(), `.uffd-${process.pid}.unattached.tmp`)
+    const written = set ? aside : undefined
+    // (Errors about the file aside name the output, unless that is an object: then $TMPDIR is what fills up.)
+    // Opened only once the input is known to fit (and the set to fit it): nothing is uploaded before.
+    const target = (input: ImageInput): string | OutputSink => written ?? prepared.open(input.logicalSize)
+    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism(), mode, name: location.kind === 'file' ? output : undefined}
     const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
 
     // One handler for both steps: between two, a signal would meet the default action (an
     // immediate exit, the unattached file left behind).
     const summary = await withInterruptHandling(async (signal) => {
-      let wrote: WriteSummary
+      let plain: WriteSummary
       try {
-        if (flags['mem-file']) {
-          const input = memFileInput(flags['mem-file'], regionSizes)
-          if (regionSizes && regionSizes.reduce((a, b) => a + b, 0) > Math.ceil(input.logicalSize / pageSize) * pageSize) {
-            this.error(`--regions add up to more than the ${input.logicalSize}-byte file`, {exit: 2})
-          }
-          if (input.logicalSize % pageSize !== 0 && pageSize === PAGE_SIZE_2M) throw new UffdError('INPUT_MISMATCH', `${flags['mem-file']} is not a whole number of 2 MiB pages`)
-          checkSet(input)
-          wrote = await writeSnapshot(input, written, {...options, signal, onProgress: bar.update})
-        } else if (flags['criu-dir']) {
-          const input = criuDirInput(flags['criu-dir'])
-          checkSet(input)
-          wrote = await writeSnapshot(input, written, {...options, signal, onProgress: bar.update})
-        } else {
-          wrote = await this.snapshotProcess(flags.pid!, flags.freeze, written, {...options, signal, onProgress: bar.update}, checkSet)
-        }
+        plain = await this.write(flags, regionSizes, pageSize, checkSet, target, {...options, signal, onProgress: bar.update})
       } finally {
         bar.stop()
       }
-      if (!set) return wrote
+      if (!set) return plain
       try {
-        const attached = await attachWorkingSet(written, output, set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), mode, signal)
-        this.logToStderr(`${output}: ${describeAttached(attached, set)}`)
-        return {...wrote, fileSize: attached.fileSize, path: output}
+        const reader = SnapshotReader.open(plain.path)
+        try {
+          const attached = await writeAttached(reader, prepared.open(attachedSizeHint(reader, set)), set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), signal)
+          this.logToStderr(`${output}: ${describeAttached(attached, set)}`)
+          return {...plain, fileSize: attached.fileSize, path: output}
+        } finally {
+          reader.close()
+        }
       } finally {
-        fs.rmSync(written, {force: true})
+        fs.rmSync(plain.path, {force: true})
       }
     }, `${output} left as it was`)
     const ratio = summary.fileSize === 0 ? 0 : summary.logicalSize / summary.fileSize
@@ -137,7 +141,33 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
     return {...summary, ratio, source}
   }
 
-  private async snapshotProcess(pid: number, freeze: boolean, output: string, options: Parameters<typeof writeSnapshot>[2], checkInput: (input: ImageInput) => void): Promise<WriteSummary> {
+  /** Writes the snapshot of whichever input the flags name to `target(input)`. */
+  private async write(
+    flags: {'mem-file'?: string; 'criu-dir'?: string; pid?: number; freeze: boolean},
+    regionSizes: number[] | undefined,
+    pageSize: number,
+    checkSet: (input: ImageInput) => void,
+    target: (input: ImageInput) => string | OutputSink,
+    options: Parameters<typeof writeSnapshot>[2],
+  ): Promise<WriteSummary> {
+    if (flags['mem-file']) {
+      const input = memFileInput(flags['mem-file'], regionSizes)
+      if (regionSizes && regionSizes.reduce((a, b) => a + b, 0) > Math.ceil(input.logicalSize / pageSize) * pageSize) {
+        this.error(`--regions add up to more than the ${input.logicalSize}-byte file`, {exit: 2})
+      }
+      if (input.logicalSize % pageSize !== 0 && pageSize === PAGE_SIZE_2M) throw new UffdError('INPUT_MISMATCH', `${flags['mem-file']} is not a whole number of 2 MiB pages`)
+      checkSet(input)
+      return writeSnapshot(input, target(input), options)
+    }
+    if (flags['criu-dir']) {
+      const input = criuDirInput(flags['criu-dir'])
+      checkSet(input)
+      return writeSnapshot(input, target(input), options)
+    }
+    return this.snapshotProcess(flags.pid!, flags.freeze, target, options, checkSet)
+  }
+
+  private async snapshotProcess(pid: number, freeze: boolean, target: (input: ImageInput) => string | OutputSink, options: Parameters<typeof writeSnapshot>[2], checkInput: (input: ImageInput) => void): Promise<WriteSummary> {
     if (!processExists(pid)) throw new ProcessSnapshotError(`no process with pid ${pid}`, 'NO_SUCH_PROCESS')
     const resume = freeze ? await freezeProcess(pid) : () => {}
     try {
@@ -145,7 +175,7 @@ With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted:
       try {
         input = new ProcessInput(pid)
         checkInput(input)
-        return await writeSnapshot(input, output, options)
+        return await writeSnapshot(input, target(input), options)
       } catch (error) {
         if (!processExists(pid)) throw new ProcessSnapshotError(`process ${pid} exited during the snapshot`, 'EXITED')
         throw error

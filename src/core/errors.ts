@@ -29,7 +29,7 @@ export const ERROR_CODES = {
   EXITED: 'the --pid process exited while it was being read',
   NOT_A_FILE: 'an input or output path is not a regular file',
   INPUT_MISMATCH: 'the input does not fit the options (a --mem-file that is not a whole number of --page-size pages)',
-  OUTPUT_EXISTS: 'the output file exists and --force was not given',
+  OUTPUT_EXISTS: 'the output file or object exists and --force was not given',
   // Snapshots in object storage (s3://, http://, https://) and the local chunk cache.
   REMOTE_NOT_FOUND: 'the object, bucket or URL does not exist (404)',
   REMOTE_DENIED: 'the store refused access (401/403, an expired presigned URL) or no credentials were found',

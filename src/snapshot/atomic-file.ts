@@ -6,6 +6,7 @@ import {type ChunkEntry, encodeFooter, encodeIndex} from '../format/index-table.
 import {type ZeroMap} from '../format/zero-map.js'
 import {onFile} from '../sys/errors.js'
 import {fsyncDir} from '../sys/file.js'
+import {type OutputSink} from './output-sink.js'
 
 /**
  * Snapshots hold a memory image (keys, passwords of the process or guest): readable by their
@@ -34,7 +35,7 @@ export interface AtomicFileOptions extends FileMode {
  * (after any failure) removes the temporary file and changes nothing else. Its errors name the
  * destination (or `options.name`), never the temporary file, which the user has never heard of.
  */
-export class AtomicFile {
+export class AtomicFile implements OutputSink {
   size = 0
   private fd: number | undefined
   private readonly tempPath: string
@@ -66,6 +67,9 @@ export class AtomicFile {
     return at
   }
 
+  /** Writes are synchronous: there is never anything to wait for. */
+  async drain(): Promise<void> {}
+
   readBack(position: number, length: number): Buffer {
     const buf = Buffer.alloc(length)
     let done = 0
@@ -95,7 +99,7 @@ export class AtomicFile {
 }
 
 /** Appends the chunk index, the zero map and the footer that finds them: the end of every snapshot. */
-export function appendTail(file: AtomicFile, entries: readonly ChunkEntry[], zeroMap: ZeroMap, headerCrc: number): void {
+export function appendTail(file: OutputSink, entries: readonly ChunkEntry[], zeroMap: ZeroMap, headerCrc: number): void {
   const index = encodeIndex(entries)
   const indexOffset = file.append(index)
   const zeroMapOffset = file.append(zeroMap.bytes)

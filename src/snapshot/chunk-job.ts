@@ -20,6 +20,8 @@ export interface ChunkJob {
   chunkLengths: number[]
   pageSize: number
   segments: ReadSegment[]
+  /** Compute each stored chunk's SHA-256 (for a writer that cannot read its output back to compare). */
+  digests?: boolean
 }
 
 export interface EncodedChunk {
@@ -32,6 +34,8 @@ export interface EncodedChunk {
   /** Chunk-local zero-page bits (bit i = page i of the chunk). */
   zeroBits: Uint8Array
   zeroPages: number
+  /** SHA-256 of the stored bytes (32 bytes), when the job asked for digests and the chunk has stored bytes. */
+  digest?: Uint8Array
 }
 
 export interface ChunkJobResult {

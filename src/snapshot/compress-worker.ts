@@ -1,3 +1,4 @@
+import crypto from 'node:crypto'
 import fs from 'node:fs'
 import {parentPort, workerData} from 'node:worker_threads'
 
@@ -88,7 +89,8 @@ function run(job: ChunkJob): ChunkJobResult {
     if (covered) {
       const encoded = encodeChunk(bytes, job.pageSize, compressor, zeroPage, payloadScratch)
       encoded.stored.copy(stored, storedAt)
-      chunks.push({...encoded.chunk, storedOffset: storedAt, storedLength: encoded.stored.length})
+      const digest = job.digests && encoded.stored.length > 0 ? crypto.createHash('sha256').update(encoded.stored).digest() : undefined
+      chunks.push({...encoded.chunk, storedOffset: storedAt, storedLength: encoded.stored.length, ...(digest === undefined ? {} : {digest})})
       storedAt += encoded.stored.length
     } else {
       // Nothing was read for this chunk (a hole): all of it is zero pages.

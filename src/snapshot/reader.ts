@@ -113,25 +113,56 @@ export class SnapshotReader {
     // The checksum covers the stored bytes, so corrupt data is refused before it reaches a
     // decoder, and checking costs a pass over the compressed size only. zstd frames also carry
     // their own checksum of the decoded content, which zstd verifies while decoding.
-    let stored = this.readStored(entry, payload)
+    const stored = this.checked(chunk, entry, () => this.readStored(entry, payload))
+    if (stored !== payload) this.decode(chunk, entry, stored, payload)
+    return payload
+  }
+
+  /**
+   * The unit's stored bytes exactly as the file holds them (a new buffer), verified as
+   * readPayload verifies them: against their checksum and, with `decode`, by decoding them (into
+   * scratch) to the length the index declares. For copying stored bytes without passing on one
+   * that was not checked.
+   */
+  storedBytes(unit: number, decode = false): Buffer {
+    const entry = this.entry(unit)
+    if (entry.codec === Codec.None) return Buffer.alloc(0)
+    const stored = this.checked(unit, entry, () => {
+      const bytes = Buffer.allocUnsafe(entry.storedLength)
+      this.source.readAt(bytes, entry.dataOffset)
+      return bytes
+    })
+    if (decode && entry.codec !== Codec.Raw) {
+      if (this.payloadScratch.length < entry.payloadLength) this.payloadScratch = Buffer.alloc(Math.max(entry.payloadLength, this.geometry.chunkSize))
+      this.decode(unit, entry, stored, this.payloadScratch.subarray(0, entry.payloadLength))
+    } else if (decode && stored.length !== entry.payloadLength) {
+      throw this.chunkError(unit, 'CORRUPT', `raw data is ${stored.length} bytes, expected ${entry.payloadLength}`)
+    }
+    return stored
+  }
+
+  /** Reads stored bytes with `read` and checks them against the entry's checksum. */
+  private checked(unit: number, entry: ChunkEntry, read: () => Buffer): Buffer {
+    let stored = read()
     let crc = crc32(stored)
     // A cached copy of remote bytes that went bad (a torn file after a crash, a disk error) is
     // dropped and fetched again, once; the file itself failing is what the error reports.
     if (crc !== entry.storedCrc && this.source.discard?.(entry.dataOffset, entry.storedLength)) {
-      stored = this.readStored(entry, payload)
+      stored = read()
       crc = crc32(stored)
     }
     if (crc !== entry.storedCrc) {
-      throw this.chunkError(chunk, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)})`)
+      throw this.chunkError(unit, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)})`)
     }
-    if (stored !== payload) {
-      try {
-        this.decompressor.decompress(entry.codec, stored, payload)
-      } catch (error) {
-        throw this.chunkError(chunk, 'CORRUPT', `${codecName(entry.codec)} data does not decode (${(error as Error).message})`)
-      }
+    return stored
+  }
+
+  private decode(unit: number, entry: ChunkEntry, stored: Buffer, payload: Buffer): void {
+    try {
+      this.decompressor.decompress(entry.codec, stored, payload)
+    } catch (error) {
+      throw this.chunkError(unit, 'CORRUPT', `${codecName(entry.codec)} data does not decode (${(error as Error).message})`)
     }
-    return payload
   }
 
   /**

@@ -1,4 +1,5 @@
 
+import {UffdError} from '../core/errors.js'
 import {CHUNK_FLAG_SHARED, Codec} from '../format/constants.js'
 import {Geometry} from '../format/geometry.js'
 import {encodeHeader, type Region, type SnapshotMetadata} from '../format/header.js'
@@ -8,6 +9,7 @@ import {AtomicFile, appendTail} from './atomic-file.js'
 import {type ChunkJob, type ChunkJobResult, type ReadSegment} from './chunk-job.js'
 import {type CompressionCodec} from './codecs.js'
 import {CompressionPool} from './compression-pool.js'
+import {type OutputSink} from './output-sink.js'
 
 /** What a snapshot is made of: an image of `logicalSize` bytes whose data comes from segments. */
 export interface ImageInput {
@@ -26,9 +28,9 @@ export interface WriteOptions {
   jobs: number
   onProgress?: (doneBytes: number, totalBytes: number) => void
   signal?: AbortSignal
-  /** Permission bits of the output, exactly [default: SNAPSHOT_MODE less the umask]. */
+  /** Permission bits of a local output, exactly [default: SNAPSHOT_MODE less the umask]. */
   mode?: number
-  /** The path errors name, when outputPath is an intermediate file [default: outputPath]. */
+  /** The path errors name, when a path output is an intermediate file [default: the path]. */
   name?: string
 }
 
@@ -53,16 +55,21 @@ export interface WriteSummary {
   seconds: number
 }
 
+/** Bytes of a SHA-256 digest. */
+const DIGEST_BYTES = 32
+
 /** A job covers at least this much of the image, to amortise messaging with the workers. */
 const JOB_BYTES = 4 * 1024 * 1024
 
 /**
- * Writes a snapshot atomically: into a temporary file next to `outputPath`, fsync'd, then renamed
- * over it, so readers only ever see a complete file; on any failure or abort the temporary file is
- * removed and nothing else changes. Chunks are encoded by a pool of workers and written in image
- * order, so the output does not depend on the number of workers.
+ * Writes a snapshot atomically: to a path (into a temporary file next to it, fsync'd, then renamed
+ * over it) or to any OutputSink (an S3 multipart upload), so readers only ever see a complete
+ * snapshot; on any failure or abort the sink is discarded and nothing else changes. The sink is
+ * the writer's from then on: committed on success, discarded otherwise. Chunks are encoded by a
+ * pool of workers and written in image order, so the output does not depend on the number of
+ * workers.
  */
-export async function writeSnapshot(input: ImageInput, outputPath: string, options: WriteOptions): Promise<WriteSummary> {
+export async function writeSnapshot(input: ImageInput, output: string | OutputSink, options: WriteOptions): Promise<WriteSummary> {
   const started = performance.now()
   const geometry = new Geometry(options.pageSize, options.chunkSize, input.logicalSize)
   const header = encodeHeader({
@@ -75,13 +82,15 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
     metadata: {...input.metadata, codec: options.codec, level: options.level},
   })
 
-  const file = new AtomicFile(outputPath, {mode: options.mode, name: options.name})
+  const file = typeof output === 'string' ? new AtomicFile(output, {mode: options.mode, name: options.name}) : output
   let pool: CompressionPool | undefined
   const inflight: Promise<ChunkJobResult>[] = []
   try {
     file.append(header)
     pool = new CompressionPool(Math.max(1, options.jobs), options.codec, options.level)
     const assembler = new Assembler(geometry, file)
+    // Without read-back (an upload), deduplication compares SHA-256 digests the workers compute.
+    const digests = !file.readBack
     const chunksPerJob = Math.max(1, Math.floor(JOB_BYTES / options.chunkSize))
     let doneBytes = 0
     for (let first = 0, id = 0; first < geometry.chunkCount; first += chunksPerJob, id++) {
@@ -90,7 +99,7 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
       const start = geometry.chunkStart(first)
       const end = Math.min(input.logicalSize, geometry.chunkStart(first + count))
       const chunkLengths = Array.from({length: count}, (_, i) => geometry.chunkPaddedLength(first + i))
-      const job: ChunkJob = {id, firstChunk: first, start, chunkLengths, pageSize: options.pageSize, segments: input.segments(start, end)}
+      const job: ChunkJob = {id, firstChunk: first, start, chunkLengths, pageSize: options.pageSize, segments: input.segments(start, end), digests}
       const result = pool.submit(job)
       // Marked handled now: a job can fail while an earlier one is awaited; it is awaited (and its
       // error raised) in order, or abandoned after an earlier failure.
@@ -101,17 +110,20 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
       while (inflight.length > options.jobs * 4) {
         doneBytes += assembler.consume(await inflight.shift()!)
         options.onProgress?.(doneBytes, input.logicalSize)
+        await file.drain(options.signal)
       }
     }
     while (inflight.length > 0) {
       options.signal?.throwIfAborted()
       doneBytes += assembler.consume(await inflight.shift()!)
       options.onProgress?.(Math.min(doneBytes, input.logicalSize), input.logicalSize)
+      await file.drain(options.signal)
     }
     appendTail(file, assembler.entries, assembler.zeroMap, header.readUInt32LE(header.length - 8))
-    file.commit()
+    options.signal?.throwIfAborted()
+    await file.commit()
     return {
-      path: outputPath,
+      path: file.destination,
       logicalSize: input.logicalSize,
       fileSize: file.size,
       pageSize: options.pageSize,
@@ -126,7 +138,7 @@ export async function writeSnapshot(input: ImageInput, outputPath: string, optio
     }
   } finally {
     await pool?.close()
-    file.discard()
+    await file.discard()
   }
 }
 
@@ -140,12 +152,15 @@ class Assembler {
   dedupBytes = 0
   /** Stored chunks by (crc, lengths, codec), to find identical payloads stored before. */
   private readonly seen = new Map<string, number[]>()
+  /** Each chunk's SHA-256 (32 bytes at entry index * 32), when the sink cannot read bytes back. */
+  private readonly digests: Buffer | undefined
 
   constructor(
     private readonly geometry: Geometry,
-    private readonly file: AtomicFile,
+    private readonly file: OutputSink,
   ) {
     this.zeroMap = new ZeroMap(geometry.pageCount)
+    this.digests = file.readBack ? undefined : Buffer.alloc(geometry.chunkCount * DIGEST_BYTES)
   }
 
   /** Returns the image bytes the result covered. */
@@ -168,7 +183,7 @@ class Assembler {
       }
       const bytes = stored.subarray(chunk.storedOffset, chunk.storedOffset + chunk.storedLength)
       const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, storedCrc: chunk.storedCrc, codec: chunk.codec, flags: 0}
-      const original = this.findIdentical(entry, bytes)
+      const original = this.findIdentical(entry, bytes, chunk.digest)
       if (original) {
         entry.dataOffset = original.dataOffset
         entry.flags = original.flags = CHUNK_FLAG_SHARED
@@ -184,21 +199,33 @@ class Assembler {
   }
 
   /**
-   * An earlier chunk whose stored bytes are identical. The checksum only nominates candidates;
-   * the stored bytes are compared for real, since decoding is a function of them.
+   * An earlier chunk whose stored bytes are identical. The checksum only nominates candidates
+   * (CRC-32 is linear: a guest can make two different chunks collide at will); identity is
+   * decided on the stored bytes, since decoding is a function of them. A local file reads the
+   * earlier chunk's bytes back and compares them. An upload cannot (its parts are gone once
+   * sent, and holding every stored chunk until the end would hold the whole snapshot), so the
+   * workers compute a SHA-256 of each stored chunk's bytes as they encode it, and equal digests
+   * stand for equal bytes: SHA-256 is collision-resistant (no two different inputs with one
+   * digest are known, and finding one is out of reach, for a guest choosing its memory too), so
+   * sharing on equal digests stores nothing other than what comparing the bytes would have.
    */
-  private findIdentical(entry: ChunkEntry, bytes: Buffer): ChunkEntry | undefined {
+  private findIdentical(entry: ChunkEntry, bytes: Buffer, digest: Uint8Array | undefined): ChunkEntry | undefined {
     const key = `${entry.storedCrc}:${entry.payloadLength}:${entry.codec}:${entry.storedLength}`
     const candidates = this.seen.get(key)
+    const {digests} = this
+    if (digests && digest?.length !== DIGEST_BYTES) throw new UffdError('INTERNAL', `${this.file.destination}: a stored chunk without its digest, for a sink that cannot read back`)
+    const same = (earlier: number): boolean => {
+      if (digests) return digests.compare(digest!, 0, DIGEST_BYTES, earlier * DIGEST_BYTES, (earlier + 1) * DIGEST_BYTES) === 0
+      const e = this.entries[earlier]
+      return this.file.readBack!(e.dataOffset, e.storedLength).equals(bytes)
+    }
     if (candidates) {
-      for (const index of candidates) {
-        const earlier = this.entries[index]
-        if (this.file.readBack(earlier.dataOffset, earlier.storedLength).equals(bytes)) return earlier
-      }
+      for (const index of candidates) if (same(index)) return this.entries[index]
     }
     const list = candidates ?? []
     list.push(this.entries.length)
     if (!candidates) this.seen.set(key, list)
+    digests?.set(digest!, this.entries.length * DIGEST_BYTES)
     return undefined
   }
 }

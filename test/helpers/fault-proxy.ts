@@ -18,6 +18,8 @@ export interface Faults {
   stall?: number
   /** Milliseconds added before every answer (latency the loopback does not have). */
   delayMs?: number
+  /** The counted faults start only once this many requests were answered (e.g. once a snapshot is open). */
+  after?: number
 }
 
 /**
@@ -58,7 +60,9 @@ export class FaultProxy {
     await new Promise<void>((resolve) => this.server.close(() => resolve()))
   }
 
-  private take(name: 'resetAfterHeaders' | 'truncate' | 'corrupt' | 'stall'): boolean {
+  /** Counts one use of a fault, for a request that gets faults (see Faults.after). */
+  private take(name: 'resetAfterHeaders' | 'truncate' | 'corrupt' | 'stall', faulty: boolean): boolean {
+    if (!faulty) return false
     const n = this.faults[name] ?? 0
     if (n <= 0) return false
     this.faults[name] = n - 1
@@ -69,12 +73,13 @@ export class FaultProxy {
     const record = (status: number): void => {
       this.requests.push({method: req.method ?? '?', range: req.headers.range, status})
     }
-    if (this.take('stall')) {
+    const faulty = this.requests.length >= (this.faults.after ?? 0)
+    if (this.take('stall', faulty)) {
       record(0)
       return
     }
     const status = this.faults.status
-    if (status && status.count > 0) {
+    if (status && status.count > 0 && faulty) {
       status.count--
       record(status.code)
       res.writeHead(status.code, {'content-type': 'application/xml'}).end(`<?xml version="1.0"?><Error><Code>ServiceUnavailable</Code><Message>injected ${status.code}</Message></Error>`)
@@ -88,17 +93,17 @@ export class FaultProxy {
         record(answer.statusCode ?? 0)
         const ok = (answer.statusCode ?? 0) < 300 && body.length > 0
         res.writeHead(answer.statusCode ?? 502, answer.headers)
-        if (ok && this.take('resetAfterHeaders')) {
+        if (ok && this.take('resetAfterHeaders', faulty)) {
           res.flushHeaders()
           setTimeout(() => req.socket.destroy(), 5)
           return
         }
-        if (ok && this.take('truncate')) {
+        if (ok && this.take('truncate', faulty)) {
           res.write(body.subarray(0, body.length >> 1))
           setTimeout(() => req.socket.destroy(), 5)
           return
         }
-        if (ok && this.take('corrupt')) body[body.length >> 1] ^= 0xff
+        if (ok && this.take('corrupt', faulty)) body[body.length >> 1] ^= 0xff
         res.end(body)
       })
     })

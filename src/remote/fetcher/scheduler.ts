@@ -96,6 +96,8 @@ export class FetchScheduler {
   private async fetchRun(first: number, end: number): Promise<void> {
     const {offsets, lengths} = this.table
     let lastError: Error | undefined
+    // Whether the last answer was whole but its bytes failed their CRC (not a failed request).
+    let lastWasMismatch = false
     for (let attempt = 0; ; attempt++) {
       const from = offsets[first]
       const length = offsets[end - 1] + lengths[end - 1] - from
@@ -117,11 +119,13 @@ export class FetchScheduler {
           }
         }
         if (bad < 0) return
+        lastWasMismatch = true
         this.counters.add('badResponses')
         lastError = new RemoteError('REMOTE_PROTOCOL', `${this.object.name}: bytes ${offsets[bad]}-${offsets[lastBad] + lengths[lastBad] - 1} failed their CRC (the server sent other bytes than the snapshot's)`, true)
         ;[first, end] = [bad, lastBad + 1]
       } catch (error) {
         lastError = error as Error
+        lastWasMismatch = false
         if (!(error instanceof RemoteError) || !error.retryable) {
           this.failRange(first, end, error instanceof UffdError ? error : new UffdError('INTERNAL', `${this.object.name}: ${(error as Error).message}`))
           return
@@ -131,7 +135,14 @@ export class FetchScheduler {
       const delay = backoffMs(attempt, this.random())
       if (performance.now() + delay > deadline) {
         const seconds = Math.round(this.options.deadlineMs / 100) / 10
-        this.failRange(first, end, new UffdError('FETCH_DEADLINE', `${this.object.name}: bytes ${offsets[first]}-${offsets[end - 1] + lengths[end - 1] - 1} could not be fetched within ${seconds} s (${attempt + 1} attempts; last: ${lastError?.message})`))
+        const range = `bytes ${offsets[first]}-${offsets[end - 1] + lengths[end - 1] - 1}`
+        // The store kept answering, with bytes other than the index's: the object itself is
+        // corrupt (or every path to it is), which a later retry would not change.
+        if (lastWasMismatch) {
+          this.failRange(first, end, new UffdError('CORRUPT', `${this.object.name}: ${range} still failed their CRC when the fetch deadline came (${seconds} s, ${attempt + 1} attempts): the object's stored bytes are not the ones its index describes`))
+          return
+        }
+        this.failRange(first, end, new UffdError('FETCH_DEADLINE', `${this.object.name}: ${range} could not be fetched within ${seconds} s (${attempt + 1} attempts; last: ${lastError?.message})`))
         return
       }
       this.counters.add('retries')
