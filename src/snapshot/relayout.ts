@@ -10,7 +10,7 @@ import {AtomicFile, appendTail} from './atomic-file.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {chunksInTouchOrder} from '../format/working-set.js'
 import {type OutputSink} from './output-sink.js'
-import {walkPackedPages} from './packed-pages.js'
+import {packedPageSteps} from './packed-pages.js'
 import {ReadAhead} from './read-ahead.js'
 import {SnapshotReader} from './reader.js'
 
@@ -39,32 +39,37 @@ export function packOptionsFor(metadata: Record<string, unknown>, codec: string 
   return {codec: chosen as PackOptions['codec'], level}
 }
 
-function packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[], options: PackOptions): {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array} {
+function* packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[], options: PackOptions): Generator<Wait, {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array}, void> {
   const {zeroMap, geometry} = reader
   const plans = planPackedBlocks(pagesInTouchOrder, geometry.pagesPerChunk)
   const compressor = new ChunkCompressor(options.codec === 'none' ? 'raw' : options.codec, options.level)
   const blocks: Omit<PackedBlock, 'dataOffset'>[] = []
   const stored: Buffer[] = []
   const list = new Uint32Array(pagesInTouchOrder.length)
-  walkPackedPages(
+  const steps = packedPageSteps(
     reader,
     plans.map((plan) => plan.pages),
     {
       start: (from, to) => plans.slice(from, to).map((plan) => Buffer.alloc(plan.pages.filter((p) => !zeroMap.isZero(p)).length * geometry.pageSize)),
       page: (_block, payload, at, _page, _chunk, chunkPage) => chunkPage.copy(payload, at),
-      end: (from, to, payloads) => {
-        for (let b = from; b < to; b++) {
-          const plan = plans[b]
-          list.set(plan.pages, plan.listStart)
-          const payload = payloads[b - from]!
-          const c = payload.length === 0 ? {codec: Codec.None, stored: payload} : compressor.compress(payload)
-          // The compressor reuses its output buffer: keep a copy.
-          stored.push(Buffer.from(c.stored))
-          blocks.push({storedLength: c.stored.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(c.stored), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
-        }
-      },
     },
   )
+  // Packing at a high zstd level takes seconds: each step is a point where the caller may let
+  // the event loop run (and a signal stop it).
+  for (const step of steps) {
+    yield {kind: 'drain'}
+    if (step.kind !== 'pass') continue
+    for (let b = step.from; b < step.to; b++) {
+      const plan = plans[b]
+      list.set(plan.pages, plan.listStart)
+      const payload = step.payloads[b - step.from]!
+      const c = payload.length === 0 ? {codec: Codec.None, stored: payload} : compressor.compress(payload)
+      // The compressor reuses its output buffer: keep a copy.
+      stored.push(Buffer.from(c.stored))
+      blocks.push({storedLength: c.stored.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(c.stored), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
+      yield {kind: 'drain'}
+    }
+  }
   return {blocks, stored, list}
 }
 
@@ -176,7 +181,7 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: {pages: readonl
   const order = [...chunks, ...index.keys()].filter((c, i) => i < chunks.length || !first.has(c))
   const packing = options.codec !== 'none' && pages.length > 0
   if (packing) yield {kind: 'all', units: chunks}
-  const packed = packing ? packBlocks(reader, pages, options) : undefined
+  const packed = packing ? yield* packBlocks(reader, pages, options) : undefined
   // The header records where the packed table lies, which depends on the header's own size:
   // encode until the size is stable. The CRC is fixed-width hex and a larger header only adds
   // digits to the offset, so this settles in two or three rounds.
