@@ -72,7 +72,10 @@ export class DiskCache {
     let fd: number
     try {
       fd = fs.openSync(this.pathOf(extent), 'r')
-    } catch {
+    } catch (error) {
+      // A file there that cannot be opened (another user's, an I/O error) would be found by the
+      // fetcher and never fetched again: remove it, so the next ask fetches.
+      if ((error as {code?: string}).code !== 'ENOENT') this.discard(extent)
       return false
     }
     try {
@@ -86,10 +89,14 @@ export class DiskCache {
       }
       if (Date.now() - stat.mtimeMs > TOUCH_AFTER_MS) {
         const now = new Date()
-        fs.futimesSync(fd, now, now)
+        // Only an eviction hint: a file we may read but not touch is still good.
+        try {
+          fs.futimesSync(fd, now, now)
+        } catch {}
       }
       return true
     } catch {
+      this.discard(extent)
       return false
     } finally {
       fs.closeSync(fd)
@@ -111,7 +118,11 @@ export class DiskCache {
 
   /** Removes a cached extent that failed its check, so the next read fetches it. */
   discard(extent: ExtentRange): void {
-    fs.rmSync(this.pathOf(extent), {force: true})
+    try {
+      fs.rmSync(this.pathOf(extent), {force: true})
+    } catch {
+      // Not ours to remove: the fetch that follows replaces it by rename, or fails with CACHE_DIR.
+    }
   }
 }
 

@@ -147,6 +147,9 @@ export class FaultLoop {
       else if (prefetchState === 'busy' || (prefetchState === 'idle' && prefetcher.hasWork())) timeout = 0
       // Waiting for decoders: their eventfd wakes the loop; the bound is only a safety net.
       else if (prefetchState === 'waiting') timeout = 50
+      // Faults set aside for remote bytes are woken by landedFd; the bound is a safety net for a
+      // landing nobody signalled (another handler published the file, a reader saw it first).
+      else if (this.waitingForBytes.size > 0) timeout = 200
       else if (this.parts.config.spinMicros > 0 && (performance.now() - lastActivity) * 1000 < this.parts.config.spinMicros) timeout = 0
       const ready = this.pollSet.wait(timeout)
       if (ready > 0) lastActivity = performance.now()
@@ -202,7 +205,11 @@ export class FaultLoop {
       if (!this.clients.has(client.id)) continue
       if (entry.kind === 'uffd') {
         if (revents & (POLLERR | POLLHUP)) this.endClient(client, 'gone')
-        else this.guarded(client, () => this.drain(client))
+        else {
+          this.guarded(client, () => this.drain(client))
+          // New faults may need only local bytes: try this client again, not only after a landing.
+          this.waitingForBytes.delete(client)
+        }
       } else if (entry.kind === 'pidfd') {
         this.endClient(client, 'exited')
       } else if (readSome(client.lifeline.socket, 256, 0).length === 0) {
