@@ -16,7 +16,7 @@ import {type ObjectIdentity, RemoteError, type RemoteObject} from './object.js'
 import {remoteObject} from './objects.js'
 import {RemoteByteSource} from './remote-source.js'
 import {type S3Settings} from './s3-object.js'
-import {EXTENT_FAILED, EXTENT_PRESENT, type FetchOptions, recordFailure, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
+import {EXTENT_FAILED, EXTENT_PRESENT, type FetchOptions, readFromSegments, recordFailure, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
 
 /** How remote snapshots are read: the store's client settings, the cache directory, the fetch policy. */
 export interface RemoteOptions {
@@ -53,14 +53,8 @@ class SegmentSource implements ByteSource {
   ) {}
 
   readAt(dst: Uint8Array, position: number): void {
-    for (const s of this.segments) {
-      if (position >= s.offset && position + dst.length <= s.offset + s.bytes.length) {
-        dst.set(s.bytes.subarray(position - s.offset, position - s.offset + dst.length))
-        this.reads.push({offset: position, bytes: dst.slice()})
-        return
-      }
-    }
-    throw new NeedBytes(position, dst.length)
+    if (!readFromSegments(this.segments, dst, position)) throw new NeedBytes(position, dst.length)
+    this.reads.push({offset: position, bytes: dst.slice()})
   }
 
   close(): void {}

@@ -5,7 +5,7 @@ import {type ByteSource} from '../snapshot/byte-source.js'
 import {extentAt, type ExtentTable} from './coalesce.js'
 import {DiskCache} from './disk-cache.js'
 import {type FetcherMessage} from './fetcher/worker.js'
-import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_PRESENT, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority, readFailure, RemoteCounters, type RemoteShare} from './shared.js'
+import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_PRESENT, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority, readFailure, readFromSegments, RemoteCounters, type RemoteShare} from './shared.js'
 
 /** A waiting reader looks again this often even without a wake-up (a lost notify costs this much, never a hang). */
 const WAIT_SLICE_MS = 1000
@@ -44,12 +44,7 @@ export class RemoteByteSource implements ByteSource {
 
   readAt(dst: Uint8Array, position: number): void {
     if (!this.open) throw new UffdError('INTERNAL', `${this.name} is closed`)
-    for (const segment of this.share.segments) {
-      if (position >= segment.offset && position + dst.length <= segment.offset + segment.bytes.length) {
-        dst.set(segment.bytes.subarray(position - segment.offset, position - segment.offset + dst.length))
-        return
-      }
-    }
+    if (readFromSegments(this.share.segments, dst, position)) return
     this.readExtent(this.extentOf(position, dst.length), dst)
   }
 

@@ -83,6 +83,17 @@ export interface RemoteShare {
   landedFd: number
 }
 
+/** Fills `dst` from the byte ranges read at open when one of them holds all of [position, +dst.length); false otherwise. */
+export function readFromSegments(segments: readonly {offset: number; bytes: Uint8Array}[], dst: Uint8Array, position: number): boolean {
+  for (const s of segments) {
+    if (position >= s.offset && position + dst.length <= s.offset + s.bytes.length) {
+      dst.set(s.bytes.subarray(position - s.offset, position - s.offset + dst.length))
+      return true
+    }
+  }
+  return false
+}
+
 export const FAILURE_BYTES = 4096
 
 export function sharedBuffers(extents: number): Pick<RemoteShare, 'states' | 'counters' | 'latency' | 'failure'> {

@@ -64,6 +64,11 @@ export class FetchScheduler {
     return promise
   }
 
+  /** Raises a queued want's priority; nothing if it is not wanted (fetched, being stored, or failed). */
+  promote(extent: number, priority: Priority): void {
+    if (this.wanted.has(extent)) void this.want(extent, priority)
+  }
+
   get idle(): boolean {
     return this.wanted.size === 0
   }

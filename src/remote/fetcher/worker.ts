@@ -39,7 +39,14 @@ function land(extent: number, state: number): void {
   if (share.landedFd >= 0) eventfdSignal(share.landedFd)
 }
 
+/** Extents on their way (fetch, then store), so a second ask only raises the fetch's priority. */
+const landing = new Set<number>()
+
 function want(extent: number, priority: Priority): void {
+  if (landing.has(extent)) {
+    scheduler.promote(extent, priority)
+    return
+  }
   const state = Atomics.load(states, extent)
   if (state === EXTENT_PRESENT || state === EXTENT_FAILED) return
   const range = {offset: share.extentOffsets[extent], length: share.extentLengths[extent]}
@@ -50,6 +57,7 @@ function want(extent: number, priority: Priority): void {
     return
   }
   Atomics.store(states, extent, EXTENT_ASKED)
+  landing.add(extent)
   scheduler
     .want(extent, priority)
     .then((bytes) => store(range, bytes))
@@ -57,6 +65,7 @@ function want(extent: number, priority: Priority): void {
       () => land(extent, EXTENT_PRESENT),
       (error: Error) => fail(extent, error),
     )
+    .finally(() => landing.delete(extent))
 }
 
 function fail(extent: number, error: Error & {code?: string}): void {
