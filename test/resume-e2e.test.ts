@@ -17,6 +17,7 @@ import {SnapshotReader} from '../src/snapshot/reader.js'
 import {connectUnix, listenUnix, sendWithFds} from '../src/sys/socket.js'
 import {closeFd, createUserfaultfd, uffdApi} from '../src/sys/index.js'
 import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
+import {exitWithin, killAll, type Running, track as trackChild, waitFor} from './helpers/processes.js'
 import {reserveHugePages} from './helpers/hugepages.js'
 import {makeImage, pseudoRandom, tempDir, writeSparse} from './helpers/images.js'
 
@@ -41,82 +42,14 @@ if (skip) console.warn(`test/resume-e2e.test.ts skipped: ${skip}`)
 // ------------------------------------------------------------------------------------------
 // Processes: every child is tracked and SIGKILLed in afterEach, and none may outlive a bound.
 
-interface Outcome {
-  code: number | null
-  signal: NodeJS.Signals | null
-  stdout: string
-  stderr: string
-  /** fc_client/kvm_vmm: the last stdout line as JSON; uffd --json: all of stdout. */
-  json: any
-}
-
-interface Running {
-  child: ChildProcess
-  done: Promise<Outcome>
-  exited: boolean
-  stderr: () => string
-}
-
 const live = new Set<ChildProcess>()
 
-function parseJson(stdout: string, whole: boolean): any {
-  try {
-    return JSON.parse(whole ? stdout : (stdout.trim().split('\n').at(-1) ?? ''))
-  } catch {
-    return undefined
-  }
-}
-
+/** Follows a child until afterEach (see helpers/processes.ts). */
 function track(child: ChildProcess, jsonWhole = false, killAfterMs = 90_000): Running {
-  live.add(child)
-  let stdout = ''
-  let stderr = ''
-  child.stdout?.setEncoding('utf8').on('data', (d: string) => (stdout += d))
-  child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d))
-  const timer = setTimeout(() => child.kill('SIGKILL'), killAfterMs)
-  const running: Running = {
-    child,
-    exited: false,
-    stderr: () => stderr,
-    done: new Promise((resolve, reject) => {
-      child.on('error', reject)
-      child.on('close', (code, signal) => {
-        clearTimeout(timer)
-        live.delete(child)
-        running.exited = true
-        resolve({code, signal, stdout, stderr, json: parseJson(stdout, jsonWhole)})
-      })
-    }),
-  }
-  return running
+  return trackChild(live, child, jsonWhole, killAfterMs)
 }
 
-afterEach(async () => {
-  const pending = [...live]
-  for (const child of pending) child.kill('SIGKILL')
-  await Promise.all(pending.map((child) => new Promise((resolve) => (live.has(child) ? child.once('close', resolve) : resolve(undefined)))))
-})
-
-async function waitFor(what: string, condition: () => boolean, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 10))
-  }
-}
-
-/** The process's outcome, or an error (with its stderr) if it has not exited within `ms`. */
-async function exitWithin(p: Running, ms: number, what: string): Promise<Outcome> {
-  let timer: NodeJS.Timeout | undefined
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not exit within ${ms} ms; stderr so far:\n${p.stderr()}`)), ms)
-  })
-  try {
-    return await Promise.race([p.done, timeout])
-  } finally {
-    clearTimeout(timer)
-  }
-}
+afterEach(() => killAll(live))
 
 // ------------------------------------------------------------------------------------------
 // Images and snapshots

@@ -12,7 +12,7 @@ import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
 import {CHUNK_FLAG_SHARED, Codec, FOOTER_SIZE, INDEX_ENTRY_SIZE} from '../src/format/constants.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
-import {type CliResult, isRoot, NATIVE, UFFD_BIN} from './helpers/cli.js'
+import {type CliResult, isRoot, NATIVE, uffdAsync} from './helpers/cli.js'
 import {makeImage, tempDir} from './helpers/images.js'
 
 const KiB = 1024
@@ -45,28 +45,7 @@ async function run(args: string[], options: {cwd?: string; onSpawn?: (child: Chi
   while (running >= MAX_PARALLEL) await new Promise<void>((resolve) => waiting.push(resolve))
   running++
   try {
-    return await new Promise<CliResult>((resolve, reject) => {
-      const child = spawn(process.execPath, [UFFD_BIN, ...args], {cwd: options.cwd, env: CLI_ENV, stdio: ['ignore', 'pipe', 'pipe']})
-      let stdout = ''
-      let stderr = ''
-      child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d))
-      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d))
-      const timer = setTimeout(() => child.kill('SIGKILL'), 60_000)
-      child.on('error', reject)
-      child.on('close', (status, signal) => {
-        clearTimeout(timer)
-        let json: unknown
-        if (args.includes('--json')) {
-          try {
-            json = JSON.parse(stdout)
-          } catch {
-            json = undefined
-          }
-        }
-        resolve({status, signal, stdout, stderr, json})
-      })
-      options.onSpawn?.(child)
-    })
+    return await uffdAsync(args, {cwd: options.cwd, env: CLI_ENV, onSpawn: options.onSpawn, timeoutMs: 60_000})
   } finally {
     running--
     waiting.shift()?.()

@@ -1,4 +1,4 @@
-import {spawn, spawnSync} from 'node:child_process'
+import {type ChildProcess, spawn, spawnSync} from 'node:child_process'
 import path from 'node:path'
 import {fileURLToPath} from 'node:url'
 
@@ -52,15 +52,19 @@ export function isRoot(): boolean {
  * Runs the built CLI without blocking this process's event loop (uffd() does block it): for
  * commands that talk to servers the test itself runs (HTTP, S3 on loopback).
  */
-export async function uffdAsync(args: string[], options: {timeoutMs?: number; env?: NodeJS.ProcessEnv} = {}): Promise<CliResult> {
-  const child = spawn(process.execPath, [UFFD_BIN, ...args], {stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? cliEnv()})
+export async function uffdAsync(args: string[], options: {timeoutMs?: number; env?: NodeJS.ProcessEnv; cwd?: string; onSpawn?: (child: ChildProcess) => void} = {}): Promise<CliResult> {
+  const child = spawn(process.execPath, [UFFD_BIN, ...args], {stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? cliEnv(), cwd: options.cwd})
   let stdout = ''
   let stderr = ''
   child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d))
   child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d))
   const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 120_000)
-  const {status, signal} = await new Promise<{status: number | null; signal: NodeJS.Signals | null}>((resolve) => child.on('close', (code, sig) => resolve({status: code, signal: sig})))
-  clearTimeout(timer)
+  const closed = new Promise<{status: number | null; signal: NodeJS.Signals | null}>((resolve, reject) => {
+    child.on('error', reject)
+    child.on('close', (code, sig) => resolve({status: code, signal: sig}))
+  })
+  options.onSpawn?.(child)
+  const {status, signal} = await closed.finally(() => clearTimeout(timer))
   let json: unknown
   if (args.includes('--json')) {
     try {
