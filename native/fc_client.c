@@ -89,7 +89,7 @@ static struct {
 	const char *socket_path, *image_path, *trace_path;
 	uint64_t size; // 0 = image size
 	unsigned nregions;
-	bool hugepages, extra_fields, count_set, balloon_concurrent;
+	bool hugepages, extra_fields, count_set, balloon_concurrent, file_backend;
 	enum fc_shape shape;
 	int nfds;
 	enum touch_kind touch;
@@ -118,6 +118,7 @@ static struct {
 	const uint8_t *image;
 	uint64_t image_size;
 	const uint8_t *zeros; // page-sized, for comparisons
+	int file_fd;          // --file-backend: the image, mapped privately as guest memory
 } mem;
 
 // ---------------------------------------------------------------------------------------------
@@ -294,13 +295,16 @@ static void map_guest_memory(void)
 		die_errno("mmap(reserve %" PRIu64 " bytes)", reserve);
 	uint8_t *cursor = (uint8_t *)round_up((uintptr_t)span, mem.page);
 
-	int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED;
+	// Firecracker's File backend maps the memory file privately: the kernel reads what is
+	// touched (with its own readahead) and copies a page only when the guest writes it.
+	int flags = MAP_PRIVATE | MAP_NORESERVE | MAP_FIXED | (opt.file_backend ? 0 : MAP_ANONYMOUS);
 	if (opt.hugepages)
 		flags |= MAP_HUGETLB | MAP_HUGE_2MB;
 	uint64_t offset = 0;
 	for (unsigned i = 0; i < mem.n; i++) {
 		uint64_t size = i + 1 < mem.n ? mem.region_span : mem.total - offset;
-		void *p = mmap(cursor, size, PROT_READ | PROT_WRITE, flags, -1, 0);
+		void *p = mmap(cursor, size, PROT_READ | PROT_WRITE, flags,
+			       opt.file_backend ? mem.file_fd : -1, opt.file_backend ? (off_t)offset : 0);
 		if (p == MAP_FAILED)
 			die_errno("mmap(region %u, %" PRIu64 " bytes%s)", i, size,
 				  opt.hugepages ? ", MAP_HUGETLB" : "");
@@ -909,6 +913,9 @@ static void usage(FILE *f)
 {
 	fputs(
 	    "usage: fc_client --socket PATH --image RAW [options]\n"
+	    "       fc_client --file-backend --image RAW [options]\n"
+	    "  --file-backend          no handler: map RAW privately as guest memory, as\n"
+	    "                          Firecracker's File backend does (no uffd, no socket)\n"
 	    "  --size BYTES            guest memory size (default: image size, page-rounded); K/M/G ok\n"
 	    "  --regions N             equal page-aligned regions, offsets a running sum (default 1)\n"
 	    "  --hugepages             MAP_HUGETLB 2 MiB pages\n"
@@ -958,7 +965,7 @@ static void parse_args(int argc, char **argv)
 		O_SOCKET = 256, O_IMAGE, O_SIZE, O_REGIONS, O_HUGEPAGES, O_FC_VERSION, O_EXTRA_FIELDS,
 		O_FDS, O_TOUCH, O_SEED, O_COUNT, O_STRIDE, O_VERIFY, O_VERIFY_ALL, O_BALLOON, O_THREADS,
 		O_HOLD_MS, O_DELAY_MS, O_CRASH_AFTER, O_MALFORMED, O_ACCESS, O_SYSCALL_TOUCH, O_TIMEOUT_MS,
-		O_BALLOON_CONCURRENT,
+		O_BALLOON_CONCURRENT, O_FILE_BACKEND,
 	};
 	static const struct option longopts[] = {
 		{"socket", required_argument, 0, O_SOCKET},
@@ -985,6 +992,7 @@ static void parse_args(int argc, char **argv)
 		{"access", required_argument, 0, O_ACCESS},
 		{"syscall-touch", no_argument, 0, O_SYSCALL_TOUCH},
 		{"timeout-ms", required_argument, 0, O_TIMEOUT_MS},
+		{"file-backend", no_argument, 0, O_FILE_BACKEND},
 		{"help", no_argument, 0, 'h'},
 		{0, 0, 0, 0},
 	};
@@ -1036,14 +1044,19 @@ static void parse_args(int argc, char **argv)
 		case O_ACCESS: opt.access = (enum access_kind)arg_enum("access", optarg, access_names, 4); break;
 		case O_SYSCALL_TOUCH: opt.access = ACCESS_SYSCALL; break;
 		case O_TIMEOUT_MS: opt.timeout_ms = arg_u64("timeout-ms", optarg, false); break;
+		case O_FILE_BACKEND: opt.file_backend = true; break;
 		case 'h': usage(stdout); exit(0);
 		default: usage(stderr); exit(EXIT_SETUP);
 		}
 	}
 	if (optind < argc)
 		die(EXIT_SETUP, "unexpected argument '%s' (see --help)", argv[optind]);
-	if (!opt.socket_path || !opt.image_path)
+	if (!opt.image_path || (!opt.socket_path && !opt.file_backend))
 		die(EXIT_SETUP, "--socket and --image are required (see --help)");
+	if (opt.file_backend && (opt.socket_path || opt.hugepages || opt.malformed != MAL_NONE ||
+				 opt.size || opt.nballoon))
+		die(EXIT_SETUP, "--file-backend takes none of --socket, --hugepages, --malformed, "
+		    "--size, --balloon");
 	if (opt.nregions < 1 || opt.nregions > MAX_REGIONS)
 		die(EXIT_SETUP, "--regions: 1..%d", MAX_REGIONS);
 	if (opt.nfds < 1 || opt.nfds > 3)
@@ -1071,13 +1084,13 @@ int main(int argc, char **argv)
 	struct stat st;
 	if (img < 0 || fstat(img, &st) < 0)
 		die_errno("open(%s)", opt.image_path);
+	mem.file_fd = img;
 	mem.image_size = (uint64_t)st.st_size;
 	if (mem.image_size) {
 		mem.image = mmap(NULL, mem.image_size, PROT_READ, MAP_PRIVATE, img, 0);
 		if (mem.image == MAP_FAILED)
 			die_errno("mmap(%s)", opt.image_path);
 	}
-	close(img);
 	mem.total = round_up(opt.size ? opt.size : mem.image_size, mem.page);
 	if (!mem.total)
 		die(EXIT_SETUP, "guest memory would be empty: the image is empty and --size not given");
@@ -1096,13 +1109,14 @@ int main(int argc, char **argv)
 
 	watchdog_start();
 	map_guest_memory();
-	int uffd = create_uffd();
+	close(img);
+	int uffd = opt.file_backend ? -1 : create_uffd();
 	if (opt.malformed == MAL_NONE)
 		build_plan(); // before the handshake: no setup cost inside the handler's timing window
 
 	atomic_store(&phase, PH_HANDSHAKE);
-	uint64_t handshake_ns;
-	int sock = connect_and_send(uffd, &handshake_ns);
+	uint64_t handshake_ns = 0;
+	int sock = opt.file_backend ? -1 : connect_and_send(uffd, &handshake_ns);
 	if (opt.malformed != MAL_NONE) {
 		wait_for_close(sock);
 		return 0;
