@@ -4,7 +4,10 @@
  * bin/run.js.
  *
  *   node --import tsx bench/fuzz.ts [--seed N] [--snapshots 12000] [--working-sets 3000]
- *     [--stats-files 3000] [--cli 60] [--from 0] [--hang-ms 10000]
+ *     [--stats-files 3000] [--cli 60] [--handshakes 0] [--from 0] [--hang-ms 10000]
+ *
+ * --handshakes N plays N hostile handshakes (test/helpers/hostile-handshakes.ts) against one
+ * `uffd resume --serve`, a real verifying client every 100.
  *
  * Cases from..from+N of each kind run in-process in a worker thread that reports each case it
  * starts; one that runs past --hang-ms is a hang: the worker is stopped and a new one goes on after
@@ -19,7 +22,9 @@ import {isMainThread, parentPort, workerData, type Worker} from 'node:worker_thr
 
 import {startWorker} from '../src/core/workers.js'
 import {checkAttach, checkCli, checkSnapshot, checkStatsFile, checkWorkingSet, type Corpus, FuzzCrash, jsonCase, makeCorpus, Rng, runCase, snapshotCase, Tally} from '../test/helpers/fuzz.js'
-import {arg, table, tempDir, writeResults} from './lib.js'
+import {runHostileSession} from '../test/helpers/hostile-handshakes.js'
+import {makeImage} from '../test/helpers/images.js'
+import {arg, NATIVE, table, tempDir, UFFD, writeResults} from './lib.js'
 
 type Kind = 'snapshot' | 'working set' | 'stats file'
 
@@ -69,6 +74,7 @@ async function main(): Promise<void> {
   const from = Number(arg('from', '0'))
   const counts: Record<Kind, number> = {snapshot: Number(arg('snapshots', '12000')), 'working set': Number(arg('working-sets', '3000')), 'stats file': Number(arg('stats-files', '3000'))}
   const cliCases = Number(arg('cli', '60'))
+  const handshakes = Number(arg('handshakes', '0'))
   const hangMs = Number(arg('hang-ms', '10000'))
   const dir = tempDir('uffd-fuzz-')
   const started = performance.now()
@@ -121,6 +127,18 @@ async function main(): Promise<void> {
       runCase(tally, 'cli stats file', seed, i, s.how, () => checkCli(['stats', stats], hangMs * 6))
     }
     seconds.cli = (performance.now() - cliStarted) / 1000
+    if (handshakes > 0) {
+      const hsStarted = performance.now()
+      const image = path.join(dir, 'hostile.raw')
+      fs.writeFileSync(image, makeImage('mixed', 8 << 20, 5))
+      const snapshot = path.join(dir, 'hostile.uffd')
+      checkCli(['snapshot', '--mem-file', image, '-o', snapshot], hangMs * 6)
+      const r = await runHostileSession({uffdBin: UFFD, fcClient: path.join(NATIVE, 'fc_client'), snapshot, image, size: 8 << 20, dir, seed, from, count: handshakes, vmEvery: 100, handshakeSeconds: 2})
+      seconds.handshakes = (performance.now() - hsStarted) / 1000
+      const bad = [...(r.handlerDied ? [`the handler died after ${r.handlerDied}`] : []), ...r.vmFailures.map((f) => `a real VM failed ${f}`), ...r.hangs.map((h) => `held past its deadline: ${h}`), ...(r.exitCode === 130 ? [] : [`SIGTERM exit ${r.exitCode}, not 130`]), ...Object.entries(r.unexpectedCodes).map(([code, m]) => `unexpected code ${code}: ${m}`)]
+      console.log(`hostile handshakes: ${r.cases} cases, ${r.result.rejected.length} refused, ${r.result.clients.length} taken as clients, ${r.vms} real VMs verified, in ${seconds.handshakes.toFixed(1)} s: ${bad.length} problems`)
+      for (const b of bad) tally.crash('handshake', seed, from, b, new FuzzCrash('handshake', new Error(b)))
+    }
   } finally {
     fs.rmSync(dir, {recursive: true, force: true})
   }

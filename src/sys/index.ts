@@ -20,6 +20,7 @@ export {
   isUserfaultfd,
   readUffdMessages,
   uffdApi,
+  uffdApiCompleted,
   uffdCopy,
   uffdRegister,
   uffdUnregister,

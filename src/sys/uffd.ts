@@ -216,6 +216,22 @@ export function uffdApi(fd: number, features: number, step = 'negotiating the us
   return {features: s.get64(UFFDIO_API_LAYOUT.features), ioctls: s.getBig64(UFFDIO_API_LAYOUT.ioctls)}
 }
 
+/**
+ * Whether the uffd's owner has completed UFFDIO_API on it (as a VMM must before it can register
+ * memory). The only probe the kernel offers is UFFDIO_API itself: it fails with EINVAL on a
+ * completed uffd, and on a fresh one it succeeds, completing it with no features; the caller
+ * refuses such a uffd, so that does no harm.
+ */
+export function uffdApiCompleted(fd: number): boolean {
+  const s = apiStruct
+  s.set64(UFFDIO_API_LAYOUT.api, UFFD_API)
+  s.set64(UFFDIO_API_LAYOUT.features, 0)
+  s.set64(UFFDIO_API_LAYOUT.ioctls, 0)
+  if (libc.ioctlAddr(fd, UFFDIO_API, s.address) === 0) return false
+  if (libc.lastErrno() === Errno.EINVAL) return true
+  libc.fail('UFFDIO_API', 'checking that the client completed the userfaultfd API')
+}
+
 /** Whether bit `bit` (a UFFDIO_BIT value) is set in an `ioctls` mask. */
 export function hasIoctl(ioctls: bigint, bit: number): boolean {
   return ((ioctls >> BigInt(bit)) & 1n) === 1n

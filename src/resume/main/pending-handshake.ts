@@ -81,6 +81,7 @@ export class PendingHandshake {
       received = recvWithFds(this.connection, MAX_HANDSHAKE_BYTES, 3, 0)
     } catch (error) {
       if (error instanceof SysError && error.code === 'ETIMEDOUT') return undefined
+      if (error instanceof SysError && error.code === 'EMSGSIZE') throw new HandshakeError('more than 3 file descriptors came with the message (a VMM sends its uffd, and at most a memory fd or two after it)')
       throw error
     }
     const [uffd, ...extra] = received.fds

@@ -4,7 +4,7 @@ import {UffdError} from '../../core/errors.js'
 import {type Geometry} from '../../format/geometry.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {attachedWorkingSet} from '../../snapshot/relayout.js'
-import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, SysError} from '../../sys/index.js'
+import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, SysError, uffdApiCompleted} from '../../sys/index.js'
 import {type GuestRegion, HandshakeError, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
 import {PendingHandshake} from './pending-handshake.js'
 import {type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
@@ -233,6 +233,9 @@ function acceptHandshake(connection: number, uffd: number, data: Buffer, geometr
     // Anything else would be polled and read as the client's uffd: a pipe's bytes decode as
     // events (a fork event names an fd number the handler would then close or serve).
     if (!isUserfaultfd(uffd)) throw new HandshakeError('the file descriptor that came with the message is not a userfaultfd')
+    // Reading events from a uffd without UFFDIO_API fails (EINVAL), and no memory can have been
+    // registered with it: a VMM completes the API and registers guest memory before it sends.
+    if (!uffdApiCompleted(uffd)) throw new HandshakeError('the userfaultfd that came with the message was never initialised (UFFDIO_API), so no memory can be registered with it')
     const announced = parseHandshake(data)
     const {pid} = peerCredentials(connection)
     const regions = validateRegions(announced, geometry)
