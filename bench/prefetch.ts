@@ -25,7 +25,7 @@ import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
-import {arg, median, NATIVE, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
+import {arg, median, shuffled, NATIVE, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
 
 const image = arg('image', '/work/data/guest-1g.raw')
 const runs = Number(arg('runs', '5'))
@@ -39,20 +39,6 @@ const snapshot = path.join(work, 'image.uffd')
 const lz4Snapshot = path.join(work, 'image-lz4.uffd')
 const size = fs.statSync(image).size
 const pages = Math.ceil(size / 4096)
-
-/** A seeded shuffle (xorshift), so every run of the benchmark uses the same sets. */
-function shuffled(values: number[], seed: number): number[] {
-  let x = seed
-  const out = [...values]
-  for (let i = out.length - 1; i > 0; i--) {
-    x ^= x << 13
-    x ^= x >>> 17
-    x ^= x << 5
-    const j = (x >>> 0) % (i + 1)
-    ;[out[i], out[j]] = [out[j], out[i]]
-  }
-  return out
-}
 
 // Whole clusters of `cluster` pages, picked at random: the set a guest touches is clustered (page
 // cache files, kernel text, heaps); cluster 1 is the adversarial case of scattered pages.

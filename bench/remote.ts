@@ -28,7 +28,7 @@ import {spawn} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 
-import {arg, median, NATIVE, ROOT, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
+import {arg, median, shuffled, NATIVE, ROOT, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
 import {createLink, NETNS, removeLink, SERVER_ADDRESS, shapeLink} from './netns.js'
 
 const image = arg('image', '/work/data/guest-1g.raw')
@@ -46,20 +46,6 @@ const work = tempDir('uffd-bench-remote-')
 const plain = path.join(work, 'plain.uffd')
 const withSet = path.join(work, 'ws.uffd')
 const pages = Math.ceil(fs.statSync(image).size / 4096)
-
-/** A seeded shuffle (xorshift), so every run of the benchmark uses the same sets. */
-function shuffled(values: number[], seed: number): number[] {
-  let x = seed
-  const out = [...values]
-  for (let i = out.length - 1; i > 0; i--) {
-    x ^= x << 13
-    x ^= x >>> 17
-    x ^= x << 5
-    const j = (x >>> 0) % (i + 1)
-    ;[out[i], out[j]] = [out[j], out[i]]
-  }
-  return out
-}
 
 const clusters = shuffled(Array.from({length: Math.floor(pages / cluster)}, (_, c) => c), 12345).slice(0, Math.round((pages * fraction) / cluster))
 const set = clusters.flatMap((c) => Array.from({length: cluster}, (_, i) => c * cluster + i))
