@@ -29,6 +29,21 @@ export function shuffled<T>(values: readonly T[], seed: number): T[] {
   return out
 }
 
+/**
+ * A working set of `fraction` of `pages`, whole runs of `cluster` pages picked at random (seeded),
+ * written as two fc_client traces of page offsets: the order it is recorded in and another order
+ * to replay it in (the order of faults varies between resumes; the set barely does).
+ */
+export function workingSetTraces(pages: number, fraction: number, cluster: number, dir: string): {set: number[]; recordTrace: string; replayTrace: string} {
+  const clusters = shuffled(Array.from({length: Math.floor(pages / cluster)}, (_, c) => c), 12345).slice(0, Math.round((pages * fraction) / cluster))
+  const set = clusters.flatMap((c) => Array.from({length: cluster}, (_, i) => c * cluster + i))
+  const recordTrace = path.join(dir, 'record.trace')
+  const replayTrace = path.join(dir, 'replay.trace')
+  fs.writeFileSync(recordTrace, set.map((p) => String(p * 4096)).join('\n'))
+  fs.writeFileSync(replayTrace, shuffled(set, 777).map((p) => String(p * 4096)).join('\n'))
+  return {set, recordTrace, replayTrace}
+}
+
 export function arg(name: string, fallback: string): string {
   const i = process.argv.indexOf(`--${name}`)
   return i >= 0 && process.argv[i + 1] !== undefined ? process.argv[i + 1] : fallback

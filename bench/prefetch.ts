@@ -25,7 +25,7 @@ import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
-import {arg, median, shuffled, NATIVE, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
+import {arg, median, workingSetTraces, NATIVE, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
 
 const image = arg('image', '/work/data/guest-1g.raw')
 const runs = Number(arg('runs', '5'))
@@ -42,12 +42,7 @@ const pages = Math.ceil(size / 4096)
 
 // Whole clusters of `cluster` pages, picked at random: the set a guest touches is clustered (page
 // cache files, kernel text, heaps); cluster 1 is the adversarial case of scattered pages.
-const clusters = shuffled(Array.from({length: Math.floor(pages / cluster)}, (_, c) => c), 12345).slice(0, Math.round((pages * fraction) / cluster))
-const set = clusters.flatMap((c) => Array.from({length: cluster}, (_, i) => c * cluster + i))
-const recordTrace = path.join(work, 'record.trace')
-const replayTrace = path.join(work, 'replay.trace')
-fs.writeFileSync(recordTrace, set.map((p) => String(p * 4096)).join('\n'))
-fs.writeFileSync(replayTrace, shuffled(set, 777).map((p) => String(p * 4096)).join('\n'))
+const {set, recordTrace, replayTrace} = workingSetTraces(pages, fraction, cluster, work)
 const workingSet = path.join(work, 'ws.json')
 const packedSnapshot = path.join(work, 'image-packed.uffd')
 const packedRawSnapshot = path.join(work, 'image-packed-raw.uffd')

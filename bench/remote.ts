@@ -28,7 +28,7 @@ import {spawn} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 
-import {arg, median, shuffled, NATIVE, ROOT, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
+import {arg, median, workingSetTraces, NATIVE, ROOT, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
 import {createLink, NETNS, removeLink, SERVER_ADDRESS, shapeLink} from './netns.js'
 
 const image = arg('image', '/work/data/guest-1g.raw')
@@ -47,12 +47,7 @@ const plain = path.join(work, 'plain.uffd')
 const withSet = path.join(work, 'ws.uffd')
 const pages = Math.ceil(fs.statSync(image).size / 4096)
 
-const clusters = shuffled(Array.from({length: Math.floor(pages / cluster)}, (_, c) => c), 12345).slice(0, Math.round((pages * fraction) / cluster))
-const set = clusters.flatMap((c) => Array.from({length: cluster}, (_, i) => c * cluster + i))
-const recordTrace = path.join(work, 'record.trace')
-const replayTrace = path.join(work, 'replay.trace')
-fs.writeFileSync(recordTrace, set.map((p) => String(p * 4096)).join('\n'))
-fs.writeFileSync(replayTrace, shuffled(set, 777).map((p) => String(p * 4096)).join('\n'))
+const {set, recordTrace, replayTrace} = workingSetTraces(pages, fraction, cluster, work)
 
 /** Peak RSS of a process (VmHWM) until it exits, sampled: the last sample is the peak so far. */
 function watchPeakRss(pid: number): {stop: () => number} {

@@ -223,13 +223,13 @@ export function uffdApi(fd: number, features: number, step = 'negotiating the us
  * refuses such a uffd, so that does no harm.
  */
 export function uffdApiCompleted(fd: number): boolean {
-  const s = apiStruct
-  s.set64(UFFDIO_API_LAYOUT.api, UFFD_API)
-  s.set64(UFFDIO_API_LAYOUT.features, 0)
-  s.set64(UFFDIO_API_LAYOUT.ioctls, 0)
-  if (libc.ioctlAddr(fd, UFFDIO_API, s.address) === 0) return false
-  if (libc.lastErrno() === Errno.EINVAL) return true
-  libc.fail('UFFDIO_API', 'checking that the client completed the userfaultfd API')
+  try {
+    uffdApi(fd, 0, 'checking that the client completed the userfaultfd API')
+    return false
+  } catch (error) {
+    if (error instanceof SysError && error.code === 'EINVAL') return true
+    throw error
+  }
 }
 
 /** Whether bit `bit` (a UFFDIO_BIT value) is set in an `ioctls` mask. */

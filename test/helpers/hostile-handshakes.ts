@@ -185,7 +185,7 @@ export class CaseFds {
       case 'directory':
         return fs.openSync(path.dirname(fifo), 'r')
       case 'regular-file':
-        return fs.openSync(socketPath.replace(/\.sock$/, '.ready'), 'r')
+        return fs.openSync(process.execPath, 'r')
     }
   }
 
