@@ -83,6 +83,11 @@ async function main() {
     parentPort.postMessage({ready: true})
     sys.madvise(job.address, job.length, sys.MADV.DONTNEED)
     parentPort.postMessage({done: true})
+  } else if (job.kind === 'pin') {
+    const allowed = () => require('node:fs').readFileSync('/proc/thread-self/status', 'utf8').split('\\n').find((l) => l.startsWith('Cpus_allowed_list:')).split(':')[1].trim()
+    const before = allowed()
+    const cpu = sys.pinThreadToCurrentCpu()
+    parentPort.postMessage({pinned: {cpu, before, after: allowed()}})
   } else if (job.kind === 'handler') {
     // The fault loop in miniature: poll the uffd and a stop eventfd, serve each fault with
     // a page whose bytes are its page number + 1.
@@ -118,6 +123,7 @@ main().catch((error) => parentPort.postMessage({error: String(error && error.sta
 type Job =
   | {kind: 'touch'; address: number; length: number; write?: {offset: number; value: number}}
   | {kind: 'madvise'; address: number; length: number}
+  | {kind: 'pin'}
   | {kind: 'handler'; uffd: number; stopFd: number; base: number; timeoutMs: number}
 
 interface WorkerMessage {
@@ -125,6 +131,7 @@ interface WorkerMessage {
   done?: true
   bytes?: Uint8Array
   faults?: number[]
+  pinned?: {cpu: number; before: string; after: string}
   error?: string
 }
 
@@ -221,6 +228,18 @@ function nextMessages(uffd: number, timeoutMs = 10_000): ReturnType<typeof decod
 }
 
 // --- pure decoders ------------------------------------------------------------------------------
+describe('pinThreadToCurrentCpu', () => {
+  it('pins the calling thread, and only it, to the CPU it runs on', async () => {
+    const threadAllowed = (): string => /^Cpus_allowed_list:\s*(\S+)$/m.exec(readFileSync('/proc/thread-self/status', 'utf8'))![1]
+    const mine = threadAllowed()
+    const worker = newWorker({kind: 'pin'})
+    const {pinned} = await worker.next()
+    expect(pinned!.before).toBe(mine)
+    expect(pinned!.after).toBe(String(pinned!.cpu))
+    expect(threadAllowed()).toBe(mine)
+  })
+})
+
 describe('decodeCopyResult', () => {
   it('reports a complete copy', () => {
     expect(decodeCopyResult(0, 0, 8192)).toEqual({done: 8192, error: 0})

@@ -82,4 +82,4 @@ export {
 export {fsyncDir, preadInto, seekData, seekHole, setNonBlocking} from './file.js'
 export {hasSystemLz4, lz4DecodeBlock} from './lz4.js'
 export {crc32, nativeCrc32} from './crc.js'
-export {pidfdOpen, processMadvise, processVmReadv, setThreadNice} from './process.js'
+export {pidfdOpen, pinThreadToCurrentCpu, processMadvise, processVmReadv, setThreadNice} from './process.js'

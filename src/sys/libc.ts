@@ -186,6 +186,9 @@ export const sysconf = lib.func('sysconf', 'long', ['int']) as (name: number) =>
 export const gettid = lib.func('gettid', 'int', []) as () => number
 /** setpriority(which, who, prio); with PRIO_PROCESS and a thread id it sets that thread's nice value (Linux). */
 export const setpriority = lib.func('setpriority', 'int', ['int', 'unsigned int', 'int']) as (which: number, who: number, prio: number) => number
+export const schedGetcpu = lib.func('sched_getcpu', 'int', []) as () => number
+/** sched_setaffinity(pid, cpusetsize, mask); pid 0 is the calling thread (Linux). */
+export const schedSetaffinity = lib.func('sched_setaffinity', 'int', ['int', 'size_t', 'void *']) as (pid: number, size: number, mask: Uint8Array) => number
 
 // --- poll and eventfd --------------------------------------------------------------------------
 export const poll = lib.func('poll', 'int', ['void *', 'unsigned long', 'int']) as (

@@ -85,3 +85,22 @@ const PRIO_PROCESS = 0
 export function setThreadNice(nice: number): void {
   if (libc.setpriority(PRIO_PROCESS, libc.gettid(), nice) !== 0) libc.fail('setpriority', `setting this thread's nice value to ${nice}`)
 }
+
+/** glibc's cpu_set_t: a bit per CPU for 1024 CPUs. */
+const CPU_SET_BYTES = 128
+
+/**
+ * Pins the calling thread to the CPU it is running on, and returns that CPU. A page the thread
+ * installs (UFFDIO_COPY) waits in that CPU's LRU-add batch until the batch drains, and
+ * MADV_COLD skips pages not yet on an LRU list, draining only its own CPU's batch first: a thread
+ * that moved to another CPU in between would leave its last pages' accessed bits set.
+ */
+export function pinThreadToCurrentCpu(): number {
+  const cpu = libc.schedGetcpu()
+  if (cpu < 0) libc.fail('sched_getcpu', 'finding the CPU this thread runs on')
+  if (cpu >= CPU_SET_BYTES * 8) throw new RangeError(`CPU ${cpu} is beyond the ${CPU_SET_BYTES * 8} a cpu_set_t holds`)
+  const mask = new Uint8Array(CPU_SET_BYTES)
+  mask[cpu >> 3] = 1 << (cpu & 7)
+  if (libc.schedSetaffinity(0, CPU_SET_BYTES, mask) !== 0) libc.fail('sched_setaffinity', `pinning this thread to CPU ${cpu}`)
+  return cpu
+}

@@ -13,6 +13,7 @@ import {
   POLLERR,
   POLLHUP,
   POLLIN,
+  pinThreadToCurrentCpu,
   type PollEntry,
   PollSet,
   readSome,
@@ -105,7 +106,7 @@ export class FaultLoop {
     const installHelper = pool !== undefined && availableParallelism() > 1 && process.env.UFFD_INSTALL_HELPER !== '0'
     const prefetcher = new Prefetcher(server, installer, source, reader, stats, clock, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll, decodeAhead: readaheadSlots, installHelper})
     const recorder = config.record ? new WorkingSetRecorder(reader.geometry.pageCount) : undefined
-    if (config.countHits) stats.set('hitsTracked', 1)
+    if (config.countHits) stats.set('hitsTracked', pinnedForHitCounting() ? 1 : 0)
     return new FaultLoop({config, reader, stats, clock, source, pool, server, prefetcher, recorder, stagedSlots}, channel)
   }
 
@@ -504,5 +505,20 @@ export class FaultLoop {
       client.pending.shift()
     }
     return waiting.length > 0 ? 'wait' : 'ok'
+  }
+}
+
+/**
+ * Hit counting clears the accessed bits of prefetched pages right after installing them, which
+ * is exact only while this thread stays on one CPU (pinThreadToCurrentCpu says why). If it
+ * cannot be pinned, hits are not counted: a count off by a batch of pages would be a wrong one.
+ */
+function pinnedForHitCounting(): boolean {
+  try {
+    pinThreadToCurrentCpu()
+    return true
+  } catch (error) {
+    if (error instanceof SysError) return false
+    throw error
   }
 }
