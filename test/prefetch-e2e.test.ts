@@ -10,6 +10,7 @@ import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
 
 import {cliEnv, isRoot, NATIVE, UFFD_BIN, uffd} from './helpers/cli.js'
 import {makeImage, tempDir} from './helpers/images.js'
+import {SnapshotReader} from '../src/snapshot/reader.js'
 
 const skip = !isRoot() || !fs.existsSync('/dev/userfaultfd') ? 'needs root and userfaultfd (kernel-mode faults)' : undefined
 if (skip) console.warn(`test/prefetch-e2e.test.ts skipped: ${skip}`)
@@ -266,6 +267,81 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     // Without the flag nothing is cleared or counted.
     const off = await resumeWith(snapshot, [], fc(['--touch', 'none', '--hold-ms', '300']), 'hits-off')
     expect(off.stats.prefetchHits).toBeNull()
+  })
+
+  it('--learn: a snapshot learns its working set from its resumes by majority, concurrent learners lose no run, damage teaches nothing', async () => {
+    const {raw, snapshot, pages} = scatteredSet('learn', 16, 31, 16)
+    fs.chmodSync(snapshot, 0o640)
+    const hand = path.join(dir, 'learn-hand.uffd')
+    fs.copyFileSync(snapshot, hand)
+    const touch = trace(path.join(dir, 'learn.trace'), pages)
+    const fc = (t: string, extra: string[] = []): [string, string[]] => [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, '--touch', `trace:${t}`, '--verify', ...extra]]
+    const attachedPages = (file: string): number[] => {
+      const reader = SnapshotReader.open(file)
+      try {
+        return [...(reader.packed?.pages ?? [])].sort((a, b) => a - b)
+      } finally {
+        reader.close()
+      }
+    }
+    // Page-exact serving, so that what a run records does not depend on timing.
+    const exact = ['--fault-around', 'page', '--readahead', '0']
+    const learnedRuns = (file: string): number | undefined => JSON.parse(uffd(['stats', file, '--json']).stdout).workingSet?.learned?.runs
+
+    // First resume: nothing attached yet, every touch faults; at exit the run is attached.
+    const first = await resumeWith(snapshot, ['--learn', ...exact], fc(touch), 'learn-1')
+    expect(JSON.parse(first.client.stdout).verify_errors).toBe(0)
+    expect(first.handler.stderr).toMatch(/learned: .* now remembers 1 run\(s\)/)
+    expect(learnedRuns(snapshot)).toBe(1)
+    expect(fs.statSync(snapshot).mode & 0o777).toBe(0o640)
+    expect(uffd(['verify', snapshot, '--against', raw]).status).toBe(0)
+    expect(uffd(['stats', snapshot]).stdout).toMatch(/^learned +the majority of the last 1 of at most 5 runs/m)
+    // The same as recording by hand and attaching.
+    const ws = path.join(dir, 'learn-hand.ws')
+    await resumeWith(hand, ['--record', ws, ...exact], fc(touch), 'learn-hand')
+    expect(uffd(['working-set', 'attach', hand, ws]).status).toBe(0)
+    const learned = attachedPages(snapshot)
+    expect(learned.length).toBeGreaterThan(0)
+    expect(learned).toEqual(attachedPages(hand))
+
+    // The second resume of the same pattern is prefetched as with the hand-made set.
+    const second = await resumeWith(snapshot, ['--learn', ...exact], fc(touch, ['--delay-ms', '500']), 'learn-2')
+    const byHand = await resumeWith(hand, exact, fc(touch, ['--delay-ms', '500']), 'learn-hand-2')
+    expect(JSON.parse(second.client.stdout).verify_errors).toBe(0)
+    expect(second.stats.pages.prefetched).toBe(byHand.stats.pages.prefetched)
+    expect(second.stats.faults.total).toBeLessThan(first.stats.faults.total / 2)
+    expect(learnedRuns(snapshot)).toBe(2)
+
+    // A run that also touches far-away pages: one run in three is no majority, so they stay out.
+    const imagePages = (16 * 1024 * 1024) / 4096
+    const noise = [imagePages - 1, imagePages - 700, imagePages - 1400].filter((p) => !learned.includes(p))
+    const noisy = await resumeWith(snapshot, ['--learn', ...exact], fc(trace(path.join(dir, 'learn-noise.trace'), [...pages, ...noise])), 'learn-3')
+    expect(JSON.parse(noisy.client.stdout).verify_errors).toBe(0)
+    expect(learnedRuns(snapshot)).toBe(3)
+    expect(attachedPages(snapshot)).toEqual(learned)
+
+    // Two handlers serving and learning from the same file at once: both runs are kept.
+    const both = await Promise.all(['learn-4a', 'learn-4b'].map((tag) => resumeWith(snapshot, ['--learn', ...exact], fc(touch), tag)))
+    for (const r of both) expect(r.handler.stderr).toMatch(/learned: /)
+    expect(learnedRuns(snapshot)).toBe(5)
+    // At most --learn-runs runs are remembered (5 unless the snapshot says otherwise).
+    await resumeWith(snapshot, ['--learn', ...exact], fc(touch), 'learn-5')
+    expect(learnedRuns(snapshot)).toBe(5)
+    expect(uffd(['verify', snapshot, '--against', raw]).status).toBe(0)
+
+    // Damaged learned runs: the VM is served, nothing is folded, the file is left as it was.
+    const damaged = path.join(dir, 'learn-damaged.uffd')
+    const bytes = fs.readFileSync(snapshot)
+    const reader = SnapshotReader.open(snapshot)
+    const at = (reader.header.metadata.workingSet as {learned: {offset: number; length: number}}).learned
+    reader.close()
+    bytes[at.offset + (at.length >> 1)] ^= 0xff
+    fs.writeFileSync(damaged, bytes)
+    const hurt = await resumeWith(damaged, ['--learn', ...exact], fc(touch), 'learn-damaged')
+    expect(JSON.parse(hurt.client.stdout).verify_errors).toBe(0)
+    expect(hurt.handler.stderr).toMatch(/not learned: .*learned runs: checksum mismatch/)
+    expect(fs.readFileSync(damaged).equals(bytes)).toBe(true)
+    expect(uffd(['verify', damaged]).stdout + uffd(['verify', damaged]).stderr).toMatch(/learned runs: checksum mismatch/)
   })
 
   it('--populate all fills all memory, reports completion, and never refills removed memory', async () => {

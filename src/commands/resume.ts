@@ -5,6 +5,7 @@ import {Args, Flags, type Interfaces} from '@oclif/core'
 import {BaseCommand, InterruptedError} from '../cli/base-command.js'
 import {remoteFlags, remoteOptions} from '../cli/remote-flags.js'
 import {UffdError} from '../core/errors.js'
+import {MAX_LEARN_RUNS} from '../format/learned-runs.js'
 import {formatBytes, parseSize} from '../core/units.js'
 import {runCriuResume} from '../resume/main/criu-session.js'
 import {type ResumeResult} from '../resume/main/serving-session.js'
@@ -24,6 +25,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock',
     '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock --ready-file /tmp/ready --stats-file run.json',
     '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock --serve --cache-mb 1024',
+    '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock --learn   # every resume makes the next one faster',
     '<%= config.bin %> resume app.uffd --criu-dir /tmp/dump &  criu restore -D /tmp/dump --lazy-pages --shell-job -d',
   ]
 
@@ -33,7 +35,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
 
   static override flags = {
     socket: Flags.string({summary: 'Unix socket to listen on (created 0600; a stale socket file is replaced).', exactlyOne: ['socket', 'criu-dir']}),
-    'criu-dir': Flags.string({summary: 'Serve `criu restore --lazy-pages` of this CRIU dump (the one the snapshot was made from) instead of a VMM.', exactlyOne: ['socket', 'criu-dir'], exclusive: ['serve', 'record', 'working-set']}),
+    'criu-dir': Flags.string({summary: 'Serve `criu restore --lazy-pages` of this CRIU dump (the one the snapshot was made from) instead of a VMM.', exactlyOne: ['socket', 'criu-dir'], exclusive: ['serve', 'record', 'working-set', 'learn']}),
     'work-dir': Flags.string({summary: 'With --criu-dir: criu restore\'s --work-dir, where it looks for lazy-pages.socket [default: the --criu-dir].', dependsOn: ['criu-dir']}),
     timeout: Flags.integer({summary: 'Seconds to wait for the client to connect, and for each connection to send its whole handshake; 0 waits forever. With --serve a handshake gets at most 10 s, also with 0.', default: 60, min: 0}),
     'ready-file': Flags.string({summary: 'Written (atomically) once the socket is listening and the working set is staged (decoded into memory), for scripts to wait on; a stale one is removed at start, and this one at exit.'}),
@@ -45,6 +47,11 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     readahead: Flags.string({summary: 'Most memory installed ahead of a sequential run of faults (a size, 0 to disable); the distance doubles with each fault that continues the run.', default: '256M'}),
     decoders: Flags.integer({summary: 'Threads decoding chunks ahead of need [default: number of CPUs]; 0 decodes in the fault loop only.', min: 0, max: 64}),
     record: Flags.string({summary: 'Write the working set (the pages each fault installed, faulting page first, in fault order, with times) to this file at exit.'}),
+    learn: Flags.boolean({
+      summary: "At exit, fold the pages this run touched into the snapshot's attached working set: the snapshot remembers the last --learn-runs runs, attaches the pages a majority of them touched, and is rewritten atomically in place (other handlers serving it are not disturbed; concurrent learners take turns). A local snapshot file only.",
+      default: false,
+    }),
+    'learn-runs': Flags.integer({summary: 'With --learn: how many recent runs the snapshot remembers [default: what it remembers already, else 5].', min: 1, max: MAX_LEARN_RUNS, dependsOn: ['learn']}),
     'working-set': Flags.string({summary: 'Prefetch this recorded working set (from --record or `uffd working-set merge`) as soon as a client connects [default: the one attached to the snapshot, if any; "none" to ignore it].'}),
     'spin-us': Flags.integer({summary: 'Microseconds to keep polling after a fault before sleeping (saves a cross-CPU wake-up per fault; costs CPU).', default: 0, min: 0, max: 1_000_000}),
     'stats-file': Flags.string({summary: 'Write run statistics as JSON here at exit (render with `uffd stats FILE`).'}),
@@ -64,6 +71,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
       // itself never waits on the network (a fault whose chunk is not here yet waits, the loop
       // goes on serving).
       if (snapshot.remote && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
+      if (snapshot.remote && flags.learn) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: it needs a local file, not a URL (learn on a local copy, then `uffd cp` it back)')
       return await this.serve(snapshot, decoders, flags)
     } finally {
       await snapshot.close()
@@ -75,8 +83,11 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     const faultAroundBytes = this.faultAround(flags['fault-around'], chunkSize, pageSize)
 
     const controller = new AbortController()
+    // A signal stops serving; with --learn, a second one stops the rewrite of the snapshot too.
+    const learning = new AbortController()
     let signalName: string | undefined
     const onStop = (signal: NodeJS.Signals): void => {
+      if (controller.signal.aborted) learning.abort()
       signalName = signal
       controller.abort()
     }
@@ -117,6 +128,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
           recordFile: flags.record,
           workingSetFile: flags['working-set'],
           countHits: flags['count-hits'],
+          learn: flags.learn ? {path: snapshot.name, keep: flags['learn-runs'], signal: learning.signal} : undefined,
         })
       }
     } finally {

@@ -130,6 +130,7 @@ export default class Stats extends BaseCommand {
     if (ws) {
       const packed = ws.packed ? `; packed copy: ${ws.packed.pages} pages in ${ws.packed.blocks} blocks, ${formatBytes(ws.packed.payloadBytes)} -> ${formatBytes(ws.packed.storedBytes)} (${Object.entries(ws.packed.codecs).map(([c, n]) => `${n} ${c}`).join(', ')})` : ''
       row('working set', `${ws.pages} pages from ${ws.runs} run(s), ${ws.chunksFirst} chunks stored first${packed}`)
+      if (ws.learned) row('learned', `the majority of the last ${ws.learned.runs} of at most ${ws.learned.keep} runs of \`uffd resume --learn\` (${formatBytes(ws.learned.storedBytes)} stored)`)
     }
     if (s.criu) row('CRIU pages', `${formatBytes(s.criu.rawPageBytes)} in the dump's page images, ${s.criu.ratio.toFixed(2)}x the snapshot's ${formatBytes(s.criu.snapshotBytes)}`)
     if (s.tasks.length > 0) {

@@ -1,5 +1,7 @@
 import {UffdError} from '../core/errors.js'
 import {CHUNK_FLAG_SHARED, Codec, CODEC_NAMES, RegionKind} from '../format/constants.js'
+import {learnedSet, type LearnedRun} from '../format/learned-runs.js'
+import {readLearnedRuns} from './learn.js'
 import {type SnapshotReader} from './reader.js'
 import {FileByteSource} from './byte-source.js'
 import {walkPackedPages} from './packed-pages.js'
@@ -27,7 +29,7 @@ export interface SnapshotStats {
   storedSizeHistogram: {upTo: number; chunks: number}[]
   regions: {kind: string; imageOffset: number; size: number; address: number; prot: number; flags: number; owner: number; name: string; fileOffset: number}[]
   /** An attached working set: its pages, chunks stored first, and the packed copy if any. */
-  workingSet?: {pages: number; runs: number; chunksFirst: number; packed?: {blocks: number; pages: number; payloadBytes: number; storedBytes: number; codecs: Record<string, number>}}
+  workingSet?: {pages: number; runs: number; chunksFirst: number; learned?: {runs: number; keep: number; storedBytes: number}; packed?: {blocks: number; pages: number; payloadBytes: number; storedBytes: number; codecs: Record<string, number>}}
   metadata: Record<string, unknown>
 }
 
@@ -61,6 +63,7 @@ function workingSetStats(reader: SnapshotReader): SnapshotStats['workingSet'] {
   // The metadata is untrusted JSON: a count of another type is shown as unknown (0), not echoed.
   const count = (v: unknown): number => (Number.isSafeInteger(v) && (v as number) >= 0 ? (v as number) : 0)
   const result: SnapshotStats['workingSet'] = {pages: count(ws.pages), runs: count(ws.runs), chunksFirst: ws.chunks.length}
+  if (ws.learned && typeof ws.learned === 'object') result.learned = {runs: count(ws.learned.runs), keep: count(ws.learned.keep), storedBytes: count(ws.learned.length)}
   if (reader.packed) {
     const codecs: Record<string, number> = {}
     for (const b of reader.packed.blocks) codecs[CODEC_NAMES[b.codec]] = (codecs[CODEC_NAMES[b.codec]] ?? 0) + 1
@@ -197,7 +200,26 @@ export function verifySnapshot(reader: SnapshotReader, file: string, againstPath
     errors.push(`${against.mismatchedPages} pages differ from ${against.file}; first difference at byte ${against.firstMismatchOffset}`)
   }
   const blocksChecked = errors.length < maxErrors ? verifyPacked(reader, errors, maxErrors) : 0
+  if (errors.length < maxErrors) verifyLearned(reader, errors)
   return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked, errors, against}
+}
+
+/** Checks the learned runs decode, and that the packed set is their majority (what --learn attached). */
+function verifyLearned(reader: SnapshotReader, errors: string[]): void {
+  let runs: LearnedRun[]
+  try {
+    runs = readLearnedRuns(reader).runs
+  } catch (error) {
+    if (!(error instanceof UffdError)) throw error
+    errors.push(error.message)
+    return
+  }
+  if (runs.length === 0 || !reader.packed) return
+  const expected = learnedSet(runs, {logicalSize: reader.geometry.logicalSize, pageSize: reader.geometry.pageSize, headerCrc: reader.header.headerCrc}).pages
+  const packed = new Set(reader.packed.pages)
+  if (expected.length !== packed.size || expected.some((p) => !packed.has(p))) {
+    errors.push(`${reader.source.name}: the attached working set (${packed.size} pages) is not the majority of its ${runs.length} learned runs (${expected.length} pages)`)
+  }
 }
 
 /**

@@ -9,6 +9,7 @@ import {encodePackedTable, type PackedBlock, type PackedSetLocation, planPackedB
 import {AtomicFile, appendTail} from './atomic-file.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {chunksInTouchOrder} from '../format/working-set.js'
+import {encodeLearnedRuns, type LearnedRun, memoryDigest} from '../format/learned-runs.js'
 import {type OutputSink} from './output-sink.js'
 import {packedPageSteps} from './packed-pages.js'
 import {ReadAhead} from './read-ahead.js'
@@ -22,6 +23,30 @@ export interface AttachedWorkingSet {
   runs: number
   /** Where the packed copy of the set's pages is described (compat feature bit 1). */
   packed?: Omit<PackedSetLocation, 'crc'> & {crc: string; codec: string}
+  /** The runs `uffd resume --learn` remembers, the set being their majority (docs/FORMAT.md). */
+  learned?: LearnedRunsLocation
+}
+
+/** Where a snapshot's learned runs are stored: `length` bytes at `offset`, `rawLength` once decoded. */
+export interface LearnedRunsLocation {
+  offset: number
+  length: number
+  rawLength: number
+  /** CRC-32 of the stored bytes, 8 lowercase hex digits. */
+  crc: string
+  codec: 'zstd' | 'raw'
+  /** Runs remembered, and the most that will be. */
+  runs: number
+  keep: number
+  /** memoryDigest of the image: a run learned on a relayout of the same image may be folded in. */
+  memory: string
+}
+
+/** A working set to attach; `learned` also stores the runs it was learned from. */
+export interface SetToAttach {
+  pages: readonly number[]
+  runs: number
+  learned?: {runs: readonly LearnedRun[]; keep: number}
 }
 
 export interface PackOptions {
@@ -107,7 +132,7 @@ type Wait = {kind: 'all'; units: readonly number[]} | {kind: 'unit'; units: read
 export function attachWorkingSet(
   inputPath: string,
   outputPath: string,
-  set: {pages: readonly number[]; runs: number},
+  set: SetToAttach,
   options: PackOptions = {codec: 'zstd', level: 1},
   mode?: number,
 ): AttachResult {
@@ -141,7 +166,7 @@ export function attachWorkingSet(
 export async function writeAttached(
   reader: SnapshotReader,
   out: OutputSink,
-  set: {pages: readonly number[]; runs: number},
+  set: SetToAttach,
   options: PackOptions = {codec: 'zstd', level: 1},
   signal?: AbortSignal,
 ): Promise<AttachResult> {
@@ -172,7 +197,7 @@ export async function writeAttached(
 }
 
 /** The relayout itself, yielding where a caller may wait; returns what it wrote (not committed). */
-function* relayout(reader: SnapshotReader, out: OutputSink, set: {pages: readonly number[]; runs: number}, options: PackOptions): Generator<Wait, AttachResult, void> {
+function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, options: PackOptions): Generator<Wait, AttachResult, void> {
   const {header, index, geometry} = reader
   for (const p of set.pages) if (!Number.isInteger(p) || p < 0 || p >= geometry.pageCount) throw new RangeError(`working-set page ${p} is outside the snapshot's ${geometry.pageCount} pages`)
   const pages = [...new Set(set.pages)]
@@ -182,6 +207,7 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: {pages: readonl
   const packing = options.codec !== 'none' && pages.length > 0
   if (packing) yield {kind: 'all', units: chunks}
   const packed = packing ? yield* packBlocks(reader, pages, options) : undefined
+  const learned = set.learned ? storedLearnedRuns(reader, set.learned) : undefined
   // The header records where the packed table lies, which depends on the header's own size:
   // encode until the size is stable. The CRC is fixed-width hex and a larger header only adds
   // digits to the offset, so this settles in two or three rounds.
@@ -199,6 +225,7 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: {pages: readonl
     table = packed ? encodePackedTable({blocks, pages: packed.list}) : Buffer.alloc(0)
     const workingSet: AttachedWorkingSet = {chunks, pages: pages.length, runs: set.runs}
     if (packed) workingSet.packed = {offset: at, length: table.length, crc: crc32(table).toString(16).padStart(8, '0'), blocks: blocks.length, pages: packed.list.length, codec: options.codec}
+    if (learned) workingSet.learned = {...learned.location, offset: at + table.length}
     encoded = encodeHeader({
       incompatFeatures: header.incompatFeatures,
       compatFeatures: (header.compatFeatures & ~COMPAT_PACKED_WORKING_SET) | COMPAT_WORKING_SET | (packed ? COMPAT_PACKED_WORKING_SET : 0n),
@@ -216,6 +243,7 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: {pages: readonl
     yield {kind: 'drain'}
   }
   if (packed) out.append(table)
+  if (learned) out.append(learned.stored)
   const entries: ChunkEntry[] = [...index]
   // Deduplicated chunks share stored bytes: copy each stored range once.
   const moved = new Map<number, number>()
@@ -234,6 +262,25 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: {pages: readonl
   }
   appendTail(out, entries, reader.zeroMap, encoded.readUInt32LE(encoded.length - 8))
   return {fileSize: out.size, chunksFirst: chunks.length, packedBlocks: blocks.length, packedBytes: (packed?.stored ?? []).reduce((n, b) => n + b.length, 0)}
+}
+
+/** The compressed form of learned runs and what the metadata says of it (but where: the caller places it). */
+function storedLearnedRuns(reader: SnapshotReader, learned: NonNullable<SetToAttach['learned']>): {stored: Buffer; location: Omit<LearnedRunsLocation, 'offset'>} {
+  const raw = encodeLearnedRuns(learned.runs)
+  const c = new ChunkCompressor('zstd', 3).compress(raw)
+  const stored = Buffer.from(c.stored)
+  return {
+    stored,
+    location: {
+      length: stored.length,
+      rawLength: raw.length,
+      crc: crc32(stored).toString(16).padStart(8, '0'),
+      codec: c.codec === Codec.Zstd ? 'zstd' : 'raw',
+      runs: learned.runs.length,
+      keep: learned.keep,
+      memory: memoryDigest(reader.geometry, reader.index, reader.zeroMap.bytes),
+    },
+  }
 }
 
 /** The working set a snapshot carries, if any. */

@@ -16,6 +16,25 @@ export const SEEK_HOLE = 4
 export const F_GETFL = 3
 export const F_SETFL = 4
 
+/** flock(2) operations. */
+export const LOCK_EX = 2
+export const LOCK_NB = 4
+
+/**
+ * Takes an exclusive flock(2) on the open file behind `fd` without waiting: true if taken, false
+ * if another open file description holds it. The lock belongs to the open file (not the path,
+ * not the process) and goes when the last descriptor of it is closed, so a holder that dies
+ * leaves no stale lock behind.
+ */
+export function tryLockExclusive(fd: number): boolean {
+  for (;;) {
+    if (libc.flock(fd, LOCK_EX | LOCK_NB) === 0) return true
+    const errno = libc.lastErrno()
+    if (errno === Errno.EAGAIN) return false
+    if (errno !== Errno.EINTR) throw new SysError('flock', errno, `locking fd ${fd}`)
+  }
+}
+
 /**
  * The offset of the first byte of data at or after `offset`, or null if there is none (the
  * kernel answers ENXIO when only a hole, or nothing, follows). Filesystems without hole

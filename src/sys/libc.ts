@@ -134,6 +134,7 @@ export const preadAddr = lib.func('pread', ssize_t, ['int', 'uintptr_t', 'size_t
 ) => number
 /** fcntl(fd, cmd, int): F_GETFL and F_SETFL only, whose argument is an int (or ignored). */
 export const fcntl = lib.func('fcntl', 'int', ['int', 'int', 'int']) as (fd: number, cmd: number, arg: number) => number
+export const flock = lib.func('flock', 'int', ['int', 'int']) as (fd: number, operation: number) => number
 export const lseek = lib.func('lseek', off_t, ['int', off_t, 'int']) as (
   fd: number,
   offset: number,

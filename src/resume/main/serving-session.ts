@@ -3,6 +3,7 @@ import fs from 'node:fs'
 import {UffdError} from '../../core/errors.js'
 import {formatBytes} from '../../core/units.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
+import {type LearnOutcome} from '../../snapshot/learn.js'
 import {acceptUnix, closeFd, listenUnix, nativeBlockFill, poll, POLLIN} from '../../sys/index.js'
 import {type FromWorker, type WorkerConfig} from '../protocol.js'
 import {buildReport, type ResumeReport} from '../run-stats.js'
@@ -43,6 +44,8 @@ export interface ResumeResult {
   /** Clients refused before they were served (--serve goes on without them), in arrival order. */
   rejected: {code: string; message: string}[]
   interrupted: boolean
+  /** With --learn: whether this run was folded into the snapshot, and if not why. */
+  learned?: LearnOutcome
 }
 
 /** What the fault-loop worker does beyond serving faults; each front end asks for its own. */

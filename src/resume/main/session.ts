@@ -4,6 +4,8 @@ import {UffdError} from '../../core/errors.js'
 import {type Geometry} from '../../format/geometry.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {attachedWorkingSet} from '../../snapshot/relayout.js'
+import {type LearnedRun, touchedInRun} from '../../format/learned-runs.js'
+import {foldIntoSnapshot, type LearnOutcome, prefetchedPages} from '../../snapshot/learn.js'
 import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, SysError, uffdApiCompleted} from '../../sys/index.js'
 import {type GuestRegion, HandshakeError, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
 import {PendingHandshake} from './pending-handshake.js'
@@ -21,6 +23,8 @@ export interface ResumeOptions extends SessionOptions {
   workingSetFile?: string
   /** Count prefetch hits (clears prefetched pages' accessed bits, samples /proc/PID/smaps). */
   countHits?: boolean
+  /** --learn: fold this run into the snapshot file at `path` at exit (remembering `keep` runs); `signal` stops the rewrite. */
+  learn?: {path: string; keep?: number; signal: AbortSignal}
 }
 
 /**
@@ -48,18 +52,52 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   const {geometry, identity, workingSetUnits} = prefetchPlan(options)
   const {result, recording} = await serveClients(options, new FirecrackerClients(options, geometry), {
     populateAll: options.populateAll,
-    record: options.recordFile !== undefined,
+    record: options.recordFile !== undefined || options.learn !== undefined,
     countHits: options.countHits ?? false,
     workingSetUnits,
     keepWorkingSet: options.serve,
   })
+  if ((options.recordFile || options.learn) && !recording) throw new UffdError('NO_RECORDING', 'the fault loop ended without handing over its recording')
   if (options.recordFile) {
-    if (!recording) throw new UffdError('NO_RECORDING', 'the fault loop ended without handing over its recording')
-    const set: WorkingSetFile = {kind: 'uffd-working-set', version: 1, snapshot: identity, runs: 1, ...recording}
+    const set: WorkingSetFile = {kind: 'uffd-working-set', version: 1, snapshot: identity, runs: 1, ...recording!}
     writeFileAtomically(options.recordFile, `${JSON.stringify(set)}\n`)
   }
   writeStatsFile(options.statsFile, result.stats)
+  if (options.learn) result.learned = await learn(options, options.learn, recording!, result)
   return result
+}
+
+/**
+ * Folds what this run touched into the snapshot (--learn). A run that failed, or served nobody,
+ * teaches nothing; one interrupted after serving its clients does (CI stops handlers with SIGTERM).
+ */
+async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOptions['learn']>, recording: LearnedRun, result: ResumeResult): Promise<LearnOutcome> {
+  const {path} = learnOptions
+  let outcome: LearnOutcome
+  if (result.error) outcome = {folded: false, reason: `a client failed (${result.error.message})`, ms: 0}
+  else if (result.clients.length === 0) outcome = {folded: false, reason: 'no client was served', ms: 0}
+  else {
+    let prefetched: LearnedRun | UffdError
+    try {
+      prefetched = prefetchedInRun(options)
+    } catch (error) {
+      if (!(error instanceof UffdError)) throw error
+      prefetched = error
+    }
+    outcome =
+      prefetched instanceof UffdError
+        ? {folded: false, reason: prefetched.message, ms: 0}
+        : await foldIntoSnapshot(path, options.snapshot.reader, touchedInRun(recording, prefetched), {keep: learnOptions.keep, signal: learnOptions.signal})
+  }
+  options.log(outcome.folded ? `learned: ${path} now remembers ${outcome.runs} run(s); ${outcome.pages} pages attached (${outcome.ms} ms)` : `not learned: ${outcome.reason}`)
+  return outcome
+}
+
+/** The pages this run prefetched for its clients, with the times their set gives them. */
+function prefetchedInRun(options: ResumeOptions): LearnedRun {
+  if (options.workingSetFile === 'none') return {pages: [], firstTouchMs: []}
+  if (options.workingSetFile) return parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
+  return prefetchedPages(options.snapshot.reader)
 }
 
 /** The snapshot's geometry and identity, and the units to prefetch for every client. */
