@@ -229,6 +229,41 @@ describe.skipIf(skip !== undefined)('handshakes are read side by side, never wai
       for (const c of silent) c.socket.destroy()
     }
   })
+
+  it('out of descriptors (EMFILE): accepting pauses and resumes, serving goes on, a VM connecting later is served', async () => {
+    const handler = await startResume(snapshot, ['--serve', '--json'])
+    const pid = handler.proc.child.pid!
+    // Its threads open what they need as they start: wait for the count to settle.
+    let open = -1
+    await waitFor('its descriptors to settle', () => {
+      const now = fs.readdirSync(`/proc/${pid}/fd`).length
+      const settled = now === open
+      open = now
+      return settled
+    }, 10_000, 300)
+    const limit = /^Max open files\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/limits`, 'utf8'))![1]
+    // Room for a few more descriptors only (soft limit): the silent connections below use them up.
+    execFileSync('prlimit', ['--pid', String(pid), `--nofile=${open + 4}:`])
+    const silent: Silent[] = []
+    try {
+      for (let i = 0; i < 8; i++) silent.push(await connectSilently(handler.socket))
+      await waitFor('the handler to run out of descriptors', () => handler.proc.stderr().includes('cannot accept a connection now (EMFILE)'), 10_000)
+      expect(handler.proc.exited).toBe(false)
+      // Descriptors come back when the peers give up; the handler accepts again by itself.
+      for (const c of silent.splice(0)) c.socket.destroy()
+      execFileSync('prlimit', ['--pid', String(pid), `--nofile=${limit}:`])
+      const client = await exitWithin(startClient(handler, ['--touch', 'random', '--verify-all']), 20_000, 'fc_client')
+      expect(client.code, `${client.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+      expect(handler.proc.stderr().match(/cannot accept a connection now/g)).toHaveLength(1)
+      await waitFor('the VM to be noticed gone', () => handler.proc.stderr().includes('client 1 ended (exited)'), 5_000)
+      handler.proc.child.kill('SIGTERM')
+      const resume = await exitWithin(handler.proc, 5_000, 'uffd resume (SIGTERM)')
+      expect(resume.code, resume.stderr).toBe(130)
+      expect(resume.json.clients).toMatchObject([{id: 1, ended: 'exited'}])
+    } finally {
+      for (const c of silent) c.socket.destroy()
+    }
+  })
 })
 
 /** One uffd_msg as the kernel writes it for UFFD_EVENT_FORK: event 0x13, the child's uffd at offset 8. */

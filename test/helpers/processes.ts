@@ -62,11 +62,11 @@ function parseJson(stdout: string, whole: boolean): any {
   }
 }
 
-export async function waitFor(what: string, condition: () => boolean, timeoutMs: number): Promise<void> {
+export async function waitFor(what: string, condition: () => boolean, timeoutMs: number, everyMs = 10): Promise<void> {
   const deadline = Date.now() + timeoutMs
   while (!condition()) {
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 10))
+    await new Promise((resolve) => setTimeout(resolve, everyMs))
   }
 }
 

@@ -4,7 +4,7 @@ import {UffdError} from '../../core/errors.js'
 import {formatBytes} from '../../core/units.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {type LearnOutcome} from '../../snapshot/learn.js'
-import {acceptUnix, closeFd, listenUnix, nativeBlockFill, poll, POLLIN} from '../../sys/index.js'
+import {acceptUnix, closeFd, listenUnix, nativeBlockFill, poll, POLLIN, SysError} from '../../sys/index.js'
 import {type FromWorker, type WorkerConfig} from '../protocol.js'
 import {buildReport, type ResumeReport} from '../run-stats.js'
 import {FaultLoopHost, servingSettings, type ServingSettings} from './fault-loop-host.js'
@@ -50,6 +50,11 @@ export interface ResumeResult {
 
 /** What the fault-loop worker does beyond serving faults; each front end asks for its own. */
 export type Prefetching = Pick<WorkerConfig, 'populateAll' | 'record' | 'countHits' | 'workingSetUnits' | 'keepWorkingSet'>
+
+/** accept4 errors that mean "no descriptors or memory for now", not a broken socket. */
+const ACCEPT_EXHAUSTED = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM'])
+/** How long accepting pauses after one of them: the pending connection stays queued meanwhile. */
+const ACCEPT_PAUSE_MS = 200
 
 /** How long a blocking accept or read lasts before it lets the event loop run (signals, worker messages). */
 export const ACCEPT_SLICE_MS = 50
@@ -165,6 +170,9 @@ class ServingSession implements ClientIntake {
   /** The socket file listenUnix made, to remove only that one at exit. */
   private socketFile: {dev: number; ino: number} | undefined
   private nextId = 1
+  /** Until when accepting is paused after accept4 ran out of descriptors or memory. */
+  private acceptPausedUntil = 0
+  private acceptExhausted = false
 
   constructor(
     private readonly options: SessionOptions,
@@ -212,7 +220,7 @@ class ServingSession implements ClientIntake {
     for (;;) {
       if (this.signal.aborted) return null
       if (Date.now() > deadline) throw new UffdError('TIMEOUT', timeoutMessage)
-      const connection = acceptUnix(this.listenFd, ACCEPT_SLICE_MS)
+      const connection = this.tryAccept(ACCEPT_SLICE_MS)
       if (connection !== null) return connection
       await this.yieldToEventLoop()
     }
@@ -220,11 +228,38 @@ class ServingSession implements ClientIntake {
 
   async waitForInput(watched: readonly number[]): Promise<{connection: number | null; readable: number[]} | null> {
     if (this.signal.aborted) return null
-    const revents = poll([{fd: this.listenFd, events: POLLIN}, ...watched.map((fd) => ({fd, events: POLLIN}))], ACCEPT_SLICE_MS)
-    const connection = revents[0] !== 0 ? acceptUnix(this.listenFd, 0) : null
+    // poll ignores a negative fd: while accepting is paused, only the pending handshakes are watched.
+    const listening = this.acceptPaused() ? -1 : this.listenFd
+    const revents = poll([{fd: listening, events: POLLIN}, ...watched.map((fd) => ({fd, events: POLLIN}))], ACCEPT_SLICE_MS)
+    const connection = revents[0] !== 0 ? this.tryAccept(0) : null
     const readable = watched.filter((_, i) => revents[i + 1] !== 0)
     await this.yieldToEventLoop()
     return {connection, readable}
+  }
+
+  /**
+   * Accepts a connection, or returns null: none came, or the handler is out of descriptors or
+   * memory for now. A peer holding many connections open (each pending handshake is a descriptor)
+   * must not end serving for everyone: accepting pauses a moment and resumes on its own.
+   */
+  private tryAccept(timeoutMs: number): number | null {
+    if (this.acceptPaused()) return null
+    try {
+      const connection = acceptUnix(this.listenFd, timeoutMs)
+      if (connection !== null) this.acceptExhausted = false
+      return connection
+    } catch (error) {
+      if (!(error instanceof SysError) || !ACCEPT_EXHAUSTED.has(error.code)) throw error
+      this.acceptPausedUntil = performance.now() + ACCEPT_PAUSE_MS
+      // Said once until a connection is accepted again, not every pause.
+      if (!this.acceptExhausted) this.log(`cannot accept a connection now (${error.code}); serving goes on, accepting again every ${ACCEPT_PAUSE_MS} ms`)
+      this.acceptExhausted = true
+      return null
+    }
+  }
+
+  private acceptPaused(): boolean {
+    return performance.now() < this.acceptPausedUntil
   }
 
   stopListening(): void {
