@@ -11,6 +11,8 @@
  * (baseline_handler --prefetch): no decoding, no checksums, the least work any prefetcher can do;
  * once on one thread (as uffd installs) and once on every core (--prefetch-threads: the list cut
  * in one part per thread, no lock against REMOVE events, which this benchmark has none of).
+ * `uffd resume --learn` is measured the way a CI user meets it: one resume with the defaults
+ * learns a set, timed against `--record` with the same defaults plus `working-set attach`.
  * "ready ms" is start to ready file, as this script sees it (5 ms polls): uffd stages the set
  * (decodes it into memory) before it is ready, the C handlers map and pre-read the whole raw
  * file. Population is timed to
@@ -47,6 +49,13 @@ const workingSet = path.join(work, 'ws.json')
 const packedSnapshot = path.join(work, 'image-packed.uffd')
 const packedRawSnapshot = path.join(work, 'image-packed-raw.uffd')
 const chunksSnapshot = path.join(work, 'image-ws-chunks.uffd')
+// The set a CI user gets without picking flags: recorded by one `resume --learn` with the default
+// fault-around (whole windows are recorded), against `--record` with the same defaults and attach.
+const learnedSnapshot = path.join(work, 'image-learned.uffd')
+const handDefaultsSnapshot = path.join(work, 'image-hand-defaults.uffd')
+const handDefaultsSet = path.join(work, 'ws-defaults.json')
+const LEARNED = 'uffd + set learned by one --learn resume'
+const HAND_DEFAULTS = 'uffd + set from --record (defaults) + attach'
 
 interface Scenario {
   name: string
@@ -67,6 +76,8 @@ const scenarios: Scenario[] = [
   {name: 'uffd + working set as chunks (--pack none)', handler: 'uffd', args: [], touch: touchReplay, snapshot: chunksSnapshot},
   {name: 'uffd + packed working set (zstd)', handler: 'uffd', args: [], touch: touchReplay, snapshot: packedSnapshot},
   {name: 'uffd + packed working set (raw)', handler: 'uffd', args: [], touch: touchReplay, snapshot: packedRawSnapshot},
+  {name: HAND_DEFAULTS, handler: 'uffd', args: [], touch: touchReplay, snapshot: handDefaultsSnapshot},
+  {name: LEARNED, handler: 'uffd', args: [], touch: touchReplay, snapshot: learnedSnapshot},
   {name: 'uffd + packed working set (zstd) + populate all', handler: 'uffd', args: ['--populate', 'all'], touch: touchReplay, snapshot: packedSnapshot},
 ]
 
@@ -118,6 +129,11 @@ async function main(): Promise<void> {
     if (a.code !== 0) throw new Error(a.stderr)
     console.log(a.stdout.trim())
   }
+  fs.copyFileSync(snapshot, learnedSnapshot)
+  await resume(['--learn'], ['--touch', `trace:${recordTrace}`], 'learn', learnedSnapshot)
+  await resume(['--record', handDefaultsSet], ['--touch', `trace:${recordTrace}`], 'record-defaults')
+  const h = run(process.execPath, [UFFD, 'working-set', 'attach', snapshot, handDefaultsSet, '-o', handDefaultsSnapshot])
+  if (h.code !== 0) throw new Error(h.stderr)
   console.log(`${image}: ${set.length} pages touched (${(fraction * 100).toFixed(0)}% in clusters of ${cluster} pages), ${recorded.pages.length} faults recorded`)
 
   const touch: Record<string, number[]> = {}
@@ -158,6 +174,7 @@ async function main(): Promise<void> {
     return [sc.name, ms.toFixed(1), String(Math.round(median(faults[sc.name]))), hitText, median(readyMs[sc.name]).toFixed(0), `${(lazy / ms).toFixed(2)}x`, `${(base / ms).toFixed(2)}x`]
   })
   console.log(`\nreplaying a recorded ${(fraction * 100).toFixed(0)}% working set (clusters of ${cluster} pages) in a new order (${image}, medians of ${runs} runs)\n`)
+  console.log(`learned set (one --learn resume) against one recorded by hand with the same defaults: ${(median(touch[LEARNED]) / median(touch[HAND_DEFAULTS])).toFixed(2)}x the touch time (target <= 1.2x)`)
   console.log(table(['handler', 'touch ms', 'faults', 'prefetch hits / wasted of data pages', 'ready ms', 'speed vs lazy', 'speed vs baseline'], rows))
   if (measurePopulation) {
     const f = median(populate.floorMs)
