@@ -7,5 +7,10 @@ if (major < 20 || (major === 20 && minor < 15) || major === 21 || (major === 22 
   process.exit(1)
 }
 
-const {execute} = await import('@oclif/core')
-await execute({dir: import.meta.url})
+// A VMM waits for `uffd resume` to listen on every resume: its plain command lines skip oclif
+// (src/cli/resume-entry.ts); anything else, --help and usage errors included, goes to oclif.
+const fast = process.argv[2] === 'resume' && (await (await import('../dist/cli/resume-entry.js')).runResumeFast(process.argv.slice(3)))
+if (!fast) {
+  const {execute} = await import('@oclif/core')
+  await execute({dir: import.meta.url})
+}

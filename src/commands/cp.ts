@@ -3,7 +3,8 @@ import {Args, Flags} from '@oclif/core'
 import {BaseCommand} from '../cli/base-command.js'
 import {modeFlag, parseMode} from '../cli/mode-flag.js'
 import {progressBar, withInterruptHandling} from '../cli/progress.js'
-import {remoteFlags, remoteOptions} from '../cli/remote-flags.js'
+import {oclifFlags} from '../cli/oclif-flags.js'
+import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {formatBytes} from '../core/units.js'
 import {type RemoteReport} from '../remote/remote-snapshot.js'
 import {copySnapshot} from '../snapshot/copy.js'
@@ -38,7 +39,7 @@ export default class Cp extends BaseCommand {
   static override flags = {
     force: Flags.boolean({char: 'f', summary: 'Replace the destination if it exists (for s3://, checked with HeadObject before starting; not atomic against another writer).', default: false}),
     mode: modeFlag,
-    ...remoteFlags,
+    ...oclifFlags(remoteFlagSpecs),
   }
 
   async run(): Promise<CopyReport> {

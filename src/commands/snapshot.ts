@@ -7,7 +7,8 @@ import {Flags} from '@oclif/core'
 import {BaseCommand} from '../cli/base-command.js'
 import {modeFlag, parseMode} from '../cli/mode-flag.js'
 import {progressBar, withInterruptHandling} from '../cli/progress.js'
-import {remoteFlags, s3Settings} from '../cli/remote-flags.js'
+import {oclifFlags} from '../cli/oclif-flags.js'
+import {remoteFlagSpecs, s3Settings} from '../cli/remote-flags.js'
 import {UffdError} from '../core/errors.js'
 import {formatBytes, formatPercent, parseSize} from '../core/units.js'
 import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../format/constants.js'
@@ -61,7 +62,7 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     pack: Flags.string({summary: "With --working-set: codec of the packed copy of the set's pages [default: --codec]; none: reorder chunks only.", options: PACK_CODECS, dependsOn: ['working-set']}),
     mode: modeFlag,
     freeze: Flags.boolean({summary: 'Stop the process while reading it (--no-freeze reads it running: faster for the process, inconsistent image).', default: true, allowNo: true}),
-    's3-endpoint': remoteFlags['s3-endpoint'],
+    's3-endpoint': oclifFlags(remoteFlagSpecs)['s3-endpoint'],
   }
 
   async run(): Promise<WriteSummary & {ratio: number; source: string}> {

@@ -1,7 +1,8 @@
 import {Args} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
-import {remoteFlags, remoteOptions} from '../cli/remote-flags.js'
+import {oclifFlags} from '../cli/oclif-flags.js'
+import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {isRemote, parseLocation} from '../remote/location.js'
 import {openSnapshot} from '../snapshot/open.js'
 import {type SnapshotReader} from '../snapshot/reader.js'
@@ -72,7 +73,7 @@ export default class Stats extends BaseCommand {
     file: Args.string({description: 'Snapshot (a path, http(s):// URL or s3://BUCKET/KEY: only its header and index are fetched), or a statistics file written by `uffd resume --stats-file`.', required: true}),
   }
 
-  static override flags = {...remoteFlags}
+  static override flags = {...oclifFlags(remoteFlagSpecs)}
 
   async run(): Promise<StatsResult | ResumeReport> {
     const {args, flags} = await this.parse(Stats)

@@ -2,7 +2,8 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
 import {progressBar} from '../cli/progress.js'
-import {remoteFlags, remoteOptions} from '../cli/remote-flags.js'
+import {oclifFlags} from '../cli/oclif-flags.js'
+import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {formatBytes} from '../core/units.js'
 import {type VerifyResult, verifySnapshot} from '../snapshot/inspect.js'
 import {openSnapshot} from '../snapshot/open.js'
@@ -17,7 +18,7 @@ export default class Verify extends BaseCommand {
 
   static override flags = {
     against: Flags.string({summary: 'Raw image the snapshot must decode to, byte for byte.'}),
-    ...remoteFlags,
+    ...oclifFlags(remoteFlagSpecs),
   }
 
   async run(): Promise<VerifyResult> {

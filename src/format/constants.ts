@@ -77,3 +77,6 @@ export const REGION_FLAG_SPECIAL = 4
 export function maxStoredLength(payloadLength: number): number {
   return payloadLength + Math.ceil(payloadLength / 128) + 1024
 }
+
+/** The most runs --learn-runs accepts (each run costs its pages in the file). */
+export const MAX_LEARN_RUNS = 31

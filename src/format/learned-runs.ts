@@ -6,6 +6,7 @@
  */
 import {createHash} from 'node:crypto'
 
+import {MAX_LEARN_RUNS} from './constants.js'
 import {type Geometry} from './geometry.js'
 import {type ChunkEntry} from './index-table.js'
 import {mergeWorkingSets, WorkingSetError, type WorkingSetFile} from './working-set.js'
@@ -19,8 +20,8 @@ export interface LearnedRun {
 
 /** How many runs a snapshot remembers by default: an odd number, so a majority is never a tie. */
 export const DEFAULT_LEARN_RUNS = 5
-/** The most runs --learn-runs accepts (each run costs its pages in the file). */
-export const MAX_LEARN_RUNS = 31
+// In constants.ts, so that `uffd resume`'s flags can name it without loading the working-set parser.
+export {MAX_LEARN_RUNS}
 
 const KIND = 'uffd-learned-runs'
 

@@ -8,9 +8,11 @@ import {Codec} from '../format/constants.js'
 // The low-level binding is CommonJS without an exports map; it is the only zstd API that
 // decompresses straight into a caller's buffer (no allocation per chunk on the fault path).
 const require = createRequire(import.meta.url)
-export const zstd = require('zstd-napi/binding.js') as typeof ZstdBinding
-// Loaded on first use: every compression worker and fault-loop thread starts faster without a
-// native module most snapshots never use.
+// Both loaded on first use: `uffd resume` listens before anything is decoded on its main thread,
+// and every compression worker and fault-loop thread starts faster without a native module most
+// snapshots never use (lz4).
+let zstdModule: typeof ZstdBinding | undefined
+export const zstd = (): typeof ZstdBinding => (zstdModule ??= require('zstd-napi/binding.js') as typeof ZstdBinding)
 let lz4Module: typeof Lz4 | undefined
 export const lz4 = (): typeof Lz4 => (lz4Module ??= require('lz4-napi') as typeof Lz4)
 
@@ -24,7 +26,7 @@ export const ZSTD_MAX_LEVEL = 22
  * instance per worker thread).
  */
 export class ChunkCompressor {
-  private readonly cctx = new zstd.CCtx()
+  private readonly cctx = new (zstd().CCtx)()
   private output = Buffer.alloc(0)
 
   constructor(
@@ -33,8 +35,8 @@ export class ChunkCompressor {
   ) {
     // compress2 honours these; the content checksum (XXH64 of the decoded bytes, 4 bytes per
     // frame) makes zstd itself verify its output when decoding.
-    this.cctx.setParameter(zstd.CParameter.compressionLevel, level)
-    this.cctx.setParameter(zstd.CParameter.checksumFlag, 1)
+    this.cctx.setParameter(zstd().CParameter.compressionLevel, level)
+    this.cctx.setParameter(zstd().CParameter.checksumFlag, 1)
   }
 
   /**
@@ -45,7 +47,7 @@ export class ChunkCompressor {
     let stored: Buffer | undefined
     let codec = Codec.Raw
     if (this.codec === 'zstd') {
-      const bound = zstd.compressBound(payload.length)
+      const bound = zstd().compressBound(payload.length)
       if (this.output.length < bound) this.output = Buffer.alloc(bound)
       const n = this.cctx.compress2(this.output, payload)
       stored = this.output.subarray(0, n)

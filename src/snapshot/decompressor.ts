@@ -14,7 +14,7 @@ import {lz4, zstd} from './codecs.js'
  * the chunk.
  */
 export class ChunkDecompressor {
-  private readonly dctx = new zstd.DCtx()
+  private readonly dctx = new (zstd().DCtx)()
 
   /** `systemLz4`: decode lz4 with the system's liblz4 (in place) rather than lz4-napi. */
   constructor(private readonly systemLz4 = hasSystemLz4) {}
@@ -26,7 +26,7 @@ export class ChunkDecompressor {
         stored.copy(dst)
         return
       case Codec.Zstd: {
-        const size = zstd.getFrameContentSize(stored)
+        const size = zstd().getFrameContentSize(stored)
         if (size !== null && size !== dst.length) throw new UffdError('CORRUPT', `zstd frame declares ${size} bytes, expected ${dst.length}`)
         const n = this.dctx.decompress(dst, stored)
         if (n !== dst.length) throw new UffdError('CORRUPT', `zstd produced ${n} bytes, expected ${dst.length}`)

@@ -16,7 +16,11 @@ import {ChunkDecompressor} from './decompressor.js'
  */
 export class SnapshotReader {
   readonly geometry: Geometry
-  private readonly decompressor = new ChunkDecompressor()
+  /**
+   * Made on the first decode (or by prepareDecoding): a reader that only inspects a snapshot, like
+   * \`uffd resume\`'s main thread before it listens, never loads the codecs' native modules.
+   */
+  private decompressor: ChunkDecompressor | undefined
   private storedScratch = Buffer.alloc(0)
   private payloadScratch = Buffer.alloc(0)
 
@@ -157,9 +161,16 @@ export class SnapshotReader {
     return stored
   }
 
+  /** Loads the decoders now: a thread that will decode calls it at start-up so that its first fault does not pay for it. */
+  prepareDecoding(): void {
+    this.decompressor ??= new ChunkDecompressor()
+  }
+
   private decode(unit: number, entry: ChunkEntry, stored: Buffer, payload: Buffer): void {
+    // Outside the try: a codec library that fails to load is not a corrupt chunk.
+    const decompressor = (this.decompressor ??= new ChunkDecompressor())
     try {
-      this.decompressor.decompress(entry.codec, stored, payload)
+      decompressor.decompress(entry.codec, stored, payload)
     } catch (error) {
       throw this.chunkError(unit, 'CORRUPT', `${codecName(entry.codec)} data does not decode (${(error as Error).message})`)
     }

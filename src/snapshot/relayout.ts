@@ -14,33 +14,9 @@ import {type OutputSink} from './output-sink.js'
 import {packedPageSteps} from './packed-pages.js'
 import {ReadAhead} from './read-ahead.js'
 import {SnapshotReader} from './reader.js'
+import {type AttachedWorkingSet, type LearnedRunsLocation} from './attached-set.js'
 
-/** What an attached working set records in the snapshot's metadata (docs/FORMAT.md). */
-export interface AttachedWorkingSet {
-  /** Chunks in the order the working set first touches them; stored first in the file. */
-  chunks: number[]
-  pages: number
-  runs: number
-  /** Where the packed copy of the set's pages is described (compat feature bit 1). */
-  packed?: Omit<PackedSetLocation, 'crc'> & {crc: string; codec: string}
-  /** The runs `uffd resume --learn` remembers, the set being their majority (docs/FORMAT.md). */
-  learned?: LearnedRunsLocation
-}
-
-/** Where a snapshot's learned runs are stored: `length` bytes at `offset`, `rawLength` once decoded. */
-export interface LearnedRunsLocation {
-  offset: number
-  length: number
-  rawLength: number
-  /** CRC-32 of the stored bytes, 8 lowercase hex digits. */
-  crc: string
-  codec: 'zstd' | 'raw'
-  /** Runs remembered, and the most that will be. */
-  runs: number
-  keep: number
-  /** memoryDigest of the image: a run learned on a relayout of the same image may be folded in. */
-  memory: string
-}
+export {type AttachedWorkingSet, attachedWorkingSet, type LearnedRunsLocation} from './attached-set.js'
 
 /** A working set to attach; `learned` also stores the runs it was learned from. */
 export interface SetToAttach {
@@ -281,12 +257,4 @@ function storedLearnedRuns(reader: SnapshotReader, learned: NonNullable<SetToAtt
       memory: memoryDigest(reader.geometry, reader.index, reader.zeroMap.bytes),
     },
   }
-}
-
-/** The working set a snapshot carries, if any. */
-export function attachedWorkingSet(reader: SnapshotReader): AttachedWorkingSet | undefined {
-  if ((reader.header.compatFeatures & COMPAT_WORKING_SET) === 0n) return undefined
-  const ws = reader.header.metadata.workingSet as AttachedWorkingSet | undefined
-  if (!ws || !Array.isArray(ws.chunks) || ws.chunks.some((c) => !Number.isInteger(c) || c < 0 || c >= reader.index.length)) return undefined
-  return ws
 }

@@ -3,7 +3,8 @@ import {Args, Flags} from '@oclif/core'
 import {BaseCommand} from '../../cli/base-command.js'
 import {modeFlag, parseMode} from '../../cli/mode-flag.js'
 import {withInterruptHandling} from '../../cli/progress.js'
-import {remoteFlags, remoteOptions} from '../../cli/remote-flags.js'
+import {oclifFlags} from '../../cli/oclif-flags.js'
+import {remoteFlagSpecs, remoteOptions} from '../../cli/remote-flags.js'
 import {checkMatches, parseWorkingSet} from '../../format/working-set.js'
 import {readInputText} from '../../snapshot/input-file.js'
 import {openSnapshot} from '../../snapshot/open.js'
@@ -30,7 +31,7 @@ The snapshot may be an http(s):// URL (then --output is needed) or s3://BUCKET/K
     output: Flags.string({char: 'o', summary: 'Write the result here (a path or s3://BUCKET/KEY) instead of replacing the snapshot.'}),
     mode: modeFlag,
     pack: Flags.string({summary: "Codec of the packed copy of the set's pages [default: the snapshot's codec]; none: reorder chunks only.", options: PACK_CODECS}),
-    ...remoteFlags,
+    ...oclifFlags(remoteFlagSpecs),
   }
 
   async run(): Promise<{output: string; fileSize: number; chunksFirst: number; packedBlocks: number; packedBytes: number; pages: number}> {

@@ -13,6 +13,7 @@ import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ER
  */
 const config = workerData as DecoderConfig
 const reader = openSpec(config.snapshot)
+reader.prepareDecoding()
 const states = new Int32Array(config.states)
 const lengths = new Int32Array(config.lengths)
 const units = new Int32Array(config.units)

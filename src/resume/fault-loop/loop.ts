@@ -2,7 +2,7 @@ import {availableParallelism} from 'node:os'
 import {receiveMessageOnPort} from 'node:worker_threads'
 
 import {UffdError} from '../../core/errors.js'
-import {WorkingSetRecorder} from '../../format/working-set.js'
+import {WorkingSetRecorder} from '../../format/working-set-recorder.js'
 import {type SnapshotReader} from '../../snapshot/reader.js'
 import {openSpec} from '../../snapshot/spec.js'
 import {
@@ -87,6 +87,7 @@ export class FaultLoop {
   static start(config: WorkerConfig, channel: LoopChannel): FaultLoop {
     const stats = new RunStats(config.stats)
     const reader = openSpec(config.snapshot)
+    reader.prepareDecoding()
     const clock = new RunClock()
     const {chunkSize} = reader.geometry
     // Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.

@@ -1,14 +1,13 @@
-import fs from 'node:fs'
-
 import {UffdError} from '../../core/errors.js'
 import {formatBytes} from '../../core/units.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {type LearnOutcome} from '../../snapshot/learn.js'
-import {acceptUnix, closeFd, listenUnix, nativeBlockFill, poll, POLLIN, SysError} from '../../sys/index.js'
+import {acceptUnix, nativeBlockFill, poll, POLLIN, SysError} from '../../sys/index.js'
 import {type FromWorker, type WorkerConfig} from '../protocol.js'
 import {buildReport, type ResumeReport} from '../run-stats.js'
 import {FaultLoopHost, servingSettings, type ServingSettings} from './fault-loop-host.js'
 import {type GuestRegion} from './handshake.js'
+import {Listener, removeStaleReadyFile} from './listener.js'
 import {PrefetchHitSampler} from './prefetch-hits.js'
 
 /** What every `uffd resume`, for a VMM or for CRIU, takes from the command line. */
@@ -23,6 +22,13 @@ export interface SessionOptions extends ServingSettings {
   log: (line: string) => void
   /** Receives a function that reports the statistics so far (for SIGUSR1). */
   onStats?: (current: () => ResumeReport) => void
+  /**
+   * The socket, already listening (and the ready file written): given when there is nothing to
+   * stage before the first client, so that a VMM can connect while the fault-loop worker starts.
+   * Its handshake is read meanwhile and the client queued for the worker. Without it the session
+   * listens once the worker is ready (the working set staged). The session closes it.
+   */
+  listener?: Listener
 }
 
 export interface ClientSummary {
@@ -166,9 +172,7 @@ class ServingSession implements ClientIntake {
   private firstError: {code: string; message: string} | undefined
   private readonly rejected: {code: string; message: string}[] = []
   private recording: ServedSession['recording']
-  private listenFd = -1
-  /** The socket file listenUnix made, to remove only that one at exit. */
-  private socketFile: {dev: number; ino: number} | undefined
+  private listener: Listener | undefined
   private nextId = 1
   /** Until when accepting is paused after accept4 ran out of descriptors or memory. */
   private acceptPausedUntil = 0
@@ -180,6 +184,7 @@ class ServingSession implements ClientIntake {
     prefetching: Prefetching,
   ) {
     this.signal = options.signal
+    this.listener = options.listener
     this.host = new FaultLoopHost({...servingSettings(options), ...prefetching})
     options.onStats?.(() => buildReport(this.host.stats, options.snapshot.name, this.startedAt, Date.now(), options.snapshot.report()))
     this.hitSampler = prefetching.countHits ? new PrefetchHitSampler(this.host.stats, this.clients) : undefined
@@ -189,13 +194,13 @@ class ServingSession implements ClientIntake {
     const {options, frontEnd, host} = this
     const {events} = host
     let interrupted = false
-    // A ready file left by an earlier run would tell a waiting script to go on before this
-    // handler listens.
-    if (options.readyFile) fs.rmSync(options.readyFile, {force: true})
+    if (options.readyFile && !this.listener) removeStaleReadyFile(options.readyFile)
     try {
-      await events.next((m) => m.type === 'ready')
+      // Listening already: the worker's messages, 'ready' among them, arrive while clients are
+      // admitted, and an added client is queued on its channel until it runs.
+      if (!this.listener) await events.next((m) => m.type === 'ready')
       events.onMessage = (m) => this.onWorkerMessage(m)
-      this.listen()
+      if (!this.listener) this.listen()
       this.hitSampler?.start()
       await frontEnd.admit(this)
       while (!options.signal.aborted && !frontEnd.servingDone(this.summaries())) await events.nextOrAbort(options.signal)
@@ -208,8 +213,7 @@ class ServingSession implements ClientIntake {
     } finally {
       this.hitSampler?.stop()
       frontEnd.release()
-      this.stopListening()
-      if (options.readyFile) fs.rmSync(options.readyFile, {force: true})
+      this.listener?.close()
       await host.stop()
     }
     const stats = buildReport(host.stats, options.snapshot.name, this.startedAt, Date.now(), options.snapshot.report())
@@ -229,7 +233,7 @@ class ServingSession implements ClientIntake {
   async waitForInput(watched: readonly number[]): Promise<{connection: number | null; readable: number[]} | null> {
     if (this.signal.aborted) return null
     // poll ignores a negative fd: while accepting is paused, only the pending handshakes are watched.
-    const listening = this.acceptPaused() ? -1 : this.listenFd
+    const listening = this.acceptPaused() ? -1 : this.listenFdOf()
     const revents = poll([{fd: listening, events: POLLIN}, ...watched.map((fd) => ({fd, events: POLLIN}))], ACCEPT_SLICE_MS)
     const connection = revents[0] !== 0 ? this.tryAccept(0) : null
     const readable = watched.filter((_, i) => revents[i + 1] !== 0)
@@ -245,7 +249,7 @@ class ServingSession implements ClientIntake {
   private tryAccept(timeoutMs: number): number | null {
     if (this.acceptPaused()) return null
     try {
-      const connection = acceptUnix(this.listenFd, timeoutMs)
+      const connection = acceptUnix(this.listenFdOf(), timeoutMs)
       if (connection !== null) this.acceptExhausted = false
       return connection
     } catch (error) {
@@ -263,10 +267,12 @@ class ServingSession implements ClientIntake {
   }
 
   stopListening(): void {
-    if (this.listenFd < 0) return
-    closeFd(this.listenFd)
-    this.listenFd = -1
-    removeIfSame(this.frontEnd.socketPath, this.socketFile)
+    this.listener?.stop()
+  }
+
+  private listenFdOf(): number {
+    if (!this.listener) throw new Error('the session accepts connections before it listens')
+    return this.listener.fd
   }
 
   async yieldToEventLoop(): Promise<void> {
@@ -294,16 +300,12 @@ class ServingSession implements ClientIntake {
 
   private listen(): void {
     const {options, frontEnd, host} = this
-    this.listenFd = listenUnix(frontEnd.socketPath, {mode: 0o600})
-    const st = fs.lstatSync(frontEnd.socketPath)
-    this.socketFile = {dev: st.dev, ino: st.ino}
-    if (options.readyFile) writeFileAtomically(options.readyFile, `${JSON.stringify({socket: frontEnd.socketPath, pid: process.pid})}\n`)
     const staged = host.stats.get('stagedUnits')
     if (staged) {
       const fill = nativeBlockFill ? 'installed by native/libuffd_fill' : 'installed page by page in JavaScript (native/libuffd_fill not loaded)'
       this.log(`working set staged: ${staged} units, ${formatBytes(host.stats.get('stagedBytes'))} decoded in ${Math.round(host.stats.get('stagedMs'))} ms; ${fill}`)
     }
-    this.log(`listening on ${frontEnd.socketPath}`)
+    this.listener = Listener.open(frontEnd.socketPath, options.readyFile, (line) => this.log(line))
   }
 
   private onWorkerMessage(m: FromWorker): void {
@@ -369,20 +371,4 @@ class ServingSession implements ClientIntake {
   private summaries(): ClientSummary[] {
     return [...this.clients.values()]
   }
-}
-
-/**
- * Removes `path` if it is still the socket file this handler made: anyone may have replaced it
- * meanwhile (with a file of theirs, or another listener's socket), and that is not ours to remove.
- */
-function removeIfSame(path: string, made: {dev: number; ino: number} | undefined): void {
-  if (!made) return
-  let st: fs.Stats
-  try {
-    st = fs.lstatSync(path)
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return
-    throw error
-  }
-  if (st.isSocket() && st.dev === made.dev && st.ino === made.ino) fs.rmSync(path, {force: true})
 }

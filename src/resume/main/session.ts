@@ -1,16 +1,14 @@
-import fs from 'node:fs'
-
 import {UffdError} from '../../core/errors.js'
 import {type Geometry} from '../../format/geometry.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
-import {attachedWorkingSet} from '../../snapshot/relayout.js'
-import {type LearnedRun, touchedInRun} from '../../format/learned-runs.js'
-import {foldIntoSnapshot, type LearnOutcome, prefetchedPages} from '../../snapshot/learn.js'
+import {type LearnedRun} from '../../format/learned-runs.js'
+import {type LearnOutcome} from '../../snapshot/learn.js'
 import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, SysError, uffdApiCompleted} from '../../sys/index.js'
 import {type GuestRegion, HandshakeError, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
 import {PendingHandshake} from './pending-handshake.js'
+import {prefetchPlan} from './prefetch-plan.js'
 import {type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
-import {checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from '../../format/working-set.js'
+import {type WorkingSetFile} from '../../format/working-set.js'
 
 export interface ResumeOptions extends SessionOptions {
   socketPath: string
@@ -49,7 +47,7 @@ export function handshakeTimeoutMs(options: Pick<ResumeOptions, 'timeoutMs' | 's
  * frozen: a frozen VM is better than one reading zeros from a released uffd).
  */
 export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
-  const {geometry, identity, workingSetUnits} = prefetchPlan(options)
+  const {geometry, identity, workingSetUnits} = await prefetchPlan(options.snapshot.reader, options.workingSetFile)
   const {result, recording} = await serveClients(options, new FirecrackerClients(options, geometry), {
     populateAll: options.populateAll,
     record: options.recordFile !== undefined || options.learn !== undefined,
@@ -77,9 +75,11 @@ async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOpt
   if (result.error) outcome = {folded: false, reason: `a client failed (${result.error.message})`, ms: 0}
   else if (result.clients.length === 0) outcome = {folded: false, reason: 'no client was served', ms: 0}
   else {
+    // Loaded only with --learn: the rewrite loads the encoders and the working-set parser.
+    const [{touchedInRun}, {foldIntoSnapshot}] = await Promise.all([import('../../format/learned-runs.js'), import('../../snapshot/learn.js')])
     let prefetched: LearnedRun | UffdError
     try {
-      prefetched = prefetchedInRun(options)
+      prefetched = await prefetchedInRun(options)
     } catch (error) {
       if (!(error instanceof UffdError)) throw error
       prefetched = error
@@ -94,30 +94,14 @@ async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOpt
 }
 
 /** The pages this run prefetched for its clients, with the times their set gives them. */
-function prefetchedInRun(options: ResumeOptions): LearnedRun {
+async function prefetchedInRun(options: ResumeOptions): Promise<LearnedRun> {
   if (options.workingSetFile === 'none') return {pages: [], firstTouchMs: []}
-  if (options.workingSetFile) return parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
-  return prefetchedPages(options.snapshot.reader)
-}
-
-/** The snapshot's geometry and identity, and the units to prefetch for every client. */
-function prefetchPlan(options: ResumeOptions): {geometry: Geometry; identity: WorkingSetFile['snapshot']; workingSetUnits: number[]} {
-  const {reader} = options.snapshot
-  {
-    const {geometry} = reader
-    const identity = {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: reader.header.headerCrc}
-    if (options.workingSetFile === 'none') return {geometry, identity, workingSetUnits: []}
-    if (options.workingSetFile) {
-      // A working set given on the command line wins over one attached to the snapshot.
-      const set = parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
-      checkMatches(set, identity, options.workingSetFile)
-      return {geometry, identity, workingSetUnits: chunksInTouchOrder(set.pages, geometry.pagesPerChunk)}
-    }
-    // An attached set is prefetched from its packed blocks when it has them (units after the
-    // chunks, see SnapshotReader.unitCount), else as whole chunks.
-    const packedUnits = reader.packed?.blocks.map((_, b) => reader.index.length + b)
-    return {geometry, identity, workingSetUnits: packedUnits ?? attachedWorkingSet(reader)?.chunks ?? []}
+  if (options.workingSetFile) {
+    const [fs, {parseWorkingSet}] = await Promise.all([import('node:fs'), import('../../format/working-set.js')])
+    return parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
   }
+  const {prefetchedPages} = await import('../../snapshot/learn.js')
+  return prefetchedPages(options.snapshot.reader)
 }
 
 /**

@@ -1,0 +1,152 @@
+// What `uffd resume` does once its command line is parsed, shared by the oclif command
+// (src/commands/resume.ts) and the fast path past oclif (resume-entry.ts). The modules up to
+// listening are the few imported here; the session's are loaded once the socket listens.
+
+import os from 'node:os'
+
+import {UffdError} from '../core/errors.js'
+import {formatBytes, parseSize} from '../core/units.js'
+import {Listener} from '../resume/main/listener.js'
+import {stagesWorkingSet} from '../resume/main/prefetch-plan.js'
+import {type ResumeResult} from '../resume/main/serving-session.js'
+import {checkInput} from '../snapshot/input-file.js'
+import {type OpenedSnapshot, openSnapshot} from '../snapshot/open.js'
+import {FlagValueError} from './flag-specs.js'
+import {remoteOptions} from './remote-flags.js'
+import {InterruptedError} from './report-error.js'
+import {type ResumeFlags} from './resume-flags.js'
+
+/**
+ * Serves `snapshotArg` as `flags` say and returns what happened; under `json` it prints nothing
+ * on stdout (the caller prints the result). A FlagValueError is thrown only before anything is
+ * listened on or written, so a caller may hand the command line to oclif to report it.
+ */
+export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, json: boolean): Promise<ResumeResult> {
+  // The session opens the set itself, and would block on a FIFO before listening.
+  if (flags['working-set'] && flags['working-set'] !== 'none') checkInput(flags['working-set'])
+  const decoders = flags.decoders ?? os.availableParallelism()
+  const remote = remoteOptions(flags)
+  const snapshot = await openSnapshot(snapshotArg, remote)
+  try {
+    // A remote chunk is fetched by the fetcher thread and decoded by a decoder: the fault loop
+    // itself never waits on the network (a fault whose chunk is not here yet waits, the loop
+    // goes on serving).
+    if (snapshot.remote && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
+    if (snapshot.remote && flags.learn) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: it needs a local file, not a URL (learn on a local copy, then `uffd cp` it back)')
+    return await serve(snapshot, decoders, flags, json)
+  } finally {
+    await snapshot.close()
+  }
+}
+
+async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFlags, json: boolean): Promise<ResumeResult> {
+  const {chunkSize, pageSize} = snapshot.reader.geometry
+  const faultAroundBytes = faultAround(flags['fault-around'], chunkSize, pageSize)
+  const readaheadBytes = size(flags.readahead, '--readahead')
+
+  const controller = new AbortController()
+  // A signal stops serving; with --learn, a second one stops the rewrite of the snapshot too.
+  const learning = new AbortController()
+  let signalName: string | undefined
+  const onStop = (signal: NodeJS.Signals): void => {
+    if (controller.signal.aborted) learning.abort()
+    signalName = signal
+    controller.abort()
+  }
+  let current: {stats: () => unknown} | undefined
+  const onUsr1 = (): void => {
+    if (current) process.stderr.write(`${JSON.stringify(current.stats())}\n`)
+  }
+  // Before the socket exists: a signal must never leave it (or the ready file) behind.
+  process.on('SIGINT', onStop)
+  process.on('SIGTERM', onStop)
+  process.on('SIGUSR1', onUsr1)
+  const log = (line: string): void => {
+    process.stderr.write(`uffd resume: ${line}\n`)
+  }
+  let result: ResumeResult
+  const common = {
+    snapshot,
+    timeoutMs: flags.timeout * 1000,
+    readyFile: flags['ready-file'],
+    kill: flags.kill,
+    cacheBytes: flags['cache-mb'] * 1024 * 1024,
+    faultAroundBytes,
+    spinMicros: flags['spin-us'],
+    decoders,
+    readaheadBytes,
+    statsFile: flags['stats-file'],
+    signal: controller.signal,
+    log,
+    onStats: (statsOf: () => unknown) => {
+      current = {stats: statsOf}
+    },
+  }
+  let listener: Listener | undefined
+  try {
+    if (flags['criu-dir']) {
+      const {runCriuResume} = await import('../resume/main/criu-session.js')
+      result = await runCriuResume({...common, criuDir: flags['criu-dir'], workDir: flags['work-dir'] ?? flags['criu-dir']})
+    } else {
+      const socketPath = flags.socket!
+      // With nothing to stage, a VMM may connect at once: its handshake waits in the backlog
+      // while the session's modules and the fault-loop worker load, and is served as soon as
+      // they are up. With a working set the socket listens once the set is decoded.
+      if (!stagesWorkingSet(snapshot.reader, flags['working-set'], decoders)) listener = Listener.open(socketPath, flags['ready-file'], log)
+      const {runResume} = await import('../resume/main/session.js')
+      result = await runResume({
+        ...common,
+        listener,
+        socketPath,
+        serve: flags.serve,
+        populateAll: flags.populate === 'all',
+        recordFile: flags.record,
+        workingSetFile: flags['working-set'],
+        countHits: flags['count-hits'],
+        learn: flags.learn ? {path: snapshot.name, keep: flags['learn-runs'], signal: learning.signal} : undefined,
+      })
+    }
+  } finally {
+    listener?.close()
+    process.off('SIGINT', onStop)
+    process.off('SIGTERM', onStop)
+    process.off('SIGUSR1', onUsr1)
+  }
+  const s = result.stats
+  if (!json) {
+    console.log(
+      `served ${s.faults.total} faults: ${s.pages.copied} pages copied (${formatBytes(s.bytes.copied)}), ${s.pages.zeroed} zeroed, ` +
+        `${s.chunks.decoded} chunks decoded, latency p50 ${s.latencyUs.p50 ?? '-'} µs p99 ${s.latencyUs.p99 ?? '-'} µs`,
+    )
+  }
+  if (result.error) {
+    process.exitCode = 1
+    if (!json) console.error(`uffd resume: ${result.error.message}`)
+  } else if (result.interrupted) {
+    if (json) process.exitCode = 130
+    else throw new InterruptedError(signalName ?? 'signal')
+  }
+  return result
+}
+
+function size(text: string, flag: string): number {
+  try {
+    return parseSize(text)
+  } catch (error) {
+    throw new FlagValueError(`${flag}: ${(error as Error).message}`)
+  }
+}
+
+function faultAround(text: string, chunkSize: number, pageSize: number): number {
+  if (text === 'auto') return Math.max(2 * 1024 * 1024, chunkSize)
+  if (text === 'chunk') return chunkSize
+  if (text === 'page') return pageSize
+  let bytes: number
+  try {
+    bytes = parseSize(text)
+  } catch (error) {
+    throw new FlagValueError(`--fault-around: ${(error as Error).message}`)
+  }
+  if (bytes < pageSize || bytes % pageSize !== 0) throw new FlagValueError(`--fault-around must be a multiple of the snapshot's page size (${pageSize})`)
+  return bytes
+}

@@ -1,0 +1,40 @@
+// The flags of `uffd resume`, as data: the oclif command (src/commands/resume.ts) and the fast
+// path past oclif (resume-entry.ts) both read them from here.
+
+import {MAX_LEARN_RUNS} from '../format/constants.js'
+import {type FlagSpec, type FlagValues} from './flag-specs.js'
+import {remoteFlagSpecs} from './remote-flags.js'
+
+export const RESUME_SNAPSHOT_ARG = 'Snapshot to serve: a path, an http(s):// URL or s3://BUCKET/KEY (chunks are fetched as they fault or are prefetched, into the --cache-dir).'
+
+export const resumeFlagSpecs = {
+  socket: {kind: 'string', summary: 'Unix socket to listen on (created 0600; a stale socket file is replaced).', exactlyOne: ['socket', 'criu-dir']},
+  'criu-dir': {kind: 'string', summary: 'Serve `criu restore --lazy-pages` of this CRIU dump (the one the snapshot was made from) instead of a VMM.', exactlyOne: ['socket', 'criu-dir'], exclusive: ['serve', 'record', 'working-set', 'learn']},
+  'work-dir': {kind: 'string', summary: 'With --criu-dir: criu restore\'s --work-dir, where it looks for lazy-pages.socket [default: the --criu-dir].', dependsOn: ['criu-dir']},
+  timeout: {kind: 'integer', summary: 'Seconds to wait for the client to connect, and for each connection to send its whole handshake; 0 waits forever. With --serve a handshake gets at most 10 s, also with 0.', default: 60, min: 0},
+  'ready-file': {kind: 'string', summary: 'Written (atomically) once the socket is listening and the working set is staged (decoded into memory), for scripts to wait on; a stale one is removed at start, and this one at exit.'},
+  serve: {kind: 'boolean', summary: 'Keep accepting clients (VMs resumed from the same snapshot share one decoded-chunk cache) until SIGINT/SIGTERM.', default: false},
+  kill: {kind: 'boolean', summary: 'Kill a client that can no longer be served correctly (--no-kill leaves it frozen).', default: true, allowNo: true},
+  'cache-mb': {kind: 'integer', summary: 'Memory for decoded chunks, MiB; the working set staged before the first client gets as much again.', default: 256, min: 1},
+  'fault-around': {kind: 'string', summary: 'Bytes installed around each faulting page: a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size), "page" (no fault-around) or "auto" (2 MiB, or the chunk size if larger: a fault round trip costs far more than copying 2 MiB, see docs/BENCHMARKS.md).', default: 'auto'},
+  populate: {kind: 'string', summary: 'Fill memory ahead of faults: "none" (lazy; sequential readahead only) or "all" (the whole memory in the background, demand faults first).', options: ['none', 'all'], default: 'none'},
+  readahead: {kind: 'string', summary: 'Most memory installed ahead of a sequential run of faults (a size, 0 to disable); the distance doubles with each fault that continues the run.', default: '256M'},
+  decoders: {kind: 'integer', summary: 'Threads decoding chunks ahead of need [default: number of CPUs]; 0 decodes in the fault loop only.', min: 0, max: 64},
+  record: {kind: 'string', summary: 'Write the working set (the pages each fault installed, faulting page first, in fault order, with times) to this file at exit.'},
+  learn: {
+    kind: 'boolean',
+    summary: "At exit, fold the pages this run touched into the snapshot's attached working set: the snapshot remembers the last --learn-runs runs, attaches the pages a majority of them touched, and is rewritten atomically in place (other handlers serving it are not disturbed; concurrent learners take turns). A local snapshot file only.",
+    default: false,
+  },
+  'learn-runs': {kind: 'integer', summary: 'With --learn: how many recent runs the snapshot remembers [default: what it remembers already, else 5].', min: 1, max: MAX_LEARN_RUNS, dependsOn: ['learn']},
+  'working-set': {kind: 'string', summary: 'Prefetch this recorded working set (from --record or `uffd working-set merge`) as soon as a client connects [default: the one attached to the snapshot, if any; "none" to ignore it].'},
+  'spin-us': {kind: 'integer', summary: 'Microseconds to keep polling after a fault before sleeping (saves a cross-CPU wake-up per fault; costs CPU).', default: 0, min: 0, max: 1_000_000},
+  'stats-file': {kind: 'string', summary: 'Write run statistics as JSON here at exit (render with `uffd stats FILE`).'},
+  ...remoteFlagSpecs,
+  'count-hits': {kind: 'boolean', summary: "Count prefetch hits and waste: clears the accessed bits of pages installed ahead of need (process_madvise MADV_COLD, which also moves them to the inactive LRU list; the fault-loop thread stays on one CPU meanwhile) and reads the client's /proc/PID/smaps twice a second. Needs CAP_SYS_NICE.", default: false, exclusive: ['criu-dir']},
+} as const satisfies Record<string, FlagSpec>
+
+/** What oclif's --json adds to every command (BaseCommand.enableJsonFlag), for the fast path. */
+export const jsonFlagSpec = {json: {kind: 'boolean', summary: 'Format output as json.', default: false}} as const satisfies Record<string, FlagSpec>
+
+export type ResumeFlags = FlagValues<typeof resumeFlagSpecs>

@@ -1,0 +1,47 @@
+import {type Geometry} from '../../format/geometry.js'
+import {type WorkingSetFile} from '../../format/working-set.js'
+import {attachedWorkingSet} from '../../snapshot/attached-set.js'
+import {type SnapshotReader} from '../../snapshot/reader.js'
+
+/** The snapshot's geometry and identity (what a recorded set is checked against), and the units to prefetch for every client. */
+export interface PrefetchPlan {
+  geometry: Geometry
+  identity: WorkingSetFile['snapshot']
+  workingSetUnits: number[]
+}
+
+/**
+ * Whether the fault-loop worker stages a working set (decodes it into memory) before the first
+ * client, so that the session listens only once it has: with decoders, and a set given or attached.
+ * Asked before the session is loaded, so it reads only the snapshot's header.
+ */
+export function stagesWorkingSet(reader: SnapshotReader, workingSetFile: string | undefined, decoders: number): boolean {
+  if (decoders === 0 || workingSetFile === 'none') return false
+  if (workingSetFile) return true
+  return attachedUnits(reader).length > 0
+}
+
+/** The plan for `workingSetFile` (a path, "none", or undefined for the snapshot's own set). */
+export async function prefetchPlan(reader: SnapshotReader, workingSetFile: string | undefined): Promise<PrefetchPlan> {
+  const {geometry} = reader
+  const identity = {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: reader.header.headerCrc}
+  if (workingSetFile === 'none') return {geometry, identity, workingSetUnits: []}
+  if (workingSetFile) {
+    // Loaded only for a set on the command line: its schema validation is a large module graph.
+    const [fs, {checkMatches, chunksInTouchOrder, parseWorkingSet}] = await Promise.all([import('node:fs'), import('../../format/working-set.js')])
+    // A working set given on the command line wins over one attached to the snapshot.
+    const set = parseWorkingSet(fs.readFileSync(workingSetFile, 'utf8'), workingSetFile)
+    checkMatches(set, identity, workingSetFile)
+    return {geometry, identity, workingSetUnits: chunksInTouchOrder(set.pages, geometry.pagesPerChunk)}
+  }
+  return {geometry, identity, workingSetUnits: attachedUnits(reader)}
+}
+
+/**
+ * An attached set is prefetched from its packed blocks when it has them (units after the chunks,
+ * see SnapshotReader.unitCount), else as whole chunks.
+ */
+function attachedUnits(reader: SnapshotReader): number[] {
+  const packedUnits = reader.packed?.blocks.map((_, b) => reader.index.length + b)
+  return packedUnits ?? attachedWorkingSet(reader)?.chunks ?? []
+}
