@@ -12,6 +12,8 @@ import {type ResumeResult} from '../resume/main/serving-session.js'
 import {runResume} from '../resume/main/session.js'
 import {checkInput} from '../snapshot/input-file.js'
 import {type OpenedSnapshot, openSnapshot} from '../snapshot/open.js'
+import {layersFlag} from '../cli/layers-flag.js'
+import {SnapshotReader} from '../snapshot/reader.js'
 
 export default class Resume extends BaseCommand {
   static override summary = 'Serve a snapshot to a VMM or process as its userfaultfd page-fault handler.'
@@ -34,6 +36,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
   }
 
   static override flags = {
+    layers: layersFlag,
     socket: Flags.string({summary: 'Unix socket to listen on (created 0600; a stale socket file is replaced).', exactlyOne: ['socket', 'criu-dir']}),
     'criu-dir': Flags.string({summary: 'Serve `criu restore --lazy-pages` of this CRIU dump (the one the snapshot was made from) instead of a VMM.', exactlyOne: ['socket', 'criu-dir'], exclusive: ['serve', 'record', 'working-set', 'learn']}),
     'work-dir': Flags.string({summary: 'With --criu-dir: criu restore\'s --work-dir, where it looks for lazy-pages.socket [default: the --criu-dir].', dependsOn: ['criu-dir']}),
@@ -65,12 +68,13 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     if (flags['working-set'] && flags['working-set'] !== 'none') checkInput(flags['working-set'])
     const decoders = flags.decoders ?? os.availableParallelism()
     const remote = remoteOptions(flags)
-    const snapshot = await openSnapshot(args.snapshot, remote)
+    const snapshot = await openSnapshot(args.snapshot, remote, flags.layers)
     try {
       // A remote chunk is fetched by the fetcher thread and decoded by a decoder: the fault loop
       // itself never waits on the network (a fault whose chunk is not here yet waits, the loop
       // goes on serving).
       if (snapshot.remote && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
+      if (flags.learn && !(snapshot.reader instanceof SnapshotReader)) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: a layer cannot learn (learn on the base before layering, or squash the chain first)')
       if (snapshot.remote && flags.learn) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: it needs a local file, not a URL (learn on a local copy, then `uffd cp` it back)')
       return await this.serve(snapshot, decoders, flags)
     } finally {

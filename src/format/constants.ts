@@ -35,7 +35,7 @@ export const MAX_CHUNK_SIZE = 4 * 1024 * 1024
  * each page. A reader that ignored the bit would read most of the image as missing.
  */
 export const INCOMPAT_LAYERED = 1n << 0n
-export const KNOWN_INCOMPAT_FEATURES = 0n
+export const KNOWN_INCOMPAT_FEATURES = INCOMPAT_LAYERED
 /**
  * The snapshot carries a working set (metadata.workingSet) and stores those chunks first, so a
  * handler can read them with one sequential read. Readers that ignore it lose nothing.

@@ -6,6 +6,7 @@ import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {attachedWorkingSet} from '../../snapshot/relayout.js'
 import {type LearnedRun, touchedInRun} from '../../format/learned-runs.js'
 import {foldIntoSnapshot, type LearnOutcome, prefetchedPages} from '../../snapshot/learn.js'
+import {SnapshotReader} from '../../snapshot/reader.js'
 import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, SysError, uffdApiCompleted} from '../../sys/index.js'
 import {type GuestRegion, HandshakeError, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
 import {PendingHandshake} from './pending-handshake.js'
@@ -87,7 +88,7 @@ async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOpt
     outcome =
       prefetched instanceof UffdError
         ? {folded: false, reason: prefetched.message, ms: 0}
-        : await foldIntoSnapshot(path, options.snapshot.reader, touchedInRun(recording, prefetched), {keep: learnOptions.keep, signal: learnOptions.signal})
+        : await foldIntoSnapshot(path, singleReader(options), touchedInRun(recording, prefetched), {keep: learnOptions.keep, signal: learnOptions.signal})
   }
   options.log(outcome.folded ? `learned: ${path} now remembers ${outcome.runs} run(s); ${outcome.pages} pages attached (${outcome.ms} ms)` : `not learned: ${outcome.reason}`)
   return outcome
@@ -97,7 +98,14 @@ async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOpt
 function prefetchedInRun(options: ResumeOptions): LearnedRun {
   if (options.workingSetFile === 'none') return {pages: [], firstTouchMs: []}
   if (options.workingSetFile) return parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
-  return prefetchedPages(options.snapshot.reader)
+  return prefetchedPages(singleReader(options))
+}
+
+/** The snapshot as one file: --learn rewrites it (resume refuses --learn on a layer before serving). */
+function singleReader(options: ResumeOptions): SnapshotReader {
+  const {reader} = options.snapshot
+  if (!(reader instanceof SnapshotReader)) throw new UffdError('INTERNAL', 'a layer reached --learn')
+  return reader
 }
 
 /** The snapshot's geometry and identity, and the units to prefetch for every client. */
@@ -116,7 +124,9 @@ function prefetchPlan(options: ResumeOptions): {geometry: Geometry; identity: Wo
     // An attached set is prefetched from its packed blocks when it has them (units after the
     // chunks, see SnapshotReader.unitCount), else as whole chunks.
     const packedUnits = reader.packed?.blocks.map((_, b) => reader.index.length + b)
-    return {geometry, identity, workingSetUnits: packedUnits ?? attachedWorkingSet(reader)?.chunks ?? []}
+    // A chain has no attached set (working-set attach refuses layers); --working-set FILE works on it.
+    const attached = reader instanceof SnapshotReader ? attachedWorkingSet(reader) : undefined
+    return {geometry, identity, workingSetUnits: packedUnits ?? attached?.chunks ?? []}
   }
 }
 
