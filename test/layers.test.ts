@@ -32,17 +32,19 @@ function ok(args: string[]): any {
   return r.json
 }
 
-async function resumeAndCheck(snapshot: string, image: string, extra: string[] = []): Promise<void> {
+async function resumeAndCheck(snapshot: string, image: string, extra: string[] = [], clientArgs = ['--touch', 'random', '--verify-all']): Promise<{client: any; resume: any}> {
   const socket = at(`s-${path.basename(snapshot)}.sock`)
   const ready = `${socket}.ready`
-  const handler = uffdAsync(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30', ...extra], {timeoutMs: 60_000})
+  const handler = uffdAsync(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30', '--json', ...extra], {timeoutMs: 60_000})
   for (let i = 0; i < 400 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
   expect(fs.existsSync(ready), 'the handler never became ready').toBe(true)
-  const client = spawnSync(FC_CLIENT, ['--socket', socket, '--image', image, '--touch', 'random', '--verify-all', '--timeout-ms', '30000'], {encoding: 'utf8', timeout: 60_000})
+  const client = spawnSync(FC_CLIENT, ['--socket', socket, '--image', image, ...clientArgs, '--timeout-ms', '30000'], {encoding: 'utf8', timeout: 60_000})
   const done = await handler
   expect(client.status, `fc_client:\n${client.stdout}${client.stderr}\nresume:\n${done.stderr}`).toBe(0)
-  expect(JSON.parse(client.stdout).verify_errors).toBe(0)
+  const report = JSON.parse(client.stdout)
+  expect(report.verify_errors).toBe(0)
   expect(done.status, done.stderr).toBe(0)
+  return {client: report, resume: JSON.parse(done.stdout)}
 }
 
 beforeAll(() => {
@@ -153,6 +155,21 @@ describe('layers', () => {
       await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--decoders', '0'])
       await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--populate', 'all'])
     }, 180_000)
+
+    it('a balloon removal on a layer reads as zeros and is never refilled', async () => {
+      const r = await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--populate', 'all'], ['--touch', 'random', '--count', '300', '--verify', '--balloon', '4096:64K,1M:12K'])
+      expect(r.client).toMatchObject({balloon_ok: true, balloon_bytes: 65536 + 12288, balloon_bad_pages: 0})
+    }, 120_000)
+
+    it('a working set recorded on a layer prefetches on the next resume of it', async () => {
+      const ws = at('v2.ws')
+      const recorded = await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--record', ws, '--fault-around', 'page', '--readahead', '0'], ['--touch', 'random', '--count', '400', '--verify'])
+      expect(recorded.resume.stats.faults.total).toBeGreaterThan(0)
+      // The guest waits before touching: the set is installed by then, and no touch faults.
+      const r = await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--working-set', ws, '--readahead', '0'], ['--touch', 'random', '--count', '400', '--verify', '--delay-ms', '300'])
+      expect(r.resume.stats.pages.prefetched).toBeGreaterThan(0)
+      expect(r.resume.stats.faults.total).toBe(0)
+    }, 120_000)
 
     it('serves a layer made from a sparse diff like the full image', async () => {
       await resumeAndCheck(at('v2d.uffd'), at('v2.raw'))
