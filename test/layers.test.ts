@@ -87,6 +87,34 @@ describe('layers', () => {
     expect(s.chain[2].pagesProvided).toBe(s.layer.pages)
   })
 
+  it('squash writes one self-contained snapshot of the chain, copying base chunks it can', () => {
+    // Scattered changes touch every chunk: all are assembled again.
+    const s = ok(['squash', at('v2.uffd'), '-o', at('sq.uffd')])
+    expect(s.copiedChunks).toBe(0)
+    expect(s.encodedChunks).toBeGreaterThan(0)
+    // A clustered change on the base leaves the other chunks' stored bytes to copy.
+    const c = fs.readFileSync(at('base.raw'))
+    pseudoRandom(64 * PAGE, 11).copy(c, 64 * PAGE)
+    fs.writeFileSync(at('c.raw'), c)
+    ok(['snapshot', '--mem-file', at('c.raw'), '--parent', at('base.uffd'), '-o', at('c.uffd')])
+    const sc = ok(['squash', at('c.uffd'), '-o', at('sqc.uffd')])
+    expect(sc.encodedChunks).toBe(1)
+    expect(sc.copiedChunks).toBeGreaterThan(0)
+    expect(ok(['verify', at('sqc.uffd'), '--against', at('c.raw')]).ok).toBe(true)
+    const moved = tempDir('uffd-layers-squashed-')
+    try {
+      // Alone in a directory: nothing of the chain is needed.
+      fs.renameSync(at('sq.uffd'), path.join(moved, 'sq.uffd'))
+      const stats = ok(['stats', path.join(moved, 'sq.uffd')])
+      expect(stats.layer).toBeUndefined()
+      expect(ok(['verify', path.join(moved, 'sq.uffd'), '--against', at('v2.raw')]).ok).toBe(true)
+    } finally {
+      fs.rmSync(moved, {recursive: true, force: true})
+    }
+    expect(uffd(['squash', at('base.uffd'), '-o', at('x.uffd'), '--json']).json.error.code).toBe('USAGE')
+    expect(fs.existsSync(at('x.uffd'))).toBe(false)
+  })
+
   it('a Firecracker-style sparse diff gives the same image as the full file', () => {
     // Holes are "unchanged": only the pages that differ from v1 (and one rewritten with the same bytes) are written.
     const v1 = fs.readFileSync(at('v1.raw'))
