@@ -164,6 +164,23 @@ describe('layers', () => {
     }
   })
 
+  it('a layer whose own tables or blocks were changed is refused as CORRUPT', () => {
+    const bytes = fs.readFileSync(at('v1.uffd'))
+    const headerSize = bytes.readUInt32LE(12)
+    const meta = JSON.parse(bytes.subarray(0, headerSize).toString('latin1').match(/\{"source".*\}/)![0])
+    const flip = (offset: number, name: string): any => {
+      const copy = Buffer.from(bytes)
+      copy[offset] ^= 0x01
+      fs.writeFileSync(at(name), copy)
+      return uffd(['verify', at(name), '--json']).json
+    }
+    expect(flip(meta.layer.runs.offset + 4, 'bad-runs.uffd').error.code).toBe('CORRUPT')
+    expect(flip(meta.layer.blocks.offset + 8, 'bad-blocks.uffd').error.code).toBe('CORRUPT')
+    const data = flip(headerSize + 10, 'bad-data.uffd')
+    expect(data.ok).toBe(false)
+    expect(data.errors.join('\n')).toMatch(/layer block 0: checksum mismatch/)
+  })
+
   it('a layer carries incompatible bit 0 (older readers refuse it), and cp refuses one', () => {
     const bytes = fs.readFileSync(at('v1.uffd'))
     expect(bytes.readBigUInt64LE(16)).toBe(1n)
