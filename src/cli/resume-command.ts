@@ -11,6 +11,7 @@ import {stagesWorkingSet} from '../resume/main/prefetch-plan.js'
 import {type ResumeResult} from '../resume/main/serving-session.js'
 import {checkInput} from '../snapshot/input-file.js'
 import {type OpenedSnapshot, openSnapshot} from '../snapshot/open.js'
+import {SnapshotReader} from '../snapshot/reader.js'
 import {FlagValueError} from './flag-specs.js'
 import {remoteOptions} from './remote-flags.js'
 import {InterruptedError} from './report-error.js'
@@ -26,12 +27,13 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
   if (flags['working-set'] && flags['working-set'] !== 'none') checkInput(flags['working-set'])
   const decoders = flags.decoders ?? os.availableParallelism()
   const remote = remoteOptions(flags)
-  const snapshot = await openSnapshot(snapshotArg, remote)
+  const snapshot = await openSnapshot(snapshotArg, remote, flags.layers)
   try {
     // A remote chunk is fetched by the fetcher thread and decoded by a decoder: the fault loop
     // itself never waits on the network (a fault whose chunk is not here yet waits, the loop
     // goes on serving).
     if (snapshot.remote && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
+    if (flags.learn && !(snapshot.reader instanceof SnapshotReader)) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: a layer cannot learn (learn on the base before layering, or squash the chain first)')
     if (snapshot.remote && flags.learn) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: it needs a local file, not a URL (learn on a local copy, then `uffd cp` it back)')
     return await serve(snapshot, decoders, flags, json)
   } finally {

@@ -8,7 +8,7 @@ import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {formatBytes} from '../core/units.js'
 import {type RemoteReport} from '../remote/remote-snapshot.js'
 import {copySnapshot} from '../snapshot/copy.js'
-import {openSnapshot} from '../snapshot/open.js'
+import {openSnapshot, singleFile} from '../snapshot/open.js'
 import {outputLocation, prepareOutput} from '../snapshot/outputs.js'
 
 export interface CopyReport {
@@ -55,10 +55,17 @@ export default class Cp extends BaseCommand {
     const prepared = await prepareOutput(location, {force: flags.force, mode, s3: options.s3})
     const started = performance.now()
     const snapshot = await openSnapshot(args.source, options)
+    let reader
+    try {
+      reader = singleFile(snapshot, 'uffd cp')
+    } catch (error) {
+      await snapshot.close()
+      throw error
+    }
     const bar = progressBar(!this.jsonEnabled(), 'cp')
     let copied: Awaited<ReturnType<typeof copySnapshot>>
     try {
-      copied = await withInterruptHandling((signal) => copySnapshot(snapshot.reader, prepared.open(snapshot.reader.fileSize), {signal, onProgress: bar.update}))
+      copied = await withInterruptHandling((signal) => copySnapshot(reader, prepared.open(reader.fileSize), {signal, onProgress: bar.update}))
     } finally {
       bar.stop()
       await snapshot.close()

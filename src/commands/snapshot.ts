@@ -2,7 +2,7 @@ import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
-import {Flags} from '@oclif/core'
+import {Flags, type Interfaces} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
 import {modeFlag, parseMode} from '../cli/mode-flag.js'
@@ -22,6 +22,8 @@ import {outputLocation, prepareOutput} from '../snapshot/outputs.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {attachedSizeHint, describeAttached, PACK_CODECS, packOptionsFor, writeAttached} from '../snapshot/relayout.js'
 import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'
+import {type LayerSummary, writeLayer} from '../snapshot/layer-writer.js'
+import {openImage} from '../snapshot/layered-reader.js'
 
 export const DEFAULT_CODEC: CompressionCodec = 'zstd'
 export const DEFAULT_LEVEL = 1
@@ -36,6 +38,8 @@ With --pid the process is stopped (SIGSTOP) while its memory is read, for a cons
 
 With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted: one region per VMA of every task in the dumped tree, owned by the task's pid; pages CRIU did not dump are zero pages. Incremental dumps (pages in a parent dump) and --lazy-pages dumps are refused.
 
+With --parent BASE the snapshot is a layer over BASE (an ordinary snapshot, or itself a layer): every page is compared with BASE's and only those that differ are stored, packed in compressed blocks, with a table saying which file of the chain holds each page. The layer records each ancestor's file name and identity; resume, stats, verify and squash find them next to the layer (or in --layers DIR) and refuse a missing or different one. Its page and chunk size are BASE's. With --diff, --mem-file is a Firecracker Diff snapshot: its holes are pages unchanged since BASE (not zeros), and its data pages are compared with BASE too.
+
 With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart upload: parts go out while later chunks are still being compressed, a few parts in memory at once); the object appears only when it is complete, and a failed or interrupted run aborts the upload, leaving nothing. With --working-set, the snapshot is first written to a temporary file in $TMPDIR, then uploaded with the set attached.`
 
   static override examples = [
@@ -44,6 +48,8 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     '<%= config.bin %> snapshot --pid 1234 -o app.uffd --json',
     '<%= config.bin %> snapshot --criu-dir ./dump -o app.uffd',
     '<%= config.bin %> snapshot --mem-file vm.mem -o s3://snapshots/vm.uffd',
+    '<%= config.bin %> snapshot --mem-file vm2.mem --parent vm.uffd -o vm2.uffd',
+    '<%= config.bin %> snapshot --mem-file vm.diff --diff --parent vm.uffd -o vm2.uffd',
   ]
 
   static override flags = {
@@ -60,13 +66,18 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     jobs: Flags.integer({char: 'j', summary: 'Compression worker threads [default: number of CPUs].', min: 1, max: 256}),
     'working-set': Flags.string({summary: 'Attach a working set recorded by `uffd resume --record` (on a snapshot of the same memory): its pages are stored first, packed, and prefetched on resume.'}),
     pack: Flags.string({summary: "With --working-set: codec of the packed copy of the set's pages [default: --codec]; none: reorder chunks only.", options: PACK_CODECS, dependsOn: ['working-set']}),
+    parent: Flags.string({summary: "Write a layer over this snapshot (a local path): only the pages whose content differs from the parent's are stored."}),
+    diff: Flags.boolean({summary: 'With --parent and --mem-file: the file is a Firecracker Diff snapshot, whose holes are pages unchanged since the parent.'}),
+    layers: Flags.string({summary: "Directory holding the parent's own ancestors, when the parent is a layer [default: the parent's directory].", dependsOn: ['parent']}),
     mode: modeFlag,
     freeze: Flags.boolean({summary: 'Stop the process while reading it (--no-freeze reads it running: faster for the process, inconsistent image).', default: true, allowNo: true}),
     's3-endpoint': oclifFlags(remoteFlagSpecs)['s3-endpoint'],
   }
 
-  async run(): Promise<WriteSummary & {ratio: number; source: string}> {
+  async run(): Promise<(WriteSummary & {ratio: number; source: string}) | (LayerSummary & {source: string})> {
     const {flags} = await this.parse(Snapshot)
+    if (flags.diff && (flags.parent === undefined || flags['mem-file'] === undefined)) this.error('--diff needs --parent and --mem-file: a Diff snapshot is read as changes to its parent', {exit: 2})
+    if (flags.parent !== undefined) return this.layer(flags)
     const chunkSize = this.sizeFlag(flags['chunk-size'], '--chunk-size')
     const pageSize = flags['page-size'] === '2M' ? PAGE_SIZE_2M : PAGE_SIZE_4K
     if (flags['mem-file'] === undefined && pageSize !== PAGE_SIZE_4K) this.error('--page-size 2M applies to guest memory files, not processes', {exit: 2})
@@ -140,6 +151,62 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
         `(${formatBytes(summary.logicalSize / Math.max(summary.seconds, 1e-9))}/s)`,
     )
     return {...summary, ratio, source}
+  }
+
+  /** `snapshot --parent`: a layer of the input over the parent, to a local path. */
+  private async layer(flags: Interfaces.InferredFlags<typeof Snapshot.flags>): Promise<LayerSummary & {source: string}> {
+    const parentPath = flags.parent!
+    if (flags['working-set'] !== undefined) this.error('--working-set with --parent: attach a working set to the base, before layering on it', {exit: 2})
+    if (flags.regions !== undefined) this.error("--regions with --parent: a layer has its parent's regions", {exit: 2})
+    let mode: number | undefined
+    try {
+      mode = parseMode(flags.mode)
+    } catch (error) {
+      this.error((error as Error).message, {exit: 2})
+    }
+    const source = flags['mem-file'] ?? flags['criu-dir'] ?? `pid ${flags.pid}`
+    const location = outputLocation(flags.output ?? (flags.pid === undefined ? `${path.basename(path.resolve(source))}.uffd` : `pid-${flags.pid}.uffd`), {mode})
+    if (location.kind !== 'file') this.error('a layer is written to a local path (upload it with uffd cp once written)', {exit: 2})
+    const prepared = await prepareOutput(location, {force: flags.force, mode, s3: s3Settings(flags)})
+    if (path.resolve(location.path) === path.resolve(parentPath)) this.error('--parent and the output are the same file', {exit: 2})
+    const parent = openImage(parentPath, flags.layers)
+    try {
+      const pageSize = flags['page-size'] === '2M' ? PAGE_SIZE_2M : PAGE_SIZE_4K
+      if (pageSize !== parent.geometry.pageSize) throw new UffdError('INPUT_MISMATCH', `--page-size ${flags['page-size']}: the parent ${parentPath} has ${formatBytes(parent.geometry.pageSize)} pages`)
+      const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
+      const write = (input: ImageInput, signal: AbortSignal): Promise<LayerSummary> =>
+        writeLayer(input, parent, parentPath, prepared.destination, {codec: flags.codec as CompressionCodec, level: flags.level, diff: flags.diff ?? false, mode, signal, onProgress: bar.update})
+      const summary = await withInterruptHandling(async (signal) => {
+        try {
+          if (flags['mem-file']) return await write(memFileInput(flags['mem-file']), signal)
+          if (flags['criu-dir']) return await write(criuDirInput(flags['criu-dir']), signal)
+          return await this.layerOfProcess(flags.pid!, flags.freeze, (input) => write(input, signal))
+        } finally {
+          bar.stop()
+        }
+      }, `${prepared.destination} left as it was`)
+      const full = summary.logicalSize / Math.max(1, summary.fileSize)
+      this.log(
+        `${summary.path}: layer ${summary.depth} over ${parentPath}: ${summary.changedPages} of ${summary.pageCount} pages changed (${formatPercent(summary.changedPages, summary.pageCount)}` +
+          `${summary.zeroedPages ? `, ${summary.zeroedPages} now zero` : ''}), ${summary.storedPages} stored in ${summary.blocks} blocks, ${formatBytes(summary.fileSize)} (${full.toFixed(1)}x smaller than the image), ${summary.seconds.toFixed(2)} s`,
+      )
+      return {...summary, source}
+    } finally {
+      parent.close()
+    }
+  }
+
+  private async layerOfProcess(pid: number, freeze: boolean, write: (input: ImageInput) => Promise<LayerSummary>): Promise<LayerSummary> {
+    if (!processExists(pid)) throw new ProcessSnapshotError(`no process with pid ${pid}`, 'NO_SUCH_PROCESS')
+    const resume = freeze ? await freezeProcess(pid) : () => {}
+    try {
+      return await write(new ProcessInput(pid))
+    } catch (error) {
+      if (!processExists(pid)) throw new ProcessSnapshotError(`process ${pid} exited during the snapshot`, 'EXITED')
+      throw error
+    } finally {
+      resume()
+    }
   }
 
   /** Writes the snapshot of whichever input the flags name to `target(input)`. */

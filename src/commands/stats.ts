@@ -5,10 +5,11 @@ import {oclifFlags} from '../cli/oclif-flags.js'
 import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {isRemote, parseLocation} from '../remote/location.js'
 import {openSnapshot} from '../snapshot/open.js'
-import {type SnapshotReader} from '../snapshot/reader.js'
+import {layersFlag} from '../cli/layers-flag.js'
+import {type ImageReader} from '../snapshot/layered-reader.js'
 import {formatBytes, formatPercent} from '../core/units.js'
 import {REGION_PROT_EXEC, REGION_PROT_READ, REGION_PROT_WRITE, RegionKind} from '../format/constants.js'
-import {type SnapshotStats, snapshotStats} from '../snapshot/inspect.js'
+import {imageStats, type SnapshotStats} from '../snapshot/inspect.js'
 import {checkInput} from '../snapshot/input-file.js'
 import {readResumeReport, renderResumeReport} from '../resume/main/report-render.js'
 import {type ResumeReport} from '../resume/run-stats.js'
@@ -44,7 +45,7 @@ function isCriuTask(value: unknown): value is CriuTaskMetadata {
 }
 
 /** Per-owner sizes of the process regions (the zero map tells non-zero pages), in first-seen order. */
-function taskSizes(reader: SnapshotReader): TaskSize[] {
+function taskSizes(reader: ImageReader): TaskSize[] {
   const {header, geometry, zeroMap} = reader
   const byPid = new Map<number, TaskSize>()
   for (const r of header.regions) {
@@ -73,7 +74,7 @@ export default class Stats extends BaseCommand {
     file: Args.string({description: 'Snapshot (a path, http(s):// URL or s3://BUCKET/KEY: only its header and index are fetched), or a statistics file written by `uffd resume --stats-file`.', required: true}),
   }
 
-  static override flags = {...oclifFlags(remoteFlagSpecs)}
+  static override flags = {layers: layersFlag, ...oclifFlags(remoteFlagSpecs)}
 
   async run(): Promise<StatsResult | ResumeReport> {
     const {args, flags} = await this.parse(Stats)
@@ -87,10 +88,10 @@ export default class Stats extends BaseCommand {
         return report
       }
     }
-    const snapshot = await openSnapshot(args.file, remoteOptions(flags))
+    const snapshot = await openSnapshot(args.file, remoteOptions(flags), flags.layers)
     const {reader} = snapshot
     try {
-      const stats: StatsResult = {...snapshotStats(reader, args.file), tasks: taskSizes(reader)}
+      const stats: StatsResult = {...imageStats(reader, args.file), tasks: taskSizes(reader)}
       const raw = stats.metadata.rawPageBytes
       if (stats.metadata.source === 'criu' && typeof raw === 'number') {
         stats.criu = {rawPageBytes: raw, snapshotBytes: stats.fileSize, ratio: stats.fileSize === 0 ? 0 : raw / stats.fileSize}
@@ -117,8 +118,13 @@ export default class Stats extends BaseCommand {
     row('logical size', `${formatBytes(s.logicalSize)} (${s.logicalSize} bytes, ${s.pageCount} pages of ${formatBytes(s.pageSize)})`)
     row('stored size', `${formatBytes(s.fileSize)} (${s.fileSize} bytes), ratio ${s.ratio.toFixed(2)}x`)
     row('zero pages', `${s.zeroPages} (${formatPercent(s.zeroPages, s.pageCount)}, ${formatBytes(s.zeroBytes)}), never stored`)
-    row('chunks', `${s.chunkCount} of ${formatBytes(s.chunkSize)}: ${s.allZeroChunks} all-zero, ${s.dedupChunks} deduplicated (saving ${formatBytes(s.dedupSavedBytes)})`)
-    row('codec', 'chunks      payload      stored   ratio')
+    if (s.layer) row('layer', `${s.layer.pages} changed pages stored in ${s.layer.blocks} blocks, over ${s.layer.depth} file(s)`)
+    else row('chunks', `${s.chunkCount} of ${formatBytes(s.chunkSize)}: ${s.allZeroChunks} all-zero, ${s.dedupChunks} deduplicated (saving ${formatBytes(s.dedupSavedBytes)})`)
+    if (s.chain) {
+      row('chain', '          size   stored units   provides  file')
+      for (const f of s.chain) row('', `${f.role.padEnd(8)} ${formatBytes(f.fileSize).padStart(9)} ${String(f.unitsStored).padStart(14)} ${formatPercent(f.pagesProvided, s.pageCount).padStart(10)}  ${f.file}`)
+    }
+    row('codec', `${s.layer ? 'blocks' : 'chunks'}      payload      stored   ratio`)
     for (const [name, u] of Object.entries(s.codecs)) {
       const ratio = u.storedBytes > 0 ? `${(u.payloadBytes / u.storedBytes).toFixed(2)}x` : '-'
       row('', `${name.padEnd(6)}${String(u.chunks).padStart(7)} ${formatBytes(u.payloadBytes).padStart(12)} ${formatBytes(u.storedBytes).padStart(11)} ${ratio.padStart(7)}`)

@@ -7,10 +7,11 @@ import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {formatBytes} from '../core/units.js'
 import {type VerifyResult, verifySnapshot} from '../snapshot/inspect.js'
 import {openSnapshot} from '../snapshot/open.js'
+import {layersFlag} from '../cli/layers-flag.js'
 
 export default class Verify extends BaseCommand {
   static override summary = 'Check a snapshot: header, index, zero map and every chunk checksum; optionally compare with the raw image.'
-  static override description = 'Exits 0 when everything checks out and 1 when anything is wrong (each problem is listed, up to 20).'
+  static override description = 'Exits 0 when everything checks out and 1 when anything is wrong (each problem is listed, up to 20). A layer is checked with its chain: every file\'s identity and every stored unit of every file.'
   static override examples = ['<%= config.bin %> verify vm.uffd', '<%= config.bin %> verify vm.uffd --against vm.mem']
   static override args = {
     file: Args.string({description: 'Snapshot: a path, http(s):// URL or s3://BUCKET/KEY (every chunk is fetched, through the --cache-dir).', required: true}),
@@ -18,12 +19,13 @@ export default class Verify extends BaseCommand {
 
   static override flags = {
     against: Flags.string({summary: 'Raw image the snapshot must decode to, byte for byte.'}),
+    layers: layersFlag,
     ...oclifFlags(remoteFlagSpecs),
   }
 
   async run(): Promise<VerifyResult> {
     const {args, flags} = await this.parse(Verify)
-    const snapshot = await openSnapshot(args.file, remoteOptions(flags))
+    const snapshot = await openSnapshot(args.file, remoteOptions(flags), flags.layers)
     const {reader} = snapshot
     const bar = progressBar(!this.jsonEnabled(), 'verify')
     let result: VerifyResult
@@ -37,7 +39,7 @@ export default class Verify extends BaseCommand {
       await snapshot.close()
     }
     if (result.ok) {
-      this.log(`${snapshot.name}: OK, ${result.chunksChecked} chunks, ${formatBytes(result.bytesChecked)} verified${result.blocksChecked ? `, ${result.blocksChecked} packed working-set blocks match their chunks` : ''}${flags.against ? `, identical to ${flags.against}` : ''}`)
+      this.log(`${snapshot.name}: OK, ${result.chunksChecked} chunks, ${formatBytes(result.bytesChecked)} verified${result.blocksChecked ? `, ${result.blocksChecked} packed working-set blocks match their chunks` : ''}${result.unitsChecked === undefined ? '' : `, ${result.unitsChecked} stored units of the chain decoded`}${flags.against ? `, identical to ${flags.against}` : ''}`)
     } else {
       for (const e of result.errors) process.stderr.write(`${e}\n`)
       if (!this.jsonEnabled()) process.stderr.write(`${snapshot.name}: FAILED\n`)

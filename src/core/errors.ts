@@ -11,6 +11,9 @@ export const ERROR_CODES = {
   TRUNCATED: 'the file ends before a structure it declares, or an input file shrank while it was read',
   CORRUPT: 'a checksum or cross-check disagrees: the stored bytes are not what was written',
   INVALID: 'a value in the file lies outside its allowed range',
+  // Layers (a snapshot stored as its differences from a parent snapshot).
+  PARENT_MISSING: "a layer's parent (or an ancestor further down) is not where it is looked for",
+  PARENT_MISMATCH: "the file found under a layer's parent's name is not the snapshot the layer was made on",
   // Serving a client (uffd resume).
   BAD_HANDSHAKE: "the VMM's handshake is malformed or does not match the snapshot",
   FAULT_OUTSIDE_REGIONS: 'a fault at an address outside every region the client announced',

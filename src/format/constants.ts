@@ -11,6 +11,9 @@ export const HEADER_TRAILER_SIZE = 8 // header CRC + reserved
 export const INDEX_ENTRY_SIZE = 32
 export const FOOTER_SIZE = 64
 export const PACKED_BLOCK_ENTRY_SIZE = 32
+export const LAYER_RUN_ENTRY_SIZE = 16
+/** A layer run's source meaning "zero pages" (not any file of the chain). */
+export const SOURCE_ZERO = 0xffffffff
 
 /** A header larger than this is treated as corrupt rather than allocated. */
 export const MAX_HEADER_SIZE = 64 * 1024 * 1024
@@ -24,9 +27,15 @@ export const MAX_CHUNK_SIZE = 4 * 1024 * 1024
 
 /**
  * Feature bits. A reader refuses a file with incompatible bits it does not know and ignores
- * unknown compatible bits. Diff snapshots stacked on a base will take the first incompatible bit.
+ * unknown compatible bits.
  */
-export const KNOWN_INCOMPAT_FEATURES = 0n
+/**
+ * The file is a layer: it stores only the pages that differ from its parent's, has no chunk index
+ * (chunk_count 0), and metadata.layer locates a run table saying which file of the chain holds
+ * each page. A reader that ignored the bit would read most of the image as missing.
+ */
+export const INCOMPAT_LAYERED = 1n << 0n
+export const KNOWN_INCOMPAT_FEATURES = INCOMPAT_LAYERED
 /**
  * The snapshot carries a working set (metadata.workingSet) and stores those chunks first, so a
  * handler can read them with one sequential read. Readers that ignore it lose nothing.

@@ -65,7 +65,7 @@ function u64(buf: Buffer, at: number, part: string, field: string): number {
  * Decodes the footer and checks that the index and zero map it points at lie between the header
  * and the footer and agree with the header's geometry, before anyone allocates for them.
  */
-export function decodeFooter(buf: Buffer, fileSize: number, headerSize: number, headerCrc: number, geometry: Geometry): Footer {
+export function decodeFooter(buf: Buffer, fileSize: number, headerSize: number, headerCrc: number, geometry: Geometry, layered = false): Footer {
   if (buf.length !== FOOTER_SIZE) throw new SnapshotFormatError('TRUNCATED', 'footer', `file is too short for a footer`)
   if (buf.toString('latin1', 0, 8) !== FOOTER_MAGIC) {
     throw new SnapshotFormatError('TRUNCATED', 'footer', 'no footer at the end of the file (truncated or still being written?)')
@@ -84,8 +84,10 @@ export function decodeFooter(buf: Buffer, fileSize: number, headerSize: number, 
     headerCrc: buf.readUInt32LE(48),
   }
   if (f.headerCrc !== headerCrc) throw new SnapshotFormatError('CORRUPT', 'footer', 'belongs to a different header (header checksum differs)')
-  if (f.chunkCount !== geometry.chunkCount) {
-    throw new SnapshotFormatError('CORRUPT', 'footer', `chunk count ${f.chunkCount} does not match the header's geometry (${geometry.chunkCount})`)
+  // A layer keeps its pages in blocks and has no chunk index.
+  const chunkCount = layered ? 0 : geometry.chunkCount
+  if (f.chunkCount !== chunkCount) {
+    throw new SnapshotFormatError('CORRUPT', 'footer', `chunk count ${f.chunkCount} does not match the header's geometry (${chunkCount}${layered ? ': a layer has no chunk index' : ''})`)
   }
   if (f.zeroMapSize !== ZeroMap.byteLength(geometry.pageCount)) {
     throw new SnapshotFormatError('CORRUPT', 'footer', `zero map size ${f.zeroMapSize} does not match ${geometry.pageCount} pages`)

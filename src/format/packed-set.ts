@@ -51,11 +51,11 @@ export function encodePackedTable(set: PackedSet): Buffer {
 }
 
 /** Checks a location from the (untrusted) metadata before anything is read or allocated for it. */
-export function checkPackedLocation(value: unknown, dataStart: number, dataEnd: number, geometry: Geometry): PackedSetLocation {
+export function checkPackedLocation(value: unknown, dataStart: number, dataEnd: number, geometry: Geometry, what = 'packed working set'): PackedSetLocation {
   const fail = (detail: string): never => {
-    throw new SnapshotFormatError('CORRUPT', 'packed working set', detail)
+    throw new SnapshotFormatError('CORRUPT', what, detail)
   }
-  if (typeof value !== 'object' || value === null) return fail('metadata.workingSet.packed is not an object')
+  if (typeof value !== 'object' || value === null) return fail('its location in the metadata is not an object')
   const v = value as Record<string, unknown>
   const n = (key: string, max: number): number => {
     const x = v[key]
@@ -78,9 +78,9 @@ export function checkPackedLocation(value: unknown, dataStart: number, dataEnd: 
  * zero map), its stored bytes inside the data section, its pages ascending, in the image, each in
  * one block only, and at most a chunk's worth per block (so any decode buffer fits a chunk).
  */
-export function decodePackedTable(buf: Buffer, location: PackedSetLocation, dataStart: number, dataEnd: number, geometry: Geometry, zeroMap: ZeroMap): PackedSet {
+export function decodePackedTable(buf: Buffer, location: PackedSetLocation, dataStart: number, dataEnd: number, geometry: Geometry, zeroMap: ZeroMap, what = 'packed working set'): PackedSet {
   const crc = crc32(buf)
-  if (crc !== location.crc) throw new SnapshotFormatError('CORRUPT', 'packed working set', `checksum mismatch (stored ${hex(location.crc)}, computed ${hex(crc)})`)
+  if (crc !== location.crc) throw new SnapshotFormatError('CORRUPT', what, `checksum mismatch (stored ${hex(location.crc)}, computed ${hex(crc)})`)
   const listAt = location.blocks * PACKED_BLOCK_ENTRY_SIZE
   const pages = new Uint32Array(location.pages)
   for (let i = 0; i < pages.length; i++) pages[i] = buf.readUInt32LE(listAt + 4 * i)
@@ -89,7 +89,7 @@ export function decodePackedTable(buf: Buffer, location: PackedSetLocation, data
   let nextListStart = 0
   for (let i = 0; i < location.blocks; i++) {
     const at = i * PACKED_BLOCK_ENTRY_SIZE
-    const part = `packed working set block ${i}`
+    const part = `${what} block ${i}`
     const fail = (detail: string): never => {
       throw new SnapshotFormatError('CORRUPT', part, detail)
     }
@@ -142,7 +142,7 @@ export function decodePackedTable(buf: Buffer, location: PackedSetLocation, data
     }
     blocks.push(b)
   }
-  if (nextListStart !== pages.length) throw new SnapshotFormatError('CORRUPT', 'packed working set', `blocks cover ${nextListStart} of ${pages.length} listed pages`)
+  if (nextListStart !== pages.length) throw new SnapshotFormatError('CORRUPT', what, `blocks cover ${nextListStart} of ${pages.length} listed pages`)
   return {blocks, pages}
 }
 

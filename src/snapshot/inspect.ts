@@ -2,8 +2,10 @@ import {UffdError} from '../core/errors.js'
 import {CHUNK_FLAG_SHARED, Codec, CODEC_NAMES, RegionKind} from '../format/constants.js'
 import {learnedSet, type LearnedRun} from '../format/learned-runs.js'
 import {readLearnedRuns} from './learn.js'
+import {pagesBySource} from '../format/layer.js'
 import {type SnapshotReader} from './reader.js'
 import {FileByteSource} from './byte-source.js'
+import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {walkPackedPages} from './packed-pages.js'
 import {attachedWorkingSet} from './relayout.js'
 
@@ -30,7 +32,25 @@ export interface SnapshotStats {
   regions: {kind: string; imageOffset: number; size: number; address: number; prot: number; flags: number; owner: number; name: string; fileOffset: number}[]
   /** An attached working set: its pages, chunks stored first, and the packed copy if any. */
   workingSet?: {pages: number; runs: number; chunksFirst: number; learned?: {runs: number; keep: number; storedBytes: number}; packed?: {blocks: number; pages: number; payloadBytes: number; storedBytes: number; codecs: Record<string, number>}}
+  /** A layer: its depth (ancestors), and its pages stored in blocks (counted in codecs too). */
+  layer?: {depth: number; blocks: number; pages: number}
+  /** A layer's chain, base first: each file, its size, what it stores and the share of the image it provides. */
+  chain?: ChainFile[]
   metadata: Record<string, unknown>
+}
+
+export interface ChainFile {
+  file: string
+  /** 'base', or 'layer K' (K ancestors below it). */
+  role: string
+  fileSize: number
+  /** Stored units: a base's chunks with data, a layer's blocks. */
+  unitsStored: number
+  storedBytes: number
+  /** Image pages this file provides (the top layer's table names it for them). */
+  pagesProvided: number
+  /** pagesProvided / the image's pages. */
+  share: number
 }
 
 /** Deeper than this, metadata is shown as a marker: uffd itself never writes more than 3 levels. */
@@ -78,8 +98,37 @@ function workingSetStats(reader: SnapshotReader): SnapshotStats['workingSet'] {
   return result
 }
 
+/** The chain of a layer, base first, with what each file stores and provides. */
+export function chainStats(reader: LayeredReader): ChainFile[] {
+  const {pageCount} = reader.geometry
+  const provided = pagesBySource(reader.runs, reader.files.length)
+  return reader.files.map((f, k) => {
+    // Deduplicated chunks share stored bytes: each is counted once, by where it is stored.
+    const stored = new Map<number, number>()
+    for (const e of f.layer ? f.layer.set.blocks : f.index) if (e.codec !== Codec.None) stored.set(e.dataOffset, e.storedLength)
+    const units = [...stored.values()]
+    return {
+      file: reader.paths[k],
+      role: k === 0 ? 'base' : `layer ${k}`,
+      fileSize: f.fileSize,
+      unitsStored: units.length,
+      storedBytes: units.reduce((n, length) => n + length, 0),
+      pagesProvided: provided.pages[k],
+      share: pageCount === 0 ? 0 : provided.pages[k] / pageCount,
+    }
+  })
+}
+
+/** Stats of one file, or of a chain's top layer with the chain. */
+export function imageStats(reader: ImageReader, file: string): SnapshotStats {
+  if (!(reader instanceof LayeredReader)) return snapshotStats(reader, file)
+  return {...snapshotStats(reader.files.at(-1)!, file), chain: chainStats(reader)}
+}
+
 export function snapshotStats(reader: SnapshotReader, file: string): SnapshotStats {
-  const {header, geometry, index} = reader
+  const {header, geometry} = reader
+  // A layer stores its pages in blocks: those are its stored units.
+  const index = reader.layer ? reader.layer.set.blocks : reader.index
   const codecs: SnapshotStats['codecs'] = {}
   const seenOffsets = new Set<number>()
   let dedupChunks = 0
@@ -119,7 +168,7 @@ export function snapshotStats(reader: SnapshotReader, file: string): SnapshotSta
     pageCount: geometry.pageCount,
     zeroPages,
     zeroBytes: zeroPages * geometry.pageSize,
-    chunkCount: geometry.chunkCount,
+    chunkCount: reader.index.length,
     allZeroChunks,
     dedupChunks,
     dedupSavedBytes,
@@ -127,6 +176,7 @@ export function snapshotStats(reader: SnapshotReader, file: string): SnapshotSta
     storedSizeHistogram: histogram.filter((h) => h.chunks > 0),
     regions: header.regions.map((r) => ({...r, kind: r.kind === RegionKind.ProcessVma ? 'vma' : 'guest-memory'})),
     workingSet: workingSetStats(reader),
+    ...(reader.layer ? {layer: {depth: reader.layer.parents.length, blocks: reader.layer.set.blocks.length, pages: reader.layer.set.pages.length}} : {}),
     metadata: boundedMetadata(header.metadata),
   }
 }
@@ -138,6 +188,8 @@ export interface VerifyResult {
   bytesChecked: number
   /** Packed working-set blocks decoded and compared with their chunks. */
   blocksChecked: number
+  /** A chain: every stored unit of every file decoded (also those no page of the image uses now). */
+  unitsChecked?: number
   errors: string[]
   against?: {file: string; mismatchedPages: number; firstMismatchOffset: number | null}
 }
@@ -147,7 +199,7 @@ export interface VerifyResult {
  * image, compares the decoded image byte for byte. Collects up to `maxErrors` problems rather than
  * stopping at the first, so a damaged file's extent is visible.
  */
-export function verifySnapshot(reader: SnapshotReader, file: string, againstPath?: string, onProgress?: (done: number, total: number) => void, maxErrors = 20): VerifyResult {
+export function verifySnapshot(reader: ImageReader, file: string, againstPath?: string, onProgress?: (done: number, total: number) => void, maxErrors = 20): VerifyResult {
   const {geometry} = reader
   const errors: string[] = []
   const chunk = Buffer.alloc(geometry.chunkSize)
@@ -199,6 +251,10 @@ export function verifySnapshot(reader: SnapshotReader, file: string, againstPath
   if (against && against.mismatchedPages > 0) {
     errors.push(`${against.mismatchedPages} pages differ from ${against.file}; first difference at byte ${against.firstMismatchOffset}`)
   }
+  if (reader instanceof LayeredReader) {
+    const unitsChecked = verifyChainUnits(reader, errors, maxErrors)
+    return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked: 0, unitsChecked, errors, against}
+  }
   const blocksChecked = errors.length < maxErrors ? verifyPacked(reader, errors, maxErrors) : 0
   if (errors.length < maxErrors) verifyLearned(reader, errors)
   return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked, errors, against}
@@ -220,6 +276,28 @@ function verifyLearned(reader: SnapshotReader, errors: string[]): void {
   if (expected.length !== packed.size || expected.some((p) => !packed.has(p))) {
     errors.push(`${reader.source.name}: the attached working set (${packed.size} pages) is not the majority of its ${runs.length} learned runs (${expected.length} pages)`)
   }
+}
+
+/**
+ * Decodes every stored unit of every file of a chain: the image pass reads only the units the
+ * top's table uses, and a unit a later layer covered is still part of its file (a shorter chain
+ * built on that file would serve it).
+ */
+function verifyChainUnits(reader: LayeredReader, errors: string[], maxErrors: number): number {
+  let checked = 0
+  const scratch = Buffer.alloc(Math.max(...reader.files.map((f) => f.geometry.chunkSize)))
+  for (const f of reader.files) {
+    for (let unit = 0; unit < f.unitCount && errors.length < maxErrors; unit++) {
+      try {
+        f.readPayload(unit, scratch)
+        checked++
+      } catch (error) {
+        if (!(error instanceof UffdError)) throw error
+        errors.push(error.message)
+      }
+    }
+  }
+  return checked
 }
 
 /**

@@ -1,5 +1,7 @@
 import {describeLocation, isRemote, parseLocation} from '../remote/location.js'
 import {type RemoteOptions, type RemoteReport} from '../remote/remote-snapshot.js'
+import {UffdError} from '../core/errors.js'
+import {type ImageReader, openImage} from './layered-reader.js'
 import {SnapshotReader} from './reader.js'
 import {type SnapshotSpec} from './spec.js'
 
@@ -8,7 +10,7 @@ import {type SnapshotSpec} from './spec.js'
  * threads it starts, and (for object storage) what fetching cost.
  */
 export interface OpenedSnapshot {
-  reader: SnapshotReader
+  reader: ImageReader
   /** How it prints: the path, or the URL without credentials. */
   name: string
   remote: boolean
@@ -19,15 +21,16 @@ export interface OpenedSnapshot {
 }
 
 /** Opens a local path, `http(s)://` URL or `s3://BUCKET/KEY`, validating it as strictly wherever it lives. */
-export async function openSnapshot(text: string, remote: RemoteOptions): Promise<OpenedSnapshot> {
+export async function openSnapshot(text: string, remote: RemoteOptions, layersDir?: string): Promise<OpenedSnapshot> {
   const location = parseLocation(text)
   if (!isRemote(location)) {
-    const reader = SnapshotReader.open(location.path)
+    // A layer comes with its chain, found next to it or in layersDir, and read as one image.
+    const reader = openImage(location.path, layersDir)
     return {
       reader,
       name: location.path,
       remote: false,
-      spec: () => ({kind: 'file', path: location.path}),
+      spec: () => ({kind: 'file', path: location.path, layersDir}),
       report: () => undefined,
       close: async () => reader.close(),
     }
@@ -35,6 +38,10 @@ export async function openSnapshot(text: string, remote: RemoteOptions): Promise
   // Loaded only for URLs: a local snapshot's start-up does not pay for the remote machinery.
   const {RemoteSnapshot} = await import('../remote/remote-snapshot.js')
   const snapshot = await RemoteSnapshot.open(location, remote)
+  if (snapshot.reader.layer) {
+    await snapshot.close()
+    throw new UffdError('USAGE', `${describeLocation(location)} is a layer: layers are read from local files for now (copy the chain here with uffd cp, or squash it first)`)
+  }
   return {
     reader: snapshot.reader,
     name: describeLocation(location),
@@ -43,4 +50,14 @@ export async function openSnapshot(text: string, remote: RemoteOptions): Promise
     report: () => snapshot.report(),
     close: () => snapshot.close(),
   }
+}
+
+/**
+ * The snapshot's one file, for commands that rewrite or copy a file as it is (cp, working-set
+ * attach): a layer is refused, since its chain would not come with it.
+ */
+export function singleFile(snapshot: OpenedSnapshot, command: string): SnapshotReader {
+  const {reader} = snapshot
+  if (reader instanceof SnapshotReader) return reader
+  throw new UffdError('USAGE', `${snapshot.name} is a layer: ${command} takes one self-contained snapshot (uffd squash makes one from the chain)`)
 }

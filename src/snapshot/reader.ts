@@ -1,13 +1,26 @@
-import {Codec, COMPAT_PACKED_WORKING_SET, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INDEX_ENTRY_SIZE} from '../format/constants.js'
+import {createHash} from 'node:crypto'
+
+import {Codec, COMPAT_PACKED_WORKING_SET, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
 import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} from '../format/index-table.js'
+import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, layerPagesProblem} from '../format/layer.js'
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {crc32} from '../sys/crc.js'
 import {type ByteSource, FileByteSource} from './byte-source.js'
 import {ChunkDecompressor} from './decompressor.js'
+
+/** What a layer file holds besides an ordinary snapshot's structures (docs/FORMAT.md, Layers). */
+export interface LayerData {
+  /** Its ancestors, base first. */
+  parents: LayerParent[]
+  /** The flattened run table: which file of the chain holds each page. */
+  runs: LayerRun[]
+  /** Its own pages (ascending through the list) in blocks: units 0.. of the file. */
+  set: PackedSet
+}
 
 /**
  * Opens a snapshot and validates its header, footer, index and zero map up front (every offset
@@ -32,10 +45,21 @@ export class SnapshotReader {
     readonly zeroMap: ZeroMap,
     /** The packed working set, if the file has one: its blocks are units chunkCount.. onwards. */
     readonly packed: PackedSet | undefined,
+    /** For a layer: its chain, run table and blocks (its units; it has no chunks). */
+    readonly layer: LayerData | undefined,
+    /**
+     * SHA-256 of the header, footer, index and zero map (and a layer's tables), 64 hex digits: how
+     * a layer recognises its parent whatever it is called now (docs/FORMAT.md, Layers).
+     */
+    readonly identity: string,
   ) {
     this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
-    this.unitCount = index.length + (packed?.blocks.length ?? 0)
+    this.blocks = packed?.blocks ?? layer?.set.blocks ?? []
+    this.unitCount = index.length + this.blocks.length
   }
+
+  /** The packed working set's blocks, or a layer's: the units after the chunks. */
+  private readonly blocks: readonly ChunkEntry[]
 
   /**
    * Units are what readPayload decodes: chunks 0..chunkCount-1, then the packed working set's
@@ -72,7 +96,8 @@ export class SnapshotReader {
 
     const footerBytes = Buffer.alloc(FOOTER_SIZE)
     source.readAt(footerBytes, source.size - FOOTER_SIZE)
-    const footer = decodeFooter(footerBytes, source.size, headerSize, header.headerCrc, geometry)
+    const layered = (header.incompatFeatures & INCOMPAT_LAYERED) !== 0n
+    const footer = decodeFooter(footerBytes, source.size, headerSize, header.headerCrc, geometry, layered)
 
     const zeroMapBytes = Buffer.alloc(footer.zeroMapSize)
     source.readAt(zeroMapBytes, footer.zeroMapOffset)
@@ -91,7 +116,26 @@ export class SnapshotReader {
       source.readAt(table, location.offset)
       packed = decodePackedTable(table, location, headerSize, dataEnd, geometry, zeroMap)
     }
-    return new SnapshotReader(source, header, footer, index, zeroMap, packed)
+    const identity = createHash('sha256').update(headerBytes).update(footerBytes).update(indexBytes).update(zeroMapBytes)
+    let layer: LayerData | undefined
+    if (layered) {
+      if (packed) throw new SnapshotFormatError('CORRUPT', 'header', 'a layer carries a packed working set (the two are not combined)')
+      const meta = header.metadata.layer as {blocks?: unknown} | undefined
+      const dataEnd = Math.min(footer.indexOffset, footer.zeroMapOffset)
+      const location = checkLayerLocation(meta, headerSize, dataEnd, geometry)
+      const blocksAt = checkPackedLocation(meta?.blocks, headerSize, dataEnd, geometry, 'layer')
+      const blockTable = Buffer.alloc(blocksAt.length)
+      source.readAt(blockTable, blocksAt.offset)
+      const set = decodePackedTable(blockTable, blocksAt, headerSize, dataEnd, geometry, zeroMap, 'layer')
+      const runTable = Buffer.alloc(location.runs.length)
+      source.readAt(runTable, location.runs.offset)
+      const runs = decodeRunTable(runTable, location, geometry.pageCount)
+      const problem = layerPagesProblem(runs, location.parents.length, set, zeroMap)
+      if (problem) throw new SnapshotFormatError('CORRUPT', 'layer', problem)
+      identity.update(blockTable).update(runTable)
+      layer = {parents: location.parents, runs, set}
+    }
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, identity.digest('hex'))
   }
 
   get fileSize(): number {
@@ -201,7 +245,7 @@ export class SnapshotReader {
   /** The index entry of a chunk, or of a packed block (unit chunkCount + block). */
   entry(unit: number): ChunkEntry {
     if (!Number.isInteger(unit) || unit < 0 || unit >= this.unitCount) throw new RangeError(`chunk ${unit} is outside 0..${this.unitCount - 1}`)
-    return unit < this.index.length ? this.index[unit] : this.packed!.blocks[unit - this.index.length]
+    return unit < this.index.length ? this.index[unit] : this.blocks[unit - this.index.length]
   }
 
   /** The packed block a unit number names, or undefined for a chunk. */
@@ -250,7 +294,8 @@ export class SnapshotReader {
 
   private chunkError(unit: number, code: 'CORRUPT', detail: string): SnapshotFormatError {
     const block = this.packedBlock(unit)
-    return new SnapshotFormatError(code, block === undefined ? `chunk ${unit}` : `packed working set block ${block}`, detail, this.source.name)
+    const part = block === undefined ? `chunk ${unit}` : this.layer ? `layer block ${block}` : `packed working set block ${block}`
+    return new SnapshotFormatError(code, part, detail, this.source.name)
   }
 }
 

@@ -3,6 +3,7 @@ import {MessageChannel, type MessagePort, type Transferable} from 'node:worker_t
 import {type FetcherMessage} from '../remote/fetcher/worker.js'
 import {RemoteByteSource} from '../remote/remote-source.js'
 import {type RemoteShare} from '../remote/shared.js'
+import {type ImageReader, openImage} from './layered-reader.js'
 import {SnapshotReader} from './reader.js'
 
 /**
@@ -10,10 +11,10 @@ import {SnapshotReader} from './reader.js'
  * with this thread's own port to the fetcher. Structured-cloneable; pass specTransfer(spec) as
  * the worker's transfer list.
  */
-export type SnapshotSpec = {kind: 'file'; path: string} | {kind: 'remote'; share: RemoteShare; port: MessagePort}
+export type SnapshotSpec = {kind: 'file'; path: string; layersDir?: string} | {kind: 'remote'; share: RemoteShare; port: MessagePort}
 
-export function openSpec(spec: SnapshotSpec): SnapshotReader {
-  return spec.kind === 'file' ? SnapshotReader.open(spec.path) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port))
+export function openSpec(spec: SnapshotSpec): ImageReader {
+  return spec.kind === 'file' ? openImage(spec.path, spec.layersDir) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port))
 }
 
 export function specTransfer(spec: SnapshotSpec): Transferable[] {

@@ -7,7 +7,7 @@ import {oclifFlags} from '../../cli/oclif-flags.js'
 import {remoteFlagSpecs, remoteOptions} from '../../cli/remote-flags.js'
 import {checkMatches, parseWorkingSet} from '../../format/working-set.js'
 import {readInputText} from '../../snapshot/input-file.js'
-import {openSnapshot} from '../../snapshot/open.js'
+import {openSnapshot, singleFile} from '../../snapshot/open.js'
 import {outputLocation, prepareOutput} from '../../snapshot/outputs.js'
 import {attachedSizeHint, describeAttached, PACK_CODECS, packOptionsFor, writeAttached} from '../../snapshot/relayout.js'
 
@@ -48,7 +48,7 @@ The snapshot may be an http(s):// URL (then --output is needed) or s3://BUCKET/K
     const set = parseWorkingSet(readInputText(args['working-set']), args['working-set'])
     const snapshot = await openSnapshot(args.snapshot, options)
     try {
-      const {reader} = snapshot
+      const reader = singleFile(snapshot, 'working-set attach')
       checkMatches(set, {logicalSize: reader.geometry.logicalSize, pageSize: reader.geometry.pageSize, headerCrc: reader.header.headerCrc}, args['working-set'])
       // Replacing is what attach does (in place by default): no --force, as for a local file.
       const prepared = await prepareOutput(location, {force: true, mode, s3: options.s3})

@@ -1,4 +1,4 @@
-import {type SnapshotReader} from '../../snapshot/reader.js'
+import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {type RunStats} from '../run-stats.js'
 
 /**
@@ -13,7 +13,7 @@ export class ChunkCache {
   private bytes = 0
 
   constructor(
-    private readonly reader: SnapshotReader,
+    private readonly reader: ImageReader,
     private readonly budgetBytes: number,
     private readonly stats: RunStats,
   ) {}

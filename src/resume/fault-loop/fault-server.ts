@@ -3,7 +3,7 @@ import {SnapshotFormatError} from '../../format/errors.js'
 import {type Geometry} from '../../format/geometry.js'
 import {packedBlockRuns, zeroRunWindowBytes} from '../../format/packed-set.js'
 import {payloadPageIndex, type ZeroMap} from '../../format/zero-map.js'
-import {type SnapshotReader} from '../../snapshot/reader.js'
+import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {addressOf, rethrowAsSysError, SysError} from '../../sys/index.js'
 import {type GuestRegion} from '../protocol.js'
 import {type RunClock, type RunStats} from '../run-stats.js'
@@ -48,7 +48,7 @@ export interface ServeOptions {
  * Zero runs around packed set pages grow within aligned windows of this many pages
  * (zeroRunWindowBytes; one page on hugetlbfs, where zeros are copied, not mapped).
  */
-export function zeroRunWindowPages(reader: SnapshotReader): number {
+export function zeroRunWindowPages(reader: ImageReader): number {
   return reader.packed ? Math.max(1, zeroRunWindowBytes(reader.packed) / reader.geometry.pageSize) : 1
 }
 
@@ -77,7 +77,7 @@ export class FaultServer {
   private readonly runsOfBlock: Int32Array[] = []
 
   constructor(
-    reader: SnapshotReader,
+    reader: ImageReader,
     private readonly source: PayloadSource,
     private readonly installer: Installer,
     private readonly stats: RunStats,

@@ -3,7 +3,7 @@ import {receiveMessageOnPort} from 'node:worker_threads'
 
 import {UffdError} from '../../core/errors.js'
 import {WorkingSetRecorder} from '../../format/working-set-recorder.js'
-import {type SnapshotReader} from '../../snapshot/reader.js'
+import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {openSpec} from '../../snapshot/spec.js'
 import {
   closeFd,
@@ -49,7 +49,7 @@ export interface LoopChannel {
 /** Everything the loop serves with, built from its settings by FaultLoop.start (or by a test). */
 export interface LoopParts {
   config: Pick<WorkerConfig, 'workingSetUnits' | 'keepWorkingSet' | 'countHits' | 'spinMicros'>
-  reader: SnapshotReader
+  reader: ImageReader
   stats: RunStats
   clock: RunClock
   source: DecodedUnits

@@ -1,5 +1,5 @@
 import {Codec} from '../../format/constants.js'
-import {type SnapshotReader} from '../../snapshot/reader.js'
+import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {addressOf} from '../../sys/index.js'
 import {type RunStats} from '../run-stats.js'
 import {ChunkCache} from './chunk-cache.js'
@@ -82,7 +82,7 @@ export class DecodedUnits implements PayloadSource {
   retainReleased = false
 
   constructor(
-    private readonly reader: SnapshotReader,
+    private readonly reader: ImageReader,
     private readonly pool: DecodePool | undefined,
     private readonly stats: RunStats,
     cacheBytes: number,

@@ -1,4 +1,4 @@
-import {type SnapshotReader} from '../../snapshot/reader.js'
+import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {MADV, processMadvise, SysError} from '../../sys/index.js'
 import {type RunClock, type RunStats} from '../run-stats.js'
 import {type Client} from './client.js'
@@ -74,7 +74,7 @@ export class Prefetcher {
     private readonly server: FaultServer,
     private readonly installer: Installer,
     private readonly source: PayloadSource,
-    private readonly reader: SnapshotReader,
+    private readonly reader: ImageReader,
     private readonly stats: RunStats,
     private readonly clock: RunClock,
     private readonly options: PrefetchOptions,

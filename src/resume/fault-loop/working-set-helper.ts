@@ -1,4 +1,4 @@
-import {type SnapshotReader} from '../../snapshot/reader.js'
+import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {type Client} from './client.js'
 import {type HelperThread, type Installed, type Installer} from './installer.js'
 import {type PayloadSource} from './payload-source.js'
@@ -49,7 +49,7 @@ export class WorkingSetHelper {
   static start(
     client: Client,
     workingSet: readonly number[],
-    parts: {reader: SnapshotReader; installer: Installer; source: PayloadSource; blockRuns: (block: number) => Int32Array},
+    parts: {reader: ImageReader; installer: Installer; source: PayloadSource; blockRuns: (block: number) => Int32Array},
   ): {helper: WorkingSetHelper; loopUnits: number} | undefined {
     const {reader, installer, source} = parts
     if (workingSet.length < 2 || source.eventFd < 0) return undefined

@@ -5,7 +5,7 @@ import path from 'node:path'
 import {UffdError} from '../../core/errors.js'
 import {isLazyVma, readCriuDump} from '../../criu/images.js'
 import {RegionKind} from '../../format/constants.js'
-import {type SnapshotReader} from '../../snapshot/reader.js'
+import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {closeFd, isUserfaultfd, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
 import {type GuestRegion} from './handshake.js'
 import {ACCEPT_SLICE_MS, type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
@@ -72,7 +72,7 @@ export interface CriuResumeOptions extends SessionOptions {
  * with the task's uffd (isLazyVma). Everything else (file mappings, shared memory, the vdso) CRIU
  * restores itself. Checks that the snapshot was made from this dump.
  */
-export function lazyRegionsByTask(reader: SnapshotReader, snapshotPath: string, criuDir: string): Map<number, GuestRegion[]> {
+export function lazyRegionsByTask(reader: ImageReader, snapshotPath: string, criuDir: string): Map<number, GuestRegion[]> {
   const dump = readCriuDump(criuDir)
   const {pageSize} = reader.geometry
   const meta = reader.header.metadata

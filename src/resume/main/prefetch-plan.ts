@@ -1,7 +1,8 @@
 import {type Geometry} from '../../format/geometry.js'
 import {type WorkingSetFile} from '../../format/working-set.js'
 import {attachedWorkingSet} from '../../snapshot/attached-set.js'
-import {type SnapshotReader} from '../../snapshot/reader.js'
+import {type ImageReader} from '../../snapshot/layered-reader.js'
+import {SnapshotReader} from '../../snapshot/reader.js'
 
 /** The snapshot's geometry and identity (what a recorded set is checked against), and the units to prefetch for every client. */
 export interface PrefetchPlan {
@@ -15,14 +16,14 @@ export interface PrefetchPlan {
  * client, so that the session listens only once it has: with decoders, and a set given or attached.
  * Asked before the session is loaded, so it reads only the snapshot's header.
  */
-export function stagesWorkingSet(reader: SnapshotReader, workingSetFile: string | undefined, decoders: number): boolean {
+export function stagesWorkingSet(reader: ImageReader, workingSetFile: string | undefined, decoders: number): boolean {
   if (decoders === 0 || workingSetFile === 'none') return false
   if (workingSetFile) return true
   return attachedUnits(reader).length > 0
 }
 
 /** The plan for `workingSetFile` (a path, "none", or undefined for the snapshot's own set). */
-export async function prefetchPlan(reader: SnapshotReader, workingSetFile: string | undefined): Promise<PrefetchPlan> {
+export async function prefetchPlan(reader: ImageReader, workingSetFile: string | undefined): Promise<PrefetchPlan> {
   const {geometry} = reader
   const identity = {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: reader.header.headerCrc}
   if (workingSetFile === 'none') return {geometry, identity, workingSetUnits: []}
@@ -41,7 +42,9 @@ export async function prefetchPlan(reader: SnapshotReader, workingSetFile: strin
  * An attached set is prefetched from its packed blocks when it has them (units after the chunks,
  * see SnapshotReader.unitCount), else as whole chunks.
  */
-function attachedUnits(reader: SnapshotReader): number[] {
+function attachedUnits(reader: ImageReader): number[] {
   const packedUnits = reader.packed?.blocks.map((_, b) => reader.index.length + b)
-  return packedUnits ?? attachedWorkingSet(reader)?.chunks ?? []
+  // A chain has no attached set (working-set attach refuses layers); --working-set FILE works on it.
+  const attached = reader instanceof SnapshotReader ? attachedWorkingSet(reader) : undefined
+  return packedUnits ?? attached?.chunks ?? []
 }

@@ -3,6 +3,7 @@ import {type Geometry} from '../../format/geometry.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {type LearnedRun} from '../../format/learned-runs.js'
 import {type LearnOutcome} from '../../snapshot/learn.js'
+import {SnapshotReader} from '../../snapshot/reader.js'
 import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, SysError, uffdApiCompleted} from '../../sys/index.js'
 import {type GuestRegion, HandshakeError, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
 import {PendingHandshake} from './pending-handshake.js'
@@ -87,7 +88,7 @@ async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOpt
     outcome =
       prefetched instanceof UffdError
         ? {folded: false, reason: prefetched.message, ms: 0}
-        : await foldIntoSnapshot(path, options.snapshot.reader, touchedInRun(recording, prefetched), {keep: learnOptions.keep, signal: learnOptions.signal})
+        : await foldIntoSnapshot(path, singleReader(options), touchedInRun(recording, prefetched), {keep: learnOptions.keep, signal: learnOptions.signal})
   }
   options.log(outcome.folded ? `learned: ${path} now remembers ${outcome.runs} run(s); ${outcome.pages} pages attached (${outcome.ms} ms)` : `not learned: ${outcome.reason}`)
   return outcome
@@ -101,7 +102,14 @@ async function prefetchedInRun(options: ResumeOptions): Promise<LearnedRun> {
     return parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
   }
   const {prefetchedPages} = await import('../../snapshot/learn.js')
-  return prefetchedPages(options.snapshot.reader)
+  return prefetchedPages(singleReader(options))
+}
+
+/** The snapshot as one file: --learn rewrites it (resume refuses --learn on a layer before serving). */
+function singleReader(options: ResumeOptions): SnapshotReader {
+  const {reader} = options.snapshot
+  if (!(reader instanceof SnapshotReader)) throw new UffdError('INTERNAL', 'a layer reached --learn')
+  return reader
 }
 
 /**

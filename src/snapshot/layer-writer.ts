@@ -1,0 +1,243 @@
+import fs from 'node:fs'
+import path from 'node:path'
+import {setImmediate as yieldToEventLoop} from 'node:timers/promises'
+import {crc32} from 'node:zlib'
+
+import {UffdError} from '../core/errors.js'
+import {INCOMPAT_LAYERED, SOURCE_ZERO} from '../format/constants.js'
+import {encodeHeader} from '../format/header.js'
+import {baseRuns, composeRuns, encodeRunTable, type LayerParent, type LayerRun, MAX_LAYER_DEPTH} from '../format/layer.js'
+import {encodePackedTable, type PackedBlock} from '../format/packed-set.js'
+import {ZeroMap} from '../format/zero-map.js'
+import {onFile} from '../sys/errors.js'
+import {AtomicFile, appendTail} from './atomic-file.js'
+import {type ReadSegment} from './chunk-job.js'
+import {ChunkCompressor, type CompressionCodec} from './codecs.js'
+import {type ImageReader, LayeredReader} from './layered-reader.js'
+import {type ImageInput} from './writer.js'
+
+export interface LayerOptions {
+  codec: CompressionCodec
+  level: number
+  /**
+   * The input is a Firecracker Diff snapshot: image bytes no segment covers (its holes) are
+   * unchanged since the parent, not zeros.
+   */
+  diff: boolean
+  onProgress?: (doneBytes: number, totalBytes: number) => void
+  signal?: AbortSignal
+  mode?: number
+  name?: string
+}
+
+export interface LayerSummary {
+  path: string
+  parent: string
+  depth: number
+  logicalSize: number
+  fileSize: number
+  pageSize: number
+  chunkSize: number
+  pageCount: number
+  /** Pages whose content differs from the parent's. */
+  changedPages: number
+  /** Of those, pages that became zero (recorded in the table, nothing stored). */
+  zeroedPages: number
+  storedPages: number
+  blocks: number
+  storedBytes: number
+  /** Pages of the image (diff: the diff file's data pages) compared with the parent. */
+  comparedPages: number
+  seconds: number
+}
+
+/**
+ * Writes a layer of `input` over `parent` (docs/FORMAT.md, Layers): every page is compared with
+ * the parent's resolved image, and only those that differ are stored, packed in compressed blocks
+ * of ascending pages; the run table is the parent's with the changes laid over it. The layer's
+ * blocks are held in memory until the end (their size decides where the tables go in the header),
+ * so it costs about its own compressed size in memory. Written atomically to `output`.
+ */
+export async function writeLayer(input: ImageInput, parent: ImageReader, parentPath: string, output: string, options: LayerOptions): Promise<LayerSummary> {
+  const started = performance.now()
+  const {geometry} = parent
+  const {pageSize} = geometry
+  if (input.logicalSize !== geometry.logicalSize) {
+    throw new UffdError('INPUT_MISMATCH', `the image holds ${input.logicalSize} bytes, its parent ${parentPath} ${geometry.logicalSize}: a layer must have its parent's size`)
+  }
+  const ancestors: LayerParent[] =
+    parent instanceof LayeredReader ? parent.files.map((f, k) => ({name: path.basename(parent.paths[k]), id: f.identity})) : [{name: path.basename(parentPath), id: parent.identity}]
+  if (ancestors.length > MAX_LAYER_DEPTH) throw new UffdError('INPUT_MISMATCH', `${parentPath} is ${ancestors.length - 1} layers deep already; a chain holds at most ${MAX_LAYER_DEPTH}: squash it first (uffd squash)`)
+  const parentRuns = parent instanceof LayeredReader ? parent.runs : baseRuns(parent.zeroMap)
+  const self = ancestors.length
+
+  const compressor = new ChunkCompressor(options.codec, options.level)
+  const reader = new SegmentReader()
+  const overrides: LayerRun[] = []
+  const changed: number[] = []
+  const blocks: PackedBlock[] = []
+  const stored: Buffer[] = []
+  let storedBytes = 0
+  let dataAt = 0
+  let pending: Buffer[] = []
+  let pendingPages: number[] = []
+  const flush = (): void => {
+    if (pending.length === 0) return
+    const payload = Buffer.concat(pending)
+    const c = compressor.compress(payload)
+    const bytes = Buffer.from(c.stored)
+    blocks.push({dataOffset: dataAt, storedLength: bytes.length, payloadLength: payload.length, storedCrc: crc32(bytes), codec: c.codec, flags: 0, listStart: changed.length - pendingPages.length, pageCount: pendingPages.length})
+    stored.push(bytes)
+    dataAt += bytes.length
+    storedBytes += bytes.length
+    pending = []
+    pendingPages = []
+  }
+
+  const zeroPage = Buffer.alloc(pageSize)
+  const older = Buffer.alloc(geometry.chunkSize)
+  const newer = Buffer.alloc(geometry.chunkSize)
+  let zeroed = 0
+  let compared = 0
+  try {
+    for (let c = 0; c < geometry.chunkCount; c++) {
+      if (c % 16 === 0) {
+        // Comparing and compressing run on this thread: let a signal in between chunks.
+        await yieldToEventLoop()
+        options.signal?.throwIfAborted()
+      }
+      const first = geometry.firstPageOfChunk(c)
+      const pages = geometry.pagesInChunk(c)
+      const start = geometry.chunkStart(c)
+      const segments = input.segments(start, Math.min(input.logicalSize, start + pages * pageSize))
+      // A diff's holes are unchanged pages: a chunk without data is its parent's.
+      if (options.diff && segments.length === 0) continue
+      const present = reader.read(segments, start, newer.subarray(0, pages * pageSize), pageSize)
+      parent.readChunk(c, older)
+      for (let i = 0; i < pages; i++) {
+        if (options.diff && !present[i]) continue
+        compared++
+        const at = i * pageSize
+        if (newer.compare(older, at, at + pageSize, at, at + pageSize) === 0) continue
+        const page = first + i
+        if (zeroPage.compare(newer, at, at + pageSize) === 0) {
+          overrides.push({firstPage: page, pageCount: 1, source: SOURCE_ZERO})
+          zeroed++
+          continue
+        }
+        overrides.push({firstPage: page, pageCount: 1, source: self})
+        changed.push(page)
+        pendingPages.push(page)
+        pending.push(Buffer.from(newer.subarray(at, at + pageSize)))
+        if (pendingPages.length === geometry.pagesPerChunk) flush()
+      }
+      options.onProgress?.(Math.min(input.logicalSize, start + pages * pageSize), input.logicalSize)
+    }
+    flush()
+  } finally {
+    reader.close()
+  }
+
+  const runs = composeRuns(parentRuns, overrides)
+  const zeroMap = new ZeroMap(geometry.pageCount)
+  for (const r of runs) if (r.source === SOURCE_ZERO) for (let p = r.firstPage; p < r.firstPage + r.pageCount; p++) zeroMap.setZero(p)
+  const runTable = encodeRunTable(runs)
+
+  // The header names where the tables lie, after the blocks' bytes; its own size depends on those
+  // numbers' digits, so it is encoded until its size stops changing (numbers only grow: twice or three times).
+  let headerSize = 0
+  let header: Buffer
+  let blockTable: Buffer
+  for (;;) {
+    const placed = blocks.map((b) => ({...b, dataOffset: headerSize + b.dataOffset}))
+    blockTable = encodePackedTable({blocks: placed, pages: Uint32Array.from(changed)})
+    const blocksAt = headerSize + dataAt
+    const runsAt = blocksAt + blockTable.length
+    header = encodeHeader({
+      incompatFeatures: INCOMPAT_LAYERED,
+      compatFeatures: 0n,
+      pageSize,
+      chunkSize: geometry.chunkSize,
+      logicalSize: geometry.logicalSize,
+      regions: input.regions,
+      metadata: {
+        ...input.metadata,
+        codec: options.codec,
+        level: options.level,
+        ...(options.diff ? {diff: true} : {}),
+        layer: {
+          runs: {offset: runsAt, length: runTable.length, crc: hex8(runTable), count: runs.length},
+          blocks: {offset: blocksAt, length: blockTable.length, crc: hex8(blockTable), blocks: blocks.length, pages: changed.length},
+          parents: ancestors,
+        },
+      },
+    })
+    if (header.length === headerSize) break
+    headerSize = header.length
+  }
+
+  const file = new AtomicFile(output, {mode: options.mode, name: options.name})
+  try {
+    file.append(header)
+    for (const bytes of stored) file.append(bytes)
+    file.append(blockTable)
+    file.append(runTable)
+    appendTail(file, [], zeroMap, header.readUInt32LE(header.length - 8))
+    options.signal?.throwIfAborted()
+    file.commit()
+    return {
+      path: output,
+      parent: parentPath,
+      depth: self,
+      logicalSize: geometry.logicalSize,
+      fileSize: file.size,
+      pageSize,
+      chunkSize: geometry.chunkSize,
+      pageCount: geometry.pageCount,
+      changedPages: changed.length + zeroed,
+      zeroedPages: zeroed,
+      storedPages: changed.length,
+      blocks: blocks.length,
+      storedBytes,
+      comparedPages: compared,
+      seconds: (performance.now() - started) / 1000,
+    }
+  } finally {
+    file.discard()
+  }
+}
+
+function hex8(bytes: Buffer): string {
+  return crc32(bytes).toString(16).padStart(8, '0')
+}
+
+/** Reads an image range from its segments, on this thread (a layer's writer compares as it reads). */
+class SegmentReader {
+  private readonly fds = new Map<string, number>()
+
+  /**
+   * Fills `dst` (image bytes from `start`) from `segments`, zeros elsewhere; returns which pages
+   * of it any segment touched (a diff's data pages).
+   */
+  read(segments: readonly ReadSegment[], start: number, dst: Buffer, pageSize: number): Uint8Array {
+    dst.fill(0)
+    const present = new Uint8Array(dst.length / pageSize)
+    for (const s of segments) {
+      let fd = this.fds.get(s.path)
+      if (fd === undefined) this.fds.set(s.path, (fd = onFile(s.path, 'opening', () => fs.openSync(s.path, 'r'))))
+      const at = s.imageOffset - start
+      for (let done = 0; done < s.length; ) {
+        const n = onFile(s.path, 'reading', () => fs.readSync(fd, dst, at + done, s.length - done, s.position + done))
+        if (n === 0) throw new UffdError('TRUNCATED', `${s.path}: ended at ${s.position + done}, expected ${s.length - done} more bytes`)
+        done += n
+      }
+      present.fill(1, Math.floor(at / pageSize), Math.ceil((at + s.length) / pageSize))
+    }
+    return present
+  }
+
+  close(): void {
+    for (const fd of this.fds.values()) fs.closeSync(fd)
+    this.fds.clear()
+  }
+}

@@ -1,0 +1,105 @@
+import {setImmediate as yieldToEventLoop} from 'node:timers/promises'
+
+import {Codec, SOURCE_ZERO} from '../format/constants.js'
+import {findRun} from '../format/layer.js'
+import {encodeHeader} from '../format/header.js'
+import {type ChunkEntry} from '../format/index-table.js'
+import {ZeroMap} from '../format/zero-map.js'
+import {AtomicFile, appendTail} from './atomic-file.js'
+import {encodeChunk} from './chunk-job.js'
+import {ChunkCompressor, type CompressionCodec} from './codecs.js'
+import {type LayeredReader} from './layered-reader.js'
+
+export interface SquashSummary {
+  path: string
+  logicalSize: number
+  fileSize: number
+  chunkCount: number
+  /** Chunks whose stored bytes were copied from the base unchanged (every data page of theirs is the base's). */
+  copiedChunks: number
+  /** Chunks assembled from several files and compressed again. */
+  encodedChunks: number
+  seconds: number
+}
+
+/**
+ * Writes the image a chain resolves to as one self-contained ordinary snapshot. A chunk whose
+ * pages all come from the base (or are zero where the base's are zero) has the base's stored
+ * bytes copied, verified, not recompressed; any other chunk is assembled from the chain and
+ * compressed with `codec`. Atomic, like every snapshot written.
+ */
+export async function squashChain(reader: LayeredReader, output: string, options: {codec: CompressionCodec; level: number; mode?: number; signal?: AbortSignal; onProgress?: (done: number, total: number) => void}): Promise<SquashSummary> {
+  const started = performance.now()
+  const {geometry, runs} = reader
+  const base = reader.files[0]
+  const {pageSize} = geometry
+  const sameChunks = base.geometry.chunkSize === geometry.chunkSize
+  const {layer: _layer, ...metadata} = reader.header.metadata
+  const header = encodeHeader({
+    incompatFeatures: 0n,
+    compatFeatures: 0n,
+    pageSize,
+    chunkSize: geometry.chunkSize,
+    logicalSize: geometry.logicalSize,
+    regions: reader.header.regions,
+    metadata: {...metadata, codec: options.codec, level: options.level, squashedFrom: reader.paths.map((p, k) => ({name: p, id: reader.files[k].identity}))},
+  })
+  const compressor = new ChunkCompressor(options.codec, options.level)
+  const zeroPage = Buffer.alloc(pageSize)
+  const bytes = Buffer.alloc(geometry.chunkSize)
+  const scratch = Buffer.alloc(geometry.chunkSize)
+  const zeroMap = new ZeroMap(geometry.pageCount)
+  for (let p = 0; p < geometry.pageCount; p++) if (reader.zeroMap.isZero(p)) zeroMap.setZero(p)
+  const entries: ChunkEntry[] = []
+  let copied = 0
+  let encoded = 0
+  const file = new AtomicFile(output, {mode: options.mode})
+  try {
+    file.append(header)
+    for (let c = 0; c < geometry.chunkCount; c++) {
+      if (c % 16 === 0) {
+        await yieldToEventLoop()
+        options.signal?.throwIfAborted()
+      }
+      const entry = reader.entry(c)
+      if (entry.codec === Codec.None) {
+        entries.push({dataOffset: 0, storedLength: 0, payloadLength: 0, storedCrc: 0, codec: Codec.None, flags: 0})
+        continue
+      }
+      if (sameChunks && fromBaseOnly(c)) {
+        // The same pages, zero and data, as the base's chunk: its stored bytes are this chunk's.
+        const e = base.entry(c)
+        entries.push({...e, dataOffset: file.append(base.storedBytes(c, true)), flags: 0})
+        copied++
+      } else {
+        const length = geometry.chunkPaddedLength(c)
+        reader.readChunk(c, bytes)
+        const {chunk, stored} = encodeChunk(bytes.subarray(0, length), pageSize, compressor, zeroPage, scratch)
+        entries.push({dataOffset: file.append(Buffer.from(stored)), storedLength: stored.length, payloadLength: chunk.payloadLength, storedCrc: chunk.storedCrc, codec: chunk.codec, flags: 0})
+        encoded++
+      }
+      options.onProgress?.(geometry.chunkStart(c) + geometry.chunkLogicalLength(c), geometry.logicalSize)
+    }
+    appendTail(file, entries, zeroMap, header.readUInt32LE(header.length - 8))
+    options.signal?.throwIfAborted()
+    file.commit()
+    return {path: output, logicalSize: geometry.logicalSize, fileSize: file.size, chunkCount: geometry.chunkCount, copiedChunks: copied, encodedChunks: encoded, seconds: (performance.now() - started) / 1000}
+  } finally {
+    file.discard()
+  }
+
+  /** Whether every page of chunk c is the base's: data from the base, zero where the base is zero. */
+  function fromBaseOnly(c: number): boolean {
+    const first = geometry.firstPageOfChunk(c)
+    const end = first + geometry.pagesInChunk(c)
+    for (let r = findRun(runs, first), p = first; p < end; r++) {
+      const run = runs[r]
+      if (run.source !== 0 && run.source !== SOURCE_ZERO) return false
+      const stop = Math.min(end, run.firstPage + run.pageCount)
+      if (run.source === SOURCE_ZERO) for (let q = p; q < stop; q++) if (!base.zeroMap.isZero(q)) return false
+      p = stop
+    }
+    return true
+  }
+}
+

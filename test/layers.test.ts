@@ -1,0 +1,223 @@
+// Layered snapshots end to end: real files, the real CLI, real fc_client resumes checking every byte.
+import {spawnSync} from 'node:child_process'
+import fs from 'node:fs'
+import path from 'node:path'
+
+import {afterAll, beforeAll, describe, expect, it} from 'vitest'
+
+import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
+import {makeImage, pseudoRandom, tempDir} from './helpers/images.js'
+
+const PAGE = 4096
+const SIZE = 8 * 1024 * 1024
+const PAGES = SIZE / PAGE
+const FC_CLIENT = path.join(NATIVE, 'fc_client')
+
+let dir: string
+const at = (name: string): string => path.join(dir, name)
+
+/** `image` with pages changed: scattered (every `stride`-th page), a cluster, and a zeroed run. */
+function changed(image: Buffer, seed: number, stride: number, cluster: number): Buffer {
+  const out = Buffer.from(image)
+  const fresh = pseudoRandom(SIZE, seed)
+  for (let p = seed % stride; p < PAGES; p += stride) fresh.copy(out, p * PAGE, p * PAGE, (p + 1) * PAGE)
+  fresh.copy(out, cluster * PAGE, cluster * PAGE, (cluster + 48) * PAGE)
+  out.fill(0, (cluster + 100) * PAGE, (cluster + 108) * PAGE)
+  return out
+}
+
+function ok(args: string[]): any {
+  const r = uffd([...args, '--json'])
+  expect(r.status, `uffd ${args.join(' ')}:\n${r.stdout}${r.stderr}`).toBe(0)
+  return r.json
+}
+
+async function resumeAndCheck(snapshot: string, image: string, extra: string[] = [], clientArgs = ['--touch', 'random', '--verify-all']): Promise<{client: any; resume: any}> {
+  const socket = at(`s-${path.basename(snapshot)}.sock`)
+  const ready = `${socket}.ready`
+  const handler = uffdAsync(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30', '--json', ...extra], {timeoutMs: 60_000})
+  for (let i = 0; i < 400 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
+  expect(fs.existsSync(ready), 'the handler never became ready').toBe(true)
+  const client = spawnSync(FC_CLIENT, ['--socket', socket, '--image', image, ...clientArgs, '--timeout-ms', '30000'], {encoding: 'utf8', timeout: 60_000})
+  const done = await handler
+  expect(client.status, `fc_client:\n${client.stdout}${client.stderr}\nresume:\n${done.stderr}`).toBe(0)
+  const report = JSON.parse(client.stdout)
+  expect(report.verify_errors).toBe(0)
+  expect(done.status, done.stderr).toBe(0)
+  return {client: report, resume: JSON.parse(done.stdout)}
+}
+
+beforeAll(() => {
+  dir = tempDir('uffd-layers-')
+  const base = makeImage('mixed', SIZE, 7)
+  const v1 = changed(base, 3, 37, 300)
+  const v2 = changed(v1, 5, 101, 1200)
+  fs.writeFileSync(at('base.raw'), base)
+  fs.writeFileSync(at('v1.raw'), v1)
+  fs.writeFileSync(at('v2.raw'), v2)
+  ok(['snapshot', '--mem-file', at('base.raw'), '-o', at('base.uffd')])
+  ok(['snapshot', '--mem-file', at('v1.raw'), '--parent', at('base.uffd'), '-o', at('v1.uffd')])
+  ok(['snapshot', '--mem-file', at('v2.raw'), '--parent', at('v1.uffd'), '-o', at('v2.uffd')])
+})
+
+afterAll(() => fs.rmSync(dir, {recursive: true, force: true}))
+
+describe('layers', () => {
+  it('store only the changed pages and verify byte-exact against the full image', () => {
+    const base = fs.statSync(at('base.uffd')).size
+    for (const [layer, raw] of [
+      ['v1.uffd', 'v1.raw'],
+      ['v2.uffd', 'v2.raw'],
+    ]) {
+      expect(fs.statSync(at(layer)).size).toBeLessThan(base / 4)
+      const v = ok(['verify', at(layer), '--against', at(raw)])
+      expect(v.ok).toBe(true)
+      expect(v.against.mismatchedPages).toBe(0)
+    }
+    // A layer differs from a wrong image: verify is not vacuous.
+    expect(uffd(['verify', at('v2.uffd'), '--against', at('v1.raw')]).status).toBe(1)
+  })
+
+  it('stats shows the chain and what each file provides', () => {
+    const s = ok(['stats', at('v2.uffd')])
+    expect(s.chain.map((f: any) => f.role)).toEqual(['base', 'layer 1', 'layer 2'])
+    expect(s.layer.depth).toBe(2)
+    const provided = s.chain.reduce((n: number, f: any) => n + f.pagesProvided, 0)
+    expect(provided + s.zeroPages).toBe(PAGES)
+    expect(s.chain[2].pagesProvided).toBe(s.layer.pages)
+  })
+
+  it('squash writes one self-contained snapshot of the chain, copying base chunks it can', () => {
+    // Scattered changes touch every chunk: all are assembled again.
+    const s = ok(['squash', at('v2.uffd'), '-o', at('sq.uffd')])
+    expect(s.copiedChunks).toBe(0)
+    expect(s.encodedChunks).toBeGreaterThan(0)
+    // A clustered change on the base leaves the other chunks' stored bytes to copy.
+    const c = fs.readFileSync(at('base.raw'))
+    pseudoRandom(64 * PAGE, 11).copy(c, 64 * PAGE)
+    fs.writeFileSync(at('c.raw'), c)
+    ok(['snapshot', '--mem-file', at('c.raw'), '--parent', at('base.uffd'), '-o', at('c.uffd')])
+    const sc = ok(['squash', at('c.uffd'), '-o', at('sqc.uffd')])
+    expect(sc.encodedChunks).toBe(1)
+    expect(sc.copiedChunks).toBeGreaterThan(0)
+    expect(ok(['verify', at('sqc.uffd'), '--against', at('c.raw')]).ok).toBe(true)
+    const moved = tempDir('uffd-layers-squashed-')
+    try {
+      // Alone in a directory: nothing of the chain is needed.
+      fs.renameSync(at('sq.uffd'), path.join(moved, 'sq.uffd'))
+      const stats = ok(['stats', path.join(moved, 'sq.uffd')])
+      expect(stats.layer).toBeUndefined()
+      expect(ok(['verify', path.join(moved, 'sq.uffd'), '--against', at('v2.raw')]).ok).toBe(true)
+    } finally {
+      fs.rmSync(moved, {recursive: true, force: true})
+    }
+    expect(uffd(['squash', at('base.uffd'), '-o', at('x.uffd'), '--json']).json.error.code).toBe('USAGE')
+    expect(fs.existsSync(at('x.uffd'))).toBe(false)
+  })
+
+  it('a Firecracker-style sparse diff gives the same image as the full file', () => {
+    // Holes are "unchanged": only the pages that differ from v1 (and one rewritten with the same bytes) are written.
+    const v1 = fs.readFileSync(at('v1.raw'))
+    const v2 = fs.readFileSync(at('v2.raw'))
+    const fd = fs.openSync(at('v2.diff'), 'w')
+    fs.ftruncateSync(fd, SIZE)
+    for (let p = 0; p < PAGES; p++) {
+      if (p === 10 || !v1.subarray(p * PAGE, (p + 1) * PAGE).equals(v2.subarray(p * PAGE, (p + 1) * PAGE))) fs.writeSync(fd, v2, p * PAGE, PAGE, p * PAGE)
+    }
+    fs.closeSync(fd)
+    const layer = ok(['snapshot', '--mem-file', at('v2.diff'), '--diff', '--parent', at('v1.uffd'), '-o', at('v2d.uffd')])
+    expect(layer.comparedPages).toBeLessThan(PAGES / 4)
+    expect(ok(['verify', at('v2d.uffd'), '--against', at('v2.raw')]).ok).toBe(true)
+    // Without --diff the holes are zeros: a different image.
+    ok(['snapshot', '--mem-file', at('v2.diff'), '--parent', at('v1.uffd'), '-o', at('v2z.uffd')])
+    expect(uffd(['verify', at('v2z.uffd'), '--against', at('v2.raw')]).status).toBe(1)
+  })
+
+  it('a missing, swapped or corrupt parent is refused with a code naming it', () => {
+    const moved = tempDir('uffd-layers-moved-')
+    try {
+      fs.copyFileSync(at('v2.uffd'), path.join(moved, 'v2.uffd'))
+      const missing = uffd(['stats', path.join(moved, 'v2.uffd'), '--json'])
+      expect(missing.status).toBe(1)
+      expect(missing.json.error.code).toBe('PARENT_MISSING')
+      expect(missing.json.error.message).toContain('base.uffd')
+      // --layers DIR finds them.
+      expect(ok(['verify', path.join(moved, 'v2.uffd'), '--layers', dir, '--against', at('v2.raw')]).ok).toBe(true)
+      // Another snapshot under the parent's name.
+      fs.copyFileSync(at('v2.uffd'), path.join(moved, 'v1.uffd'))
+      ok(['snapshot', '--mem-file', at('v1.raw'), '-o', path.join(moved, 'base.uffd')])
+      const swapped = uffd(['stats', path.join(moved, 'v2.uffd'), '--json'])
+      expect(swapped.json.error.code).toBe('PARENT_MISMATCH')
+      expect(swapped.json.error.message).toContain('base.uffd')
+      // A copy of the parent with one chunk's byte flipped: same identity (chunk data is covered
+      // by its CRC), refused when the chunk is read.
+      fs.copyFileSync(at('base.uffd'), path.join(moved, 'base.uffd'))
+      fs.copyFileSync(at('v1.uffd'), path.join(moved, 'v1.uffd'))
+      const bytes = fs.readFileSync(path.join(moved, 'base.uffd'))
+      bytes[bytes.readUInt32LE(12) + 100] ^= 0xff
+      fs.writeFileSync(path.join(moved, 'base.uffd'), bytes)
+      const corrupt = uffd(['verify', path.join(moved, 'v2.uffd'), '--json'])
+      expect(corrupt.status).toBe(1)
+      expect(corrupt.json.errors.join('\n')).toMatch(/base\.uffd: chunk \d+: checksum mismatch/)
+    } finally {
+      fs.rmSync(moved, {recursive: true, force: true})
+    }
+  })
+
+  it('a layer whose own tables or blocks were changed is refused as CORRUPT', () => {
+    const bytes = fs.readFileSync(at('v1.uffd'))
+    const headerSize = bytes.readUInt32LE(12)
+    const meta = JSON.parse(bytes.subarray(0, headerSize).toString('latin1').match(/\{"source".*\}/)![0])
+    const flip = (offset: number, name: string): any => {
+      const copy = Buffer.from(bytes)
+      copy[offset] ^= 0x01
+      fs.writeFileSync(at(name), copy)
+      return uffd(['verify', at(name), '--json']).json
+    }
+    expect(flip(meta.layer.runs.offset + 4, 'bad-runs.uffd').error.code).toBe('CORRUPT')
+    expect(flip(meta.layer.blocks.offset + 8, 'bad-blocks.uffd').error.code).toBe('CORRUPT')
+    const data = flip(headerSize + 10, 'bad-data.uffd')
+    expect(data.ok).toBe(false)
+    expect(data.errors.join('\n')).toMatch(/layer block 0: checksum mismatch/)
+  })
+
+  it('a layer carries incompatible bit 0 (older readers refuse it), and cp refuses one', () => {
+    const bytes = fs.readFileSync(at('v1.uffd'))
+    expect(bytes.readBigUInt64LE(16)).toBe(1n)
+    const cp = uffd(['cp', at('v1.uffd'), at('copy.uffd'), '--json'])
+    expect(cp.json.error.code).toBe('USAGE')
+    expect(fs.existsSync(at('copy.uffd'))).toBe(false)
+  })
+
+  describe.skipIf(!isRoot() || !fs.existsSync(FC_CLIENT))('resume (fc_client --verify-all)', () => {
+    it('serves the base, a layer and a layer on a layer byte-exact', async () => {
+      await resumeAndCheck(at('base.uffd'), at('base.raw'))
+      await resumeAndCheck(at('v1.uffd'), at('v1.raw'))
+      await resumeAndCheck(at('v2.uffd'), at('v2.raw'))
+    }, 180_000)
+
+    it('serves a layer with decoding in this thread, and with population of all memory', async () => {
+      await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--decoders', '0'])
+      await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--populate', 'all'])
+    }, 180_000)
+
+    it('a balloon removal on a layer reads as zeros and is never refilled', async () => {
+      const r = await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--populate', 'all'], ['--touch', 'random', '--count', '300', '--verify', '--balloon', '4096:64K,1M:12K'])
+      expect(r.client).toMatchObject({balloon_ok: true, balloon_bytes: 65536 + 12288, balloon_bad_pages: 0})
+    }, 120_000)
+
+    it('a working set recorded on a layer prefetches on the next resume of it', async () => {
+      const ws = at('v2.ws')
+      const recorded = await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--record', ws, '--fault-around', 'page', '--readahead', '0'], ['--touch', 'random', '--count', '400', '--verify'])
+      expect(recorded.resume.stats.faults.total).toBeGreaterThan(0)
+      // The guest waits before touching: the set is installed by then, and no touch faults.
+      const r = await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--working-set', ws, '--readahead', '0'], ['--touch', 'random', '--count', '400', '--verify', '--delay-ms', '300'])
+      expect(r.resume.stats.pages.prefetched).toBeGreaterThan(0)
+      expect(r.resume.stats.faults.total).toBe(0)
+    }, 120_000)
+
+    it('serves a layer made from a sparse diff like the full image', async () => {
+      await resumeAndCheck(at('v2d.uffd'), at('v2.raw'))
+    }, 120_000)
+  })
+})
