@@ -155,6 +155,24 @@ describe('FetchScheduler', () => {
     await failed
   })
 
+  it('counts the deadline from when a request is sent, not from when the extent was queued', async () => {
+    // One request at a time, extents too far apart to share one: extent 1 waits its turn past
+    // the deadline, then its first answer is a 503. Counted from its want it would fail at once.
+    const {object, scheduler, answer} = schedulerOver(data, [100, 100], {concurrency: 1, deadlineMs: 60, maxRequestBytes: 100})
+    const first = scheduler.want(0, PRIORITY_DEMAND)
+    const second = scheduler.want(1, PRIORITY_DEMAND)
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    answer(0)
+    await first
+    await flush()
+    expect(object.reads.length).toBe(2)
+    object.reads[1].answer(new RemoteError('REMOTE_UNAVAILABLE', 'HTTP 503', true))
+    for (let i = 0; i < 20 && object.reads.length < 3; i++) await new Promise((resolve) => setTimeout(resolve, 5))
+    expect(object.reads.length).toBe(3)
+    answer(2)
+    expect((await second).equals(data.subarray(200, 300))).toBe(true)
+  })
+
   it('fails at once on an error no retry can fix', async () => {
     const {object, scheduler} = schedulerOver(data, [100], {concurrency: 2})
     const wanted = scheduler.want(0, PRIORITY_DEMAND)
