@@ -1,7 +1,12 @@
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+
 import fc from 'fast-check'
 import {describe, expect, it} from 'vitest'
 
 import {backoffMs, extentAt, type ExtentTable, planRun} from '../src/remote/coalesce.js'
+import {DiskCache, evict} from '../src/remote/disk-cache.js'
 import {FetchScheduler} from '../src/remote/fetcher/scheduler.js'
 import {parseLocation} from '../src/remote/location.js'
 import {checkRangeResponse, type ObjectIdentity, parseContentRange, RemoteError, type RemoteObject} from '../src/remote/object.js'
@@ -179,5 +184,47 @@ describe('FetchScheduler', () => {
     object.reads[0].answer(new RemoteError('REMOTE_NOT_FOUND', 'gone', false))
     await expect(wanted).rejects.toMatchObject({code: 'REMOTE_NOT_FOUND'})
     expect(object.reads.length).toBe(1)
+  })
+})
+
+describe('DiskCache: the directory it owns', () => {
+  const digest = 'ab'.repeat(16)
+
+  it('evicts only the extent files it made, and says which', async () => {
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
+    try {
+      const cache = DiskCache.prepare(root, digest)
+      cache.publish({offset: 0x100, length: 4000}, Buffer.alloc(4000, 1))
+      cache.publish({offset: 0x2000, length: 4000}, Buffer.alloc(4000, 2))
+      // What a user keeps beside the cache (a --cache-dir of /var/tmp, say) is not the cache's.
+      fs.writeFileSync(path.join(cache.dir, 'notes.txt'), Buffer.alloc(50_000))
+      fs.mkdirSync(path.join(root, 'other'))
+      fs.writeFileSync(path.join(root, 'other', '100-fa0'), Buffer.alloc(50_000))
+      const old = new Date(Date.now() - 3600_000)
+      fs.utimesSync(cache.pathOf({offset: 0x100, length: 4000}), old, old)
+      const result = await evict(root, 5000)
+      expect(result.evictedBytes).toBe(4000)
+      expect(result.evicted).toEqual([{dir: cache.dir, extent: {offset: 0x100, length: 4000}}])
+      expect(cache.has({offset: 0x100, length: 4000})).toBe(false)
+      expect(cache.has({offset: 0x2000, length: 4000})).toBe(true)
+      expect(fs.statSync(path.join(cache.dir, 'notes.txt')).size).toBe(50_000)
+      expect(fs.statSync(path.join(root, 'other', '100-fa0')).size).toBe(50_000)
+    } finally {
+      fs.rmSync(root, {recursive: true, force: true})
+    }
+  })
+
+  it('refuses a directory another user owns, or that group or others may write', () => {
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
+    try {
+      fs.chmodSync(root, 0o777)
+      expect(() => DiskCache.prepare(root, digest)).toThrow(expect.objectContaining({code: 'CACHE_DIR', message: expect.stringContaining('writable by group or others (mode 777)')}))
+      fs.chmodSync(root, 0o700)
+      expect(DiskCache.prepare(root, digest).dir).toBe(path.join(root, digest))
+      fs.chownSync(path.join(root, digest), 65534, 65534)
+      expect(() => DiskCache.prepare(root, digest)).toThrow(expect.objectContaining({code: 'CACHE_DIR', message: expect.stringContaining('owned by uid 65534')}))
+    } finally {
+      fs.rmSync(root, {recursive: true, force: true})
+    }
   })
 })
