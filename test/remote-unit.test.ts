@@ -1,4 +1,8 @@
+import {execFileSync} from 'node:child_process'
 import fs from 'node:fs'
+import http from 'node:http'
+import https from 'node:https'
+import {type AddressInfo} from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
 
@@ -9,6 +13,7 @@ import {backoffMs, extentAt, type ExtentTable, planRun} from '../src/remote/coal
 import {DiskCache, evict} from '../src/remote/disk-cache.js'
 import {FetchScheduler} from '../src/remote/fetcher/scheduler.js'
 import {parseLocation} from '../src/remote/location.js'
+import {HttpObject} from '../src/remote/http-object.js'
 import {checkRangeResponse, type ObjectIdentity, parseContentRange, RemoteError, type RemoteObject} from '../src/remote/object.js'
 import {PRIORITY_DEMAND, PRIORITY_PREFETCH, RemoteCounters, sharedBuffers} from '../src/remote/shared.js'
 import {BUCKETS} from '../src/resume/run-stats.js'
@@ -225,6 +230,89 @@ describe('DiskCache: the directory it owns', () => {
       expect(() => DiskCache.prepare(root, digest)).toThrow(expect.objectContaining({code: 'CACHE_DIR', message: expect.stringContaining('owned by uid 65534')}))
     } finally {
       fs.rmSync(root, {recursive: true, force: true})
+    }
+  })
+})
+
+/** A loopback server answering every request with `answer`; records how many came and when their responses closed. */
+async function answering(answer: (req: http.IncomingMessage, res: http.ServerResponse) => void, tls?: {key: Buffer; cert: Buffer}) {
+  const seen = {requests: 0, closed: 0}
+  const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => {
+    seen.requests++
+    res.on('close', () => seen.closed++)
+    answer(req, res)
+  }
+  const server = tls ? https.createServer(tls, handler) : http.createServer(handler)
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const url = `${tls ? 'https' : 'http'}://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const close = (): Promise<void> => {
+    server.closeAllConnections()
+    return new Promise<void>((resolve) => server.close(() => resolve()))
+  }
+  return {url, seen, close}
+}
+
+describe('remote failures: what is retried, what it is called, what is released', () => {
+  const read = {idleTimeoutMs: 2000}
+
+  it('does not retry a certificate that does not verify', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-tls-'))
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=127.0.0.1', '-days', '1', '-keyout', path.join(dir, 'key.pem'), '-out', path.join(dir, 'cert.pem')], {stdio: 'ignore'})
+    const server = await answering((_, res) => res.writeHead(206).end(), {key: fs.readFileSync(path.join(dir, 'key.pem')), cert: fs.readFileSync(path.join(dir, 'cert.pem'))})
+    try {
+      const object = new HttpObject(`${server.url}/x`, 'https://host/x')
+      await expect(object.read(0, 10, {size: 100}, read)).rejects.toMatchObject({code: 'REMOTE_PROTOCOL', retryable: false, message: expect.stringContaining('TLS failed')})
+      expect(server.seen.requests).toBe(0)
+    } finally {
+      await server.close()
+      fs.rmSync(dir, {recursive: true, force: true})
+    }
+  })
+
+  it('calls expired S3 session credentials REMOTE_DENIED', async () => {
+    const server = await answering((_, res) => {
+      res.writeHead(400, {'content-type': 'application/xml'}).end('<?xml version="1.0" encoding="UTF-8"?><Error><Code>ExpiredToken</Code><Message>The provided token has expired.</Message></Error>')
+    })
+    const saved = {id: process.env.AWS_ACCESS_KEY_ID, secret: process.env.AWS_SECRET_ACCESS_KEY}
+    Object.assign(process.env, {AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test'})
+    try {
+      const {S3Object, s3Client} = await import('../src/remote/s3-object.js')
+      const object = new S3Object(s3Client({endpoint: server.url}, 1), 'bucket', 'key')
+      await expect(object.read(0, 10, {size: 100}, read)).rejects.toMatchObject({code: 'REMOTE_DENIED', retryable: false, message: expect.stringContaining('ExpiredToken')})
+    } finally {
+      for (const [k, v] of [['AWS_ACCESS_KEY_ID', saved.id], ['AWS_SECRET_ACCESS_KEY', saved.secret]] as const) {
+        if (v === undefined) delete process.env[k]
+        else process.env[k] = v
+      }
+      await server.close()
+    }
+  })
+
+  it('releases the connection of an answer it refuses, without reading its body', async () => {
+    // A wrong Content-Range, then a body that never ends: kept unread, its socket stays busy for good.
+    const server = await answering((_, res) => {
+      res.writeHead(206, {'content-range': 'bytes 0-999999999/2000000000'})
+      res.write(Buffer.alloc(65536))
+    })
+    try {
+      const object = new HttpObject(`${server.url}/x`, 'http://host/x')
+      await expect(object.read(100, 10, {size: 2_000_000_000}, read)).rejects.toMatchObject({code: 'REMOTE_PROTOCOL'})
+      for (let i = 0; i < 100 && server.seen.closed === 0; i++) await new Promise((resolve) => setTimeout(resolve, 20))
+      expect(server.seen.closed).toBe(1)
+    } finally {
+      await server.close()
+    }
+  })
+
+  it('names the object and the range in an extent that failed for good', async () => {
+    const server = await answering((_, res) => res.writeHead(404).end())
+    try {
+      const t = table([100, 100])
+      const object = new HttpObject(`${server.url}/x`, 'http://host/x')
+      const scheduler = new FetchScheduler(t, object, {size: 1000}, {concurrency: 2, maxRequestBytes: 1 << 20, idleTimeoutMs: 1000, deadlineMs: 5000}, new RemoteCounters(sharedBuffers(2).counters), new BigInt64Array(BUCKETS))
+      await expect(scheduler.want(1, PRIORITY_DEMAND)).rejects.toMatchObject({code: 'REMOTE_NOT_FOUND', message: 'http://host/x: not found (HTTP 404) (fetching bytes 200-299)'})
+    } finally {
+      await server.close()
     }
   })
 })

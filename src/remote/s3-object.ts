@@ -82,12 +82,15 @@ export class S3Object implements RemoteObject {
       const command = new GetObjectCommand({Bucket: this.bucket, Key: this.key, Range: `bytes=${offset}-${offset + length - 1}`, ...(expected?.etag ? {IfMatch: expected.etag} : {})})
       const output = await this.client.send(command, {abortSignal: controller.signal})
       const got = {...(output.ETag ? {etag: output.ETag} : {}), ...(output.LastModified ? {lastModified: output.LastModified.toUTCString()} : {})}
-      if (!output.ContentRange) {
+      try {
+        if (!output.ContentRange) throw new RemoteError('REMOTE_PROTOCOL', `${this.name}: the server ignored the range request (no Content-Range); it must support ranged GETs`, false)
+        const {size} = checkRangeResponse(this.name, {offset, length}, output.ContentRange, got, expected)
+        return {body: output.Body as AsyncIterable<Uint8Array> | undefined, identity: {size, ...got}, abort}
+      } catch (error) {
+        // An unread body holds its pooled socket until the server finishes sending it.
         ;(output.Body as {destroy?: () => void} | undefined)?.destroy?.()
-        throw new RemoteError('REMOTE_PROTOCOL', `${this.name}: the server ignored the range request (no Content-Range); it must support ranged GETs`, false)
+        throw error
       }
-      const {size} = checkRangeResponse(this.name, {offset, length}, output.ContentRange, got, expected)
-      return {body: output.Body as AsyncIterable<Uint8Array> | undefined, identity: {size, ...got}, abort}
     } catch (error) {
       if (options.signal?.aborted) throw error
       throw s3Error(this.name, error, timedOut, options.idleTimeoutMs)
@@ -119,7 +122,8 @@ export function s3Error(name: string, error: unknown, timedOut: boolean, idleTim
   if (e.name === 'NoSuchKey' || e.name === 'NotFound' || (status === 404 && e.name !== 'NoSuchBucket')) return new RemoteError('REMOTE_NOT_FOUND', `${name}: no such object`, false, {cause: error})
   if (e.name === 'NoSuchBucket') return new RemoteError('REMOTE_NOT_FOUND', `${name}: no such bucket`, false, {cause: error})
   if (e.name === 'PreconditionFailed' || status === 412) return new RemoteError('REMOTE_CHANGED', `${name}: the object changed while it was in use (412 to If-Match); start again with the new version`, false, {cause: error})
-  if (status === 401 || status === 403 || e.name === 'AccessDenied' || e.name === 'InvalidAccessKeyId' || e.name === 'SignatureDoesNotMatch') {
+  // Expired session credentials answer 400, not 403: still a refusal no retry fixes.
+  if (status === 401 || status === 403 || ['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'ExpiredToken', 'TokenRefreshRequired', 'InvalidToken'].includes(e.name ?? '')) {
     return new RemoteError('REMOTE_DENIED', `${name}: access denied (${e.name ?? status}: ${e.message ?? ''})`, false, {cause: error})
   }
   if (e.name === 'InvalidRange' || status === 416) return new RemoteError('REMOTE_PROTOCOL', `${name}: the range lies past the end of the object (${e.message ?? 416})`, false, {cause: error})

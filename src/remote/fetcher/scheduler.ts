@@ -140,7 +140,11 @@ export class FetchScheduler {
         lastError = error as Error
         lastWasMismatch = false
         if (!(error instanceof RemoteError) || !error.retryable) {
-          this.failRange(first, end, error instanceof UffdError ? error : new UffdError('INTERNAL', `${this.object.name}: ${(error as Error).message}`))
+          const range = `bytes ${offsets[first]}-${offsets[end - 1] + lengths[end - 1] - 1}`
+          const code = error instanceof UffdError ? error.code : 'INTERNAL'
+          const message = (error as Error).message
+          // The store's message names the object; the range says which chunks the client lost.
+          this.failRange(first, end, new UffdError(code, `${message.startsWith(this.object.name) ? '' : `${this.object.name}: `}${message} (fetching ${range})`, {cause: error}))
           return
         }
       }
