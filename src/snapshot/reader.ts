@@ -6,7 +6,7 @@ import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} 
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {crc32} from '../sys/crc.js'
-import {type ByteSource, FileByteSource} from './byte-source.js'
+import {type ByteSource, FileByteSource, PRIORITY_PREFETCH, type Priority} from './byte-source.js'
 import {ChunkDecompressor} from './decompressor.js'
 
 /**
@@ -217,7 +217,7 @@ export class SnapshotReader {
   }
 
   /** Asks a remote source for these units' stored bytes ahead of need (nothing for a local file). */
-  fetchAhead(units: Iterable<number>, priority: 1 | 2 = 1): void {
+  fetchAhead(units: Iterable<number>, priority: Priority = PRIORITY_PREFETCH): void {
     if (!this.source.fetchAhead) return
     const ranges: {position: number; length: number}[] = []
     for (const unit of units) {
