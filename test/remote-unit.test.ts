@@ -316,3 +316,27 @@ describe('remote failures: what is retried, what it is called, what is released'
     }
   })
 })
+
+describe('the S3 connection pool', () => {
+  it('opens as many connections as --fetch-concurrency asks for, past the SDK default of 50', async () => {
+    const held: http.ServerResponse[] = []
+    const server = await answering((_, res) => held.push(res))
+    const saved = {id: process.env.AWS_ACCESS_KEY_ID, secret: process.env.AWS_SECRET_ACCESS_KEY}
+    Object.assign(process.env, {AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test'})
+    try {
+      const {S3Object, s3Client} = await import('../src/remote/s3-object.js')
+      const object = new S3Object(s3Client({endpoint: server.url}, 1, 64), 'bucket', 'key')
+      const reads = Array.from({length: 64}, (_, i) => object.read(i * 10, 10, {size: 1000}, {idleTimeoutMs: 5000}).catch(() => {}))
+      for (let i = 0; i < 150 && server.seen.requests < 64; i++) await new Promise((resolve) => setTimeout(resolve, 20))
+      expect(server.seen.requests).toBe(64)
+      for (const res of held) res.writeHead(503).end()
+      await Promise.all(reads)
+    } finally {
+      for (const [k, v] of [['AWS_ACCESS_KEY_ID', saved.id], ['AWS_SECRET_ACCESS_KEY', saved.secret]] as const) {
+        if (v === undefined) delete process.env[k]
+        else process.env[k] = v
+      }
+      await server.close()
+    }
+  })
+})

@@ -1,3 +1,6 @@
+import http from 'node:http'
+import https from 'node:https'
+
 import {GetObjectCommand, S3Client, S3ServiceException} from '@aws-sdk/client-s3'
 
 import {checkRangeResponse, networkError, type ObjectIdentity, readBody, type ReadOptions, RemoteError, type RemoteObject} from './object.js'
@@ -19,9 +22,11 @@ process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true'
  * requests and responses are computed only where S3 requires them: S3-compatible servers do not
  * all know the SDK's newer checksum headers, and every stored unit is checked against its own
  * CRC anyway. `maxAttempts` is the SDK's own retrying (the fetcher retries reads itself, with
- * its deadline, and passes 1).
+ * its deadline, and passes 1). `sockets` sizes the connection pool (the fetcher's
+ * --fetch-concurrency): the SDK's own pool of 50 would queue requests past it inside the agent,
+ * where their idle timeouts run while nothing was sent.
  */
-export function s3Client(settings: S3Settings, maxAttempts?: number): S3Client {
+export function s3Client(settings: S3Settings, maxAttempts?: number, sockets?: number): S3Client {
   const endpoint = settings.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL
   return new S3Client({
     ...(endpoint ? {endpoint, forcePathStyle: true} : {}),
@@ -29,6 +34,9 @@ export function s3Client(settings: S3Settings, maxAttempts?: number): S3Client {
     requestChecksumCalculation: 'WHEN_REQUIRED',
     responseChecksumValidation: 'WHEN_REQUIRED',
     ...(maxAttempts === undefined ? {} : {maxAttempts}),
+    ...(sockets === undefined
+      ? {}
+      : {requestHandler: {httpAgent: new http.Agent({keepAlive: true, maxSockets: sockets}), httpsAgent: new https.Agent({keepAlive: true, maxSockets: sockets})}}),
   })
 }
 

@@ -21,7 +21,7 @@ const counters = new RemoteCounters(share.counters)
 const latency = new BigInt64Array(share.latency)
 const cache = new DiskCache(share.cacheDir)
 const table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs: share.extentCrcs}
-const scheduler = new FetchScheduler(table, await remoteObject(share.location, share.s3, 1), share.identity, share.fetch, counters, latency)
+const scheduler = new FetchScheduler(table, await remoteObject(share.location, share.s3, 1, share.fetch.concurrency), share.identity, share.fetch, counters, latency)
 
 /** A want message: extents to fetch at a priority; a port message: a new reader's channel. */
 export type FetcherMessage = {type: 'want'; priority: Priority; extents: number[]} | {type: 'port'; port: MessagePort}
