@@ -219,6 +219,21 @@ describe('DiskCache: the directory it owns', () => {
     }
   })
 
+  it('makes its directory again when it was removed under it', () => {
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
+    try {
+      const cache = DiskCache.prepare(root, digest)
+      fs.rmSync(root, {recursive: true})
+      cache.publish({offset: 0, length: 10}, Buffer.alloc(10, 7))
+      const back = Buffer.alloc(10)
+      expect(cache.read({offset: 0, length: 10}, back)).toBe(true)
+      expect(back.equals(Buffer.alloc(10, 7))).toBe(true)
+      expect(fs.readdirSync(cache.dir)).toEqual(['0-a'])
+    } finally {
+      fs.rmSync(root, {recursive: true, force: true})
+    }
+  })
+
   it('refuses a directory another user owns, or that group or others may write', () => {
     const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
     try {

@@ -106,8 +106,21 @@ export class DiskCache {
     }
   }
 
-  /** Publishes verified bytes; throws on a write failure (a full disk) after removing its temporary file. */
+  /**
+   * Publishes verified bytes; throws on a write failure (a full disk) after removing its
+   * temporary file. A directory removed under us (an operator clearing the cache) is made again.
+   */
   publish(extent: ExtentRange, bytes: Uint8Array): void {
+    try {
+      this.write(extent, bytes)
+    } catch (error) {
+      if ((error as {code?: string}).code !== 'ENOENT') throw error
+      fs.mkdirSync(this.dir, {recursive: true, mode: DIR_MODE})
+      this.write(extent, bytes)
+    }
+  }
+
+  private write(extent: ExtentRange, bytes: Uint8Array): void {
     const final = this.pathOf(extent)
     const temp = path.join(this.dir, `.tmp-${process.pid}-${crypto.randomBytes(6).toString('hex')}`)
     try {

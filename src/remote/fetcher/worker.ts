@@ -86,7 +86,8 @@ async function store(range: {offset: number; length: number}, bytes: Buffer): Pr
   } catch (error) {
     counters.add('cacheWriteErrors')
     const code = (error as {code?: string}).code
-    if (code !== 'ENOSPC') throw cacheError(error)
+    // A quota is a full disk for this user: eviction frees it the same way.
+    if (code !== 'ENOSPC' && code !== 'EDQUOT') throw cacheError(error)
     const held = await evict(share.cacheRoot, Infinity)
     const freed = await evict(share.cacheRoot, held.bytes / 2)
     forgetEvicted(freed)
