@@ -1,9 +1,19 @@
+import {execFileSync} from 'node:child_process'
+import fs from 'node:fs'
+import http from 'node:http'
+import https from 'node:https'
+import {type AddressInfo} from 'node:net'
+import os from 'node:os'
+import path from 'node:path'
+
 import fc from 'fast-check'
 import {describe, expect, it} from 'vitest'
 
 import {backoffMs, extentAt, type ExtentTable, planRun} from '../src/remote/coalesce.js'
+import {DiskCache, evict} from '../src/remote/disk-cache.js'
 import {FetchScheduler} from '../src/remote/fetcher/scheduler.js'
 import {parseLocation} from '../src/remote/location.js'
+import {HttpObject} from '../src/remote/http-object.js'
 import {checkRangeResponse, type ObjectIdentity, parseContentRange, RemoteError, type RemoteObject} from '../src/remote/object.js'
 import {PRIORITY_DEMAND, PRIORITY_PREFETCH, RemoteCounters, sharedBuffers} from '../src/remote/shared.js'
 import {BUCKETS} from '../src/resume/run-stats.js'
@@ -155,11 +165,193 @@ describe('FetchScheduler', () => {
     await failed
   })
 
+  it('counts the deadline from when a request is sent, not from when the extent was queued', async () => {
+    // One request at a time, extents too far apart to share one: extent 1 waits its turn past
+    // the deadline, then its first answer is a 503. Counted from its want it would fail at once.
+    const {object, scheduler, answer} = schedulerOver(data, [100, 100], {concurrency: 1, deadlineMs: 60, maxRequestBytes: 100})
+    const first = scheduler.want(0, PRIORITY_DEMAND)
+    const second = scheduler.want(1, PRIORITY_DEMAND)
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    answer(0)
+    await first
+    await flush()
+    expect(object.reads.length).toBe(2)
+    object.reads[1].answer(new RemoteError('REMOTE_UNAVAILABLE', 'HTTP 503', true))
+    for (let i = 0; i < 20 && object.reads.length < 3; i++) await new Promise((resolve) => setTimeout(resolve, 5))
+    expect(object.reads.length).toBe(3)
+    answer(2)
+    expect((await second).equals(data.subarray(200, 300))).toBe(true)
+  })
+
   it('fails at once on an error no retry can fix', async () => {
     const {object, scheduler} = schedulerOver(data, [100], {concurrency: 2})
     const wanted = scheduler.want(0, PRIORITY_DEMAND)
     object.reads[0].answer(new RemoteError('REMOTE_NOT_FOUND', 'gone', false))
     await expect(wanted).rejects.toMatchObject({code: 'REMOTE_NOT_FOUND'})
     expect(object.reads.length).toBe(1)
+  })
+})
+
+describe('DiskCache: the directory it owns', () => {
+  const digest = 'ab'.repeat(16)
+
+  it('evicts only the extent files it made, and says which', async () => {
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
+    try {
+      const cache = DiskCache.prepare(root, digest)
+      cache.publish({offset: 0x100, length: 4000}, Buffer.alloc(4000, 1))
+      cache.publish({offset: 0x2000, length: 4000}, Buffer.alloc(4000, 2))
+      // What a user keeps beside the cache (a --cache-dir of /var/tmp, say) is not the cache's.
+      fs.writeFileSync(path.join(cache.dir, 'notes.txt'), Buffer.alloc(50_000))
+      fs.mkdirSync(path.join(root, 'other'))
+      fs.writeFileSync(path.join(root, 'other', '100-fa0'), Buffer.alloc(50_000))
+      const old = new Date(Date.now() - 3600_000)
+      fs.utimesSync(cache.pathOf({offset: 0x100, length: 4000}), old, old)
+      const result = await evict(root, 5000)
+      expect(result.evictedBytes).toBe(4000)
+      expect(result.evicted).toEqual([{dir: cache.dir, extent: {offset: 0x100, length: 4000}}])
+      expect(cache.has({offset: 0x100, length: 4000})).toBe(false)
+      expect(cache.has({offset: 0x2000, length: 4000})).toBe(true)
+      expect(fs.statSync(path.join(cache.dir, 'notes.txt')).size).toBe(50_000)
+      expect(fs.statSync(path.join(root, 'other', '100-fa0')).size).toBe(50_000)
+    } finally {
+      fs.rmSync(root, {recursive: true, force: true})
+    }
+  })
+
+  it('makes its directory again when it was removed under it', () => {
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
+    try {
+      const cache = DiskCache.prepare(root, digest)
+      fs.rmSync(root, {recursive: true})
+      cache.publish({offset: 0, length: 10}, Buffer.alloc(10, 7))
+      const back = Buffer.alloc(10)
+      expect(cache.read({offset: 0, length: 10}, back)).toBe(true)
+      expect(back.equals(Buffer.alloc(10, 7))).toBe(true)
+      expect(fs.readdirSync(cache.dir)).toEqual(['0-a'])
+    } finally {
+      fs.rmSync(root, {recursive: true, force: true})
+    }
+  })
+
+  it('refuses a directory another user owns, or that group or others may write', () => {
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
+    try {
+      fs.chmodSync(root, 0o777)
+      expect(() => DiskCache.prepare(root, digest)).toThrow(expect.objectContaining({code: 'CACHE_DIR', message: expect.stringContaining('writable by group or others (mode 777)')}))
+      fs.chmodSync(root, 0o700)
+      expect(DiskCache.prepare(root, digest).dir).toBe(path.join(root, digest))
+      fs.chownSync(path.join(root, digest), 65534, 65534)
+      expect(() => DiskCache.prepare(root, digest)).toThrow(expect.objectContaining({code: 'CACHE_DIR', message: expect.stringContaining('owned by uid 65534')}))
+    } finally {
+      fs.rmSync(root, {recursive: true, force: true})
+    }
+  })
+})
+
+/** A loopback server answering every request with `answer`; records how many came and when their responses closed. */
+async function answering(answer: (req: http.IncomingMessage, res: http.ServerResponse) => void, tls?: {key: Buffer; cert: Buffer}) {
+  const seen = {requests: 0, closed: 0}
+  const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => {
+    seen.requests++
+    res.on('close', () => seen.closed++)
+    answer(req, res)
+  }
+  const server = tls ? https.createServer(tls, handler) : http.createServer(handler)
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const url = `${tls ? 'https' : 'http'}://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const close = (): Promise<void> => {
+    server.closeAllConnections()
+    return new Promise<void>((resolve) => server.close(() => resolve()))
+  }
+  return {url, seen, close}
+}
+
+describe('remote failures: what is retried, what it is called, what is released', () => {
+  const read = {idleTimeoutMs: 2000}
+
+  it('does not retry a certificate that does not verify', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-tls-'))
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=127.0.0.1', '-days', '1', '-keyout', path.join(dir, 'key.pem'), '-out', path.join(dir, 'cert.pem')], {stdio: 'ignore'})
+    const server = await answering((_, res) => res.writeHead(206).end(), {key: fs.readFileSync(path.join(dir, 'key.pem')), cert: fs.readFileSync(path.join(dir, 'cert.pem'))})
+    try {
+      const object = new HttpObject(`${server.url}/x`, 'https://host/x')
+      await expect(object.read(0, 10, {size: 100}, read)).rejects.toMatchObject({code: 'REMOTE_PROTOCOL', retryable: false, message: expect.stringContaining('TLS failed')})
+      expect(server.seen.requests).toBe(0)
+    } finally {
+      await server.close()
+      fs.rmSync(dir, {recursive: true, force: true})
+    }
+  })
+
+  it('calls expired S3 session credentials REMOTE_DENIED', async () => {
+    const server = await answering((_, res) => {
+      res.writeHead(400, {'content-type': 'application/xml'}).end('<?xml version="1.0" encoding="UTF-8"?><Error><Code>ExpiredToken</Code><Message>The provided token has expired.</Message></Error>')
+    })
+    const saved = {id: process.env.AWS_ACCESS_KEY_ID, secret: process.env.AWS_SECRET_ACCESS_KEY}
+    Object.assign(process.env, {AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test'})
+    try {
+      const {S3Object, s3Client} = await import('../src/remote/s3-object.js')
+      const object = new S3Object(s3Client({endpoint: server.url}, 1), 'bucket', 'key')
+      await expect(object.read(0, 10, {size: 100}, read)).rejects.toMatchObject({code: 'REMOTE_DENIED', retryable: false, message: expect.stringContaining('ExpiredToken')})
+    } finally {
+      for (const [k, v] of [['AWS_ACCESS_KEY_ID', saved.id], ['AWS_SECRET_ACCESS_KEY', saved.secret]] as const) {
+        if (v === undefined) delete process.env[k]
+        else process.env[k] = v
+      }
+      await server.close()
+    }
+  })
+
+  it('releases the connection of an answer it refuses, without reading its body', async () => {
+    // A wrong Content-Range, then a body that never ends: kept unread, its socket stays busy for good.
+    const server = await answering((_, res) => {
+      res.writeHead(206, {'content-range': 'bytes 0-999999999/2000000000'})
+      res.write(Buffer.alloc(65536))
+    })
+    try {
+      const object = new HttpObject(`${server.url}/x`, 'http://host/x')
+      await expect(object.read(100, 10, {size: 2_000_000_000}, read)).rejects.toMatchObject({code: 'REMOTE_PROTOCOL'})
+      for (let i = 0; i < 100 && server.seen.closed === 0; i++) await new Promise((resolve) => setTimeout(resolve, 20))
+      expect(server.seen.closed).toBe(1)
+    } finally {
+      await server.close()
+    }
+  })
+
+  it('names the object and the range in an extent that failed for good', async () => {
+    const server = await answering((_, res) => res.writeHead(404).end())
+    try {
+      const t = table([100, 100])
+      const object = new HttpObject(`${server.url}/x`, 'http://host/x')
+      const scheduler = new FetchScheduler(t, object, {size: 1000}, {concurrency: 2, maxRequestBytes: 1 << 20, idleTimeoutMs: 1000, deadlineMs: 5000}, new RemoteCounters(sharedBuffers(2).counters), new BigInt64Array(BUCKETS))
+      await expect(scheduler.want(1, PRIORITY_DEMAND)).rejects.toMatchObject({code: 'REMOTE_NOT_FOUND', message: 'http://host/x: not found (HTTP 404) (fetching bytes 200-299)'})
+    } finally {
+      await server.close()
+    }
+  })
+})
+
+describe('the S3 connection pool', () => {
+  it('opens as many connections as --fetch-concurrency asks for, past the SDK default of 50', async () => {
+    const held: http.ServerResponse[] = []
+    const server = await answering((_, res) => held.push(res))
+    const saved = {id: process.env.AWS_ACCESS_KEY_ID, secret: process.env.AWS_SECRET_ACCESS_KEY}
+    Object.assign(process.env, {AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test'})
+    try {
+      const {S3Object, s3Client} = await import('../src/remote/s3-object.js')
+      const object = new S3Object(s3Client({endpoint: server.url}, 1, 64), 'bucket', 'key')
+      const reads = Array.from({length: 64}, (_, i) => object.read(i * 10, 10, {size: 1000}, {idleTimeoutMs: 5000}).catch(() => {}))
+      for (let i = 0; i < 150 && server.seen.requests < 64; i++) await new Promise((resolve) => setTimeout(resolve, 20))
+      expect(server.seen.requests).toBe(64)
+      for (const res of held) res.writeHead(503).end()
+      await Promise.all(reads)
+    } finally {
+      for (const [k, v] of [['AWS_ACCESS_KEY_ID', saved.id], ['AWS_SECRET_ACCESS_KEY', saved.secret]] as const) {
+        if (v === undefined) delete process.env[k]
+        else process.env[k] = v
+      }
+      await server.close()
+    }
   })
 })

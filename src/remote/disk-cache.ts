@@ -49,6 +49,9 @@ export class DiskCache {
     } catch (error) {
       throw new UffdError('CACHE_DIR', `cache directory ${dir}: ${(error as Error).message} (choose another with --cache-dir)`, {cause: error})
     }
+    // What is in the cache is served into guest memory after only a CRC check: a directory
+    // someone else can write to lets them plant chunks (a CRC is no signature) or swap files.
+    for (const d of [root, dir]) checkOwnership(d)
     return new DiskCache(dir)
   }
 
@@ -103,8 +106,21 @@ export class DiskCache {
     }
   }
 
-  /** Publishes verified bytes; throws on a write failure (a full disk) after removing its temporary file. */
+  /**
+   * Publishes verified bytes; throws on a write failure (a full disk) after removing its
+   * temporary file. A directory removed under us (an operator clearing the cache) is made again.
+   */
   publish(extent: ExtentRange, bytes: Uint8Array): void {
+    try {
+      this.write(extent, bytes)
+    } catch (error) {
+      if ((error as {code?: string}).code !== 'ENOENT') throw error
+      fs.mkdirSync(this.dir, {recursive: true, mode: DIR_MODE})
+      this.write(extent, bytes)
+    }
+  }
+
+  private write(extent: ExtentRange, bytes: Uint8Array): void {
     const final = this.pathOf(extent)
     const temp = path.join(this.dir, `.tmp-${process.pid}-${crypto.randomBytes(6).toString('hex')}`)
     try {
@@ -126,6 +142,29 @@ export class DiskCache {
   }
 }
 
+/** Refuses a cache directory another user owns, or one that group or others may write. */
+function checkOwnership(dir: string): void {
+  const stat = fs.statSync(dir)
+  const uid = process.getuid?.()
+  if (uid !== undefined && stat.uid !== uid) {
+    throw new UffdError('CACHE_DIR', `cache directory ${dir}: owned by uid ${stat.uid}, not by this user (uid ${uid}); its files would be served into guest memory (choose another with --cache-dir)`)
+  }
+  if ((stat.mode & 0o022) !== 0) {
+    throw new UffdError('CACHE_DIR', `cache directory ${dir}: writable by group or others (mode ${(stat.mode & 0o777).toString(8)}); its files would be served into guest memory (chmod go-w it, or choose another with --cache-dir)`)
+  }
+}
+
+/** The names the cache gives its own directories (identity digests) and files (extents, temporaries): eviction removes nothing else. */
+const DIGEST_NAME = /^[0-9a-f]{32}$/
+const EXTENT_NAME = /^([0-9a-f]+)-([0-9a-f]+)$/
+const TEMP_NAME = /^\.tmp-\d+-[0-9a-f]{12}$/
+
+/** The extent a cache file holds, by its name; undefined for a name the cache does not make. */
+export function extentOfName(name: string): ExtentRange | undefined {
+  const m = EXTENT_NAME.exec(name)
+  return m ? {offset: parseInt(m[1], 16), length: parseInt(m[2], 16)} : undefined
+}
+
 /** Temporary files older than this were left by a handler that died mid-write. */
 const STALE_TEMP_MS = 10 * 60 * 1000
 
@@ -133,19 +172,22 @@ const STALE_TEMP_MS = 10 * 60 * 1000
  * Keeps a cache root under `maxBytes`: when a scan finds more, the files read least recently
  * (oldest mtime: reads touch files, see TOUCH_AFTER_MS) are removed, across every snapshot's
  * directory, down to 90% of the bound. Runs in the fetcher thread, asynchronously; racing
- * another handler's eviction is harmless (a file removed twice is removed).
+ * another handler's eviction is harmless (a file removed twice is removed). Only names the cache
+ * makes are touched: a --cache-dir that also holds other things keeps them. Returns the evicted
+ * extents per digest directory, so a handler can forget that it had them.
  */
-export async function evict(root: string, maxBytes: number): Promise<{bytes: number; evictedBytes: number}> {
-  const files: {file: string; size: number; mtimeMs: number}[] = []
+export async function evict(root: string, maxBytes: number): Promise<{bytes: number; evictedBytes: number; evicted: {dir: string; extent: ExtentRange}[]}> {
+  const files: {file: string; dir: string; extent: ExtentRange; size: number; mtimeMs: number}[] = []
   let total = 0
   let dirs: string[]
   try {
     dirs = await fs.promises.readdir(root)
   } catch {
-    return {bytes: 0, evictedBytes: 0}
+    return {bytes: 0, evictedBytes: 0, evicted: []}
   }
   const now = Date.now()
   for (const name of dirs) {
+    if (!DIGEST_NAME.test(name)) continue
     const dir = path.join(root, name)
     let entries: string[]
     try {
@@ -158,24 +200,28 @@ export async function evict(root: string, maxBytes: number): Promise<{bytes: num
       try {
         const stat = await fs.promises.stat(file)
         if (!stat.isFile()) continue
-        if (entry.startsWith('.tmp-')) {
+        if (TEMP_NAME.test(entry)) {
           if (now - stat.mtimeMs > STALE_TEMP_MS) await fs.promises.rm(file, {force: true})
           continue
         }
-        files.push({file, size: stat.size, mtimeMs: stat.mtimeMs})
+        const extent = extentOfName(entry)
+        if (!extent) continue
+        files.push({file, dir, extent, size: stat.size, mtimeMs: stat.mtimeMs})
         total += stat.size
       } catch {
         // Removed meanwhile by another handler.
       }
     }
   }
-  if (total <= maxBytes) return {bytes: total, evictedBytes: 0}
+  if (total <= maxBytes) return {bytes: total, evictedBytes: 0, evicted: []}
   files.sort((a, b) => a.mtimeMs - b.mtimeMs)
   let evictedBytes = 0
+  const evicted: {dir: string; extent: ExtentRange}[] = []
   for (const f of files) {
     if (total - evictedBytes <= maxBytes * 0.9) break
     await fs.promises.rm(f.file, {force: true})
     evictedBytes += f.size
+    evicted.push({dir: f.dir, extent: f.extent})
   }
-  return {bytes: total - evictedBytes, evictedBytes}
+  return {bytes: total - evictedBytes, evictedBytes, evicted}
 }

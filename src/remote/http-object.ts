@@ -53,8 +53,14 @@ export class HttpObject implements RemoteObject {
       await response.body?.cancel().catch(() => {})
       throw statusError(this.name, response.status, offset)
     }
-    const {size} = checkRangeResponse(this.name, {offset, length}, response.headers.get('content-range'), validators(response), expected)
-    return {response, size, abort}
+    try {
+      const {size} = checkRangeResponse(this.name, {offset, length}, response.headers.get('content-range'), validators(response), expected)
+      return {response, size, abort}
+    } catch (error) {
+      // An unread body holds its connection until the server finishes sending it.
+      await response.body?.cancel().catch(() => {})
+      throw error
+    }
   }
 
   private async body(answer: Answer, length: number, options: ReadOptions): Promise<Buffer> {

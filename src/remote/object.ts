@@ -114,7 +114,11 @@ export async function readBody(name: string, body: AsyncIterable<Uint8Array>, le
   arm()
   try {
     for await (const piece of body) {
-      if (done + piece.length > length) throw new RemoteError('REMOTE_PROTOCOL', `${name}: the server sent more than the ${length} bytes asked for`, false)
+      if (done + piece.length > length) {
+        // The rest of the body is not wanted: abort it, or its socket stays busy until the server stops.
+        options.abort()
+        throw new RemoteError('REMOTE_PROTOCOL', `${name}: the server sent more than the ${length} bytes asked for`, false)
+      }
       out.set(piece, done)
       done += piece.length
       arm()
@@ -131,11 +135,24 @@ export async function readBody(name: string, body: AsyncIterable<Uint8Array>, le
   return out
 }
 
-/** A thrown error as a RemoteError: network failures (resets, refused connections, DNS) can be retried. */
+/**
+ * Whether an error code is a TLS failure: a certificate that does not verify (expired, self-signed,
+ * another host's) or a handshake no cipher satisfies. Asking again meets the same certificate.
+ */
+export function isTlsError(code: string | undefined): boolean {
+  if (code === undefined) return false
+  return /^(ERR_TLS_|ERR_SSL_|CERT_|UNABLE_TO_(GET|VERIFY|DECRYPT)_|DEPTH_ZERO_SELF_SIGNED_CERT$|SELF_SIGNED_CERT_IN_CHAIN$|HOSTNAME_MISMATCH$)/.test(code)
+}
+
+/** A thrown error as a RemoteError: network failures (resets, refused connections, DNS) can be retried; TLS failures cannot. */
 export function networkError(name: string, error: unknown, timedOut: boolean, idleTimeoutMs: number): RemoteError {
   if (error instanceof RemoteError) return error
   if (timedOut) return new RemoteError('REMOTE_UNAVAILABLE', `${name}: no response for ${idleTimeoutMs} ms (idle timeout)`, true)
   const cause = (error as {cause?: {code?: string; message?: string}}).cause
+  const code = cause?.code ?? (error as {code?: string}).code
+  if (isTlsError(code)) {
+    return new RemoteError('REMOTE_PROTOCOL', `${name}: TLS failed (${code}: ${cause?.message ?? (error as Error).message}); not retried`, false, {cause: error})
+  }
   const detail = cause?.code ?? cause?.message ?? (error as Error).message
   return new RemoteError('REMOTE_UNAVAILABLE', `${name}: ${detail}`, true, {cause: error})
 }

@@ -8,11 +8,11 @@ import {type S3Settings} from './s3-object.js'
  * SDK is loaded only for s3:// (it costs ~200 ms and ~20 MiB at start-up, which local snapshots
  * and HTTP URLs should not pay).
  */
-export async function remoteObject(location: Location, s3: S3Settings, maxAttempts?: number): Promise<RemoteObject> {
+export async function remoteObject(location: Location, s3: S3Settings, maxAttempts?: number, sockets?: number): Promise<RemoteObject> {
   if (location.kind === 'http') return new HttpObject(location.url, describeLocation(location))
   if (location.kind === 's3') {
     const {S3Object, s3Client} = await import('./s3-object.js')
-    return new S3Object(s3Client(s3, maxAttempts), location.bucket, location.key)
+    return new S3Object(s3Client(s3, maxAttempts, sockets), location.bucket, location.key)
   }
   throw new TypeError(`${location.path} is a local file, not a remote object`)
 }

@@ -1,3 +1,6 @@
+import http from 'node:http'
+import https from 'node:https'
+
 import {GetObjectCommand, S3Client, S3ServiceException} from '@aws-sdk/client-s3'
 
 import {checkRangeResponse, networkError, type ObjectIdentity, readBody, type ReadOptions, RemoteError, type RemoteObject} from './object.js'
@@ -19,9 +22,11 @@ process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true'
  * requests and responses are computed only where S3 requires them: S3-compatible servers do not
  * all know the SDK's newer checksum headers, and every stored unit is checked against its own
  * CRC anyway. `maxAttempts` is the SDK's own retrying (the fetcher retries reads itself, with
- * its deadline, and passes 1).
+ * its deadline, and passes 1). `sockets` sizes the connection pool (the fetcher's
+ * --fetch-concurrency): the SDK's own pool of 50 would queue requests past it inside the agent,
+ * where their idle timeouts run while nothing was sent.
  */
-export function s3Client(settings: S3Settings, maxAttempts?: number): S3Client {
+export function s3Client(settings: S3Settings, maxAttempts?: number, sockets?: number): S3Client {
   const endpoint = settings.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL
   return new S3Client({
     ...(endpoint ? {endpoint, forcePathStyle: true} : {}),
@@ -29,6 +34,9 @@ export function s3Client(settings: S3Settings, maxAttempts?: number): S3Client {
     requestChecksumCalculation: 'WHEN_REQUIRED',
     responseChecksumValidation: 'WHEN_REQUIRED',
     ...(maxAttempts === undefined ? {} : {maxAttempts}),
+    ...(sockets === undefined
+      ? {}
+      : {requestHandler: {httpAgent: new http.Agent({keepAlive: true, maxSockets: sockets}), httpsAgent: new https.Agent({keepAlive: true, maxSockets: sockets})}}),
   })
 }
 
@@ -82,12 +90,15 @@ export class S3Object implements RemoteObject {
       const command = new GetObjectCommand({Bucket: this.bucket, Key: this.key, Range: `bytes=${offset}-${offset + length - 1}`, ...(expected?.etag ? {IfMatch: expected.etag} : {})})
       const output = await this.client.send(command, {abortSignal: controller.signal})
       const got = {...(output.ETag ? {etag: output.ETag} : {}), ...(output.LastModified ? {lastModified: output.LastModified.toUTCString()} : {})}
-      if (!output.ContentRange) {
+      try {
+        if (!output.ContentRange) throw new RemoteError('REMOTE_PROTOCOL', `${this.name}: the server ignored the range request (no Content-Range); it must support ranged GETs`, false)
+        const {size} = checkRangeResponse(this.name, {offset, length}, output.ContentRange, got, expected)
+        return {body: output.Body as AsyncIterable<Uint8Array> | undefined, identity: {size, ...got}, abort}
+      } catch (error) {
+        // An unread body holds its pooled socket until the server finishes sending it.
         ;(output.Body as {destroy?: () => void} | undefined)?.destroy?.()
-        throw new RemoteError('REMOTE_PROTOCOL', `${this.name}: the server ignored the range request (no Content-Range); it must support ranged GETs`, false)
+        throw error
       }
-      const {size} = checkRangeResponse(this.name, {offset, length}, output.ContentRange, got, expected)
-      return {body: output.Body as AsyncIterable<Uint8Array> | undefined, identity: {size, ...got}, abort}
     } catch (error) {
       if (options.signal?.aborted) throw error
       throw s3Error(this.name, error, timedOut, options.idleTimeoutMs)
@@ -119,7 +130,8 @@ export function s3Error(name: string, error: unknown, timedOut: boolean, idleTim
   if (e.name === 'NoSuchKey' || e.name === 'NotFound' || (status === 404 && e.name !== 'NoSuchBucket')) return new RemoteError('REMOTE_NOT_FOUND', `${name}: no such object`, false, {cause: error})
   if (e.name === 'NoSuchBucket') return new RemoteError('REMOTE_NOT_FOUND', `${name}: no such bucket`, false, {cause: error})
   if (e.name === 'PreconditionFailed' || status === 412) return new RemoteError('REMOTE_CHANGED', `${name}: the object changed while it was in use (412 to If-Match); start again with the new version`, false, {cause: error})
-  if (status === 401 || status === 403 || e.name === 'AccessDenied' || e.name === 'InvalidAccessKeyId' || e.name === 'SignatureDoesNotMatch') {
+  // Expired session credentials answer 400, not 403: still a refusal no retry fixes.
+  if (status === 401 || status === 403 || ['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'ExpiredToken', 'TokenRefreshRequired', 'InvalidToken'].includes(e.name ?? '')) {
     return new RemoteError('REMOTE_DENIED', `${name}: access denied (${e.name ?? status}: ${e.message ?? ''})`, false, {cause: error})
   }
   if (e.name === 'InvalidRange' || status === 416) return new RemoteError('REMOTE_PROTOCOL', `${name}: the range lies past the end of the object (${e.message ?? 416})`, false, {cause: error})

@@ -24,9 +24,7 @@ export const EXTENT_PRESENT = 2
 export const EXTENT_FAILED = 3
 export const FAILED_HOLD_MS = 5000
 
-export const PRIORITY_PREFETCH = 1
-export const PRIORITY_DEMAND = 2
-export type Priority = typeof PRIORITY_PREFETCH | typeof PRIORITY_DEMAND
+export {PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority} from '../snapshot/byte-source.js'
 
 /** Counters, integers (bytes, counts, µs), added to with Atomics by any thread. */
 export const REMOTE_COUNTERS = [

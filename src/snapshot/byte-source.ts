@@ -23,9 +23,17 @@ export interface ByteSource {
    * failed its check so the next read fetches it again. A local file needs none of these.
    */
   isLocal?(position: number, length: number): boolean
-  fetchAhead?(ranges: readonly {position: number; length: number}[], priority?: 1 | 2): void
+  fetchAhead?(ranges: readonly {position: number; length: number}[], priority?: Priority): void
   discard?(position: number, length: number): boolean
 }
+
+/**
+ * How urgently a remote source should fetch a range: a demand read (a fault, the next unit a
+ * command reads) goes ahead of every prefetch, and prefetch never takes the last fetch slots.
+ */
+export const PRIORITY_PREFETCH = 1
+export const PRIORITY_DEMAND = 2
+export type Priority = typeof PRIORITY_PREFETCH | typeof PRIORITY_DEMAND
 
 export class FileByteSource implements ByteSource {
   readonly size: number

@@ -1,4 +1,5 @@
 import {Codec} from '../format/constants.js'
+import {PRIORITY_DEMAND} from './byte-source.js'
 import {type SnapshotReader} from './reader.js'
 
 /** Stored bytes asked of the fetcher ahead of the unit being read, by default. */
@@ -42,7 +43,7 @@ export class ReadAhead {
     const unit = units[i]
     if (reader.isLocal(unit)) return
     // The one read next goes ahead of the window.
-    reader.fetchAhead([unit], 2)
+    reader.fetchAhead([unit], PRIORITY_DEMAND)
     for (let delay = 1; !reader.isLocal(unit); delay = Math.min(delay * 2, 20)) {
       signal?.throwIfAborted()
       await new Promise((resolve) => setTimeout(resolve, delay))

@@ -9,7 +9,7 @@ import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, lay
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {crc32} from '../sys/crc.js'
-import {type ByteSource, FileByteSource} from './byte-source.js'
+import {type ByteSource, FileByteSource, PRIORITY_PREFETCH, type Priority} from './byte-source.js'
 import {ChunkDecompressor} from './decompressor.js'
 
 /** What a layer file holds besides an ordinary snapshot's structures (docs/FORMAT.md, Layers). */
@@ -261,7 +261,7 @@ export class SnapshotReader {
   }
 
   /** Asks a remote source for these units' stored bytes ahead of need (nothing for a local file). */
-  fetchAhead(units: Iterable<number>, priority: 1 | 2 = 1): void {
+  fetchAhead(units: Iterable<number>, priority: Priority = PRIORITY_PREFETCH): void {
     if (!this.source.fetchAhead) return
     const ranges: {position: number; length: number}[] = []
     for (const unit of units) {

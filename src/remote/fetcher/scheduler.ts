@@ -7,7 +7,8 @@ import {type FetchOptions, PRIORITY_DEMAND, type Priority, type RemoteCounters} 
 
 interface Wanted {
   priority: Priority
-  deadline: number
+  /** Set when the extent's first request is sent: time spent queued behind other fetches is not the store's fault. */
+  deadline: number | undefined
   resolve: (bytes: Buffer) => void
   reject: (error: Error) => void
   promise: Promise<Buffer>
@@ -19,7 +20,9 @@ interface Wanted {
  * requests at once, demand before prefetch (prefetch never takes the last slots, so a fault
  * never queues behind a full pipe of readahead). A failed request is retried with backoff until
  * its extents' deadline; bytes that fail their CRC are a failed request too, so a lying server
- * never gets a byte through. Resolves each want with the extent's verified stored bytes.
+ * never gets a byte through. An extent's deadline runs from its first request, not from its
+ * want: time queued behind other fetches is not the store failing. Resolves each want with the
+ * extent's verified stored bytes.
  */
 export class FetchScheduler {
   private readonly wanted = new Map<number, Wanted>()
@@ -58,7 +61,7 @@ export class FetchScheduler {
       resolve = res
       reject = rej
     })
-    this.wanted.set(extent, {priority, deadline: performance.now() + this.options.deadlineMs, resolve, reject, promise})
+    this.wanted.set(extent, {priority, deadline: undefined, resolve, reject, promise})
     ;(priority === PRIORITY_DEMAND ? this.demandQueue : this.prefetchQueue).push(extent)
     this.pump()
     return promise
@@ -79,7 +82,12 @@ export class FetchScheduler {
       if (head < 0 && this.requests < this.options.concurrency - this.reserved) head = this.next(this.prefetchQueue)
       if (head < 0) return
       const [first, end] = planRun(this.table, head, (e) => this.wanted.has(e) && !this.inFlight.has(e), this.options.maxRequestBytes)
-      for (let e = first; e < end; e++) this.inFlight.add(e)
+      const dispatched = performance.now() + this.options.deadlineMs
+      for (let e = first; e < end; e++) {
+        this.inFlight.add(e)
+        const w = this.wanted.get(e)!
+        w.deadline ??= dispatched
+      }
       this.requests++
       void this.fetchRun(first, end).finally(() => {
         this.requests--
@@ -132,7 +140,11 @@ export class FetchScheduler {
         lastError = error as Error
         lastWasMismatch = false
         if (!(error instanceof RemoteError) || !error.retryable) {
-          this.failRange(first, end, error instanceof UffdError ? error : new UffdError('INTERNAL', `${this.object.name}: ${(error as Error).message}`))
+          const range = `bytes ${offsets[first]}-${offsets[end - 1] + lengths[end - 1] - 1}`
+          const code = error instanceof UffdError ? error.code : 'INTERNAL'
+          const message = (error as Error).message
+          // The store's message names the object; the range says which chunks the client lost.
+          this.failRange(first, end, new UffdError(code, `${message.startsWith(this.object.name) ? '' : `${this.object.name}: `}${message} (fetching ${range})`, {cause: error}))
           return
         }
       }

@@ -2,6 +2,7 @@ import {type MessagePort, parentPort, workerData} from 'node:worker_threads'
 
 import {UffdError} from '../../core/errors.js'
 import {eventfdSignal} from '../../sys/index.js'
+import {extentAt} from '../coalesce.js'
 import {DiskCache, evict} from '../disk-cache.js'
 import {remoteObject} from '../objects.js'
 import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_PRESENT, FAILED_HOLD_MS, type Priority, recordFailure, RemoteCounters, type RemoteShare} from '../shared.js'
@@ -20,7 +21,7 @@ const counters = new RemoteCounters(share.counters)
 const latency = new BigInt64Array(share.latency)
 const cache = new DiskCache(share.cacheDir)
 const table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs: share.extentCrcs}
-const scheduler = new FetchScheduler(table, await remoteObject(share.location, share.s3, 1), share.identity, share.fetch, counters, latency)
+const scheduler = new FetchScheduler(table, await remoteObject(share.location, share.s3, 1, share.fetch.concurrency), share.identity, share.fetch, counters, latency)
 
 /** A want message: extents to fetch at a priority; a port message: a new reader's channel. */
 export type FetcherMessage = {type: 'want'; priority: Priority; extents: number[]} | {type: 'port'; port: MessagePort}
@@ -85,10 +86,11 @@ async function store(range: {offset: number; length: number}, bytes: Buffer): Pr
   } catch (error) {
     counters.add('cacheWriteErrors')
     const code = (error as {code?: string}).code
-    if (code !== 'ENOSPC') throw cacheError(error)
+    // A quota is a full disk for this user: eviction frees it the same way.
+    if (code !== 'ENOSPC' && code !== 'EDQUOT') throw cacheError(error)
     const held = await evict(share.cacheRoot, Infinity)
     const freed = await evict(share.cacheRoot, held.bytes / 2)
-    counters.add('evictedBytes', freed.evictedBytes)
+    forgetEvicted(freed)
     try {
       cache.publish(range, bytes)
     } catch (again) {
@@ -103,11 +105,24 @@ function cacheError(error: unknown): UffdError {
   return new UffdError('CACHE_DIR', `cache directory ${share.cacheDir}: cannot store a fetched chunk (${(error as Error).message})`, {cause: error})
 }
 
+/**
+ * Sets this snapshot's evicted extents back to ABSENT: readers that trust PRESENT (the fault
+ * loop's isLocal) would otherwise go to the disk for a file that is gone.
+ */
+function forgetEvicted(result: {evictedBytes: number; evicted: {dir: string; extent: {offset: number; length: number}}[]}): void {
+  counters.add('evictedBytes', result.evictedBytes)
+  for (const {dir, extent} of result.evicted) {
+    if (dir !== share.cacheDir) continue
+    const e = extentAt(table, extent.offset, extent.length)
+    if (e >= 0) Atomics.compareExchange(states, e, EXTENT_PRESENT, EXTENT_ABSENT)
+  }
+}
+
 function scheduleEviction(): void {
   if (scanning) return
   writtenSinceScan = 0
   scanning = evict(share.cacheRoot, share.cacheMaxBytes)
-    .then((result) => counters.add('evictedBytes', result.evictedBytes))
+    .then(forgetEvicted)
     .catch(() => {})
     .finally(() => {
       scanning = undefined

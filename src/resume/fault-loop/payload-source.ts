@@ -1,4 +1,5 @@
 import {Codec} from '../../format/constants.js'
+import {PRIORITY_DEMAND} from '../../snapshot/byte-source.js'
 import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {addressOf} from '../../sys/index.js'
 import {type RunStats} from '../run-stats.js'
@@ -108,7 +109,7 @@ export class DecodedUnits implements PayloadSource {
   }
 
   fetchNow(unit: number): void {
-    this.reader.fetchAhead([unit], 2)
+    this.reader.fetchAhead([unit], PRIORITY_DEMAND)
   }
 
   payload(unit: number): Buffer {
