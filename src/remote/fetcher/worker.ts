@@ -1,3 +1,4 @@
+import {constants} from 'node:os'
 import {type MessagePort, parentPort, workerData} from 'node:worker_threads'
 
 import {UffdError} from '../../core/errors.js'
@@ -85,9 +86,10 @@ async function store(range: {offset: number; length: number}, bytes: Buffer): Pr
     cache.publish(range, bytes)
   } catch (error) {
     counters.add('cacheWriteErrors')
-    const code = (error as {code?: string}).code
-    // A quota is a full disk for this user: eviction frees it the same way.
-    if (code !== 'ENOSPC' && code !== 'EDQUOT') throw cacheError(error)
+    const {code, errno} = error as {code?: string; errno?: number}
+    // A quota is a full disk for this user: eviction frees it the same way. libuv has no name for
+    // EDQUOT (Node reports it as an unknown system error), so it is matched by number.
+    if (code !== 'ENOSPC' && errno !== -constants.errno.EDQUOT) throw cacheError(error)
     const held = await evict(share.cacheRoot, Infinity)
     const freed = await evict(share.cacheRoot, held.bytes / 2)
     forgetEvicted(freed)
