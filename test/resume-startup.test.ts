@@ -129,6 +129,35 @@ describe.skipIf(skip)('uffd resume listening before its worker is up', () => {
     }
   })
 
+  it('a snapshot renamed over while the worker starts: every thread reads the file the handler opened', async () => {
+    if (!fs.existsSync(snapshot)) {
+      fs.writeFileSync(raw, makeImage('mixed', 16 * 1024 * 1024, 5))
+      expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
+    }
+    // Another image of the same size (as another handler's --learn would rename a new layout over it).
+    const otherRaw = path.join(dir, 'other.raw')
+    const other = path.join(dir, 'other.uffd')
+    fs.writeFileSync(otherRaw, makeImage('mixed', 16 * 1024 * 1024, 6))
+    expect(uffd(['snapshot', '--mem-file', otherRaw, '-o', other]).status).toBe(0)
+    const kept = path.join(dir, 'img-kept.uffd')
+    fs.copyFileSync(snapshot, kept)
+    const h = startHandler('renamed')
+    try {
+      await appears(h.ready, h.handler)
+      fs.renameSync(other, snapshot)
+      const client = spawn(path.join(NATIVE, 'fc_client'), ['--socket', h.socket, '--image', raw, '--touch', 'sequential', '--verify-all'], {stdio: ['ignore', 'pipe', 'pipe']})
+      let out = ''
+      client.stdout!.on('data', (d) => (out += d))
+      const code = await new Promise<number | null>((resolve) => client.on('close', resolve))
+      expect(code, h.stderr()).toBe(0)
+      expect(JSON.parse(out)).toMatchObject({ok: true, verify_errors: 0})
+      expect(await h.exited, h.stderr()).toBe(0)
+    } finally {
+      h.handler.kill('SIGKILL')
+      fs.renameSync(kept, snapshot)
+    }
+  })
+
   it('stopped the instant it listens, exits 130 and leaves neither socket nor ready file', async () => {
     if (!fs.existsSync(snapshot)) {
       fs.writeFileSync(raw, makeImage('mixed', 16 * 1024 * 1024, 5))

@@ -39,10 +39,23 @@ export class FileByteSource implements ByteSource {
   readonly size: number
   private fd: number | undefined
 
-  constructor(readonly name: string) {
-    const {fd, stat} = openInput(name, {blockDevice: true})
+  /** `openPath`: where to open it, when that is not its name (another thread's /proc/self/fd/N). */
+  constructor(
+    readonly name: string,
+    openPath = name,
+  ) {
+    const {fd, stat} = openInput(openPath, {blockDevice: true})
     this.fd = fd
     this.size = stat.size
+  }
+
+  /**
+   * A path to this very open file for another thread of this process (/proc/self/fd/N): the
+   * same file even if the name has since been renamed over (uffd resume --learn does that).
+   */
+  get sameFilePath(): string {
+    if (this.fd === undefined) throw new UffdError('INTERNAL', `${this.name} is closed`)
+    return `/proc/self/fd/${this.fd}`
   }
 
   readAt(dst: Uint8Array, position: number): void {

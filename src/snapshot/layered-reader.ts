@@ -274,7 +274,7 @@ function checkChain(files: readonly SnapshotReader[], paths: readonly string[]):
 export type ImageReader = SnapshotReader | LayeredReader
 
 /** Opens a local snapshot: a layer with its chain, anything else as itself. */
-export function openImage(file: string, layersDir?: string): ImageReader {
-  const reader = SnapshotReader.open(file)
+export function openImage(file: string, layersDir?: string, openPath = file): ImageReader {
+  const reader = SnapshotReader.open(file, openPath)
   return reader.layer ? LayeredReader.fromTop(reader, file, layersDir) : reader
 }

@@ -1,6 +1,7 @@
 import {describeLocation, isRemote, parseLocation} from '../remote/location.js'
 import {type RemoteOptions, type RemoteReport} from '../remote/remote-snapshot.js'
 import {UffdError} from '../core/errors.js'
+import {FileByteSource} from './byte-source.js'
 import {type ImageReader, openImage} from './layered-reader.js'
 import {SnapshotReader} from './reader.js'
 import {type SnapshotSpec} from './spec.js'
@@ -30,7 +31,9 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layersDi
       reader,
       name: location.path,
       remote: false,
-      spec: () => ({kind: 'file', path: location.path, layersDir}),
+      // Threads open the file this one has open, not the name: another handler's --learn may
+      // rename a new layout over it meanwhile, and two layouts' packed units differ.
+      spec: () => ({kind: 'file', path: location.path, layersDir, openPath: topFile(reader).sameFilePath}),
       report: () => undefined,
       close: async () => reader.close(),
     }
@@ -60,4 +63,11 @@ export function singleFile(snapshot: OpenedSnapshot, command: string): SnapshotR
   const {reader} = snapshot
   if (reader instanceof SnapshotReader) return reader
   throw new UffdError('USAGE', `${snapshot.name} is a layer: ${command} takes one self-contained snapshot (uffd squash makes one from the chain)`)
+}
+
+/** The file a local image was opened from (a chain's top layer). */
+function topFile(reader: ImageReader): FileByteSource {
+  const top = reader instanceof SnapshotReader ? reader : reader.files[reader.files.length - 1]
+  if (!(top.source instanceof FileByteSource)) throw new UffdError('INTERNAL', `${top.source.name} is not a local file`)
+  return top.source
 }

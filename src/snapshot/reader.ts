@@ -67,8 +67,8 @@ export class SnapshotReader {
    */
   readonly unitCount: number
 
-  static open(path: string): SnapshotReader {
-    return SnapshotReader.fromSource(new FileByteSource(path))
+  static open(path: string, openPath = path): SnapshotReader {
+    return SnapshotReader.fromSource(new FileByteSource(path, openPath))
   }
 
   static fromSource(source: ByteSource): SnapshotReader {

@@ -11,10 +11,10 @@ import {SnapshotReader} from './reader.js'
  * with this thread's own port to the fetcher. Structured-cloneable; pass specTransfer(spec) as
  * the worker's transfer list.
  */
-export type SnapshotSpec = {kind: 'file'; path: string; layersDir?: string} | {kind: 'remote'; share: RemoteShare; port: MessagePort}
+export type SnapshotSpec = {kind: 'file'; path: string; layersDir?: string; openPath?: string} | {kind: 'remote'; share: RemoteShare; port: MessagePort}
 
 export function openSpec(spec: SnapshotSpec): ImageReader {
-  return spec.kind === 'file' ? openImage(spec.path, spec.layersDir) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port))
+  return spec.kind === 'file' ? openImage(spec.path, spec.layersDir, spec.openPath) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port))
 }
 
 export function specTransfer(spec: SnapshotSpec): Transferable[] {
