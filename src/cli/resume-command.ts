@@ -23,6 +23,8 @@ import {type ResumeFlags} from './resume-flags.js'
  * listened on or written, so a caller may hand the command line to oclif to report it.
  */
 export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, json: boolean): Promise<ResumeResult> {
+  // oclif's dependsOn counts --learn's default (false) as given, so it lets this through.
+  if (flags['learn-runs'] !== undefined && !flags.learn) throw new UffdError('USAGE', '--learn-runs needs --learn')
   // The session opens the set itself, and would block on a FIFO before listening.
   if (flags['working-set'] && flags['working-set'] !== 'none') checkInput(flags['working-set'])
   const decoders = flags.decoders ?? os.availableParallelism()

@@ -8,7 +8,7 @@ import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
 import {Codec} from '../format/constants.js'
-import {decodeLearnedRuns, DEFAULT_LEARN_RUNS, foldRun, type LearnedRun, learnedSet, memoryDigest} from '../format/learned-runs.js'
+import {decodeLearnedRuns, DEFAULT_LEARN_RUNS, MAX_LEARN_RUNS, foldRun, type LearnedRun, learnedSet, memoryDigest} from '../format/learned-runs.js'
 import {WorkingSetError} from '../format/working-set.js'
 import {SysError, tryLockExclusive} from '../sys/index.js'
 import {AtomicFile} from './atomic-file.js'
@@ -33,7 +33,7 @@ export function readLearnedRuns(reader: SnapshotReader): {runs: LearnedRun[]; ke
   if (!isCount(offset) || !isCount(length) || !isCount(rawLength) || offset < reader.header.headerSize || offset + length > dataEnd) {
     throw new UffdError('CORRUPT', `${where}: the location in the metadata is not inside the data section`)
   }
-  if (rawLength > MAX_LEARNED_BYTES || (codec !== 'zstd' && codec !== 'raw') || typeof crc !== 'string' || !isCount(keep)) {
+  if (rawLength > MAX_LEARNED_BYTES || (codec !== 'zstd' && codec !== 'raw') || typeof crc !== 'string' || !isCount(keep) || keep < 1 || keep > MAX_LEARN_RUNS) {
     throw new UffdError('CORRUPT', `${where}: the metadata describing them is malformed`)
   }
   const stored = Buffer.alloc(length)
@@ -80,6 +80,9 @@ export async function foldIntoSnapshot(path: string, served: SnapshotReader, run
   let lock: number | undefined
   let reader: SnapshotReader | undefined
   try {
+    // A symlinked snapshot: the file it points at is the one rewritten (a rename onto the link
+    // would replace the link itself and leave its target unlearned).
+    path = fs.realpathSync(path)
     lock = await lockCurrentFile(path, options.signal)
     if (lock === undefined) return outcome({folded: false, reason: `another handler held ${path} for more than ${LEARN_LOCK_WAIT_MS / 1000} s`})
     reader = SnapshotReader.open(path)

@@ -519,7 +519,7 @@ function pinnedForHitCounting(): boolean {
     pinThreadToCurrentCpu()
     return true
   } catch (error) {
-    if (error instanceof SysError) return false
+    if (error instanceof SysError || error instanceof RangeError) return false
     throw error
   }
 }

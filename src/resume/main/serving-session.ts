@@ -226,6 +226,8 @@ class ServingSession implements ClientIntake {
       if (Date.now() > deadline) throw new UffdError('TIMEOUT', timeoutMessage)
       const connection = this.tryAccept(ACCEPT_SLICE_MS)
       if (connection !== null) return connection
+      // Paused (out of descriptors): tryAccept returned at once; wait out the pause, not spin.
+      if (this.acceptPaused()) await new Promise((resolve) => setTimeout(resolve, Math.min(ACCEPT_SLICE_MS, this.acceptPausedUntil - performance.now())))
       await this.yieldToEventLoop()
     }
   }

@@ -78,15 +78,17 @@ async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOpt
   else {
     // Loaded only with --learn: the rewrite loads the encoders and the working-set parser.
     const [{touchedInRun}, {foldIntoSnapshot}] = await Promise.all([import('../../format/learned-runs.js'), import('../../snapshot/learn.js')])
-    let prefetched: LearnedRun | UffdError
+    let prefetched: LearnedRun | Error
     try {
       prefetched = await prefetchedInRun(options)
     } catch (error) {
-      if (!(error instanceof UffdError)) throw error
-      prefetched = error
+      // Whatever stops this run being learned (a damaged set, a --working-set file gone) must not
+      // fail a resume that served its clients.
+      if (!(error instanceof UffdError || error instanceof SysError || typeof (error as NodeJS.ErrnoException).code === 'string')) throw error
+      prefetched = error as Error
     }
     outcome =
-      prefetched instanceof UffdError
+      prefetched instanceof Error
         ? {folded: false, reason: prefetched.message, ms: 0}
         : await foldIntoSnapshot(path, singleReader(options), touchedInRun(recording, prefetched), {keep: learnOptions.keep, signal: learnOptions.signal})
   }
