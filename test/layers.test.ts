@@ -164,6 +164,21 @@ describe('layers', () => {
     }
   })
 
+  it('a layer written over a file of its own chain is refused, the file kept', () => {
+    const before = fs.readFileSync(at('base.uffd'))
+    fs.linkSync(at('base.uffd'), at('base-link.uffd'))
+    try {
+      for (const out of ['base.uffd', 'base-link.uffd']) {
+        const r = uffd(['snapshot', '--mem-file', at('v2.raw'), '--parent', at('v1.uffd'), '-o', at(out), '--force', '--json'])
+        expect(r.status, out).toBe(2)
+        expect(r.json.error.message).toContain("a file of the parent's chain")
+      }
+      expect(fs.readFileSync(at('base.uffd')).equals(before)).toBe(true)
+    } finally {
+      fs.rmSync(at('base-link.uffd'), {force: true})
+    }
+  })
+
   it('a layer whose own tables or blocks were changed is refused as CORRUPT', () => {
     const bytes = fs.readFileSync(at('v1.uffd'))
     const headerSize = bytes.readUInt32LE(12)

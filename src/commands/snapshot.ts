@@ -23,7 +23,7 @@ import {SnapshotReader} from '../snapshot/reader.js'
 import {attachedSizeHint, describeAttached, PACK_CODECS, packOptionsFor, writeAttached} from '../snapshot/relayout.js'
 import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'
 import {type LayerSummary, writeLayer} from '../snapshot/layer-writer.js'
-import {openImage} from '../snapshot/layered-reader.js'
+import {LayeredReader, openImage} from '../snapshot/layered-reader.js'
 
 export const DEFAULT_CODEC: CompressionCodec = 'zstd'
 export const DEFAULT_LEVEL = 1
@@ -171,6 +171,15 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     if (path.resolve(location.path) === path.resolve(parentPath)) this.error('--parent and the output are the same file', {exit: 2})
     const parent = openImage(parentPath, flags.layers)
     try {
+      // Replacing any file of the chain (by another name, a link, an ancestor) would lose it and
+      // leave the new layer, and every layer on it, without a parent.
+      const out = fs.statSync(location.path, {throwIfNoEntry: false})
+      const chain = parent instanceof LayeredReader ? parent.paths : [parentPath]
+      const clash = out && chain.find((p) => {
+        const s = fs.statSync(p, {throwIfNoEntry: false})
+        return s !== undefined && s.dev === out.dev && s.ino === out.ino
+      })
+      if (clash) throw new UffdError('USAGE', `the output ${location.path} is ${clash}, a file of the parent's chain: writing it would lose that file`)
       const pageSize = flags['page-size'] === '2M' ? PAGE_SIZE_2M : PAGE_SIZE_4K
       if (pageSize !== parent.geometry.pageSize) throw new UffdError('INPUT_MISMATCH', `--page-size ${flags['page-size']}: the parent ${parentPath} has ${formatBytes(parent.geometry.pageSize)} pages`)
       const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
