@@ -87,15 +87,7 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     const badRegion = regionSizes?.find((size) => size <= 0 || size % pageSize !== 0)
     if (badRegion !== undefined) this.error(`--regions: ${badRegion} is not a positive multiple of the ${formatBytes(pageSize)} page size`, {exit: 2})
 
-    let mode: number | undefined
-    try {
-      mode = parseMode(flags.mode)
-    } catch (error) {
-      this.error((error as Error).message, {exit: 2})
-    }
-
-    const source = flags['mem-file'] ?? flags['criu-dir'] ?? `pid ${flags.pid}`
-    const location = outputLocation(flags.output ?? (flags.pid === undefined ? `${path.basename(path.resolve(source))}.uffd` : `pid-${flags.pid}.uffd`), {mode})
+    const {mode, source, location} = this.output(flags)
     const prepared = await prepareOutput(location, {force: flags.force, mode, s3: s3Settings(flags)})
     const output = prepared.destination
     // The set is checked before anything is written: a bad one must not cost the output, nor
@@ -153,11 +145,8 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     return {...summary, ratio, source}
   }
 
-  /** `snapshot --parent`: a layer of the input over the parent, to a local path. */
-  private async layer(flags: Interfaces.InferredFlags<typeof Snapshot.flags>): Promise<LayerSummary & {source: string}> {
-    const parentPath = flags.parent!
-    if (flags['working-set'] !== undefined) this.error('--working-set with --parent: attach a working set to the base, before layering on it', {exit: 2})
-    if (flags.regions !== undefined) this.error("--regions with --parent: a layer has its parent's regions", {exit: 2})
+  /** The --mode, what the input is called, and where the output goes (-o, or a name made from the input). */
+  private output(flags: Interfaces.InferredFlags<typeof Snapshot.flags>): {mode: number | undefined; source: string; location: ReturnType<typeof outputLocation>} {
     let mode: number | undefined
     try {
       mode = parseMode(flags.mode)
@@ -166,6 +155,15 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     }
     const source = flags['mem-file'] ?? flags['criu-dir'] ?? `pid ${flags.pid}`
     const location = outputLocation(flags.output ?? (flags.pid === undefined ? `${path.basename(path.resolve(source))}.uffd` : `pid-${flags.pid}.uffd`), {mode})
+    return {mode, source, location}
+  }
+
+  /** `snapshot --parent`: a layer of the input over the parent, to a local path. */
+  private async layer(flags: Interfaces.InferredFlags<typeof Snapshot.flags>): Promise<LayerSummary & {source: string}> {
+    const parentPath = flags.parent!
+    if (flags['working-set'] !== undefined) this.error('--working-set with --parent: attach a working set to the base, before layering on it', {exit: 2})
+    if (flags.regions !== undefined) this.error("--regions with --parent: a layer has its parent's regions", {exit: 2})
+    const {mode, source, location} = this.output(flags)
     if (location.kind !== 'file') this.error('a layer is written to a local path (upload it with uffd cp once written)', {exit: 2})
     const prepared = await prepareOutput(location, {force: flags.force, mode, s3: s3Settings(flags)})
     if (path.resolve(location.path) === path.resolve(parentPath)) this.error('--parent and the output are the same file', {exit: 2})
