@@ -325,8 +325,16 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     for (const r of both) expect(r.handler.stderr).toMatch(/learned: /)
     expect(learnedRuns(snapshot)).toBe(5)
     // At most --learn-runs runs are remembered (5 unless the snapshot says otherwise).
+    // A fold killed mid-write (SIGKILL) left its temporary: the next fold removes it, not a live writer's.
+    const stale = path.join(dir, '.learn.uffd.4194305.abc.tmp')
+    const live = path.join(dir, `.learn.uffd.${process.pid}.abc.tmp`)
+    fs.writeFileSync(stale, 'partial')
+    fs.writeFileSync(live, 'in progress')
     await resumeWith(snapshot, ['--learn', ...exact], fc(touch), 'learn-5')
     expect(learnedRuns(snapshot)).toBe(5)
+    expect(fs.existsSync(stale)).toBe(false)
+    expect(fs.existsSync(live)).toBe(true)
+    fs.rmSync(live)
     expect(uffd(['verify', snapshot, '--against', raw]).status).toBe(0)
 
     // Damaged learned runs: the VM is served, nothing is folded, the file is left as it was.

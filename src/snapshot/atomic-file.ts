@@ -47,7 +47,7 @@ export class AtomicFile implements OutputSink {
   ) {
     this.name = options.name ?? destination
     const dir = path.dirname(path.resolve(destination))
-    this.tempPath = path.join(dir, `.${path.basename(destination)}.${process.pid}.${Date.now().toString(36)}.tmp`)
+    this.tempPath = path.join(dir, temporaryName(destination, process.pid))
     this.fd = onFile(this.name, 'creating', () => fs.openSync(this.tempPath, 'wx+', options.mode ?? options.createMode ?? SNAPSHOT_MODE))
     try {
       if (options.mode !== undefined) onFile(this.name, 'setting the mode of', () => fs.fchmodSync(this.fd!, options.mode!))
@@ -127,5 +127,41 @@ export function writeFileAtomically(file: string, text: string): void {
     out.commit()
   } finally {
     out.discard()
+  }
+}
+
+/** The name of the temporary an AtomicFile of process `pid` writes `destination` through. */
+function temporaryName(destination: string, pid: number): string {
+  return `.${path.basename(destination)}.${pid}.${Date.now().toString(36)}.tmp`
+}
+
+/**
+ * Removes the temporaries of `destination` left by processes that no longer run (killed with
+ * SIGKILL mid-write: nothing else removes them, and each can be as large as the file). A
+ * temporary of a live process is its write in progress and is left alone. Returns the names
+ * removed. (On a filesystem shared between hosts another host's pid may look dead here; its
+ * writer then fails at its rename, it never publishes a partial file.)
+ */
+export function removeStaleTemporaries(destination: string): string[] {
+  const dir = path.dirname(path.resolve(destination))
+  const prefix = `.${path.basename(destination)}.`
+  const removed: string[] = []
+  for (const name of fs.readdirSync(dir)) {
+    if (!name.startsWith(prefix) || !name.endsWith('.tmp')) continue
+    const match = /^(\d+)\.[0-9a-z]+\.tmp$/.exec(name.slice(prefix.length))
+    if (!match || processRuns(Number(match[1]))) continue
+    fs.rmSync(path.join(dir, name), {force: true})
+    removed.push(name)
+  }
+  return removed
+}
+
+function processRuns(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (error) {
+    // EPERM: it runs, as another user.
+    return (error as NodeJS.ErrnoException).code !== 'ESRCH'
   }
 }

@@ -11,7 +11,7 @@ import {Codec} from '../format/constants.js'
 import {decodeLearnedRuns, DEFAULT_LEARN_RUNS, MAX_LEARN_RUNS, foldRun, type LearnedRun, learnedSet, memoryDigest} from '../format/learned-runs.js'
 import {WorkingSetError} from '../format/working-set.js'
 import {SysError, tryLockExclusive} from '../sys/index.js'
-import {AtomicFile} from './atomic-file.js'
+import {AtomicFile, removeStaleTemporaries} from './atomic-file.js'
 import {ChunkDecompressor} from './decompressor.js'
 import {SnapshotReader} from './reader.js'
 import {attachedWorkingSet, type LearnedRunsLocation, packOptionsFor, writeAttached} from './relayout.js'
@@ -85,6 +85,8 @@ export async function foldIntoSnapshot(path: string, served: SnapshotReader, run
     path = fs.realpathSync(path)
     lock = await lockCurrentFile(path, options.signal)
     if (lock === undefined) return outcome({folded: false, reason: `another handler held ${path} for more than ${LEARN_LOCK_WAIT_MS / 1000} s`})
+    // Under the lock: a fold killed with SIGKILL left its snapshot-sized temporary behind.
+    removeStaleTemporaries(path)
     reader = SnapshotReader.open(path)
     if (memoryDigest(reader.geometry, reader.index, reader.zeroMap.bytes) !== memoryDigest(served.geometry, served.index, served.zeroMap.bytes)) {
       return outcome({folded: false, reason: `${path} now holds another memory image than the one this resume served`})
