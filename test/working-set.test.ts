@@ -157,6 +157,17 @@ describe('uffd working-set merge', () => {
     expect(fs.existsSync(out)).toBe(false)
   })
 
+  it('resume with a set of another snapshot is BAD_WORKING_SET before it listens, with or without decoders', () => {
+    const other = path.join(dir, 'other-resume.ws')
+    fs.writeFileSync(other, JSON.stringify({...sets[0], snapshot: {...sets[0].snapshot, headerCrc: (sets[0].snapshot.headerCrc + 1) >>> 0}}))
+    for (const decoders of ['0', '2']) {
+      const r = uffd(['resume', snap, '--socket', path.join(dir, `bad-${decoders}.sock`), '--working-set', other, '--decoders', decoders, '--timeout', '5', '--json'])
+      expect(r.status, `--decoders ${decoders}`).toBe(1)
+      expect(r.json.error).toMatchObject({code: 'BAD_WORKING_SET'})
+      expect(r.stderr, `--decoders ${decoders}: nobody was told to connect`).not.toContain('listening on')
+    }
+  })
+
   it('without -o it is a USAGE error, and its help names it as typed', () => {
     const r = uffd(['working-set', 'merge', ...recordings, '--json'])
     expect(r.status).toBe(2)

@@ -7,7 +7,7 @@ import os from 'node:os'
 import {UffdError} from '../core/errors.js'
 import {formatBytes, parseSize} from '../core/units.js'
 import {Listener} from '../resume/main/listener.js'
-import {stagesWorkingSet} from '../resume/main/prefetch-plan.js'
+import {listensAfterWorkingSet} from '../resume/main/prefetch-plan.js'
 import {type ResumeResult} from '../resume/main/serving-session.js'
 import {checkInput} from '../snapshot/input-file.js'
 import {type OpenedSnapshot, openSnapshot} from '../snapshot/open.js'
@@ -96,7 +96,7 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
       // With nothing to stage, a VMM may connect at once: its handshake waits in the backlog
       // while the session's modules and the fault-loop worker load, and is served as soon as
       // they are up. With a working set the socket listens once the set is decoded.
-      if (!stagesWorkingSet(snapshot.reader, flags['working-set'], decoders)) listener = Listener.open(socketPath, flags['ready-file'], log)
+      if (!listensAfterWorkingSet(snapshot.reader, flags['working-set'], decoders)) listener = Listener.open(socketPath, flags['ready-file'], log)
       const {runResume} = await import('../resume/main/session.js')
       result = await runResume({
         ...common,

@@ -12,14 +12,15 @@ export interface PrefetchPlan {
 }
 
 /**
- * Whether the fault-loop worker stages a working set (decodes it into memory) before the first
- * client, so that the session listens only once it has: with decoders, and a set given or attached.
- * Asked before the session is loaded, so it reads only the snapshot's header.
+ * Whether the session listens only once it has planned (and the fault-loop worker staged) the
+ * working set: a set given on the command line is parsed and checked first, so that a bad one is
+ * an error before anyone is told to connect; an attached set is staged (decoded into memory) when
+ * there are decoders. Asked before the session is loaded, so it reads only the snapshot's header.
  */
-export function stagesWorkingSet(reader: ImageReader, workingSetFile: string | undefined, decoders: number): boolean {
-  if (decoders === 0 || workingSetFile === 'none') return false
+export function listensAfterWorkingSet(reader: ImageReader, workingSetFile: string | undefined, decoders: number): boolean {
+  if (workingSetFile === 'none') return false
   if (workingSetFile) return true
-  return attachedUnits(reader).length > 0
+  return decoders > 0 && attachedUnits(reader).length > 0
 }
 
 /** The plan for `workingSetFile` (a path, "none", or undefined for the snapshot's own set). */
