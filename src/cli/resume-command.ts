@@ -126,7 +126,8 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
   if (result.error) {
     process.exitCode = 1
     if (!json) console.error(`uffd resume: ${result.error.message}`)
-  } else if (result.interrupted) {
+  } else if (result.interrupted || controller.signal.aborted) {
+    // Also a signal after the clients were served, while --learn folded the run: it was obeyed.
     if (json) process.exitCode = 130
     else throw new InterruptedError(signalName ?? 'signal')
   }
