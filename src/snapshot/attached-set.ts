@@ -1,5 +1,7 @@
 import {COMPAT_WORKING_SET} from '../format/constants.js'
 import {type PackedSetLocation} from '../format/packed-set.js'
+import {type Geometry} from '../format/geometry.js'
+import {type WorkingSetFile} from '../format/working-set.js'
 import {type SnapshotReader} from './reader.js'
 
 // Apart from relayout.ts, which writes sets and loads the encoders: `uffd resume` asks whether a
@@ -38,4 +40,9 @@ export function attachedWorkingSet(reader: SnapshotReader): AttachedWorkingSet |
   const ws = reader.header.metadata.workingSet as AttachedWorkingSet | undefined
   if (!ws || !Array.isArray(ws.chunks) || ws.chunks.some((c) => !Number.isInteger(c) || c < 0 || c >= reader.index.length)) return undefined
   return ws
+}
+
+/** What a working set recorded on this snapshot names it by (and is checked against). */
+export function workingSetIdentity(reader: {geometry: Geometry; header: {headerCrc: number}}): WorkingSetFile['snapshot'] {
+  return {logicalSize: reader.geometry.logicalSize, pageSize: reader.geometry.pageSize, headerCrc: reader.header.headerCrc}
 }

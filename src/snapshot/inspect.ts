@@ -7,6 +7,7 @@ import {type SnapshotReader} from './reader.js'
 import {FileByteSource} from './byte-source.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {walkPackedPages} from './packed-pages.js'
+import {workingSetIdentity} from './attached-set.js'
 import {attachedWorkingSet} from './relayout.js'
 
 export interface SnapshotStats {
@@ -271,7 +272,7 @@ function verifyLearned(reader: SnapshotReader, errors: string[]): void {
     return
   }
   if (runs.length === 0 || !reader.packed) return
-  const expected = learnedSet(runs, {logicalSize: reader.geometry.logicalSize, pageSize: reader.geometry.pageSize, headerCrc: reader.header.headerCrc}).pages
+  const expected = learnedSet(runs, workingSetIdentity(reader)).pages
   const packed = new Set(reader.packed.pages)
   if (expected.length !== packed.size || expected.some((p) => !packed.has(p))) {
     errors.push(`${reader.source.name}: the attached working set (${packed.size} pages) is not the majority of its ${runs.length} learned runs (${expected.length} pages)`)

@@ -14,6 +14,7 @@ import {SysError, tryLockExclusive} from '../sys/index.js'
 import {AtomicFile, removeStaleTemporaries} from './atomic-file.js'
 import {ChunkDecompressor} from './decompressor.js'
 import {SnapshotReader} from './reader.js'
+import {workingSetIdentity} from './attached-set.js'
 import {attachedWorkingSet, type LearnedRunsLocation, packOptionsFor, writeAttached} from './relayout.js'
 
 /** The most bytes learned runs may take decoded (a run is its pages as JSON numbers). */
@@ -51,7 +52,7 @@ export function readLearnedRuns(reader: SnapshotReader): {runs: LearnedRun[]; ke
 export function prefetchedPages(reader: SnapshotReader): LearnedRun {
   const {runs} = readLearnedRuns(reader)
   if (runs.length > 0) {
-    const set = learnedSet(runs, identityOf(reader))
+    const set = learnedSet(runs, workingSetIdentity(reader))
     return {pages: set.pages, firstTouchMs: set.firstTouchMs}
   }
   const pages = Array.from(reader.packed?.pages ?? [])
@@ -93,7 +94,7 @@ export async function foldIntoSnapshot(path: string, served: SnapshotReader, run
     }
     const history = readLearnedRuns(reader)
     const keep = options.keep ?? history.keep ?? DEFAULT_LEARN_RUNS
-    const {runs, set} = foldRun(history.runs, run, keep, identityOf(reader))
+    const {runs, set} = foldRun(history.runs, run, keep, workingSetIdentity(reader))
     const mode = fs.fstatSync(lock).mode & 0o7777
     await writeAttached(reader, new AtomicFile(path, {mode}), {pages: set.pages, runs: set.runs, learned: {runs, keep}}, packOptionsFor(reader.header.metadata, undefined), options.signal)
     return outcome({folded: true, runs: runs.length, pages: set.pages.length})
@@ -109,9 +110,6 @@ export async function foldIntoSnapshot(path: string, served: SnapshotReader, run
   }
 }
 
-function identityOf(reader: SnapshotReader): {logicalSize: number; pageSize: number; headerCrc: number} {
-  return {logicalSize: reader.geometry.logicalSize, pageSize: reader.geometry.pageSize, headerCrc: reader.header.headerCrc}
-}
 
 /**
  * Opens the file at `path` and takes its flock, waiting while another fold holds it; once taken,

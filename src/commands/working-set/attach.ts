@@ -9,6 +9,7 @@ import {checkMatches, parseWorkingSet} from '../../format/working-set.js'
 import {readInputText} from '../../snapshot/input-file.js'
 import {openSnapshot, singleFile} from '../../snapshot/open.js'
 import {outputLocation, prepareOutput} from '../../snapshot/outputs.js'
+import {workingSetIdentity} from '../../snapshot/attached-set.js'
 import {attachedSizeHint, describeAttached, PACK_CODECS, packOptionsFor, writeAttached} from '../../snapshot/relayout.js'
 
 export default class WorkingSetAttach extends BaseCommand {
@@ -49,7 +50,7 @@ The snapshot may be an http(s):// URL (then --output is needed) or s3://BUCKET/K
     const snapshot = await openSnapshot(args.snapshot, options)
     try {
       const reader = singleFile(snapshot, 'working-set attach')
-      checkMatches(set, {logicalSize: reader.geometry.logicalSize, pageSize: reader.geometry.pageSize, headerCrc: reader.header.headerCrc}, args['working-set'])
+      checkMatches(set, workingSetIdentity(reader), args['working-set'])
       // Replacing is what attach does (in place by default): no --force, as for a local file.
       const prepared = await prepareOutput(location, {force: true, mode, s3: options.s3})
       const result = await withInterruptHandling((signal) => writeAttached(reader, prepared.open(attachedSizeHint(reader, set)), set, packOptionsFor(reader.header.metadata, flags.pack), signal), `${prepared.destination} left as it was`)

@@ -1,6 +1,6 @@
 import {type Geometry} from '../../format/geometry.js'
 import {type WorkingSetFile} from '../../format/working-set.js'
-import {attachedWorkingSet} from '../../snapshot/attached-set.js'
+import {attachedWorkingSet, workingSetIdentity} from '../../snapshot/attached-set.js'
 import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
 
@@ -9,6 +9,8 @@ export interface PrefetchPlan {
   geometry: Geometry
   identity: WorkingSetFile['snapshot']
   workingSetUnits: number[]
+  /** The set given on the command line (--working-set FILE), as it was read. */
+  givenSet?: WorkingSetFile
 }
 
 /**
@@ -26,7 +28,7 @@ export function listensAfterWorkingSet(reader: ImageReader, workingSetFile: stri
 /** The plan for `workingSetFile` (a path, "none", or undefined for the snapshot's own set). */
 export async function prefetchPlan(reader: ImageReader, workingSetFile: string | undefined): Promise<PrefetchPlan> {
   const {geometry} = reader
-  const identity = {logicalSize: geometry.logicalSize, pageSize: geometry.pageSize, headerCrc: reader.header.headerCrc}
+  const identity = workingSetIdentity(reader)
   if (workingSetFile === 'none') return {geometry, identity, workingSetUnits: []}
   if (workingSetFile) {
     // Loaded only for a set on the command line: its schema validation is a large module graph.
@@ -34,7 +36,7 @@ export async function prefetchPlan(reader: ImageReader, workingSetFile: string |
     // A working set given on the command line wins over one attached to the snapshot.
     const set = parseWorkingSet(fs.readFileSync(workingSetFile, 'utf8'), workingSetFile)
     checkMatches(set, identity, workingSetFile)
-    return {geometry, identity, workingSetUnits: chunksInTouchOrder(set.pages, geometry.pagesPerChunk)}
+    return {geometry, identity, workingSetUnits: chunksInTouchOrder(set.pages, geometry.pagesPerChunk), givenSet: set}
   }
   return {geometry, identity, workingSetUnits: attachedUnits(reader)}
 }

@@ -48,7 +48,7 @@ export function handshakeTimeoutMs(options: Pick<ResumeOptions, 'timeoutMs' | 's
  * frozen: a frozen VM is better than one reading zeros from a released uffd).
  */
 export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
-  const {geometry, identity, workingSetUnits} = await prefetchPlan(options.snapshot.reader, options.workingSetFile)
+  const {geometry, identity, workingSetUnits, givenSet} = await prefetchPlan(options.snapshot.reader, options.workingSetFile)
   const {result, recording} = await serveClients(options, new FirecrackerClients(options, geometry), {
     populateAll: options.populateAll,
     record: options.recordFile !== undefined || options.learn !== undefined,
@@ -62,7 +62,7 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
     writeFileAtomically(options.recordFile, `${JSON.stringify(set)}\n`)
   }
   writeStatsFile(options.statsFile, result.stats)
-  if (options.learn) result.learned = await learn(options, options.learn, recording!, result)
+  if (options.learn) result.learned = await learn(options, options.learn, recording!, result, givenSet)
   return result
 }
 
@@ -70,7 +70,7 @@ export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
  * Folds what this run touched into the snapshot (--learn). A run that failed, or served nobody,
  * teaches nothing; one interrupted after serving its clients does (CI stops handlers with SIGTERM).
  */
-async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOptions['learn']>, recording: LearnedRun, result: ResumeResult): Promise<LearnOutcome> {
+async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOptions['learn']>, recording: LearnedRun, result: ResumeResult, givenSet: LearnedRun | undefined): Promise<LearnOutcome> {
   const {path} = learnOptions
   let outcome: LearnOutcome
   if (result.error) outcome = {folded: false, reason: `a client failed (${result.error.message})`, ms: 0}
@@ -80,9 +80,9 @@ async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOpt
     const [{touchedInRun}, {foldIntoSnapshot}] = await Promise.all([import('../../format/learned-runs.js'), import('../../snapshot/learn.js')])
     let prefetched: LearnedRun | Error
     try {
-      prefetched = await prefetchedInRun(options)
+      prefetched = await prefetchedInRun(options, givenSet)
     } catch (error) {
-      // Whatever stops this run being learned (a damaged set, a --working-set file gone) must not
+      // Whatever stops this run being learned (damaged learned runs, an unreadable file) must not
       // fail a resume that served its clients.
       if (!(error instanceof UffdError || error instanceof SysError || typeof (error as NodeJS.ErrnoException).code === 'string')) throw error
       prefetched = error as Error
@@ -96,13 +96,10 @@ async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOpt
   return outcome
 }
 
-/** The pages this run prefetched for its clients, with the times their set gives them. */
-async function prefetchedInRun(options: ResumeOptions): Promise<LearnedRun> {
+/** The pages this run prefetched for its clients (`givenSet`: the --working-set FILE it read), with the times their set gives them. */
+async function prefetchedInRun(options: ResumeOptions, givenSet: LearnedRun | undefined): Promise<LearnedRun> {
   if (options.workingSetFile === 'none') return {pages: [], firstTouchMs: []}
-  if (options.workingSetFile) {
-    const [fs, {parseWorkingSet}] = await Promise.all([import('node:fs'), import('../../format/working-set.js')])
-    return parseWorkingSet(fs.readFileSync(options.workingSetFile, 'utf8'), options.workingSetFile)
-  }
+  if (givenSet) return givenSet
   const {prefetchedPages} = await import('../../snapshot/learn.js')
   return prefetchedPages(singleReader(options))
 }
