@@ -185,6 +185,22 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     expect(r.client?.signal).toBe('SIGKILL')
   })
 
+  it('a stale ready file is removed before the snapshot is opened, not when the socket listens', async () => {
+    const url = await serveThroughProxy(snapshot)
+    const p = proxy!
+    p.faults = {delayMs: 1500}
+    const ready = path.join(dir, 'stale.ready')
+    fs.writeFileSync(ready, 'left by an earlier run\n')
+    const handler = run(uffdSpawn(['resume', url, '--socket', path.join(dir, 'stale.sock'), '--ready-file', ready, '--cache-dir', path.join(dir, 'cache-stale'), '--timeout', '30']))
+    await waitFor('the stale ready file to go', () => !fs.existsSync(ready), 20_000)
+    // Still opening: the server has not answered its first request.
+    expect(p.requests.length).toBe(0)
+    await waitFor('the new ready file', () => fs.existsSync(ready), 30_000)
+    expect(JSON.parse(fs.readFileSync(ready, 'utf8'))).toMatchObject({socket: path.join(dir, 'stale.sock')})
+    for (const child of live) child.kill('SIGTERM')
+    expect((await handler).code).toBe(130)
+  })
+
   it('an object replaced mid-resume: REMOTE_CHANGED, and no byte of the new one reaches the client', async () => {
     server = await RangeServer.start(snapshot)
     const s = server

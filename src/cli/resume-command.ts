@@ -6,7 +6,7 @@ import os from 'node:os'
 
 import {UffdError} from '../core/errors.js'
 import {formatBytes, parseSize} from '../core/units.js'
-import {Listener} from '../resume/main/listener.js'
+import {Listener, removeStaleReadyFile} from '../resume/main/listener.js'
 import {listensAfterWorkingSet} from '../resume/main/prefetch-plan.js'
 import {type ResumeResult} from '../resume/main/serving-session.js'
 import {checkInput} from '../snapshot/input-file.js'
@@ -29,6 +29,9 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
   if (flags['working-set'] && flags['working-set'] !== 'none') checkInput(flags['working-set'])
   const decoders = flags.decoders ?? os.availableParallelism()
   const remote = remoteOptions(flags)
+  // First of all: a script waiting for the ready file must not take an earlier run's for this
+  // one's while the snapshot opens (over the network, that can take a while).
+  if (flags['ready-file']) removeStaleReadyFile(flags['ready-file'])
   const snapshot = await openSnapshot(snapshotArg, remote, flags.layers)
   try {
     // A remote chunk is fetched by the fetcher thread and decoded by a decoder: the fault loop
