@@ -48,7 +48,7 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
 
 async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFlags, json: boolean): Promise<ResumeResult> {
   const {chunkSize, pageSize} = snapshot.reader.geometry
-  const faultAroundBytes = faultAround(flags['fault-around'], chunkSize, pageSize)
+  const window = faultAround(flags['fault-around'], chunkSize, pageSize)
   const readaheadBytes = size(flags.readahead, '--readahead')
 
   const controller = new AbortController()
@@ -78,7 +78,8 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
     readyFile: flags['ready-file'],
     kill: flags.kill,
     cacheBytes: flags['cache-mb'] * 1024 * 1024,
-    faultAroundBytes,
+    faultAroundBytes: window.maxBytes,
+    faultAroundMinBytes: window.minBytes,
     spinMicros: flags['spin-us'],
     decoders,
     readaheadBytes,
@@ -145,10 +146,16 @@ function size(text: string, flag: string): number {
   }
 }
 
-function faultAround(text: string, chunkSize: number, pageSize: number): number {
-  if (text === 'auto') return Math.max(2 * 1024 * 1024, chunkSize)
-  if (text === 'chunk') return chunkSize
-  if (text === 'page') return pageSize
+/**
+ * The fault-around window's smallest and largest size. "auto" adapts: a chunk (whose decode the
+ * faulting page pays for anyway) growing to 2 MiB while faults land near each other; a size,
+ * "chunk" or "page" is fixed.
+ */
+function faultAround(text: string, chunkSize: number, pageSize: number): {minBytes: number; maxBytes: number} {
+  const fixed = (bytes: number): {minBytes: number; maxBytes: number} => ({minBytes: bytes, maxBytes: bytes})
+  if (text === 'auto') return {minBytes: Math.max(chunkSize, pageSize), maxBytes: Math.max(2 * 1024 * 1024, chunkSize, pageSize)}
+  if (text === 'chunk') return fixed(chunkSize)
+  if (text === 'page') return fixed(pageSize)
   let bytes: number
   try {
     bytes = parseSize(text)
@@ -156,5 +163,5 @@ function faultAround(text: string, chunkSize: number, pageSize: number): number 
     throw new FlagValueError(`--fault-around: ${(error as Error).message}`)
   }
   if (bytes < pageSize || bytes % pageSize !== 0) throw new FlagValueError(`--fault-around must be a multiple of the snapshot's page size (${pageSize})`)
-  return bytes
+  return fixed(bytes)
 }
