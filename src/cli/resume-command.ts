@@ -91,6 +91,9 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
     },
   }
   let listener: Listener | undefined
+  // Beside serving, on libuv threads: the fault loop reads chunks from the page cache then.
+  const prereading = new AbortController()
+  const preread = flags.preread === 'auto' && !snapshot.remote ? startPreread(snapshot.localFiles(), prereading.signal, log) : undefined
   try {
     if (flags['criu-dir']) {
       const {runCriuResume} = await import('../resume/main/criu-session.js')
@@ -116,6 +119,9 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
     }
   } finally {
     listener?.close()
+    // Serving is over: what is left to read ahead is not wanted (the step under way finishes).
+    prereading.abort()
+    await preread
     process.off('SIGINT', onStop)
     process.off('SIGTERM', onStop)
     process.off('SIGUSR1', onUsr1)
@@ -136,6 +142,19 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
     else throw new InterruptedError(signalName ?? 'signal')
   }
   return result
+}
+
+/** Reads the snapshot into the page cache (preread.ts) and logs what it did; never fails the resume. */
+async function startPreread(files: string[], signal: AbortSignal, log: (line: string) => void): Promise<void> {
+  const {prereadFiles} = await import('../resume/main/preread.js')
+  try {
+    const done = await prereadFiles(files, signal)
+    if (done.bytes > 0 && !done.skipped) log(`read ${formatBytes(done.bytes)} of the snapshot into the page cache ahead of faults (${Math.round(done.ms)} ms)`)
+    else if (done.skipped && done.skipped !== 'stopped') log(`not reading the snapshot ahead: ${done.skipped}`)
+  } catch (error) {
+    // Only a speed-up: a file that cannot be read ahead is read when it faults, as without it.
+    log(`not reading the snapshot ahead: ${(error as Error).message}`)
+  }
 }
 
 function size(text: string, flag: string): number {

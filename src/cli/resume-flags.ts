@@ -19,6 +19,12 @@ export const resumeFlagSpecs = {
   'cache-mb': {kind: 'integer', summary: 'Memory for decoded chunks, MiB; the working set staged before the first client gets as much again.', default: 256, min: 1},
   'fault-around': {kind: 'string', summary: 'Bytes installed around each faulting page: "auto" adapts (the chunk for an isolated fault, doubling up to 2 MiB, or the chunk size if larger, while faults land next to each other; zero runs over the whole 2 MiB); a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size) or "page" (no fault-around) is a fixed window.', default: 'auto'},
   populate: {kind: 'string', summary: 'Fill memory ahead of faults: "none" (lazy; sequential readahead only) or "all" (the whole memory in the background, demand faults first).', options: ['none', 'all'], default: 'none'},
+  preread: {
+    kind: 'string',
+    summary: 'Read the snapshot file into the page cache in the background from the start, so that on a fresh host first faults do not each wait for the disk: "auto" (when the file is at most a quarter of the memory available) or "off".',
+    options: ['auto', 'off'],
+    default: 'auto',
+  },
   readahead: {kind: 'string', summary: 'Most memory installed ahead of a sequential run of faults (a size, 0 to disable); the distance doubles with each fault that continues the run.', default: '256M'},
   decoders: {kind: 'integer', summary: 'Threads decoding chunks ahead of need [default: number of CPUs]; 0 decodes in the fault loop only.', min: 0, max: 64},
   record: {kind: 'string', summary: 'Write the working set (the pages each fault installed, faulting page first, in fault order, with times) to this file at exit.'},

@@ -18,6 +18,8 @@ export interface OpenedSnapshot {
   /** A spec for one new thread (call once per thread: a remote one carries its own port). */
   spec(): SnapshotSpec
   report(): RemoteReport | undefined
+  /** The local files it is read from, as this process has them open (/proc/self/fd/N): none for a URL. */
+  localFiles(): string[]
   close(): Promise<void>
 }
 
@@ -35,6 +37,7 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layersDi
       // rename a new layout over it meanwhile, and two layouts' packed units differ.
       spec: () => ({kind: 'file', path: location.path, layersDir, openPath: topFile(reader).sameFilePath}),
       report: () => undefined,
+      localFiles: () => (reader instanceof SnapshotReader ? [reader] : reader.files).map((f) => localFile(f).sameFilePath),
       close: async () => reader.close(),
     }
   }
@@ -51,6 +54,7 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layersDi
     remote: true,
     spec: () => ({kind: 'remote', ...snapshot.threadShare()}),
     report: () => snapshot.report(),
+    localFiles: () => [],
     close: () => snapshot.close(),
   }
 }
@@ -67,7 +71,10 @@ export function singleFile(snapshot: OpenedSnapshot, command: string): SnapshotR
 
 /** The file a local image was opened from (a chain's top layer). */
 function topFile(reader: ImageReader): FileByteSource {
-  const top = reader instanceof SnapshotReader ? reader : reader.files[reader.files.length - 1]
-  if (!(top.source instanceof FileByteSource)) throw new UffdError('INTERNAL', `${top.source.name} is not a local file`)
-  return top.source
+  return localFile(reader instanceof SnapshotReader ? reader : reader.files[reader.files.length - 1])
+}
+
+function localFile(reader: SnapshotReader): FileByteSource {
+  if (!(reader.source instanceof FileByteSource)) throw new UffdError('INTERNAL', `${reader.source.name} is not a local file`)
+  return reader.source
 }
