@@ -14,6 +14,9 @@ export {SLOT_ERROR, SLOT_FREE, SLOT_PENDING, SLOT_READY}
  * more than decoding a small block); idle decoders sleep in Atomics.wait; completions come back
  * through slot states and an eventfd the fault loop polls. Decoders take the oldest request first.
  */
+/** How long a stopped decoder may take to end by itself before it is terminated. */
+const DECODER_STOP_MS = 10_000
+
 export class DecodePool {
   readonly eventFd: number
   private readonly workers: Worker[] = []
@@ -179,6 +182,14 @@ export class DecodePool {
     Atomics.store(this.control, CONTROL_STOP, 1)
     Atomics.add(this.control, CONTROL_GENERATION, 1)
     Atomics.notify(this.control, CONTROL_GENERATION)
+    // A decoder sees the stop once it has loaded and ends by itself. It is not terminated before:
+    // a thread torn down while it loads its native modules (koffi, zstd-napi) can abort the whole
+    // process, and a run can end before its decoders have loaded (faults do not wait for them).
+    // One still busy after the bound (a read of a remote chunk that never comes) is loaded by then.
+    const exited = this.workers.map((w) => (w.threadId < 0 ? Promise.resolve() : new Promise<void>((resolve) => w.once('exit', () => resolve()))))
+    let bound: NodeJS.Timeout | undefined
+    await Promise.race([Promise.all(exited), new Promise<void>((resolve) => (bound = setTimeout(resolve, DECODER_STOP_MS)))])
+    clearTimeout(bound)
     await Promise.all(this.workers.map((w) => w.terminate()))
     closeFd(this.eventFd)
   }
