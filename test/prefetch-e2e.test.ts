@@ -352,6 +352,34 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     expect(uffd(['verify', damaged]).stdout + uffd(['verify', damaged]).stderr).toMatch(/learned runs: checksum mismatch/)
   })
 
+  it('large zero ranges are handed to the kernel: touching them costs no fault, and a balloon removal there reads zeros', async () => {
+    // 16 MiB: data, then 8 MiB of zeros at [4 MiB, 12 MiB), then data.
+    const raw = path.join(dir, 'holes.raw')
+    const image = makeImage('mixed', 16 << 20, 9)
+    image.fill(0, 4 << 20, 12 << 20)
+    fs.writeFileSync(raw, image)
+    const snapshot = path.join(dir, 'holes.uffd')
+    expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
+    const zeroPages = Array.from({length: 2048}, (_, i) => 1024 + ((i * 37) % 2048))
+    const touch = trace(path.join(dir, 'holes.trace'), zeroPages)
+    // The client waits a moment after its handshake, so the ranges are handed over before it touches.
+    const client = (extra: string[]): [string, string[]] => [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, '--delay-ms', '300', '--touch', `trace:${touch}`, '--verify-all', ...extra]]
+    const handed = await resumeWith(snapshot, ['--fault-around', 'page', '--readahead', '0'], client(['--balloon', '6M:1M']), 'holes')
+    const out = JSON.parse(handed.client.stdout)
+    expect(out.verify_errors).toBe(0)
+    expect(out.balloon_ok).toBe(true)
+    expect(handed.stats.pages.toKernel).toBe(2048)
+    expect(uffd(['stats', path.join(dir, 'holes.stats.json')]).stdout).toMatch(/2048 zero pages left to the kernel/)
+
+    const served = await resumeWith(snapshot, ['--fault-around', 'page', '--readahead', '0', '--no-kernel-zeros'], client([]), 'holes-served')
+    expect(JSON.parse(served.client.stdout).verify_errors).toBe(0)
+    expect(served.stats.pages.toKernel ?? 0).toBe(0)
+    // Page by page, every zero page touched faults when served; handed over, none of the 2048 in
+    // the range did (the zero pages inside the data parts, read by --verify-all, still do).
+    expect(served.stats.faults.zero).toBeGreaterThanOrEqual(2048)
+    expect(handed.stats.faults.zero).toBeLessThanOrEqual(served.stats.faults.zero - 2048)
+  })
+
   it('--populate all fills all memory, reports completion, and never refills removed memory', async () => {
     const raw = path.join(dir, 'pop.raw')
     const snapshot = path.join(dir, 'pop.uffd')

@@ -80,6 +80,7 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
     cacheBytes: flags['cache-mb'] * 1024 * 1024,
     faultAroundBytes: window.maxBytes,
     faultAroundMinBytes: window.minBytes,
+    kernelZeros: flags['kernel-zeros'],
     spinMicros: flags['spin-us'],
     decoders,
     readaheadBytes,

@@ -18,6 +18,12 @@ export const resumeFlagSpecs = {
   kill: {kind: 'boolean', summary: 'Kill a client that can no longer be served correctly (--no-kill leaves it frozen).', default: true, allowNo: true},
   'cache-mb': {kind: 'integer', summary: 'Memory for decoded chunks, MiB; the working set staged before the first client gets as much again.', default: 256, min: 1},
   'fault-around': {kind: 'string', summary: 'Bytes installed around each faulting page: "auto" adapts (the chunk for an isolated fault, doubling up to 2 MiB, or the chunk size if larger, while faults land next to each other; zero runs over the whole 2 MiB); a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size) or "page" (no fault-around) is a fixed window.', default: 'auto'},
+  'kernel-zeros': {
+    kind: 'boolean',
+    summary: "Hand the snapshot's large all-zero ranges (2 MiB or more, the longest 128) back to the kernel when a VMM connects (UFFDIO_UNREGISTER): their first touch then costs no fault, and the kernel maps zeros there, also after a balloon removal. --no-kernel-zeros serves them with faults.",
+    default: true,
+    allowNo: true,
+  },
   populate: {kind: 'string', summary: 'Fill memory ahead of faults: "none" (lazy; sequential readahead only) or "all" (the whole memory in the background, demand faults first).', options: ['none', 'all'], default: 'none'},
   preread: {
     kind: 'string',

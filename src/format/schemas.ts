@@ -33,7 +33,7 @@ export const ResumeReportSchema = Type.Object(
     durationMs: ms(),
     clients: Type.Object({served: count(), ended: count()}),
     faults: Type.Object({total: count(), data: count(), zero: count(), removed: count(), alreadyPresent: count()}),
-    pages: Type.Object({copied: count(), zeroed: count(), faultAround: count(), prefetched: count(), byHelper: Type.Optional(count())}),
+    pages: Type.Object({copied: count(), zeroed: count(), faultAround: count(), prefetched: count(), byHelper: Type.Optional(count()), toKernel: Type.Optional(count())}),
     workingSetChunks: count(),
     // Optional: reports written before staging existed have no such field.
     staged: Type.Optional(nullable(Type.Object({units: count(), bytes: count(), ms: ms()}))),

@@ -92,3 +92,37 @@ export function payloadPageIndex(map: ZeroMap, pagesPerChunk: number): Int32Arra
   }
   return index
 }
+
+/**
+ * The largest runs of zero pages, each of at least `minPages` and aligned to `alignPages` at both
+ * ends (trimmed inwards), at most `maxRuns` of them (the longest, ties by position), in page
+ * order. Handed back to the kernel (see the fault loop), such runs cost no fault at all.
+ */
+export function largeZeroRuns(map: ZeroMap, minPages: number, alignPages: number, maxRuns: number): {first: number; end: number}[] {
+  const runs: {first: number; end: number}[] = []
+  let p = 0
+  while (p < map.pageCount) {
+    // Whole zero bytes (eight pages) at a time: a sparse image's zero map is mostly 0xff.
+    if ((p & 7) === 0 && map.bytes[p >>> 3] === 0 && p + 8 <= map.pageCount) {
+      p += 8
+      continue
+    }
+    if (!map.isZero(p)) {
+      p++
+      continue
+    }
+    let q = p + 1
+    while (q < map.pageCount && ((q & 7) !== 0 || q + 8 > map.pageCount || map.bytes[q >>> 3] !== 0xff) && map.isZero(q)) q++
+    while (q + 8 <= map.pageCount && (q & 7) === 0 && map.bytes[q >>> 3] === 0xff) q += 8
+    while (q < map.pageCount && map.isZero(q)) q++
+    const first = Math.ceil(p / alignPages) * alignPages
+    const end = Math.floor(q / alignPages) * alignPages
+    if (end - first >= minPages) runs.push({first, end})
+    p = q
+  }
+  if (runs.length > maxRuns) {
+    const kept = [...runs].sort((a, b) => b.end - b.first - (a.end - a.first) || a.first - b.first).slice(0, maxRuns)
+    return kept.sort((a, b) => a.first - b.first)
+  }
+  return runs
+}

@@ -43,6 +43,8 @@ export interface WorkerConfig {
   /** The largest fault-around window; it starts at faultAroundMinBytes (when given) and grows to this while faults land near each other. */
   faultAroundBytes: number
   faultAroundMinBytes?: number
+  /** Hand a VMM's large all-zero ranges to the kernel at connect (FaultServer.handZerosToKernel). */
+  kernelZeros?: boolean
   /** Threads decoding chunks ahead of need (readahead, population); 0 decodes in the fault loop only. */
   decoders: number
   readaheadBytes: number

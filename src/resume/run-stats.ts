@@ -17,6 +17,8 @@ export const COUNTERS = [
   'faultAroundPages',
   'prefetchedPages',
   'helperPages',
+  'kernelZeroRanges',
+  'kernelZeroPages',
   'workingSetChunks',
   'copyIoctls',
   'zeropageIoctls',
@@ -160,8 +162,11 @@ export interface ResumeReport {
   durationMs: number
   clients: {served: number; ended: number}
   faults: {total: number; data: number; zero: number; removed: number; alreadyPresent: number}
-  /** byHelper: of the prefetched, installed by a helper thread beside the fault loop (absent in older reports). */
-  pages: {copied: number; zeroed: number; faultAround: number; prefetched: number; byHelper?: number}
+  /**
+   * byHelper: of the prefetched, installed by a helper thread beside the fault loop; toKernel:
+   * all-zero pages handed to the kernel, which fills them without faults (both absent in older reports).
+   */
+  pages: {copied: number; zeroed: number; faultAround: number; prefetched: number; byHelper?: number; toKernel?: number}
   /** Units queued from a recorded working set for the clients: its packed blocks, or its chunks. */
   workingSetChunks: number
   /**
@@ -212,7 +217,7 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     durationMs: now - startedAt.getTime(),
     clients: {served: g('clients'), ended: g('clientsEnded')},
     faults: {total: faults, data: g('faultsData'), zero: g('faultsZero'), removed: g('faultsRemoved'), alreadyPresent: g('faultsAlreadyPresent')},
-    pages: {copied: g('pagesCopied'), zeroed: g('pagesZeroed'), faultAround: g('faultAroundPages'), prefetched: g('prefetchedPages'), byHelper: g('helperPages')},
+    pages: {copied: g('pagesCopied'), zeroed: g('pagesZeroed'), faultAround: g('faultAroundPages'), prefetched: g('prefetchedPages'), byHelper: g('helperPages'), toKernel: g('kernelZeroPages')},
     workingSetChunks: g('workingSetChunks'),
     staged: g('stagedUnits') ? {units: g('stagedUnits'), bytes: g('stagedBytes'), ms: g('stagedMs')} : null,
     ioctls: {copy: g('copyIoctls'), zeropage: g('zeropageIoctls'), eexist: g('eexist'), eagain: g('eagain')},

@@ -2,7 +2,7 @@ import {UffdError} from '../../core/errors.js'
 import {SnapshotFormatError} from '../../format/errors.js'
 import {type Geometry} from '../../format/geometry.js'
 import {packedBlockRuns, zeroRunWindowBytes} from '../../format/packed-set.js'
-import {payloadPageIndex, type ZeroMap} from '../../format/zero-map.js'
+import {largeZeroRuns, payloadPageIndex, type ZeroMap} from '../../format/zero-map.js'
 import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {addressOf, rethrowAsSysError, SysError} from '../../sys/index.js'
 import {type GuestRegion} from '../protocol.js'
@@ -51,6 +51,14 @@ export interface ServeOptions {
 }
 
 /**
+ * Zero ranges handed to the kernel are at least this long, and at most KERNEL_ZERO_MAX_RANGES of
+ * them, the longest: each splits the client's mapping (up to two more VMAs, against the process's
+ * vm.max_map_count, 65530 by default), which only pays for itself on a long range.
+ */
+export const KERNEL_ZERO_MIN_BYTES = 2 * 1024 * 1024
+export const KERNEL_ZERO_MAX_RANGES = 128
+
+/**
  * Zero runs around packed set pages grow within aligned windows of this many pages
  * (zeroRunWindowBytes; one page on hugetlbfs, where zeros are copied, not mapped).
  */
@@ -81,6 +89,8 @@ export class FaultServer {
   private readonly blockOfPage: Int32Array | undefined
   /** Each packed block's runs (packedBlockRuns): the same for every client (only while the set is served from its blocks). */
   private readonly runsOfBlock: Int32Array[] = []
+  /** The image's large zero runs (largeZeroRuns), found when a client first wants them. */
+  private kernelZeroRuns: {first: number; end: number}[] | undefined
 
   constructor(
     reader: ImageReader,
@@ -191,6 +201,33 @@ export class FaultServer {
     const last = this.geometry.chunkOfOffset((widest.end - 1) * this.pageSize)
     for (let c = this.geometry.chunkOfOffset(widest.first * this.pageSize); c <= last; c++) if (c !== own) chunks.push(c)
     return chunks
+  }
+
+  /**
+   * Hands the image's large all-zero ranges of `client`'s memory to the kernel (see
+   * Installer.handToKernel): their first touch then costs no fault at all. Returns the pages
+   * handed over. For a VMM only: a restored process's mappings move and split under us.
+   */
+  handZerosToKernel(client: Client): number {
+    const minPages = Math.max(1, KERNEL_ZERO_MIN_BYTES / this.pageSize)
+    this.kernelZeroRuns ??= largeZeroRuns(this.zeroMap, minPages, 1, KERNEL_ZERO_MAX_RANGES)
+    let pages = 0
+    for (const region of client.map.all) {
+      const regionFirst = region.offset / this.pageSize
+      const regionEnd = regionFirst + region.size / this.pageSize
+      // A mapping splits only at its own page size (a huge page on hugetlbfs), in host addresses.
+      const align = Math.max(1, region.pageSize / this.pageSize)
+      const hostSkew = ((((region.baseHostVirtAddr - region.offset) / this.pageSize) % align) + align) % align
+      for (const run of this.kernelZeroRuns) {
+        const first = Math.max(run.first, regionFirst)
+        const end = Math.min(run.end, regionEnd)
+        const alignedFirst = Math.ceil((first + hostSkew) / align) * align - hostSkew
+        const alignedEnd = Math.floor((end + hostSkew) / align) * align - hostSkew
+        if (alignedEnd - alignedFirst < minPages) continue
+        if (this.installer.handToKernel(client, region, alignedFirst, alignedEnd - alignedFirst)) pages += alignedEnd - alignedFirst
+      }
+    }
+    return pages
   }
 
   private recordServed(fault: PendingFault, kind: 'faultsData' | 'faultsZero' | 'faultsRemoved' | 'faultsAlreadyPresent'): void {

@@ -5,7 +5,7 @@
 // expect is a SysError (its code the errno name): serving that client is impossible.
 
 import {type ZeroMap} from '../../format/zero-map.js'
-import {addressOf, type BlockFillResult, Errno, type FillResult, type HelperJob, InstallHelper, nativeBlockFill, SysError, uffdCopy, uffdFillBlock, uffdWake, uffdZeropage} from '../../sys/index.js'
+import {addressOf, type BlockFillResult, Errno, type FillResult, type HelperJob, InstallHelper, nativeBlockFill, SysError, uffdCopy, uffdFillBlock, uffdUnregister, uffdWake, uffdZeropage} from '../../sys/index.js'
 import {type GuestRegion} from '../protocol.js'
 import {type RunStats} from '../run-stats.js'
 import {type Client} from './client.js'
@@ -35,6 +35,8 @@ export interface FillCalls {
   copy(uffd: number, dst: number, src: number, length: number): FillResult
   zeropage(uffd: number, start: number, length: number): FillResult
   wake(uffd: number, start: number, length: number): void
+  /** UFFDIO_UNREGISTER of a range (throws SysError); none: ranges are never handed to the kernel. */
+  unregister?(uffd: number, start: number, length: number): void
   /** native/libuffd_fill's uffd_fill_block (uffdFillBlock's arguments), when it is loaded. */
   fillBlock: typeof uffdFillBlock | undefined
   /** native/libuffd_fill's install helper thread (InstallHelper.start's arguments), when loaded. */
@@ -48,6 +50,7 @@ export const kernelFillCalls: FillCalls = {
   copy: uffdCopy,
   zeropage: uffdZeropage,
   wake: uffdWake,
+  unregister: (uffd, start, length) => uffdUnregister(uffd, start, length),
   fillBlock: nativeBlockFill ? uffdFillBlock : undefined,
   startHelper: nativeBlockFill ? InstallHelper.start : undefined,
 }
@@ -203,6 +206,33 @@ export class Installer {
       case 'unexpected':
         throw new SysError(this.huge ? 'UFFDIO_COPY' : 'UFFDIO_ZEROPAGE', result.error, `zeroing the page at ${hex(address)}`)
     }
+  }
+
+  /**
+   * Stops trapping faults on image pages [first, first + count) of `region` (UFFDIO_UNREGISTER),
+   * pages the snapshot holds as zeros: the kernel fills them itself from then on, with zero
+   * pages, as for any anonymous memory, and without a round trip to this handler; after a
+   * MADV_DONTNEED (a balloon removal, which is then not reported here) they read as zeros again,
+   * which is what serving them would give too. They count as present, so nothing here ever fills
+   * them (a fill there would fail with ENOENT). Threads already waiting on them are woken by the
+   * kernel. Returns false when the kernel refused (the range is not one registered mapping, or
+   * splitting it would pass the process's mapping limit: ENOMEM; the process is exiting: ESRCH):
+   * they stay ours to serve.
+   */
+  handToKernel(client: Client, region: GuestRegion, first: number, count: number): boolean {
+    if (!this.calls.unregister) return false
+    for (let p = first; p < first + count; p++) if (client.states.get(p) !== PAGE_MISSING) return false
+    try {
+      this.calls.unregister(client.uffd, region.baseHostVirtAddr + (first * this.pageSize - region.offset), count * this.pageSize)
+    } catch (error) {
+      // Only a speed-up: whatever the kernel says, the pages are served as before.
+      if (error instanceof SysError) return false
+      throw error
+    }
+    client.states.markPresent(first, count)
+    this.stats.add('kernelZeroRanges')
+    this.stats.add('kernelZeroPages', count)
+    return true
   }
 
   /** Wakes the threads waiting on one present page (served already: a duplicate message). */

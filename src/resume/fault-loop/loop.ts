@@ -48,7 +48,7 @@ export interface LoopChannel {
 
 /** Everything the loop serves with, built from its settings by FaultLoop.start (or by a test). */
 export interface LoopParts {
-  config: Pick<WorkerConfig, 'workingSetUnits' | 'keepWorkingSet' | 'countHits' | 'spinMicros'>
+  config: Pick<WorkerConfig, 'workingSetUnits' | 'keepWorkingSet' | 'countHits' | 'spinMicros' | 'kernelZeros'>
   reader: ImageReader
   stats: RunStats
   clock: RunClock
@@ -339,6 +339,8 @@ export class FaultLoop {
       this.drain(client)
       if (this.servePending(client) === 'wait') this.waitingForBytes.add(client)
     })
+    // After its first fault: the zero ranges are handed over before anything is prefetched.
+    if (config.kernelZeros && !client.nonCooperative) this.guarded(client, () => this.parts.server.handZerosToKernel(client))
     // (A client that could not be served stays frozen: nothing is prefetched into it.)
     if (!client.failed) prefetcher.addClient(client, config.workingSetUnits)
     stats.add('clients')

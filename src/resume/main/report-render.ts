@@ -45,7 +45,7 @@ export function renderResumeReport(file: string, r: ResumeReport): string[] {
     ['faults', `${r.faults.total}: ${r.faults.data} data, ${r.faults.zero} zero, ${r.faults.removed} removed (served zeros), ${r.faults.alreadyPresent} already present`],
     ['latency', `${r.latencyUs.min === undefined ? '' : `min ${us(r.latencyUs.min)}, `}p50 ${us(r.latencyUs.p50)}, p90 ${us(r.latencyUs.p90)}, p99 ${us(r.latencyUs.p99)}, max ${us(r.latencyUs.max)}, mean ${us(r.latencyUs.mean)}`],
     ['first/last', `first fault ${ms(r.timeToFirstFaultMs)}, last fault ${ms(r.timeToLastFaultMs)} after the start`],
-    ['pages', `${r.pages.copied} copied (${formatBytes(r.bytes.copied)}), ${r.pages.zeroed} zeroed; ${r.pages.faultAround} by fault-around, ${r.pages.prefetched ?? 0} by prefetch${r.pages.byHelper ? ` (${r.pages.byHelper} of them by a helper thread)` : ''}`],
+    ['pages', `${r.pages.copied} copied (${formatBytes(r.bytes.copied)}), ${r.pages.zeroed} zeroed; ${r.pages.faultAround} by fault-around, ${r.pages.prefetched ?? 0} by prefetch${r.pages.byHelper ? ` (${r.pages.byHelper} of them by a helper thread)` : ''}${r.pages.toKernel ? `; ${r.pages.toKernel} zero pages left to the kernel` : ''}`],
     ['complete', `${r.timeToWorkingSetMs ? `working set (${r.workingSetChunks} units) in ${ms(r.timeToWorkingSetMs)} after the start; ` : ''}${r.timeToMemoryCompleteMs ? `all memory present ${ms(r.timeToMemoryCompleteMs)} after the start` : 'memory not completely present'}`],
     // Reports written before staging existed have no `staged` field.
     ...(r.staged ? ([['staged', `working set decoded before the first client: ${r.staged.units} units, ${formatBytes(r.staged.bytes)}, ready ${ms(r.staged.ms)} after start-up`]] as [string, string][]) : []),
