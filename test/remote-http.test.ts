@@ -17,6 +17,7 @@ const FC_CLIENT = path.join(NATIVE, 'fc_client')
 const skip = process.getuid?.() !== 0 ? 'needs root (fc_client traps kernel-mode faults)' : !fs.existsSync(FC_CLIENT) ? `${FC_CLIENT} is not built` : undefined
 if (skip) console.warn(`remote-http: resume tests skipped: ${skip}`)
 
+
 let dir: string
 let imageFile: string
 let snapshot: string
@@ -220,6 +221,62 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     // The stats file renders its remote section.
     const shown = await uffdAsync(['stats', r.statsFile])
     expect(shown.stdout).toMatch(/remote\s+http:\/\/127\.0\.0\.1:\d+\/snapshot\.uffd: \d+ requests/)
+  })
+
+  it('a cached chunk evicted under the handler: its fault waits for the network while other VMs are served', async () => {
+    const url = await serveThroughProxy(snapshot)
+    const p = proxy!
+    const cache = path.join(dir, 'cache-evicted')
+    const name = `ev${names++}`
+    const socket = path.join(dir, `${name}.sock`)
+    const ready = path.join(dir, `${name}.ready`)
+    // --cache-mb 1: decoded chunks stay in memory for the last MiB touched only, so the rest
+    // must be read from the cache directory again.
+    const child = uffdSpawn(['resume', url, '--socket', socket, '--ready-file', ready, '--cache-dir', cache, '--serve', '--cache-mb', '1'])
+    const handler = run(child)
+    let early: Finished | undefined
+    void handler.then((r) => (early = r))
+    await waitFor('the ready file', () => fs.existsSync(ready) || early !== undefined, 30_000)
+    expect(early?.stderr).toBeUndefined()
+    const client = (args: string[]): Promise<Finished> => run(spawn(FC_CLIENT, ['--socket', socket, '--image', imageFile, '--timeout-ms', '60000', ...args], {stdio: ['ignore', 'pipe', 'pipe']}))
+    // Every chunk fetched and published: the handler knows them all as in the cache directory.
+    const first = await client(['--touch', 'sequential', '--verify-all'])
+    expect(first.code, first.stderr).toBe(0)
+    // Another handler sharing the directory evicts every file; fetching takes 3 s from now on.
+    const [digest] = fs.readdirSync(cache)
+    for (const file of fs.readdirSync(path.join(cache, digest))) fs.rmSync(path.join(cache, digest, file))
+    p.faults = {delayMs: 3000}
+    const image = fs.readFileSync(imageFile)
+    const dataPage = (from: number, step: number): number => {
+      for (let at = from; ; at += step) if (image.subarray(at, at + 4096).some((b) => b !== 0)) return at
+    }
+    const trace = (name: string, offset: number): string => {
+      const file = path.join(dir, name)
+      fs.writeFileSync(file, `${offset}\n`)
+      return `trace:${file}`
+    }
+    // A VM whose page is in a chunk that is gone: refetched, through the 3 s delay.
+    const slowFrom = Date.now()
+    const slow = client(['--touch', trace(`${name}-slow`, dataPage(0, 4096)), '--verify'])
+    await new Promise((resolve) => setTimeout(resolve, 300))
+    // Meanwhile a VM whose page is in a chunk still decoded in memory is served at once: the
+    // fault loop does not wait on the network for the other VM's chunk (nor for the evicted
+    // chunks around its own page, which fault-around leaves for later).
+    const fastFrom = Date.now()
+    const fast = await client(['--touch', trace(`${name}-fast`, dataPage(image.length - 4096, -4096)), '--verify'])
+    const fastMs = Date.now() - fastFrom
+    const slowDone = await slow
+    const slowMs = Date.now() - slowFrom
+    expect(fast.code, fast.stderr).toBe(0)
+    expect(slowDone.code, slowDone.stderr).toBe(0)
+    expect(slowMs).toBeGreaterThan(2500)
+    expect(fastMs).toBeLessThan(1500)
+    p.faults = {}
+    const again = await client(['--touch', 'random', '--verify-all'])
+    expect(again.code, again.stderr).toBe(0)
+    child.kill('SIGTERM')
+    const ended = await handler
+    expect(ended.stderr).not.toMatch(/error|warning/i)
   })
 
   it('two handlers sharing one cache directory at once both serve every byte right', async () => {
