@@ -2,8 +2,9 @@
 // here, with injectable faults: 5xx, resets, truncated and corrupted bodies, stalls, a server
 // that ignores ranges, an object replaced mid-resume), real `uffd` processes, and fc_client,
 // which faults real memory through a real userfaultfd and verifies every byte.
-import {type ChildProcess, spawn} from 'node:child_process'
+import {type ChildProcess, execFileSync, spawn} from 'node:child_process'
 import fs from 'node:fs'
+import os from 'node:os'
 import path from 'node:path'
 import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
 
@@ -17,6 +18,22 @@ const FC_CLIENT = path.join(NATIVE, 'fc_client')
 const skip = process.getuid?.() !== 0 ? 'needs root (fc_client traps kernel-mode faults)' : !fs.existsSync(FC_CLIENT) ? `${FC_CLIENT} is not built` : undefined
 if (skip) console.warn(`remote-http: resume tests skipped: ${skip}`)
 
+/** Why a tmpfs cannot be mounted here (for a cache directory that turns read-only), or undefined. */
+function cannotMount(): string | undefined {
+  if (skip) return skip
+  const at = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-mount-probe-'))
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', at], {stdio: 'pipe'})
+    execFileSync('umount', [at], {stdio: 'pipe'})
+    return undefined
+  } catch (error) {
+    return `cannot mount a tmpfs (${((error as {stderr?: Buffer}).stderr ?? '').toString().trim() || (error as Error).message})`
+  } finally {
+    fs.rmSync(at, {recursive: true, force: true})
+  }
+}
+const skipMount = cannotMount()
+if (skipMount && !skip) console.warn(`remote-http: read-only cache directory test skipped: ${skipMount}`)
 
 let dir: string
 let imageFile: string
@@ -277,6 +294,36 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     child.kill('SIGTERM')
     const ended = await handler
     expect(ended.stderr).not.toMatch(/error|warning/i)
+  })
+
+  it.skipIf(skipMount)('a cache directory that turns read-only mid-run: fetched chunks reach the client in memory, with one warning', async () => {
+    const url = await serveThroughProxy(snapshot)
+    proxy!.faults = {delayMs: 30}
+    const cache = path.join(dir, 'cache-ro')
+    fs.mkdirSync(cache)
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64m,mode=0700', 'tmpfs', cache])
+    try {
+      // Faults page by page in random order: a request per chunk, so the run outlasts the remount.
+      const started = resumeOnce(url, cache, ['--fault-around', 'page'])
+      const stored = (): number => {
+        const [digest] = fs.readdirSync(cache)
+        return digest ? fs.readdirSync(path.join(cache, digest)).length : 0
+      }
+      await waitFor('some chunks in the cache directory', () => stored() >= 8, 30_000)
+      execFileSync('mount', ['-o', 'remount,ro', cache])
+      const r = await started
+      expectVerified(r)
+      const remote = r.stats!.remote!
+      expect(remote.memoryHandovers).toBeGreaterThan(0)
+      expect(remote.cacheWriteErrors).toBeGreaterThanOrEqual(remote.memoryHandovers!)
+      expect(r.handler.stderr.match(/warning: cache directory .*read-only file system/g), r.handler.stderr).toHaveLength(1)
+      // What the directory kept is intact, and the rest never reached it.
+      expect(stored()).toBeLessThan(remote.extentsFetched)
+      const shown = await uffdAsync(['stats', r.statsFile])
+      expect(shown.stdout).toMatch(/cache directory write errors, [1-9]\d* chunks handed over in memory/)
+    } finally {
+      execFileSync('umount', ['-l', cache])
+    }
   })
 
   it('two handlers sharing one cache directory at once both serve every byte right', async () => {

@@ -15,7 +15,7 @@ import {FetchScheduler} from '../src/remote/fetcher/scheduler.js'
 import {parseLocation} from '../src/remote/location.js'
 import {HttpObject} from '../src/remote/http-object.js'
 import {checkRangeResponse, type ObjectIdentity, parseContentRange, RemoteError, type RemoteObject} from '../src/remote/object.js'
-import {PRIORITY_DEMAND, PRIORITY_PREFETCH, RemoteCounters, sharedBuffers} from '../src/remote/shared.js'
+import {EXTENT_ABSENT, EXTENT_IN_MEMORY, Handover, PRIORITY_DEMAND, PRIORITY_PREFETCH, RemoteCounters, sharedBuffers} from '../src/remote/shared.js'
 import {BUCKETS} from '../src/resume/run-stats.js'
 import {crc32} from '../src/sys/crc.js'
 
@@ -353,5 +353,66 @@ describe('the S3 connection pool', () => {
       }
       await server.close()
     }
+  })
+})
+
+describe('Handover: verified extents passed to readers in memory when the cache directory fails', () => {
+  it('a read gives exactly the bytes put, or nothing; the newest extent is always there; the ring bounds what is held', () => {
+    fc.assert(
+      fc.property(fc.integer({min: 64, max: 4096}), fc.array(fc.tuple(fc.nat(15), fc.integer({min: 1, max: 64})), {minLength: 1, maxLength: 60}), (capacity, puts) => {
+        const extents = 16
+        const lengths = Int32Array.from({length: extents}, (_, e) => 1 + ((e * 37) % 64))
+        const share = {handover: new SharedArrayBuffer(capacity), handoverIndex: new SharedArrayBuffer(extents * 8), states: new SharedArrayBuffer(extents * 4), extentLengths: lengths}
+        const states = new Int32Array(share.states)
+        const writer = new Handover(share)
+        const reader = new Handover(share)
+        const bytesOf = (e: number, version: number): Uint8Array => Uint8Array.from({length: lengths[e]}, (_, i) => (e * 31 + i * 7 + version) & 0xff)
+        const version = new Array<number>(extents).fill(0)
+        for (const [e, v] of puts) {
+          // (The fetcher hands over only an extent that is not in memory: a reader discarded it.)
+          Atomics.store(states, e, EXTENT_ABSENT)
+          version[e] = v
+          expect(writer.put(e, bytesOf(e, v))).toBe(true)
+          Atomics.store(states, e, EXTENT_IN_MEMORY)
+          let held = 0
+          for (let x = 0; x < extents; x++) {
+            const dst = new Uint8Array(lengths[x])
+            const got = reader.read(x, dst)
+            expect(got).toBe(Atomics.load(states, x) === EXTENT_IN_MEMORY)
+            if (got) {
+              expect(dst).toEqual(bytesOf(x, version[x]))
+              held += lengths[x]
+            }
+          }
+          expect(reader.read(e, new Uint8Array(lengths[e]))).toBe(true)
+          expect(held).toBeLessThanOrEqual(capacity)
+        }
+      }),
+    )
+  })
+
+  it('refuses bytes larger than the whole ring (the fetcher then fails the extent with CACHE_DIR)', () => {
+    const share = {handover: new SharedArrayBuffer(16), handoverIndex: new SharedArrayBuffer(8), states: new SharedArrayBuffer(4), extentLengths: Int32Array.of(32)}
+    expect(new Handover(share).put(0, new Uint8Array(32))).toBe(false)
+  })
+
+  it('a copy overwritten while it is read is refused (its generation moved)', () => {
+    const lengths = Int32Array.of(8, 8)
+    const share = {handover: new SharedArrayBuffer(8), handoverIndex: new SharedArrayBuffer(16), states: new SharedArrayBuffer(8), extentLengths: lengths}
+    const states = new Int32Array(share.states)
+    const writer = new Handover(share)
+    writer.put(0, new Uint8Array(8).fill(1))
+    Atomics.store(states, 0, EXTENT_IN_MEMORY)
+    // A reader that copies extent 0 while the writer puts extent 1 over it sees the move.
+    const dst = new Uint8Array(8)
+    const ring = new Uint8Array(share.handover)
+    const set = dst.set.bind(dst)
+    dst.set = (source: ArrayLike<number>, offset?: number): void => {
+      writer.put(1, new Uint8Array(8).fill(2))
+      set(ring, offset)
+      void source
+    }
+    expect(new Handover(share).read(0, dst)).toBe(false)
+    expect(Atomics.load(states, 0)).toBe(EXTENT_ABSENT)
   })
 })

@@ -65,6 +65,7 @@ export const ResumeReportSchema = Type.Object(
         cacheDir: Type.String(),
         evictedBytes: count(),
         cacheWriteErrors: count(),
+        memoryHandovers: Type.Optional(count()),
       }),
     ),
   },

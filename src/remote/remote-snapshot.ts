@@ -16,7 +16,7 @@ import {type ObjectIdentity, RemoteError, type RemoteObject} from './object.js'
 import {remoteObject} from './objects.js'
 import {RemoteByteSource} from './remote-source.js'
 import {type S3Settings} from './s3-object.js'
-import {EXTENT_FAILED, EXTENT_PRESENT, type FetchOptions, readFromSegments, recordFailure, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
+import {EXTENT_FAILED, EXTENT_IN_MEMORY, EXTENT_PRESENT, type FetchOptions, readFromSegments, recordFailure, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
 
 /** How remote snapshots are read: the store's client settings, the cache directory, the fetch policy. */
 export interface RemoteOptions {
@@ -95,7 +95,7 @@ export class RemoteSnapshot {
       cacheRoot: options.cacheRoot,
       cacheMaxBytes: options.cacheMaxBytes,
       fetch: options.fetch,
-      ...sharedBuffers(extents.offsets.length),
+      ...sharedBuffers(extents.offsets.length, extents.lengths.reduce((a, b) => Math.max(a, b), 0)),
       landedFd: createEventfd(),
     }
     const fetcher = startWorker(import.meta.url, 'fetcher/worker', share)
@@ -139,7 +139,8 @@ function failEverything(share: RemoteShare, failure: {code: string; message: str
   recordFailure(share.failure, failure)
   const states = new Int32Array(share.states)
   for (let e = 0; e < states.length; e++) {
-    if (Atomics.load(states, e) === EXTENT_PRESENT) continue
+    const state = Atomics.load(states, e)
+    if (state === EXTENT_PRESENT || state === EXTENT_IN_MEMORY) continue
     Atomics.store(states, e, EXTENT_FAILED)
     Atomics.notify(states, e)
   }
@@ -164,6 +165,8 @@ export interface RemoteReport {
   cacheDir: string
   evictedBytes: number
   cacheWriteErrors: number
+  /** Extents handed to readers in memory because the cache directory could not store them. */
+  memoryHandovers: number
 }
 
 export function remoteReport(share: RemoteShare): RemoteReport {
@@ -188,6 +191,7 @@ export function remoteReport(share: RemoteShare): RemoteReport {
     cacheDir: share.cacheDir,
     evictedBytes: c.get('evictedBytes'),
     cacheWriteErrors: c.get('cacheWriteErrors'),
+    memoryHandovers: c.get('memoryHandovers'),
   }
 }
 

@@ -5,7 +5,7 @@ import {type ByteSource} from '../snapshot/byte-source.js'
 import {extentAt, type ExtentTable} from './coalesce.js'
 import {DiskCache} from './disk-cache.js'
 import {type FetcherMessage} from './fetcher/worker.js'
-import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_PRESENT, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority, readFailure, readFromSegments, RemoteCounters, type RemoteShare} from './shared.js'
+import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_IN_MEMORY, EXTENT_PRESENT, Handover, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority, readFailure, readFromSegments, RemoteCounters, type RemoteShare} from './shared.js'
 
 /** A waiting reader looks again this often even without a wake-up (a lost notify costs this much, never a hang). */
 const WAIT_SLICE_MS = 1000
@@ -23,6 +23,7 @@ export class RemoteByteSource implements ByteSource {
   private readonly states: Int32Array
   private readonly counters: RemoteCounters
   private readonly cache: DiskCache
+  private readonly handover: Handover
   /** The highest priority this thread has asked each extent at, so each ask is sent once. */
   private readonly asked: Uint8Array
   private open = true
@@ -37,6 +38,7 @@ export class RemoteByteSource implements ByteSource {
     this.states = new Int32Array(share.states)
     this.counters = new RemoteCounters(share.counters)
     this.cache = new DiskCache(share.cacheDir)
+    this.handover = new Handover(share)
     this.asked = new Uint8Array(this.table.offsets.length)
     // A reader that never returns to its event loop must not keep its thread alive for the port.
     port.unref()
@@ -65,7 +67,7 @@ export class RemoteByteSource implements ByteSource {
     const extent = extentAt(this.table, position, length)
     if (extent < 0) return true
     const state = Atomics.load(this.states, extent)
-    if (state === EXTENT_PRESENT || state === EXTENT_FAILED) return true
+    if (state === EXTENT_PRESENT || state === EXTENT_FAILED || state === EXTENT_IN_MEMORY) return true
     if (!this.cache.has({offset: position, length})) return false
     // ASKED and on disk: it is landing (this handler's fetch, or another's that shares the cache).
     if (state === EXTENT_ABSENT) this.counters.add('diskHits')
@@ -80,9 +82,9 @@ export class RemoteByteSource implements ByteSource {
       const extent = extentAt(this.table, position, length)
       if (extent < 0) continue
       const state = Atomics.load(this.states, extent)
-      // On disk, or failing; or already on its way at this priority. (ABSENT is asked again: it
+      // Here, or failing; or already on its way at this priority. (ABSENT is asked again: it
       // may have been evicted, or reset after a failure, since this thread last asked.)
-      if (state === EXTENT_PRESENT || state === EXTENT_FAILED || (state === EXTENT_ASKED && this.asked[extent] >= priority)) continue
+      if (state === EXTENT_PRESENT || state === EXTENT_FAILED || state === EXTENT_IN_MEMORY || (state === EXTENT_ASKED && this.asked[extent] >= priority)) continue
       this.asked[extent] = priority
       extents.push(extent)
     }
@@ -129,10 +131,11 @@ export class RemoteByteSource implements ByteSource {
   }
 
   /**
-   * Fills `dst` from the cache directory when the extent is there; throws the failure of an
-   * extent that could not be had. Never waits.
+   * Fills `dst` from the hand-over area or the cache directory when the extent is there; throws
+   * the failure of an extent that could not be had. Never waits.
    */
   private readHere(extent: number, dst: Uint8Array): boolean {
+    if (this.handover.read(extent, dst)) return true
     const range = {offset: this.table.offsets[extent], length: this.table.lengths[extent]}
     const state = Atomics.load(this.states, extent)
     if (this.cache.read(range, dst)) {

@@ -6,7 +6,7 @@ import {eventfdSignal} from '../../sys/index.js'
 import {extentAt} from '../coalesce.js'
 import {DiskCache, evict} from '../disk-cache.js'
 import {remoteObject} from '../objects.js'
-import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_PRESENT, FAILED_HOLD_MS, type Priority, recordFailure, RemoteCounters, type RemoteShare} from '../shared.js'
+import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_IN_MEMORY, EXTENT_PRESENT, FAILED_HOLD_MS, Handover, type Priority, recordFailure, RemoteCounters, type RemoteShare} from '../shared.js'
 import {FetchScheduler} from './scheduler.js'
 
 /**
@@ -21,6 +21,7 @@ const states = new Int32Array(share.states)
 const counters = new RemoteCounters(share.counters)
 const latency = new BigInt64Array(share.latency)
 const cache = new DiskCache(share.cacheDir)
+const handover = new Handover(share)
 const table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs: share.extentCrcs}
 const scheduler = new FetchScheduler(table, await remoteObject(share.location, share.s3, 1, share.fetch.concurrency), share.identity, share.fetch, counters, latency)
 
@@ -50,7 +51,7 @@ function want(extent: number, priority: Priority): void {
     return
   }
   const state = Atomics.load(states, extent)
-  if (state === EXTENT_PRESENT || state === EXTENT_FAILED) return
+  if (state === EXTENT_PRESENT || state === EXTENT_FAILED || state === EXTENT_IN_MEMORY) return
   const range = {offset: share.extentOffsets[extent], length: share.extentLengths[extent]}
   // Another handler sharing the cache may have fetched it since the reader looked.
   if (state !== EXTENT_ASKED && cache.has(range)) {
@@ -62,9 +63,9 @@ function want(extent: number, priority: Priority): void {
   landing.add(extent)
   scheduler
     .want(extent, priority)
-    .then((bytes) => store(range, bytes))
+    .then((bytes) => store(extent, range, bytes))
     .then(
-      () => land(extent, EXTENT_PRESENT),
+      (landed) => land(extent, landed),
       (error: Error) => fail(extent, error),
     )
     .finally(() => landing.delete(extent))
@@ -80,8 +81,13 @@ function fail(extent: number, error: Error & {code?: string}): void {
 let writtenSinceScan = 0
 let scanning: Promise<void> | undefined
 
-/** Writes a verified extent into the cache; on a full disk, evicts half of what the cache holds and tries once more. */
-async function store(range: {offset: number; length: number}, bytes: Buffer): Promise<void> {
+/**
+ * Writes a verified extent into the cache; on a full disk, evicts half of what the cache holds
+ * and tries once more. Bytes the directory will not take (read-only, EIO, EACCES, still full)
+ * are handed to the readers in memory instead: the resume goes on without the disk. Returns the
+ * state the extent lands in.
+ */
+async function store(extent: number, range: {offset: number; length: number}, bytes: Buffer): Promise<typeof EXTENT_PRESENT | typeof EXTENT_IN_MEMORY> {
   try {
     cache.publish(range, bytes)
   } catch (error) {
@@ -89,22 +95,41 @@ async function store(range: {offset: number; length: number}, bytes: Buffer): Pr
     const {code, errno} = error as {code?: string; errno?: number}
     // A quota is a full disk for this user: eviction frees it the same way. libuv has no name for
     // EDQUOT (Node reports it as an unknown system error), so it is matched by number.
-    if (code !== 'ENOSPC' && errno !== -constants.errno.EDQUOT) throw cacheError(error)
+    if (code !== 'ENOSPC' && errno !== -constants.errno.EDQUOT) return handOver(extent, bytes, error)
     const held = await evict(share.cacheRoot, Infinity)
     const freed = await evict(share.cacheRoot, held.bytes / 2)
     forgetEvicted(freed)
     try {
       cache.publish(range, bytes)
     } catch (again) {
-      throw cacheError(again)
+      counters.add('cacheWriteErrors')
+      return handOver(extent, bytes, again)
     }
   }
   writtenSinceScan += bytes.length
   if (writtenSinceScan > share.cacheMaxBytes / 10) scheduleEviction()
+  return EXTENT_PRESENT
 }
 
 function cacheError(error: unknown): UffdError {
   return new UffdError('CACHE_DIR', `cache directory ${share.cacheDir}: cannot store a fetched chunk (${(error as Error).message})`, {cause: error})
+}
+
+let warned = false
+
+/** Puts verified bytes the cache directory refused into the hand-over area; warns once per run. */
+function handOver(extent: number, bytes: Buffer, error: unknown): typeof EXTENT_IN_MEMORY {
+  if (!handover.put(extent, bytes)) throw cacheError(error)
+  counters.add('memoryHandovers')
+  if (!warned) {
+    warned = true
+    const mib = Math.round(handover.capacity / (1 << 20))
+    process.stderr.write(
+      `uffd: warning: cache directory ${share.cacheDir}: cannot store fetched chunks (${(error as Error).message}); ` +
+        `they go to readers in memory instead (the last ${mib} MiB of them kept; an older one is fetched again when read), counted as remote.memoryHandovers\n`,
+    )
+  }
+  return EXTENT_IN_MEMORY
 }
 
 /**
