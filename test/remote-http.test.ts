@@ -326,6 +326,53 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     }
   })
 
+  it('two handlers sharing one cache directory fetch each chunk once between them', async () => {
+    const url = await serveThroughProxy(snapshot)
+    const s = server
+    // Fetches that take a while, so that both handlers want the same chunks while they are on their way.
+    proxy!.faults = {delayMs: 40}
+    const cache = path.join(dir, 'cache-claims')
+    const touch = ['--touch', 'sequential', '--verify-all']
+    const [a, b] = await Promise.all([resumeOnce(url, cache, [], touch), resumeOnce(url, cache, [], touch)])
+    expectVerified(a)
+    expectVerified(b)
+    // Every byte of chunk data was asked of the server once (the header and index are read by
+    // each handler when it opens the snapshot: the requests from byte 0, and to the last byte).
+    const size = fs.statSync(snapshot).size
+    const ranges = s.requests.map((q) => /^bytes=(\d+)-(\d+)$/.exec(q.range ?? '')!).map((m) => [Number(m[1]), Number(m[2])])
+    const chunkRanges = ranges.filter(([first, last]) => first !== 0 && last !== size - 1).sort((x, y) => x[0] - y[0])
+    for (let i = 1; i < chunkRanges.length; i++) expect(chunkRanges[i][0], `requests ${JSON.stringify(chunkRanges[i - 1])} and ${JSON.stringify(chunkRanges[i])}`).toBeGreaterThan(chunkRanges[i - 1][1])
+    expect(a.stats!.remote!.claimWaits! + b.stats!.remote!.claimWaits!).toBeGreaterThan(0)
+    expect(fs.readdirSync(path.join(cache, fs.readdirSync(cache)[0])).filter((f) => f.startsWith('.claim-'))).toEqual([])
+  })
+
+  it('a handler killed (SIGKILL) while it fetches blocks no other handler sharing the cache directory', async () => {
+    const url = await serveThroughProxy(snapshot)
+    const p = proxy!
+    const cache = path.join(dir, 'cache-killed')
+    // The first handler's chunk requests never get an answer: it holds their claims until killed.
+    const stuck = resumeOnce(url, cache, ['--fetch-timeout', '60s'], ['--touch', 'random'])
+    await waitFor('the snapshot to be opened', () => p.requests.length >= 2, 20_000)
+    p.faults = {stall: 1_000_000}
+    const claims = (): string[] => {
+      const [digest] = fs.existsSync(cache) ? fs.readdirSync(cache) : []
+      return digest ? fs.readdirSync(path.join(cache, digest)).filter((f) => f.startsWith('.claim-')) : []
+    }
+    await waitFor('claims of the stalled fetches', () => claims().length > 0, 20_000)
+    // (Its client too: it holds its own uffd, so its faults would wait for good.)
+    for (const child of live) child.kill('SIGKILL')
+    await stuck
+    expect(claims().length).toBeGreaterThan(0)
+    // A second handler, with a --fetch-timeout far beyond the test's bound: the dead holder's
+    // claims are free (its flocks went with it), so it fetches at once instead of waiting them out.
+    p.faults = {}
+    const started = Date.now()
+    const r = await resumeOnce(url, cache, ['--fetch-timeout', '60s'])
+    expectVerified(r)
+    expect(Date.now() - started).toBeLessThan(20_000)
+    expect(r.stats!.remote!.claimWaits).toBe(0)
+  })
+
   it('two handlers sharing one cache directory at once both serve every byte right', async () => {
     server = await RangeServer.start(snapshot)
     const cache = path.join(dir, 'cache-shared')

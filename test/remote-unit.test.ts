@@ -234,6 +234,40 @@ describe('DiskCache: the directory it owns', () => {
     }
   })
 
+  it('claims an extent for one fetcher at a time; a claim ends with its holder, and eviction removes only unheld stale claims', async () => {
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
+    try {
+      const cache = DiskCache.prepare(root, digest)
+      const other = new DiskCache(cache.dir)
+      const extent = {offset: 0x100, length: 4000}
+      const mine = cache.claim(extent)
+      expect(typeof mine).toBe('number')
+      // Another handler (another open file description) finds it held, for any extent but others.
+      expect(other.claim(extent)).toBe('held')
+      const elsewhere = other.claim({offset: 0x2000, length: 10})
+      expect(typeof elsewhere).toBe('number')
+      other.unclaim({offset: 0x2000, length: 10}, elsewhere as number)
+      cache.unclaim(extent, mine as number)
+      expect(fs.readdirSync(cache.dir)).toEqual([])
+      // A holder that dies leaves its file, unlocked: the next claimer takes it.
+      const dead = cache.claim(extent) as number
+      fs.closeSync(dead)
+      const next = other.claim(extent)
+      expect(typeof next).toBe('number')
+      // Eviction leaves a held claim alone, however old, and removes one nobody holds.
+      const stale = {offset: 0x3000, length: 10}
+      fs.closeSync(cache.claim(stale) as number)
+      const old = new Date(Date.now() - 3600_000)
+      for (const name of fs.readdirSync(cache.dir)) fs.utimesSync(path.join(cache.dir, name), old, old)
+      await evict(root, Infinity)
+      expect(fs.readdirSync(cache.dir)).toEqual(['.claim-100-fa0'])
+      other.unclaim(extent, next as number)
+      expect(fs.readdirSync(cache.dir)).toEqual([])
+    } finally {
+      fs.rmSync(root, {recursive: true, force: true})
+    }
+  })
+
   it('refuses a directory another user owns, or that group or others may write', () => {
     const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
     try {

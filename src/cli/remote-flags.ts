@@ -1,6 +1,6 @@
 import {UffdError} from '../core/errors.js'
 import {parseDuration, parseSize} from '../core/units.js'
-import {defaultCacheRoot} from '../remote/disk-cache.js'
+import {defaultCacheRoot} from '../remote/location.js'
 import {type RemoteOptions} from '../remote/remote-snapshot.js'
 import {type S3Settings} from '../remote/s3-object.js'
 import {type FlagSpec} from './flag-specs.js'

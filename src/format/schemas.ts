@@ -66,6 +66,7 @@ export const ResumeReportSchema = Type.Object(
         evictedBytes: count(),
         cacheWriteErrors: count(),
         memoryHandovers: Type.Optional(count()),
+        claimWaits: Type.Optional(count()),
       }),
     ),
   },

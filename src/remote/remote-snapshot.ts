@@ -26,6 +26,9 @@ export interface RemoteOptions {
   fetch: FetchOptions
 }
 
+/** How long closing waits for the fetcher to give up its claims. */
+const CLOSE_WAIT_MS = 1000
+
 /** The first request reads this much: the header and, for small snapshots, everything else. */
 const OPEN_BYTES = 256 * 1024
 /** When a structure near the end is needed, this much of the tail is read at once (index, zero map and footer together). */
@@ -129,6 +132,20 @@ export class RemoteSnapshot {
     this.fetcher.removeAllListeners('exit')
     this.fetcher.removeAllListeners('error')
     this.fetcher.on('error', () => {})
+    // Its claims on fetches under way go first (briefly: a fetcher that does not answer is stopped anyway).
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, CLOSE_WAIT_MS)
+      this.fetcher.once('message', () => {
+        clearTimeout(timer)
+        resolve()
+      })
+      this.fetcher.once('exit', () => {
+        clearTimeout(timer)
+        resolve()
+      })
+      const message: FetcherMessage = {type: 'close'}
+      this.fetcher.postMessage(message)
+    })
     await this.fetcher.terminate()
     closeFd(this.share.landedFd)
   }
@@ -167,6 +184,8 @@ export interface RemoteReport {
   cacheWriteErrors: number
   /** Extents handed to readers in memory because the cache directory could not store them. */
   memoryHandovers: number
+  /** Extents another handler sharing the cache directory was fetching, waited for instead of fetched again. */
+  claimWaits: number
 }
 
 export function remoteReport(share: RemoteShare): RemoteReport {
@@ -192,6 +211,7 @@ export function remoteReport(share: RemoteShare): RemoteReport {
     evictedBytes: c.get('evictedBytes'),
     cacheWriteErrors: c.get('cacheWriteErrors'),
     memoryHandovers: c.get('memoryHandovers'),
+    claimWaits: c.get('claimWaits'),
   }
 }
 

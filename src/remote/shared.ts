@@ -46,6 +46,7 @@ export const REMOTE_COUNTERS = [
   'cacheWriteErrors',
   'evictedBytes',
   'memoryHandovers',
+  'claimWaits',
 ] as const
 export type RemoteCounter = (typeof REMOTE_COUNTERS)[number]
 

@@ -25,12 +25,24 @@ const handover = new Handover(share)
 const table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs: share.extentCrcs}
 const scheduler = new FetchScheduler(table, await remoteObject(share.location, share.s3, 1, share.fetch.concurrency), share.identity, share.fetch, counters, latency)
 
-/** A want message: extents to fetch at a priority; a port message: a new reader's channel. */
-export type FetcherMessage = {type: 'want'; priority: Priority; extents: number[]} | {type: 'port'; port: MessagePort}
+/**
+ * A want message: extents to fetch at a priority; a port message: a new reader's channel; close:
+ * the handler is stopping (its claims are given up, then 'closed' is posted back).
+ */
+export type FetcherMessage = {type: 'want'; priority: Priority; extents: number[]} | {type: 'port'; port: MessagePort} | {type: 'close'}
 
 function onMessage(message: FetcherMessage): void {
   if (message.type === 'port') {
     message.port.on('message', onMessage)
+    return
+  }
+  if (message.type === 'close') {
+    // Fetches still under way are dropped with the thread: their claim files go now, so none
+    // is left behind (a handler that dies instead leaves its files unlocked, for the next
+    // claimer or eviction to remove).
+    for (const [range, fd] of claims) cache.unclaim(range, fd)
+    claims.clear()
+    parentPort!.postMessage('closed')
     return
   }
   for (const extent of message.extents) want(extent, message.priority)
@@ -45,14 +57,30 @@ function land(extent: number, state: number): void {
 /** Extents on their way (fetch, then store), so a second ask only raises the fetch's priority. */
 const landing = new Set<number>()
 
+/**
+ * Extents another handler sharing the cache directory is fetching (it holds their claim): their
+ * priority, and until when to wait for its file before fetching them here after all.
+ */
+const awaitingClaim = new Map<number, {priority: Priority; until: number}>()
+/** The claims this handler holds (extent range, claim file descriptor). */
+const claims = new Map<{offset: number; length: number}, number>()
+/** How often a claimed extent is looked for. */
+const CLAIM_POLL_MS = 10
+let claimPoll: NodeJS.Timeout | undefined
+
 function want(extent: number, priority: Priority): void {
+  const awaiting = awaitingClaim.get(extent)
+  if (awaiting) {
+    if (priority > awaiting.priority) awaiting.priority = priority
+    return
+  }
   if (landing.has(extent)) {
     scheduler.promote(extent, priority)
     return
   }
   const state = Atomics.load(states, extent)
   if (state === EXTENT_PRESENT || state === EXTENT_FAILED || state === EXTENT_IN_MEMORY) return
-  const range = {offset: share.extentOffsets[extent], length: share.extentLengths[extent]}
+  const range = rangeOf(extent)
   // Another handler sharing the cache may have fetched it since the reader looked.
   if (state !== EXTENT_ASKED && cache.has(range)) {
     counters.add('diskHits')
@@ -61,6 +89,37 @@ function want(extent: number, priority: Priority): void {
   }
   Atomics.store(states, extent, EXTENT_ASKED)
   landing.add(extent)
+  const claim = cache.claim(range)
+  if (claim === 'held') {
+    // Fetched by another handler right now: wait for its file, within --fetch-timeout (a holder
+    // that makes no progress that long is treated like a stalled request: fetch it here).
+    awaitingClaim.set(extent, {priority, until: performance.now() + share.fetch.idleTimeoutMs})
+    claimPoll ??= setInterval(pollClaims, CLAIM_POLL_MS)
+    return
+  }
+  fetchClaimed(extent, priority, claim)
+}
+
+function rangeOf(extent: number): {offset: number; length: number} {
+  return {offset: share.extentOffsets[extent], length: share.extentLengths[extent]}
+}
+
+/**
+ * Fetches an extent this handler claimed (`claim`: the claim file's descriptor, or 'none' when
+ * the directory takes no claims), stores it and lands it; the claim ends once it is published,
+ * so a waiting handler finds the file.
+ */
+function fetchClaimed(extent: number, priority: Priority, claim: number | 'none'): void {
+  const range = rangeOf(extent)
+  // Published between this handler's look and its claim (the previous holder just finished).
+  if (claim !== 'none' && cache.has(range)) {
+    cache.unclaim(range, claim)
+    landing.delete(extent)
+    counters.add('diskHits')
+    land(extent, EXTENT_PRESENT)
+    return
+  }
+  if (claim !== 'none') claims.set(range, claim)
   scheduler
     .want(extent, priority)
     .then((bytes) => store(extent, range, bytes))
@@ -68,7 +127,34 @@ function want(extent: number, priority: Priority): void {
       (landed) => land(extent, landed),
       (error: Error) => fail(extent, error),
     )
-    .finally(() => landing.delete(extent))
+    .finally(() => {
+      if (claim !== 'none' && claims.delete(range)) cache.unclaim(range, claim)
+      landing.delete(extent)
+    })
+}
+
+/** Looks at the extents other handlers are fetching: landed on disk, claimable (the holder gave up or died), or waited for long enough. */
+function pollClaims(): void {
+  const now = performance.now()
+  for (const [extent, {priority, until}] of awaitingClaim) {
+    const range = rangeOf(extent)
+    if (cache.has(range)) {
+      awaitingClaim.delete(extent)
+      landing.delete(extent)
+      counters.add('claimWaits')
+      counters.add('diskHits')
+      land(extent, EXTENT_PRESENT)
+      continue
+    }
+    const claim = cache.claim(range)
+    if (claim === 'held' && now < until) continue
+    awaitingClaim.delete(extent)
+    fetchClaimed(extent, priority, claim === 'held' ? 'none' : claim)
+  }
+  if (awaitingClaim.size === 0 && claimPoll) {
+    clearInterval(claimPoll)
+    claimPoll = undefined
+  }
 }
 
 function fail(extent: number, error: Error & {code?: string}): void {
