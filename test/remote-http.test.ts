@@ -310,7 +310,15 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
         return digest ? fs.readdirSync(path.join(cache, digest)).length : 0
       }
       await waitFor('some chunks in the cache directory', () => stored() >= 8, 30_000)
-      execFileSync('mount', ['-o', 'remount,ro', cache])
+      // EBUSY while a chunk is being written: again until it takes.
+      await waitFor('the remount', () => {
+        try {
+          execFileSync('mount', ['-o', 'remount,ro', cache], {stdio: 'pipe'})
+          return true
+        } catch {
+          return false
+        }
+      }, 10_000)
       const r = await started
       expectVerified(r)
       const remote = r.stats!.remote!
