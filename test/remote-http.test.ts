@@ -381,6 +381,16 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     expect(r.stats!.remote!.claimWaits).toBe(0)
   })
 
+  it('opens at most --fetch-concurrency connections to the server, the opening request included', async () => {
+    const url = await serveThroughProxy(snapshot)
+    // Slow answers, and four vCPUs faulting page by page: more demand fetches wanted at once than allowed.
+    proxy!.faults = {delayMs: 30}
+    const r = await resumeOnce(url, path.join(dir, 'cache-pool'), ['--fetch-concurrency', '2', '--fault-around', 'page'], ['--touch', 'random', '--threads', '4', '--verify-all'])
+    expectVerified(r)
+    expect(proxy!.requests.length).toBeGreaterThan(20)
+    expect(proxy!.maxOpenConnections).toBe(2)
+  })
+
   it('two handlers sharing one cache directory at once both serve every byte right', async () => {
     server = await RangeServer.start(snapshot)
     const cache = path.join(dir, 'cache-shared')

@@ -104,6 +104,7 @@ class HeldObject implements RemoteObject {
   read(offset: number, length: number): Promise<Buffer> {
     return new Promise((resolve, reject) => this.reads.push({offset, length, answer: (b) => (b instanceof Error ? reject(b) : resolve(b))}))
   }
+  close(): void {}
 }
 
 function schedulerOver(data: Buffer, lengths: number[], options: {concurrency: number; deadlineMs?: number; maxRequestBytes?: number}) {
@@ -284,7 +285,7 @@ describe('DiskCache: the directory it owns', () => {
 })
 
 /** A loopback server answering every request with `answer`; records how many came and when their responses closed. */
-async function answering(answer: (req: http.IncomingMessage, res: http.ServerResponse) => void, tls?: {key: Buffer; cert: Buffer}) {
+async function answering(answer: (req: http.IncomingMessage, res: http.ServerResponse) => void, tls?: {key: Buffer; cert: Buffer}, onConnection?: (socket: import('node:net').Socket) => void) {
   const seen = {requests: 0, closed: 0}
   const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => {
     seen.requests++
@@ -292,6 +293,7 @@ async function answering(answer: (req: http.IncomingMessage, res: http.ServerRes
     answer(req, res)
   }
   const server = tls ? https.createServer(tls, handler) : http.createServer(handler)
+  if (onConnection) server.on('connection', onConnection)
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   const url = `${tls ? 'https' : 'http'}://127.0.0.1:${(server.address() as AddressInfo).port}`
   const close = (): Promise<void> => {
@@ -361,6 +363,32 @@ describe('remote failures: what is retried, what it is called, what is released'
       const scheduler = new FetchScheduler(t, object, {size: 1000}, {concurrency: 2, maxRequestBytes: 1 << 20, idleTimeoutMs: 1000, deadlineMs: 5000}, new RemoteCounters(sharedBuffers(2).counters), new BigInt64Array(BUCKETS))
       await expect(scheduler.want(1, PRIORITY_DEMAND)).rejects.toMatchObject({code: 'REMOTE_NOT_FOUND', message: 'http://host/x: not found (HTTP 404) (fetching bytes 200-299)'})
     } finally {
+      await server.close()
+    }
+  })
+})
+
+describe('the HTTP connection pool', () => {
+  it('keeps at most the connections it is given, however many reads are under way, and reuses them', async () => {
+    let open = 0
+    let most = 0
+    let connections = 0
+    const server = await answering((req, res) => {
+      const [first, last] = /bytes=(\d+)-(\d+)/.exec(req.headers.range!)!.slice(1).map(Number)
+      setTimeout(() => res.writeHead(206, {'content-range': `bytes ${first}-${last}/1000`}).end(Buffer.alloc(last - first + 1, first & 0xff)), 20)
+    }, undefined, (socket) => {
+      connections++
+      most = Math.max(most, ++open)
+      socket.on('close', () => open--)
+    })
+    const object = new HttpObject(`${server.url}/x`, 'http://host/x', 2)
+    try {
+      const reads = await Promise.all(Array.from({length: 12}, (_, i) => object.read(i * 10, 10, {size: 1000}, {idleTimeoutMs: 5000})))
+      reads.forEach((bytes, i) => expect(bytes.equals(Buffer.alloc(10, (i * 10) & 0xff))).toBe(true))
+      expect(most).toBe(2)
+      expect(connections).toBe(2)
+    } finally {
+      object.close()
       await server.close()
     }
   })

@@ -77,8 +77,16 @@ export class RemoteSnapshot {
   ) {}
 
   static async open(location: Exclude<Location, {kind: 'file'}>, options: RemoteOptions): Promise<RemoteSnapshot> {
-    const object = await remoteObject(location, options.s3)
-    const {identity, segments, reads} = await readStructures(object, options.fetch)
+    // One connection: opening asks one thing at a time, and it is closed once the structures are
+    // read (the fetcher thread has its own pool for the chunks), so it adds none to theirs.
+    const object = await remoteObject(location, options.s3, undefined, 1)
+    let structures: Awaited<ReturnType<typeof readStructures>>
+    try {
+      structures = await readStructures(object, options.fetch)
+    } finally {
+      object.close()
+    }
+    const {identity, segments, reads} = structures
     const probe = SnapshotReader.fromSource(new SegmentSource(object.name, identity.size, segments))
     const extents = extentTable(probe)
     const digest = identityDigest(identity.size, reads)
