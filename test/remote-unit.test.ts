@@ -394,6 +394,26 @@ describe('the HTTP connection pool', () => {
   })
 })
 
+describe('HTTP redirects', () => {
+  it('follows a redirect to the object, keeps the range, and gives up after five', async () => {
+    let hops = 0
+    const server = await answering((req, res) => {
+      if (req.url === '/loop') {
+        hops++
+        res.writeHead(302, {location: '/loop'}).end()
+      } else if (req.url === '/x') res.writeHead(307, {location: '/stored/x'}).end()
+      else res.writeHead(206, {'content-range': `bytes 10-19/1000`}).end(Buffer.alloc(10, req.headers.range === 'bytes=10-19' ? 5 : 0))
+    })
+    try {
+      expect((await new HttpObject(`${server.url}/x`, 'http://host/x').read(10, 10, {size: 1000}, {idleTimeoutMs: 5000})).equals(Buffer.alloc(10, 5))).toBe(true)
+      await expect(new HttpObject(`${server.url}/loop`, 'http://host/loop').read(10, 10, {size: 1000}, {idleTimeoutMs: 5000})).rejects.toMatchObject({code: 'REMOTE_PROTOCOL', retryable: false, message: 'http://host/loop: more than 5 redirects'})
+      expect(hops).toBe(6)
+    } finally {
+      await server.close()
+    }
+  })
+})
+
 describe('the S3 connection pool', () => {
   it('opens as many connections as --fetch-concurrency asks for, past the SDK default of 50', async () => {
     const held: http.ServerResponse[] = []

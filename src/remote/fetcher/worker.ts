@@ -6,7 +6,7 @@ import {eventfdSignal} from '../../sys/index.js'
 import {extentAt} from '../coalesce.js'
 import {DiskCache, evict} from '../disk-cache.js'
 import {remoteObject} from '../objects.js'
-import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_IN_MEMORY, EXTENT_PRESENT, FAILED_HOLD_MS, Handover, type Priority, recordFailure, RemoteCounters, type RemoteShare} from '../shared.js'
+import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_IN_MEMORY, EXTENT_PRESENT, FAILED_HOLD_MS, Handover, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority, recordFailure, RemoteCounters, type RemoteShare} from '../shared.js'
 import {FetchScheduler} from './scheduler.js'
 
 /**
@@ -59,19 +59,25 @@ const landing = new Set<number>()
 
 /**
  * Extents another handler sharing the cache directory is fetching (it holds their claim): their
- * priority, and until when to wait for its file before fetching them here after all.
+ * priority, until when to wait for its file before fetching them here after all, and when to
+ * look next (each look costs a stat and a claim attempt: the interval doubles, up to a bound
+ * that is shorter for demand, where a vCPU waits).
  */
-const awaitingClaim = new Map<number, {priority: Priority; until: number}>()
+const awaitingClaim = new Map<number, {priority: Priority; until: number; next: number; interval: number}>()
 /** The claims this handler holds (extent range, claim file descriptor). */
 const claims = new Map<{offset: number; length: number}, number>()
-/** How often a claimed extent is looked for. */
-const CLAIM_POLL_MS = 10
+const CLAIM_POLL_MS = 5
+const CLAIM_POLL_MAX_MS = {[PRIORITY_DEMAND]: 20, [PRIORITY_PREFETCH]: 100}
 let claimPoll: NodeJS.Timeout | undefined
 
 function want(extent: number, priority: Priority): void {
   const awaiting = awaitingClaim.get(extent)
   if (awaiting) {
-    if (priority > awaiting.priority) awaiting.priority = priority
+    if (priority > awaiting.priority) {
+      awaiting.priority = priority
+      awaiting.interval = Math.min(awaiting.interval, CLAIM_POLL_MAX_MS[priority])
+      awaiting.next = Math.min(awaiting.next, performance.now() + awaiting.interval)
+    }
     return
   }
   if (landing.has(extent)) {
@@ -93,7 +99,8 @@ function want(extent: number, priority: Priority): void {
   if (claim === 'held') {
     // Fetched by another handler right now: wait for its file, within --fetch-timeout (a holder
     // that makes no progress that long is treated like a stalled request: fetch it here).
-    awaitingClaim.set(extent, {priority, until: performance.now() + share.fetch.idleTimeoutMs})
+    const now = performance.now()
+    awaitingClaim.set(extent, {priority, until: now + share.fetch.idleTimeoutMs, next: now + CLAIM_POLL_MS, interval: CLAIM_POLL_MS})
     claimPoll ??= setInterval(pollClaims, CLAIM_POLL_MS)
     return
   }
@@ -136,7 +143,11 @@ function fetchClaimed(extent: number, priority: Priority, claim: number | 'none'
 /** Looks at the extents other handlers are fetching: landed on disk, claimable (the holder gave up or died), or waited for long enough. */
 function pollClaims(): void {
   const now = performance.now()
-  for (const [extent, {priority, until}] of awaitingClaim) {
+  for (const [extent, awaiting] of awaitingClaim) {
+    const {priority, until} = awaiting
+    if (now < awaiting.next) continue
+    awaiting.interval = Math.min(awaiting.interval * 2, CLAIM_POLL_MAX_MS[priority])
+    awaiting.next = now + awaiting.interval
     const range = rangeOf(extent)
     if (cache.has(range)) {
       awaitingClaim.delete(extent)
