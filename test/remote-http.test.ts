@@ -379,6 +379,18 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     expectVerified(r)
     expect(Date.now() - started).toBeLessThan(20_000)
     expect(r.stats!.remote!.claimWaits).toBe(0)
+    // It took over the dead handler's claim files and removed them with its own.
+    expect(claims()).toEqual([])
+
+    // A handler stopped by SIGTERM while its fetches hang gives its claims up on the way out.
+    fs.rmSync(cache, {recursive: true})
+    p.faults = {after: p.requests.length + 2, stall: 1_000_000}
+    const stopped = resumeOnce(url, cache, ['--fetch-timeout', '60s'], ['--touch', 'random'])
+    await waitFor('claims of the stalled fetches', () => claims().length > 0, 20_000)
+    for (const child of live) if (child.spawnargs.includes(url)) child.kill('SIGTERM')
+    const ended = await stopped
+    expect(ended.handler.code).toBe(130)
+    expect(claims()).toEqual([])
   })
 
   it('opens at most --fetch-concurrency connections to the server, the opening request included', async () => {
