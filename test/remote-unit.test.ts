@@ -107,13 +107,13 @@ class HeldObject implements RemoteObject {
   close(): void {}
 }
 
-function schedulerOver(data: Buffer, lengths: number[], options: {concurrency: number; deadlineMs?: number; maxRequestBytes?: number}) {
+function schedulerOver(data: Buffer, lengths: number[], options: {concurrency: number; deadlineMs?: number; maxRequestBytes?: number; take?: (extent: number) => boolean}) {
   const t = table(lengths)
   for (let e = 0; e < lengths.length; e++) t.crcs[e] = crc32(data.subarray(t.offsets[e], t.offsets[e] + lengths[e]))
   const object = new HeldObject()
   const shared = sharedBuffers(lengths.length)
   const counters = new RemoteCounters(shared.counters)
-  const scheduler = new FetchScheduler(t, object, {size: data.length}, {concurrency: options.concurrency, maxRequestBytes: options.maxRequestBytes ?? 1 << 20, idleTimeoutMs: 1000, deadlineMs: options.deadlineMs ?? 10_000}, counters, new BigInt64Array(BUCKETS), () => 0)
+  const scheduler = new FetchScheduler(t, object, {size: data.length}, {concurrency: options.concurrency, maxRequestBytes: options.maxRequestBytes ?? 1 << 20, idleTimeoutMs: 1000, deadlineMs: options.deadlineMs ?? 10_000}, counters, new BigInt64Array(BUCKETS), () => 0, options.take)
   const answer = (i: number, corrupt = false): void => {
     const r = object.reads[i]
     const bytes = Buffer.from(data.subarray(r.offset, r.offset + r.length))
@@ -128,6 +128,31 @@ const flush = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 
 describe('FetchScheduler', () => {
   const data = Buffer.from(Array.from({length: 2000}, (_, i) => (i * 7) & 0xff))
 
+  it('takes each extent as its request is sent, not when wanted; one taken elsewhere resolves undefined and splits the run', async () => {
+    const taken: number[] = []
+    const elsewhere = new Set([2])
+    const {object, scheduler, answer} = schedulerOver(data, [100, 100, 100, 100, 100], {concurrency: 1, take: (e) => (taken.push(e), !elsewhere.has(e))})
+    const wants = [0, 1, 2, 3, 4].map((e) => scheduler.want(e, PRIORITY_DEMAND))
+    // One request at a time: extents queued behind it are not taken (no other handler waits on them).
+    await flush()
+    expect(object.reads.map((r) => [r.offset, r.length])).toEqual([[100, 100]])
+    expect(taken).toEqual([0])
+    answer(0)
+    expect((await wants[0])!.equals(data.subarray(100, 200))).toBe(true)
+    await flush()
+    // The next run stops at 2, which another handler holds.
+    expect(object.reads.map((r) => [r.offset, r.length]).at(-1)).toEqual([200, 100])
+    answer(1)
+    expect((await wants[1])!.equals(data.subarray(200, 300))).toBe(true)
+    expect(await wants[2]).toBeUndefined()
+    await flush()
+    expect(object.reads.map((r) => [r.offset, r.length]).at(-1)).toEqual([400, 200])
+    answer(2)
+    expect((await wants[4])!.equals(data.subarray(500, 600))).toBe(true)
+    expect(taken).toEqual([0, 1, 2, 2, 3, 4])
+    expect(scheduler.idle).toBe(true)
+  })
+
   it('fetches each extent once, coalesces neighbours wanted together, and keeps a slot for demand', async () => {
     const {object, scheduler, answer} = schedulerOver(data, [100, 100, 100, 100, 100, 100], {concurrency: 3})
     const got = [scheduler.want(0, PRIORITY_PREFETCH), scheduler.want(0, PRIORITY_PREFETCH)]
@@ -139,7 +164,7 @@ describe('FetchScheduler', () => {
     const demanded = scheduler.want(5, PRIORITY_DEMAND)
     expect(object.reads.map((r) => r.offset)).toEqual([100, 600])
     answer(1)
-    expect((await demanded).equals(data.subarray(600, 700))).toBe(true)
+    expect((await demanded)!.equals(data.subarray(600, 700))).toBe(true)
     answer(0)
     await got[0]
     await flush()
@@ -154,7 +179,7 @@ describe('FetchScheduler', () => {
     await new Promise((resolve) => setTimeout(resolve, 20))
     expect(object.reads.length).toBe(2)
     answer(1)
-    expect((await first).equals(data.subarray(100, 200))).toBe(true)
+    expect((await first)!.equals(data.subarray(100, 200))).toBe(true)
     expect(counters.get('badResponses')).toBe(1)
     expect(counters.get('retries')).toBe(1)
     const second = scheduler.want(1, PRIORITY_DEMAND)
@@ -181,7 +206,7 @@ describe('FetchScheduler', () => {
     for (let i = 0; i < 20 && object.reads.length < 3; i++) await new Promise((resolve) => setTimeout(resolve, 5))
     expect(object.reads.length).toBe(3)
     answer(2)
-    expect((await second).equals(data.subarray(200, 300))).toBe(true)
+    expect((await second)!.equals(data.subarray(200, 300))).toBe(true)
   })
 
   it('fails at once on an error no retry can fix', async () => {

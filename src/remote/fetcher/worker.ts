@@ -23,7 +23,7 @@ const latency = new BigInt64Array(share.latency)
 const cache = new DiskCache(share.cacheDir)
 const handover = new Handover(share)
 const table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs: share.extentCrcs}
-const scheduler = new FetchScheduler(table, await remoteObject(share.location, share.s3, 1, share.fetch.concurrency), share.identity, share.fetch, counters, latency)
+const scheduler = new FetchScheduler(table, await remoteObject(share.location, share.s3, 1, share.fetch.concurrency), share.identity, share.fetch, counters, latency, Math.random, take)
 
 /**
  * A want message: extents to fetch at a priority; a port message: a new reader's channel; close:
@@ -40,8 +40,7 @@ function onMessage(message: FetcherMessage): void {
     // Fetches still under way are dropped with the thread: their claim files go now, so none
     // is left behind (a handler that dies instead leaves its files unlocked, for the next
     // claimer or eviction to remove).
-    for (const [range, fd] of claims) cache.unclaim(range, fd)
-    claims.clear()
+    for (const extent of [...claims.keys()]) release(extent)
     parentPort!.postMessage('closed')
     return
   }
@@ -64,8 +63,10 @@ const landing = new Set<number>()
  * that is shorter for demand, where a vCPU waits).
  */
 const awaitingClaim = new Map<number, {priority: Priority; until: number; next: number; interval: number}>()
-/** The claims this handler holds (extent range, claim file descriptor). */
-const claims = new Map<{offset: number; length: number}, number>()
+/** The claims this handler holds: extent, claim file descriptor. */
+const claims = new Map<number, number>()
+/** Extents take() lets through as they are: claimed already while waited for, or waited for long enough to fetch without a claim. */
+const pretaken = new Set<number>()
 const CLAIM_POLL_MS = 5
 const CLAIM_POLL_MAX_MS = {[PRIORITY_DEMAND]: 20, [PRIORITY_PREFETCH]: 100}
 let claimPoll: NodeJS.Timeout | undefined
@@ -86,25 +87,15 @@ function want(extent: number, priority: Priority): void {
   }
   const state = Atomics.load(states, extent)
   if (state === EXTENT_PRESENT || state === EXTENT_FAILED || state === EXTENT_IN_MEMORY) return
-  const range = rangeOf(extent)
   // Another handler sharing the cache may have fetched it since the reader looked.
-  if (state !== EXTENT_ASKED && cache.has(range)) {
+  if (state !== EXTENT_ASKED && cache.has(rangeOf(extent))) {
     counters.add('diskHits')
     land(extent, EXTENT_PRESENT)
     return
   }
   Atomics.store(states, extent, EXTENT_ASKED)
   landing.add(extent)
-  const claim = cache.claim(range)
-  if (claim === 'held') {
-    // Fetched by another handler right now: wait for its file, within --fetch-timeout (a holder
-    // that makes no progress that long is treated like a stalled request: fetch it here).
-    const now = performance.now()
-    awaitingClaim.set(extent, {priority, until: now + share.fetch.idleTimeoutMs, next: now + CLAIM_POLL_MS, interval: CLAIM_POLL_MS})
-    claimPoll ??= setInterval(pollClaims, CLAIM_POLL_MS)
-    return
-  }
-  fetchClaimed(extent, priority, claim)
+  fetch(extent, priority)
 }
 
 function rangeOf(extent: number): {offset: number; length: number} {
@@ -112,32 +103,60 @@ function rangeOf(extent: number): {offset: number; length: number} {
 }
 
 /**
- * Fetches an extent this handler claimed (`claim`: the claim file's descriptor, or 'none' when
- * the directory takes no claims), stores it and lands it; the claim ends once it is published,
- * so a waiting handler finds the file.
+ * The scheduler's take(): claims an extent as its request is about to be sent. False when
+ * another handler holds its claim, or has just published it (found on the next look).
  */
-function fetchClaimed(extent: number, priority: Priority, claim: number | 'none'): void {
+function take(extent: number): boolean {
+  if (pretaken.delete(extent)) return true
   const range = rangeOf(extent)
-  // Published between this handler's look and its claim (the previous holder just finished).
-  if (claim !== 'none' && cache.has(range)) {
+  const claim = cache.claim(range)
+  if (claim === 'held') return false
+  if (claim === 'none') return true
+  if (cache.has(range)) {
     cache.unclaim(range, claim)
-    landing.delete(extent)
-    counters.add('diskHits')
-    land(extent, EXTENT_PRESENT)
-    return
+    return false
   }
-  if (claim !== 'none') claims.set(range, claim)
-  scheduler
-    .want(extent, priority)
-    .then((bytes) => store(extent, range, bytes))
-    .then(
-      (landed) => land(extent, landed),
-      (error: Error) => fail(extent, error),
-    )
-    .finally(() => {
-      if (claim !== 'none' && claims.delete(range)) cache.unclaim(range, claim)
+  claims.set(extent, claim)
+  return true
+}
+
+/** Ends this handler's claim on an extent, if it holds one: after its bytes are published (or failed). */
+function release(extent: number): void {
+  const claim = claims.get(extent)
+  if (claim === undefined) return
+  claims.delete(extent)
+  cache.unclaim(rangeOf(extent), claim)
+}
+
+/** Fetches an extent (unless another handler is: then waits for its file), stores it and lands it. */
+function fetch(extent: number, priority: Priority): void {
+  scheduler.want(extent, priority).then(
+    async (bytes) => {
+      if (bytes === undefined) {
+        awaitClaim(extent, priority)
+        return
+      }
+      try {
+        land(extent, await store(extent, rangeOf(extent), bytes))
+      } catch (error) {
+        fail(extent, error as Error)
+      }
+      release(extent)
       landing.delete(extent)
-    })
+    },
+    (error: Error) => {
+      release(extent)
+      landing.delete(extent)
+      fail(extent, error)
+    },
+  )
+}
+
+/** Waits for the file of an extent another handler fetches, within --fetch-timeout (a holder that makes no progress that long is treated like a stalled request: fetch it here). */
+function awaitClaim(extent: number, priority: Priority): void {
+  const now = performance.now()
+  awaitingClaim.set(extent, {priority, until: now + share.fetch.idleTimeoutMs, next: now + CLAIM_POLL_MS, interval: CLAIM_POLL_MS})
+  claimPoll ??= setInterval(pollClaims, CLAIM_POLL_MS)
 }
 
 /** Looks at the extents other handlers are fetching: landed on disk, claimable (the holder gave up or died), or waited for long enough. */
@@ -160,7 +179,9 @@ function pollClaims(): void {
     const claim = cache.claim(range)
     if (claim === 'held' && now < until) continue
     awaitingClaim.delete(extent)
-    fetchClaimed(extent, priority, claim === 'held' ? 'none' : claim)
+    if (typeof claim === 'number') claims.set(extent, claim)
+    pretaken.add(extent)
+    fetch(extent, priority)
   }
   if (awaitingClaim.size === 0 && claimPoll) {
     clearInterval(claimPoll)
