@@ -12,7 +12,7 @@ export const remoteFlagSpecs = {
   'cache-dir-max': {kind: 'string', summary: 'Bytes the --cache-dir may hold; the least recently read chunks are evicted beyond it.', default: '10G', helpGroup: 'REMOTE'},
   'fetch-concurrency': {kind: 'integer', summary: 'Ranged requests in flight at once, at most, and connections open to the store (demand faults always get a slot).', default: 16, min: 1, max: 256, helpGroup: 'REMOTE'},
   'fetch-request-max': {kind: 'string', summary: 'Neighbouring chunks wanted at once are fetched in one ranged request of at most this many bytes.', default: '4M', helpGroup: 'REMOTE'},
-  'fetch-timeout': {kind: 'string', summary: 'A request that receives no data for this long is aborted and retried (e.g. 500ms, 10s).', default: '10s', helpGroup: 'REMOTE'},
+  'fetch-timeout': {kind: 'string', summary: 'A request that receives no data for this long is aborted and retried (e.g. 500ms, 10s); a chunk another handler sharing the --cache-dir is fetching is waited for at most this long before it is fetched here too.', default: '10s', helpGroup: 'REMOTE'},
   'fetch-deadline': {kind: 'string', summary: 'A chunk that cannot be fetched within this long, despite retries with backoff, fails the resume (the client is killed, or frozen with --no-kill); the faulting vCPU waits meanwhile.', default: '60s', helpGroup: 'REMOTE'},
 } as const satisfies Record<string, FlagSpec>
 
