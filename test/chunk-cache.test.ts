@@ -31,6 +31,8 @@ class FakeReader {
   constructor(
     private readonly lengths: number[],
     private readonly corrupt = new Set<number>(),
+    /** Units whose stored bytes are not on this host (a remote snapshot's, not fetched yet). */
+    readonly remote = new Set<number>(),
   ) {}
 
   entry(unit: number): {payloadLength: number; codec: Codec} {
@@ -42,6 +44,10 @@ class FakeReader {
     if (this.corrupt.has(unit)) throw new SnapshotFormatError('CORRUPT', `chunk ${unit}`, 'checksum mismatch')
     if (this.lengths[unit] === 0) return Buffer.alloc(0)
     return dst.subarray(0, this.lengths[unit]).fill(fillOf(unit))
+  }
+
+  readPayloadIfLocal(unit: number, dst: Buffer): Buffer | undefined {
+    return this.remote.has(unit) ? undefined : this.readPayload(unit, dst)
   }
 }
 
@@ -100,7 +106,7 @@ describe('ChunkCache', () => {
         const model = new LruModel(sizes, budget)
         for (const {kind, unit} of ops) {
           if (kind === 'payload') {
-            const payload = cache.payload(unit)
+            const payload = cache.payload(unit)!
             model.payload(unit)
             expect(payload.length).toBe(sizes[unit])
             expect(payload.every((b) => b === fillOf(unit))).toBe(true)
@@ -135,12 +141,26 @@ describe('ChunkCache', () => {
   it('reuses the buffers of evicted payloads for new ones instead of allocating', () => {
     const reader = new FakeReader(Array.from({length: 8}, () => CHUNK))
     const {cache} = cacheOf(reader, CHUNK)
-    const first = cache.payload(0)
-    const second = cache.payload(1) // evicts 0: its buffer is kept aside
+    const first = cache.payload(0)!
+    const second = cache.payload(1)! // evicts 0: its buffer is kept aside
     expect(second.buffer).not.toBe(first.buffer)
-    const third = cache.payload(2) // evicts 1, decodes into 0's old buffer
+    const third = cache.payload(2)! // evicts 1, decodes into 0's old buffer
     expect(third.buffer).toBe(first.buffer)
     expect(third.every((b) => b === fillOf(2))).toBe(true)
+  })
+
+  it('a unit whose bytes are not on this host is undefined, not kept, and its buffer goes to the next unit', () => {
+    const reader = new FakeReader([CHUNK, CHUNK], new Set(), new Set([0]))
+    const {cache, stats} = cacheOf(reader, 4 * CHUNK)
+    expect(cache.payload(0)).toBeUndefined()
+    expect(cache.has(0)).toBe(false)
+    expect(stats.get('chunksDecoded')).toBe(0)
+    const next = cache.payload(1)!
+    expect(next.every((b) => b === fillOf(1))).toBe(true)
+    // Landed: the same lookup decodes it now.
+    reader.remote.delete(0)
+    expect(cache.payload(0)!.every((b) => b === fillOf(0))).toBe(true)
+    expect(stats.get('chunksDecoded')).toBe(2)
   })
 
   it('a unit that fails its check throws, is not kept, and is counted as a miss, not a decode', () => {
@@ -151,17 +171,17 @@ describe('ChunkCache', () => {
     expect(() => cache.payload(1)).toThrow(SnapshotFormatError)
     expect({misses: stats.get('cacheMisses'), decoded: stats.get('chunksDecoded'), hits: stats.get('cacheHits')}).toEqual({misses: 3, decoded: 1, hits: 0})
     // What it held before is still served.
-    expect(cache.payload(0).every((b) => b === fillOf(0))).toBe(true)
+    expect(cache.payload(0)!.every((b) => b === fillOf(0))).toBe(true)
     expect(stats.get('cacheHits')).toBe(1)
   })
 
   it('evicts an all-zero unit (an empty payload that is no chunk-sized buffer) like any other', () => {
     const {cache} = cacheOf(new FakeReader([0, CHUNK, CHUNK]), CHUNK)
-    expect(cache.payload(0).length).toBe(0)
+    expect(cache.payload(0)!.length).toBe(0)
     cache.payload(1)
     cache.payload(2) // evicts 0 and 1
     expect([cache.has(0), cache.has(1), cache.has(2)]).toEqual([false, false, true])
-    expect(cache.payload(1).every((b) => b === fillOf(1))).toBe(true)
+    expect(cache.payload(1)!.every((b) => b === fillOf(1))).toBe(true)
   })
 })
 
@@ -187,11 +207,11 @@ describe('ChunkCache over a real snapshot', () => {
     expect(withData.length).toBeGreaterThan(4)
     const expected = new Map(withData.map((c) => [c, Buffer.from(reader.readPayload(c))]))
     for (const round of [0, 1]) {
-      for (const c of withData) expect(cache.payload(c).equals(expected.get(c)!), `chunk ${c}, round ${round}`).toBe(true)
+      for (const c of withData) expect(cache.payload(c)!.equals(expected.get(c)!), `chunk ${c}, round ${round}`).toBe(true)
     }
     // A budget of three chunks over more than four: the second round decodes everything again.
     expect(stats.get('cacheMisses')).toBe(2 * withData.length)
-    expect(cache.payload(withData.at(-1)!).equals(expected.get(withData.at(-1)!)!)).toBe(true)
+    expect(cache.payload(withData.at(-1)!)!.equals(expected.get(withData.at(-1)!)!)).toBe(true)
     expect(stats.get('cacheHits')).toBe(1)
   })
 })

@@ -446,7 +446,7 @@ describe('DecodedUnits: cache, decoder slots and owners behind one source', () =
         expect(source.isReady(unit)).toBe(true)
         expect(source.readyAddress(unit)).toBeGreaterThan(0)
       }
-      expect(source.payload(a).equals(reader.readPayload(a))).toBe(true)
+      expect(source.payload(a)!.equals(reader.readPayload(a))).toBe(true)
       // Owner 1 lets go of a: owner 2 still holds it.
       source.release(1, a)
       expect(source.isRequested(a)).toBe(true)
@@ -457,7 +457,7 @@ describe('DecodedUnits: cache, decoder slots and owners behind one source', () =
       expect(source.isReady(a)).toBe(true)
       expect(source.prefetch(3, a)).toBe('unneeded')
       const hits = stats.get('cacheHits')
-      expect(source.payload(a).equals(reader.readPayload(a))).toBe(true)
+      expect(source.payload(a)!.equals(reader.readPayload(a))).toBe(true)
       expect(stats.get('cacheHits')).toBe(hits + 1)
       // An owner that ends releases everything it held: room again.
       source.releaseOwner(1)

@@ -2,8 +2,9 @@
 // here, with injectable faults: 5xx, resets, truncated and corrupted bodies, stalls, a server
 // that ignores ranges, an object replaced mid-resume), real `uffd` processes, and fc_client,
 // which faults real memory through a real userfaultfd and verifies every byte.
-import {type ChildProcess, spawn} from 'node:child_process'
+import {type ChildProcess, execFileSync, spawn} from 'node:child_process'
 import fs from 'node:fs'
+import os from 'node:os'
 import path from 'node:path'
 import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
 
@@ -16,6 +17,23 @@ import {RangeServer} from './helpers/range-server.js'
 const FC_CLIENT = path.join(NATIVE, 'fc_client')
 const skip = process.getuid?.() !== 0 ? 'needs root (fc_client traps kernel-mode faults)' : !fs.existsSync(FC_CLIENT) ? `${FC_CLIENT} is not built` : undefined
 if (skip) console.warn(`remote-http: resume tests skipped: ${skip}`)
+
+/** Why a tmpfs cannot be mounted here (for a cache directory that turns read-only), or undefined. */
+function cannotMount(): string | undefined {
+  if (skip) return skip
+  const at = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-mount-probe-'))
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', at], {stdio: 'pipe'})
+    execFileSync('umount', [at], {stdio: 'pipe'})
+    return undefined
+  } catch (error) {
+    return `cannot mount a tmpfs (${((error as {stderr?: Buffer}).stderr ?? '').toString().trim() || (error as Error).message})`
+  } finally {
+    fs.rmSync(at, {recursive: true, force: true})
+  }
+}
+const skipMount = cannotMount()
+if (skipMount && !skip) console.warn(`remote-http: read-only cache directory test skipped: ${skipMount}`)
 
 let dir: string
 let imageFile: string
@@ -253,6 +271,174 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     // The stats file renders its remote section.
     const shown = await uffdAsync(['stats', r.statsFile])
     expect(shown.stdout).toMatch(/remote\s+http:\/\/127\.0\.0\.1:\d+\/snapshot\.uffd: \d+ requests/)
+  })
+
+  it('a cached chunk evicted under the handler: its fault waits for the network while other VMs are served', async () => {
+    const url = await serveThroughProxy(snapshot)
+    const p = proxy!
+    const cache = path.join(dir, 'cache-evicted')
+    const name = `ev${names++}`
+    const socket = path.join(dir, `${name}.sock`)
+    const ready = path.join(dir, `${name}.ready`)
+    // --cache-mb 1: decoded chunks stay in memory for the last MiB touched only, so the others
+    // must be read from the cache directory again.
+    const child = uffdSpawn(['resume', url, '--socket', socket, '--ready-file', ready, '--cache-dir', cache, '--serve', '--cache-mb', '1'])
+    const handler = run(child)
+    let early: Finished | undefined
+    void handler.then((r) => (early = r))
+    await waitFor('the ready file', () => fs.existsSync(ready) || early !== undefined, 30_000)
+    expect(early?.stderr).toBeUndefined()
+    const client = (args: string[]): Promise<Finished> => run(spawn(FC_CLIENT, ['--socket', socket, '--image', imageFile, '--timeout-ms', '60000', ...args], {stdio: ['ignore', 'pipe', 'pipe']}))
+    // Every chunk fetched and published: the handler knows them all as in the cache directory.
+    const first = await client(['--touch', 'sequential', '--verify-all'])
+    expect(first.code, first.stderr).toBe(0)
+    // Another handler sharing the directory evicts the files of the first half of the snapshot;
+    // fetching takes 4 s from now on.
+    const [digest] = fs.readdirSync(cache)
+    const half = fs.statSync(snapshot).size / 2
+    for (const file of fs.readdirSync(path.join(cache, digest))) {
+      if (Number.parseInt(file.split('-')[0], 16) < half) fs.rmSync(path.join(cache, digest, file))
+    }
+    p.faults = {delayMs: 4000}
+    const image = fs.readFileSync(imageFile)
+    const dataPage = (from: number, step: number): number => {
+      for (let at = from; ; at += step) if (image.subarray(at, at + 4096).some((b) => b !== 0)) return at
+    }
+    const trace = (name: string, offset: number): string => {
+      const file = path.join(dir, name)
+      fs.writeFileSync(file, `${offset}\n`)
+      return `trace:${file}`
+    }
+    // A VM whose page is in a chunk that is gone (2 MiB in: long out of the decoded-chunk cache):
+    // refetched, through the 4 s delay.
+    const slowFrom = Date.now()
+    const slow = client(['--touch', trace(`${name}-slow`, dataPage(2 << 20, 4096)), '--verify'])
+    await new Promise((resolve) => setTimeout(resolve, 300))
+    // Meanwhile a VM whose page is in a chunk still in the cache directory is served at once: the
+    // fault loop does not wait on the network for the other VM's chunk (nor for evicted chunks
+    // around its own page, which fault-around leaves for later).
+    const fastFrom = Date.now()
+    const fast = await client(['--touch', trace(`${name}-fast`, dataPage(image.length - 4096, -4096)), '--verify'])
+    const fastMs = Date.now() - fastFrom
+    const slowDone = await slow
+    const slowMs = Date.now() - slowFrom
+    expect(fast.code, fast.stderr).toBe(0)
+    expect(slowDone.code, slowDone.stderr).toBe(0)
+    expect(slowMs).toBeGreaterThan(3500)
+    expect(fastMs).toBeLessThan(2500)
+    p.faults = {}
+    const again = await client(['--touch', 'random', '--verify-all'])
+    expect(again.code, again.stderr).toBe(0)
+    child.kill('SIGTERM')
+    const ended = await handler
+    expect(ended.stderr).not.toMatch(/error|warning/i)
+  })
+
+  it.skipIf(skipMount)('a cache directory that turns read-only mid-run: fetched chunks reach the client in memory, with one warning', async () => {
+    const url = await serveThroughProxy(snapshot)
+    proxy!.faults = {delayMs: 30}
+    const cache = path.join(dir, 'cache-ro')
+    fs.mkdirSync(cache)
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64m,mode=0700', 'tmpfs', cache])
+    try {
+      // Faults page by page in random order: a request per chunk, so the run outlasts the remount.
+      const started = resumeOnce(url, cache, ['--fault-around', 'page'])
+      const stored = (): number => {
+        const [digest] = fs.readdirSync(cache)
+        return digest ? fs.readdirSync(path.join(cache, digest)).length : 0
+      }
+      await waitFor('some chunks in the cache directory', () => stored() >= 8, 30_000)
+      // EBUSY while a chunk is being written: again until it takes.
+      await waitFor('the remount', () => {
+        try {
+          execFileSync('mount', ['-o', 'remount,ro', cache], {stdio: 'pipe'})
+          return true
+        } catch {
+          return false
+        }
+      }, 10_000)
+      const r = await started
+      expectVerified(r)
+      const remote = r.stats!.remote!
+      expect(remote.memoryHandovers).toBeGreaterThan(0)
+      expect(remote.cacheWriteErrors).toBeGreaterThanOrEqual(remote.memoryHandovers!)
+      expect(r.handler.stderr.match(/warning: cache directory .*read-only file system/g), r.handler.stderr).toHaveLength(1)
+      // What the directory kept is intact, and the rest never reached it.
+      expect(stored()).toBeLessThan(remote.extentsFetched)
+      const shown = await uffdAsync(['stats', r.statsFile])
+      expect(shown.stdout).toMatch(/cache directory write errors, [1-9]\d* chunks handed over in memory/)
+    } finally {
+      execFileSync('umount', ['-l', cache])
+    }
+  })
+
+  it('two handlers sharing one cache directory fetch each chunk once between them', async () => {
+    const url = await serveThroughProxy(snapshot)
+    const s = server
+    // Fetches that take a while, so that both handlers want the same chunks while they are on their way.
+    proxy!.faults = {delayMs: 40}
+    const cache = path.join(dir, 'cache-claims')
+    const touch = ['--touch', 'sequential', '--verify-all']
+    const [a, b] = await Promise.all([resumeOnce(url, cache, [], touch), resumeOnce(url, cache, [], touch)])
+    expectVerified(a)
+    expectVerified(b)
+    // Every byte of chunk data was asked of the server once (the header and index are read by
+    // each handler when it opens the snapshot: the requests from byte 0, and to the last byte).
+    const size = fs.statSync(snapshot).size
+    const ranges = s.requests.map((q) => /^bytes=(\d+)-(\d+)$/.exec(q.range ?? '')!).map((m) => [Number(m[1]), Number(m[2])])
+    const chunkRanges = ranges.filter(([first, last]) => first !== 0 && last !== size - 1).sort((x, y) => x[0] - y[0])
+    for (let i = 1; i < chunkRanges.length; i++) expect(chunkRanges[i][0], `requests ${JSON.stringify(chunkRanges[i - 1])} and ${JSON.stringify(chunkRanges[i])}`).toBeGreaterThan(chunkRanges[i - 1][1])
+    expect(a.stats!.remote!.claimWaits! + b.stats!.remote!.claimWaits!).toBeGreaterThan(0)
+    expect(fs.readdirSync(path.join(cache, fs.readdirSync(cache)[0])).filter((f) => f.startsWith('.claim-'))).toEqual([])
+  })
+
+  it('a handler killed (SIGKILL) while it fetches blocks no other handler sharing the cache directory', async () => {
+    const url = await serveThroughProxy(snapshot)
+    const p = proxy!
+    const cache = path.join(dir, 'cache-killed')
+    // The first handler's chunk requests never get an answer: it holds their claims until killed.
+    const stuck = resumeOnce(url, cache, ['--fetch-timeout', '60s'], ['--touch', 'random'])
+    await waitFor('the snapshot to be opened', () => p.requests.length >= 2, 20_000)
+    p.faults = {stall: 1_000_000}
+    const claims = (): string[] => {
+      const [digest] = fs.existsSync(cache) ? fs.readdirSync(cache) : []
+      return digest ? fs.readdirSync(path.join(cache, digest)).filter((f) => f.startsWith('.claim-')) : []
+    }
+    await waitFor('claims of the stalled fetches', () => claims().length > 0, 20_000)
+    // (Its client too: it holds its own uffd, so its faults would wait for good.)
+    for (const child of live) child.kill('SIGKILL')
+    await stuck
+    expect(claims().length).toBeGreaterThan(0)
+    // A second handler, with a --fetch-timeout far beyond the test's bound: the dead holder's
+    // claims are free (its flocks went with it), so it fetches at once instead of waiting them out.
+    p.faults = {}
+    const started = Date.now()
+    const r = await resumeOnce(url, cache, ['--fetch-timeout', '60s'])
+    expectVerified(r)
+    expect(Date.now() - started).toBeLessThan(20_000)
+    expect(r.stats!.remote!.claimWaits).toBe(0)
+    // It took over the dead handler's claim files and removed them with its own.
+    expect(claims()).toEqual([])
+
+    // A handler stopped by SIGTERM while its fetches hang gives its claims up on the way out.
+    fs.rmSync(cache, {recursive: true})
+    p.faults = {after: p.requests.length + 2, stall: 1_000_000}
+    const stopped = resumeOnce(url, cache, ['--fetch-timeout', '60s'], ['--touch', 'random'])
+    await waitFor('claims of the stalled fetches', () => claims().length > 0, 20_000)
+    for (const child of live) if (child.spawnargs.includes(url)) child.kill('SIGTERM')
+    const ended = await stopped
+    expect(ended.handler.code).toBe(130)
+    expect(claims()).toEqual([])
+  })
+
+  it('opens at most --fetch-concurrency connections to the server, the opening request included', async () => {
+    const url = await serveThroughProxy(snapshot)
+    // Slow answers, and four vCPUs faulting page by page: more demand fetches wanted at once than allowed.
+    proxy!.faults = {delayMs: 30}
+    const r = await resumeOnce(url, path.join(dir, 'cache-pool'), ['--fetch-concurrency', '2', '--fault-around', 'page'], ['--touch', 'random', '--threads', '4', '--verify-all'])
+    expectVerified(r)
+    expect(proxy!.requests.length).toBeGreaterThan(20)
+    expect(proxy!.maxOpenConnections).toBe(2)
   })
 
   it('two handlers sharing one cache directory at once both serve every byte right', async () => {

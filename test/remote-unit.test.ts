@@ -15,7 +15,7 @@ import {FetchScheduler} from '../src/remote/fetcher/scheduler.js'
 import {parseLocation} from '../src/remote/location.js'
 import {HttpObject} from '../src/remote/http-object.js'
 import {checkRangeResponse, type ObjectIdentity, parseContentRange, RemoteError, type RemoteObject} from '../src/remote/object.js'
-import {PRIORITY_DEMAND, PRIORITY_PREFETCH, RemoteCounters, sharedBuffers} from '../src/remote/shared.js'
+import {EXTENT_ABSENT, EXTENT_IN_MEMORY, Handover, PRIORITY_DEMAND, PRIORITY_PREFETCH, RemoteCounters, sharedBuffers} from '../src/remote/shared.js'
 import {BUCKETS} from '../src/resume/run-stats.js'
 import {crc32} from '../src/sys/crc.js'
 
@@ -104,15 +104,16 @@ class HeldObject implements RemoteObject {
   read(offset: number, length: number): Promise<Buffer> {
     return new Promise((resolve, reject) => this.reads.push({offset, length, answer: (b) => (b instanceof Error ? reject(b) : resolve(b))}))
   }
+  close(): void {}
 }
 
-function schedulerOver(data: Buffer, lengths: number[], options: {concurrency: number; deadlineMs?: number; maxRequestBytes?: number}) {
+function schedulerOver(data: Buffer, lengths: number[], options: {concurrency: number; deadlineMs?: number; maxRequestBytes?: number; take?: (extent: number) => boolean}) {
   const t = table(lengths)
   for (let e = 0; e < lengths.length; e++) t.crcs[e] = crc32(data.subarray(t.offsets[e], t.offsets[e] + lengths[e]))
   const object = new HeldObject()
   const shared = sharedBuffers(lengths.length)
   const counters = new RemoteCounters(shared.counters)
-  const scheduler = new FetchScheduler(t, object, {size: data.length}, {concurrency: options.concurrency, maxRequestBytes: options.maxRequestBytes ?? 1 << 20, idleTimeoutMs: 1000, deadlineMs: options.deadlineMs ?? 10_000}, counters, new BigInt64Array(BUCKETS), () => 0)
+  const scheduler = new FetchScheduler(t, object, {size: data.length}, {concurrency: options.concurrency, maxRequestBytes: options.maxRequestBytes ?? 1 << 20, idleTimeoutMs: 1000, deadlineMs: options.deadlineMs ?? 10_000}, counters, new BigInt64Array(BUCKETS), () => 0, options.take)
   const answer = (i: number, corrupt = false): void => {
     const r = object.reads[i]
     const bytes = Buffer.from(data.subarray(r.offset, r.offset + r.length))
@@ -127,6 +128,31 @@ const flush = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 
 describe('FetchScheduler', () => {
   const data = Buffer.from(Array.from({length: 2000}, (_, i) => (i * 7) & 0xff))
 
+  it('takes each extent as its request is sent, not when wanted; one taken elsewhere resolves undefined and splits the run', async () => {
+    const taken: number[] = []
+    const elsewhere = new Set([2])
+    const {object, scheduler, answer} = schedulerOver(data, [100, 100, 100, 100, 100], {concurrency: 1, take: (e) => (taken.push(e), !elsewhere.has(e))})
+    const wants = [0, 1, 2, 3, 4].map((e) => scheduler.want(e, PRIORITY_DEMAND))
+    // One request at a time: extents queued behind it are not taken (no other handler waits on them).
+    await flush()
+    expect(object.reads.map((r) => [r.offset, r.length])).toEqual([[100, 100]])
+    expect(taken).toEqual([0])
+    answer(0)
+    expect((await wants[0])!.equals(data.subarray(100, 200))).toBe(true)
+    await flush()
+    // The next run stops at 2, which another handler holds.
+    expect(object.reads.map((r) => [r.offset, r.length]).at(-1)).toEqual([200, 100])
+    answer(1)
+    expect((await wants[1])!.equals(data.subarray(200, 300))).toBe(true)
+    expect(await wants[2]).toBeUndefined()
+    await flush()
+    expect(object.reads.map((r) => [r.offset, r.length]).at(-1)).toEqual([400, 200])
+    answer(2)
+    expect((await wants[4])!.equals(data.subarray(500, 600))).toBe(true)
+    expect(taken).toEqual([0, 1, 2, 2, 3, 4])
+    expect(scheduler.idle).toBe(true)
+  })
+
   it('fetches each extent once, coalesces neighbours wanted together, and keeps a slot for demand', async () => {
     const {object, scheduler, answer} = schedulerOver(data, [100, 100, 100, 100, 100, 100], {concurrency: 3})
     const got = [scheduler.want(0, PRIORITY_PREFETCH), scheduler.want(0, PRIORITY_PREFETCH)]
@@ -138,7 +164,7 @@ describe('FetchScheduler', () => {
     const demanded = scheduler.want(5, PRIORITY_DEMAND)
     expect(object.reads.map((r) => r.offset)).toEqual([100, 600])
     answer(1)
-    expect((await demanded).equals(data.subarray(600, 700))).toBe(true)
+    expect((await demanded)!.equals(data.subarray(600, 700))).toBe(true)
     answer(0)
     await got[0]
     await flush()
@@ -153,7 +179,7 @@ describe('FetchScheduler', () => {
     await new Promise((resolve) => setTimeout(resolve, 20))
     expect(object.reads.length).toBe(2)
     answer(1)
-    expect((await first).equals(data.subarray(100, 200))).toBe(true)
+    expect((await first)!.equals(data.subarray(100, 200))).toBe(true)
     expect(counters.get('badResponses')).toBe(1)
     expect(counters.get('retries')).toBe(1)
     const second = scheduler.want(1, PRIORITY_DEMAND)
@@ -180,7 +206,7 @@ describe('FetchScheduler', () => {
     for (let i = 0; i < 20 && object.reads.length < 3; i++) await new Promise((resolve) => setTimeout(resolve, 5))
     expect(object.reads.length).toBe(3)
     answer(2)
-    expect((await second).equals(data.subarray(200, 300))).toBe(true)
+    expect((await second)!.equals(data.subarray(200, 300))).toBe(true)
   })
 
   it('fails at once on an error no retry can fix', async () => {
@@ -234,6 +260,40 @@ describe('DiskCache: the directory it owns', () => {
     }
   })
 
+  it('claims an extent for one fetcher at a time; a claim ends with its holder, and eviction removes only unheld stale claims', async () => {
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
+    try {
+      const cache = DiskCache.prepare(root, digest)
+      const other = new DiskCache(cache.dir)
+      const extent = {offset: 0x100, length: 4000}
+      const mine = cache.claim(extent)
+      expect(typeof mine).toBe('number')
+      // Another handler (another open file description) finds it held, for any extent but others.
+      expect(other.claim(extent)).toBe('held')
+      const elsewhere = other.claim({offset: 0x2000, length: 10})
+      expect(typeof elsewhere).toBe('number')
+      other.unclaim({offset: 0x2000, length: 10}, elsewhere as number)
+      cache.unclaim(extent, mine as number)
+      expect(fs.readdirSync(cache.dir)).toEqual([])
+      // A holder that dies leaves its file, unlocked: the next claimer takes it.
+      const dead = cache.claim(extent) as number
+      fs.closeSync(dead)
+      const next = other.claim(extent)
+      expect(typeof next).toBe('number')
+      // Eviction leaves a held claim alone, however old, and removes one nobody holds.
+      const stale = {offset: 0x3000, length: 10}
+      fs.closeSync(cache.claim(stale) as number)
+      const old = new Date(Date.now() - 3600_000)
+      for (const name of fs.readdirSync(cache.dir)) fs.utimesSync(path.join(cache.dir, name), old, old)
+      await evict(root, Infinity)
+      expect(fs.readdirSync(cache.dir)).toEqual(['.claim-100-fa0'])
+      other.unclaim(extent, next as number)
+      expect(fs.readdirSync(cache.dir)).toEqual([])
+    } finally {
+      fs.rmSync(root, {recursive: true, force: true})
+    }
+  })
+
   it('refuses a directory another user owns, or that group or others may write', () => {
     const root = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cache-'))
     try {
@@ -250,7 +310,7 @@ describe('DiskCache: the directory it owns', () => {
 })
 
 /** A loopback server answering every request with `answer`; records how many came and when their responses closed. */
-async function answering(answer: (req: http.IncomingMessage, res: http.ServerResponse) => void, tls?: {key: Buffer; cert: Buffer}) {
+async function answering(answer: (req: http.IncomingMessage, res: http.ServerResponse) => void, tls?: {key: Buffer; cert: Buffer}, onConnection?: (socket: import('node:net').Socket) => void) {
   const seen = {requests: 0, closed: 0}
   const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => {
     seen.requests++
@@ -258,6 +318,7 @@ async function answering(answer: (req: http.IncomingMessage, res: http.ServerRes
     answer(req, res)
   }
   const server = tls ? https.createServer(tls, handler) : http.createServer(handler)
+  if (onConnection) server.on('connection', onConnection)
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   const url = `${tls ? 'https' : 'http'}://127.0.0.1:${(server.address() as AddressInfo).port}`
   const close = (): Promise<void> => {
@@ -332,6 +393,52 @@ describe('remote failures: what is retried, what it is called, what is released'
   })
 })
 
+describe('the HTTP connection pool', () => {
+  it('keeps at most the connections it is given, however many reads are under way, and reuses them', async () => {
+    let open = 0
+    let most = 0
+    let connections = 0
+    const server = await answering((req, res) => {
+      const [first, last] = /bytes=(\d+)-(\d+)/.exec(req.headers.range!)!.slice(1).map(Number)
+      setTimeout(() => res.writeHead(206, {'content-range': `bytes ${first}-${last}/1000`}).end(Buffer.alloc(last - first + 1, first & 0xff)), 20)
+    }, undefined, (socket) => {
+      connections++
+      most = Math.max(most, ++open)
+      socket.on('close', () => open--)
+    })
+    const object = new HttpObject(`${server.url}/x`, 'http://host/x', 2)
+    try {
+      const reads = await Promise.all(Array.from({length: 12}, (_, i) => object.read(i * 10, 10, {size: 1000}, {idleTimeoutMs: 5000})))
+      reads.forEach((bytes, i) => expect(bytes.equals(Buffer.alloc(10, (i * 10) & 0xff))).toBe(true))
+      expect(most).toBe(2)
+      expect(connections).toBe(2)
+    } finally {
+      object.close()
+      await server.close()
+    }
+  })
+})
+
+describe('HTTP redirects', () => {
+  it('follows a redirect to the object, keeps the range, and gives up after five', async () => {
+    let hops = 0
+    const server = await answering((req, res) => {
+      if (req.url === '/loop') {
+        hops++
+        res.writeHead(302, {location: '/loop'}).end()
+      } else if (req.url === '/x') res.writeHead(307, {location: '/stored/x'}).end()
+      else res.writeHead(206, {'content-range': `bytes 10-19/1000`}).end(Buffer.alloc(10, req.headers.range === 'bytes=10-19' ? 5 : 0))
+    })
+    try {
+      expect((await new HttpObject(`${server.url}/x`, 'http://host/x').read(10, 10, {size: 1000}, {idleTimeoutMs: 5000})).equals(Buffer.alloc(10, 5))).toBe(true)
+      await expect(new HttpObject(`${server.url}/loop`, 'http://host/loop').read(10, 10, {size: 1000}, {idleTimeoutMs: 5000})).rejects.toMatchObject({code: 'REMOTE_PROTOCOL', retryable: false, message: 'http://host/loop: more than 5 redirects'})
+      expect(hops).toBe(6)
+    } finally {
+      await server.close()
+    }
+  })
+})
+
 describe('the S3 connection pool', () => {
   it('opens as many connections as --fetch-concurrency asks for, past the SDK default of 50', async () => {
     const held: http.ServerResponse[] = []
@@ -353,5 +460,66 @@ describe('the S3 connection pool', () => {
       }
       await server.close()
     }
+  })
+})
+
+describe('Handover: verified extents passed to readers in memory when the cache directory fails', () => {
+  it('a read gives exactly the bytes put, or nothing; the newest extent is always there; the ring bounds what is held', () => {
+    fc.assert(
+      fc.property(fc.integer({min: 64, max: 4096}), fc.array(fc.tuple(fc.nat(15), fc.integer({min: 1, max: 64})), {minLength: 1, maxLength: 60}), (capacity, puts) => {
+        const extents = 16
+        const lengths = Int32Array.from({length: extents}, (_, e) => 1 + ((e * 37) % 64))
+        const share = {handover: new SharedArrayBuffer(capacity), handoverIndex: new SharedArrayBuffer(extents * 8), states: new SharedArrayBuffer(extents * 4), extentLengths: lengths}
+        const states = new Int32Array(share.states)
+        const writer = new Handover(share)
+        const reader = new Handover(share)
+        const bytesOf = (e: number, version: number): Uint8Array => Uint8Array.from({length: lengths[e]}, (_, i) => (e * 31 + i * 7 + version) & 0xff)
+        const version = new Array<number>(extents).fill(0)
+        for (const [e, v] of puts) {
+          // (The fetcher hands over only an extent that is not in memory: a reader discarded it.)
+          Atomics.store(states, e, EXTENT_ABSENT)
+          version[e] = v
+          expect(writer.put(e, bytesOf(e, v))).toBe(true)
+          Atomics.store(states, e, EXTENT_IN_MEMORY)
+          let held = 0
+          for (let x = 0; x < extents; x++) {
+            const dst = new Uint8Array(lengths[x])
+            const got = reader.read(x, dst)
+            expect(got).toBe(Atomics.load(states, x) === EXTENT_IN_MEMORY)
+            if (got) {
+              expect(dst).toEqual(bytesOf(x, version[x]))
+              held += lengths[x]
+            }
+          }
+          expect(reader.read(e, new Uint8Array(lengths[e]))).toBe(true)
+          expect(held).toBeLessThanOrEqual(capacity)
+        }
+      }),
+    )
+  })
+
+  it('refuses bytes larger than the whole ring (the fetcher then fails the extent with CACHE_DIR)', () => {
+    const share = {handover: new SharedArrayBuffer(16), handoverIndex: new SharedArrayBuffer(8), states: new SharedArrayBuffer(4), extentLengths: Int32Array.of(32)}
+    expect(new Handover(share).put(0, new Uint8Array(32))).toBe(false)
+  })
+
+  it('a copy overwritten while it is read is refused (its generation moved)', () => {
+    const lengths = Int32Array.of(8, 8)
+    const share = {handover: new SharedArrayBuffer(8), handoverIndex: new SharedArrayBuffer(16), states: new SharedArrayBuffer(8), extentLengths: lengths}
+    const states = new Int32Array(share.states)
+    const writer = new Handover(share)
+    writer.put(0, new Uint8Array(8).fill(1))
+    Atomics.store(states, 0, EXTENT_IN_MEMORY)
+    // A reader that copies extent 0 while the writer puts extent 1 over it sees the move.
+    const dst = new Uint8Array(8)
+    const ring = new Uint8Array(share.handover)
+    const set = dst.set.bind(dst)
+    dst.set = (source: ArrayLike<number>, offset?: number): void => {
+      writer.put(1, new Uint8Array(8).fill(2))
+      set(ring, offset)
+      void source
+    }
+    expect(new Handover(share).read(0, dst)).toBe(false)
+    expect(Atomics.load(states, 0)).toBe(EXTENT_ABSENT)
   })
 })

@@ -1,6 +1,6 @@
 import {UffdError} from '../core/errors.js'
 import {parseDuration, parseSize} from '../core/units.js'
-import {defaultCacheRoot} from '../remote/disk-cache.js'
+import {defaultCacheRoot} from '../remote/location.js'
 import {type RemoteOptions} from '../remote/remote-snapshot.js'
 import {type S3Settings} from '../remote/s3-object.js'
 import {type FlagSpec} from './flag-specs.js'
@@ -10,9 +10,9 @@ export const remoteFlagSpecs = {
   's3-endpoint': {kind: 'string', summary: 'S3-compatible endpoint for s3:// locations (path-style addressing) [default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS]. Credentials and region come from the standard AWS chain.', helpGroup: 'REMOTE'},
   'cache-dir': {kind: 'string', summary: 'Local cache of chunks fetched from s3:// or http(s):// snapshots, shared by every handler on the host [default: /var/cache/uffd for root, else $XDG_CACHE_HOME/uffd or ~/.cache/uffd].', helpGroup: 'REMOTE'},
   'cache-dir-max': {kind: 'string', summary: 'Bytes the --cache-dir may hold; the least recently read chunks are evicted beyond it.', default: '10G', helpGroup: 'REMOTE'},
-  'fetch-concurrency': {kind: 'integer', summary: 'Ranged requests in flight at once, at most (demand faults always get a slot).', default: 16, min: 1, max: 256, helpGroup: 'REMOTE'},
+  'fetch-concurrency': {kind: 'integer', summary: 'Ranged requests in flight at once, at most, and connections open to the store (demand faults always get a slot).', default: 16, min: 1, max: 256, helpGroup: 'REMOTE'},
   'fetch-request-max': {kind: 'string', summary: 'Neighbouring chunks wanted at once are fetched in one ranged request of at most this many bytes.', default: '4M', helpGroup: 'REMOTE'},
-  'fetch-timeout': {kind: 'string', summary: 'A request that receives no data for this long is aborted and retried (e.g. 500ms, 10s).', default: '10s', helpGroup: 'REMOTE'},
+  'fetch-timeout': {kind: 'string', summary: 'A request that receives no data for this long is aborted and retried (e.g. 500ms, 10s); a chunk another handler sharing the --cache-dir is fetching is waited for at most this long before it is fetched here too.', default: '10s', helpGroup: 'REMOTE'},
   'fetch-deadline': {kind: 'string', summary: 'A chunk that cannot be fetched within this long, despite retries with backoff, fails the resume (the client is killed, or frozen with --no-kill); the faulting vCPU waits meanwhile.', default: '60s', helpGroup: 'REMOTE'},
 } as const satisfies Record<string, FlagSpec>
 

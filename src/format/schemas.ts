@@ -65,6 +65,8 @@ export const ResumeReportSchema = Type.Object(
         cacheDir: Type.String(),
         evictedBytes: count(),
         cacheWriteErrors: count(),
+        memoryHandovers: Type.Optional(count()),
+        claimWaits: Type.Optional(count()),
       }),
     ),
   },

@@ -8,18 +8,19 @@ export interface ExtentTable {
 /**
  * The run of extents one ranged request fetches with extent `head`: its neighbours that are
  * `wanted` too and lie back to back with it in the object, up to `maxBytes` in all (the head
- * alone may be larger). Forward first: faults and prefetch walk memory upwards. Returns [first, end).
+ * alone may be larger). Forward first: faults and prefetch walk memory upwards. `wanted` is asked
+ * last, only of a neighbour that fits, so it may take the extent (a claim). Returns [first, end).
  */
 export function planRun(table: ExtentTable, head: number, wanted: (extent: number) => boolean, maxBytes: number): [number, number] {
   const {offsets, lengths} = table
   let bytes = lengths[head]
   let end = head + 1
-  while (end < offsets.length && wanted(end) && offsets[end] === offsets[end - 1] + lengths[end - 1] && bytes + lengths[end] <= maxBytes) {
+  while (end < offsets.length && offsets[end] === offsets[end - 1] + lengths[end - 1] && bytes + lengths[end] <= maxBytes && wanted(end)) {
     bytes += lengths[end]
     end++
   }
   let first = head
-  while (first > 0 && wanted(first - 1) && offsets[first - 1] + lengths[first - 1] === offsets[first] && bytes + lengths[first - 1] <= maxBytes) {
+  while (first > 0 && offsets[first - 1] + lengths[first - 1] === offsets[first] && bytes + lengths[first - 1] <= maxBytes && wanted(first - 1)) {
     first--
     bytes += lengths[first]
   }

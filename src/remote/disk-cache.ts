@@ -1,24 +1,14 @@
 import crypto from 'node:crypto'
 import fs from 'node:fs'
-import os from 'node:os'
 import path from 'node:path'
 
 import {UffdError} from '../core/errors.js'
+import {tryLockExclusive} from '../sys/index.js'
 
 /** A stored extent: where its bytes lie in the snapshot object. */
 export interface ExtentRange {
   offset: number
   length: number
-}
-
-/**
- * The default cache directory: /var/cache/uffd for root (shared by every handler on the host),
- * else $XDG_CACHE_HOME/uffd or ~/.cache/uffd.
- */
-export function defaultCacheRoot(): string {
-  if (process.getuid?.() === 0) return '/var/cache/uffd'
-  const base = process.env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache')
-  return path.join(base, 'uffd')
 }
 
 /** Files in the cache hold guest memory: readable by their owner only. */
@@ -36,6 +26,9 @@ const TOUCH_AFTER_MS = 60 * 60 * 1000
  * renamed into place, so a reader sees it complete or not at all. Nothing is fsync'd: after a
  * crash a file can hold garbage, which fails its CRC when read and is fetched again. Files may
  * be evicted (unlinked) at any time by any handler; a reader that finds one gone fetches it.
+ *
+ * Handlers sharing a directory fetch each extent once between them: a fetcher first claims the
+ * extent (claim()), and a handler that finds it claimed waits for the holder to publish it.
  */
 export class DiskCache {
   constructor(readonly dir: string) {}
@@ -132,6 +125,65 @@ export class DiskCache {
     }
   }
 
+  /**
+   * Claims the fetch of an extent for this handler, across every handler sharing the directory:
+   * an exclusive flock on its claim file (.claim-OFFSET-LENGTH). Returns the claim (the claim
+   * file's descriptor, for unclaim()), 'held' when another handler holds it, or 'none' when no
+   * claim can be made (the directory refuses new files): fetch without one. A flock goes with its
+   * holder, so a handler killed mid-fetch (SIGKILL) blocks nobody.
+   */
+  claim(extent: ExtentRange): number | 'held' | 'none' {
+    const file = this.claimPathOf(extent)
+    // A claimer that opened the file just before its holder unlinked it locks a file nobody else
+    // finds: it looks again (a few times; each time someone else made progress).
+    for (let attempt = 0; attempt < 4; attempt++) {
+      let fd: number
+      try {
+        fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW, FILE_MODE)
+      } catch (error) {
+        if ((error as {code?: string}).code === 'ENOENT') {
+          // The snapshot's directory was removed under us: publish() makes it again.
+          try {
+            fs.mkdirSync(this.dir, {recursive: true, mode: DIR_MODE})
+          } catch {
+            return 'none'
+          }
+          continue
+        }
+        return 'none'
+      }
+      let locked: boolean
+      try {
+        locked = tryLockExclusive(fd)
+      } catch {
+        fs.closeSync(fd)
+        return 'none'
+      }
+      if (!locked) {
+        fs.closeSync(fd)
+        return 'held'
+      }
+      if (sameFile(fd, file)) return fd
+      fs.closeSync(fd)
+    }
+    return 'none'
+  }
+
+  /** Ends a claim (after the extent is published, or failed): removes its file if it is still the claimed one, and drops the lock. */
+  unclaim(extent: ExtentRange, fd: number): void {
+    const file = this.claimPathOf(extent)
+    try {
+      if (sameFile(fd, file)) fs.unlinkSync(file)
+    } catch {
+      // A read-only directory keeps the file; the lock still goes with the descriptor.
+    }
+    fs.closeSync(fd)
+  }
+
+  private claimPathOf(extent: ExtentRange): string {
+    return path.join(this.dir, `.claim-${extent.offset.toString(16)}-${extent.length.toString(16)}`)
+  }
+
   /** Removes a cached extent that failed its check, so the next read fetches it. */
   discard(extent: ExtentRange): void {
     try {
@@ -139,6 +191,17 @@ export class DiskCache {
     } catch {
       // Not ours to remove: the fetch that follows replaces it by rename, or fails with CACHE_DIR.
     }
+  }
+}
+
+/** Whether `fd` is the file `file` names now (not one unlinked or replaced since it was opened). */
+function sameFile(fd: number, file: string): boolean {
+  try {
+    const held = fs.fstatSync(fd)
+    const named = fs.statSync(file)
+    return held.ino === named.ino && held.dev === named.dev
+  } catch {
+    return false
   }
 }
 
@@ -158,6 +221,7 @@ function checkOwnership(dir: string): void {
 const DIGEST_NAME = /^[0-9a-f]{32}$/
 const EXTENT_NAME = /^([0-9a-f]+)-([0-9a-f]+)$/
 const TEMP_NAME = /^\.tmp-\d+-[0-9a-f]{12}$/
+const CLAIM_NAME = /^\.claim-[0-9a-f]+-[0-9a-f]+$/
 
 /** The extent a cache file holds, by its name; undefined for a name the cache does not make. */
 export function extentOfName(name: string): ExtentRange | undefined {
@@ -165,8 +229,25 @@ export function extentOfName(name: string): ExtentRange | undefined {
   return m ? {offset: parseInt(m[1], 16), length: parseInt(m[2], 16)} : undefined
 }
 
-/** Temporary files older than this were left by a handler that died mid-write. */
+/** Temporary files older than this were left by a handler that died mid-write (claim files: mid-fetch). */
 const STALE_TEMP_MS = 10 * 60 * 1000
+
+/** Removes a claim file no handler holds (its holder died; a live holder's lock makes this a no-op). */
+function removeUnheldClaim(file: string): void {
+  let fd: number
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW)
+  } catch {
+    return
+  }
+  try {
+    if (tryLockExclusive(fd) && sameFile(fd, file)) fs.unlinkSync(file)
+  } catch {
+    // Left for the next scan.
+  } finally {
+    fs.closeSync(fd)
+  }
+}
 
 /**
  * Keeps a cache root under `maxBytes`: when a scan finds more, the files read least recently
@@ -202,6 +283,10 @@ export async function evict(root: string, maxBytes: number): Promise<{bytes: num
         if (!stat.isFile()) continue
         if (TEMP_NAME.test(entry)) {
           if (now - stat.mtimeMs > STALE_TEMP_MS) await fs.promises.rm(file, {force: true})
+          continue
+        }
+        if (CLAIM_NAME.test(entry)) {
+          if (now - stat.mtimeMs > STALE_TEMP_MS) removeUnheldClaim(file)
           continue
         }
         const extent = extentOfName(entry)

@@ -1,3 +1,6 @@
+import os from 'node:os'
+import path from 'node:path'
+
 import {UffdError} from '../core/errors.js'
 
 /** Where a snapshot (or any file uffd reads or writes) lives: a local path, an HTTP(S) URL or an S3 object. */
@@ -44,4 +47,14 @@ export function describeLocation(location: Location): string {
 
 export function isRemote(location: Location): location is Exclude<Location, {kind: 'file'}> {
   return location.kind !== 'file'
+}
+
+/**
+ * The default cache directory: /var/cache/uffd for root (shared by every handler on the host),
+ * else $XDG_CACHE_HOME/uffd or ~/.cache/uffd.
+ */
+export function defaultCacheRoot(): string {
+  if (process.getuid?.() === 0) return '/var/cache/uffd'
+  const base = process.env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache')
+  return path.join(base, 'uffd')
 }

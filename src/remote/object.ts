@@ -52,6 +52,8 @@ export interface RemoteObject {
   openRange(length: number, options: ReadOptions): Promise<{identity: ObjectIdentity; bytes: Buffer}>
   /** Exactly bytes [offset, offset + length) of the object version `expected`. */
   read(offset: number, length: number, expected: ObjectIdentity, options: ReadOptions): Promise<Buffer>
+  /** Closes its connections: the object is not read again. */
+  close(): void
 }
 
 /** Parses `bytes FIRST-LAST/SIZE` (the SIZE may be `*` only in a 416, which is not accepted here). */

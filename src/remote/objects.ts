@@ -9,7 +9,7 @@ import {type S3Settings} from './s3-object.js'
  * and HTTP URLs should not pay).
  */
 export async function remoteObject(location: Location, s3: S3Settings, maxAttempts?: number, sockets?: number): Promise<RemoteObject> {
-  if (location.kind === 'http') return new HttpObject(location.url, describeLocation(location))
+  if (location.kind === 'http') return new HttpObject(location.url, describeLocation(location), sockets)
   if (location.kind === 's3') {
     const {S3Object, s3Client} = await import('./s3-object.js')
     return new S3Object(s3Client(s3, maxAttempts, sockets), location.bucket, location.key)

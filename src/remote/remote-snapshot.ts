@@ -16,7 +16,7 @@ import {type ObjectIdentity, RemoteError, type RemoteObject} from './object.js'
 import {remoteObject} from './objects.js'
 import {RemoteByteSource} from './remote-source.js'
 import {type S3Settings} from './s3-object.js'
-import {EXTENT_FAILED, EXTENT_PRESENT, type FetchOptions, readFromSegments, recordFailure, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
+import {EXTENT_FAILED, EXTENT_IN_MEMORY, EXTENT_PRESENT, type FetchOptions, readFromSegments, recordFailure, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
 
 /** How remote snapshots are read: the store's client settings, the cache directory, the fetch policy. */
 export interface RemoteOptions {
@@ -25,6 +25,9 @@ export interface RemoteOptions {
   cacheMaxBytes: number
   fetch: FetchOptions
 }
+
+/** How long closing waits for the fetcher to give up its claims. */
+const CLOSE_WAIT_MS = 1000
 
 /** The first request reads this much: the header and, for small snapshots, everything else. */
 const OPEN_BYTES = 256 * 1024
@@ -74,8 +77,16 @@ export class RemoteSnapshot {
   ) {}
 
   static async open(location: Exclude<Location, {kind: 'file'}>, options: RemoteOptions): Promise<RemoteSnapshot> {
-    const object = await remoteObject(location, options.s3)
-    const {identity, segments, reads} = await readStructures(object, options.fetch)
+    // One connection: opening asks one thing at a time, and it is closed once the structures are
+    // read (the fetcher thread has its own pool for the chunks), so it adds none to theirs.
+    const object = await remoteObject(location, options.s3, undefined, 1)
+    let structures: Awaited<ReturnType<typeof readStructures>>
+    try {
+      structures = await readStructures(object, options.fetch)
+    } finally {
+      object.close()
+    }
+    const {identity, segments, reads} = structures
     const probe = SnapshotReader.fromSource(new SegmentSource(object.name, identity.size, segments))
     const extents = extentTable(probe)
     const digest = identityDigest(identity.size, reads)
@@ -95,7 +106,7 @@ export class RemoteSnapshot {
       cacheRoot: options.cacheRoot,
       cacheMaxBytes: options.cacheMaxBytes,
       fetch: options.fetch,
-      ...sharedBuffers(extents.offsets.length),
+      ...sharedBuffers(extents.offsets.length, extents.lengths.reduce((a, b) => Math.max(a, b), 0)),
       landedFd: createEventfd(),
     }
     const fetcher = startWorker(import.meta.url, 'fetcher/worker', share)
@@ -129,6 +140,20 @@ export class RemoteSnapshot {
     this.fetcher.removeAllListeners('exit')
     this.fetcher.removeAllListeners('error')
     this.fetcher.on('error', () => {})
+    // Its claims on fetches under way go first (briefly: a fetcher that does not answer is stopped anyway).
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, CLOSE_WAIT_MS)
+      this.fetcher.once('message', () => {
+        clearTimeout(timer)
+        resolve()
+      })
+      this.fetcher.once('exit', () => {
+        clearTimeout(timer)
+        resolve()
+      })
+      const message: FetcherMessage = {type: 'close'}
+      this.fetcher.postMessage(message)
+    })
     await this.fetcher.terminate()
     closeFd(this.share.landedFd)
   }
@@ -139,7 +164,8 @@ function failEverything(share: RemoteShare, failure: {code: string; message: str
   recordFailure(share.failure, failure)
   const states = new Int32Array(share.states)
   for (let e = 0; e < states.length; e++) {
-    if (Atomics.load(states, e) === EXTENT_PRESENT) continue
+    const state = Atomics.load(states, e)
+    if (state === EXTENT_PRESENT || state === EXTENT_IN_MEMORY) continue
     Atomics.store(states, e, EXTENT_FAILED)
     Atomics.notify(states, e)
   }
@@ -164,6 +190,10 @@ export interface RemoteReport {
   cacheDir: string
   evictedBytes: number
   cacheWriteErrors: number
+  /** Extents handed to readers in memory because the cache directory could not store them. */
+  memoryHandovers: number
+  /** Extents another handler sharing the cache directory was fetching, waited for instead of fetched again. */
+  claimWaits: number
 }
 
 export function remoteReport(share: RemoteShare): RemoteReport {
@@ -188,6 +218,8 @@ export function remoteReport(share: RemoteShare): RemoteReport {
     cacheDir: share.cacheDir,
     evictedBytes: c.get('evictedBytes'),
     cacheWriteErrors: c.get('cacheWriteErrors'),
+    memoryHandovers: c.get('memoryHandovers'),
+    claimWaits: c.get('claimWaits'),
   }
 }
 

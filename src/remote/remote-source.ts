@@ -5,7 +5,7 @@ import {type ByteSource} from '../snapshot/byte-source.js'
 import {extentAt, type ExtentTable} from './coalesce.js'
 import {DiskCache} from './disk-cache.js'
 import {type FetcherMessage} from './fetcher/worker.js'
-import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_PRESENT, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority, readFailure, readFromSegments, RemoteCounters, type RemoteShare} from './shared.js'
+import {EXTENT_ABSENT, EXTENT_ASKED, EXTENT_FAILED, EXTENT_IN_MEMORY, EXTENT_PRESENT, Handover, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority, readFailure, readFromSegments, RemoteCounters, type RemoteShare} from './shared.js'
 
 /** A waiting reader looks again this often even without a wake-up (a lost notify costs this much, never a hang). */
 const WAIT_SLICE_MS = 1000
@@ -13,8 +13,8 @@ const WAIT_SLICE_MS = 1000
 /**
  * A remote snapshot's bytes for one thread, synchronously: the byte ranges read at open come from
  * memory; an extent comes from the cache directory, or is asked of the fetcher thread and waited
- * for (Atomics.wait on its state). The thread blocks, which is what a reader of a snapshot does
- * on a local file too; the fault loop avoids blocking by asking isLocal() first.
+ * for (Atomics.wait on its state). readAt blocks, which is what a reader of a snapshot does on a
+ * local file too (decoders, commands); the fault loop reads with readIfLocal, which never waits.
  */
 export class RemoteByteSource implements ByteSource {
   readonly name: string
@@ -23,6 +23,7 @@ export class RemoteByteSource implements ByteSource {
   private readonly states: Int32Array
   private readonly counters: RemoteCounters
   private readonly cache: DiskCache
+  private readonly handover: Handover
   /** The highest priority this thread has asked each extent at, so each ask is sent once. */
   private readonly asked: Uint8Array
   private open = true
@@ -37,6 +38,7 @@ export class RemoteByteSource implements ByteSource {
     this.states = new Int32Array(share.states)
     this.counters = new RemoteCounters(share.counters)
     this.cache = new DiskCache(share.cacheDir)
+    this.handover = new Handover(share)
     this.asked = new Uint8Array(this.table.offsets.length)
     // A reader that never returns to its event loop must not keep its thread alive for the port.
     port.unref()
@@ -48,12 +50,24 @@ export class RemoteByteSource implements ByteSource {
     this.readExtent(this.extentOf(position, dst.length), dst)
   }
 
-  /** Whether the bytes at [position, +length) can be read now, without the network. */
+  readIfLocal(dst: Uint8Array, position: number): boolean {
+    if (!this.open) throw new UffdError('INTERNAL', `${this.name} is closed`)
+    if (readFromSegments(this.share.segments, dst, position)) return true
+    const extent = this.extentOf(position, dst.length)
+    if (this.readHere(extent, dst)) return true
+    this.askOnce(extent)
+    return false
+  }
+
+  /**
+   * Whether the bytes at [position, +length) can be read now, without the network, as far as
+   * the extent's state says: a hint (the file can be evicted right after), readIfLocal decides.
+   */
   isLocal(position: number, length: number): boolean {
     const extent = extentAt(this.table, position, length)
     if (extent < 0) return true
     const state = Atomics.load(this.states, extent)
-    if (state === EXTENT_PRESENT || state === EXTENT_FAILED) return true
+    if (state === EXTENT_PRESENT || state === EXTENT_FAILED || state === EXTENT_IN_MEMORY) return true
     if (!this.cache.has({offset: position, length})) return false
     // ASKED and on disk: it is landing (this handler's fetch, or another's that shares the cache).
     if (state === EXTENT_ABSENT) this.counters.add('diskHits')
@@ -68,9 +82,9 @@ export class RemoteByteSource implements ByteSource {
       const extent = extentAt(this.table, position, length)
       if (extent < 0) continue
       const state = Atomics.load(this.states, extent)
-      // On disk, or failing; or already on its way at this priority. (ABSENT is asked again: it
+      // Here, or failing; or already on its way at this priority. (ABSENT is asked again: it
       // may have been evicted, or reset after a failure, since this thread last asked.)
-      if (state === EXTENT_PRESENT || state === EXTENT_FAILED || (state === EXTENT_ASKED && this.asked[extent] >= priority)) continue
+      if (state === EXTENT_PRESENT || state === EXTENT_FAILED || state === EXTENT_IN_MEMORY || (state === EXTENT_ASKED && this.asked[extent] >= priority)) continue
       this.asked[extent] = priority
       extents.push(extent)
     }
@@ -102,32 +116,51 @@ export class RemoteByteSource implements ByteSource {
   }
 
   private readExtent(extent: number, dst: Uint8Array): void {
-    const range = {offset: this.table.offsets[extent], length: this.table.lengths[extent]}
     let waitedFrom: number | undefined
     for (;;) {
       const state = Atomics.load(this.states, extent)
-      if (this.cache.read(range, dst)) {
-        if (state === EXTENT_ABSENT && waitedFrom === undefined) {
-          this.counters.add('diskHits')
-          this.counters.add('diskBytes', range.length)
-          Atomics.compareExchange(this.states, extent, EXTENT_ABSENT, EXTENT_PRESENT)
-        }
+      if (this.readHere(extent, dst)) {
         if (waitedFrom !== undefined) this.countWait(waitedFrom)
         return
       }
-      if (state === EXTENT_FAILED) throw this.failure()
-      if (state === EXTENT_PRESENT) {
-        // Evicted since it landed (by this handler or another sharing the cache): fetch it again.
-        Atomics.compareExchange(this.states, extent, EXTENT_PRESENT, EXTENT_ABSENT)
-        this.asked[extent] = 0
-        continue
-      }
-      if (this.asked[extent] < PRIORITY_DEMAND || state === EXTENT_ABSENT) {
-        this.asked[extent] = PRIORITY_DEMAND
-        this.ask([extent], PRIORITY_DEMAND)
-      }
+      this.askOnce(extent)
       waitedFrom ??= performance.now()
-      Atomics.wait(this.states, extent, state, WAIT_SLICE_MS)
+      // (A state changed since the read above returns at once, and the loop looks again.)
+      Atomics.wait(this.states, extent, state === EXTENT_PRESENT ? EXTENT_ABSENT : state, WAIT_SLICE_MS)
+    }
+  }
+
+  /**
+   * Fills `dst` from the hand-over area or the cache directory when the extent is there; throws
+   * the failure of an extent that could not be had. Never waits.
+   */
+  private readHere(extent: number, dst: Uint8Array): boolean {
+    if (this.handover.read(extent, dst)) return true
+    const range = {offset: this.table.offsets[extent], length: this.table.lengths[extent]}
+    const state = Atomics.load(this.states, extent)
+    if (this.cache.read(range, dst)) {
+      if (state === EXTENT_ABSENT) {
+        // Fetched by another handler sharing the cache, or by an earlier run.
+        this.counters.add('diskHits')
+        this.counters.add('diskBytes', range.length)
+        Atomics.compareExchange(this.states, extent, EXTENT_ABSENT, EXTENT_PRESENT)
+      }
+      return true
+    }
+    if (state === EXTENT_FAILED) throw this.failure()
+    if (state === EXTENT_PRESENT) {
+      // Evicted since it landed (by this handler or another sharing the cache): fetch it again.
+      Atomics.compareExchange(this.states, extent, EXTENT_PRESENT, EXTENT_ABSENT)
+      this.asked[extent] = 0
+    }
+    return false
+  }
+
+  /** Asks for an extent that is not here at demand priority, unless this thread has already (and it is still on its way). */
+  private askOnce(extent: number): void {
+    if (this.asked[extent] < PRIORITY_DEMAND || Atomics.load(this.states, extent) === EXTENT_ABSENT) {
+      this.asked[extent] = PRIORITY_DEMAND
+      this.ask([extent], PRIORITY_DEMAND)
     }
   }
 

@@ -68,6 +68,10 @@ export class S3Object implements RemoteObject {
     this.name = `s3://${bucket}/${key}`
   }
 
+  close(): void {
+    this.client.destroy()
+  }
+
   async openRange(length: number, options: ReadOptions): Promise<{identity: ObjectIdentity; bytes: Buffer}> {
     const answer = await this.get(0, length, undefined, options)
     return {identity: answer.identity, bytes: await this.body(answer, Math.min(length, answer.identity.size), options)}

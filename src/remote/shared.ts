@@ -23,6 +23,11 @@ export const EXTENT_PRESENT = 2
  */
 export const EXTENT_FAILED = 3
 export const FAILED_HOLD_MS = 5000
+/**
+ * Fetched and verified, but the cache directory could not store it (read-only, I/O errors,
+ * permissions): its bytes are in the hand-over area (see Handover) until newer ones need the room.
+ */
+export const EXTENT_IN_MEMORY = 4
 
 export {PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority} from '../snapshot/byte-source.js'
 
@@ -40,6 +45,8 @@ export const REMOTE_COUNTERS = [
   'maxWaitUs',
   'cacheWriteErrors',
   'evictedBytes',
+  'memoryHandovers',
+  'claimWaits',
 ] as const
 export type RemoteCounter = (typeof REMOTE_COUNTERS)[number]
 
@@ -75,6 +82,9 @@ export interface RemoteShare {
   counters: SharedArrayBuffer
   /** Fetch latencies (µs, run-stats buckets). */
   latency: SharedArrayBuffer
+  /** The hand-over area and its index (see Handover). */
+  handover: SharedArrayBuffer
+  handoverIndex: SharedArrayBuffer
   /** [length, ...utf-8 JSON {code, message}] of the first failure. */
   failure: SharedArrayBuffer
   /** Signalled (eventfd) whenever an extent lands or fails, for the fault loop's poll(). */
@@ -94,12 +104,89 @@ export function readFromSegments(segments: readonly {offset: number; bytes: Uint
 
 export const FAILURE_BYTES = 4096
 
-export function sharedBuffers(extents: number): Pick<RemoteShare, 'states' | 'counters' | 'latency' | 'failure'> {
+/**
+ * The hand-over area holds at least this much, and at least HANDOVER_EXTENTS of the largest
+ * extent. Untouched, it costs address space only: it is used when the cache directory fails.
+ */
+export const HANDOVER_MIN_BYTES = 64 << 20
+const HANDOVER_EXTENTS = 4
+
+export function sharedBuffers(extents: number, largestExtent = 0): Pick<RemoteShare, 'states' | 'counters' | 'latency' | 'failure' | 'handover' | 'handoverIndex'> {
   return {
     states: new SharedArrayBuffer(Math.max(1, extents) * 4),
     counters: new SharedArrayBuffer(REMOTE_COUNTERS.length * 8),
     latency: new SharedArrayBuffer(BUCKETS * 8),
     failure: new SharedArrayBuffer(FAILURE_BYTES),
+    handover: new SharedArrayBuffer(Math.max(HANDOVER_MIN_BYTES, HANDOVER_EXTENTS * largestExtent)),
+    handoverIndex: new SharedArrayBuffer(Math.max(1, extents) * 8),
+  }
+}
+
+/**
+ * Verified extents handed from the fetcher to readers in memory, for when the cache directory
+ * cannot store them: a ring of shared memory, bounded, written by the fetcher thread only. Each
+ * extent has two index cells: where its bytes lie in the ring, and a generation the writer bumps
+ * before it overwrites them. A reader copies, then checks that the generation did not move and
+ * the extent is still IN_MEMORY; a copy torn by an overwrite is thrown away (and the reader's
+ * CRC check stands behind that too).
+ */
+export class Handover {
+  private readonly ring: Uint8Array
+  private readonly index: Int32Array
+  private readonly states: Int32Array
+  private readonly lengths: Int32Array
+  /** Writer only: the extents in the ring, oldest first, and where the next one goes. */
+  private readonly residents: {extent: number; at: number; length: number}[] = []
+  private next = 0
+
+  constructor(share: Pick<RemoteShare, 'handover' | 'handoverIndex' | 'states' | 'extentLengths'>) {
+    this.ring = new Uint8Array(share.handover)
+    this.index = new Int32Array(share.handoverIndex)
+    this.states = new Int32Array(share.states)
+    this.lengths = share.extentLengths
+  }
+
+  get capacity(): number {
+    return this.ring.length
+  }
+
+  /**
+   * Reader: fills `dst` with the extent's bytes if it is IN_MEMORY and stays so while copied;
+   * false otherwise (not handed over, or pushed out by newer extents: fetch it again).
+   */
+  read(extent: number, dst: Uint8Array): boolean {
+    const generation = Atomics.load(this.index, 2 * extent + 1)
+    if (Atomics.load(this.states, extent) !== EXTENT_IN_MEMORY) return false
+    const at = Atomics.load(this.index, 2 * extent)
+    dst.set(this.ring.subarray(at, at + this.lengths[extent]))
+    return Atomics.load(this.index, 2 * extent + 1) === generation && Atomics.load(this.states, extent) === EXTENT_IN_MEMORY
+  }
+
+  /**
+   * Writer: places verified bytes in the ring, pushing out (back to ABSENT) the oldest extents
+   * whose room they take. The caller then sets the extent IN_MEMORY and wakes its readers.
+   * False when the bytes are larger than the whole ring.
+   */
+  put(extent: number, bytes: Uint8Array): boolean {
+    if (bytes.length > this.ring.length) return false
+    if (this.next + bytes.length > this.ring.length) this.next = 0
+    const at = this.next
+    const end = at + bytes.length
+    for (let i = 0; i < this.residents.length; ) {
+      const r = this.residents[i]
+      // (An earlier copy of this very extent was discarded by a reader: its room is free.)
+      if (r.extent === extent) this.residents.splice(i, 1)
+      else if (r.at < end && at < r.at + r.length) {
+        Atomics.compareExchange(this.states, r.extent, EXTENT_IN_MEMORY, EXTENT_ABSENT)
+        Atomics.add(this.index, 2 * r.extent + 1, 1)
+        this.residents.splice(i, 1)
+      } else i++
+    }
+    this.ring.set(bytes, at)
+    Atomics.store(this.index, 2 * extent, at)
+    this.residents.push({extent, at, length: bytes.length})
+    this.next = end
+    return true
   }
 }
 

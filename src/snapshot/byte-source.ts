@@ -23,6 +23,13 @@ export interface ByteSource {
    * failed its check so the next read fetches it again. A local file needs none of these.
    */
   isLocal?(position: number, length: number): boolean
+  /**
+   * Fills `dst` with the bytes at `position` and returns true when they can be had without the
+   * network; otherwise asks for them at demand priority and returns false at once, never
+   * waiting. For a thread that must not block on the network (the fault loop); a source without
+   * it reads everything locally (readAt).
+   */
+  readIfLocal?(dst: Uint8Array, position: number): boolean
   fetchAhead?(ranges: readonly {position: number; length: number}[], priority?: Priority): void
   discard?(position: number, length: number): boolean
 }

@@ -122,6 +122,11 @@ export class LayeredReader {
 
   fetchAhead(): void {}
 
+  /** A chain is read from local files only: every payload is on this host. */
+  readPayloadIfLocal(chunk: number, dst?: Buffer): Buffer {
+    return this.readPayload(chunk, dst)
+  }
+
   /**
    * Chunk `chunk`'s payload (its non-zero pages, in order), assembled from the files that hold
    * them, every stored unit verified on the way. A view of `dst`, or of scratch valid until the

@@ -148,6 +148,19 @@ export class SnapshotReader {
    * Returns a view of `dst` (or of an internal scratch buffer, valid until the next call).
    */
   readPayload(chunk: number, dst?: Buffer): Buffer {
+    return this.payloadOf(chunk, dst, true)!
+  }
+
+  /**
+   * As readPayload, for a thread that must never wait on the network: undefined when the unit's
+   * stored bytes are not on this host (a remote source has then been asked for them at demand
+   * priority). A local file always has them.
+   */
+  readPayloadIfLocal(chunk: number, dst?: Buffer): Buffer | undefined {
+    return this.payloadOf(chunk, dst, false)
+  }
+
+  private payloadOf(chunk: number, dst: Buffer | undefined, wait: boolean): Buffer | undefined {
     const entry = this.entry(chunk)
     if (entry.codec === Codec.None) return Buffer.alloc(0)
     let payload: Buffer
@@ -161,7 +174,8 @@ export class SnapshotReader {
     // The checksum covers the stored bytes, so corrupt data is refused before it reaches a
     // decoder, and checking costs a pass over the compressed size only. zstd frames also carry
     // their own checksum of the decoded content, which zstd verifies while decoding.
-    const stored = this.checked(chunk, entry, () => this.readStored(entry, payload))
+    const stored = this.checked(chunk, entry, () => this.readStored(entry, payload, wait))
+    if (stored === undefined) return undefined
     if (stored !== payload) this.decode(chunk, entry, stored, payload)
     return payload
   }
@@ -189,14 +203,19 @@ export class SnapshotReader {
     return stored
   }
 
-  /** Reads stored bytes with `read` and checks them against the entry's checksum. */
-  private checked(unit: number, entry: ChunkEntry, read: () => Buffer): Buffer {
+  /**
+   * Reads stored bytes with `read` and checks them against the entry's checksum; undefined when
+   * `read` found them not on this host (a no-wait read).
+   */
+  private checked<T extends Buffer | undefined>(unit: number, entry: ChunkEntry, read: () => T): T {
     let stored = read()
+    if (stored === undefined) return stored
     let crc = crc32(stored)
     // A cached copy of remote bytes that went bad (a torn file after a crash, a disk error) is
     // dropped and fetched again, once; the file itself failing is what the error reports.
     if (crc !== entry.storedCrc && this.source.discard?.(entry.dataOffset, entry.storedLength)) {
       stored = read()
+      if (stored === undefined) return stored
       crc = crc32(stored)
     }
     if (crc !== entry.storedCrc) {
@@ -280,15 +299,18 @@ export class SnapshotReader {
     this.source.close()
   }
 
-  /** Reads the stored bytes; raw chunks are read straight into `payload` (no copy). */
-  private readStored(entry: ChunkEntry, payload: Buffer): Buffer {
-    if (entry.codec === Codec.Raw) {
-      this.source.readAt(payload, entry.dataOffset)
-      return payload
+  /**
+   * Reads the stored bytes; raw chunks are read straight into `payload` (no copy). Without
+   * `wait`, undefined when they are not on this host (see ByteSource.readIfLocal).
+   */
+  private readStored(entry: ChunkEntry, payload: Buffer, wait: boolean): Buffer | undefined {
+    let stored = payload
+    if (entry.codec !== Codec.Raw) {
+      if (this.storedScratch.length < entry.storedLength) this.storedScratch = Buffer.alloc(Math.max(entry.storedLength, this.geometry.chunkSize))
+      stored = this.storedScratch.subarray(0, entry.storedLength)
     }
-    if (this.storedScratch.length < entry.storedLength) this.storedScratch = Buffer.alloc(Math.max(entry.storedLength, this.geometry.chunkSize))
-    const stored = this.storedScratch.subarray(0, entry.storedLength)
-    this.source.readAt(stored, entry.dataOffset)
+    if (wait || !this.source.readIfLocal) this.source.readAt(stored, entry.dataOffset)
+    else if (!this.source.readIfLocal(stored, entry.dataOffset)) return undefined
     return stored
   }
 

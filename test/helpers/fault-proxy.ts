@@ -30,6 +30,9 @@ export interface Faults {
 export class FaultProxy {
   readonly requests: {method: string; range: string | undefined; status: number}[] = []
   faults: Faults = {}
+  /** Client connections open now, and the most that were open at once. */
+  openConnections = 0
+  maxOpenConnections = 0
   private readonly server: http.Server
   private readonly sockets = new Set<Socket>()
 
@@ -40,7 +43,11 @@ export class FaultProxy {
     })
     this.server.on('connection', (socket) => {
       this.sockets.add(socket)
-      socket.on('close', () => this.sockets.delete(socket))
+      this.maxOpenConnections = Math.max(this.maxOpenConnections, ++this.openConnections)
+      socket.on('close', () => {
+        this.sockets.delete(socket)
+        this.openConnections--
+      })
     })
   }
 

@@ -9,9 +9,9 @@ interface Wanted {
   priority: Priority
   /** Set when the extent's first request is sent: time spent queued behind other fetches is not the store's fault. */
   deadline: number | undefined
-  resolve: (bytes: Buffer) => void
+  resolve: (bytes: Buffer | undefined) => void
   reject: (error: Error) => void
-  promise: Promise<Buffer>
+  promise: Promise<Buffer | undefined>
 }
 
 /**
@@ -22,7 +22,9 @@ interface Wanted {
  * its extents' deadline; bytes that fail their CRC are a failed request too, so a lying server
  * never gets a byte through. An extent's deadline runs from its first request, not from its
  * want: time queued behind other fetches is not the store failing. Resolves each want with the
- * extent's verified stored bytes.
+ * extent's verified stored bytes. Each extent is taken (`take`: claimed across the handlers
+ * sharing a cache directory) when its request is sent, not when it is wanted, so a fetch queued
+ * here holds no other handler up; one that another handler has taken resolves undefined.
  */
 export class FetchScheduler {
   private readonly wanted = new Map<number, Wanted>()
@@ -40,12 +42,13 @@ export class FetchScheduler {
     private readonly counters: RemoteCounters,
     private readonly latency: BigInt64Array,
     private readonly random: () => number = Math.random,
+    private readonly take: (extent: number) => boolean = () => true,
   ) {
     this.reserved = options.concurrency > 2 ? 2 : options.concurrency > 1 ? 1 : 0
   }
 
   /** The extent's verified bytes, fetched at `priority` (a later demand want promotes a queued prefetch). */
-  want(extent: number, priority: Priority): Promise<Buffer> {
+  want(extent: number, priority: Priority): Promise<Buffer | undefined> {
     const existing = this.wanted.get(extent)
     if (existing) {
       if (priority > existing.priority && !this.inFlight.has(extent)) {
@@ -55,9 +58,9 @@ export class FetchScheduler {
       }
       return existing.promise
     }
-    let resolve!: (bytes: Buffer) => void
+    let resolve!: (bytes: Buffer | undefined) => void
     let reject!: (error: Error) => void
-    const promise = new Promise<Buffer>((res, rej) => {
+    const promise = new Promise<Buffer | undefined>((res, rej) => {
       resolve = res
       reject = rej
     })
@@ -81,7 +84,13 @@ export class FetchScheduler {
       let head = this.next(this.demandQueue)
       if (head < 0 && this.requests < this.options.concurrency - this.reserved) head = this.next(this.prefetchQueue)
       if (head < 0) return
-      const [first, end] = planRun(this.table, head, (e) => this.wanted.has(e) && !this.inFlight.has(e), this.options.maxRequestBytes)
+      if (!this.take(head)) {
+        // Another handler is fetching it: the caller waits for its file instead.
+        this.wanted.get(head)!.resolve(undefined)
+        this.wanted.delete(head)
+        continue
+      }
+      const [first, end] = planRun(this.table, head, (e) => this.wanted.has(e) && !this.inFlight.has(e) && this.take(e), this.options.maxRequestBytes)
       const dispatched = performance.now() + this.options.deadlineMs
       for (let e = first; e < end; e++) {
         this.inFlight.add(e)

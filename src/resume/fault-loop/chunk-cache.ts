@@ -18,8 +18,12 @@ export class ChunkCache {
     private readonly stats: RunStats,
   ) {}
 
-  /** The verified payload of `chunk`; throws SnapshotFormatError if it cannot be verified. */
-  payload(chunk: number): Buffer {
+  /**
+   * The verified payload of `chunk`, or undefined when its stored bytes are not on this host (a
+   * remote snapshot's, asked for at demand priority: the fault loop never waits on the network).
+   * Throws SnapshotFormatError if it cannot be verified.
+   */
+  payload(chunk: number): Buffer | undefined {
     const hit = this.entries.get(chunk)
     if (hit) {
       this.entries.delete(chunk)
@@ -30,7 +34,11 @@ export class ChunkCache {
     this.stats.add('cacheMisses')
     const entry = this.reader.entry(chunk)
     const buffer = this.take(entry.payloadLength)
-    const payload = this.reader.readPayload(chunk, buffer)
+    const payload = this.reader.readPayloadIfLocal(chunk, buffer)
+    if (!payload) {
+      this.giveBack(buffer)
+      return undefined
+    }
     this.stats.add('chunksDecoded')
     this.stats.add('bytesDecompressed', payload.length)
     this.entries.set(chunk, payload)
@@ -63,6 +71,13 @@ export class ChunkCache {
     return (reusable ?? Buffer.allocUnsafeSlow(chunkSize)).subarray(0, length)
   }
 
+  /** Keeps a buffer take() handed out and nothing filled, for the next take(). */
+  private giveBack(buffer: Buffer): void {
+    if (this.spare.length < 4 && buffer.buffer.byteLength - buffer.byteOffset >= this.reader.geometry.chunkSize) {
+      this.spare.push(Buffer.from(buffer.buffer, buffer.byteOffset, this.reader.geometry.chunkSize))
+    }
+  }
+
   private evict(): void {
     // Keep the newest entry even if it alone exceeds the budget: it is about to be copied from.
     while (this.bytes > this.budgetBytes && this.entries.size > 1) {
@@ -70,11 +85,9 @@ export class ChunkCache {
       this.entries.delete(oldest)
       this.bytes -= buffer.length
       // Only buffers take() allocated: an all-zero unit's empty payload is the reader's own, with
-      // no chunk-sized buffer behind it (widening it throws). The fault path asks for no such
-      // unit today; a cache must not depend on that.
-      if (this.spare.length < 4 && buffer.buffer.byteLength - buffer.byteOffset >= this.reader.geometry.chunkSize) {
-        this.spare.push(Buffer.from(buffer.buffer, buffer.byteOffset, this.reader.geometry.chunkSize))
-      }
+      // no chunk-sized buffer behind it (widening it throws; giveBack checks). The fault path
+      // asks for no such unit today; a cache must not depend on that.
+      this.giveBack(buffer)
     }
   }
 }

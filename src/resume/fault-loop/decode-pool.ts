@@ -119,6 +119,16 @@ export class DecodePool {
     return Atomics.load(this.states, slot) === SLOT_PENDING && Atomics.compareExchange(this.claims, slot, 0, 1) === 0
   }
 
+  /**
+   * Hands a slot taken back, unfilled, to the decoders again: its bytes were not on this host,
+   * and a decoder may wait for them where the fault loop must not.
+   */
+  giveBack(slot: number): void {
+    Atomics.store(this.claims, slot, 0)
+    Atomics.add(this.control, CONTROL_GENERATION, 1)
+    Atomics.notify(this.control, CONTROL_GENERATION, 1)
+  }
+
   /** The whole buffer of a slot, to decode into after takeBack(). */
   slotBuffer(slot: number): Buffer {
     return Buffer.from(this.arena, slot * this.slotBytes, this.slotBytes)

@@ -17,6 +17,15 @@ function hex(n: number): string {
   return `0x${n.toString(16)}`
 }
 
+/**
+ * What an install that may find its bytes still in object storage did: as Installed, or 'wait'
+ * (nothing installed; the bytes are asked for at demand priority, landedFd says when they land).
+ */
+export interface Attempted {
+  outcome: Outcome | 'wait'
+  pages: number
+}
+
 /** The image pages a served fault installed around its faulting page: [first, end), page first. */
 export interface FaultWindow {
   page: number
@@ -149,6 +158,8 @@ export class FaultServer {
     // Bytes still in object storage: the fault waits (the vCPU with it) while the loop goes on
     // serving everything else; it is served again when they land.
     const unit = this.blockOfPage && this.blockOfPage[page] >= 0 ? this.chunkCount + this.blockOfPage[page] : kind === 'faultsData' ? this.geometry.chunkOfOffset(page * this.pageSize) : -1
+    // (isLocal is a hint from the extent states; a file evicted since it landed is found out by
+    // the read itself, which then asks for it and answers 'wait' the same way.)
     if (unit >= 0 && !this.source.isLocal(unit)) {
       this.source.fetchNow(unit < this.chunkCount ? this.chunksAround(page, region) : [unit])
       return {outcome: 'wait', window: undefined}
@@ -157,6 +168,7 @@ export class FaultServer {
       // A page of the packed working set: its block holds the pages touched around the same
       // time, wherever they lie, which predicts the next faults better than its neighbours do.
       const installed = this.installBlock(client, this.blockOfPage[page], page)
+      if (installed.outcome === 'wait') return {outcome: 'wait', window: undefined}
       if (installed.outcome !== 'served' && !(installed.outcome === 'gone' && client.states.get(page) === PAGE_PRESENT)) return {outcome: installed.outcome, window: undefined}
       this.recordServed(fault, kind)
       this.stats.add('faultAroundPages', installed.pages - 1)
@@ -272,18 +284,19 @@ export class FaultServer {
 
   /**
    * Installs the still-missing pages of packed working-set block `block`, the run holding
-   * `first` (a faulting page) before the others.
+   * `first` (a faulting page) before the others; 'wait' when its bytes are not on this host.
    */
-  installBlock(client: Client, block: number, first = -1, copied?: CopiedRange[]): Installed {
+  installBlock(client: Client, block: number, first = -1, copied?: CopiedRange[]): Attempted {
     const runs = this.runsOfBlock[block]
     // Resolved before anything is installed: a block that fails its checksum installs nothing.
-    let payload = ZEROS
+    let payload: number | undefined = ZEROS
     for (let i = 2; i < runs.length; i += 3) {
       if (runs[i] >= 0) {
         payload = this.unitAddress(this.chunkCount + block)
         break
       }
     }
+    if (payload === undefined) return {outcome: 'wait', pages: 0}
     let firstRun = -1
     for (let i = 0; first >= 0 && i < runs.length; i += 3) {
       if (first >= runs[i] && first < runs[i] + runs[i + 1]) firstRun = i / 3
@@ -317,34 +330,43 @@ export class FaultServer {
       }
       const r = this.fillRun(client, region, p, q - p, copied)
       pages += r.pages
+      if (r.outcome === 'wait') {
+        p = q
+        continue
+      }
       if (r.outcome !== 'served') return {outcome: r.outcome, pages}
       p = q
     }
     return {outcome: 'served', pages}
   }
 
-  /** Installs a run of pages that are all zero or all in one chunk. */
-  private fillRun(client: Client, region: GuestRegion, first: number, count: number, copied?: CopiedRange[]): Installed {
+  /** Installs a run of pages that are all zero or all in one chunk; 'wait' when the chunk's bytes are not on this host. */
+  private fillRun(client: Client, region: GuestRegion, first: number, count: number, copied?: CopiedRange[]): Attempted {
     const source = this.zeroMap.isZero(first) ? ZEROS : this.payloadAddress(first)
+    if (source === undefined) return {outcome: 'wait', pages: 0}
     return this.installer.fill(client, region, first, count, source, copied)
   }
 
   /**
    * The address of `page`'s bytes in its chunk's decoded payload: a chunk's payload is its
    * non-zero pages packed in order, so consecutive non-zero pages are contiguous there too.
+   * Undefined when the chunk's bytes are not on this host.
    */
-  private payloadAddress(page: number): number {
-    return this.unitAddress(this.geometry.chunkOfOffset(page * this.pageSize)) + this.payloadIndex[page] * this.pageSize
+  private payloadAddress(page: number): number | undefined {
+    const unit = this.unitAddress(this.geometry.chunkOfOffset(page * this.pageSize))
+    return unit === undefined ? undefined : unit + this.payloadIndex[page] * this.pageSize
   }
 
   /**
-   * Where the verified payload of a unit (chunk or packed block) is; a unit that cannot be read
-   * or fails its check is fatal for the client, and only for it: other clients go on, and fail
-   * in turn only if they need that unit too.
+   * Where the verified payload of a unit (chunk or packed block) is, or undefined when its
+   * stored bytes are still in object storage (asked for; see PayloadSource.payload). A unit
+   * that cannot be read or fails its check is fatal for the client, and only for it: other
+   * clients go on, and fail in turn only if they need that unit too.
    */
-  private unitAddress(unit: number): number {
+  private unitAddress(unit: number): number | undefined {
     try {
-      return addressOf(this.source.payload(unit))
+      const payload = this.source.payload(unit)
+      return payload === undefined ? undefined : addressOf(payload)
     } catch (error) {
       if (error instanceof SnapshotFormatError) throw new UffdError(error.code, error.message, {cause: error})
       if (error instanceof UffdError || error instanceof SysError) throw error

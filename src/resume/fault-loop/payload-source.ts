@@ -16,14 +16,17 @@ export interface PayloadSource {
   /**
    * The verified payload of `unit`, now: decoded here if nothing has it ready, waited for if a
    * decoder is on it. Valid until the unit is released (or, for a fault, the next call).
-   * Throws SnapshotFormatError when it cannot be verified.
+   * Undefined when its stored bytes are still in object storage: they are asked for at demand
+   * priority and landedFd becomes readable when they arrive; the caller never waits on the
+   * network. Throws SnapshotFormatError when it cannot be verified.
    */
-  payload(unit: number): Buffer
+  payload(unit: number): Buffer | undefined
   /** Whether `unit` can be installed without waiting: nothing to decode, decoded, or failed (installing it reports the error). */
   isReady(unit: number): boolean
   /**
    * Whether payload(unit) can be had without waiting on the network: always for a local file;
-   * for object storage, once its stored bytes are on this host (or decoded, or failed).
+   * for object storage, once its stored bytes are on this host (or decoded, or failed). A hint
+   * that costs no request: bytes evicted since they landed are found out by payload().
    */
   isLocal(unit: number): boolean
   /** Asks for these units' stored bytes at demand priority, without waiting; landedFd becomes readable when they arrive. */
@@ -62,6 +65,9 @@ export interface PayloadSource {
   /** Keep released payloads in the decoded-chunk cache (someone will want them again). */
   retainReleased: boolean
 }
+
+/** How often a fault waiting for a decoder looks whether that decoder is waiting for the network. */
+const DECODER_LOOK_MS = 1
 
 /** The owner of units decoded before any client connected (client ids count up from 1). */
 export const STAGED = -1
@@ -112,9 +118,12 @@ export class DecodedUnits implements PayloadSource {
     this.reader.fetchAhead(units, PRIORITY_DEMAND)
   }
 
-  payload(unit: number): Buffer {
-    if (this.cache.has(unit)) return this.cache.payload(unit)
-    return this.fromPool(unit) ?? this.cache.payload(unit)
+  payload(unit: number): Buffer | undefined {
+    if (!this.cache.has(unit)) {
+      const pooled = this.fromPool(unit)
+      if (pooled !== 'none') return pooled
+    }
+    return this.cache.payload(unit)
   }
 
   isReady(unit: number): boolean {
@@ -234,27 +243,51 @@ export class DecodedUnits implements PayloadSource {
 
   /**
    * The decode pool's payload for `unit` (a demand fault needs it now): decoded here if no
-   * decoder has started on it yet, else waited for (at most one decode). Undefined when the
-   * pool does not have it, or its decode failed (decoded again by the caller, which then raises
-   * the real error with its context).
+   * decoder has started on it yet, else waited for (at most one decode). Undefined when its
+   * bytes are not on this host: the fault loop does not wait for the network, a decoder may.
+   * 'none' when the pool does not have it, or its decode failed (decoded again by the caller,
+   * which then raises the real error with its context).
    */
-  private fromPool(unit: number): Buffer | undefined {
+  private fromPool(unit: number): Buffer | undefined | 'none' {
     const pool = this.pool
     const slot = pool?.slotOf(unit)
-    if (slot === undefined || !pool) return undefined
+    if (slot === undefined || !pool) return 'none'
     if (pool.takeBack(slot)) {
       let length = -1
       try {
-        length = this.reader.readPayload(unit, pool.slotBuffer(slot)).length
+        const payload = this.reader.readPayloadIfLocal(unit, pool.slotBuffer(slot))
+        if (!payload) {
+          pool.giveBack(slot)
+          return undefined
+        }
+        length = payload.length
       } catch {
         // Reported with its context when the cache decodes it again.
       }
       pool.finish(slot, length)
     }
-    const state = pool.state(slot) === SLOT_PENDING ? pool.waitFor(slot) : pool.state(slot)
+    const state = pool.state(slot) === SLOT_PENDING ? this.waitForDecoder(slot, unit) : pool.state(slot)
+    if (state === SLOT_PENDING) return undefined
     if (state === SLOT_READY) return pool.payload(slot)
     this.forget(unit)
-    return undefined
+    return 'none'
+  }
+
+  /**
+   * Waits for the decoder on `unit`'s slot while its bytes are on this host: a decoder that found
+   * them evicted waits for the network, and the fault loop must not wait with it. Returns the
+   * slot's state (still PENDING: the bytes are on their way, asked for at demand priority).
+   */
+  private waitForDecoder(slot: number, unit: number): number {
+    const pool = this.pool!
+    for (;;) {
+      const state = pool.waitFor(slot, DECODER_LOOK_MS)
+      if (state !== SLOT_PENDING) return state
+      if (!this.reader.isLocal(unit)) {
+        this.reader.fetchAhead([unit], PRIORITY_DEMAND)
+        return state
+      }
+    }
   }
 
   private forget(unit: number): void {

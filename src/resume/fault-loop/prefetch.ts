@@ -2,8 +2,8 @@ import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {MADV, processMadvise, SysError} from '../../sys/index.js'
 import {type RunClock, type RunStats} from '../run-stats.js'
 import {type Client} from './client.js'
-import {type FaultServer, type FaultWindow} from './fault-server.js'
-import {type CopiedRange, type Installed, type Installer, type Outcome} from './installer.js'
+import {type Attempted, type FaultServer, type FaultWindow} from './fault-server.js'
+import {type CopiedRange, type Installer, type Outcome} from './installer.js'
 import {PAGE_MISSING} from './page-states.js'
 import {type PayloadSource} from './payload-source.js'
 import {WorkingSetHelper} from './working-set-helper.js'
@@ -256,11 +256,17 @@ export class Prefetcher {
           waiting = true
           continue
         }
-        let installed: Installed
+        let installed: Attempted
         try {
           installed = this.install(q.client, unit)
         } catch (error) {
           return {result: 'failed', client: q.client, error: error as Error}
+        }
+        if (installed.outcome === 'wait') {
+          // Its bytes were evicted from the cache directory since they were decoded for
+          // (or looked local); asked for again, they come back with a landing.
+          waiting = true
+          continue
         }
         this.stats.add('prefetchedPages', installed.pages)
         if (installed.outcome !== 'served') return {result: 'outcome', client: q.client, outcome: installed.outcome}
@@ -277,7 +283,7 @@ export class Prefetcher {
   }
 
   /** Installs one unit's missing pages into the client, clearing their accessed bits when hits are counted. */
-  private install(client: Client, unit: number): Installed {
+  private install(client: Client, unit: number): Attempted {
     const copied: CopiedRange[] | undefined = client.hitTrackingPidfd >= 0 ? [] : undefined
     try {
       const block = this.reader.packedBlock(unit)

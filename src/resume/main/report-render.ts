@@ -62,9 +62,12 @@ export function renderResumeReport(file: string, r: ResumeReport): string[] {
       ? ([
           [
             'remote',
-            `${r.remote.location}: ${r.remote.requests} requests, ${formatBytes(r.remote.bytesFetched)} fetched (${r.remote.extentsFetched} chunks), ${r.remote.diskHits} from the cache directory, ` +
+            `${r.remote.location}: ${r.remote.requests} requests, ${formatBytes(r.remote.bytesFetched)} fetched (${r.remote.extentsFetched} chunks), ${r.remote.diskHits} from the cache directory` +
+              (r.remote.claimWaits ? ` (${r.remote.claimWaits} after waiting for another handler's fetch)` : '') +
+              ', ' +
               `${r.remote.retries} retries, ${r.remote.badResponses} bad answers; request p50 ${ms(r.remote.latencyMs.p50)}, p99 ${ms(r.remote.latencyMs.p99)}; ` +
-              `waited ${r.remote.waits} times, ${ms(r.remote.waitMs)} in all, ${ms(r.remote.maxWaitMs)} at most`,
+              `waited ${r.remote.waits} times, ${ms(r.remote.waitMs)} in all, ${ms(r.remote.maxWaitMs)} at most` +
+              (r.remote.cacheWriteErrors > 0 ? `; ${r.remote.cacheWriteErrors} cache directory write errors, ${r.remote.memoryHandovers ?? 0} chunks handed over in memory` : ''),
           ],
         ] as [string, string][])
       : []),
