@@ -16,7 +16,7 @@ import {type ObjectIdentity, RemoteError, type RemoteObject} from './object.js'
 import {remoteObject} from './objects.js'
 import {RemoteByteSource} from './remote-source.js'
 import {type S3Settings} from './s3-object.js'
-import {EXTENT_FAILED, EXTENT_PRESENT, type FetchOptions, readFromSegments, recordFailure, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
+import {EXTENT_FAILED, EXTENT_PRESENT, type FetchOptions, readFromSegments, recordFailure, type RemoteCounter, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
 
 /** How remote snapshots are read: the store's client settings, the cache directory, the fetch policy. */
 export interface RemoteOptions {
@@ -71,9 +71,15 @@ export class RemoteSnapshot {
     readonly reader: SnapshotReader,
     private readonly fetcher: Worker,
     private readonly mainPort: MessagePort,
+    /** Whether landedFd is this snapshot's own (else a chain's, closed by whoever made it). */
+    private readonly ownsLandedFd: boolean,
   ) {}
 
-  static async open(location: Exclude<Location, {kind: 'file'}>, options: RemoteOptions): Promise<RemoteSnapshot> {
+  /**
+   * `landedFd`: an eventfd to signal when an extent lands, shared by every remote file of a
+   * chain (the fault loop polls one); by default the snapshot makes its own.
+   */
+  static async open(location: Exclude<Location, {kind: 'file'}>, options: RemoteOptions, landedFd?: number): Promise<RemoteSnapshot> {
     const object = await remoteObject(location, options.s3)
     const {identity, segments, reads} = await readStructures(object, options.fetch)
     const probe = SnapshotReader.fromSource(new SegmentSource(object.name, identity.size, segments))
@@ -96,7 +102,7 @@ export class RemoteSnapshot {
       cacheMaxBytes: options.cacheMaxBytes,
       fetch: options.fetch,
       ...sharedBuffers(extents.offsets.length),
-      landedFd: createEventfd(),
+      landedFd: landedFd ?? createEventfd(),
     }
     const fetcher = startWorker(import.meta.url, 'fetcher/worker', share)
     fetcher.unref()
@@ -108,7 +114,7 @@ export class RemoteSnapshot {
     const message: FetcherMessage = {type: 'port', port: port1}
     fetcher.postMessage(message, [port1])
     const reader = SnapshotReader.fromSource(new RemoteByteSource(share, port2))
-    return new RemoteSnapshot(share, reader, fetcher, port2)
+    return new RemoteSnapshot(share, reader, fetcher, port2, landedFd === undefined)
   }
 
   /** What another thread needs to read this snapshot: the share and a port of its own to the fetcher. */
@@ -119,8 +125,9 @@ export class RemoteSnapshot {
     return {share: this.share, port: port2}
   }
 
-  report(): RemoteReport {
-    return remoteReport(this.share)
+  /** What fetching cost, for this snapshot and `others` (the other remote files of its chain). */
+  report(...others: RemoteSnapshot[]): RemoteReport {
+    return remoteReport(this.share, ...others.map((o) => o.share))
   }
 
   async close(): Promise<void> {
@@ -130,7 +137,7 @@ export class RemoteSnapshot {
     this.fetcher.removeAllListeners('error')
     this.fetcher.on('error', () => {})
     await this.fetcher.terminate()
-    closeFd(this.share.landedFd)
+    if (this.ownsLandedFd) closeFd(this.share.landedFd)
   }
 }
 
@@ -166,15 +173,17 @@ export interface RemoteReport {
   cacheWriteErrors: number
 }
 
-export function remoteReport(share: RemoteShare): RemoteReport {
-  const c = new RemoteCounters(share.counters)
-  const histogram = Array.from(new BigInt64Array(share.latency), Number)
+/** What fetching cost, summed over remote files (a chain's): counters added, latency histograms merged. */
+export function remoteReport(...shares: RemoteShare[]): RemoteReport {
+  const counters = shares.map((share) => new RemoteCounters(share.counters))
+  const c = {get: (name: RemoteCounter): number => counters.reduce((sum, one) => sum + one.get(name), 0)}
+  const histogram = shares.map((share) => Array.from(new BigInt64Array(share.latency), Number)).reduce((sum, h) => sum.map((n, i) => n + h[i]))
   const ms = (q: number): number | null => {
     const us = percentileUs(histogram, q)
     return us === null ? null : us / 1000
   }
   return {
-    location: share.name,
+    location: shares.map((share) => share.name).join(', '),
     requests: c.get('requests'),
     bytesFetched: c.get('bytesFetched'),
     extentsFetched: c.get('extentsFetched'),
@@ -183,9 +192,10 @@ export function remoteReport(share: RemoteShare): RemoteReport {
     diskHits: c.get('diskHits'),
     waits: c.get('waits'),
     waitMs: c.get('waitUs') / 1000,
-    maxWaitMs: c.get('maxWaitUs') / 1000,
+    maxWaitMs: Math.max(...counters.map((one) => one.get('maxWaitUs'))) / 1000,
     latencyMs: {p50: ms(0.5), p90: ms(0.9), p99: ms(0.99)},
-    cacheDir: share.cacheDir,
+    // One file's own directory; a chain's files each have theirs, under one --cache-dir.
+    cacheDir: shares.length === 1 ? shares[0].cacheDir : shares[0].cacheRoot,
     evictedBytes: c.get('evictedBytes'),
     cacheWriteErrors: c.get('cacheWriteErrors'),
   }
