@@ -143,6 +143,14 @@ describe('a layer chain over HTTP', () => {
     const chunkReads = http.requests.filter((r) => r.file === 'chain/base.uffd' && r.status === 206 && r.first !== 0 && r.last !== size - 1)
     expect(chunkReads.length).toBeGreaterThan(0)
     for (const r of chunkReads) for (const e of unneeded) expect(r.last < e.first || r.first > e.last, `request ${r.first}-${r.last} reads chunk bytes ${e.first}-${e.last}`).toBe(true)
+    // A layer under 1 MiB comes whole with the open's two reads (header, tail), which keep its
+    // blocks: nothing of it is fetched twice.
+    for (const name of ['v1.uffd', 'v2.uffd']) {
+      const layerSize = fs.statSync(at('chain', name)).size
+      expect(layerSize).toBeLessThan(1 << 20)
+      expect(http.requests.filter((r) => r.file === `chain/${name}`).length, name).toBeLessThanOrEqual(2)
+      expect(http.bytesOf(`chain/${name}`)).toBeLessThanOrEqual(layerSize + 256 * 1024)
+    }
   })
 
   it('verifies and squashes the remote chain byte-exact', async () => {

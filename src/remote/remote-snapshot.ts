@@ -8,6 +8,7 @@ import {percentileUs} from '../resume/run-stats.js'
 import {type ByteSource} from '../snapshot/byte-source.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {closeFd, createEventfd, eventfdSignal} from '../sys/index.js'
+import {crc32} from '../sys/crc.js'
 import {backoffMs} from './coalesce.js'
 import {DiskCache} from './disk-cache.js'
 import {type FetcherMessage} from './fetcher/worker.js'
@@ -86,6 +87,8 @@ export class RemoteSnapshot {
     const extents = extentTable(probe)
     const digest = identityDigest(identity.size, reads)
     const cache = DiskCache.prepare(options.cacheRoot, digest)
+    const states = sharedBuffers(extents.offsets.length)
+    keepOpenedExtents(cache, extents, segments, new Int32Array(states.states))
     const share: RemoteShare = {
       location,
       name: describeLocation(location),
@@ -101,7 +104,7 @@ export class RemoteSnapshot {
       cacheRoot: options.cacheRoot,
       cacheMaxBytes: options.cacheMaxBytes,
       fetch: options.fetch,
-      ...sharedBuffers(extents.offsets.length),
+      ...states,
       landedFd: landedFd ?? createEventfd(),
     }
     const fetcher = startWorker(import.meta.url, 'fetcher/worker', share)
@@ -138,6 +141,27 @@ export class RemoteSnapshot {
     this.fetcher.on('error', () => {})
     await this.fetcher.terminate()
     if (this.ownsLandedFd) closeFd(this.share.landedFd)
+  }
+}
+
+/**
+ * Stores the extents the open's requests brought whole (a small file, a layer, comes entirely
+ * with its header and tail) into the cache directory, checked against their CRC, and marks them
+ * present: they are not fetched again. One that fails its check is left to be fetched.
+ */
+function keepOpenedExtents(cache: DiskCache, extents: {offsets: Float64Array; lengths: Int32Array; crcs: Uint32Array}, segments: readonly {offset: number; bytes: Uint8Array}[], states: Int32Array): void {
+  for (let e = 0; e < extents.offsets.length; e++) {
+    const range = {offset: extents.offsets[e], length: extents.lengths[e]}
+    const within = segments.find((s) => range.offset >= s.offset && range.offset + range.length <= s.offset + s.bytes.length)
+    if (!within) continue
+    const bytes = within.bytes.subarray(range.offset - within.offset, range.offset - within.offset + range.length)
+    if (crc32(bytes) !== extents.crcs[e]) continue
+    try {
+      if (!cache.has(range)) cache.publish(range, bytes)
+      states[e] = EXTENT_PRESENT
+    } catch {
+      // A full or unwritable cache: the fetcher stores it when it is asked for (and says why it cannot).
+    }
   }
 }
 
