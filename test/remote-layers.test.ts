@@ -195,6 +195,36 @@ describe('a layer chain over HTTP', () => {
   })
 })
 
+describe('uffd cp of a layer', () => {
+  it('copies the chain: ancestors next to the destination by their recorded names, base first; one already there is kept', async () => {
+    fs.mkdirSync(at('down'))
+    const down = await okAsync(['cp', http.url('chain/v2.uffd'), at('down', 'mine.uffd'), '--cache-dir', at('cache-cp')])
+    expect(down.files.map((f: {destination: string; copied: boolean}) => [path.basename(f.destination), f.copied])).toEqual([
+      ['base.uffd', true],
+      ['v1.uffd', true],
+      ['mine.uffd', true],
+    ])
+    for (const name of ['base.uffd', 'v1.uffd']) expect(fs.readFileSync(at('down', name)).equals(fs.readFileSync(at('chain', name)))).toBe(true)
+    expect(ok(['verify', at('down', 'mine.uffd'), '--against', at('v2.raw')]).ok).toBe(true)
+
+    // Up to S3 beside a chain that is there already: only the new top is copied.
+    const up = await okAsync(['cp', at('down', 'mine.uffd'), 's3://snapshots/chain/mine.uffd'], s3.env())
+    expect(up.files.map((f: {copied: boolean}) => f.copied)).toEqual([false, false, true])
+    expect(s3.objectBytes('snapshots', 'chain/mine.uffd').equals(fs.readFileSync(at('down', 'mine.uffd')))).toBe(true)
+
+    // Another snapshot under an ancestor's name at the destination is not replaced without --force.
+    fs.mkdirSync(at('taken'))
+    fs.copyFileSync(at('other.uffd'), at('taken', 'base.uffd'))
+    const taken = await uffdAsync(['cp', at('chain', 'v2.uffd'), at('taken', 'v2.uffd'), '--json'])
+    expect(taken.json.error.code).toBe('OUTPUT_EXISTS')
+    expect(fs.readdirSync(at('taken'))).toEqual(['base.uffd'])
+    // A top copied under its own ancestor's name would replace that ancestor.
+    const clash = await uffdAsync(['cp', at('chain', 'v2.uffd'), at('down', 'v1.uffd'), '--force', '--json'])
+    expect(clash.json.error.code).toBe('USAGE')
+    expect(fs.readFileSync(at('down', 'v1.uffd')).equals(fs.readFileSync(at('chain', 'v1.uffd')))).toBe(true)
+  })
+})
+
 describe('a layer chain in S3', () => {
   it.skipIf(skipResume)('resumes s3://BUCKET/PREFIX/TOP byte-exact with its parents found under the same prefix', async () => {
     const {stats} = await resumeAndVerify('s3://snapshots/chain/v2.uffd', at('v2.raw'), [], s3.env())

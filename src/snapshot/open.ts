@@ -134,6 +134,22 @@ async function openParent(at: Location, parent: LayerParent, k: number, count: n
   return file
 }
 
+/**
+ * The identity of the one snapshot file at `location` (not its chain), undefined when there is
+ * none there, or '' when something is there that does not open as a snapshot.
+ */
+export async function fileIdentity(location: Location, remote: RemoteOptions): Promise<string | undefined> {
+  if (!isRemote(location) && !fs.existsSync(location.path)) return undefined
+  let file: OpenedFile
+  try {
+    file = await openFile(location, remote)
+  } catch (error) {
+    return (error as {code?: string}).code === 'REMOTE_NOT_FOUND' ? undefined : ''
+  }
+  await closeFile(file)
+  return file.reader.identity
+}
+
 function single(file: OpenedFile): SnapshotSpec {
   const spec = file.spec()
   return spec.kind === 'file' ? {kind: 'file', path: spec.path, openPath: spec.openPath} : spec
