@@ -11,9 +11,7 @@ import {baseRuns, findRun, indexOfPage, type LayerParent, type LayerRun} from '.
 import {payloadPageIndex, type ZeroMap} from '../format/zero-map.js'
 import {type ByteSource, PRIORITY_PREFETCH, type Priority} from './byte-source.js'
 import {SnapshotReader} from './reader.js'
-
-/** Decoded units of the chain's files kept for the next resolved chunks (a scattered layer's block serves many). */
-const UNIT_CACHE_ENTRIES = 16
+import {threadUnitCache, type UnitCache} from './unit-cache.js'
 
 /**
  * A chain of snapshots (a base, the layers on it, docs/FORMAT.md) read as the one image it
@@ -36,15 +34,18 @@ export class LayeredReader {
   private readonly basePayloadIndex: Int32Array
   /** Per layer file: the block holding each position of its page list. */
   private readonly blockOfListIndex: Int32Array[]
-  private readonly decoded = new Map<string, {buffer: Buffer; payload: Buffer}>()
   private scratch = Buffer.alloc(0)
+  private closed = false
 
   private constructor(
     /** The chain, base first, the top layer last. */
     readonly files: readonly SnapshotReader[],
     /** Where each file was found (a path, or a URL as it prints). */
     readonly paths: readonly string[],
+    /** Decoded units of the files, keyed by file identity: shared with other chains of this thread. */
+    private readonly units: UnitCache,
   ) {
+    units.attach()
     const top = files.at(-1)!
     this.remote = files.some((f) => f.remote)
     this.geometry = top.geometry
@@ -73,9 +74,9 @@ export class LayeredReader {
    * cross-checked (see docs/FORMAT.md) before anything is served. The readers are this one's
    * from then on; on a throw the caller still owns them.
    */
-  static fromFiles(files: SnapshotReader[], paths: string[]): LayeredReader {
+  static fromFiles(files: SnapshotReader[], paths: string[], units: UnitCache = threadUnitCache): LayeredReader {
     checkChain(files, paths)
-    return new LayeredReader(files, paths)
+    return new LayeredReader(files, paths, units)
   }
 
   get source(): ByteSource {
@@ -169,6 +170,8 @@ export class LayeredReader {
   }
 
   close(): void {
+    if (!this.closed) this.units.detach()
+    this.closed = true
     for (const f of this.files) f.close()
   }
 
@@ -216,27 +219,9 @@ export class LayeredReader {
     }
   }
 
-  /** A file's decoded unit, from a small cache (least recently used out, its buffer reused). */
+  /** A file's decoded unit, from the unit cache (keyed by the file, so chains sharing it share its units). */
   private unit(source: number, unit: number): Buffer {
-    const key = `${source}:${unit}`
-    const hit = this.decoded.get(key)
-    if (hit) {
-      this.decoded.delete(key)
-      this.decoded.set(key, hit)
-      return hit.payload
-    }
-    const file = this.files[source]
-    const size = Math.max(file.entry(unit).payloadLength, file.geometry.chunkSize)
-    let buffer: Buffer | undefined
-    if (this.decoded.size >= UNIT_CACHE_ENTRIES) {
-      const [oldest, old] = this.decoded.entries().next().value!
-      this.decoded.delete(oldest)
-      if (old.buffer.length >= size) buffer = old.buffer
-    }
-    buffer ??= Buffer.alloc(size)
-    const payload = file.readPayload(unit, buffer)
-    this.decoded.set(key, {buffer, payload})
-    return payload
+    return this.units.payload(this.files[source], unit)
   }
 }
 
