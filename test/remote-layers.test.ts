@@ -8,6 +8,7 @@ import path from 'node:path'
 import {PutObjectCommand} from '@aws-sdk/client-s3'
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
+import {Codec} from '../src/format/constants.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {cliEnv, isRoot, NATIVE, UFFD_BIN, uffd, uffdAsync} from './helpers/cli.js'
 import {DirRangeServer} from './helpers/dir-range-server.js'
@@ -132,8 +133,21 @@ describe('a layer chain over HTTP', () => {
 
   it.skipIf(skipResume)('resumes the 3-deep chain byte-exact, fetching none of the base chunks the layers replace', async () => {
     http.requests.length = 0
-    const {stats} = await resumeAndVerify(http.url('chain/v2.uffd'), at('v2.raw'))
+    const {stats} = await resumeAndVerify(http.url('chain/v2.uffd'), at('v2.raw'), ['--decoders', '2'])
     expect(stats.remote.requests).toBeGreaterThan(0)
+    // Stored units decoded for the chain: every base chunk the image takes pages from at least
+    // once, and no unit more than once per decoding thread (two decoders and the fault loop).
+    const units = ['base.uffd', 'v1.uffd', 'v2.uffd'].map((name) => {
+      const r = SnapshotReader.open(at('chain', name))
+      try {
+        return Array.from({length: r.unitCount}, (_, u) => r.entry(u)).filter((e) => e.codec !== Codec.None).length
+      } finally {
+        r.close()
+      }
+    })
+    expect(stats.chunks.decoded).toBe(SIZE / CHUNK)
+    expect(stats.chunks.storedUnitsDecoded).toBeGreaterThanOrEqual(units[0] - 2)
+    expect(stats.chunks.storedUnitsDecoded).toBeLessThanOrEqual(3 * (units[0] + units[1] + units[2]))
     expect(stats.remote.location).toContain('base.uffd')
     // Every file was read; the base's chunks 94 and 95 are v1's pages in the image, so no chunk
     // request (the open's two reads of header and tail aside) touched their bytes.

@@ -83,6 +83,11 @@ export class LayeredReader {
     return this.files.at(-1)!.source
   }
 
+  /** Stored units of the chain's files decoded by this chain's readers (a unit another chain decoded first, through the shared unit cache, is not counted here). */
+  get unitsDecoded(): number {
+    return this.files.reduce((sum, f) => sum + f.unitsDecoded, 0)
+  }
+
   /** The top layer's size (what stats calls the file). */
   get fileSize(): number {
     return this.files.at(-1)!.fileSize

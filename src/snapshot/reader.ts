@@ -36,6 +36,8 @@ export class SnapshotReader {
   private decompressor: ChunkDecompressor | undefined
   private storedScratch = Buffer.alloc(0)
   private payloadScratch = Buffer.alloc(0)
+  /** Stored units read and verified by readPayload so far (what a resume's stats count as decoded). */
+  unitsDecoded = 0
 
   private constructor(
     readonly source: ByteSource,
@@ -163,6 +165,7 @@ export class SnapshotReader {
     // their own checksum of the decoded content, which zstd verifies while decoding.
     const stored = this.checked(chunk, entry, () => this.readStored(entry, payload))
     if (stored !== payload) this.decode(chunk, entry, stored, payload)
+    this.unitsDecoded++
     return payload
   }
 

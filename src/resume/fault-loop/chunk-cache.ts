@@ -30,7 +30,9 @@ export class ChunkCache {
     this.stats.add('cacheMisses')
     const entry = this.reader.entry(chunk)
     const buffer = this.take(entry.payloadLength)
+    const before = this.reader.unitsDecoded
     const payload = this.reader.readPayload(chunk, buffer)
+    this.stats.add('unitsDecoded', this.reader.unitsDecoded - before)
     this.stats.add('chunksDecoded')
     this.stats.add('bytesDecompressed', payload.length)
     this.entries.set(chunk, payload)

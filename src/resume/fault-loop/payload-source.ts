@@ -244,12 +244,13 @@ export class DecodedUnits implements PayloadSource {
     if (slot === undefined || !pool) return undefined
     if (pool.takeBack(slot)) {
       let length = -1
+      const before = this.reader.unitsDecoded
       try {
         length = this.reader.readPayload(unit, pool.slotBuffer(slot)).length
       } catch {
         // Reported with its context when the cache decodes it again.
       }
-      pool.finish(slot, length)
+      pool.finish(slot, length, this.reader.unitsDecoded - before)
     }
     const state = pool.state(slot) === SLOT_PENDING ? pool.waitFor(slot) : pool.state(slot)
     if (state === SLOT_READY) return pool.payload(slot)
@@ -276,6 +277,7 @@ export class DecodedUnits implements PayloadSource {
     const length = this.pool!.countOnce(slot)
     if (length < 0) return
     this.stats.add('chunksDecoded')
+    this.stats.add('unitsDecoded', this.pool!.unitsDecodedIn(slot))
     this.stats.add('bytesDecompressed', length)
   }
 }
