@@ -256,6 +256,14 @@ describe('a layer chain in S3', () => {
     expect(verified.against.mismatchedPages).toBe(0)
   })
 
+  it('uploads nothing when the layer cannot be made (an image of another size than its remote parent)', async () => {
+    fs.writeFileSync(at('small.raw'), makeImage('mixed', SIZE / 2, 13))
+    const r = await uffdAsync(['snapshot', '--mem-file', at('small.raw'), '--parent', 's3://snapshots/chain/v1.uffd', '-o', 's3://snapshots/chain/bad.uffd', '--cache-dir', at('cache-up'), '--json'], {env: s3.env()})
+    expect(r.json.error.code).toBe('INPUT_MISMATCH')
+    expect(await s3.exists('snapshots', 'chain/bad.uffd')).toBe(false)
+    expect(await s3.pendingUploads('snapshots')).toEqual([])
+  })
+
   it('finds parents under --layers s3://BUCKET/PREFIX/, and refuses a missing one there', async () => {
     const verified = await okAsync(['verify', at('chain', 'v2.uffd'), '--layers', 's3://snapshots/chain/', '--against', at('v2.raw'), '--cache-dir', at('cache-s3-layers')], s3.env())
     expect(verified.ok).toBe(true)
