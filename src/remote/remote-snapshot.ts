@@ -72,6 +72,8 @@ export class RemoteSnapshot {
     readonly reader: SnapshotReader,
     private readonly fetcher: Worker,
     private readonly mainPort: MessagePort,
+    /** Settles once the fetcher has loaded its modules (or stopped). */
+    private readonly fetcherUp: Promise<void>,
     /** Whether landedFd is this snapshot's own (else a chain's, closed by whoever made it). */
     private readonly ownsLandedFd: boolean,
   ) {}
@@ -109,6 +111,10 @@ export class RemoteSnapshot {
     }
     const fetcher = startWorker(import.meta.url, 'fetcher/worker', share)
     fetcher.unref()
+    const fetcherUp = new Promise<void>((resolve) => {
+      fetcher.once('message', () => resolve())
+      fetcher.once('exit', () => resolve())
+    })
     // Readers wait on extent states: a fetcher that died must fail them, or they wait forever.
     const died = (detail: string): void => failEverything(share, {code: 'WORKER_EXIT', message: `${share.name}: the fetcher thread stopped (${detail})`})
     fetcher.on('error', (error) => died(error.message))
@@ -117,7 +123,7 @@ export class RemoteSnapshot {
     const message: FetcherMessage = {type: 'port', port: port1}
     fetcher.postMessage(message, [port1])
     const reader = SnapshotReader.fromSource(new RemoteByteSource(share, port2))
-    return new RemoteSnapshot(share, reader, fetcher, port2, landedFd === undefined)
+    return new RemoteSnapshot(share, reader, fetcher, port2, fetcherUp, landedFd === undefined)
   }
 
   /** What another thread needs to read this snapshot: the share and a port of its own to the fetcher. */
@@ -135,6 +141,9 @@ export class RemoteSnapshot {
 
   async close(): Promise<void> {
     this.reader.close()
+    // A worker terminated while it still loads a native module (koffi) aborts the whole process:
+    // a command done before its fetcher is up (stats of a chain) waits for it first.
+    await this.fetcherUp
     this.mainPort.close()
     this.fetcher.removeAllListeners('exit')
     this.fetcher.removeAllListeners('error')
