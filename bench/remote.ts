@@ -21,14 +21,14 @@
  * Also recorded: the handler's peak RSS (VmHWM, sampled every 20 ms), bytes and requests fetched.
  *
  *   node --import tsx bench/remote.ts --image /work/data/guest-1g.raw [--runs 3]
- *        [--links 1000:2,200:20] [--fraction 0.1] [--cluster 16]
+ *        [--links 1000:2,200:20] [--fraction 0.1] [--cluster 16] [--only a,d] [--verbose]
  * Needs root (network namespaces, tc), curl and iproute2.
  */
 import {spawn} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 
-import {arg, median, workingSetTraces, NATIVE, ROOT, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
+import {arg, flag, median, workingSetTraces, NATIVE, ROOT, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
 import {createLink, NETNS, removeLink, SERVER_ADDRESS, shapeLink} from './netns.js'
 
 const image = arg('image', '/work/data/guest-1g.raw')
@@ -36,6 +36,8 @@ const runs = Number(arg('runs', '3'))
 const fraction = Number(arg('fraction', '0.1'))
 const cluster = Number(arg('cluster', '16'))
 const only = arg('only', '')
+/** --verbose: print each handler's log and its run stats (for looking into a scenario). */
+const verbose = flag('verbose')
 const links = arg('links', '1000:2,200:20')
   .split(',')
   .map((l) => {
@@ -103,6 +105,7 @@ async function resume(snapshot: string, extra: string[], t0: number, tag: string
     const h = await handler.done
     if (h.code !== 0) throw new Error(`uffd resume exited ${h.code}: ${h.stderr}`)
     const stats = JSON.parse(fs.readFileSync(statsFile, 'utf8'))
+    if (verbose) process.stderr.write(`${tag}: handler said:\n${h.stderr}stats: ${JSON.stringify(stats)}\n`)
     const r = stats.remote
     return {ms: touched - t0, readyMs, rssBytes: rss.stop(), remote: r ? {bytesFetched: r.bytesFetched, requests: r.requests, diskHits: r.diskHits, waitMs: r.waitMs} : null}
   } finally {

@@ -90,7 +90,7 @@ async function waitFor(what: string, condition: () => boolean, timeoutMs: number
 let names = 0
 
 /** One `uffd resume URL` and one fc_client touching every page in random order and verifying all of memory. */
-async function resumeOnce(url: string, cacheDir: string, args: string[] = [], clientArgs: string[] = ['--touch', 'random', '--verify-all']) {
+async function resumeOnce(url: string, cacheDir: string, args: string[] = [], clientArgs: string[] = ['--touch', 'random', '--verify-all'], onReady?: () => void) {
   const name = `h${names++}`
   const socket = path.join(dir, `${name}.sock`)
   const ready = path.join(dir, `${name}.ready`)
@@ -100,6 +100,7 @@ async function resumeOnce(url: string, cacheDir: string, args: string[] = [], cl
   void handler.then((r) => (handlerDone = r))
   await waitFor('the ready file', () => fs.existsSync(ready) || handlerDone !== undefined, 30_000)
   if (handlerDone) return {handler: handlerDone, client: undefined, stats: undefined, statsFile}
+  onReady?.()
   const client = await run(spawn(FC_CLIENT, ['--socket', socket, '--image', imageFile, '--timeout-ms', '60000', ...clientArgs], {stdio: ['ignore', 'pipe', 'pipe']}))
   const finished = await handler
   const stats = fs.existsSync(statsFile) ? (JSON.parse(fs.readFileSync(statsFile, 'utf8')) as ResumeReport) : undefined
@@ -184,6 +185,22 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     expect(r.client?.signal).toBe('SIGKILL')
   })
 
+  it('a stale ready file is removed before the snapshot is opened, not when the socket listens', async () => {
+    const url = await serveThroughProxy(snapshot)
+    const p = proxy!
+    p.faults = {delayMs: 1500}
+    const ready = path.join(dir, 'stale.ready')
+    fs.writeFileSync(ready, 'left by an earlier run\n')
+    const handler = run(uffdSpawn(['resume', url, '--socket', path.join(dir, 'stale.sock'), '--ready-file', ready, '--cache-dir', path.join(dir, 'cache-stale'), '--timeout', '30']))
+    await waitFor('the stale ready file to go', () => !fs.existsSync(ready), 20_000)
+    // Still opening: the server has not answered its first request.
+    expect(p.requests.length).toBe(0)
+    await waitFor('the new ready file', () => fs.existsSync(ready), 30_000)
+    expect(JSON.parse(fs.readFileSync(ready, 'utf8'))).toMatchObject({socket: path.join(dir, 'stale.sock')})
+    for (const child of live) child.kill('SIGTERM')
+    expect((await handler).code).toBe(130)
+  })
+
   it('an object replaced mid-resume: REMOTE_CHANGED, and no byte of the new one reaches the client', async () => {
     server = await RangeServer.start(snapshot)
     const s = server
@@ -197,7 +214,7 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     expect(r.handler.code).toBe(1)
   })
 
-  it('with a working set attached: fetched at start-up, installed at connect, every byte right', async () => {
+  it('with a working set attached: fetched at start-up while the client connects, installed, every byte right', async () => {
     // Record what a client touching a random quarter of memory faults, locally, and attach it.
     const name = `ws${names++}`
     const socket = path.join(dir, `${name}.sock`)
@@ -212,9 +229,25 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     const attached = await uffdAsync(['working-set', 'attach', snapshot, recording, '-o', withSet])
     expect(attached.status, attached.stderr).toBe(0)
 
-    server = await RangeServer.start(withSet)
-    const r = await resumeOnce(server.url(), path.join(dir, 'cache-ws'), [], [...touch, '--verify-all'])
+    // Every answer after those that open the snapshot takes 1.5 s: the handler must listen
+    // (and say so in its ready file) before its working set has arrived, since a VMM can connect
+    // and load its own state meanwhile; the set's bytes are served as they land.
+    const url = await serveThroughProxy(withSet)
+    const p = proxy!
+    // What opening the snapshot takes (stats opens it as resume does).
+    expect((await uffdAsync(['stats', url])).status).toBe(0)
+    const toOpen = p.requests.length
+    p.requests.length = 0
+    const opened = waitFor('the snapshot to be opened', () => p.requests.length >= toOpen, 30_000).then(() => (p.faults = {delayMs: 1500}))
+    let answeredAtReady = -1
+    const onReady = (): void => {
+      answeredAtReady = p.requests.length
+      p.faults = {}
+    }
+    const r = await resumeOnce(url, path.join(dir, 'cache-ws'), [], [...touch, '--verify-all'], onReady)
+    await opened
     expectVerified(r)
+    expect(answeredAtReady).toBe(toOpen)
     expect(r.stats!.pages.prefetched).toBeGreaterThan(0)
     expect(r.stats!.remote!.extentsFetched).toBeGreaterThan(0)
     // The stats file renders its remote section.

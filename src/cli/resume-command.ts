@@ -6,7 +6,7 @@ import os from 'node:os'
 
 import {UffdError} from '../core/errors.js'
 import {formatBytes, parseSize} from '../core/units.js'
-import {Listener} from '../resume/main/listener.js'
+import {Listener, removeStaleReadyFile} from '../resume/main/listener.js'
 import {listensAfterWorkingSet} from '../resume/main/prefetch-plan.js'
 import {type ResumeResult} from '../resume/main/serving-session.js'
 import {checkInput} from '../snapshot/input-file.js'
@@ -29,6 +29,9 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
   if (flags['working-set'] && flags['working-set'] !== 'none') checkInput(flags['working-set'])
   const decoders = flags.decoders ?? os.availableParallelism()
   const remote = remoteOptions(flags)
+  // First of all: a script waiting for the ready file must not take an earlier run's for this
+  // one's while the snapshot opens (over the network, that can take a while).
+  if (flags['ready-file']) removeStaleReadyFile(flags['ready-file'])
   const snapshot = await openSnapshot(snapshotArg, remote, flags.layers)
   try {
     // A remote chunk is fetched by the fetcher thread and decoded by a decoder: the fault loop
@@ -45,7 +48,7 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
 
 async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFlags, json: boolean): Promise<ResumeResult> {
   const {chunkSize, pageSize} = snapshot.reader.geometry
-  const faultAroundBytes = faultAround(flags['fault-around'], chunkSize, pageSize)
+  const window = faultAround(flags['fault-around'], chunkSize, pageSize)
   const readaheadBytes = size(flags.readahead, '--readahead')
 
   const controller = new AbortController()
@@ -75,7 +78,8 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
     readyFile: flags['ready-file'],
     kill: flags.kill,
     cacheBytes: flags['cache-mb'] * 1024 * 1024,
-    faultAroundBytes,
+    faultAroundBytes: window.maxBytes,
+    faultAroundMinBytes: window.minBytes,
     spinMicros: flags['spin-us'],
     decoders,
     readaheadBytes,
@@ -87,6 +91,9 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
     },
   }
   let listener: Listener | undefined
+  // Beside serving, on libuv threads: the fault loop reads chunks from the page cache then.
+  const prereading = new AbortController()
+  const preread = flags.preread === 'auto' && !snapshot.remote ? startPreread(snapshot.localFiles(), prereading.signal, log) : undefined
   try {
     if (flags['criu-dir']) {
       const {runCriuResume} = await import('../resume/main/criu-session.js')
@@ -112,6 +119,9 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
     }
   } finally {
     listener?.close()
+    // Serving is over: what is left to read ahead is not wanted (the step under way finishes).
+    prereading.abort()
+    await preread
     process.off('SIGINT', onStop)
     process.off('SIGTERM', onStop)
     process.off('SIGUSR1', onUsr1)
@@ -134,6 +144,19 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
   return result
 }
 
+/** Reads the snapshot into the page cache (preread.ts) and logs what it did; never fails the resume. */
+async function startPreread(files: string[], signal: AbortSignal, log: (line: string) => void): Promise<void> {
+  const {prereadFiles} = await import('../resume/main/preread.js')
+  try {
+    const done = await prereadFiles(files, signal)
+    if (done.bytes > 0 && !done.skipped) log(`read ${formatBytes(done.bytes)} of the snapshot into the page cache ahead of faults (${Math.round(done.ms)} ms)`)
+    else if (done.skipped && done.skipped !== 'stopped') log(`not reading the snapshot ahead: ${done.skipped}`)
+  } catch (error) {
+    // Only a speed-up: a file that cannot be read ahead is read when it faults, as without it.
+    log(`not reading the snapshot ahead: ${(error as Error).message}`)
+  }
+}
+
 function size(text: string, flag: string): number {
   try {
     return parseSize(text)
@@ -142,10 +165,16 @@ function size(text: string, flag: string): number {
   }
 }
 
-function faultAround(text: string, chunkSize: number, pageSize: number): number {
-  if (text === 'auto') return Math.max(2 * 1024 * 1024, chunkSize)
-  if (text === 'chunk') return chunkSize
-  if (text === 'page') return pageSize
+/**
+ * The fault-around window's smallest and largest size. "auto" adapts: a chunk (whose decode the
+ * faulting page pays for anyway) growing to 2 MiB while faults land near each other; a size,
+ * "chunk" or "page" is fixed.
+ */
+function faultAround(text: string, chunkSize: number, pageSize: number): {minBytes: number; maxBytes: number} {
+  const fixed = (bytes: number): {minBytes: number; maxBytes: number} => ({minBytes: bytes, maxBytes: bytes})
+  if (text === 'auto') return {minBytes: Math.max(chunkSize, pageSize), maxBytes: Math.max(2 * 1024 * 1024, chunkSize, pageSize)}
+  if (text === 'chunk') return fixed(chunkSize)
+  if (text === 'page') return fixed(pageSize)
   let bytes: number
   try {
     bytes = parseSize(text)
@@ -153,5 +182,5 @@ function faultAround(text: string, chunkSize: number, pageSize: number): number 
     throw new FlagValueError(`--fault-around: ${(error as Error).message}`)
   }
   if (bytes < pageSize || bytes % pageSize !== 0) throw new FlagValueError(`--fault-around must be a multiple of the snapshot's page size (${pageSize})`)
-  return bytes
+  return fixed(bytes)
 }

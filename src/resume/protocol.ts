@@ -40,7 +40,9 @@ export interface WorkerConfig {
   /** How the worker opens the snapshot (its decoders get specs of their own from it). */
   snapshot: SnapshotSpec
   cacheBytes: number
+  /** The largest fault-around window; it starts at faultAroundMinBytes (when given) and grows to this while faults land near each other. */
   faultAroundBytes: number
+  faultAroundMinBytes?: number
   /** Threads decoding chunks ahead of need (readahead, population); 0 decodes in the fault loop only. */
   decoders: number
   readaheadBytes: number

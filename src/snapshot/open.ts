@@ -26,6 +26,8 @@ export interface OpenedSnapshot {
   /** A spec for one new thread (call once per thread: a remote file carries its own port). */
   spec(): SnapshotSpec
   report(): RemoteReport | undefined
+  /** The local files it is read from, as this process has them open (/proc/self/fd/N): none for a URL. */
+  localFiles(): string[]
   close(): Promise<void>
 }
 
@@ -57,6 +59,7 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
       remote: top.remote !== undefined,
       spec: () => single(top),
       report: () => top.remote?.report(),
+      localFiles: () => localFiles([top]),
       close: () => closeFile(top),
     }
   }
@@ -98,6 +101,7 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
     remote: first !== undefined,
     spec: () => ({kind: 'chain', files: files.map((f) => f.spec()), paths: [...reader.paths], landedFd}),
     report: () => first?.report(...others),
+    localFiles: () => localFiles(files),
     close: closeAll,
   }
 }
@@ -168,6 +172,10 @@ export function singleFile(snapshot: OpenedSnapshot, command: string): SnapshotR
   const {reader} = snapshot
   if (reader instanceof SnapshotReader) return reader
   throw new UffdError('USAGE', `${snapshot.name} is a layer: ${command} takes one self-contained snapshot (uffd squash makes one from the chain)`)
+}
+
+function localFiles(files: readonly OpenedFile[]): string[] {
+  return files.filter((f) => f.remote === undefined).map((f) => localSource(f.reader).sameFilePath)
 }
 
 function localSource(reader: SnapshotReader): FileByteSource {

@@ -16,6 +16,9 @@ export const SEEK_HOLE = 4
 export const F_GETFL = 3
 export const F_SETFL = 4
 
+/** posix_fadvise advice: read the range into the page cache now. */
+const POSIX_FADV_WILLNEED = 3
+
 /** flock(2) operations. */
 export const LOCK_EX = 2
 export const LOCK_NB = 4
@@ -116,4 +119,22 @@ export function setNonBlocking(fd: number, step: string): void {
   if (flags < 0) libc.fail('fcntl', step)
   if ((flags & O_NONBLOCK) !== 0) return
   if (libc.fcntl(fd, F_SETFL, flags | O_NONBLOCK) !== 0) libc.fail('fcntl', step)
+}
+
+/**
+ * Has the kernel read [offset, +length) of the file behind `fd` into the page cache
+ * (posix_fadvise WILLNEED), from a libuv thread so the caller's thread never waits on the disk:
+ * resolves once the reads are submitted, not when they complete. Pages already cached are left
+ * as they are; the kernel may drop any of them again under memory pressure.
+ */
+export function adviseWillNeed(fd: number, offset: number, length: number): Promise<void> {
+  checkUnsigned('offset', offset)
+  checkUnsigned('length', length)
+  return new Promise((resolve, reject) => {
+    libc.posixFadviseAsync(fd, offset, length, POSIX_FADV_WILLNEED, (error, result) => {
+      if (error) reject(error as Error)
+      else if (result !== 0) reject(new SysError('posix_fadvise', result, `reading ahead at ${hex(offset)}`))
+      else resolve()
+    })
+  })
 }

@@ -79,7 +79,7 @@ export {
   mmapFile,
   munmap,
 } from './memory.js'
-export {fsyncDir, preadInto, seekData, seekHole, setNonBlocking, tryLockExclusive} from './file.js'
+export {adviseWillNeed, fsyncDir, preadInto, seekData, seekHole, setNonBlocking, tryLockExclusive} from './file.js'
 export {hasSystemLz4, lz4DecodeBlock} from './lz4.js'
 export {crc32, nativeCrc32} from './crc.js'
 export {pidfdOpen, pinThreadToCurrentCpu, processMadvise, processVmReadv, setThreadNice} from './process.js'

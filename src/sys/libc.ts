@@ -140,6 +140,13 @@ export const lseek = lib.func('lseek', off_t, ['int', off_t, 'int']) as (
   offset: number,
   whence: number,
 ) => number
+/**
+ * posix_fadvise(2), called on a libuv thread (`.async`): WILLNEED submits the reads of the whole
+ * range before it returns, which can wait on the device's queue. Returns the error number itself.
+ */
+export const posixFadviseAsync = (lib.func('posix_fadvise', 'int', ['int', off_t, off_t, 'int']) as unknown as {
+  async: (fd: number, offset: number, len: number, advice: number, done: (error: unknown, result: number) => void) => void
+}).async
 
 // --- ioctl and raw syscalls --------------------------------------------------------------------
 /** ioctl whose argument is a struct we own, passed by its raw address (hot path: no koffi marshalling). */

@@ -2,6 +2,7 @@ import {type Geometry} from '../../format/geometry.js'
 import {fillRegions} from '../../sys/index.js'
 import {type GuestRegion} from '../protocol.js'
 import {AddressMap} from './address-map.js'
+import {NO_WINDOW, type WindowHistory} from './fault-window.js'
 import {type WorkingSetHelper} from './working-set-helper.js'
 import {PageStates} from './page-states.js'
 
@@ -33,6 +34,8 @@ export class Client {
   failed = false
   /** A thread installing part of the working set beside the fault loop, while it runs. */
   helper: WorkingSetHelper | undefined
+  /** The window the last served fault installed around itself: the next one grows from it if it lands near. */
+  faultWindow: WindowHistory = NO_WINDOW
   private fillRegionTable: BigUint64Array | undefined
 
   /**

@@ -8,6 +8,7 @@ import {addressOf, rethrowAsSysError, SysError} from '../../sys/index.js'
 import {type GuestRegion} from '../protocol.js'
 import {type RunClock, type RunStats} from '../run-stats.js'
 import {type Client, type PendingFault} from './client.js'
+import {nextWindow, widestWindow, windowSizes, type WindowSizes} from './fault-window.js'
 import {type CopiedRange, type Installed, type Installer, type Outcome, ZEROS} from './installer.js'
 import {PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED} from './page-states.js'
 import {type PayloadSource} from './payload-source.js'
@@ -35,8 +36,13 @@ export interface Served {
 }
 
 export interface ServeOptions {
-  /** Bytes around a faulting page installed with it (aligned window, clipped to its region). */
+  /**
+   * Bytes around a faulting page installed with it (an aligned window, clipped to its region):
+   * from `faultAroundMinBytes` (default: the same, a fixed window) growing to `faultAroundBytes`
+   * while faults land next to each other (see fault-window.ts).
+   */
   faultAroundBytes: number
+  faultAroundMinBytes?: number
   /**
    * Serve faults on pages of the snapshot's packed working set from their packed block (the
    * pages the set touches next) instead of a window of chunks around them.
@@ -63,7 +69,7 @@ export function zeroRunWindowPages(reader: ImageReader): number {
  */
 export class FaultServer {
   readonly geometry: Geometry
-  readonly windowPages: number
+  readonly windowSizes: WindowSizes
   private readonly zeroMap: ZeroMap
   private readonly pageSize: number
   private readonly chunkCount: number
@@ -89,7 +95,7 @@ export class FaultServer {
     this.pageSize = this.geometry.pageSize
     this.chunkCount = reader.index.length
     this.snapshotName = reader.source.name
-    this.windowPages = Math.max(1, Math.floor(options.faultAroundBytes / this.pageSize))
+    this.windowSizes = windowSizes(options.faultAroundMinBytes ?? options.faultAroundBytes, options.faultAroundBytes, this.pageSize)
     this.payloadIndex = payloadPageIndex(reader.zeroMap, this.geometry.pagesPerChunk)
     const packed = reader.packed
     if (options.packedWorkingSet && packed) {
@@ -148,17 +154,27 @@ export class FaultServer {
     }
     const regionFirst = region.offset / this.pageSize
     const regionEnd = regionFirst + region.size / this.pageSize
-    const windowFirst = Math.max(regionFirst, page - (page % this.windowPages))
-    const windowEnd = Math.min(regionEnd, windowFirst + this.windowPages)
-    const [runFirst, runEnd] = this.runAround(client, page, windowFirst, windowEnd)
+    const window = nextWindow(client.faultWindow, page, this.windowSizes, regionFirst, regionEnd)
+    const [runFirst, runEnd] = this.runAround(client, page, window.first, window.end)
     const faulting = this.fillRun(client, region, runFirst, runEnd - runFirst)
     if (faulting.outcome !== 'served') return {outcome: faulting.outcome, window: undefined}
+    client.faultWindow = window
     this.recordServed(fault, kind)
     // The fault itself is served; the rest of the window is a bonus. If the address space
     // is changing (EAGAIN), the remaining pages are left to later faults.
-    const rest = this.fillWindow(client, region, windowFirst, windowEnd)
-    this.stats.add('faultAroundPages', faulting.pages + rest.pages - 1)
-    return {outcome: rest.outcome === 'gone' ? 'gone' : 'served', window: {page, first: windowFirst, end: windowEnd}}
+    const rest = this.fillWindow(client, region, window.first, window.end)
+    let pages = faulting.pages + rest.pages
+    let outcome = rest.outcome
+    // Zero runs cost no decode and almost no copy: they are filled over the widest window
+    // whatever the window's size now, so zero memory near a fault does not fault again.
+    const widest = widestWindow(page, this.windowSizes, regionFirst, regionEnd)
+    if (outcome === 'served' && (widest.first < window.first || widest.end > window.end)) {
+      const zeros = this.fillWindow(client, region, widest.first, widest.end, undefined, 'zeros')
+      pages += zeros.pages
+      outcome = zeros.outcome
+    }
+    this.stats.add('faultAroundPages', pages - 1)
+    return {outcome: outcome === 'gone' ? 'gone' : 'served', window: {page, first: window.first, end: window.end}}
   }
 
   private recordServed(fault: PendingFault, kind: 'faultsData' | 'faultsZero' | 'faultsRemoved' | 'faultsAlreadyPresent'): void {
@@ -227,12 +243,12 @@ export class FaultServer {
     return this.runsOfBlock[block]
   }
 
-  /** Installs every still-missing run in [first, end) of one region. */
-  private fillWindow(client: Client, region: GuestRegion, first: number, end: number, copied?: CopiedRange[]): Installed {
+  /** Installs every still-missing run in [first, end) of one region (of zero pages only, with 'zeros'). */
+  private fillWindow(client: Client, region: GuestRegion, first: number, end: number, copied?: CopiedRange[], what: 'all' | 'zeros' = 'all'): Installed {
     let pages = 0
     let p = first
     while (p < end) {
-      if (client.states.get(p) !== PAGE_MISSING) {
+      if (client.states.get(p) !== PAGE_MISSING || (what === 'zeros' && !this.zeroMap.isZero(p))) {
         p++
         continue
       }

@@ -101,7 +101,7 @@ export class FaultLoop {
     // Faults on packed working-set pages are served from their blocks only while those blocks are
     // being prefetched (not with --working-set none, nor for CRIU's restored processes).
     const packedWorkingSet = config.workingSetUnits.some((unit) => unit >= reader.index.length)
-    const server = new FaultServer(reader, source, installer, stats, clock, {faultAroundBytes: config.faultAroundBytes, packedWorkingSet})
+    const server = new FaultServer(reader, source, installer, stats, clock, {faultAroundBytes: config.faultAroundBytes, faultAroundMinBytes: config.faultAroundMinBytes, packedWorkingSet})
     // A helper thread installs most of each client's staged working set beside this one:
     // single-page copies cost ~2-3 µs each in the kernel and two threads copying run side by side.
     const installHelper = pool !== undefined && availableParallelism() > 1 && process.env.UFFD_INSTALL_HELPER !== '0'

@@ -161,7 +161,7 @@ export class Prefetcher {
    * again: another client of the snapshot, or faults whose window is smaller than a chunk.
    */
   private updateRetention(): void {
-    this.source.retainReleased = this.queues.size > 1 || this.server.windowPages < this.pagesPerChunk
+    this.source.retainReleased = this.queues.size > 1 || this.server.windowSizes.minPages < this.pagesPerChunk
   }
 
   /**
@@ -194,8 +194,8 @@ export class Prefetcher {
   noteFault(client: Client, window: FaultWindow): void {
     const q = this.queues.get(client.id)
     if (!q || this.options.readaheadBytes <= 0) return
-    const windowPages = this.server.windowPages
-    const {page, end: windowEnd} = window
+    const {page, first: windowFirst, end: windowEnd} = window
+    const windowPages = Math.max(1, windowEnd - windowFirst)
     q.streak = page >= q.nextPage && page < q.nextPage + windowPages ? q.streak + 1 : 0
     q.nextPage = windowEnd
     if (q.streak === 0) return

@@ -9,7 +9,7 @@ import {type OpenedSnapshot} from '../../snapshot/open.js'
 import {specTransfer} from '../../snapshot/spec.js'
 
 /** How chunks are served, the same for a VMM's client and for CRIU's restored processes. */
-export type ServingSettings = Pick<WorkerConfig, 'cacheBytes' | 'faultAroundBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes'> & {
+export type ServingSettings = Pick<WorkerConfig, 'cacheBytes' | 'faultAroundBytes' | 'faultAroundMinBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes'> & {
   /** The snapshot the command opened (a local file, or object storage through the fetcher thread). */
   snapshot: OpenedSnapshot
 }
@@ -18,8 +18,8 @@ export type ServingSettings = Pick<WorkerConfig, 'cacheBytes' | 'faultAroundByte
  * The serving settings out of a command's options, as the worker receives them: picked field by
  * field, since the options also hold things a worker cannot receive (an AbortSignal, callbacks).
  */
-export function servingSettings(o: ServingSettings): Pick<WorkerConfig, 'snapshot' | 'cacheBytes' | 'faultAroundBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes'> {
-  return {snapshot: o.snapshot.spec(), cacheBytes: o.cacheBytes, faultAroundBytes: o.faultAroundBytes, spinMicros: o.spinMicros, decoders: o.decoders, readaheadBytes: o.readaheadBytes}
+export function servingSettings(o: ServingSettings): Pick<WorkerConfig, 'snapshot' | 'cacheBytes' | 'faultAroundBytes' | 'faultAroundMinBytes' | 'spinMicros' | 'decoders' | 'readaheadBytes'> {
+  return {snapshot: o.snapshot.spec(), cacheBytes: o.cacheBytes, faultAroundBytes: o.faultAroundBytes, faultAroundMinBytes: o.faultAroundMinBytes, spinMicros: o.spinMicros, decoders: o.decoders, readaheadBytes: o.readaheadBytes}
 }
 
 /**

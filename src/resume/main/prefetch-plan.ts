@@ -16,13 +16,16 @@ export interface PrefetchPlan {
 /**
  * Whether the session listens only once it has planned (and the fault-loop worker staged) the
  * working set: a set given on the command line is parsed and checked first, so that a bad one is
- * an error before anyone is told to connect; an attached set is staged (decoded into memory) when
- * there are decoders. Asked before the session is loaded, so it reads only the snapshot's header.
+ * an error before anyone is told to connect; an attached set of a local file is staged (decoded
+ * into memory) when there are decoders, so that a client is served at full speed from its first
+ * fault. A remote snapshot's set is not waited for: its blocks come over the network while the
+ * VMM connects and loads its own state, and faults are served as their bytes land meanwhile.
+ * Asked before the session is loaded, so it reads only the snapshot's header.
  */
 export function listensAfterWorkingSet(reader: ImageReader, workingSetFile: string | undefined, decoders: number): boolean {
   if (workingSetFile === 'none') return false
   if (workingSetFile) return true
-  return decoders > 0 && attachedUnits(reader).length > 0
+  return decoders > 0 && !reader.remote && attachedUnits(reader).length > 0
 }
 
 /** The plan for `workingSetFile` (a path, "none", or undefined for the snapshot's own set). */

@@ -1,0 +1,80 @@
+// `uffd resume --preread`: the snapshot read into the page cache in the background at start.
+// Residency is read with util-linux's fincore (mincore(2)) after the test file alone was evicted
+// (posix_fadvise DONTNEED, by python3), so other tests' page cache is left alone.
+import {spawnSync} from 'node:child_process'
+import fs from 'node:fs'
+import path from 'node:path'
+import {afterAll, beforeAll, describe, expect, it} from 'vitest'
+
+import {memoryAvailable, prereadFiles} from '../src/resume/main/preread.js'
+import {uffd} from './helpers/cli.js'
+import {makeImage, tempDir} from './helpers/images.js'
+
+let dir: string
+let snapshot: string
+
+const hasFincore = spawnSync('sh', ['-c', 'command -v fincore']).status === 0
+if (!hasFincore) console.warn('preread: residency checks skipped: fincore (util-linux) is not installed')
+
+/** Drops the file's pages from the page cache (only clean pages go: write it and fsync first). */
+function evict(file: string): void {
+  const r = spawnSync('python3', ['-c', 'import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)', file], {encoding: 'utf8'})
+  expect(r.status, r.stderr).toBe(0)
+}
+
+/** Bytes of the file in the page cache. */
+function resident(file: string): number {
+  const r = spawnSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], {encoding: 'utf8'})
+  expect(r.status, r.stderr).toBe(0)
+  return Number(r.stdout.trim())
+}
+
+beforeAll(() => {
+  dir = tempDir('uffd-preread-')
+  const image = path.join(dir, 'mem.raw')
+  fs.writeFileSync(image, makeImage('mixed', 32 << 20, 3))
+  snapshot = path.join(dir, 'mem.uffd')
+  const made = uffd(['snapshot', '--mem-file', image, '-o', snapshot])
+  expect(made.status, made.stderr).toBe(0)
+})
+
+afterAll(() => {
+  fs.rmSync(dir, {recursive: true, force: true})
+})
+
+describe('reading the snapshot ahead into the page cache', () => {
+  it.skipIf(!hasFincore)('resume reads the whole file in at start by default, and not with --preread off', () => {
+    const size = fs.statSync(snapshot).size
+    evict(snapshot)
+    expect(resident(snapshot)).toBeLessThan(size / 4)
+    // No client comes: the handler gives up after a second, long after reading ahead.
+    const on = uffd(['resume', snapshot, '--socket', path.join(dir, 'on.sock'), '--timeout', '1'])
+    expect(on.stderr).toMatch(/read [\d.]+ [KM]iB of the snapshot into the page cache ahead of faults/)
+    expect(resident(snapshot)).toBe(Math.ceil(size / 4096) * 4096)
+
+    evict(snapshot)
+    const off = uffd(['resume', snapshot, '--socket', path.join(dir, 'off.sock'), '--timeout', '1', '--preread', 'off'])
+    expect(off.stderr).not.toMatch(/page cache/)
+    expect(resident(snapshot)).toBeLessThan(size / 4)
+  })
+
+  it('a snapshot larger than a quarter of the memory available is not read ahead', async () => {
+    const files = [`/proc/self/fd/${fs.openSync(snapshot, 'r')}`]
+    const size = fs.statSync(snapshot).size
+    const refused = await prereadFiles(files, new AbortController().signal, size * 3)
+    expect(refused).toMatchObject({bytes: 0, skipped: expect.stringMatching(/larger than a quarter of the memory available/)})
+    const done = await prereadFiles(files, new AbortController().signal, size * 4)
+    expect(done.bytes).toBe(size)
+    expect(done.skipped).toBeUndefined()
+    const stopped = new AbortController()
+    stopped.abort()
+    expect(await prereadFiles(files, stopped.signal, size * 4)).toMatchObject({bytes: 0, skipped: 'stopped'})
+  })
+
+  it('reads MemAvailable from /proc/meminfo', () => {
+    expect(memoryAvailable('MemTotal:       24000000 kB\nMemAvailable:   18225376 kB\n')).toBe(18225376 * 1024)
+    expect(memoryAvailable('MemTotal: 1 kB\n')).toBeUndefined()
+    expect(memoryAvailable('')).toBeUndefined()
+    expect(memoryAvailable()).toBeGreaterThan(0)
+  })
+})
