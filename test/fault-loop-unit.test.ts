@@ -122,8 +122,8 @@ class ScriptedSource implements PayloadSource {
   isLocal(unit: number): boolean {
     return !this.remote.has(unit)
   }
-  fetchNow(unit: number): void {
-    this.fetched.push(unit)
+  fetchNow(units: readonly number[]): void {
+    this.fetched.push(...units)
   }
   isRequested(unit: number): boolean {
     return this.asked.includes(unit)
@@ -299,11 +299,24 @@ describe('FaultServer with a scripted payload source', () => {
     const fault = {address: BASE + page * PAGE, readAt: performance.now()}
     expect(server.serve(client, fault)).toEqual({outcome: 'wait', window: undefined})
     expect(scripted.fetched).toEqual([chunk])
+    scripted.fetched.length = 0
     expect(kernel.present.some((x) => x)).toBe(false)
     scripted.remote.delete(chunk)
     expect(server.serve(client, fault).outcome).toBe('served')
     expect(client.states.get(page)).toBe(PAGE_PRESENT)
     expectImageWherePresent(kernel)
+  })
+
+  it('a fault whose chunk is still in object storage asks for the chunks of its widest window too, its own first', () => {
+    // A 256 KiB window: four 64 KiB chunks, fetched in one go (one round trip to the store).
+    const {server, client, scripted} = setup({faultAroundBytes: 256 * 1024})
+    const page = firstDataPage(100)
+    const chunk = Math.floor(page / 16)
+    scripted.remote.add(chunk)
+    expect(server.serve(client, {address: BASE + page * PAGE, readAt: performance.now()}).outcome).toBe('wait')
+    const first = Math.floor(page / 64) * 4
+    expect(scripted.fetched[0]).toBe(chunk)
+    expect([...scripted.fetched].sort((a, b) => a - b)).toEqual([first, first + 1, first + 2, first + 3])
   })
 
   it('fault-around never waits on the network: chunks not here yet are left missing', () => {

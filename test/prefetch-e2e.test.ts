@@ -357,8 +357,9 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     const snapshot = path.join(dir, 'pop.uffd')
     fs.writeFileSync(raw, makeImage('mixed', 32 * 1024 * 1024, 5))
     expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
-    // The client touches nothing, waits for population, then balloons 1 MiB away and re-touches it.
-    const r = await resumeWith(snapshot, ['--populate', 'all'], [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, '--touch', 'none', '--hold-ms', '1500', '--verify-all', '--balloon', '4M:1M']], 'populate')
+    // The client touches nothing, waits for population (faults served at once would otherwise
+    // install everything first), then balloons 1 MiB away and re-touches it.
+    const r = await resumeWith(snapshot, ['--populate', 'all'], [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, '--touch', 'none', '--delay-ms', '1500', '--verify-all', '--balloon', '4M:1M']], 'populate')
     const out = JSON.parse(r.client.stdout)
     expect(out.verify_errors).toBe(0)
     expect(out.balloon_ok).toBe(true)

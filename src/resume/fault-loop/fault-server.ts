@@ -140,7 +140,7 @@ export class FaultServer {
     // serving everything else; it is served again when they land.
     const unit = this.blockOfPage && this.blockOfPage[page] >= 0 ? this.chunkCount + this.blockOfPage[page] : kind === 'faultsData' ? this.geometry.chunkOfOffset(page * this.pageSize) : -1
     if (unit >= 0 && !this.source.isLocal(unit)) {
-      this.source.fetchNow(unit)
+      this.source.fetchNow(unit < this.chunkCount ? this.chunksAround(page, region) : [unit])
       return {outcome: 'wait', window: undefined}
     }
     if (this.blockOfPage && this.blockOfPage[page] >= 0) {
@@ -175,6 +175,22 @@ export class FaultServer {
     }
     this.stats.add('faultAroundPages', pages - 1)
     return {outcome: outcome === 'gone' ? 'gone' : 'served', window: {page, first: window.first, end: window.end}}
+  }
+
+  /**
+   * The chunks of the widest window around `page`, its own first: fetched from object storage
+   * together with a fault's (one ranged request, as they are stored back to back), since a round
+   * trip to the store costs far more than the bytes around the fault, which the window may
+   * grow into. The fault waits only for its own.
+   */
+  private chunksAround(page: number, region: GuestRegion): number[] {
+    const regionFirst = region.offset / this.pageSize
+    const widest = widestWindow(page, this.windowSizes, regionFirst, regionFirst + region.size / this.pageSize)
+    const own = this.geometry.chunkOfOffset(page * this.pageSize)
+    const chunks = [own]
+    const last = this.geometry.chunkOfOffset((widest.end - 1) * this.pageSize)
+    for (let c = this.geometry.chunkOfOffset(widest.first * this.pageSize); c <= last; c++) if (c !== own) chunks.push(c)
+    return chunks
   }
 
   private recordServed(fault: PendingFault, kind: 'faultsData' | 'faultsZero' | 'faultsRemoved' | 'faultsAlreadyPresent'): void {

@@ -127,13 +127,14 @@ export class FaultLoop {
   run(): void {
     const {pool, source, stats, prefetcher} = this.parts
     this.rebuildPollSet()
-    // Ready means ready to serve at full speed: decoders that are still loading would hold up the
-    // first faults that need them. If they never start, faults are decoded here.
-    const started = pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false
-    // And the working set decoded: after a handshake, installing it then costs only the copies.
-    // From object storage the set is fetched while the client connects: being ready (listening)
-    // does not wait for the network.
-    const staged = started ? source.waitUntilStaged(this.parts.reader.remote ? 0 : STARTUP_WAIT_MS) : {units: 0, bytes: 0}
+    // A local snapshot's working set is decoded before the socket listens (after a handshake,
+    // installing it then costs only the copies), which needs the decoders up. Otherwise the socket
+    // listens already, and a client may be waiting: faults are served at once, decoded here until
+    // the decoders have loaded (a fault takes back a request no decoder has started on). From
+    // object storage the set is fetched while the client connects: nothing waits for the network.
+    const stagesFirst = this.parts.stagedSlots > 0 && !this.parts.reader.remote
+    const started = stagesFirst ? (pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false) : false
+    const staged = started ? source.waitUntilStaged(STARTUP_WAIT_MS) : {units: 0, bytes: 0}
     if (staged.units > 0) {
       stats.set('stagedUnits', staged.units)
       stats.set('stagedBytes', staged.bytes)

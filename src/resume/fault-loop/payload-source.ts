@@ -26,8 +26,8 @@ export interface PayloadSource {
    * for object storage, once its stored bytes are on this host (or decoded, or failed).
    */
   isLocal(unit: number): boolean
-  /** Asks for `unit`'s stored bytes at demand priority, without waiting; landedFd becomes readable when they arrive. */
-  fetchNow(unit: number): void
+  /** Asks for these units' stored bytes at demand priority, without waiting; landedFd becomes readable when they arrive. */
+  fetchNow(units: readonly number[]): void
   /** Readable when fetched bytes land (-1: a local file, never readable). */
   readonly landedFd: number
   /** Whether a decode of `unit` was asked for and is not yet released. */
@@ -108,8 +108,8 @@ export class DecodedUnits implements PayloadSource {
     return this.reader.isLocal(unit)
   }
 
-  fetchNow(unit: number): void {
-    this.reader.fetchAhead([unit], PRIORITY_DEMAND)
+  fetchNow(units: readonly number[]): void {
+    this.reader.fetchAhead(units, PRIORITY_DEMAND)
   }
 
   payload(unit: number): Buffer {
