@@ -102,7 +102,11 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
     spec: () => ({kind: 'chain', files: files.map((f) => f.spec()), paths: [...reader.paths], landedFd}),
     report: () => first?.report(...others),
     localFiles: () => localFiles(files),
-    close: closeAll,
+    close: async () => {
+      // The chain first (it lets go of its share of the thread's unit cache), then its files.
+      reader.close()
+      await closeAll()
+    },
   }
 }
 
