@@ -85,7 +85,7 @@ describe('the unit cache', () => {
           expect(dst.equals(images.get(name)!.subarray(c * CHUNK, (c + 1) * CHUNK)), `${name} chunk ${c}`).toBe(true)
         }
       }
-      const base = a.files[0].identity
+      const base = a.files[0].layout
       const needed = new Set([...chunksUsingBase(a), ...chunksUsingBase(b)])
       expect(needed.size).toBeGreaterThan(0)
       // Shared: once per base chunk either layer needs; separate: once per layer that needs it.

@@ -4,11 +4,11 @@ import {type SnapshotReader} from './reader.js'
 export const UNIT_CACHE_ENTRIES_PER_CHAIN = 16
 
 /**
- * Decoded units of the files of layer chains, keyed by the file that holds them (its identity)
- * and the unit's number there, not by the chain or the top layer: chains that share a file (two
+ * Decoded units of the files of layer chains, keyed by the file that holds them (its layout
+ * digest, see SnapshotReader.layout) and the unit's number there, not by the chain or the top layer: chains that share a file (two
  * layers of one base) opened in one thread decode each of its units once between them. Least
  * recently used out, its buffer reused; room for UNIT_CACHE_ENTRIES_PER_CHAIN per chain attached.
- * Counts, per file identity, the units it decoded and the reads it answered from memory.
+ * Counts, per file layout, the units it decoded and the reads it answered from memory.
  */
 export class UnitCache {
   private readonly entries = new Map<string, {buffer: Buffer; payload: Buffer}>()
@@ -30,12 +30,12 @@ export class UnitCache {
 
   /** Unit `unit` of `file`, decoded and verified by its reader; valid until the next call. */
   payload(file: SnapshotReader, unit: number): Buffer {
-    const key = `${file.identity}:${unit}`
+    const key = `${file.layout}:${unit}`
     const hit = this.entries.get(key)
     if (hit) {
       this.entries.delete(key)
       this.entries.set(key, hit)
-      this.hits.set(file.identity, (this.hits.get(file.identity) ?? 0) + 1)
+      this.hits.set(file.layout, (this.hits.get(file.layout) ?? 0) + 1)
       return hit.payload
     }
     const size = Math.max(file.entry(unit).payloadLength, file.geometry.chunkSize)
@@ -47,7 +47,7 @@ export class UnitCache {
     }
     buffer ??= Buffer.alloc(size)
     const payload = file.readPayload(unit, buffer)
-    this.decodes.set(file.identity, (this.decodes.get(file.identity) ?? 0) + 1)
+    this.decodes.set(file.layout, (this.decodes.get(file.layout) ?? 0) + 1)
     this.entries.set(key, {buffer, payload})
     return payload
   }
