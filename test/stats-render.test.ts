@@ -100,7 +100,7 @@ describe('renderResumeReport', () => {
       staged: fc.option(nullable(fc.record({units: n, bytes: n, ms: t})), {nil: undefined}),
       ioctls: fc.record({copy: n, zeropage: n, eexist: n, eagain: n}),
       bytes: fc.record({copied: n, decompressed: n}),
-      chunks: fc.record({decoded: n, cacheHits: n, cacheMisses: n, hitRate: nullable(fc.double({min: 0, max: 1, noNaN: true}))}),
+      chunks: fc.record({decoded: n, storedUnitsDecoded: n, cacheHits: n, cacheMisses: n, hitRate: nullable(fc.double({min: 0, max: 1, noNaN: true}))}, {requiredKeys: ['decoded', 'cacheHits', 'cacheMisses', 'hitRate']}),
       events: fc.record({remove: n, removedPages: n, unmap: n, remap: n, fork: n}),
       latencyUs: fc.record({p50: nullable(t), p90: nullable(t), p99: nullable(t), min: nullable(t), max: nullable(t), mean: nullable(t)}, {requiredKeys: ['p50', 'p90', 'p99', 'max', 'mean']}),
       timeToFirstFaultMs: nullable(t),

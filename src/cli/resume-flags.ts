@@ -8,7 +8,7 @@ import {remoteFlagSpecs} from './remote-flags.js'
 export const RESUME_SNAPSHOT_ARG = 'Snapshot to serve: a path, an http(s):// URL or s3://BUCKET/KEY (chunks are fetched as they fault or are prefetched, into the --cache-dir).'
 
 export const resumeFlagSpecs = {
-  layers: {kind: 'string', summary: "Where a layer's parents are, by the names recorded in it [default: the layer's own directory]. Each is checked against the identity the layer recorded."},
+  layers: {kind: 'string', summary: "Where a layer's parents are, by the names recorded in it: a directory, s3://BUCKET/PREFIX/ or an http(s):// directory [default: next to the layer: its directory, bucket prefix or URL directory]. Each is checked against the identity the layer recorded."},
   socket: {kind: 'string', summary: 'Unix socket to listen on (created 0600; a stale socket file is replaced).', exactlyOne: ['socket', 'criu-dir']},
   'criu-dir': {kind: 'string', summary: 'Serve `criu restore --lazy-pages` of this CRIU dump (the one the snapshot was made from) instead of a VMM.', exactlyOne: ['socket', 'criu-dir'], exclusive: ['serve', 'record', 'working-set', 'learn']},
   'work-dir': {kind: 'string', summary: 'With --criu-dir: criu restore\'s --work-dir, where it looks for lazy-pages.socket [default: the --criu-dir].', dependsOn: ['criu-dir']},

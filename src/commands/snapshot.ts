@@ -8,7 +8,7 @@ import {BaseCommand} from '../cli/base-command.js'
 import {modeFlag, parseMode} from '../cli/mode-flag.js'
 import {progressBar, withInterruptHandling} from '../cli/progress.js'
 import {oclifFlags} from '../cli/oclif-flags.js'
-import {remoteFlagSpecs, s3Settings} from '../cli/remote-flags.js'
+import {remoteFlagSpecs, remoteOptions, s3Settings} from '../cli/remote-flags.js'
 import {UffdError} from '../core/errors.js'
 import {formatBytes, formatPercent, parseSize} from '../core/units.js'
 import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../format/constants.js'
@@ -23,7 +23,10 @@ import {SnapshotReader} from '../snapshot/reader.js'
 import {attachedSizeHint, describeAttached, PACK_CODECS, packOptionsFor, writeAttached} from '../snapshot/relayout.js'
 import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'
 import {type LayerSummary, writeLayer} from '../snapshot/layer-writer.js'
-import {LayeredReader, openImage} from '../snapshot/layered-reader.js'
+import {LayeredReader} from '../snapshot/layered-reader.js'
+import {type OpenedSnapshot, openSnapshot} from '../snapshot/open.js'
+import {fileNameOf} from '../snapshot/parent-location.js'
+import {describeLocation, isRemote, type Location, parseLocation} from '../remote/location.js'
 
 export const DEFAULT_CODEC: CompressionCodec = 'zstd'
 export const DEFAULT_LEVEL = 1
@@ -38,7 +41,7 @@ With --pid the process is stopped (SIGSTOP) while its memory is read, for a cons
 
 With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted: one region per VMA of every task in the dumped tree, owned by the task's pid; pages CRIU did not dump are zero pages. Incremental dumps (pages in a parent dump) and --lazy-pages dumps are refused.
 
-With --parent BASE the snapshot is a layer over BASE (an ordinary snapshot, or itself a layer): every page is compared with BASE's and only those that differ are stored, packed in compressed blocks, with a table saying which file of the chain holds each page. The layer records each ancestor's file name and identity; resume, stats, verify and squash find them next to the layer (or in --layers DIR) and refuse a missing or different one. Its page and chunk size are BASE's. With --diff, --mem-file is a Firecracker Diff snapshot: its holes are pages unchanged since BASE (not zeros), and its data pages are compared with BASE too.
+With --parent BASE the snapshot is a layer over BASE (an ordinary snapshot, or itself a layer): every page is compared with BASE's and only those that differ are stored, packed in compressed blocks, with a table saying which file of the chain holds each page. The layer records each ancestor's file name and identity; resume, stats, verify, squash and cp find them next to the layer (its directory, S3 prefix or URL directory, or under --layers) and refuse a missing or different one. BASE may be local, s3:// or http(s)://, and the layer may go to a path or to s3:// (uploaded when written). Its page and chunk size are BASE's. With --diff, --mem-file is a Firecracker Diff snapshot: its holes are pages unchanged since BASE (not zeros), and its data pages are compared with BASE too.
 
 With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart upload: parts go out while later chunks are still being compressed, a few parts in memory at once); the object appears only when it is complete, and a failed or interrupted run aborts the upload, leaving nothing. With --working-set, the snapshot is first written to a temporary file in $TMPDIR, then uploaded with the set attached.`
 
@@ -66,12 +69,12 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     jobs: Flags.integer({char: 'j', summary: 'Compression worker threads [default: number of CPUs].', min: 1, max: 256}),
     'working-set': Flags.string({summary: 'Attach a working set recorded by `uffd resume --record` (on a snapshot of the same memory): its pages are stored first, packed, and prefetched on resume.'}),
     pack: Flags.string({summary: "With --working-set: codec of the packed copy of the set's pages [default: --codec]; none: reorder chunks only.", options: PACK_CODECS, dependsOn: ['working-set']}),
-    parent: Flags.string({summary: "Write a layer over this snapshot (a local path): only the pages whose content differs from the parent's are stored."}),
+    parent: Flags.string({summary: "Write a layer over this snapshot (a path, http(s):// URL or s3://BUCKET/KEY; itself a layer or not): only the pages whose content differs from the parent's are stored."}),
     diff: Flags.boolean({summary: 'With --parent and --mem-file: the file is a Firecracker Diff snapshot, whose holes are pages unchanged since the parent.'}),
-    layers: Flags.string({summary: "Directory holding the parent's own ancestors, when the parent is a layer [default: the parent's directory].", dependsOn: ['parent']}),
+    layers: Flags.string({summary: "Where the parent's own ancestors are, when the parent is a layer: a directory, s3://BUCKET/PREFIX/ or an http(s):// directory [default: next to the parent].", dependsOn: ['parent']}),
     mode: modeFlag,
     freeze: Flags.boolean({summary: 'Stop the process while reading it (--no-freeze reads it running: faster for the process, inconsistent image).', default: true, allowNo: true}),
-    's3-endpoint': oclifFlags(remoteFlagSpecs)['s3-endpoint'],
+    ...oclifFlags(remoteFlagSpecs),
   }
 
   async run(): Promise<(WriteSummary & {ratio: number; source: string}) | (LayerSummary & {source: string})> {
@@ -158,31 +161,24 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     return {mode, source, location}
   }
 
-  /** `snapshot --parent`: a layer of the input over the parent, to a local path. */
+  /** `snapshot --parent`: a layer of the input over the parent (local or remote, as its chain is), to a path or s3://. */
   private async layer(flags: Interfaces.InferredFlags<typeof Snapshot.flags>): Promise<LayerSummary & {source: string}> {
-    const parentPath = flags.parent!
     if (flags['working-set'] !== undefined) this.error('--working-set with --parent: attach a working set to the base, before layering on it', {exit: 2})
     if (flags.regions !== undefined) this.error("--regions with --parent: a layer has its parent's regions", {exit: 2})
     const {mode, source, location} = this.output(flags)
-    if (location.kind !== 'file') this.error('a layer is written to a local path (upload it with uffd cp once written)', {exit: 2})
-    const prepared = await prepareOutput(location, {force: flags.force, mode, s3: s3Settings(flags)})
-    if (path.resolve(location.path) === path.resolve(parentPath)) this.error('--parent and the output are the same file', {exit: 2})
-    const parent = openImage(parentPath, flags.layers)
+    const parentLocation = parseLocation(flags.parent!)
+    const remote = remoteOptions(flags)
+    const prepared = await prepareOutput(location, {force: flags.force, mode, s3: remote.s3})
+    const parent = await openSnapshot(flags.parent!, remote, flags.layers)
+    const parentPath = parent.name
     try {
-      // Replacing any file of the chain (by another name, a link, an ancestor) would lose it and
-      // leave the new layer, and every layer on it, without a parent.
-      const out = fs.statSync(location.path, {throwIfNoEntry: false})
-      const chain = parent instanceof LayeredReader ? parent.paths : [parentPath]
-      const clash = out && chain.find((p) => {
-        const s = fs.statSync(p, {throwIfNoEntry: false})
-        return s !== undefined && s.dev === out.dev && s.ino === out.ino
-      })
-      if (clash) throw new UffdError('USAGE', `the output ${location.path} is ${clash}, a file of the parent's chain: writing it would lose that file`)
+      const clash = chainClash(location, parent)
+      if (clash) throw new UffdError('USAGE', `the output ${prepared.destination} is ${clash}, a file of the parent's chain: writing it would lose that file`)
       const pageSize = flags['page-size'] === '2M' ? PAGE_SIZE_2M : PAGE_SIZE_4K
-      if (pageSize !== parent.geometry.pageSize) throw new UffdError('INPUT_MISMATCH', `--page-size ${flags['page-size']}: the parent ${parentPath} has ${formatBytes(parent.geometry.pageSize)} pages`)
+      if (pageSize !== parent.reader.geometry.pageSize) throw new UffdError('INPUT_MISMATCH', `--page-size ${flags['page-size']}: the parent ${parentPath} has ${formatBytes(parent.reader.geometry.pageSize)} pages`)
       const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
       const write = (input: ImageInput, signal: AbortSignal): Promise<LayerSummary> =>
-        writeLayer(input, parent, parentPath, prepared.destination, {codec: flags.codec as CompressionCodec, level: flags.level, diff: flags.diff ?? false, mode, signal, onProgress: bar.update})
+        writeLayer(input, {reader: parent.reader, shown: parentPath, fileName: fileNameOf(parentLocation)}, prepared.open, {codec: flags.codec as CompressionCodec, level: flags.level, diff: flags.diff ?? false, signal, onProgress: bar.update})
       const summary = await withInterruptHandling(async (signal) => {
         try {
           if (flags['mem-file']) return await write(memFileInput(flags['mem-file']), signal)
@@ -199,7 +195,7 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
       )
       return {...summary, source}
     } finally {
-      parent.close()
+      await parent.close()
     }
   }
 
@@ -267,4 +263,21 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
       this.error(`${flag}: ${(error as Error).message}`, {exit: 2})
     }
   }
+}
+
+/**
+ * Which file of the parent's chain the output is (by any name or hard link, or the same object),
+ * or undefined: replacing it would lose that file and leave the new layer, and every layer on
+ * it, without a parent.
+ */
+function chainClash(output: Location, parent: OpenedSnapshot): string | undefined {
+  const chain = parent.reader instanceof LayeredReader ? parent.reader.paths : [parent.name]
+  if (output.kind !== 'file') return chain.find((p) => p === describeLocation(output))
+  const out = fs.statSync(output.path, {throwIfNoEntry: false})
+  if (!out) return undefined
+  return chain.find((p) => {
+    if (isRemote(parseLocation(p))) return false
+    const s = fs.statSync(p, {throwIfNoEntry: false})
+    return s !== undefined && s.dev === out.dev && s.ino === out.ino
+  })
 }

@@ -2,23 +2,26 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
 import {layersFlag} from '../cli/layers-flag.js'
+import {oclifFlags} from '../cli/oclif-flags.js'
+import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {modeFlag, parseMode} from '../cli/mode-flag.js'
 import {progressBar, withInterruptHandling} from '../cli/progress.js'
 import {UffdError} from '../core/errors.js'
 import {formatBytes} from '../core/units.js'
 import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
-import {LayeredReader, openImage} from '../snapshot/layered-reader.js'
+import {LayeredReader} from '../snapshot/layered-reader.js'
+import {openSnapshot} from '../snapshot/open.js'
 import {outputLocation, prepareOutput} from '../snapshot/outputs.js'
 import {type SquashSummary, squashChain} from '../snapshot/squash.js'
 
 export default class Squash extends BaseCommand {
   static override summary = 'Write the image a layer and its chain resolve to as one self-contained snapshot.'
-  static override description = `Reads TOP with its ancestors (found next to it by their recorded names, or in --layers DIR, each checked against its recorded identity) and writes an ordinary snapshot of the same memory. Chunks whose pages all come from the base have its stored bytes copied, verified, without recompressing; the others are assembled from the chain and compressed with --codec. The output appears atomically; an interrupted or failed run leaves nothing behind.`
+  static override description = `Reads TOP with its ancestors (found next to it by their recorded names, in the same directory, bucket prefix or URL directory, or under --layers, each checked against its recorded identity; remote files are fetched through the --cache-dir) and writes an ordinary snapshot of the same memory. Chunks whose pages all come from the base have its stored bytes copied, verified, without recompressing; the others are assembled from the chain and compressed with --codec. The output appears atomically; an interrupted or failed run leaves nothing behind.`
 
   static override examples = ['<%= config.bin %> squash vm3.uffd -o vm3-full.uffd']
 
   static override args = {
-    top: Args.string({description: 'The top layer of the chain (a local path).', required: true}),
+    top: Args.string({description: 'The top layer of the chain: a path, http(s):// URL or s3://BUCKET/KEY.', required: true}),
   }
 
   static override flags = {
@@ -28,6 +31,7 @@ export default class Squash extends BaseCommand {
     level: Flags.integer({summary: `zstd level of those chunks, ${ZSTD_MIN_LEVEL}..${ZSTD_MAX_LEVEL} [default: the top layer's].`, min: ZSTD_MIN_LEVEL, max: ZSTD_MAX_LEVEL}),
     layers: layersFlag,
     mode: modeFlag,
+    ...oclifFlags(remoteFlagSpecs),
   }
 
   async run(): Promise<SquashSummary> {
@@ -35,9 +39,10 @@ export default class Squash extends BaseCommand {
     const mode = parseMode(flags.mode)
     const location = outputLocation(flags.output, {mode, flag: '--output'})
     if (location.kind !== 'file') this.error('squash writes a local path (upload the result with uffd cp)', {exit: 2})
-    const reader = openImage(args.top, flags.layers)
+    const snapshot = await openSnapshot(args.top, remoteOptions(flags), flags.layers)
+    const {reader} = snapshot
     try {
-      if (!(reader instanceof LayeredReader)) throw new UffdError('USAGE', `${args.top} is not a layer: it is self-contained already`)
+      if (!(reader instanceof LayeredReader)) throw new UffdError('USAGE', `${snapshot.name} is not a layer: it is self-contained already`)
       const prepared = await prepareOutput(location, {force: flags.force, mode, s3: {}})
       const meta = reader.header.metadata
       const codec = (flags.codec ?? (['zstd', 'lz4', 'raw'].includes(meta.codec as string) ? meta.codec : 'zstd')) as CompressionCodec
@@ -52,7 +57,7 @@ export default class Squash extends BaseCommand {
       this.log(`${summary.path}: ${reader.files.length} files -> ${formatBytes(summary.fileSize)}, ${summary.copiedChunks} chunks copied from the base, ${summary.encodedChunks} compressed again, ${summary.seconds.toFixed(2)} s`)
       return summary
     } finally {
-      reader.close()
+      await snapshot.close()
     }
   }
 }

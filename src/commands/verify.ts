@@ -6,6 +6,7 @@ import {oclifFlags} from '../cli/oclif-flags.js'
 import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {formatBytes} from '../core/units.js'
 import {type VerifyResult, verifySnapshot} from '../snapshot/inspect.js'
+import {LayeredReader} from '../snapshot/layered-reader.js'
 import {openSnapshot} from '../snapshot/open.js'
 import {layersFlag} from '../cli/layers-flag.js'
 
@@ -33,6 +34,8 @@ export default class Verify extends BaseCommand {
       // Every unit is read in order: ask for all at once, so a remote snapshot streams in with
       // the fetcher's concurrency instead of one round trip per chunk.
       reader.fetchAhead(Array.from({length: reader.unitCount}, (_, unit) => unit))
+      // A chain's files are each checked whole too, units the image no longer uses included.
+      if (reader instanceof LayeredReader) for (const f of reader.files) f.fetchAhead(Array.from({length: f.unitCount}, (_, unit) => unit))
       result = verifySnapshot(reader, snapshot.name, flags.against, bar.update)
     } finally {
       bar.stop()

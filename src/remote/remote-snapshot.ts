@@ -8,6 +8,7 @@ import {percentileUs} from '../resume/run-stats.js'
 import {type ByteSource} from '../snapshot/byte-source.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {closeFd, createEventfd, eventfdSignal} from '../sys/index.js'
+import {crc32} from '../sys/crc.js'
 import {backoffMs} from './coalesce.js'
 import {DiskCache} from './disk-cache.js'
 import {type FetcherMessage} from './fetcher/worker.js'
@@ -16,7 +17,7 @@ import {type ObjectIdentity, RemoteError, type RemoteObject} from './object.js'
 import {remoteObject} from './objects.js'
 import {RemoteByteSource} from './remote-source.js'
 import {type S3Settings} from './s3-object.js'
-import {EXTENT_FAILED, EXTENT_IN_MEMORY, EXTENT_PRESENT, type FetchOptions, readFromSegments, recordFailure, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
+import {EXTENT_FAILED, EXTENT_IN_MEMORY, EXTENT_PRESENT, type FetchOptions, readFromSegments, recordFailure, type RemoteCounter, RemoteCounters, type RemoteShare, sharedBuffers} from './shared.js'
 
 /** How remote snapshots are read: the store's client settings, the cache directory, the fetch policy. */
 export interface RemoteOptions {
@@ -74,9 +75,17 @@ export class RemoteSnapshot {
     readonly reader: SnapshotReader,
     private readonly fetcher: Worker,
     private readonly mainPort: MessagePort,
+    /** Settles once the fetcher has loaded its modules (or stopped). */
+    private readonly fetcherUp: Promise<void>,
+    /** Whether landedFd is this snapshot's own (else a chain's, closed by whoever made it). */
+    private readonly ownsLandedFd: boolean,
   ) {}
 
-  static async open(location: Exclude<Location, {kind: 'file'}>, options: RemoteOptions): Promise<RemoteSnapshot> {
+  /**
+   * `landedFd`: an eventfd to signal when an extent lands, shared by every remote file of a
+   * chain (the fault loop polls one); by default the snapshot makes its own.
+   */
+  static async open(location: Exclude<Location, {kind: 'file'}>, options: RemoteOptions, landedFd?: number): Promise<RemoteSnapshot> {
     // One connection: opening asks one thing at a time, and it is closed once the structures are
     // read (the fetcher thread has its own pool for the chunks), so it adds none to theirs.
     const object = await remoteObject(location, options.s3, undefined, 1)
@@ -91,6 +100,8 @@ export class RemoteSnapshot {
     const extents = extentTable(probe)
     const digest = identityDigest(identity.size, reads)
     const cache = DiskCache.prepare(options.cacheRoot, digest)
+    const states = sharedBuffers(extents.offsets.length, extents.lengths.reduce((a, b) => Math.max(a, b), 0))
+    keepOpenedExtents(cache, extents, segments, new Int32Array(states.states))
     const share: RemoteShare = {
       location,
       name: describeLocation(location),
@@ -106,11 +117,15 @@ export class RemoteSnapshot {
       cacheRoot: options.cacheRoot,
       cacheMaxBytes: options.cacheMaxBytes,
       fetch: options.fetch,
-      ...sharedBuffers(extents.offsets.length, extents.lengths.reduce((a, b) => Math.max(a, b), 0)),
-      landedFd: createEventfd(),
+      ...states,
+      landedFd: landedFd ?? createEventfd(),
     }
     const fetcher = startWorker(import.meta.url, 'fetcher/worker', share)
     fetcher.unref()
+    const fetcherUp = new Promise<void>((resolve) => {
+      fetcher.once('message', () => resolve())
+      fetcher.once('exit', () => resolve())
+    })
     // Readers wait on extent states: a fetcher that died must fail them, or they wait forever.
     const died = (detail: string): void => failEverything(share, {code: 'WORKER_EXIT', message: `${share.name}: the fetcher thread stopped (${detail})`})
     fetcher.on('error', (error) => died(error.message))
@@ -119,7 +134,7 @@ export class RemoteSnapshot {
     const message: FetcherMessage = {type: 'port', port: port1}
     fetcher.postMessage(message, [port1])
     const reader = SnapshotReader.fromSource(new RemoteByteSource(share, port2))
-    return new RemoteSnapshot(share, reader, fetcher, port2)
+    return new RemoteSnapshot(share, reader, fetcher, port2, fetcherUp, landedFd === undefined)
   }
 
   /** What another thread needs to read this snapshot: the share and a port of its own to the fetcher. */
@@ -130,12 +145,16 @@ export class RemoteSnapshot {
     return {share: this.share, port: port2}
   }
 
-  report(): RemoteReport {
-    return remoteReport(this.share)
+  /** What fetching cost, for this snapshot and `others` (the other remote files of its chain). */
+  report(...others: RemoteSnapshot[]): RemoteReport {
+    return remoteReport(this.share, ...others.map((o) => o.share))
   }
 
   async close(): Promise<void> {
     this.reader.close()
+    // A worker terminated while it still loads a native module (koffi) aborts the whole process:
+    // a command done before its fetcher is up (stats of a chain) waits for it first.
+    await this.fetcherUp
     this.mainPort.close()
     this.fetcher.removeAllListeners('exit')
     this.fetcher.removeAllListeners('error')
@@ -155,7 +174,28 @@ export class RemoteSnapshot {
       this.fetcher.postMessage(message)
     })
     await this.fetcher.terminate()
-    closeFd(this.share.landedFd)
+    if (this.ownsLandedFd) closeFd(this.share.landedFd)
+  }
+}
+
+/**
+ * Stores the extents the open's requests brought whole (a small file, a layer, comes entirely
+ * with its header and tail) into the cache directory, checked against their CRC, and marks them
+ * present: they are not fetched again. One that fails its check is left to be fetched.
+ */
+function keepOpenedExtents(cache: DiskCache, extents: {offsets: Float64Array; lengths: Int32Array; crcs: Uint32Array}, segments: readonly {offset: number; bytes: Uint8Array}[], states: Int32Array): void {
+  for (let e = 0; e < extents.offsets.length; e++) {
+    const range = {offset: extents.offsets[e], length: extents.lengths[e]}
+    const within = segments.find((s) => range.offset >= s.offset && range.offset + range.length <= s.offset + s.bytes.length)
+    if (!within) continue
+    const bytes = within.bytes.subarray(range.offset - within.offset, range.offset - within.offset + range.length)
+    if (crc32(bytes) !== extents.crcs[e]) continue
+    try {
+      if (!cache.has(range)) cache.publish(range, bytes)
+      states[e] = EXTENT_PRESENT
+    } catch {
+      // A full or unwritable cache: the fetcher stores it when it is asked for (and says why it cannot).
+    }
   }
 }
 
@@ -196,15 +236,17 @@ export interface RemoteReport {
   claimWaits: number
 }
 
-export function remoteReport(share: RemoteShare): RemoteReport {
-  const c = new RemoteCounters(share.counters)
-  const histogram = Array.from(new BigInt64Array(share.latency), Number)
+/** What fetching cost, summed over remote files (a chain's): counters added, latency histograms merged. */
+export function remoteReport(...shares: RemoteShare[]): RemoteReport {
+  const counters = shares.map((share) => new RemoteCounters(share.counters))
+  const c = {get: (name: RemoteCounter): number => counters.reduce((sum, one) => sum + one.get(name), 0)}
+  const histogram = shares.map((share) => Array.from(new BigInt64Array(share.latency), Number)).reduce((sum, h) => sum.map((n, i) => n + h[i]))
   const ms = (q: number): number | null => {
     const us = percentileUs(histogram, q)
     return us === null ? null : us / 1000
   }
   return {
-    location: share.name,
+    location: shares.map((share) => share.name).join(', '),
     requests: c.get('requests'),
     bytesFetched: c.get('bytesFetched'),
     extentsFetched: c.get('extentsFetched'),
@@ -213,9 +255,10 @@ export function remoteReport(share: RemoteShare): RemoteReport {
     diskHits: c.get('diskHits'),
     waits: c.get('waits'),
     waitMs: c.get('waitUs') / 1000,
-    maxWaitMs: c.get('maxWaitUs') / 1000,
+    maxWaitMs: Math.max(...counters.map((one) => one.get('maxWaitUs'))) / 1000,
     latencyMs: {p50: ms(0.5), p90: ms(0.9), p99: ms(0.99)},
-    cacheDir: share.cacheDir,
+    // One file's own directory; a chain's files each have theirs, under one --cache-dir.
+    cacheDir: shares.length === 1 ? shares[0].cacheDir : shares[0].cacheRoot,
     evictedBytes: c.get('evictedBytes'),
     cacheWriteErrors: c.get('cacheWriteErrors'),
     memoryHandovers: c.get('memoryHandovers'),

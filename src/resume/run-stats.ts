@@ -24,6 +24,7 @@ export const COUNTERS = [
   'zeropageIoctls',
   'bytesCopied',
   'chunksDecoded',
+  'unitsDecoded',
   'bytesDecompressed',
   'cacheHits',
   'cacheMisses',
@@ -176,7 +177,12 @@ export interface ResumeReport {
   staged: {units: number; bytes: number; ms: number} | null
   ioctls: {copy: number; zeropage: number; eexist: number; eagain: number}
   bytes: {copied: number; decompressed: number}
-  chunks: {decoded: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
+  /**
+   * decoded: chunks of the image made ready (for a chain: assembled); storedUnitsDecoded: stored
+   * units read and verified for them (a file's chunks, packed or layer blocks; for one file the
+   * same as decoded, for a chain the units of every file it took pages from).
+   */
+  chunks: {decoded: number; storedUnitsDecoded?: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
   events: {remove: number; removedPages: number; unmap: number; remap: number; fork: number}
   /**
    * Time from reading a fault message to the faulting page being installed, in µs; every
@@ -222,7 +228,7 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     staged: g('stagedUnits') ? {units: g('stagedUnits'), bytes: g('stagedBytes'), ms: g('stagedMs')} : null,
     ioctls: {copy: g('copyIoctls'), zeropage: g('zeropageIoctls'), eexist: g('eexist'), eagain: g('eagain')},
     bytes: {copied: g('bytesCopied'), decompressed: g('bytesDecompressed')},
-    chunks: {decoded: g('chunksDecoded'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},
+    chunks: {decoded: g('chunksDecoded'), storedUnitsDecoded: g('unitsDecoded'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},
     events: {remove: g('removeEvents'), removedPages: g('removedPages'), unmap: g('unmapEvents'), remap: g('remapEvents'), fork: g('forkEvents')},
     latencyUs: {p50: percentile(0.5), p90: percentile(0.9), p99: percentile(0.99), min, max, mean: faults ? g('latencySumUs') / faults : null},
     timeToFirstFaultMs: faults ? g('firstFaultMs') : null,

@@ -1,6 +1,7 @@
 import {Codec, COMPAT_PACKED_WORKING_SET, FOOTER_SIZE, INDEX_ENTRY_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {decodeFooter} from '../format/index-table.js'
+import {checkLayerLocation} from '../format/layer.js'
 import {checkPackedLocation} from '../format/packed-set.js'
 import {crc32} from '../sys/crc.js'
 import {type OutputSink} from './output-sink.js'
@@ -104,7 +105,7 @@ function layout(reader: SnapshotReader): Piece[] {
       structure: {
         part: 'footer',
         check: (b) => {
-          const again = decodeFooter(b, size, header.headerSize, header.headerCrc, geometry)
+          const again = decodeFooter(b, size, header.headerSize, header.headerCrc, geometry, reader.layer !== undefined)
           return (Object.keys(footer) as (keyof typeof footer)[]).every((k) => again[k] === footer[k])
         },
       },
@@ -113,6 +114,15 @@ function layout(reader: SnapshotReader): Piece[] {
   if ((header.compatFeatures & COMPAT_PACKED_WORKING_SET) !== 0n) {
     const at = checkPackedLocation((header.metadata.workingSet as {packed?: unknown} | undefined)?.packed, header.headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset), geometry)
     pieces.push({offset: at.offset, length: at.length, structure: {part: 'packed working set', check: (b) => crc32(b) === at.crc}})
+  }
+  if (reader.layer) {
+    // A layer's block and run tables (its blocks are its units, below).
+    const dataEnd = Math.min(footer.indexOffset, footer.zeroMapOffset)
+    const meta = header.metadata.layer as {blocks?: unknown} | undefined
+    const runs = checkLayerLocation(meta, header.headerSize, dataEnd, geometry).runs
+    const blocks = checkPackedLocation(meta?.blocks, header.headerSize, dataEnd, geometry, 'layer')
+    pieces.push({offset: blocks.offset, length: blocks.length, structure: {part: 'layer block table', check: (b) => crc32(b) === blocks.crc}})
+    pieces.push({offset: runs.offset, length: runs.length, structure: {part: 'layer run table', check: (b) => crc32(b) === runs.crc}})
   }
   const extents = new Map<string, Piece>()
   for (let unit = 0; unit < reader.unitCount; unit++) {

@@ -1,19 +1,19 @@
 import fs from 'node:fs'
-import path from 'node:path'
 import {setImmediate as yieldToEventLoop} from 'node:timers/promises'
 import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
-import {INCOMPAT_LAYERED, SOURCE_ZERO} from '../format/constants.js'
+import {FOOTER_SIZE, INCOMPAT_LAYERED, SOURCE_ZERO} from '../format/constants.js'
 import {encodeHeader} from '../format/header.js'
 import {baseRuns, composeRuns, encodeRunTable, type LayerParent, type LayerRun, MAX_LAYER_DEPTH} from '../format/layer.js'
 import {encodePackedTable, type PackedBlock} from '../format/packed-set.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {onFile} from '../sys/errors.js'
-import {AtomicFile, appendTail} from './atomic-file.js'
+import {appendTail} from './atomic-file.js'
 import {type ReadSegment} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
+import {type OutputSink} from './output-sink.js'
 import {type ImageInput} from './writer.js'
 
 export interface LayerOptions {
@@ -26,8 +26,13 @@ export interface LayerOptions {
   diff: boolean
   onProgress?: (doneBytes: number, totalBytes: number) => void
   signal?: AbortSignal
-  mode?: number
-  name?: string
+}
+
+/** The snapshot a layer is written over: its reader, how it prints, and the file name the layer records for it. */
+export interface LayerParentInput {
+  reader: ImageReader
+  shown: string
+  fileName: string
 }
 
 export interface LayerSummary {
@@ -56,17 +61,19 @@ export interface LayerSummary {
  * the parent's resolved image, and only those that differ are stored, packed in compressed blocks
  * of ascending pages; the run table is the parent's with the changes laid over it. The layer's
  * blocks are held in memory until the end (their size decides where the tables go in the header),
- * so it costs about its own compressed size in memory. Written atomically to `output`.
+ * so it costs about its own compressed size in memory. Written to the sink `open` makes (given
+ * the layer's size once it is known): committed whole, or discarded on any failure.
  */
-export async function writeLayer(input: ImageInput, parent: ImageReader, parentPath: string, output: string, options: LayerOptions): Promise<LayerSummary> {
+export async function writeLayer(input: ImageInput, of: LayerParentInput, open: (sizeHint: number) => OutputSink, options: LayerOptions): Promise<LayerSummary> {
   const started = performance.now()
+  const {reader: parent, shown: parentPath} = of
   const {geometry} = parent
   const {pageSize} = geometry
   if (input.logicalSize !== geometry.logicalSize) {
     throw new UffdError('INPUT_MISMATCH', `the image holds ${input.logicalSize} bytes, its parent ${parentPath} ${geometry.logicalSize}: a layer must have its parent's size`)
   }
-  const ancestors: LayerParent[] =
-    parent instanceof LayeredReader ? parent.files.map((f, k) => ({name: path.basename(parent.paths[k]), id: f.identity})) : [{name: path.basename(parentPath), id: parent.identity}]
+  // The parent's own ancestors by the names its layer recorded (found by them), the parent by its file name.
+  const ancestors: LayerParent[] = [...(parent instanceof LayeredReader ? parent.files.at(-1)!.layer!.parents : []), {name: of.fileName, id: parent instanceof LayeredReader ? parent.files.at(-1)!.identity : parent.identity}]
   if (ancestors.length > MAX_LAYER_DEPTH) throw new UffdError('INPUT_MISMATCH', `${parentPath} is ${ancestors.length - 1} layers deep already; a chain holds at most ${MAX_LAYER_DEPTH}: squash it first (uffd squash)`)
   const parentRuns = parent instanceof LayeredReader ? parent.runs : baseRuns(parent.zeroMap)
   const self = ancestors.length
@@ -99,6 +106,10 @@ export async function writeLayer(input: ImageInput, parent: ImageReader, parentP
   const newer = Buffer.alloc(geometry.chunkSize)
   let zeroed = 0
   let compared = 0
+  // A parent in object storage streams in with the fetcher's concurrency, not one round trip
+  // per chunk compared (a diff compares only the chunks it has data in).
+  const segmentsOf = (c: number): ReadSegment[] => input.segments(geometry.chunkStart(c), Math.min(input.logicalSize, geometry.chunkStart(c) + geometry.pagesInChunk(c) * pageSize))
+  if (parent.remote) parent.fetchAhead(Array.from({length: geometry.chunkCount}, (_, c) => c).filter((c) => !options.diff || segmentsOf(c).length > 0))
   try {
     for (let c = 0; c < geometry.chunkCount; c++) {
       if (c % 16 === 0) {
@@ -109,7 +120,7 @@ export async function writeLayer(input: ImageInput, parent: ImageReader, parentP
       const first = geometry.firstPageOfChunk(c)
       const pages = geometry.pagesInChunk(c)
       const start = geometry.chunkStart(c)
-      const segments = input.segments(start, Math.min(input.logicalSize, start + pages * pageSize))
+      const segments = segmentsOf(c)
       // A diff's holes are unchanged pages: a chunk without data is its parent's.
       if (options.diff && segments.length === 0) continue
       const present = reader.read(segments, start, newer.subarray(0, pages * pageSize), pageSize)
@@ -176,17 +187,21 @@ export async function writeLayer(input: ImageInput, parent: ImageReader, parentP
     headerSize = header.length
   }
 
-  const file = new AtomicFile(output, {mode: options.mode, name: options.name})
+  const file = open(header.length + storedBytes + blockTable.length + runTable.length + zeroMap.bytes.length + FOOTER_SIZE)
   try {
     file.append(header)
-    for (const bytes of stored) file.append(bytes)
+    for (const bytes of stored) {
+      file.append(bytes)
+      // An upload holds the writer here while its parts go out.
+      await file.drain(options.signal)
+    }
     file.append(blockTable)
     file.append(runTable)
     appendTail(file, [], zeroMap, header.readUInt32LE(header.length - 8))
     options.signal?.throwIfAborted()
-    file.commit()
+    await file.commit()
     return {
-      path: output,
+      path: file.destination,
       parent: parentPath,
       depth: self,
       logicalSize: geometry.logicalSize,
@@ -203,7 +218,7 @@ export async function writeLayer(input: ImageInput, parent: ImageReader, parentP
       seconds: (performance.now() - started) / 1000,
     }
   } finally {
-    file.discard()
+    await file.discard()
   }
 }
 

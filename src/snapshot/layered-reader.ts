@@ -9,11 +9,9 @@ import {type SnapshotHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
 import {baseRuns, findRun, indexOfPage, type LayerParent, type LayerRun} from '../format/layer.js'
 import {payloadPageIndex, type ZeroMap} from '../format/zero-map.js'
-import {type ByteSource} from './byte-source.js'
+import {type ByteSource, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority} from './byte-source.js'
 import {SnapshotReader} from './reader.js'
-
-/** Decoded units of the chain's files kept for the next resolved chunks (a scattered layer's block serves many). */
-const UNIT_CACHE_ENTRIES = 16
+import {threadUnitCache, type UnitCache} from './unit-cache.js'
 
 /**
  * A chain of snapshots (a base, the layers on it, docs/FORMAT.md) read as the one image it
@@ -30,21 +28,26 @@ export class LayeredReader {
   readonly index: ChunkEntry[]
   readonly packed = undefined
   readonly unitCount: number
-  readonly remote = false
+  /** Whether any file of the chain is in object storage (isLocal and fetchAhead mean something). */
+  readonly remote: boolean
   readonly runs: readonly LayerRun[]
   private readonly basePayloadIndex: Int32Array
   /** Per layer file: the block holding each position of its page list. */
   private readonly blockOfListIndex: Int32Array[]
-  private readonly decoded = new Map<string, {buffer: Buffer; payload: Buffer}>()
   private scratch = Buffer.alloc(0)
+  private closed = false
 
   private constructor(
     /** The chain, base first, the top layer last. */
     readonly files: readonly SnapshotReader[],
-    /** Where each file was found. */
+    /** Where each file was found (a path, or a URL as it prints). */
     readonly paths: readonly string[],
+    /** Decoded units of the files, keyed by file identity: shared with other chains of this thread. */
+    private readonly units: UnitCache,
   ) {
+    units.attach()
     const top = files.at(-1)!
+    this.remote = files.some((f) => f.remote)
     this.geometry = top.geometry
     this.header = top.header
     this.zeroMap = top.zeroMap
@@ -67,39 +70,22 @@ export class LayeredReader {
   }
 
   /**
-   * Opens the layer at `file` and its ancestors: each found by its recorded name in `layersDir`
-   * (default: the layer's directory), its identity checked, and the chain cross-checked (see
-   * docs/FORMAT.md) before anything is served.
+   * The chain of `files` (base first, each ancestor's identity checked by whoever found it),
+   * cross-checked (see docs/FORMAT.md) before anything is served. The readers are this one's
+   * from then on; on a throw the caller still owns them.
    */
-  static open(file: string, layersDir?: string): LayeredReader {
-    return LayeredReader.fromTop(SnapshotReader.open(file), file, layersDir)
-  }
-
-  /** As open, with the top layer opened already (the reader is this one's from then on). */
-  static fromTop(top: SnapshotReader, file: string, layersDir?: string): LayeredReader {
-    const files: SnapshotReader[] = []
-    const paths: string[] = []
-    try {
-      const {parents} = top.layer!
-      const dir = layersDir ?? path.dirname(file)
-      for (const [k, parent] of parents.entries()) {
-        const at = path.join(dir, parent.name)
-        files.push(openParent(at, parent, k, parents.length, file))
-        paths.push(at)
-      }
-      files.push(top)
-      paths.push(file)
-      checkChain(files, paths)
-      return new LayeredReader(files, paths)
-    } catch (error) {
-      for (const f of files) f.close()
-      if (!files.includes(top)) top.close()
-      throw error
-    }
+  static fromFiles(files: SnapshotReader[], paths: string[], units: UnitCache = threadUnitCache): LayeredReader {
+    checkChain(files, paths)
+    return new LayeredReader(files, paths, units)
   }
 
   get source(): ByteSource {
     return this.files.at(-1)!.source
+  }
+
+  /** Stored units of the chain's files decoded by this chain's readers (a unit another chain decoded first, through the shared unit cache, is not counted here). */
+  get unitsDecoded(): number {
+    return this.files.reduce((sum, f) => sum + f.unitsDecoded, 0)
   }
 
   /** The top layer's size (what stats calls the file). */
@@ -116,14 +102,46 @@ export class LayeredReader {
     return undefined
   }
 
-  isLocal(): boolean {
-    return true
+  /** Whether every stored unit the chunk is assembled from can be read without waiting on the network. */
+  isLocal(chunk: number): boolean {
+    if (!this.remote) return true
+    return this.unitsOf(chunk).every(({source, unit}) => this.files[source].isLocal(unit))
   }
 
-  fetchAhead(): void {}
+  /** Asks the chain's remote files for the stored units these chunks are assembled from (nothing for local files). */
+  fetchAhead(chunks: Iterable<number>, priority: Priority = PRIORITY_PREFETCH): void {
+    if (!this.remote) return
+    const wanted = this.files.map(() => new Set<number>())
+    for (const chunk of chunks) for (const {source, unit} of this.unitsOf(chunk)) wanted[source].add(unit)
+    for (const [source, units] of wanted.entries()) if (units.size > 0) this.files[source].fetchAhead(units, priority)
+  }
 
-  /** A chain is read from local files only: every payload is on this host. */
-  readPayloadIfLocal(chunk: number, dst?: Buffer): Buffer {
+  /** The files' units chunk `chunk` is assembled from (its pages' runs, looked up as readPayload does). */
+  unitsOf(chunk: number): {source: number; unit: number}[] {
+    this.entry(chunk)
+    const units: {source: number; unit: number}[] = []
+    const first = this.geometry.firstPageOfChunk(chunk)
+    const end = first + this.geometry.pagesInChunk(chunk)
+    for (let r = findRun(this.runs, first), p = first; p < end; r++) {
+      const run = this.runs[r]
+      const stop = Math.min(end, run.firstPage + run.pageCount)
+      if (run.source !== SOURCE_ZERO) this.walk(run.source, p, stop, (unit) => units.push({source: run.source, unit}))
+      p = stop
+    }
+    return units
+  }
+
+  /**
+   * Chunk `chunk`'s payload if every stored unit it is assembled from is on this host, else
+   * undefined, its units asked for at demand priority (the fault loop then waits for them to
+   * land). Whether they are here is asked of each file first: a unit evicted between that answer
+   * and the read is then waited for, a case of a cache directory shared with other handlers only.
+   */
+  readPayloadIfLocal(chunk: number, dst?: Buffer): Buffer | undefined {
+    if (this.remote && !this.isLocal(chunk)) {
+      this.fetchAhead([chunk], PRIORITY_DEMAND)
+      return undefined
+    }
     return this.readPayload(chunk, dst)
   }
 
@@ -171,13 +189,28 @@ export class LayeredReader {
   }
 
   close(): void {
+    if (!this.closed) this.units.detach()
+    this.closed = true
     for (const f of this.files) f.close()
   }
 
   /** Copies pages [from, to) of file `source` (all data pages there: checked at open) to `dst` at `at`; returns the next offset. */
   private copyPages(source: number, from: number, to: number, dst: Buffer, at: number): number {
-    const file = this.files[source]
     const {pageSize} = this.geometry
+    this.walk(source, from, to, (unit, position, count) => {
+      const payload = this.unit(source, unit)
+      payload.copy(dst, at, position * pageSize, (position + count) * pageSize)
+      at += count * pageSize
+    })
+    return at
+  }
+
+  /**
+   * Visits the units of file `source` holding pages [from, to) (all data pages there), in order:
+   * each unit, the position of the first of those pages in its payload, and how many follow.
+   */
+  private walk(source: number, from: number, to: number, visit: (unit: number, position: number, count: number) => void): void {
+    const file = this.files[source]
     for (let p = from; p < to; ) {
       let unit: number
       let position: number
@@ -200,47 +233,15 @@ export class LayeredReader {
         position = i - b.listStart
         count = Math.min(to - p, b.listStart + b.pageCount - i)
       }
-      const payload = this.unit(source, unit)
-      payload.copy(dst, at, position * pageSize, (position + count) * pageSize)
-      at += count * pageSize
+      visit(unit, position, count)
       p += count
     }
-    return at
   }
 
-  /** A file's decoded unit, from a small cache (least recently used out, its buffer reused). */
+  /** A file's decoded unit, from the unit cache (keyed by the file, so chains sharing it share its units). */
   private unit(source: number, unit: number): Buffer {
-    const key = `${source}:${unit}`
-    const hit = this.decoded.get(key)
-    if (hit) {
-      this.decoded.delete(key)
-      this.decoded.set(key, hit)
-      return hit.payload
-    }
-    const file = this.files[source]
-    const size = Math.max(file.entry(unit).payloadLength, file.geometry.chunkSize)
-    let buffer: Buffer | undefined
-    if (this.decoded.size >= UNIT_CACHE_ENTRIES) {
-      const [oldest, old] = this.decoded.entries().next().value!
-      this.decoded.delete(oldest)
-      if (old.buffer.length >= size) buffer = old.buffer
-    }
-    buffer ??= Buffer.alloc(size)
-    const payload = file.readPayload(unit, buffer)
-    this.decoded.set(key, {buffer, payload})
-    return payload
+    return this.units.payload(this.files[source], unit)
   }
-}
-
-function openParent(at: string, parent: LayerParent, k: number, count: number, layer: string): SnapshotReader {
-  const which = `${k === 0 ? 'its base' : `its ancestor ${k}`} ${parent.name} (${k + 1} of ${count})`
-  if (!fs.existsSync(at)) throw new UffdError('PARENT_MISSING', `${layer}: ${which} is not at ${at} (copy it there, or give --layers DIR)`)
-  const reader = SnapshotReader.open(at)
-  if (reader.identity !== parent.id) {
-    reader.close()
-    throw new UffdError('PARENT_MISMATCH', `${layer}: ${at} is not ${which} it was made on (its identity differs: another snapshot, or one rewritten since)`)
-  }
-  return reader
 }
 
 /**
@@ -277,9 +278,3 @@ function checkChain(files: readonly SnapshotReader[], paths: readonly string[]):
 
 /** Whatever reads a snapshot for resume, stats and verify: one file, or a chain resolved to one image. */
 export type ImageReader = SnapshotReader | LayeredReader
-
-/** Opens a local snapshot: a layer with its chain, anything else as itself. */
-export function openImage(file: string, layersDir?: string, openPath = file): ImageReader {
-  const reader = SnapshotReader.open(file, openPath)
-  return reader.layer ? LayeredReader.fromTop(reader, file, layersDir) : reader
-}

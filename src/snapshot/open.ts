@@ -1,10 +1,15 @@
-import {describeLocation, isRemote, parseLocation} from '../remote/location.js'
-import {type RemoteOptions, type RemoteReport} from '../remote/remote-snapshot.js'
+import fs from 'node:fs'
+
 import {UffdError} from '../core/errors.js'
+import {type LayerParent} from '../format/layer.js'
+import {describeLocation, isRemote, type Location, parseLocation} from '../remote/location.js'
+import {type RemoteOptions, type RemoteReport, type RemoteSnapshot} from '../remote/remote-snapshot.js'
+import {closeFd, createEventfd} from '../sys/index.js'
 import {FileByteSource} from './byte-source.js'
-import {type ImageReader, openImage} from './layered-reader.js'
+import {type ImageReader, LayeredReader} from './layered-reader.js'
+import {describePrefix, type LayersPrefix, locationIn, parseLayersPrefix, prefixOf} from './parent-location.js'
 import {SnapshotReader} from './reader.js'
-import {type SnapshotSpec} from './spec.js'
+import {type FileSpec, type SnapshotSpec} from './spec.js'
 
 /**
  * A snapshot a command opened, wherever it lives: a reader for the main thread, specs for the
@@ -14,8 +19,11 @@ export interface OpenedSnapshot {
   reader: ImageReader
   /** How it prints: the path, or the URL without credentials. */
   name: string
+  /** Where it was opened from (a chain: its top layer). */
+  location: Location
+  /** Whether any of its files is in object storage. */
   remote: boolean
-  /** A spec for one new thread (call once per thread: a remote one carries its own port). */
+  /** A spec for one new thread (call once per thread: a remote file carries its own port). */
   spec(): SnapshotSpec
   report(): RemoteReport | undefined
   /** The local files it is read from, as this process has them open (/proc/self/fd/N): none for a URL. */
@@ -23,45 +31,146 @@ export interface OpenedSnapshot {
   close(): Promise<void>
 }
 
-/** Opens a local path, `http(s)://` URL or `s3://BUCKET/KEY`, validating it as strictly wherever it lives. */
-export async function openSnapshot(text: string, remote: RemoteOptions, layersDir?: string): Promise<OpenedSnapshot> {
-  const location = parseLocation(text)
-  if (!isRemote(location)) {
-    // A layer comes with its chain, found next to it or in layersDir, and read as one image.
-    const reader = openImage(location.path, layersDir)
-    return {
-      reader,
-      name: location.path,
-      remote: false,
-      // Threads open the file this one has open, not the name: another handler's --learn may
-      // rename a new layout over it meanwhile, and two layouts' packed units differ.
-      spec: () => ({kind: 'file', path: location.path, layersDir, openPath: topFile(reader).sameFilePath}),
-      report: () => undefined,
-      localFiles: () => (reader instanceof SnapshotReader ? [reader] : reader.files).map((f) => localFile(f).sameFilePath),
-      close: async () => reader.close(),
-    }
-  }
-  // Loaded only for URLs: a local snapshot's start-up does not pay for the remote machinery.
-  const {RemoteSnapshot} = await import('../remote/remote-snapshot.js')
-  const snapshot = await RemoteSnapshot.open(location, remote)
-  if (snapshot.reader.layer) {
-    await snapshot.close()
-    throw new UffdError('USAGE', `${describeLocation(location)} is a layer: layers are read from local files for now (copy the chain here with uffd cp, or squash it first)`)
-  }
-  return {
-    reader: snapshot.reader,
-    name: describeLocation(location),
-    remote: true,
-    spec: () => ({kind: 'remote', ...snapshot.threadShare()}),
-    report: () => snapshot.report(),
-    localFiles: () => [],
-    close: () => snapshot.close(),
-  }
+/** One file of a snapshot, opened: its reader, and how a thread opens the same file. */
+interface OpenedFile {
+  reader: SnapshotReader
+  name: string
+  spec(): FileSpec
+  remote: RemoteSnapshot | undefined
 }
 
 /**
- * The snapshot's one file, for commands that rewrite or copy a file as it is (cp, working-set
- * attach): a layer is refused, since its chain would not come with it.
+ * Opens a local path, `http(s)://` URL or `s3://BUCKET/KEY`, validating it as strictly wherever
+ * it lives. A layer comes with its chain: each ancestor found by its recorded name next to the
+ * layer (same directory, bucket prefix or URL directory) or under `layers` (a directory, an
+ * s3:// prefix or an http(s):// directory), its identity checked before it is used, and every
+ * file read through the same machinery (a remote one fetched lazily into the --cache-dir, keyed
+ * by its own identity).
+ */
+export async function openSnapshot(text: string, remote: RemoteOptions, layers?: string): Promise<OpenedSnapshot> {
+  const location = parseLocation(text)
+  const prefix = layers === undefined ? undefined : parseLayersPrefix(layers)
+  const top = await openFile(location, remote)
+  if (!top.reader.layer) {
+    return {
+      reader: top.reader,
+      name: top.name,
+      location,
+      remote: top.remote !== undefined,
+      spec: () => single(top),
+      report: () => top.remote?.report(),
+      localFiles: () => localFiles([top]),
+      close: () => closeFile(top),
+    }
+  }
+  // Remote files of a chain signal one eventfd when their bytes land (the fault loop polls one):
+  // the top's own, or one made here.
+  let landedFd = top.remote?.share.landedFd ?? -1
+  let ownFd = -1
+  const parents: OpenedFile[] = []
+  const closeAll = async (): Promise<void> => {
+    // Parents first: their fetchers may signal the top's eventfd until they stop.
+    for (const p of parents.reverse()) await closeFile(p)
+    await closeFile(top)
+    if (ownFd >= 0) closeFd(ownFd)
+  }
+  let reader: LayeredReader
+  try {
+    const recorded = top.reader.layer.parents
+    const where = prefix ?? prefixOf(location)
+    for (const [k, parent] of recorded.entries()) {
+      const at = locationIn(where, parent.name)
+      if (isRemote(at) && landedFd < 0) landedFd = ownFd = createEventfd()
+      parents.push(await openParent(at, parent, k, recorded.length, top.name, where, remote, landedFd))
+    }
+    const files = [...parents, top]
+    reader = LayeredReader.fromFiles(
+      files.map((f) => f.reader),
+      files.map((f) => f.name),
+    )
+  } catch (error) {
+    await closeAll()
+    throw error
+  }
+  const files = [...parents, top]
+  const [first, ...others] = files.flatMap((f) => (f.remote ? [f.remote] : []))
+  return {
+    reader,
+    name: top.name,
+    location,
+    remote: first !== undefined,
+    spec: () => ({kind: 'chain', files: files.map((f) => f.spec()), paths: [...reader.paths], landedFd}),
+    report: () => first?.report(...others),
+    localFiles: () => localFiles(files),
+    close: async () => {
+      // The chain first (it lets go of its share of the thread's unit cache), then its files.
+      reader.close()
+      await closeAll()
+    },
+  }
+}
+
+async function openFile(location: Location, remote: RemoteOptions, landedFd?: number): Promise<OpenedFile> {
+  if (!isRemote(location)) {
+    const reader = SnapshotReader.open(location.path)
+    // Threads open the file this one has open, not the name: another handler's --learn may
+    // rename a new layout over it meanwhile, and two layouts' packed units differ.
+    return {reader, name: location.path, remote: undefined, spec: () => ({kind: 'file', path: location.path, openPath: localSource(reader).sameFilePath})}
+  }
+  // Loaded only for URLs: a local snapshot's start-up does not pay for the remote machinery.
+  const {RemoteSnapshot} = await import('../remote/remote-snapshot.js')
+  const snapshot = await RemoteSnapshot.open(location, remote, landedFd)
+  return {reader: snapshot.reader, name: describeLocation(location), remote: snapshot, spec: () => ({kind: 'remote', ...snapshot.threadShare()})}
+}
+
+async function openParent(at: Location, parent: LayerParent, k: number, count: number, layer: string, where: LayersPrefix, remote: RemoteOptions, landedFd: number): Promise<OpenedFile> {
+  const which = `${k === 0 ? 'its base' : `its ancestor ${k}`} ${parent.name} (${k + 1} of ${count})`
+  const shown = describeLocation(at)
+  const missing = (detail: string): UffdError => new UffdError('PARENT_MISSING', `${layer}: ${which} is not at ${shown}${detail} (put it in ${describePrefix(where)}, or give --layers DIR, s3://BUCKET/PREFIX/ or an http(s):// directory)`)
+  if (!isRemote(at) && !fs.existsSync(at.path)) throw missing('')
+  let file: OpenedFile
+  try {
+    file = await openFile(at, remote, landedFd)
+  } catch (error) {
+    if ((error as {code?: string}).code === 'REMOTE_NOT_FOUND') throw missing(`: ${(error as Error).message}`)
+    throw error
+  }
+  if (file.reader.identity !== parent.id) {
+    await closeFile(file)
+    throw new UffdError('PARENT_MISMATCH', `${layer}: ${shown} is not ${which} it was made on (its identity differs: another snapshot, or one rewritten since)`)
+  }
+  return file
+}
+
+/**
+ * The identity of the one snapshot file at `location` (not its chain), undefined when there is
+ * none there, or '' when something is there that does not open as a snapshot.
+ */
+export async function fileIdentity(location: Location, remote: RemoteOptions): Promise<string | undefined> {
+  if (!isRemote(location) && !fs.existsSync(location.path)) return undefined
+  let file: OpenedFile
+  try {
+    file = await openFile(location, remote)
+  } catch (error) {
+    return (error as {code?: string}).code === 'REMOTE_NOT_FOUND' ? undefined : ''
+  }
+  await closeFile(file)
+  return file.reader.identity
+}
+
+function single(file: OpenedFile): SnapshotSpec {
+  const spec = file.spec()
+  return spec.kind === 'file' ? {kind: 'file', path: spec.path, openPath: spec.openPath} : spec
+}
+
+async function closeFile(file: OpenedFile): Promise<void> {
+  if (file.remote) await file.remote.close()
+  else file.reader.close()
+}
+
+/**
+ * The snapshot's one file, for commands that rewrite a file as it is (working-set attach): a
+ * layer is refused, since its chain would not come with it.
  */
 export function singleFile(snapshot: OpenedSnapshot, command: string): SnapshotReader {
   const {reader} = snapshot
@@ -69,12 +178,11 @@ export function singleFile(snapshot: OpenedSnapshot, command: string): SnapshotR
   throw new UffdError('USAGE', `${snapshot.name} is a layer: ${command} takes one self-contained snapshot (uffd squash makes one from the chain)`)
 }
 
-/** The file a local image was opened from (a chain's top layer). */
-function topFile(reader: ImageReader): FileByteSource {
-  return localFile(reader instanceof SnapshotReader ? reader : reader.files[reader.files.length - 1])
+function localFiles(files: readonly OpenedFile[]): string[] {
+  return files.filter((f) => f.remote === undefined).map((f) => localSource(f.reader).sameFilePath)
 }
 
-function localFile(reader: SnapshotReader): FileByteSource {
+function localSource(reader: SnapshotReader): FileByteSource {
   if (!(reader.source instanceof FileByteSource)) throw new UffdError('INTERNAL', `${reader.source.name} is not a local file`)
   return reader.source
 }

@@ -36,6 +36,8 @@ export class SnapshotReader {
   private decompressor: ChunkDecompressor | undefined
   private storedScratch = Buffer.alloc(0)
   private payloadScratch = Buffer.alloc(0)
+  /** Stored units read and verified by readPayload so far (what a resume's stats count as decoded). */
+  unitsDecoded = 0
 
   private constructor(
     readonly source: ByteSource,
@@ -53,10 +55,18 @@ export class SnapshotReader {
      */
     readonly identity: string,
   ) {
+    this.layout = identity
     this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
     this.blocks = packed?.blocks ?? layer?.set.blocks ?? []
     this.unitCount = index.length + this.blocks.length
   }
+
+  /**
+   * SHA-256 of the bytes that say what every unit is (header, footer, index, zero map, a layer's
+   * tables): two files with the same layout hold the same units under the same numbers, so a
+   * decoded unit of one is the other's (the unit cache keys by it). For now also the identity.
+   */
+  readonly layout: string
 
   /** The packed working set's blocks, or a layer's: the units after the chunks. */
   private readonly blocks: readonly ChunkEntry[]
@@ -177,6 +187,7 @@ export class SnapshotReader {
     const stored = this.checked(chunk, entry, () => this.readStored(entry, payload, wait))
     if (stored === undefined) return undefined
     if (stored !== payload) this.decode(chunk, entry, stored, payload)
+    this.unitsDecoded++
     return payload
   }
 

@@ -3,29 +3,61 @@ import {MessageChannel, type MessagePort, type Transferable} from 'node:worker_t
 import {type FetcherMessage} from '../remote/fetcher/worker.js'
 import {RemoteByteSource} from '../remote/remote-source.js'
 import {type RemoteShare} from '../remote/shared.js'
-import {type ImageReader, openImage} from './layered-reader.js'
+import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {SnapshotReader} from './reader.js'
 
+/** One file of a snapshot for a thread: a local path (opened at `openPath`), or a remote file's share with this thread's own port to its fetcher. */
+export type FileSpec = {kind: 'file'; path: string; openPath?: string} | {kind: 'remote'; share: RemoteShare; port: MessagePort}
+
 /**
- * How a thread opens the snapshot a command opened: a local path, or a remote snapshot's share
- * with this thread's own port to the fetcher. Structured-cloneable; pass specTransfer(spec) as
- * the worker's transfer list.
+ * How a thread opens the snapshot a command opened: one file (local or remote), or a chain of
+ * them (a layer and its ancestors, base first, as the command found and checked them; `landedFd`
+ * is signalled when any remote file's bytes land, -1 when none is remote). Structured-cloneable;
+ * pass specTransfer(spec) as the worker's transfer list.
  */
-export type SnapshotSpec = {kind: 'file'; path: string; layersDir?: string; openPath?: string} | {kind: 'remote'; share: RemoteShare; port: MessagePort}
+export type SnapshotSpec =
+  | {kind: 'file'; path: string; openPath?: string}
+  | {kind: 'remote'; share: RemoteShare; port: MessagePort}
+  | {kind: 'chain'; files: FileSpec[]; paths: string[]; landedFd: number}
 
 export function openSpec(spec: SnapshotSpec): ImageReader {
-  return spec.kind === 'file' ? openImage(spec.path, spec.layersDir, spec.openPath) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port))
+  if (spec.kind !== 'chain') return openFileSpec(spec)
+  const files: SnapshotReader[] = []
+  try {
+    for (const file of spec.files) files.push(openFileSpec(file))
+    return LayeredReader.fromFiles(files, spec.paths)
+  } catch (error) {
+    for (const f of files) f.close()
+    throw error
+  }
+}
+
+function openFileSpec(spec: FileSpec): SnapshotReader {
+  return spec.kind === 'file' ? SnapshotReader.open(spec.path, spec.openPath) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port))
 }
 
 export function specTransfer(spec: SnapshotSpec): Transferable[] {
+  if (spec.kind === 'chain') return spec.files.flatMap((f) => (f.kind === 'remote' ? [f.port] : []))
   return spec.kind === 'remote' ? [spec.port] : []
 }
 
+/** The eventfd signalled when remote bytes land, for the fault loop's poll (-1: nothing remote). */
+export function specLandedFd(spec: SnapshotSpec): number {
+  if (spec.kind === 'remote') return spec.share.landedFd
+  return spec.kind === 'chain' ? spec.landedFd : -1
+}
+
 /**
- * A spec for a thread started by this one (the fault loop starts the decoders): a remote one
- * gets a new port to the fetcher, sent to it through this thread's port. Call once per thread.
+ * A spec for a thread started by this one (the fault loop starts the decoders): a remote file
+ * gets a new port to its fetcher, sent to it through this thread's port. Call once per thread.
  */
 export function childSpec(spec: SnapshotSpec): SnapshotSpec {
+  if (spec.kind === 'file') return spec
+  if (spec.kind === 'remote') return childFileSpec(spec) as SnapshotSpec
+  return {...spec, files: spec.files.map(childFileSpec)}
+}
+
+function childFileSpec(spec: FileSpec): FileSpec {
   if (spec.kind === 'file') return spec
   const {port1, port2} = new MessageChannel()
   const message: FetcherMessage = {type: 'port', port: port1}

@@ -51,6 +51,8 @@ export async function squashChain(reader: LayeredReader, output: string, options
   const zeroMap = new ZeroMap(geometry.pageCount)
   for (let p = 0; p < geometry.pageCount; p++) if (reader.zeroMap.isZero(p)) zeroMap.setZero(p)
   const entries: ChunkEntry[] = []
+  // A chain in object storage streams in with the fetchers' concurrency, not a round trip per chunk.
+  if (reader.remote) reader.fetchAhead(Array.from({length: geometry.chunkCount}, (_, c) => c))
   let copied = 0
   let encoded = 0
   const file = new AtomicFile(output, {mode: options.mode})

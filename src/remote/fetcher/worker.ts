@@ -276,3 +276,5 @@ function scheduleEviction(): void {
 
 parentPort!.on('message', onMessage)
 scheduleEviction()
+// Up: modules loaded, so the owner may terminate this thread safely from now on.
+parentPort!.postMessage({type: 'up'})

@@ -24,6 +24,8 @@ export interface DecoderConfig {
   /** Per slot: state, payload length, unit to decode, request order, claimed by a decoder. */
   states: SharedArrayBuffer
   lengths: SharedArrayBuffer
+  /** Per slot: stored units its decode read. */
+  decodes: SharedArrayBuffer
   units: SharedArrayBuffer
   order: SharedArrayBuffer
   claims: SharedArrayBuffer

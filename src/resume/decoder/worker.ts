@@ -16,6 +16,7 @@ const reader = openSpec(config.snapshot)
 reader.prepareDecoding()
 const states = new Int32Array(config.states)
 const lengths = new Int32Array(config.lengths)
+const decodes = new Int32Array(config.decodes)
 const units = new Int32Array(config.units)
 const order = new Int32Array(config.order)
 const claims = new Int32Array(config.claims)
@@ -46,8 +47,10 @@ while (Atomics.load(control, CONTROL_STOP) === 0) {
     continue
   }
   const view = Buffer.from(config.arena, slot * config.slotBytes, config.slotBytes)
+  const before = reader.unitsDecoded
   try {
     lengths[slot] = reader.readPayload(units[slot], view).length
+    decodes[slot] = reader.unitsDecoded - before
     Atomics.store(states, slot, SLOT_READY)
   } catch {
     // The fault loop decodes the chunk itself on ERROR and reports the real error with context.

@@ -34,7 +34,9 @@ export class ChunkCache {
     this.stats.add('cacheMisses')
     const entry = this.reader.entry(chunk)
     const buffer = this.take(entry.payloadLength)
+    const before = this.reader.unitsDecoded
     const payload = this.reader.readPayloadIfLocal(chunk, buffer)
+    this.stats.add('unitsDecoded', this.reader.unitsDecoded - before)
     if (!payload) {
       this.giveBack(buffer)
       return undefined

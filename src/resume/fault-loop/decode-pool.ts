@@ -23,6 +23,8 @@ export class DecodePool {
   private readonly arena: SharedArrayBuffer
   private readonly states: Int32Array
   private readonly lengths: Int32Array
+  /** Per slot: stored units its decode read (a chain's chunk is assembled from several files' units). */
+  private readonly decodes: Int32Array
   private readonly slotChunk: Int32Array
   private readonly order: Int32Array
   private readonly claims: Int32Array
@@ -43,8 +45,10 @@ export class DecodePool {
     this.arena = new SharedArrayBuffer(slots * slotBytes)
     const states = new SharedArrayBuffer(slots * 4)
     const lengths = new SharedArrayBuffer(slots * 4)
+    const decodes = new SharedArrayBuffer(slots * 4)
     this.states = new Int32Array(states)
     this.lengths = new Int32Array(lengths)
+    this.decodes = new Int32Array(decodes)
     const units = new SharedArrayBuffer(slots * 4)
     const order = new SharedArrayBuffer(slots * 4)
     const claims = new SharedArrayBuffer(slots * 4)
@@ -56,7 +60,7 @@ export class DecodePool {
     this.counted = new Uint8Array(slots)
     for (let i = 0; i < decoders; i++) {
       const spec = childSpec(snapshot)
-      const config: DecoderConfig = {snapshot: spec, arena: this.arena, slotBytes, states, lengths, units, order, claims, control, eventFd: this.eventFd}
+      const config: DecoderConfig = {snapshot: spec, arena: this.arena, slotBytes, states, lengths, decodes, units, order, claims, control, eventFd: this.eventFd}
       this.workers.push(startWorker(import.meta.url, '../decoder/worker', config, specTransfer(spec)))
     }
   }
@@ -134,9 +138,10 @@ export class DecodePool {
     return Buffer.from(this.arena, slot * this.slotBytes, this.slotBytes)
   }
 
-  /** Publishes a slot filled by the caller after takeBack(): its payload length, or -1 on failure. */
-  finish(slot: number, length: number): void {
+  /** Publishes a slot filled by the caller after takeBack(): its payload length, or -1 on failure, and the stored units it read. */
+  finish(slot: number, length: number, decodes: number): void {
     if (length >= 0) this.lengths[slot] = length
+    this.decodes[slot] = decodes
     Atomics.store(this.states, slot, length >= 0 ? SLOT_READY : SLOT_ERROR)
   }
 
@@ -165,6 +170,11 @@ export class DecodePool {
    * The payload length of a READY slot the first time it is asked for since its request, else -1:
    * each decode is counted once, whether its slot is released or kept.
    */
+  /** Stored units the decode of a slot read (count with countOnce's result). */
+  unitsDecodedIn(slot: number): number {
+    return this.decodes[slot]
+  }
+
   countOnce(slot: number): number {
     if (this.counted[slot] || Atomics.load(this.states, slot) !== SLOT_READY) return -1
     this.counted[slot] = 1

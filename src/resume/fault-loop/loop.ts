@@ -4,7 +4,7 @@ import {receiveMessageOnPort} from 'node:worker_threads'
 import {UffdError} from '../../core/errors.js'
 import {WorkingSetRecorder} from '../../format/working-set-recorder.js'
 import {type ImageReader} from '../../snapshot/layered-reader.js'
-import {openSpec} from '../../snapshot/spec.js'
+import {openSpec, specLandedFd} from '../../snapshot/spec.js'
 import {
   closeFd,
   decodeUffdMessage,
@@ -96,7 +96,7 @@ export class FaultLoop {
     // chunk-sized, but only the decoded bytes are ever touched, so only those take memory.
     const stagedSlots = config.decoders > 0 ? Math.min(config.workingSetUnits.length, Math.floor(config.cacheBytes / chunkSize)) : 0
     const pool = config.decoders > 0 ? new DecodePool(config.snapshot, config.decoders, readaheadSlots + stagedSlots, chunkSize) : undefined
-    const source = new DecodedUnits(reader, pool, stats, config.cacheBytes, config.snapshot.kind === 'remote' ? config.snapshot.share.landedFd : -1)
+    const source = new DecodedUnits(reader, pool, stats, config.cacheBytes, specLandedFd(config.snapshot))
     const installer = new Installer(kernelFillCalls, stats, reader.geometry.pageSize, reader.zeroMap, zeroRunWindowPages(reader))
     // Faults on packed working-set pages are served from their blocks only while those blocks are
     // being prefetched (not with --working-set none, nor for CRIU's restored processes).

@@ -254,6 +254,7 @@ export class DecodedUnits implements PayloadSource {
     if (slot === undefined || !pool) return 'none'
     if (pool.takeBack(slot)) {
       let length = -1
+      const before = this.reader.unitsDecoded
       try {
         const payload = this.reader.readPayloadIfLocal(unit, pool.slotBuffer(slot))
         if (!payload) {
@@ -264,7 +265,7 @@ export class DecodedUnits implements PayloadSource {
       } catch {
         // Reported with its context when the cache decodes it again.
       }
-      pool.finish(slot, length)
+      pool.finish(slot, length, this.reader.unitsDecoded - before)
     }
     const state = pool.state(slot) === SLOT_PENDING ? this.waitForDecoder(slot, unit) : pool.state(slot)
     if (state === SLOT_PENDING) return undefined
@@ -309,6 +310,7 @@ export class DecodedUnits implements PayloadSource {
     const length = this.pool!.countOnce(slot)
     if (length < 0) return
     this.stats.add('chunksDecoded')
+    this.stats.add('unitsDecoded', this.pool!.unitsDecodedIn(slot))
     this.stats.add('bytesDecompressed', length)
   }
 }

@@ -1,0 +1,119 @@
+// Decoded units of a chain's files are cached by the file that holds them, not by the top layer:
+// two layers of one base read in one thread decode each base chunk once between them. Real
+// snapshot files written by the CLI; every read checked against the raw image.
+import fs from 'node:fs'
+import path from 'node:path'
+
+import fc from 'fast-check'
+import {afterAll, beforeAll, describe, expect, it} from 'vitest'
+
+import {LayeredReader} from '../src/snapshot/layered-reader.js'
+import {SnapshotReader} from '../src/snapshot/reader.js'
+import {UnitCache} from '../src/snapshot/unit-cache.js'
+import {uffd} from './helpers/cli.js'
+import {makeImage, pseudoRandom, tempDir} from './helpers/images.js'
+
+const PAGE = 4096
+const SIZE = 4 * 1024 * 1024
+const CHUNK = 64 * 1024
+
+let dir: string
+const at = (name: string): string => path.join(dir, name)
+const images = new Map<string, Buffer>()
+
+/** `image` with every `stride`-th page (from `seed`) new. */
+function changed(image: Buffer, seed: number, stride: number): Buffer {
+  const out = Buffer.from(image)
+  const fresh = pseudoRandom(SIZE, seed)
+  for (let p = seed % stride; p < SIZE / PAGE; p += stride) fresh.copy(out, p * PAGE, p * PAGE, (p + 1) * PAGE)
+  return out
+}
+
+function write(args: string[]): void {
+  const r = uffd(args)
+  expect(r.status, r.stderr).toBe(0)
+}
+
+/** The chain of `top` (over base.uffd) read through `units`. */
+function chain(top: string, units: UnitCache): LayeredReader {
+  return LayeredReader.fromFiles([SnapshotReader.open(at('base.uffd')), SnapshotReader.open(at(top))], ['base.uffd', top], units)
+}
+
+/** Chunks of the image any of whose data pages the chain takes from the base. */
+function chunksUsingBase(reader: LayeredReader): Set<number> {
+  const chunks = new Set<number>()
+  for (const run of reader.runs) {
+    if (run.source !== 0) continue
+    for (let p = run.firstPage; p < run.firstPage + run.pageCount; p++) chunks.add(Math.floor(p / (CHUNK / PAGE)))
+  }
+  return chunks
+}
+
+beforeAll(() => {
+  dir = tempDir('uffd-unit-cache-')
+  const base = makeImage('mixed', SIZE, 21)
+  images.set('a.uffd', changed(base, 3, 29))
+  images.set('b.uffd', changed(base, 7, 43))
+  fs.writeFileSync(at('base.raw'), base)
+  write(['snapshot', '--mem-file', at('base.raw'), '-o', at('base.uffd'), '--chunk-size', '64K'])
+  for (const [name, image] of images) {
+    fs.writeFileSync(at(`${name}.raw`), image)
+    write(['snapshot', '--mem-file', at(`${name}.raw`), '--parent', at('base.uffd'), '-o', at(name)])
+  }
+})
+
+afterAll(() => fs.rmSync(dir, {recursive: true, force: true}))
+
+describe('the unit cache', () => {
+  it('decodes each base chunk once for two layers of that base read side by side', () => {
+    const shared = new UnitCache()
+    const a = chain('a.uffd', shared)
+    const b = chain('b.uffd', shared)
+    const separate = [new UnitCache(), new UnitCache()]
+    const a2 = chain('a.uffd', separate[0])
+    const b2 = chain('b.uffd', separate[1])
+    const dst = Buffer.alloc(CHUNK)
+    try {
+      for (let c = 0; c < a.geometry.chunkCount; c++) {
+        for (const [reader, name] of [
+          [a, 'a.uffd'],
+          [b, 'b.uffd'],
+          [a2, 'a.uffd'],
+          [b2, 'b.uffd'],
+        ] as const) {
+          reader.readChunk(c, dst)
+          expect(dst.equals(images.get(name)!.subarray(c * CHUNK, (c + 1) * CHUNK)), `${name} chunk ${c}`).toBe(true)
+        }
+      }
+      const base = a.files[0].layout
+      const needed = new Set([...chunksUsingBase(a), ...chunksUsingBase(b)])
+      expect(needed.size).toBeGreaterThan(0)
+      // Shared: once per base chunk either layer needs; separate: once per layer that needs it.
+      expect(shared.decodes.get(base)).toBe(needed.size)
+      // The second layer to ask for a base chunk both need finds it decoded.
+      expect(shared.hits.get(base)).toBeGreaterThanOrEqual([...chunksUsingBase(a)].filter((c) => chunksUsingBase(b).has(c)).length)
+      expect((separate[0].decodes.get(base) ?? 0) + (separate[1].decodes.get(base) ?? 0)).toBe(chunksUsingBase(a).size + chunksUsingBase(b).size)
+    } finally {
+      for (const r of [a, b, a2, b2]) r.close()
+    }
+  })
+
+  it('never serves another file\'s or another unit\'s bytes, whatever the order of reads across chains', () => {
+    const dst = Buffer.alloc(CHUNK)
+    fc.assert(
+      fc.property(fc.array(fc.tuple(fc.constantFrom('a.uffd', 'b.uffd'), fc.integer({min: 0, max: SIZE / CHUNK - 1})), {minLength: 1, maxLength: 200}), (reads) => {
+        const units = new UnitCache()
+        const readers = {'a.uffd': chain('a.uffd', units), 'b.uffd': chain('b.uffd', units)}
+        try {
+          for (const [name, c] of reads) {
+            readers[name].readChunk(c, dst)
+            expect(dst.equals(images.get(name)!.subarray(c * CHUNK, (c + 1) * CHUNK))).toBe(true)
+          }
+        } finally {
+          for (const r of Object.values(readers)) r.close()
+        }
+      }),
+      {numRuns: 40},
+    )
+  })
+})
