@@ -5,6 +5,8 @@ import path from 'node:path'
 
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
+import {LayeredReader} from '../src/snapshot/layered-reader.js'
+import {SnapshotReader} from '../src/snapshot/reader.js'
 import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
 import {makeImage, pseudoRandom, tempDir} from './helpers/images.js'
 
@@ -194,6 +196,49 @@ describe('layers', () => {
     const data = flip(headerSize + 10, 'bad-data.uffd')
     expect(data.ok).toBe(false)
     expect(data.errors.join('\n')).toMatch(/layer block 0: checksum mismatch/)
+  })
+
+  it('reading a chain in any order decodes each layer block once, and an unchanged chunk straight from the base', () => {
+    // 16 KiB chunks: the scattered changes of v1 and v2 fill many blocks of 4 pages, more than a
+    // handful of decoded units; every chunk read in a shuffled order, twice.
+    ok(['snapshot', '--mem-file', at('base.raw'), '-o', at('b16.uffd'), '--chunk-size', '16K'])
+    ok(['snapshot', '--mem-file', at('v1.raw'), '--parent', at('b16.uffd'), '-o', at('v1-16.uffd')])
+    ok(['snapshot', '--mem-file', at('v2.raw'), '--parent', at('v1-16.uffd'), '-o', at('v2-16.uffd')])
+    const chain = LayeredReader.open(at('v2-16.uffd'))
+    try {
+      const decodes = chain.files.map(() => new Map<number, number>())
+      const into = chain.files.map(() => [] as Buffer[])
+      chain.files.forEach((f: SnapshotReader, k) => {
+        const read = f.readPayload.bind(f)
+        f.readPayload = (unit: number, dst?: Buffer): Buffer => {
+          decodes[k].set(unit, (decodes[k].get(unit) ?? 0) + 1)
+          if (dst) into[k].push(dst)
+          return read(unit, dst)
+        }
+      })
+      expect(chain.files[1].layer!.set.blocks.length).toBeGreaterThan(20)
+      const v2 = fs.readFileSync(at('v2.raw'))
+      const chunks = chain.geometry.chunkCount
+      const order = Array.from({length: chunks}, (_, c) => (c * 389) % chunks)
+      const dst = Buffer.alloc(chain.geometry.chunkSize)
+      for (const c of [...order, ...order]) {
+        chain.readChunk(c, dst)
+        expect(dst.equals(v2.subarray(c * 16384, (c + 1) * 16384)), `chunk ${c}`).toBe(true)
+      }
+      for (const k of [1, 2]) {
+        expect(decodes[k].size).toBe(chain.files[k].layer!.set.blocks.length)
+        expect(Math.max(...decodes[k].values()), `layer ${k}: a block decoded again`).toBe(1)
+      }
+      // A chunk no layer changed is decoded by the base into the buffer it is read into.
+      const untouched = order.find((c) => chain.runs.every((r) => r.firstPage >= (c + 1) * 4 || r.firstPage + r.pageCount <= c * 4 || r.source === 0 || r.source === 0xffffffff) && chain.entry(c).payloadLength === chain.files[0].entry(c).payloadLength && chain.entry(c).payloadLength > 0)!
+      expect(untouched).toBeDefined()
+      into[0].length = 0
+      const payload = Buffer.alloc(16384)
+      chain.readPayload(untouched, payload)
+      expect(into[0]).toEqual([payload])
+    } finally {
+      chain.close()
+    }
   })
 
   it('a layer carries incompatible bit 0 (older readers refuse it), and cp refuses one', () => {

@@ -12,8 +12,13 @@ import {payloadPageIndex, type ZeroMap} from '../format/zero-map.js'
 import {type ByteSource} from './byte-source.js'
 import {SnapshotReader} from './reader.js'
 
-/** Decoded units of the chain's files kept for the next resolved chunks (a scattered layer's block serves many). */
-const UNIT_CACHE_ENTRIES = 16
+/**
+ * Bytes of decoded layer blocks a reader keeps. A block of scattered pages serves many chunks, in
+ * whatever order they fault: decoded again for each, a random-order resume of a chain of
+ * scattered layers decoded several times the image. A layer's blocks hold its changed pages
+ * only, so this keeps every block of a chain of a few small layers.
+ */
+export const LAYER_BLOCK_CACHE_BYTES = 64 * 1024 * 1024
 
 /**
  * A chain of snapshots (a base, the layers on it, docs/FORMAT.md) read as the one image it
@@ -35,7 +40,11 @@ export class LayeredReader {
   private readonly basePayloadIndex: Int32Array
   /** Per layer file: the block holding each position of its page list. */
   private readonly blockOfListIndex: Int32Array[]
-  private readonly decoded = new Map<string, {buffer: Buffer; payload: Buffer}>()
+  /** Decoded layer blocks by "file:block", least recently used first, within LAYER_BLOCK_CACHE_BYTES. */
+  private readonly blocks = new Map<string, Buffer>()
+  private blockBytes = 0
+  /** The base chunk of the chunk being assembled (chunk sizes agree through the chain: resolved chunk c takes base pages from base chunk c only). */
+  private baseChunk = Buffer.alloc(0)
   private scratch = Buffer.alloc(0)
 
   private constructor(
@@ -134,11 +143,25 @@ export class LayeredReader {
     const payload = (dst ?? this.scratch).subarray(0, payloadLength)
     const first = this.geometry.firstPageOfChunk(chunk)
     const end = first + this.geometry.pagesInChunk(chunk)
+    const from = findRun(this.runs, first)
+    let baseOnly = true
+    for (let r = from; r < this.runs.length && this.runs[r].firstPage < end; r++) if (this.runs[r].source !== 0 && this.runs[r].source !== SOURCE_ZERO) baseOnly = false
+    // No layer changed a page of it to data, and none to zero (the payloads are as long): the
+    // chunk is the base's, decoded where it goes.
+    if (baseOnly && this.files[0].entry(chunk).payloadLength === payloadLength) return payloadLength === 0 ? payload : this.files[0].readPayload(chunk, payload)
+    let base: Buffer | undefined
     let at = 0
-    for (let r = findRun(this.runs, first), p = first; p < end; r++) {
+    for (let r = from, p = first; p < end; r++) {
       const run = this.runs[r]
       const stop = Math.min(end, run.firstPage + run.pageCount)
-      if (run.source !== SOURCE_ZERO) at = this.copyPages(run.source, p, stop, payload, at)
+      if (run.source === 0) {
+        base ??= this.readBaseChunk(chunk)
+        // The run's pages are all data pages of the base, so consecutive ones are adjacent in its chunk's payload.
+        const position = this.basePayloadIndex[p]
+        at += base.copy(payload, at, position * this.geometry.pageSize, (position + stop - p) * this.geometry.pageSize)
+      } else if (run.source !== SOURCE_ZERO) {
+        at = this.copyLayerPages(run.source, p, stop, payload, at)
+      }
       p = stop
     }
     return payload
@@ -169,60 +192,48 @@ export class LayeredReader {
     for (const f of this.files) f.close()
   }
 
-  /** Copies pages [from, to) of file `source` (all data pages there: checked at open) to `dst` at `at`; returns the next offset. */
-  private copyPages(source: number, from: number, to: number, dst: Buffer, at: number): number {
-    const file = this.files[source]
+  private readBaseChunk(chunk: number): Buffer {
+    const base = this.files[0]
+    if (this.baseChunk.length < base.geometry.chunkSize) this.baseChunk = Buffer.alloc(base.geometry.chunkSize)
+    return base.readPayload(chunk, this.baseChunk)
+  }
+
+  /** Copies pages [from, to) of layer `source` (all its own pages: checked at open) to `dst` at `at`; returns the next offset. */
+  private copyLayerPages(source: number, from: number, to: number, dst: Buffer, at: number): number {
+    const list = this.files[source].layer!.set
     const {pageSize} = this.geometry
     for (let p = from; p < to; ) {
-      let unit: number
-      let position: number
-      let count: number
-      if (source === 0) {
-        // The base: the page's chunk, at its place among the chunk's data pages; the run's pages
-        // are all data pages there, so consecutive ones in one chunk are adjacent in its payload.
-        const ppc = file.geometry.pagesPerChunk
-        unit = Math.floor(p / ppc)
-        position = this.basePayloadIndex[p]
-        count = Math.min(to, (unit + 1) * ppc) - p
-      } else {
-        // A layer: its pages ascend through its list, so consecutive pages are adjacent there and
-        // in their block's payload.
-        const list = file.layer!.set
-        const i = indexOfPage(list.pages, p)
-        const block = this.blockOfListIndex[source][i]
-        const b = list.blocks[block]
-        unit = block
-        position = i - b.listStart
-        count = Math.min(to - p, b.listStart + b.pageCount - i)
-      }
-      const payload = this.unit(source, unit)
-      payload.copy(dst, at, position * pageSize, (position + count) * pageSize)
-      at += count * pageSize
+      // Its pages ascend through its list, so consecutive pages are adjacent there and in their block's payload.
+      const i = indexOfPage(list.pages, p)
+      const block = this.blockOfListIndex[source][i]
+      const b = list.blocks[block]
+      const position = i - b.listStart
+      const count = Math.min(to - p, b.listStart + b.pageCount - i)
+      at += this.block(source, block).copy(dst, at, position * pageSize, (position + count) * pageSize)
       p += count
     }
     return at
   }
 
-  /** A file's decoded unit, from a small cache (least recently used out, its buffer reused). */
-  private unit(source: number, unit: number): Buffer {
-    const key = `${source}:${unit}`
-    const hit = this.decoded.get(key)
+  /** A layer's decoded block, from the cache (least recently used out beyond its budget). */
+  private block(source: number, block: number): Buffer {
+    const key = `${source}:${block}`
+    const hit = this.blocks.get(key)
     if (hit) {
-      this.decoded.delete(key)
-      this.decoded.set(key, hit)
-      return hit.payload
+      this.blocks.delete(key)
+      this.blocks.set(key, hit)
+      return hit
     }
+    // A layer has no chunks: its units are its blocks.
     const file = this.files[source]
-    const size = Math.max(file.entry(unit).payloadLength, file.geometry.chunkSize)
-    let buffer: Buffer | undefined
-    if (this.decoded.size >= UNIT_CACHE_ENTRIES) {
-      const [oldest, old] = this.decoded.entries().next().value!
-      this.decoded.delete(oldest)
-      if (old.buffer.length >= size) buffer = old.buffer
+    const payload = file.readPayload(block, Buffer.allocUnsafe(file.entry(block).payloadLength))
+    this.blocks.set(key, payload)
+    this.blockBytes += payload.length
+    for (const [k, old] of this.blocks) {
+      if (this.blockBytes <= LAYER_BLOCK_CACHE_BYTES || k === key) break
+      this.blocks.delete(k)
+      this.blockBytes -= old.length
     }
-    buffer ??= Buffer.alloc(size)
-    const payload = file.readPayload(unit, buffer)
-    this.decoded.set(key, {buffer, payload})
     return payload
   }
 }
