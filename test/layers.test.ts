@@ -5,7 +5,9 @@ import path from 'node:path'
 
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
+import {writeLayer} from '../src/snapshot/layer-writer.js'
 import {LayeredReader} from '../src/snapshot/layered-reader.js'
+import {memFileInput} from '../src/snapshot/inputs.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
 import {makeImage, pseudoRandom, tempDir} from './helpers/images.js'
@@ -133,6 +135,43 @@ describe('layers', () => {
     // Without --diff the holes are zeros: a different image.
     ok(['snapshot', '--mem-file', at('v2.diff'), '--parent', at('v1.uffd'), '-o', at('v2z.uffd')])
     expect(uffd(['verify', at('v2z.uffd'), '--against', at('v2.raw')]).status).toBe(1)
+  })
+
+  it('a diff is compared with the parent chunks its data pages need, and only those are decoded', async () => {
+    // Dirty pages that were zero pages of the base need no decoding; one that was a data page
+    // needs its chunk. One page rewritten with the base's bytes is not stored.
+    const base = fs.readFileSync(at('base.raw'))
+    const PPC = (256 * 1024) / PAGE
+    const isZero = (p: number): boolean => base.subarray(p * PAGE, (p + 1) * PAGE).every((b) => b === 0)
+    const dataPage = Array.from({length: PAGES}, (_, p) => p).find((p) => !isZero(p))!
+    // Zero pages in chunks that hold data too (an all-zero chunk is never decoded), not the data page's.
+    const zeroPages = Array.from({length: PAGES}, (_, p) => p).filter((p) => isZero(p) && Math.floor(p / PPC) !== Math.floor(dataPage / PPC) && Array.from({length: PPC}, (_, i) => Math.floor(p / PPC) * PPC + i).some((q) => !isZero(q)))
+    expect(zeroPages.length).toBeGreaterThan(8)
+    const image = Buffer.from(base)
+    const fd = fs.openSync(at('zd.diff'), 'w')
+    fs.ftruncateSync(fd, SIZE)
+    for (const p of [...zeroPages.slice(0, 8), dataPage]) {
+      if (p !== dataPage) pseudoRandom(PAGE, p).copy(image, p * PAGE)
+      fs.writeSync(fd, image, p * PAGE, PAGE, p * PAGE)
+    }
+    fs.closeSync(fd)
+    fs.writeFileSync(at('zd.raw'), image)
+    const parent = SnapshotReader.open(at('base.uffd'))
+    const decoded: number[] = []
+    const read = parent.readPayload.bind(parent)
+    parent.readPayload = (unit: number, dst?: Buffer): Buffer => {
+      decoded.push(unit)
+      return read(unit, dst)
+    }
+    try {
+      const s = await writeLayer(memFileInput(at('zd.diff')), parent, at('base.uffd'), at('zd.uffd'), {codec: 'zstd', level: 1, diff: true})
+      expect(s.comparedPages).toBe(9)
+      expect(s.storedPages).toBe(8)
+      expect(decoded).toEqual([Math.floor(dataPage / PPC)])
+    } finally {
+      parent.close()
+    }
+    expect(ok(['verify', at('zd.uffd'), '--against', at('zd.raw')]).ok).toBe(true)
   })
 
   it('a missing, swapped or corrupt parent is refused with a code naming it', () => {

@@ -95,7 +95,7 @@ export async function writeLayer(input: ImageInput, parent: ImageReader, parentP
   }
 
   const zeroPage = Buffer.alloc(pageSize)
-  const older = Buffer.alloc(geometry.chunkSize)
+  const olderBuffer = Buffer.alloc(geometry.chunkSize)
   const newer = Buffer.alloc(geometry.chunkSize)
   let zeroed = 0
   let compared = 0
@@ -113,14 +113,21 @@ export async function writeLayer(input: ImageInput, parent: ImageReader, parentP
       // A diff's holes are unchanged pages: a chunk without data is its parent's.
       if (options.diff && segments.length === 0) continue
       const present = reader.read(segments, start, newer.subarray(0, pages * pageSize), pageSize)
-      parent.readChunk(c, older)
-      for (let i = 0; i < pages; i++) {
+      // Pages are compared with the parent chunk's payload (its data pages, in order), decoded
+      // only once a compared page is a data page of the parent: a zero page is compared with
+      // zeros, so a diff whose pages were all zero in the parent decodes nothing.
+      let older: Buffer | undefined
+      for (let i = 0, position = 0; i < pages; i++) {
+        const page = first + i
+        const parentZero = parent.zeroMap.isZero(page)
+        const olderAt = position * pageSize
+        if (!parentZero) position++
         if (options.diff && !present[i]) continue
         compared++
         const at = i * pageSize
-        if (newer.compare(older, at, at + pageSize, at, at + pageSize) === 0) continue
-        const page = first + i
-        if (zeroPage.compare(newer, at, at + pageSize) === 0) {
+        const isZero = (): boolean => zeroPage.compare(newer, at, at + pageSize) === 0
+        if (parentZero ? isZero() : newer.compare((older ??= parent.readPayload(c, olderBuffer)), olderAt, olderAt + pageSize, at, at + pageSize) === 0) continue
+        if (!parentZero && isZero()) {
           overrides.push({firstPage: page, pageCount: 1, source: SOURCE_ZERO})
           zeroed++
           continue
