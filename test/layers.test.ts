@@ -16,6 +16,9 @@ const PAGE = 4096
 const SIZE = 8 * 1024 * 1024
 const PAGES = SIZE / PAGE
 const FC_CLIENT = path.join(NATIVE, 'fc_client')
+const KVM_VMM = path.join(NATIVE, 'kvm_vmm')
+const kvmSkip = !isRoot() ? 'not root (needs /dev/kvm and a kernel-mode userfaultfd)' : !fs.existsSync('/dev/kvm') ? 'no /dev/kvm on this machine' : !fs.existsSync(KVM_VMM) ? `${KVM_VMM} is not built (npm run build)` : undefined
+if (kvmSkip) console.warn(`test/layers.test.ts: the KVM guest restored from a layer is skipped: ${kvmSkip}`)
 
 let dir: string
 const at = (name: string): string => path.join(dir, name)
@@ -318,5 +321,73 @@ describe('layers', () => {
     it('serves a layer made from a sparse diff like the full image', async () => {
       await resumeAndCheck(at('v2d.uffd'), at('v2.raw'))
     }, 120_000)
+  })
+
+  describe.skipIf(kvmSkip !== undefined)('a KVM guest (kvm_vmm) restored from a layer', () => {
+    // The guest's memory (mem.raw) is the top of a chain whose base and middle layer are other
+    // images: pages changed scattered and in a run, data pages zeroed, zero pages filled. Only a
+    // chain that gives back every page of mem.raw lets the guest compute its checksum.
+    let snapDir: string
+    let checksum: string
+    const kvm = (name: string): string => path.join(snapDir, name)
+
+    beforeAll(() => {
+      snapDir = at('kvm')
+      const run = spawnSync(KVM_VMM, ['run', '--mem-mib', '64', '--snapshot-dir', snapDir, '--timeout-ms', '30000'], {encoding: 'utf8', timeout: 60_000})
+      if (run.status !== 0) throw new Error(`kvm_vmm run failed (${run.status}):\n${run.stderr}`)
+      checksum = JSON.parse(run.stdout.trim().split('\n').at(-1)!).checksum
+      const mem = fs.readFileSync(kvm('mem.raw'))
+      const pages = mem.length / PAGE
+      const other = (seed: number): Buffer => {
+        const out = Buffer.from(mem)
+        const fresh = pseudoRandom(mem.length, seed)
+        for (let p = 600 + seed; p < pages; p += 53) fresh.copy(out, p * PAGE, p * PAGE, (p + 1) * PAGE)
+        fresh.copy(out, (1000 + seed * 100) * PAGE, (1000 + seed * 100) * PAGE, (1040 + seed * 100) * PAGE)
+        out.fill(0, (3000 + seed * 10) * PAGE, (3008 + seed * 10) * PAGE)
+        fresh.copy(out, (pages - 100) * PAGE, (pages - 100) * PAGE, (pages - 90) * PAGE) // the tail the guest never touches: zero in mem.raw
+        return out
+      }
+      fs.writeFileSync(kvm('a.raw'), other(1))
+      fs.writeFileSync(kvm('b.raw'), other(2))
+      // A Firecracker-style Diff of mem.raw against b.raw: only the pages that differ.
+      const b = fs.readFileSync(kvm('b.raw'))
+      const fd = fs.openSync(kvm('mem.diff'), 'w')
+      fs.ftruncateSync(fd, mem.length)
+      for (let p = 0; p < pages; p++) if (!mem.subarray(p * PAGE, (p + 1) * PAGE).equals(b.subarray(p * PAGE, (p + 1) * PAGE))) fs.writeSync(fd, mem, p * PAGE, PAGE, p * PAGE)
+      fs.closeSync(fd)
+      ok(['snapshot', '--mem-file', kvm('a.raw'), '-o', kvm('a.uffd')])
+      ok(['snapshot', '--mem-file', kvm('b.raw'), '--parent', kvm('a.uffd'), '-o', kvm('b.uffd')])
+      ok(['snapshot', '--mem-file', kvm('mem.raw'), '--parent', kvm('b.uffd'), '-o', kvm('mem.uffd')])
+      ok(['snapshot', '--mem-file', kvm('mem.diff'), '--diff', '--parent', kvm('b.uffd'), '-o', kvm('mem-diff.uffd')])
+    })
+
+    /** Resumes `snapshot` into a fresh VM; the VM's exit, its JSON line and the handler's exit. */
+    async function restore(snapshot: string, regions: string): Promise<{status: number | null; vm: any; stderr: string; handler: number | null}> {
+      const socket = kvm(`${path.basename(snapshot)}.sock`)
+      const ready = `${socket}.ready`
+      const handler = uffdAsync(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30', '--json'], {timeoutMs: 60_000})
+      for (let i = 0; i < 400 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
+      expect(fs.existsSync(ready), 'the handler never became ready').toBe(true)
+      const vm = spawnSync(KVM_VMM, ['restore', '--snapshot-dir', snapDir, '--uffd-socket', socket, '--regions', regions, '--timeout-ms', '30000'], {encoding: 'utf8', timeout: 60_000})
+      const done = await handler
+      return {status: vm.status, vm: JSON.parse(vm.stdout.trim().split('\n').at(-1)!), stderr: `kvm_vmm restore:\n${vm.stderr}\nresume:\n${done.stderr}`, handler: done.status}
+    }
+
+    it('passes its checksum restored from a layer on a layer, and from a layer of its Diff file', async () => {
+      // Not vacuous: the middle layer is another image, and the guest's checksum tells.
+      const wrong = await restore(kvm('b.uffd'), '1')
+      expect(wrong.status, wrong.stderr).toBe(1)
+      expect(wrong.vm.error).toContain('checksum mismatch after restore')
+      for (const [snapshot, regions] of [
+        ['mem.uffd', '1'],
+        ['mem.uffd', '2'],
+        ['mem-diff.uffd', '1'],
+      ]) {
+        const r = await restore(kvm(snapshot), regions)
+        expect(r.status, r.stderr).toBe(0)
+        expect(r.handler, r.stderr).toBe(0)
+        expect(r.vm, snapshot).toMatchObject({ok: true, mode: 'uffd', regions: Number(regions), checksum})
+      }
+    }, 180_000)
   })
 })
