@@ -1,5 +1,5 @@
 // Layered snapshots end to end: real files, the real CLI, real fc_client resumes checking every byte.
-import {spawnSync} from 'node:child_process'
+import {spawn, spawnSync} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 
@@ -17,6 +17,7 @@ const SIZE = 8 * 1024 * 1024
 const PAGES = SIZE / PAGE
 const FC_CLIENT = path.join(NATIVE, 'fc_client')
 const KVM_VMM = path.join(NATIVE, 'kvm_vmm')
+const MEMORY_PATTERN = path.join(NATIVE, 'memory_pattern')
 const kvmSkip = !isRoot() ? 'not root (needs /dev/kvm and a kernel-mode userfaultfd)' : !fs.existsSync('/dev/kvm') ? 'no /dev/kvm on this machine' : !fs.existsSync(KVM_VMM) ? `${KVM_VMM} is not built (npm run build)` : undefined
 if (kvmSkip) console.warn(`test/layers.test.ts: the KVM guest restored from a layer is skipped: ${kvmSkip}`)
 
@@ -321,6 +322,55 @@ describe('layers', () => {
     it('serves a layer made from a sparse diff like the full image', async () => {
       await resumeAndCheck(at('v2d.uffd'), at('v2.raw'))
     }, 120_000)
+  })
+
+  describe.skipIf(!isRoot() || !fs.existsSync(MEMORY_PATTERN))('snapshot --pid --parent (a live process)', () => {
+    it('stores the pages the process changed since its base snapshot, and resolves to its memory now', async () => {
+      const child = spawn(MEMORY_PATTERN, ['--mib', '16', '--seed', '5', '--signals'], {stdio: ['ignore', 'pipe', 'inherit']})
+      let out = ''
+      child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d))
+      const line = async (n: number): Promise<any> => {
+        for (let i = 0; i < 400 && out.split('\n').filter(Boolean).length < n; i++) await new Promise((r) => setTimeout(r, 25))
+        return JSON.parse(out.split('\n').filter(Boolean)[n - 1])
+      }
+      try {
+        const {pid} = await line(1)
+        ok(['snapshot', '--pid', String(pid), '-o', at('p-base.uffd')])
+        child.kill('SIGUSR1')
+        const {changed} = await line(2)
+        expect(changed).toBeGreaterThan(30)
+        const layer = ok(['snapshot', '--pid', String(pid), '--parent', at('p-base.uffd'), '-o', at('p-layer.uffd')])
+        // The changed pages, and the few of the stack and libc the signal wrote.
+        expect(layer.changedPages).toBeGreaterThanOrEqual(changed)
+        expect(layer.changedPages).toBeLessThan(changed + 32)
+        expect(layer.fileSize).toBeLessThan(fs.statSync(at('p-base.uffd')).size / 10)
+        ok(['snapshot', '--pid', String(pid), '-o', at('p-full.uffd')])
+        const chain = LayeredReader.open(at('p-layer.uffd'))
+        const full = SnapshotReader.open(at('p-full.uffd'))
+        const base = SnapshotReader.open(at('p-base.uffd'))
+        try {
+          expect(chain.geometry.logicalSize).toBe(full.geometry.logicalSize)
+          const a = Buffer.alloc(chain.geometry.chunkSize)
+          const b = Buffer.alloc(chain.geometry.chunkSize)
+          let differFromBase = 0
+          for (let c = 0; c < chain.geometry.chunkCount; c++) {
+            chain.readChunk(c, a)
+            full.readChunk(c, b)
+            expect(a.equals(b), `chunk ${c}`).toBe(true)
+            base.readChunk(c, b)
+            if (!a.equals(b)) differFromBase++
+          }
+          expect(differFromBase).toBeGreaterThan(0)
+        } finally {
+          chain.close()
+          full.close()
+          base.close()
+        }
+        expect(ok(['verify', at('p-layer.uffd')]).ok).toBe(true)
+      } finally {
+        child.kill('SIGKILL')
+      }
+    }, 60_000)
   })
 
   describe.skipIf(kvmSkip !== undefined)('a KVM guest (kvm_vmm) restored from a layer', () => {
