@@ -209,6 +209,36 @@ describe('layers', () => {
     }
   })
 
+  it('a working set attached to the base keeps its layers resolving (the identity is of content); other memory is still refused', () => {
+    const moved = tempDir('uffd-layers-attached-')
+    try {
+      for (const f of ['base.uffd', 'v1.uffd', 'v2.uffd']) fs.copyFileSync(at(f), path.join(moved, f))
+      const base = SnapshotReader.open(at('base.uffd'))
+      const ws = {kind: 'uffd-working-set', version: 1, snapshot: {logicalSize: SIZE, pageSize: PAGE, headerCrc: base.header.headerCrc}, runs: 1, pages: Array.from({length: 300}, (_, i) => (i * 7) % PAGES), firstTouchMs: Array.from({length: 300}, (_, i) => i)}
+      base.close()
+      fs.writeFileSync(path.join(moved, 'ws.json'), JSON.stringify(ws))
+      ok(['working-set', 'attach', path.join(moved, 'base.uffd'), path.join(moved, 'ws.json')])
+      expect(fs.readFileSync(path.join(moved, 'base.uffd')).equals(fs.readFileSync(at('base.uffd')))).toBe(false)
+      expect(ok(['stats', path.join(moved, 'base.uffd')]).workingSet).toBeDefined()
+      for (const [layer, raw] of [
+        ['v1.uffd', 'v1.raw'],
+        ['v2.uffd', 'v2.raw'],
+      ]) {
+        expect(ok(['verify', path.join(moved, layer), '--against', at(raw)]).ok).toBe(true)
+      }
+      // A layer written on the attached base is recognised by the base as it was before.
+      ok(['snapshot', '--mem-file', at('v1.raw'), '--parent', path.join(moved, 'base.uffd'), '-o', path.join(moved, 'v1b.uffd')])
+      fs.copyFileSync(at('base.uffd'), path.join(moved, 'base.uffd'))
+      expect(ok(['verify', path.join(moved, 'v1b.uffd'), '--against', at('v1.raw')]).ok).toBe(true)
+      // Other memory under the base's name.
+      ok(['snapshot', '--mem-file', at('v1.raw'), '-o', path.join(moved, 'base.uffd'), '--force'])
+      const other = uffd(['verify', path.join(moved, 'v2.uffd'), '--json'])
+      expect(other.json.error.code).toBe('PARENT_MISMATCH')
+    } finally {
+      fs.rmSync(moved, {recursive: true, force: true})
+    }
+  })
+
   it('a layer written over a file of its own chain is refused, the file kept', () => {
     const before = fs.readFileSync(at('base.uffd'))
     fs.linkSync(at('base.uffd'), at('base-link.uffd'))
@@ -317,6 +347,19 @@ describe('layers', () => {
       const r = await resumeAndCheck(at('v2.uffd'), at('v2.raw'), ['--working-set', ws, '--readahead', '0'], ['--touch', 'random', '--count', '400', '--verify', '--delay-ms', '300'])
       expect(r.resume.stats.pages.prefetched).toBeGreaterThan(0)
       expect(r.resume.stats.faults.total).toBe(0)
+    }, 120_000)
+
+    it('resume --learn on the base keeps its layers resolving', async () => {
+      const moved = tempDir('uffd-layers-learned-')
+      try {
+        for (const f of ['base.uffd', 'v1.uffd', 'v2.uffd']) fs.copyFileSync(at(f), path.join(moved, f))
+        await resumeAndCheck(path.join(moved, 'base.uffd'), at('base.raw'), ['--learn'], ['--touch', 'random', '--count', '300', '--verify'])
+        expect(ok(['stats', path.join(moved, 'base.uffd')]).workingSet).toBeDefined()
+        expect(ok(['verify', path.join(moved, 'v2.uffd'), '--against', at('v2.raw')]).ok).toBe(true)
+        await resumeAndCheck(path.join(moved, 'v2.uffd'), at('v2.raw'))
+      } finally {
+        fs.rmSync(moved, {recursive: true, force: true})
+      }
     }, 120_000)
 
     it('serves a layer made from a sparse diff like the full image', async () => {

@@ -244,7 +244,7 @@ function openParent(at: string, parent: LayerParent, k: number, count: number, l
   const reader = SnapshotReader.open(at)
   if (reader.identity !== parent.id) {
     reader.close()
-    throw new UffdError('PARENT_MISMATCH', `${layer}: ${at} is not ${which} it was made on (its identity differs: another snapshot, or one rewritten since)`)
+    throw new UffdError('PARENT_MISMATCH', `${layer}: ${at} is not ${which} it was made on (its content identity differs: another snapshot, or its chunks written again since)`)
   }
   return reader
 }

@@ -1,11 +1,11 @@
-import {createHash} from 'node:crypto'
 
 import {Codec, COMPAT_PACKED_WORKING_SET, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
 import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} from '../format/index-table.js'
-import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, layerPagesProblem} from '../format/layer.js'
+import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, layerIdentity, layerPagesProblem} from '../format/layer.js'
+import {memoryDigest} from '../format/learned-runs.js'
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {crc32} from '../sys/crc.js'
@@ -48,8 +48,9 @@ export class SnapshotReader {
     /** For a layer: its chain, run table and blocks (its units; it has no chunks). */
     readonly layer: LayerData | undefined,
     /**
-     * SHA-256 of the header, footer, index and zero map (and a layer's tables), 64 hex digits: how
-     * a layer recognises its parent whatever it is called now (docs/FORMAT.md, Layers).
+     * Its content identity, 64 hex digits (a base: memoryDigest; a layer: layerIdentity): how a
+     * layer recognises its parent whatever it is called now and however it was laid out since
+     * (docs/FORMAT.md, Layers).
      */
     readonly identity: string,
   ) {
@@ -116,7 +117,6 @@ export class SnapshotReader {
       source.readAt(table, location.offset)
       packed = decodePackedTable(table, location, headerSize, dataEnd, geometry, zeroMap)
     }
-    const identity = createHash('sha256').update(headerBytes).update(footerBytes).update(indexBytes).update(zeroMapBytes)
     let layer: LayerData | undefined
     if (layered) {
       if (packed) throw new SnapshotFormatError('CORRUPT', 'header', 'a layer carries a packed working set (the two are not combined)')
@@ -132,10 +132,11 @@ export class SnapshotReader {
       const runs = decodeRunTable(runTable, location, geometry.pageCount)
       const problem = layerPagesProblem(runs, location.parents.length, set, zeroMap)
       if (problem) throw new SnapshotFormatError('CORRUPT', 'layer', problem)
-      identity.update(blockTable).update(runTable)
       layer = {parents: location.parents, runs, set}
     }
-    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, identity.digest('hex'))
+    // What the file holds, not how it is laid out: attaching a working set or learning one keeps it.
+    const identity = layer ? layerIdentity(geometry, layer.parents, layer.runs, layer.set, zeroMapBytes) : memoryDigest(geometry, index, zeroMapBytes)
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, identity)
   }
 
   get fileSize(): number {
