@@ -12,6 +12,7 @@ import {CRIU_PAGE_SIZE, CriuImageError, MAGIC, PE_LAZY, PE_PARENT, PE_PRESENT, r
 import {CRIU_SCHEMA} from '../src/criu/schema.js'
 import {RegionKind} from '../src/format/constants.js'
 import {criuDirInput} from '../src/snapshot/inputs.js'
+import {openLocalImage} from './helpers/chain.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {writeSnapshot} from '../src/snapshot/writer.js'
 import {isRoot, NATIVE, uffd} from './helpers/cli.js'
@@ -208,7 +209,7 @@ describe('CRIU image parsing (images written by the test)', () => {
   })
 
   const refusals: [string, FakeTask, RegExp][] = [
-    ['incremental dumps (PE_PARENT)', {pid: 3, vmas: [{start: A, end: A + 2 * PAGE}], entries: [{vaddr: A, nrPages: 1, flags: PE_PARENT}]}, /pagemap-3\.img: entry 1 .* parent dump: incremental dumps/],
+    ['entries both in the parent and present', {pid: 3, vmas: [{start: A, end: A + 2 * PAGE}], entries: [{vaddr: A, nrPages: 1, flags: PE_PARENT | PE_PRESENT}]}, /pagemap-3\.img: entry 1 .* both in the parent dump and in this one/],
     ['--lazy-pages dumps (lazy, not present)', {pid: 3, vmas: [{start: A, end: A + 2 * PAGE}], entries: [{vaddr: A, nrPages: 1, flags: PE_LAZY}]}, /pagemap-3\.img: entry 1 .*--lazy-pages/],
     ['a pages image shorter than the pagemap says', {pid: 3, vmas: [{start: A, end: A + 2 * PAGE}], entries: [{vaddr: A, nrPages: 2}], pages: page(1)}, /pages-1\.img: 4096 bytes, but pagemap-3\.img stores 2 pages/],
     ['overlapping entries', {pid: 3, vmas: [{start: A, end: A + 4 * PAGE}], entries: [{vaddr: A, nrPages: 2}, {vaddr: A + PAGE, nrPages: 1}], pages: page(1, 3)}, /entry 2 .* overlaps/],
@@ -219,6 +220,64 @@ describe('CRIU image parsing (images written by the test)', () => {
       expect(() => readCriuDump(d)).toThrow(message)
     })
   }
+
+  it('an incremental dump (PE_PARENT entries) is a layer over its parent dump\'s snapshot, refused as a whole snapshot', async () => {
+    // The parent dump: 6 pages of one VMA, 4 dumped. The incremental one: pages 0-1 and 4 in
+    // the parent, page 2 changed, page 3 not dumped (discarded since: zero now), page 5 new.
+    const vma = {start: A, end: A + 6 * PAGE}
+    const d1 = writeDump('inc-parent', [{pid: 9, vmas: [vma], entries: [{vaddr: A, nrPages: 5}], pages: Buffer.concat([page(1), page(2), page(3), page(4), page(5)])}])
+    const d2 = writeDump('inc-child', [
+      {
+        pid: 9,
+        vmas: [vma],
+        entries: [
+          {vaddr: A, nrPages: 2, flags: PE_PARENT},
+          {vaddr: A + 2 * PAGE, nrPages: 1, flags: PE_PRESENT | PE_LAZY},
+          {vaddr: A + 4 * PAGE, nrPages: 1, flags: PE_PARENT},
+          {vaddr: A + 5 * PAGE, nrPages: 1, flags: PE_PRESENT | PE_LAZY},
+        ],
+        pages: Buffer.concat([page(7), page(8)]),
+      },
+    ])
+    fs.symlinkSync('../inc-parent', path.join(d2, 'parent'))
+    const dump = readCriuDump(d2)
+    expect(dump.tasks[0].pagemap).toMatchObject({presentPages: 2, parentPages: 3})
+    const input = criuDirInput(d2)
+    expect(input.unchangedPages).toBe(3)
+    expect(input.unchanged!(0, 6 * PAGE)).toEqual([
+      {start: 0, end: 2 * PAGE},
+      {start: 4 * PAGE, end: 5 * PAGE},
+    ])
+    // In full its parent pages would read as zeros: refused, nothing written.
+    const whole = uffd(['snapshot', '--criu-dir', d2, '-o', path.join(dir, 'inc-whole.uffd'), '--json'])
+    expect(whole.json.error.code).toBe('CRIU_IMAGE')
+    expect(whole.json.error.message).toContain('--parent')
+    expect(fs.existsSync(path.join(dir, 'inc-whole.uffd'))).toBe(false)
+    // Over the parent dump's snapshot: the parent's pages where the dump says so, its own elsewhere.
+    const base = path.join(dir, 'inc-base.uffd')
+    expect(uffd(['snapshot', '--criu-dir', d1, '-o', base, '--chunk-size', '16K']).status).toBe(0)
+    const layer = uffd(['snapshot', '--criu-dir', d2, '--parent', base, '-o', path.join(dir, 'inc-layer.uffd'), '--json'])
+    expect(layer.status, layer.stderr).toBe(0)
+    expect(layer.json).toMatchObject({comparedPages: 3, storedPages: 2, zeroedPages: 1})
+    const chain = openLocalImage(path.join(dir, 'inc-layer.uffd'))
+    try {
+      // 16 KiB chunks: the VMA's 6 pages are chunks 0 and 1.
+      const got = Buffer.alloc(2 * chain.geometry.chunkSize)
+      chain.readChunk(0, got)
+      chain.readChunk(1, got.subarray(chain.geometry.chunkSize))
+      expect(got.subarray(0, 6 * PAGE).equals(Buffer.concat([page(1), page(2), page(7), page(0), page(5), page(8)]))).toBe(true)
+    } finally {
+      chain.close()
+    }
+    // Over a snapshot of another dump (other tasks, or memory laid out otherwise): refused.
+    const other = writeDump('inc-other', [{pid: 9, vmas: [{start: A + 6 * PAGE, end: A + 12 * PAGE}], entries: [{vaddr: A + 6 * PAGE, nrPages: 1}], pages: page(1)}])
+    const otherBase = path.join(dir, 'inc-other.uffd')
+    expect(uffd(['snapshot', '--criu-dir', other, '-o', otherBase, '--chunk-size', '16K']).status).toBe(0)
+    const refused = uffd(['snapshot', '--criu-dir', d2, '--parent', otherBase, '-o', path.join(dir, 'inc-wrong.uffd'), '--json'])
+    expect(refused.json.error.code).toBe('NOT_THIS_DUMP')
+    expect(refused.json.error.message).toMatch(/region 0 \(task 9, 0x7f0000000000, 24576 bytes\) is not laid out alike/)
+    expect(fs.existsSync(path.join(dir, 'inc-wrong.uffd'))).toBe(false)
+  })
 
   it('refuses pages outside every VMA', () => {
     const d = writeDump('outside', [{pid: 4, vmas: [{start: A, end: A + PAGE}], entries: [{vaddr: A + 8 * PAGE, nrPages: 1}], pages: page(1)}])

@@ -15,6 +15,7 @@ import {
   findRun,
   indexOfPage,
   type LayerRun,
+  layerIdentity,
   layerPagesProblem,
   pagesBySource,
   runTableProblem,
@@ -206,6 +207,45 @@ describe('indexOfPage and pagesBySource', () => {
         const counted = pagesBySource(runsOf(sources), 3)
         expect(counted.pages).toEqual([0, 1, 2].map((s) => sources.filter((x) => x === s).length))
         expect(counted.zero).toBe(sources.filter((x) => x === SOURCE_ZERO).length)
+      }),
+    )
+  })
+})
+
+describe('layerIdentity', () => {
+  const geometry = new Geometry(4096, 65536, 64 * 4096)
+  const parents = [{name: 'base.uffd', id: 'a'.repeat(64)}]
+  const runs: LayerRun[] = [
+    {firstPage: 0, pageCount: 10, source: 0},
+    {firstPage: 10, pageCount: 3, source: 1},
+    {firstPage: 13, pageCount: 51, source: SOURCE_ZERO},
+  ]
+  const set = (dataOffset: number): PackedSet => ({blocks: [{dataOffset, storedLength: 100, payloadLength: 3 * 4096, storedCrc: 0x1234, codec: Codec.Zstd, flags: 0, listStart: 0, pageCount: 3}], pages: Uint32Array.from([10, 11, 12])})
+  const zero = new ZeroMap(64)
+  for (let p = 13; p < 64; p++) zero.setZero(p)
+  const id = layerIdentity(geometry, parents, runs, set(4096), zero.bytes)
+
+  it('is of the content: where the blocks lie does not change it', () => {
+    expect(id).toMatch(/^[0-9a-f]{64}$/)
+    expect(layerIdentity(geometry, parents, runs, set(999_999), zero.bytes)).toBe(id)
+  })
+
+  it('changes with anything that changes what the layer holds', () => {
+    fc.assert(
+      fc.property(fc.integer({min: 0, max: 5}), fc.integer({min: 1, max: 0xffff}), (what, x) => {
+        const s = set(4096)
+        let p = parents
+        let r = runs
+        const z = new ZeroMap(64)
+        z.bytes.set(zero.bytes)
+        if (what === 0) s.blocks[0].storedCrc ^= x
+        if (what === 1) s.blocks[0].storedLength += x
+        if (what === 2) s.pages[2] = 12 + x
+        if (what === 3) p = [{name: 'base.uffd', id: (x % 10).toString().repeat(64)}]
+        if (what === 4) r = [{firstPage: 0, pageCount: 10 + (x % 2), source: 0}, {firstPage: 10 + (x % 2), pageCount: 3 - (x % 2), source: 1}, runs[2]].filter((q) => q.pageCount > 0)
+        if (what === 5) z.setZero(x % 13)
+        if (what === 4 && x % 2 === 0) r = [{firstPage: 0, pageCount: 13, source: 1}, runs[2]]
+        expect(layerIdentity(geometry, p, r, s, z.bytes)).not.toBe(id)
       }),
     )
   })

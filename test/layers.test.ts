@@ -1,10 +1,16 @@
 // Layered snapshots end to end: real files, the real CLI, real fc_client resumes checking every byte.
-import {spawnSync} from 'node:child_process'
+import {spawn, spawnSync} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
+import {AtomicFile} from '../src/snapshot/atomic-file.js'
+import {writeLayer} from '../src/snapshot/layer-writer.js'
+import {LayeredReader} from '../src/snapshot/layered-reader.js'
+import {memFileInput} from '../src/snapshot/inputs.js'
+import {SnapshotReader} from '../src/snapshot/reader.js'
+import {UnitCache} from '../src/snapshot/unit-cache.js'
 import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
 import {makeImage, pseudoRandom, tempDir} from './helpers/images.js'
 
@@ -12,6 +18,10 @@ const PAGE = 4096
 const SIZE = 8 * 1024 * 1024
 const PAGES = SIZE / PAGE
 const FC_CLIENT = path.join(NATIVE, 'fc_client')
+const KVM_VMM = path.join(NATIVE, 'kvm_vmm')
+const MEMORY_PATTERN = path.join(NATIVE, 'memory_pattern')
+const kvmSkip = !isRoot() ? 'not root (needs /dev/kvm and a kernel-mode userfaultfd)' : !fs.existsSync('/dev/kvm') ? 'no /dev/kvm on this machine' : !fs.existsSync(KVM_VMM) ? `${KVM_VMM} is not built (npm run build)` : undefined
+if (kvmSkip) console.warn(`test/layers.test.ts: the KVM guest restored from a layer is skipped: ${kvmSkip}`)
 
 let dir: string
 const at = (name: string): string => path.join(dir, name)
@@ -133,6 +143,43 @@ describe('layers', () => {
     expect(uffd(['verify', at('v2z.uffd'), '--against', at('v2.raw')]).status).toBe(1)
   })
 
+  it('a diff is compared with the parent chunks its data pages need, and only those are decoded', async () => {
+    // Dirty pages that were zero pages of the base need no decoding; one that was a data page
+    // needs its chunk. One page rewritten with the base's bytes is not stored.
+    const base = fs.readFileSync(at('base.raw'))
+    const PPC = (256 * 1024) / PAGE
+    const isZero = (p: number): boolean => base.subarray(p * PAGE, (p + 1) * PAGE).every((b) => b === 0)
+    const dataPage = Array.from({length: PAGES}, (_, p) => p).find((p) => !isZero(p))!
+    // Zero pages in chunks that hold data too (an all-zero chunk is never decoded), not the data page's.
+    const zeroPages = Array.from({length: PAGES}, (_, p) => p).filter((p) => isZero(p) && Math.floor(p / PPC) !== Math.floor(dataPage / PPC) && Array.from({length: PPC}, (_, i) => Math.floor(p / PPC) * PPC + i).some((q) => !isZero(q)))
+    expect(zeroPages.length).toBeGreaterThan(8)
+    const image = Buffer.from(base)
+    const fd = fs.openSync(at('zd.diff'), 'w')
+    fs.ftruncateSync(fd, SIZE)
+    for (const p of [...zeroPages.slice(0, 8), dataPage]) {
+      if (p !== dataPage) pseudoRandom(PAGE, p).copy(image, p * PAGE)
+      fs.writeSync(fd, image, p * PAGE, PAGE, p * PAGE)
+    }
+    fs.closeSync(fd)
+    fs.writeFileSync(at('zd.raw'), image)
+    const parent = SnapshotReader.open(at('base.uffd'))
+    const decoded: number[] = []
+    const read = parent.readPayload.bind(parent)
+    parent.readPayload = (unit: number, dst?: Buffer): Buffer => {
+      decoded.push(unit)
+      return read(unit, dst)
+    }
+    try {
+      const s = await writeLayer(memFileInput(at('zd.diff')), {reader: parent, shown: at('base.uffd'), fileName: 'base.uffd'}, () => new AtomicFile(at('zd.uffd')), {codec: 'zstd', level: 1, diff: true})
+      expect(s.comparedPages).toBe(9)
+      expect(s.storedPages).toBe(8)
+      expect(decoded).toEqual([Math.floor(dataPage / PPC)])
+    } finally {
+      parent.close()
+    }
+    expect(ok(['verify', at('zd.uffd'), '--against', at('zd.raw')]).ok).toBe(true)
+  })
+
   it('a missing, swapped or corrupt parent is refused with a code naming it', () => {
     const moved = tempDir('uffd-layers-moved-')
     try {
@@ -159,6 +206,36 @@ describe('layers', () => {
       const corrupt = uffd(['verify', path.join(moved, 'v2.uffd'), '--json'])
       expect(corrupt.status).toBe(1)
       expect(corrupt.json.errors.join('\n')).toMatch(/base\.uffd: chunk \d+: checksum mismatch/)
+    } finally {
+      fs.rmSync(moved, {recursive: true, force: true})
+    }
+  })
+
+  it('a working set attached to the base keeps its layers resolving (the identity is of content); other memory is still refused', () => {
+    const moved = tempDir('uffd-layers-attached-')
+    try {
+      for (const f of ['base.uffd', 'v1.uffd', 'v2.uffd']) fs.copyFileSync(at(f), path.join(moved, f))
+      const base = SnapshotReader.open(at('base.uffd'))
+      const ws = {kind: 'uffd-working-set', version: 1, snapshot: {logicalSize: SIZE, pageSize: PAGE, headerCrc: base.header.headerCrc}, runs: 1, pages: Array.from({length: 300}, (_, i) => (i * 7) % PAGES), firstTouchMs: Array.from({length: 300}, (_, i) => i)}
+      base.close()
+      fs.writeFileSync(path.join(moved, 'ws.json'), JSON.stringify(ws))
+      ok(['working-set', 'attach', path.join(moved, 'base.uffd'), path.join(moved, 'ws.json')])
+      expect(fs.readFileSync(path.join(moved, 'base.uffd')).equals(fs.readFileSync(at('base.uffd')))).toBe(false)
+      expect(ok(['stats', path.join(moved, 'base.uffd')]).workingSet).toBeDefined()
+      for (const [layer, raw] of [
+        ['v1.uffd', 'v1.raw'],
+        ['v2.uffd', 'v2.raw'],
+      ]) {
+        expect(ok(['verify', path.join(moved, layer), '--against', at(raw)]).ok).toBe(true)
+      }
+      // A layer written on the attached base is recognised by the base as it was before.
+      ok(['snapshot', '--mem-file', at('v1.raw'), '--parent', path.join(moved, 'base.uffd'), '-o', path.join(moved, 'v1b.uffd')])
+      fs.copyFileSync(at('base.uffd'), path.join(moved, 'base.uffd'))
+      expect(ok(['verify', path.join(moved, 'v1b.uffd'), '--against', at('v1.raw')]).ok).toBe(true)
+      // Other memory under the base's name.
+      ok(['snapshot', '--mem-file', at('v1.raw'), '-o', path.join(moved, 'base.uffd'), '--force'])
+      const other = uffd(['verify', path.join(moved, 'v2.uffd'), '--json'])
+      expect(other.json.error.code).toBe('PARENT_MISMATCH')
     } finally {
       fs.rmSync(moved, {recursive: true, force: true})
     }
@@ -194,6 +271,40 @@ describe('layers', () => {
     const data = flip(headerSize + 10, 'bad-data.uffd')
     expect(data.ok).toBe(false)
     expect(data.errors.join('\n')).toMatch(/layer block 0: checksum mismatch/)
+  })
+
+  it('reading a chain in any order decodes each layer block once', () => {
+    // 16 KiB chunks: the scattered changes of v1 and v2 fill many blocks of 4 pages, more than a
+    // handful of decoded units; every chunk read in a shuffled order, twice.
+    ok(['snapshot', '--mem-file', at('base.raw'), '-o', at('b16.uffd'), '--chunk-size', '16K'])
+    ok(['snapshot', '--mem-file', at('v1.raw'), '--parent', at('b16.uffd'), '-o', at('v1-16.uffd')])
+    ok(['snapshot', '--mem-file', at('v2.raw'), '--parent', at('v1-16.uffd'), '-o', at('v2-16.uffd')])
+    const chain = LayeredReader.fromFiles(['b16.uffd', 'v1-16.uffd', 'v2-16.uffd'].map((f) => SnapshotReader.open(at(f))), ['b16.uffd', 'v1-16.uffd', 'v2-16.uffd'], new UnitCache())
+    try {
+      const decodes = chain.files.map(() => new Map<number, number>())
+      chain.files.forEach((f: SnapshotReader, k) => {
+        const read = f.readPayload.bind(f)
+        f.readPayload = (unit: number, dst?: Buffer): Buffer => {
+          decodes[k].set(unit, (decodes[k].get(unit) ?? 0) + 1)
+          return read(unit, dst)
+        }
+      })
+      expect(chain.files[1].layer!.set.blocks.length).toBeGreaterThan(20)
+      const v2 = fs.readFileSync(at('v2.raw'))
+      const chunks = chain.geometry.chunkCount
+      const order = Array.from({length: chunks}, (_, c) => (c * 389) % chunks)
+      const dst = Buffer.alloc(chain.geometry.chunkSize)
+      for (const c of [...order, ...order]) {
+        chain.readChunk(c, dst)
+        expect(dst.equals(v2.subarray(c * 16384, (c + 1) * 16384)), `chunk ${c}`).toBe(true)
+      }
+      for (const k of [1, 2]) {
+        expect(decodes[k].size).toBe(chain.files[k].layer!.set.blocks.length)
+        expect(Math.max(...decodes[k].values()), `layer ${k}: a block decoded again`).toBe(1)
+      }
+    } finally {
+      chain.close()
+    }
   })
 
   it('a layer carries incompatible bit 0 (older readers refuse it), and cp copies it byte for byte, its base kept where it is already', () => {
@@ -233,8 +344,142 @@ describe('layers', () => {
       expect(r.resume.stats.faults.total).toBe(0)
     }, 120_000)
 
+    it('resume --learn on the base keeps its layers resolving', async () => {
+      const moved = tempDir('uffd-layers-learned-')
+      try {
+        for (const f of ['base.uffd', 'v1.uffd', 'v2.uffd']) fs.copyFileSync(at(f), path.join(moved, f))
+        await resumeAndCheck(path.join(moved, 'base.uffd'), at('base.raw'), ['--learn'], ['--touch', 'random', '--count', '300', '--verify'])
+        expect(ok(['stats', path.join(moved, 'base.uffd')]).workingSet).toBeDefined()
+        expect(ok(['verify', path.join(moved, 'v2.uffd'), '--against', at('v2.raw')]).ok).toBe(true)
+        await resumeAndCheck(path.join(moved, 'v2.uffd'), at('v2.raw'))
+      } finally {
+        fs.rmSync(moved, {recursive: true, force: true})
+      }
+    }, 120_000)
+
     it('serves a layer made from a sparse diff like the full image', async () => {
       await resumeAndCheck(at('v2d.uffd'), at('v2.raw'))
     }, 120_000)
+  })
+
+  describe.skipIf(!isRoot() || !fs.existsSync(MEMORY_PATTERN))('snapshot --pid --parent (a live process)', () => {
+    it('stores the pages the process changed since its base snapshot, and resolves to its memory now', async () => {
+      const child = spawn(MEMORY_PATTERN, ['--mib', '16', '--seed', '5', '--signals'], {stdio: ['ignore', 'pipe', 'inherit']})
+      let out = ''
+      child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d))
+      const line = async (n: number): Promise<any> => {
+        for (let i = 0; i < 400 && out.split('\n').filter(Boolean).length < n; i++) await new Promise((r) => setTimeout(r, 25))
+        return JSON.parse(out.split('\n').filter(Boolean)[n - 1])
+      }
+      try {
+        const {pid} = await line(1)
+        ok(['snapshot', '--pid', String(pid), '-o', at('p-base.uffd')])
+        child.kill('SIGUSR1')
+        const {changed} = await line(2)
+        expect(changed).toBeGreaterThan(30)
+        // Stopped while the layer and the full snapshot to compare it with are taken: its other
+        // mappings (stack, libc's data) may change between two snapshots of a running process.
+        child.kill('SIGSTOP')
+        const layer = ok(['snapshot', '--pid', String(pid), '--parent', at('p-base.uffd'), '-o', at('p-layer.uffd')])
+        // The changed pages, and the few of the stack and libc the signal wrote.
+        expect(layer.changedPages).toBeGreaterThanOrEqual(changed)
+        expect(layer.changedPages).toBeLessThan(changed + 32)
+        expect(layer.fileSize).toBeLessThan(fs.statSync(at('p-base.uffd')).size / 10)
+        ok(['snapshot', '--pid', String(pid), '-o', at('p-full.uffd')])
+        child.kill('SIGCONT')
+        const chain = LayeredReader.fromFiles(['p-base.uffd', 'p-layer.uffd'].map((f) => SnapshotReader.open(at(f))), ['p-base.uffd', 'p-layer.uffd'], new UnitCache())
+        const full = SnapshotReader.open(at('p-full.uffd'))
+        const base = SnapshotReader.open(at('p-base.uffd'))
+        try {
+          expect(chain.geometry.logicalSize).toBe(full.geometry.logicalSize)
+          const a = Buffer.alloc(chain.geometry.chunkSize)
+          const b = Buffer.alloc(chain.geometry.chunkSize)
+          let differFromBase = 0
+          for (let c = 0; c < chain.geometry.chunkCount; c++) {
+            chain.readChunk(c, a)
+            full.readChunk(c, b)
+            expect(a.equals(b), `chunk ${c}`).toBe(true)
+            base.readChunk(c, b)
+            if (!a.equals(b)) differFromBase++
+          }
+          expect(differFromBase).toBeGreaterThan(0)
+        } finally {
+          chain.close()
+          full.close()
+          base.close()
+        }
+        expect(ok(['verify', at('p-layer.uffd')]).ok).toBe(true)
+      } finally {
+        child.kill('SIGKILL')
+      }
+    }, 60_000)
+  })
+
+  describe.skipIf(kvmSkip !== undefined)('a KVM guest (kvm_vmm) restored from a layer', () => {
+    // The guest's memory (mem.raw) is the top of a chain whose base and middle layer are other
+    // images: pages changed scattered and in a run, data pages zeroed, zero pages filled. Only a
+    // chain that gives back every page of mem.raw lets the guest compute its checksum.
+    let snapDir: string
+    let checksum: string
+    const kvm = (name: string): string => path.join(snapDir, name)
+
+    beforeAll(() => {
+      snapDir = at('kvm')
+      const run = spawnSync(KVM_VMM, ['run', '--mem-mib', '64', '--snapshot-dir', snapDir, '--timeout-ms', '30000'], {encoding: 'utf8', timeout: 60_000})
+      if (run.status !== 0) throw new Error(`kvm_vmm run failed (${run.status}):\n${run.stderr}`)
+      checksum = JSON.parse(run.stdout.trim().split('\n').at(-1)!).checksum
+      const mem = fs.readFileSync(kvm('mem.raw'))
+      const pages = mem.length / PAGE
+      const other = (seed: number): Buffer => {
+        const out = Buffer.from(mem)
+        const fresh = pseudoRandom(mem.length, seed)
+        for (let p = 600 + seed; p < pages; p += 53) fresh.copy(out, p * PAGE, p * PAGE, (p + 1) * PAGE)
+        fresh.copy(out, (1000 + seed * 100) * PAGE, (1000 + seed * 100) * PAGE, (1040 + seed * 100) * PAGE)
+        out.fill(0, (3000 + seed * 10) * PAGE, (3008 + seed * 10) * PAGE)
+        fresh.copy(out, (pages - 100) * PAGE, (pages - 100) * PAGE, (pages - 90) * PAGE) // the tail the guest never touches: zero in mem.raw
+        return out
+      }
+      fs.writeFileSync(kvm('a.raw'), other(1))
+      fs.writeFileSync(kvm('b.raw'), other(2))
+      // A Firecracker-style Diff of mem.raw against b.raw: only the pages that differ.
+      const b = fs.readFileSync(kvm('b.raw'))
+      const fd = fs.openSync(kvm('mem.diff'), 'w')
+      fs.ftruncateSync(fd, mem.length)
+      for (let p = 0; p < pages; p++) if (!mem.subarray(p * PAGE, (p + 1) * PAGE).equals(b.subarray(p * PAGE, (p + 1) * PAGE))) fs.writeSync(fd, mem, p * PAGE, PAGE, p * PAGE)
+      fs.closeSync(fd)
+      ok(['snapshot', '--mem-file', kvm('a.raw'), '-o', kvm('a.uffd')])
+      ok(['snapshot', '--mem-file', kvm('b.raw'), '--parent', kvm('a.uffd'), '-o', kvm('b.uffd')])
+      ok(['snapshot', '--mem-file', kvm('mem.raw'), '--parent', kvm('b.uffd'), '-o', kvm('mem.uffd')])
+      ok(['snapshot', '--mem-file', kvm('mem.diff'), '--diff', '--parent', kvm('b.uffd'), '-o', kvm('mem-diff.uffd')])
+    })
+
+    /** Resumes `snapshot` into a fresh VM; the VM's exit, its JSON line and the handler's exit. */
+    async function restore(snapshot: string, regions: string): Promise<{status: number | null; vm: any; stderr: string; handler: number | null}> {
+      const socket = kvm(`${path.basename(snapshot)}.sock`)
+      const ready = `${socket}.ready`
+      const handler = uffdAsync(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30', '--json'], {timeoutMs: 60_000})
+      for (let i = 0; i < 400 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
+      expect(fs.existsSync(ready), 'the handler never became ready').toBe(true)
+      const vm = spawnSync(KVM_VMM, ['restore', '--snapshot-dir', snapDir, '--uffd-socket', socket, '--regions', regions, '--timeout-ms', '30000'], {encoding: 'utf8', timeout: 60_000})
+      const done = await handler
+      return {status: vm.status, vm: JSON.parse(vm.stdout.trim().split('\n').at(-1)!), stderr: `kvm_vmm restore:\n${vm.stderr}\nresume:\n${done.stderr}`, handler: done.status}
+    }
+
+    it('passes its checksum restored from a layer on a layer, and from a layer of its Diff file', async () => {
+      // Not vacuous: the middle layer is another image, and the guest's checksum tells.
+      const wrong = await restore(kvm('b.uffd'), '1')
+      expect(wrong.status, wrong.stderr).toBe(1)
+      expect(wrong.vm.error).toContain('checksum mismatch after restore')
+      for (const [snapshot, regions] of [
+        ['mem.uffd', '1'],
+        ['mem.uffd', '2'],
+        ['mem-diff.uffd', '1'],
+      ]) {
+        const r = await restore(kvm(snapshot), regions)
+        expect(r.status, r.stderr).toBe(0)
+        expect(r.handler, r.stderr).toBe(0)
+        expect(r.vm, snapshot).toMatchObject({ok: true, mode: 'uffd', regions: Number(regions), checksum})
+      }
+    }, 180_000)
   })
 })

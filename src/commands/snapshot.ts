@@ -39,7 +39,7 @@ export default class Snapshot extends BaseCommand {
 
 With --pid the process is stopped (SIGSTOP) while its memory is read, for a consistent image, and resumed afterwards, also on error or Ctrl-C; pages it never populated are stored as zero pages.
 
-With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted: one region per VMA of every task in the dumped tree, owned by the task's pid; pages CRIU did not dump are zero pages. Incremental dumps (pages in a parent dump) and --lazy-pages dumps are refused.
+With --criu-dir the page images of a CRIU dump (criu dump -D DIR) are converted: one region per VMA of every task in the dumped tree, owned by the task's pid; pages CRIU did not dump are zero pages. An incremental dump (criu dump --prev-images-dir --track-mem: pages in its parent dump) is written as a layer with --parent SNAPSHOT, the snapshot of its parent dump; without --parent it is refused, as are --lazy-pages dumps.
 
 With --parent BASE the snapshot is a layer over BASE (an ordinary snapshot, or itself a layer): every page is compared with BASE's and only those that differ are stored, packed in compressed blocks, with a table saying which file of the chain holds each page. The layer records each ancestor's file name and identity; resume, stats, verify, squash and cp find them next to the layer (its directory, S3 prefix or URL directory, or under --layers) and refuse a missing or different one. BASE may be local, s3:// or http(s)://, and the layer may go to a path or to s3:// (uploaded when written). Its page and chunk size are BASE's. With --diff, --mem-file is a Firecracker Diff snapshot: its holes are pages unchanged since BASE (not zeros), and its data pages are compared with BASE too.
 

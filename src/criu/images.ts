@@ -86,7 +86,7 @@ export interface PagemapEntry {
   vaddr: number
   nrPages: number
   flags: number
-  /** Byte offset of the entry's data in the pages image (PE_PRESENT entries); -1 otherwise. */
+  /** Byte offset of the entry's data in the pages image (PE_PRESENT entries); -1 otherwise (PE_PARENT). */
   pagesOffset: number
 }
 
@@ -98,6 +98,8 @@ export interface Pagemap {
   /** Sorted by vaddr, non-overlapping. */
   entries: PagemapEntry[]
   presentPages: number
+  /** Pages of PE_PARENT entries: unchanged since the parent dump, whose images hold them (incremental dumps). */
+  parentPages: number
 }
 
 export interface CriuVma {
@@ -157,8 +159,10 @@ export interface TaskVma {
   vma: CriuVma
   /** As /proc/PID/maps would name it: a file path, [heap], [stack], ..., or '' for anonymous memory. */
   name: string
-  /** Sorted by address; the rest of the VMA was not dumped (never populated, or not CRIU's to save). */
+  /** Sorted by address; the rest of the VMA was not dumped (never populated, or not CRIU's to save), or is in the parent dump. */
   data: DumpedRange[]
+  /** Ranges whose pages are in the parent dump (PE_PARENT: unchanged since it), sorted; `file` and `position` unused. */
+  inParent: DumpedRange[]
 }
 
 /** The payloads of a CRIU protobuf image: magic(s), then u32 length + message, repeated. */
@@ -218,10 +222,12 @@ function toNumber(value: U64, file: string, field: string): number {
 const hex = (n: number): string => `0x${n.toString(16)}`
 
 /**
- * Reads a pagemap image and checks it against its pages image. PE_PARENT entries are refused:
- * their data is in a parent dump (pre-dump / --prev-images-dir), which this conversion does not
- * follow. Entries that are lazy but not present are refused too: `criu dump --lazy-pages` leaves
- * those pages in the dumped process, to be fetched from its page server, not in any image.
+ * Reads a pagemap image and checks it against its pages image. PE_PARENT entries (incremental
+ * dumps: `criu dump --prev-images-dir ... --track-mem`) are kept as such: their pages did not
+ * change since the parent dump, whose images hold them; only a layer over the parent dump's
+ * snapshot can use them. Entries that are lazy but not present are refused: `criu dump
+ * --lazy-pages` leaves those pages in the dumped process, to be fetched from its page server, not
+ * in any image.
  */
 export function readPagemap(file: string): Pagemap {
   const payloads = readImagePayloads(file, MAGIC.PAGEMAP)
@@ -230,6 +236,7 @@ export function readPagemap(file: string): Pagemap {
   const pagesFile = path.join(path.dirname(file), `pages-${head.pages_id}.img`)
   const entries: PagemapEntry[] = []
   let presentPages = 0
+  let parentPages = 0
   for (let i = 1; i < payloads.length; i++) {
     const e = decodeEntry(file, i, payloads[i], PAGEMAP_ENTRY)
     // Images from before CRIU 3.x: no flags (then every entry is present), in_parent instead of
@@ -238,16 +245,19 @@ export function readPagemap(file: string): Pagemap {
     const nrPages = has(e, 'nr_pages') ? toNumber(e.nr_pages!, file, `entry ${i} nr_pages`) : e.compat_nr_pages
     const vaddr = toNumber(e.vaddr, file, `entry ${i} vaddr`)
     const where = `entry ${i} (${hex(vaddr)}, ${nrPages} pages)`
-    if (flags & PE_PARENT) {
-      throw new CriuImageError(file, `${where} has its pages in the parent dump: incremental dumps (pre-dump, --prev-images-dir) are not supported; dump without a parent`)
-    }
-    if (!(flags & PE_PRESENT)) {
+    if (flags & PE_PARENT && flags & PE_PRESENT) throw new CriuImageError(file, `${where} is both in the parent dump and in this one (flags ${flags})`)
+    if (!(flags & (PE_PRESENT | PE_PARENT))) {
       if (flags & PE_LAZY) throw new CriuImageError(file, `${where} is lazy and not in the images: a --lazy-pages dump, whose pages stay in the dumped process; dump without --lazy-pages`)
       throw new CriuImageError(file, `${where} has no data in the images (flags ${flags})`)
     }
     if (vaddr % CRIU_PAGE_SIZE !== 0 || nrPages <= 0) throw new CriuImageError(file, `${where} is not a page-aligned, non-empty range`)
     const previous = entries.at(-1)
     if (previous && vaddr < previous.vaddr + previous.nrPages * CRIU_PAGE_SIZE) throw new CriuImageError(file, `${where} overlaps or precedes the entry before it`)
+    if (flags & PE_PARENT) {
+      entries.push({vaddr, nrPages, flags, pagesOffset: -1})
+      parentPages += nrPages
+      continue
+    }
     entries.push({vaddr, nrPages, flags, pagesOffset: presentPages * CRIU_PAGE_SIZE})
     presentPages += nrPages
   }
@@ -260,7 +270,7 @@ export function readPagemap(file: string): Pagemap {
   if (pagesFileSize !== presentPages * CRIU_PAGE_SIZE) {
     throw new CriuImageError(pagesFile, `${pagesFileSize} bytes, but ${path.basename(file)} stores ${presentPages} pages (${presentPages * CRIU_PAGE_SIZE} bytes) there`)
   }
-  return {file, pagesFile, pagesFileSize, entries, presentPages}
+  return {file, pagesFile, pagesFileSize, entries, presentPages, parentPages}
 }
 
 function readVmas(file: string): CriuVma[] {
@@ -344,8 +354,11 @@ export function readCriuDump(dir: string): CriuDump {
   return {dir, tasks, shmem, files: readFiles(dir)}
 }
 
-/** The dumped data of pagemap entries that falls in [offset, offset + length), placed at `address`. */
-function dataIn(pagemap: Pagemap, offset: number, length: number, address: number): DumpedRange[] {
+/**
+ * The pagemap entries' pages that fall in [offset, offset + length), placed at `address`: the
+ * dumped data of PE_PRESENT entries, or with `parent` the ranges of PE_PARENT entries.
+ */
+function dataIn(pagemap: Pagemap, offset: number, length: number, address: number, parent = false): DumpedRange[] {
   const {entries} = pagemap
   const end = offset + length
   let lo = 0
@@ -358,6 +371,7 @@ function dataIn(pagemap: Pagemap, offset: number, length: number, address: numbe
   const out: DumpedRange[] = []
   for (let i = lo; i < entries.length && entries[i].vaddr < end; i++) {
     const e = entries[i]
+    if (((e.flags & PE_PARENT) !== 0) !== parent) continue
     const from = Math.max(offset, e.vaddr)
     const to = Math.min(end, e.vaddr + e.nrPages * CRIU_PAGE_SIZE)
     out.push({address: address + (from - offset), length: to - from, file: pagemap.pagesFile, position: e.pagesOffset + (from - e.vaddr)})
@@ -410,22 +424,25 @@ export function taskVmas(dump: CriuDump, task: CriuTask): TaskVma[] {
     const length = vma.end - vma.start
     const shmid = sharedMemoryId(dump, vma)
     let data: DumpedRange[] = []
+    let inParent: DumpedRange[] = []
     if (shmid !== undefined) {
       // No pagemap-shmem image: nothing of the object was populated (or it is empty).
       const shm = dump.shmem.get(shmid)
-      if (shm) data = dataIn(shm, vma.pgoff, length, vma.start)
+      if (shm) {
+        data = dataIn(shm, vma.pgoff, length, vma.start)
+        inParent = dataIn(shm, vma.pgoff, length, vma.start, true)
+      }
     } else if (task.pagemap) {
       data = dataIn(task.pagemap, vma.start, length, vma.start)
-      privateBytes += data.reduce((sum, d) => sum + d.length, 0)
+      inParent = dataIn(task.pagemap, vma.start, length, vma.start, true)
+      privateBytes += [...data, ...inParent].reduce((sum, d) => sum + d.length, 0)
     }
-    if (!(vma.prot & PROT_READ) && data.length === 0) continue
-    out.push({vma, name: vmaName(dump, vma), data})
+    if (!(vma.prot & PROT_READ) && data.length === 0 && inParent.length === 0) continue
+    out.push({vma, name: vmaName(dump, vma), data, inParent})
   }
-  if (task.pagemap && privateBytes !== task.pagemap.presentPages * CRIU_PAGE_SIZE) {
-    throw new CriuImageError(
-      task.pagemap.file,
-      `${task.pagemap.presentPages * CRIU_PAGE_SIZE} bytes of pages, but ${privateBytes} fall in the private VMAs of mm-${task.pid}.img`,
-    )
+  const pagemapPages = task.pagemap ? task.pagemap.presentPages + task.pagemap.parentPages : 0
+  if (task.pagemap && privateBytes !== pagemapPages * CRIU_PAGE_SIZE) {
+    throw new CriuImageError(task.pagemap.file, `${pagemapPages * CRIU_PAGE_SIZE} bytes of pages, but ${privateBytes} fall in the private VMAs of mm-${task.pid}.img`)
   }
   return out
 }

@@ -1,3 +1,4 @@
+import {createHash} from 'node:crypto'
 import {crc32} from 'node:zlib'
 
 import {LAYER_RUN_ENTRY_SIZE, SOURCE_ZERO} from './constants.js'
@@ -25,7 +26,7 @@ export interface LayerRun {
 /** One ancestor of a layer, base first: how it is found (its file name) and how it is recognised (identity). */
 export interface LayerParent {
   name: string
-  /** SHA-256 of its header, footer, index, zero map and layer tables, as 64 lowercase hex digits. */
+  /** Its content identity (a base: memoryDigest; a layer: layerIdentity), 64 lowercase hex digits. */
   id: string
 }
 
@@ -218,4 +219,34 @@ export function pagesBySource(runs: readonly LayerRun[], files: number): {pages:
     else pages[r.source] += r.pageCount
   }
   return {pages, zero}
+}
+
+/**
+ * The content identity of a layer (docs/FORMAT.md, Layers), as memoryDigest is a base's: what its
+ * pages are, not where its bytes lie. SHA-256 of "uffd-layer\0", the page size and logical size
+ * (u32, u64), the ancestors' identities (as ASCII hex, base first), the run table (as encoded),
+ * each block's stored length, payload length, stored CRC, codec, list start and page count (u32
+ * LE each), the page list (u32 LE each), then the zero map.
+ */
+export function layerIdentity(geometry: Geometry, parents: readonly LayerParent[], runs: readonly LayerRun[], set: PackedSet, zeroMap: Uint8Array): string {
+  const hash = createHash('sha256').update('uffd-layer\0')
+  const head = Buffer.alloc(12)
+  head.writeUInt32LE(geometry.pageSize, 0)
+  head.writeBigUInt64LE(BigInt(geometry.logicalSize), 4)
+  hash.update(head)
+  for (const p of parents) hash.update(p.id)
+  hash.update(encodeRunTable(runs))
+  const entry = Buffer.alloc(24)
+  for (const b of set.blocks) {
+    entry.writeUInt32LE(b.storedLength, 0)
+    entry.writeUInt32LE(b.payloadLength, 4)
+    entry.writeUInt32LE(b.storedCrc, 8)
+    entry.writeUInt32LE(b.codec, 12)
+    entry.writeUInt32LE(b.listStart, 16)
+    entry.writeUInt32LE(b.pageCount, 20)
+    hash.update(entry)
+  }
+  hash.update(Buffer.from(set.pages.buffer, set.pages.byteOffset, set.pages.byteLength))
+  hash.update(zeroMap)
+  return hash.digest('hex')
 }

@@ -19,8 +19,8 @@ interface Extent {
   end: number
 }
 
-/** Segments of sorted, non-overlapping extents that intersect [start, end). */
-function segmentsOf<E extends Extent>(extents: readonly E[], start: number, end: number, toSegment: (e: E, from: number, to: number) => ReadSegment): ReadSegment[] {
+/** What `toSegment` makes of each part of sorted, non-overlapping extents that intersects [start, end). */
+function segmentsOf<E extends Extent, T = ReadSegment>(extents: readonly E[], start: number, end: number, toSegment: (e: E, from: number, to: number) => T): T[] {
   let lo = 0
   let hi = extents.length
   while (lo < hi) {
@@ -28,7 +28,7 @@ function segmentsOf<E extends Extent>(extents: readonly E[], start: number, end:
     if (extents[mid].end <= start) lo = mid + 1
     else hi = mid
   }
-  const out: ReadSegment[] = []
+  const out: T[] = []
   for (let i = lo; i < extents.length && extents[i].start < end; i++) {
     out.push(toSegment(extents[i], Math.max(start, extents[i].start), Math.min(end, extents[i].end)))
   }
@@ -84,10 +84,11 @@ export function criuDirInput(dir: string): ImageInput {
   const dump = readCriuDump(dir)
   const regions: Region[] = []
   const extents: FileExtent[] = []
-  const tasks: {pid: number; ppid: number; comm: string; pages: number; rawPageBytes: number}[] = []
+  const inParent: Extent[] = []
+  const tasks: {pid: number; ppid: number; comm: string; pages: number; rawPageBytes: number; parentPages?: number}[] = []
   let imageOffset = 0
   for (const task of dump.tasks) {
-    for (const {vma, name, data} of taskVmas(dump, task)) {
+    for (const {vma, name, data, inParent: unchanged} of taskVmas(dump, task)) {
       regions.push({
         kind: RegionKind.ProcessVma,
         imageOffset,
@@ -104,10 +105,16 @@ export function criuDirInput(dir: string): ImageInput {
         const start = imageOffset + (d.address - vma.start)
         extents.push({start, end: start + d.length, path: d.file, position: d.position})
       }
+      for (const d of unchanged) {
+        const start = imageOffset + (d.address - vma.start)
+        inParent.push({start, end: start + d.length})
+      }
       imageOffset += vma.end - vma.start
     }
-    tasks.push({pid: task.pid, ppid: task.ppid, comm: task.comm, pages: task.pagemap?.presentPages ?? 0, rawPageBytes: task.pagemap?.pagesFileSize ?? 0})
+    const parentPages = task.pagemap?.parentPages ?? 0
+    tasks.push({pid: task.pid, ppid: task.ppid, comm: task.comm, pages: task.pagemap?.presentPages ?? 0, rawPageBytes: task.pagemap?.pagesFileSize ?? 0, ...(parentPages ? {parentPages} : {})})
   }
+  const unchangedPages = inParent.reduce((sum, e) => sum + (e.end - e.start), 0) / PAGE_SIZE_4K
   const shmemPageBytes = [...dump.shmem.values()].reduce((sum, p) => sum + p.pagesFileSize, 0)
   return {
     logicalSize: imageOffset,
@@ -123,6 +130,8 @@ export function criuDirInput(dir: string): ImageInput {
       host: os.hostname(),
     },
     segments: (start, end) => segmentsOf(extents, start, end, (e, from, to) => ({path: e.path, position: e.position + (from - e.start), length: to - from, imageOffset: from})),
+    // An incremental dump (criu dump --prev-images-dir): pages in the parent dump's images.
+    ...(unchangedPages ? {unchangedPages, unchanged: (start: number, end: number) => segmentsOf(inParent, start, end, (_e, from, to) => ({start: from, end: to}))} : {}),
   }
 }
 

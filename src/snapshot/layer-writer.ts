@@ -75,6 +75,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   // The parent's own ancestors by the names its layer recorded (found by them), the parent by its file name.
   const ancestors: LayerParent[] = [...(parent instanceof LayeredReader ? parent.files.at(-1)!.layer!.parents : []), {name: of.fileName, id: parent instanceof LayeredReader ? parent.files.at(-1)!.identity : parent.identity}]
   if (ancestors.length > MAX_LAYER_DEPTH) throw new UffdError('INPUT_MISMATCH', `${parentPath} is ${ancestors.length - 1} layers deep already; a chain holds at most ${MAX_LAYER_DEPTH}: squash it first (uffd squash)`)
+  if (input.unchangedPages) checkUnchangedPlacement(input, parent, parentPath)
   const parentRuns = parent instanceof LayeredReader ? parent.runs : baseRuns(parent.zeroMap)
   const self = ancestors.length
 
@@ -102,7 +103,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   }
 
   const zeroPage = Buffer.alloc(pageSize)
-  const older = Buffer.alloc(geometry.chunkSize)
+  const olderBuffer = Buffer.alloc(geometry.chunkSize)
   const newer = Buffer.alloc(geometry.chunkSize)
   let zeroed = 0
   let compared = 0
@@ -120,18 +121,29 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
       const first = geometry.firstPageOfChunk(c)
       const pages = geometry.pagesInChunk(c)
       const start = geometry.chunkStart(c)
+      const end = Math.min(input.logicalSize, start + pages * pageSize)
       const segments = segmentsOf(c)
       // A diff's holes are unchanged pages: a chunk without data is its parent's.
       if (options.diff && segments.length === 0) continue
       const present = reader.read(segments, start, newer.subarray(0, pages * pageSize), pageSize)
-      parent.readChunk(c, older)
-      for (let i = 0; i < pages; i++) {
-        if (options.diff && !present[i]) continue
+      // Pages the input says are unchanged (not in it): the parent's, like a diff's holes.
+      const unchanged = new Uint8Array(pages)
+      for (const r of input.unchanged?.(start, end) ?? []) unchanged.fill(1, Math.floor((r.start - start) / pageSize), Math.ceil((r.end - start) / pageSize))
+      // Pages are compared with the parent chunk's payload (its data pages, in order), decoded
+      // only once a compared page is a data page of the parent: a zero page is compared with
+      // zeros, so a diff whose pages were all zero in the parent decodes nothing.
+      let older: Buffer | undefined
+      for (let i = 0, position = 0; i < pages; i++) {
+        const page = first + i
+        const parentZero = parent.zeroMap.isZero(page)
+        const olderAt = position * pageSize
+        if (!parentZero) position++
+        if ((options.diff && !present[i]) || unchanged[i]) continue
         compared++
         const at = i * pageSize
-        if (newer.compare(older, at, at + pageSize, at, at + pageSize) === 0) continue
-        const page = first + i
-        if (zeroPage.compare(newer, at, at + pageSize) === 0) {
+        const isZero = (): boolean => zeroPage.compare(newer, at, at + pageSize) === 0
+        if (parentZero ? isZero() : newer.compare((older ??= parent.readPayload(c, olderBuffer)), olderAt, olderAt + pageSize, at, at + pageSize) === 0) continue
+        if (!parentZero && isZero()) {
           overrides.push({firstPage: page, pageCount: 1, source: SOURCE_ZERO})
           zeroed++
           continue
@@ -220,6 +232,26 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   } finally {
     await file.discard()
   }
+}
+
+/**
+ * An input's unchanged pages (an incremental CRIU dump's PE_PARENT pages) are named by where its
+ * layout puts them, so the parent must be the snapshot of the earlier dump, laid out alike: the
+ * same tasks, and every region (a task's VMA) at the same image offset with the same address and
+ * size. Content cannot tell: those pages are not in the input.
+ */
+function checkUnchangedPlacement(input: ImageInput, parent: ImageReader, parentPath: string): void {
+  const pids = (meta: Record<string, unknown>): string => (Array.isArray(meta.tasks) ? (meta.tasks as {pid?: unknown}[]).map((t) => String(t.pid)).join(',') : '')
+  const fail = (detail: string): never => {
+    throw new UffdError('NOT_THIS_DUMP', `${String(input.metadata.criuDir ?? 'the input')} has ${input.unchangedPages} pages in its parent dump, but ${parentPath} is not that dump's snapshot: ${detail}`)
+  }
+  const meta = parent.header.metadata
+  if (meta.source !== 'criu') fail(`it was made from ${String(meta.source)}, not a CRIU dump`)
+  if (pids(meta) !== pids(input.metadata)) fail(`its tasks are [${pids(meta)}], the dump's [${pids(input.metadata)}]`)
+  const ours = input.regions
+  const theirs = parent.header.regions
+  const k = ours.findIndex((r, i) => theirs[i] === undefined || r.imageOffset !== theirs[i].imageOffset || r.address !== theirs[i].address || r.size !== theirs[i].size || r.owner !== theirs[i].owner)
+  if (k >= 0 || ours.length !== theirs.length) fail(k >= 0 ? `region ${k} (task ${ours[k].owner}, 0x${ours[k].address.toString(16)}, ${ours[k].size} bytes) is not laid out alike in it` : `it has ${theirs.length} regions, the dump ${ours.length}`)
 }
 
 function hex8(bytes: Buffer): string {

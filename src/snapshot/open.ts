@@ -135,9 +135,11 @@ async function openParent(at: Location, parent: LayerParent, k: number, count: n
     if ((error as {code?: string}).code === 'REMOTE_NOT_FOUND') throw missing(`: ${(error as Error).message}`)
     throw error
   }
-  if (file.reader.identity !== parent.id) {
+  // Layers written before parents had a content identity recorded the digest of the parent's
+  // bytes, which is its layout digest now: still accepted (such a parent must be the very file).
+  if (file.reader.identity !== parent.id && file.reader.layout !== parent.id) {
     await closeFile(file)
-    throw new UffdError('PARENT_MISMATCH', `${layer}: ${shown} is not ${which} it was made on (its identity differs: another snapshot, or one rewritten since)`)
+    throw new UffdError('PARENT_MISMATCH', `${layer}: ${shown} is not ${which} it was made on (its content identity differs: another snapshot, or its chunks written again since)`)
   }
   return file
 }

@@ -5,7 +5,8 @@ import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
 import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} from '../format/index-table.js'
-import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, layerPagesProblem} from '../format/layer.js'
+import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, layerIdentity, layerPagesProblem} from '../format/layer.js'
+import {memoryDigest} from '../format/learned-runs.js'
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {crc32} from '../sys/crc.js'
@@ -50,23 +51,23 @@ export class SnapshotReader {
     /** For a layer: its chain, run table and blocks (its units; it has no chunks). */
     readonly layer: LayerData | undefined,
     /**
-     * SHA-256 of the header, footer, index and zero map (and a layer's tables), 64 hex digits: how
-     * a layer recognises its parent whatever it is called now (docs/FORMAT.md, Layers).
+     * Its content identity, 64 hex digits (a base: memoryDigest; a layer: layerIdentity): how a
+     * layer recognises its parent whatever it is called now and however it was laid out since
+     * (docs/FORMAT.md, Layers).
      */
     readonly identity: string,
+    /**
+     * SHA-256 of the bytes that say what every unit is (header, footer, index, zero map, a layer's
+     * tables): two files with the same layout hold the same units under the same numbers, so a
+     * decoded unit of one is the other's (the unit cache keys by it). Unlike the identity it
+     * changes with the layout: a file relaid out (a working set attached) numbers its units anew.
+     */
+    readonly layout: string,
   ) {
-    this.layout = identity
     this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
     this.blocks = packed?.blocks ?? layer?.set.blocks ?? []
     this.unitCount = index.length + this.blocks.length
   }
-
-  /**
-   * SHA-256 of the bytes that say what every unit is (header, footer, index, zero map, a layer's
-   * tables): two files with the same layout hold the same units under the same numbers, so a
-   * decoded unit of one is the other's (the unit cache keys by it). For now also the identity.
-   */
-  readonly layout: string
 
   /** The packed working set's blocks, or a layer's: the units after the chunks. */
   private readonly blocks: readonly ChunkEntry[]
@@ -126,7 +127,7 @@ export class SnapshotReader {
       source.readAt(table, location.offset)
       packed = decodePackedTable(table, location, headerSize, dataEnd, geometry, zeroMap)
     }
-    const identity = createHash('sha256').update(headerBytes).update(footerBytes).update(indexBytes).update(zeroMapBytes)
+    const layout = createHash('sha256').update(headerBytes).update(footerBytes).update(indexBytes).update(zeroMapBytes)
     let layer: LayerData | undefined
     if (layered) {
       if (packed) throw new SnapshotFormatError('CORRUPT', 'header', 'a layer carries a packed working set (the two are not combined)')
@@ -142,10 +143,12 @@ export class SnapshotReader {
       const runs = decodeRunTable(runTable, location, geometry.pageCount)
       const problem = layerPagesProblem(runs, location.parents.length, set, zeroMap)
       if (problem) throw new SnapshotFormatError('CORRUPT', 'layer', problem)
-      identity.update(blockTable).update(runTable)
+      layout.update(blockTable).update(runTable)
       layer = {parents: location.parents, runs, set}
     }
-    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, identity.digest('hex'))
+    // What the file holds, not how it is laid out: attaching a working set or learning one keeps it.
+    const identity = layer ? layerIdentity(geometry, layer.parents, layer.runs, layer.set, zeroMapBytes) : memoryDigest(geometry, index, zeroMapBytes)
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, identity, layout.digest('hex'))
   }
 
   get fileSize(): number {

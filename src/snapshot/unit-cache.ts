@@ -1,17 +1,29 @@
 import {type SnapshotReader} from './reader.js'
 
-/** Decoded units kept per chain using a cache (a scattered layer's block serves many resolved chunks). */
+/** Decoded base chunks kept per chain using a cache (each serves the one resolved chunk at its place, and a sibling layer's). */
 export const UNIT_CACHE_ENTRIES_PER_CHAIN = 16
+/**
+ * Bytes of decoded layer blocks kept per chain. A block of scattered pages serves many resolved
+ * chunks, in whatever order they fault: decoded again for each, a random-order resume of a chain
+ * of scattered layers decoded several times the image. A layer's blocks hold its changed pages
+ * only, so this keeps every block of a chain of a few small layers.
+ */
+export const LAYER_BLOCK_BYTES_PER_CHAIN = 64 * 1024 * 1024
 
 /**
  * Decoded units of the files of layer chains, keyed by the file that holds them (its layout
- * digest, see SnapshotReader.layout) and the unit's number there, not by the chain or the top layer: chains that share a file (two
- * layers of one base) opened in one thread decode each of its units once between them. Least
- * recently used out, its buffer reused; room for UNIT_CACHE_ENTRIES_PER_CHAIN per chain attached.
- * Counts, per file layout, the units it decoded and the reads it answered from memory.
+ * digest, see SnapshotReader.layout) and the unit's number there, not by the chain or the top
+ * layer: chains that share a file (two layers of one base) opened in one thread decode each of its
+ * units once between them. Least recently used out: a base's chunks within
+ * UNIT_CACHE_ENTRIES_PER_CHAIN per chain attached (their buffers reused), layer blocks within
+ * LAYER_BLOCK_BYTES_PER_CHAIN per chain, apart, so that the stream of base chunks a resume reads
+ * never pushes out the blocks that serve many chunks. Counts, per file layout, the units it
+ * decoded and the reads it answered from memory.
  */
 export class UnitCache {
   private readonly entries = new Map<string, {buffer: Buffer; payload: Buffer}>()
+  private readonly blocks = new Map<string, Buffer>()
+  private blockBytes = 0
   private chains = 0
   readonly decodes = new Map<string, number>()
   readonly hits = new Map<string, number>()
@@ -24,13 +36,20 @@ export class UnitCache {
   /** A chain stops using it; with none left, its buffers are dropped. */
   detach(): void {
     this.chains = Math.max(0, this.chains - 1)
-    if (this.chains === 0) this.entries.clear()
-    else while (this.entries.size > this.capacity) this.entries.delete(this.entries.keys().next().value!)
+    if (this.chains === 0) {
+      this.entries.clear()
+      this.blocks.clear()
+      this.blockBytes = 0
+    } else {
+      while (this.entries.size > this.capacity) this.entries.delete(this.entries.keys().next().value!)
+      this.trimBlocks(undefined)
+    }
   }
 
   /** Unit `unit` of `file`, decoded and verified by its reader; valid until the next call. */
   payload(file: SnapshotReader, unit: number): Buffer {
     const key = `${file.layout}:${unit}`
+    if (file.layer) return this.block(file, unit, key)
     const hit = this.entries.get(key)
     if (hit) {
       this.entries.delete(key)
@@ -50,6 +69,32 @@ export class UnitCache {
     this.decodes.set(file.layout, (this.decodes.get(file.layout) ?? 0) + 1)
     this.entries.set(key, {buffer, payload})
     return payload
+  }
+
+  private block(file: SnapshotReader, unit: number, key: string): Buffer {
+    const hit = this.blocks.get(key)
+    if (hit) {
+      this.blocks.delete(key)
+      this.blocks.set(key, hit)
+      this.hits.set(file.layout, (this.hits.get(file.layout) ?? 0) + 1)
+      return hit
+    }
+    const payload = file.readPayload(unit, Buffer.allocUnsafe(file.entry(unit).payloadLength))
+    this.decodes.set(file.layout, (this.decodes.get(file.layout) ?? 0) + 1)
+    this.blocks.set(key, payload)
+    this.blockBytes += payload.length
+    this.trimBlocks(key)
+    return payload
+  }
+
+  /** Drops the least recently used blocks beyond the budget (never `keep`, the one just decoded). */
+  private trimBlocks(keep: string | undefined): void {
+    const budget = Math.max(1, this.chains) * LAYER_BLOCK_BYTES_PER_CHAIN
+    for (const [key, old] of this.blocks) {
+      if (this.blockBytes <= budget || key === keep) break
+      this.blocks.delete(key)
+      this.blockBytes -= old.length
+    }
   }
 
   private get capacity(): number {

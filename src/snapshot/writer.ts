@@ -16,8 +16,16 @@ export interface ImageInput {
   readonly logicalSize: number
   readonly regions: Region[]
   readonly metadata: SnapshotMetadata
-  /** The source byte ranges that make up image bytes [start, end); everything else reads as zero. */
+  /** The source byte ranges that make up image bytes [start, end); everything else reads as zero (or is unchanged, below). */
   segments(start: number, end: number): ReadSegment[]
+  /**
+   * Pages the source says are unchanged since an earlier image, without holding them (an
+   * incremental CRIU dump's PE_PARENT pages): how many, and the image byte ranges of those in
+   * [start, end), sorted. Only a layer over that earlier image's snapshot can be written from
+   * such an input. Absent: none.
+   */
+  readonly unchangedPages?: number
+  unchanged?(start: number, end: number): {start: number; end: number}[]
 }
 
 export interface WriteOptions {
@@ -71,6 +79,8 @@ const JOB_BYTES = 4 * 1024 * 1024
  */
 export async function writeSnapshot(input: ImageInput, output: string | OutputSink, options: WriteOptions): Promise<WriteSummary> {
   const started = performance.now()
+  // Their bytes are not in the input: written in full, they would read as zeros.
+  if (input.unchangedPages) throw new UffdError('CRIU_IMAGE', `${String(input.metadata.criuDir ?? 'the input')} is an incremental dump: ${input.unchangedPages} of its pages are in its parent dump; write it as a layer over the parent dump's snapshot (uffd snapshot --criu-dir DIR --parent SNAPSHOT)`)
   const geometry = new Geometry(options.pageSize, options.chunkSize, input.logicalSize)
   const header = encodeHeader({
     incompatFeatures: 0n,
