@@ -172,6 +172,21 @@ describe('FetchScheduler', () => {
     expect(object.reads.at(-1)!.offset).toBe(400)
   })
 
+  it('extents wanted together while held go out in one ranged request, not the first alone', async () => {
+    const {object, scheduler, answer} = schedulerOver(data, [100, 100, 100, 100], {concurrency: 4})
+    scheduler.hold()
+    const got = [2, 0, 1].map((e) => scheduler.want(e, PRIORITY_DEMAND))
+    expect(object.reads).toEqual([])
+    scheduler.release()
+    // (Extent e lies at 100 + 100e.)
+    expect(object.reads.map((r) => [r.offset, r.length])).toEqual([[100, 300]])
+    answer(0)
+    for (const [i, e] of [2, 0, 1].entries()) expect((await got[i])!.equals(data.subarray(100 + e * 100, 200 + e * 100))).toBe(true)
+    // Unheld, each want goes out as it comes.
+    scheduler.want(3, PRIORITY_DEMAND)
+    expect(object.reads.length).toBe(2)
+  })
+
   it('retries a corrupt body, then fails what cannot be had within the deadline', async () => {
     const {object, scheduler, counters, answer} = schedulerOver(data, [100, 100], {concurrency: 4, deadlineMs: 30})
     const first = scheduler.want(0, PRIORITY_DEMAND)

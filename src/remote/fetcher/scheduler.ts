@@ -32,6 +32,8 @@ export class FetchScheduler {
   private readonly demandQueue: number[] = []
   private readonly prefetchQueue: number[] = []
   private requests = 0
+  /** Open hold() calls: requests wait for the last release(). */
+  private holds = 0
   private readonly reserved: number
 
   constructor(
@@ -70,6 +72,20 @@ export class FetchScheduler {
     return promise
   }
 
+  /**
+   * Holds requests back while several extents are wanted at once (one reader's message), so that
+   * neighbours among them go out in one ranged request: wanted one by one, the first would be
+   * sent alone the moment it was wanted. Every hold() is ended by a release(), which sends.
+   */
+  hold(): void {
+    this.holds++
+  }
+
+  release(): void {
+    this.holds = Math.max(0, this.holds - 1)
+    this.pump()
+  }
+
   /** Raises a queued want's priority; nothing if it is not wanted (fetched, being stored, or failed). */
   promote(extent: number, priority: Priority): void {
     if (this.wanted.has(extent)) void this.want(extent, priority)
@@ -80,6 +96,7 @@ export class FetchScheduler {
   }
 
   private pump(): void {
+    if (this.holds > 0) return
     while (this.requests < this.options.concurrency) {
       let head = this.next(this.demandQueue)
       if (head < 0 && this.requests < this.options.concurrency - this.reserved) head = this.next(this.prefetchQueue)

@@ -44,7 +44,12 @@ function onMessage(message: FetcherMessage): void {
     parentPort!.postMessage('closed')
     return
   }
-  for (const extent of message.extents) want(extent, message.priority)
+  scheduler.hold()
+  try {
+    for (const extent of message.extents) want(extent, message.priority)
+  } finally {
+    scheduler.release()
+  }
 }
 
 function land(extent: number, state: number): void {
