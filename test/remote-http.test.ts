@@ -2,7 +2,7 @@
 // here, with injectable faults: 5xx, resets, truncated and corrupted bodies, stalls, a server
 // that ignores ranges, an object replaced mid-resume), real `uffd` processes, and fc_client,
 // which faults real memory through a real userfaultfd and verifies every byte.
-import {type ChildProcess, execFileSync, spawn} from 'node:child_process'
+import {type ChildProcess, execFileSync, spawn, spawnSync} from 'node:child_process'
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
@@ -448,6 +448,40 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     expectVerified(a)
     expectVerified(b)
   })
+})
+
+const KVM_VMM = path.join(NATIVE, 'kvm_vmm')
+const kvmSkip = skip ?? (!fs.existsSync('/dev/kvm') ? 'no /dev/kvm on this machine' : !fs.existsSync(KVM_VMM) ? `${KVM_VMM} is not built` : undefined)
+if (kvmSkip && !skip) console.warn(`remote-http: KVM guest test skipped: ${kvmSkip}`)
+
+describe.skipIf(kvmSkip)('a KVM guest resumed from an HTTP URL', () => {
+  it('passes its checksum served lazily through a store that fails and lies on the way', async () => {
+    // A real guest (kvm_vmm: CPL3 code under KVM) computes a checksum over its memory after the
+    // restore: one wrong page and it differs. Its snapshot is fetched through the fault proxy.
+    const snapDir = path.join(dir, 'kvm')
+    const guestRun = spawnSync(KVM_VMM, ['run', '--mem-mib', '64', '--snapshot-dir', snapDir, '--timeout-ms', '30000'], {encoding: 'utf8', timeout: 60_000})
+    expect(guestRun.status, guestRun.stderr).toBe(0)
+    const {checksum} = JSON.parse(guestRun.stdout.trim().split('\n').at(-1)!)
+    const guest = path.join(snapDir, 'mem.uffd')
+    expect(uffd(['snapshot', '--mem-file', path.join(snapDir, 'mem.raw'), '-o', guest, '--chunk-size', '64K']).status).toBe(0)
+    const url = await serveThroughProxy(guest)
+    const p = proxy!
+    const socket = path.join(dir, 'kvm.sock')
+    const ready = path.join(dir, 'kvm.ready')
+    const statsFile = path.join(dir, 'kvm.json')
+    const handler = run(uffdSpawn(['resume', url, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, '--cache-dir', path.join(dir, 'cache-kvm'), '--timeout', '30', '--fetch-timeout', '2s']))
+    await waitFor('the ready file', () => fs.existsSync(ready), 30_000)
+    // Once open, the store answers some requests with 503s, resets, cut and corrupted bodies.
+    p.faults = {status: {code: 503, count: 2}, resetAfterHeaders: 1, truncate: 1, corrupt: 2}
+    const vm = await run(spawn(KVM_VMM, ['restore', '--snapshot-dir', snapDir, '--uffd-socket', socket, '--regions', '2', '--timeout-ms', '60000'], {stdio: ['ignore', 'pipe', 'pipe']}))
+    const done = await handler
+    expect(vm.code, `kvm_vmm restore:\n${vm.stderr}\nresume:\n${done.stderr}`).toBe(0)
+    expect(JSON.parse(vm.stdout.trim().split('\n').at(-1)!)).toMatchObject({ok: true, mode: 'uffd', regions: 2, checksum})
+    expect(done.code, done.stderr).toBe(0)
+    const remote = (JSON.parse(fs.readFileSync(statsFile, 'utf8')) as ResumeReport).remote!
+    expect(remote.retries).toBeGreaterThan(0)
+    expect(remote.bytesFetched).toBeLessThan(fs.statSync(guest).size)
+  }, 120_000)
 })
 
 describe('stats and verify of an HTTP URL', () => {
