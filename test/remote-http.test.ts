@@ -376,7 +376,7 @@ describe.skipIf(skip)('uffd resume from an HTTP URL', () => {
     const url = await serveThroughProxy(snapshot)
     const s = server
     // Fetches that take a while, so that both handlers want the same chunks while they are on their way.
-    proxy!.faults = {delayMs: 40}
+    proxy!.faults = {delayMs: 150}
     const cache = path.join(dir, 'cache-claims')
     const touch = ['--touch', 'sequential', '--verify-all']
     const [a, b] = await Promise.all([resumeOnce(url, cache, [], touch), resumeOnce(url, cache, [], touch)])

@@ -370,11 +370,9 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
     it('background population (--populate all) never refills ballooned memory', async () => {
       const snapshot = snapshotOf('mixed', 'zstd', 64 * 1024)
       const img = image('mixed')
-      // Ranges spread over the image, inflated while 2 threads fault and population runs (the
-      // client starts a moment after its handshake: faults are served before the decoders that
-      // populate have loaded, and would otherwise install everything first).
+      // Ranges spread over the image, inflated while 2 threads fault and population runs.
       const balloon = Array.from({length: 16}, (_, i) => `${i * MiB + 12288}:24K`).join(',')
-      const r = await serveOne(snapshot, img, ['--threads', '2', '--delay-ms', '400', '--touch', 'random', '--verify-all', '--balloon', balloon, '--balloon-concurrent'], ['--populate', 'all'])
+      const r = await serveOne(snapshot, img, ['--threads', '2', '--touch', 'random', '--verify-all', '--balloon', balloon, '--balloon-concurrent'], ['--populate', 'all'])
       expect(r.client).toMatchObject({balloon_ok: true, balloon_bytes: 16 * 24576, balloon_bad_pages: 0})
       expect(r.stats.events).toMatchObject({remove: 16, removedPages: 16 * 6})
       expect(r.stats.pages.prefetched).toBeGreaterThan(0)

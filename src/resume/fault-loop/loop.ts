@@ -48,7 +48,7 @@ export interface LoopChannel {
 
 /** Everything the loop serves with, built from its settings by FaultLoop.start (or by a test). */
 export interface LoopParts {
-  config: Pick<WorkerConfig, 'workingSetUnits' | 'keepWorkingSet' | 'countHits' | 'spinMicros' | 'kernelZeros'>
+  config: Pick<WorkerConfig, 'workingSetUnits' | 'keepWorkingSet' | 'countHits' | 'spinMicros' | 'kernelZeros' | 'populateAll'>
   reader: ImageReader
   stats: RunStats
   clock: RunClock
@@ -128,13 +128,17 @@ export class FaultLoop {
     const {pool, source, stats, prefetcher} = this.parts
     this.rebuildPollSet()
     // A local snapshot's working set is decoded before the socket listens (after a handshake,
-    // installing it then costs only the copies), which needs the decoders up. Otherwise the socket
-    // listens already, and a client may be waiting: faults are served at once, decoded here until
-    // the decoders have loaded (a fault takes back a request no decoder has started on). From
-    // object storage the set is fetched while the client connects: nothing waits for the network.
+    // installing it then costs only the copies), which needs the decoders up; so does installing
+    // a working set or populating memory from the first moment (they decode ahead, on the
+    // decoders). With none of that to do, the socket listens already and a client may be waiting:
+    // faults are served at once, decoded here until the decoders have loaded (a fault takes back
+    // a request no decoder has started on). From object storage the set is fetched while the
+    // client connects: nothing waits for the network.
+    const {config} = this.parts
     const stagesFirst = this.parts.stagedSlots > 0 && !this.parts.reader.remote
-    const started = stagesFirst ? (pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false) : false
-    const staged = started ? source.waitUntilStaged(STARTUP_WAIT_MS) : {units: 0, bytes: 0}
+    const prefetchesAtOnce = config.workingSetUnits.length > 0 || config.populateAll
+    const started = stagesFirst || prefetchesAtOnce ? (pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false) : false
+    const staged = started && stagesFirst ? source.waitUntilStaged(STARTUP_WAIT_MS) : {units: 0, bytes: 0}
     if (staged.units > 0) {
       stats.set('stagedUnits', staged.units)
       stats.set('stagedBytes', staged.bytes)
