@@ -11,7 +11,7 @@ import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
 
 import {FaultLoopHost} from '../src/resume/main/fault-loop-host.js'
 import {type FromWorker, type GuestRegion} from '../src/resume/protocol.js'
-import {closeFd, connectUnix, createUserfaultfd, isUserfaultfd, poll, POLLIN, readSome, sendWithFds, uffdApi, writeAll} from '../src/sys/index.js'
+import {closeFd, connectUnix, createUserfaultfd, isUserfaultfd, poll, POLLIN, readSome, sendWithFds, SysError, uffdApi, writeAll} from '../src/sys/index.js'
 import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
 import {makeImage, tempDir} from './helpers/images.js'
 import {exitWithin, killAll, type Running, track, waitFor} from './helpers/processes.js'
@@ -66,10 +66,18 @@ function startClient(handler: Handler, args: string[], timeoutMs = 15_000): Runn
   return track(live, spawn(FC_CLIENT, ['--socket', handler.socket, '--image', image, '--timeout-ms', String(timeoutMs), ...args], {stdio: ['ignore', 'pipe', 'pipe']}))
 }
 
-/** Whether the handler closed its end of `fd` (a read gives end of file), without waiting. */
+/**
+ * Whether the handler closed its end of `fd` (a read gives end of file, or ECONNRESET: closed with
+ * bytes of ours still unread, the kernel resets the connection), without waiting.
+ */
 function closedByPeer(fd: number): boolean {
   if ((poll([{fd, events: POLLIN}], 0)[0] ?? 0) === 0) return false
-  return readSome(fd, 4096, 0).length === 0
+  try {
+    return readSome(fd, 4096, 0).length === 0
+  } catch (error) {
+    if (error instanceof SysError && error.code === 'ECONNRESET') return true
+    throw error
+  }
 }
 
 /**
