@@ -125,7 +125,7 @@ export class LayeredReader {
     for (let r = findRun(this.runs, first), p = first; p < end; r++) {
       const run = this.runs[r]
       const stop = Math.min(end, run.firstPage + run.pageCount)
-      if (run.source !== SOURCE_ZERO) this.walk(run.source, p, stop, (unit) => units.push({source: run.source, unit}))
+      if (run.source !== SOURCE_ZERO) for (const {unit} of this.pieces(run.source, p, stop)) units.push({source: run.source, unit})
       p = stop
     }
     return units
@@ -133,16 +133,15 @@ export class LayeredReader {
 
   /**
    * Chunk `chunk`'s payload if every stored unit it is assembled from is on this host, else
-   * undefined, its units asked for at demand priority (the fault loop then waits for them to
-   * land). Whether they are here is asked of each file first: a unit evicted between that answer
-   * and the read is then waited for, a case of a cache directory shared with other handlers only.
+   * undefined: each unit is read without waiting (a remote file asks for what it lacks at demand
+   * priority, and the fault loop waits for it to land), so this never waits on the network.
    */
   readPayloadIfLocal(chunk: number, dst?: Buffer): Buffer | undefined {
     if (this.remote && !this.isLocal(chunk)) {
       this.fetchAhead([chunk], PRIORITY_DEMAND)
       return undefined
     }
-    return this.readPayload(chunk, dst)
+    return this.assemble(chunk, dst, !this.remote)
   }
 
   /**
@@ -151,6 +150,11 @@ export class LayeredReader {
    * next call.
    */
   readPayload(chunk: number, dst?: Buffer): Buffer {
+    return this.assemble(chunk, dst, true)!
+  }
+
+  /** readPayload; without `wait`, undefined as soon as a unit is not on this host. */
+  private assemble(chunk: number, dst: Buffer | undefined, wait: boolean): Buffer | undefined {
     const {payloadLength} = this.entry(chunk)
     if (dst && dst.length < payloadLength) throw new RangeError(`buffer of ${dst.length} bytes is too small for chunk ${chunk} (${payloadLength})`)
     if (!dst && this.scratch.length < payloadLength) this.scratch = Buffer.alloc(this.geometry.chunkSize)
@@ -161,7 +165,11 @@ export class LayeredReader {
     for (let r = findRun(this.runs, first), p = first; p < end; r++) {
       const run = this.runs[r]
       const stop = Math.min(end, run.firstPage + run.pageCount)
-      if (run.source !== SOURCE_ZERO) at = this.copyPages(run.source, p, stop, payload, at)
+      if (run.source !== SOURCE_ZERO) {
+        const next = this.copyPages(run.source, p, stop, payload, at, wait)
+        if (next === undefined) return undefined
+        at = next
+      }
       p = stop
     }
     return payload
@@ -194,23 +202,28 @@ export class LayeredReader {
     for (const f of this.files) f.close()
   }
 
-  /** Copies pages [from, to) of file `source` (all data pages there: checked at open) to `dst` at `at`; returns the next offset. */
-  private copyPages(source: number, from: number, to: number, dst: Buffer, at: number): number {
+  /**
+   * Copies pages [from, to) of file `source` (all data pages there: checked at open) to `dst` at
+   * `at`; returns the next offset, or undefined (without `wait`) when a unit is not on this host.
+   */
+  private copyPages(source: number, from: number, to: number, dst: Buffer, at: number, wait: boolean): number | undefined {
     const {pageSize} = this.geometry
-    this.walk(source, from, to, (unit, position, count) => {
-      const payload = this.unit(source, unit)
+    for (const {unit, position, count} of this.pieces(source, from, to)) {
+      const payload = this.units.payload(this.files[source], unit, wait)
+      if (!payload) return undefined
       payload.copy(dst, at, position * pageSize, (position + count) * pageSize)
       at += count * pageSize
-    })
+    }
     return at
   }
 
   /**
-   * Visits the units of file `source` holding pages [from, to) (all data pages there), in order:
-   * each unit, the position of the first of those pages in its payload, and how many follow.
+   * The units of file `source` holding pages [from, to) (all data pages there), in order: each
+   * unit, the position of the first of those pages in its payload, and how many follow.
    */
-  private walk(source: number, from: number, to: number, visit: (unit: number, position: number, count: number) => void): void {
+  private pieces(source: number, from: number, to: number): {unit: number; position: number; count: number}[] {
     const file = this.files[source]
+    const pieces: {unit: number; position: number; count: number}[] = []
     for (let p = from; p < to; ) {
       let unit: number
       let position: number
@@ -233,14 +246,10 @@ export class LayeredReader {
         position = i - b.listStart
         count = Math.min(to - p, b.listStart + b.pageCount - i)
       }
-      visit(unit, position, count)
+      pieces.push({unit, position, count})
       p += count
     }
-  }
-
-  /** A file's decoded unit, from the unit cache (keyed by the file, so chains sharing it share its units). */
-  private unit(source: number, unit: number): Buffer {
-    return this.units.payload(this.files[source], unit)
+    return pieces
   }
 }
 

@@ -46,10 +46,14 @@ export class UnitCache {
     }
   }
 
-  /** Unit `unit` of `file`, decoded and verified by its reader; valid until the next call. */
-  payload(file: SnapshotReader, unit: number): Buffer {
+  /**
+   * Unit `unit` of `file`, decoded and verified by its reader; valid until the next call. Without
+   * `wait`, undefined when its stored bytes are not on this host (a remote file has been asked
+   * for them: see SnapshotReader.readPayloadIfLocal).
+   */
+  payload(file: SnapshotReader, unit: number, wait = true): Buffer | undefined {
     const key = `${file.layout}:${unit}`
-    if (file.layer) return this.block(file, unit, key)
+    if (file.layer) return this.block(file, unit, key, wait)
     const hit = this.entries.get(key)
     if (hit) {
       this.entries.delete(key)
@@ -65,13 +69,14 @@ export class UnitCache {
       if (old.buffer.length >= size) buffer = old.buffer
     }
     buffer ??= Buffer.alloc(size)
-    const payload = file.readPayload(unit, buffer)
+    const payload = wait ? file.readPayload(unit, buffer) : file.readPayloadIfLocal(unit, buffer)
+    if (!payload) return undefined
     this.decodes.set(file.layout, (this.decodes.get(file.layout) ?? 0) + 1)
     this.entries.set(key, {buffer, payload})
     return payload
   }
 
-  private block(file: SnapshotReader, unit: number, key: string): Buffer {
+  private block(file: SnapshotReader, unit: number, key: string, wait: boolean): Buffer | undefined {
     const hit = this.blocks.get(key)
     if (hit) {
       this.blocks.delete(key)
@@ -79,7 +84,9 @@ export class UnitCache {
       this.hits.set(file.layout, (this.hits.get(file.layout) ?? 0) + 1)
       return hit
     }
-    const payload = file.readPayload(unit, Buffer.allocUnsafe(file.entry(unit).payloadLength))
+    const buffer = Buffer.allocUnsafe(file.entry(unit).payloadLength)
+    const payload = wait ? file.readPayload(unit, buffer) : file.readPayloadIfLocal(unit, buffer)
+    if (!payload) return undefined
     this.decodes.set(file.layout, (this.decodes.get(file.layout) ?? 0) + 1)
     this.blocks.set(key, payload)
     this.blockBytes += payload.length
