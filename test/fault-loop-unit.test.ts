@@ -20,6 +20,7 @@ import {Prefetcher} from '../src/resume/fault-loop/prefetch.js'
 import {type GuestRegion} from '../src/resume/protocol.js'
 import {RunClock, RunStats} from '../src/resume/run-stats.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
+import {SysError} from '../src/sys/index.js'
 import {addressOf, bufferAt, Errno} from '../src/sys/index.js'
 import {uffd} from './helpers/cli.js'
 import {makeImage, tempDir} from './helpers/images.js'
@@ -67,6 +68,17 @@ class SimulatedKernel implements FillCalls {
   wake(fd: number, start: number, _length?: number): void {
     expect(fd).toBe(UFFD)
     this.wakes.push((start - BASE) / PAGE)
+  }
+
+  /** Ranges handed back with UNREGISTER, in pages; refuseUnregister makes the kernel say ENOMEM. */
+  readonly handedBack: [number, number][] = []
+  refuseUnregister = false
+  unregister(fd: number, start: number, length: number): void {
+    expect(fd).toBe(UFFD)
+    if (this.refuseUnregister) throw new SysError('UFFDIO_UNREGISTER', 12, 'unregistering')
+    const first = (start - BASE) / PAGE
+    this.handedBack.push([first, first + length / PAGE])
+    for (let p = first; p < first + length / PAGE; p++) this.unregistered.add(p)
   }
 
   /** A balloon's MADV_DONTNEED: the pages are zapped (read as zeros, missing again). */
@@ -671,5 +683,55 @@ describe('a packed working set: blocks, the install helper and its share', () =>
     prefetcher.removeClient(client)
     expect(helper.stopped).toBe(true)
     expect(stats.get('workingSetDoneMs')).toBe(0)
+  })
+})
+
+describe('zero ranges handed to the kernel', () => {
+  // 8 MiB: data, 4 MiB of zeros at [2, 6) MiB (handed over), data, 1 MiB of zeros (too short).
+  let holes: SnapshotReader
+  beforeAll(() => {
+    const raw = makeImage('mixed', 8 << 20, 12)
+    raw.fill(0, 2 << 20, 6 << 20)
+    raw.fill(0, 7 << 20, 8 << 20)
+    fs.writeFileSync(path.join(dir, 'holes.raw'), raw)
+    expect(uffd(['snapshot', '--mem-file', path.join(dir, 'holes.raw'), '-o', path.join(dir, 'holes.uffd'), '--chunk-size', '64K']).status).toBe(0)
+    holes = SnapshotReader.open(path.join(dir, 'holes.uffd'))
+  })
+  afterAll(() => holes.close())
+
+  function parts() {
+    const pages = holes.geometry.pageCount
+    const kernel = new SimulatedKernel(pages)
+    const stats = new RunStats()
+    const installer = new Installer(kernel, stats, PAGE, holes.zeroMap, 1)
+    const server = new FaultServer(holes, new DecodedUnits(holes, undefined, stats, 1 << 20), installer, stats, new RunClock(), {faultAroundBytes: 64 * 1024})
+    const client = new Client(1, UFFD, [{baseHostVirtAddr: BASE, size: pages * PAGE, offset: 0, pageSize: PAGE}], holes.geometry)
+    return {kernel, stats, server, client}
+  }
+
+  it('unregisters the long runs, marks them present, and leaves the short ones to faults', () => {
+    const {kernel, stats, server, client} = parts()
+    expect(server.handZerosToKernel(client)).toBe(1024)
+    expect(kernel.handedBack).toEqual([[512, 1536]])
+    for (const p of [512, 1000, 1535]) expect(client.states.get(p)).toBe(PAGE_PRESENT)
+    for (const p of [511, 1536, 1800, 2047]) expect(client.states.get(p)).toBe(PAGE_MISSING)
+    expect(stats.get('kernelZeroPages')).toBe(1024)
+    expect(stats.get('kernelZeroRanges')).toBe(1)
+    // Nothing installs there afterwards: a fault read before the hand-over only wakes its thread.
+    expect(server.serve(client, {address: BASE + 700 * PAGE, readAt: performance.now()}).outcome).toBe('served')
+    expect(kernel.installs[700]).toBe(0)
+    expect(kernel.wakes).toContain(700)
+  })
+
+  it('keeps a run with a page already present, and one the kernel refuses, served by faults', () => {
+    const first = parts()
+    first.client.states.markPresent(900, 1)
+    expect(first.server.handZerosToKernel(first.client)).toBe(0)
+    expect(first.kernel.handedBack).toEqual([])
+    const refused = parts()
+    refused.kernel.refuseUnregister = true
+    expect(refused.server.handZerosToKernel(refused.client)).toBe(0)
+    expect(refused.client.states.get(1000)).toBe(PAGE_MISSING)
+    expect(refused.stats.get('kernelZeroPages')).toBe(0)
   })
 })

@@ -362,17 +362,21 @@ describe.skipIf(skip)('working-set prefetch with fc_client', () => {
     expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
     const zeroPages = Array.from({length: 2048}, (_, i) => 1024 + ((i * 37) % 2048))
     const touch = trace(path.join(dir, 'holes.trace'), zeroPages)
-    // The client waits a moment after its handshake, so the ranges are handed over before it touches.
-    const client = (extra: string[]): [string, string[]] => [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, '--delay-ms', '300', '--touch', `trace:${touch}`, '--verify-all', ...extra]]
-    const handed = await resumeWith(snapshot, ['--fault-around', 'page', '--readahead', '0'], client(['--balloon', '6M:1M']), 'holes')
+    // Handed over when the client is added, before its first fault is served: it touches at once.
+    const client = (extra: string[]): [string, string[]] => [path.join(NATIVE, 'fc_client'), ['--socket', '$SOCKET', '--image', raw, '--touch', `trace:${touch}`, '--verify-all', '--balloon', '6M:1M', ...extra]]
+    const handed = await resumeWith(snapshot, ['--fault-around', 'page', '--readahead', '0'], client([]), 'holes')
     const out = JSON.parse(handed.client.stdout)
     expect(out.verify_errors).toBe(0)
+    // The removal inside the handed range is the kernel's alone (no REMOVE event comes), and the
+    // pages read zeros afterwards, as they would if served.
     expect(out.balloon_ok).toBe(true)
+    expect(handed.stats.events.remove).toBe(0)
     expect(handed.stats.pages.toKernel).toBe(2048)
     expect(uffd(['stats', path.join(dir, 'holes.stats.json')]).stdout).toMatch(/2048 zero pages left to the kernel/)
 
     const served = await resumeWith(snapshot, ['--fault-around', 'page', '--readahead', '0', '--no-kernel-zeros'], client([]), 'holes-served')
-    expect(JSON.parse(served.client.stdout).verify_errors).toBe(0)
+    expect(JSON.parse(served.client.stdout)).toMatchObject({verify_errors: 0, balloon_ok: true})
+    expect(served.stats.events.remove).toBe(1)
     expect(served.stats.pages.toKernel ?? 0).toBe(0)
     // Page by page, every zero page touched faults when served; handed over, none of the 2048 in
     // the range did (the zero pages inside the data parts, read by --verify-all, still do).

@@ -224,19 +224,16 @@ export class FaultServer {
     const minPages = Math.max(1, KERNEL_ZERO_MIN_BYTES / this.pageSize)
     this.kernelZeroRuns ??= largeZeroRuns(this.zeroMap, minPages, 1, KERNEL_ZERO_MAX_RANGES)
     let pages = 0
+    // (A region's pages are the snapshot's, a huge page on hugetlbfs: the handshake checks it, so
+    // any run of image pages is a range the mapping can be split at.)
     for (const region of client.map.all) {
       const regionFirst = region.offset / this.pageSize
       const regionEnd = regionFirst + region.size / this.pageSize
-      // A mapping splits only at its own page size (a huge page on hugetlbfs), in host addresses.
-      const align = Math.max(1, region.pageSize / this.pageSize)
-      const hostSkew = ((((region.baseHostVirtAddr - region.offset) / this.pageSize) % align) + align) % align
       for (const run of this.kernelZeroRuns) {
         const first = Math.max(run.first, regionFirst)
         const end = Math.min(run.end, regionEnd)
-        const alignedFirst = Math.ceil((first + hostSkew) / align) * align - hostSkew
-        const alignedEnd = Math.floor((end + hostSkew) / align) * align - hostSkew
-        if (alignedEnd - alignedFirst < minPages) continue
-        if (this.installer.handToKernel(client, region, alignedFirst, alignedEnd - alignedFirst)) pages += alignedEnd - alignedFirst
+        if (end - first < minPages) continue
+        if (this.installer.handToKernel(client, region, first, end - first)) pages += end - first
       }
     }
     return pages

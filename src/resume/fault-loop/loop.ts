@@ -334,6 +334,10 @@ export class FaultLoop {
     const client = new Client(message.id, message.uffd, message.regions, reader.geometry, {pidfd: message.pidfd, socket: message.socket}, message.nonCooperative)
     if (config.countHits && message.pidfd >= 0) client.hitTrackingPidfd = message.pidfd
     this.clients.set(client.id, client)
+    // Before anything is read or installed, while every page is missing: the zero ranges are
+    // whole then (a first fault's window would make part of one present, and a run with a present
+    // page is not handed over). A fault already queued in one finds it present and is woken.
+    if (config.kernelZeros && !client.nonCooperative) this.guarded(client, () => this.parts.server.handZerosToKernel(client))
     // Its first fault is likely queued already (a vCPU runs right after the handshake): serve
     // it before the bookkeeping below. What is left queued is served by the loop.
     this.guarded(client, () => {
@@ -343,8 +347,6 @@ export class FaultLoop {
       this.drain(client)
       if (this.servePending(client) === 'wait') this.waitingForBytes.add(client)
     })
-    // After its first fault: the zero ranges are handed over before anything is prefetched.
-    if (config.kernelZeros && !client.nonCooperative) this.guarded(client, () => this.parts.server.handZerosToKernel(client))
     // (A client that could not be served stays frozen: nothing is prefetched into it.)
     if (!client.failed) prefetcher.addClient(client, config.workingSetUnits)
     stats.add('clients')
