@@ -31,7 +31,6 @@ export class ChunkCache {
       this.stats.add('cacheHits')
       return hit
     }
-    this.stats.add('cacheMisses')
     const entry = this.reader.entry(chunk)
     const buffer = this.take(entry.payloadLength)
     const before = this.reader.unitsDecoded
@@ -41,6 +40,8 @@ export class ChunkCache {
       this.giveBack(buffer)
       return undefined
     }
+    // (Counted once it is read: a fault waiting for remote bytes asks again each time some land.)
+    this.stats.add('cacheMisses')
     this.stats.add('chunksDecoded')
     this.stats.add('bytesDecompressed', payload.length)
     this.entries.set(chunk, payload)

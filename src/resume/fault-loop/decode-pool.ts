@@ -202,14 +202,15 @@ export class DecodePool {
     Atomics.store(this.control, CONTROL_STOP, 1)
     Atomics.add(this.control, CONTROL_GENERATION, 1)
     Atomics.notify(this.control, CONTROL_GENERATION)
-    // A decoder sees the stop once it has loaded and ends by itself. It is not terminated before:
-    // a thread torn down while it loads its native modules (koffi, zstd-napi) can abort the whole
-    // process, and a run can end before its decoders have loaded (faults do not wait for them).
-    // One still busy after the bound (a read of a remote chunk that never comes) is loaded by then.
-    const exited = this.workers.map((w) => (w.threadId < 0 ? Promise.resolve() : new Promise<void>((resolve) => w.once('exit', () => resolve()))))
-    let bound: NodeJS.Timeout | undefined
-    await Promise.race([Promise.all(exited), new Promise<void>((resolve) => (bound = setTimeout(resolve, DECODER_STOP_MS)))])
-    clearTimeout(bound)
+    // A thread torn down while it loads its native modules (koffi, zstd-napi) can abort the whole
+    // process, and a run can end before its decoders have loaded (faults do not always wait for
+    // them): until every decoder has started, they are left to see the stop and end by
+    // themselves (within a bound). Started ones are terminated at once: one may be waiting for a
+    // remote chunk that never comes.
+    const deadline = performance.now() + DECODER_STOP_MS
+    while (Atomics.load(this.control, CONTROL_STARTED) < this.workers.length && this.workers.some((w) => w.threadId >= 0) && performance.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 5))
+    }
     await Promise.all(this.workers.map((w) => w.terminate()))
     closeFd(this.eventFd)
   }
