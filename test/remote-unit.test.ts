@@ -18,6 +18,7 @@ import {checkRangeResponse, type ObjectIdentity, parseContentRange, RemoteError,
 import {EXTENT_ABSENT, EXTENT_IN_MEMORY, Handover, PRIORITY_DEMAND, PRIORITY_PREFETCH, RemoteCounters, sharedBuffers} from '../src/remote/shared.js'
 import {BUCKETS} from '../src/resume/run-stats.js'
 import {crc32} from '../src/sys/crc.js'
+import {cliEnv, uffdAsync} from './helpers/cli.js'
 
 function table(lengths: number[], gaps: number[] = []): ExtentTable {
   const offsets: number[] = []
@@ -356,6 +357,24 @@ describe('remote failures: what is retried, what it is called, what is released'
       expect(server.seen.requests).toBe(0)
     } finally {
       await server.close()
+      fs.rmSync(dir, {recursive: true, force: true})
+    }
+  })
+
+  it('refuses a redirect from https to plain http (run as uffd, trusting the test certificate)', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-tls-'))
+    const [key, cert] = [path.join(dir, 'key.pem'), path.join(dir, 'cert.pem')]
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-days', '1', '-keyout', key, '-out', cert], {stdio: 'ignore'})
+    const plain = await answering((_, res) => res.writeHead(404).end())
+    const secure = await answering((req, res) => res.writeHead(302, {location: `${plain.url}${req.url}`}).end(), {key: fs.readFileSync(key), cert: fs.readFileSync(cert)})
+    try {
+      const r = await uffdAsync(['stats', `${secure.url}/x.uffd`, '--json'], {env: {...cliEnv(), NODE_EXTRA_CA_CERTS: cert}})
+      expect(r.json?.error, r.stderr).toMatchObject({code: 'REMOTE_PROTOCOL', message: expect.stringContaining('redirected from https to plain http')})
+      // The https server was asked (its certificate trusted), the plain one never.
+      expect(secure.seen.requests).toBeGreaterThan(0)
+      expect(plain.seen.requests).toBe(0)
+    } finally {
+      await Promise.all([plain.close(), secure.close()])
       fs.rmSync(dir, {recursive: true, force: true})
     }
   })

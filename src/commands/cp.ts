@@ -9,7 +9,7 @@ import {formatBytes} from '../core/units.js'
 import {type RemoteReport} from '../remote/remote-snapshot.js'
 import {copySnapshot} from '../snapshot/copy.js'
 import {LayeredReader} from '../snapshot/layered-reader.js'
-import {fileIdentity, openSnapshot} from '../snapshot/open.js'
+import {isRecordedParent, openSnapshot} from '../snapshot/open.js'
 import {type OutputLocation, outputLocation, type PreparedOutput, prepareOutput} from '../snapshot/outputs.js'
 import {locationIn, prefixOf} from '../snapshot/parent-location.js'
 import {describeLocation} from '../remote/location.js'
@@ -84,8 +84,7 @@ export default class Cp extends BaseCommand {
       for (const [k, parent] of (top.layer?.parents ?? []).entries()) {
         const at = ancestorOutput(location, parent.name)
         if (describeLocation(at) === prepared.destination) throw new UffdError('USAGE', `${prepared.destination} is where the chain's ${k === 0 ? 'base' : `ancestor ${k}`} ${parent.name} goes (next to the layer, by its recorded name): copy the layer to another name`)
-        const there = await fileIdentity(at, options)
-        if (there === parent.id) targets.push(undefined)
+        if (await isRecordedParent(at, options, parent.id)) targets.push(undefined)
         else targets.push(await prepareOutput(at, {force: flags.force, mode, s3: options.s3}))
       }
       targets.push(prepared)

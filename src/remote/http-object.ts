@@ -59,7 +59,11 @@ export class HttpObject implements RemoteObject {
       if (response.statusCode !== undefined && REDIRECTS.has(response.statusCode) && location !== undefined) {
         response.destroy()
         if (redirects >= MAX_REDIRECTS) throw new RemoteError('REMOTE_PROTOCOL', `${this.name}: more than ${MAX_REDIRECTS} redirects`, false)
-        url = new URL(location, url)
+        const next = new URL(location, url)
+        // Bytes fetched over https must not come over plain http after a redirect (a man in the
+        // middle could then change them; only the CRCs would stand between them and the guest).
+        if (url.protocol === 'https:' && next.protocol === 'http:') throw new RemoteError('REMOTE_PROTOCOL', `${this.name}: redirected from https to plain http (${next.host}): refused`, false)
+        url = next
         continue
       }
       const abort = (): void => {

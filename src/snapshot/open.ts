@@ -145,19 +145,20 @@ async function openParent(at: Location, parent: LayerParent, k: number, count: n
 }
 
 /**
- * The identity of the one snapshot file at `location` (not its chain), undefined when there is
- * none there, or '' when something is there that does not open as a snapshot.
+ * Whether the one snapshot file at `location` (not its chain) is the parent a layer recorded as
+ * `id`: its identity, or the digest of its bytes an older layer recorded (see openParent).
+ * False when there is none there, or what is there cannot be opened as a snapshot.
  */
-export async function fileIdentity(location: Location, remote: RemoteOptions): Promise<string | undefined> {
-  if (!isRemote(location) && !fs.existsSync(location.path)) return undefined
+export async function isRecordedParent(location: Location, remote: RemoteOptions, id: string): Promise<boolean> {
+  if (!isRemote(location) && !fs.existsSync(location.path)) return false
   let file: OpenedFile
   try {
     file = await openFile(location, remote)
-  } catch (error) {
-    return (error as {code?: string}).code === 'REMOTE_NOT_FOUND' ? undefined : ''
+  } catch {
+    return false
   }
   await closeFile(file)
-  return file.reader.identity
+  return file.reader.identity === id || file.reader.layout === id
 }
 
 function single(file: OpenedFile): SnapshotSpec {

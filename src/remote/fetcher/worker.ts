@@ -183,6 +183,16 @@ function pollClaims(): void {
     }
     const claim = cache.claim(range)
     if (claim === 'held' && now < until) continue
+    // The holder may have published and let go between the look above and the claim.
+    if (typeof claim === 'number' && cache.has(range)) {
+      cache.unclaim(range, claim)
+      awaitingClaim.delete(extent)
+      landing.delete(extent)
+      counters.add('claimWaits')
+      counters.add('diskHits')
+      land(extent, EXTENT_PRESENT)
+      continue
+    }
     awaitingClaim.delete(extent)
     if (typeof claim === 'number') claims.set(extent, claim)
     pretaken.add(extent)
