@@ -6,7 +6,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
-import {memoryAvailable, prereadFiles} from '../src/resume/main/preread.js'
+import {cgroupMemory, memoryAvailable, prereadFiles} from '../src/resume/main/preread.js'
 import {uffd} from './helpers/cli.js'
 import {makeImage, tempDir} from './helpers/images.js'
 
@@ -50,7 +50,8 @@ describe('reading the snapshot ahead into the page cache', () => {
     // No client comes: the handler gives up after a second, long after reading ahead.
     const on = uffd(['resume', snapshot, '--socket', path.join(dir, 'on.sock'), '--timeout', '1'])
     expect(on.stderr).toMatch(/read [\d.]+ [KM]iB of the snapshot into the page cache ahead of faults/)
-    expect(resident(snapshot)).toBe(Math.ceil(size / 4096) * 4096)
+    // (The kernel may drop some again under memory pressure: nearly all is enough.)
+    expect(resident(snapshot)).toBeGreaterThan(size * 0.9)
 
     evict(snapshot)
     const off = uffd(['resume', snapshot, '--socket', path.join(dir, 'off.sock'), '--timeout', '1', '--preread', 'off'])
@@ -59,7 +60,8 @@ describe('reading the snapshot ahead into the page cache', () => {
   })
 
   it('a snapshot larger than a quarter of the memory available is not read ahead', async () => {
-    const files = [`/proc/self/fd/${fs.openSync(snapshot, 'r')}`]
+    const fd = fs.openSync(snapshot, 'r')
+    const files = [`/proc/self/fd/${fd}`]
     const size = fs.statSync(snapshot).size
     const refused = await prereadFiles(files, new AbortController().signal, size * 3)
     expect(refused).toMatchObject({bytes: 0, skipped: expect.stringMatching(/larger than a quarter of the memory available/)})
@@ -69,12 +71,27 @@ describe('reading the snapshot ahead into the page cache', () => {
     const stopped = new AbortController()
     stopped.abort()
     expect(await prereadFiles(files, stopped.signal, size * 4)).toMatchObject({bytes: 0, skipped: 'stopped'})
+    fs.closeSync(fd)
   })
 
   it('reads MemAvailable from /proc/meminfo', () => {
-    expect(memoryAvailable('MemTotal:       24000000 kB\nMemAvailable:   18225376 kB\n')).toBe(18225376 * 1024)
-    expect(memoryAvailable('MemTotal: 1 kB\n')).toBeUndefined()
-    expect(memoryAvailable('')).toBeUndefined()
+    const meminfo = 'MemTotal:       24000000 kB\nMemAvailable:   18225376 kB\n'
+    expect(memoryAvailable(meminfo, undefined)).toBe(18225376 * 1024)
+    expect(memoryAvailable('MemTotal: 1 kB\n', undefined)).toBeUndefined()
+    expect(memoryAvailable('', undefined)).toBeUndefined()
     expect(memoryAvailable()).toBeGreaterThan(0)
+    // Within a cgroup's limit: what is left of it, when that is less than the host has.
+    expect(memoryAvailable(meminfo, {max: 1 << 30, current: 256 << 20})).toBe(768 << 20)
+    expect(memoryAvailable(meminfo, {max: 2 ** 30, current: 2 ** 31})).toBe(0)
+    expect(memoryAvailable(meminfo, {max: 2 ** 36, current: 0})).toBe(18225376 * 1024)
+  })
+
+  it("reads a cgroup v2's memory limit and use", () => {
+    const files: Record<string, string> = {'/sys/fs/cgroup/vm/a/memory.max': '1073741824\n', '/sys/fs/cgroup/vm/a/memory.current': '4096\n', '/sys/fs/cgroup/memory.max': 'max\n', '/sys/fs/cgroup/memory.current': '1\n'}
+    const read = (f: string): string | undefined => files[f]
+    expect(cgroupMemory('0::/vm/a\n', read)).toEqual({max: 1 << 30, current: 4096})
+    expect(cgroupMemory('0::/\n', read)).toBeUndefined()
+    expect(cgroupMemory('12:memory:/x\n', read)).toBeUndefined()
+    expect(cgroupMemory(undefined, read)).toBeUndefined()
   })
 })

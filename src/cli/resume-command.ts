@@ -94,7 +94,8 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
   let listener: Listener | undefined
   // Beside serving, on libuv threads: the fault loop reads chunks from the page cache then.
   const prereading = new AbortController()
-  const preread = flags.preread === 'auto' && !snapshot.remote ? startPreread(snapshot.localFiles(), prereading.signal, log) : undefined
+  // (A chain's local files are read ahead also when others of it are remote.)
+  const preread = flags.preread === 'auto' && snapshot.localFiles().length > 0 ? startPreread(snapshot.localFiles(), prereading.signal, log) : undefined
   try {
     if (flags['criu-dir']) {
       const {runCriuResume} = await import('../resume/main/criu-session.js')

@@ -19,8 +19,10 @@ export interface Preread {
  * snapshot is several times smaller than the memory it holds, so reading it whole in large
  * sequential requests costs less than a few hundred random ones. Only when every file fits in a
  * quarter of the memory available (a larger one would push out what the host needs, and be
- * pushed out itself before it is used). `paths` are the files the handler has open
- * (/proc/self/fd/N): the same files whatever was renamed over their names since.
+ * pushed out itself before it is used): the host's, or less within a cgroup's memory limit,
+ * whose page cache counts against it. `paths` are the files the handler has open
+ * (/proc/self/fd/N): the same files whatever was renamed over their names since. (A block
+ * device's size is not its fstat size, 0: it is left out.)
  */
 export async function prereadFiles(paths: readonly string[], signal: AbortSignal, availableBytes = memoryAvailable()): Promise<Preread> {
   const started = performance.now()
@@ -46,15 +48,32 @@ export async function prereadFiles(paths: readonly string[], signal: AbortSignal
   }
 }
 
-/** MemAvailable from /proc/meminfo, in bytes (undefined where there is none). */
-export function memoryAvailable(meminfo = readMeminfo()): number | undefined {
+/**
+ * Bytes of memory available to this process: MemAvailable from /proc/meminfo, or less when its
+ * cgroup (v2) has a memory.max, less what the cgroup uses already. Undefined where /proc/meminfo
+ * says nothing.
+ */
+export function memoryAvailable(meminfo = readText('/proc/meminfo'), cgroup = cgroupMemory()): number | undefined {
   const m = /^MemAvailable:\s+(\d+) kB$/m.exec(meminfo ?? '')
-  return m ? Number(m[1]) * 1024 : undefined
+  if (!m) return undefined
+  const host = Number(m[1]) * 1024
+  return cgroup ? Math.max(0, Math.min(host, cgroup.max - cgroup.current)) : host
 }
 
-function readMeminfo(): string | undefined {
+/** This process's cgroup v2 memory limit and use, or undefined when it has none (or no cgroup v2). */
+export function cgroupMemory(self = readText('/proc/self/cgroup'), read = readText): {max: number; current: number} | undefined {
+  const m = /^0::(\/.*)$/m.exec(self ?? '')
+  if (!m) return undefined
+  const dir = `/sys/fs/cgroup${m[1] === '/' ? '' : m[1]}`
+  const max = read(`${dir}/memory.max`)?.trim()
+  const current = read(`${dir}/memory.current`)?.trim()
+  if (!max || max === 'max' || !current || !/^\d+$/.test(max) || !/^\d+$/.test(current)) return undefined
+  return {max: Number(max), current: Number(current)}
+}
+
+function readText(file: string): string | undefined {
   try {
-    return fs.readFileSync('/proc/meminfo', 'utf8')
+    return fs.readFileSync(file, 'utf8')
   } catch {
     return undefined
   }
