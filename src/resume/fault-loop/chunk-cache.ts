@@ -34,13 +34,20 @@ export class ChunkCache {
     const entry = this.reader.entry(chunk)
     const buffer = this.take(entry.payloadLength)
     const before = this.reader.unitsDecoded
-    const payload = this.reader.readPayloadIfLocal(chunk, buffer)
-    this.stats.add('unitsDecoded', this.reader.unitsDecoded - before)
+    let payload: Buffer | undefined
+    try {
+      payload = this.reader.readPayloadIfLocal(chunk, buffer)
+    } catch (error) {
+      this.stats.add('cacheMisses')
+      throw error
+    } finally {
+      this.stats.add('unitsDecoded', this.reader.unitsDecoded - before)
+    }
     if (!payload) {
       this.giveBack(buffer)
       return undefined
     }
-    // (Counted once it is read: a fault waiting for remote bytes asks again each time some land.)
+    // (Counted once read or failed: a fault waiting for remote bytes asks again each time some land.)
     this.stats.add('cacheMisses')
     this.stats.add('chunksDecoded')
     this.stats.add('bytesDecompressed', payload.length)

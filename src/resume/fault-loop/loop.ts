@@ -48,7 +48,7 @@ export interface LoopChannel {
 
 /** Everything the loop serves with, built from its settings by FaultLoop.start (or by a test). */
 export interface LoopParts {
-  config: Pick<WorkerConfig, 'workingSetUnits' | 'keepWorkingSet' | 'countHits' | 'spinMicros' | 'kernelZeros' | 'populateAll'>
+  config: Pick<WorkerConfig, 'workingSetUnits' | 'keepWorkingSet' | 'countHits' | 'spinMicros' | 'kernelZeros'>
   reader: ImageReader
   stats: RunStats
   clock: RunClock
@@ -127,17 +127,14 @@ export class FaultLoop {
   run(): void {
     const {pool, source, stats, prefetcher} = this.parts
     this.rebuildPollSet()
-    // A local snapshot's working set is decoded before the socket listens (after a handshake,
-    // installing it then costs only the copies), which needs the decoders up; so does installing
-    // a working set or populating memory from the first moment (they decode ahead, on the
-    // decoders). With none of that to do, the socket listens already and a client may be waiting:
-    // faults are served at once, decoded here until the decoders have loaded (a fault takes back
-    // a request no decoder has started on). From object storage the set is fetched while the
-    // client connects: nothing waits for the network.
-    const {config} = this.parts
+    // Ready means ready to serve at full speed: decoders that are still loading would hold up the
+    // work that needs them (and a thread torn down while it loads its native modules can abort the
+    // process, so none may still be loading when a short run ends). If they never start, faults
+    // are decoded here. A local snapshot's working set is also decoded before the socket listens
+    // (after a handshake, installing it then costs only the copies); from object storage the set
+    // is fetched while the client connects: nothing waits for the network.
     const stagesFirst = this.parts.stagedSlots > 0 && !this.parts.reader.remote
-    const prefetchesAtOnce = config.workingSetUnits.length > 0 || config.populateAll
-    const started = stagesFirst || prefetchesAtOnce ? (pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false) : false
+    const started = pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false
     const staged = started && stagesFirst ? source.waitUntilStaged(STARTUP_WAIT_MS) : {units: 0, bytes: 0}
     if (staged.units > 0) {
       stats.set('stagedUnits', staged.units)
