@@ -21,7 +21,7 @@
 import fs from 'node:fs'
 import path from 'node:path'
 
-import {arg, dropCaches, median, NATIVE, run, shuffled, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
+import {arg, dropCaches, median, NATIVE, run, shuffled, start, table, tempDir, UFFD, waitForFile, writeResults, pinned, type Placement, placementsOf} from './lib.js'
 
 const image = arg('image', '/work/data/guest-1g.raw')
 const runs = Number(arg('runs', '5'))
@@ -30,21 +30,7 @@ const work = tempDir('uffd-bench-first-touch-')
 const snapshot = path.join(work, 'image.uffd')
 const pageCount = Math.ceil(fs.statSync(image).size / 4096)
 
-interface Placement {
-  name: string
-  client: string | null
-  handler: string | null
-}
-const PLACEMENTS: Record<string, Placement> = {
-  split: {name: 'split: client CPU 1, handler CPU 0', client: '1', handler: '0'},
-  shared: {name: 'shared: client and handler CPU 0', client: '0', handler: '0'},
-  client: {name: 'client CPU 1, handler unpinned', client: '1', handler: null},
-  free: {name: 'unpinned', client: null, handler: null},
-}
-const placements = arg('placements', 'split,shared,client,free').split(',').map((p) => {
-  if (!PLACEMENTS[p]) throw new Error(`unknown placement ${p}: one of ${Object.keys(PLACEMENTS).join(', ')}`)
-  return PLACEMENTS[p]
-})
+const placements = placementsOf(arg('placements', 'split,shared,client,free'))
 
 /** A pattern's pages in touch order, written as a trace of byte offsets for fc_client. */
 function trace(id: string, pages: number[]): string {
@@ -92,10 +78,6 @@ const HANDLERS: {id: Handler; name: string}[] = [
   {id: 'uffd', name: `uffd resume${uffdArgs.length ? ` ${uffdArgs.join(' ')}` : ' (defaults)'}`},
 ]
 
-/** Runs a command confined to a CPU list with taskset (inherited by its threads), or as is. */
-function pinned(cpus: string | null, command: string, args: string[]): [string, string[]] {
-  return cpus === null ? [command, args] : ['taskset', ['-c', cpus, command, ...args]]
-}
 
 /** Start (the handler's exec, or the client's for the File backend) until the client's touch phase ended. */
 interface Measured {

@@ -138,3 +138,34 @@ export function runBenchmark(cwd: string, script: string, args: string[], stdout
     }),
   )
 }
+
+/** Where a benchmark's client and handler run (CPU lists for taskset; null: unpinned). */
+export interface Placement {
+  name: string
+  client: string | null
+  handler: string | null
+}
+
+/**
+ * CPU placements: a fault round trip costs ~10 us when handler and client share a CPU and about
+ * twice that across CPUs, so resume benchmarks measure each.
+ */
+export const PLACEMENTS: Record<string, Placement> = {
+  split: {name: 'split: client CPU 1, handler CPU 0', client: '1', handler: '0'},
+  shared: {name: 'shared: client and handler CPU 0', client: '0', handler: '0'},
+  client: {name: 'client CPU 1, handler unpinned', client: '1', handler: null},
+  free: {name: 'unpinned', client: null, handler: null},
+}
+
+/** The placements a comma-separated --placements list names. */
+export function placementsOf(list: string): Placement[] {
+  return list.split(',').map((p) => {
+    if (!PLACEMENTS[p]) throw new Error(`unknown placement ${p}: one of ${Object.keys(PLACEMENTS).join(', ')}`)
+    return PLACEMENTS[p]
+  })
+}
+
+/** Runs a command confined to a CPU list with taskset (inherited by its threads), or as is. */
+export function pinned(cpus: string | null, command: string, args: string[]): [string, string[]] {
+  return cpus === null ? [command, args] : ['taskset', ['-c', cpus, command, ...args]]
+}

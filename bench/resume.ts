@@ -17,7 +17,7 @@
 import fs from 'node:fs'
 import path from 'node:path'
 
-import {arg, dropCaches, flag, median, NATIVE, run, start, table, tempDir, UFFD, waitForFile, writeResults} from './lib.js'
+import {arg, dropCaches, flag, median, NATIVE, run, start, table, tempDir, UFFD, waitForFile, writeResults, pinned, type Placement, placementsOf} from './lib.js'
 
 interface Scenario {
   name: string
@@ -35,26 +35,8 @@ const runs = Number(arg('runs', '5'))
 const sparse = Number(arg('sparse', '0.05'))
 const cold = flag('cold')
 
-interface Placement {
-  name: string
-  client: string | null
-  handler: string | null
-}
-const PLACEMENTS: Record<string, Placement> = {
-  split: {name: 'split: client CPU 1, handler CPU 0', client: '1', handler: '0'},
-  shared: {name: 'shared: client and handler CPU 0', client: '0', handler: '0'},
-  client: {name: 'client CPU 1, handler unpinned', client: '1', handler: null},
-  free: {name: 'unpinned', client: null, handler: null},
-}
-const placements = arg('placements', 'split,shared,client,free').split(',').map((p) => {
-  if (!PLACEMENTS[p]) throw new Error(`unknown placement ${p}: one of ${Object.keys(PLACEMENTS).join(', ')}`)
-  return PLACEMENTS[p]
-})
+const placements = placementsOf(arg('placements', 'split,shared,client,free'))
 
-/** Runs a command confined to a CPU list with taskset (inherited by its threads), or as is. */
-function pinned(cpus: string | null, command: string, args: string[]): [string, string[]] {
-  return cpus === null ? [command, args] : ['taskset', ['-c', cpus, command, ...args]]
-}
 const work = tempDir('uffd-bench-resume-')
 const snapshot = path.join(work, 'image.uffd')
 const pageCount = Math.ceil(fs.statSync(image).size / 4096)

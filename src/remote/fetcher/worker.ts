@@ -174,11 +174,7 @@ function pollClaims(): void {
     awaiting.next = now + awaiting.interval
     const range = rangeOf(extent)
     if (cache.has(range)) {
-      awaitingClaim.delete(extent)
-      landing.delete(extent)
-      counters.add('claimWaits')
-      counters.add('diskHits')
-      land(extent, EXTENT_PRESENT)
+      landAfterClaimWait(extent)
       continue
     }
     const claim = cache.claim(range)
@@ -186,11 +182,7 @@ function pollClaims(): void {
     // The holder may have published and let go between the look above and the claim.
     if (typeof claim === 'number' && cache.has(range)) {
       cache.unclaim(range, claim)
-      awaitingClaim.delete(extent)
-      landing.delete(extent)
-      counters.add('claimWaits')
-      counters.add('diskHits')
-      land(extent, EXTENT_PRESENT)
+      landAfterClaimWait(extent)
       continue
     }
     awaitingClaim.delete(extent)
@@ -202,6 +194,15 @@ function pollClaims(): void {
     clearInterval(claimPoll)
     claimPoll = undefined
   }
+}
+
+/** Another handler's fetch of `extent`, waited for, is on disk: it is present here too. */
+function landAfterClaimWait(extent: number): void {
+  awaitingClaim.delete(extent)
+  landing.delete(extent)
+  counters.add('claimWaits')
+  counters.add('diskHits')
+  land(extent, EXTENT_PRESENT)
 }
 
 function fail(extent: number, error: Error & {code?: string}): void {
