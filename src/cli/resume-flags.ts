@@ -4,6 +4,7 @@
 import {MAX_LEARN_RUNS} from '../format/constants.js'
 import {type FlagSpec, type FlagValues} from './flag-specs.js'
 import {remoteFlagSpecs} from './remote-flags.js'
+import {readSealFlagSpecs} from './seal-flags.js'
 
 export const RESUME_SNAPSHOT_ARG = 'Snapshot to serve: a path, an http(s):// URL or s3://BUCKET/KEY (chunks are fetched as they fault or are prefetched, into the --cache-dir).'
 
@@ -44,6 +45,7 @@ export const resumeFlagSpecs = {
   'spin-us': {kind: 'integer', summary: 'Microseconds to keep polling after a fault before sleeping (saves a cross-CPU wake-up per fault; costs CPU).', default: 0, min: 0, max: 1_000_000},
   'stats-file': {kind: 'string', summary: 'Write run statistics as JSON here at exit (render with `uffd stats FILE`).'},
   ...remoteFlagSpecs,
+  ...readSealFlagSpecs,
   'count-hits': {kind: 'boolean', summary: "Count prefetch hits and waste: clears the accessed bits of pages installed ahead of need (process_madvise MADV_COLD, which also moves them to the inactive LRU list; the fault-loop thread stays on one CPU meanwhile) and reads the client's /proc/PID/smaps twice a second. Needs CAP_SYS_NICE.", default: false, exclusive: ['criu-dir']},
 } as const satisfies Record<string, FlagSpec>
 

@@ -9,6 +9,7 @@ import {type VerifyResult, verifySnapshot} from '../snapshot/inspect.js'
 import {LayeredReader} from '../snapshot/layered-reader.js'
 import {openSnapshot} from '../snapshot/open.js'
 import {layersFlag} from '../cli/layers-flag.js'
+import {readKeysFromFlags, readSealFlagSpecs} from '../cli/seal-flags.js'
 
 export default class Verify extends BaseCommand {
   static override summary = 'Check a snapshot: header, index, zero map and every chunk checksum; optionally compare with the raw image.'
@@ -22,11 +23,12 @@ export default class Verify extends BaseCommand {
     against: Flags.string({summary: 'Raw image the snapshot must decode to, byte for byte.'}),
     layers: layersFlag,
     ...oclifFlags(remoteFlagSpecs),
+    ...oclifFlags(readSealFlagSpecs),
   }
 
   async run(): Promise<VerifyResult> {
     const {args, flags} = await this.parse(Verify)
-    const snapshot = await openSnapshot(args.file, remoteOptions(flags), flags.layers)
+    const snapshot = await openSnapshot(args.file, remoteOptions(flags), flags.layers, readKeysFromFlags(flags))
     const {reader} = snapshot
     const bar = progressBar(!this.jsonEnabled(), 'verify')
     let result: VerifyResult

@@ -9,6 +9,7 @@ import {type GuestRegion, HandshakeError, parseHandshake, SnapshotMismatchError,
 import {PendingHandshake} from './pending-handshake.js'
 import {prefetchPlan} from './prefetch-plan.js'
 import {type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
+import {type ReadKeys} from '../../snapshot/sealing.js'
 import {type WorkingSetFile} from '../../format/working-set.js'
 
 export interface ResumeOptions extends SessionOptions {
@@ -23,7 +24,8 @@ export interface ResumeOptions extends SessionOptions {
   /** Count prefetch hits (clears prefetched pages' accessed bits, samples /proc/PID/smaps). */
   countHits?: boolean
   /** --learn: fold this run into the snapshot file at `path` at exit (remembering `keep` runs); `signal` stops the rewrite. */
-  learn?: {path: string; keep?: number; signal: AbortSignal}
+  /** `keys`: the snapshot's, when it is sealed: the rewrite is sealed with them again. */
+  learn?: {path: string; keep?: number; signal: AbortSignal; keys: ReadKeys}
 }
 
 /**
@@ -90,7 +92,7 @@ async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOpt
     outcome =
       prefetched instanceof Error
         ? {folded: false, reason: prefetched.message, ms: 0}
-        : await foldIntoSnapshot(path, singleReader(options), touchedInRun(recording, prefetched), {keep: learnOptions.keep, signal: learnOptions.signal})
+        : await foldIntoSnapshot(path, singleReader(options), touchedInRun(recording, prefetched), {keep: learnOptions.keep, signal: learnOptions.signal, keys: learnOptions.keys})
   }
   options.log(outcome.folded ? `learned: ${path} now remembers ${outcome.runs} run(s); ${outcome.pages} pages attached (${outcome.ms} ms)` : `not learned: ${outcome.reason}`)
   return outcome
