@@ -3,7 +3,7 @@
 // files: round trips, stats without the key, and an attacker's changes at every kind of place
 // (header, index, zero map, units, tags, the seal record, signatures, units replayed from another
 // snapshot under the same key), CRC-consistent where a checksum would otherwise give them away.
-import {spawnSync} from 'node:child_process'
+import {spawn, spawnSync} from 'node:child_process'
 import crypto from 'node:crypto'
 import fs from 'node:fs'
 import path from 'node:path'
@@ -16,6 +16,7 @@ import {fileKeys, keyId, manifestDigest, ManifestPart, openUnit, parseKey, SEAL_
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
 import {forgeCrc} from './helpers/crc-forge.js'
+import {DirRangeServer} from './helpers/dir-range-server.js'
 import {makeImage, tempDir} from './helpers/images.js'
 
 const PAGE = 4096
@@ -102,6 +103,8 @@ let dir: string
 const at = (name: string): string => path.join(dir, name)
 let image: string
 let data: Buffer
+/** `uffd snapshot --json` of each file made in beforeAll. */
+const written: Record<string, {dedupChunks: number}> = {}
 
 function ok(args: string[]): any {
   const r = uffd([...args, '--json'])
@@ -222,7 +225,7 @@ beforeAll(() => {
     ['both', ['--encrypt', '--key-file', at('key'), '--sign-key', at('sign.pem')]],
     ['enc2', ['--encrypt', '--key-file', at('key')]],
   ] as const) {
-    ok(['snapshot', '--mem-file', image, '-o', at(`${name}.uffd`), '--chunk-size', '64K', ...extra])
+    written[name] = ok(['snapshot', '--mem-file', image, '-o', at(`${name}.uffd`), '--chunk-size', '64K', ...extra])
   }
 })
 
@@ -244,6 +247,9 @@ describe('sealed snapshots through the CLI', () => {
     const needle = readAt(at('plain.uffd'), entryOf(at('plain.uffd'), storedChunks(at('plain.uffd'))[0]).dataOffset, 64)
     expect(plain.includes(needle)).toBe(true)
     expect(enc.includes(needle)).toBe(false)
+    // Identical chunks are still stored once (compared before sealing).
+    expect(written.plain.dedupChunks).toBeGreaterThan(0)
+    for (const name of ['enc', 'signed', 'both']) expect(written[name].dedupChunks, name).toBe(written.plain.dedupChunks)
     // Two encryptions of one image share no unit (a salt per file).
     const e1 = entryOf(at('enc.uffd'), storedChunks(at('enc.uffd'))[0])
     const e2 = entryOf(at('enc2.uffd'), storedChunks(at('enc.uffd'))[0])
@@ -445,14 +451,24 @@ describe('sealed snapshots through the CLI', () => {
 })
 
 describe.skipIf(clientSkip !== undefined)('resuming a sealed snapshot with a real client', () => {
-  async function resume(snapshot: string, extra: string[], clientArgs: string[]): Promise<{client: ReturnType<typeof spawnSync>; handler: Awaited<ReturnType<typeof uffdAsync>>}> {
+  /** fc_client, without blocking this process (which may be serving it over HTTP). */
+  function client(socket: string, args: string[]): Promise<{status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string}> {
+    const child = spawn(FC_CLIENT, ['--socket', socket, '--image', image, ...args, '--timeout-ms', '30000'], {stdio: ['ignore', 'pipe', 'pipe']})
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (d) => (stdout += d))
+    child.stderr.on('data', (d) => (stderr += d))
+    return new Promise((resolve) => child.on('close', (status, signal) => resolve({status, signal, stdout, stderr})))
+  }
+
+  async function resume(snapshot: string, extra: string[], clientArgs: string[]) {
     const socket = at(`${path.basename(snapshot)}.${Math.random().toString(36).slice(2)}.sock`)
     const ready = `${socket}.ready`
     const handler = uffdAsync(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30', '--json', ...extra], {timeoutMs: 60_000})
     for (let i = 0; i < 800 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
     expect(fs.existsSync(ready), 'the handler never became ready').toBe(true)
-    const client = spawnSync(FC_CLIENT, ['--socket', socket, '--image', image, ...clientArgs, '--timeout-ms', '30000'], {encoding: 'utf8', timeout: 60_000})
-    return {client, handler: await handler}
+    const done = await client(socket, clientArgs)
+    return {client: done, handler: await handler}
   }
 
   it('serves every byte of an encrypted, signed snapshot, decrypting in the fault loop and the decoders', async () => {
@@ -460,6 +476,55 @@ describe.skipIf(clientSkip !== undefined)('resuming a sealed snapshot with a rea
     expect(client.status, `${client.stdout}${client.stderr}\n${handler.stderr}`).toBe(0)
     expect(JSON.parse(String(client.stdout)).verify_errors).toBe(0)
     expect(handler.status, handler.stderr).toBe(0)
+  })
+
+  it('from an HTTP server with a fresh cache directory: every byte served, the cache holds only sealed bytes', async () => {
+    const server = await DirRangeServer.start(dir)
+    try {
+      const cache = at('cache-http')
+      const {client, handler} = await resume(server.url('enc.uffd'), ['--key-file', at('key'), '--cache-dir', cache], ['--touch', 'random', '--verify-all'])
+      expect(client.status, `${client.stdout}${client.stderr}\n${handler.stderr}`).toBe(0)
+      expect(handler.status, handler.stderr).toBe(0)
+      // The cache holds what was fetched: sealed bytes, not memory in the clear.
+      const needle = data.subarray(storedChunks(at('plain.uffd'))[0] * 64 * 1024, storedChunks(at('plain.uffd'))[0] * 64 * 1024 + 64)
+      const cached = fs.readdirSync(cache, {recursive: true, withFileTypes: true}).filter((e) => e.isFile())
+      expect(cached.length).toBeGreaterThan(0)
+      for (const e of cached) expect(fs.readFileSync(path.join(e.parentPath, e.name)).includes(needle), e.name).toBe(false)
+      // (Not spawnSync: this process serves the HTTP requests.)
+      const noKey = await uffdAsync(['verify', server.url('enc.uffd'), '--cache-dir', cache, '--json'], {timeoutMs: 60_000})
+      expect(JSON.parse(noKey.stdout).error.code).toBe('KEY_REQUIRED')
+    } finally {
+      await server.close()
+    }
+  })
+
+  it('--serve: two clients of one encrypted snapshot, each verified', async () => {
+    const socket = at('serve.sock')
+    const ready = `${socket}.ready`
+    const handler = uffdAsync(['resume', at('both.uffd'), '--serve', '--socket', socket, '--ready-file', ready, '--key-file', at('key'), '--verify-key', at('sign.pub'), '--json'], {timeoutMs: 60_000})
+    for (let i = 0; i < 800 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
+    const clients = await Promise.all(['random', 'sequential'].map((touch) => client(socket, ['--touch', touch, '--verify-all'])))
+    for (const c of clients) expect(c.status, `${c.stdout}${c.stderr}`).toBe(0)
+    const pid = Number(fs.readFileSync(ready, 'utf8').match(/"pid":\s*(\d+)/)?.[1] ?? 0)
+    if (pid) process.kill(pid, 'SIGTERM')
+    const done = await handler
+    expect(done.status, done.stderr).toBe(130)
+    expect(JSON.parse(done.stdout).stats.clients.served).toBe(2)
+  })
+
+  it('--learn on an encrypted snapshot rewrites it under its key, and the next resume prefetches what was learned', async () => {
+    const f = copy(at('enc.uffd'), 'learn.uffd')
+    const first = await resume(f, ['--key-file', at('key'), '--learn'], ['--touch', 'random', '--count', '200', '--verify'])
+    expect(first.client.status, `${first.client.stderr}\n${first.handler.stderr}`).toBe(0)
+    expect(first.handler.status, first.handler.stderr).toBe(0)
+    expect(JSON.parse(first.handler.stdout).learned.folded, first.handler.stdout).toBe(true)
+    const stats = ok(['stats', f, '--key-file', at('key')])
+    expect(stats.workingSet.learned.runs).toBe(1)
+    expect(stats.seal.encryption.opened).toBe(true)
+    expect(ok(['verify', f, '--against', image, '--key-file', at('key')]).ok).toBe(true)
+    const second = await resume(f, ['--key-file', at('key')], ['--touch', 'random', '--verify-all'])
+    expect(second.client.status, second.handler.stderr).toBe(0)
+    expect(JSON.parse(second.handler.stdout).stats.pages.prefetched).toBeGreaterThan(0)
   })
 
   it('without the key: refused before listening (KEY_REQUIRED), nothing served', async () => {

@@ -49,6 +49,8 @@ export interface EncodedChunk {
   digest?: Uint8Array
   /** Its unit digest (of the bytes as stored), when the job asked for them and the chunk has stored bytes. */
   unitDigest?: Uint8Array
+  /** A sealed chunk: the CRC-32 of its bytes before sealing (what nominates identical chunks). */
+  plainCrc?: number
 }
 
 export interface ChunkJobResult {

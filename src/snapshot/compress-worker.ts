@@ -100,7 +100,7 @@ function run(job: ChunkJob): ChunkJobResult {
       const storedCrc = kept === encoded.stored ? encoded.chunk.storedCrc : crc32(kept)
       const ownDigest = job.unitDigests && !empty ? unitDigest(kept) : undefined
       kept.copy(stored, storedAt)
-      chunks.push({...encoded.chunk, storedCrc, storedOffset: storedAt, storedLength: kept.length, ...(digest === undefined ? {} : {digest}), ...(ownDigest === undefined ? {} : {unitDigest: ownDigest})})
+      chunks.push({...encoded.chunk, storedCrc, storedOffset: storedAt, storedLength: kept.length, ...(digest === undefined ? {} : {digest}), ...(ownDigest === undefined ? {} : {unitDigest: ownDigest}), ...(kept === encoded.stored ? {} : {plainCrc: encoded.chunk.storedCrc})})
       storedAt += kept.length
     } else {
       // Nothing was read for this chunk (a hole): all of it is zero pages.

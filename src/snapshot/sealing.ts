@@ -14,6 +14,7 @@ import {
   type ManifestPart,
   newGeneration,
   newSalt,
+  openUnit,
   SEAL_CIPHER,
   SEAL_VERSION,
   type SealInfo,
@@ -22,6 +23,7 @@ import {
   sealUnit,
   signerId,
   signManifest,
+  TAG_BYTES,
   type UnitKind,
   type UnitPlace,
 } from '../format/seal.js'
@@ -152,6 +154,13 @@ export class FileSealer {
   seal(place: UnitPlace, stored: Buffer): Buffer {
     if (!this.keys || stored.length === 0) return stored
     return sealUnit(this.keys.unit, this.generation(GENERATION_NAMES[place.kind]), place, stored)
+  }
+
+  /** A unit this file sealed, opened again (deduplication compares what was sealed). */
+  open(place: UnitPlace, sealed: Buffer): Buffer {
+    const plain = Buffer.alloc(sealed.length - TAG_BYTES)
+    if (!this.keys || !openUnit(this.keys.unit, this.generation(GENERATION_NAMES[place.kind]), place, sealed, plain)) throw new UffdError('INTERNAL', `a unit this writer sealed does not open (${JSON.stringify(place)})`)
+    return plain
   }
 
   /** The seal record for a file whose manifest parts are these (docs/FORMAT.md, Sealed snapshots). */

@@ -7,7 +7,7 @@ import {type ChunkEntry} from '../format/index-table.js'
 import {UNIT_DIGEST_BYTES, UnitKind} from '../format/seal.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {AtomicFile, appendTail} from './atomic-file.js'
-import {type ChunkJob, type ChunkJobResult, type ReadSegment} from './chunk-job.js'
+import {type ChunkJob, type ChunkJobResult, type EncodedChunk, type ReadSegment} from './chunk-job.js'
 import {type CompressionCodec} from './codecs.js'
 import {CompressionPool} from './compression-pool.js'
 import {type OutputSink} from './output-sink.js'
@@ -103,11 +103,9 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
   try {
     file.append(header)
     pool = new CompressionPool(Math.max(1, options.jobs), options.codec, options.level, sealer?.chunkSealing())
-    const sealed = sealer?.encrypted ?? false
-    const assembler = new Assembler(geometry, file, sealed, sealer?.signed ?? false)
-    // Without read-back (an upload), or when identical chunks seal to different bytes, deduplication
-    // compares SHA-256 digests the workers compute of the bytes before sealing.
-    const digests = !file.readBack || sealed
+    const assembler = new Assembler(geometry, file, sealer)
+    // Without read-back (an upload), deduplication compares SHA-256 digests the workers compute.
+    const digests = !file.readBack
     const chunksPerJob = Math.max(1, Math.floor(JOB_BYTES / options.chunkSize))
     let doneBytes = 0
     for (let first = 0, id = 0; first < geometry.chunkCount; first += chunksPerJob, id++) {
@@ -169,21 +167,23 @@ class Assembler {
   dedupBytes = 0
   /** Stored chunks by (crc, lengths, codec), to find identical payloads stored before. */
   private readonly seen = new Map<string, number[]>()
-  /** Each chunk's SHA-256 (32 bytes at entry index * 32), when the sink cannot read bytes back or the chunks are sealed. */
+  /** Each chunk's SHA-256 (32 bytes at entry index * 32), when the sink cannot read bytes back. */
   private readonly digests: Buffer | undefined
   /** A signed file's unit digest table: each chunk's (a deduplicated one's is its original's). */
   readonly unitDigests: Buffer | undefined
+  /** Stored bytes are encrypted for their chunk's place. */
+  private readonly sealed: boolean
 
-  /** `sealed`: stored bytes are encrypted for their chunk's place; `signed`: collect unit digests. */
+  /** `sealer`: how the workers sealed the chunks (encrypted for their places; signed: unit digests to collect). */
   constructor(
     private readonly geometry: Geometry,
     private readonly file: OutputSink,
-    private readonly sealed: boolean,
-    signed: boolean,
+    private readonly sealer: FileSealer | undefined,
   ) {
     this.zeroMap = new ZeroMap(geometry.pageCount)
-    this.digests = file.readBack && !sealed ? undefined : Buffer.alloc(geometry.chunkCount * DIGEST_BYTES)
-    this.unitDigests = signed ? Buffer.alloc(geometry.chunkCount * UNIT_DIGEST_BYTES) : undefined
+    this.sealed = sealer?.encrypted ?? false
+    this.digests = file.readBack ? undefined : Buffer.alloc(geometry.chunkCount * DIGEST_BYTES)
+    this.unitDigests = sealer?.signed ? Buffer.alloc(geometry.chunkCount * UNIT_DIGEST_BYTES) : undefined
   }
 
   /** Returns the image bytes the result covered. */
@@ -206,7 +206,7 @@ class Assembler {
       }
       const bytes = stored.subarray(chunk.storedOffset, chunk.storedOffset + chunk.storedLength)
       const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, storedCrc: chunk.storedCrc, codec: chunk.codec, flags: 0, ...(this.sealed ? {sealedAs: index} : {})}
-      const original = this.findIdentical(entry, bytes, chunk.digest)
+      const original = this.findIdentical(entry, bytes, chunk)
       if (original !== undefined) {
         // The original's stored bytes, sealed for its place (and so its CRC and digest too).
         const first = this.entries[original]
@@ -239,17 +239,20 @@ class Assembler {
    * digest are known, and finding one is out of reach, for a guest choosing its memory too), so
    * sharing on equal digests stores nothing other than what comparing the bytes would have.
    */
-  private findIdentical(entry: ChunkEntry, bytes: Buffer, digest: Uint8Array | undefined): number | undefined {
-    // Sealed bytes differ for identical chunks (each is sealed for its own place): only the
-    // digest of what was sealed can nominate candidates.
-    const key = this.sealed ? `${Buffer.from(digest!).toString('hex')}:${entry.payloadLength}:${entry.codec}` : `${entry.storedCrc}:${entry.payloadLength}:${entry.codec}:${entry.storedLength}`
+  private findIdentical(entry: ChunkEntry, bytes: Buffer, chunk: EncodedChunk): number | undefined {
+    // Sealed bytes differ for identical chunks (each is sealed for its own place): what was
+    // sealed nominates candidates, and is what is compared (the workers' digests are of it too).
+    const key = `${this.sealed ? chunk.plainCrc : entry.storedCrc}:${entry.payloadLength}:${entry.codec}:${entry.storedLength}`
     const candidates = this.seen.get(key)
     const {digests} = this
+    const digest = chunk.digest
     if (digests && digest?.length !== DIGEST_BYTES) throw new UffdError('INTERNAL', `${this.file.destination}: a stored chunk without its digest, for a sink that cannot read back`)
+    const opened = (e: ChunkEntry, sealed: Buffer): Buffer => this.sealer!.open({kind: UnitKind.Chunk, number: e.sealedAs!, codec: e.codec, payloadLength: e.payloadLength}, sealed)
     const same = (earlier: number): boolean => {
       if (digests) return digests.compare(digest!, 0, DIGEST_BYTES, earlier * DIGEST_BYTES, (earlier + 1) * DIGEST_BYTES) === 0
       const e = this.entries[earlier]
-      return this.file.readBack!(e.dataOffset, e.storedLength).equals(bytes)
+      const back = this.file.readBack!(e.dataOffset, e.storedLength)
+      return this.sealed ? opened(e, back).equals(opened(entry, bytes)) : back.equals(bytes)
     }
     if (candidates) {
       for (const index of candidates) if (same(index)) return index
