@@ -120,7 +120,7 @@ export function attachWorkingSet(
   options: PackOptions = {codec: 'zstd', level: 1},
   mode?: number,
 ): AttachResult {
-  const reader = SnapshotReader.open(inputPath)
+  const reader = SnapshotReader.open(inputPath, inputPath, {keys: options.seal?.key ? [options.seal.key] : [], verifyKeys: []})
   try {
     const out = new AtomicFile(outputPath, {mode})
     try {
