@@ -20,6 +20,7 @@ export const readSealFlagSpecs = {
 /** Flags of commands that write a new snapshot file. */
 export const writeSealFlagSpecs = {
   encrypt: {kind: 'boolean', summary: 'Encrypt every stored unit with AES-256-GCM, under keys derived from the --key-file key and a salt of its own; every reader then needs that key. The header (sizes, regions, metadata) stays readable.', default: false, helpGroup: 'SEALING'},
+  convergent: {kind: 'boolean', summary: "With --encrypt: derive each unit's key from its content (and the --key-file key), so identical chunks seal to identical bytes in every snapshot under that key and deduplicate across them (an object store, a cache); the price: whoever sees two such snapshots learns which of their chunks are equal.", default: false, helpGroup: 'SEALING'},
   'sign-key': {kind: 'string', summary: 'Sign the snapshot with this Ed25519 private key (PEM: `openssl genpkey -algorithm ed25519 -out KEY`); readers refuse it unsigned or changed with --verify-key [default: UFFD_SIGN_KEY].', helpGroup: 'SEALING'},
 } as const satisfies Record<string, FlagSpec>
 
@@ -30,6 +31,7 @@ export interface ReadSealFlags {
 
 export interface WriteSealFlags extends ReadSealFlags {
   encrypt: boolean
+  convergent: boolean
   'sign-key'?: string
 }
 
@@ -76,7 +78,8 @@ export function readKeysFromFlags(flags: ReadSealFlags, env: Env = process.env):
 export function sealingFromFlags(flags: WriteSealFlags, env: Env = process.env): SealingOptions {
   const key = keyFromFlags(flags, env)
   if (flags.encrypt && !key) throw new UffdError('USAGE', '--encrypt needs a key: --key-file FILE, or UFFD_KEY_FILE or UFFD_KEY in the environment (`head -c 32 /dev/urandom > FILE` makes one)')
+  if (flags.convergent && !flags.encrypt) throw new UffdError('USAGE', '--convergent needs --encrypt')
   const signFile = flags['sign-key'] ?? env.UFFD_SIGN_KEY
   const signingKey = signFile ? parseSigningKey(readKeyFile(signFile, flags['sign-key'] ? '--sign-key' : 'UFFD_SIGN_KEY'), signFile) : undefined
-  return {...(flags.encrypt ? {key} : {}), ...(signingKey ? {signingKey} : {})}
+  return {...(flags.encrypt ? {key, convergent: flags.convergent} : {}), ...(signingKey ? {signingKey} : {})}
 }

@@ -50,7 +50,8 @@ export default class Squash extends BaseCommand {
       // A chain with an encrypted file squashes to an encrypted file (under the same key): its
       // memory must not come out in the clear because it was squashed.
       const encrypted = reader.files.some((f) => f.seal?.encrypted)
-      const seal = sealingFromFlags({...flags, encrypt: flags.encrypt || encrypted})
+      const convergent = reader.files.some((f) => f.seal?.info.encryption?.convergent)
+      const seal = sealingFromFlags({...flags, encrypt: flags.encrypt || encrypted, convergent: flags.convergent || convergent})
       const prepared = await prepareOutput(location, {force: flags.force, mode, s3: {}})
       const meta = reader.header.metadata
       const codec = (flags.codec ?? (['zstd', 'lz4', 'raw'].includes(meta.codec as string) ? meta.codec : 'zstd')) as CompressionCodec

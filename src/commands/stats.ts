@@ -152,7 +152,7 @@ export default class Stats extends BaseCommand {
     if (s.seal) {
       const {encryption: e, signature: g} = s.seal
       const parts = [
-        ...(e ? [`encrypted (${e.cipher}, key ${e.keyId}${e.opened ? '' : '; not opened: no key given'})`] : []),
+        ...(e ? [`encrypted (${e.cipher}${e.convergent ? ', convergent' : ''}, key ${e.keyId}${e.opened ? '' : '; not opened: no key given'})`] : []),
         ...(g ? [`signed by ${g.signer} (${g.verified ? 'signature verified' : 'not checked: give --verify-key'})`] : []),
       ]
       row('sealed', `${parts.join(', ')}${s.seal.authenticated ? '' : '; what is shown is not authenticated'}`)

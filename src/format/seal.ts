@@ -31,13 +31,15 @@ export enum UnitKind {
   PackedBlock = 2,
   LayerBlock = 3,
   LearnedRuns = 4,
+  /** A convergent file's table of its units' content keys. */
+  KeyTable = 5,
 }
 
-export type GenerationName = 'chunks' | 'packed' | 'layer' | 'learned'
+export type GenerationName = 'chunks' | 'packed' | 'layer' | 'learned' | 'keys'
 export type Generations = Partial<Record<GenerationName, Buffer>>
 
 function isGenerationName(name: string): name is GenerationName {
-  return name === 'chunks' || name === 'packed' || name === 'layer' || name === 'learned'
+  return name === 'chunks' || name === 'packed' || name === 'layer' || name === 'learned' || name === 'keys'
 }
 
 /** The generation names in metadata.seal.generations, per kind. */
@@ -46,6 +48,7 @@ export const GENERATION_NAMES: Record<UnitKind, GenerationName> = {
   [UnitKind.PackedBlock]: 'packed',
   [UnitKind.LayerBlock]: 'layer',
   [UnitKind.LearnedRuns]: 'learned',
+  [UnitKind.KeyTable]: 'keys',
 }
 
 const LABEL_KEY_ID = Buffer.from('uffd seal v1 key id', 'ascii')
@@ -53,6 +56,11 @@ const LABEL_FILE_KEYS = Buffer.from('uffd seal v1 file keys', 'ascii')
 const LABEL_UNIT = Buffer.from('uffd seal v1 unit', 'ascii')
 const LABEL_MANIFEST = Buffer.from('uffd seal v1 manifest', 'ascii')
 const LABEL_SIGNATURE = Buffer.from('uffd seal v1 signature', 'ascii')
+const LABEL_CONVERGENT_KEY = Buffer.from('uffd seal v1 convergent key', 'ascii')
+const LABEL_CONTENT = Buffer.from('uffd seal v1 content', 'ascii')
+const LABEL_CONVERGENT_UNIT = Buffer.from('uffd seal v1 convergent unit', 'ascii')
+/** Bytes of a content key in a convergent file's key table. */
+export const CONTENT_KEY_BYTES = 32
 
 /** A user's snapshot key and its public name (which key, never the key). */
 export interface SealKey {
@@ -100,6 +108,11 @@ export interface UnitPlace {
   number: number
   codec: number
   payloadLength: number
+  /**
+   * Its number among all the file's units (chunks, then blocks): the row of a convergent file's
+   * key table. Undefined for learned runs and the key table (sealed with the file's key).
+   */
+  unit?: number
 }
 
 /**
@@ -158,6 +171,58 @@ export function openUnit(unitKey: Buffer, generation: Buffer, place: UnitPlace, 
   return true
 }
 
+/**
+ * Convergent sealing: a unit's key is derived from its content, so identical units seal to
+ * identical bytes in every file under one user key (they deduplicate across snapshots), at the
+ * price of telling anyone who sees two files which of their units are equal.
+ */
+export function convergentKey(key: Buffer): Buffer {
+  return Buffer.from(crypto.hkdfSync('sha256', key, Buffer.alloc(0), LABEL_CONVERGENT_KEY, KEY_BYTES))
+}
+
+/** HMAC-SHA256(convergent key, label, codec (u8), payload length (u32 LE), the unit's codec bytes). */
+export function contentKey(convergent: Buffer, codec: number, payloadLength: number, plain: Buffer): Buffer {
+  const head = Buffer.alloc(5)
+  head.writeUInt8(codec, 0)
+  head.writeUInt32LE(payloadLength, 1)
+  return crypto.createHmac('sha256', convergent).update(LABEL_CONTENT).update(head).update(plain).digest()
+}
+
+function convergentAad(codec: number, payloadLength: number): Buffer {
+  const aad = Buffer.alloc(LABEL_CONVERGENT_UNIT.length + 5)
+  LABEL_CONVERGENT_UNIT.copy(aad, 0)
+  aad.writeUInt8(codec, LABEL_CONVERGENT_UNIT.length)
+  aad.writeUInt32LE(payloadLength, LABEL_CONVERGENT_UNIT.length + 1)
+  return aad
+}
+
+/** A unit sealed under its content key: the nonce is zeros (each key seals one plaintext only). */
+export function sealConvergent(key: Buffer, codec: number, payloadLength: number, plain: Buffer): Buffer {
+  const cipher = crypto.createCipheriv(SEAL_CIPHER, key, Buffer.alloc(NONCE_BYTES))
+  cipher.setAAD(convergentAad(codec, payloadLength))
+  const out = Buffer.allocUnsafe(plain.length + TAG_BYTES)
+  const n = cipher.update(plain).copy(out, 0)
+  cipher.final().copy(out, n)
+  cipher.getAuthTag().copy(out, plain.length)
+  return out
+}
+
+/** Decrypts a convergently sealed unit into `dst`; false when it does not authenticate under `key`. */
+export function openConvergent(key: Buffer, codec: number, payloadLength: number, sealed: Buffer, dst: Buffer): boolean {
+  if (sealed.length < TAG_BYTES || dst.length !== sealed.length - TAG_BYTES) return false
+  const decipher = crypto.createDecipheriv(SEAL_CIPHER, key, Buffer.alloc(NONCE_BYTES))
+  decipher.setAAD(convergentAad(codec, payloadLength))
+  decipher.setAuthTag(sealed.subarray(sealed.length - TAG_BYTES))
+  const n = decipher.update(sealed.subarray(0, sealed.length - TAG_BYTES)).copy(dst, 0)
+  try {
+    decipher.final()
+  } catch {
+    dst.fill(0, 0, n)
+    return false
+  }
+  return true
+}
+
 /** The parts of a file the manifest covers, each once, in this order when present. */
 export enum ManifestPart {
   Header = 1,
@@ -169,6 +234,7 @@ export enum ManifestPart {
   LayerRunTable = 7,
   LearnedRuns = 8,
   UnitDigests = 9,
+  KeyTable = 10,
 }
 
 /**
@@ -297,6 +363,8 @@ export interface SealInfo {
     salt: Buffer
     /** Per unit kind that the file holds, its generation. */
     generations: Generations
+    /** Units sealed under keys derived from their content, listed in a sealed key table. */
+    convergent: boolean
   }
   /** Present when the file is signed: the signer's id (see signerId). */
   signature?: {signer: string}
@@ -307,7 +375,7 @@ export function sealMetadata(info: SealInfo): Record<string, unknown> {
   const out: Record<string, unknown> = {version: info.version}
   if (info.encryption) {
     const e = info.encryption
-    out.encryption = {cipher: e.cipher, keyId: e.keyId, salt: e.salt.toString('hex'), generations: Object.fromEntries(Object.entries(e.generations).map(([k, v]) => [k, v.toString('hex')]))}
+    out.encryption = {cipher: e.cipher, keyId: e.keyId, salt: e.salt.toString('hex'), generations: Object.fromEntries(Object.entries(e.generations).map(([k, v]) => [k, v.toString('hex')])), ...(e.convergent ? {convergent: true} : {})}
   }
   if (info.signature) out.signature = {...info.signature}
   return out
@@ -341,7 +409,10 @@ export function checkSealMetadata(value: unknown, encrypted: boolean, signed: bo
       if (!isGenerationName(name)) return fail(`unknown generation ${name}`)
       generations[name] = hexOf(value, GENERATION_BYTES, `generation ${name}`)
     }
-    info.encryption = {cipher: SEAL_CIPHER, keyId: keyIdBytes.toString('hex'), salt, generations}
+    if (e.convergent !== undefined && e.convergent !== true) fail('convergent is present and not true')
+    const convergent = e.convergent === true
+    if (convergent && !generations.keys) fail('a convergent file without a key table generation')
+    info.encryption = {cipher: SEAL_CIPHER, keyId: keyIdBytes.toString('hex'), salt, generations, convergent}
   }
   if (signed) {
     const s = v.signature as Record<string, unknown>

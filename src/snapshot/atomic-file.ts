@@ -107,6 +107,8 @@ export interface TailSeal {
   parts: {part: ManifestPart; bytes: Uint8Array}[]
   /** Signed files: every unit's digest (UNIT_DIGEST_BYTES each, in unit order). */
   unitDigests?: Buffer
+  /** Units after the chunks (packed or layer blocks). */
+  blocks: number
 }
 
 /**
@@ -129,6 +131,9 @@ export function appendTail(file: OutputSink, entries: readonly ChunkEntry[], zer
     headerCrc: header.readUInt32LE(header.length - 8),
   })
   if (seal) {
+    // Units: the chunks, then the blocks (a packed set's or a layer's).
+    const keyTable = seal.sealer.keyTable(entries.length + seal.blocks)
+    if (keyTable) file.append(keyTable)
     const digests = seal.sealer.signed ? (seal.unitDigests ?? Buffer.alloc(0)) : undefined
     if (digests) file.append(digests)
     const parts = [
@@ -138,6 +143,7 @@ export function appendTail(file: OutputSink, entries: readonly ChunkEntry[], zer
       {part: ManifestPart.ZeroMap, bytes: zeroMap.bytes},
       ...seal.parts,
       ...(digests ? [{part: ManifestPart.UnitDigests, bytes: digests}] : []),
+      ...(keyTable ? [{part: ManifestPart.KeyTable, bytes: keyTable}] : []),
     ]
     file.append(seal.sealer.record(parts))
   }

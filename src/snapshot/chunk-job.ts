@@ -30,10 +30,7 @@ export interface ChunkJob {
 }
 
 /** How a worker seals chunks: the file's unit key and its chunks' generation (docs/FORMAT.md, Sealed snapshots). */
-export interface ChunkSealing {
-  unitKey: Uint8Array
-  generation: Uint8Array
-}
+export type ChunkSealing = {unitKey: Uint8Array; generation: Uint8Array} | {convergentKey: Uint8Array}
 
 export interface EncodedChunk {
   codec: Codec
@@ -51,6 +48,8 @@ export interface EncodedChunk {
   unitDigest?: Uint8Array
   /** A sealed chunk: the CRC-32 of its bytes before sealing (what nominates identical chunks). */
   plainCrc?: number
+  /** A convergently sealed chunk: its content key (a row of the file's key table). */
+  contentKey?: Uint8Array
 }
 
 export interface ChunkJobResult {

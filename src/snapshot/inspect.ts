@@ -188,7 +188,7 @@ export function snapshotStats(reader: SnapshotReader, file: string): SnapshotSta
 
 export interface SealStats {
   /** Encrypted: the cipher and the id of the key (never the key); `opened` whether this run had it. */
-  encryption?: {cipher: string; keyId: string; opened: boolean}
+  encryption?: {cipher: string; keyId: string; opened: boolean; convergent: boolean}
   /** Signed: the signer's key id, and whether the signature was checked against a trusted key (--verify-key). */
   signature?: {signer: string; verified: boolean}
   /** Whether the header, index and tables shown were authenticated (by the key or a verified signature). */
@@ -198,7 +198,7 @@ export interface SealStats {
 function sealStats(seal: OpenedSeal): SealStats {
   const {encryption, signature} = seal.info
   return {
-    ...(encryption ? {encryption: {cipher: encryption.cipher, keyId: encryption.keyId, opened: !seal.locked}} : {}),
+    ...(encryption ? {encryption: {cipher: encryption.cipher, keyId: encryption.keyId, opened: !seal.locked, convergent: encryption.convergent}} : {}),
     ...(signature ? {signature: {signer: signature.signer, verified: seal.verifiedSigner !== undefined}} : {}),
     authenticated: seal.authenticated,
   }

@@ -99,7 +99,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     const payload = Buffer.concat(pending)
     const c = compressor.compress(payload)
     // The compressor reuses its output buffer: keep a copy (sealing makes one).
-    const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length}, c.stored) : Buffer.from(c.stored)
+    const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length, unit: blocks.length}, c.stored) : Buffer.from(c.stored)
     blocks.push({dataOffset: dataAt, storedLength: bytes.length, payloadLength: payload.length, storedCrc: crc32(bytes), codec: c.codec, flags: 0, listStart: changed.length - pendingPages.length, pageCount: pendingPages.length})
     stored.push(bytes)
     dataAt += bytes.length
@@ -223,6 +223,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
         {part: ManifestPart.LayerRunTable, bytes: runTable},
       ],
       unitDigests: sealer.signed ? Buffer.concat(stored.map((b) => unitDigest(b))) : undefined,
+      blocks: blocks.length,
     }
     appendTail(file, [], zeroMap, header, seal)
     options.signal?.throwIfAborted()

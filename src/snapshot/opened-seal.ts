@@ -5,7 +5,11 @@ import {FOOTER_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {type SnapshotMetadata} from '../format/header.js'
 import {
+  CONTENT_KEY_BYTES,
   decodeSealRecord,
+  openConvergent,
+  TAG_BYTES,
+  UnitKind,
   fileKeys,
   type FileKeys,
   GENERATION_NAMES,
@@ -49,9 +53,17 @@ export class OpenedSeal {
     readonly verifiedSigner: string | undefined,
     private readonly digests: Buffer | undefined,
     private readonly name: string,
-    /** The file's bytes between its structures and its footer (unit digests, seal record), as read. */
+    /** The file's bytes between its structures and its footer (key table, unit digests, seal record), as read. */
     readonly tail: Buffer,
+    /** A convergent file's content keys (CONTENT_KEY_BYTES per unit), once decrypted with the file's key. */
+    private readonly contentKeys: Buffer | undefined,
   ) {}
+
+  /** A convergent file's content key of `unit` (what seals its bytes). */
+  contentKeyOf(unit: number): Buffer {
+    if (!this.contentKeys) throw keyRequired(this.name, this.info)
+    return this.contentKeys.subarray(unit * CONTENT_KEY_BYTES, (unit + 1) * CONTENT_KEY_BYTES)
+  }
 
   get encrypted(): boolean {
     return this.info.encryption !== undefined
@@ -75,6 +87,7 @@ export class OpenedSeal {
   /** Decrypts a sealed unit into `dst`; false when it does not authenticate. Throws KEY_REQUIRED when locked. */
   open(place: UnitPlace, sealed: Buffer, dst: Buffer): boolean {
     if (!this.keys) throw keyRequired(this.name, this.info)
+    if (this.contentKeys && place.unit !== undefined) return openConvergent(this.contentKeyOf(place.unit), place.codec, place.payloadLength, sealed, dst)
     const generation = this.info.encryption!.generations[GENERATION_NAMES[place.kind]]
     if (!generation) throw new SnapshotFormatError('CORRUPT', 'seal', `the file holds ${GENERATION_NAMES[place.kind]} units but its seal has no generation for them`, this.name)
     return openUnit(this.keys.unit, generation, place, sealed, dst)
@@ -102,7 +115,8 @@ export function openSeal(source: ByteSource, info: SealInfo, found: SealedStruct
   }
   const recordAt = source.size - FOOTER_SIZE - SEAL_RECORD_SIZE
   const digestBytes = info.signature ? found.unitCount * UNIT_DIGEST_BYTES : 0
-  const tailStart = recordAt - digestBytes
+  const keyTableBytes = info.encryption?.convergent ? found.unitCount * CONTENT_KEY_BYTES + TAG_BYTES : 0
+  const tailStart = recordAt - digestBytes - keyTableBytes
   if (tailStart < found.structuresEnd) fail('CORRUPT', 'seal record', `the index and zero map run into the seal's tail (they end at ${found.structuresEnd}, it starts at ${tailStart})`)
   const recordBytes = Buffer.alloc(SEAL_RECORD_SIZE)
   source.readAt(recordBytes, recordAt)
@@ -116,8 +130,14 @@ export function openSeal(source: ByteSource, info: SealInfo, found: SealedStruct
   let digests: Buffer | undefined
   if (info.signature) {
     digests = Buffer.alloc(digestBytes)
-    source.readAt(digests, tailStart)
+    source.readAt(digests, tailStart + keyTableBytes)
     parts.push({part: ManifestPart.UnitDigests, bytes: digests})
+  }
+  let keyTable: Buffer | undefined
+  if (keyTableBytes > 0) {
+    keyTable = Buffer.alloc(keyTableBytes)
+    source.readAt(keyTable, tailStart)
+    parts.push({part: ManifestPart.KeyTable, bytes: keyTable})
   }
   const digest = manifestDigest(parts)
 
@@ -134,6 +154,12 @@ export function openSeal(source: ByteSource, info: SealInfo, found: SealedStruct
       if (!crypto.timingSafeEqual(mac, record.mac)) fail('NOT_AUTHENTIC', 'seal record', "the file's header, index, zero map or tables do not authenticate under its key (changed since it was sealed)")
     }
   }
+  let contentKeys: Buffer | undefined
+  if (keyTable && fileKeyPair) {
+    const generation = info.encryption!.generations.keys!
+    contentKeys = Buffer.alloc(keyTable.length - TAG_BYTES)
+    if (!openUnit(fileKeyPair.unit, generation, {kind: UnitKind.KeyTable, number: 0, codec: 0, payloadLength: contentKeys.length}, keyTable, contentKeys)) fail('NOT_AUTHENTIC', 'key table', "does not authenticate under the file's key")
+  }
 
   let verifiedSigner: string | undefined
   if (keys.verifyKeys.length > 0) {
@@ -144,7 +170,7 @@ export function openSeal(source: ByteSource, info: SealInfo, found: SealedStruct
     if (!signatureValid(trusted!, digest, record.signature!)) fail('SIGNATURE_INVALID', 'signature', `does not verify with key ${signer}: the file changed since it was signed`)
     verifiedSigner = signer
   }
-  return new OpenedSeal(info, fileKeyPair, verifiedSigner, digests, name, Buffer.concat([digests ?? Buffer.alloc(0), recordBytes]))
+  return new OpenedSeal(info, fileKeyPair, verifiedSigner, digests, name, Buffer.concat([keyTable ?? Buffer.alloc(0), digests ?? Buffer.alloc(0), recordBytes]), contentKeys)
 }
 
 /** Where metadata.workingSet.learned says learned runs lie, if that is inside the data section. */

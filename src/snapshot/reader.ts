@@ -245,7 +245,7 @@ export class SnapshotReader {
   private placeOf(unit: number, entry: ChunkEntry): UnitPlace {
     const block = this.packedBlock(unit)
     const kind = block === undefined ? UnitKind.Chunk : this.layer ? UnitKind.LayerBlock : UnitKind.PackedBlock
-    return {kind, number: block ?? entry.sealedAs ?? unit, codec: entry.codec, payloadLength: entry.payloadLength}
+    return {kind, number: block ?? entry.sealedAs ?? unit, codec: entry.codec, payloadLength: entry.payloadLength, unit}
   }
 
   /** Learned runs' stored bytes (their CRC checked by the caller), decrypted when the file is encrypted. */

@@ -73,7 +73,7 @@ function* packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[
       const payload = step.payloads[b - step.from]!
       const c = payload.length === 0 ? {codec: Codec.None, stored: payload} : compressor.compress(payload)
       // The compressor reuses its output buffer: keep a copy (sealing makes one).
-      const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.PackedBlock, number: b, codec: c.codec, payloadLength: payload.length}, c.stored) : Buffer.from(c.stored)
+      const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.PackedBlock, number: b, codec: c.codec, payloadLength: payload.length, unit: reader.index.length + b}, c.stored) : Buffer.from(c.stored)
       stored.push(bytes)
       blocks.push({storedLength: bytes.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(bytes), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
       yield {kind: 'drain'}
@@ -250,11 +250,13 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
       yield {kind: 'drain'}
     }
     copied.digest?.copy(digests!, c * UNIT_DIGEST_BYTES)
+    // Chunks are copied as sealed: a convergent file's key table keeps their content keys.
+    if (sealer?.convergent) sealer.recordKey(c, reader.seal!.contentKeyOf(c))
     entries[c] = {...e, dataOffset: copied.at}
   }
   if (digests) for (const [b, bytes] of (packed?.stored ?? []).entries()) if (bytes.length > 0) unitDigest(bytes).copy(digests, (index.length + b) * UNIT_DIGEST_BYTES)
   const parts = [...(packed ? [{part: ManifestPart.PackedTable, bytes: table}] : []), ...(learned ? [{part: ManifestPart.LearnedRuns, bytes: learned.stored}] : [])]
-  appendTail(out, entries, reader.zeroMap, encoded, sealer ? {sealer, parts, unitDigests: digests} : undefined)
+  appendTail(out, entries, reader.zeroMap, encoded, sealer ? {sealer, parts, unitDigests: digests, blocks: blocks.length} : undefined)
   return {fileSize: out.size, chunksFirst: chunks.length, packedBlocks: blocks.length, packedBytes: (packed?.stored ?? []).reduce((n, b) => n + b.length, 0)}
 }
 

@@ -15,6 +15,10 @@ import {
   newGeneration,
   newSalt,
   openUnit,
+  CONTENT_KEY_BYTES,
+  contentKey,
+  convergentKey,
+  sealConvergent,
   SEAL_CIPHER,
   SEAL_VERSION,
   type SealInfo,
@@ -24,14 +28,17 @@ import {
   signerId,
   signManifest,
   TAG_BYTES,
-  type UnitKind,
+  UnitKind,
   type UnitPlace,
 } from '../format/seal.js'
+import {type ChunkSealing} from './chunk-job.js'
 
 /** What a command that writes snapshots was given: a key to encrypt with, a key to sign with. */
 export interface SealingOptions {
   key?: SealKey
   signingKey?: crypto.KeyObject
+  /** With `key`: seal units under keys derived from their content (docs/FORMAT.md, Sealed snapshots). */
+  convergent?: boolean
 }
 
 /** What a command that reads snapshots was given: keys to decrypt with, public keys to require a signature from. */
@@ -68,10 +75,15 @@ export function readKeysFromShare(share: ReadKeysShare | undefined): ReadKeys {
  * generations of the units it copies, and takes new generations for the units it writes anew.
  */
 export class FileSealer {
+  /** A convergent file's units' content keys, by unit number, for its key table. */
+  private readonly contentKeys = new Map<number, Buffer>()
+
   private constructor(
     readonly info: SealInfo,
     private readonly keys: FileKeys | undefined,
     private readonly signingKey: crypto.KeyObject | undefined,
+    /** A convergent file's key that content keys are derived with. */
+    private readonly convergentKey: Buffer | undefined,
   ) {}
 
   /** A new file: a new salt, a new generation for each kind of unit it will hold. Undefined when neither encrypting nor signing. */
@@ -79,15 +91,16 @@ export class FileSealer {
     if (!options.key && !options.signingKey) return undefined
     const info: SealInfo = {version: SEAL_VERSION}
     let keys: FileKeys | undefined
+    const convergent = options.key !== undefined && options.convergent === true
     if (options.key) {
       const salt = newSalt()
       const generations: Generations = {}
-      for (const kind of kinds) generations[GENERATION_NAMES[kind]] = newGeneration()
-      info.encryption = {cipher: SEAL_CIPHER, keyId: options.key.id, salt, generations}
+      for (const kind of [...kinds, ...(convergent ? [UnitKind.KeyTable] : [])]) generations[GENERATION_NAMES[kind]] = newGeneration()
+      info.encryption = {cipher: SEAL_CIPHER, keyId: options.key.id, salt, generations, convergent}
       keys = fileKeys(options.key.bytes, salt)
     }
     if (options.signingKey) info.signature = {signer: signerId(crypto.createPublicKey(options.signingKey))}
-    return new FileSealer(info, keys, options.signingKey)
+    return new FileSealer(info, keys, options.signingKey, convergent ? convergentKey(options.key!.bytes) : undefined)
   }
 
   /**
@@ -107,7 +120,8 @@ export class FileSealer {
         const g = e.generations[GENERATION_NAMES[kind]]
         if (g) generations[GENERATION_NAMES[kind]] = g
       }
-      for (const kind of renewed) generations[GENERATION_NAMES[kind]] = newGeneration()
+      // A convergent file's key table is written anew with the file.
+      for (const kind of [...renewed, ...(e.convergent ? [UnitKind.KeyTable] : [])]) generations[GENERATION_NAMES[kind]] = newGeneration()
       info.encryption = {...e, generations}
       keys = fileKeys(options.key.bytes, e.salt)
     }
@@ -115,7 +129,11 @@ export class FileSealer {
       throw new UffdError('USAGE', `${name} is signed: rewriting it needs the signing key (--sign-key), or the result would not be signed`)
     }
     if (options.signingKey) info.signature = {signer: signerId(crypto.createPublicKey(options.signingKey))}
-    return new FileSealer(info, keys, options.signingKey)
+    return new FileSealer(info, keys, options.signingKey, info.encryption?.convergent ? convergentKey(options.key!.bytes) : undefined)
+  }
+
+  get convergent(): boolean {
+    return this.convergentKey !== undefined
   }
 
   get encrypted(): boolean {
@@ -139,9 +157,26 @@ export class FileSealer {
   }
 
   /** What a compression worker needs to seal chunks as it encodes them. */
-  chunkSealing(): {unitKey: Uint8Array; generation: Uint8Array} | undefined {
+  chunkSealing(): ChunkSealing | undefined {
     if (!this.keys) return undefined
+    if (this.convergentKey) return {convergentKey: new Uint8Array(this.convergentKey)}
     return {unitKey: new Uint8Array(this.keys.unit), generation: new Uint8Array(this.generation('chunks'))}
+  }
+
+  /** A convergent file: unit `unit`'s content key (sealed by a worker, or copied from the file rewritten). */
+  recordKey(unit: number, key: Uint8Array): void {
+    this.contentKeys.set(unit, Buffer.from(key))
+  }
+
+  /** A convergent file's key table for `unitCount` units, sealed under the file's key; undefined otherwise. */
+  keyTable(unitCount: number): Buffer | undefined {
+    if (!this.convergentKey || !this.keys) return undefined
+    const table = Buffer.alloc(unitCount * CONTENT_KEY_BYTES)
+    for (const [unit, key] of this.contentKeys) {
+      if (unit >= unitCount) throw new UffdError('INTERNAL', `a content key for unit ${unit} of ${unitCount}`)
+      key.copy(table, unit * CONTENT_KEY_BYTES)
+    }
+    return sealUnit(this.keys.unit, this.generation('keys'), {kind: UnitKind.KeyTable, number: 0, codec: 0, payloadLength: table.length}, table)
   }
 
   private generation(name: GenerationName): Buffer {
@@ -153,6 +188,11 @@ export class FileSealer {
   /** A unit's stored bytes as the file holds them: sealed when encrypting, else as they are. */
   seal(place: UnitPlace, stored: Buffer): Buffer {
     if (!this.keys || stored.length === 0) return stored
+    if (this.convergentKey && place.unit !== undefined) {
+      const key = contentKey(this.convergentKey, place.codec, place.payloadLength, stored)
+      this.contentKeys.set(place.unit, key)
+      return sealConvergent(key, place.codec, place.payloadLength, stored)
+    }
     return sealUnit(this.keys.unit, this.generation(GENERATION_NAMES[place.kind]), place, stored)
   }
 

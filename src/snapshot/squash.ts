@@ -51,7 +51,7 @@ export async function squashChain(reader: LayeredReader, output: string, options
   })
   const digests = sealer?.signed ? Buffer.alloc(geometry.chunkCount * UNIT_DIGEST_BYTES) : undefined
   const place = (c: number, codec: Codec, payloadLength: number, plain: Buffer): ChunkEntry => {
-    const stored = sealer ? sealer.seal({kind: UnitKind.Chunk, number: c, codec, payloadLength}, plain) : plain
+    const stored = sealer ? sealer.seal({kind: UnitKind.Chunk, number: c, codec, payloadLength, unit: c}, plain) : plain
     if (digests) unitDigest(stored).copy(digests, c * UNIT_DIGEST_BYTES)
     return {dataOffset: file.append(stored), storedLength: stored.length, payloadLength, storedCrc: crc32(stored), codec, flags: 0, ...(sealer?.encrypted ? {sealedAs: c} : {})}
   }
@@ -93,7 +93,7 @@ export async function squashChain(reader: LayeredReader, output: string, options
       }
       options.onProgress?.(geometry.chunkStart(c) + geometry.chunkLogicalLength(c), geometry.logicalSize)
     }
-    appendTail(file, entries, zeroMap, header, sealer ? {sealer, parts: [], unitDigests: digests} : undefined)
+    appendTail(file, entries, zeroMap, header, sealer ? {sealer, parts: [], unitDigests: digests, blocks: 0} : undefined)
     options.signal?.throwIfAborted()
     file.commit()
     return {path: output, logicalSize: geometry.logicalSize, fileSize: file.size, chunkCount: geometry.chunkCount, copiedChunks: copied, encodedChunks: encoded, seconds: (performance.now() - started) / 1000}

@@ -134,7 +134,7 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
       options.onProgress?.(Math.min(doneBytes, input.logicalSize), input.logicalSize)
       await file.drain(options.signal)
     }
-    appendTail(file, assembler.entries, assembler.zeroMap, header, sealer ? {sealer, parts: [], unitDigests: assembler.unitDigests} : undefined)
+    appendTail(file, assembler.entries, assembler.zeroMap, header, sealer ? {sealer, parts: [], unitDigests: assembler.unitDigests, blocks: 0} : undefined)
     options.signal?.throwIfAborted()
     await file.commit()
     return {
@@ -171,7 +171,7 @@ class Assembler {
   private readonly digests: Buffer | undefined
   /** A signed file's unit digest table: each chunk's (a deduplicated one's is its original's). */
   readonly unitDigests: Buffer | undefined
-  /** Stored bytes are encrypted for their chunk's place. */
+  /** Stored bytes are encrypted for their chunk's place (identical chunks seal differently; not so when convergent). */
   private readonly sealed: boolean
 
   /** `sealer`: how the workers sealed the chunks (encrypted for their places; signed: unit digests to collect). */
@@ -181,7 +181,7 @@ class Assembler {
     private readonly sealer: FileSealer | undefined,
   ) {
     this.zeroMap = new ZeroMap(geometry.pageCount)
-    this.sealed = sealer?.encrypted ?? false
+    this.sealed = (sealer?.encrypted ?? false) && !sealer!.convergent
     this.digests = file.readBack ? undefined : Buffer.alloc(geometry.chunkCount * DIGEST_BYTES)
     this.unitDigests = sealer?.signed ? Buffer.alloc(geometry.chunkCount * UNIT_DIGEST_BYTES) : undefined
   }
@@ -205,7 +205,11 @@ class Assembler {
         continue
       }
       const bytes = stored.subarray(chunk.storedOffset, chunk.storedOffset + chunk.storedLength)
-      const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, storedCrc: chunk.storedCrc, codec: chunk.codec, flags: 0, ...(this.sealed ? {sealedAs: index} : {})}
+      const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, storedCrc: chunk.storedCrc, codec: chunk.codec, flags: 0, ...(this.sealer?.encrypted ? {sealedAs: index} : {})}
+      if (this.sealer?.convergent) {
+        if (!chunk.contentKey) throw new UffdError('INTERNAL', `${this.file.destination}: a convergently sealed chunk without its content key`)
+        this.sealer.recordKey(index, chunk.contentKey)
+      }
       const original = this.findIdentical(entry, bytes, chunk)
       if (original !== undefined) {
         // The original's stored bytes, sealed for its place (and so its CRC and digest too).

@@ -58,7 +58,7 @@ The snapshot may be an http(s):// URL (then --output is needed) or s3://BUCKET/K
       checkMatches(set, workingSetIdentity(reader), args['working-set'])
       // Replacing is what attach does (in place by default): no --force, as for a local file.
       const prepared = await prepareOutput(location, {force: true, mode, s3: options.s3})
-      const result = await withInterruptHandling((signal) => writeAttached(reader, prepared.open(attachedSizeHint(reader, set)), set, {...packOptionsFor(reader.header.metadata, flags.pack), seal: {...sealingFromFlags({...flags, encrypt: false}), ...(keys.keys[0] ? {key: keys.keys[0]} : {})}}, signal), `${prepared.destination} left as it was`)
+      const result = await withInterruptHandling((signal) => writeAttached(reader, prepared.open(attachedSizeHint(reader, set)), set, {...packOptionsFor(reader.header.metadata, flags.pack), seal: {...sealingFromFlags({...flags, encrypt: false, convergent: false}), ...(keys.keys[0] ? {key: keys.keys[0]} : {})}}, signal), `${prepared.destination} left as it was`)
       this.log(`${prepared.destination}: ${describeAttached(result, set)}`)
       return {output: prepared.destination, ...result, pages: set.pages.length}
     } finally {
