@@ -9,7 +9,8 @@ if (major < 20 || (major === 20 && minor < 15) || major === 21 || (major === 22 
 
 // A VMM waits for `uffd resume` to listen on every resume: its plain command lines skip oclif
 // (src/cli/resume-entry.ts); anything else, --help and usage errors included, goes to oclif.
-const fast = process.argv[2] === 'resume' && (await (await import('../dist/cli/resume-entry.js')).runResumeFast(process.argv.slice(3)))
+// (Its bundle, made by scripts/bundle.mjs: one file to load rather than each module of the path.)
+const fast = process.argv[2] === 'resume' && (await (await import('../dist/bundle/cli-resume-entry.js')).runResumeFast(process.argv.slice(3)))
 if (!fast) {
   const {execute} = await import('@oclif/core')
   await execute({dir: import.meta.url})

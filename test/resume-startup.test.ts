@@ -89,10 +89,13 @@ describe.skipIf(skip)('uffd resume listening before its worker is up', () => {
   const raw = path.join(dir, 'img.raw')
   const snapshot = path.join(dir, 'img.uffd')
 
-  function startHandler(name: string) {
+  /** `maxFiles`: started under that RLIMIT_NOFILE (sh's ulimit -n, then exec). */
+  function startHandler(name: string, maxFiles?: number) {
     const socket = path.join(dir, `${name}.sock`)
     const ready = path.join(dir, `${name}.ready`)
-    const handler = spawn(process.execPath, [UFFD_BIN, 'resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30'], {env: cliEnv(), stdio: ['ignore', 'pipe', 'pipe']})
+    const argv = [UFFD_BIN, 'resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30']
+    const [file, args] = maxFiles === undefined ? [process.execPath, argv] : ['sh', ['-c', `ulimit -n ${maxFiles} && exec "$0" "$@"`, process.execPath, ...argv]]
+    const handler = spawn(file, args, {env: cliEnv(), stdio: ['ignore', 'pipe', 'pipe']})
     let stderr = ''
     handler.stderr!.on('data', (d) => (stderr += d))
     const exited = new Promise<number | null>((resolve) => handler.on('close', resolve))
@@ -155,6 +158,27 @@ describe.skipIf(skip)('uffd resume listening before its worker is up', () => {
     } finally {
       h.handler.kill('SIGKILL')
       fs.renameSync(kept, snapshot)
+    }
+  })
+
+  it('starts and serves every byte with only 150 file descriptors (RLIMIT_NOFILE): its modules are a few bundled files', async () => {
+    // Loaded module by module, Node's ESM loader held too many files open at once (EMFILE).
+    if (!fs.existsSync(snapshot)) {
+      fs.writeFileSync(raw, makeImage('mixed', 16 * 1024 * 1024, 5))
+      expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
+    }
+    const h = startHandler('nofile', 150)
+    try {
+      await appears(h.ready, h.handler)
+      const client = spawn(path.join(NATIVE, 'fc_client'), ['--socket', h.socket, '--image', raw, '--touch', 'random', '--verify-all'], {stdio: ['ignore', 'pipe', 'pipe']})
+      let out = ''
+      client.stdout!.on('data', (d) => (out += d))
+      const code = await new Promise<number | null>((resolve) => client.on('close', resolve))
+      expect(code, h.stderr()).toBe(0)
+      expect(JSON.parse(out)).toMatchObject({ok: true, verify_errors: 0})
+      expect(await h.exited, h.stderr()).toBe(0)
+    } finally {
+      h.handler.kill('SIGKILL')
     }
   })
 
