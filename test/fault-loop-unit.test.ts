@@ -616,7 +616,7 @@ describe('a packed working set: blocks, the install helper and its share', () =>
   afterAll(() => packedReader?.close())
 
   /** Parts over the packed snapshot, with a source that has every unit decoded (as staged ones are). */
-  function packedSetup(helper: 'played' | 'none') {
+  function packedSetup(helper: 'played' | 'none', fillBlock?: FillCalls['fillBlock']) {
     const r = packedReader
     const kernel = new SimulatedKernel(r.geometry.pageCount)
     const stats = new RunStats()
@@ -632,7 +632,7 @@ describe('a packed working set: blocks, the install helper and its share', () =>
       copy: (...a) => kernel.copy(...a),
       zeropage: (...a) => kernel.zeropage(...a),
       wake: (...a) => kernel.wake(...a),
-      fillBlock: undefined,
+      fillBlock,
       startHelper:
         helper === 'played'
           ? (_fd, states, _zeroMap, _pageSize, _regions, jobs) => {
@@ -668,6 +668,27 @@ describe('a packed working set: blocks, the install helper and its share', () =>
     expect(server.serve(client, {address: BASE + page * PAGE, readAt: performance.now()})).toEqual({outcome: 'served', window: {page, first: page, end: page + 1}})
     expect(order[0]).toBe(page)
     expect(order.length).toBeGreaterThan(1)
+    expectPackedImage(kernel)
+  })
+
+  it('a native block fill that meets ENOENT (a VMA boundary) is retried through fill(), not taken for a gone VMM; native fills stay off for the client', () => {
+    // The native fill gives up on a range over a VMA boundary as a whole, installing nothing.
+    let nativeCalls = 0
+    const refusing: FillCalls['fillBlock'] = () => {
+      nativeCalls++
+      return {error: Errno.ENOENT, stopPage: 0, pagesCopied: 0, pagesZeroed: 0, copyIoctls: 1, zeropageIoctls: 0, eexist: 0, newlyPresent: 0}
+    }
+    const {kernel, server, client} = packedSetup('none', refusing)
+    const page = [...Array(kernel.pages).keys()].find((p) => p % 3 === 0 && !packedReader.zeroMap.isZero(p) && p > 100)!
+    // The client's mapping has a VMA boundary right after the faulting page.
+    kernel.vmaStarts.add(page + 1)
+    const fault = {address: BASE + page * PAGE, readAt: performance.now()}
+    expect(server.serve(client, fault).outcome).toBe('retry')
+    expect(client.nativeFillsOff).toBe(true)
+    expect(server.serve(client, fault)).toEqual({outcome: 'served', window: {page, first: page, end: page + 1}})
+    expect(nativeCalls).toBe(1)
+    expect(kernel.present[page]).toBe(1)
+    expect(Math.max(...kernel.installs)).toBe(1)
     expectPackedImage(kernel)
   })
 
