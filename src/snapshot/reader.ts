@@ -375,15 +375,21 @@ export class SnapshotReader {
     return this.source.isLocal(entry.dataOffset, entry.storedLength)
   }
 
-  /** Asks a remote source for these units' stored bytes ahead of need (nothing for a local file). */
-  fetchAhead(units: Iterable<number>, priority: Priority = PRIORITY_PREFETCH): void {
+  /**
+   * Asks a remote source for these units' stored bytes ahead of need, and for the units `around`
+   * them at prefetch priority in the same ask (see ByteSource.fetchAhead; nothing for a local file).
+   */
+  fetchAhead(units: Iterable<number>, priority: Priority = PRIORITY_PREFETCH, around: Iterable<number> = []): void {
     if (!this.source.fetchAhead) return
-    const ranges: {position: number; length: number}[] = []
-    for (const unit of units) {
-      const entry = this.entry(unit)
-      if (entry.codec !== Codec.None) ranges.push({position: entry.dataOffset, length: entry.storedLength})
+    const ranges = (list: Iterable<number>): {position: number; length: number}[] => {
+      const out: {position: number; length: number}[] = []
+      for (const unit of list) {
+        const entry = this.entry(unit)
+        if (entry.codec !== Codec.None) out.push({position: entry.dataOffset, length: entry.storedLength})
+      }
+      return out
     }
-    this.source.fetchAhead(ranges, priority)
+    this.source.fetchAhead(ranges(units), priority, ranges(around))
   }
 
   /** Whether bytes may be far away (fetchAhead and isLocal mean something). */
