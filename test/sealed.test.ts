@@ -14,6 +14,7 @@ import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 import {Codec, FOOTER_SIZE} from '../src/format/constants.js'
 import {fileKeys, keyId, manifestDigest, ManifestPart, openUnit, parseKey, SEAL_RECORD_SIZE, sealUnit, unitAad, UnitKind, unitNonce} from '../src/format/seal.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
+import {attachWorkingSet} from '../src/snapshot/relayout.js'
 import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
 import {forgeCrc} from './helpers/crc-forge.js'
 import {DirRangeServer} from './helpers/dir-range-server.js'
@@ -313,17 +314,70 @@ describe('sealed snapshots through the CLI', () => {
   describe('an attacker who can write the file', () => {
     const both = (): string[] => ['--key-file', at('key'), '--verify-key', at('sign.pub')]
 
-    it('changes the header (CRC-consistent): refused before any unit is read', () => {
+    it('changes the header (CRC-consistent): metadata, the salt, a generation (the nonces): refused before any unit is read', () => {
       for (const name of ['enc', 'both']) {
-        const f = copy(at(`${name}.uffd`), `header-${name}.uffd`)
-        const reader = SnapshotReader.open(f, f, {keys: [], verifyKeys: []}, true)
-        const text = readAt(f, 0, reader.header.headerSize).toString('latin1')
-        reader.close()
-        const where = text.indexOf('"createdAt":"') + 13
-        craftHeader(f, where, Buffer.from('1999'))
-        const e = fails(['verify', f, ...(name === 'both' ? both() : ['--key-file', at('key')])])
-        expect(e.code, e.message).toMatch(/NOT_AUTHENTIC|SIGNATURE_INVALID/)
+        for (const [field, value] of [
+          ['"createdAt":"', '1999'],
+          ['"salt":"', '00'],
+          ['"chunks":"', 'ff'],
+        ]) {
+          const f = copy(at(`${name}.uffd`), `header-${name}.uffd`)
+          const reader = SnapshotReader.open(f, f, {keys: [], verifyKeys: []}, true)
+          const text = readAt(f, 0, reader.header.headerSize).toString('latin1')
+          reader.close()
+          const where = text.indexOf(field)
+          expect(where, field).toBeGreaterThan(0)
+          craftHeader(f, where + field.length, Buffer.from(value))
+          const e = fails(['verify', f, ...(name === 'both' ? both() : ['--key-file', at('key')])])
+          expect(e.code, `${name} ${field}: ${e.message}`).toMatch(/NOT_AUTHENTIC|SIGNATURE_INVALID/)
+        }
       }
+    })
+
+    it('changes a packed block, a layer block or the learned runs keeping their CRCs: refused naming the unit', () => {
+      const cases: {file: string; name: string; offset: number; length: number; crcAt?: undefined; expected: RegExp}[] = []
+      // A packed block: attach a set to an encrypted snapshot.
+      const r0 = SnapshotReader.open(at('enc.uffd'), at('enc.uffd'), {keys: [], verifyKeys: []}, true)
+      r0.close()
+      const pages = Array.from({length: 120}, (_, i) => (i * 53) % (SIZE / PAGE))
+      fs.writeFileSync(at('tamper.ws'), JSON.stringify({kind: 'uffd-working-set', version: 1, snapshot: {logicalSize: SIZE, pageSize: PAGE, headerCrc: r0.header.headerCrc}, runs: 1, pages, firstTouchMs: pages.map((_, i) => i)}))
+      ok(['working-set', 'attach', at('enc.uffd'), at('tamper.ws'), '-o', at('tamper-packed.uffd'), '--key-file', at('key')])
+      const packed = opened(at('tamper-packed.uffd'))
+      const block = packed.packed!.blocks.findIndex((b) => b.storedLength > 64)
+      cases.push({file: 'tamper-packed.uffd', name: 'packed', offset: packed.packed!.blocks[block].dataOffset, length: packed.packed!.blocks[block].storedLength, expected: new RegExp(`packed working set block ${block}: does not authenticate`)})
+      packed.close()
+      // A layer block.
+      const changed = Buffer.from(data)
+      for (let p = 5; p < SIZE / PAGE; p += 131) crypto.randomBytes(PAGE).copy(changed, p * PAGE)
+      fs.writeFileSync(at('tamper-changed.raw'), changed)
+      ok(['snapshot', '--mem-file', at('tamper-changed.raw'), '--parent', at('enc.uffd'), '-o', at('tamper-layer.uffd'), '--encrypt', '--key-file', at('key')])
+      const layer = opened(at('tamper-layer.uffd'))
+      cases.push({file: 'tamper-layer.uffd', name: 'layer', offset: layer.layer!.set.blocks[0].dataOffset, length: layer.layer!.set.blocks[0].storedLength, expected: /layer block 0: does not authenticate/})
+      layer.close()
+      for (const c of cases) {
+        const f = at(c.file)
+        const bytes = readAt(f, c.offset, c.length)
+        const crc = crc32(bytes)
+        bytes[Math.floor(c.length / 3)] ^= 0x20
+        forgeCrc(bytes, Math.floor(c.length / 2), crc)
+        patch(f, c.offset, bytes)
+        const e = fails(['verify', f, '--key-file', at('key')])
+        expect(e.message, c.name).toMatch(c.expected)
+      }
+      // Learned runs (as --learn stores them), changed keeping the CRC the metadata records: the manifest covers them.
+      const key = parseKey(fs.readFileSync(at('key')), 'key')
+      const learned = at('tamper-learned.uffd')
+      attachWorkingSet(at('enc.uffd'), learned, {pages, runs: 1, learned: {runs: [{pages, firstTouchMs: pages.map((_, i) => i)}], keep: 5}}, {codec: 'zstd', level: 1, seal: {key}})
+      expect(ok(['verify', learned, '--key-file', at('key')]).ok).toBe(true)
+      const reader = opened(learned)
+      const where = (reader.header.metadata.workingSet as {learned: {offset: number; length: number}}).learned
+      reader.close()
+      const bytes = readAt(learned, where.offset, where.length)
+      const crc = crc32(bytes)
+      bytes[2] ^= 0x01
+      forgeCrc(bytes, 6, crc)
+      patch(learned, where.offset, bytes)
+      expect(fails(['verify', learned, '--key-file', at('key')]).message).toMatch(/seal record: .*learned runs do not authenticate/)
     })
 
     it('points an index entry at another chunk\'s bytes, or changes the zero map (CRC-consistent): refused', () => {
@@ -511,11 +565,13 @@ describe.skipIf(clientSkip !== undefined)('resuming a sealed snapshot with a rea
     return {client: done, handler: await handler}
   }
 
-  it('serves every byte of an encrypted, signed snapshot, decrypting in the fault loop and the decoders', async () => {
-    const {client, handler} = await resume(at('both.uffd'), ['--key-file', at('key'), '--verify-key', at('sign.pub')], ['--touch', 'random', '--verify-all'])
-    expect(client.status, `${client.stdout}${client.stderr}\n${handler.stderr}`).toBe(0)
-    expect(JSON.parse(String(client.stdout)).verify_errors).toBe(0)
-    expect(handler.status, handler.stderr).toBe(0)
+  it('serves every byte of an encrypted, signed snapshot, decrypting in the fault loop and the decoders, lazily and with --populate all', async () => {
+    for (const extra of [[], ['--populate', 'all'], ['--decoders', '0']]) {
+      const {client, handler} = await resume(at('both.uffd'), ['--key-file', at('key'), '--verify-key', at('sign.pub'), ...extra], ['--touch', 'random', '--verify-all'])
+      expect(client.status, `${extra.join(' ')}: ${client.stdout}${client.stderr}\n${handler.stderr}`).toBe(0)
+      expect(JSON.parse(String(client.stdout)).verify_errors).toBe(0)
+      expect(handler.status, handler.stderr).toBe(0)
+    }
   })
 
   it('from an HTTP server with a fresh cache directory: every byte served, the cache holds only sealed bytes', async () => {

@@ -151,7 +151,7 @@ export function openSeal(source: ByteSource, info: SealInfo, found: SealedStruct
     if (key) {
       fileKeyPair = fileKeys(key.bytes, info.encryption.salt)
       const mac = manifestMac(fileKeyPair.mac, digest)
-      if (!crypto.timingSafeEqual(mac, record.mac)) fail('NOT_AUTHENTIC', 'seal record', "the file's header, index, zero map or tables do not authenticate under its key (changed since it was sealed)")
+      if (!crypto.timingSafeEqual(mac, record.mac)) fail('NOT_AUTHENTIC', 'seal record', "the file's header, index, zero map, tables or learned runs do not authenticate under its key (changed since it was sealed)")
     }
   }
   let contentKeys: Buffer | undefined
