@@ -141,10 +141,10 @@ export function unitAad(place: UnitPlace): Buffer {
   return aad
 }
 
-/** Encrypts a unit's stored form (its codec's bytes): ciphertext then the 16-byte tag. */
-export function sealUnit(unitKey: Buffer, generation: Buffer, place: UnitPlace, plain: Buffer): Buffer {
-  const cipher = crypto.createCipheriv(SEAL_CIPHER, unitKey, unitNonce(generation, place.number))
-  cipher.setAAD(unitAad(place))
+/** AES-256-GCM of `plain`: the ciphertext, then the 16-byte tag. */
+function gcmSeal(key: Buffer, nonce: Buffer, aad: Buffer, plain: Buffer): Buffer {
+  const cipher = crypto.createCipheriv(SEAL_CIPHER, key, nonce)
+  cipher.setAAD(aad)
   const out = Buffer.allocUnsafe(plain.length + TAG_BYTES)
   const n = cipher.update(plain).copy(out, 0)
   cipher.final().copy(out, n)
@@ -152,14 +152,11 @@ export function sealUnit(unitKey: Buffer, generation: Buffer, place: UnitPlace, 
   return out
 }
 
-/**
- * Decrypts a sealed unit into `dst` (exactly `sealed.length - TAG_BYTES` bytes); false when it
- * does not authenticate (a wrong key, a unit moved or changed), and then `dst` must not be used.
- */
-export function openUnit(unitKey: Buffer, generation: Buffer, place: UnitPlace, sealed: Buffer, dst: Buffer): boolean {
+/** Opens gcmSeal's output into `dst` (its plaintext's length); false, `dst` wiped, when it does not authenticate. */
+function gcmOpen(key: Buffer, nonce: Buffer, aad: Buffer, sealed: Buffer, dst: Buffer): boolean {
   if (sealed.length < TAG_BYTES || dst.length !== sealed.length - TAG_BYTES) return false
-  const decipher = crypto.createDecipheriv(SEAL_CIPHER, unitKey, unitNonce(generation, place.number))
-  decipher.setAAD(unitAad(place))
+  const decipher = crypto.createDecipheriv(SEAL_CIPHER, key, nonce)
+  decipher.setAAD(aad)
   decipher.setAuthTag(sealed.subarray(sealed.length - TAG_BYTES))
   const n = decipher.update(sealed.subarray(0, sealed.length - TAG_BYTES)).copy(dst, 0)
   try {
@@ -169,6 +166,19 @@ export function openUnit(unitKey: Buffer, generation: Buffer, place: UnitPlace, 
     return false
   }
   return true
+}
+
+/** Encrypts a unit's stored form (its codec's bytes) for its place: ciphertext then the 16-byte tag. */
+export function sealUnit(unitKey: Buffer, generation: Buffer, place: UnitPlace, plain: Buffer): Buffer {
+  return gcmSeal(unitKey, unitNonce(generation, place.number), unitAad(place), plain)
+}
+
+/**
+ * Decrypts a sealed unit into `dst` (exactly `sealed.length - TAG_BYTES` bytes); false when it
+ * does not authenticate (a wrong key, a unit moved or changed), and then `dst` must not be used.
+ */
+export function openUnit(unitKey: Buffer, generation: Buffer, place: UnitPlace, sealed: Buffer, dst: Buffer): boolean {
+  return gcmOpen(unitKey, unitNonce(generation, place.number), unitAad(place), sealed, dst)
 }
 
 /**
@@ -198,29 +208,12 @@ function convergentAad(codec: number, payloadLength: number): Buffer {
 
 /** A unit sealed under its content key: the nonce is zeros (each key seals one plaintext only). */
 export function sealConvergent(key: Buffer, codec: number, payloadLength: number, plain: Buffer): Buffer {
-  const cipher = crypto.createCipheriv(SEAL_CIPHER, key, Buffer.alloc(NONCE_BYTES))
-  cipher.setAAD(convergentAad(codec, payloadLength))
-  const out = Buffer.allocUnsafe(plain.length + TAG_BYTES)
-  const n = cipher.update(plain).copy(out, 0)
-  cipher.final().copy(out, n)
-  cipher.getAuthTag().copy(out, plain.length)
-  return out
+  return gcmSeal(key, Buffer.alloc(NONCE_BYTES), convergentAad(codec, payloadLength), plain)
 }
 
 /** Decrypts a convergently sealed unit into `dst`; false when it does not authenticate under `key`. */
 export function openConvergent(key: Buffer, codec: number, payloadLength: number, sealed: Buffer, dst: Buffer): boolean {
-  if (sealed.length < TAG_BYTES || dst.length !== sealed.length - TAG_BYTES) return false
-  const decipher = crypto.createDecipheriv(SEAL_CIPHER, key, Buffer.alloc(NONCE_BYTES))
-  decipher.setAAD(convergentAad(codec, payloadLength))
-  decipher.setAuthTag(sealed.subarray(sealed.length - TAG_BYTES))
-  const n = decipher.update(sealed.subarray(0, sealed.length - TAG_BYTES)).copy(dst, 0)
-  try {
-    decipher.final()
-  } catch {
-    dst.fill(0, 0, n)
-    return false
-  }
-  return true
+  return gcmOpen(key, Buffer.alloc(NONCE_BYTES), convergentAad(codec, payloadLength), sealed, dst)
 }
 
 /** The parts of a file the manifest covers, each once, in this order when present. */
