@@ -19,6 +19,7 @@ With --criu-dir DIR it is the lazy-pages daemon of \`criu restore --lazy-pages\`
     '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock',
     '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock --ready-file /tmp/ready --stats-file run.json',
     '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock --serve --cache-mb 1024',
+    '<%= config.bin %> resume a.uffd --socket /tmp/a.sock --serve --also b.uffd=/tmp/b.sock   # two layers of one base, one handler',
     '<%= config.bin %> resume vm.uffd --socket /tmp/uffd.sock --learn   # every resume makes the next one faster',
     '<%= config.bin %> resume app.uffd --criu-dir /tmp/dump &  criu restore -D /tmp/dump --lazy-pages --shell-job -d',
   ]

@@ -36,6 +36,9 @@ export class LayeredReader {
   private readonly blockOfListIndex: Int32Array[]
   private scratch = Buffer.alloc(0)
   private closed = false
+  /** This chain's number in the unit cache. */
+  private readonly chain: number
+  private shared = 0
 
   private constructor(
     /** The chain, base first, the top layer last. */
@@ -45,7 +48,7 @@ export class LayeredReader {
     /** Decoded units of the files, keyed by file identity: shared with other chains of this thread. */
     private readonly units: UnitCache,
   ) {
-    units.attach()
+    this.chain = units.attach()
     const top = files.at(-1)!
     this.remote = files.some((f) => f.remote)
     this.geometry = top.geometry
@@ -86,6 +89,14 @@ export class LayeredReader {
   /** Stored units of the chain's files decoded by this chain's readers (a unit another chain decoded first, through the shared unit cache, is not counted here). */
   get unitsDecoded(): number {
     return this.files.reduce((sum, f) => sum + f.unitsDecoded, 0)
+  }
+
+  /**
+   * Stored units this chain's reads took decoded from the unit cache after another chain of this
+   * thread decoded them (a sibling layer's read of their common base): decodes it was spared.
+   */
+  get unitsShared(): number {
+    return this.shared
   }
 
   /** The top layer's size (what stats calls the file). */
@@ -209,8 +220,10 @@ export class LayeredReader {
   private copyPages(source: number, from: number, to: number, dst: Buffer, at: number, wait: boolean): number | undefined {
     const {pageSize} = this.geometry
     for (const {unit, position, count} of this.pieces(source, from, to)) {
-      const payload = this.units.payload(this.files[source], unit, wait)
-      if (!payload) return undefined
+      const taken = this.units.take(this.files[source], unit, wait, this.chain)
+      if (!taken) return undefined
+      if (taken.shared) this.shared++
+      const {payload} = taken
       payload.copy(dst, at, position * pageSize, (position + count) * pageSize)
       at += count * pageSize
     }

@@ -39,6 +39,8 @@ export class SnapshotReader {
   private payloadScratch = Buffer.alloc(0)
   /** Stored units read and verified by readPayload so far (what a resume's stats count as decoded). */
   unitsDecoded = 0
+  /** One file shares no decoded units with other snapshots (LayeredReader.unitsShared does). */
+  readonly unitsShared = 0
 
   private constructor(
     readonly source: ByteSource,

@@ -12,11 +12,13 @@ import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ER
  * Atomics.wait until a request or the stop flag arrives.
  */
 const config = workerData as DecoderConfig
-const reader = openSpec(config.snapshot)
-reader.prepareDecoding()
+const readers = config.snapshots.map((spec) => openSpec(spec))
+for (const reader of readers) reader.prepareDecoding()
 const states = new Int32Array(config.states)
 const lengths = new Int32Array(config.lengths)
 const decodes = new Int32Array(config.decodes)
+const shared = new Int32Array(config.shared)
+const images = new Int32Array(config.images)
 const units = new Int32Array(config.units)
 const order = new Int32Array(config.order)
 const claims = new Int32Array(config.claims)
@@ -47,10 +49,13 @@ while (Atomics.load(control, CONTROL_STOP) === 0) {
     continue
   }
   const view = Buffer.from(config.arena, slot * config.slotBytes, config.slotBytes)
+  const reader = readers[images[slot]]
   const before = reader.unitsDecoded
+  const sharedBefore = reader.unitsShared
   try {
     lengths[slot] = reader.readPayload(units[slot], view).length
     decodes[slot] = reader.unitsDecoded - before
+    shared[slot] = reader.unitsShared - sharedBefore
     Atomics.store(states, slot, SLOT_READY)
   } catch {
     // The fault loop decodes the chunk itself on ERROR and reports the real error with context.
@@ -59,4 +64,4 @@ while (Atomics.load(control, CONTROL_STOP) === 0) {
   Atomics.notify(states, slot)
   eventfdSignal(config.eventFd)
 }
-reader.close()
+for (const reader of readers) reader.close()

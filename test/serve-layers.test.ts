@@ -1,0 +1,127 @@
+// One handler serving several layers of one base (`resume --serve --also SNAP=SOCK`): real
+// fc_client VMMs on each socket, every byte checked, the base's decoded units shared between the
+// snapshots and counted in the stats.
+import {type ChildProcess, spawn} from 'node:child_process'
+import fs from 'node:fs'
+import path from 'node:path'
+
+import {afterAll, beforeAll, describe, expect, it} from 'vitest'
+
+import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
+import {makeImage, pseudoRandom, tempDir} from './helpers/images.js'
+
+const PAGE = 4096
+const SIZE = 8 * 1024 * 1024
+const PAGES = SIZE / PAGE
+const FC_CLIENT = path.join(NATIVE, 'fc_client')
+const skip = !isRoot() ? 'not root (fc_client needs a kernel-mode userfaultfd)' : !fs.existsSync(FC_CLIENT) ? `${FC_CLIENT} is not built (npm run build)` : undefined
+if (skip) console.warn(`test/serve-layers.test.ts skipped: ${skip}`)
+
+let dir: string
+const at = (name: string): string => path.join(dir, name)
+
+/** `image` with every `stride`-th page (from `seed % stride`) replaced. */
+function changed(image: Buffer, seed: number, stride: number): Buffer {
+  const out = Buffer.from(image)
+  const fresh = pseudoRandom(SIZE, seed)
+  for (let p = seed % stride; p < PAGES; p += stride) fresh.copy(out, p * PAGE, p * PAGE, (p + 1) * PAGE)
+  return out
+}
+
+function ok(args: string[]): any {
+  const r = uffd([...args, '--json'])
+  expect(r.status, `uffd ${args.join(' ')}:\n${r.stdout}${r.stderr}`).toBe(0)
+  return r.json
+}
+
+/** Runs fc_client to the end; resolves with its exit status and output. */
+function client(socket: string, image: string, seed: number): Promise<{status: number | null; stdout: string; stderr: string}> {
+  const child: ChildProcess = spawn(FC_CLIENT, ['--socket', socket, '--image', image, '--touch', 'random', '--seed', String(seed), '--verify-all', '--timeout-ms', '30000'], {stdio: ['ignore', 'pipe', 'pipe']})
+  let stdout = ''
+  let stderr = ''
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  return new Promise((resolve) => child.on('close', (status) => resolve({status, stdout, stderr})))
+}
+
+beforeAll(() => {
+  if (skip) return
+  dir = tempDir('uffd-serve-layers-')
+  const base = makeImage('mixed', SIZE, 7)
+  fs.writeFileSync(at('base.raw'), base)
+  // Two sandboxes paused from one base: sibling layers, each changing its own scattered pages.
+  fs.writeFileSync(at('a.raw'), changed(base, 3, 29))
+  fs.writeFileSync(at('b.raw'), changed(base, 8, 31))
+  ok(['snapshot', '--mem-file', at('base.raw'), '-o', at('base.uffd')])
+  ok(['snapshot', '--mem-file', at('a.raw'), '--parent', at('base.uffd'), '-o', at('a.uffd')])
+  ok(['snapshot', '--mem-file', at('b.raw'), '--parent', at('base.uffd'), '-o', at('b.uffd')])
+})
+
+afterAll(() => {
+  if (dir) fs.rmSync(dir, {recursive: true, force: true})
+})
+
+describe.skipIf(skip)('resume --serve --also', () => {
+  it('serves two layers of one base on their own sockets, every byte right, sharing the base decoded', async () => {
+    const [sockA, sockB, ready, statsFile] = [at('a.sock'), at('b.sock'), at('ready'), at('run.json')]
+    let handler: ChildProcess | undefined
+    let log = ''
+    const done = uffdAsync(['resume', at('a.uffd'), '--socket', sockA, '--serve', '--also', `${at('b.uffd')}=${sockB}`, '--ready-file', ready, '--stats-file', statsFile, '--timeout', '30', '--json'], {
+      timeoutMs: 90_000,
+      onSpawn: (child) => {
+        handler = child
+        child.stderr!.on('data', (d: Buffer | string) => (log += d.toString()))
+      },
+    })
+    for (let i = 0; i < 400 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
+    expect(fs.existsSync(ready), 'the handler never became ready').toBe(true)
+    // Ready means every socket listens.
+    expect(JSON.parse(fs.readFileSync(ready, 'utf8')).sockets).toEqual([sockA, sockB])
+    for (const sock of [sockA, sockB]) expect(fs.statSync(sock).isSocket()).toBe(true)
+    // Side by side, as a fleet resumes; each VMM gets the image of the socket it came to.
+    const clients = await Promise.all([client(sockA, at('a.raw'), 1), client(sockB, at('b.raw'), 2)])
+    // And a second VMM of the first layer after them (the base's units decoded by now).
+    clients.push(await client(sockA, at('a.raw'), 3))
+    // Stopped once the handler has seen every client go (a signal before would kill a "running" one).
+    for (let i = 0; i < 400 && (log.match(/client \d+ ended/g) ?? []).length < 3; i++) await new Promise((r) => setTimeout(r, 25))
+    handler!.kill('SIGTERM')
+    const r = await done
+    for (const c of clients) {
+      expect(c.status, `fc_client:\n${c.stdout}${c.stderr}\nresume:\n${r.stderr}`).toBe(0)
+      expect(JSON.parse(c.stdout).verify_errors).toBe(0)
+    }
+    const result = r.json as any
+    expect(result.error, r.stderr).toBeUndefined()
+    expect(result.clients.map((c: any) => c.socket)).toEqual([sockA, sockB, sockA])
+    expect(result.clients.every((c: any) => c.ended === 'exited')).toBe(true)
+    const stats = JSON.parse(fs.readFileSync(statsFile, 'utf8'))
+    expect(stats.snapshot).toBe(at('a.uffd'))
+    expect(stats.also).toEqual([at('b.uffd')])
+    expect(stats.clients.served).toBe(3)
+    // The base's units one layer's chain decoded, the other's took from the same cache entries.
+    expect(stats.chunks.storedUnitsShared, JSON.stringify(stats.chunks)).toBeGreaterThan(0)
+    // Two handlers would each decode every base chunk (--verify-all reads all of memory): this one
+    // decoded the base about once for both layers and all three VMMs.
+    const chainA = ok(['stats', at('a.uffd')]).chain
+    const chainB = ok(['stats', at('b.uffd')]).chain
+    expect(stats.chunks.storedUnitsDecoded).toBeLessThan(2 * chainA[0].unitsStored)
+    expect(stats.chunks.storedUnitsDecoded).toBeLessThanOrEqual(chainA[0].unitsStored + chainA[1].unitsStored + chainB[1].unitsStored + 4)
+    // `uffd stats` shows it.
+    expect(uffd(['stats', statsFile]).stdout).toMatch(/stored units taken decoded by another snapshot's chain/)
+    console.log(`serve --also: ${JSON.stringify(stats.chunks)}`)
+    // The sockets and the ready file are gone at exit.
+    for (const f of [sockA, sockB, ready]) expect(fs.existsSync(f)).toBe(false)
+  }, 120_000)
+
+  it('refuses what names one snapshot, and a socket given twice', () => {
+    const base = ['resume', at('a.uffd'), '--socket', at('x.sock'), '--serve', '--json']
+    expect(uffd([...base, '--also', `${at('b.uffd')}=${at('x.sock')}`]).json.error.code).toBe('USAGE')
+    expect(uffd([...base, '--also', at('b.uffd')]).json.error.code).toBe('USAGE')
+    expect(uffd([...base, '--also', `${at('b.uffd')}=${at('y.sock')}`, '--record', at('r.ws')]).json.error.code).toBe('USAGE')
+    // --also needs --serve.
+    const once = uffd(['resume', at('a.uffd'), '--socket', at('x.sock'), '--also', `${at('b.uffd')}=${at('y.sock')}`, '--timeout', '5'])
+    expect(once.status, once.stderr).toBe(2)
+    expect(once.stderr).toMatch(/--also needs --serve/)
+    expect(fs.existsSync(at('x.sock'))).toBe(false)
+  })
+})
