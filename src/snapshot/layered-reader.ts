@@ -8,6 +8,7 @@ import {type Geometry} from '../format/geometry.js'
 import {type SnapshotHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
 import {baseRuns, findRun, indexOfPage, type LayerParent, type LayerRun} from '../format/layer.js'
+import {type PackedSet} from '../format/packed-set.js'
 import {payloadPageIndex, type ZeroMap} from '../format/zero-map.js'
 import {type ByteSource, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority} from './byte-source.js'
 import {SnapshotReader} from './reader.js'
@@ -26,7 +27,12 @@ export class LayeredReader {
   readonly zeroMap: ZeroMap
   /** One entry per resolved chunk: its payload length (codec none: all zeros; else data to assemble). */
   readonly index: ChunkEntry[]
-  readonly packed = undefined
+  /**
+   * The top layer's packed working set, if it carries one: its blocks hold pages of the resolved
+   * image, whichever file of the chain holds them, and are units chunkCount.. onwards here.
+   */
+  readonly packed: PackedSet | undefined
+  /** The resolved chunks, then the packed working set's blocks. */
   readonly unitCount: number
   /** Whether any file of the chain is in object storage (isLocal and fetchAhead mean something). */
   readonly remote: boolean
@@ -62,7 +68,8 @@ export class LayeredReader {
       const payloadLength = (pages - this.zeroMap.countZero(first, pages)) * pageSize
       return {dataOffset: 0, storedLength: payloadLength, payloadLength, storedCrc: 0, codec: payloadLength === 0 ? Codec.None : Codec.Raw, flags: 0}
     })
-    this.unitCount = this.index.length
+    this.packed = top.packed
+    this.unitCount = this.index.length + (this.packed?.blocks.length ?? 0)
     this.basePayloadIndex = payloadPageIndex(files[0].zeroMap, files[0].geometry.pagesPerChunk)
     this.blockOfListIndex = files.map((f) => {
       const blocks = f.layer?.set.blocks ?? []
@@ -106,30 +113,42 @@ export class LayeredReader {
 
   entry(unit: number): ChunkEntry {
     if (!Number.isInteger(unit) || unit < 0 || unit >= this.unitCount) throw new RangeError(`chunk ${unit} is outside 0..${this.unitCount - 1}`)
-    return this.index[unit]
+    return unit < this.index.length ? this.index[unit] : this.packed!.blocks[unit - this.index.length]
   }
 
-  packedBlock(): undefined {
-    return undefined
+  /** The packed working-set block a unit number names, or undefined for a chunk. */
+  packedBlock(unit: number): number | undefined {
+    return unit >= this.index.length && unit < this.unitCount ? unit - this.index.length : undefined
   }
 
-  /** Whether every stored unit the chunk is assembled from can be read without waiting on the network. */
-  isLocal(chunk: number): boolean {
+  /** The top file's unit holding packed block `block`. */
+  private topUnit(block: number): number {
+    return this.files.at(-1)!.packedUnit(block)
+  }
+
+  /** Whether every stored unit the chunk (or the packed block) is made from can be read without waiting on the network. */
+  isLocal(unit: number): boolean {
     if (!this.remote) return true
-    return this.unitsOf(chunk).every(({source, unit}) => this.files[source].isLocal(unit))
+    const block = this.packedBlock(unit)
+    if (block !== undefined) return this.files.at(-1)!.isLocal(this.topUnit(block))
+    return this.unitsOf(unit).every(({source, unit}) => this.files[source].isLocal(unit))
   }
 
-  /** Asks the chain's remote files for the stored units these chunks are assembled from (nothing for local files). */
+  /** Asks the chain's remote files for the stored units these chunks (or packed blocks) are made from (nothing for local files). */
   fetchAhead(chunks: Iterable<number>, priority: Priority = PRIORITY_PREFETCH): void {
     if (!this.remote) return
     const wanted = this.files.map(() => new Set<number>())
-    for (const chunk of chunks) for (const {source, unit} of this.unitsOf(chunk)) wanted[source].add(unit)
+    for (const chunk of chunks) {
+      const block = this.packedBlock(chunk)
+      if (block !== undefined) wanted[this.files.length - 1].add(this.topUnit(block))
+      else for (const {source, unit} of this.unitsOf(chunk)) wanted[source].add(unit)
+    }
     for (const [source, units] of wanted.entries()) if (units.size > 0) this.files[source].fetchAhead(units, priority)
   }
 
   /** The files' units chunk `chunk` is assembled from (its pages' runs, looked up as readPayload does). */
   unitsOf(chunk: number): {source: number; unit: number}[] {
-    this.entry(chunk)
+    if (!Number.isInteger(chunk) || chunk < 0 || chunk >= this.index.length) throw new RangeError(`chunk ${chunk} is outside 0..${this.index.length - 1}`)
     const units: {source: number; unit: number}[] = []
     const first = this.geometry.firstPageOfChunk(chunk)
     const end = first + this.geometry.pagesInChunk(chunk)
@@ -148,6 +167,9 @@ export class LayeredReader {
    * priority, and the fault loop waits for it to land), so this never waits on the network.
    */
   readPayloadIfLocal(chunk: number, dst?: Buffer): Buffer | undefined {
+    const block = this.packedBlock(chunk)
+    // A packed block is one stored unit of the top file, read as that file reads it.
+    if (block !== undefined) return this.files.at(-1)!.readPayloadIfLocal(this.topUnit(block), dst)
     if (this.remote && !this.isLocal(chunk)) {
       this.fetchAhead([chunk], PRIORITY_DEMAND)
       return undefined
@@ -161,6 +183,8 @@ export class LayeredReader {
    * next call.
    */
   readPayload(chunk: number, dst?: Buffer): Buffer {
+    const block = this.packedBlock(chunk)
+    if (block !== undefined) return this.files.at(-1)!.readPayload(this.topUnit(block), dst)
     return this.assemble(chunk, dst, true)!
   }
 

@@ -9,7 +9,7 @@ import {FileByteSource} from './byte-source.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {describePrefix, type LayersPrefix, locationIn, parseLayersPrefix, prefixOf} from './parent-location.js'
 import {SnapshotReader} from './reader.js'
-import {type FileSpec, type SnapshotSpec} from './spec.js'
+import {type FileSpec, openFileSpec, type SnapshotSpec} from './spec.js'
 
 /**
  * A snapshot a command opened, wherever it lives: a reader for the main thread, specs for the
@@ -169,6 +169,25 @@ function single(file: OpenedFile): SnapshotSpec {
 async function closeFile(file: OpenedFile): Promise<void> {
   if (file.remote) await file.remote.close()
   else file.reader.close()
+}
+
+/**
+ * The chain of a layer just written at `layerPath` over `parent` (opened by the caller, which
+ * checked its chain): the parent's files opened again on this thread, then the layer. For
+ * attaching a working set to a layer before it takes its name, when it is not yet where its
+ * parents would be looked for. The reader is the caller's to close.
+ */
+export function layerOver(parent: OpenedSnapshot, layerPath: string): LayeredReader {
+  const spec = parent.spec()
+  const files: SnapshotReader[] = []
+  try {
+    for (const file of spec.kind === 'chain' ? spec.files : [spec]) files.push(openFileSpec(file))
+    files.push(SnapshotReader.open(layerPath))
+    return LayeredReader.fromFiles(files, [...(parent.reader instanceof LayeredReader ? parent.reader.paths : [parent.name]), layerPath])
+  } catch (error) {
+    for (const f of files) f.close()
+    throw error
+  }
 }
 
 /**

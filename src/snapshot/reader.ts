@@ -67,11 +67,12 @@ export class SnapshotReader {
     readonly layout: string,
   ) {
     this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
-    this.blocks = packed?.blocks ?? layer?.set.blocks ?? []
+    // A layer's own blocks first, then the packed working set's (docs/FORMAT.md, Layers).
+    this.blocks = [...(layer?.set.blocks ?? []), ...(packed?.blocks ?? [])]
     this.unitCount = index.length + this.blocks.length
   }
 
-  /** The packed working set's blocks, or a layer's: the units after the chunks. */
+  /** The units after the chunks: a layer's blocks, then the packed working set's. */
   private readonly blocks: readonly ChunkEntry[]
 
   /**
@@ -132,7 +133,6 @@ export class SnapshotReader {
     const layout = createHash('sha256').update(headerBytes).update(footerBytes).update(indexBytes).update(zeroMapBytes)
     let layer: LayerData | undefined
     if (layered) {
-      if (packed) throw new SnapshotFormatError('CORRUPT', 'header', 'a layer carries a packed working set (the two are not combined)')
       const meta = header.metadata.layer as {blocks?: unknown} | undefined
       const dataEnd = Math.min(footer.indexOffset, footer.zeroMapOffset)
       const location = checkLayerLocation(meta, headerSize, dataEnd, geometry)
@@ -283,9 +283,14 @@ export class SnapshotReader {
     return unit < this.index.length ? this.index[unit] : this.blocks[unit - this.index.length]
   }
 
-  /** The packed block a unit number names, or undefined for a chunk. */
+  /** The packed block a unit number names (for a layer: one of its blocks, then the packed set's), or undefined for a chunk. */
   packedBlock(unit: number): number | undefined {
     return unit >= this.index.length && unit < this.unitCount ? unit - this.index.length : undefined
+  }
+
+  /** The unit number of packed working-set block `block` (after a layer's own blocks). */
+  packedUnit(block: number): number {
+    return this.index.length + (this.layer?.set.blocks.length ?? 0) + block
   }
 
   /** Whether the unit's stored bytes can be read without waiting on the network (always, for a local file). */
@@ -332,7 +337,8 @@ export class SnapshotReader {
 
   private chunkError(unit: number, code: 'CORRUPT', detail: string): SnapshotFormatError {
     const block = this.packedBlock(unit)
-    const part = block === undefined ? `chunk ${unit}` : this.layer ? `layer block ${block}` : `packed working set block ${block}`
+    const layerBlocks = this.layer?.set.blocks.length ?? 0
+    const part = block === undefined ? `chunk ${unit}` : block < layerBlocks ? `layer block ${block}` : `packed working set block ${block - layerBlocks}`
     return new SnapshotFormatError(code, part, detail, this.source.name)
   }
 }

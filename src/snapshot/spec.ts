@@ -32,7 +32,8 @@ export function openSpec(spec: SnapshotSpec): ImageReader {
   }
 }
 
-function openFileSpec(spec: FileSpec): SnapshotReader {
+/** Opens one file of a spec on this thread. */
+export function openFileSpec(spec: FileSpec): SnapshotReader {
   return spec.kind === 'file' ? SnapshotReader.open(spec.path, spec.openPath) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port))
 }
 
