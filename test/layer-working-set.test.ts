@@ -1,38 +1,22 @@
 // A working set attached to a layer (`working-set attach LAYER`, `snapshot --parent --working-set`):
 // its pages packed from the image the chain resolves to, prefetched at resume by a real client
 // checking every byte, checked by verify, and the layer's identity kept (layers on it resolve).
-import {spawn} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
-import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
-import {makeImage, pseudoRandom, tempDir} from './helpers/images.js'
+import {isRoot, uffd, uffdAsync} from './helpers/cli.js'
+import {makeImage, tempDir} from './helpers/images.js'
+import {FC_CLIENT, runFcClient, scatteredChange as changed, uffdOk as ok} from './helpers/layered.js'
 
-const PAGE = 4096
 const SIZE = 8 * 1024 * 1024
-const PAGES = SIZE / PAGE
 const SET_PAGES = 300
-const FC_CLIENT = path.join(NATIVE, 'fc_client')
 const skip = !isRoot() ? 'not root (fc_client needs a kernel-mode userfaultfd)' : !fs.existsSync(FC_CLIENT) ? `${FC_CLIENT} is not built (npm run build)` : undefined
 if (skip) console.warn(`test/layer-working-set.test.ts skipped: ${skip}`)
 
 let dir: string
 const at = (name: string): string => path.join(dir, name)
-
-function changed(image: Buffer, seed: number, stride: number): Buffer {
-  const out = Buffer.from(image)
-  const fresh = pseudoRandom(SIZE, seed)
-  for (let p = seed % stride; p < PAGES; p += stride) fresh.copy(out, p * PAGE, p * PAGE, (p + 1) * PAGE)
-  return out
-}
-
-function ok(args: string[]): any {
-  const r = uffd([...args, '--json'])
-  expect(r.status, `uffd ${args.join(' ')}:\n${r.stdout}${r.stderr}`).toBe(0)
-  return r.json
-}
 
 /** Serves `snapshot` to one fc_client on `image`; returns the client's report and the run's stats. */
 async function resume(snapshot: string, image: string, extra: string[], clientArgs: string[]): Promise<{client: any; stats: any}> {
@@ -42,14 +26,7 @@ async function resume(snapshot: string, image: string, extra: string[], clientAr
   const handler = uffdAsync(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--stats-file', statsFile, '--timeout', '30', '--json', ...extra], {timeoutMs: 60_000})
   for (let i = 0; i < 400 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
   expect(fs.existsSync(ready), 'the handler never became ready').toBe(true)
-  const client = await new Promise<{status: number | null; stdout: string; stderr: string}>((resolve) => {
-    const child = spawn(FC_CLIENT, ['--socket', socket, '--image', image, ...clientArgs, '--timeout-ms', '30000'], {stdio: ['ignore', 'pipe', 'pipe']})
-    let stdout = ''
-    let stderr = ''
-    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d))
-    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d))
-    child.on('close', (status) => resolve({status, stdout, stderr}))
-  })
+  const client = await runFcClient(socket, image, clientArgs)
   const done = await handler
   expect(client.status, `fc_client:\n${client.stdout}${client.stderr}\nresume:\n${done.stderr}`).toBe(0)
   expect(done.status, done.stderr).toBe(0)

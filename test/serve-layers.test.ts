@@ -1,47 +1,26 @@
 // One handler serving several layers of one base (`resume --serve --also SNAP=SOCK`): real
 // fc_client VMMs on each socket, every byte checked, the base's decoded units shared between the
 // snapshots and counted in the stats.
-import {type ChildProcess, spawn} from 'node:child_process'
+import {type ChildProcess} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
-import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
-import {makeImage, pseudoRandom, tempDir} from './helpers/images.js'
+import {isRoot, uffd, uffdAsync} from './helpers/cli.js'
+import {makeImage, tempDir} from './helpers/images.js'
+import {FC_CLIENT, runFcClient, scatteredChange as changed, uffdOk as ok} from './helpers/layered.js'
 
-const PAGE = 4096
 const SIZE = 8 * 1024 * 1024
-const PAGES = SIZE / PAGE
-const FC_CLIENT = path.join(NATIVE, 'fc_client')
 const skip = !isRoot() ? 'not root (fc_client needs a kernel-mode userfaultfd)' : !fs.existsSync(FC_CLIENT) ? `${FC_CLIENT} is not built (npm run build)` : undefined
 if (skip) console.warn(`test/serve-layers.test.ts skipped: ${skip}`)
 
 let dir: string
 const at = (name: string): string => path.join(dir, name)
 
-/** `image` with every `stride`-th page (from `seed % stride`) replaced. */
-function changed(image: Buffer, seed: number, stride: number): Buffer {
-  const out = Buffer.from(image)
-  const fresh = pseudoRandom(SIZE, seed)
-  for (let p = seed % stride; p < PAGES; p += stride) fresh.copy(out, p * PAGE, p * PAGE, (p + 1) * PAGE)
-  return out
-}
-
-function ok(args: string[]): any {
-  const r = uffd([...args, '--json'])
-  expect(r.status, `uffd ${args.join(' ')}:\n${r.stdout}${r.stderr}`).toBe(0)
-  return r.json
-}
-
-/** Runs fc_client to the end; resolves with its exit status and output. */
-function client(socket: string, image: string, seed: number): Promise<{status: number | null; stdout: string; stderr: string}> {
-  const child: ChildProcess = spawn(FC_CLIENT, ['--socket', socket, '--image', image, '--touch', 'random', '--seed', String(seed), '--verify-all', '--timeout-ms', '30000'], {stdio: ['ignore', 'pipe', 'pipe']})
-  let stdout = ''
-  let stderr = ''
-  child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))
-  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
-  return new Promise((resolve) => child.on('close', (status) => resolve({status, stdout, stderr})))
+/** A VMM resuming on `socket`, touching its memory in a random order, checking all of it against `image`. */
+function client(socket: string, image: string, seed: number): ReturnType<typeof runFcClient> {
+  return runFcClient(socket, image, ['--touch', 'random', '--seed', String(seed), '--verify-all'])
 }
 
 beforeAll(() => {

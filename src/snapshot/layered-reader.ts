@@ -197,16 +197,19 @@ export class LayeredReader {
     const first = this.geometry.firstPageOfChunk(chunk)
     const end = first + this.geometry.pagesInChunk(chunk)
     let at = 0
+    // The units another chain had decoded, once each however many runs of the chunk they hold.
+    const spared = new Set<string>()
     for (let r = findRun(this.runs, first), p = first; p < end; r++) {
       const run = this.runs[r]
       const stop = Math.min(end, run.firstPage + run.pageCount)
       if (run.source !== SOURCE_ZERO) {
-        const next = this.copyPages(run.source, p, stop, payload, at, wait)
+        const next = this.copyPages(run.source, p, stop, payload, at, wait, spared)
         if (next === undefined) return undefined
         at = next
       }
       p = stop
     }
+    this.shared += spared.size
     return payload
   }
 
@@ -240,13 +243,14 @@ export class LayeredReader {
   /**
    * Copies pages [from, to) of file `source` (all data pages there: checked at open) to `dst` at
    * `at`; returns the next offset, or undefined (without `wait`) when a unit is not on this host.
+   * Adds to `spared` the units it took that another chain had decoded.
    */
-  private copyPages(source: number, from: number, to: number, dst: Buffer, at: number, wait: boolean): number | undefined {
+  private copyPages(source: number, from: number, to: number, dst: Buffer, at: number, wait: boolean, spared: Set<string>): number | undefined {
     const {pageSize} = this.geometry
     for (const {unit, position, count} of this.pieces(source, from, to)) {
       const taken = this.units.take(this.files[source], unit, wait, this.chain)
       if (!taken) return undefined
-      if (taken.shared) this.shared++
+      if (taken.shared) spared.add(`${source}:${unit}`)
       const {payload} = taken
       payload.copy(dst, at, position * pageSize, (position + count) * pageSize)
       at += count * pageSize

@@ -197,15 +197,12 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   let blocks: PackedBlock[] = []
   for (let headerSize = 0, round = 0; ; headerSize = encoded.length, round++) {
     if (round > 8) throw new UffdError('INTERNAL', 'the header size does not settle (a bug): giving up')
-    let at = headerSize
-    blocks = (packed?.blocks ?? []).map((b, i) => {
-      const dataOffset = b.codec === Codec.None ? 0 : at
-      at += packed!.stored[i].length
-      return {...b, dataOffset}
-    })
-    table = packed ? encodePackedTable({blocks, pages: packed.list}) : Buffer.alloc(0)
+    const placed = placePacked(packed, headerSize)
+    blocks = placed.blocks
+    table = placed.table
+    const at = placed.tableAt
     const workingSet: AttachedWorkingSet = {chunks, pages: pages.length, runs: set.runs}
-    if (packed) workingSet.packed = {offset: at, length: table.length, crc: crc32(table).toString(16).padStart(8, '0'), blocks: blocks.length, pages: packed.list.length, codec: options.codec}
+    if (packed) workingSet.packed = {offset: at, length: table.length, crc: hex8(table), blocks: blocks.length, pages: packed.list.length, codec: options.codec}
     if (learned) workingSet.learned = {...learned.location, offset: at + table.length}
     encoded = encodeHeader({
       incompatFeatures: header.incompatFeatures,
@@ -274,15 +271,11 @@ function* relayoutLayer(chain: LayeredReader, out: OutputSink, set: SetToAttach,
   let packedBlocks: PackedBlock[] = []
   for (let headerSize = 0, round = 0; ; headerSize = encoded.length, round++) {
     if (round > 8) throw new UffdError('INTERNAL', 'the header size does not settle (a bug): giving up')
-    let at = headerSize
-    packedBlocks = (packed?.blocks ?? []).map((b, i) => {
-      const dataOffset = b.codec === Codec.None ? 0 : at
-      at += packed!.stored[i].length
-      return {...b, dataOffset}
-    })
-    packedTable = packed ? encodePackedTable({blocks: packedBlocks, pages: packed.list}) : Buffer.alloc(0)
-    const packedAt = at
-    at += packedTable.length
+    const placed = placePacked(packed, headerSize)
+    packedBlocks = placed.blocks
+    packedTable = placed.table
+    const packedAt = placed.tableAt
+    let at = packedAt + packedTable.length
     const own = layer.set.blocks.map((b) => {
       const dataOffset = b.codec === Codec.None ? 0 : at
       if (b.codec !== Codec.None) at += b.storedLength
@@ -332,6 +325,17 @@ function* relayoutLayer(chain: LayeredReader, out: OutputSink, set: SetToAttach,
   out.append(runTable)
   appendTail(out, [], top.zeroMap, encoded.readUInt32LE(encoded.length - 8))
   return {fileSize: out.size, chunksFirst: 0, packedBlocks: packedBlocks.length, packedBytes: (packed?.stored ?? []).reduce((n, b) => n + b.length, 0)}
+}
+
+/** The packed blocks placed from `at` on (their stored bytes in order), their table, and where it goes (right after them). */
+function placePacked(packed: {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array} | undefined, at: number): {blocks: PackedBlock[]; table: Buffer; tableAt: number} {
+  if (!packed) return {blocks: [], table: Buffer.alloc(0), tableAt: at}
+  const blocks = packed.blocks.map((b, i) => {
+    const dataOffset = b.codec === Codec.None ? 0 : at
+    at += packed.stored[i].length
+    return {...b, dataOffset}
+  })
+  return {blocks, table: encodePackedTable({blocks, pages: packed.list}), tableAt: at}
 }
 
 function hex8(bytes: Buffer): string {
