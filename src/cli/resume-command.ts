@@ -37,15 +37,10 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
   const also: AlsoServed[] = []
   try {
     for (const {snapshot: text, socketPath} of wanted) also.push({snapshot: await openSnapshot(text, remote, flags.layers), socketPath})
-    // Their report would cover the first snapshot's fetching only, and nothing tests them: a
-    // remote snapshot is served by a handler of its own.
-    for (const s of [snapshot, ...also.map((a) => a.snapshot)]) {
-      if (also.length > 0 && s.remote) throw new UffdError('USAGE', `--also serves local snapshots: ${s.name} is (or has a parent) in object storage; serve it with a handler of its own`)
-    }
     // A remote chunk is fetched by the fetcher thread and decoded by a decoder: the fault loop
     // itself never waits on the network (a fault whose chunk is not here yet waits, the loop
     // goes on serving).
-    if (snapshot.remote && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
+    if ([snapshot, ...also.map((a) => a.snapshot)].some((s) => s.remote) && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
     if (flags.learn && !(snapshot.reader instanceof SnapshotReader)) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: a layer cannot learn (learn on the base before layering, or squash the chain first)')
     if (snapshot.remote && flags.learn) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: it needs a local file, not a URL (learn on a local copy, then `uffd cp` it back)')
     return await serve(snapshot, also, decoders, flags, json)

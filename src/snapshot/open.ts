@@ -25,7 +25,10 @@ export interface OpenedSnapshot {
   remote: boolean
   /** A spec for one new thread (call once per thread: a remote file carries its own port). */
   spec(): SnapshotSpec
-  report(): RemoteReport | undefined
+  /** What fetching cost, summed over its remote files and those of `others` (snapshots served beside it); undefined when none is remote. */
+  report(...others: OpenedSnapshot[]): RemoteReport | undefined
+  /** Its files in object storage. */
+  remotes(): RemoteSnapshot[]
   /** The local files it is read from, as this process has them open (/proc/self/fd/N): none for a URL. */
   localFiles(): string[]
   close(): Promise<void>
@@ -58,7 +61,8 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
       location,
       remote: top.remote !== undefined,
       spec: () => single(top),
-      report: () => top.remote?.report(),
+      report: (...others) => reportOf([...(top.remote ? [top.remote] : []), ...others.flatMap((o) => o.remotes())]),
+      remotes: () => (top.remote ? [top.remote] : []),
       localFiles: () => localFiles([top]),
       close: () => closeFile(top),
     }
@@ -93,14 +97,15 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
     throw error
   }
   const files = [...parents, top]
-  const [first, ...others] = files.flatMap((f) => (f.remote ? [f.remote] : []))
+  const remotes = files.flatMap((f) => (f.remote ? [f.remote] : []))
   return {
     reader,
     name: top.name,
     location,
-    remote: first !== undefined,
+    remote: remotes.length > 0,
     spec: () => ({kind: 'chain', files: files.map((f) => f.spec()), paths: [...reader.paths], landedFd}),
-    report: () => first?.report(...others),
+    report: (...others) => reportOf([...remotes, ...others.flatMap((o) => o.remotes())]),
+    remotes: () => [...remotes],
     localFiles: () => localFiles(files),
     close: async () => {
       // The chain first (it lets go of its share of the thread's unit cache), then its files.
@@ -159,6 +164,11 @@ export async function isRecordedParent(location: Location, remote: RemoteOptions
   }
   await closeFile(file)
   return file.reader.identity === id || file.reader.layout === id
+}
+
+function reportOf(remotes: readonly RemoteSnapshot[]): RemoteReport | undefined {
+  const [first, ...others] = remotes
+  return first?.report(...others)
 }
 
 function single(file: OpenedFile): SnapshotSpec {

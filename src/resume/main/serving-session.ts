@@ -247,7 +247,7 @@ class ServingSession implements ClientIntake {
       snapshot.name,
       this.startedAt,
       Date.now(),
-      snapshot.report(),
+      snapshot.report(...also.map((a) => a.snapshot)),
       also.map((a) => a.snapshot.name),
     )
   }
