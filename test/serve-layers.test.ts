@@ -12,7 +12,7 @@ import {makeImage, tempDir} from './helpers/images.js'
 import {DirRangeServer} from './helpers/dir-range-server.js'
 import {FC_CLIENT, runFcClient, scatteredChange as changed, uffdOk as ok} from './helpers/layered.js'
 
-const SIZE = 8 * 1024 * 1024
+const SIZE = 24 * 1024 * 1024
 const skip = !isRoot() ? 'not root (fc_client needs a kernel-mode userfaultfd)' : !fs.existsSync(FC_CLIENT) ? `${FC_CLIENT} is not built (npm run build)` : undefined
 if (skip) console.warn(`test/serve-layers.test.ts skipped: ${skip}`)
 

@@ -19,7 +19,7 @@ export const resumeFlagSpecs = {
     kind: 'string',
     multiple: true,
     summary:
-      "SNAPSHOT=SOCKET: also serve SNAPSHOT (a path or URL, a layer's parents found as for the first) to the VMMs that connect to SOCKET; repeatable. A VMM's handshake does not name a snapshot, so each gets its own socket. One fault loop and one set of decoders serve them all: layers over a common base share its decoded chunks (counted as chunks.storedUnitsShared). Ready (--ready-file, listing every socket, and the 'listening on' line) once every socket listens. With --serve; not with --working-set FILE, --record or --learn, which name one snapshot.",
+      "SNAPSHOT=SOCKET: also serve SNAPSHOT (a path or URL, a layer's parents found as for the first) to the VMMs that connect to SOCKET; repeatable. A VMM's handshake does not name a snapshot, so each gets its own socket. One fault loop and one set of decoders serve them all: layers over a common base share its decoded chunks (counted as chunks.storedUnitsShared); the snapshots' caches share --cache-mb, and decoded base chunks are kept within as much again. Ready (--ready-file, listing every socket, and the 'listening on' line) once every socket listens. With --serve; not with --working-set FILE, --record or --learn, which name one snapshot.",
   },
   kill: {kind: 'boolean', summary: 'Kill a client that can no longer be served correctly (--no-kill leaves it frozen).', default: true, allowNo: true},
   'cache-mb': {kind: 'integer', summary: 'Memory for decoded chunks, MiB; the working set staged before the first client gets as much again.', default: 256, min: 1},

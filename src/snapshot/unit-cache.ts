@@ -27,6 +27,8 @@ export class UnitCache {
   private blockBytes = 0
   private chains = 0
   private nextChain = 0
+  /** Base chunks kept at least, whatever the chains attached (reserveBaseEntries). */
+  private reserved = 0
   readonly decodes = new Map<string, number>()
   readonly hits = new Map<string, number>()
 
@@ -34,6 +36,15 @@ export class UnitCache {
   attach(): number {
     this.chains++
     return this.nextChain++
+  }
+
+  /**
+   * Keeps at least `entries` decoded base chunks from now on: a thread serving several layers of
+   * one base (resume --also) reads each base chunk for every layer that faults on it, at whatever
+   * time its VMM does, and the per-chain room would have dropped it by then.
+   */
+  reserveBaseEntries(entries: number): void {
+    this.reserved = Math.max(0, Math.floor(entries))
   }
 
   /** A chain stops using it; with none left, its buffers are dropped. */
@@ -117,7 +128,7 @@ export class UnitCache {
   }
 
   private get capacity(): number {
-    return Math.max(1, this.chains) * UNIT_CACHE_ENTRIES_PER_CHAIN
+    return Math.max(Math.max(1, this.chains) * UNIT_CACHE_ENTRIES_PER_CHAIN, this.reserved)
   }
 }
 

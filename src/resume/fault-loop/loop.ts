@@ -5,6 +5,7 @@ import {UffdError} from '../../core/errors.js'
 import {WorkingSetRecorder} from '../../format/working-set-recorder.js'
 import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {openSpec, specLandedFd} from '../../snapshot/spec.js'
+import {threadUnitCache} from '../../snapshot/unit-cache.js'
 import {
   closeFd,
   decodeUffdMessage,
@@ -105,7 +106,9 @@ export class FaultLoop {
     const readaheadSlots = Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize)))
     // Plus one per working-set unit staged before the first client, within --cache-mb. Slots are
     // chunk-sized, but only the decoded bytes are ever touched, so only those take memory.
-    const stagedSlots = served.map(({workingSetUnits}) => (config.decoders > 0 ? Math.min(workingSetUnits.length, Math.floor(config.cacheBytes / chunkSize)) : 0))
+    // (Several snapshots share --cache-mb, here and in their caches below.)
+    const cacheBytes = Math.floor(config.cacheBytes / served.length)
+    const stagedSlots = served.map(({workingSetUnits}) => (config.decoders > 0 ? Math.min(workingSetUnits.length, Math.floor(cacheBytes / chunkSize)) : 0))
     const pool =
       config.decoders > 0
         ? new DecodePool(
@@ -118,9 +121,14 @@ export class FaultLoop {
     // A helper thread installs most of each client's staged working set beside this one:
     // single-page copies cost ~2-3 µs each in the kernel and two threads copying run side by side.
     const installHelper = pool !== undefined && availableParallelism() > 1 && process.env.UFFD_INSTALL_HELPER !== '0'
+    // Several snapshots: their resolved-chunk caches share --cache-mb, and the decoded units of
+    // their files (a common base's chunks, which every layer over it assembles its chunks from)
+    // are kept within as much again, so that a base chunk one VMM faulted in is still decoded
+    // when a VMM of another layer faults on it.
+    if (served.length > 1) threadUnitCache.reserveBaseEntries(config.cacheBytes / chunkSize)
     const images = served.map(({snapshot, workingSetUnits}, image): ImageParts => {
       const reader = readers[image]
-      const source = new DecodedUnits(reader, pool, stats, config.cacheBytes, specLandedFd(snapshot), image)
+      const source = new DecodedUnits(reader, pool, stats, cacheBytes, specLandedFd(snapshot), image)
       const installer = new Installer(kernelFillCalls, stats, reader.geometry.pageSize, reader.zeroMap, zeroRunWindowPages(reader))
       // Faults on packed working-set pages are served from their blocks only while those blocks are
       // being prefetched (not with --working-set none, nor for CRIU's restored processes).
