@@ -8,6 +8,7 @@ import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
 import {isRoot, uffd, uffdAsync} from './helpers/cli.js'
 import {makeImage, tempDir} from './helpers/images.js'
+import {DirRangeServer} from './helpers/dir-range-server.js'
 import {FC_CLIENT, runFcClient, scatteredChange as changed, uffdOk as ok} from './helpers/layered.js'
 
 const SIZE = 8 * 1024 * 1024
@@ -96,6 +97,25 @@ describe.skipIf(skip)('a working set on a layer', () => {
     expect(client.verify_errors).toBe(0)
     expect(stats.pages.prefetched).toBeGreaterThanOrEqual(SET_PAGES)
   }, 120_000)
+
+  it('attaches to a layer read over HTTP (its chain fetched), written to a local file', async () => {
+    // The same pages as a set recorded on c.uffd (a set names its snapshot by its header CRC).
+    const c = fs.readFileSync(at('c.uffd'))
+    const set = JSON.parse(fs.readFileSync(at('a.ws'), 'utf8'))
+    set.snapshot.headerCrc = c.readUInt32LE(c.readUInt32LE(12) - 8)
+    fs.writeFileSync(at('c.ws'), JSON.stringify(set))
+    const http = await DirRangeServer.start(dir)
+    try {
+      const r = await uffdAsync(['working-set', 'attach', http.url('c.uffd'), at('c.ws'), '-o', at('c-ws.uffd'), '--cache-dir', at('cache'), '--json'])
+      expect(r.status, r.stderr).toBe(0)
+      expect((r.json as any).packedBlocks).toBeGreaterThan(0)
+    } finally {
+      await http.close()
+    }
+    const v = ok(['verify', at('c-ws.uffd'), '--against', at('c.raw')])
+    expect(v.ok).toBe(true)
+    expect(v.blocksChecked).toBeGreaterThan(0)
+  }, 60_000)
 
   it('verify finds a damaged packed block of a layer', () => {
     const before = fs.readFileSync(at('a.uffd'))
