@@ -129,6 +129,34 @@ describe.skipIf(skip)('resume --serve --also', () => {
     }
   }, 120_000)
 
+  it('checks each VMM against the snapshot of the socket it came to', async () => {
+    // A smaller snapshot on the second socket: a VMM with the first one's memory is refused there.
+    fs.writeFileSync(at('small.raw'), makeImage('mixed', 2 * 1024 * 1024, 9))
+    ok(['snapshot', '--mem-file', at('small.raw'), '-o', at('small.uffd')])
+    const [sockA, sockB, ready] = [at('ma.sock'), at('mb.sock'), at('m.ready')]
+    let handler: ChildProcess | undefined
+    let log = ''
+    const done = uffdAsync(['resume', at('a.uffd'), '--socket', sockA, '--serve', '--also', `${at('small.uffd')}=${sockB}`, '--ready-file', ready, '--json'], {
+      timeoutMs: 60_000,
+      onSpawn: (child) => {
+        handler = child
+        child.stderr!.on('data', (d: Buffer | string) => (log += d.toString()))
+      },
+    })
+    for (let i = 0; i < 400 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
+    const wrong = await client(sockB, at('a.raw'), 6)
+    expect(wrong.status, wrong.stdout).not.toBe(0)
+    const right = await Promise.all([client(sockB, at('small.raw'), 7), client(sockA, at('a.raw'), 8)])
+    for (let i = 0; i < 400 && (log.match(/client \d+ ended/g) ?? []).length < 2; i++) await new Promise((r) => setTimeout(r, 25))
+    handler!.kill('SIGTERM')
+    const r = await done
+    for (const c of right) expect(JSON.parse(c.stdout).verify_errors, `${c.stdout}${c.stderr}\n${r.stderr}`).toBe(0)
+    const result = r.json as any
+    expect(result.rejected).toHaveLength(1)
+    expect(result.rejected[0].message).toMatch(/the snapshot holds 2097152/)
+    expect(result.clients.map((c: any) => c.socket).sort()).toEqual([sockA, sockB])
+  }, 90_000)
+
   it('refuses what names one snapshot, and a socket given twice', () => {
     const base = ['resume', at('a.uffd'), '--socket', at('x.sock'), '--serve', '--json']
     expect(uffd([...base, '--also', `${at('b.uffd')}=${at('x.sock')}`]).json.error.code).toBe('USAGE')

@@ -121,10 +121,9 @@ export class FaultLoop {
     // A helper thread installs most of each client's staged working set beside this one:
     // single-page copies cost ~2-3 µs each in the kernel and two threads copying run side by side.
     const installHelper = pool !== undefined && availableParallelism() > 1 && process.env.UFFD_INSTALL_HELPER !== '0'
-    // Several snapshots: their resolved-chunk caches share --cache-mb, and the decoded units of
-    // their files (a common base's chunks, which every layer over it assembles its chunks from)
-    // are kept within as much again, so that a base chunk one VMM faulted in is still decoded
-    // when a VMM of another layer faults on it.
+    // Several snapshots: the decoded units of their files (a common base's chunks, which every
+    // layer over it assembles its chunks from) are kept within --cache-mb again, so that a base
+    // chunk one VMM faulted in is still decoded when a VMM of another layer faults on it.
     if (served.length > 1) threadUnitCache.reserveBaseEntries(config.cacheBytes / chunkSize)
     const images = served.map(({snapshot, workingSetUnits}, image): ImageParts => {
       const reader = readers[image]
