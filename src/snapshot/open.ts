@@ -200,16 +200,6 @@ export function layerOver(parent: OpenedSnapshot, layerPath: string): LayeredRea
   }
 }
 
-/**
- * The snapshot's one file, for commands that rewrite a file as it is (working-set attach): a
- * layer is refused, since its chain would not come with it.
- */
-export function singleFile(snapshot: OpenedSnapshot, command: string): SnapshotReader {
-  const {reader} = snapshot
-  if (reader instanceof SnapshotReader) return reader
-  throw new UffdError('USAGE', `${snapshot.name} is a layer: ${command} takes one self-contained snapshot (uffd squash makes one from the chain)`)
-}
-
 function localFiles(files: readonly OpenedFile[]): string[] {
   return files.filter((f) => f.remote === undefined).map((f) => localSource(f.reader).sameFilePath)
 }
