@@ -129,6 +129,32 @@ describe.skipIf(skip)('resume --serve --also', () => {
     }
   }, 120_000)
 
+  it('populates the VMMs of both layers from one decode pool (the decoders serve both snapshots)', async () => {
+    const [sockA, sockB, ready, statsFile] = [at('pa.sock'), at('pb.sock'), at('p.ready'), at('p.json')]
+    let handler: ChildProcess | undefined
+    let log = ''
+    const done = uffdAsync(['resume', at('a.uffd'), '--socket', sockA, '--serve', '--also', `${at('b.uffd')}=${sockB}`, '--populate', 'all', '--decoders', '2', '--ready-file', ready, '--stats-file', statsFile, '--json'], {
+      timeoutMs: 60_000,
+      onSpawn: (child) => {
+        handler = child
+        child.stderr!.on('data', (d: Buffer | string) => (log += d.toString()))
+      },
+    })
+    for (let i = 0; i < 400 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
+    // Touching after a pause: most of memory comes from population, decoded by the decoder threads.
+    const clients = await Promise.all([
+      runFcClient(sockA, at('a.raw'), ['--touch', 'random', '--verify-all', '--delay-ms', '300']),
+      runFcClient(sockB, at('b.raw'), ['--touch', 'random', '--verify-all', '--delay-ms', '300']),
+    ])
+    for (let i = 0; i < 400 && (log.match(/client \d+ ended/g) ?? []).length < 2; i++) await new Promise((r) => setTimeout(r, 25))
+    handler!.kill('SIGTERM')
+    const r = await done
+    for (const c of clients) expect(JSON.parse(c.stdout).verify_errors, `${c.stdout}${c.stderr}\n${r.stderr}`).toBe(0)
+    const stats = JSON.parse(fs.readFileSync(statsFile, 'utf8'))
+    expect(stats.pages.prefetched).toBeGreaterThan(0)
+    console.log(`serve --also --populate all: ${JSON.stringify(stats.chunks)}, ${stats.pages.prefetched} pages prefetched`)
+  }, 90_000)
+
   it('checks each VMM against the snapshot of the socket it came to', async () => {
     // A smaller snapshot on the second socket: a VMM with the first one's memory is refused there.
     fs.writeFileSync(at('small.raw'), makeImage('mixed', 2 * 1024 * 1024, 9))

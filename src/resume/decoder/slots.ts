@@ -35,4 +35,10 @@ export interface DecoderConfig {
   claims: SharedArrayBuffer
   control: SharedArrayBuffer
   eventFd: number
+  /**
+   * Serving several snapshots: this decoder's number, of `decoders`. It takes the requests for
+   * units numbered `index` modulo `decoders` first (the same unit of sibling layers assembles from
+   * the same base chunk, which it then has decoded), others when it has none of its own.
+   */
+  affinity?: {index: number; decoders: number}
 }

@@ -28,16 +28,22 @@ setThreadNice(DECODER_NICE)
 Atomics.add(control, CONTROL_STARTED, 1)
 Atomics.notify(control, CONTROL_STARTED)
 
-/** Claims the oldest unclaimed request, or returns -1. */
+const {affinity} = config
+
+/** Claims the oldest unclaimed request (the oldest of this decoder's own units first, see DecoderConfig.affinity), or returns -1. */
 function claim(): number {
   for (;;) {
     let best = -1
+    let own = -1
     for (let s = 0; s < states.length; s++) {
-      if (Atomics.load(states, s) === SLOT_PENDING && Atomics.load(claims, s) === 0 && (best < 0 || order[s] < order[best])) best = s
+      if (Atomics.load(states, s) !== SLOT_PENDING || Atomics.load(claims, s) !== 0) continue
+      if (best < 0 || order[s] < order[best]) best = s
+      if (affinity && units[s] % affinity.decoders === affinity.index && (own < 0 || order[s] < order[own])) own = s
     }
-    if (best < 0) return -1
+    const pick = own >= 0 ? own : best
+    if (pick < 0) return -1
     // Another decoder may have claimed it between the scan and here: scan again.
-    if (Atomics.compareExchange(claims, best, 0, 1) === 0) return best
+    if (Atomics.compareExchange(claims, pick, 0, 1) === 0) return pick
   }
 }
 

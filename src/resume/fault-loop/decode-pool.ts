@@ -74,7 +74,9 @@ export class DecodePool {
     const served = Array.isArray(snapshots) ? snapshots : [snapshots as SnapshotSpec]
     for (let i = 0; i < decoders; i++) {
       const specs = served.map((spec) => childSpec(spec))
-      const config: DecoderConfig = {snapshots: specs, arena: this.arena, slotBytes, states, lengths, decodes, shared, images, units, order, claims, control, eventFd: this.eventFd}
+      // (Several snapshots: a unit of one goes to the decoder that has the same unit of the others.)
+      const affinity = served.length > 1 && decoders > 1 ? {index: i, decoders} : undefined
+      const config: DecoderConfig = {snapshots: specs, arena: this.arena, slotBytes, states, lengths, decodes, shared, images, units, order, claims, control, eventFd: this.eventFd, affinity}
       this.workers.push(startWorker(import.meta.url, '../decoder/worker', config, specs.flatMap((spec) => specTransfer(spec))))
     }
   }
