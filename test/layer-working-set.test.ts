@@ -1,6 +1,7 @@
 // A working set attached to a layer (`working-set attach LAYER`, `snapshot --parent --working-set`):
 // its pages packed from the image the chain resolves to, prefetched at resume by a real client
 // checking every byte, checked by verify, and the layer's identity kept (layers on it resolve).
+import {type ChildProcess} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 
@@ -84,6 +85,32 @@ describe.skipIf(skip)('a working set on a layer', () => {
     const c = await resume(at('c.uffd'), at('c.raw'), [], ['--touch', 'random', '--verify-all'])
     expect(c.client.verify_errors).toBe(0)
   }, 120_000)
+
+  it('with --also, listens on every socket once the sets are staged', async () => {
+    // a.uffd carries its set now (the test above): staged before anyone is told to connect.
+    const [sockA, sockC, ready, statsFile] = [at('wa.sock'), at('wc.sock'), at('w.ready'), at('w.json')]
+    let handler: ChildProcess | undefined
+    let log = ''
+    const done = uffdAsync(['resume', at('c.uffd'), '--socket', sockC, '--serve', '--also', `${at('a.uffd')}=${sockA}`, '--ready-file', ready, '--stats-file', statsFile, '--json'], {
+      timeoutMs: 60_000,
+      onSpawn: (child) => {
+        handler = child
+        child.stderr!.on('data', (d: Buffer | string) => (log += d.toString()))
+      },
+    })
+    for (let i = 0; i < 400 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
+    expect(JSON.parse(fs.readFileSync(ready, 'utf8')).sockets).toEqual([sockC, sockA])
+    expect(log.indexOf('working set staged')).toBeGreaterThanOrEqual(0)
+    expect(log.indexOf('working set staged')).toBeLessThan(log.indexOf(`listening on ${sockC}, ${sockA}`))
+    const c = await runFcClient(sockA, at('a.raw'), ['--touch', 'random', '--verify-all', '--delay-ms', '300'])
+    for (let i = 0; i < 400 && !/client 1 ended/.test(log); i++) await new Promise((r) => setTimeout(r, 25))
+    handler!.kill('SIGTERM')
+    const r = await done
+    expect(JSON.parse(c.stdout).verify_errors, `${c.stdout}${c.stderr}\n${r.stderr}`).toBe(0)
+    const stats = JSON.parse(fs.readFileSync(statsFile, 'utf8'))
+    expect(stats.staged.units).toBeGreaterThan(0)
+    expect(stats.pages.prefetched).toBeGreaterThanOrEqual(SET_PAGES)
+  }, 60_000)
 
   it('snapshot --parent --working-set writes a layer with the set attached', async () => {
     const d = ok(['snapshot', '--mem-file', at('c.raw'), '--parent', at('a.uffd'), '--working-set', at('a.ws'), '-o', at('d.uffd')])
