@@ -46,7 +46,10 @@ describe.skipIf(skip)('resume --serve --also', () => {
     const [sockA, sockB, ready, statsFile] = [at('a.sock'), at('b.sock'), at('ready'), at('run.json')]
     let handler: ChildProcess | undefined
     let log = ''
-    const done = uffdAsync(['resume', at('a.uffd'), '--socket', sockA, '--serve', '--also', `${at('b.uffd')}=${sockB}`, '--ready-file', ready, '--stats-file', statsFile, '--timeout', '30', '--json'], {
+    // Every decode a demand fault's, in the fault loop (no readahead, which a few adjacent random
+    // touches set off and decoder threads, with rooms of their own, would serve): what it shares
+    // is then exact, not a matter of timing.
+    const done = uffdAsync(['resume', at('a.uffd'), '--socket', sockA, '--serve', '--also', `${at('b.uffd')}=${sockB}`, '--readahead', '0', '--ready-file', ready, '--stats-file', statsFile, '--timeout', '30', '--json'], {
       timeoutMs: 90_000,
       onSpawn: (child) => {
         handler = child
@@ -87,7 +90,7 @@ describe.skipIf(skip)('resume --serve --also', () => {
     const chainA = ok(['stats', at('a.uffd')]).chain
     const chainB = ok(['stats', at('b.uffd')]).chain
     expect(stats.chunks.storedUnitsDecoded).toBeLessThan(2 * chainA[0].unitsStored)
-    expect(stats.chunks.storedUnitsDecoded).toBeLessThanOrEqual(chainA[0].unitsStored + chainA[1].unitsStored + chainB[1].unitsStored + 4)
+    expect(stats.chunks.storedUnitsDecoded).toBeLessThanOrEqual(chainA[0].unitsStored + chainA[1].unitsStored + chainB[1].unitsStored)
     // `uffd stats` shows it.
     expect(uffd(['stats', statsFile]).stdout).toMatch(/stored units taken decoded by another snapshot's chain/)
     console.log(`serve --also: ${JSON.stringify(stats.chunks)}`)
