@@ -76,7 +76,7 @@ describe.skipIf(skip)('a working set on a layer', () => {
     expect(ok(['verify', at('c.uffd'), '--against', at('c.raw')]).ok).toBe(true)
     // Resumed: the set is staged before the socket listens and installed on connect, before the
     // client (which waits a moment before touching anything) faults on it; every byte right.
-    const {client, stats: run} = await resume(at('a.uffd'), at('a.raw'), [], ['--touch', 'random', '--verify-all', '--delay-ms', '300'])
+    const {client, stats: run} = await resume(at('a.uffd'), at('a.raw'), [], ['--touch', 'random', '--verify-all', '--delay-ms', '1000'])
     expect(client.verify_errors).toBe(0)
     expect(run.staged.units).toBe(attached.packedBlocks)
     expect(run.workingSetChunks).toBe(attached.packedBlocks)
@@ -102,7 +102,7 @@ describe.skipIf(skip)('a working set on a layer', () => {
     expect(JSON.parse(fs.readFileSync(ready, 'utf8')).sockets).toEqual([sockC, sockA])
     expect(log.indexOf('working set staged')).toBeGreaterThanOrEqual(0)
     expect(log.indexOf('working set staged')).toBeLessThan(log.indexOf(`listening on ${sockC}, ${sockA}`))
-    const c = await runFcClient(sockA, at('a.raw'), ['--touch', 'random', '--verify-all', '--delay-ms', '300'])
+    const c = await runFcClient(sockA, at('a.raw'), ['--touch', 'random', '--verify-all', '--delay-ms', '1000'])
     for (let i = 0; i < 400 && !/client 1 ended/.test(log); i++) await new Promise((r) => setTimeout(r, 25))
     handler!.kill('SIGTERM')
     const r = await done
@@ -120,7 +120,7 @@ describe.skipIf(skip)('a working set on a layer', () => {
     const v = ok(['verify', at('d.uffd'), '--against', at('c.raw')])
     expect(v.ok).toBe(true)
     expect(v.blocksChecked).toBeGreaterThan(0)
-    const {client, stats} = await resume(at('d.uffd'), at('c.raw'), [], ['--touch', 'random', '--verify-all', '--delay-ms', '300'])
+    const {client, stats} = await resume(at('d.uffd'), at('c.raw'), [], ['--touch', 'random', '--verify-all', '--delay-ms', '1000'])
     expect(client.verify_errors).toBe(0)
     expect(stats.pages.prefetched).toBeGreaterThanOrEqual(SET_PAGES)
   }, 120_000)
