@@ -57,6 +57,13 @@ describe('the fast command line of uffd resume', () => {
     }
   })
 
+  it('hands such a command line to oclif whole: its usage error, not a failure of modules loaded twice (the bundle and dist/)', () => {
+    const r = uffd(['resume', 'nowhere.uffd', '--socket', 's', '--timeout', '3', '--timeout', '2'])
+    expect(r.status, r.stderr).toBe(2)
+    expect(r.stderr).toMatch(/--timeout can only be specified once/)
+    expect(r.stderr).not.toMatch(/Duplicate type name/)
+  })
+
   it('accepts only what oclif accepts, with the values oclif gives (generated command lines)', async () => {
     const token = fc.constantFrom(
       'vm.uffd', 'other.uffd', '--socket', '--socket=/tmp/a.sock', '/tmp/s.sock', '--criu-dir', '/tmp/dump', '--work-dir', 'w', '--serve', '--no-serve', '--kill', '--no-kill',

@@ -93,6 +93,14 @@ describe('the unit cache', () => {
       // The second layer to ask for a base chunk both need finds it decoded.
       expect(shared.hits.get(base)).toBeGreaterThanOrEqual([...chunksUsingBase(a)].filter((c) => chunksUsingBase(b).has(c)).length)
       expect((separate[0].decodes.get(base) ?? 0) + (separate[1].decodes.get(base) ?? 0)).toBe(chunksUsingBase(a).size + chunksUsingBase(b).size)
+      // What a resume counts as storedUnitsShared: b took decoded each base chunk a had read first
+      // (the same cache entries, keyed by the base's layout); a itself, and chains with caches of
+      // their own, were spared nothing.
+      const both = [...chunksUsingBase(a)].filter((c) => chunksUsingBase(b).has(c)).length
+      expect(both).toBeGreaterThan(0)
+      expect(b.unitsShared).toBe(both)
+      expect(a.unitsShared).toBe(0)
+      expect(a2.unitsShared + b2.unitsShared).toBe(0)
     } finally {
       for (const r of [a, b, a2, b2]) r.close()
     }

@@ -16,6 +16,8 @@ export interface StringSpec extends CommonSpec {
   kind: 'string'
   default?: string
   options?: readonly string[]
+  /** May be given more than once: the values in order (parsePlainCommandLine leaves such a command line to oclif). */
+  multiple?: boolean
 }
 
 export interface IntegerSpec extends CommonSpec {
@@ -34,7 +36,7 @@ export interface BooleanSpec extends CommonSpec {
 
 export type FlagSpec = StringSpec | IntegerSpec | BooleanSpec
 
-export type FlagValue<S> = S extends BooleanSpec ? boolean : S extends IntegerSpec ? (S extends {default: number} ? number : number | undefined) : S extends {default: string} ? string : string | undefined
+export type FlagValue<S> = S extends BooleanSpec ? boolean : S extends {multiple: true} ? string[] | undefined : S extends IntegerSpec ? (S extends {default: number} ? number : number | undefined) : S extends {default: string} ? string : string | undefined
 
 export type FlagValues<T> = {[K in keyof T]: FlagValue<T[K]>}
 
@@ -54,7 +56,7 @@ export class FlagValueError extends UffdError {
  * Parses `argv` against `specs` for a command with the positional arguments `positionals` (all
  * required), or returns undefined when the command line is anything but plain: --help, a flag
  * this command lacks, a value oclif would refuse, a broken flag relation, `--`, a short flag, a
- * repeated flag, a value that starts with '-'. The caller then hands the command line to oclif,
+ * repeated flag or one that may be repeated, a value that starts with '-'. The caller then hands the command line to oclif,
  * which prints its own help and errors: this parser never has to reproduce them, only agree with
  * oclif on what it accepts (test/resume-entry.test.ts compares the two).
  */
@@ -83,7 +85,7 @@ export function parsePlainCommandLine<T extends Record<string, FlagSpec>>(argv: 
       given.set(name, !negated)
       continue
     }
-    if (negated) return undefined
+    if (negated || (spec.kind === 'string' && spec.multiple)) return undefined
     const value = eq >= 0 ? token.slice(eq + 1) : argv[++i]
     if (value === undefined || value === '' || value.startsWith('-')) return undefined
     given.set(name, value)

@@ -24,7 +24,9 @@ export function oclifFlags<T extends Record<string, FlagSpec>>(specs: T): {[K in
         flags[name] = Flags.integer({...common, ...(spec.default !== undefined && {default: spec.default}), ...(spec.min !== undefined && {min: spec.min}), ...(spec.max !== undefined && {max: spec.max})})
         break
       case 'string':
-        flags[name] = Flags.string({...common, ...(spec.default !== undefined && {default: spec.default}), ...(spec.options && {options: [...spec.options]})})
+        flags[name] = spec.multiple
+          ? Flags.string({...common, multiple: true})
+          : Flags.string({...common, ...(spec.default !== undefined && {default: spec.default}), ...(spec.options && {options: [...spec.options]})})
         break
     }
   }

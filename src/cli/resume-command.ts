@@ -8,7 +8,7 @@ import {UffdError} from '../core/errors.js'
 import {formatBytes, parseSize} from '../core/units.js'
 import {Listener, removeStaleReadyFile} from '../resume/main/listener.js'
 import {listensAfterWorkingSet} from '../resume/main/prefetch-plan.js'
-import {type ResumeResult} from '../resume/main/serving-session.js'
+import {type AlsoServed, type ResumeResult} from '../resume/main/serving-session.js'
 import {checkInput} from '../snapshot/input-file.js'
 import {type OpenedSnapshot, openSnapshot} from '../snapshot/open.js'
 import {SnapshotReader} from '../snapshot/reader.js'
@@ -35,21 +35,53 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
   // one's while the snapshot opens (over the network, that can take a while).
   if (flags['ready-file']) removeStaleReadyFile(flags['ready-file'])
   const keys = readKeysFromFlags(flags)
+  const wanted = alsoServed(flags)
   const snapshot = await openSnapshot(snapshotArg, remote, flags.layers, keys)
+  const also: AlsoServed[] = []
   try {
+    for (const {snapshot: text, socketPath} of wanted) also.push({snapshot: await openSnapshot(text, remote, flags.layers, keys), socketPath})
     // A remote chunk is fetched by the fetcher thread and decoded by a decoder: the fault loop
     // itself never waits on the network (a fault whose chunk is not here yet waits, the loop
     // goes on serving).
-    if (snapshot.remote && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
+    if ([snapshot, ...also.map((a) => a.snapshot)].some((s) => s.remote) && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
     if (flags.learn && !(snapshot.reader instanceof SnapshotReader)) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: a layer cannot learn (learn on the base before layering, or squash the chain first)')
     if (snapshot.remote && flags.learn) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: it needs a local file, not a URL (learn on a local copy, then `uffd cp` it back)')
-    return await serve(snapshot, decoders, flags, json, keys)
+    return await serve(snapshot, also, decoders, flags, json, keys)
   } finally {
+    for (const a of also) await a.snapshot.close()
     await snapshot.close()
   }
 }
 
-async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFlags, json: boolean, keys: ReadKeys): Promise<ResumeResult> {
+/**
+ * The --also SNAPSHOT=SOCKET entries. Split at the last '=': a URL's query may hold some, a
+ * socket path hardly. Each socket once, none the --socket.
+ */
+function alsoServed(flags: ResumeFlags): {snapshot: string; socketPath: string}[] {
+  const entries = flags.also ?? []
+  if (entries.length === 0) return []
+  // (Checked here: oclif's dependsOn counts --serve's default, false, as given.)
+  if (!flags.serve) throw new UffdError('USAGE', '--also needs --serve: a handler serving several snapshots keeps accepting VMMs on every socket')
+  for (const [flag, given] of [
+    ['--record', flags.record !== undefined],
+    ['--learn', flags.learn],
+    ['--working-set FILE', flags['working-set'] !== undefined && flags['working-set'] !== 'none'],
+  ] as const) {
+    if (given) throw new UffdError('USAGE', `${flag} names one snapshot: it cannot be used with --also (which serves several)`)
+  }
+  const sockets = new Set([flags.socket])
+  return entries.map((entry) => {
+    const at = entry.lastIndexOf('=')
+    const snapshot = entry.slice(0, Math.max(0, at))
+    const socketPath = entry.slice(at + 1)
+    if (at <= 0 || socketPath === '') throw new FlagValueError(`--also ${entry}: expected SNAPSHOT=SOCKET`)
+    if (sockets.has(socketPath)) throw new FlagValueError(`--also ${entry}: socket ${socketPath} is given twice (each snapshot needs its own socket: a VMM's handshake does not say which snapshot it wants)`)
+    sockets.add(socketPath)
+    return {snapshot, socketPath}
+  })
+}
+
+async function serve(snapshot: OpenedSnapshot, also: AlsoServed[], decoders: number, flags: ResumeFlags, json: boolean, keys: ReadKeys): Promise<ResumeResult> {
   const {chunkSize, pageSize} = snapshot.reader.geometry
   const window = faultAround(flags['fault-around'], chunkSize, pageSize)
   const readaheadBytes = size(flags.readahead, '--readahead')
@@ -94,11 +126,13 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
       current = {stats: statsOf}
     },
   }
-  let listener: Listener | undefined
+  let listeners: Listener[] | undefined
   // Beside serving, on libuv threads: the fault loop reads chunks from the page cache then.
   const prereading = new AbortController()
-  // (A chain's local files are read ahead also when others of it are remote.)
-  const preread = flags.preread === 'auto' && snapshot.localFiles().length > 0 ? startPreread(snapshot.localFiles(), prereading.signal, log) : undefined
+  // (A chain's local files are read ahead also when others of it are remote; a base several
+  // served layers share, once.)
+  const localFiles = [...new Set([snapshot, ...also.map((a) => a.snapshot)].flatMap((s) => s.localFiles()))]
+  const preread = flags.preread === 'auto' && localFiles.length > 0 ? startPreread(localFiles, prereading.signal, log) : undefined
   try {
     if (flags['criu-dir']) {
       const {runCriuResume} = await import('../resume/main/criu-session.js')
@@ -108,11 +142,15 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
       // With nothing to stage, a VMM may connect at once: its handshake waits in the backlog
       // while the session's modules and the fault-loop worker load, and is served as soon as
       // they are up. With a working set the socket listens once the set is decoded.
-      if (!listensAfterWorkingSet(snapshot.reader, flags['working-set'], decoders)) listener = Listener.open(socketPath, flags['ready-file'], log)
+      const readers = [snapshot.reader, ...also.map((a) => a.snapshot.reader)]
+      if (!readers.some((reader) => listensAfterWorkingSet(reader, flags['working-set'], decoders))) {
+        listeners = Listener.openAll([socketPath, ...also.map((a) => a.socketPath)], flags['ready-file'], log)
+      }
       const {runResume} = await import('../resume/main/session.js')
       result = await runResume({
         ...common,
-        listener,
+        listeners,
+        also,
         socketPath,
         serve: flags.serve,
         populateAll: flags.populate === 'all',
@@ -123,7 +161,7 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
       })
     }
   } finally {
-    listener?.close()
+    for (const listener of listeners ?? []) listener.close()
     // Serving is over: what is left to read ahead is not wanted (the step under way finishes).
     prereading.abort()
     await preread

@@ -5,7 +5,6 @@
 
 import {FlagValueError, parsePlainCommandLine} from './flag-specs.js'
 import {failureReport} from './report-error.js'
-import {resumeCommand} from './resume-command.js'
 import {jsonFlagSpec, resumeFlagSpecs} from './resume-flags.js'
 
 const FLAGS = {...resumeFlagSpecs, ...jsonFlagSpec}
@@ -19,6 +18,10 @@ export async function runResumeFast(argv: readonly string[]): Promise<boolean> {
   const {json} = parsed.flags
   if (json && process.stdout.isTTY) return false
   try {
+    // Loaded only for a command line this path runs: the modules behind it define koffi's types,
+    // which the modules oclif loads for any other command line would define a second time (koffi
+    // refuses a duplicate type name) when this file comes from the bundle.
+    const {resumeCommand} = await import('./resume-command.js')
     const result = await resumeCommand(parsed.args.snapshot, parsed.flags, json)
     if (json) console.log(JSON.stringify(result, null, 2))
   } catch (error) {

@@ -16,6 +16,12 @@ export const resumeFlagSpecs = {
   timeout: {kind: 'integer', summary: 'Seconds to wait for the client to connect, and for each connection to send its whole handshake; 0 waits forever. With --serve a handshake gets at most 10 s, also with 0.', default: 60, min: 0},
   'ready-file': {kind: 'string', summary: 'Written (atomically) once the socket is listening and the working set of a local snapshot is staged (decoded into memory), for scripts to wait on; a stale one is removed at start, and this one at exit.'},
   serve: {kind: 'boolean', summary: 'Keep accepting clients (VMs resumed from the same snapshot share one decoded-chunk cache) until SIGINT/SIGTERM.', default: false},
+  also: {
+    kind: 'string',
+    multiple: true,
+    summary:
+      "SNAPSHOT=SOCKET: also serve SNAPSHOT (a path or URL, a layer's parents found as for the first) to the VMMs that connect to SOCKET; repeatable. A VMM's handshake does not name a snapshot, so each gets its own socket. One fault loop and one set of decoders serve them all: layers over a common base share its decoded chunks (counted as chunks.storedUnitsShared); the snapshots' caches share --cache-mb, and decoded base chunks are kept within as much again. Ready (--ready-file, listing every socket, and the 'listening on' line) once every socket listens. With --serve; not with --working-set FILE, --record or --learn, which name one snapshot.",
+  },
   kill: {kind: 'boolean', summary: 'Kill a client that can no longer be served correctly (--no-kill leaves it frozen).', default: true, allowNo: true},
   'cache-mb': {kind: 'integer', summary: 'Memory for decoded chunks, MiB; the working set staged before the first client gets as much again.', default: 256, min: 1},
   'fault-around': {kind: 'string', summary: 'Bytes installed around each faulting page: "auto" adapts (the chunk for an isolated fault, doubling up to 2 MiB, or the chunk size if larger, while faults land next to each other; zero runs over the whole 2 MiB); a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size) or "page" (no fault-around) is a fixed window.', default: 'auto'},

@@ -20,13 +20,14 @@ import {readInputText} from '../snapshot/input-file.js'
 import {criuDirInput, freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
 import {parseWorkingSet, WorkingSetError} from '../format/working-set.js'
 import {type OutputSink} from '../snapshot/output-sink.js'
-import {outputLocation, prepareOutput} from '../snapshot/outputs.js'
+import {chainFileAt, outputLocation, prepareOutput} from '../snapshot/outputs.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {attachedSizeHint, describeAttached, PACK_CODECS, packOptionsFor, writeAttached} from '../snapshot/relayout.js'
 import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'
 import {type LayerSummary, writeLayer} from '../snapshot/layer-writer.js'
 import {LayeredReader} from '../snapshot/layered-reader.js'
-import {type OpenedSnapshot, openSnapshot} from '../snapshot/open.js'
+import {layerOver, type OpenedSnapshot, openSnapshot} from '../snapshot/open.js'
+import {AtomicFile} from '../snapshot/atomic-file.js'
 import {fileNameOf} from '../snapshot/parent-location.js'
 import {describeLocation, isRemote, type Location, parseLocation} from '../remote/location.js'
 
@@ -168,7 +169,6 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
 
   /** `snapshot --parent`: a layer of the input over the parent (local or remote, as its chain is), to a path or s3://. */
   private async layer(flags: Interfaces.InferredFlags<typeof Snapshot.flags>, seal: SealingOptions): Promise<LayerSummary & {source: string}> {
-    if (flags['working-set'] !== undefined) this.error('--working-set with --parent: attach a working set to the base, before layering on it', {exit: 2})
     if (flags.regions !== undefined) this.error("--regions with --parent: a layer has its parent's regions", {exit: 2})
     const {mode, source, location} = this.output(flags)
     const parentLocation = parseLocation(flags.parent!)
@@ -181,16 +181,42 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
       if (clash) throw new UffdError('USAGE', `the output ${prepared.destination} is ${clash}, a file of the parent's chain: writing it would lose that file`)
       const pageSize = flags['page-size'] === '2M' ? PAGE_SIZE_2M : PAGE_SIZE_4K
       if (pageSize !== parent.reader.geometry.pageSize) throw new UffdError('INPUT_MISMATCH', `--page-size ${flags['page-size']}: the parent ${parentPath} has ${formatBytes(parent.reader.geometry.pageSize)} pages`)
+      // A set is checked before anything is written (as for a snapshot), against the image's
+      // geometry: the parent's.
+      const workingSetFile = flags['working-set']
+      const set = workingSetFile === undefined ? undefined : parseWorkingSet(readInputText(workingSetFile), workingSetFile)
+      const {geometry} = parent.reader
+      if (set && (set.snapshot.logicalSize !== geometry.logicalSize || set.snapshot.pageSize !== geometry.pageSize)) {
+        throw new WorkingSetError(`${workingSetFile} was recorded on ${set.snapshot.logicalSize} bytes of ${set.snapshot.pageSize}-byte pages, not on this image (${geometry.logicalSize} bytes of ${geometry.pageSize}-byte pages)`)
+      }
+      // With a set, the layer is written aside first (beside a local output, in $TMPDIR for an
+      // upload), then attached to the output's name, so a failed attach leaves the output as it was.
+      const aside = location.kind === 'file' ? path.join(path.dirname(path.resolve(location.path)), `.${path.basename(location.path)}.${process.pid}.unattached.tmp`) : path.join(os.tmpdir(), `.uffd-${process.pid}.unattached.tmp`)
+      const open = set ? (): OutputSink => new AtomicFile(aside, {mode: 0o600}) : prepared.open
       const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
       const write = (input: ImageInput, signal: AbortSignal): Promise<LayerSummary> =>
-        writeLayer(input, {reader: parent.reader, shown: parentPath, fileName: fileNameOf(parentLocation)}, prepared.open, {codec: flags.codec as CompressionCodec, level: flags.level, diff: flags.diff ?? false, signal, onProgress: bar.update, seal})
+        writeLayer(input, {reader: parent.reader, shown: parentPath, fileName: fileNameOf(parentLocation)}, open, {codec: flags.codec as CompressionCodec, level: flags.level, diff: flags.diff ?? false, signal, onProgress: bar.update, seal})
       const summary = await withInterruptHandling(async (signal) => {
+        let layer: LayerSummary
         try {
-          if (flags['mem-file']) return await write(memFileInput(flags['mem-file']), signal)
-          if (flags['criu-dir']) return await write(criuDirInput(flags['criu-dir']), signal)
-          return await this.layerOfProcess(flags.pid!, flags.freeze, (input) => write(input, signal))
+          if (flags['mem-file']) layer = await write(memFileInput(flags['mem-file']), signal)
+          else if (flags['criu-dir']) layer = await write(criuDirInput(flags['criu-dir']), signal)
+          else layer = await this.layerOfProcess(flags.pid!, flags.freeze, (input) => write(input, signal))
         } finally {
           bar.stop()
+        }
+        if (!set) return layer
+        try {
+          const chain = layerOver(parent, aside)
+          try {
+            const attached = await writeAttached(chain, prepared.open(attachedSizeHint(chain, set)), set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), signal)
+            this.logToStderr(`${prepared.destination}: ${describeAttached(attached, set)}`)
+            return {...layer, fileSize: attached.fileSize, path: prepared.destination}
+          } finally {
+            chain.close()
+          }
+        } finally {
+          fs.rmSync(aside, {force: true})
         }
       }, `${prepared.destination} left as it was`)
       const full = summary.logicalSize / Math.max(1, summary.fileSize)
@@ -276,13 +302,5 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
  * it, without a parent.
  */
 function chainClash(output: Location, parent: OpenedSnapshot): string | undefined {
-  const chain = parent.reader instanceof LayeredReader ? parent.reader.paths : [parent.name]
-  if (output.kind !== 'file') return chain.find((p) => p === describeLocation(output))
-  const out = fs.statSync(output.path, {throwIfNoEntry: false})
-  if (!out) return undefined
-  return chain.find((p) => {
-    if (isRemote(parseLocation(p))) return false
-    const s = fs.statSync(p, {throwIfNoEntry: false})
-    return s !== undefined && s.dev === out.dev && s.ino === out.ino
-  })
+  return chainFileAt(output, parent.reader instanceof LayeredReader ? parent.reader.paths : [parent.name])
 }

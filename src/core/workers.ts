@@ -1,5 +1,7 @@
 import {type Transferable, Worker} from 'node:worker_threads'
 
+import {UffdError} from './errors.js'
+
 /**
  * Starts a worker from a module given by its path relative to the caller, without extension. Compiled code runs `name.js`.
  * When the caller itself runs from TypeScript source (tests, bin/dev.js), the worker registers
@@ -18,6 +20,6 @@ export function startWorker(callerUrl: string, name: string, workerData: unknown
 /** The bundle of dist/ module `url` (scripts/bundle.mjs names it by its path in dist/). */
 function bundleOf(url: URL): URL {
   const at = url.pathname.lastIndexOf('/dist/')
-  if (at < 0) throw new Error(`${url.href} is not a module of dist/`)
+  if (at < 0) throw new UffdError('INTERNAL', `${url.href} is not a module of dist/ (a bundle started from elsewhere)`)
   return new URL(`${url.pathname.slice(0, at)}/dist/bundle/${url.pathname.slice(at + '/dist/'.length).replaceAll('/', '-')}`, url)
 }

@@ -18,6 +18,8 @@ export type ToWorker =
       regions: GuestRegion[]
       /** A CRIU-restored task: follow fork/mremap/munmap (see Client). */
       nonCooperative: boolean
+      /** The snapshot that serves it: 0 (also when absent), or 1 + its index in WorkerConfig.also. */
+      image?: number
     }
   /** CRIU's restore finished: fill every client's remaining memory in the background from now on. */
   | {type: 'populate'}
@@ -58,6 +60,11 @@ export interface WorkerConfig {
    * or packed working-set blocks (numbered after the chunks).
    */
   workingSetUnits: number[]
+  /**
+   * More snapshots to serve beside `snapshot` (--also), each with its own working set: one
+   * worker and one decode pool for all, so chains over a common base share its decoded units.
+   */
+  also?: {snapshot: SnapshotSpec; workingSetUnits: number[]}[]
   /** Keep the staged working set in memory for later clients (--serve) instead of freeing it as it is installed. */
   keepWorkingSet: boolean
   /** Keep polling this long after the last message before sleeping (cuts cross-CPU wake-ups). */

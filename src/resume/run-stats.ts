@@ -25,6 +25,7 @@ export const COUNTERS = [
   'bytesCopied',
   'chunksDecoded',
   'unitsDecoded',
+  'unitsShared',
   'bytesDecompressed',
   'cacheHits',
   'cacheMisses',
@@ -159,6 +160,8 @@ export interface ResumeReport {
   kind: 'uffd-resume-stats'
   version: 1
   snapshot: string
+  /** The other snapshots the handler served (--also), each on its own socket. */
+  also?: string[]
   startedAt: string
   durationMs: number
   clients: {served: number; ended: number}
@@ -180,9 +183,11 @@ export interface ResumeReport {
   /**
    * decoded: chunks of the image made ready (for a chain: assembled); storedUnitsDecoded: stored
    * units read and verified for them (a file's chunks, packed or layer blocks; for one file the
-   * same as decoded, for a chain the units of every file it took pages from).
+   * same as decoded, for a chain the units of every file it took pages from); storedUnitsShared:
+   * stored units a chain took already decoded by another snapshot's chain served by the same
+   * handler (sibling layers over one base, `--also`): decodes spared (absent in older reports).
    */
-  chunks: {decoded: number; storedUnitsDecoded?: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
+  chunks: {decoded: number; storedUnitsDecoded?: number; storedUnitsShared?: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
   events: {remove: number; removedPages: number; unmap: number; remap: number; fork: number}
   /**
    * Time from reading a fault message to the faulting page being installed, in µs; every
@@ -207,7 +212,7 @@ export interface ResumeReport {
   remote?: RemoteReport
 }
 
-export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, now = Date.now(), remote?: RemoteReport): ResumeReport {
+export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, now = Date.now(), remote?: RemoteReport, also: readonly string[] = []): ResumeReport {
   const g = (name: CounterName): number => stats.get(name)
   const faults = g('faults')
   const lookups = g('cacheHits') + g('cacheMisses')
@@ -219,6 +224,7 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     kind: 'uffd-resume-stats',
     version: 1,
     snapshot,
+    ...(also.length > 0 ? {also: [...also]} : {}),
     startedAt: startedAt.toISOString(),
     durationMs: now - startedAt.getTime(),
     clients: {served: g('clients'), ended: g('clientsEnded')},
@@ -228,7 +234,7 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     staged: g('stagedUnits') ? {units: g('stagedUnits'), bytes: g('stagedBytes'), ms: g('stagedMs')} : null,
     ioctls: {copy: g('copyIoctls'), zeropage: g('zeropageIoctls'), eexist: g('eexist'), eagain: g('eagain')},
     bytes: {copied: g('bytesCopied'), decompressed: g('bytesDecompressed')},
-    chunks: {decoded: g('chunksDecoded'), storedUnitsDecoded: g('unitsDecoded'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},
+    chunks: {decoded: g('chunksDecoded'), storedUnitsDecoded: g('unitsDecoded'), storedUnitsShared: g('unitsShared'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},
     events: {remove: g('removeEvents'), removedPages: g('removedPages'), unmap: g('unmapEvents'), remap: g('remapEvents'), fork: g('forkEvents')},
     latencyUs: {p50: percentile(0.5), p90: percentile(0.9), p99: percentile(0.99), min, max, mean: faults ? g('latencySumUs') / faults : null},
     timeToFirstFaultMs: faults ? g('firstFaultMs') : null,

@@ -276,7 +276,9 @@ export function verifySnapshot(reader: ImageReader, file: string, againstPath?: 
   }
   if (reader instanceof LayeredReader) {
     const unitsChecked = verifyChainUnits(reader, errors, maxErrors)
-    return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked: 0, unitsChecked, errors, against}
+    // A layer's packed working set holds pages of the resolved image, whichever file has them.
+    const blocksChecked = errors.length < maxErrors ? verifyPacked(reader, errors, maxErrors) : 0
+    return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked, unitsChecked, errors, against}
   }
   const blocksChecked = errors.length < maxErrors ? verifyPacked(reader, errors, maxErrors) : 0
   if (errors.length < maxErrors) verifyLearned(reader, errors)
@@ -328,7 +330,7 @@ function verifyChainUnits(reader: LayeredReader, errors: string[], maxErrors: nu
  * each of its pages equals the same page in its chunk: a handler serves either copy. Returns the
  * blocks that decoded.
  */
-function verifyPacked(reader: SnapshotReader, errors: string[], maxErrors: number): number {
+function verifyPacked(reader: ImageReader, errors: string[], maxErrors: number): number {
   const packed = reader.packed
   if (!packed) return 0
   let checked = 0

@@ -8,6 +8,7 @@ import {type Geometry} from '../format/geometry.js'
 import {type SnapshotHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
 import {baseRuns, findRun, indexOfPage, type LayerParent, type LayerRun} from '../format/layer.js'
+import {type PackedSet} from '../format/packed-set.js'
 import {payloadPageIndex, type ZeroMap} from '../format/zero-map.js'
 import {type ByteSource, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority} from './byte-source.js'
 import {SnapshotReader} from './reader.js'
@@ -26,7 +27,12 @@ export class LayeredReader {
   readonly zeroMap: ZeroMap
   /** One entry per resolved chunk: its payload length (codec none: all zeros; else data to assemble). */
   readonly index: ChunkEntry[]
-  readonly packed = undefined
+  /**
+   * The top layer's packed working set, if it carries one: its blocks hold pages of the resolved
+   * image, whichever file of the chain holds them, and are units chunkCount.. onwards here.
+   */
+  readonly packed: PackedSet | undefined
+  /** The resolved chunks, then the packed working set's blocks. */
   readonly unitCount: number
   /** Whether any file of the chain is in object storage (isLocal and fetchAhead mean something). */
   readonly remote: boolean
@@ -36,6 +42,9 @@ export class LayeredReader {
   private readonly blockOfListIndex: Int32Array[]
   private scratch = Buffer.alloc(0)
   private closed = false
+  /** This chain's number in the unit cache. */
+  private readonly chain: number
+  private shared = 0
 
   private constructor(
     /** The chain, base first, the top layer last. */
@@ -45,7 +54,7 @@ export class LayeredReader {
     /** Decoded units of the files, keyed by file identity: shared with other chains of this thread. */
     private readonly units: UnitCache,
   ) {
-    units.attach()
+    this.chain = units.attach()
     const top = files.at(-1)!
     this.remote = files.some((f) => f.remote)
     this.geometry = top.geometry
@@ -59,7 +68,8 @@ export class LayeredReader {
       const payloadLength = (pages - this.zeroMap.countZero(first, pages)) * pageSize
       return {dataOffset: 0, storedLength: payloadLength, payloadLength, storedCrc: 0, codec: payloadLength === 0 ? Codec.None : Codec.Raw, flags: 0}
     })
-    this.unitCount = this.index.length
+    this.packed = top.packed
+    this.unitCount = this.index.length + (this.packed?.blocks.length ?? 0)
     this.basePayloadIndex = payloadPageIndex(files[0].zeroMap, files[0].geometry.pagesPerChunk)
     this.blockOfListIndex = files.map((f) => {
       const blocks = f.layer?.set.blocks ?? []
@@ -88,6 +98,14 @@ export class LayeredReader {
     return this.files.reduce((sum, f) => sum + f.unitsDecoded, 0)
   }
 
+  /**
+   * Stored units this chain's reads took decoded from the unit cache after another chain of this
+   * thread decoded them (a sibling layer's read of their common base): decodes it was spared.
+   */
+  get unitsShared(): number {
+    return this.shared
+  }
+
   /** The top layer's size (what stats calls the file). */
   get fileSize(): number {
     return this.files.at(-1)!.fileSize
@@ -95,17 +113,25 @@ export class LayeredReader {
 
   entry(unit: number): ChunkEntry {
     if (!Number.isInteger(unit) || unit < 0 || unit >= this.unitCount) throw new RangeError(`chunk ${unit} is outside 0..${this.unitCount - 1}`)
-    return this.index[unit]
+    return unit < this.index.length ? this.index[unit] : this.packed!.blocks[unit - this.index.length]
   }
 
-  packedBlock(): undefined {
-    return undefined
+  /** The packed working-set block a unit number names, or undefined for a chunk. */
+  packedBlock(unit: number): number | undefined {
+    return unit >= this.index.length && unit < this.unitCount ? unit - this.index.length : undefined
   }
 
-  /** Whether every stored unit the chunk is assembled from can be read without waiting on the network. */
-  isLocal(chunk: number): boolean {
+  /** The top file's unit holding packed block `block`. */
+  private topUnit(block: number): number {
+    return this.files.at(-1)!.packedUnit(block)
+  }
+
+  /** Whether every stored unit the chunk (or the packed block) is made from can be read without waiting on the network. */
+  isLocal(unit: number): boolean {
     if (!this.remote) return true
-    return this.unitsOf(chunk).every(({source, unit}) => this.files[source].isLocal(unit))
+    const block = this.packedBlock(unit)
+    if (block !== undefined) return this.files.at(-1)!.isLocal(this.topUnit(block))
+    return this.unitsOf(unit).every(({source, unit}) => this.files[source].isLocal(unit))
   }
 
   /**
@@ -116,14 +142,21 @@ export class LayeredReader {
     if (!this.remote) return
     const wanted = this.files.map(() => new Set<number>())
     const near = this.files.map(() => new Set<number>())
-    for (const chunk of chunks) for (const {source, unit} of this.unitsOf(chunk)) wanted[source].add(unit)
-    for (const chunk of around) for (const {source, unit} of this.unitsOf(chunk)) if (!wanted[source].has(unit)) near[source].add(unit)
+    for (const chunk of chunks) {
+      const block = this.packedBlock(chunk)
+      if (block !== undefined) wanted[this.files.length - 1].add(this.topUnit(block))
+      else for (const {source, unit} of this.unitsOf(chunk)) wanted[source].add(unit)
+    }
+    for (const chunk of around) {
+      if (this.packedBlock(chunk) !== undefined) continue
+      for (const {source, unit} of this.unitsOf(chunk)) if (!wanted[source].has(unit)) near[source].add(unit)
+    }
     for (const [source, units] of wanted.entries()) if (units.size > 0 || near[source].size > 0) this.files[source].fetchAhead(units, priority, near[source])
   }
 
   /** The files' units chunk `chunk` is assembled from (its pages' runs, looked up as readPayload does). */
   unitsOf(chunk: number): {source: number; unit: number}[] {
-    this.entry(chunk)
+    if (!Number.isInteger(chunk) || chunk < 0 || chunk >= this.index.length) throw new RangeError(`chunk ${chunk} is outside 0..${this.index.length - 1}`)
     const units: {source: number; unit: number}[] = []
     const first = this.geometry.firstPageOfChunk(chunk)
     const end = first + this.geometry.pagesInChunk(chunk)
@@ -142,6 +175,9 @@ export class LayeredReader {
    * priority, and the fault loop waits for it to land), so this never waits on the network.
    */
   readPayloadIfLocal(chunk: number, dst?: Buffer): Buffer | undefined {
+    const block = this.packedBlock(chunk)
+    // A packed block is one stored unit of the top file, read as that file reads it.
+    if (block !== undefined) return this.files.at(-1)!.readPayloadIfLocal(this.topUnit(block), dst)
     if (this.remote && !this.isLocal(chunk)) {
       this.fetchAhead([chunk], PRIORITY_DEMAND)
       return undefined
@@ -155,6 +191,8 @@ export class LayeredReader {
    * next call.
    */
   readPayload(chunk: number, dst?: Buffer): Buffer {
+    const block = this.packedBlock(chunk)
+    if (block !== undefined) return this.files.at(-1)!.readPayload(this.topUnit(block), dst)
     return this.assemble(chunk, dst, true)!
   }
 
@@ -167,16 +205,19 @@ export class LayeredReader {
     const first = this.geometry.firstPageOfChunk(chunk)
     const end = first + this.geometry.pagesInChunk(chunk)
     let at = 0
+    // The units another chain had decoded, once each however many runs of the chunk they hold.
+    const spared = new Set<string>()
     for (let r = findRun(this.runs, first), p = first; p < end; r++) {
       const run = this.runs[r]
       const stop = Math.min(end, run.firstPage + run.pageCount)
       if (run.source !== SOURCE_ZERO) {
-        const next = this.copyPages(run.source, p, stop, payload, at, wait)
+        const next = this.copyPages(run.source, p, stop, payload, at, wait, spared)
         if (next === undefined) return undefined
         at = next
       }
       p = stop
     }
+    this.shared += spared.size
     return payload
   }
 
@@ -210,12 +251,15 @@ export class LayeredReader {
   /**
    * Copies pages [from, to) of file `source` (all data pages there: checked at open) to `dst` at
    * `at`; returns the next offset, or undefined (without `wait`) when a unit is not on this host.
+   * Adds to `spared` the units it took that another chain had decoded.
    */
-  private copyPages(source: number, from: number, to: number, dst: Buffer, at: number, wait: boolean): number | undefined {
+  private copyPages(source: number, from: number, to: number, dst: Buffer, at: number, wait: boolean, spared: Set<string>): number | undefined {
     const {pageSize} = this.geometry
     for (const {unit, position, count} of this.pieces(source, from, to)) {
-      const payload = this.units.payload(this.files[source], unit, wait)
-      if (!payload) return undefined
+      const taken = this.units.take(this.files[source], unit, wait, this.chain)
+      if (!taken) return undefined
+      if (taken.shared) spared.add(`${source}:${unit}`)
+      const {payload} = taken
       payload.copy(dst, at, position * pageSize, (position + count) * pageSize)
       at += count * pageSize
     }

@@ -10,7 +10,7 @@ import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {describePrefix, type LayersPrefix, locationIn, parseLayersPrefix, prefixOf} from './parent-location.js'
 import {SnapshotReader} from './reader.js'
 import {NO_READ_KEYS, type ReadKeys, shareReadKeys} from './sealing.js'
-import {type FileSpec, type SnapshotSpec} from './spec.js'
+import {type FileSpec, openFileSpec, type SnapshotSpec} from './spec.js'
 
 /**
  * A snapshot a command opened, wherever it lives: a reader for the main thread, specs for the
@@ -26,7 +26,10 @@ export interface OpenedSnapshot {
   remote: boolean
   /** A spec for one new thread (call once per thread: a remote file carries its own port). */
   spec(): SnapshotSpec
-  report(): RemoteReport | undefined
+  /** What fetching cost, summed over its remote files and those of `others` (snapshots served beside it); undefined when none is remote. */
+  report(...others: OpenedSnapshot[]): RemoteReport | undefined
+  /** Its files in object storage. */
+  remotes(): RemoteSnapshot[]
   /** The local files it is read from, as this process has them open (/proc/self/fd/N): none for a URL. */
   localFiles(): string[]
   close(): Promise<void>
@@ -61,7 +64,8 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
       location,
       remote: top.remote !== undefined,
       spec: () => ({...single(top), ...shared}),
-      report: () => top.remote?.report(),
+      report: (...others) => reportOf([...(top.remote ? [top.remote] : []), ...others.flatMap((o) => o.remotes())]),
+      remotes: () => (top.remote ? [top.remote] : []),
       localFiles: () => localFiles([top]),
       close: () => closeFile(top),
     }
@@ -96,14 +100,15 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
     throw error
   }
   const files = [...parents, top]
-  const [first, ...others] = files.flatMap((f) => (f.remote ? [f.remote] : []))
+  const remotes = files.flatMap((f) => (f.remote ? [f.remote] : []))
   return {
     reader,
     name: top.name,
     location,
-    remote: first !== undefined,
+    remote: remotes.length > 0,
     spec: () => ({kind: 'chain', files: files.map((f) => f.spec()), paths: [...reader.paths], landedFd, ...shared}),
-    report: () => first?.report(...others),
+    report: (...others) => reportOf([...remotes, ...others.flatMap((o) => o.remotes())]),
+    remotes: () => [...remotes],
     localFiles: () => localFiles(files),
     close: async () => {
       // The chain first (it lets go of its share of the thread's unit cache), then its files.
@@ -172,6 +177,11 @@ export async function isRecordedParent(location: Location, remote: RemoteOptions
   return file.reader.identity === id || file.reader.layout === id
 }
 
+function reportOf(remotes: readonly RemoteSnapshot[]): RemoteReport | undefined {
+  const [first, ...others] = remotes
+  return first?.report(...others)
+}
+
 function single(file: OpenedFile): SnapshotSpec {
   const spec = file.spec()
   return spec.kind === 'file' ? {kind: 'file', path: spec.path, openPath: spec.openPath} : spec
@@ -183,13 +193,22 @@ async function closeFile(file: OpenedFile): Promise<void> {
 }
 
 /**
- * The snapshot's one file, for commands that rewrite a file as it is (working-set attach): a
- * layer is refused, since its chain would not come with it.
+ * The chain of a layer just written at `layerPath` over `parent` (opened by the caller, which
+ * checked its chain): the parent's files opened again on this thread, then the layer. For
+ * attaching a working set to a layer before it takes its name, when it is not yet where its
+ * parents would be looked for. The reader is the caller's to close.
  */
-export function singleFile(snapshot: OpenedSnapshot, command: string): SnapshotReader {
-  const {reader} = snapshot
-  if (reader instanceof SnapshotReader) return reader
-  throw new UffdError('USAGE', `${snapshot.name} is a layer: ${command} takes one self-contained snapshot (uffd squash makes one from the chain)`)
+export function layerOver(parent: OpenedSnapshot, layerPath: string): LayeredReader {
+  const spec = parent.spec()
+  const files: SnapshotReader[] = []
+  try {
+    for (const file of spec.kind === 'chain' ? spec.files : [spec]) files.push(openFileSpec(file))
+    files.push(SnapshotReader.open(layerPath))
+    return LayeredReader.fromFiles(files, [...(parent.reader instanceof LayeredReader ? parent.reader.paths : [parent.name]), layerPath])
+  } catch (error) {
+    for (const f of files) f.close()
+    throw error
+  }
 }
 
 function localFiles(files: readonly OpenedFile[]): string[] {

@@ -1,7 +1,7 @@
 import fs from 'node:fs'
 
 import {UffdError} from '../core/errors.js'
-import {describeLocation, type Location, parseLocation} from '../remote/location.js'
+import {describeLocation, isRemote, type Location, parseLocation} from '../remote/location.js'
 import {type S3Settings} from '../remote/s3-object.js'
 import {AtomicFile} from './atomic-file.js'
 import {type OutputSink} from './output-sink.js'
@@ -44,4 +44,16 @@ export async function prepareOutput(location: OutputLocation, options: {force: b
   const {S3UploadSink} = await import('../remote/s3-upload.js')
   const open = await S3UploadSink.prepare(options.s3, location.bucket, location.key, {force: options.force})
   return {destination, location, open}
+}
+
+/** Which of `chain`'s files (paths or URLs as they print) `output` is, by any name or hard link, or the same object; undefined if none. */
+export function chainFileAt(output: Location, chain: readonly string[]): string | undefined {
+  if (output.kind !== 'file') return chain.find((p) => p === describeLocation(output))
+  const out = fs.statSync(output.path, {throwIfNoEntry: false})
+  if (!out) return undefined
+  return chain.find((p) => {
+    if (isRemote(parseLocation(p))) return false
+    const s = fs.statSync(p, {throwIfNoEntry: false})
+    return s !== undefined && s.dev === out.dev && s.ino === out.ino
+  })
 }

@@ -1,5 +1,5 @@
 import {payloadPageIndex} from '../format/zero-map.js'
-import {type SnapshotReader} from './reader.js'
+import {type ImageReader} from './layered-reader.js'
 
 /** Block payload held in memory at once while walking a large packed set. */
 const PASS_BYTES = 256 << 20
@@ -27,7 +27,7 @@ export type PackedPageStep = {kind: 'chunk'} | {kind: 'pass'; from: number; to: 
  * most PASS_BYTES of payload; within a pass each chunk is decoded once, in file order, however
  * scattered the set (a random 10% of the pages touches every chunk).
  */
-export function walkPackedPages(reader: SnapshotReader, blockPages: readonly ArrayLike<number>[], walk: PackedPageWalk): void {
+export function walkPackedPages(reader: ImageReader, blockPages: readonly ArrayLike<number>[], walk: PackedPageWalk): void {
   for (const step of packedPageSteps(reader, blockPages, walk)) {
     if (step.kind === 'pass') walk.end?.(step.from, step.to, step.payloads)
   }
@@ -38,7 +38,7 @@ export function walkPackedPages(reader: SnapshotReader, blockPages: readonly Arr
  * set: it resumes the walk after each chunk and after each pass, which it is given instead of
  * walk.end, so that what it does with a pass's payloads can be paced too.
  */
-export function* packedPageSteps(reader: SnapshotReader, blockPages: readonly ArrayLike<number>[], walk: Omit<PackedPageWalk, 'end'>): Generator<PackedPageStep> {
+export function* packedPageSteps(reader: ImageReader, blockPages: readonly ArrayLike<number>[], walk: Omit<PackedPageWalk, 'end'>): Generator<PackedPageStep> {
   const {zeroMap, geometry} = reader
   const {pageSize, pagesPerChunk} = geometry
   const positionInChunk = payloadPageIndex(zeroMap, pagesPerChunk)

@@ -1,6 +1,6 @@
 import {Codec} from '../format/constants.js'
 import {PRIORITY_DEMAND} from './byte-source.js'
-import {type SnapshotReader} from './reader.js'
+import {type ImageReader} from './layered-reader.js'
 
 /** Stored bytes asked of the fetcher ahead of the unit being read, by default. */
 export const READ_AHEAD_BYTES = 128 << 20
@@ -21,7 +21,7 @@ export class ReadAhead {
   private aheadBytes = 0
 
   constructor(
-    private readonly reader: SnapshotReader,
+    private readonly reader: ImageReader,
     private readonly units: readonly number[],
     private readonly windowBytes = READ_AHEAD_BYTES,
   ) {}
@@ -51,7 +51,7 @@ export class ReadAhead {
   }
 
   /** Resolves once every one of `units` can be read without waiting (asked all at once). */
-  static async all(reader: SnapshotReader, units: readonly number[], signal?: AbortSignal): Promise<void> {
+  static async all(reader: ImageReader, units: readonly number[], signal?: AbortSignal): Promise<void> {
     const ahead = new ReadAhead(reader, units, Infinity)
     for (let i = 0; i < units.length; i++) await ahead.ready(i, signal)
   }

@@ -44,6 +44,8 @@ export class SnapshotReader {
   private plainScratch = Buffer.alloc(0)
   /** Stored units read and verified by readPayload so far (what a resume's stats count as decoded). */
   unitsDecoded = 0
+  /** One file shares no decoded units with other snapshots (LayeredReader.unitsShared does). */
+  readonly unitsShared = 0
 
   private constructor(
     readonly source: ByteSource,
@@ -72,11 +74,12 @@ export class SnapshotReader {
     readonly seal: OpenedSeal | undefined,
   ) {
     this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
-    this.blocks = packed?.blocks ?? layer?.set.blocks ?? []
+    // A layer's own blocks first, then the packed working set's (docs/FORMAT.md, Layers).
+    this.blocks = [...(layer?.set.blocks ?? []), ...(packed?.blocks ?? [])]
     this.unitCount = index.length + this.blocks.length
   }
 
-  /** The packed working set's blocks, or a layer's: the units after the chunks. */
+  /** The units after the chunks: a layer's blocks, then the packed working set's. */
   private readonly blocks: readonly ChunkEntry[]
 
   /**
@@ -155,7 +158,6 @@ export class SnapshotReader {
     const layout = createHash('sha256').update(headerBytes).update(footerBytes).update(indexBytes).update(zeroMapBytes)
     let layer: LayerData | undefined
     if (layered) {
-      if (packed) throw new SnapshotFormatError('CORRUPT', 'header', 'a layer carries a packed working set (the two are not combined)')
       const meta = header.metadata.layer as {blocks?: unknown} | undefined
       const dataEnd = Math.min(footer.indexOffset, footer.zeroMapOffset)
       const location = checkLayerLocation(meta, headerSize, dataEnd, geometry)
@@ -175,7 +177,7 @@ export class SnapshotReader {
     let seal: OpenedSeal | undefined
     if (!sealInfo && keys.verifyKeys.length > 0) throw new SnapshotFormatError('SIGNATURE_INVALID', 'signature', 'the file is not signed, and --verify-key requires a signature')
     if (sealInfo) {
-      const unitCount = index.length + (packed?.blocks.length ?? layer?.set.blocks.length ?? 0)
+      const unitCount = index.length + (layer?.set.blocks.length ?? 0) + (packed?.blocks.length ?? 0)
       seal = openSeal(source, sealInfo, {manifest, unitCount, structuresEnd: Math.max(footer.indexOffset + indexBytes.length, footer.zeroMapOffset + zeroMapBytes.length), learned: learnedLocation(header.metadata, headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))}, keys, locked)
     }
     // What the file holds, not how it is laid out: attaching a working set or learning one keeps it.
@@ -244,8 +246,11 @@ export class SnapshotReader {
   /** Where a unit sits, as its seal binds it. */
   private placeOf(unit: number, entry: ChunkEntry): UnitPlace {
     const block = this.packedBlock(unit)
-    const kind = block === undefined ? UnitKind.Chunk : this.layer ? UnitKind.LayerBlock : UnitKind.PackedBlock
-    return {kind, number: block ?? entry.sealedAs ?? unit, codec: entry.codec, payloadLength: entry.payloadLength, unit}
+    const place = {codec: entry.codec, payloadLength: entry.payloadLength, unit}
+    if (block === undefined) return {kind: UnitKind.Chunk, number: entry.sealedAs ?? unit, ...place}
+    // A layer's own blocks come first, then its packed working set's.
+    const layerBlocks = this.layer?.set.blocks.length ?? 0
+    return block < layerBlocks ? {kind: UnitKind.LayerBlock, number: block, ...place} : {kind: UnitKind.PackedBlock, number: block - layerBlocks, ...place}
   }
 
   /** Learned runs' stored bytes (their CRC checked by the caller), decrypted when the file is encrypted. */
@@ -363,9 +368,14 @@ export class SnapshotReader {
     return unit < this.index.length ? this.index[unit] : this.blocks[unit - this.index.length]
   }
 
-  /** The packed block a unit number names, or undefined for a chunk. */
+  /** The packed block a unit number names (for a layer: one of its blocks, then the packed set's), or undefined for a chunk. */
   packedBlock(unit: number): number | undefined {
     return unit >= this.index.length && unit < this.unitCount ? unit - this.index.length : undefined
+  }
+
+  /** The unit number of packed working-set block `block` (after a layer's own blocks). */
+  packedUnit(block: number): number {
+    return this.index.length + (this.layer?.set.blocks.length ?? 0) + block
   }
 
   /** Whether the unit's stored bytes can be read without waiting on the network (always, for a local file). */
@@ -419,7 +429,8 @@ export class SnapshotReader {
 
   private chunkError(unit: number, code: 'CORRUPT' | 'NOT_AUTHENTIC', detail: string): SnapshotFormatError {
     const block = this.packedBlock(unit)
-    const part = block === undefined ? `chunk ${unit}` : this.layer ? `layer block ${block}` : `packed working set block ${block}`
+    const layerBlocks = this.layer?.set.blocks.length ?? 0
+    const part = block === undefined ? `chunk ${unit}` : block < layerBlocks ? `layer block ${block}` : `packed working set block ${block - layerBlocks}`
     return new SnapshotFormatError(code, part, detail, this.source.name)
   }
 }

@@ -3,6 +3,7 @@ import {crc32} from 'node:zlib'
 import {UffdError} from '../core/errors.js'
 import {formatBytes} from '../core/units.js'
 import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, COMPAT_WORKING_SET, INCOMPAT_ENCRYPTED} from '../format/constants.js'
+import {encodeRunTable} from '../format/layer.js'
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
 import {encodePackedTable, type PackedBlock, type PackedSetLocation, planPackedBlocks} from '../format/packed-set.js'
@@ -14,6 +15,7 @@ import {encodeLearnedRuns, type LearnedRun, memoryDigest} from '../format/learne
 import {type OutputSink} from './output-sink.js'
 import {packedPageSteps} from './packed-pages.js'
 import {ReadAhead} from './read-ahead.js'
+import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {SnapshotReader} from './reader.js'
 import {FileSealer, type SealingOptions} from './sealing.js'
 import {type AttachedWorkingSet, type LearnedRunsLocation} from './attached-set.js'
@@ -47,7 +49,8 @@ export function packOptionsFor(metadata: Record<string, unknown>, codec: string 
   return {codec: chosen as PackOptions['codec'], level}
 }
 
-function* packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[], options: PackOptions, sealer: FileSealer | undefined): Generator<Wait, {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array}, void> {
+/** `firstUnit`: the unit number of the first block (after the file's chunks, or a layer's own blocks). */
+function* packBlocks(reader: ImageReader, pagesInTouchOrder: readonly number[], options: PackOptions, sealer: FileSealer | undefined, firstUnit: number): Generator<Wait, {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array}, void> {
   const {zeroMap, geometry} = reader
   const plans = planPackedBlocks(pagesInTouchOrder, geometry.pagesPerChunk)
   const compressor = new ChunkCompressor(options.codec === 'none' ? 'raw' : options.codec, options.level)
@@ -73,7 +76,7 @@ function* packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[
       const payload = step.payloads[b - step.from]!
       const c = payload.length === 0 ? {codec: Codec.None, stored: payload} : compressor.compress(payload)
       // The compressor reuses its output buffer: keep a copy (sealing makes one).
-      const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.PackedBlock, number: b, codec: c.codec, payloadLength: payload.length, unit: reader.index.length + b}, c.stored) : Buffer.from(c.stored)
+      const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.PackedBlock, number: b, codec: c.codec, payloadLength: payload.length, unit: firstUnit + b}, c.stored) : Buffer.from(c.stored)
       stored.push(bytes)
       blocks.push({storedLength: bytes.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(bytes), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
       yield {kind: 'drain'}
@@ -97,12 +100,15 @@ export function describeAttached(result: {chunksFirst: number; packedBlocks: num
 }
 
 /** About how large the result of attaching `set` to `reader`'s snapshot can be (the packed copy at most raw). */
-export function attachedSizeHint(reader: SnapshotReader, set: {pages: readonly number[]}): number {
+export function attachedSizeHint(reader: ImageReader, set: {pages: readonly number[]}): number {
   return reader.fileSize + set.pages.length * reader.geometry.pageSize
 }
 
-/** Where the relayout lets an asynchronous caller wait: for units to be fetched, for the sink to drain. */
-type Wait = {kind: 'all'; units: readonly number[]} | {kind: 'unit'; units: readonly number[]; index: number} | {kind: 'drain'}
+/**
+ * Where the relayout lets an asynchronous caller wait: for units to be fetched (of `of`, a chain's
+ * top file, when not the reader's own), for the sink to drain.
+ */
+type Wait = {kind: 'all'; units: readonly number[]} | {kind: 'unit'; units: readonly number[]; index: number; of?: SnapshotReader} | {kind: 'drain'}
 
 /**
  * Rewrites a snapshot with a working set attached: the set's pages packed in blocks of their own
@@ -148,14 +154,14 @@ export function attachWorkingSet(
  * failure or abort. The reader stays the caller's.
  */
 export async function writeAttached(
-  reader: SnapshotReader,
+  reader: ImageReader,
   out: OutputSink,
   set: SetToAttach,
   options: PackOptions = {codec: 'zstd', level: 1},
   signal?: AbortSignal,
 ): Promise<AttachResult> {
   try {
-    const steps = relayout(reader, out, set, options)
+    const steps = reader instanceof LayeredReader ? relayoutLayer(reader, out, set, options) : relayout(reader, out, set, options)
     let ahead: ReadAhead | undefined
     let since = performance.now()
     for (let step = steps.next(); ; step = steps.next()) {
@@ -173,7 +179,7 @@ export async function writeAttached(
       const wait = step.value
       if (wait.kind === 'drain') await out.drain(signal)
       else if (wait.kind === 'all') await ReadAhead.all(reader, wait.units, signal)
-      else await (ahead ??= new ReadAhead(reader, wait.units)).ready(wait.index, signal)
+      else await (ahead ??= new ReadAhead(wait.of ?? reader, wait.units)).ready(wait.index, signal)
     }
   } finally {
     await out.discard()
@@ -193,7 +199,7 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   // packed blocks and learned runs are new, and sealed under new generations.
   const sealer = FileSealer.rewrite(reader.seal?.info, options.seal ?? {}, [UnitKind.Chunk], [...(packing ? [UnitKind.PackedBlock] : []), ...(set.learned ? [UnitKind.LearnedRuns] : [])], reader.source.name)
   if (packing) yield {kind: 'all', units: chunks}
-  const packed = packing ? yield* packBlocks(reader, pages, options, sealer) : undefined
+  const packed = packing ? yield* packBlocks(reader, pages, options, sealer, index.length) : undefined
   const learned = set.learned ? storedLearnedRuns(reader, set.learned, sealer) : undefined
   // The header records where the packed table lies, which depends on the header's own size:
   // encode until the size is stable. The CRC is fixed-width hex and a larger header only adds
@@ -203,15 +209,12 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   let blocks: PackedBlock[] = []
   for (let headerSize = 0, round = 0; ; headerSize = encoded.length, round++) {
     if (round > 8) throw new UffdError('INTERNAL', 'the header size does not settle (a bug): giving up')
-    let at = headerSize
-    blocks = (packed?.blocks ?? []).map((b, i) => {
-      const dataOffset = b.codec === Codec.None ? 0 : at
-      at += packed!.stored[i].length
-      return {...b, dataOffset}
-    })
-    table = packed ? encodePackedTable({blocks, pages: packed.list}) : Buffer.alloc(0)
+    const placed = placePacked(packed, headerSize)
+    blocks = placed.blocks
+    table = placed.table
+    const at = placed.tableAt
     const workingSet: AttachedWorkingSet = {chunks, pages: pages.length, runs: set.runs}
-    if (packed) workingSet.packed = {offset: at, length: table.length, crc: crc32(table).toString(16).padStart(8, '0'), blocks: blocks.length, pages: packed.list.length, codec: options.codec}
+    if (packed) workingSet.packed = {offset: at, length: table.length, crc: hex8(table), blocks: blocks.length, pages: packed.list.length, codec: options.codec}
     if (learned) workingSet.learned = {...learned.location, offset: at + table.length}
     const {seal: _oldSeal, ...metadata} = header.metadata
     encoded = encodeHeader({
@@ -258,6 +261,116 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   const parts = [...(packed ? [{part: ManifestPart.PackedTable, bytes: table}] : []), ...(learned ? [{part: ManifestPart.LearnedRuns, bytes: learned.stored}] : [])]
   appendTail(out, entries, reader.zeroMap, encoded, sealer ? {sealer, parts, unitDigests: digests, blocks: blocks.length} : undefined)
   return {fileSize: out.size, chunksFirst: chunks.length, packedBlocks: blocks.length, packedBytes: (packed?.stored ?? []).reduce((n, b) => n + b.length, 0)}
+}
+
+/**
+ * relayout for a chain's top layer (docs/FORMAT.md, Layers): the set's pages, read from the image
+ * the chain resolves to (whichever file holds each), packed in blocks stored first; then the
+ * layer's own blocks, their stored bytes copied (each checked) and their table written anew with
+ * the new offsets; its run table as it was; its zero map. What the layer's identity covers (its
+ * blocks but for their offsets, its pages, runs, parents and zero map) is unchanged, so layers
+ * made on it still resolve. Only the top file is written; the chain's other files stay as they are.
+ */
+function* relayoutLayer(chain: LayeredReader, out: OutputSink, set: SetToAttach, options: PackOptions): Generator<Wait, AttachResult, void> {
+  const top = chain.files.at(-1)!
+  const {header, geometry} = top
+  const layer = top.layer!
+  for (const p of set.pages) if (!Number.isInteger(p) || p < 0 || p >= geometry.pageCount) throw new RangeError(`working-set page ${p} is outside the snapshot's ${geometry.pageCount} pages`)
+  if (set.learned) throw new UffdError('USAGE', 'a layer cannot learn: learned runs are not attached to layers')
+  // A layer has no chunks to put first: only the packed copy prefetches anything.
+  if (options.codec === 'none') throw new UffdError('USAGE', `--pack none: a layer has no chunks to reorder, so its working set must be packed (zstd, lz4 or raw)`)
+  const pages = [...new Set(set.pages)]
+  const chunks = chunksInTouchOrder(pages, geometry.pagesPerChunk).filter((c) => chain.index[c].codec !== Codec.None)
+  // The layer's blocks are copied as sealed; the packed blocks are new (units after the layer's).
+  const sealer = FileSealer.rewrite(top.seal?.info, options.seal ?? {}, [UnitKind.LayerBlock], pages.length > 0 ? [UnitKind.PackedBlock] : [], top.source.name)
+  if (pages.length > 0) yield {kind: 'all', units: chunks}
+  const packed = pages.length > 0 ? yield* packBlocks(chain, pages, options, sealer, layer.set.blocks.length) : undefined
+  const runTable = encodeRunTable(layer.runs)
+  const ownUnits = layer.set.blocks.map((_, b) => b)
+  const ownStored = layer.set.blocks.reduce((n, b) => n + (b.codec === Codec.None ? 0 : b.storedLength), 0)
+  let encoded: Buffer = Buffer.alloc(0)
+  let packedTable: Buffer = Buffer.alloc(0)
+  let blockTable: Buffer = Buffer.alloc(0)
+  let packedBlocks: PackedBlock[] = []
+  for (let headerSize = 0, round = 0; ; headerSize = encoded.length, round++) {
+    if (round > 8) throw new UffdError('INTERNAL', 'the header size does not settle (a bug): giving up')
+    const placed = placePacked(packed, headerSize)
+    packedBlocks = placed.blocks
+    packedTable = placed.table
+    const packedAt = placed.tableAt
+    let at = packedAt + packedTable.length
+    const own = layer.set.blocks.map((b) => {
+      const dataOffset = b.codec === Codec.None ? 0 : at
+      if (b.codec !== Codec.None) at += b.storedLength
+      return {...b, dataOffset}
+    })
+    blockTable = encodePackedTable({blocks: own, pages: layer.set.pages})
+    const blocksAt = at
+    const runsAt = blocksAt + blockTable.length
+    const workingSet: AttachedWorkingSet = {chunks: [], pages: pages.length, runs: set.runs}
+    if (packed) workingSet.packed = {offset: packedAt, length: packedTable.length, crc: hex8(packedTable), blocks: packedBlocks.length, pages: packed.list.length, codec: options.codec}
+    const meta = header.metadata.layer as Record<string, unknown>
+    encoded = encodeHeader({
+      incompatFeatures: (header.incompatFeatures & ~INCOMPAT_ENCRYPTED) | (sealer?.incompatFeatures ?? 0n),
+      compatFeatures: (header.compatFeatures & ~(COMPAT_PACKED_WORKING_SET | COMPAT_WORKING_SET | COMPAT_SIGNED)) | (packed ? COMPAT_WORKING_SET | COMPAT_PACKED_WORKING_SET : 0n) | (sealer?.compatFeatures ?? 0n),
+      pageSize: header.pageSize,
+      chunkSize: header.chunkSize,
+      logicalSize: header.logicalSize,
+      regions: header.regions,
+      metadata: {
+        ...header.metadata,
+        ...(packed ? {workingSet} : {workingSet: undefined}),
+        layer: {
+          ...meta,
+          runs: {offset: runsAt, length: runTable.length, crc: hex8(runTable), count: layer.runs.length},
+          blocks: {offset: blocksAt, length: blockTable.length, crc: hex8(blockTable), blocks: own.length, pages: layer.set.pages.length},
+        },
+        seal: sealer?.metadata,
+      },
+    })
+    if (encoded.length === headerSize) break
+  }
+  out.append(encoded)
+  for (const bytes of packed?.stored ?? []) {
+    out.append(bytes)
+    yield {kind: 'drain'}
+  }
+  if (packed) out.append(packedTable)
+  let copied = 0
+  const ownCount = layer.set.blocks.length
+  const digests = sealer?.signed ? Buffer.alloc((ownCount + packedBlocks.length) * UNIT_DIGEST_BYTES) : undefined
+  for (const [i, b] of layer.set.blocks.entries()) {
+    if (b.codec === Codec.None) continue
+    yield {kind: 'unit', units: ownUnits, index: i, of: top}
+    const bytes = top.storedBytes(i)
+    out.append(bytes)
+    if (digests) unitDigest(bytes).copy(digests, i * UNIT_DIGEST_BYTES)
+    if (sealer?.convergent) sealer.recordKey(i, top.seal!.contentKeyOf(i))
+    copied += b.storedLength
+    yield {kind: 'drain'}
+  }
+  if (copied !== ownStored) throw new UffdError('INTERNAL', 'the layer blocks copied are not those laid out (a bug)')
+  if (digests) for (const [b, bytes] of (packed?.stored ?? []).entries()) if (bytes.length > 0) unitDigest(bytes).copy(digests, (ownCount + b) * UNIT_DIGEST_BYTES)
+  out.append(blockTable)
+  out.append(runTable)
+  const parts = [...(packed ? [{part: ManifestPart.PackedTable, bytes: packedTable}] : []), {part: ManifestPart.LayerBlockTable, bytes: blockTable}, {part: ManifestPart.LayerRunTable, bytes: runTable}]
+  appendTail(out, [], top.zeroMap, encoded, sealer ? {sealer, parts, unitDigests: digests, blocks: ownCount + packedBlocks.length} : undefined)
+  return {fileSize: out.size, chunksFirst: 0, packedBlocks: packedBlocks.length, packedBytes: (packed?.stored ?? []).reduce((n, b) => n + b.length, 0)}
+}
+
+/** The packed blocks placed from `at` on (their stored bytes in order), their table, and where it goes (right after them). */
+function placePacked(packed: {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array} | undefined, at: number): {blocks: PackedBlock[]; table: Buffer; tableAt: number} {
+  if (!packed) return {blocks: [], table: Buffer.alloc(0), tableAt: at}
+  const blocks = packed.blocks.map((b, i) => {
+    const dataOffset = b.codec === Codec.None ? 0 : at
+    at += packed.stored[i].length
+    return {...b, dataOffset}
+  })
+  return {blocks, table: encodePackedTable({blocks, pages: packed.list}), tableAt: at}
+}
+
+function hex8(bytes: Buffer): string {
+  return crc32(bytes).toString(16).padStart(8, '0')
 }
 
 /** The compressed form of learned runs and what the metadata says of it (but where: the caller places it). */

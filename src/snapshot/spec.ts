@@ -5,7 +5,7 @@ import {RemoteByteSource} from '../remote/remote-source.js'
 import {type RemoteShare} from '../remote/shared.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {SnapshotReader} from './reader.js'
-import {type ReadKeys, readKeysFromShare, type ReadKeysShare} from './sealing.js'
+import {NO_READ_KEYS, type ReadKeys, readKeysFromShare, type ReadKeysShare} from './sealing.js'
 
 /** One file of a snapshot for a thread: a local path (opened at `openPath`), or a remote file's share with this thread's own port to its fetcher. */
 export type FileSpec = {kind: 'file'; path: string; openPath?: string} | {kind: 'remote'; share: RemoteShare; port: MessagePort}
@@ -38,7 +38,8 @@ export function openSpec(spec: SnapshotSpec): ImageReader {
   }
 }
 
-function openFileSpec(spec: FileSpec, keys: ReadKeys): SnapshotReader {
+/** Opens one file of a spec on this thread, with the keys the command opened it with. */
+export function openFileSpec(spec: FileSpec, keys: ReadKeys = NO_READ_KEYS): SnapshotReader {
   return spec.kind === 'file' ? SnapshotReader.open(spec.path, spec.openPath, keys) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port), keys)
 }
 

@@ -21,16 +21,30 @@ export const LAYER_BLOCK_BYTES_PER_CHAIN = 64 * 1024 * 1024
  * decoded and the reads it answered from memory.
  */
 export class UnitCache {
-  private readonly entries = new Map<string, {buffer: Buffer; payload: Buffer}>()
-  private readonly blocks = new Map<string, Buffer>()
+  /** `by`: the chain whose read decoded the unit (see attach). */
+  private readonly entries = new Map<string, {buffer: Buffer; payload: Buffer; by: number}>()
+  private readonly blocks = new Map<string, {payload: Buffer; by: number}>()
   private blockBytes = 0
   private chains = 0
+  private nextChain = 0
+  /** Base chunks kept at least, whatever the chains attached (reserveBaseEntries). */
+  private reserved = 0
   readonly decodes = new Map<string, number>()
   readonly hits = new Map<string, number>()
 
-  /** A chain starts using the cache (its room grows). */
-  attach(): void {
+  /** A chain starts using the cache (its room grows). Returns its number, for take(). */
+  attach(): number {
     this.chains++
+    return this.nextChain++
+  }
+
+  /**
+   * Keeps at least `entries` decoded base chunks from now on: a thread serving several layers of
+   * one base (resume --also) reads each base chunk for every layer that faults on it, at whatever
+   * time its VMM does, and the per-chain room would have dropped it by then.
+   */
+  reserveBaseEntries(entries: number): void {
+    this.reserved = Math.max(0, Math.floor(entries))
   }
 
   /** A chain stops using it; with none left, its buffers are dropped. */
@@ -52,14 +66,23 @@ export class UnitCache {
    * for them: see SnapshotReader.readPayloadIfLocal).
    */
   payload(file: SnapshotReader, unit: number, wait = true): Buffer | undefined {
+    return this.take(file, unit, wait, -1)?.payload
+  }
+
+  /**
+   * payload() for chain `chain` (attach's number): also says whether the unit was decoded by
+   * another chain's read, i.e. a decode this chain was spared (sibling layers over one base,
+   * served by one handler, share the base's units this way).
+   */
+  take(file: SnapshotReader, unit: number, wait: boolean, chain: number): {payload: Buffer; shared: boolean} | undefined {
     const key = `${file.layout}:${unit}`
-    if (file.layer) return this.block(file, unit, key, wait)
+    if (file.layer) return this.block(file, unit, key, wait, chain)
     const hit = this.entries.get(key)
     if (hit) {
       this.entries.delete(key)
       this.entries.set(key, hit)
       this.hits.set(file.layout, (this.hits.get(file.layout) ?? 0) + 1)
-      return hit.payload
+      return {payload: hit.payload, shared: hit.by !== chain}
     }
     const size = Math.max(file.entry(unit).payloadLength, file.geometry.chunkSize)
     let buffer: Buffer | undefined
@@ -72,26 +95,26 @@ export class UnitCache {
     const payload = wait ? file.readPayload(unit, buffer) : file.readPayloadIfLocal(unit, buffer)
     if (!payload) return undefined
     this.decodes.set(file.layout, (this.decodes.get(file.layout) ?? 0) + 1)
-    this.entries.set(key, {buffer, payload})
-    return payload
+    this.entries.set(key, {buffer, payload, by: chain})
+    return {payload, shared: false}
   }
 
-  private block(file: SnapshotReader, unit: number, key: string, wait: boolean): Buffer | undefined {
+  private block(file: SnapshotReader, unit: number, key: string, wait: boolean, chain: number): {payload: Buffer; shared: boolean} | undefined {
     const hit = this.blocks.get(key)
     if (hit) {
       this.blocks.delete(key)
       this.blocks.set(key, hit)
       this.hits.set(file.layout, (this.hits.get(file.layout) ?? 0) + 1)
-      return hit
+      return {payload: hit.payload, shared: hit.by !== chain}
     }
     const buffer = Buffer.allocUnsafe(file.entry(unit).payloadLength)
     const payload = wait ? file.readPayload(unit, buffer) : file.readPayloadIfLocal(unit, buffer)
     if (!payload) return undefined
     this.decodes.set(file.layout, (this.decodes.get(file.layout) ?? 0) + 1)
-    this.blocks.set(key, payload)
+    this.blocks.set(key, {payload, by: chain})
     this.blockBytes += payload.length
     this.trimBlocks(key)
-    return payload
+    return {payload, shared: false}
   }
 
   /** Drops the least recently used blocks beyond the budget (never `keep`, the one just decoded). */
@@ -100,12 +123,12 @@ export class UnitCache {
     for (const [key, old] of this.blocks) {
       if (this.blockBytes <= budget || key === keep) break
       this.blocks.delete(key)
-      this.blockBytes -= old.length
+      this.blockBytes -= old.payload.length
     }
   }
 
   private get capacity(): number {
-    return Math.max(1, this.chains) * UNIT_CACHE_ENTRIES_PER_CHAIN
+    return Math.max(Math.max(1, this.chains) * UNIT_CACHE_ENTRIES_PER_CHAIN, this.reserved)
   }
 }
 

@@ -12,11 +12,13 @@ import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ER
  * Atomics.wait until a request or the stop flag arrives.
  */
 const config = workerData as DecoderConfig
-const reader = openSpec(config.snapshot)
-reader.prepareDecoding()
+const readers = config.snapshots.map((spec) => openSpec(spec))
+for (const reader of readers) reader.prepareDecoding()
 const states = new Int32Array(config.states)
 const lengths = new Int32Array(config.lengths)
 const decodes = new Int32Array(config.decodes)
+const shared = new Int32Array(config.shared)
+const images = new Int32Array(config.images)
 const units = new Int32Array(config.units)
 const order = new Int32Array(config.order)
 const claims = new Int32Array(config.claims)
@@ -26,16 +28,22 @@ setThreadNice(DECODER_NICE)
 Atomics.add(control, CONTROL_STARTED, 1)
 Atomics.notify(control, CONTROL_STARTED)
 
-/** Claims the oldest unclaimed request, or returns -1. */
+const {affinity} = config
+
+/** Claims the oldest unclaimed request (the oldest of this decoder's own units first, see DecoderConfig.affinity), or returns -1. */
 function claim(): number {
   for (;;) {
     let best = -1
+    let own = -1
     for (let s = 0; s < states.length; s++) {
-      if (Atomics.load(states, s) === SLOT_PENDING && Atomics.load(claims, s) === 0 && (best < 0 || order[s] < order[best])) best = s
+      if (Atomics.load(states, s) !== SLOT_PENDING || Atomics.load(claims, s) !== 0) continue
+      if (best < 0 || order[s] < order[best]) best = s
+      if (affinity && units[s] % affinity.decoders === affinity.index && (own < 0 || order[s] < order[own])) own = s
     }
-    if (best < 0) return -1
+    const pick = own >= 0 ? own : best
+    if (pick < 0) return -1
     // Another decoder may have claimed it between the scan and here: scan again.
-    if (Atomics.compareExchange(claims, best, 0, 1) === 0) return best
+    if (Atomics.compareExchange(claims, pick, 0, 1) === 0) return pick
   }
 }
 
@@ -47,10 +55,13 @@ while (Atomics.load(control, CONTROL_STOP) === 0) {
     continue
   }
   const view = Buffer.from(config.arena, slot * config.slotBytes, config.slotBytes)
+  const reader = readers[images[slot]]
   const before = reader.unitsDecoded
+  const sharedBefore = reader.unitsShared
   try {
     lengths[slot] = reader.readPayload(units[slot], view).length
     decodes[slot] = reader.unitsDecoded - before
+    shared[slot] = reader.unitsShared - sharedBefore
     Atomics.store(states, slot, SLOT_READY)
   } catch {
     // The fault loop decodes the chunk itself on ERROR and reports the real error with context.
@@ -59,4 +70,4 @@ while (Atomics.load(control, CONTROL_STOP) === 0) {
   Atomics.notify(states, slot)
   eventfdSignal(config.eventFd)
 }
-reader.close()
+for (const reader of readers) reader.close()

@@ -34,6 +34,7 @@ export class ChunkCache {
     const entry = this.reader.entry(chunk)
     const buffer = this.take(entry.payloadLength)
     const before = this.reader.unitsDecoded
+    const sharedBefore = this.reader.unitsShared
     let payload: Buffer | undefined
     try {
       payload = this.reader.readPayloadIfLocal(chunk, buffer)
@@ -42,6 +43,7 @@ export class ChunkCache {
       throw error
     } finally {
       this.stats.add('unitsDecoded', this.reader.unitsDecoded - before)
+      this.stats.add('unitsShared', this.reader.unitsShared - sharedBefore)
     }
     if (!payload) {
       this.giveBack(buffer)

@@ -60,6 +60,8 @@ export class Client {
     readonly lifeline: ClientLifeline = {pidfd: -1, socket: -1},
     readonly nonCooperative = false,
     inherited?: {states: PageStates; regionPages: number},
+    /** Which of the handler's snapshots serves it (0 unless it serves several, --also). */
+    readonly image = 0,
   ) {
     this.map = new AddressMap(regions)
     this.states = inherited?.states ?? new PageStates(geometry.pageCount)
@@ -86,7 +88,7 @@ export class Client {
    */
   fork(id: number, uffd: number, geometry: Geometry): Client {
     // Unmapped pages are settled in the copy as they are here, so the total stays the parent's.
-    return new Client(id, uffd, this.map.all, geometry, {pidfd: -1, socket: -1}, true, {states: this.states.clone(), regionPages: this.regionPages})
+    return new Client(id, uffd, this.map.all, geometry, {pidfd: -1, socket: -1}, true, {states: this.states.clone(), regionPages: this.regionPages}, this.image)
   }
 
   /** Without a pidfd or a socket, a failed copy is the only sign the process is gone. */

@@ -25,18 +25,27 @@ export class DecodePool {
   private readonly lengths: Int32Array
   /** Per slot: stored units its decode read (a chain's chunk is assembled from several files' units). */
   private readonly decodes: Int32Array
+  /** Per slot: of those, units another snapshot's chain had decoded (shared through the thread's unit cache). */
+  private readonly shared: Int32Array
+  /** Per slot: the snapshot (of those the pool was made for) its unit is of. */
+  private readonly slotImage: Int32Array
   private readonly slotChunk: Int32Array
   private readonly order: Int32Array
   private readonly claims: Int32Array
   private readonly control: Int32Array
+  /** Slots by slotKey(image, unit). */
   private readonly bySlotChunk = new Map<number, number>()
   /** Per slot: its current decode has been counted (countOnce). */
   private readonly counted: Uint8Array
   private next = 0
   private requests = 0
 
+  /**
+   * `snapshots`: what the decoders decode, one snapshot or several (--also): each decoder opens
+   * them all in its one thread, so that chains over a common base share its decoded units there.
+   */
   constructor(
-    snapshot: SnapshotSpec,
+    snapshots: SnapshotSpec | readonly SnapshotSpec[],
     decoders: number,
     readonly slots: number,
     private readonly slotBytes: number,
@@ -46,9 +55,13 @@ export class DecodePool {
     const states = new SharedArrayBuffer(slots * 4)
     const lengths = new SharedArrayBuffer(slots * 4)
     const decodes = new SharedArrayBuffer(slots * 4)
+    const shared = new SharedArrayBuffer(slots * 4)
+    const images = new SharedArrayBuffer(slots * 4)
     this.states = new Int32Array(states)
     this.lengths = new Int32Array(lengths)
     this.decodes = new Int32Array(decodes)
+    this.shared = new Int32Array(shared)
+    this.slotImage = new Int32Array(images)
     const units = new SharedArrayBuffer(slots * 4)
     const order = new SharedArrayBuffer(slots * 4)
     const claims = new SharedArrayBuffer(slots * 4)
@@ -58,10 +71,13 @@ export class DecodePool {
     this.claims = new Int32Array(claims)
     this.control = new Int32Array(control)
     this.counted = new Uint8Array(slots)
+    const served = Array.isArray(snapshots) ? snapshots : [snapshots as SnapshotSpec]
     for (let i = 0; i < decoders; i++) {
-      const spec = childSpec(snapshot)
-      const config: DecoderConfig = {snapshot: spec, arena: this.arena, slotBytes, states, lengths, decodes, units, order, claims, control, eventFd: this.eventFd}
-      this.workers.push(startWorker(import.meta.url, '../decoder/worker', config, specTransfer(spec)))
+      const specs = served.map((spec) => childSpec(spec))
+      // (Several snapshots: a unit of one goes to the decoder that has the same unit of the others.)
+      const affinity = served.length > 1 && decoders > 1 ? {index: i, decoders} : undefined
+      const config: DecoderConfig = {snapshots: specs, arena: this.arena, slotBytes, states, lengths, decodes, shared, images, units, order, claims, control, eventFd: this.eventFd, affinity}
+      this.workers.push(startWorker(import.meta.url, '../decoder/worker', config, specs.flatMap((spec) => specTransfer(spec))))
     }
   }
 
@@ -79,9 +95,9 @@ export class DecodePool {
     return true
   }
 
-  /** The slot holding (or decoding) `chunk`, if any. */
-  slotOf(chunk: number): number | undefined {
-    return this.bySlotChunk.get(chunk)
+  /** The slot holding (or decoding) `chunk` of snapshot `image`, if any. */
+  slotOf(chunk: number, image = 0): number | undefined {
+    return this.bySlotChunk.get(slotKey(image, chunk))
   }
 
   get freeSlots(): number {
@@ -90,19 +106,21 @@ export class DecodePool {
     return free
   }
 
-  /** Starts decoding `chunk` if it is not already; false when no slot is free. */
-  request(chunk: number): boolean {
-    if (this.bySlotChunk.has(chunk)) return true
+  /** Starts decoding `chunk` of snapshot `image` if it is not already; false when no slot is free. */
+  request(chunk: number, image = 0): boolean {
+    const key = slotKey(image, chunk)
+    if (this.bySlotChunk.has(key)) return true
     for (let i = 0; i < this.slots; i++) {
       const slot = (this.next + i) % this.slots
       if (Atomics.load(this.states, slot) !== SLOT_FREE) continue
       this.next = slot + 1
       this.slotChunk[slot] = chunk
+      this.slotImage[slot] = image
       this.counted[slot] = 0
       this.order[slot] = ++this.requests
       Atomics.store(this.claims, slot, 0)
       Atomics.store(this.states, slot, SLOT_PENDING)
-      this.bySlotChunk.set(chunk, slot)
+      this.bySlotChunk.set(key, slot)
       Atomics.add(this.control, CONTROL_GENERATION, 1)
       Atomics.notify(this.control, CONTROL_GENERATION, 1)
       return true
@@ -138,10 +156,11 @@ export class DecodePool {
     return Buffer.from(this.arena, slot * this.slotBytes, this.slotBytes)
   }
 
-  /** Publishes a slot filled by the caller after takeBack(): its payload length, or -1 on failure, and the stored units it read. */
-  finish(slot: number, length: number, decodes: number): void {
+  /** Publishes a slot filled by the caller after takeBack(): its payload length, or -1 on failure, and the stored units it read (`shared` of them decoded by another snapshot's chain). */
+  finish(slot: number, length: number, decodes: number, shared = 0): void {
     if (length >= 0) this.lengths[slot] = length
     this.decodes[slot] = decodes
+    this.shared[slot] = shared
     Atomics.store(this.states, slot, length >= 0 ? SLOT_READY : SLOT_ERROR)
   }
 
@@ -166,6 +185,11 @@ export class DecodePool {
     return this.slotChunk[slot]
   }
 
+  /** The snapshot whose unit the slot holds. */
+  imageIn(slot: number): number {
+    return this.slotImage[slot]
+  }
+
   /**
    * The payload length of a READY slot the first time it is asked for since its request, else -1:
    * each decode is counted once, whether its slot is released or kept.
@@ -175,6 +199,11 @@ export class DecodePool {
     return this.decodes[slot]
   }
 
+  /** Of those, the units another snapshot's chain had decoded. */
+  unitsSharedIn(slot: number): number {
+    return this.shared[slot]
+  }
+
   countOnce(slot: number): number {
     if (this.counted[slot] || Atomics.load(this.states, slot) !== SLOT_READY) return -1
     this.counted[slot] = 1
@@ -182,7 +211,7 @@ export class DecodePool {
   }
 
   release(slot: number): void {
-    this.bySlotChunk.delete(this.slotChunk[slot])
+    this.bySlotChunk.delete(slotKey(this.slotImage[slot], this.slotChunk[slot]))
     this.slotChunk[slot] = -1
     Atomics.store(this.states, slot, SLOT_FREE)
   }
@@ -214,4 +243,9 @@ export class DecodePool {
     await Promise.all(this.workers.map((w) => w.terminate()))
     closeFd(this.eventFd)
   }
+}
+
+/** One number per (snapshot, unit): units are below 2^32 (u32 counts in the format). */
+function slotKey(image: number, unit: number): number {
+  return image * 2 ** 32 + unit
 }

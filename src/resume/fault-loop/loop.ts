@@ -5,6 +5,7 @@ import {UffdError} from '../../core/errors.js'
 import {WorkingSetRecorder} from '../../format/working-set-recorder.js'
 import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {openSpec, specLandedFd} from '../../snapshot/spec.js'
+import {threadUnitCache} from '../../snapshot/unit-cache.js'
 import {
   closeFd,
   decodeUffdMessage,
@@ -46,22 +47,31 @@ export interface LoopChannel {
   post(message: FromWorker): void
 }
 
-/** Everything the loop serves with, built from its settings by FaultLoop.start (or by a test). */
-export interface LoopParts {
-  config: Pick<WorkerConfig, 'workingSetUnits' | 'keepWorkingSet' | 'countHits' | 'spinMicros' | 'kernelZeros'>
+/** What serves one snapshot's clients: its reader, units, fault policy and prefetch. */
+export interface ImageParts {
   reader: ImageReader
-  stats: RunStats
-  clock: RunClock
   source: DecodedUnits
-  pool: DecodePool | undefined
   server: FaultServer
   prefetcher: Prefetcher
-  recorder: WorkingSetRecorder | undefined
+  /** Units to prefetch for each of its clients as soon as it connects, in order. */
+  workingSetUnits: number[]
   /** Working-set units to stage before the first client, at most. */
   stagedSlots: number
 }
 
-type Polled = {kind: 'control'} | {kind: 'decoded'} | {kind: 'landed'} | {kind: 'uffd' | 'pidfd' | 'socket'; client: Client}
+/** Everything the loop serves with, built from its settings by FaultLoop.start (or by a test). */
+export interface LoopParts {
+  config: Pick<WorkerConfig, 'keepWorkingSet' | 'countHits' | 'spinMicros' | 'kernelZeros'>
+  /** The snapshots served: one, or several (--also); a client is served by images[client.image]. */
+  images: ImageParts[]
+  stats: RunStats
+  clock: RunClock
+  pool: DecodePool | undefined
+  /** Records the first snapshot's clients (--record takes one snapshot). */
+  recorder: WorkingSetRecorder | undefined
+}
+
+type Polled = {kind: 'control'} | {kind: 'decoded'} | {kind: 'landed'; fd: number} | {kind: 'uffd' | 'pidfd' | 'socket'; client: Client}
 
 /**
  * The fault loop: one worker thread, synchronous system calls, every client's uffd in one poll
@@ -83,32 +93,52 @@ export class FaultLoop {
   /** Clients whose queued faults all wait for bytes from object storage: served again when something lands. */
   private readonly waitingForBytes = new Set<Client>()
 
-  /** Builds the loop's parts from the worker's settings: the snapshot, decoders, cache, installer, policies. */
+  /** Builds the loop's parts from the worker's settings: the snapshots, decoders, caches, installers, policies. */
   static start(config: WorkerConfig, channel: LoopChannel): FaultLoop {
     const stats = new RunStats(config.stats)
-    const reader = openSpec(config.snapshot)
-    reader.prepareDecoding()
+    const served = [{snapshot: config.snapshot, workingSetUnits: config.workingSetUnits}, ...(config.also ?? [])]
+    // Opened in this one thread: chains over a common base share its decoded units here.
+    const readers = served.map(({snapshot}) => openSpec(snapshot))
+    for (const reader of readers) reader.prepareDecoding()
     const clock = new RunClock()
-    const {chunkSize} = reader.geometry
+    const chunkSize = Math.max(...readers.map((r) => r.geometry.chunkSize))
     // Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.
     const readaheadSlots = Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize)))
     // Plus one per working-set unit staged before the first client, within --cache-mb. Slots are
     // chunk-sized, but only the decoded bytes are ever touched, so only those take memory.
-    const stagedSlots = config.decoders > 0 ? Math.min(config.workingSetUnits.length, Math.floor(config.cacheBytes / chunkSize)) : 0
-    const pool = config.decoders > 0 ? new DecodePool(config.snapshot, config.decoders, readaheadSlots + stagedSlots, chunkSize) : undefined
-    const source = new DecodedUnits(reader, pool, stats, config.cacheBytes, specLandedFd(config.snapshot))
-    const installer = new Installer(kernelFillCalls, stats, reader.geometry.pageSize, reader.zeroMap, zeroRunWindowPages(reader))
-    // Faults on packed working-set pages are served from their blocks only while those blocks are
-    // being prefetched (not with --working-set none, nor for CRIU's restored processes).
-    const packedWorkingSet = config.workingSetUnits.some((unit) => unit >= reader.index.length)
-    const server = new FaultServer(reader, source, installer, stats, clock, {faultAroundBytes: config.faultAroundBytes, faultAroundMinBytes: config.faultAroundMinBytes, packedWorkingSet})
+    // (Several snapshots share --cache-mb, here and in their caches below.)
+    const cacheBytes = Math.floor(config.cacheBytes / served.length)
+    const stagedSlots = served.map(({workingSetUnits}) => (config.decoders > 0 ? Math.min(workingSetUnits.length, Math.floor(cacheBytes / chunkSize)) : 0))
+    const pool =
+      config.decoders > 0
+        ? new DecodePool(
+            served.map(({snapshot}) => snapshot),
+            config.decoders,
+            readaheadSlots + stagedSlots.reduce((a, b) => a + b, 0),
+            chunkSize,
+          )
+        : undefined
     // A helper thread installs most of each client's staged working set beside this one:
     // single-page copies cost ~2-3 µs each in the kernel and two threads copying run side by side.
     const installHelper = pool !== undefined && availableParallelism() > 1 && process.env.UFFD_INSTALL_HELPER !== '0'
-    const prefetcher = new Prefetcher(server, installer, source, reader, stats, clock, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll, decodeAhead: readaheadSlots, installHelper})
-    const recorder = config.record ? new WorkingSetRecorder(reader.geometry.pageCount) : undefined
+    // Several snapshots: the decoded units of their files (a common base's chunks, which every
+    // layer over it assembles its chunks from) are kept within --cache-mb again, so that a base
+    // chunk one VMM faulted in is still decoded when a VMM of another layer faults on it.
+    if (served.length > 1) threadUnitCache.reserveBaseEntries(config.cacheBytes / chunkSize)
+    const images = served.map(({snapshot, workingSetUnits}, image): ImageParts => {
+      const reader = readers[image]
+      const source = new DecodedUnits(reader, pool, stats, cacheBytes, specLandedFd(snapshot), image)
+      const installer = new Installer(kernelFillCalls, stats, reader.geometry.pageSize, reader.zeroMap, zeroRunWindowPages(reader))
+      // Faults on packed working-set pages are served from their blocks only while those blocks are
+      // being prefetched (not with --working-set none, nor for CRIU's restored processes).
+      const packedWorkingSet = workingSetUnits.some((unit) => unit >= reader.index.length)
+      const server = new FaultServer(reader, source, installer, stats, clock, {faultAroundBytes: config.faultAroundBytes, faultAroundMinBytes: config.faultAroundMinBytes, packedWorkingSet})
+      const prefetcher = new Prefetcher(server, installer, source, reader, stats, clock, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll, decodeAhead: readaheadSlots, installHelper})
+      return {reader, source, server, prefetcher, workingSetUnits, stagedSlots: stagedSlots[image]}
+    })
+    const recorder = config.record ? new WorkingSetRecorder(readers[0].geometry.pageCount) : undefined
     if (config.countHits) stats.set('hitsTracked', pinnedForHitCounting() ? 1 : 0)
-    return new FaultLoop({config, reader, stats, clock, source, pool, server, prefetcher, recorder, stagedSlots}, channel)
+    return new FaultLoop({config, images, stats, clock, pool, recorder}, channel)
   }
 
   /** The worker's channel over a MessagePort and its eventfd. */
@@ -120,12 +150,17 @@ export class FaultLoop {
     private readonly parts: LoopParts,
     private readonly channel: LoopChannel,
   ) {
-    parts.source.stage(parts.config.workingSetUnits, parts.stagedSlots, parts.config.keepWorkingSet)
+    for (const image of parts.images) image.source.stage(image.workingSetUnits, image.stagedSlots, parts.config.keepWorkingSet)
+  }
+
+  /** What serves `client`. */
+  private imageOf(client: Client): ImageParts {
+    return this.parts.images[client.image]
   }
 
   /** Serves until told to stop. */
   run(): void {
-    const {pool, source, stats, prefetcher} = this.parts
+    const {pool, stats, images} = this.parts
     this.rebuildPollSet()
     // Ready means ready to serve at full speed: decoders that are still loading would hold up the
     // work that needs them (and a thread torn down while it loads its native modules can abort the
@@ -133,9 +168,14 @@ export class FaultLoop {
     // are decoded here. A local snapshot's working set is also decoded before the socket listens
     // (after a handshake, installing it then costs only the copies); from object storage the set
     // is fetched while the client connects: nothing waits for the network.
-    const stagesFirst = this.parts.stagedSlots > 0 && !this.parts.reader.remote
     const started = pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false
-    const staged = started && stagesFirst ? source.waitUntilStaged(STARTUP_WAIT_MS) : {units: 0, bytes: 0}
+    const staged = {units: 0, bytes: 0}
+    for (const image of images) {
+      if (!started || image.stagedSlots === 0 || image.reader.remote) continue
+      const done = image.source.waitUntilStaged(STARTUP_WAIT_MS)
+      staged.units += done.units
+      staged.bytes += done.bytes
+    }
     if (staged.units > 0) {
       stats.set('stagedUnits', staged.units)
       stats.set('stagedBytes', staged.bytes)
@@ -148,7 +188,7 @@ export class FaultLoop {
     while (!this.stopping) {
       let timeout = -1
       if (retry) timeout = 1
-      else if (prefetchState === 'busy' || (prefetchState === 'idle' && prefetcher.hasWork())) timeout = 0
+      else if (prefetchState === 'busy' || (prefetchState === 'idle' && images.some((image) => image.prefetcher.hasWork()))) timeout = 0
       // Waiting for decoders: their eventfd wakes the loop; the bound is only a safety net.
       else if (prefetchState === 'waiting') timeout = 50
       // Faults set aside for remote bytes are woken by landedFd; the bound is a safety net for a
@@ -169,8 +209,8 @@ export class FaultLoop {
       retry = slice.retry
     }
     // Install helpers stop before the decode pool's eventfd and the clients' uffds close.
-    for (const client of this.clients.values()) prefetcher.removeClient(client)
-    this.parts.reader.close()
+    for (const client of this.clients.values()) this.imageOf(client).prefetcher.removeClient(client)
+    for (const image of images) image.reader.close()
     if (this.parts.recorder) this.channel.post({type: 'recording', ...this.parts.recorder.result()})
   }
 
@@ -196,12 +236,13 @@ export class FaultLoop {
         continue
       }
       if (entry.kind === 'decoded') {
-        this.parts.source.reap()
+        // One pool decodes for every snapshot: each frees its own finished slots.
+        for (const image of this.parts.images) image.source.reap()
         decoded = true
         continue
       }
       if (entry.kind === 'landed') {
-        eventfdDrain(this.parts.source.landedFd)
+        eventfdDrain(entry.fd)
         this.waitingForBytes.clear()
         continue
       }
@@ -248,47 +289,59 @@ export class FaultLoop {
    * short enough that a fault arriving meanwhile waits well under a millisecond.
    */
   private prefetchSlice(): {state: 'busy' | 'waiting' | 'idle'; retry: boolean} {
-    const {prefetcher} = this.parts
     const sliceEnd = performance.now() + PREFETCH_SLICE_MS
     let state: 'busy' | 'waiting' | 'idle'
     let retry = false
     do {
-      const step = prefetcher.step()
-      if (step.result === 'failed') {
-        const client = this.clients.get(step.client.id)
-        if (client) {
-          this.guarded(client, () => {
-            throw step.error
-          })
-        }
-        state = 'busy'
-      } else if (step.result === 'outcome') {
-        const client = this.clients.get(step.client.id)
-        if (step.outcome === 'retry') retry = true
-        else if (client) {
-          if (client.endsOnlyByFailedCopies) this.endClient(client, 'gone')
-          else prefetcher.removeClient(client)
-        }
-        state = 'busy'
-      } else {
-        state = step.result
+      // One step of each snapshot's prefetch in turn: one with much to do does not starve another.
+      state = 'idle'
+      for (const {prefetcher} of this.parts.images) {
+        const step = this.prefetchStep(prefetcher)
+        if (step.retry) retry = true
+        if (step.state === 'busy' || (step.state === 'waiting' && state === 'idle')) state = step.state
       }
-      for (const client of prefetcher.completedClients()) this.channel.post({type: 'complete', id: client.id})
     } while (state === 'busy' && !retry && performance.now() < sliceEnd)
+    return {state, retry}
+  }
+
+  private prefetchStep(prefetcher: Prefetcher): {state: 'busy' | 'waiting' | 'idle'; retry: boolean} {
+    let state: 'busy' | 'waiting' | 'idle'
+    let retry = false
+    const step = prefetcher.step()
+    if (step.result === 'failed') {
+      const client = this.clients.get(step.client.id)
+      if (client) {
+        this.guarded(client, () => {
+          throw step.error
+        })
+      }
+      state = 'busy'
+    } else if (step.result === 'outcome') {
+      const client = this.clients.get(step.client.id)
+      if (step.outcome === 'retry') retry = true
+      else if (client) {
+        if (client.endsOnlyByFailedCopies) this.endClient(client, 'gone')
+        else prefetcher.removeClient(client)
+      }
+      state = 'busy'
+    } else {
+      state = step.result
+    }
+    for (const client of prefetcher.completedClients()) this.channel.post({type: 'complete', id: client.id})
     return {state, retry}
   }
 
   private rebuildPollSet(): void {
     const entries: PollEntry[] = [{fd: this.channel.controlFd, events: POLLIN}]
     this.polled = [{kind: 'control'}]
-    const {eventFd, landedFd} = this.parts.source
+    const {eventFd} = this.parts.images[0].source
     if (eventFd >= 0) {
       entries.push({fd: eventFd, events: POLLIN})
       this.polled.push({kind: 'decoded'})
     }
-    if (landedFd >= 0) {
+    for (const landedFd of this.landedFds()) {
       entries.push({fd: landedFd, events: POLLIN})
-      this.polled.push({kind: 'landed'})
+      this.polled.push({kind: 'landed', fd: landedFd})
     }
     for (const client of this.clients.values()) {
       if (!client.failed) {
@@ -306,6 +359,11 @@ export class FaultLoop {
     this.pollSet = new PollSet(entries)
   }
 
+  /** Each snapshot's landing eventfd, once (snapshots of one handler may share remote files' fetchers). */
+  private landedFds(): number[] {
+    return [...new Set(this.parts.images.map((image) => image.source.landedFd).filter((fd) => fd >= 0))]
+  }
+
   /** Returns true when a client was added. */
   private handleControl(): boolean {
     let added = false
@@ -315,7 +373,7 @@ export class FaultLoop {
         this.stopping = true
       } else if (message.type === 'populate') {
         this.populating = true
-        for (const client of this.clients.values()) if (!client.failed) this.parts.prefetcher.populate(client)
+        for (const client of this.clients.values()) if (!client.failed) this.imageOf(client).prefetcher.populate(client)
       } else {
         this.addClient(message)
         added = true
@@ -326,15 +384,19 @@ export class FaultLoop {
   }
 
   private addClient(message: Extract<ToWorker, {type: 'add'}>): void {
-    const {reader, stats, clock, prefetcher, config} = this.parts
+    const {stats, clock, config} = this.parts
+    const which = message.image ?? 0
+    const image = this.parts.images[which]
+    if (!image) throw new UffdError('INTERNAL', `client ${message.id} names snapshot ${which}, of ${this.parts.images.length} served`)
+    const {reader, prefetcher} = image
     clock.start()
-    const client = new Client(message.id, message.uffd, message.regions, reader.geometry, {pidfd: message.pidfd, socket: message.socket}, message.nonCooperative)
+    const client = new Client(message.id, message.uffd, message.regions, reader.geometry, {pidfd: message.pidfd, socket: message.socket}, message.nonCooperative, undefined, which)
     if (config.countHits && message.pidfd >= 0) client.hitTrackingPidfd = message.pidfd
     this.clients.set(client.id, client)
     // Before anything is read or installed, while every page is missing: the zero ranges are
     // whole then (a first fault's window would make part of one present, and a run with a present
     // page is not handed over). A fault already queued in one finds it present and is woken.
-    if (config.kernelZeros && !client.nonCooperative) this.guarded(client, () => this.parts.server.handZerosToKernel(client))
+    if (config.kernelZeros && !client.nonCooperative) this.guarded(client, () => image.server.handZerosToKernel(client))
     // Its first fault is likely queued already (a vCPU runs right after the handshake): serve
     // it before the bookkeeping below. What is left queued is served by the loop.
     this.guarded(client, () => {
@@ -345,13 +407,14 @@ export class FaultLoop {
       if (this.servePending(client) === 'wait') this.waitingForBytes.add(client)
     })
     // (A client that could not be served stays frozen: nothing is prefetched into it.)
-    if (!client.failed) prefetcher.addClient(client, config.workingSetUnits)
+    if (!client.failed) prefetcher.addClient(client, image.workingSetUnits)
     stats.add('clients')
   }
 
   /** A restored process forked: serve the child through the uffd the event carried. */
   private addForkedClient(parent: Client, ufd: number): void {
-    const {reader, stats, prefetcher} = this.parts
+    const {stats} = this.parts
+    const {reader, prefetcher} = this.imageOf(parent)
     const child = parent.fork(this.nextForkId++, ufd, reader.geometry)
     this.clients.set(child.id, child)
     prefetcher.addClient(child)
@@ -364,7 +427,7 @@ export class FaultLoop {
   private endClient(client: Client, reason: 'exited' | 'gone' | 'socket-closed'): void {
     this.clients.delete(client.id)
     this.waitingForBytes.delete(client)
-    this.parts.prefetcher.removeClient(client)
+    this.imageOf(client).prefetcher.removeClient(client)
     for (const fd of [client.uffd, client.lifeline.pidfd, client.lifeline.socket]) {
       if (fd >= 0) closeFd(fd)
     }
@@ -377,7 +440,7 @@ export class FaultLoop {
   private failOn(client: Client, error: Error & {code?: string}): void {
     client.failed = true
     client.pending.length = 0
-    this.parts.prefetcher.removeClient(client)
+    this.imageOf(client).prefetcher.removeClient(client)
     this.channel.post({type: 'fatal', id: client.id, message: error.message, code: error.code ?? 'INTERNAL'})
     this.rebuildPollSet()
   }
@@ -412,7 +475,7 @@ export class FaultLoop {
   /** Applies one message read from a client's uffd at time `readAt`. */
   applyMessage(client: Client, m: UffdMessage, readAt: number): void {
     const {stats} = this.parts
-    const {pageSize} = this.parts.reader.geometry
+    const {pageSize} = this.imageOf(client).reader.geometry
     switch (m.kind) {
       case 'pagefault':
         client.pending.push({address: m.address, readAt})
@@ -466,7 +529,7 @@ export class FaultLoop {
    * it from under its owner.
    */
   private forkedUffdProblem(fd: number): string | undefined {
-    const held = [this.channel.controlFd, this.parts.source.eventFd, this.parts.source.landedFd]
+    const held = [this.channel.controlFd, this.parts.images[0].source.eventFd, ...this.landedFds()]
     for (const c of this.clients.values()) held.push(c.uffd, c.lifeline.pidfd, c.lifeline.socket)
     if (held.includes(fd)) return 'which this handler already uses'
     if (!isUserfaultfd(fd)) return 'which is not a userfaultfd'
@@ -488,7 +551,10 @@ export class FaultLoop {
   }
 
   private serveInOrder(client: Client, waiting: PendingFault[]): 'ok' | 'retry' | 'gone' | 'wait' {
-    const {server, recorder, clock, prefetcher} = this.parts
+    const {clock} = this.parts
+    const {server, prefetcher} = this.imageOf(client)
+    // (--record takes one snapshot: the first.)
+    const recorder = client.image === 0 ? this.parts.recorder : undefined
     while (client.pending.length > 0) {
       const {outcome, window} = server.serve(client, client.pending[0])
       if (outcome === 'wait') {

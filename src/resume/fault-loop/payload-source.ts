@@ -99,6 +99,8 @@ export class DecodedUnits implements PayloadSource {
     cacheBytes: number,
     /** The remote source's landing eventfd (-1 for a local file). */
     private readonly landedEventFd = -1,
+    /** Which of the pool's snapshots this one is (a handler serving several shares one pool). */
+    private readonly image = 0,
   ) {
     this.cache = new ChunkCache(reader, cacheBytes, stats)
   }
@@ -113,7 +115,7 @@ export class DecodedUnits implements PayloadSource {
 
   isLocal(unit: number): boolean {
     if (!this.reader.remote || this.cache.has(unit)) return true
-    const slot = this.pool?.slotOf(unit)
+    const slot = this.pool?.slotOf(unit, this.image)
     if (slot !== undefined && this.pool!.state(slot) !== SLOT_PENDING) return true
     return this.reader.isLocal(unit)
   }
@@ -132,14 +134,14 @@ export class DecodedUnits implements PayloadSource {
 
   isReady(unit: number): boolean {
     if (this.needsNoDecode(unit) || !this.pool || this.cache.has(unit)) return true
-    const slot = this.pool.slotOf(unit)
+    const slot = this.pool.slotOf(unit, this.image)
     if (slot === undefined) return false
     const state = this.pool.state(slot)
     return state === SLOT_READY || state === SLOT_ERROR
   }
 
   isRequested(unit: number): boolean {
-    return this.pool?.slotOf(unit) !== undefined
+    return this.pool?.slotOf(unit, this.image) !== undefined
   }
 
   isClaimedBy(owner: number, unit: number): boolean {
@@ -154,7 +156,7 @@ export class DecodedUnits implements PayloadSource {
     if (!this.needsRequest(unit)) return 'unneeded'
     let owners = this.wanted.get(unit)
     if (!owners) {
-      if (!this.pool!.request(unit)) return 'full'
+      if (!this.pool!.request(unit, this.image)) return 'full'
       // The decoder that takes it would wait for the network: fetching starts now, beside the
       // other units asked ahead, not one at a time as decoders reach them.
       this.reader.fetchAhead([unit])
@@ -181,13 +183,13 @@ export class DecodedUnits implements PayloadSource {
   reap(): void {
     if (!this.pool) return
     for (const slot of this.pool.finished()) {
-      if (!this.wanted.has(this.pool.chunkIn(slot))) this.freeSlot(slot)
+      if (this.pool.imageIn(slot) === this.image && !this.wanted.has(this.pool.chunkIn(slot))) this.freeSlot(slot)
     }
   }
 
   readyAddress(unit: number): number | undefined {
     if (this.needsNoDecode(unit)) return 0
-    const slot = this.pool?.slotOf(unit)
+    const slot = this.pool?.slotOf(unit, this.image)
     if (slot === undefined || this.pool!.state(slot) !== SLOT_READY) return undefined
     return addressOf(this.pool!.payload(slot))
   }
@@ -205,7 +207,7 @@ export class DecodedUnits implements PayloadSource {
     // then find those bytes on disk).
     this.reader.fetchAhead(units)
     for (const unit of units.slice(0, maxUnits)) {
-      if (this.wanted.has(unit) || this.needsNoDecode(unit) || !this.pool.request(unit)) continue
+      if (this.wanted.has(unit) || this.needsNoDecode(unit) || !this.pool.request(unit, this.image)) continue
       this.wanted.set(unit, new Set([STAGED]))
       this.staged.push(unit)
     }
@@ -223,7 +225,7 @@ export class DecodedUnits implements PayloadSource {
     let units = 0
     let bytes = 0
     for (const unit of this.staged) {
-      const slot = this.pool!.slotOf(unit)
+      const slot = this.pool!.slotOf(unit, this.image)
       if (slot === undefined || this.pool!.waitFor(slot, deadline - performance.now()) !== SLOT_READY) continue
       units++
       bytes += this.pool!.payload(slot).length
@@ -254,11 +256,12 @@ export class DecodedUnits implements PayloadSource {
    */
   private fromPool(unit: number): Buffer | undefined | 'none' {
     const pool = this.pool
-    const slot = pool?.slotOf(unit)
+    const slot = pool?.slotOf(unit, this.image)
     if (slot === undefined || !pool) return 'none'
     if (pool.takeBack(slot)) {
       let length = -1
       const before = this.reader.unitsDecoded
+      const sharedBefore = this.reader.unitsShared
       try {
         const payload = this.reader.readPayloadIfLocal(unit, pool.slotBuffer(slot))
         if (!payload) {
@@ -269,7 +272,7 @@ export class DecodedUnits implements PayloadSource {
       } catch {
         // Reported with its context when the cache decodes it again.
       }
-      pool.finish(slot, length, this.reader.unitsDecoded - before)
+      pool.finish(slot, length, this.reader.unitsDecoded - before, this.reader.unitsShared - sharedBefore)
     }
     const state = pool.state(slot) === SLOT_PENDING ? this.waitForDecoder(slot, unit) : pool.state(slot)
     if (state === SLOT_PENDING) return undefined
@@ -297,7 +300,7 @@ export class DecodedUnits implements PayloadSource {
 
   private forget(unit: number): void {
     this.wanted.delete(unit)
-    const slot = this.pool?.slotOf(unit)
+    const slot = this.pool?.slotOf(unit, this.image)
     if (slot !== undefined && this.pool!.state(slot) !== SLOT_PENDING) this.freeSlot(slot)
   }
 
@@ -315,6 +318,7 @@ export class DecodedUnits implements PayloadSource {
     if (length < 0) return
     this.stats.add('chunksDecoded')
     this.stats.add('unitsDecoded', this.pool!.unitsDecodedIn(slot))
+    this.stats.add('unitsShared', this.pool!.unitsSharedIn(slot))
     this.stats.add('bytesDecompressed', length)
   }
 }

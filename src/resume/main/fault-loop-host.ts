@@ -36,7 +36,8 @@ export class FaultLoopHost {
   constructor(config: Omit<WorkerConfig, 'stats' | 'control' | 'controlFd'>) {
     this.controlFd = createEventfd()
     const full: WorkerConfig = {...config, stats: this.stats.buffer, control: this.channel.port2, controlFd: this.controlFd}
-    this.events = new WorkerEvents(startWorker(import.meta.url, '../fault-loop/worker', full, [this.channel.port2, ...specTransfer(config.snapshot)]))
+    const specs = [config.snapshot, ...(config.also ?? []).map((a) => a.snapshot)]
+    this.events = new WorkerEvents(startWorker(import.meta.url, '../fault-loop/worker', full, [this.channel.port2, ...specs.flatMap((spec) => specTransfer(spec))]))
   }
 
   send(message: ToWorker): void {

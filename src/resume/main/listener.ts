@@ -28,20 +28,38 @@ export class Listener {
    * this handler listens.
    */
   static open(path: string, readyFile: string | undefined, log: (line: string) => void): Listener {
+    return Listener.openAll([path], readyFile, log)[0]
+  }
+
+  /**
+   * Listens on every one of `paths` (a handler serving several snapshots, one socket each), and
+   * only then writes `readyFile` (it lists them all) and logs the readiness line: ready means a
+   * client can connect to any of them. The first listener owns the ready file (its close removes it).
+   */
+  static openAll(paths: readonly string[], readyFile: string | undefined, log: (line: string) => void): Listener[] {
     if (readyFile) removeStaleReadyFile(readyFile)
-    const fd = listenUnix(path, {mode: 0o600})
-    let listener: Listener | undefined
+    const listeners: Listener[] = []
     try {
-      const st = fs.lstatSync(path)
-      listener = new Listener(path, fd, {dev: st.dev, ino: st.ino}, readyFile)
-      if (readyFile) writeFileAtomically(readyFile, `${JSON.stringify({socket: path, pid: process.pid})}\n`)
+      for (const [i, path] of paths.entries()) listeners.push(Listener.bind(path, i === 0 ? readyFile : undefined))
+      const ready = paths.length === 1 ? {socket: paths[0], pid: process.pid} : {socket: paths[0], sockets: [...paths], pid: process.pid}
+      if (readyFile) writeFileAtomically(readyFile, `${JSON.stringify(ready)}\n`)
     } catch (error) {
-      if (listener) listener.close()
-      else closeFd(fd)
+      for (const listener of listeners) listener.close()
       throw error
     }
-    log(`listening on ${path}`)
-    return listener
+    log(`listening on ${paths.join(', ')}`)
+    return listeners
+  }
+
+  private static bind(path: string, readyFile: string | undefined): Listener {
+    const fd = listenUnix(path, {mode: 0o600})
+    try {
+      const st = fs.lstatSync(path)
+      return new Listener(path, fd, {dev: st.dev, ino: st.ino}, readyFile)
+    } catch (error) {
+      closeFd(fd)
+      throw error
+    }
   }
 
   /** Closes the socket and removes its path: nobody else can connect. The ready file stays until close. */

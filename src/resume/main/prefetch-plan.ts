@@ -50,7 +50,7 @@ export async function prefetchPlan(reader: ImageReader, workingSetFile: string |
  */
 function attachedUnits(reader: ImageReader): number[] {
   const packedUnits = reader.packed?.blocks.map((_, b) => reader.index.length + b)
-  // A chain has no attached set (working-set attach refuses layers); --working-set FILE works on it.
+  // A chain's set is its top layer's packed one (a layer has no chunks to put first).
   const attached = reader instanceof SnapshotReader ? attachedWorkingSet(reader) : undefined
   return packedUnits ?? attached?.chunks ?? []
 }

@@ -40,7 +40,7 @@ export function renderResumeReport(file: string, r: ResumeReport): string[] {
   const us = (v: number | null): string => (v === null ? '-' : `${v < 10 ? v.toFixed(1) : Math.round(v)} µs`)
   const ms = (v: number | null): string => (v === null ? '-' : `${v.toFixed(1)} ms`)
   const rows: [string, string][] = [
-    ['run', `${file}: uffd resume of ${r.snapshot}, started ${r.startedAt}, ${(r.durationMs / 1000).toFixed(2)} s`],
+    ['run', `${file}: uffd resume of ${r.snapshot}${r.also?.length ? ` (and ${r.also.join(', ')})` : ''}, started ${r.startedAt}, ${(r.durationMs / 1000).toFixed(2)} s`],
     ['clients', `${r.clients.served} served, ${r.clients.ended} ended`],
     ['faults', `${r.faults.total}: ${r.faults.data} data, ${r.faults.zero} zero, ${r.faults.removed} removed (served zeros), ${r.faults.alreadyPresent} already present`],
     ['latency', `${r.latencyUs.min === undefined ? '' : `min ${us(r.latencyUs.min)}, `}p50 ${us(r.latencyUs.p50)}, p90 ${us(r.latencyUs.p90)}, p99 ${us(r.latencyUs.p99)}, max ${us(r.latencyUs.max)}, mean ${us(r.latencyUs.mean)}`],
@@ -55,7 +55,7 @@ export function renderResumeReport(file: string, r: ResumeReport): string[] {
     ['ioctls', `${r.ioctls.copy} UFFDIO_COPY, ${r.ioctls.zeropage} UFFDIO_ZEROPAGE, ${r.ioctls.eexist} EEXIST, ${r.ioctls.eagain} EAGAIN`],
     [
       'chunks',
-      `${r.chunks.decoded} decoded (${formatBytes(r.bytes.decompressed)}${r.chunks.storedUnitsDecoded && r.chunks.storedUnitsDecoded !== r.chunks.decoded ? `, from ${r.chunks.storedUnitsDecoded} stored units of the chain` : ''}), cache ${r.chunks.cacheHits} hits / ${r.chunks.cacheMisses} misses` +
+      `${r.chunks.decoded} decoded (${formatBytes(r.bytes.decompressed)}${r.chunks.storedUnitsDecoded && r.chunks.storedUnitsDecoded !== r.chunks.decoded ? `, from ${r.chunks.storedUnitsDecoded} stored units of the chain` : ''}${r.chunks.storedUnitsShared ? `; ${r.chunks.storedUnitsShared} stored units taken decoded by another snapshot's chain` : ''}), cache ${r.chunks.cacheHits} hits / ${r.chunks.cacheMisses} misses` +
         (r.chunks.hitRate === null ? '' : ` (${formatPercent(r.chunks.cacheHits, r.chunks.cacheHits + r.chunks.cacheMisses)} hits)`),
     ],
     ...(r.remote

@@ -2,6 +2,7 @@ import {UffdError} from '../../core/errors.js'
 import {formatBytes} from '../../core/units.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {type LearnOutcome} from '../../snapshot/learn.js'
+import {type OpenedSnapshot} from '../../snapshot/open.js'
 import {acceptUnix, nativeBlockFill, poll, POLLIN, SysError} from '../../sys/index.js'
 import {type FromWorker, type WorkerConfig} from '../protocol.js'
 import {buildReport, type ResumeReport} from '../run-stats.js'
@@ -26,13 +27,28 @@ export interface SessionOptions extends ServingSettings {
    * The socket, already listening (and the ready file written): given when there is nothing to
    * stage before the first client, so that a VMM can connect while the fault-loop worker starts.
    * Its handshake is read meanwhile and the client queued for the worker. Without it the session
-   * listens once the worker is ready (the working set staged). The session closes it.
+   * listens once the worker is ready (the working set staged). The session closes it. Serving
+   * several snapshots (`also`), one listener per socket, the first's first.
    */
-  listener?: Listener
+  listeners?: Listener[]
+  /**
+   * More snapshots served by this handler beside `snapshot`, each to the clients of its own
+   * socket (a VMM's handshake does not name a snapshot, so the socket does): one fault loop and
+   * one decode pool for all, so layers over a common base share its decoded units.
+   */
+  also?: readonly AlsoServed[]
+}
+
+/** A snapshot served beside the first (--also SNAP=SOCKET). */
+export interface AlsoServed {
+  snapshot: OpenedSnapshot
+  socketPath: string
 }
 
 export interface ClientSummary {
   id: number
+  /** With --also: the socket it came on (which says the snapshot that served it). */
+  socket?: string
   pid: number | null
   regions: GuestRegion[]
   ended: 'exited' | 'gone' | 'socket-closed' | 'killed' | 'running'
@@ -55,7 +71,7 @@ export interface ResumeResult {
 }
 
 /** What the fault-loop worker does beyond serving faults; each front end asks for its own. */
-export type Prefetching = Pick<WorkerConfig, 'populateAll' | 'record' | 'countHits' | 'workingSetUnits' | 'keepWorkingSet'>
+export type Prefetching = Pick<WorkerConfig, 'populateAll' | 'record' | 'countHits' | 'workingSetUnits' | 'keepWorkingSet' | 'also'>
 
 /** accept4 errors that mean "no descriptors or memory for now", not a broken socket. */
 const ACCEPT_EXHAUSTED = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM'])
@@ -77,6 +93,8 @@ export interface ArrivingClient {
   socket: number
   regions: GuestRegion[]
   nonCooperative: boolean
+  /** Which snapshot serves it: the index of the socket it came on (0: the first; see SessionOptions.also). */
+  image?: number
 }
 
 /** The session as a front end sees it while it takes clients. */
@@ -89,12 +107,13 @@ export interface ClientIntake {
    */
   accept(deadline: number, timeoutMessage: string): Promise<number | null>
   /**
-   * Waits up to one slice for a connection on the socket or input on one of `watched` (fds of
+   * Waits up to one slice for a connection on the sockets or input on one of `watched` (fds of
    * the front end's own, such as connections whose handshakes are still arriving), then lets
-   * signals and worker messages through. Returns the connection accepted, if any, and the
-   * watched fds that are readable (or hung up); null once stopped by a signal.
+   * signals and worker messages through. Returns the connection accepted, if any, with the index
+   * of the socket it came on, and the watched fds that are readable (or hung up); null once
+   * stopped by a signal.
    */
-  waitForInput(watched: readonly number[]): Promise<{connection: number | null; readable: number[]} | null>
+  waitForInput(watched: readonly number[]): Promise<{connection: number | null; socket: number; readable: number[]} | null>
   /** Closes the listening socket and removes its path: nobody else can connect. */
   stopListening(): void
   /** For a front end polling its own fds: lets signals and worker messages through. */
@@ -172,7 +191,8 @@ class ServingSession implements ClientIntake {
   private firstError: {code: string; message: string} | undefined
   private readonly rejected: {code: string; message: string}[] = []
   private recording: ServedSession['recording']
-  private listener: Listener | undefined
+  /** The sockets, once listening: the first snapshot's, then each of `also`'s. */
+  private listeners: Listener[] | undefined
   private nextId = 1
   /** Until when accepting is paused after accept4 ran out of descriptors or memory. */
   private acceptPausedUntil = 0
@@ -184,9 +204,9 @@ class ServingSession implements ClientIntake {
     prefetching: Prefetching,
   ) {
     this.signal = options.signal
-    this.listener = options.listener
+    this.listeners = options.listeners
     this.host = new FaultLoopHost({...servingSettings(options), ...prefetching})
-    options.onStats?.(() => buildReport(this.host.stats, options.snapshot.name, this.startedAt, Date.now(), options.snapshot.report()))
+    options.onStats?.(() => this.report())
     this.hitSampler = prefetching.countHits ? new PrefetchHitSampler(this.host.stats, this.clients) : undefined
   }
 
@@ -194,13 +214,13 @@ class ServingSession implements ClientIntake {
     const {options, frontEnd, host} = this
     const {events} = host
     let interrupted = false
-    if (options.readyFile && !this.listener) removeStaleReadyFile(options.readyFile)
+    if (options.readyFile && !this.listeners) removeStaleReadyFile(options.readyFile)
     try {
       // Listening already: the worker's messages, 'ready' among them, arrive while clients are
       // admitted, and an added client is queued on its channel until it runs.
-      if (!this.listener) await events.next((m) => m.type === 'ready')
+      if (!this.listeners) await events.next((m) => m.type === 'ready')
       events.onMessage = (m) => this.onWorkerMessage(m)
-      if (!this.listener) this.listen()
+      if (!this.listeners) this.listen()
       this.hitSampler?.start()
       await frontEnd.admit(this)
       while (!options.signal.aborted && !frontEnd.servingDone(this.summaries())) await events.nextOrAbort(options.signal)
@@ -213,11 +233,23 @@ class ServingSession implements ClientIntake {
     } finally {
       this.hitSampler?.stop()
       frontEnd.release()
-      this.listener?.close()
+      for (const listener of this.listeners ?? []) listener.close()
       await host.stop()
     }
-    const stats = buildReport(host.stats, options.snapshot.name, this.startedAt, Date.now(), options.snapshot.report())
+    const stats = this.report()
     return {result: {socket: frontEnd.socketPath, clients: this.summaries(), stats, error: this.firstError, rejected: this.rejected, interrupted}, recording: this.recording}
+  }
+
+  private report(): ResumeReport {
+    const {snapshot, also = []} = this.options
+    return buildReport(
+      this.host.stats,
+      snapshot.name,
+      this.startedAt,
+      Date.now(),
+      snapshot.report(...also.map((a) => a.snapshot)),
+      also.map((a) => a.snapshot.name),
+    )
   }
 
   async accept(deadline: number, timeoutMessage: string): Promise<number | null> {
@@ -232,15 +264,17 @@ class ServingSession implements ClientIntake {
     }
   }
 
-  async waitForInput(watched: readonly number[]): Promise<{connection: number | null; readable: number[]} | null> {
+  async waitForInput(watched: readonly number[]): Promise<{connection: number | null; socket: number; readable: number[]} | null> {
     if (this.signal.aborted) return null
     // poll ignores a negative fd: while accepting is paused, only the pending handshakes are watched.
-    const listening = this.acceptPaused() ? -1 : this.listenFdOf()
-    const revents = poll([{fd: listening, events: POLLIN}, ...watched.map((fd) => ({fd, events: POLLIN}))], ACCEPT_SLICE_MS)
-    const connection = revents[0] !== 0 ? this.tryAccept(0) : null
-    const readable = watched.filter((_, i) => revents[i + 1] !== 0)
+    const listening = this.listenFds().map((fd) => (this.acceptPaused() ? -1 : fd))
+    const revents = poll([...listening.map((fd) => ({fd, events: POLLIN})), ...watched.map((fd) => ({fd, events: POLLIN}))], ACCEPT_SLICE_MS)
+    // One connection a wait: one waiting on another socket is accepted on the next.
+    const socket = listening.findIndex((_, i) => revents[i] !== 0)
+    const connection = socket >= 0 ? this.tryAccept(0, socket) : null
+    const readable = watched.filter((_, i) => revents[listening.length + i] !== 0)
     await this.yieldToEventLoop()
-    return {connection, readable}
+    return {connection, socket: Math.max(0, socket), readable}
   }
 
   /**
@@ -248,10 +282,10 @@ class ServingSession implements ClientIntake {
    * memory for now. A peer holding many connections open (each pending handshake is a descriptor)
    * must not end serving for everyone: accepting pauses a moment and resumes on its own.
    */
-  private tryAccept(timeoutMs: number): number | null {
+  private tryAccept(timeoutMs: number, socket = 0): number | null {
     if (this.acceptPaused()) return null
     try {
-      const connection = acceptUnix(this.listenFdOf(), timeoutMs)
+      const connection = acceptUnix(this.listenFds()[socket], timeoutMs)
       if (connection !== null) this.acceptExhausted = false
       return connection
     } catch (error) {
@@ -269,12 +303,12 @@ class ServingSession implements ClientIntake {
   }
 
   stopListening(): void {
-    this.listener?.stop()
+    for (const listener of this.listeners ?? []) listener.stop()
   }
 
-  private listenFdOf(): number {
-    if (!this.listener) throw new Error('the session accepts connections before it listens')
-    return this.listener.fd
+  private listenFds(): number[] {
+    if (!this.listeners) throw new Error('the session accepts connections before it listens')
+    return this.listeners.map((l) => l.fd)
   }
 
   async yieldToEventLoop(): Promise<void> {
@@ -283,8 +317,10 @@ class ServingSession implements ClientIntake {
 
   add(client: ArrivingClient): number {
     const id = this.nextId++
-    this.clients.set(id, {id, pid: client.pid, regions: client.regions, ended: 'running'})
-    this.host.send({type: 'add', id, uffd: client.uffd, pidfd: client.pidfd, socket: client.socket, regions: client.regions, nonCooperative: client.nonCooperative})
+    const image = client.image ?? 0
+    const socket = this.options.also?.length ? {socket: this.socketPaths()[image]} : {}
+    this.clients.set(id, {id, ...socket, pid: client.pid, regions: client.regions, ended: 'running'})
+    this.host.send({type: 'add', id, uffd: client.uffd, pidfd: client.pidfd, socket: client.socket, regions: client.regions, nonCooperative: client.nonCooperative, image})
     return id
   }
 
@@ -301,13 +337,18 @@ class ServingSession implements ClientIntake {
   }
 
   private listen(): void {
-    const {options, frontEnd, host} = this
+    const {options, host} = this
     const staged = host.stats.get('stagedUnits')
     if (staged) {
       const fill = nativeBlockFill ? 'installed by native/libuffd_fill' : 'installed page by page in JavaScript (native/libuffd_fill not loaded)'
       this.log(`working set staged: ${staged} units, ${formatBytes(host.stats.get('stagedBytes'))} decoded in ${Math.round(host.stats.get('stagedMs'))} ms; ${fill}`)
     }
-    this.listener = Listener.open(frontEnd.socketPath, options.readyFile, (line) => this.log(line))
+    this.listeners = Listener.openAll(this.socketPaths(), options.readyFile, (line) => this.log(line))
+  }
+
+  /** Every socket served: the first snapshot's, then each of `also`'s. */
+  private socketPaths(): string[] {
+    return [this.frontEnd.socketPath, ...(this.options.also ?? []).map((a) => a.socketPath)]
   }
 
   private onWorkerMessage(m: FromWorker): void {

@@ -51,12 +51,16 @@ export function handshakeTimeoutMs(options: Pick<ResumeOptions, 'timeoutMs' | 's
  */
 export async function runResume(options: ResumeOptions): Promise<ResumeResult> {
   const {geometry, identity, workingSetUnits, givenSet} = await prefetchPlan(options.snapshot.reader, options.workingSetFile)
-  const {result, recording} = await serveClients(options, new FirecrackerClients(options, geometry), {
+  // (--working-set FILE names one snapshot: resume refuses it with --also.)
+  const also = await Promise.all((options.also ?? []).map(async (a) => ({served: a, plan: await prefetchPlan(a.snapshot.reader, options.workingSetFile)})))
+  const geometries = [geometry, ...also.map((a) => a.plan.geometry)]
+  const {result, recording} = await serveClients(options, new FirecrackerClients(options, geometries), {
     populateAll: options.populateAll,
     record: options.recordFile !== undefined || options.learn !== undefined,
     countHits: options.countHits ?? false,
     workingSetUnits,
     keepWorkingSet: options.serve,
+    also: also.map((a) => ({snapshot: a.served.snapshot.spec(), workingSetUnits: a.plan.workingSetUnits})),
   })
   if ((options.recordFile || options.learn) && !recording) throw new UffdError('NO_RECORDING', 'the fault loop ended without handing over its recording')
   if (options.recordFile) {
@@ -124,7 +128,8 @@ class FirecrackerClients implements FrontEnd {
 
   constructor(
     private readonly options: ResumeOptions,
-    private readonly geometry: Geometry,
+    /** Of each socket's snapshot (the first's, then --also's): what its handshakes are checked against. */
+    private readonly geometries: readonly Geometry[],
   ) {
     this.socketPath = options.socketPath
   }
@@ -140,6 +145,8 @@ class FirecrackerClients implements FrontEnd {
     const handshakeMs = handshakeTimeoutMs(options)
     // In accept order, so that the oldest is the one given up when too many are pending.
     const pending = new Map<number, PendingHandshake>()
+    /** The socket each pending connection came on (which snapshot its VMM is resumed from). */
+    const socketOf = new Map<number, number>()
     // Once a peer other than a probe has connected, --timeout no longer bounds the wait for one.
     let connected = false
     try {
@@ -152,6 +159,7 @@ class FirecrackerClients implements FrontEnd {
         if (input.connection !== null) {
           if (pending.size >= MAX_PENDING_HANDSHAKES) this.giveUpOldest(intake, pending)
           pending.set(input.connection, new PendingHandshake(input.connection, handshakeMs > 0 ? Date.now() + handshakeMs : Infinity, handshakeMs))
+          socketOf.set(input.connection, input.socket)
         }
         const now = Date.now()
         for (const [connection, handshake] of [...pending]) {
@@ -164,7 +172,9 @@ class FirecrackerClients implements FrontEnd {
             continue
           }
           connected = true
-          const taken = progress.state === 'received' ? this.take(intake, connection, progress) : this.refuse(intake, connection, progress.error)
+          const socket = socketOf.get(connection) ?? 0
+          socketOf.delete(connection)
+          const taken = progress.state === 'received' ? this.take(intake, connection, progress, socket) : this.refuse(intake, connection, progress.error)
           if (taken && !options.serve) {
             // One client: stop listening so the socket path no longer accepts anyone.
             intake.stopListening()
@@ -181,15 +191,16 @@ class FirecrackerClients implements FrontEnd {
   }
 
   /** Serves the client whose handshake `connection` received, or refuses it (see refuse); returns whether it is served. */
-  private take(intake: ClientIntake, connection: number, received: {uffd: number; data: Buffer}): boolean {
+  private take(intake: ClientIntake, connection: number, received: {uffd: number; data: Buffer}, socket: number): boolean {
     let accepted: AcceptedClient
     try {
-      accepted = acceptHandshake(connection, received.uffd, received.data, this.geometry)
+      accepted = acceptHandshake(connection, received.uffd, received.data, this.geometries[socket])
     } catch (error) {
       return this.refuse(intake, connection, error)
     }
-    const id = intake.add({...accepted, socket: connection, nonCooperative: false})
-    intake.log(`client ${id}${accepted.pid ? ` (pid ${accepted.pid})` : ''}: ${accepted.regions.length} region(s), ${accepted.regions.reduce((s, r) => s + r.size, 0)} bytes`)
+    const id = intake.add({...accepted, socket: connection, nonCooperative: false, image: socket})
+    const on = this.geometries.length > 1 ? ` on ${socket === 0 ? this.socketPath : this.options.also![socket - 1].socketPath}` : ''
+    intake.log(`client ${id}${accepted.pid ? ` (pid ${accepted.pid})` : ''}${on}: ${accepted.regions.length} region(s), ${accepted.regions.reduce((s, r) => s + r.size, 0)} bytes`)
     return true
   }
 
