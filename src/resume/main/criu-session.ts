@@ -231,7 +231,7 @@ class RestoredTasks implements FrontEnd {
    * for the tasks' exits is left: forked children, whose pids are unknown, are not waited for.
    */
   servingDone(clients: readonly ClientSummary[]): boolean {
-    return this.treeKilled || !clients.some((c) => c.ended === 'running' && !c.complete)
+    return this.treeKilled || !clients.some((c) => (c.ended === 'running' || c.ended === 'frozen') && !c.complete)
   }
 
   killFailed(_failed: ClientSummary, clients: readonly ClientSummary[]): number[] {
@@ -247,6 +247,8 @@ class RestoredTasks implements FrontEnd {
   killAfterError(error: unknown): void {
     this.killTree(error instanceof Error ? error.message : String(error))
   }
+
+  clientEnded(): void {}
 
   release(): void {
     this.stream.close()
