@@ -5,6 +5,7 @@
 // (bash scripts/install-criu.sh) and the native programs (make -C native).
 import {type ChildProcess, spawn, spawnSync} from 'node:child_process'
 import fs from 'node:fs'
+import net from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
 
@@ -89,7 +90,7 @@ async function dumpAndConvert(name: string, command: string): Promise<{out: stri
 }
 
 /** Starts the handler, restores with criu (detached), and returns the handler's exit. */
-async function lazyRestore(dump: string, snapshot: string, beforeRestore: () => void = () => {}) {
+async function lazyRestore(dump: string, snapshot: string, beforeRestore: (handlerLog: () => string) => void | Promise<void> = () => {}) {
   const ready = path.join(dir, `${path.basename(dump)}.ready`)
   const stats = path.join(dir, `${path.basename(dump)}.stats.json`)
   const handler: ChildProcess = spawn(process.execPath, [path.join(ROOT, 'bin/run.js'), 'resume', snapshot, '--criu-dir', dump, '--ready-file', ready, '--stats-file', stats], {stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv()})
@@ -97,7 +98,7 @@ async function lazyRestore(dump: string, snapshot: string, beforeRestore: () => 
   handler.stderr!.on('data', (d) => (stderr += d))
   const exited = new Promise<number | null>((resolve) => handler.on('exit', (code) => resolve(code)))
   await waitFor('the handler to listen', () => (fs.existsSync(ready) ? true : undefined))
-  beforeRestore()
+  await beforeRestore(() => stderr)
   const restore = spawnSync('criu', ['restore', '-D', dump, '--lazy-pages', '--shell-job', '-d', '-o', 'restore.log'], {encoding: 'utf8', timeout: 120_000})
   expect(restore.status, fs.readFileSync(path.join(dump, 'restore.log'), 'utf8').slice(-2000)).toBe(0)
   const code = await Promise.race([exited, sleep(120_000).then(() => 'timeout' as const)])
@@ -137,6 +138,51 @@ describe.skipIf(skip)('uffd resume --criu-dir with criu restore --lazy-pages', (
     expect(stats.events.fork).toBe(1)
     expect(stats.events.remap).toBeGreaterThanOrEqual(2)
     expect(stats.events.unmap).toBeGreaterThanOrEqual(1)
+  }, 240_000)
+
+  it('connections made before criu restore (silent, not the protocol, another user) are turned away; the restore is served', async () => {
+    const {out, dump, snapshot, pid} = await dumpAndConvert('guarded', `${MEMORY_PATTERN} --mib 16 --seed 4 --verify-loop`)
+    const before = lines(out).length
+    const socketPath = path.join(dump, 'lazy-pages.socket')
+    const held: net.Socket[] = []
+    let stranger: ChildProcess | undefined
+    try {
+      const {code, stderr} = await lazyRestore(dump, snapshot, async (handlerLog) => {
+        const connect = (): Promise<net.Socket> =>
+          new Promise((resolve, reject) => {
+            const socket = net.createConnection({path: socketPath}, () => resolve(socket))
+            socket.once('error', reject)
+            held.push(socket)
+          })
+        // First, one that connects and says nothing; then one that speaks something else.
+        await connect()
+        const other = await connect()
+        other.write('not the lazy-pages protocol')
+        // Another user, let in by the socket's mode: its uid alone rules it out.
+        const modes = [dir, dump].map((p) => [p, fs.statSync(p).mode & 0o7777] as const)
+        for (const [p] of modes) fs.chmodSync(p, 0o711)
+        fs.chmodSync(socketPath, 0o666)
+        stranger = spawn('python3', ['-c', 'import socket, time\ns = socket.socket(socket.AF_UNIX)\ns.connect("lazy-pages.socket")\nprint("connected", flush=True)\ntime.sleep(60)'], {cwd: dump, uid: 65534, gid: 65534, stdio: ['ignore', 'pipe', 'inherit']})
+        await waitFor('the other user to connect', () => (/rejected a connection on the lazy-pages socket: a connection from uid 65534/.test(handlerLog()) ? true : undefined), 10_000)
+        // criu restore checks that the directories it restores (the process's cwd) kept their modes.
+        for (const [p, mode] of modes) fs.chmodSync(p, mode)
+        await waitFor('the other protocol to be turned away', () => (/rejected a connection on the lazy-pages socket: not the lazy-pages protocol/.test(handlerLog()) ? true : undefined), 10_000)
+      })
+      expect(code, stderr).toBe(0)
+      expect(stderr).toMatch(new RegExp(`client 1 \\(pid ${pid}\\)`))
+      expect(stderr).toMatch(/client 1: all memory present/)
+      await waitFor('two more verifications', () => (lines(out).length >= before + 3 ? true : undefined))
+      expect(lines(out).filter((l) => l.includes('"verified":false'))).toEqual([])
+      expect(alive(pid)).toBe(true)
+    } finally {
+      for (const socket of held) socket.destroy()
+      stranger?.kill('SIGKILL')
+      try {
+        process.kill(pid, 'SIGKILL')
+      } catch {
+        // Gone already.
+      }
+    }
   }, 240_000)
 
   it('kills nothing and fails when criu restore hangs up before the restore finished', async () => {
