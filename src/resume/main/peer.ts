@@ -10,8 +10,6 @@ export interface Peer {
   pidfd: number
 }
 
-/** getsockopt(SO_PEERPIDFD) errors after which the pid of SO_PEERCRED is the only way left. */
-const NO_PEER_PIDFD = new Set(['ENOPROTOOPT', 'EINVAL', 'ESRCH', 'ENODATA'])
 /** Out of descriptors or memory for now: the pidfd is taken later (peerAgain). */
 const EXHAUSTED = new Set(['EMFILE', 'ENFILE', 'ENOMEM'])
 
@@ -30,13 +28,17 @@ export function peerOf(connection: number): Peer {
   try {
     return {pid, pidfd: peerPidfd(connection)}
   } catch (error) {
-    if (error instanceof SysError && EXHAUSTED.has(error.code)) return {pid, pidfd: -1}
-    if (!(error instanceof SysError) || !NO_PEER_PIDFD.has(error.code)) throw error
+    if (!(error instanceof SysError)) throw error
+    if (EXHAUSTED.has(error.code)) return {pid, pidfd: -1}
+    // ENOPROTOOPT before 6.5; ESRCH, EINVAL or ENODATA when the kernel has no pidfd for the
+    // peer: the pid it connected with is all that is left.
   }
   try {
     return {pid, pidfd: pidfdOpen(pid)}
   } catch (error) {
-    if (error instanceof SysError && (error.code === 'ESRCH' || EXHAUSTED.has(error.code))) return {pid, pidfd: -1}
+    // Gone already (ESRCH), out of descriptors, or not allowed: known by its pid only, it cannot
+    // be killed, and its handshake socket closing is the sign it has gone.
+    if (error instanceof SysError) return {pid, pidfd: -1}
     throw error
   }
 }
