@@ -97,7 +97,7 @@ describe.skipIf(skip !== undefined)('a VMM whose handshake never completes', () 
     expect(resume.json.clients).toMatchObject([{id: 1, ended: 'exited'}])
     // Only the refusal counts: a handshake cut short by stopping is not the peer's fault.
     expect(resume.json.rejected.map((r: {code: string}) => r.code)).toEqual(['BAD_HANDSHAKE'])
-    expect(resume.stderr).toMatch(/stopping with a handshake still arriving \(pid \d+\)/)
+    expect(resume.stderr).toMatch(/no longer taking clients: closing a handshake still arriving \(pid \d+\), whose uffd came/)
   })
 
   it('one client: stopped with SIGINT while its handshake arrives, the VMM is killed; with --no-kill it is left alone', async () => {
@@ -118,6 +118,18 @@ describe.skipIf(skip !== undefined)('a VMM whose handshake never completes', () 
         expect(resume.stderr).not.toMatch(/killing/)
       }
     }
+  })
+
+  it('one client: a VMM still sending its handshake when another is taken is killed, the one taken is served', async () => {
+    const handler = await startResume([])
+    const partial = startClient(handler, ['--hostile', 'partial-handshake', '--touch', 'sequential'])
+    await settle()
+    const vm = await exitWithin(startClient(handler, ['--touch', 'random', '--verify-all']), 20_000, 'fc_client')
+    expect(vm.code, `${vm.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+    const end = await exitWithin(partial, 5_000, 'fc_client --hostile partial-handshake')
+    expect(end.signal).toBe('SIGKILL')
+    const resume = await exitWithin(handler.proc, 10_000, 'uffd resume')
+    expect(resume.code, resume.stderr).toBe(0)
   })
 })
 

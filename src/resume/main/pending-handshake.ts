@@ -65,7 +65,14 @@ export class PendingHandshake {
    * sent anything else is not waiting on this handler.
    */
   holdsInitialisedUffd(): boolean {
-    return this.uffd !== undefined && isUserfaultfd(this.uffd) && uffdApiCompleted(this.uffd)
+    if (this.uffd === undefined) return false
+    try {
+      return isUserfaultfd(this.uffd) && uffdApiCompleted(this.uffd)
+    } catch (error) {
+      // A descriptor that cannot even be probed is no uffd a VMM waits on.
+      if (error instanceof SysError) return false
+      throw error
+    }
   }
 
   /** Closes what the connection sent (not the connection itself), when it is given up on. */

@@ -280,7 +280,7 @@ class FirecrackerClients implements FrontEnd {
   private abandon(intake: ClientIntake, connection: number, handshake: PendingHandshake): void {
     const clientWaits = handshake.holdsInitialisedUffd()
     handshake.discard()
-    if (clientWaits) intake.log(`stopping with a handshake still arriving${handshake.peer.pid ? ` (pid ${handshake.peer.pid})` : ''}`)
+    if (clientWaits) intake.log(`no longer taking clients: closing a handshake still arriving${handshake.peer.pid ? ` (pid ${handshake.peer.pid})` : ''}, whose uffd came`)
     this.close(intake, connection, handshake.peer, this.options.kill && clientWaits)
   }
 
