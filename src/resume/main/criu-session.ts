@@ -6,9 +6,9 @@ import {UffdError} from '../../core/errors.js'
 import {isLazyVma, readCriuDump} from '../../criu/images.js'
 import {RegionKind} from '../../format/constants.js'
 import {type ImageReader} from '../../snapshot/layered-reader.js'
-import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
+import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, pidfdSendSignal, poll, POLLIN, recvWithFds, SIGKILL, SysError} from '../../sys/index.js'
 import {type GuestRegion} from './handshake.js'
-import {ACCEPT_SLICE_MS, type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
+import {ACCEPT_SLICE_MS, type ClientIntake, type ClientSummary, type FrontEnd, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 
 /** The socket name CRIU connects to, relative to its working directory (criu/uffd.c). */
 export const LAZY_PAGES_SOCKET = 'lazy-pages.socket'
@@ -157,40 +157,81 @@ export function lazyRegionsByTask(reader: ImageReader, snapshotPath: string, cri
   return byTask
 }
 
-/** Whether process `pid` runs a binary named criu (read at accept: the restore is alive then). */
+/**
+ * Whether process `pid` runs a binary named criu, read at accept. A peer already gone by then
+ * (exited, or a zombie: no exe) counts as criu: `criu restore` that fails at once connects and
+ * exits before the handler gets to its connection, and that failure must end the run rather
+ * than leave it waiting for a restore that will never come.
+ */
 function runsCriu(pid: number): boolean {
   try {
     return path.basename(fs.readlinkSync(`/proc/${pid}/exe`)) === 'criu'
-  } catch {
-    return false
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'ENOENT'
   }
 }
 
-/** `pids` and every live descendant of theirs (/proc/PID/task/TID/children). */
-function processTree(pids: Iterable<number>): number[] {
-  const out: number[] = []
-  const queue = [...pids]
+/** One process of the restored tree, held by a pidfd opened while it was known to be that process. */
+interface TreeProcess {
+  pid: number
+  pidfd: number
+}
+
+/** The parent pid /proc gives for `pid`, or undefined if it is gone. */
+function parentOf(pid: number): number | undefined {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8')
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses, the last ')' ends it.
+    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1])
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * The restored tasks (`roots`: pid -> the pidfd opened when criu sent it, -1 if none) and their
+ * live descendants, each held by a pidfd, so that a pid freed and reused meanwhile is never
+ * signalled: a child found in its parent's /proc children list gets a pidfd, and is kept only if
+ * it is still that parent's child then (its ppid), the parent held by a pidfd that says it still
+ * runs (POLLIN: exited). Children's pidfds are opened here; the caller closes them.
+ */
+function openProcessTree(roots: ReadonlyMap<number, number>): {tree: TreeProcess[]; opened: number[]} {
+  const tree: TreeProcess[] = []
+  const opened: number[] = []
+  const queue: TreeProcess[] = [...roots].filter(([, pidfd]) => pidfd >= 0).map(([pid, pidfd]) => ({pid, pidfd}))
   const seen = new Set<number>()
   while (queue.length > 0) {
-    const pid = queue.shift()!
-    if (seen.has(pid)) continue
-    seen.add(pid)
-    out.push(pid)
+    const parent = queue.shift()!
+    if (seen.has(parent.pid)) continue
+    seen.add(parent.pid)
+    tree.push(parent)
+    if ((poll([{fd: parent.pidfd, events: POLLIN}], 0)[0] ?? 0) !== 0) continue // exited: its pid names nobody of ours
     let tids: string[] = []
     try {
-      tids = fs.readdirSync(`/proc/${pid}/task`)
+      tids = fs.readdirSync(`/proc/${parent.pid}/task`)
     } catch {
       continue // gone
     }
     for (const tid of tids) {
+      let children: number[] = []
       try {
-        for (const child of fs.readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').split(' ')) if (child.trim()) queue.push(Number(child))
+        children = fs.readFileSync(`/proc/${parent.pid}/task/${tid}/children`, 'utf8').split(' ').filter((c) => c.trim()).map(Number)
       } catch {
         // The thread exited meanwhile.
       }
+      for (const pid of children) {
+        let pidfd: number
+        try {
+          pidfd = pidfdOpen(pid)
+        } catch {
+          continue // exited meanwhile
+        }
+        opened.push(pidfd)
+        if (parentOf(pid) === parent.pid) queue.push({pid, pidfd})
+      }
     }
   }
-  return out
+  return {tree, opened}
 }
 
 /**
@@ -228,8 +269,8 @@ class RestoredTasks implements FrontEnd {
   readonly completionFreesClient = true
   private connection = -1
   private stream = new RestoreStream()
-  /** Pids of the tasks CRIU restored: the roots of what is killed. */
-  private readonly taskPids = new Set<number>()
+  /** The tasks CRIU restored, the roots of what is killed: pid -> this thread's pidfd for it (-1: none). */
+  private readonly tasks = new Map<number, number>()
   private treeKilled = false
 
   constructor(
@@ -356,7 +397,8 @@ class RestoredTasks implements FrontEnd {
   }
 
   private addTask(intake: ClientIntake, pid: number, uffd: number): void {
-    this.taskPids.add(pid)
+    // Held before anything else: even a task refused below is killed with the tree, by this pidfd.
+    this.keepTask(pid)
     // Anything else would be polled and read as the task's uffd: its bytes would decode as
     // events, and a fork event names an fd number the loop would then serve as a child's.
     if (!isUserfaultfd(uffd)) {
@@ -407,13 +449,38 @@ class RestoredTasks implements FrontEnd {
   release(): void {
     this.stream.close()
     if (this.connection >= 0) closeFd(this.connection)
+    for (const pidfd of this.tasks.values()) if (pidfd >= 0) closeFd(pidfd)
+    this.tasks.clear()
+  }
+
+  /** A pidfd of this thread's for a task criu just sent (it is restoring then, so its pid is its own). */
+  private keepTask(pid: number): void {
+    if (this.tasks.has(pid)) return
+    let pidfd = -1
+    try {
+      pidfd = pidfdOpen(pid)
+    } catch (error) {
+      if (!(error instanceof SysError)) throw error
+      // Gone already: nothing of it to kill.
+    }
+    this.tasks.set(pid, pidfd)
   }
 
   private killTree(why: string): void {
     if (this.treeKilled) return
     this.treeKilled = true
-    const tree = processTree(this.taskPids)
-    this.options.log(`killing the restored tasks (${tree.join(', ')}): ${why}`)
-    for (const pid of tree) killQuietly(pid)
+    const {tree, opened} = openProcessTree(this.tasks)
+    try {
+      this.options.log(`killing the restored tasks (${tree.map((p) => p.pid).join(', ')}): ${why}`)
+      for (const p of tree) {
+        try {
+          pidfdSendSignal(p.pidfd, SIGKILL)
+        } catch (error) {
+          this.options.log(`task ${p.pid} could not be killed: ${(error as Error).message}`)
+        }
+      }
+    } finally {
+      for (const pidfd of opened) closeFd(pidfd)
+    }
   }
 }

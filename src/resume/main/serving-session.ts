@@ -160,14 +160,6 @@ export function writeStatsFile(statsFile: string | undefined, report: ResumeRepo
   if (statsFile) writeFileAtomically(statsFile, `${JSON.stringify(report, null, 2)}\n`)
 }
 
-export function killQuietly(pid: number): void {
-  try {
-    process.kill(pid, 'SIGKILL')
-  } catch {
-    // Already gone.
-  }
-}
-
 class ServingSession implements ClientIntake {
   readonly signal: AbortSignal
   private readonly startedAt = new Date()
