@@ -13,19 +13,13 @@ import {FaultLoopHost} from '../src/resume/main/fault-loop-host.js'
 import {type FromWorker, type GuestRegion} from '../src/resume/protocol.js'
 import {closeFd, connectUnix, createUserfaultfd, isUserfaultfd, poll, POLLIN, readSome, sendWithFds, SysError, uffdApi, writeAll} from '../src/sys/index.js'
 import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
+import {fcClientSkipReason, type Handler, startFcClient, startHandler} from './helpers/fc-handlers.js'
 import {makeImage, tempDir} from './helpers/images.js'
 import {exitWithin, killAll, type Running, track, waitFor} from './helpers/processes.js'
 
-const FC_CLIENT = path.join(NATIVE, 'fc_client')
 const MiB = 1024 * 1024
 
-function skipReason(): string | undefined {
-  if (process.platform !== 'linux') return 'not Linux'
-  if (process.getuid?.() !== 0) return 'not root (a uffd that traps kernel-mode faults needs root)'
-  if (!fs.existsSync(FC_CLIENT)) return `${FC_CLIENT} is not built (npm run build)`
-  return undefined
-}
-const skip = skipReason()
+const skip = fcClientSkipReason()
 if (skip) console.warn(`test/hostile-clients.test.ts skipped: ${skip}`)
 
 const live = new Set<ChildProcess>()
@@ -47,24 +41,8 @@ afterAll(() => {
   if (dir) fs.rmSync(dir, {recursive: true, force: true})
 })
 
-interface Handler {
-  proc: Running
-  socket: string
-}
-
-async function startResume(file: string, args: string[]): Promise<Handler> {
-  const name = `r${names++}`
-  const socket = path.join(dir, `${name}.sock`)
-  const ready = path.join(dir, `${name}.ready`)
-  const proc = track(live, uffdSpawn(['resume', file, '--socket', socket, '--ready-file', ready, ...args]), args.includes('--json'))
-  await waitFor('uffd resume to write its ready file', () => fs.existsSync(ready) || proc.exited, 30_000)
-  if (!fs.existsSync(ready)) throw new Error(`uffd resume exited (${(await proc.done).code}) before it was ready:\n${proc.stderr()}`)
-  return {proc, socket}
-}
-
-function startClient(handler: Handler, args: string[], timeoutMs = 15_000): Running {
-  return track(live, spawn(FC_CLIENT, ['--socket', handler.socket, '--image', image, '--timeout-ms', String(timeoutMs), ...args], {stdio: ['ignore', 'pipe', 'pipe']}))
-}
+const startResume = (file: string, args: string[]): Promise<Handler> => startHandler(live, dir, file, args)
+const startClient = (handler: Handler, args: string[], timeoutMs = 15_000): Running => startFcClient(live, handler, image, args, timeoutMs)
 
 /**
  * Whether the handler closed its end of `fd` (a read gives end of file, or ECONNRESET: closed with
@@ -463,7 +441,7 @@ describe.skipIf(skip !== undefined)('the snapshot failing under the handler', ()
    */
   async function oneFailsAlone(file: string, breakIt: () => void, code: string, message: RegExp): Promise<void> {
     const handler = await startResume(file, ['--serve', '--cache-mb', '1', '--readahead', '0', '--json'])
-    const vm = (args: string[]): Running => track(live, spawn(FC_CLIENT, ['--socket', handler.socket, '--image', halfZero, '--timeout-ms', '60000', ...args], {stdio: ['ignore', 'pipe', 'pipe']}))
+    const vm = (args: string[]): Running => startFcClient(live, handler, halfZero, args, 60_000)
     const first = vm(['--touch', 'sequential', '--verify-all', '--hold-ms', '60000'])
     await waitFor('the first VM to have all its memory', () => first.stdout().includes('"ok":true') || first.exited, 20_000)
     expect(first.exited, first.stderr()).toBe(false)

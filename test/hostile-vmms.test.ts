@@ -1,26 +1,20 @@
 // `uffd resume` against real VMM-like processes (native/build/fc_client --hostile) that send a
 // well-formed uffd and then misbehave: a handshake that never completes, a fault outside the
 // regions announced, one uffd sent on two connections. Real handler processes, real uffds.
-import {type ChildProcess, spawn} from 'node:child_process'
+import {type ChildProcess} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 
 import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
 
-import {NATIVE, uffd, uffdSpawn} from './helpers/cli.js'
+import {uffd} from './helpers/cli.js'
+import {fcClientSkipReason, type Handler, startFcClient, startHandler} from './helpers/fc-handlers.js'
 import {makeImage, tempDir} from './helpers/images.js'
-import {exitWithin, killAll, type Running, track, waitFor} from './helpers/processes.js'
+import {exitWithin, killAll, type Running, waitFor} from './helpers/processes.js'
 
-const FC_CLIENT = path.join(NATIVE, 'fc_client')
 const MiB = 1024 * 1024
 
-function skipReason(): string | undefined {
-  if (process.platform !== 'linux') return 'not Linux'
-  if (process.getuid?.() !== 0) return 'not root (a uffd that traps kernel-mode faults needs root)'
-  if (!fs.existsSync(FC_CLIENT)) return `${FC_CLIENT} is not built (npm run build)`
-  return undefined
-}
-const skip = skipReason()
+const skip = fcClientSkipReason()
 if (skip) console.warn(`test/hostile-vmms.test.ts skipped: ${skip}`)
 
 const live = new Set<ChildProcess>()
@@ -29,7 +23,6 @@ afterEach(() => killAll(live))
 let dir: string
 let image: string
 let snapshot: string
-let names = 0
 beforeAll(() => {
   if (skip) return
   dir = tempDir('uffd-hostile-vmm-')
@@ -43,24 +36,8 @@ afterAll(() => {
   if (dir) fs.rmSync(dir, {recursive: true, force: true})
 })
 
-interface Handler {
-  proc: Running
-  socket: string
-}
-
-async function startResume(args: string[]): Promise<Handler> {
-  const name = `r${names++}`
-  const socket = path.join(dir, `${name}.sock`)
-  const ready = path.join(dir, `${name}.ready`)
-  const proc = track(live, uffdSpawn(['resume', snapshot, '--socket', socket, '--ready-file', ready, ...args]), args.includes('--json'))
-  await waitFor('uffd resume to write its ready file', () => fs.existsSync(ready) || proc.exited, 30_000)
-  if (!fs.existsSync(ready)) throw new Error(`uffd resume exited (${(await proc.done).code}) before it was ready:\n${proc.stderr()}`)
-  return {proc, socket}
-}
-
-function startClient(handler: Handler, args: string[], timeoutMs = 30_000): Running {
-  return track(live, spawn(FC_CLIENT, ['--socket', handler.socket, '--image', image, '--timeout-ms', String(timeoutMs), ...args], {stdio: ['ignore', 'pipe', 'pipe']}))
-}
+const startResume = (args: string[]): Promise<Handler> => startHandler(live, dir, snapshot, args)
+const startClient = (handler: Handler, args: string[], timeoutMs = 30_000): Running => startFcClient(live, handler, image, args, timeoutMs)
 
 /** Whether process `pid` still runs (a zombie counts as gone). */
 function alive(pid: number): boolean {
