@@ -126,6 +126,8 @@ class FirecrackerClients implements FrontEnd {
    * later handshakes are compared with. Dropped once the client ended.
    */
   private readonly served = new Map<number, {peer: Peer; uffd: number}>()
+  /** kcmp is not available here: duplicate uffds go undetected (said once). */
+  private kcmpMissing = false
 
   constructor(
     private readonly options: ResumeOptions,
@@ -207,7 +209,7 @@ class FirecrackerClients implements FrontEnd {
     let peer = acceptedPeer
     try {
       peer = peerAgain(connection, acceptedPeer)
-      this.refuseIfServed(accepted.uffd, peer)
+      this.refuseIfServed(intake, accepted.uffd, peer)
     } catch (error) {
       closeFd(accepted.uffd)
       return this.refuse(intake, connection, peer, error, false)
@@ -235,9 +237,22 @@ class FirecrackerClients implements FrontEnd {
    * twice over. The first stays served, the second is refused and not killed: it is that very
    * client, or a process whose memory is not registered with a uffd made by another.
    */
-  private refuseIfServed(uffd: number, peer: Peer): void {
+  private refuseIfServed(intake: ClientIntake, uffd: number, peer: Peer): void {
+    if (this.kcmpMissing) return
     for (const [id, client] of this.served) {
-      if (!sameOpenFile(uffd, client.uffd)) continue
+      let same: boolean
+      try {
+        same = sameOpenFile(uffd, client.uffd)
+      } catch (error) {
+        // A kernel without kcmp (CONFIG_KCMP off) or a policy that forbids it: the check is
+        // skipped rather than every later VMM refused (fstat cannot stand in: before 5.12 all
+        // userfaultfds share one inode).
+        if (!(error instanceof SysError) || (error.code !== 'ENOSYS' && error.code !== 'EPERM')) throw error
+        this.kcmpMissing = true
+        intake.log(`cannot compare userfaultfds (kcmp: ${error.code}): a uffd sent on two connections would be served twice`)
+        return
+      }
+      if (!same) continue
       const who = peer.pid === client.peer.pid ? 'by the same process' : `by pid ${peer.pid ?? 'unknown'}, where client ${id} is pid ${client.peer.pid ?? 'unknown'}`
       throw new DuplicateUffdError(`the userfaultfd that came with the message is the one client ${id} is already served through (sent again ${who}); it is served once`)
     }
