@@ -41,6 +41,7 @@ export const BENCHMARKS: Benchmark[] = [
   {name: 'first-touch', script: 'bench/first-touch.ts', args: ['--image', GUEST_1G], runs: 5, quick: ['--placements', 'free'], images: [GUEST_1G], commands: ['taskset'], root: true},
   {name: 'startup', script: 'bench/startup.ts', args: ['--image', GUEST_1G], runs: 15, images: [GUEST_1G], commands: []},
   {name: 'layers', script: 'bench/layers.ts', args: ['--image', GUEST_1G], runs: 5, images: [GUEST_1G], commands: []},
+  {name: 'sealed', script: 'bench/sealed.ts', args: ['--image', GUEST_1G], runs: 5, images: [GUEST_1G], commands: ['openssl']},
   {name: 'criu', script: 'bench/criu.ts', args: ['--mib', '512'], runs: 3, images: [], commands: ['criu'], root: true},
 ]
 

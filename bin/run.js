@@ -9,8 +9,25 @@ if (major < 20 || (major === 20 && minor < 15) || major === 21 || (major === 22 
 
 // A VMM waits for `uffd resume` to listen on every resume: its plain command lines skip oclif
 // (src/cli/resume-entry.ts); anything else, --help and usage errors included, goes to oclif.
-const fast = process.argv[2] === 'resume' && (await (await import('../dist/cli/resume-entry.js')).runResumeFast(process.argv.slice(3)))
+const fast = process.argv[2] === 'resume' && (await (await import(await resumeEntry())).runResumeFast(process.argv.slice(3)))
 if (!fast) {
   const {execute} = await import('@oclif/core')
   await execute({dir: import.meta.url})
+}
+
+/**
+ * The resume path's bundle (scripts/bundle.mjs: a few files to load rather than each module),
+ * when it was made from the dist/ there is now; after a bare tsc, which rewrites every file of
+ * dist/, the modules themselves (their workers then start unbundled too).
+ */
+async function resumeEntry() {
+  const {statSync} = await import('node:fs')
+  const bundle = new URL('../dist/bundle/cli-resume-entry.js', import.meta.url)
+  const modules = new URL('../dist/cli/resume-entry.js', import.meta.url)
+  try {
+    if (statSync(bundle).mtimeMs >= statSync(modules).mtimeMs) return bundle.href
+  } catch {
+    // No bundle: the modules.
+  }
+  return modules.href
 }

@@ -104,11 +104,14 @@ static struct {
 	enum malformed_kind malformed;
 	enum hostile_kind hostile;
 	uint64_t seed, count, stride, hold_ms, delay_ms, crash_after, timeout_ms;
+	uint64_t split_at;   // 0: region 0 is one mapping
+	int64_t slots_free;  // -1: leave the mapping count alone
 	unsigned threads;
 	struct range balloon[MAX_BALLOON];
 	unsigned nballoon;
 } opt = {
 	.nregions = 1, .shape = FC_1_12, .nfds = 1, .seed = 1, .threads = 1, .timeout_ms = 120000,
+	.slots_free = -1,
 };
 
 struct region {
@@ -319,6 +322,79 @@ static void map_guest_memory(void)
 		offset += size;
 		cursor += size + REGION_GAP;
 	}
+}
+
+// --split-at: region 0 becomes two VMAs at that guest offset (MADV_NOHUGEPAGE on its tail gives
+// the tail other vm_flags, so the kernel never merges the two), as when a VMM advises part of
+// its guest memory: a handler's range over the boundary then spans two mappings.
+static void split_region(void)
+{
+	struct region *r = &mem.r[0];
+	if (!opt.split_at)
+		return;
+	if (opt.split_at % mem.page || opt.split_at >= r->size)
+		die(EXIT_SETUP, "--split-at: must be page-aligned and inside region 0 (%" PRIu64 " bytes)",
+		    r->size);
+	if (madvise(r->base + opt.split_at, r->size - opt.split_at, MADV_NOHUGEPAGE) < 0)
+		die_errno("madvise(MADV_NOHUGEPAGE, region 0 from %" PRIu64 ")", opt.split_at);
+}
+
+// The process's VMAs as the kernel counts them against vm.max_map_count (mm->map_count):
+// /proc/self/maps also shows the [vsyscall] gate area, which is no VMA.
+static uint64_t count_mappings(void)
+{
+	FILE *f = fopen("/proc/self/maps", "r");
+	if (!f)
+		die_errno("open(/proc/self/maps)");
+	uint64_t n = 0;
+	char line[512];
+	while (fgets(line, sizeof line, f))
+		if (strchr(line, '\n') && !strstr(line, "[vsyscall]"))
+			n++;
+	fclose(f);
+	return n;
+}
+
+// --map-slots-free N: maps PROT_NONE/PROT_EXEC pages until the process has exactly N mappings
+// left under vm.max_map_count, so that whatever splits its VMAs next (a handler's UNREGISTER,
+// which splits a VMA at each end of its range) runs into the limit (ENOMEM) after N splits.
+static void leave_map_slots(void)
+{
+	if (opt.slots_free < 0)
+		return;
+	FILE *f = fopen("/proc/sys/vm/max_map_count", "r");
+	unsigned long long max = 0;
+	if (!f || fscanf(f, "%llu", &max) != 1)
+		die_errno("read(/proc/sys/vm/max_map_count)");
+	fclose(f);
+	uint64_t target = max - (uint64_t)opt.slots_free;
+	uint64_t have = count_mappings();
+	if (have > target)
+		die(EXIT_SETUP, "--map-slots-free: %" PRIu64 " mappings already, limit %llu", have, max);
+	// Each odd page made executable splits the reservation twice; page 0 once, for an odd gap.
+	uint64_t pairs = (target - have) / 2 + 2, pages = 2 * pairs + 2;
+	uint8_t *span = mmap(NULL, pages * SMALL_PAGE, PROT_NONE,
+			     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (span == MAP_FAILED)
+		die_errno("mmap(%" PRIu64 " pages for --map-slots-free)", pages);
+	uint64_t next = 3;
+	bool first_used = false;
+	while ((have = count_mappings()) < target) {
+		uint64_t gap = target - have;
+		if (gap == 1 && !first_used) {
+			first_used = true;
+			if (mprotect(span, SMALL_PAGE, PROT_EXEC) < 0)
+				die_errno("mprotect(--map-slots-free)");
+			continue;
+		}
+		if (gap == 1 || next >= pages - 1)
+			die(EXIT_SETUP, "--map-slots-free: could not reach %" PRIu64 " mappings", target);
+		for (uint64_t k = 0; k < gap / 2 && next < pages - 1; k++, next += 2)
+			if (mprotect(span + next * SMALL_PAGE, SMALL_PAGE, PROT_EXEC) < 0)
+				die_errno("mprotect(--map-slots-free)");
+	}
+	if (have != target)
+		die(EXIT_SETUP, "--map-slots-free: %" PRIu64 " mappings, wanted %" PRIu64, have, target);
 }
 
 static int create_uffd(void)
@@ -957,6 +1033,11 @@ static void usage(FILE *f)
 	    "  --hold-ms N             sleep N ms after printing the result\n"
 	    "  --delay-ms N            sleep N ms between the handshake and the first touch (a guest\n"
 	    "                          busy elsewhere before it touches memory; lets prefetch run)\n"
+	    "  --split-at BYTES        make region 0 two mappings at this offset (MADV_NOHUGEPAGE\n"
+	    "                          on its tail): ranges over the boundary span two VMAs\n"
+	    "  --map-slots-free N      before the handshake, map pages until only N more mappings\n"
+	    "                          fit under vm.max_map_count (a handler's VMA splits then\n"
+	    "                          fail with ENOMEM after N); use with one touch thread\n"
 	    "exit: 0 ok, 1 wrong bytes, 2 usage/setup error, 3 timeout\n",
 	    f);
 }
@@ -982,7 +1063,7 @@ static void parse_args(int argc, char **argv)
 		O_SOCKET = 256, O_IMAGE, O_SIZE, O_REGIONS, O_HUGEPAGES, O_FC_VERSION, O_EXTRA_FIELDS,
 		O_FDS, O_TOUCH, O_SEED, O_COUNT, O_STRIDE, O_VERIFY, O_VERIFY_ALL, O_BALLOON, O_THREADS,
 		O_HOLD_MS, O_DELAY_MS, O_CRASH_AFTER, O_MALFORMED, O_ACCESS, O_SYSCALL_TOUCH, O_TIMEOUT_MS,
-		O_BALLOON_CONCURRENT, O_FILE_BACKEND, O_HOSTILE,
+		O_BALLOON_CONCURRENT, O_FILE_BACKEND, O_SPLIT_AT, O_MAP_SLOTS_FREE, O_HOSTILE,
 	};
 	static const struct option longopts[] = {
 		{"socket", required_argument, 0, O_SOCKET},
@@ -1011,6 +1092,8 @@ static void parse_args(int argc, char **argv)
 		{"syscall-touch", no_argument, 0, O_SYSCALL_TOUCH},
 		{"timeout-ms", required_argument, 0, O_TIMEOUT_MS},
 		{"file-backend", no_argument, 0, O_FILE_BACKEND},
+		{"split-at", required_argument, 0, O_SPLIT_AT},
+		{"map-slots-free", required_argument, 0, O_MAP_SLOTS_FREE},
 		{"help", no_argument, 0, 'h'},
 		{0, 0, 0, 0},
 	};
@@ -1068,6 +1151,10 @@ static void parse_args(int argc, char **argv)
 		case O_SYSCALL_TOUCH: opt.access = ACCESS_SYSCALL; break;
 		case O_TIMEOUT_MS: opt.timeout_ms = arg_u64("timeout-ms", optarg, false); break;
 		case O_FILE_BACKEND: opt.file_backend = true; break;
+		case O_SPLIT_AT: opt.split_at = arg_u64("split-at", optarg, true); break;
+		case O_MAP_SLOTS_FREE:
+			opt.slots_free = (int64_t)arg_u64("map-slots-free", optarg, false);
+			break;
 		case 'h': usage(stdout); exit(0);
 		default: usage(stderr); exit(EXIT_SETUP);
 		}
@@ -1132,10 +1219,13 @@ int main(int argc, char **argv)
 
 	watchdog_start();
 	map_guest_memory();
+	split_region();
 	close(img);
 	int uffd = opt.file_backend ? -1 : create_uffd();
 	if (opt.malformed == MAL_NONE)
 		build_plan(); // before the handshake: no setup cost inside the handler's timing window
+	// Last before the handshake: nothing after it maps memory (one touch thread, a heap in use).
+	leave_map_slots();
 
 	atomic_store(&phase, PH_HANDSHAKE);
 	uint64_t handshake_ns = 0;

@@ -26,7 +26,7 @@ step "npm pack"
 tarball=$(echo "$work"/uffd-*.tgz)
 [ -f "$tarball" ] || fail "npm pack wrote no tarball"
 listing=$(tar -tzf "$tarball")
-for want in package/bin/run.js package/dist/commands/stats.js package/oclif.manifest.json package/native/Makefile \
+for want in package/bin/run.js package/dist/commands/stats.js package/dist/bundle/cli-resume-entry.js package/oclif.manifest.json package/native/Makefile \
   package/native/libuffd_fill.c package/native/libuffd_crc.c package/scripts/build-native.sh; do
   grep -qx "$want" <<<"$listing" || fail "the tarball lacks ${want#package/}"
 done
@@ -80,6 +80,11 @@ run_commands() {
   local status=0 out
   out=$("$uffd" resume guest.uffd --socket "$work/run/uffd.sock" --timeout 1 --json 2>/dev/null) || status=$?
   [ "$status" = 1 ] && grep -q '"TIMEOUT"' <<<"$out" || fail "$uffd resume without a client: exit $status, $out"
+  # The same with 150 file descriptors: the resume path is bundled (scripts/bundle.mjs), so
+  # Node's module loader does not run out of them (EMFILE) opening module files.
+  status=0
+  out=$(ulimit -n 150 && "$uffd" resume guest.uffd --socket "$work/run/uffd.sock" --timeout 1 --json 2>/dev/null) || status=$?
+  [ "$status" = 1 ] && grep -q '"TIMEOUT"' <<<"$out" || fail "$uffd resume with RLIMIT_NOFILE 150: exit $status, $out"
 }
 
 step "running the installed uffd"

@@ -44,6 +44,8 @@ class SimulatedKernel implements FillCalls {
   gone = false
   /** Pages outside every registered VMA (a restored process unmapped or unregistered them). */
   readonly unregistered = new Set<number>()
+  /** Pages that begin a VMA: a fill over one fails whole with ENOENT (it must lie inside one VMA). */
+  readonly vmaStarts = new Set<number>()
   /** Stop a copy after this many pages with EAGAIN (a partial copy), once. */
   stopAfterPages: number | undefined
   readonly wakes: number[] = []
@@ -70,15 +72,33 @@ class SimulatedKernel implements FillCalls {
     this.wakes.push((start - BASE) / PAGE)
   }
 
-  /** Ranges handed back with UNREGISTER, in pages; refuseUnregister makes the kernel say ENOMEM. */
+  /**
+   * Ranges handed back with UNREGISTER, in pages; refuseUnregister makes the kernel say ENOMEM.
+   * With unregisterFailsAt, it says ENOMEM after unregistering the range's pages before that
+   * page (the VMAs before the one it could not split: the kernel does not undo them).
+   */
   readonly handedBack: [number, number][] = []
   refuseUnregister = false
+  unregisterFailsAt: number | undefined
   unregister(fd: number, start: number, length: number): void {
     expect(fd).toBe(UFFD)
     if (this.refuseUnregister) throw new SysError('UFFDIO_UNREGISTER', 12, 'unregistering')
     const first = (start - BASE) / PAGE
+    const stop = this.unregisterFailsAt
+    for (let p = first; p < first + length / PAGE && (stop === undefined || p < stop); p++) this.unregistered.add(p)
+    if (stop !== undefined && stop < first + length / PAGE) throw new SysError('UFFDIO_UNREGISTER', 12, 'unregistering')
     this.handedBack.push([first, first + length / PAGE])
-    for (let p = first; p < first + length / PAGE; p++) this.unregistered.add(p)
+  }
+
+  /** Ranges registered again, in pages; refuseRegister makes the kernel say ENOMEM. */
+  readonly registeredAgain: [number, number][] = []
+  refuseRegister = false
+  register(fd: number, start: number, length: number): void {
+    expect(fd).toBe(UFFD)
+    if (this.refuseRegister) throw new SysError('UFFDIO_REGISTER', 12, 'registering')
+    const first = (start - BASE) / PAGE
+    this.registeredAgain.push([first, first + length / PAGE])
+    for (let p = first; p < first + length / PAGE; p++) this.unregistered.delete(p)
   }
 
   /** A balloon's MADV_DONTNEED: the pages are zapped (read as zeros, missing again). */
@@ -94,7 +114,7 @@ class SimulatedKernel implements FillCalls {
     if (this.eventQueued) return {done: 0, error: Errno.EAGAIN}
     const first = (start - BASE) / PAGE
     // A request must lie inside one registered VMA, checked before anything is installed.
-    for (let p = first; p < first + length / PAGE; p++) if (this.unregistered.has(p)) return {done: 0, error: Errno.ENOENT}
+    for (let p = first; p < first + length / PAGE; p++) if (this.unregistered.has(p) || (p > first && this.vmaStarts.has(p))) return {done: 0, error: Errno.ENOENT}
     let done = 0
     for (let p = first; p < first + length / PAGE; p++) {
       if (this.present[p]) return done === 0 ? {done: 0, error: Errno.EEXIST} : {done: done * PAGE, error: Errno.EAGAIN}
@@ -118,9 +138,10 @@ class ScriptedSource implements PayloadSource {
   retainReleased = false
   corrupt = new Set<number>()
   notReady = new Set<number>()
-  /** Units whose bytes are still in object storage, and the ones fetchNow asked for. */
+  /** Units whose bytes are still in object storage, and the ones fetchNow asked for (at demand, and around them at prefetch). */
   remote = new Set<number>()
   readonly fetched: number[] = []
+  readonly fetchedAround: number[] = []
   readonly asked: number[] = []
   readonly released: number[] = []
   constructor(private readonly reader: SnapshotReader) {}
@@ -134,8 +155,9 @@ class ScriptedSource implements PayloadSource {
   isLocal(unit: number): boolean {
     return !this.remote.has(unit)
   }
-  fetchNow(units: readonly number[]): void {
+  fetchNow(units: readonly number[], around: readonly number[] = []): void {
     this.fetched.push(...units)
+    this.fetchedAround.push(...around)
   }
   isRequested(unit: number): boolean {
     return this.asked.includes(unit)
@@ -208,14 +230,13 @@ function firstDataPage(from = 0): number {
 }
 
 describe('fillErrnoMeaning: one triage of every fill errno', () => {
-  it('reads ENOENT as gone for a VMM and as an unregistered page for a restored process', () => {
-    expect(fillErrnoMeaning(0, false)).toBe('installed')
-    expect(fillErrnoMeaning(Errno.EEXIST, false)).toBe('already-present')
-    expect(fillErrnoMeaning(Errno.EAGAIN, true)).toBe('address-space-changing')
-    expect(fillErrnoMeaning(Errno.ENOENT, false)).toBe('gone')
-    expect(fillErrnoMeaning(Errno.ENOENT, true)).toBe('not-registered')
-    expect(fillErrnoMeaning(Errno.ESRCH, true)).toBe('gone')
-    expect(fillErrnoMeaning(Errno.EINVAL, false)).toBe('unexpected')
+  it('reads ENOENT as a range not registered whole (the installer decides what that means) and ESRCH as gone', () => {
+    expect(fillErrnoMeaning(0)).toBe('installed')
+    expect(fillErrnoMeaning(Errno.EEXIST)).toBe('already-present')
+    expect(fillErrnoMeaning(Errno.EAGAIN)).toBe('address-space-changing')
+    expect(fillErrnoMeaning(Errno.ENOENT)).toBe('not-registered')
+    expect(fillErrnoMeaning(Errno.ESRCH)).toBe('gone')
+    expect(fillErrnoMeaning(Errno.EINVAL)).toBe('unexpected')
   })
 })
 
@@ -264,7 +285,7 @@ describe('Installer against a simulated kernel', () => {
     expectImageWherePresent(kernel)
   })
 
-  it('ENOENT: a restored process goes page by page and settles the unregistered page; a VMM is gone', () => {
+  it('ENOENT on one page: a restored process settles it as unregistered; for a VMM its mapping is gone', () => {
     for (const nonCooperative of [true, false]) {
       const {kernel, installer, regions, stats} = setup()
       const client = new Client(1, UFFD, regions, reader.geometry, undefined, nonCooperative)
@@ -275,10 +296,13 @@ describe('Installer against a simulated kernel', () => {
         expect(client.states.get(13)).toBe(PAGE_REMOVED)
         expect(kernel.wakes).toEqual([13])
         for (const p of [10, 12, 14, 17]) expect(kernel.present[p]).toBe(1)
-        expect(stats.get('zeropageIoctls')).toBe(9)
+        // Pieces halved around the page and grown back after it: 8, 4, 2, 4, 2, 1, 2, 1 (page
+        // 13, refused), then 1, 2, 1 pages.
+        expect(stats.get('zeropageIoctls')).toBe(11)
       } else {
-        expect(result).toEqual({outcome: 'gone', pages: 0})
-        expect(client.states.presentCount).toBe(0)
+        // The pages before it are in; the client is gone at the page that is not registered.
+        expect(result).toEqual({outcome: 'gone', pages: 3})
+        expect(client.states.get(13)).toBe(PAGE_MISSING)
       }
     }
   })
@@ -319,16 +343,17 @@ describe('FaultServer with a scripted payload source', () => {
     expectImageWherePresent(kernel)
   })
 
-  it('a fault whose chunk is still in object storage asks for the chunks of its widest window too, its own first', () => {
-    // A 256 KiB window: four 64 KiB chunks, fetched in one go (one round trip to the store).
+  it('a fault whose chunk is still in object storage asks for its own at demand, the rest of its widest window around it at prefetch', () => {
+    // A 256 KiB window: four 64 KiB chunks, asked in one go (one round trip to the store), but
+    // only the fault's own chunk is demand: the neighbours must not go ahead of a later fault.
     const {server, client, scripted} = setup({faultAroundBytes: 256 * 1024})
     const page = firstDataPage(100)
     const chunk = Math.floor(page / 16)
     scripted.remote.add(chunk)
     expect(server.serve(client, {address: BASE + page * PAGE, readAt: performance.now()}).outcome).toBe('wait')
     const first = Math.floor(page / 64) * 4
-    expect(scripted.fetched[0]).toBe(chunk)
-    expect([...scripted.fetched].sort((a, b) => a - b)).toEqual([first, first + 1, first + 2, first + 3])
+    expect(scripted.fetched).toEqual([chunk])
+    expect([...scripted.fetchedAround].sort((a, b) => a - b)).toEqual([first, first + 1, first + 2, first + 3].filter((c) => c !== chunk))
   })
 
   it('fault-around never waits on the network: chunks not here yet are left missing', () => {
@@ -591,7 +616,7 @@ describe('a packed working set: blocks, the install helper and its share', () =>
   afterAll(() => packedReader?.close())
 
   /** Parts over the packed snapshot, with a source that has every unit decoded (as staged ones are). */
-  function packedSetup(helper: 'played' | 'none') {
+  function packedSetup(helper: 'played' | 'none', fillBlock?: FillCalls['fillBlock']) {
     const r = packedReader
     const kernel = new SimulatedKernel(r.geometry.pageCount)
     const stats = new RunStats()
@@ -607,7 +632,7 @@ describe('a packed working set: blocks, the install helper and its share', () =>
       copy: (...a) => kernel.copy(...a),
       zeropage: (...a) => kernel.zeropage(...a),
       wake: (...a) => kernel.wake(...a),
-      fillBlock: undefined,
+      fillBlock,
       startHelper:
         helper === 'played'
           ? (_fd, states, _zeroMap, _pageSize, _regions, jobs) => {
@@ -643,6 +668,27 @@ describe('a packed working set: blocks, the install helper and its share', () =>
     expect(server.serve(client, {address: BASE + page * PAGE, readAt: performance.now()})).toEqual({outcome: 'served', window: {page, first: page, end: page + 1}})
     expect(order[0]).toBe(page)
     expect(order.length).toBeGreaterThan(1)
+    expectPackedImage(kernel)
+  })
+
+  it('a native block fill that meets ENOENT (a VMA boundary) is retried through fill(), not taken for a gone VMM; native fills stay off for the client', () => {
+    // The native fill gives up on a range over a VMA boundary as a whole, installing nothing.
+    let nativeCalls = 0
+    const refusing: FillCalls['fillBlock'] = () => {
+      nativeCalls++
+      return {error: Errno.ENOENT, stopPage: 0, pagesCopied: 0, pagesZeroed: 0, copyIoctls: 1, zeropageIoctls: 0, eexist: 0, newlyPresent: 0}
+    }
+    const {kernel, server, client} = packedSetup('none', refusing)
+    const page = [...Array(kernel.pages).keys()].find((p) => p % 3 === 0 && !packedReader.zeroMap.isZero(p) && p > 100)!
+    // The client's mapping has a VMA boundary right after the faulting page.
+    kernel.vmaStarts.add(page + 1)
+    const fault = {address: BASE + page * PAGE, readAt: performance.now()}
+    expect(server.serve(client, fault).outcome).toBe('retry')
+    expect(client.nativeFillsOff).toBe(true)
+    expect(server.serve(client, fault)).toEqual({outcome: 'served', window: {page, first: page, end: page + 1}})
+    expect(nativeCalls).toBe(1)
+    expect(kernel.present[page]).toBe(1)
+    expect(Math.max(...kernel.installs)).toBe(1)
     expectPackedImage(kernel)
   })
 
@@ -699,12 +745,12 @@ describe('zero ranges handed to the kernel', () => {
   })
   afterAll(() => holes.close())
 
-  function parts() {
+  function parts(faultAroundBytes = 64 * 1024) {
     const pages = holes.geometry.pageCount
     const kernel = new SimulatedKernel(pages)
     const stats = new RunStats()
     const installer = new Installer(kernel, stats, PAGE, holes.zeroMap, 1)
-    const server = new FaultServer(holes, new DecodedUnits(holes, undefined, stats, 1 << 20), installer, stats, new RunClock(), {faultAroundBytes: 64 * 1024})
+    const server = new FaultServer(holes, new DecodedUnits(holes, undefined, stats, 1 << 20), installer, stats, new RunClock(), {faultAroundBytes})
     const client = new Client(1, UFFD, [{baseHostVirtAddr: BASE, size: pages * PAGE, offset: 0, pageSize: PAGE}], holes.geometry)
     return {kernel, stats, server, client}
   }
@@ -733,5 +779,56 @@ describe('zero ranges handed to the kernel', () => {
     expect(refused.server.handZerosToKernel(refused.client)).toBe(0)
     expect(refused.client.states.get(1000)).toBe(PAGE_MISSING)
     expect(refused.stats.get('kernelZeroPages')).toBe(0)
+  })
+
+  it('a range over two VMAs is handed over whole; a fill over a VMA boundary goes in pieces, the VMM not taken for gone', () => {
+    const {kernel, server, client} = parts()
+    // The client's region is two mappings, the second from page 1000: inside the zero run.
+    kernel.vmaStarts.add(1000)
+    expect(server.handZerosToKernel(client)).toBe(1024)
+    expect(kernel.handedBack).toEqual([[512, 1536]])
+    // Without the hand-over, the zero window of a fault next to the boundary ([992, 1008)) is
+    // filled in two pieces, each inside one VMA.
+    const other = parts()
+    other.kernel.vmaStarts.add(1000)
+    const served = other.server.serve(other.client, {address: BASE + 995 * PAGE, readAt: performance.now()})
+    expect(served.outcome).toBe('served')
+    for (let p = 992; p < 1008; p++) expect(other.client.states.get(p)).toBe(PAGE_PRESENT)
+    expect(Math.max(...other.kernel.installs)).toBe(1)
+    expect(other.stats.get('zeropageIoctls')).toBe(3)
+  })
+
+  it('an UNREGISTER that fails midway (ENOMEM splitting the second VMA) is undone: the range is registered again and served by faults', () => {
+    const {kernel, stats, server, client} = parts()
+    // The kernel cleared the first VMA's part of the range ([2, 4) MiB), then could not split the second.
+    kernel.unregisterFailsAt = 1024
+    expect(server.handZerosToKernel(client)).toBe(0)
+    expect(kernel.registeredAgain).toEqual([[512, 1536]])
+    expect(kernel.unregistered.size).toBe(0)
+    expect(stats.get('kernelZeroPages')).toBe(0)
+    for (const p of [512, 900, 1200]) expect(client.states.get(p)).toBe(PAGE_MISSING)
+    expect(server.serve(client, {address: BASE + 900 * PAGE, readAt: performance.now()}).outcome).toBe('served')
+    expect(client.states.get(900)).toBe(PAGE_PRESENT)
+    expect(kernel.present[900]).toBe(1)
+  })
+
+  it('when registering again fails too, pages the kernel kept are left to it (zeros), not taken for a gone client', () => {
+    const {kernel, server, client} = parts(2 * 1024 * 1024)
+    // The kernel took [512, 900) (the first VMA's part), then failed.
+    kernel.unregisterFailsAt = 900
+    kernel.refuseRegister = true
+    expect(server.handZerosToKernel(client)).toBe(0)
+    expect(client.kernelZerosUnsure).toEqual([{first: 512, end: 1536}])
+    // A fault in the part still registered: its 2 MiB zero window [512, 1024) reaches into the
+    // part the kernel took, whose pages are settled as the kernel's.
+    expect(server.serve(client, {address: BASE + 950 * PAGE, readAt: performance.now()}).outcome).toBe('served')
+    for (let p = 900; p < 1024; p++) expect(kernel.present[p]).toBe(1)
+    for (let p = 512; p < 900; p++) {
+      expect(client.states.get(p)).toBe(PAGE_PRESENT)
+      expect(kernel.present[p]).toBe(0)
+    }
+    // Outside that range an unregistered page still means the VMM's mapping is gone.
+    kernel.unregistered.add(1800)
+    expect(server.serve(client, {address: BASE + 1800 * PAGE, readAt: performance.now()}).outcome).toBe('gone')
   })
 })

@@ -172,7 +172,7 @@ describe('footer, index and zero map', () => {
     }
     check({payloadLength: 4 * 4096}, 0, /disagrees with the zero map/)
     check({codec: 9 as Codec}, 0, /unknown codec 9/)
-    check({storedLength: 100}, 2, /raw chunk stores 100/)
+    check({storedLength: 100}, 2, /raw data of 100 bytes/)
     check({dataOffset: 100}, 0, /outside the data section/)
     check({dataOffset: indexOffset - 10}, 0, /outside the data section/)
     check({storedLength: 1 << 20}, 3, /impossible/)

@@ -24,6 +24,9 @@ describe('package.json', () => {
   it('builds dist when packed and the native libraries when installed', () => {
     expect(pkg.scripts.prepack).toMatch(/tsc -p tsconfig\.build\.json/)
     expect(pkg.scripts.prepack).toMatch(/oclif manifest/)
+    // bin/run.js imports resume's bundle, made from dist/ after tsc.
+    expect(pkg.scripts.prepack).toMatch(/tsc -p tsconfig\.build\.json && node scripts\/bundle\.mjs/)
+    expect(pkg.scripts.build).toMatch(/tsc -p tsconfig\.build\.json && node scripts\/bundle\.mjs/)
     expect(pkg.scripts.install).toBe('sh scripts/build-native.sh')
   })
 })
@@ -38,7 +41,7 @@ describe('npm pack', () => {
   })
 
   it('ships the built commands, the manifest and the C sources of the libraries with their build', () => {
-    for (const f of ['bin/run.js', 'dist/commands/stats.js', 'dist/commands/working-set/merge.js', 'oclif.manifest.json', 'native/Makefile', 'native/libuffd_fill.c', 'native/libuffd_crc.c', 'scripts/build-native.sh', 'docs/ERRORS.md']) {
+    for (const f of ['bin/run.js', 'dist/commands/stats.js', 'dist/commands/working-set/merge.js', 'dist/bundle/cli-resume-entry.js', 'dist/bundle/resume-fault-loop-worker.js', 'dist/bundle/resume-decoder-worker.js', 'dist/bundle/remote-fetcher-worker.js', 'oclif.manifest.json', 'native/Makefile', 'native/libuffd_fill.c', 'native/libuffd_crc.c', 'scripts/build-native.sh', 'docs/ERRORS.md']) {
       expect(files, f).toContain(f)
     }
   })

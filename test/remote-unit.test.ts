@@ -7,7 +7,7 @@ import os from 'node:os'
 import path from 'node:path'
 
 import fc from 'fast-check'
-import {describe, expect, it} from 'vitest'
+import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
 import {backoffMs, extentAt, type ExtentTable, planRun} from '../src/remote/coalesce.js'
 import {DiskCache, evict} from '../src/remote/disk-cache.js'
@@ -16,9 +16,17 @@ import {parseLocation} from '../src/remote/location.js'
 import {HttpObject} from '../src/remote/http-object.js'
 import {checkRangeResponse, type ObjectIdentity, parseContentRange, RemoteError, type RemoteObject} from '../src/remote/object.js'
 import {EXTENT_ABSENT, EXTENT_IN_MEMORY, Handover, PRIORITY_DEMAND, PRIORITY_PREFETCH, RemoteCounters, sharedBuffers} from '../src/remote/shared.js'
-import {BUCKETS} from '../src/resume/run-stats.js'
+import {Client} from '../src/resume/fault-loop/client.js'
+import {FaultServer} from '../src/resume/fault-loop/fault-server.js'
+import {Installer, kernelFillCalls} from '../src/resume/fault-loop/installer.js'
+import {DecodedUnits} from '../src/resume/fault-loop/payload-source.js'
+import {BUCKETS, RunClock, RunStats} from '../src/resume/run-stats.js'
+import {openSnapshot} from '../src/snapshot/open.js'
 import {crc32} from '../src/sys/crc.js'
-import {cliEnv, uffdAsync} from './helpers/cli.js'
+import {cliEnv, uffd, uffdAsync} from './helpers/cli.js'
+import {FaultProxy} from './helpers/fault-proxy.js'
+import {makeImage, tempDir} from './helpers/images.js'
+import {RangeServer} from './helpers/range-server.js'
 
 function table(lengths: number[], gaps: number[] = []): ExtentTable {
   const offsets: number[] = []
@@ -188,6 +196,37 @@ describe('FetchScheduler', () => {
     expect(object.reads.length).toBe(2)
   })
 
+  it("a fault's neighbours wanted with it at prefetch share its ranged request; the rest wait behind a later demand elsewhere", async () => {
+    // Extents 0..7 back to back; 3 fit one request. One request at a time, so order shows.
+    const {object, scheduler, answer} = schedulerOver(data, [100, 100, 100, 100, 100, 100, 100, 100, 100, 100], {concurrency: 1, maxRequestBytes: 300})
+    scheduler.hold()
+    const fault = scheduler.want(3, PRIORITY_DEMAND)
+    const around = [1, 2, 4, 5, 6].map((e) => scheduler.want(e, PRIORITY_PREFETCH))
+    scheduler.release()
+    // The fault's request takes its neighbours forward first (faults walk memory upwards).
+    expect(object.reads.map((r) => [r.offset, r.length])).toEqual([[400, 300]])
+    const later = scheduler.want(9, PRIORITY_DEMAND)
+    answer(0)
+    expect((await fault)!.equals(data.subarray(400, 500))).toBe(true)
+    expect((await around[2])!.equals(data.subarray(500, 600))).toBe(true)
+    await flush()
+    // The later fault goes next, ahead of the neighbours still queued.
+    expect(object.reads.at(-1)!.offset).toBe(1000)
+    answer(1)
+    expect((await later)!.equals(data.subarray(1000, 1100))).toBe(true)
+    await flush()
+    // Then the rest of the neighbours (6 alone: 1, 2 and 6 are not back to back).
+    answer(2)
+    await flush()
+    answer(3)
+    await Promise.all(around)
+    expect(object.reads.slice(2).map((r) => [r.offset, r.length]).sort((a, b) => a[0] - b[0])).toEqual([
+      [200, 200],
+      [700, 100],
+    ])
+    expect(scheduler.idle).toBe(true)
+  })
+
   it('retries a corrupt body, then fails what cannot be had within the deadline', async () => {
     const {object, scheduler, counters, answer} = schedulerOver(data, [100, 100], {concurrency: 4, deadlineMs: 30})
     const first = scheduler.want(0, PRIORITY_DEMAND)
@@ -231,6 +270,63 @@ describe('FetchScheduler', () => {
     object.reads[0].answer(new RemoteError('REMOTE_NOT_FOUND', 'gone', false))
     await expect(wanted).rejects.toMatchObject({code: 'REMOTE_NOT_FOUND'})
     expect(object.reads.length).toBe(1)
+  })
+})
+
+describe('a remote fault through the fetcher thread', () => {
+  // 8 MiB of incompressible pages in 64 KiB chunks, stored back to back (each ~64 KiB), served
+  // by a real range server behind a proxy that answers each request 150 ms late. (Opening reads
+  // the head and the last MiB, whose chunks it keeps: the chunks used here lie between.)
+  let dir: string
+  let server: RangeServer
+  let proxy: FaultProxy
+  beforeAll(async () => {
+    dir = tempDir('uffd-neighbours-')
+    fs.writeFileSync(path.join(dir, 'mem.raw'), makeImage('random', 8 << 20, 3))
+    const made = uffd(['snapshot', '--mem-file', path.join(dir, 'mem.raw'), '-o', path.join(dir, 'mem.uffd'), '--chunk-size', '64K'])
+    expect(made.status, made.stderr).toBe(0)
+    server = await RangeServer.start(path.join(dir, 'mem.uffd'))
+    proxy = await FaultProxy.start(server.url())
+  })
+  afterAll(async () => {
+    await proxy?.close()
+    await server?.close()
+    fs.rmSync(dir, {recursive: true, force: true})
+  })
+
+  it("asks its neighbours at prefetch: they share its request, and a later fault elsewhere goes before those that did not fit", async () => {
+    // One request at a time, at most three chunks per request.
+    const fetch = {concurrency: 1, maxRequestBytes: 3 * 66 * 1024, idleTimeoutMs: 5000, deadlineMs: 20_000}
+    const opened = await openSnapshot(proxy.url('/snapshot.uffd'), {s3: {}, cacheRoot: path.join(dir, 'cache'), cacheMaxBytes: 1 << 30, fetch})
+    try {
+      const reader = opened.reader
+      const stats = new RunStats()
+      const source = new DecodedUnits(reader, undefined, stats, 1 << 20)
+      // 256 KiB windows: a fault on chunk 41 wants chunks 40..43 (its own at demand).
+      const server = new FaultServer(reader, source, new Installer(kernelFillCalls, stats, 4096, reader.zeroMap, 1), stats, new RunClock(), {faultAroundBytes: 256 * 1024})
+      const base = 0x7f00_0000_0000
+      const client = new Client(1, -1, [{baseHostVirtAddr: base, size: 8 << 20, offset: 0, pageSize: 4096}], reader.geometry)
+      const chunkPages = 16
+      proxy.faults = {delayMs: 150}
+      const before = proxy.requests.length
+      expect(server.serve(client, {address: base + 41 * chunkPages * 4096, readAt: performance.now()}).outcome).toBe('wait')
+      expect(server.serve(client, {address: base + 70 * chunkPages * 4096, readAt: performance.now()}).outcome).toBe('wait')
+      for (let i = 0; i < 400 && ![40, 41, 42, 43, 69, 70, 71].every((c) => reader.isLocal(c)); i++) await new Promise((resolve) => setTimeout(resolve, 10))
+      const chunkAt = (offset: number): number => reader.index.findIndex((e) => e.dataOffset === offset)
+      const asked = proxy.requests.slice(before).map((r) => {
+        const [from, to] = r.range!.replace('bytes=', '').split('-').map(Number)
+        return [chunkAt(from), chunkAt(to + 1) < 0 ? reader.index.length : chunkAt(to + 1)]
+      })
+      // The fault's chunk with the neighbours after it; the later fault with its own (its window
+      // is 68..71); only then the first fault's neighbour before it, which did not fit.
+      expect(asked.slice(0, 3)).toEqual([
+        [41, 44],
+        [69, 72],
+        [40, 41],
+      ])
+    } finally {
+      await opened.close()
+    }
   })
 })
 

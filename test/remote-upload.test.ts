@@ -140,6 +140,25 @@ describe('uffd snapshot -o s3://', () => {
     expect(verify.json).toMatchObject({ok: true, against: {mismatchedPages: 0}})
   }, SLOW)
 
+  it('--encrypt --sign-key uploads a sealed snapshot (deduplicated by digests of what was sealed) that verify reads back from the bucket with its keys', async () => {
+    const keyFile = path.join(dir, 'upload.key')
+    fs.writeFileSync(keyFile, crypto.randomBytes(32), {mode: 0o600})
+    const signer = crypto.generateKeyPairSync('ed25519')
+    fs.writeFileSync(path.join(dir, 'upload.pem'), signer.privateKey.export({type: 'pkcs8', format: 'pem'}))
+    fs.writeFileSync(path.join(dir, 'upload.pub'), signer.publicKey.export({type: 'spki', format: 'pem'}))
+    const url = `s3://${BUCKET}/vm/sealed.uffd`
+    const r = await cli(['snapshot', '--mem-file', image, '-o', url, '--chunk-size', '64K', '--encrypt', '--key-file', keyFile, '--sign-key', path.join(dir, 'upload.pem'), '--json'])
+    expect(r.status, r.stderr).toBe(0)
+    const plain = await cli(['stats', local, '--json'])
+    expect(r.json.dedupChunks).toBe(plain.json.dedupChunks)
+    expect(await s3.pendingUploads(BUCKET)).toEqual([])
+    const verify = await cli(['verify', url, '--against', image, '--key-file', keyFile, '--verify-key', path.join(dir, 'upload.pub'), '--cache-dir', path.join(dir, 'cache-sealed'), '--json'])
+    expect(verify.status, verify.stderr).toBe(0)
+    expect(verify.json).toMatchObject({ok: true, against: {mismatchedPages: 0}})
+    const locked = await cli(['verify', url, '--cache-dir', path.join(dir, 'cache-sealed'), '--json'])
+    expect(locked.json.error.code).toBe('KEY_REQUIRED')
+  }, SLOW)
+
   it.skipIf(resumeSkip)('resume serves every byte of the uploaded snapshot to a client that checks them all', async () => {
     const key = 'vm/resume.uffd'
     expect((await cli(['snapshot', '--mem-file', image, '-o', `s3://${BUCKET}/${key}`, '--chunk-size', '64K'])).status).toBe(0)

@@ -65,7 +65,7 @@ interface Image {
 
 const images = new Map<string, Image>()
 
-type Kind = 'mixed' | 'random' | 'zero' | 'sparse' | 'huge'
+type Kind = 'mixed' | 'random' | 'zero' | 'sparse' | 'huge' | 'holes'
 
 /** Test images, made once: all kinds have zero pages except random, and mixed has an odd size. */
 function image(kind: Kind): Image {
@@ -95,6 +95,12 @@ function image(kind: Kind): Image {
         [9 * MiB + 4000, 3 * PAGE],
         [16 * MiB - 5000, 5000],
       ])
+      break
+    case 'holes':
+      // Random data around one 4 MiB zero run, [2, 6) MiB: long enough to hand to the kernel.
+      data = makeImage('random', 8 * MiB, 16)
+      data.fill(0, 2 * MiB, 6 * MiB)
+      fs.writeFileSync(file, data)
       break
     case 'huge':
       // 2 MiB pages: data, all zeros (hugetlbfs has no UFFDIO_ZEROPAGE), random, compressible.
@@ -340,6 +346,37 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       const {pages} = pageCounts(img.data)
       expect(r.stats.faults.total).toBeGreaterThanOrEqual(pages)
       expect(r.stats.faults.total - r.stats.faults.alreadyPresent).toBe(pages)
+    })
+  })
+
+  describe('guest memory of two mappings (fc_client --split-at: a region of two VMAs at 5 MiB)', () => {
+    // The zero run [2, 6) MiB spans both mappings; with 2 MiB windows, the window [4, 6) MiB too.
+    const split = ['--split-at', String(5 * MiB), '--verify-all']
+
+    it('a zero range over both is handed to the kernel whole (one UNREGISTER, both VMAs)', async () => {
+      const img = image('holes')
+      const r = await serveOne(snapshotOf('holes', 'zstd', 64 * 1024), img, split, ['--fault-around', '2M'])
+      expectEveryPageOnce(r.stats, img.data)
+      expect(r.stats.pages.toKernel).toBe(1024)
+    })
+
+    it('an UNREGISTER that fails at the second VMA (no mapping left under vm.max_map_count) is undone, and every page served', async () => {
+      // One mapping left: the kernel splits the first VMA, clears its part of the range, then
+      // cannot split the second (ENOMEM) and stops there. Left so, the first part would be
+      // unregistered while the handler still thought it its own: the fill of the window
+      // [4, 6) MiB would fail with ENOENT and the client be taken for gone, its fault never served.
+      const img = image('holes')
+      const r = await serveOne(snapshotOf('holes', 'zstd', 64 * 1024), img, [...split, '--map-slots-free', '1'], ['--fault-around', '2M'])
+      expectEveryPageOnce(r.stats, img.data)
+      expect(r.stats.pages.toKernel ?? 0).toBe(0)
+      expect(r.stats.pages.zeroed).toBe(1024)
+    })
+
+    it('--no-kernel-zeros: a window over the boundary is filled in pieces, one per VMA, not taken for a gone client', async () => {
+      const img = image('holes')
+      const r = await serveOne(snapshotOf('holes', 'zstd', 64 * 1024), img, split, ['--fault-around', '2M', '--no-kernel-zeros'])
+      expectEveryPageOnce(r.stats, img.data)
+      expect(r.stats.pages.toKernel ?? 0).toBe(0)
     })
   })
 

@@ -89,10 +89,13 @@ describe.skipIf(skip)('uffd resume listening before its worker is up', () => {
   const raw = path.join(dir, 'img.raw')
   const snapshot = path.join(dir, 'img.uffd')
 
-  function startHandler(name: string) {
+  /** `maxFiles`: started under that RLIMIT_NOFILE (sh's ulimit -n, then exec). */
+  function startHandler(name: string, maxFiles?: number) {
     const socket = path.join(dir, `${name}.sock`)
     const ready = path.join(dir, `${name}.ready`)
-    const handler = spawn(process.execPath, [UFFD_BIN, 'resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30'], {env: cliEnv(), stdio: ['ignore', 'pipe', 'pipe']})
+    const argv = [UFFD_BIN, 'resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30']
+    const [file, args] = maxFiles === undefined ? [process.execPath, argv] : ['sh', ['-c', `ulimit -n ${maxFiles} && exec "$0" "$@"`, process.execPath, ...argv]]
+    const handler = spawn(file, args, {env: cliEnv(), stdio: ['ignore', 'pipe', 'pipe']})
     let stderr = ''
     handler.stderr!.on('data', (d) => (stderr += d))
     const exited = new Promise<number | null>((resolve) => handler.on('close', resolve))
@@ -106,6 +109,21 @@ describe.skipIf(skip)('uffd resume listening before its worker is up', () => {
       if (handler.exitCode !== null || Date.now() > until) throw new Error(`${file} never appeared`)
       await new Promise((r) => setImmediate(r))
     }
+  }
+
+  /** fc_client on `socket`, touching in `touch` order and verifying every byte: its exit code and output. */
+  function runClient(socket: string, touch: string): Promise<{code: number | null; out: string}> {
+    const client = spawn(path.join(NATIVE, 'fc_client'), ['--socket', socket, '--image', raw, '--touch', touch, '--verify-all'], {stdio: ['ignore', 'pipe', 'pipe']})
+    let out = ''
+    client.stdout!.on('data', (d) => (out += d))
+    return new Promise((resolve) => client.on('close', (code) => resolve({code, out})))
+  }
+
+  /** The snapshot of a 16 MiB mixed image (the first test makes it; a test run alone makes it too). */
+  function ensureSnapshot(): void {
+    if (fs.existsSync(snapshot)) return
+    fs.writeFileSync(raw, makeImage('mixed', 16 * 1024 * 1024, 5))
+    expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
   }
 
   it('serves a client that connects the instant the socket appears, byte for byte', async () => {
@@ -130,10 +148,7 @@ describe.skipIf(skip)('uffd resume listening before its worker is up', () => {
   })
 
   it('a snapshot renamed over while the worker starts: every thread reads the file the handler opened', async () => {
-    if (!fs.existsSync(snapshot)) {
-      fs.writeFileSync(raw, makeImage('mixed', 16 * 1024 * 1024, 5))
-      expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
-    }
+    ensureSnapshot()
     // Another image of the same size (as another handler's --learn would rename a new layout over it).
     const otherRaw = path.join(dir, 'other.raw')
     const other = path.join(dir, 'other.uffd')
@@ -145,10 +160,7 @@ describe.skipIf(skip)('uffd resume listening before its worker is up', () => {
     try {
       await appears(h.ready, h.handler)
       fs.renameSync(other, snapshot)
-      const client = spawn(path.join(NATIVE, 'fc_client'), ['--socket', h.socket, '--image', raw, '--touch', 'sequential', '--verify-all'], {stdio: ['ignore', 'pipe', 'pipe']})
-      let out = ''
-      client.stdout!.on('data', (d) => (out += d))
-      const code = await new Promise<number | null>((resolve) => client.on('close', resolve))
+      const {code, out} = await runClient(h.socket, 'sequential')
       expect(code, h.stderr()).toBe(0)
       expect(JSON.parse(out)).toMatchObject({ok: true, verify_errors: 0})
       expect(await h.exited, h.stderr()).toBe(0)
@@ -158,11 +170,23 @@ describe.skipIf(skip)('uffd resume listening before its worker is up', () => {
     }
   })
 
-  it('stopped the instant it listens, exits 130 and leaves neither socket nor ready file', async () => {
-    if (!fs.existsSync(snapshot)) {
-      fs.writeFileSync(raw, makeImage('mixed', 16 * 1024 * 1024, 5))
-      expect(uffd(['snapshot', '--mem-file', raw, '-o', snapshot]).status).toBe(0)
+  it('starts and serves every byte with only 150 file descriptors (RLIMIT_NOFILE): its modules are a few bundled files', async () => {
+    // Loaded module by module, Node's ESM loader held too many files open at once (EMFILE).
+    ensureSnapshot()
+    const h = startHandler('nofile', 150)
+    try {
+      await appears(h.ready, h.handler)
+      const {code, out} = await runClient(h.socket, 'random')
+      expect(code, h.stderr()).toBe(0)
+      expect(JSON.parse(out)).toMatchObject({ok: true, verify_errors: 0})
+      expect(await h.exited, h.stderr()).toBe(0)
+    } finally {
+      h.handler.kill('SIGKILL')
     }
+  })
+
+  it('stopped the instant it listens, exits 130 and leaves neither socket nor ready file', async () => {
+    ensureSnapshot()
     const h = startHandler('stopped')
     try {
       await appears(h.ready, h.handler)

@@ -14,6 +14,8 @@ import {type OpenedSnapshot, openSnapshot} from '../snapshot/open.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {FlagValueError} from './flag-specs.js'
 import {remoteOptions} from './remote-flags.js'
+import {readKeysFromFlags} from './seal-flags.js'
+import {type ReadKeys} from '../snapshot/sealing.js'
 import {InterruptedError} from './report-error.js'
 import {type ResumeFlags} from './resume-flags.js'
 
@@ -32,7 +34,8 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
   // First of all: a script waiting for the ready file must not take an earlier run's for this
   // one's while the snapshot opens (over the network, that can take a while).
   if (flags['ready-file']) removeStaleReadyFile(flags['ready-file'])
-  const snapshot = await openSnapshot(snapshotArg, remote, flags.layers)
+  const keys = readKeysFromFlags(flags)
+  const snapshot = await openSnapshot(snapshotArg, remote, flags.layers, keys)
   try {
     // A remote chunk is fetched by the fetcher thread and decoded by a decoder: the fault loop
     // itself never waits on the network (a fault whose chunk is not here yet waits, the loop
@@ -40,13 +43,13 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
     if (snapshot.remote && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
     if (flags.learn && !(snapshot.reader instanceof SnapshotReader)) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: a layer cannot learn (learn on the base before layering, or squash the chain first)')
     if (snapshot.remote && flags.learn) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: it needs a local file, not a URL (learn on a local copy, then `uffd cp` it back)')
-    return await serve(snapshot, decoders, flags, json)
+    return await serve(snapshot, decoders, flags, json, keys)
   } finally {
     await snapshot.close()
   }
 }
 
-async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFlags, json: boolean): Promise<ResumeResult> {
+async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFlags, json: boolean, keys: ReadKeys): Promise<ResumeResult> {
   const {chunkSize, pageSize} = snapshot.reader.geometry
   const window = faultAround(flags['fault-around'], chunkSize, pageSize)
   const readaheadBytes = size(flags.readahead, '--readahead')
@@ -116,7 +119,7 @@ async function serve(snapshot: OpenedSnapshot, decoders: number, flags: ResumeFl
         recordFile: flags.record,
         workingSetFile: flags['working-set'],
         countHits: flags['count-hits'],
-        learn: flags.learn ? {path: snapshot.name, keep: flags['learn-runs'], signal: learning.signal} : undefined,
+        learn: flags.learn ? {path: snapshot.name, keep: flags['learn-runs'], signal: learning.signal, keys} : undefined,
       })
     }
   } finally {

@@ -4,6 +4,7 @@
 import {MAX_LEARN_RUNS} from '../format/constants.js'
 import {type FlagSpec, type FlagValues} from './flag-specs.js'
 import {remoteFlagSpecs} from './remote-flags.js'
+import {readSealFlagSpecs} from './seal-flags.js'
 
 export const RESUME_SNAPSHOT_ARG = 'Snapshot to serve: a path, an http(s):// URL or s3://BUCKET/KEY (chunks are fetched as they fault or are prefetched, into the --cache-dir).'
 
@@ -20,7 +21,7 @@ export const resumeFlagSpecs = {
   'fault-around': {kind: 'string', summary: 'Bytes installed around each faulting page: "auto" adapts (the chunk for an isolated fault, doubling up to 2 MiB, or the chunk size if larger, while faults land next to each other; zero runs over the whole 2 MiB); a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size) or "page" (no fault-around) is a fixed window.', default: 'auto'},
   'kernel-zeros': {
     kind: 'boolean',
-    summary: "Hand the snapshot's large all-zero ranges (2 MiB or more, the longest 128) back to the kernel when a VMM connects (UFFDIO_UNREGISTER): their first touch then costs no fault, and the kernel maps zeros there, also after a balloon removal (which is then not reported). Each range splits the VMM's mapping (up to two more VMAs). Not for --criu-dir. --no-kernel-zeros serves them with faults.",
+    summary: "Hand the snapshot's large all-zero ranges (2 MiB or more, the longest 128) back to the kernel when a VMM connects (UFFDIO_UNREGISTER): their first touch then costs no fault, and the kernel maps zeros there, also after a balloon removal (which is then not reported). Each range splits the VMM's mapping (up to two more VMAs); one the kernel cannot hand over whole (vm.max_map_count) is registered again and served by faults. Not for --criu-dir. --no-kernel-zeros serves them with faults.",
     default: true,
     allowNo: true,
   },
@@ -44,6 +45,7 @@ export const resumeFlagSpecs = {
   'spin-us': {kind: 'integer', summary: 'Microseconds to keep polling after a fault before sleeping (saves a cross-CPU wake-up per fault; costs CPU).', default: 0, min: 0, max: 1_000_000},
   'stats-file': {kind: 'string', summary: 'Write run statistics as JSON here at exit (render with `uffd stats FILE`).'},
   ...remoteFlagSpecs,
+  ...readSealFlagSpecs,
   'count-hits': {kind: 'boolean', summary: "Count prefetch hits and waste: clears the accessed bits of pages installed ahead of need (process_madvise MADV_COLD, which also moves them to the inactive LRU list; the fault-loop thread stays on one CPU meanwhile) and reads the client's /proc/PID/smaps twice a second. Needs CAP_SYS_NICE.", default: false, exclusive: ['criu-dir']},
 } as const satisfies Record<string, FlagSpec>
 

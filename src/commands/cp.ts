@@ -15,6 +15,7 @@ import {locationIn, prefixOf} from '../snapshot/parent-location.js'
 import {describeLocation} from '../remote/location.js'
 import {UffdError} from '../core/errors.js'
 import {layersFlag} from '../cli/layers-flag.js'
+import {readKeysFromFlags, readSealFlagSpecs} from '../cli/seal-flags.js'
 
 export interface CopyReport {
   source: string
@@ -56,6 +57,7 @@ export default class Cp extends BaseCommand {
     mode: modeFlag,
     layers: layersFlag,
     ...oclifFlags(remoteFlagSpecs),
+    ...oclifFlags(readSealFlagSpecs),
   }
 
   async run(): Promise<CopyReport> {
@@ -70,7 +72,10 @@ export default class Cp extends BaseCommand {
     const location = outputLocation(args.destination, {mode, flag: 'the destination'})
     const prepared = await prepareOutput(location, {force: flags.force, mode, s3: options.s3})
     const started = performance.now()
-    const snapshot = await openSnapshot(args.source, options, flags.layers)
+    // An encrypted snapshot is copied as it is; without its key (a host that moves snapshots but
+    // holds no keys) its units are checked by checksum only, with it they are decrypted too.
+    const keys = readKeysFromFlags(flags)
+    const snapshot = await openSnapshot(args.source, options, flags.layers, keys, true)
     const bar = progressBar(!this.jsonEnabled(), 'cp')
     const files: CopiedFile[] = []
     try {
@@ -84,7 +89,7 @@ export default class Cp extends BaseCommand {
       for (const [k, parent] of (top.layer?.parents ?? []).entries()) {
         const at = ancestorOutput(location, parent.name)
         if (describeLocation(at) === prepared.destination) throw new UffdError('USAGE', `${prepared.destination} is where the chain's ${k === 0 ? 'base' : `ancestor ${k}`} ${parent.name} goes (next to the layer, by its recorded name): copy the layer to another name`)
-        if (await isRecordedParent(at, options, parent.id)) targets.push(undefined)
+        if (await isRecordedParent(at, options, parent.id, keys)) targets.push(undefined)
         else targets.push(await prepareOutput(at, {force: flags.force, mode, s3: options.s3}))
       }
       targets.push(prepared)

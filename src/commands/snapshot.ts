@@ -9,6 +9,8 @@ import {modeFlag, parseMode} from '../cli/mode-flag.js'
 import {progressBar, withInterruptHandling} from '../cli/progress.js'
 import {oclifFlags} from '../cli/oclif-flags.js'
 import {remoteFlagSpecs, remoteOptions, s3Settings} from '../cli/remote-flags.js'
+import {readKeysFromFlags, readSealFlagSpecs, sealingFromFlags, writeSealFlagSpecs} from '../cli/seal-flags.js'
+import {type SealingOptions} from '../snapshot/sealing.js'
 import {UffdError} from '../core/errors.js'
 import {formatBytes, formatPercent, parseSize} from '../core/units.js'
 import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../format/constants.js'
@@ -75,12 +77,15 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     mode: modeFlag,
     freeze: Flags.boolean({summary: 'Stop the process while reading it (--no-freeze reads it running: faster for the process, inconsistent image).', default: true, allowNo: true}),
     ...oclifFlags(remoteFlagSpecs),
+    ...oclifFlags(writeSealFlagSpecs),
+    ...oclifFlags(readSealFlagSpecs),
   }
 
   async run(): Promise<(WriteSummary & {ratio: number; source: string}) | (LayerSummary & {source: string})> {
     const {flags} = await this.parse(Snapshot)
     if (flags.diff && (flags.parent === undefined || flags['mem-file'] === undefined)) this.error('--diff needs --parent and --mem-file: a Diff snapshot is read as changes to its parent', {exit: 2})
-    if (flags.parent !== undefined) return this.layer(flags)
+    const seal = sealingFromFlags(flags)
+    if (flags.parent !== undefined) return this.layer(flags, seal)
     const chunkSize = this.sizeFlag(flags['chunk-size'], '--chunk-size')
     const pageSize = flags['page-size'] === '2M' ? PAGE_SIZE_2M : PAGE_SIZE_4K
     if (flags['mem-file'] === undefined && pageSize !== PAGE_SIZE_4K) this.error('--page-size 2M applies to guest memory files, not processes', {exit: 2})
@@ -112,7 +117,7 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     // (Errors about the file aside name the output, unless that is an object: then $TMPDIR is what fills up.)
     // Opened only once the input is known to fit (and the set to fit it): nothing is uploaded before.
     const target = (input: ImageInput): string | OutputSink => written ?? prepared.open(input.logicalSize)
-    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism(), mode, name: location.kind === 'file' ? output : undefined}
+    const options = {codec: flags.codec as CompressionCodec, level: flags.level, chunkSize, pageSize, jobs: flags.jobs ?? os.availableParallelism(), mode, name: location.kind === 'file' ? output : undefined, seal}
     const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
 
     // One handler for both steps: between two, a signal would meet the default action (an
@@ -126,9 +131,9 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
       }
       if (!set) return plain
       try {
-        const reader = SnapshotReader.open(plain.path)
+        const reader = SnapshotReader.open(plain.path, plain.path, {keys: seal.key ? [seal.key] : [], verifyKeys: []})
         try {
-          const attached = await writeAttached(reader, prepared.open(attachedSizeHint(reader, set)), set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), signal)
+          const attached = await writeAttached(reader, prepared.open(attachedSizeHint(reader, set)), set, {...packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), seal}, signal)
           this.logToStderr(`${output}: ${describeAttached(attached, set)}`)
           return {...plain, fileSize: attached.fileSize, path: output}
         } finally {
@@ -162,14 +167,14 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
   }
 
   /** `snapshot --parent`: a layer of the input over the parent (local or remote, as its chain is), to a path or s3://. */
-  private async layer(flags: Interfaces.InferredFlags<typeof Snapshot.flags>): Promise<LayerSummary & {source: string}> {
+  private async layer(flags: Interfaces.InferredFlags<typeof Snapshot.flags>, seal: SealingOptions): Promise<LayerSummary & {source: string}> {
     if (flags['working-set'] !== undefined) this.error('--working-set with --parent: attach a working set to the base, before layering on it', {exit: 2})
     if (flags.regions !== undefined) this.error("--regions with --parent: a layer has its parent's regions", {exit: 2})
     const {mode, source, location} = this.output(flags)
     const parentLocation = parseLocation(flags.parent!)
     const remote = remoteOptions(flags)
     const prepared = await prepareOutput(location, {force: flags.force, mode, s3: remote.s3})
-    const parent = await openSnapshot(flags.parent!, remote, flags.layers)
+    const parent = await openSnapshot(flags.parent!, remote, flags.layers, readKeysFromFlags(flags))
     const parentPath = parent.name
     try {
       const clash = chainClash(location, parent)
@@ -178,7 +183,7 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
       if (pageSize !== parent.reader.geometry.pageSize) throw new UffdError('INPUT_MISMATCH', `--page-size ${flags['page-size']}: the parent ${parentPath} has ${formatBytes(parent.reader.geometry.pageSize)} pages`)
       const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
       const write = (input: ImageInput, signal: AbortSignal): Promise<LayerSummary> =>
-        writeLayer(input, {reader: parent.reader, shown: parentPath, fileName: fileNameOf(parentLocation)}, prepared.open, {codec: flags.codec as CompressionCodec, level: flags.level, diff: flags.diff ?? false, signal, onProgress: bar.update})
+        writeLayer(input, {reader: parent.reader, shown: parentPath, fileName: fileNameOf(parentLocation)}, prepared.open, {codec: flags.codec as CompressionCodec, level: flags.level, diff: flags.diff ?? false, signal, onProgress: bar.update, seal})
       const summary = await withInterruptHandling(async (signal) => {
         try {
           if (flags['mem-file']) return await write(memFileInput(flags['mem-file']), signal)

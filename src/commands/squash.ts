@@ -2,6 +2,7 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
 import {layersFlag} from '../cli/layers-flag.js'
+import {readKeysFromFlags, readSealFlagSpecs, sealingFromFlags, writeSealFlagSpecs} from '../cli/seal-flags.js'
 import {oclifFlags} from '../cli/oclif-flags.js'
 import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {modeFlag, parseMode} from '../cli/mode-flag.js'
@@ -32,6 +33,8 @@ export default class Squash extends BaseCommand {
     layers: layersFlag,
     mode: modeFlag,
     ...oclifFlags(remoteFlagSpecs),
+    ...oclifFlags(readSealFlagSpecs),
+    ...oclifFlags(writeSealFlagSpecs),
   }
 
   async run(): Promise<SquashSummary> {
@@ -39,10 +42,16 @@ export default class Squash extends BaseCommand {
     const mode = parseMode(flags.mode)
     const location = outputLocation(flags.output, {mode, flag: '--output'})
     if (location.kind !== 'file') this.error('squash writes a local path (upload the result with uffd cp)', {exit: 2})
-    const snapshot = await openSnapshot(args.top, remoteOptions(flags), flags.layers)
+    const keys = readKeysFromFlags(flags)
+    const snapshot = await openSnapshot(args.top, remoteOptions(flags), flags.layers, keys)
     const {reader} = snapshot
     try {
       if (!(reader instanceof LayeredReader)) throw new UffdError('USAGE', `${snapshot.name} is not a layer: it is self-contained already`)
+      // A chain with an encrypted file squashes to an encrypted file (under the same key): its
+      // memory must not come out in the clear because it was squashed.
+      const encrypted = reader.files.some((f) => f.seal?.encrypted)
+      const convergent = reader.files.some((f) => f.seal?.info.encryption?.convergent)
+      const seal = sealingFromFlags({...flags, encrypt: flags.encrypt || encrypted, convergent: flags.convergent || convergent})
       const prepared = await prepareOutput(location, {force: flags.force, mode, s3: {}})
       const meta = reader.header.metadata
       const codec = (flags.codec ?? (['zstd', 'lz4', 'raw'].includes(meta.codec as string) ? meta.codec : 'zstd')) as CompressionCodec
@@ -50,7 +59,7 @@ export default class Squash extends BaseCommand {
       const bar = progressBar(!this.jsonEnabled(), 'squash')
       let summary: SquashSummary
       try {
-        summary = await withInterruptHandling((signal) => squashChain(reader, prepared.destination, {codec, level, mode, signal, onProgress: bar.update}), `${prepared.destination} left as it was`)
+        summary = await withInterruptHandling((signal) => squashChain(reader, prepared.destination, {codec, level, mode, signal, onProgress: bar.update, seal}), `${prepared.destination} left as it was`)
       } finally {
         bar.stop()
       }

@@ -6,6 +6,7 @@ import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {isRemote, parseLocation} from '../remote/location.js'
 import {openSnapshot} from '../snapshot/open.js'
 import {layersFlag} from '../cli/layers-flag.js'
+import {readKeysFromFlags, readSealFlagSpecs} from '../cli/seal-flags.js'
 import {type ImageReader} from '../snapshot/layered-reader.js'
 import {formatBytes, formatPercent} from '../core/units.js'
 import {REGION_PROT_EXEC, REGION_PROT_READ, REGION_PROT_WRITE, RegionKind} from '../format/constants.js'
@@ -74,7 +75,7 @@ export default class Stats extends BaseCommand {
     file: Args.string({description: 'Snapshot (a path, http(s):// URL or s3://BUCKET/KEY: only its header and index are fetched), or a statistics file written by `uffd resume --stats-file`.', required: true}),
   }
 
-  static override flags = {layers: layersFlag, ...oclifFlags(remoteFlagSpecs)}
+  static override flags = {layers: layersFlag, ...oclifFlags(remoteFlagSpecs), ...oclifFlags(readSealFlagSpecs)}
 
   async run(): Promise<StatsResult | ResumeReport> {
     const {args, flags} = await this.parse(Stats)
@@ -88,7 +89,8 @@ export default class Stats extends BaseCommand {
         return report
       }
     }
-    const snapshot = await openSnapshot(args.file, remoteOptions(flags), flags.layers)
+    // Without its key an encrypted snapshot shows what is not secret (its structures, unauthenticated).
+    const snapshot = await openSnapshot(args.file, remoteOptions(flags), flags.layers, readKeysFromFlags(flags), true)
     const {reader} = snapshot
     try {
       const stats: StatsResult = {...imageStats(reader, args.file), tasks: taskSizes(reader)}
@@ -146,6 +148,14 @@ export default class Stats extends BaseCommand {
         const raw = s.criu ? formatBytes(t.rawPageBytes ?? 0).padStart(11) : ''
         row('', `${String(t.pid).padStart(6)} ${formatBytes(t.bytes).padStart(11)} ${formatBytes(t.nonZeroBytes).padStart(11)}${raw} ${String(t.regions).padStart(8)}${t.comm ? `  ${t.comm}` : ''}`)
       }
+    }
+    if (s.seal) {
+      const {encryption: e, signature: g} = s.seal
+      const parts = [
+        ...(e ? [`encrypted (${e.cipher}${e.convergent ? ', convergent' : ''}, key ${e.keyId}${e.opened ? '' : '; not opened: no key given'})`] : []),
+        ...(g ? [`signed by ${g.signer} (${g.verified ? 'signature verified' : 'not checked: give --verify-key'})`] : []),
+      ]
+      row('sealed', `${parts.join(', ')}${s.seal.authenticated ? '' : '; what is shown is not authenticated'}`)
     }
     row('regions', String(s.regions.length))
     const shown = s.regions.slice(0, 40)

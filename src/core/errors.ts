@@ -14,6 +14,12 @@ export const ERROR_CODES = {
   // Layers (a snapshot stored as its differences from a parent snapshot).
   PARENT_MISSING: "a layer's parent (or an ancestor further down) is not where it is looked for",
   PARENT_MISMATCH: "the file found under a layer's parent's name is not the snapshot the layer was made on",
+  // Sealed snapshots (encrypted and/or signed).
+  KEY_REQUIRED: 'the snapshot is encrypted and no key was given (--key-file, UFFD_KEY_FILE or UFFD_KEY)',
+  KEY_MISMATCH: 'the key given is not the one the snapshot was encrypted with (the message names both key ids)',
+  KEY_INVALID: 'a key file or variable does not hold a key of the kind asked for',
+  NOT_AUTHENTIC: 'a sealed unit, or the structures of a sealed or signed file, do not authenticate: changed, moved, or taken from another snapshot',
+  SIGNATURE_INVALID: 'a signature was required (--verify-key) and the file is unsigned, signed by another key, or its signature does not verify',
   // Serving a client (uffd resume).
   BAD_HANDSHAKE: "the VMM's handshake is malformed or does not match the snapshot",
   FAULT_OUTSIDE_REGIONS: 'a fault at an address outside every region the client announced',

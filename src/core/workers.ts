@@ -5,10 +5,19 @@ import {type Transferable, Worker} from 'node:worker_threads'
  * When the caller itself runs from TypeScript source (tests, bin/dev.js), the worker registers
  * tsx first and then imports `name.ts`, so both paths run the same worker code. (A worker does
  * not inherit the parent's loader hooks, and `--import tsx` in a worker's execArgv is ignored.)
+ * Code bundled by scripts/bundle.mjs (where process.env.UFFD_BUNDLE is "1" at build time) runs
+ * the worker's bundle: dist/resume/decoder/worker.js is dist/bundle/resume-decoder-worker.js.
  */
 export function startWorker(callerUrl: string, name: string, workerData: unknown, transferList: Transferable[] = []): Worker {
-  if (!callerUrl.endsWith('.ts')) return new Worker(new URL(`./${name}.js`, callerUrl), {workerData, transferList})
+  if (!callerUrl.endsWith('.ts')) return new Worker(process.env.UFFD_BUNDLE ? bundleOf(new URL(`./${name}.js`, callerUrl)) : new URL(`./${name}.js`, callerUrl), {workerData, transferList})
   const url = new URL(`./${name}.ts`, callerUrl).href
   const bootstrap = `import('tsx/esm/api').then(({register}) => { register(); return import(${JSON.stringify(url)}) })`
   return new Worker(bootstrap, {eval: true, workerData, transferList})
+}
+
+/** The bundle of dist/ module `url` (scripts/bundle.mjs names it by its path in dist/). */
+function bundleOf(url: URL): URL {
+  const at = url.pathname.lastIndexOf('/dist/')
+  if (at < 0) throw new Error(`${url.href} is not a module of dist/`)
+  return new URL(`${url.pathname.slice(0, at)}/dist/bundle/${url.pathname.slice(at + '/dist/'.length).replaceAll('/', '-')}`, url)
 }

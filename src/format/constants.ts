@@ -35,7 +35,12 @@ export const MAX_CHUNK_SIZE = 4 * 1024 * 1024
  * each page. A reader that ignored the bit would read most of the image as missing.
  */
 export const INCOMPAT_LAYERED = 1n << 0n
-export const KNOWN_INCOMPAT_FEATURES = INCOMPAT_LAYERED
+/**
+ * Every stored unit is encrypted (metadata.seal.encryption; docs/FORMAT.md, Sealed snapshots) and a
+ * seal record precedes the footer. A reader that ignored the bit would decode ciphertext.
+ */
+export const INCOMPAT_ENCRYPTED = 1n << 1n
+export const KNOWN_INCOMPAT_FEATURES = INCOMPAT_LAYERED | INCOMPAT_ENCRYPTED
 /**
  * The snapshot carries a working set (metadata.workingSet) and stores those chunks first, so a
  * handler can read them with one sequential read. Readers that ignore it lose nothing.
@@ -48,7 +53,12 @@ export const COMPAT_WORKING_SET = 1n << 0n
  * the bit lose nothing.
  */
 export const COMPAT_PACKED_WORKING_SET = 1n << 1n
-export const KNOWN_COMPAT_FEATURES = COMPAT_WORKING_SET | COMPAT_PACKED_WORKING_SET
+/**
+ * The file is signed (metadata.seal.signature): a unit digest table and a seal record precede the
+ * footer. A reader that ignores the bit reads the file correctly, unauthenticated.
+ */
+export const COMPAT_SIGNED = 1n << 2n
+export const KNOWN_COMPAT_FEATURES = COMPAT_WORKING_SET | COMPAT_PACKED_WORKING_SET | COMPAT_SIGNED
 
 export enum Codec {
   /** All-zero chunk: nothing stored. */

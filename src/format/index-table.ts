@@ -4,6 +4,7 @@ import {CHUNK_FLAG_SHARED, Codec, FOOTER_MAGIC, FOOTER_SIZE, INDEX_ENTRY_SIZE, m
 import {SnapshotFormatError} from './errors.js'
 import {Geometry} from './geometry.js'
 import {hex} from './header.js'
+import {TAG_BYTES} from './seal.js'
 import {ZeroMap} from './zero-map.js'
 
 export interface ChunkEntry {
@@ -13,6 +14,11 @@ export interface ChunkEntry {
   storedCrc: number
   codec: Codec
   flags: number
+  /**
+   * Encrypted files: the number of the chunk whose place the stored bytes were sealed for (the
+   * chunk's own, or for a deduplicated chunk the first chunk with those bytes). Else undefined.
+   */
+  sealedAs?: number
 }
 
 export interface Footer {
@@ -35,9 +41,13 @@ export function writeEntryFields(buf: Buffer, at: number, e: ChunkEntry): void {
   buf.writeUInt8(e.flags, at + 21)
 }
 
-export function encodeIndex(entries: readonly ChunkEntry[]): Buffer {
+/** `sealed`: the file is encrypted, and each entry records whose place its bytes were sealed for. */
+export function encodeIndex(entries: readonly ChunkEntry[], sealed = false): Buffer {
   const buf = Buffer.alloc(entries.length * INDEX_ENTRY_SIZE)
-  for (const [i, e] of entries.entries()) writeEntryFields(buf, i * INDEX_ENTRY_SIZE, e)
+  for (const [i, e] of entries.entries()) {
+    writeEntryFields(buf, i * INDEX_ENTRY_SIZE, e)
+    if (sealed && e.codec !== Codec.None) buf.writeUInt32LE(e.sealedAs ?? i, i * INDEX_ENTRY_SIZE + 24)
+  }
   return buf
 }
 
@@ -116,11 +126,29 @@ export function decodeZeroMap(buf: Buffer, footer: Footer, geometry: Geometry): 
 }
 
 /**
+ * What is wrong with a unit that stores `storedLength` bytes with `codec` (not none) for
+ * `payloadLength` bytes of pages, or undefined. A sealed unit stores its ciphertext (as long as
+ * the codec's bytes) and a tag.
+ */
+export function storedLengthProblem(codec: Codec, storedLength: number, payloadLength: number, sealed: boolean): string | undefined {
+  const overhead = sealed ? TAG_BYTES : 0
+  switch (codec) {
+    case Codec.Raw:
+      return storedLength === payloadLength + overhead ? undefined : `raw data of ${storedLength} bytes for a ${payloadLength}-byte payload${sealed ? ' (and its tag)' : ''}`
+    case Codec.Lz4:
+    case Codec.Zstd:
+      return storedLength > overhead && storedLength <= maxStoredLength(payloadLength) + overhead ? undefined : `stored length ${storedLength} is impossible for a ${payloadLength}-byte payload`
+    default:
+      return `unknown codec ${codec as number}`
+  }
+}
+
+/**
  * Decodes and cross-checks every index entry: codec, lengths against the zero map, stored bytes
  * inside the data section. After this, reading chunk N needs no further validation but the
  * decoder's output length and the payload checksum.
  */
-export function decodeIndex(buf: Buffer, footer: Footer, headerSize: number, geometry: Geometry, zeroMap: ZeroMap): ChunkEntry[] {
+export function decodeIndex(buf: Buffer, footer: Footer, headerSize: number, geometry: Geometry, zeroMap: ZeroMap, sealed = false): ChunkEntry[] {
   const crc = crc32(buf)
   if (crc !== footer.indexCrc) throw new SnapshotFormatError('CORRUPT', 'index', `checksum mismatch (stored ${hex(footer.indexCrc)}, computed ${hex(crc)})`)
   const dataEnd = Math.min(footer.indexOffset, footer.zeroMapOffset)
@@ -136,7 +164,21 @@ export function decodeIndex(buf: Buffer, footer: Footer, headerSize: number, geo
       codec: buf.readUInt8(at + 20),
       flags: buf.readUInt8(at + 21),
     }
-    if (buf.readUInt16LE(at + 22) !== 0 || buf.readBigUInt64LE(at + 24) !== 0n) throw new SnapshotFormatError('CORRUPT', part, 'reserved field is not zero')
+    const sealedAs = sealed && e.codec !== Codec.None ? buf.readUInt32LE(at + 24) : 0
+    if (buf.readUInt16LE(at + 22) !== 0 || buf.readUInt32LE(at + 28) !== 0 || (!sealed || e.codec === Codec.None ? buf.readUInt32LE(at + 24) !== 0 : false)) {
+      throw new SnapshotFormatError('CORRUPT', part, 'reserved field is not zero')
+    }
+    if (sealed && e.codec !== Codec.None) {
+      // Sealed for another chunk's place: only a deduplicated chunk, sharing an earlier chunk's bytes.
+      if (sealedAs > c) throw new SnapshotFormatError('CORRUPT', part, `sealed for chunk ${sealedAs}, after its own place`)
+      if (sealedAs !== c) {
+        const owner = entries[sealedAs]
+        if (!(e.flags & CHUNK_FLAG_SHARED) || owner.dataOffset !== e.dataOffset || owner.storedLength !== e.storedLength || owner.codec !== e.codec || owner.payloadLength !== e.payloadLength) {
+          throw new SnapshotFormatError('CORRUPT', part, `sealed for chunk ${sealedAs}, whose stored bytes it does not share`)
+        }
+      }
+      e.sealedAs = sealedAs
+    }
     if ((e.flags & ~CHUNK_FLAG_SHARED) !== 0) throw new SnapshotFormatError('CORRUPT', part, `unknown flags 0x${e.flags.toString(16)}`)
     const nonZeroPages = geometry.pagesInChunk(c) - zeroMap.countZero(geometry.firstPageOfChunk(c), geometry.pagesInChunk(c))
     const expectedPayload = nonZeroPages * geometry.pageSize
@@ -144,22 +186,12 @@ export function decodeIndex(buf: Buffer, footer: Footer, headerSize: number, geo
       throw new SnapshotFormatError('CORRUPT', part, `payload of ${e.payloadLength} bytes disagrees with the zero map (${nonZeroPages} non-zero pages)`)
     }
     entries[c] = e
-    switch (e.codec) {
-      case Codec.None:
-        if (e.payloadLength !== 0 || e.storedLength !== 0 || e.dataOffset !== 0) throw new SnapshotFormatError('CORRUPT', part, 'codec none on a chunk that has data')
-        continue
-      case Codec.Raw:
-        if (e.storedLength !== e.payloadLength) throw new SnapshotFormatError('CORRUPT', part, `raw chunk stores ${e.storedLength} bytes for a ${e.payloadLength}-byte payload`)
-        break
-      case Codec.Lz4:
-      case Codec.Zstd:
-        if (e.storedLength === 0 || e.storedLength > maxStoredLength(e.payloadLength)) {
-          throw new SnapshotFormatError('CORRUPT', part, `stored length ${e.storedLength} is impossible for a ${e.payloadLength}-byte payload`)
-        }
-        break
-      default:
-        throw new SnapshotFormatError('CORRUPT', part, `unknown codec ${e.codec as number}`)
+    if (e.codec === Codec.None) {
+      if (e.payloadLength !== 0 || e.storedLength !== 0 || e.dataOffset !== 0) throw new SnapshotFormatError('CORRUPT', part, 'codec none on a chunk that has data')
+      continue
     }
+    const problem = storedLengthProblem(e.codec, e.storedLength, e.payloadLength, sealed)
+    if (problem) throw new SnapshotFormatError('CORRUPT', part, problem)
     if (e.payloadLength === 0) throw new SnapshotFormatError('CORRUPT', part, 'an all-zero chunk must use codec none')
     if (e.dataOffset < headerSize || e.dataOffset + e.storedLength > dataEnd) {
       throw new SnapshotFormatError('CORRUPT', part, `stored bytes [${e.dataOffset}, ${e.dataOffset + e.storedLength}) lie outside the data section [${headerSize}, ${dataEnd})`)

@@ -1,10 +1,10 @@
 import {crc32} from 'node:zlib'
 
-import {Codec, maxStoredLength, PACKED_BLOCK_ENTRY_SIZE} from './constants.js'
+import {Codec, PACKED_BLOCK_ENTRY_SIZE} from './constants.js'
 import {SnapshotFormatError} from './errors.js'
 import {type Geometry} from './geometry.js'
 import {hex} from './header.js'
-import {type ChunkEntry, writeEntryFields} from './index-table.js'
+import {type ChunkEntry, storedLengthProblem, writeEntryFields} from './index-table.js'
 import {type ZeroMap} from './zero-map.js'
 
 /**
@@ -78,7 +78,7 @@ export function checkPackedLocation(value: unknown, dataStart: number, dataEnd: 
  * zero map), its stored bytes inside the data section, its pages ascending, in the image, each in
  * one block only, and at most a chunk's worth per block (so any decode buffer fits a chunk).
  */
-export function decodePackedTable(buf: Buffer, location: PackedSetLocation, dataStart: number, dataEnd: number, geometry: Geometry, zeroMap: ZeroMap, what = 'packed working set'): PackedSet {
+export function decodePackedTable(buf: Buffer, location: PackedSetLocation, dataStart: number, dataEnd: number, geometry: Geometry, zeroMap: ZeroMap, what = 'packed working set', sealed = false): PackedSet {
   const crc = crc32(buf)
   if (crc !== location.crc) throw new SnapshotFormatError('CORRUPT', what, `checksum mismatch (stored ${hex(location.crc)}, computed ${hex(crc)})`)
   const listAt = location.blocks * PACKED_BLOCK_ENTRY_SIZE
@@ -122,19 +122,11 @@ export function decodePackedTable(buf: Buffer, location: PackedSetLocation, data
       if (!zeroMap.isZero(p)) nonZero++
     }
     if (b.payloadLength !== nonZero * geometry.pageSize) fail(`payload of ${b.payloadLength} bytes disagrees with its ${nonZero} non-zero pages`)
-    switch (b.codec) {
-      case Codec.None:
-        if (b.payloadLength !== 0 || b.storedLength !== 0 || b.dataOffset !== 0) fail('codec none on a block that has data')
-        break
-      case Codec.Raw:
-        if (b.storedLength !== b.payloadLength) fail(`raw block stores ${b.storedLength} bytes for a ${b.payloadLength}-byte payload`)
-        break
-      case Codec.Lz4:
-      case Codec.Zstd:
-        if (b.storedLength === 0 || b.storedLength > maxStoredLength(b.payloadLength)) fail(`stored length ${b.storedLength} is impossible for a ${b.payloadLength}-byte payload`)
-        break
-      default:
-        fail(`unknown codec ${b.codec as number}`)
+    if (b.codec === Codec.None) {
+      if (b.payloadLength !== 0 || b.storedLength !== 0 || b.dataOffset !== 0) fail('codec none on a block that has data')
+    } else {
+      const problem = storedLengthProblem(b.codec, b.storedLength, b.payloadLength, sealed)
+      if (problem) fail(problem)
     }
     if (b.codec !== Codec.None && b.payloadLength === 0) fail('a block of zero pages must use codec none')
     if (b.codec !== Codec.None && (b.dataOffset < dataStart || b.dataOffset + b.storedLength > dataEnd)) {

@@ -7,6 +7,7 @@ import {Codec} from '../format/constants.js'
 import {percentileUs} from '../resume/run-stats.js'
 import {type ByteSource} from '../snapshot/byte-source.js'
 import {SnapshotReader} from '../snapshot/reader.js'
+import {NO_READ_KEYS, type ReadKeys} from '../snapshot/sealing.js'
 import {closeFd, createEventfd, eventfdSignal} from '../sys/index.js'
 import {crc32} from '../sys/crc.js'
 import {backoffMs} from './coalesce.js'
@@ -85,7 +86,7 @@ export class RemoteSnapshot {
    * `landedFd`: an eventfd to signal when an extent lands, shared by every remote file of a
    * chain (the fault loop polls one); by default the snapshot makes its own.
    */
-  static async open(location: Exclude<Location, {kind: 'file'}>, options: RemoteOptions, landedFd?: number): Promise<RemoteSnapshot> {
+  static async open(location: Exclude<Location, {kind: 'file'}>, options: RemoteOptions, landedFd?: number, keys: ReadKeys = NO_READ_KEYS, locked = false): Promise<RemoteSnapshot> {
     // One connection: opening asks one thing at a time, and it is closed once the structures are
     // read (the fetcher thread has its own pool for the chunks), so it adds none to theirs.
     const object = await remoteObject(location, options.s3, undefined, 1)
@@ -96,7 +97,8 @@ export class RemoteSnapshot {
       object.close()
     }
     const {identity, segments, reads} = structures
-    const probe = SnapshotReader.fromSource(new SegmentSource(object.name, identity.size, segments))
+    // Probes find the structures; the reader below checks them with the keys.
+    const probe = SnapshotReader.fromSource(new SegmentSource(object.name, identity.size, segments), NO_READ_KEYS, true)
     const extents = extentTable(probe)
     const digest = identityDigest(identity.size, reads)
     const cache = DiskCache.prepare(options.cacheRoot, digest)
@@ -133,7 +135,15 @@ export class RemoteSnapshot {
     const {port1, port2} = new MessageChannel()
     const message: FetcherMessage = {type: 'port', port: port1}
     fetcher.postMessage(message, [port1])
-    const reader = SnapshotReader.fromSource(new RemoteByteSource(share, port2))
+    let reader: SnapshotReader
+    try {
+      reader = SnapshotReader.fromSource(new RemoteByteSource(share, port2), keys, locked)
+    } catch (error) {
+      port2.close()
+      await fetcher.terminate()
+      if (landedFd === undefined) closeFd(share.landedFd)
+      throw error
+    }
     return new RemoteSnapshot(share, reader, fetcher, port2, fetcherUp, landedFd === undefined)
   }
 
@@ -279,7 +289,7 @@ async function readStructures(object: RemoteObject, fetch: FetchOptions): Promis
   for (let round = 0; round < 16; round++) {
     const source = new SegmentSource(object.name, identity.size, segments)
     try {
-      SnapshotReader.fromSource(source)
+      SnapshotReader.fromSource(source, NO_READ_KEYS, true)
       return {identity, segments, reads: source.reads}
     } catch (error) {
       if (!(error instanceof NeedBytes)) throw error

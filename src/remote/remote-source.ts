@@ -75,12 +75,26 @@ export class RemoteByteSource implements ByteSource {
     return true
   }
 
-  /** Asks the fetcher for these ranges without waiting (prefetch, or a fault that will be served when they land). */
-  fetchAhead(ranges: readonly {position: number; length: number}[], priority: Priority = PRIORITY_PREFETCH): void {
+  /**
+   * Asks the fetcher for these ranges without waiting (prefetch, or a fault that will be served
+   * when they land), and for `around` at prefetch priority in the same message: the fetcher
+   * holds its requests while it takes one message, so a fault's neighbours stored next to it
+   * share its ranged request, and those that do not wait behind later faults.
+   */
+  fetchAhead(ranges: readonly {position: number; length: number}[], priority: Priority = PRIORITY_PREFETCH, around: readonly {position: number; length: number}[] = []): void {
+    const extents = this.toAsk(ranges, priority)
+    // (Units can share an extent: one asked for itself is not asked again as a neighbour.)
+    const mine = new Set(extents)
+    const near = this.toAsk(around, PRIORITY_PREFETCH, mine)
+    if (extents.length > 0 || near.length > 0) this.ask(extents, priority, near)
+  }
+
+  /** The extents of `ranges` not here and not yet asked for at `priority` or above, marked asked. */
+  private toAsk(ranges: readonly {position: number; length: number}[], priority: Priority, skip?: ReadonlySet<number>): number[] {
     const extents: number[] = []
     for (const {position, length} of ranges) {
       const extent = extentAt(this.table, position, length)
-      if (extent < 0) continue
+      if (extent < 0 || skip?.has(extent)) continue
       const state = Atomics.load(this.states, extent)
       // Here, or failing; or already on its way at this priority. (ABSENT is asked again: it
       // may have been evicted, or reset after a failure, since this thread last asked.)
@@ -88,7 +102,7 @@ export class RemoteByteSource implements ByteSource {
       this.asked[extent] = priority
       extents.push(extent)
     }
-    if (extents.length > 0) this.ask(extents, priority)
+    return extents
   }
 
   /** Drops a cached extent whose bytes failed the reader's check, so the next read fetches it again. */
@@ -164,8 +178,8 @@ export class RemoteByteSource implements ByteSource {
     }
   }
 
-  private ask(extents: number[], priority: Priority): void {
-    const message: FetcherMessage = {type: 'want', priority, extents}
+  private ask(extents: number[], priority: Priority, around: number[] = []): void {
+    const message: FetcherMessage = {type: 'want', priority, extents, around}
     this.port.postMessage(message)
   }
 

@@ -3,10 +3,12 @@ import path from 'node:path'
 import {crc32} from 'node:zlib'
 
 import {type ChunkEntry, encodeFooter, encodeIndex} from '../format/index-table.js'
+import {ManifestPart} from '../format/seal.js'
 import {type ZeroMap} from '../format/zero-map.js'
 import {onFile} from '../sys/errors.js'
 import {fsyncDir} from '../sys/file.js'
 import {type OutputSink} from './output-sink.js'
+import {type FileSealer} from './sealing.js'
 
 /**
  * Snapshots hold a memory image (keys, passwords of the process or guest): readable by their
@@ -98,22 +100,54 @@ export class AtomicFile implements OutputSink {
   }
 }
 
-/** Appends the chunk index, the zero map and the footer that finds them: the end of every snapshot. */
-export function appendTail(file: OutputSink, entries: readonly ChunkEntry[], zeroMap: ZeroMap, headerCrc: number): void {
-  const index = encodeIndex(entries)
+/** How a file being written is sealed, for its tail: see FileSealer.record. */
+export interface TailSeal {
+  sealer: FileSealer
+  /** The file's other structures the manifest covers (packed table, layer tables, learned runs), in part order. */
+  parts: {part: ManifestPart; bytes: Uint8Array}[]
+  /** Signed files: every unit's digest (UNIT_DIGEST_BYTES each, in unit order). */
+  unitDigests?: Buffer
+  /** Units after the chunks (packed or layer blocks). */
+  blocks: number
+}
+
+/**
+ * Appends the chunk index, the zero map and the footer that finds them: the end of every snapshot.
+ * A sealed or signed file has its unit digest table (signed) and seal record between the zero map
+ * and the footer (docs/FORMAT.md, Sealed snapshots).
+ */
+export function appendTail(file: OutputSink, entries: readonly ChunkEntry[], zeroMap: ZeroMap, header: Buffer, seal?: TailSeal): void {
+  const sealed = seal?.sealer.encrypted ?? false
+  const index = encodeIndex(entries, sealed)
   const indexOffset = file.append(index)
   const zeroMapOffset = file.append(zeroMap.bytes)
-  file.append(
-    encodeFooter({
-      indexOffset,
-      chunkCount: entries.length,
-      zeroMapOffset,
-      zeroMapSize: zeroMap.bytes.length,
-      indexCrc: crc32(index),
-      zeroMapCrc: crc32(zeroMap.bytes),
-      headerCrc,
-    }),
-  )
+  const footer = encodeFooter({
+    indexOffset,
+    chunkCount: entries.length,
+    zeroMapOffset,
+    zeroMapSize: zeroMap.bytes.length,
+    indexCrc: crc32(index),
+    zeroMapCrc: crc32(zeroMap.bytes),
+    headerCrc: header.readUInt32LE(header.length - 8),
+  })
+  if (seal) {
+    // Units: the chunks, then the blocks (a packed set's or a layer's).
+    const keyTable = seal.sealer.keyTable(entries.length + seal.blocks)
+    if (keyTable) file.append(keyTable)
+    const digests = seal.sealer.signed ? (seal.unitDigests ?? Buffer.alloc(0)) : undefined
+    if (digests) file.append(digests)
+    const parts = [
+      {part: ManifestPart.Header, bytes: header},
+      {part: ManifestPart.Footer, bytes: footer},
+      {part: ManifestPart.Index, bytes: index},
+      {part: ManifestPart.ZeroMap, bytes: zeroMap.bytes},
+      ...seal.parts,
+      ...(digests ? [{part: ManifestPart.UnitDigests, bytes: digests}] : []),
+      ...(keyTable ? [{part: ManifestPart.KeyTable, bytes: keyTable}] : []),
+    ]
+    file.append(seal.sealer.record(parts))
+  }
+  file.append(footer)
 }
 
 /**

@@ -30,7 +30,13 @@ export interface ByteSource {
    * it reads everything locally (readAt).
    */
   readIfLocal?(dst: Uint8Array, position: number): boolean
-  fetchAhead?(ranges: readonly {position: number; length: number}[], priority?: Priority): void
+  /**
+   * Asks for `ranges` at `priority` ahead of need, and for `around` (their neighbours, which
+   * may be wanted soon) at prefetch priority in the same ask: a fetcher that sees them together
+   * fetches the neighbours stored back to back with a range in its request, and leaves the rest
+   * behind any later demand read.
+   */
+  fetchAhead?(ranges: readonly {position: number; length: number}[], priority?: Priority, around?: readonly {position: number; length: number}[]): void
   discard?(position: number, length: number): boolean
 }
 

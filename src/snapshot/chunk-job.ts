@@ -20,9 +20,17 @@ export interface ChunkJob {
   chunkLengths: number[]
   pageSize: number
   segments: ReadSegment[]
-  /** Compute each stored chunk's SHA-256 (for a writer that cannot read its output back to compare). */
+  /**
+   * Compute each stored chunk's SHA-256 before sealing (for a writer that cannot read its output
+   * back to compare, or whose stored bytes are sealed: identical chunks seal differently).
+   */
   digests?: boolean
+  /** Compute each chunk's unit digest (docs/FORMAT.md, Sealed snapshots) of its bytes as stored: a signed file's. */
+  unitDigests?: boolean
 }
+
+/** How a worker seals chunks: the file's unit key and its chunks' generation (docs/FORMAT.md, Sealed snapshots). */
+export type ChunkSealing = {unitKey: Uint8Array; generation: Uint8Array} | {convergentKey: Uint8Array}
 
 export interface EncodedChunk {
   codec: Codec
@@ -34,8 +42,14 @@ export interface EncodedChunk {
   /** Chunk-local zero-page bits (bit i = page i of the chunk). */
   zeroBits: Uint8Array
   zeroPages: number
-  /** SHA-256 of the stored bytes (32 bytes), when the job asked for digests and the chunk has stored bytes. */
+  /** SHA-256 of the stored bytes before sealing (32 bytes), when the job asked for digests and the chunk has stored bytes. */
   digest?: Uint8Array
+  /** Its unit digest (of the bytes as stored), when the job asked for them and the chunk has stored bytes. */
+  unitDigest?: Uint8Array
+  /** A sealed chunk: the CRC-32 of its bytes before sealing (what nominates identical chunks). */
+  plainCrc?: number
+  /** A convergently sealed chunk: its content key (a row of the file's key table). */
+  contentKey?: Uint8Array
 }
 
 export interface ChunkJobResult {

@@ -1,11 +1,13 @@
 import crypto from 'node:crypto'
 import fs from 'node:fs'
 import {parentPort, workerData} from 'node:worker_threads'
+import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
 import {onFile} from '../sys/errors.js'
 import {Codec, maxStoredLength} from '../format/constants.js'
-import {type ChunkJob, type ChunkJobResult, type EncodedChunk, encodeChunk} from './chunk-job.js'
+import {contentKey, sealConvergent, sealUnit, TAG_BYTES, unitDigest, UnitKind} from '../format/seal.js'
+import {type ChunkJob, type ChunkJobResult, type ChunkSealing, type EncodedChunk, encodeChunk} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 
 /**
@@ -13,7 +15,21 @@ import {ChunkCompressor, type CompressionCodec} from './codecs.js'
  * is spread over the workers too), then encodes each chunk. Replies {ok, result} or {ok:false,
  * error} per job.
  */
-const {codec, level} = workerData as {codec: CompressionCodec; level: number}
+const {codec, level, sealing} = workerData as {codec: CompressionCodec; level: number; sealing?: ChunkSealing}
+const unitKey = sealing && 'unitKey' in sealing ? Buffer.from(sealing.unitKey) : undefined
+const generation = sealing && 'generation' in sealing ? Buffer.from(sealing.generation) : undefined
+const convergent = sealing && 'convergentKey' in sealing ? Buffer.from(sealing.convergentKey) : undefined
+
+/** A chunk's bytes as the file stores them, and (convergent) the content key that sealed them. */
+function sealed(chunk: number, codec: Codec, payloadLength: number, stored: Buffer): {kept: Buffer; key?: Buffer} {
+  if (stored.length === 0) return {kept: stored}
+  if (convergent) {
+    const key = contentKey(convergent, codec, payloadLength, stored)
+    return {kept: sealConvergent(key, codec, payloadLength, stored), key}
+  }
+  if (unitKey) return {kept: sealUnit(unitKey, generation!, {kind: UnitKind.Chunk, number: chunk, codec, payloadLength}, stored)}
+  return {kept: stored}
+}
 const compressor = new ChunkCompressor(codec, level)
 const fds = new Map<string, number>()
 let input = Buffer.alloc(0)
@@ -78,7 +94,7 @@ function run(job: ChunkJob): ChunkJobResult {
   const spans = chunkSpans(job)
   readSegments(job, spans)
 
-  const bound = job.chunkLengths.reduce((a, n) => a + maxStoredLength(n), 0)
+  const bound = job.chunkLengths.reduce((a, n) => a + maxStoredLength(n) + TAG_BYTES, 0)
   if (storedScratch.length < bound) storedScratch = Buffer.allocUnsafeSlow(bound)
   const stored = storedScratch
   const chunks: EncodedChunk[] = []
@@ -88,10 +104,16 @@ function run(job: ChunkJob): ChunkJobResult {
     const bytes = input.subarray(start, end)
     if (covered) {
       const encoded = encodeChunk(bytes, job.pageSize, compressor, zeroPage, payloadScratch)
-      encoded.stored.copy(stored, storedAt)
-      const digest = job.digests && encoded.stored.length > 0 ? crypto.createHash('sha256').update(encoded.stored).digest() : undefined
-      chunks.push({...encoded.chunk, storedOffset: storedAt, storedLength: encoded.stored.length, ...(digest === undefined ? {} : {digest})})
-      storedAt += encoded.stored.length
+      const empty = encoded.stored.length === 0
+      const digest = job.digests && !empty ? crypto.createHash('sha256').update(encoded.stored).digest() : undefined
+      const chunk = job.firstChunk + chunks.length
+      // Sealed for this chunk's place; the CRC is of the bytes as the file holds them.
+      const {kept, key} = sealed(chunk, encoded.chunk.codec, encoded.chunk.payloadLength, encoded.stored)
+      const storedCrc = kept === encoded.stored ? encoded.chunk.storedCrc : crc32(kept)
+      const ownDigest = job.unitDigests && !empty ? unitDigest(kept) : undefined
+      kept.copy(stored, storedAt)
+      chunks.push({...encoded.chunk, storedCrc, storedOffset: storedAt, storedLength: kept.length, ...(digest === undefined ? {} : {digest}), ...(ownDigest === undefined ? {} : {unitDigest: ownDigest}), ...(kept === encoded.stored ? {} : {plainCrc: encoded.chunk.storedCrc}), ...(key ? {contentKey: key} : {})})
+      storedAt += kept.length
     } else {
       // Nothing was read for this chunk (a hole): all of it is zero pages.
       const pages = chunkLength / job.pageSize

@@ -2,7 +2,7 @@ import {type Worker} from 'node:worker_threads'
 
 import {errorFromWorker, UffdError} from '../core/errors.js'
 import {startWorker} from '../core/workers.js'
-import {type ChunkJob, type ChunkJobResult} from './chunk-job.js'
+import {type ChunkJob, type ChunkJobResult, type ChunkSealing} from './chunk-job.js'
 import {type CompressionCodec} from './codecs.js'
 
 type Reply = {ok: true; result: ChunkJobResult} | {ok: false; id: number; error: string; code?: string}
@@ -16,9 +16,10 @@ export class CompressionPool {
   private failure: Error | undefined
   private closing = false
 
-  constructor(size: number, codec: CompressionCodec, level: number) {
+  /** `sealing`: encrypt each chunk's stored bytes for its place (FileSealer.chunkSealing). */
+  constructor(size: number, codec: CompressionCodec, level: number, sealing?: ChunkSealing) {
     for (let i = 0; i < size; i++) {
-      const worker = startWorker(import.meta.url, 'compress-worker', {codec, level})
+      const worker = startWorker(import.meta.url, 'compress-worker', {codec, level, sealing})
       worker.on('message', (reply: Reply) => this.onReply(worker, reply))
       worker.on('error', (error) => this.fail(error))
       worker.on('exit', (code) => {

@@ -3,6 +3,7 @@ import {SnapshotFormatError} from '../format/errors.js'
 import {decodeFooter} from '../format/index-table.js'
 import {checkLayerLocation} from '../format/layer.js'
 import {checkPackedLocation} from '../format/packed-set.js'
+import {learnedLocation} from './opened-seal.js'
 import {crc32} from '../sys/crc.js'
 import {type OutputSink} from './output-sink.js'
 import {ReadAhead} from './read-ahead.js'
@@ -123,6 +124,16 @@ function layout(reader: SnapshotReader): Piece[] {
     const blocks = checkPackedLocation(meta?.blocks, header.headerSize, dataEnd, geometry, 'layer')
     pieces.push({offset: blocks.offset, length: blocks.length, structure: {part: 'layer block table', check: (b) => crc32(b) === blocks.crc}})
     pieces.push({offset: runs.offset, length: runs.length, structure: {part: 'layer run table', check: (b) => crc32(b) === runs.crc}})
+  }
+  const learned = learnedLocation(header.metadata, header.headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))
+  const learnedCrc = (header.metadata.workingSet as {learned?: {crc?: unknown}} | undefined)?.learned?.crc
+  if (learned && typeof learnedCrc === 'string') {
+    pieces.push({offset: learned.offset, length: learned.length, structure: {part: 'learned runs', check: (b) => crc32(b).toString(16).padStart(8, '0') === learnedCrc}})
+  }
+  if (reader.seal) {
+    // A sealed or signed file's unit digests and seal record, as the reader checked them at open.
+    const tail = reader.seal.tail
+    pieces.push({offset: size - FOOTER_SIZE - tail.length, length: tail.length, structure: {part: 'seal record', check: (b) => b.equals(tail)}})
   }
   const extents = new Map<string, Piece>()
   for (let unit = 0; unit < reader.unitCount; unit++) {

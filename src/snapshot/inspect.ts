@@ -8,6 +8,7 @@ import {FileByteSource} from './byte-source.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {walkPackedPages} from './packed-pages.js'
 import {workingSetIdentity} from './attached-set.js'
+import {type OpenedSeal} from './opened-seal.js'
 import {attachedWorkingSet} from './relayout.js'
 
 export interface SnapshotStats {
@@ -35,6 +36,8 @@ export interface SnapshotStats {
   workingSet?: {pages: number; runs: number; chunksFirst: number; learned?: {runs: number; keep: number; storedBytes: number}; packed?: {blocks: number; pages: number; payloadBytes: number; storedBytes: number; codecs: Record<string, number>}}
   /** A layer: its depth (ancestors), and its pages stored in blocks (counted in codecs too). */
   layer?: {depth: number; blocks: number; pages: number}
+  /** A sealed or signed file: how, and what this run could check of it. */
+  seal?: SealStats
   /** A layer's chain, base first: each file, its size, what it stores and the share of the image it provides. */
   chain?: ChainFile[]
   metadata: Record<string, unknown>
@@ -178,7 +181,26 @@ export function snapshotStats(reader: SnapshotReader, file: string): SnapshotSta
     regions: header.regions.map((r) => ({...r, kind: r.kind === RegionKind.ProcessVma ? 'vma' : 'guest-memory'})),
     workingSet: workingSetStats(reader),
     ...(reader.layer ? {layer: {depth: reader.layer.parents.length, blocks: reader.layer.set.blocks.length, pages: reader.layer.set.pages.length}} : {}),
+    ...(reader.seal ? {seal: sealStats(reader.seal)} : {}),
     metadata: boundedMetadata(header.metadata),
+  }
+}
+
+export interface SealStats {
+  /** Encrypted: the cipher and the id of the key (never the key); `opened` whether this run had it. */
+  encryption?: {cipher: string; keyId: string; opened: boolean; convergent: boolean}
+  /** Signed: the signer's key id, and whether the signature was checked against a trusted key (--verify-key). */
+  signature?: {signer: string; verified: boolean}
+  /** Whether the header, index and tables shown were authenticated (by the key or a verified signature). */
+  authenticated: boolean
+}
+
+function sealStats(seal: OpenedSeal): SealStats {
+  const {encryption, signature} = seal.info
+  return {
+    ...(encryption ? {encryption: {cipher: encryption.cipher, keyId: encryption.keyId, opened: !seal.locked, convergent: encryption.convergent}} : {}),
+    ...(signature ? {signature: {signer: signature.signer, verified: seal.verifiedSigner !== undefined}} : {}),
+    authenticated: seal.authenticated,
   }
 }
 

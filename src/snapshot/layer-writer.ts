@@ -7,6 +7,7 @@ import {FOOTER_SIZE, INCOMPAT_LAYERED, SOURCE_ZERO} from '../format/constants.js
 import {encodeHeader} from '../format/header.js'
 import {baseRuns, composeRuns, encodeRunTable, type LayerParent, type LayerRun, MAX_LAYER_DEPTH} from '../format/layer.js'
 import {encodePackedTable, type PackedBlock} from '../format/packed-set.js'
+import {ManifestPart, SEAL_RECORD_SIZE, UNIT_DIGEST_BYTES, unitDigest, UnitKind} from '../format/seal.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {onFile} from '../sys/errors.js'
 import {appendTail} from './atomic-file.js'
@@ -14,6 +15,7 @@ import {type ReadSegment} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {type OutputSink} from './output-sink.js'
+import {FileSealer, type SealingOptions} from './sealing.js'
 import {type ImageInput} from './writer.js'
 
 export interface LayerOptions {
@@ -26,6 +28,8 @@ export interface LayerOptions {
   diff: boolean
   onProgress?: (doneBytes: number, totalBytes: number) => void
   signal?: AbortSignal
+  /** Encrypt and/or sign the layer (docs/FORMAT.md, Sealed snapshots). */
+  seal?: SealingOptions
 }
 
 /** The snapshot a layer is written over: its reader, how it prints, and the file name the layer records for it. */
@@ -80,6 +84,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   const self = ancestors.length
 
   const compressor = new ChunkCompressor(options.codec, options.level)
+  const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.LayerBlock])
   const reader = new SegmentReader()
   const overrides: LayerRun[] = []
   const changed: number[] = []
@@ -93,7 +98,8 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     if (pending.length === 0) return
     const payload = Buffer.concat(pending)
     const c = compressor.compress(payload)
-    const bytes = Buffer.from(c.stored)
+    // The compressor reuses its output buffer: keep a copy (sealing makes one).
+    const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length, unit: blocks.length}, c.stored) : Buffer.from(c.stored)
     blocks.push({dataOffset: dataAt, storedLength: bytes.length, payloadLength: payload.length, storedCrc: crc32(bytes), codec: c.codec, flags: 0, listStart: changed.length - pendingPages.length, pageCount: pendingPages.length})
     stored.push(bytes)
     dataAt += bytes.length
@@ -177,8 +183,8 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     const blocksAt = headerSize + dataAt
     const runsAt = blocksAt + blockTable.length
     header = encodeHeader({
-      incompatFeatures: INCOMPAT_LAYERED,
-      compatFeatures: 0n,
+      incompatFeatures: INCOMPAT_LAYERED | (sealer?.incompatFeatures ?? 0n),
+      compatFeatures: sealer?.compatFeatures ?? 0n,
       pageSize,
       chunkSize: geometry.chunkSize,
       logicalSize: geometry.logicalSize,
@@ -193,13 +199,14 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
           blocks: {offset: blocksAt, length: blockTable.length, crc: hex8(blockTable), blocks: blocks.length, pages: changed.length},
           parents: ancestors,
         },
+        ...(sealer ? {seal: sealer.metadata} : {}),
       },
     })
     if (header.length === headerSize) break
     headerSize = header.length
   }
 
-  const file = open(header.length + storedBytes + blockTable.length + runTable.length + zeroMap.bytes.length + FOOTER_SIZE)
+  const file = open(header.length + storedBytes + blockTable.length + runTable.length + zeroMap.bytes.length + (sealer ? SEAL_RECORD_SIZE + blocks.length * UNIT_DIGEST_BYTES : 0) + FOOTER_SIZE)
   try {
     file.append(header)
     for (const bytes of stored) {
@@ -209,7 +216,16 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     }
     file.append(blockTable)
     file.append(runTable)
-    appendTail(file, [], zeroMap, header.readUInt32LE(header.length - 8))
+    const seal = sealer && {
+      sealer,
+      parts: [
+        {part: ManifestPart.LayerBlockTable, bytes: blockTable},
+        {part: ManifestPart.LayerRunTable, bytes: runTable},
+      ],
+      unitDigests: sealer.signed ? Buffer.concat(stored.map((b) => unitDigest(b))) : undefined,
+      blocks: blocks.length,
+    }
+    appendTail(file, [], zeroMap, header, seal)
     options.signal?.throwIfAborted()
     await file.commit()
     return {

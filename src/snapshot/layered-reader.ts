@@ -108,12 +108,17 @@ export class LayeredReader {
     return this.unitsOf(chunk).every(({source, unit}) => this.files[source].isLocal(unit))
   }
 
-  /** Asks the chain's remote files for the stored units these chunks are assembled from (nothing for local files). */
-  fetchAhead(chunks: Iterable<number>, priority: Priority = PRIORITY_PREFETCH): void {
+  /**
+   * Asks the chain's remote files for the stored units these chunks are assembled from, and for
+   * those of the chunks `around` them at prefetch priority in the same ask (nothing for local files).
+   */
+  fetchAhead(chunks: Iterable<number>, priority: Priority = PRIORITY_PREFETCH, around: Iterable<number> = []): void {
     if (!this.remote) return
     const wanted = this.files.map(() => new Set<number>())
+    const near = this.files.map(() => new Set<number>())
     for (const chunk of chunks) for (const {source, unit} of this.unitsOf(chunk)) wanted[source].add(unit)
-    for (const [source, units] of wanted.entries()) if (units.size > 0) this.files[source].fetchAhead(units, priority)
+    for (const chunk of around) for (const {source, unit} of this.unitsOf(chunk)) if (!wanted[source].has(unit)) near[source].add(unit)
+    for (const [source, units] of wanted.entries()) if (units.size > 0 || near[source].size > 0) this.files[source].fetchAhead(units, priority, near[source])
   }
 
   /** The files' units chunk `chunk` is assembled from (its pages' runs, looked up as readPayload does). */

@@ -14,6 +14,7 @@ import {SysError, tryLockExclusive} from '../sys/index.js'
 import {AtomicFile, removeStaleTemporaries} from './atomic-file.js'
 import {ChunkDecompressor} from './decompressor.js'
 import {SnapshotReader} from './reader.js'
+import {NO_READ_KEYS, type ReadKeys} from './sealing.js'
 import {workingSetIdentity} from './attached-set.js'
 import {attachedWorkingSet, type LearnedRunsLocation, packOptionsFor, writeAttached} from './relayout.js'
 
@@ -41,7 +42,8 @@ export function readLearnedRuns(reader: SnapshotReader): {runs: LearnedRun[]; ke
   reader.source.readAt(stored, offset)
   if (crc32(stored).toString(16).padStart(8, '0') !== crc) throw new UffdError('CORRUPT', `${where}: checksum mismatch`)
   const raw = Buffer.alloc(rawLength)
-  new ChunkDecompressor().decompress(codec === 'zstd' ? Codec.Zstd : Codec.Raw, stored, raw)
+  const codecNumber = codec === 'zstd' ? Codec.Zstd : Codec.Raw
+  new ChunkDecompressor().decompress(codecNumber, reader.learnedPlain(stored, codecNumber, rawLength), raw)
   return {runs: decodeLearnedRuns(raw, where, reader.geometry.pageCount), keep}
 }
 
@@ -75,7 +77,7 @@ export interface LearnOutcome {
  * and rewrites it atomically with the new majority attached. A file at `path` holding another
  * image is left alone. Never throws for what it finds: the outcome says why nothing was folded.
  */
-export async function foldIntoSnapshot(path: string, served: SnapshotReader, run: LearnedRun, options: {keep?: number; signal?: AbortSignal}): Promise<LearnOutcome> {
+export async function foldIntoSnapshot(path: string, served: SnapshotReader, run: LearnedRun, options: {keep?: number; signal?: AbortSignal; keys?: ReadKeys}): Promise<LearnOutcome> {
   const started = performance.now()
   const outcome = (o: Omit<LearnOutcome, 'ms'>): LearnOutcome => ({...o, ms: Math.round(performance.now() - started)})
   let lock: number | undefined
@@ -88,7 +90,8 @@ export async function foldIntoSnapshot(path: string, served: SnapshotReader, run
     if (lock === undefined) return outcome({folded: false, reason: `another handler held ${path} for more than ${LEARN_LOCK_WAIT_MS / 1000} s`})
     // Under the lock: a fold killed with SIGKILL left its snapshot-sized temporary behind.
     removeStaleTemporaries(path)
-    reader = SnapshotReader.open(path)
+    const keys = options.keys ?? NO_READ_KEYS
+    reader = SnapshotReader.open(path, path, keys)
     if (memoryDigest(reader.geometry, reader.index, reader.zeroMap.bytes) !== memoryDigest(served.geometry, served.index, served.zeroMap.bytes)) {
       return outcome({folded: false, reason: `${path} now holds another memory image than the one this resume served`})
     }
@@ -96,7 +99,9 @@ export async function foldIntoSnapshot(path: string, served: SnapshotReader, run
     const keep = options.keep ?? history.keep ?? DEFAULT_LEARN_RUNS
     const {runs, set} = foldRun(history.runs, run, keep, workingSetIdentity(reader))
     const mode = fs.fstatSync(lock).mode & 0o7777
-    await writeAttached(reader, new AtomicFile(path, {mode}), {pages: set.pages, runs: set.runs, learned: {runs, keep}}, packOptionsFor(reader.header.metadata, undefined), options.signal)
+    // An encrypted snapshot is rewritten under the key it was opened with (a signed one cannot be: no signing key here).
+    const seal = keys.keys[0] ? {key: keys.keys[0]} : {}
+    await writeAttached(reader, new AtomicFile(path, {mode}), {pages: set.pages, runs: set.runs, learned: {runs, keep}}, {...packOptionsFor(reader.header.metadata, undefined), seal}, options.signal)
     return outcome({folded: true, runs: runs.length, pages: set.pages.length})
   } catch (error) {
     if (error instanceof UffdError || error instanceof SysError || error instanceof WorkingSetError) return outcome({folded: false, reason: error.message})

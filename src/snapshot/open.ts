@@ -9,6 +9,7 @@ import {FileByteSource} from './byte-source.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {describePrefix, type LayersPrefix, locationIn, parseLayersPrefix, prefixOf} from './parent-location.js'
 import {SnapshotReader} from './reader.js'
+import {NO_READ_KEYS, type ReadKeys, shareReadKeys} from './sealing.js'
 import {type FileSpec, type SnapshotSpec} from './spec.js'
 
 /**
@@ -47,17 +48,19 @@ interface OpenedFile {
  * file read through the same machinery (a remote one fetched lazily into the --cache-dir, keyed
  * by its own identity).
  */
-export async function openSnapshot(text: string, remote: RemoteOptions, layers?: string): Promise<OpenedSnapshot> {
+export async function openSnapshot(text: string, remote: RemoteOptions, layers?: string, keys: ReadKeys = NO_READ_KEYS, locked = false): Promise<OpenedSnapshot> {
   const location = parseLocation(text)
   const prefix = layers === undefined ? undefined : parseLayersPrefix(layers)
-  const top = await openFile(location, remote)
+  const opening: Opening = {remote, keys, locked}
+  const top = await openFile(location, opening)
+  const shared = keys.keys.length > 0 || keys.verifyKeys.length > 0 ? {keys: shareReadKeys(keys)} : {}
   if (!top.reader.layer) {
     return {
       reader: top.reader,
       name: top.name,
       location,
       remote: top.remote !== undefined,
-      spec: () => single(top),
+      spec: () => ({...single(top), ...shared}),
       report: () => top.remote?.report(),
       localFiles: () => localFiles([top]),
       close: () => closeFile(top),
@@ -81,7 +84,7 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
     for (const [k, parent] of recorded.entries()) {
       const at = locationIn(where, parent.name)
       if (isRemote(at) && landedFd < 0) landedFd = ownFd = createEventfd()
-      parents.push(await openParent(at, parent, k, recorded.length, top.name, where, remote, landedFd))
+      parents.push(await openParent(at, parent, k, recorded.length, top.name, where, opening, landedFd))
     }
     const files = [...parents, top]
     reader = LayeredReader.fromFiles(
@@ -99,7 +102,7 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
     name: top.name,
     location,
     remote: first !== undefined,
-    spec: () => ({kind: 'chain', files: files.map((f) => f.spec()), paths: [...reader.paths], landedFd}),
+    spec: () => ({kind: 'chain', files: files.map((f) => f.spec()), paths: [...reader.paths], landedFd, ...shared}),
     report: () => first?.report(...others),
     localFiles: () => localFiles(files),
     close: async () => {
@@ -110,27 +113,35 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
   }
 }
 
-async function openFile(location: Location, remote: RemoteOptions, landedFd?: number): Promise<OpenedFile> {
+/** How a command opens every file of a snapshot. */
+interface Opening {
+  remote: RemoteOptions
+  keys: ReadKeys
+  /** An encrypted file without its key opens locked (stats), rather than failing. */
+  locked: boolean
+}
+
+async function openFile(location: Location, opening: Opening, landedFd?: number): Promise<OpenedFile> {
   if (!isRemote(location)) {
-    const reader = SnapshotReader.open(location.path)
+    const reader = SnapshotReader.open(location.path, location.path, opening.keys, opening.locked)
     // Threads open the file this one has open, not the name: another handler's --learn may
     // rename a new layout over it meanwhile, and two layouts' packed units differ.
     return {reader, name: location.path, remote: undefined, spec: () => ({kind: 'file', path: location.path, openPath: localSource(reader).sameFilePath})}
   }
   // Loaded only for URLs: a local snapshot's start-up does not pay for the remote machinery.
   const {RemoteSnapshot} = await import('../remote/remote-snapshot.js')
-  const snapshot = await RemoteSnapshot.open(location, remote, landedFd)
+  const snapshot = await RemoteSnapshot.open(location, opening.remote, landedFd, opening.keys, opening.locked)
   return {reader: snapshot.reader, name: describeLocation(location), remote: snapshot, spec: () => ({kind: 'remote', ...snapshot.threadShare()})}
 }
 
-async function openParent(at: Location, parent: LayerParent, k: number, count: number, layer: string, where: LayersPrefix, remote: RemoteOptions, landedFd: number): Promise<OpenedFile> {
+async function openParent(at: Location, parent: LayerParent, k: number, count: number, layer: string, where: LayersPrefix, opening: Opening, landedFd: number): Promise<OpenedFile> {
   const which = `${k === 0 ? 'its base' : `its ancestor ${k}`} ${parent.name} (${k + 1} of ${count})`
   const shown = describeLocation(at)
   const missing = (detail: string): UffdError => new UffdError('PARENT_MISSING', `${layer}: ${which} is not at ${shown}${detail} (put it in ${describePrefix(where)}, or give --layers DIR, s3://BUCKET/PREFIX/ or an http(s):// directory)`)
   if (!isRemote(at) && !fs.existsSync(at.path)) throw missing('')
   let file: OpenedFile
   try {
-    file = await openFile(at, remote, landedFd)
+    file = await openFile(at, opening, landedFd)
   } catch (error) {
     if ((error as {code?: string}).code === 'REMOTE_NOT_FOUND') throw missing(`: ${(error as Error).message}`)
     throw error
@@ -149,11 +160,11 @@ async function openParent(at: Location, parent: LayerParent, k: number, count: n
  * `id`: its identity, or the digest of its bytes an older layer recorded (see openParent).
  * False when there is none there, or what is there cannot be opened as a snapshot.
  */
-export async function isRecordedParent(location: Location, remote: RemoteOptions, id: string): Promise<boolean> {
+export async function isRecordedParent(location: Location, remote: RemoteOptions, id: string, keys: ReadKeys = NO_READ_KEYS): Promise<boolean> {
   if (!isRemote(location) && !fs.existsSync(location.path)) return false
   let file: OpenedFile
   try {
-    file = await openFile(location, remote)
+    file = await openFile(location, {remote, keys, locked: true})
   } catch {
     return false
   }

@@ -1,6 +1,6 @@
 import {createHash} from 'node:crypto'
 
-import {Codec, COMPAT_PACKED_WORKING_SET, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
+import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_ENCRYPTED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
@@ -8,10 +8,13 @@ import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} 
 import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, layerIdentity, layerPagesProblem} from '../format/layer.js'
 import {memoryDigest} from '../format/learned-runs.js'
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
+import {checkSealMetadata, ManifestPart, SEAL_RECORD_SIZE, TAG_BYTES, UnitKind, type UnitPlace} from '../format/seal.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {crc32} from '../sys/crc.js'
 import {type ByteSource, FileByteSource, PRIORITY_PREFETCH, type Priority} from './byte-source.js'
 import {ChunkDecompressor} from './decompressor.js'
+import {learnedLocation, type OpenedSeal, openSeal} from './opened-seal.js'
+import {NO_READ_KEYS, type ReadKeys} from './sealing.js'
 
 /** What a layer file holds besides an ordinary snapshot's structures (docs/FORMAT.md, Layers). */
 export interface LayerData {
@@ -37,6 +40,8 @@ export class SnapshotReader {
   private decompressor: ChunkDecompressor | undefined
   private storedScratch = Buffer.alloc(0)
   private payloadScratch = Buffer.alloc(0)
+  /** Decrypted stored bytes of a sealed unit, before decoding. */
+  private plainScratch = Buffer.alloc(0)
   /** Stored units read and verified by readPayload so far (what a resume's stats count as decoded). */
   unitsDecoded = 0
 
@@ -63,6 +68,8 @@ export class SnapshotReader {
      * changes with the layout: a file relaid out (a working set attached) numbers its units anew.
      */
     readonly layout: string,
+    /** How the file is sealed, and what this reader can check and decrypt of it. */
+    readonly seal: OpenedSeal | undefined,
   ) {
     this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
     this.blocks = packed?.blocks ?? layer?.set.blocks ?? []
@@ -78,13 +85,18 @@ export class SnapshotReader {
    */
   readonly unitCount: number
 
-  static open(path: string, openPath = path): SnapshotReader {
-    return SnapshotReader.fromSource(new FileByteSource(path, openPath))
+  /**
+   * `keys`: the keys to decrypt a sealed file with and the public keys it must be signed by. An
+   * encrypted file opened without its key is refused (KEY_REQUIRED) unless `locked` allows it:
+   * then only what is not secret can be read (its structures, unauthenticated; no unit).
+   */
+  static open(path: string, openPath = path, keys: ReadKeys = NO_READ_KEYS, locked = false): SnapshotReader {
+    return SnapshotReader.fromSource(new FileByteSource(path, openPath), keys, locked)
   }
 
-  static fromSource(source: ByteSource): SnapshotReader {
+  static fromSource(source: ByteSource, keys: ReadKeys = NO_READ_KEYS, locked = false): SnapshotReader {
     try {
-      return SnapshotReader.load(source)
+      return SnapshotReader.load(source, keys, locked)
     } catch (error) {
       source.close()
       if (error instanceof SnapshotFormatError) throw error.withFile(source.name)
@@ -92,7 +104,7 @@ export class SnapshotReader {
     }
   }
 
-  private static load(source: ByteSource): SnapshotReader {
+  private static load(source: ByteSource, keys: ReadKeys, locked: boolean): SnapshotReader {
     const minimum = FIXED_HEADER_SIZE + HEADER_TRAILER_SIZE + FOOTER_SIZE
     const fixed = Buffer.alloc(Math.min(FIXED_HEADER_SIZE, source.size))
     source.readAt(fixed, 0)
@@ -108,7 +120,13 @@ export class SnapshotReader {
     const footerBytes = Buffer.alloc(FOOTER_SIZE)
     source.readAt(footerBytes, source.size - FOOTER_SIZE)
     const layered = (header.incompatFeatures & INCOMPAT_LAYERED) !== 0n
-    const footer = decodeFooter(footerBytes, source.size, headerSize, header.headerCrc, geometry, layered)
+    const encrypted = (header.incompatFeatures & INCOMPAT_ENCRYPTED) !== 0n
+    const signed = (header.compatFeatures & COMPAT_SIGNED) !== 0n
+    const sealInfo = encrypted || signed ? checkSealMetadata(header.metadata.seal, encrypted, signed) : undefined
+    // A sealed file's seal record (and a signed one's unit digests) lie between its structures and its footer.
+    const sealTail = sealInfo ? SEAL_RECORD_SIZE : 0
+    if (source.size < headerSize + FOOTER_SIZE + sealTail) throw new SnapshotFormatError('TRUNCATED', 'seal record', `file of ${source.size} bytes ends before its seal record`)
+    const footer = decodeFooter(footerBytes, source.size - sealTail, headerSize, header.headerCrc, geometry, layered)
 
     const zeroMapBytes = Buffer.alloc(footer.zeroMapSize)
     source.readAt(zeroMapBytes, footer.zeroMapOffset)
@@ -116,7 +134,13 @@ export class SnapshotReader {
 
     const indexBytes = Buffer.alloc(footer.chunkCount * INDEX_ENTRY_SIZE)
     source.readAt(indexBytes, footer.indexOffset)
-    const index = decodeIndex(indexBytes, footer, headerSize, geometry, zeroMap)
+    const index = decodeIndex(indexBytes, footer, headerSize, geometry, zeroMap, encrypted)
+    const manifest: {part: ManifestPart; bytes: Uint8Array}[] = [
+      {part: ManifestPart.Header, bytes: headerBytes},
+      {part: ManifestPart.Footer, bytes: footerBytes},
+      {part: ManifestPart.Index, bytes: indexBytes},
+      {part: ManifestPart.ZeroMap, bytes: zeroMapBytes},
+    ]
 
     let packed: PackedSet | undefined
     const packedAt = (header.metadata.workingSet as {packed?: unknown} | undefined)?.packed
@@ -125,7 +149,8 @@ export class SnapshotReader {
       const location = checkPackedLocation(packedAt, headerSize, dataEnd, geometry)
       const table = Buffer.alloc(location.length)
       source.readAt(table, location.offset)
-      packed = decodePackedTable(table, location, headerSize, dataEnd, geometry, zeroMap)
+      packed = decodePackedTable(table, location, headerSize, dataEnd, geometry, zeroMap, 'packed working set', encrypted)
+      manifest.push({part: ManifestPart.PackedTable, bytes: table})
     }
     const layout = createHash('sha256').update(headerBytes).update(footerBytes).update(indexBytes).update(zeroMapBytes)
     let layer: LayerData | undefined
@@ -137,18 +162,25 @@ export class SnapshotReader {
       const blocksAt = checkPackedLocation(meta?.blocks, headerSize, dataEnd, geometry, 'layer')
       const blockTable = Buffer.alloc(blocksAt.length)
       source.readAt(blockTable, blocksAt.offset)
-      const set = decodePackedTable(blockTable, blocksAt, headerSize, dataEnd, geometry, zeroMap, 'layer')
+      const set = decodePackedTable(blockTable, blocksAt, headerSize, dataEnd, geometry, zeroMap, 'layer', encrypted)
       const runTable = Buffer.alloc(location.runs.length)
       source.readAt(runTable, location.runs.offset)
       const runs = decodeRunTable(runTable, location, geometry.pageCount)
       const problem = layerPagesProblem(runs, location.parents.length, set, zeroMap)
       if (problem) throw new SnapshotFormatError('CORRUPT', 'layer', problem)
       layout.update(blockTable).update(runTable)
+      manifest.push({part: ManifestPart.LayerBlockTable, bytes: blockTable}, {part: ManifestPart.LayerRunTable, bytes: runTable})
       layer = {parents: location.parents, runs, set}
+    }
+    let seal: OpenedSeal | undefined
+    if (!sealInfo && keys.verifyKeys.length > 0) throw new SnapshotFormatError('SIGNATURE_INVALID', 'signature', 'the file is not signed, and --verify-key requires a signature')
+    if (sealInfo) {
+      const unitCount = index.length + (packed?.blocks.length ?? layer?.set.blocks.length ?? 0)
+      seal = openSeal(source, sealInfo, {manifest, unitCount, structuresEnd: Math.max(footer.indexOffset + indexBytes.length, footer.zeroMapOffset + zeroMapBytes.length), learned: learnedLocation(header.metadata, headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))}, keys, locked)
     }
     // What the file holds, not how it is laid out: attaching a working set or learning one keeps it.
     const identity = layer ? layerIdentity(geometry, layer.parents, layer.runs, layer.set, zeroMapBytes) : memoryDigest(geometry, index, zeroMapBytes)
-    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, identity, layout.digest('hex'))
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, identity, layout.digest('hex'), seal)
   }
 
   get fileSize(): number {
@@ -189,9 +221,41 @@ export class SnapshotReader {
     // their own checksum of the decoded content, which zstd verifies while decoding.
     const stored = this.checked(chunk, entry, () => this.readStored(entry, payload, wait))
     if (stored === undefined) return undefined
-    if (stored !== payload) this.decode(chunk, entry, stored, payload)
+    const plain = this.seal?.encrypted ? this.unsealed(chunk, entry, stored, entry.codec === Codec.Raw ? payload : undefined) : stored
+    if (plain !== payload) this.decode(chunk, entry, plain, payload)
     this.unitsDecoded++
     return payload
+  }
+
+  /**
+   * Decrypts a unit's stored bytes into `dst` (or scratch), after its checksum held; throws
+   * NOT_AUTHENTIC when they do not authenticate for the unit's place under this file's key.
+   */
+  private unsealed(unit: number, entry: ChunkEntry, stored: Buffer, dst?: Buffer): Buffer {
+    const length = entry.storedLength - TAG_BYTES
+    if (!dst) {
+      if (this.plainScratch.length < length) this.plainScratch = Buffer.alloc(Math.max(length, this.geometry.chunkSize + 1024))
+      dst = this.plainScratch.subarray(0, length)
+    }
+    if (!this.seal!.open(this.placeOf(unit, entry), stored, dst)) throw this.chunkError(unit, 'NOT_AUTHENTIC', `does not authenticate under the file's key (changed, moved from another place, or from another snapshot)`)
+    return dst
+  }
+
+  /** Where a unit sits, as its seal binds it. */
+  private placeOf(unit: number, entry: ChunkEntry): UnitPlace {
+    const block = this.packedBlock(unit)
+    const kind = block === undefined ? UnitKind.Chunk : this.layer ? UnitKind.LayerBlock : UnitKind.PackedBlock
+    return {kind, number: block ?? entry.sealedAs ?? unit, codec: entry.codec, payloadLength: entry.payloadLength, unit}
+  }
+
+  /** Learned runs' stored bytes (their CRC checked by the caller), decrypted when the file is encrypted. */
+  learnedPlain(stored: Buffer, codec: Codec, rawLength: number): Buffer {
+    if (!this.seal?.encrypted) return stored
+    const plain = Buffer.alloc(Math.max(0, stored.length - TAG_BYTES))
+    if (!this.seal.open({kind: UnitKind.LearnedRuns, number: 0, codec, payloadLength: rawLength}, stored, plain)) {
+      throw new SnapshotFormatError('NOT_AUTHENTIC', 'learned runs', "do not authenticate under the file's key", this.source.name)
+    }
+    return plain
   }
 
   /**
@@ -208,13 +272,27 @@ export class SnapshotReader {
       this.source.readAt(bytes, entry.dataOffset)
       return bytes
     })
+    // Sealed bytes are checked whole (the tag covers them all) even when only copied; without the
+    // key (a locked file, copied by a host that holds no key) only their checksum can be.
+    if (this.seal?.locked) return stored
+    const plain = this.seal?.encrypted ? this.unsealed(unit, entry, stored) : stored
     if (decode && entry.codec !== Codec.Raw) {
       if (this.payloadScratch.length < entry.payloadLength) this.payloadScratch = Buffer.alloc(Math.max(entry.payloadLength, this.geometry.chunkSize))
-      this.decode(unit, entry, stored, this.payloadScratch.subarray(0, entry.payloadLength))
-    } else if (decode && stored.length !== entry.payloadLength) {
-      throw this.chunkError(unit, 'CORRUPT', `raw data is ${stored.length} bytes, expected ${entry.payloadLength}`)
+      this.decode(unit, entry, plain, this.payloadScratch.subarray(0, entry.payloadLength))
+    } else if (decode && plain.length !== entry.payloadLength) {
+      throw this.chunkError(unit, 'CORRUPT', `raw data is ${plain.length} bytes, expected ${entry.payloadLength}`)
     }
     return stored
+  }
+
+  /**
+   * The unit's stored bytes as its codec wrote them (decrypted, for an encrypted file), verified
+   * as storedBytes(unit, true) verifies them: for writing them into another file, sealed anew.
+   */
+  codecBytes(unit: number): Buffer {
+    const stored = this.storedBytes(unit, true)
+    if (!this.seal?.encrypted || stored.length === 0) return stored
+    return Buffer.from(this.unsealed(unit, this.entry(unit), stored))
   }
 
   /**
@@ -234,6 +312,10 @@ export class SnapshotReader {
     }
     if (crc !== entry.storedCrc) {
       throw this.chunkError(unit, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)})`)
+    }
+    // A verified signature covers the digest of every unit: the checksum stops accidents, this stops a forger.
+    if (this.seal?.digestsChecked && !this.seal.digestMatches(unit, stored)) {
+      throw this.chunkError(unit, 'NOT_AUTHENTIC', 'its digest differs from the one the signed unit digest table records')
     }
     return stored
   }
@@ -293,15 +375,21 @@ export class SnapshotReader {
     return this.source.isLocal(entry.dataOffset, entry.storedLength)
   }
 
-  /** Asks a remote source for these units' stored bytes ahead of need (nothing for a local file). */
-  fetchAhead(units: Iterable<number>, priority: Priority = PRIORITY_PREFETCH): void {
+  /**
+   * Asks a remote source for these units' stored bytes ahead of need, and for the units `around`
+   * them at prefetch priority in the same ask (see ByteSource.fetchAhead; nothing for a local file).
+   */
+  fetchAhead(units: Iterable<number>, priority: Priority = PRIORITY_PREFETCH, around: Iterable<number> = []): void {
     if (!this.source.fetchAhead) return
-    const ranges: {position: number; length: number}[] = []
-    for (const unit of units) {
-      const entry = this.entry(unit)
-      if (entry.codec !== Codec.None) ranges.push({position: entry.dataOffset, length: entry.storedLength})
+    const ranges = (list: Iterable<number>): {position: number; length: number}[] => {
+      const out: {position: number; length: number}[] = []
+      for (const unit of list) {
+        const entry = this.entry(unit)
+        if (entry.codec !== Codec.None) out.push({position: entry.dataOffset, length: entry.storedLength})
+      }
+      return out
     }
-    this.source.fetchAhead(ranges, priority)
+    this.source.fetchAhead(ranges(units), priority, ranges(around))
   }
 
   /** Whether bytes may be far away (fetchAhead and isLocal mean something). */
@@ -319,7 +407,8 @@ export class SnapshotReader {
    */
   private readStored(entry: ChunkEntry, payload: Buffer, wait: boolean): Buffer | undefined {
     let stored = payload
-    if (entry.codec !== Codec.Raw) {
+    // Sealed raw bytes carry a tag, and must authenticate before anything lands in the payload.
+    if (entry.codec !== Codec.Raw || this.seal?.encrypted) {
       if (this.storedScratch.length < entry.storedLength) this.storedScratch = Buffer.alloc(Math.max(entry.storedLength, this.geometry.chunkSize))
       stored = this.storedScratch.subarray(0, entry.storedLength)
     }
@@ -328,7 +417,7 @@ export class SnapshotReader {
     return stored
   }
 
-  private chunkError(unit: number, code: 'CORRUPT', detail: string): SnapshotFormatError {
+  private chunkError(unit: number, code: 'CORRUPT' | 'NOT_AUTHENTIC', detail: string): SnapshotFormatError {
     const block = this.packedBlock(unit)
     const part = block === undefined ? `chunk ${unit}` : this.layer ? `layer block ${block}` : `packed working set block ${block}`
     return new SnapshotFormatError(code, part, detail, this.source.name)

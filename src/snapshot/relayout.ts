@@ -2,10 +2,11 @@ import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
 import {formatBytes} from '../core/units.js'
-import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_WORKING_SET} from '../format/constants.js'
+import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, COMPAT_WORKING_SET, INCOMPAT_ENCRYPTED} from '../format/constants.js'
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
 import {encodePackedTable, type PackedBlock, type PackedSetLocation, planPackedBlocks} from '../format/packed-set.js'
+import {ManifestPart, UNIT_DIGEST_BYTES, unitDigest, UnitKind} from '../format/seal.js'
 import {AtomicFile, appendTail} from './atomic-file.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {chunksInTouchOrder} from '../format/working-set.js'
@@ -14,6 +15,7 @@ import {type OutputSink} from './output-sink.js'
 import {packedPageSteps} from './packed-pages.js'
 import {ReadAhead} from './read-ahead.js'
 import {SnapshotReader} from './reader.js'
+import {FileSealer, type SealingOptions} from './sealing.js'
 import {type AttachedWorkingSet, type LearnedRunsLocation} from './attached-set.js'
 
 export {type AttachedWorkingSet, attachedWorkingSet, type LearnedRunsLocation} from './attached-set.js'
@@ -29,6 +31,11 @@ export interface PackOptions {
   /** Codec of the packed blocks; 'none' stores no packed copy. */
   codec: CompressionCodec | 'none'
   level: number
+  /**
+   * The keys of a sealed snapshot: an encrypted one's key (its chunks are copied as sealed, new
+   * units sealed with it), and the signing key a signed one must be signed with again.
+   */
+  seal?: SealingOptions
 }
 
 export const PACK_CODECS = ['zstd', 'lz4', 'raw', 'none']
@@ -40,7 +47,7 @@ export function packOptionsFor(metadata: Record<string, unknown>, codec: string 
   return {codec: chosen as PackOptions['codec'], level}
 }
 
-function* packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[], options: PackOptions): Generator<Wait, {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array}, void> {
+function* packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[], options: PackOptions, sealer: FileSealer | undefined): Generator<Wait, {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array}, void> {
   const {zeroMap, geometry} = reader
   const plans = planPackedBlocks(pagesInTouchOrder, geometry.pagesPerChunk)
   const compressor = new ChunkCompressor(options.codec === 'none' ? 'raw' : options.codec, options.level)
@@ -65,9 +72,10 @@ function* packBlocks(reader: SnapshotReader, pagesInTouchOrder: readonly number[
       list.set(plan.pages, plan.listStart)
       const payload = step.payloads[b - step.from]!
       const c = payload.length === 0 ? {codec: Codec.None, stored: payload} : compressor.compress(payload)
-      // The compressor reuses its output buffer: keep a copy.
-      stored.push(Buffer.from(c.stored))
-      blocks.push({storedLength: c.stored.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(c.stored), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
+      // The compressor reuses its output buffer: keep a copy (sealing makes one).
+      const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.PackedBlock, number: b, codec: c.codec, payloadLength: payload.length, unit: reader.index.length + b}, c.stored) : Buffer.from(c.stored)
+      stored.push(bytes)
+      blocks.push({storedLength: bytes.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(bytes), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
       yield {kind: 'drain'}
     }
   }
@@ -112,7 +120,7 @@ export function attachWorkingSet(
   options: PackOptions = {codec: 'zstd', level: 1},
   mode?: number,
 ): AttachResult {
-  const reader = SnapshotReader.open(inputPath)
+  const reader = SnapshotReader.open(inputPath, inputPath, {keys: options.seal?.key ? [options.seal.key] : [], verifyKeys: []})
   try {
     const out = new AtomicFile(outputPath, {mode})
     try {
@@ -181,9 +189,12 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   const first = new Set(chunks)
   const order = [...chunks, ...index.keys()].filter((c, i) => i < chunks.length || !first.has(c))
   const packing = options.codec !== 'none' && pages.length > 0
+  // Chunks are copied as they are stored (sealed for their places under the file's salt); the
+  // packed blocks and learned runs are new, and sealed under new generations.
+  const sealer = FileSealer.rewrite(reader.seal?.info, options.seal ?? {}, [UnitKind.Chunk], [...(packing ? [UnitKind.PackedBlock] : []), ...(set.learned ? [UnitKind.LearnedRuns] : [])], reader.source.name)
   if (packing) yield {kind: 'all', units: chunks}
-  const packed = packing ? yield* packBlocks(reader, pages, options) : undefined
-  const learned = set.learned ? storedLearnedRuns(reader, set.learned) : undefined
+  const packed = packing ? yield* packBlocks(reader, pages, options, sealer) : undefined
+  const learned = set.learned ? storedLearnedRuns(reader, set.learned, sealer) : undefined
   // The header records where the packed table lies, which depends on the header's own size:
   // encode until the size is stable. The CRC is fixed-width hex and a larger header only adds
   // digits to the offset, so this settles in two or three rounds.
@@ -202,14 +213,15 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
     const workingSet: AttachedWorkingSet = {chunks, pages: pages.length, runs: set.runs}
     if (packed) workingSet.packed = {offset: at, length: table.length, crc: crc32(table).toString(16).padStart(8, '0'), blocks: blocks.length, pages: packed.list.length, codec: options.codec}
     if (learned) workingSet.learned = {...learned.location, offset: at + table.length}
+    const {seal: _oldSeal, ...metadata} = header.metadata
     encoded = encodeHeader({
-      incompatFeatures: header.incompatFeatures,
-      compatFeatures: (header.compatFeatures & ~COMPAT_PACKED_WORKING_SET) | COMPAT_WORKING_SET | (packed ? COMPAT_PACKED_WORKING_SET : 0n),
+      incompatFeatures: (header.incompatFeatures & ~INCOMPAT_ENCRYPTED) | (sealer?.incompatFeatures ?? 0n),
+      compatFeatures: (header.compatFeatures & ~(COMPAT_PACKED_WORKING_SET | COMPAT_SIGNED)) | COMPAT_WORKING_SET | (packed ? COMPAT_PACKED_WORKING_SET : 0n) | (sealer?.compatFeatures ?? 0n),
       pageSize: header.pageSize,
       chunkSize: header.chunkSize,
       logicalSize: header.logicalSize,
       regions: header.regions,
-      metadata: {...header.metadata, workingSet},
+      metadata: {...metadata, workingSet, ...(sealer ? {seal: sealer.metadata} : {})},
     })
     if (encoded.length === headerSize) break
   }
@@ -221,30 +233,38 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   if (packed) out.append(table)
   if (learned) out.append(learned.stored)
   const entries: ChunkEntry[] = [...index]
+  // A signed result's unit digest table: chunks, then the packed blocks.
+  const digests = sealer?.signed ? Buffer.alloc((index.length + blocks.length) * UNIT_DIGEST_BYTES) : undefined
   // Deduplicated chunks share stored bytes: copy each stored range once.
-  const moved = new Map<number, number>()
+  const moved = new Map<number, {at: number; digest?: Buffer}>()
   for (let i = 0; i < order.length; i++) {
     const c = order[i]
     const e = index[c]
     if (e.codec === Codec.None) continue
-    let at = moved.get(e.dataOffset)
-    if (at === undefined) {
+    let copied = moved.get(e.dataOffset)
+    if (copied === undefined) {
       yield {kind: 'unit', units: order, index: i}
-      at = out.append(reader.storedBytes(c))
-      moved.set(e.dataOffset, at)
+      const bytes = reader.storedBytes(c)
+      copied = {at: out.append(bytes), ...(digests ? {digest: unitDigest(bytes)} : {})}
+      moved.set(e.dataOffset, copied)
       yield {kind: 'drain'}
     }
-    entries[c] = {...e, dataOffset: at}
+    copied.digest?.copy(digests!, c * UNIT_DIGEST_BYTES)
+    // Chunks are copied as sealed: a convergent file's key table keeps their content keys.
+    if (sealer?.convergent) sealer.recordKey(c, reader.seal!.contentKeyOf(c))
+    entries[c] = {...e, dataOffset: copied.at}
   }
-  appendTail(out, entries, reader.zeroMap, encoded.readUInt32LE(encoded.length - 8))
+  if (digests) for (const [b, bytes] of (packed?.stored ?? []).entries()) if (bytes.length > 0) unitDigest(bytes).copy(digests, (index.length + b) * UNIT_DIGEST_BYTES)
+  const parts = [...(packed ? [{part: ManifestPart.PackedTable, bytes: table}] : []), ...(learned ? [{part: ManifestPart.LearnedRuns, bytes: learned.stored}] : [])]
+  appendTail(out, entries, reader.zeroMap, encoded, sealer ? {sealer, parts, unitDigests: digests, blocks: blocks.length} : undefined)
   return {fileSize: out.size, chunksFirst: chunks.length, packedBlocks: blocks.length, packedBytes: (packed?.stored ?? []).reduce((n, b) => n + b.length, 0)}
 }
 
 /** The compressed form of learned runs and what the metadata says of it (but where: the caller places it). */
-function storedLearnedRuns(reader: SnapshotReader, learned: NonNullable<SetToAttach['learned']>): {stored: Buffer; location: Omit<LearnedRunsLocation, 'offset'>} {
+function storedLearnedRuns(reader: SnapshotReader, learned: NonNullable<SetToAttach['learned']>, sealer: FileSealer | undefined): {stored: Buffer; location: Omit<LearnedRunsLocation, 'offset'>} {
   const raw = encodeLearnedRuns(learned.runs)
   const c = new ChunkCompressor('zstd', 3).compress(raw)
-  const stored = Buffer.from(c.stored)
+  const stored = sealer?.encrypted ? sealer.seal({kind: UnitKind.LearnedRuns, number: 0, codec: c.codec, payloadLength: raw.length}, c.stored) : Buffer.from(c.stored)
   return {
     stored,
     location: {

@@ -5,6 +5,7 @@ import {RemoteByteSource} from '../remote/remote-source.js'
 import {type RemoteShare} from '../remote/shared.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {SnapshotReader} from './reader.js'
+import {type ReadKeys, readKeysFromShare, type ReadKeysShare} from './sealing.js'
 
 /** One file of a snapshot for a thread: a local path (opened at `openPath`), or a remote file's share with this thread's own port to its fetcher. */
 export type FileSpec = {kind: 'file'; path: string; openPath?: string} | {kind: 'remote'; share: RemoteShare; port: MessagePort}
@@ -15,16 +16,21 @@ export type FileSpec = {kind: 'file'; path: string; openPath?: string} | {kind: 
  * is signalled when any remote file's bytes land, -1 when none is remote). Structured-cloneable;
  * pass specTransfer(spec) as the worker's transfer list.
  */
-export type SnapshotSpec =
+export type SnapshotSpec = (
   | {kind: 'file'; path: string; openPath?: string}
   | {kind: 'remote'; share: RemoteShare; port: MessagePort}
   | {kind: 'chain'; files: FileSpec[]; paths: string[]; landedFd: number}
+) & {
+  /** The keys the command opened it with (sealed snapshots), for the thread to open it with too. */
+  keys?: ReadKeysShare
+}
 
 export function openSpec(spec: SnapshotSpec): ImageReader {
-  if (spec.kind !== 'chain') return openFileSpec(spec)
+  const keys = readKeysFromShare(spec.keys)
+  if (spec.kind !== 'chain') return openFileSpec(spec, keys)
   const files: SnapshotReader[] = []
   try {
-    for (const file of spec.files) files.push(openFileSpec(file))
+    for (const file of spec.files) files.push(openFileSpec(file, keys))
     return LayeredReader.fromFiles(files, spec.paths)
   } catch (error) {
     for (const f of files) f.close()
@@ -32,8 +38,8 @@ export function openSpec(spec: SnapshotSpec): ImageReader {
   }
 }
 
-function openFileSpec(spec: FileSpec): SnapshotReader {
-  return spec.kind === 'file' ? SnapshotReader.open(spec.path, spec.openPath) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port))
+function openFileSpec(spec: FileSpec, keys: ReadKeys): SnapshotReader {
+  return spec.kind === 'file' ? SnapshotReader.open(spec.path, spec.openPath, keys) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port), keys)
 }
 
 export function specTransfer(spec: SnapshotSpec): Transferable[] {
@@ -53,7 +59,7 @@ export function specLandedFd(spec: SnapshotSpec): number {
  */
 export function childSpec(spec: SnapshotSpec): SnapshotSpec {
   if (spec.kind === 'file') return spec
-  if (spec.kind === 'remote') return childFileSpec(spec) as SnapshotSpec
+  if (spec.kind === 'remote') return {...(childFileSpec(spec) as SnapshotSpec), keys: spec.keys}
   return {...spec, files: spec.files.map(childFileSpec)}
 }
 

@@ -4,11 +4,14 @@ import {Codec, SOURCE_ZERO} from '../format/constants.js'
 import {findRun} from '../format/layer.js'
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
+import {UNIT_DIGEST_BYTES, unitDigest, UnitKind} from '../format/seal.js'
 import {ZeroMap} from '../format/zero-map.js'
+import {crc32} from '../sys/crc.js'
 import {AtomicFile, appendTail} from './atomic-file.js'
 import {encodeChunk} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {type LayeredReader} from './layered-reader.js'
+import {FileSealer, type SealingOptions} from './sealing.js'
 
 export interface SquashSummary {
   path: string
@@ -28,22 +31,30 @@ export interface SquashSummary {
  * bytes copied, verified, not recompressed; any other chunk is assembled from the chain and
  * compressed with `codec`. Atomic, like every snapshot written.
  */
-export async function squashChain(reader: LayeredReader, output: string, options: {codec: CompressionCodec; level: number; mode?: number; signal?: AbortSignal; onProgress?: (done: number, total: number) => void}): Promise<SquashSummary> {
+export async function squashChain(reader: LayeredReader, output: string, options: {codec: CompressionCodec; level: number; mode?: number; signal?: AbortSignal; onProgress?: (done: number, total: number) => void; seal?: SealingOptions}): Promise<SquashSummary> {
   const started = performance.now()
   const {geometry, runs} = reader
   const base = reader.files[0]
   const {pageSize} = geometry
   const sameChunks = base.geometry.chunkSize === geometry.chunkSize
-  const {layer: _layer, ...metadata} = reader.header.metadata
+  const {layer: _layer, seal: _seal, ...metadata} = reader.header.metadata
+  // A new file: its units are sealed anew, under a salt of its own.
+  const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.Chunk])
   const header = encodeHeader({
-    incompatFeatures: 0n,
-    compatFeatures: 0n,
+    incompatFeatures: sealer?.incompatFeatures ?? 0n,
+    compatFeatures: sealer?.compatFeatures ?? 0n,
     pageSize,
     chunkSize: geometry.chunkSize,
     logicalSize: geometry.logicalSize,
     regions: reader.header.regions,
-    metadata: {...metadata, codec: options.codec, level: options.level, squashedFrom: reader.paths.map((p, k) => ({name: p, id: reader.files[k].identity}))},
+    metadata: {...metadata, codec: options.codec, level: options.level, squashedFrom: reader.paths.map((p, k) => ({name: p, id: reader.files[k].identity})), ...(sealer ? {seal: sealer.metadata} : {})},
   })
+  const digests = sealer?.signed ? Buffer.alloc(geometry.chunkCount * UNIT_DIGEST_BYTES) : undefined
+  const place = (c: number, codec: Codec, payloadLength: number, plain: Buffer): ChunkEntry => {
+    const stored = sealer ? sealer.seal({kind: UnitKind.Chunk, number: c, codec, payloadLength, unit: c}, plain) : plain
+    if (digests) unitDigest(stored).copy(digests, c * UNIT_DIGEST_BYTES)
+    return {dataOffset: file.append(stored), storedLength: stored.length, payloadLength, storedCrc: crc32(stored), codec, flags: 0, ...(sealer?.encrypted ? {sealedAs: c} : {})}
+  }
   const compressor = new ChunkCompressor(options.codec, options.level)
   const zeroPage = Buffer.alloc(pageSize)
   const bytes = Buffer.alloc(geometry.chunkSize)
@@ -71,18 +82,18 @@ export async function squashChain(reader: LayeredReader, output: string, options
       if (sameChunks && fromBaseOnly(c)) {
         // The same pages, zero and data, as the base's chunk: its stored bytes are this chunk's.
         const e = base.entry(c)
-        entries.push({...e, dataOffset: file.append(base.storedBytes(c, true)), flags: 0})
+        entries.push(place(c, e.codec, e.payloadLength, base.codecBytes(c)))
         copied++
       } else {
         const length = geometry.chunkPaddedLength(c)
         reader.readChunk(c, bytes)
         const {chunk, stored} = encodeChunk(bytes.subarray(0, length), pageSize, compressor, zeroPage, scratch)
-        entries.push({dataOffset: file.append(Buffer.from(stored)), storedLength: stored.length, payloadLength: chunk.payloadLength, storedCrc: chunk.storedCrc, codec: chunk.codec, flags: 0})
+        entries.push(place(c, chunk.codec, chunk.payloadLength, Buffer.from(stored)))
         encoded++
       }
       options.onProgress?.(geometry.chunkStart(c) + geometry.chunkLogicalLength(c), geometry.logicalSize)
     }
-    appendTail(file, entries, zeroMap, header.readUInt32LE(header.length - 8))
+    appendTail(file, entries, zeroMap, header, sealer ? {sealer, parts: [], unitDigests: digests, blocks: 0} : undefined)
     options.signal?.throwIfAborted()
     file.commit()
     return {path: output, logicalSize: geometry.logicalSize, fileSize: file.size, chunkCount: geometry.chunkCount, copiedChunks: copied, encodedChunks: encoded, seconds: (performance.now() - started) / 1000}

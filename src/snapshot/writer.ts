@@ -4,12 +4,14 @@ import {CHUNK_FLAG_SHARED, Codec} from '../format/constants.js'
 import {Geometry} from '../format/geometry.js'
 import {encodeHeader, type Region, type SnapshotMetadata} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
+import {UNIT_DIGEST_BYTES, UnitKind} from '../format/seal.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {AtomicFile, appendTail} from './atomic-file.js'
-import {type ChunkJob, type ChunkJobResult, type ReadSegment} from './chunk-job.js'
+import {type ChunkJob, type ChunkJobResult, type EncodedChunk, type ReadSegment} from './chunk-job.js'
 import {type CompressionCodec} from './codecs.js'
 import {CompressionPool} from './compression-pool.js'
 import {type OutputSink} from './output-sink.js'
+import {FileSealer, type SealingOptions} from './sealing.js'
 
 /** What a snapshot is made of: an image of `logicalSize` bytes whose data comes from segments. */
 export interface ImageInput {
@@ -40,6 +42,8 @@ export interface WriteOptions {
   mode?: number
   /** The path errors name, when a path output is an intermediate file [default: the path]. */
   name?: string
+  /** Encrypt and/or sign the snapshot (docs/FORMAT.md, Sealed snapshots). */
+  seal?: SealingOptions
 }
 
 export interface CodecUsage {
@@ -82,14 +86,15 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
   // Their bytes are not in the input: written in full, they would read as zeros.
   if (input.unchangedPages) throw new UffdError('CRIU_IMAGE', `${String(input.metadata.criuDir ?? 'the input')} is an incremental dump: ${input.unchangedPages} of its pages are in its parent dump; write it as a layer over the parent dump's snapshot (uffd snapshot --criu-dir DIR --parent SNAPSHOT)`)
   const geometry = new Geometry(options.pageSize, options.chunkSize, input.logicalSize)
+  const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.Chunk])
   const header = encodeHeader({
-    incompatFeatures: 0n,
-    compatFeatures: 0n,
+    incompatFeatures: sealer?.incompatFeatures ?? 0n,
+    compatFeatures: sealer?.compatFeatures ?? 0n,
     pageSize: options.pageSize,
     chunkSize: options.chunkSize,
     logicalSize: input.logicalSize,
     regions: input.regions,
-    metadata: {...input.metadata, codec: options.codec, level: options.level},
+    metadata: {...input.metadata, codec: options.codec, level: options.level, ...(sealer ? {seal: sealer.metadata} : {})},
   })
 
   const file = typeof output === 'string' ? new AtomicFile(output, {mode: options.mode, name: options.name}) : output
@@ -97,8 +102,8 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
   const inflight: Promise<ChunkJobResult>[] = []
   try {
     file.append(header)
-    pool = new CompressionPool(Math.max(1, options.jobs), options.codec, options.level)
-    const assembler = new Assembler(geometry, file)
+    pool = new CompressionPool(Math.max(1, options.jobs), options.codec, options.level, sealer?.chunkSealing())
+    const assembler = new Assembler(geometry, file, sealer)
     // Without read-back (an upload), deduplication compares SHA-256 digests the workers compute.
     const digests = !file.readBack
     const chunksPerJob = Math.max(1, Math.floor(JOB_BYTES / options.chunkSize))
@@ -109,7 +114,7 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
       const start = geometry.chunkStart(first)
       const end = Math.min(input.logicalSize, geometry.chunkStart(first + count))
       const chunkLengths = Array.from({length: count}, (_, i) => geometry.chunkPaddedLength(first + i))
-      const job: ChunkJob = {id, firstChunk: first, start, chunkLengths, pageSize: options.pageSize, segments: input.segments(start, end), digests}
+      const job: ChunkJob = {id, firstChunk: first, start, chunkLengths, pageSize: options.pageSize, segments: input.segments(start, end), digests, unitDigests: sealer?.signed}
       const result = pool.submit(job)
       // Marked handled now: a job can fail while an earlier one is awaited; it is awaited (and its
       // error raised) in order, or abandoned after an earlier failure.
@@ -129,7 +134,7 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
       options.onProgress?.(Math.min(doneBytes, input.logicalSize), input.logicalSize)
       await file.drain(options.signal)
     }
-    appendTail(file, assembler.entries, assembler.zeroMap, header.readUInt32LE(header.length - 8))
+    appendTail(file, assembler.entries, assembler.zeroMap, header, sealer ? {sealer, parts: [], unitDigests: assembler.unitDigests, blocks: 0} : undefined)
     options.signal?.throwIfAborted()
     await file.commit()
     return {
@@ -164,13 +169,21 @@ class Assembler {
   private readonly seen = new Map<string, number[]>()
   /** Each chunk's SHA-256 (32 bytes at entry index * 32), when the sink cannot read bytes back. */
   private readonly digests: Buffer | undefined
+  /** A signed file's unit digest table: each chunk's (a deduplicated one's is its original's). */
+  readonly unitDigests: Buffer | undefined
+  /** Stored bytes are encrypted for their chunk's place (identical chunks seal differently; not so when convergent). */
+  private readonly sealed: boolean
 
+  /** `sealer`: how the workers sealed the chunks (encrypted for their places; signed: unit digests to collect). */
   constructor(
     private readonly geometry: Geometry,
     private readonly file: OutputSink,
+    private readonly sealer: FileSealer | undefined,
   ) {
     this.zeroMap = new ZeroMap(geometry.pageCount)
+    this.sealed = (sealer?.encrypted ?? false) && !sealer!.convergent
     this.digests = file.readBack ? undefined : Buffer.alloc(geometry.chunkCount * DIGEST_BYTES)
+    this.unitDigests = sealer?.signed ? Buffer.alloc(geometry.chunkCount * UNIT_DIGEST_BYTES) : undefined
   }
 
   /** Returns the image bytes the result covered. */
@@ -192,16 +205,27 @@ class Assembler {
         continue
       }
       const bytes = stored.subarray(chunk.storedOffset, chunk.storedOffset + chunk.storedLength)
-      const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, storedCrc: chunk.storedCrc, codec: chunk.codec, flags: 0}
-      const original = this.findIdentical(entry, bytes, chunk.digest)
-      if (original) {
-        entry.dataOffset = original.dataOffset
-        entry.flags = original.flags = CHUNK_FLAG_SHARED
+      const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, storedCrc: chunk.storedCrc, codec: chunk.codec, flags: 0, ...(this.sealer?.encrypted ? {sealedAs: index} : {})}
+      if (this.sealer?.convergent) {
+        if (!chunk.contentKey) throw new UffdError('INTERNAL', `${this.file.destination}: a convergently sealed chunk without its content key`)
+        this.sealer.recordKey(index, chunk.contentKey)
+      }
+      const original = this.findIdentical(entry, bytes, chunk)
+      if (original !== undefined) {
+        // The original's stored bytes, sealed for its place (and so its CRC and digest too).
+        const first = this.entries[original]
+        Object.assign(entry, {dataOffset: first.dataOffset, storedCrc: first.storedCrc, flags: CHUNK_FLAG_SHARED, ...(this.sealed ? {sealedAs: first.sealedAs} : {})})
+        first.flags = CHUNK_FLAG_SHARED
+        this.unitDigests?.copyWithin(index * UNIT_DIGEST_BYTES, original * UNIT_DIGEST_BYTES, (original + 1) * UNIT_DIGEST_BYTES)
         this.dedupChunks++
         this.dedupBytes += bytes.length
       } else {
         entry.dataOffset = this.file.append(bytes)
         usage.storedBytes += bytes.length
+        if (this.unitDigests) {
+          if (chunk.unitDigest?.length !== UNIT_DIGEST_BYTES) throw new UffdError('INTERNAL', `${this.file.destination}: a stored chunk without its unit digest, for a signed file`)
+          this.unitDigests.set(chunk.unitDigest, index * UNIT_DIGEST_BYTES)
+        }
       }
       this.entries.push(entry)
     }
@@ -219,18 +243,23 @@ class Assembler {
    * digest are known, and finding one is out of reach, for a guest choosing its memory too), so
    * sharing on equal digests stores nothing other than what comparing the bytes would have.
    */
-  private findIdentical(entry: ChunkEntry, bytes: Buffer, digest: Uint8Array | undefined): ChunkEntry | undefined {
-    const key = `${entry.storedCrc}:${entry.payloadLength}:${entry.codec}:${entry.storedLength}`
+  private findIdentical(entry: ChunkEntry, bytes: Buffer, chunk: EncodedChunk): number | undefined {
+    // Sealed bytes differ for identical chunks (each is sealed for its own place): what was
+    // sealed nominates candidates, and is what is compared (the workers' digests are of it too).
+    const key = `${this.sealed ? chunk.plainCrc : entry.storedCrc}:${entry.payloadLength}:${entry.codec}:${entry.storedLength}`
     const candidates = this.seen.get(key)
     const {digests} = this
+    const digest = chunk.digest
     if (digests && digest?.length !== DIGEST_BYTES) throw new UffdError('INTERNAL', `${this.file.destination}: a stored chunk without its digest, for a sink that cannot read back`)
+    const opened = (e: ChunkEntry, sealed: Buffer): Buffer => this.sealer!.open({kind: UnitKind.Chunk, number: e.sealedAs!, codec: e.codec, payloadLength: e.payloadLength}, sealed)
     const same = (earlier: number): boolean => {
       if (digests) return digests.compare(digest!, 0, DIGEST_BYTES, earlier * DIGEST_BYTES, (earlier + 1) * DIGEST_BYTES) === 0
       const e = this.entries[earlier]
-      return this.file.readBack!(e.dataOffset, e.storedLength).equals(bytes)
+      const back = this.file.readBack!(e.dataOffset, e.storedLength)
+      return this.sealed ? opened(e, back).equals(opened(entry, bytes)) : back.equals(bytes)
     }
     if (candidates) {
-      for (const index of candidates) if (same(index)) return this.entries[index]
+      for (const index of candidates) if (same(index)) return index
     }
     const list = candidates ?? []
     list.push(this.entries.length)

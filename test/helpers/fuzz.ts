@@ -10,6 +10,7 @@
  * CRC recomputed, so that the change gets past the checksums to the checks behind them.
  */
 import {spawnSync} from 'node:child_process'
+import crypto from 'node:crypto'
 import fs from 'node:fs'
 import path from 'node:path'
 import {crc32} from 'node:zlib'
@@ -28,8 +29,10 @@ import {memFileInput} from '../../src/snapshot/inputs.js'
 import {SnapshotReader} from '../../src/snapshot/reader.js'
 import {attachedWorkingSet, attachWorkingSet, packOptionsFor} from '../../src/snapshot/relayout.js'
 import {writeSnapshot} from '../../src/snapshot/writer.js'
+import {parseKey} from '../../src/format/seal.js'
+import {type ReadKeys, type SealingOptions} from '../../src/snapshot/sealing.js'
 import {cliEnv, UFFD_BIN} from './cli.js'
-import {makeImage} from './images.js'
+import {decodeImage, makeImage} from './images.js'
 
 // ---------------------------------------------------------------------------------------------
 // Randomness: one small generator per case, from (seed, case), so any case can be made again.
@@ -181,6 +184,8 @@ export interface BaseSnapshot {
   file: string
   bytes: Buffer
   layout: Layout
+  /** A sealed one: the keys that open it, and the image it must read as whenever it is accepted. */
+  sealed?: {keys: ReadKeys; image: Buffer}
 }
 
 export interface Corpus {
@@ -190,6 +195,8 @@ export interface Corpus {
   workingSet: {file: string; text: string; set: WorkingSetFile}
   /** A valid --stats-file. */
   report: {text: string}
+  /** Sealed snapshots (encrypted; encrypted and signed; with a packed set), apart: their salts are random, so their cases differ from run to run. */
+  sealed: BaseSnapshot[]
 }
 
 export async function makeCorpus(dir: string): Promise<Corpus> {
@@ -237,6 +244,25 @@ export async function makeCorpus(dir: string): Promise<Corpus> {
     const bytes = fs.readFileSync(file)
     return {name, file, bytes, layout: layoutOf(file, bytes)}
   })
+  const key = parseKey(Buffer.alloc(32, 7), 'fuzz key')
+  const {privateKey, publicKey} = crypto.generateKeyPairSync('ed25519')
+  const sealedFiles: [string, string, SealingOptions, ReadKeys][] = []
+  for (const [name, input, codec, chunkSize, seal] of [
+    ['sealed-zstd', mixed, 'zstd', 65536, {key}],
+    ['sealed-signed-lz4', mixed, 'lz4', 16384, {key, signingKey: privateKey}],
+  ] as const) {
+    const file = path.join(dir, `${name}.uffd`)
+    await writeSnapshot(fixed(input), file, {codec, level: 1, chunkSize, pageSize: 4096, jobs: 1, seal})
+    sealedFiles.push([name, file, seal, {keys: [key], verifyKeys: 'signingKey' in seal ? [publicKey] : []}])
+  }
+  const packedSealed = path.join(dir, 'sealed-packed.uffd')
+  attachWorkingSet(sealedFiles[0][1], packedSealed, {pages: unique, runs: 2}, {codec: 'zstd', level: 1, seal: {key}})
+  sealedFiles.push(['sealed-packed', packedSealed, {key}, {keys: [key], verifyKeys: []}])
+  const mixedImage = fs.readFileSync(mixed)
+  const sealed = sealedFiles.map(([name, file, , keys]) => {
+    const bytes = fs.readFileSync(file)
+    return {name, file, bytes, layout: layoutOf(file, bytes), sealed: {keys, image: mixedImage}}
+  })
 
   const reader = SnapshotReader.open(files.zstd)
   const identity = {logicalSize: reader.geometry.logicalSize, pageSize: reader.geometry.pageSize, headerCrc: reader.header.headerCrc}
@@ -250,7 +276,7 @@ export async function makeCorpus(dir: string): Promise<Corpus> {
   for (const [name, n] of [['clients', 1], ['clientsEnded', 1], ['faults', 3], ['faultsData', 2], ['faultsZero', 1], ['pagesCopied', 96], ['bytesCopied', 96 * 4096], ['cacheHits', 2], ['cacheMisses', 1], ['stagedUnits', 2], ['stagedBytes', 8192], ['hitsTracked', 1], ['prefetchHits', 3]] as const) stats.add(name, n)
   for (const us of [5, 40, 900]) stats.recordLatency(us)
   const report = buildReport(stats, 'zstd.uffd', new Date(0), 1234)
-  return {dir, snapshots, workingSet: {file: wsFile, text: wsText, set}, report: {text: `${JSON.stringify(report, null, 2)}\n`}}
+  return {dir, snapshots, workingSet: {file: wsFile, text: wsText, set}, report: {text: `${JSON.stringify(report, null, 2)}\n`}, sealed}
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -273,7 +299,7 @@ export interface Layout {
 }
 
 function layoutOf(file: string, bytes: Buffer): Layout {
-  const reader = SnapshotReader.open(file)
+  const reader = SnapshotReader.open(file, file, undefined, true)
   try {
     const {header, footer} = reader
     const fields: Field[] = []
@@ -518,9 +544,9 @@ const craftedMutations: Record<string, Mutation> = {
 }
 
 /** Mutated case `index` of `seed`: the same bytes every time. */
-export function snapshotCase(corpus: Corpus, seed: number, index: number): {bytes: Buffer; how: string; base: BaseSnapshot} {
+export function snapshotCase(corpus: Corpus, seed: number, index: number, from = corpus.snapshots): {bytes: Buffer; how: string; base: BaseSnapshot} {
   const rng = new Rng(seed, index)
-  const base = rng.pick(corpus.snapshots)
+  const base = rng.pick(from)
   let bytes: Buffer = Buffer.from(base.bytes)
   const hows: string[] = []
   const roll = rng.int(100)
@@ -577,10 +603,10 @@ class MemorySource implements ByteSource {
  * (the payload index, the packed blocks' runs). The first refusal ends the case; verify's list of
  * problems is its result, not a refusal.
  */
-export function checkSnapshot(bytes: Buffer, name: string): Outcome {
+export function checkSnapshot(bytes: Buffer, name: string, sealed?: BaseSnapshot['sealed']): Outcome {
   let reader: SnapshotReader
   try {
-    reader = SnapshotReader.fromSource(new MemorySource(name, bytes))
+    reader = SnapshotReader.fromSource(new MemorySource(name, bytes), sealed?.keys)
   } catch (error) {
     return refusal(error, 'open')
   }
@@ -603,7 +629,10 @@ export function checkSnapshot(bytes: Buffer, name: string): Outcome {
       }
     })
     if (startUp !== 'OK') return startUp
-    return verified!.ok ? 'OK' : 'VERIFY_FAILED'
+    if (!verified!.ok) return 'VERIFY_FAILED'
+    // A sealed file that opens and verifies is, byte for byte, the image it was sealed from.
+    if (sealed && !decodeImage(reader).equals(sealed.image)) throw new FuzzCrash('sealed read', new Error('a sealed file was accepted and read as another image'))
+    return 'OK'
   } finally {
     reader.close()
   }

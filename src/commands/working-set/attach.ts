@@ -5,6 +5,7 @@ import {modeFlag, parseMode} from '../../cli/mode-flag.js'
 import {withInterruptHandling} from '../../cli/progress.js'
 import {oclifFlags} from '../../cli/oclif-flags.js'
 import {remoteFlagSpecs, remoteOptions} from '../../cli/remote-flags.js'
+import {readKeysFromFlags, readSealFlagSpecs, sealingFromFlags, writeSealFlagSpecs} from '../../cli/seal-flags.js'
 import {checkMatches, parseWorkingSet} from '../../format/working-set.js'
 import {readInputText} from '../../snapshot/input-file.js'
 import {openSnapshot, singleFile} from '../../snapshot/open.js'
@@ -33,6 +34,9 @@ The snapshot may be an http(s):// URL (then --output is needed) or s3://BUCKET/K
     mode: modeFlag,
     pack: Flags.string({summary: "Codec of the packed copy of the set's pages [default: the snapshot's codec]; none: reorder chunks only.", options: PACK_CODECS}),
     ...oclifFlags(remoteFlagSpecs),
+    ...oclifFlags(readSealFlagSpecs),
+    // A signed snapshot is signed again (its header changes); an encrypted one keeps its key and salt.
+    ...oclifFlags({'sign-key': writeSealFlagSpecs['sign-key']}),
   }
 
   async run(): Promise<{output: string; fileSize: number; chunksFirst: number; packedBlocks: number; packedBytes: number; pages: number}> {
@@ -47,13 +51,14 @@ The snapshot may be an http(s):// URL (then --output is needed) or s3://BUCKET/K
     // In place unless --output: an http(s):// snapshot cannot be rewritten, which is a usage error.
     const location = outputLocation(flags.output ?? args.snapshot, {mode, flag: flags.output === undefined ? 'a snapshot rewritten in place (without --output)' : '--output'})
     const set = parseWorkingSet(readInputText(args['working-set']), args['working-set'])
-    const snapshot = await openSnapshot(args.snapshot, options)
+    const keys = readKeysFromFlags(flags)
+    const snapshot = await openSnapshot(args.snapshot, options, undefined, keys)
     try {
       const reader = singleFile(snapshot, 'working-set attach')
       checkMatches(set, workingSetIdentity(reader), args['working-set'])
       // Replacing is what attach does (in place by default): no --force, as for a local file.
       const prepared = await prepareOutput(location, {force: true, mode, s3: options.s3})
-      const result = await withInterruptHandling((signal) => writeAttached(reader, prepared.open(attachedSizeHint(reader, set)), set, packOptionsFor(reader.header.metadata, flags.pack), signal), `${prepared.destination} left as it was`)
+      const result = await withInterruptHandling((signal) => writeAttached(reader, prepared.open(attachedSizeHint(reader, set)), set, {...packOptionsFor(reader.header.metadata, flags.pack), seal: {...sealingFromFlags({...flags, encrypt: false, convergent: false}), ...(keys.keys[0] ? {key: keys.keys[0]} : {})}}, signal), `${prepared.destination} left as it was`)
       this.log(`${prepared.destination}: ${describeAttached(result, set)}`)
       return {output: prepared.destination, ...result, pages: set.pages.length}
     } finally {

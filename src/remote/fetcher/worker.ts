@@ -26,10 +26,11 @@ const table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs:
 const scheduler = new FetchScheduler(table, await remoteObject(share.location, share.s3, 1, share.fetch.concurrency), share.identity, share.fetch, counters, latency, Math.random, take)
 
 /**
- * A want message: extents to fetch at a priority; a port message: a new reader's channel; close:
- * the handler is stopping (its claims are given up, then 'closed' is posted back).
+ * A want message: extents to fetch at a priority, and `around` them (a fault's neighbours) more
+ * at prefetch priority; a port message: a new reader's channel; close: the handler is stopping
+ * (its claims are given up, then 'closed' is posted back).
  */
-export type FetcherMessage = {type: 'want'; priority: Priority; extents: number[]} | {type: 'port'; port: MessagePort} | {type: 'close'}
+export type FetcherMessage = {type: 'want'; priority: Priority; extents: number[]; around?: number[]} | {type: 'port'; port: MessagePort} | {type: 'close'}
 
 function onMessage(message: FetcherMessage): void {
   if (message.type === 'port') {
@@ -44,9 +45,12 @@ function onMessage(message: FetcherMessage): void {
     parentPort!.postMessage('closed')
     return
   }
+  // Held while the whole message is taken: a fault's extent and its neighbours (at prefetch
+  // priority) are planned together, so those stored back to back go in the fault's request.
   scheduler.hold()
   try {
     for (const extent of message.extents) want(extent, message.priority)
+    for (const extent of message.around ?? []) want(extent, PRIORITY_PREFETCH)
   } finally {
     scheduler.release()
   }

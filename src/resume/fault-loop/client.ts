@@ -36,6 +36,15 @@ export class Client {
   helper: WorkingSetHelper | undefined
   /** The window the last served fault installed around itself: the next one grows from it if it lands near. */
   faultWindow: WindowHistory = NO_WINDOW
+  /**
+   * Known-zero image page ranges [first, end) that an UNREGISTER failing midway may have left
+   * to the kernel, and that could not be registered again (see Installer.handToKernel): a page
+   * there that is not registered any more is the kernel's to fill with zeros, not a sign that
+   * the client is gone.
+   */
+  readonly kernelZerosUnsure: {first: number; end: number}[] = []
+  /** A native block fill met a range it could not fill whole (ENOENT): this client's blocks go through the installer's own calls from then on. */
+  nativeFillsOff = false
   private fillRegionTable: BigUint64Array | undefined
 
   /**

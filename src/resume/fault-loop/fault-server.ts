@@ -161,7 +161,7 @@ export class FaultServer {
     // (isLocal is a hint from the extent states; a file evicted since it landed is found out by
     // the read itself, which then asks for it and answers 'wait' the same way.)
     if (unit >= 0 && !this.source.isLocal(unit)) {
-      this.source.fetchNow(unit < this.chunkCount ? this.chunksAround(page, region) : [unit])
+      this.source.fetchNow([unit], unit < this.chunkCount ? this.chunksAround(page, region) : [])
       return {outcome: 'wait', window: undefined}
     }
     if (this.blockOfPage && this.blockOfPage[page] >= 0) {
@@ -200,16 +200,17 @@ export class FaultServer {
   }
 
   /**
-   * The chunks of the widest window around `page`, its own first: fetched from object storage
-   * together with a fault's (one ranged request, as they are stored back to back), since a round
-   * trip to the store costs far more than the bytes around the fault, which the window may
-   * grow into. The fault waits only for its own.
+   * The other chunks of the widest window around `page`: asked for with a fault's own chunk
+   * (in its ranged request where they are stored back to back with it), since a round trip to
+   * the store costs far more than the bytes around the fault, which the window may grow into.
+   * They go at prefetch priority: the fault waits only for its own chunk, and a later fault
+   * elsewhere is fetched before those that could not share its request.
    */
   private chunksAround(page: number, region: GuestRegion): number[] {
     const regionFirst = region.offset / this.pageSize
     const widest = widestWindow(page, this.windowSizes, regionFirst, regionFirst + region.size / this.pageSize)
     const own = this.geometry.chunkOfOffset(page * this.pageSize)
-    const chunks = [own]
+    const chunks: number[] = []
     const last = this.geometry.chunkOfOffset((widest.end - 1) * this.pageSize)
     for (let c = this.geometry.chunkOfOffset(widest.first * this.pageSize); c <= last; c++) if (c !== own) chunks.push(c)
     return chunks

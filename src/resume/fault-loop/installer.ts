@@ -5,7 +5,7 @@
 // expect is a SysError (its code the errno name): serving that client is impossible.
 
 import {type ZeroMap} from '../../format/zero-map.js'
-import {addressOf, type BlockFillResult, Errno, type FillResult, type HelperJob, InstallHelper, nativeBlockFill, SysError, uffdCopy, uffdFillBlock, uffdUnregister, uffdWake, uffdZeropage} from '../../sys/index.js'
+import {addressOf, type BlockFillResult, Errno, type FillResult, type HelperJob, InstallHelper, nativeBlockFill, SysError, UFFDIO_REGISTER_MODE, uffdCopy, uffdFillBlock, uffdRegister, uffdUnregister, uffdWake, uffdZeropage} from '../../sys/index.js'
 import {type GuestRegion} from '../protocol.js'
 import {type RunStats} from '../run-stats.js'
 import {type Client} from './client.js'
@@ -37,6 +37,8 @@ export interface FillCalls {
   wake(uffd: number, start: number, length: number): void
   /** UFFDIO_UNREGISTER of a range (throws SysError); none: ranges are never handed to the kernel. */
   unregister?(uffd: number, start: number, length: number): void
+  /** UFFDIO_REGISTER of a range in MISSING mode (throws SysError): undoes an UNREGISTER that failed midway. */
+  register?(uffd: number, start: number, length: number): void
   /** native/libuffd_fill's uffd_fill_block (uffdFillBlock's arguments), when it is loaded. */
   fillBlock: typeof uffdFillBlock | undefined
   /** native/libuffd_fill's install helper thread (InstallHelper.start's arguments), when loaded. */
@@ -51,6 +53,8 @@ export const kernelFillCalls: FillCalls = {
   zeropage: uffdZeropage,
   wake: uffdWake,
   unregister: (uffd, start, length) => uffdUnregister(uffd, start, length),
+  // MISSING, as a VMM registers its guest memory (Firecracker, fc_client, kvm_vmm).
+  register: (uffd, start, length) => void uffdRegister(uffd, start, length, UFFDIO_REGISTER_MODE.MISSING),
   fillBlock: nativeBlockFill ? uffdFillBlock : undefined,
   startHelper: nativeBlockFill ? InstallHelper.start : undefined,
 }
@@ -62,14 +66,16 @@ export const kernelFillCalls: FillCalls = {
  *   duplicate message): nothing to install there, but its waiters may need a wake.
  * - EAGAIN: the mm is changing (mmap_changing: a REMOVE, UNMAP, REMAP or FORK event is queued and
  *   unread), or, after some bytes, the copy ran into a present page.
- * - ENOENT: no registered VMA at the address. A VMM's regions never change, so its mapping is
- *   gone; a restored process may have split, moved or unregistered part of one, so the page is
- *   simply not registered memory any more (no fault can ask for it).
+ * - ENOENT: no registered VMA holds the whole range (mfill_atomic's find_dst_vma): it crosses
+ *   a VMA boundary (a region mapped or advised in parts: the installer then fills it in pieces),
+ *   or, for one page, the page is not registered: a restored process split, moved or
+ *   unregistered part of a mapping (no fault can ask for it), a VMM's mapping is gone, or it
+ *   lies in a zero range the kernel took over when an UNREGISTER failed midway.
  * - ESRCH: the mm is gone (the process exited).
  */
 export type FillErrnoMeaning = 'installed' | 'already-present' | 'address-space-changing' | 'not-registered' | 'gone' | 'unexpected'
 
-export function fillErrnoMeaning(errno: number, nonCooperative: boolean): FillErrnoMeaning {
+export function fillErrnoMeaning(errno: number): FillErrnoMeaning {
   switch (errno) {
     case 0:
       return 'installed'
@@ -78,7 +84,7 @@ export function fillErrnoMeaning(errno: number, nonCooperative: boolean): FillEr
     case Errno.EAGAIN:
       return 'address-space-changing'
     case Errno.ENOENT:
-      return nonCooperative ? 'not-registered' : 'gone'
+      return 'not-registered'
     case Errno.ESRCH:
       return 'gone'
     default:
@@ -149,8 +155,10 @@ export class Installer {
         }
         done += result.done
       }
-      switch (fillErrnoMeaning(result.error, client.nonCooperative)) {
+      switch (fillErrnoMeaning(result.error)) {
         case 'installed':
+          // Back up to whole runs after pieces that had to fit inside one VMA.
+          if (step < length) step = Math.min(length, step * 2)
           continue
         case 'already-present':
           this.stats.add('eexist')
@@ -163,17 +171,29 @@ export class Installer {
           // After progress: a present page follows (the next call reports EEXIST for it).
           if (result.done === 0) return {outcome: 'retry', pages}
           continue
-        case 'not-registered':
-          // A copy must lie inside one registered VMA: go page by page; a single page the
-          // kernel still refuses is not registered memory.
+        case 'not-registered': {
+          // A fill must lie inside one registered VMA: halve the piece until it does (a run
+          // over one VMA boundary costs a few more calls, not one per page).
           if (step > this.pageSize) {
-            step = this.pageSize
+            step = Math.max(this.pageSize, Math.floor(step / this.pageSize / 2) * this.pageSize)
             continue
           }
-          this.calls.wake(client.uffd, dst + done, this.pageSize)
-          client.states.markRemoved(first + done / this.pageSize, 1)
+          const page = first + done / this.pageSize
+          if (client.nonCooperative) {
+            // Not registered memory any more: no fault can ask for it.
+            this.calls.wake(client.uffd, dst + done, this.pageSize)
+            client.states.markRemoved(page, 1)
+          } else if (zero && client.kernelZerosUnsure.some((r) => page >= r.first && page < r.end)) {
+            // A known-zero page the kernel took over: it maps zeros there itself.
+            this.calls.wake(client.uffd, dst + done, this.pageSize)
+            client.states.markPresent(page, 1)
+          } else {
+            // A VMM's regions never change: its mapping there is gone.
+            return {outcome: 'gone', pages}
+          }
           done += this.pageSize
           continue
+        }
         case 'gone':
           return {outcome: 'gone', pages}
         case 'unexpected':
@@ -189,7 +209,7 @@ export class Installer {
    */
   fillFreshPage(client: Client, address: number): Installed {
     const result = this.huge ? this.calls.copy(client.uffd, address, this.zeroPageAddress(), this.pageSize) : this.calls.zeropage(client.uffd, address, this.pageSize)
-    switch (fillErrnoMeaning(result.error, client.nonCooperative)) {
+    switch (fillErrnoMeaning(result.error)) {
       case 'installed':
         this.stats.add('pagesZeroed')
         return {outcome: 'served', pages: 1}
@@ -215,24 +235,47 @@ export class Installer {
    * MADV_DONTNEED (a balloon removal, which is then not reported here) they read as zeros again,
    * which is what serving them would give too. They count as present, so nothing here ever fills
    * them (a fill there would fail with ENOENT). Threads already waiting on them are woken by the
-   * kernel. Returns false when the kernel refused (the range is not one registered mapping, or
-   * splitting it would pass the process's mapping limit: ENOMEM; the process is exiting: ESRCH):
-   * they stay ours to serve.
+   * kernel. A range over several VMAs is unregistered in each of them.
+   *
+   * Returns false when the kernel refused: a VMA there cannot be registered (EINVAL, before it
+   * changes anything), splitting one would pass the process's mapping limit (ENOMEM), the
+   * process is exiting (ESRCH). The pages stay ours to serve. The kernel unregisters VMA by VMA
+   * and stops at the first one it cannot split without undoing those before it (fs/userfaultfd.c,
+   * userfaultfd_unregister), so after ENOMEM part of the range may be unregistered: it is
+   * registered again (VMAs still registered are left as they are; the others usually merge
+   * back into their registered neighbour, which needs no new VMA). If that fails too, the range
+   * is noted in client.kernelZerosUnsure, where a fill that finds a page unregistered leaves it
+   * to the kernel (zeros) instead of taking the client for gone.
    */
   handToKernel(client: Client, region: GuestRegion, first: number, count: number): boolean {
     if (!this.calls.unregister) return false
     for (let p = first; p < first + count; p++) if (client.states.get(p) !== PAGE_MISSING) return false
+    const start = region.baseHostVirtAddr + (first * this.pageSize - region.offset)
+    const length = count * this.pageSize
     try {
-      this.calls.unregister(client.uffd, region.baseHostVirtAddr + (first * this.pageSize - region.offset), count * this.pageSize)
+      this.calls.unregister(client.uffd, start, length)
     } catch (error) {
-      // Only a speed-up: whatever the kernel says, the pages are served as before.
-      if (error instanceof SysError) return false
-      throw error
+      if (!(error instanceof SysError)) throw error
+      if (!this.registerAgain(client, start, length)) client.kernelZerosUnsure.push({first, end: first + count})
+      // Only a speed-up: the pages are served as before.
+      return false
     }
     client.states.markPresent(first, count)
     this.stats.add('kernelZeroRanges')
     this.stats.add('kernelZeroPages', count)
     return true
+  }
+
+  /** Registers a range again after a failed UNREGISTER; false when the kernel refuses that too. */
+  private registerAgain(client: Client, start: number, length: number): boolean {
+    if (!this.calls.register) return false
+    try {
+      this.calls.register(client.uffd, start, length)
+      return true
+    } catch (error) {
+      if (error instanceof SysError) return false
+      throw error
+    }
   }
 
   /** Wakes the threads waiting on one present page (served already: a duplicate message). */
@@ -250,7 +293,7 @@ export class Installer {
   }
 
   private nativeAllowed(client: Client, tracking: boolean): boolean {
-    return !tracking && !this.huge && !client.nonCooperative
+    return !tracking && !this.huge && !client.nonCooperative && !client.nativeFillsOff
   }
 
   /**
@@ -302,11 +345,17 @@ export class Installer {
     this.stats.add('zeropageIoctls', r.zeropageIoctls)
     this.stats.add('eexist', r.eexist)
     const pages = r.pagesCopied + r.pagesZeroed
-    switch (fillErrnoMeaning(r.error, client.nonCooperative)) {
+    switch (fillErrnoMeaning(r.error)) {
       case 'installed':
         return {outcome: 'served', pages}
       case 'address-space-changing':
         this.stats.add('eagain')
+        return {outcome: 'retry', pages}
+      case 'not-registered':
+        // The native fill does not split a range that crosses a VMA boundary, nor tell an
+        // unregistered page from a gone mapping: this client's blocks go through fill() from
+        // now on, which does both, starting with this one again.
+        client.nativeFillsOff = true
         return {outcome: 'retry', pages}
       case 'gone':
         return {outcome: 'gone', pages}

@@ -29,8 +29,12 @@ export interface PayloadSource {
    * that costs no request: bytes evicted since they landed are found out by payload().
    */
   isLocal(unit: number): boolean
-  /** Asks for these units' stored bytes at demand priority, without waiting; landedFd becomes readable when they arrive. */
-  fetchNow(units: readonly number[]): void
+  /**
+   * Asks for these units' stored bytes at demand priority, and for `around` (a fault's
+   * neighbours) at prefetch priority in the same ask, without waiting; landedFd becomes
+   * readable when they arrive.
+   */
+  fetchNow(units: readonly number[], around?: readonly number[]): void
   /** Readable when fetched bytes land (-1: a local file, never readable). */
   readonly landedFd: number
   /** Whether a decode of `unit` was asked for and is not yet released. */
@@ -114,8 +118,8 @@ export class DecodedUnits implements PayloadSource {
     return this.reader.isLocal(unit)
   }
 
-  fetchNow(units: readonly number[]): void {
-    this.reader.fetchAhead(units, PRIORITY_DEMAND)
+  fetchNow(units: readonly number[], around: readonly number[] = []): void {
+    this.reader.fetchAhead(units, PRIORITY_DEMAND, around)
   }
 
   payload(unit: number): Buffer | undefined {

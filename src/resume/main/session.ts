@@ -10,6 +10,7 @@ import {PendingHandshake} from './pending-handshake.js'
 import {killPeer, type Peer, peerAgain, peerOf} from './peer.js'
 import {prefetchPlan} from './prefetch-plan.js'
 import {type ClientIntake, type ClientSummary, type FrontEnd, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
+import {type ReadKeys} from '../../snapshot/sealing.js'
 import {type WorkingSetFile} from '../../format/working-set.js'
 
 export interface ResumeOptions extends SessionOptions {
@@ -24,7 +25,8 @@ export interface ResumeOptions extends SessionOptions {
   /** Count prefetch hits (clears prefetched pages' accessed bits, samples /proc/PID/smaps). */
   countHits?: boolean
   /** --learn: fold this run into the snapshot file at `path` at exit (remembering `keep` runs); `signal` stops the rewrite. */
-  learn?: {path: string; keep?: number; signal: AbortSignal}
+  /** `keys`: the snapshot's, when it is sealed: the rewrite is sealed with them again. */
+  learn?: {path: string; keep?: number; signal: AbortSignal; keys: ReadKeys}
 }
 
 /**
@@ -91,7 +93,7 @@ async function learn(options: ResumeOptions, learnOptions: NonNullable<ResumeOpt
     outcome =
       prefetched instanceof Error
         ? {folded: false, reason: prefetched.message, ms: 0}
-        : await foldIntoSnapshot(path, singleReader(options), touchedInRun(recording, prefetched), {keep: learnOptions.keep, signal: learnOptions.signal})
+        : await foldIntoSnapshot(path, singleReader(options), touchedInRun(recording, prefetched), {keep: learnOptions.keep, signal: learnOptions.signal, keys: learnOptions.keys})
   }
   options.log(outcome.folded ? `learned: ${path} now remembers ${outcome.runs} run(s); ${outcome.pages} pages attached (${outcome.ms} ms)` : `not learned: ${outcome.reason}`)
   return outcome
