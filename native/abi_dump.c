@@ -10,9 +10,11 @@
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <linux/kcmp.h>
 #include <linux/mman.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <sys/eventfd.h>
@@ -162,14 +164,20 @@ int main(void)
 	/* processes */
 	C(__NR_pidfd_open);
 	C(__NR_process_madvise);
+	C(__NR_pidfd_send_signal);
+	C(__NR_kcmp);
+	C(KCMP_FILE);
+	C(SIGKILL);
 
 	/* files */
 	C(SEEK_DATA);
 	C(SEEK_HOLE);
 	C(F_GETFL);
 	C(F_SETFL);
+	C(F_DUPFD_CLOEXEC);
 
-	/* Unix sockets, SCM_RIGHTS, SO_PEERCRED */
+	/* Unix sockets, SCM_RIGHTS, SO_PEERCRED (SO_PEERPIDFD, Linux 6.5, is newer than these
+	 * headers: test/sys-socket.test.ts checks it against the kernel) */
 	C(AF_UNIX);
 	C(SOCK_STREAM);
 	C(SOCK_CLOEXEC);

@@ -80,6 +80,12 @@ enum malformed_kind {
 static const char *const malformed_names[] = {
 	"", "not-json", "unaligned", "two-page-sizes", "no-fd", "empty-array", "huge-size",
 };
+// Well-formed VMMs that misbehave in one way (the handler must contain them):
+// partial-handshake: sends its uffd with the first half of the JSON only, then touches memory;
+// fault-outside: registers all of its memory but announces one page less, and touches that page;
+// connect-twice: sends its handshake on two connections, the second with a dup() of its uffd.
+enum hostile_kind { HOSTILE_NONE, HOSTILE_PARTIAL, HOSTILE_FAULT_OUTSIDE, HOSTILE_TWICE };
+static const char *const hostile_names[] = {"", "partial-handshake", "fault-outside", "connect-twice"};
 
 struct range {
 	uint64_t off, len;
@@ -96,6 +102,7 @@ static struct {
 	enum access_kind access;
 	enum verify_mode verify;
 	enum malformed_kind malformed;
+	enum hostile_kind hostile;
 	uint64_t seed, count, stride, hold_ms, delay_ms, crash_after, timeout_ms;
 	uint64_t split_at;   // 0: region 0 is one mapping
 	int64_t slots_free;  // -1: leave the mapping count alone
@@ -481,6 +488,8 @@ static void build_handshake(struct strbuf *b)
 			base += mem.page / 2;
 		if (opt.malformed == MAL_HUGE_SIZE)
 			size = UINT64_MAX - SMALL_PAGE + 1; // page-aligned, but base + size overflows
+		if (opt.hostile == HOSTILE_FAULT_OUTSIDE && i == mem.n - 1)
+			size -= page;
 		if (opt.malformed == MAL_TWO_PAGE_SIZES && i == 1)
 			page = page == SMALL_PAGE ? HUGE_PAGE : SMALL_PAGE;
 		sb_printf(b, "%s{", i ? "," : "");
@@ -499,7 +508,7 @@ static void build_handshake(struct strbuf *b)
 	sb_printf(b, "]");
 }
 
-static int connect_and_send(int uffd, uint64_t *handshake_ns)
+static int connect_and_send(int uffd, uint64_t *handshake_ns, bool second)
 {
 	struct sockaddr_un addr = {.sun_family = AF_UNIX};
 	if (strlen(opt.socket_path) >= sizeof addr.sun_path)
@@ -527,7 +536,9 @@ static int connect_and_send(int uffd, uint64_t *handshake_ns)
 	if (connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0)
 		die_errno("connect(%s)", opt.socket_path);
 
-	struct iovec iov = {.iov_base = json.s, .iov_len = json.len};
+	// A partial handshake: the uffd rides on the first bytes, the rest never comes.
+	size_t send_len = opt.hostile == HOSTILE_PARTIAL ? json.len / 2 : json.len;
+	struct iovec iov = {.iov_base = json.s, .iov_len = send_len};
 	union {
 		char buf[CMSG_SPACE(sizeof fds)];
 		struct cmsghdr align;
@@ -546,8 +557,8 @@ static int connect_and_send(int uffd, uint64_t *handshake_ns)
 	ssize_t sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
 	if (sent < 0)
 		die_errno("sendmsg(handshake)");
-	if ((size_t)sent != json.len)
-		die(EXIT_SETUP, "sendmsg(handshake): sent %zd of %zu bytes", sent, json.len);
+	if ((size_t)sent != send_len)
+		die(EXIT_SETUP, "sendmsg(handshake): sent %zd of %zu bytes", sent, send_len);
 	*handshake_ns = now_ns() - t0;
 
 	// The handler holds its own references now; ours to the extra fds are not needed. The uffd
@@ -556,6 +567,8 @@ static int connect_and_send(int uffd, uint64_t *handshake_ns)
 	for (int i = 1; i < 3; i++)
 		if (fds[i] >= 0)
 			close(fds[i]);
+	if (second)
+		close(uffd); // the dup() sent the second time
 	free(json.s);
 	return sock; // never closed before exit: Firecracker >= 1.12 keeps its end open too
 }
@@ -1012,6 +1025,10 @@ static void usage(FILE *f)
 	    "  --crash-after N         abort() after N touches\n"
 	    "  --malformed KIND        not-json | unaligned | two-page-sizes | no-fd | empty-array |\n"
 	    "                          huge-size; then wait until the handler closes the socket\n"
+	    "  --hostile KIND          partial-handshake (uffd + half the JSON, then touch) |\n"
+	    "                          fault-outside (announce one page less, touch it) |\n"
+	    "                          connect-twice (the handshake again on a second connection\n"
+	    "                          with a dup() of the uffd)\n"
 	    "  --timeout-ms N          give up with exit 3 after N ms (default 120000, 0: never)\n"
 	    "  --hold-ms N             sleep N ms after printing the result\n"
 	    "  --delay-ms N            sleep N ms between the handshake and the first touch (a guest\n"
@@ -1046,7 +1063,7 @@ static void parse_args(int argc, char **argv)
 		O_SOCKET = 256, O_IMAGE, O_SIZE, O_REGIONS, O_HUGEPAGES, O_FC_VERSION, O_EXTRA_FIELDS,
 		O_FDS, O_TOUCH, O_SEED, O_COUNT, O_STRIDE, O_VERIFY, O_VERIFY_ALL, O_BALLOON, O_THREADS,
 		O_HOLD_MS, O_DELAY_MS, O_CRASH_AFTER, O_MALFORMED, O_ACCESS, O_SYSCALL_TOUCH, O_TIMEOUT_MS,
-		O_BALLOON_CONCURRENT, O_FILE_BACKEND, O_SPLIT_AT, O_MAP_SLOTS_FREE,
+		O_BALLOON_CONCURRENT, O_FILE_BACKEND, O_SPLIT_AT, O_MAP_SLOTS_FREE, O_HOSTILE,
 	};
 	static const struct option longopts[] = {
 		{"socket", required_argument, 0, O_SOCKET},
@@ -1070,6 +1087,7 @@ static void parse_args(int argc, char **argv)
 		{"delay-ms", required_argument, 0, O_DELAY_MS},
 		{"crash-after", required_argument, 0, O_CRASH_AFTER},
 		{"malformed", required_argument, 0, O_MALFORMED},
+		{"hostile", required_argument, 0, O_HOSTILE},
 		{"access", required_argument, 0, O_ACCESS},
 		{"syscall-touch", no_argument, 0, O_SYSCALL_TOUCH},
 		{"timeout-ms", required_argument, 0, O_TIMEOUT_MS},
@@ -1118,6 +1136,11 @@ static void parse_args(int argc, char **argv)
 		case O_THREADS: opt.threads = (unsigned)arg_u64("threads", optarg, false); break;
 		case O_HOLD_MS: opt.hold_ms = arg_u64("hold-ms", optarg, false); break;
 		case O_DELAY_MS: opt.delay_ms = arg_u64("delay-ms", optarg, false); break;
+		case O_HOSTILE:
+			opt.hostile = (enum hostile_kind)arg_enum("hostile", optarg, hostile_names, 4);
+			if (opt.hostile == HOSTILE_NONE)
+				die(EXIT_SETUP, "--hostile: empty kind");
+			break;
 		case O_CRASH_AFTER: opt.crash_after = arg_u64("crash-after", optarg, false); break;
 		case O_MALFORMED:
 			opt.malformed = (enum malformed_kind)arg_enum("malformed", optarg, malformed_names, 7);
@@ -1206,7 +1229,14 @@ int main(int argc, char **argv)
 
 	atomic_store(&phase, PH_HANDSHAKE);
 	uint64_t handshake_ns = 0;
-	int sock = opt.file_backend ? -1 : connect_and_send(uffd, &handshake_ns);
+	int sock = opt.file_backend ? -1 : connect_and_send(uffd, &handshake_ns, false);
+	if (opt.hostile == HOSTILE_TWICE) {
+		int copy = dup(uffd);
+		uint64_t again_ns;
+		if (copy < 0)
+			die_errno("dup(uffd)");
+		(void)connect_and_send(copy, &again_ns, true); // kept open until exit, like the first
+	}
 	if (opt.malformed != MAL_NONE) {
 		wait_for_close(sock);
 		return 0;

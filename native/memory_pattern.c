@@ -2,9 +2,9 @@
  * memory_pattern: a process whose memory contents are known exactly, for tests that snapshot a
  * live process (uffd snapshot --pid) or restore one (CRIU lazy pages).
  *
- *   memory_pattern --mib N [--seed S] [--verify-loop | --signals]
+ *   memory_pattern --mib N | --kib K [--seed S] [--verify-loop | --signals]
  *
- * Maps N MiB of private anonymous memory and fills page i as follows:
+ * Maps N MiB (or K KiB, a multiple of 4: small enough for a dump kept as a test fixture) of private anonymous memory and fills page i as follows:
  *   i % 7 == 3   never touched (not populated: a snapshot must store it as a zero page)
  *   i % 5 == 0   written with zeros (populated, yet a zero page by content)
  *   otherwise    xorshift64 bytes seeded by (seed, i): the same on every run
@@ -101,23 +101,24 @@ static void serve_signals(uint8_t *base, size_t pages, uint64_t seed) {
 }
 
 int main(int argc, char **argv) {
-  size_t mib = 0;
+  size_t mib = 0, kib = 0;
   uint64_t seed = 1;
   int verify_loop = 0, signals = 0;
   static const struct option opts[] = {
-      {"mib", required_argument, 0, 'm'}, {"seed", required_argument, 0, 's'}, {"verify-loop", no_argument, 0, 'v'}, {"signals", no_argument, 0, 'g'}, {0, 0, 0, 0}};
+      {"mib", required_argument, 0, 'm'}, {"kib", required_argument, 0, 'k'}, {"seed", required_argument, 0, 's'}, {"verify-loop", no_argument, 0, 'v'}, {"signals", no_argument, 0, 'g'}, {0, 0, 0, 0}};
   for (int c; (c = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
     if (c == 'm') mib = strtoull(optarg, NULL, 10);
+    else if (c == 'k') kib = strtoull(optarg, NULL, 10);
     else if (c == 's') seed = strtoull(optarg, NULL, 10);
     else if (c == 'v') verify_loop = 1;
     else if (c == 'g') signals = 1;
     else return 2;
   }
-  if (mib == 0 || (verify_loop && signals)) {
-    fprintf(stderr, "usage: memory_pattern --mib N [--seed S] [--verify-loop | --signals]\n");
+  if ((mib == 0) == (kib == 0) || kib % 4 != 0 || (verify_loop && signals)) {
+    fprintf(stderr, "usage: memory_pattern --mib N | --kib K (a multiple of 4) [--seed S] [--verify-loop | --signals]\n");
     return 2;
   }
-  size_t size = mib << 20, pages = size / PAGE;
+  size_t size = mib ? mib << 20 : kib << 10, pages = size / PAGE;
   uint8_t *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (base == MAP_FAILED) {
     perror("mmap");

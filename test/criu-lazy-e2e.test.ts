@@ -5,11 +5,13 @@
 // (bash scripts/install-criu.sh) and the native programs (make -C native).
 import {type ChildProcess, spawn, spawnSync} from 'node:child_process'
 import fs from 'node:fs'
+import net from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
 
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
+import {SnapshotReader} from '../src/snapshot/reader.js'
 import {cliEnv, isRoot, NATIVE, ROOT, uffd} from './helpers/cli.js'
 
 const MEMORY_PATTERN = path.join(NATIVE, 'memory_pattern')
@@ -89,7 +91,7 @@ async function dumpAndConvert(name: string, command: string): Promise<{out: stri
 }
 
 /** Starts the handler, restores with criu (detached), and returns the handler's exit. */
-async function lazyRestore(dump: string, snapshot: string, beforeRestore: () => void = () => {}) {
+async function lazyRestore(dump: string, snapshot: string, beforeRestore: (handlerLog: () => string) => void | Promise<void> = () => {}, restoreMustSucceed = true) {
   const ready = path.join(dir, `${path.basename(dump)}.ready`)
   const stats = path.join(dir, `${path.basename(dump)}.stats.json`)
   const handler: ChildProcess = spawn(process.execPath, [path.join(ROOT, 'bin/run.js'), 'resume', snapshot, '--criu-dir', dump, '--ready-file', ready, '--stats-file', stats], {stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv()})
@@ -97,11 +99,13 @@ async function lazyRestore(dump: string, snapshot: string, beforeRestore: () => 
   handler.stderr!.on('data', (d) => (stderr += d))
   const exited = new Promise<number | null>((resolve) => handler.on('exit', (code) => resolve(code)))
   await waitFor('the handler to listen', () => (fs.existsSync(ready) ? true : undefined))
-  beforeRestore()
+  await beforeRestore(() => stderr)
   const restore = spawnSync('criu', ['restore', '-D', dump, '--lazy-pages', '--shell-job', '-d', '-o', 'restore.log'], {encoding: 'utf8', timeout: 120_000})
-  expect(restore.status, fs.readFileSync(path.join(dump, 'restore.log'), 'utf8').slice(-2000)).toBe(0)
+  if (restoreMustSucceed) expect(restore.status, fs.readFileSync(path.join(dump, 'restore.log'), 'utf8').slice(-2000)).toBe(0)
   const code = await Promise.race([exited, sleep(120_000).then(() => 'timeout' as const)])
-  return {code, stderr, stats: JSON.parse(fs.readFileSync(stats, 'utf8'))}
+  // A failed run writes no statistics.
+  const restoreLog = fs.existsSync(path.join(dump, 'restore.log')) ? fs.readFileSync(path.join(dump, 'restore.log'), 'utf8').slice(-3000) : ''
+  return {code, stderr, restoreLog, stats: fs.existsSync(stats) ? JSON.parse(fs.readFileSync(stats, 'utf8')) : undefined}
 }
 
 describe.skipIf(skip)('uffd resume --criu-dir with criu restore --lazy-pages', () => {
@@ -137,6 +141,90 @@ describe.skipIf(skip)('uffd resume --criu-dir with criu restore --lazy-pages', (
     expect(stats.events.fork).toBe(1)
     expect(stats.events.remap).toBeGreaterThanOrEqual(2)
     expect(stats.events.unmap).toBeGreaterThanOrEqual(1)
+  }, 240_000)
+
+  it('connections made before criu restore (silent, not the protocol, another user) are turned away; the restore is served', async () => {
+    const {out, dump, snapshot, pid} = await dumpAndConvert('guarded', `${MEMORY_PATTERN} --mib 16 --seed 4 --verify-loop`)
+    const before = lines(out).length
+    const socketPath = path.join(dump, 'lazy-pages.socket')
+    const held: net.Socket[] = []
+    let stranger: ChildProcess | undefined
+    try {
+      const {code, stderr} = await lazyRestore(dump, snapshot, async (handlerLog) => {
+        const connect = (): Promise<net.Socket> =>
+          new Promise((resolve, reject) => {
+            const socket = net.createConnection({path: socketPath}, () => resolve(socket))
+            socket.once('error', reject)
+            held.push(socket)
+          })
+        // First, one that connects and says nothing; then one that speaks something else.
+        await connect()
+        const other = await connect()
+        other.write('not the lazy-pages protocol')
+        // Another user, let in by the socket's mode: its uid alone rules it out.
+        const modes = [dir, dump].map((p) => [p, fs.statSync(p).mode & 0o7777] as const)
+        for (const [p] of modes) fs.chmodSync(p, 0o711)
+        fs.chmodSync(socketPath, 0o666)
+        stranger = spawn('python3', ['-c', 'import socket, time\ns = socket.socket(socket.AF_UNIX)\ns.connect("lazy-pages.socket")\nprint("connected", flush=True)\ntime.sleep(60)'], {cwd: dump, uid: 65534, gid: 65534, stdio: ['ignore', 'pipe', 'inherit']})
+        await waitFor('the other user to connect', () => (/rejected a connection on the lazy-pages socket: a connection from uid 65534/.test(handlerLog()) ? true : undefined), 10_000)
+        // criu restore checks that the directories it restores (the process's cwd) kept their modes.
+        for (const [p, mode] of modes) fs.chmodSync(p, mode)
+        await waitFor('the other protocol to be turned away', () => (/rejected a connection on the lazy-pages socket: not the lazy-pages protocol/.test(handlerLog()) ? true : undefined), 10_000)
+      })
+      expect(code, stderr).toBe(0)
+      expect(stderr).toMatch(new RegExp(`client 1 \\(pid ${pid}\\)`))
+      expect(stderr).toMatch(/client 1: all memory present/)
+      await waitFor('two more verifications', () => (lines(out).length >= before + 3 ? true : undefined))
+      expect(lines(out).filter((l) => l.includes('"verified":false'))).toEqual([])
+      expect(alive(pid)).toBe(true)
+    } finally {
+      for (const socket of held) socket.destroy()
+      stranger?.kill('SIGKILL')
+      try {
+        process.kill(pid, 'SIGKILL')
+      } catch {
+        // Gone already.
+      }
+    }
+  }, 240_000)
+
+  it('a corrupt chunk kills the whole restored tree (two tasks) through pidfds, and exits 1', async () => {
+    const a = path.join(dir, 'tree-a.out')
+    // The root execs memory_pattern after forking another: two restored tasks.
+    const {out, dump, snapshot, pid} = await dumpAndConvert('tree', `sh -c '${MEMORY_PATTERN} --mib 8 --seed 5 --verify-loop > ${a} & exec ${MEMORY_PATTERN} --mib 8 --seed 6 --verify-loop'`)
+    const child = (JSON.parse(lines(a)[0]) as {pid: number}).pid
+    pids.push(child)
+    // criu dump killed both; the child's pid must be free too before the restore takes it again.
+    // Orphaned, it is a zombie until init reaps it, which takes a moment here: wait for /proc to
+    // forget it, not just for it to stop running.
+    await waitFor('the dumped child pid to be free', () => (fs.existsSync(`/proc/${child}`) ? undefined : true), 60_000)
+    const printed = lines(out).length
+    // One byte flipped in the middle of every stored chunk: the first lazy fault of either task fails its checksum.
+    const reader = SnapshotReader.open(snapshot)
+    const flips = reader.index.map((e, i) => ({e, i})).filter(({e}) => e.storedLength > 64).map(({i}) => {
+      const entry = reader.entry(i)
+      return entry.dataOffset + Math.floor(entry.storedLength / 2)
+    })
+    reader.close()
+    expect(flips.length).toBeGreaterThan(0)
+    const fd = fs.openSync(snapshot, 'r+')
+    for (const at of flips) {
+      const byte = Buffer.alloc(1)
+      fs.readSync(fd, byte, 0, 1, at)
+      byte[0] ^= 0x5a
+      fs.writeSync(fd, byte, 0, 1, at)
+    }
+    fs.closeSync(fd)
+    // Tasks fault while criu still restores: killed then, they fail the restore too.
+    const {code, stderr, restoreLog} = await lazyRestore(dump, snapshot, () => {}, false)
+    expect(code, stderr).toBe(1)
+    expect(stderr, restoreLog).toMatch(/CRC|checksum|CORRUPT|corrupt/)
+    const killed = /killing the restored tasks \(([\d, ]+)\)/.exec(stderr)
+    expect(killed, stderr).not.toBeNull()
+    expect(killed![1].split(', ').map(Number).sort()).toEqual([pid, child].sort())
+    await waitFor('both tasks to be gone', () => (!alive(pid) && !alive(child) ? true : undefined), 5_000)
+    // Killed before a page of the corrupt chunks reached it: it never verified again.
+    expect(lines(out).slice(printed)).toEqual([])
   }, 240_000)
 
   it('kills nothing and fails when criu restore hangs up before the restore finished', async () => {

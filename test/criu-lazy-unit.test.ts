@@ -1,11 +1,14 @@
 // The pieces of the CRIU lazy-pages daemon that need no criu: the restore stream's framing, how
 // the address map follows mremap/munmap, and what a forked child inherits.
+import fs from 'node:fs'
+
 import fc from 'fast-check'
 import {describe, expect, it} from 'vitest'
 
 import {AddressMap} from '../src/resume/fault-loop/address-map.js'
 import {PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED, PageStates} from '../src/resume/fault-loop/page-states.js'
-import {RESTORE_FINISHED, RestoreStream} from '../src/resume/main/criu-session.js'
+import {RESTORE_FINISHED, RestoreCandidate, RestoreStream} from '../src/resume/main/criu-session.js'
+import {closeFd, createUserfaultfd} from '../src/sys/index.js'
 import {type GuestRegion} from '../src/resume/main/handshake.js'
 
 const P = 4096
@@ -52,6 +55,56 @@ describe('RestoreStream', () => {
     const stream = new RestoreStream()
     stream.push(Buffer.concat([int32(5), Buffer.from([0])]), [])
     expect(() => stream.next()).toThrow(/task 5 without its userfaultfd/)
+  })
+
+  it('peek shows the next message and leaves it, with its fd, for next', () => {
+    const stream = new RestoreStream()
+    stream.push(int32(100), [])
+    expect(stream.peek()).toBeUndefined()
+    stream.push(Buffer.from([0]), [7])
+    expect(stream.peek()).toEqual({kind: 'task', pid: 100, uffd: 7})
+    expect(stream.peek()).toEqual({kind: 'task', pid: 100, uffd: 7})
+    expect(stream.next()).toEqual({kind: 'task', pid: 100, uffd: 7})
+    expect(stream.next()).toBeUndefined()
+  })
+})
+
+describe('RestoreCandidate: is this connection the restore?', () => {
+  const regions = new Map<number, GuestRegion[]>([
+    [100, []],
+    [101, []],
+  ])
+  const judged = (data: Buffer, fds: number[]): ReturnType<RestoreCandidate['judge']> => {
+    const candidate = new RestoreCandidate(false)
+    candidate.stream.push(data, fds)
+    return candidate.judge(regions)
+  }
+
+  it('waits for a whole first message', () => {
+    expect(judged(Buffer.alloc(0), [])).toEqual({state: 'waiting'})
+    expect(judged(int32(100), [])).toEqual({state: 'waiting'})
+  })
+
+  it('takes a task of the dump with a userfaultfd, or a zombie of the dump', () => {
+    const uffd = createUserfaultfd()
+    try {
+      expect(judged(Buffer.concat([int32(100), Buffer.from([0])]), [uffd])).toEqual({state: 'restore'})
+    } finally {
+      closeFd(uffd)
+    }
+    expect(judged(int32(-101), [])).toEqual({state: 'restore'})
+  })
+
+  it('turns away a pid not in the dump, a non-uffd, RSTF first, or bytes of another protocol', () => {
+    const devNull = fs.openSync('/dev/null', 'r')
+    try {
+      expect(judged(Buffer.concat([int32(100), Buffer.from([0])]), [devNull])).toMatchObject({state: 'refused', code: 'CRIU_PROTOCOL', reason: 'task 100 came with a file descriptor that is not a userfaultfd'})
+    } finally {
+      fs.closeSync(devNull)
+    }
+    expect(judged(int32(-7), [])).toMatchObject({state: 'refused', reason: 'its first task, pid 7, is not a task of this dump'})
+    expect(judged(int32(RESTORE_FINISHED), [])).toMatchObject({state: 'refused', reason: 'it announced the end of a restore before any task'})
+    expect(judged(Buffer.from('GET / HTTP/1.1'), [])).toMatchObject({state: 'refused', code: 'CRIU_PROTOCOL', reason: expect.stringMatching(/^not the lazy-pages protocol/)})
   })
 })
 

@@ -8,7 +8,7 @@ import path from 'node:path'
 
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
-import {CRIU_PAGE_SIZE, CriuImageError, MAGIC, PE_LAZY, PE_PARENT, PE_PRESENT, readCriuDump, TASK_ALIVE, TASK_DEAD, VMA_AREA_VSYSCALL, VMA_AREA_HEAP, VMA_FILE_PRIVATE} from '../src/criu/images.js'
+import {CRIU_PAGE_SIZE, CriuImageError, isLazyVma, MAGIC, PE_LAZY, PE_PARENT, PE_PRESENT, readCriuDump, TASK_ALIVE, TASK_DEAD, VMA_AREA_VSYSCALL, VMA_AREA_HEAP, VMA_FILE_PRIVATE} from '../src/criu/images.js'
 import {CRIU_SCHEMA} from '../src/criu/schema.js'
 import {RegionKind} from '../src/format/constants.js'
 import {criuDirInput} from '../src/snapshot/inputs.js'
@@ -549,3 +549,48 @@ function readTree(rootPid: number): number[] {
   walk(rootPid)
   return out
 }
+
+// --- A real dump checked in (fixtures/criu-memory-pattern: see its README) -------------------
+
+describe('CRIU image parsing (a real CRIU dump checked in)', () => {
+  const fixture = path.join(path.dirname(new URL(import.meta.url).pathname), '..', 'fixtures', 'criu-memory-pattern')
+  const info = JSON.parse(fs.readFileSync(path.join(fixture, 'info.json'), 'utf8')) as PatternInfo
+  let d: string
+  beforeAll(() => {
+    d = path.join(dir, 'fixture-dump')
+    fs.mkdirSync(d)
+    const untar = spawnSync('tar', ['-xzf', path.join(fixture, 'dump.tar.gz'), '-C', d], {encoding: 'utf8'})
+    if (untar.status !== 0) throw new Error(`tar failed: ${untar.stderr}`)
+  })
+
+  it('reads the task, its VMAs and its pagemap as CRIU 4.1.1 wrote them', () => {
+    const dump = readCriuDump(d)
+    expect(dump.tasks).toHaveLength(1)
+    const [task] = dump.tasks
+    expect(task).toMatchObject({pid: info.pid, comm: 'memory_pattern', state: TASK_ALIVE, threads: [info.pid]})
+    // The pattern is one private anonymous mapping of its own, which a lazy restore may defer.
+    // (The kernel may have merged it with a neighbour of the same kind.)
+    const vma = task.vmas.find((v) => v.start <= info.address && info.address + info.size <= v.end)
+    expect(vma).toMatchObject({prot: 3})
+    expect(isLazyVma(vma!)).toBe(true)
+    // The executable is mapped from a file named in files.img.
+    expect([...dump.files.values()].some((f) => f.name.endsWith('/memory_pattern'))).toBe(true)
+    const pagemap = task.pagemap!
+    // Every present page is in pages-1.img, back to back in entry order: the parser's count of
+    // present pages must be what CRIU wrote there.
+    expect(pagemap.presentPages * PAGE).toBe(fs.statSync(path.join(d, 'pages-1.img')).size)
+    const end = info.address + info.size
+    const inPattern = pagemap.entries.filter((e) => e.vaddr < end && e.vaddr + e.nrPages * PAGE > info.address)
+    for (const e of inPattern) expect(e.flags).toBe(PE_PRESENT | PE_LAZY)
+    const pages = info.size / PAGE
+    const untouched = Array.from({length: pages}, (_, i) => i).filter((i) => i % 7 === 3).length
+    const dumped = inPattern.reduce((sum, e) => sum + Math.min(end, e.vaddr + e.nrPages * PAGE) - Math.max(info.address, e.vaddr), 0)
+    expect(dumped).toBe((pages - untouched) * PAGE)
+  })
+
+  it('converts to a snapshot holding the pattern byte for byte, zero pages in the zero map', async () => {
+    const {reader, image: img} = await convert(d, 'fixture')
+    expectPattern(reader, img, info)
+    reader.close()
+  })
+})

@@ -8,8 +8,8 @@ import {describe, expect, it} from 'vitest'
 
 import {MADV, MAP, PROT, SC_PAGESIZE} from '../src/sys/memory.js'
 import {EFD_CLOEXEC, EFD_NONBLOCK, POLLERR, POLLFD_LAYOUT, POLLHUP, POLLIN, POLLNVAL, POLLOUT} from '../src/sys/poll.js'
-import {F_GETFL, F_SETFL, SEEK_DATA, SEEK_HOLE} from '../src/sys/file.js'
-import {SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE} from '../src/sys/process.js'
+import {F_DUPFD_CLOEXEC, F_GETFL, F_SETFL, SEEK_DATA, SEEK_HOLE} from '../src/sys/file.js'
+import {KCMP_FILE, SIGKILL, SYS_KCMP, SYS_PIDFD_OPEN, SYS_PIDFD_SEND_SIGNAL, SYS_PROCESS_MADVISE} from '../src/sys/process.js'
 import {IOVEC_LAYOUT} from '../src/sys/raw.js'
 import * as S from '../src/sys/socket.js'
 import * as U from '../src/sys/uffd.js'
@@ -112,11 +112,16 @@ const expected: Record<string, number> = {
   // processes
   __NR_pidfd_open: SYS_PIDFD_OPEN,
   __NR_process_madvise: SYS_PROCESS_MADVISE,
+  __NR_pidfd_send_signal: SYS_PIDFD_SEND_SIGNAL,
+  __NR_kcmp: SYS_KCMP,
+  KCMP_FILE,
+  SIGKILL,
   // files
   SEEK_DATA,
   SEEK_HOLE,
   F_GETFL,
   F_SETFL,
+  F_DUPFD_CLOEXEC,
   // sockets
   AF_UNIX: S.AF_UNIX,
   SOCK_STREAM: S.SOCK_STREAM,

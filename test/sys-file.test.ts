@@ -27,10 +27,15 @@ import {
   mmapAnonymous,
   mmapFile,
   munmap,
+  SIGKILL,
+  createUserfaultfd,
+  dupFd,
   pidfdOpen,
+  pidfdSendSignal,
   poll,
   preadInto,
   processVmReadv,
+  sameOpenFile,
   seekData,
   seekHole,
 } from '../src/sys/index.js'
@@ -159,6 +164,37 @@ describe('pidfdOpen', () => {
 
   it('fails with ESRCH for a process that does not exist', () => {
     expect(() => pidfdOpen(0x3fff_fff0)).toThrow(expect.objectContaining({syscall: 'pidfd_open', code: 'ESRCH'}))
+  })
+})
+
+describe('pidfdSendSignal', () => {
+  it('kills the process the pidfd names, and reports one that has already exited', async () => {
+    const child = spawn('sleep', ['30'], {stdio: 'ignore'})
+    const exited = new Promise<NodeJS.Signals | null>((resolve) => child.once('exit', (_code, signal) => resolve(signal)))
+    const pidfd = pidfdOpen(child.pid ?? -1)
+    try {
+      expect(pidfdSendSignal(pidfd, SIGKILL)).toBe(true)
+      expect(await exited).toBe('SIGKILL')
+      // Reaped by Node: its pid may name another process by now; the pidfd still names this one.
+      expect(pidfdSendSignal(pidfd, SIGKILL)).toBe(false)
+    } finally {
+      closeFd(pidfd)
+    }
+  })
+})
+
+describe('sameOpenFile (kcmp)', () => {
+  it('tells a dup of a userfaultfd from another userfaultfd', () => {
+    const a = createUserfaultfd()
+    const b = createUserfaultfd()
+    const copy = dupFd(a, 'test')
+    try {
+      expect(sameOpenFile(a, copy)).toBe(true)
+      expect(sameOpenFile(a, b)).toBe(false)
+      expect(() => sameOpenFile(a, 0x7fff_fff0)).toThrow(expect.objectContaining({syscall: 'kcmp', code: 'EBADF'}))
+    } finally {
+      for (const fd of [a, b, copy]) closeFd(fd)
+    }
   })
 })
 

@@ -1,7 +1,7 @@
 // src/sys/socket.ts: Unix sockets with SCM_RIGHTS fd passing, SO_PEERCRED, and the socket-file
 // handling of listenUnix, over real sockets in a temporary directory.
 
-import {closeSync, fstatSync, mkdtempSync, openSync, readdirSync, rmSync, statSync, writeFileSync} from 'node:fs'
+import {closeSync, fstatSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync} from 'node:fs'
 import {tmpdir} from 'node:os'
 import {join} from 'node:path'
 import {performance} from 'node:perf_hooks'
@@ -17,6 +17,7 @@ import {
   createEventfd,
   listenUnix,
   peerCredentials,
+  peerPidfd,
   readSome,
   recvWithFds,
   sendWithFds,
@@ -106,6 +107,13 @@ describe('accept, connect and peer credentials', () => {
     const {client, server} = connectedPair()
     expect(peerCredentials(server)).toEqual({pid: process.pid, uid: process.getuid?.(), gid: process.getgid?.()})
     expect(peerCredentials(client).pid).toBe(process.pid)
+  })
+
+  it('gives a pidfd for the peer process (SO_PEERPIDFD)', () => {
+    const {server} = connectedPair()
+    const pidfd = own(peerPidfd(server))
+    expect(readlinkSync(`/proc/self/fd/${pidfd}`)).toBe('anon_inode:[pidfd]')
+    expect(readFileSync(`/proc/self/fdinfo/${pidfd}`, 'utf8')).toMatch(new RegExp(`^Pid:\\s+${process.pid}$`, 'm'))
   })
 
   it('returns null when nobody connects before the timeout', () => {

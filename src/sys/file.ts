@@ -15,6 +15,7 @@ export const SEEK_HOLE = 4
 /** fcntl commands that read and set the file status flags (O_NONBLOCK among them). */
 export const F_GETFL = 3
 export const F_SETFL = 4
+export const F_DUPFD_CLOEXEC = 1030
 
 /** posix_fadvise advice: read the range into the page cache now. */
 const POSIX_FADV_WILLNEED = 3
@@ -107,6 +108,16 @@ export function fsyncDir(path: string): void {
   } finally {
     closeSync(fd)
   }
+}
+
+/**
+ * A second descriptor (close-on-exec) for the open file behind `fd`: closing either leaves the
+ * file open through the other.
+ */
+export function dupFd(fd: number, step: string): number {
+  const copy = libc.fcntl(fd, F_DUPFD_CLOEXEC, 0)
+  if (copy < 0) libc.fail('fcntl', step)
+  return copy
 }
 
 /**

@@ -47,6 +47,7 @@ export {
   connectUnix,
   listenUnix,
   peerCredentials,
+  peerPidfd,
   readSome,
   recvWithFds,
   sendWithFds,
@@ -79,7 +80,7 @@ export {
   mmapFile,
   munmap,
 } from './memory.js'
-export {adviseWillNeed, fsyncDir, preadInto, seekData, seekHole, setNonBlocking, tryLockExclusive} from './file.js'
+export {adviseWillNeed, dupFd, fsyncDir, preadInto, seekData, seekHole, setNonBlocking, tryLockExclusive} from './file.js'
 export {hasSystemLz4, lz4DecodeBlock} from './lz4.js'
 export {crc32, nativeCrc32} from './crc.js'
-export {pidfdOpen, pinThreadToCurrentCpu, processMadvise, processVmReadv, setThreadNice} from './process.js'
+export {SIGKILL, pidfdOpen, pidfdSendSignal, pinThreadToCurrentCpu, processMadvise, processVmReadv, sameOpenFile, setThreadNice} from './process.js'

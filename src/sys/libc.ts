@@ -165,6 +165,17 @@ export const ioctlInt = lib.func('ioctl', 'int', ['int', 'unsigned long', 'unsig
 export const syscallInt = lib.func('syscall', 'long', ['long', 'int']) as (nr: number, arg: number) => number
 /** syscall(nr, int, unsigned): used for pidfd_open(2), which glibc 2.36 does not wrap. */
 export const syscallIntUint = lib.func('syscall', 'long', ['long', 'int', 'unsigned int']) as (nr: number, a: number, b: number) => number
+/** syscall(nr, int, int, address, unsigned): pidfd_send_signal(2) with a NULL siginfo, which glibc 2.36 does not wrap. */
+export const syscallIntIntAddrUint = lib.func('syscall', 'long', ['long', 'int', 'int', 'uintptr_t', 'unsigned int']) as (nr: number, a: number, b: number, address: number, flags: number) => number
+/** syscall(nr, pid, pid, int, unsigned long, unsigned long): kcmp(2), which glibc does not wrap. */
+export const syscallKcmp = lib.func('syscall', 'long', ['long', 'int', 'int', 'int', 'unsigned long', 'unsigned long']) as (
+  nr: number,
+  pid1: number,
+  pid2: number,
+  type: number,
+  idx1: number,
+  idx2: number,
+) => number
 /** syscall(nr, int, address, size_t, int, unsigned): process_madvise(2), by raw iovec address. */
 export const syscallMadvise = lib.func('syscall', 'long', ['long', 'int', 'uintptr_t', 'size_t', 'int', 'unsigned int']) as (
   nr: number,

@@ -4,6 +4,7 @@
 // CAP_SYS_PTRACE), and it does not fault pages in on the target's behalf: a range that is not
 // mapped stops the copy (partial result) or fails with EFAULT.
 
+import {Errno} from './errors.js'
 import * as libc from './libc.js'
 import {IOVEC_LAYOUT, RawStruct, checkUnsigned, hex} from './raw.js'
 
@@ -43,6 +44,41 @@ export function pidfdOpen(pid: number): number {
   const fd = libc.syscallIntUint(SYS_PIDFD_OPEN, pid, 0)
   if (fd < 0) libc.fail('pidfd_open', `opening a pidfd for process ${pid}`)
   return fd
+}
+
+/** pidfd_send_signal(2) on x86-64. */
+export const SYS_PIDFD_SEND_SIGNAL = 424
+export const SIGKILL = 9
+
+/**
+ * Sends `signal` to the process behind `pidfd`. A pidfd names one process for good: unlike
+ * kill(pid), a pid freed by the process's exit and reused meanwhile cannot redirect the signal.
+ * Returns false if the process has already exited (ESRCH); throws SysError otherwise (EPERM).
+ */
+export function pidfdSendSignal(pidfd: number, signal: number): boolean {
+  checkUnsigned('pidfd', pidfd)
+  if (libc.syscallIntIntAddrUint(SYS_PIDFD_SEND_SIGNAL, pidfd, signal, 0, 0) === 0) return true
+  if (libc.lastErrno() === Errno.ESRCH) return false
+  libc.fail('pidfd_send_signal', `sending signal ${signal} through pidfd ${pidfd}`)
+}
+
+/** kcmp(2) on x86-64, and its KCMP_FILE type (include/uapi/linux/kcmp.h). */
+export const SYS_KCMP = 312
+export const KCMP_FILE = 0
+
+/**
+ * Whether two of this process's descriptors refer to one open file (one `struct file`): a dup(),
+ * or the same file received twice over SCM_RIGHTS. Comparing fstat's inode is not enough in
+ * general: many anonymous-inode files (eventfds, epoll, older kernels' userfaultfds) share the
+ * one anon_inode inode, and inode numbers are a wrapping counter. kcmp compares the file
+ * pointers themselves (needs CONFIG_KCMP, which CRIU needs too). Throws SysError (EBADF).
+ */
+export function sameOpenFile(fdA: number, fdB: number): boolean {
+  checkUnsigned('fdA', fdA)
+  checkUnsigned('fdB', fdB)
+  const order = libc.syscallKcmp(SYS_KCMP, process.pid, process.pid, KCMP_FILE, fdA, fdB)
+  if (order < 0) libc.fail('kcmp', `comparing fds ${fdA} and ${fdB}`)
+  return order === 0
 }
 
 /** process_madvise(2) on x86-64. */

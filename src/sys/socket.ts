@@ -21,6 +21,8 @@ export const SOCK_CLOEXEC = 0o2000000
 export const SOCK_NONBLOCK = 0o4000
 export const SOL_SOCKET = 1
 export const SO_PEERCRED = 17
+/** Linux >= 6.5: a pidfd for the peer process, taken from the credentials of connect(). */
+export const SO_PEERPIDFD = 77
 export const SCM_RIGHTS = 1
 export const MSG_CTRUNC = 0x8
 export const MSG_DONTWAIT = 0x40
@@ -286,6 +288,23 @@ export function peerCredentials(fd: number): PeerCredentials {
     uid: view.getUint32(UCRED_LAYOUT.uid, true),
     gid: view.getUint32(UCRED_LAYOUT.gid, true),
   }
+}
+
+const pidfdValue = new RawStruct(4)
+const pidfdLength = new Uint32Array(1)
+
+/**
+ * A pidfd (close-on-exec) for the process at the other end of a connected Unix socket
+ * (SO_PEERPIDFD): the process that connected, for good, whatever its pid becomes. Throws SysError:
+ * ENOPROTOOPT before Linux 6.5; ENODATA if the peer has no process (a socketpair made in the
+ * kernel); ESRCH or EINVAL if it has exited and the kernel keeps no pidfd for it.
+ */
+export function peerPidfd(fd: number): number {
+  pidfdLength[0] = 4
+  if (libc.getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, pidfdValue.bytes, pidfdLength) !== 0) {
+    libc.fail('getsockopt', `reading the peer pidfd of fd ${fd}`)
+  }
+  return pidfdValue.view.getInt32(0, true)
 }
 
 /**

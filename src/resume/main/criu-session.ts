@@ -6,9 +6,9 @@ import {UffdError} from '../../core/errors.js'
 import {isLazyVma, readCriuDump} from '../../criu/images.js'
 import {RegionKind} from '../../format/constants.js'
 import {type ImageReader} from '../../snapshot/layered-reader.js'
-import {closeFd, isUserfaultfd, pidfdOpen, recvWithFds, SysError} from '../../sys/index.js'
+import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, pidfdSendSignal, poll, POLLIN, recvWithFds, SIGKILL, SysError} from '../../sys/index.js'
 import {type GuestRegion} from './handshake.js'
-import {ACCEPT_SLICE_MS, type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
+import {ACCEPT_SLICE_MS, type ClientIntake, type ClientSummary, type FrontEnd, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 
 /** The socket name CRIU connects to, relative to its working directory (criu/uffd.c). */
 export const LAZY_PAGES_SOCKET = 'lazy-pages.socket'
@@ -54,9 +54,74 @@ export class RestoreStream {
     return {kind: 'task', pid: word, uffd}
   }
 
+  /** The next complete message without taking it (its fd stays the stream's); undefined until it is whole. */
+  peek(): RestoreMessage | undefined {
+    const bytes = this.bytes
+    const fds = [...this.fds]
+    try {
+      return this.next()
+    } finally {
+      this.bytes = bytes
+      this.fds.splice(0, this.fds.length, ...fds)
+    }
+  }
+
   /** Closes fds received but not handed out. */
   close(): void {
     for (const fd of this.fds.splice(0)) closeFd(fd)
+  }
+}
+
+/** Connections read at once while waiting for the restore's; one more closes the oldest. */
+export const MAX_RESTORE_CANDIDATES = 16
+
+/** Where telling one connection from the restore's stands. */
+export type CandidateVerdict = {state: 'waiting'} | {state: 'refused'; code: 'CRIU_PROTOCOL' | 'RESTORE_FAILED'; reason: string} | {state: 'restore'}
+
+/**
+ * A connection on the lazy-pages socket not yet known to be criu restore's: what it sent so far,
+ * judged by its first message (see RestoredTasks.admit). Reads never wait.
+ */
+export class RestoreCandidate {
+  readonly stream = new RestoreStream()
+
+  constructor(
+    /**
+     * Whether the peer runs the criu binary (its /proc/PID/exe when it connected): then it is the
+     * restore, and its failure is the run's error; anything else is only turned away.
+     */
+    readonly fromCriu: boolean,
+  ) {}
+
+  /** Reads what has arrived on `connection` (poll said it is readable) and judges the first message. */
+  read(connection: number, regionsByTask: ReadonlyMap<number, GuestRegion[]>): CandidateVerdict {
+    let received: {data: Buffer; fds: number[]}
+    try {
+      received = recvWithFds(connection, 4096, 8, 0)
+    } catch (error) {
+      if (error instanceof SysError && error.code === 'ETIMEDOUT') return {state: 'waiting'}
+      if (error instanceof SysError) return {state: 'refused', code: 'CRIU_PROTOCOL', reason: `reading it failed (${error.code})`}
+      throw error
+    }
+    if (received.data.length === 0) return {state: 'refused', code: 'RESTORE_FAILED', reason: 'it closed before sending a task'}
+    this.stream.push(received.data, received.fds)
+    return this.judge(regionsByTask)
+  }
+
+  /** The first message decides, without taking it from the stream (it is served once chosen). */
+  judge(regionsByTask: ReadonlyMap<number, GuestRegion[]>): CandidateVerdict {
+    let first: RestoreMessage | undefined
+    try {
+      first = this.stream.peek()
+    } catch (error) {
+      if (error instanceof UffdError) return {state: 'refused', code: 'CRIU_PROTOCOL', reason: `not the lazy-pages protocol (${error.message})`}
+      throw error
+    }
+    if (!first) return {state: 'waiting'}
+    if (first.kind === 'finished') return {state: 'refused', code: 'CRIU_PROTOCOL', reason: 'it announced the end of a restore before any task'}
+    if (!regionsByTask.has(first.pid)) return {state: 'refused', code: 'CRIU_PROTOCOL', reason: `its first task, pid ${first.pid}, is not a task of this dump`}
+    if (first.kind === 'task' && !isUserfaultfd(first.uffd)) return {state: 'refused', code: 'CRIU_PROTOCOL', reason: `task ${first.pid} came with a file descriptor that is not a userfaultfd`}
+    return {state: 'restore'}
   }
 }
 
@@ -92,31 +157,81 @@ export function lazyRegionsByTask(reader: ImageReader, snapshotPath: string, cri
   return byTask
 }
 
-/** `pids` and every live descendant of theirs (/proc/PID/task/TID/children). */
-function processTree(pids: Iterable<number>): number[] {
-  const out: number[] = []
-  const queue = [...pids]
+/**
+ * Whether process `pid` runs a binary named criu, read at accept. A peer already gone by then
+ * (exited, or a zombie: no exe) counts as criu: `criu restore` that fails at once connects and
+ * exits before the handler gets to its connection, and that failure must end the run rather
+ * than leave it waiting for a restore that will never come.
+ */
+function runsCriu(pid: number): boolean {
+  try {
+    return path.basename(fs.readlinkSync(`/proc/${pid}/exe`)) === 'criu'
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'ENOENT'
+  }
+}
+
+/** One process of the restored tree, held by a pidfd opened while it was known to be that process. */
+interface TreeProcess {
+  pid: number
+  pidfd: number
+}
+
+/** The parent pid /proc gives for `pid`, or undefined if it is gone. */
+function parentOf(pid: number): number | undefined {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8')
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses, the last ')' ends it.
+    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1])
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * The restored tasks (`roots`: pid -> the pidfd opened when criu sent it, -1 if none) and their
+ * live descendants, each held by a pidfd, so that a pid freed and reused meanwhile is never
+ * signalled: a child found in its parent's /proc children list gets a pidfd, and is kept only if
+ * it is still that parent's child then (its ppid), the parent held by a pidfd that says it still
+ * runs (POLLIN: exited). Children's pidfds are opened here; the caller closes them.
+ */
+function openProcessTree(roots: ReadonlyMap<number, number>): {tree: TreeProcess[]; opened: number[]} {
+  const tree: TreeProcess[] = []
+  const opened: number[] = []
+  const queue: TreeProcess[] = [...roots].filter(([, pidfd]) => pidfd >= 0).map(([pid, pidfd]) => ({pid, pidfd}))
   const seen = new Set<number>()
   while (queue.length > 0) {
-    const pid = queue.shift()!
-    if (seen.has(pid)) continue
-    seen.add(pid)
-    out.push(pid)
+    const parent = queue.shift()!
+    if (seen.has(parent.pid)) continue
+    seen.add(parent.pid)
+    tree.push(parent)
+    if ((poll([{fd: parent.pidfd, events: POLLIN}], 0)[0] ?? 0) !== 0) continue // exited: its pid names nobody of ours
     let tids: string[] = []
     try {
-      tids = fs.readdirSync(`/proc/${pid}/task`)
+      tids = fs.readdirSync(`/proc/${parent.pid}/task`)
     } catch {
       continue // gone
     }
     for (const tid of tids) {
+      let children: number[] = []
       try {
-        for (const child of fs.readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').split(' ')) if (child.trim()) queue.push(Number(child))
+        children = fs.readFileSync(`/proc/${parent.pid}/task/${tid}/children`, 'utf8').split(' ').filter((c) => c.trim()).map(Number)
       } catch {
         // The thread exited meanwhile.
       }
+      for (const pid of children) {
+        let pidfd: number
+        try {
+          pidfd = pidfdOpen(pid)
+        } catch {
+          continue // exited meanwhile
+        }
+        opened.push(pidfd)
+        if (parentOf(pid) === parent.pid) queue.push({pid, pidfd})
+      }
     }
   }
-  return out
+  return {tree, opened}
 }
 
 /**
@@ -153,9 +268,9 @@ class RestoredTasks implements FrontEnd {
   /** Once all its memory is present a task never faults again; the kernel serves it once the uffd closes. */
   readonly completionFreesClient = true
   private connection = -1
-  private readonly stream = new RestoreStream()
-  /** Pids of the tasks CRIU restored: the roots of what is killed. */
-  private readonly taskPids = new Set<number>()
+  private stream = new RestoreStream()
+  /** The tasks CRIU restored, the roots of what is killed: pid -> this thread's pidfd for it (-1: none). */
+  private readonly tasks = new Map<number, number>()
   private treeKilled = false
 
   constructor(
@@ -165,15 +280,91 @@ class RestoredTasks implements FrontEnd {
     this.socketPath = path.join(options.workDir, LAZY_PAGES_SOCKET)
   }
 
+  /**
+   * Takes the connection of `criu restore --lazy-pages`, and only that one. Anyone who can open
+   * the socket may connect first: connections are read side by side until one proves to be the
+   * restore, which is then served, and the others are closed without a word to the restore.
+   * Proof is what CRIU does at once (criu/uffd.c: prepare_lazy_pages_socket connects from the
+   * restoring criu process, then the first restored task sends its pid and its uffd): a peer
+   * running as this handler's user or root, whose first message names a task of this dump and
+   * carries a userfaultfd (or announces a zombie of the dump). A peer that passes as root with
+   * the dump's pids cannot be told from CRIU by what it sends.
+   */
   async admit(intake: ClientIntake): Promise<void> {
     const {timeoutMs} = this.options
     const deadline = timeoutMs > 0 ? Date.now() + timeoutMs : Infinity
-    const connection = await intake.accept(deadline, `criu restore --lazy-pages did not connect to ${this.socketPath} within ${timeoutMs / 1000} s`)
+    const candidates = new Map<number, RestoreCandidate>()
+    let chosen: {connection: number; stream: RestoreStream} | undefined
+    try {
+      while (!chosen) {
+        if (Date.now() > deadline) throw new UffdError('TIMEOUT', `criu restore --lazy-pages did not connect to ${this.socketPath} within ${timeoutMs / 1000} s`)
+        const input = await intake.waitForInput([...candidates.keys()])
+        if (input === null) return
+        if (input.connection !== null) {
+          if (candidates.size >= MAX_RESTORE_CANDIDATES) {
+            const [oldest] = candidates.keys()
+            this.rejectCandidate(intake, candidates, oldest, `more than ${MAX_RESTORE_CANDIDATES} connections were waiting to be told from the restore; the oldest was closed`)
+          }
+          const peer = this.judgePeer(input.connection)
+          if (peer.refusal) {
+            closeFd(input.connection)
+            this.rejectConnection(intake, peer.refusal)
+          } else {
+            candidates.set(input.connection, new RestoreCandidate(peer.criu))
+          }
+        }
+        for (const connection of input.readable) {
+          const candidate = candidates.get(connection)
+          if (!candidate) continue
+          const verdict = candidate.read(connection, this.regionsByTask)
+          if (verdict.state === 'waiting') continue
+          if (verdict.state === 'refused') {
+            // criu restore itself failing (it hung up early: see its log) ends the run, as before.
+            if (candidate.fromCriu) throw new UffdError(verdict.code, verdict.code === 'RESTORE_FAILED' ? 'criu restore closed the lazy-pages socket before the restore finished (see its log)' : `criu restore: ${verdict.reason}`)
+            this.rejectCandidate(intake, candidates, connection, verdict.reason)
+            continue
+          }
+          candidates.delete(connection)
+          chosen = {connection, stream: candidate.stream}
+          break
+        }
+      }
+    } finally {
+      for (const [connection, candidate] of candidates) {
+        candidate.stream.close()
+        closeFd(connection)
+      }
+    }
     // CRIU makes one connection; nobody else is served.
     intake.stopListening()
-    if (connection === null) return
+    await this.follow(intake, chosen.connection, chosen.stream)
+  }
+
+  /** Why the peer of `connection` cannot be the restore (its user), if it cannot; whether it runs criu. */
+  private judgePeer(connection: number): {refusal?: string; criu: boolean} {
+    const {pid, uid} = peerCredentials(connection)
+    const own = process.geteuid?.() ?? 0
+    if (uid !== own && uid !== 0) return {refusal: `a connection from uid ${uid} (pid ${pid}), neither this handler's user (${own}) nor root, cannot be criu restore`, criu: false}
+    return {criu: pid > 0 && runsCriu(pid)}
+  }
+
+  private rejectCandidate(intake: ClientIntake, candidates: Map<number, RestoreCandidate>, connection: number, reason: string): void {
+    candidates.get(connection)?.stream.close()
+    candidates.delete(connection)
+    closeFd(connection)
+    this.rejectConnection(intake, reason)
+  }
+
+  private rejectConnection(intake: ClientIntake, reason: string): void {
+    intake.reject({code: 'CRIU_PROTOCOL', message: reason})
+    intake.log(`rejected a connection on the lazy-pages socket: ${reason}; still waiting for criu restore`)
+  }
+
+  /** Serves the restore's tasks as their uffds arrive on `connection`, until the restore finished. */
+  private async follow(intake: ClientIntake, connection: number, stream: RestoreStream): Promise<void> {
     this.connection = connection
-    let restoreFinished = false
+    this.stream = stream
+    let restoreFinished = this.takeMessages(intake)
     while (!restoreFinished && !intake.signal.aborted) {
       let received: {data: Buffer; fds: number[]}
       try {
@@ -187,22 +378,27 @@ class RestoredTasks implements FrontEnd {
       }
       if (received.data.length === 0) throw new UffdError('RESTORE_FAILED', 'criu restore closed the lazy-pages socket before the restore finished (see its log)')
       this.stream.push(received.data, received.fds)
-      for (let m = this.stream.next(); m; m = this.stream.next()) {
-        if (m.kind === 'finished') {
-          restoreFinished = true
-          intake.log('restore finished: filling the remaining memory in the background')
-          intake.populate()
-        } else if (m.kind === 'zombie') {
-          intake.log(`task ${m.pid} is a zombie: no memory to serve`)
-        } else {
-          this.addTask(intake, m.pid, m.uffd)
-        }
-      }
+      restoreFinished = this.takeMessages(intake)
     }
   }
 
+  /** Acts on every complete message received; returns whether the restore finished. */
+  private takeMessages(intake: ClientIntake): boolean {
+    for (let m = this.stream.next(); m; m = this.stream.next()) {
+      if (m.kind === 'finished') {
+        intake.log('restore finished: filling the remaining memory in the background')
+        intake.populate()
+        return true
+      }
+      if (m.kind === 'zombie') intake.log(`task ${m.pid} is a zombie: no memory to serve`)
+      else this.addTask(intake, m.pid, m.uffd)
+    }
+    return false
+  }
+
   private addTask(intake: ClientIntake, pid: number, uffd: number): void {
-    this.taskPids.add(pid)
+    // Held before anything else: even a task refused below is killed with the tree, by this pidfd.
+    this.keepTask(pid)
     // Anything else would be polled and read as the task's uffd: its bytes would decode as
     // events, and a fork event names an fd number the loop would then serve as a child's.
     if (!isUserfaultfd(uffd)) {
@@ -231,7 +427,7 @@ class RestoredTasks implements FrontEnd {
    * for the tasks' exits is left: forked children, whose pids are unknown, are not waited for.
    */
   servingDone(clients: readonly ClientSummary[]): boolean {
-    return this.treeKilled || !clients.some((c) => c.ended === 'running' && !c.complete)
+    return this.treeKilled || !clients.some((c) => (c.ended === 'running' || c.ended === 'frozen') && !c.complete)
   }
 
   killFailed(_failed: ClientSummary, clients: readonly ClientSummary[]): number[] {
@@ -248,16 +444,43 @@ class RestoredTasks implements FrontEnd {
     this.killTree(error instanceof Error ? error.message : String(error))
   }
 
+  clientEnded(): void {}
+
   release(): void {
     this.stream.close()
     if (this.connection >= 0) closeFd(this.connection)
+    for (const pidfd of this.tasks.values()) if (pidfd >= 0) closeFd(pidfd)
+    this.tasks.clear()
+  }
+
+  /** A pidfd of this thread's for a task criu just sent (it is restoring then, so its pid is its own). */
+  private keepTask(pid: number): void {
+    if (this.tasks.has(pid)) return
+    let pidfd = -1
+    try {
+      pidfd = pidfdOpen(pid)
+    } catch (error) {
+      if (!(error instanceof SysError)) throw error
+      // Gone already: nothing of it to kill.
+    }
+    this.tasks.set(pid, pidfd)
   }
 
   private killTree(why: string): void {
     if (this.treeKilled) return
     this.treeKilled = true
-    const tree = processTree(this.taskPids)
-    this.options.log(`killing the restored tasks (${tree.join(', ')}): ${why}`)
-    for (const pid of tree) killQuietly(pid)
+    const {tree, opened} = openProcessTree(this.tasks)
+    try {
+      this.options.log(`killing the restored tasks (${tree.map((p) => p.pid).join(', ')}): ${why}`)
+      for (const p of tree) {
+        try {
+          pidfdSendSignal(p.pidfd, SIGKILL)
+        } catch (error) {
+          this.options.log(`task ${p.pid} could not be killed: ${(error as Error).message}`)
+        }
+      }
+    } finally {
+      for (const pidfd of opened) closeFd(pidfd)
+    }
   }
 }

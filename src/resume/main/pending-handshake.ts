@@ -1,6 +1,7 @@
 import {UffdError} from '../../core/errors.js'
-import {closeFd, readSome, recvWithFds, SysError} from '../../sys/index.js'
+import {closeFd, isUserfaultfd, readSome, recvWithFds, SysError, uffdApiCompleted} from '../../sys/index.js'
 import {HandshakeError, JSON_SCAN_START, MAX_HANDSHAKE_BYTES, scanJson} from './handshake.js'
+import {type Peer} from './peer.js'
 
 /** Where reading one connection's handshake stands after a step. */
 export type HandshakeProgress =
@@ -13,8 +14,11 @@ export type HandshakeProgress =
    * the caller's from now on.
    */
   | {state: 'received'; uffd: number; data: Buffer}
-  /** It cannot become a handshake, or its deadline passed; what it received is closed. */
-  | {state: 'failed'; error: UffdError | SysError}
+  /**
+   * It cannot become a handshake, or its deadline passed; what it received is closed.
+   * `clientWaits`: what it received included an initialised userfaultfd (see holdsInitialisedUffd).
+   */
+  | {state: 'failed'; error: UffdError | SysError; clientWaits: boolean}
 
 /**
  * One accepted connection's handshake, read as it arrives and never waited for: the main thread
@@ -31,6 +35,8 @@ export class PendingHandshake {
 
   constructor(
     readonly connection: number,
+    /** Who connected, taken at accept; the owner of the handshake closes its pidfd. */
+    readonly peer: Peer,
     /** A Date.now() time; Infinity waits forever. */
     readonly deadline: number,
     private readonly timeoutMs: number,
@@ -48,6 +54,23 @@ export class PendingHandshake {
       return progress
     } catch (error) {
       if (error instanceof UffdError || error instanceof SysError) return this.fail(error)
+      throw error
+    }
+  }
+
+  /**
+   * Whether the connection has handed over a userfaultfd its sender initialised (UFFDIO_API):
+   * a VMM does that, registers its guest memory with it and only then sends it, so from here on
+   * it may be waiting on faults that nobody serves if this handshake is given up on. A peer that
+   * sent anything else is not waiting on this handler.
+   */
+  holdsInitialisedUffd(): boolean {
+    if (this.uffd === undefined) return false
+    try {
+      return isUserfaultfd(this.uffd) && uffdApiCompleted(this.uffd)
+    } catch (error) {
+      // A descriptor that cannot even be probed is no uffd a VMM waits on.
+      if (error instanceof SysError) return false
       throw error
     }
   }
@@ -114,7 +137,8 @@ export class PendingHandshake {
   }
 
   private fail(error: UffdError | SysError): HandshakeProgress {
+    const clientWaits = this.holdsInitialisedUffd()
     this.discard()
-    return {state: 'failed', error}
+    return {state: 'failed', error, clientWaits}
   }
 }

@@ -51,7 +51,12 @@ export interface ClientSummary {
   socket?: string
   pid: number | null
   regions: GuestRegion[]
-  ended: 'exited' | 'gone' | 'socket-closed' | 'killed' | 'running'
+  /**
+   * 'running' while it is served; 'frozen' once serving it failed and it was not killed
+   * (--no-kill, or its process is unknown): its uffd is held, unread, until its process ends;
+   * 'killed' from the moment this handler signalled it; else how the fault loop saw it end.
+   */
+  ended: 'exited' | 'gone' | 'socket-closed' | 'killed' | 'frozen' | 'running'
   /** Every page of its memory was delivered (it no longer depends on the handler). */
   complete?: boolean
   error?: {code: string; message: string}
@@ -147,6 +152,8 @@ export interface FrontEnd {
   killDependents(dependents: readonly ClientSummary[], clients: readonly ClientSummary[]): number[]
   /** Serving failed with `error` while `running` still ran. */
   killAfterError(error: unknown, running: readonly ClientSummary[]): void
+  /** The fault loop saw client `id` end (and closed its descriptors). */
+  clientEnded(id: number): void
   /** Closes what admit kept open for the length of the session. */
   release(): void
 }
@@ -172,14 +179,6 @@ export function writeStatsFile(statsFile: string | undefined, report: ResumeRepo
   if (statsFile) writeFileAtomically(statsFile, `${JSON.stringify(report, null, 2)}\n`)
 }
 
-export function killQuietly(pid: number): void {
-  try {
-    process.kill(pid, 'SIGKILL')
-  } catch {
-    // Already gone.
-  }
-}
-
 class ServingSession implements ClientIntake {
   readonly signal: AbortSignal
   private readonly startedAt = new Date()
@@ -187,6 +186,8 @@ class ServingSession implements ClientIntake {
   private readonly clients = new Map<number, ClientSummary>()
   /** Clients this handler killed: they end as 'killed', and are waited for. */
   private readonly killed = new Set<number>()
+  /** Clients whose end the fault loop has not reported yet (whatever their summary says). */
+  private readonly live = new Set<number>()
   private readonly hitSampler: PrefetchHitSampler | undefined
   private firstError: {code: string; message: string} | undefined
   private readonly rejected: {code: string; message: string}[] = []
@@ -320,6 +321,7 @@ class ServingSession implements ClientIntake {
     const image = client.image ?? 0
     const socket = this.options.also?.length ? {socket: this.socketPaths()[image]} : {}
     this.clients.set(id, {id, ...socket, pid: client.pid, regions: client.regions, ended: 'running'})
+    this.live.add(id)
     this.host.send({type: 'add', id, uffd: client.uffd, pidfd: client.pidfd, socket: client.socket, regions: client.regions, nonCooperative: client.nonCooperative, image})
     return id
   }
@@ -355,14 +357,19 @@ class ServingSession implements ClientIntake {
     switch (m.type) {
       case 'client-ended': {
         const c = this.clients.get(m.id)
-        if (c && c.ended === 'running') c.ended = this.killed.has(m.id) ? 'killed' : m.reason
+        // A frozen client's process is gone now: that is how it ended.
+        if (c && (c.ended === 'running' || c.ended === 'frozen')) c.ended = this.killed.has(m.id) ? 'killed' : m.reason
+        this.live.delete(m.id)
+        this.frontEnd.clientEnded(m.id)
         this.log(`client ${m.id} ended (${m.reason})`)
         break
       }
       case 'forked': {
-        this.clients.set(m.id, {id: m.id, pid: null, regions: this.clients.get(m.parent)?.regions ?? [], ended: 'running'})
+        const killed = this.killed.has(m.parent)
         // The fork happened before the event was read: a child of a killed client was killed with it.
-        if (this.killed.has(m.parent)) this.killed.add(m.id)
+        this.clients.set(m.id, {id: m.id, pid: null, regions: this.clients.get(m.parent)?.regions ?? [], ended: killed ? 'killed' : 'running'})
+        this.live.add(m.id)
+        if (killed) this.killed.add(m.id)
         this.log(`client ${m.parent} forked: its child is client ${m.id}`)
         break
       }
@@ -390,8 +397,12 @@ class ServingSession implements ClientIntake {
     this.log(`client ${id}: ${error.message}`)
     if (this.killed.has(id)) return
     const killed = this.options.kill && c ? this.frontEnd.killFailed(c, this.summaries()) : []
-    if (killed.length === 0) this.log(`client ${id} left frozen (--no-kill): its faults will not be served`)
     this.markKilled(killed)
+    // Not served any more whatever happens next: killed, or frozen until its process ends.
+    if (c && c.ended === 'running') {
+      c.ended = 'frozen'
+      this.log(`client ${id} left frozen (${this.options.kill ? 'it could not be killed' : '--no-kill'}): its faults will not be served`)
+    }
   }
 
   private killDependents(): void {
@@ -402,13 +413,18 @@ class ServingSession implements ClientIntake {
   /** A killed client's uffd is closed by the worker once its pidfd reports the exit. */
   private async waitForKilled(): Promise<void> {
     const until = Date.now() + KILL_WAIT_MS
-    while (this.summaries().some((c) => c.ended === 'running' && c.pid !== null && this.killed.has(c.id)) && Date.now() < until) {
+    while (this.summaries().some((c) => c.pid !== null && this.killed.has(c.id) && this.live.has(c.id)) && Date.now() < until) {
       await this.host.events.nextOrTimeout(until - Date.now())
     }
   }
 
+  /** Signalled clients are 'killed' from now on: their exit is only waited for. */
   private markKilled(ids: readonly number[]): void {
-    for (const id of ids) this.killed.add(id)
+    for (const id of ids) {
+      this.killed.add(id)
+      const c = this.clients.get(id)
+      if (c && this.live.has(id)) c.ended = 'killed'
+    }
   }
 
   private summaries(): ClientSummary[] {

@@ -4,11 +4,12 @@ import {writeFileAtomically} from '../../snapshot/atomic-file.js'
 import {type LearnedRun} from '../../format/learned-runs.js'
 import {type LearnOutcome} from '../../snapshot/learn.js'
 import {SnapshotReader} from '../../snapshot/reader.js'
-import {closeFd, isUserfaultfd, peerCredentials, pidfdOpen, SysError, uffdApiCompleted} from '../../sys/index.js'
+import {closeFd, dupFd, isUserfaultfd, sameOpenFile, SysError, uffdApiCompleted} from '../../sys/index.js'
 import {type GuestRegion, HandshakeError, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
 import {PendingHandshake} from './pending-handshake.js'
+import {killPeer, type Peer, peerAgain, peerOf} from './peer.js'
 import {prefetchPlan} from './prefetch-plan.js'
-import {type ClientIntake, type ClientSummary, type FrontEnd, killQuietly, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
+import {type ClientIntake, type ClientSummary, type FrontEnd, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 import {type ReadKeys} from '../../snapshot/sealing.js'
 import {type WorkingSetFile} from '../../format/working-set.js'
 
@@ -119,12 +120,20 @@ function singleReader(options: ResumeOptions): SnapshotReader {
 
 /**
  * Firecracker's clients: each connects, sends its regions as JSON with its uffd in SCM_RIGHTS,
- * and is known by its SO_PEERCRED pid, which is what gets killed.
+ * and is known by the process that connected (a pidfd taken at accept), which is what gets killed.
  */
 class FirecrackerClients implements FrontEnd {
   readonly socketPath: string
   /** The VMM goes on using its uffd (balloon removals fault back in), so it needs the handler until it exits. */
   readonly completionFreesClient = false
+  /**
+   * What this thread keeps of each client being served (the worker has its own descriptors,
+   * closed when it sees the client end): the peer to kill, and a duplicate of its uffd that
+   * later handshakes are compared with. Dropped once the client ended.
+   */
+  private readonly served = new Map<number, {peer: Peer; uffd: number}>()
+  /** kcmp is not available here: duplicate uffds go undetected (said once). */
+  private kcmpMissing = false
 
   constructor(
     private readonly options: ResumeOptions,
@@ -158,7 +167,7 @@ class FirecrackerClients implements FrontEnd {
         if (input === null) return
         if (input.connection !== null) {
           if (pending.size >= MAX_PENDING_HANDSHAKES) this.giveUpOldest(intake, pending)
-          pending.set(input.connection, new PendingHandshake(input.connection, handshakeMs > 0 ? Date.now() + handshakeMs : Infinity, handshakeMs))
+          pending.set(input.connection, this.pendingHandshake(input.connection, handshakeMs))
           socketOf.set(input.connection, input.socket)
         }
         const now = Date.now()
@@ -167,14 +176,14 @@ class FirecrackerClients implements FrontEnd {
           if (progress.state === 'reading') continue
           pending.delete(connection)
           if (progress.state === 'probe') {
-            closeFd(connection)
+            this.close(intake, connection, handshake.peer, false)
             intake.log('a connection closed without sending anything (a probe?); still waiting for a client')
             continue
           }
           connected = true
           const socket = socketOf.get(connection) ?? 0
           socketOf.delete(connection)
-          const taken = progress.state === 'received' ? this.take(intake, connection, progress, socket) : this.refuse(intake, connection, progress.error)
+          const taken = progress.state === 'received' ? this.take(intake, connection, handshake.peer, progress, socket) : this.refuse(intake, connection, handshake.peer, progress.error, progress.clientWaits)
           if (taken && !options.serve) {
             // One client: stop listening so the socket path no longer accepts anyone.
             intake.stopListening()
@@ -183,94 +192,191 @@ class FirecrackerClients implements FrontEnd {
         }
       }
     } finally {
-      for (const [connection, handshake] of pending) {
-        handshake.discard()
-        closeFd(connection)
-      }
+      // Stopped (a signal, one client taken, an error) with handshakes still arriving: a VMM
+      // that already sent its uffd waits on memory nobody will serve.
+      for (const [connection, handshake] of pending) this.abandon(intake, connection, handshake)
     }
+  }
+
+  /** The handshake of a connection just accepted, with the process that made it (taken now: see peerOf). */
+  private pendingHandshake(connection: number, handshakeMs: number): PendingHandshake {
+    let peer: Peer
+    try {
+      peer = peerOf(connection)
+    } catch (error) {
+      closeFd(connection)
+      throw error
+    }
+    return new PendingHandshake(connection, peer, handshakeMs > 0 ? Date.now() + handshakeMs : Infinity, handshakeMs)
   }
 
   /** Serves the client whose handshake `connection` received, or refuses it (see refuse); returns whether it is served. */
-  private take(intake: ClientIntake, connection: number, received: {uffd: number; data: Buffer}, socket: number): boolean {
+  private take(intake: ClientIntake, connection: number, acceptedPeer: Peer, received: {uffd: number; data: Buffer}, socket: number): boolean {
     let accepted: AcceptedClient
     try {
-      accepted = acceptHandshake(connection, received.uffd, received.data, this.geometries[socket])
+      accepted = acceptHandshake(received.uffd, received.data, this.geometries[socket])
     } catch (error) {
-      return this.refuse(intake, connection, error)
+      return this.refuse(intake, connection, acceptedPeer, error, false)
     }
-    const id = intake.add({...accepted, socket: connection, nonCooperative: false, image: socket})
+    let peer = acceptedPeer
+    try {
+      peer = peerAgain(connection, acceptedPeer)
+      this.refuseIfServed(intake, accepted.uffd, peer)
+    } catch (error) {
+      closeFd(accepted.uffd)
+      return this.refuse(intake, connection, peer, error, false)
+    }
+    // The worker closes its descriptors when it sees the client end; this thread keeps its own.
+    let workerPidfd = -1
+    let kept = -1
+    try {
+      if (peer.pidfd >= 0) workerPidfd = dupFd(peer.pidfd, 'duplicating a client\'s pidfd for the fault loop')
+      kept = dupFd(accepted.uffd, 'keeping a client\'s userfaultfd to compare later handshakes with')
+    } catch (error) {
+      for (const fd of [workerPidfd, kept, accepted.uffd]) if (fd >= 0) closeFd(fd)
+      return this.refuse(intake, connection, peer, error, true)
+    }
+    const id = intake.add({pid: peer.pid, uffd: accepted.uffd, pidfd: workerPidfd, socket: connection, regions: accepted.regions, nonCooperative: false, image: socket})
+    this.served.set(id, {peer, uffd: kept})
     const on = this.geometries.length > 1 ? ` on ${socket === 0 ? this.socketPath : this.options.also![socket - 1].socketPath}` : ''
-    intake.log(`client ${id}${accepted.pid ? ` (pid ${accepted.pid})` : ''}${on}: ${accepted.regions.length} region(s), ${accepted.regions.reduce((s, r) => s + r.size, 0)} bytes`)
+    intake.log(`client ${id}${peer.pid ? ` (pid ${peer.pid})` : ''}${on}: ${accepted.regions.length} region(s), ${accepted.regions.reduce((s, r) => s + r.size, 0)} bytes`)
     return true
   }
 
-  /** Closes a connection whose handshake failed with `error`: counted with --serve, else the run's error (thrown). Returns false. */
-  private refuse(intake: ClientIntake, connection: number, error: unknown): false {
-    // A well-formed handshake for another snapshot: the VMM registered its memory with the
-    // uffd it sent, and with nobody serving it, its first fault waits forever.
-    const refusedPid = error instanceof SnapshotMismatchError && this.options.kill ? peerCredentials(connection).pid : 0
-    closeFd(connection)
-    if (!(error instanceof SysError || error instanceof UffdError)) throw error
-    if (refusedPid > 0) {
-      intake.log(`killing the refused client (pid ${refusedPid}) rather than leave it waiting on memory nobody serves`)
-      killQuietly(refusedPid)
+  /**
+   * Throws DuplicateUffdError if `uffd` is the open file of a client already served: a client
+   * that dup()ed its uffd and connected twice, or two processes sharing one. Served twice, each
+   * client's faults and events would be read by whichever read first, and its memory installed
+   * twice over. The first stays served, the second is refused and not killed: it is that very
+   * client, or a process whose memory is not registered with a uffd made by another.
+   */
+  private refuseIfServed(intake: ClientIntake, uffd: number, peer: Peer): void {
+    if (this.kcmpMissing) return
+    for (const [id, client] of this.served) {
+      let same: boolean
+      try {
+        same = sameOpenFile(uffd, client.uffd)
+      } catch (error) {
+        // A kernel without kcmp (CONFIG_KCMP off) or a policy that forbids it: the check is
+        // skipped rather than every later VMM refused (fstat cannot stand in: before 5.12 all
+        // userfaultfds share one inode).
+        if (!(error instanceof SysError) || (error.code !== 'ENOSYS' && error.code !== 'EPERM')) throw error
+        this.kcmpMissing = true
+        intake.log(`cannot compare userfaultfds (kcmp: ${error.code}): a uffd sent on two connections would be served twice`)
+        return
+      }
+      if (!same) continue
+      const who = peer.pid === client.peer.pid ? 'by the same process' : `by pid ${peer.pid ?? 'unknown'}, where client ${id} is pid ${client.peer.pid ?? 'unknown'}`
+      throw new DuplicateUffdError(`the userfaultfd that came with the message is the one client ${id} is already served through (sent again ${who}); it is served once`)
     }
+  }
+
+  /**
+   * Closes a connection whose handshake failed with `error`: counted with --serve, else the run's
+   * error (thrown). Returns false. Unless --no-kill, its sender is killed when it is a VMM left
+   * waiting: its well-formed handshake does not fit the snapshot (it registered its memory with
+   * the uffd it sent), or `clientWaits` (it sent an initialised uffd and the rest never came).
+   */
+  private refuse(intake: ClientIntake, connection: number, peer: Peer, error: unknown, clientWaits: boolean): false {
+    this.close(intake, connection, peer, this.options.kill && (clientWaits || error instanceof SnapshotMismatchError))
+    if (!(error instanceof SysError || error instanceof UffdError)) throw error
     if (!this.options.serve) throw error
     intake.reject({code: error.code, message: error.message})
     intake.log(`rejected a client: ${error.message}`)
     return false
   }
 
+  /** Closes a connection not served and its peer's pidfd, killing the peer first if `kill`. */
+  private close(intake: ClientIntake, connection: number, acceptedPeer: Peer, kill: boolean): void {
+    let peer = acceptedPeer
+    try {
+      if (kill) {
+        peer = peerAgain(connection, acceptedPeer)
+        if (killPeer(peer)) intake.log(`killing the refused client (pid ${peer.pid}) rather than leave it waiting on memory nobody serves`)
+        else if (peer.pidfd < 0) intake.log(`the refused client${peer.pid ? ` (pid ${peer.pid})` : ''} cannot be killed (no pidfd for it): it waits on memory nobody serves`)
+      }
+    } finally {
+      closeFd(connection)
+      if (peer.pidfd >= 0) closeFd(peer.pidfd)
+    }
+  }
+
+  /**
+   * Stopping with a handshake still arriving: not a refusal of the peer (not counted), but a VMM
+   * that already sent its initialised uffd waits on memory nobody will serve, so it is killed.
+   */
+  private abandon(intake: ClientIntake, connection: number, handshake: PendingHandshake): void {
+    const clientWaits = handshake.holdsInitialisedUffd()
+    handshake.discard()
+    if (clientWaits) intake.log(`no longer taking clients: closing a handshake still arriving${handshake.peer.pid ? ` (pid ${handshake.peer.pid})` : ''}, whose uffd came`)
+    this.close(intake, connection, handshake.peer, this.options.kill && clientWaits)
+  }
+
   /** Makes room for one more pending handshake: the connection waiting longest is refused. */
   private giveUpOldest(intake: ClientIntake, pending: Map<number, PendingHandshake>): void {
     const [connection, handshake] = pending.entries().next().value as [number, PendingHandshake]
     pending.delete(connection)
+    const clientWaits = handshake.holdsInitialisedUffd()
     handshake.discard()
-    this.refuse(intake, connection, new HandshakeError(`more than ${MAX_PENDING_HANDSHAKES} connections were sending their handshakes at once; the one waiting longest was closed`))
+    this.refuse(intake, connection, handshake.peer, new HandshakeError(`more than ${MAX_PENDING_HANDSHAKES} connections were sending their handshakes at once; the one waiting longest was closed`), clientWaits)
   }
 
   servingDone(clients: readonly ClientSummary[]): boolean {
-    return !clients.some((c) => c.ended === 'running')
+    return !clients.some((c) => c.ended === 'running' || c.ended === 'frozen')
   }
 
   killFailed(failed: ClientSummary): number[] {
-    if (!failed.pid) return []
-    this.options.log(`killing client ${failed.id} (pid ${failed.pid}) rather than let it run on without its memory`)
-    killQuietly(failed.pid)
-    return [failed.id]
+    return this.kill(failed, `killing client ${failed.id} (pid ${failed.pid}) rather than let it run on without its memory`) ? [failed.id] : []
   }
 
   killDependents(dependents: readonly ClientSummary[]): number[] {
-    const killed: number[] = []
-    for (const c of dependents) {
-      if (!c.pid) continue
-      this.options.log(`stopping: killing client ${c.id} (pid ${c.pid}), which cannot run on without this handler`)
-      killQuietly(c.pid)
-      killed.push(c.id)
-    }
-    return killed
+    return dependents.filter((c) => this.kill(c, `stopping: killing client ${c.id} (pid ${c.pid}), which cannot run on without this handler`)).map((c) => c.id)
   }
 
   killAfterError(_error: unknown, running: readonly ClientSummary[]): void {
-    for (const c of running) if (c.pid) killQuietly(c.pid)
+    for (const c of running) this.kill(c, undefined)
   }
 
-  release(): void {}
+  clientEnded(id: number): void {
+    const client = this.served.get(id)
+    if (!client) return
+    this.served.delete(id)
+    closeFd(client.uffd)
+    if (client.peer.pidfd >= 0) closeFd(client.peer.pidfd)
+  }
+
+  release(): void {
+    for (const id of [...this.served.keys()]) this.clientEnded(id)
+  }
+
+  /** SIGKILLs a client through its pidfd (never by pid: see peerOf). Returns whether a signal was sent. */
+  private kill(client: ClientSummary, line: string | undefined): boolean {
+    const peer = this.served.get(client.id)?.peer
+    if (!peer || peer.pidfd < 0) return false
+    if (line) this.options.log(line)
+    try {
+      return killPeer(peer)
+    } catch (error) {
+      this.options.log(`client ${client.id} could not be killed: ${(error as Error).message}`)
+      return false
+    }
+  }
 }
+
+/** The uffd of a handshake is one a client is already served through. */
+class DuplicateUffdError extends HandshakeError {}
 
 /** A VMM whose handshake was accepted, with what it sent. */
 interface AcceptedClient {
   uffd: number
-  pid: number | null
-  pidfd: number
   regions: GuestRegion[]
 }
 
 /**
- * Validates the handshake `data` that came on `connection` with `uffd`; on any failure closes
- * the uffd and throws.
+ * Validates the handshake `data` that came with `uffd`; on any failure closes the uffd and
+ * throws.
  */
-function acceptHandshake(connection: number, uffd: number, data: Buffer, geometry: Geometry): AcceptedClient {
+function acceptHandshake(uffd: number, data: Buffer, geometry: Geometry): AcceptedClient {
   try {
     // Anything else would be polled and read as the client's uffd: a pipe's bytes decode as
     // events (a fork event names an fd number the handler would then close or serve).
@@ -279,18 +385,8 @@ function acceptHandshake(connection: number, uffd: number, data: Buffer, geometr
     // registered with it: a VMM completes the API and registers guest memory before it sends.
     if (!uffdApiCompleted(uffd)) throw new HandshakeError('the userfaultfd that came with the message was never initialised (UFFDIO_API), so no memory can be registered with it')
     const announced = parseHandshake(data)
-    const {pid} = peerCredentials(connection)
     const regions = validateRegions(announced, geometry)
-    let pidfd = -1
-    if (pid > 0) {
-      try {
-        pidfd = pidfdOpen(pid)
-      } catch (error) {
-        if (error instanceof SysError && error.code === 'ESRCH') throw new HandshakeError(`the client (pid ${pid}) exited right after the handshake`)
-        throw error
-      }
-    }
-    return {uffd, pid: pid > 0 ? pid : null, pidfd, regions}
+    return {uffd, regions}
   } catch (error) {
     closeFd(uffd)
     throw error
