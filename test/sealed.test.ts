@@ -15,7 +15,7 @@ import {Codec, FOOTER_SIZE} from '../src/format/constants.js'
 import {fileKeys, keyId, manifestDigest, ManifestPart, openUnit, parseKey, SEAL_RECORD_SIZE, sealUnit, unitAad, UnitKind, unitNonce} from '../src/format/seal.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {attachWorkingSet} from '../src/snapshot/relayout.js'
-import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
+import {cliEnv, isRoot, NATIVE, ROOT, uffd, uffdAsync} from './helpers/cli.js'
 import {forgeCrc} from './helpers/crc-forge.js'
 import {DirRangeServer} from './helpers/dir-range-server.js'
 import {makeImage, tempDir} from './helpers/images.js'
@@ -151,7 +151,8 @@ function readAt(file: string, offset: number, length: number): Buffer {
 }
 
 const keyFile = (): string => at('key')
-const opened = (file: string): SnapshotReader => SnapshotReader.open(file, file, {keys: [parseKey(fs.readFileSync(keyFile()), 'key')], verifyKeys: []})
+/** A file's structures (read without keys, unauthenticated: where to aim a change). */
+const opened = (file: string): SnapshotReader => SnapshotReader.open(file, file, {keys: [], verifyKeys: []}, true)
 
 /**
  * Rewrites the header's bytes [offset, offset + bytes.length) and makes every checksum agree
@@ -238,7 +239,8 @@ describe('sealed snapshots through the CLI', () => {
   it('round-trips byte for byte, encrypted, signed and both, and holds no page in the clear', () => {
     for (const name of ['enc', 'signed', 'both']) {
       const signature = name === 'enc' ? [] : ['--verify-key', at('sign.pub')]
-      const r = ok(['verify', at(`${name}.uffd`), '--against', image, '--key-file', at('key'), ...signature])
+      const key = name === 'signed' ? [] : ['--key-file', at('key')]
+      const r = ok(['verify', at(`${name}.uffd`), '--against', image, ...key, ...signature])
       expect(r.ok, name).toBe(true)
       expect(r.against.mismatchedPages).toBe(0)
     }
@@ -276,6 +278,22 @@ describe('sealed snapshots through the CLI', () => {
     expect(fs.existsSync(at('nokey.uffd'))).toBe(false)
   })
 
+  it('a key given means an encrypted file is expected: an unencrypted one put in its place is refused (NOT_SEALED), and --key-file without --encrypt writes nothing', async () => {
+    for (const name of ['plain', 'signed']) {
+      const e = fails(['verify', at(`${name}.uffd`), '--key-file', at('key')])
+      expect(e.code, name).toBe('NOT_SEALED')
+    }
+    const viaEnv = await uffdAsync(['stats', at('plain.uffd'), '--json'], {env: {...process.env, UFFD_KEY_FILE: at('key')}})
+    expect(JSON.parse(viaEnv.stdout).error.code).toBe('NOT_SEALED')
+    const r = uffd(['snapshot', '--mem-file', image, '-o', at('nope.uffd'), '--key-file', at('key')])
+    expect(r.status).toBe(2)
+    expect(r.stderr).toMatch(/--key-file without --encrypt/)
+    expect(fs.existsSync(at('nope.uffd'))).toBe(false)
+    // A passphrase of 32 characters in UFFD_KEY is not a key (only a file may hold raw bytes).
+    const pass = await uffdAsync(['verify', at('enc.uffd'), '--json'], {env: {...process.env, UFFD_KEY: 'correct horse battery staple 123'}})
+    expect(JSON.parse(pass.stdout).error.code).toBe('KEY_INVALID')
+  })
+
   it('stats shows what is not secret without the key, and says what it could not check', () => {
     const locked = ok(['stats', at('both.uffd')])
     expect(locked.logicalSize).toBe(SIZE)
@@ -309,6 +327,45 @@ describe('sealed snapshots through the CLI', () => {
     compat.writeBigUInt64LE(compat.readBigUInt64LE(0) & ~4n)
     craftHeader(stripped, 24, compat)
     expect(fails(['verify', stripped, '--verify-key', at('sign.pub')]).code).toMatch(/SIGNATURE_INVALID|CORRUPT/)
+  })
+
+  it('signs a rewrite only of what was authenticated: a forged unit of a signed file is not laundered by attach --sign-key; a signed chain squashes only signed', () => {
+    const f = copy(at('signed.uffd'), 'launder.uffd')
+    const reader = SnapshotReader.open(f)
+    const chunk = reader.index.findIndex((e, c) => c > 8 && e.codec === Codec.Zstd && !(e.flags & 1))
+    const e = reader.entry(chunk)
+    const headerCrc = reader.header.headerCrc
+    reader.close()
+    const bytes = readAt(f, e.dataOffset, e.storedLength)
+    bytes[30] ^= 0x01
+    forgeCrc(bytes, 50, e.storedCrc)
+    patch(f, e.dataOffset, bytes)
+    const pages = Array.from({length: 50}, (_, i) => i * 3)
+    fs.writeFileSync(at('launder.ws'), JSON.stringify({kind: 'uffd-working-set', version: 1, snapshot: {logicalSize: SIZE, pageSize: PAGE, headerCrc}, runs: 1, pages, firstTouchMs: pages.map((_, i) => i)}))
+    // Signed by this very key: its signature is checked, and with it every unit copied.
+    const same = fails(['working-set', 'attach', f, at('launder.ws'), '-o', at('laundered.uffd'), '--sign-key', at('sign.pem')])
+    expect(same.message).toMatch(new RegExp(`chunk ${chunk}: its digest differs`))
+    expect(fs.existsSync(at('laundered.uffd'))).toBe(false)
+    // Signed by another key, not trusted: refused before anything is read.
+    const other = uffd(['working-set', 'attach', f, at('launder.ws'), '-o', at('laundered.uffd'), '--sign-key', at('other.pem'), '--json'])
+    expect(other.status).toBe(2)
+    expect(other.json.error.message).toMatch(/whose signature was not checked/)
+    const plainReader = opened(at('plain.uffd'))
+    plainReader.close()
+    fs.writeFileSync(at('launder-plain.ws'), JSON.stringify({kind: 'uffd-working-set', version: 1, snapshot: {logicalSize: SIZE, pageSize: PAGE, headerCrc: plainReader.header.headerCrc}, runs: 1, pages, firstTouchMs: pages.map((_, i) => i)}))
+    const plain = uffd(['working-set', 'attach', at('plain.uffd'), at('launder-plain.ws'), '-o', at('laundered.uffd'), '--sign-key', at('sign.pem'), '--json'])
+    expect(plain.status).toBe(2)
+    expect(plain.json.error.message).toMatch(/neither encrypted nor signed/)
+    // A chain with a signed file squashes only to a signed file.
+    const changed = Buffer.from(data)
+    crypto.randomBytes(PAGE).copy(changed, 7 * PAGE)
+    fs.writeFileSync(at('signed-chain.raw'), changed)
+    ok(['snapshot', '--mem-file', at('signed-chain.raw'), '--parent', at('both.uffd'), '-o', at('signed-chain.uffd'), '--key-file', at('key'), '--sign-key', at('sign.pem')])
+    const unsigned = uffd(['squash', at('signed-chain.uffd'), '-o', at('signed-squashed.uffd'), '--key-file', at('key'), '--json'])
+    expect(unsigned.status).toBe(2)
+    expect(unsigned.json.error.message).toMatch(/chain is signed: give --sign-key/)
+    ok(['squash', at('signed-chain.uffd'), '-o', at('signed-squashed.uffd'), '--key-file', at('key'), '--sign-key', at('sign.pem')])
+    expect(ok(['verify', at('signed-squashed.uffd'), '--against', at('signed-chain.raw'), '--key-file', at('key'), '--verify-key', at('sign.pub')]).ok).toBe(true)
   })
 
   describe('an attacker who can write the file', () => {
@@ -530,6 +587,13 @@ describe('sealed snapshots through the CLI', () => {
     for (let p = 3; p < SIZE / PAGE; p += 97) crypto.randomBytes(PAGE).copy(changed, p * PAGE)
     fs.writeFileSync(at('changed.raw'), changed)
     ok(['snapshot', '--mem-file', at('changed.raw'), '--parent', at('enc.uffd'), '-o', at('layer.uffd'), '--encrypt', '--key-file', at('key')])
+    // Without --encrypt too: a layer over an encrypted parent is encrypted as its parent is.
+    ok(['snapshot', '--mem-file', at('changed.raw'), '--parent', at('enc.uffd'), '-o', at('layer-implied.uffd'), '--key-file', at('key')])
+    expect(ok(['stats', at('layer-implied.uffd'), '--key-file', at('key')]).seal.encryption.opened).toBe(true)
+    expect(fs.readFileSync(at('layer-implied.uffd')).includes(changed.subarray(3 * PAGE, 3 * PAGE + 64))).toBe(false)
+    // A key read once, through a pipe, whatever the command does with it (squash reads and writes with it).
+    const piped = spawnSync('bash', ['-c', `node ${JSON.stringify(path.join(ROOT, 'bin/run.js'))} squash ${JSON.stringify(at('layer.uffd'))} -o ${JSON.stringify(at('piped.uffd'))} --key-file <(cat ${JSON.stringify(at('key'))})`], {encoding: 'utf8', env: cliEnv()})
+    expect(piped.status, piped.stderr).toBe(0)
     expect(ok(['verify', at('layer.uffd'), '--against', at('changed.raw'), '--key-file', at('key')]).ok).toBe(true)
     expect(fails(['verify', at('layer.uffd')]).code).toBe('KEY_REQUIRED')
     ok(['squash', at('layer.uffd'), '-o', at('squashed.uffd'), '--key-file', at('key')])

@@ -45,6 +45,7 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
     // goes on serving).
     if ([snapshot, ...also.map((a) => a.snapshot)].some((s) => s.remote) && decoders === 0) throw new UffdError('USAGE', '--decoders 0 cannot serve a remote snapshot (decoders read what the network fetched)')
     if (flags.learn && !(snapshot.reader instanceof SnapshotReader)) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: a layer cannot learn (learn on the base before layering, or squash the chain first)')
+    if (flags.learn && snapshot.reader instanceof SnapshotReader && snapshot.reader.seal?.info.signature) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: a signed snapshot cannot be rewritten here (its signature needs the signing key); attach learned sets where snapshots are signed (uffd working-set attach --sign-key)')
     if (snapshot.remote && flags.learn) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: it needs a local file, not a URL (learn on a local copy, then `uffd cp` it back)')
     return await serve(snapshot, also, decoders, flags, json, keys)
   } finally {

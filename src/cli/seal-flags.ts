@@ -49,7 +49,8 @@ function readKeyFile(file: string, what: string): Buffer {
 export function keyFromFlags(flags: ReadSealFlags, env: Env = process.env): SealKey | undefined {
   const file = flags['key-file'] ?? env.UFFD_KEY_FILE
   if (file) return parseKey(readKeyFile(file, flags['key-file'] ? '--key-file' : 'UFFD_KEY_FILE'), file)
-  if (env.UFFD_KEY) return parseKey(Buffer.from(env.UFFD_KEY, 'latin1'), 'UFFD_KEY')
+  // Text only: 32 characters of a passphrase must not pass for a key.
+  if (env.UFFD_KEY) return parseKey(Buffer.from(env.UFFD_KEY, 'latin1'), 'UFFD_KEY', false)
   return undefined
 }
 
@@ -74,9 +75,12 @@ export function readKeysFromFlags(flags: ReadSealFlags, env: Env = process.env):
   return {keys: key ? [key] : [], verifyKeys}
 }
 
-/** How a writing command seals its output; --encrypt without a key is a USAGE error. */
-export function sealingFromFlags(flags: WriteSealFlags, env: Env = process.env): SealingOptions {
-  const key = keyFromFlags(flags, env)
+/**
+ * How a writing command seals its output, with the key `keys` holds (read once: a pipe or
+ * /dev/fd/N gives its bytes only once); --encrypt without a key is a USAGE error.
+ */
+export function sealingFromFlags(flags: WriteSealFlags, keys: ReadKeys, env: Env = process.env): SealingOptions {
+  const key = keys.keys[0]
   if (flags.encrypt && !key) throw new UffdError('USAGE', '--encrypt needs a key: --key-file FILE, or UFFD_KEY_FILE or UFFD_KEY in the environment (`head -c 32 /dev/urandom > FILE` makes one)')
   if (flags.convergent && !flags.encrypt) throw new UffdError('USAGE', '--convergent needs --encrypt')
   const signFile = flags['sign-key'] ?? env.UFFD_SIGN_KEY

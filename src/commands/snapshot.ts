@@ -10,7 +10,7 @@ import {progressBar, withInterruptHandling} from '../cli/progress.js'
 import {oclifFlags} from '../cli/oclif-flags.js'
 import {remoteFlagSpecs, remoteOptions, s3Settings} from '../cli/remote-flags.js'
 import {readKeysFromFlags, readSealFlagSpecs, sealingFromFlags, writeSealFlagSpecs} from '../cli/seal-flags.js'
-import {type SealingOptions} from '../snapshot/sealing.js'
+import {type ReadKeys, type SealingOptions} from '../snapshot/sealing.js'
 import {UffdError} from '../core/errors.js'
 import {formatBytes, formatPercent, parseSize} from '../core/units.js'
 import {MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K} from '../format/constants.js'
@@ -85,8 +85,12 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
   async run(): Promise<(WriteSummary & {ratio: number; source: string}) | (LayerSummary & {source: string})> {
     const {flags} = await this.parse(Snapshot)
     if (flags.diff && (flags.parent === undefined || flags['mem-file'] === undefined)) this.error('--diff needs --parent and --mem-file: a Diff snapshot is read as changes to its parent', {exit: 2})
-    const seal = sealingFromFlags(flags)
-    if (flags.parent !== undefined) return this.layer(flags, seal)
+    const keys = readKeysFromFlags(flags)
+    // A key given to write with, and no --encrypt: the memory would go out in the clear.
+    if (flags['key-file'] !== undefined && !flags.encrypt && flags.parent === undefined) this.error('--key-file without --encrypt: the snapshot would not be encrypted (give --encrypt, or leave the key out)', {exit: 2})
+    const seal = sealingFromFlags(flags, keys)
+    if (flags.parent !== undefined) return this.layer(flags, seal, keys)
+    if (keys.keys.length > 0 && !flags.encrypt) this.logToStderr('uffd snapshot: a key is set in the environment (UFFD_KEY_FILE or UFFD_KEY) but --encrypt was not given: the snapshot is not encrypted')
     const chunkSize = this.sizeFlag(flags['chunk-size'], '--chunk-size')
     const pageSize = flags['page-size'] === '2M' ? PAGE_SIZE_2M : PAGE_SIZE_4K
     if (flags['mem-file'] === undefined && pageSize !== PAGE_SIZE_4K) this.error('--page-size 2M applies to guest memory files, not processes', {exit: 2})
@@ -168,13 +172,17 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
   }
 
   /** `snapshot --parent`: a layer of the input over the parent (local or remote, as its chain is), to a path or s3://. */
-  private async layer(flags: Interfaces.InferredFlags<typeof Snapshot.flags>, seal: SealingOptions): Promise<LayerSummary & {source: string}> {
+  private async layer(flags: Interfaces.InferredFlags<typeof Snapshot.flags>, given: SealingOptions, keys: ReadKeys): Promise<LayerSummary & {source: string}> {
     if (flags.regions !== undefined) this.error("--regions with --parent: a layer has its parent's regions", {exit: 2})
     const {mode, source, location} = this.output(flags)
     const parentLocation = parseLocation(flags.parent!)
     const remote = remoteOptions(flags)
     const prepared = await prepareOutput(location, {force: flags.force, mode, s3: remote.s3})
-    const parent = await openSnapshot(flags.parent!, remote, flags.layers, readKeysFromFlags(flags))
+    const parent = await openSnapshot(flags.parent!, remote, flags.layers, keys)
+    // A layer over an encrypted parent is encrypted too, as the parent is (its memory is the parent's, changed).
+    const files = parent.reader instanceof LayeredReader ? parent.reader.files : [parent.reader as SnapshotReader]
+    const parentSeal = files.find((f) => f.seal?.encrypted)?.seal?.info.encryption
+    const seal: SealingOptions = parentSeal && !given.key ? {...given, key: keys.keys[0], convergent: given.convergent || parentSeal.convergent} : given
     const parentPath = parent.name
     try {
       const clash = chainClash(location, parent)
@@ -207,9 +215,9 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
         }
         if (!set) return layer
         try {
-          const chain = layerOver(parent, aside)
+          const chain = layerOver(parent, aside, keys)
           try {
-            const attached = await writeAttached(chain, prepared.open(attachedSizeHint(chain, set)), set, packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), signal)
+            const attached = await writeAttached(chain, prepared.open(attachedSizeHint(chain, set)), set, {...packOptionsFor({codec: flags.codec, level: flags.level}, flags.pack), seal}, signal)
             this.logToStderr(`${prepared.destination}: ${describeAttached(attached, set)}`)
             return {...layer, fileSize: attached.fileSize, path: prepared.destination}
           } finally {

@@ -3,6 +3,7 @@ import {Args, Flags} from '@oclif/core'
 import {BaseCommand} from '../cli/base-command.js'
 import {layersFlag} from '../cli/layers-flag.js'
 import {readKeysFromFlags, readSealFlagSpecs, sealingFromFlags, writeSealFlagSpecs} from '../cli/seal-flags.js'
+import {checkSignable} from '../snapshot/opened-seal.js'
 import {oclifFlags} from '../cli/oclif-flags.js'
 import {remoteFlagSpecs, remoteOptions} from '../cli/remote-flags.js'
 import {modeFlag, parseMode} from '../cli/mode-flag.js'
@@ -51,7 +52,11 @@ export default class Squash extends BaseCommand {
       // memory must not come out in the clear because it was squashed.
       const encrypted = reader.files.some((f) => f.seal?.encrypted)
       const convergent = reader.files.some((f) => f.seal?.info.encryption?.convergent)
-      const seal = sealingFromFlags({...flags, encrypt: flags.encrypt || encrypted, convergent: flags.convergent || convergent})
+      const seal = sealingFromFlags({...flags, encrypt: flags.encrypt || encrypted, convergent: flags.convergent || convergent}, keys)
+      const inputs = reader.files.map((f, k) => ({name: reader.paths[k], seal: f.seal}))
+      // A signed chain squashes to a signed file, from inputs whose authenticity was checked.
+      if (!seal.signingKey && inputs.some((f) => f.seal?.info.signature)) throw new UffdError('USAGE', `${snapshot.name}'s chain is signed: give --sign-key to sign the squashed file (it would otherwise be unsigned)`)
+      if (seal.signingKey) checkSignable(inputs, seal.signingKey)
       const prepared = await prepareOutput(location, {force: flags.force, mode, s3: {}})
       const meta = reader.header.metadata
       const codec = (flags.codec ?? (['zstd', 'lz4', 'raw'].includes(meta.codec as string) ? meta.codec : 'zstd')) as CompressionCodec

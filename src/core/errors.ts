@@ -19,6 +19,7 @@ export const ERROR_CODES = {
   KEY_MISMATCH: 'the key given is not the one the snapshot was encrypted with (the message names both key ids)',
   KEY_INVALID: 'a key file or variable does not hold a key of the kind asked for',
   NOT_AUTHENTIC: 'a sealed unit, or the structures of a sealed or signed file, do not authenticate: changed, moved, or taken from another snapshot',
+  NOT_SEALED: 'a key was given (so an encrypted snapshot is expected) and the file, or a file of its chain, is not encrypted',
   SIGNATURE_INVALID: 'a signature was required (--verify-key) and the file is unsigned, signed by another key, or its signature does not verify',
   // Serving a client (uffd resume).
   BAD_HANDSHAKE: "the VMM's handshake is malformed or does not match the snapshot",

@@ -4,7 +4,7 @@ import {UffdError} from '../core/errors.js'
  * The codes of a snapshot file's problems; their meanings are in ERROR_CODES, and narrowing
  * UffdError's `code` to them fails to compile if one is not a key there.
  */
-export type SnapshotErrorCode = 'NOT_A_SNAPSHOT' | 'UNSUPPORTED_VERSION' | 'TRUNCATED' | 'CORRUPT' | 'INVALID' | 'NOT_AUTHENTIC' | 'SIGNATURE_INVALID'
+export type SnapshotErrorCode = 'NOT_A_SNAPSHOT' | 'UNSUPPORTED_VERSION' | 'TRUNCATED' | 'CORRUPT' | 'INVALID' | 'NOT_AUTHENTIC' | 'SIGNATURE_INVALID' | 'NOT_SEALED'
 
 /**
  * Every inconsistency in a snapshot file becomes one of these, naming the file, the part of it

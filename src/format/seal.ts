@@ -73,9 +73,10 @@ export interface SealKey {
  * Reads a key as a user gives it: 32 raw bytes, or 64 hex digits, or the base64 of 32 bytes
  * (surrounding whitespace, like a file's trailing newline, ignored in the text forms).
  */
-export function parseKey(given: Buffer, where: string): SealKey {
+export function parseKey(given: Buffer, where: string, raw = true): SealKey {
+  if (given.length === 0) throw new UffdError('KEY_INVALID', `${where} is empty (a pipe or descriptor already read?): it must hold the key`)
   let bytes: Buffer | undefined
-  if (given.length === KEY_BYTES) bytes = Buffer.from(given)
+  if (raw && given.length === KEY_BYTES) bytes = Buffer.from(given)
   else {
     const text = given.toString('latin1').trim()
     if (/^[0-9a-fA-F]{64}$/.test(text)) bytes = Buffer.from(text, 'hex')
@@ -289,6 +290,8 @@ export function parseSigningKey(pem: Buffer, where: string): crypto.KeyObject {
 
 /** A verifying key from its PEM: a public key (SPKI), or a private key whose public half is meant. */
 export function parseVerifyingKey(pem: Buffer, where: string): crypto.KeyObject {
+  // Hosts that verify need only the public half: a signing key copied onto each would let any of them sign.
+  if (pem.includes('PRIVATE KEY')) throw new UffdError('KEY_INVALID', `${where} is a private key: give its public half (\`openssl pkey -in KEY -pubout -out KEY.pub\`), and keep the signing key where snapshots are made`)
   let key: crypto.KeyObject
   try {
     key = crypto.createPublicKey(pem)

@@ -198,12 +198,13 @@ async function closeFile(file: OpenedFile): Promise<void> {
  * attaching a working set to a layer before it takes its name, when it is not yet where its
  * parents would be looked for. The reader is the caller's to close.
  */
-export function layerOver(parent: OpenedSnapshot, layerPath: string): LayeredReader {
+export function layerOver(parent: OpenedSnapshot, layerPath: string, keys: ReadKeys = NO_READ_KEYS): LayeredReader {
   const spec = parent.spec()
   const files: SnapshotReader[] = []
   try {
-    for (const file of spec.kind === 'chain' ? spec.files : [spec]) files.push(openFileSpec(file))
-    files.push(SnapshotReader.open(layerPath))
+    for (const file of spec.kind === 'chain' ? spec.files : [spec]) files.push(openFileSpec(file, keys))
+    // Just written, not signed yet by anyone: its own seal, if any, is checked with the key alone.
+    files.push(SnapshotReader.open(layerPath, layerPath, {keys: keys.keys, verifyKeys: []}))
     return LayeredReader.fromFiles(files, [...(parent.reader instanceof LayeredReader ? parent.reader.paths : [parent.name]), layerPath])
   } catch (error) {
     for (const f of files) f.close()

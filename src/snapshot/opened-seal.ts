@@ -49,15 +49,33 @@ export class OpenedSeal {
   constructor(
     readonly info: SealInfo,
     private readonly keys: FileKeys | undefined,
-    /** The signer's id when its signature was verified against a trusted key. */
-    readonly verifiedSigner: string | undefined,
+    /** The signer's id when its signature was verified against a trusted key (see trustSigner). */
+    private verified: string | undefined,
     private readonly digests: Buffer | undefined,
     private readonly name: string,
     /** The file's bytes between its structures and its footer (key table, unit digests, seal record), as read. */
     readonly tail: Buffer,
     /** A convergent file's content keys (CONTENT_KEY_BYTES per unit), once decrypted with the file's key. */
     private readonly contentKeys: Buffer | undefined,
+    /** The manifest digest and the signature over it, to check against a key given later (signedBy). */
+    private readonly manifest: Buffer,
+    private readonly signature: Buffer | undefined,
   ) {}
+
+  get verifiedSigner(): string | undefined {
+    return this.verified
+  }
+
+  /**
+   * Verifies the file's signature with `publicKey` (a key trusted after opening: the signing key
+   * of a command that signs its output) and, when it holds, checks every unit read from then on
+   * against the signed digests, as --verify-key would have. Returns whether it held.
+   */
+  trustSigner(publicKey: crypto.KeyObject): boolean {
+    if (this.signature === undefined || this.info.signature?.signer !== signerId(publicKey) || !signatureValid(publicKey, this.manifest, this.signature)) return false
+    this.verified = this.info.signature.signer
+    return true
+  }
 
   /** A convergent file's content key of `unit` (what seals its bytes). */
   contentKeyOf(unit: number): Buffer {
@@ -145,7 +163,7 @@ export function openSeal(source: ByteSource, info: SealInfo, found: SealedStruct
   if (info.encryption) {
     const key = keys.keys.find((k) => k.id === info.encryption!.keyId)
     if (!key && keys.keys.length > 0) {
-      throw new UffdError('KEY_MISMATCH', `${name} is encrypted with key ${info.encryption.keyId}, not with the key given (${keys.keys.map((k) => k.id).join(', ')})`)
+      throw new UffdError('KEY_MISMATCH', `${name} names key ${info.encryption.keyId} as the key it is encrypted with; the key given is ${keys.keys.map((k) => k.id).join(', ')} (another key, or the file's header was changed)`)
     }
     if (!key && !locked) throw keyRequired(name, info)
     if (key) {
@@ -170,7 +188,7 @@ export function openSeal(source: ByteSource, info: SealInfo, found: SealedStruct
     if (!signatureValid(trusted!, digest, record.signature!)) fail('SIGNATURE_INVALID', 'signature', `does not verify with key ${signer}: the file changed since it was signed`)
     verifiedSigner = signer
   }
-  return new OpenedSeal(info, fileKeyPair, verifiedSigner, digests, name, Buffer.concat([keyTable ?? Buffer.alloc(0), digests ?? Buffer.alloc(0), recordBytes]), contentKeys)
+  return new OpenedSeal(info, fileKeyPair, verifiedSigner, digests, name, Buffer.concat([keyTable ?? Buffer.alloc(0), digests ?? Buffer.alloc(0), recordBytes]), contentKeys, digest, record.signature)
 }
 
 /** Where metadata.workingSet.learned says learned runs lie, if that is inside the data section. */
@@ -180,4 +198,19 @@ export function learnedLocation(metadata: SnapshotMetadata, dataStart: number, d
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length)) return undefined
   const [o, n] = [offset as number, length as number]
   return o >= dataStart && n >= 0 && o + n <= dataEnd ? {offset: o, length: n} : undefined
+}
+
+/**
+ * Refuses to sign (with `signingKey`) a file made from `inputs` unless each was authenticated:
+ * encrypted and opened with its key (its MAC held), or signed with a verified signature (by a
+ * --verify-key, or by the signing key itself). Signing what only CRC-32s checked would vouch for
+ * bytes an attacker could have chosen.
+ */
+export function checkSignable(inputs: readonly {name: string; seal: OpenedSeal | undefined}[], signingKey: crypto.KeyObject): void {
+  const publicKey = crypto.createPublicKey(signingKey)
+  for (const {name, seal} of inputs) {
+    if (seal?.verifiedSigner !== undefined || seal?.trustSigner(publicKey) || (seal?.encrypted && !seal.locked)) continue
+    const what = seal?.info.signature ? `signed by ${seal.info.signature.signer}, whose signature was not checked` : 'neither encrypted nor signed'
+    throw new UffdError('USAGE', `${name} is ${what}: signing a file made from it would vouch for bytes only checksums checked (give --verify-key with the key that signs it)`)
+  }
 }

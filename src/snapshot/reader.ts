@@ -176,6 +176,9 @@ export class SnapshotReader {
     }
     let seal: OpenedSeal | undefined
     if (!sealInfo && keys.verifyKeys.length > 0) throw new SnapshotFormatError('SIGNATURE_INVALID', 'signature', 'the file is not signed, and --verify-key requires a signature')
+    // A key given means the snapshot is expected sealed: a file written over it unencrypted (by
+    // anyone who can write there) must not be served as if it had been authenticated.
+    if (!encrypted && keys.keys.length > 0) throw new SnapshotFormatError('NOT_SEALED', 'header', 'the file is not encrypted, and a key was given (--key-file, UFFD_KEY_FILE or UFFD_KEY): an encrypted snapshot is expected (leave the key out to read an unencrypted one)')
     if (sealInfo) {
       const unitCount = index.length + (layer?.set.blocks.length ?? 0) + (packed?.blocks.length ?? 0)
       seal = openSeal(source, sealInfo, {manifest, unitCount, structuresEnd: Math.max(footer.indexOffset + indexBytes.length, footer.zeroMapOffset + zeroMapBytes.length), learned: learnedLocation(header.metadata, headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))}, keys, locked)
@@ -221,26 +224,11 @@ export class SnapshotReader {
     // The checksum covers the stored bytes, so corrupt data is refused before it reaches a
     // decoder, and checking costs a pass over the compressed size only. zstd frames also carry
     // their own checksum of the decoded content, which zstd verifies while decoding.
-    const stored = this.checked(chunk, entry, () => this.readStored(entry, payload, wait))
-    if (stored === undefined) return undefined
-    const plain = this.seal?.encrypted ? this.unsealed(chunk, entry, stored, entry.codec === Codec.Raw ? payload : undefined) : stored
-    if (plain !== payload) this.decode(chunk, entry, plain, payload)
+    const checked = this.checked(chunk, entry, () => this.readStored(entry, payload, wait), entry.codec === Codec.Raw ? payload : undefined)
+    if (checked === undefined) return undefined
+    if (checked.plain !== payload) this.decode(chunk, entry, checked.plain, payload)
     this.unitsDecoded++
     return payload
-  }
-
-  /**
-   * Decrypts a unit's stored bytes into `dst` (or scratch), after its checksum held; throws
-   * NOT_AUTHENTIC when they do not authenticate for the unit's place under this file's key.
-   */
-  private unsealed(unit: number, entry: ChunkEntry, stored: Buffer, dst?: Buffer): Buffer {
-    const length = entry.storedLength - TAG_BYTES
-    if (!dst) {
-      if (this.plainScratch.length < length) this.plainScratch = Buffer.alloc(Math.max(length, this.geometry.chunkSize + 1024))
-      dst = this.plainScratch.subarray(0, length)
-    }
-    if (!this.seal!.open(this.placeOf(unit, entry), stored, dst)) throw this.chunkError(unit, 'NOT_AUTHENTIC', `does not authenticate under the file's key (changed, moved from another place, or from another snapshot)`)
-    return dst
   }
 
   /** Where a unit sits, as its seal binds it. */
@@ -265,29 +253,13 @@ export class SnapshotReader {
 
   /**
    * The unit's stored bytes exactly as the file holds them (a new buffer), verified as
-   * readPayload verifies them: against their checksum and, with `decode`, by decoding them (into
-   * scratch) to the length the index declares. For copying stored bytes without passing on one
-   * that was not checked.
+   * readPayload verifies them: against their checksum (and seal) and, with `decode`, by decoding
+   * them (into scratch) to the length the index declares. For copying stored bytes without passing
+   * on one that was not checked. Without the key (a locked file, copied by a host that holds no
+   * key) only their checksum can be checked.
    */
   storedBytes(unit: number, decode = false): Buffer {
-    const entry = this.entry(unit)
-    if (entry.codec === Codec.None) return Buffer.alloc(0)
-    const stored = this.checked(unit, entry, () => {
-      const bytes = Buffer.allocUnsafe(entry.storedLength)
-      this.source.readAt(bytes, entry.dataOffset)
-      return bytes
-    })
-    // Sealed bytes are checked whole (the tag covers them all) even when only copied; without the
-    // key (a locked file, copied by a host that holds no key) only their checksum can be.
-    if (this.seal?.locked) return stored
-    const plain = this.seal?.encrypted ? this.unsealed(unit, entry, stored) : stored
-    if (decode && entry.codec !== Codec.Raw) {
-      if (this.payloadScratch.length < entry.payloadLength) this.payloadScratch = Buffer.alloc(Math.max(entry.payloadLength, this.geometry.chunkSize))
-      this.decode(unit, entry, plain, this.payloadScratch.subarray(0, entry.payloadLength))
-    } else if (decode && plain.length !== entry.payloadLength) {
-      throw this.chunkError(unit, 'CORRUPT', `raw data is ${plain.length} bytes, expected ${entry.payloadLength}`)
-    }
-    return stored
+    return this.verifiedUnit(unit, decode).stored
   }
 
   /**
@@ -295,34 +267,65 @@ export class SnapshotReader {
    * as storedBytes(unit, true) verifies them: for writing them into another file, sealed anew.
    */
   codecBytes(unit: number): Buffer {
-    const stored = this.storedBytes(unit, true)
-    if (!this.seal?.encrypted || stored.length === 0) return stored
-    return Buffer.from(this.unsealed(unit, this.entry(unit), stored))
+    const {stored, plain} = this.verifiedUnit(unit, true)
+    return plain === stored ? plain : Buffer.from(plain)
+  }
+
+  private verifiedUnit(unit: number, decode: boolean): {stored: Buffer; plain: Buffer} {
+    const entry = this.entry(unit)
+    if (entry.codec === Codec.None) return {stored: Buffer.alloc(0), plain: Buffer.alloc(0)}
+    const checked = this.checked(unit, entry, () => {
+      const bytes = Buffer.allocUnsafe(entry.storedLength)
+      this.source.readAt(bytes, entry.dataOffset)
+      return bytes
+    })
+    if (this.seal?.locked || !decode) return checked
+    if (entry.codec !== Codec.Raw) {
+      if (this.payloadScratch.length < entry.payloadLength) this.payloadScratch = Buffer.alloc(Math.max(entry.payloadLength, this.geometry.chunkSize))
+      this.decode(unit, entry, checked.plain, this.payloadScratch.subarray(0, entry.payloadLength))
+    } else if (checked.plain.length !== entry.payloadLength) {
+      throw this.chunkError(unit, 'CORRUPT', `raw data is ${checked.plain.length} bytes, expected ${entry.payloadLength}`)
+    }
+    return checked
   }
 
   /**
-   * Reads stored bytes with `read` and checks them against the entry's checksum; undefined when
-   * `read` found them not on this host (a no-wait read).
+   * Reads stored bytes with `read` and checks them: their checksum, a verified signature's unit
+   * digest, and for an encrypted file their seal (decrypting them into `dst`, or scratch): the
+   * bytes as stored and as the codec wrote them. Undefined when `read` found them not on this host
+   * (a no-wait read). A cached copy of remote bytes that fails any check (a torn file after a
+   * crash, a disk error, an entry changed by someone who can write the cache) is dropped and
+   * fetched again, once; the file itself failing is what the error reports.
    */
-  private checked<T extends Buffer | undefined>(unit: number, entry: ChunkEntry, read: () => T): T {
+  private checked<T extends Buffer | undefined>(unit: number, entry: ChunkEntry, read: () => T, dst?: Buffer): T extends Buffer ? {stored: Buffer; plain: Buffer} : {stored: Buffer; plain: Buffer} | undefined {
+    type Out = T extends Buffer ? {stored: Buffer; plain: Buffer} : {stored: Buffer; plain: Buffer} | undefined
     let stored = read()
-    if (stored === undefined) return stored
-    let crc = crc32(stored)
-    // A cached copy of remote bytes that went bad (a torn file after a crash, a disk error) is
-    // dropped and fetched again, once; the file itself failing is what the error reports.
-    if (crc !== entry.storedCrc && this.source.discard?.(entry.dataOffset, entry.storedLength)) {
+    if (stored === undefined) return undefined as Out
+    let outcome = this.check(unit, entry, stored, dst)
+    if (outcome instanceof SnapshotFormatError && this.source.discard?.(entry.dataOffset, entry.storedLength)) {
       stored = read()
-      if (stored === undefined) return stored
-      crc = crc32(stored)
+      if (stored === undefined) return undefined as Out
+      outcome = this.check(unit, entry, stored, dst)
     }
-    if (crc !== entry.storedCrc) {
-      throw this.chunkError(unit, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)})`)
-    }
+    if (outcome instanceof SnapshotFormatError) throw outcome
+    return {stored, plain: outcome} as Out
+  }
+
+  /** The unit's plaintext (the stored bytes themselves unless encrypted), or what is wrong with them. */
+  private check(unit: number, entry: ChunkEntry, stored: Buffer, dst?: Buffer): Buffer | SnapshotFormatError {
+    const crc = crc32(stored)
+    if (crc !== entry.storedCrc) return this.chunkError(unit, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)})`)
     // A verified signature covers the digest of every unit: the checksum stops accidents, this stops a forger.
-    if (this.seal?.digestsChecked && !this.seal.digestMatches(unit, stored)) {
-      throw this.chunkError(unit, 'NOT_AUTHENTIC', 'its digest differs from the one the signed unit digest table records')
+    if (this.seal?.digestsChecked && !this.seal.digestMatches(unit, stored)) return this.chunkError(unit, 'NOT_AUTHENTIC', 'its digest differs from the one the signed unit digest table records')
+    if (!this.seal?.encrypted || this.seal.locked) return stored
+    const length = entry.storedLength - TAG_BYTES
+    let plain = dst?.subarray(0, length)
+    if (!plain) {
+      if (this.plainScratch.length < length) this.plainScratch = Buffer.alloc(Math.max(length, this.geometry.chunkSize + 1024))
+      plain = this.plainScratch.subarray(0, length)
     }
-    return stored
+    if (!this.seal.open(this.placeOf(unit, entry), stored, plain)) return this.chunkError(unit, 'NOT_AUTHENTIC', `does not authenticate under the file's key (changed, moved from another place, or from another snapshot)`)
+    return plain
   }
 
   /** Loads the decoders now: a thread that will decode calls it at start-up so that its first fault does not pay for it. */

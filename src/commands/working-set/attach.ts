@@ -11,6 +11,8 @@ import {readInputText} from '../../snapshot/input-file.js'
 import {layersFlag} from '../../cli/layers-flag.js'
 import {UffdError} from '../../core/errors.js'
 import {LayeredReader} from '../../snapshot/layered-reader.js'
+import {checkSignable} from '../../snapshot/opened-seal.js'
+import {type SnapshotReader} from '../../snapshot/reader.js'
 import {openSnapshot} from '../../snapshot/open.js'
 import {chainFileAt, outputLocation, prepareOutput} from '../../snapshot/outputs.js'
 import {workingSetIdentity} from '../../snapshot/attached-set.js'
@@ -67,7 +69,13 @@ The snapshot may be an http(s):// URL (then --output is needed) or s3://BUCKET/K
       checkMatches(set, workingSetIdentity(reader), args['working-set'])
       // Replacing is what attach does (in place by default): no --force, as for a local file.
       const prepared = await prepareOutput(location, {force: true, mode, s3: options.s3})
-      const result = await withInterruptHandling((signal) => writeAttached(reader, prepared.open(attachedSizeHint(reader, set)), set, {...packOptionsFor(reader.header.metadata, flags.pack), seal: {...sealingFromFlags({...flags, encrypt: false, convergent: false}), ...(keys.keys[0] ? {key: keys.keys[0]} : {})}}, signal), `${prepared.destination} left as it was`)
+      const seal = {...sealingFromFlags({...flags, encrypt: false, convergent: false}, keys), ...(keys.keys[0] ? {key: keys.keys[0]} : {})}
+      if (seal.signingKey) {
+        // Every file the result's bytes come from (a layer's ancestors too) must have been authenticated.
+        const files = reader instanceof LayeredReader ? reader.files.map((f, k) => ({name: reader.paths[k], seal: f.seal})) : [{name: snapshot.name, seal: (reader as SnapshotReader).seal}]
+        checkSignable(files, seal.signingKey)
+      }
+      const result = await withInterruptHandling((signal) => writeAttached(reader, prepared.open(attachedSizeHint(reader, set)), set, {...packOptionsFor(reader.header.metadata, flags.pack), seal}, signal), `${prepared.destination} left as it was`)
       this.log(`${prepared.destination}: ${describeAttached(result, set)}`)
       return {output: prepared.destination, ...result, pages: set.pages.length}
     } finally {
