@@ -368,6 +368,27 @@ describe('sealed snapshots through the CLI', () => {
     expect(ok(['verify', at('signed-squashed.uffd'), '--against', at('signed-chain.raw'), '--key-file', at('key'), '--verify-key', at('sign.pub')]).ok).toBe(true)
   })
 
+  it('a layer over a signed parent is bound to it by its unit digests: a parent chunk changed with its CRC kept is refused, without --verify-key too', () => {
+    fs.mkdirSync(at('bound'))
+    fs.copyFileSync(at('signed.uffd'), at('bound/base.uffd'))
+    const changed = Buffer.from(data)
+    crypto.randomBytes(PAGE).copy(changed, 11 * PAGE)
+    fs.writeFileSync(at('bound/changed.raw'), changed)
+    ok(['snapshot', '--mem-file', at('bound/changed.raw'), '--parent', at('bound/base.uffd'), '-o', at('bound/top.uffd'), '--sign-key', at('sign.pem')])
+    expect(ok(['verify', at('bound/top.uffd'), '--against', at('bound/changed.raw')]).ok).toBe(true)
+    const reader = opened(at('bound/base.uffd'))
+    const chunk = reader.index.findIndex((e, c) => c > 20 && e.codec === Codec.Zstd && !(e.flags & 1))
+    const e = reader.entry(chunk)
+    reader.close()
+    const bytes = readAt(at('bound/base.uffd'), e.dataOffset, e.storedLength)
+    bytes[10] ^= 0x02
+    forgeCrc(bytes, 30, e.storedCrc)
+    patch(at('bound/base.uffd'), e.dataOffset, bytes)
+    // The layer's record of its parent covers the parent's digest table, and a signed file's units
+    // are always checked against it: no --verify-key is needed for this.
+    expect(fails(['verify', at('bound/top.uffd')]).message).toMatch(new RegExp(`chunk ${chunk}: its digest differs`))
+  })
+
   describe('an attacker who can write the file', () => {
     const both = (): string[] => ['--key-file', at('key'), '--verify-key', at('sign.pub')]
 
@@ -499,8 +520,8 @@ describe('sealed snapshots through the CLI', () => {
       patch(f, e.dataOffset, bytes)
       const err = fails(['verify', f, '--verify-key', at('sign.pub')])
       expect(err.message).toMatch(new RegExp(`chunk ${chunk}: its digest differs`))
-      // Without --verify-key the signature is not checked: the file reads as an unsigned one would.
-      expect(uffd(['verify', f, '--json']).json.errors.join('')).not.toMatch(/digest/)
+      // Without --verify-key too: a signed file's units are always checked against its digest table.
+      expect(uffd(['verify', f, '--json']).json.errors.join('')).toMatch(/digest differs/)
     })
 
     it('changes the MAC in the seal record: refused', () => {

@@ -97,9 +97,13 @@ export class OpenedSeal {
     return this.keys !== undefined || this.verifiedSigner !== undefined
   }
 
-  /** Whether units are checked against the signed digest table (a signature was verified). */
+  /**
+   * Whether units are checked against the digest table: always, in a signed file. With its
+   * signature verified the table is authentic; without, it still binds the file to what a layer
+   * over it recorded (its identity covers the table), so a parent changed under a layer is found.
+   */
   get digestsChecked(): boolean {
-    return this.verifiedSigner !== undefined && this.digests !== undefined
+    return this.digests !== undefined
   }
 
   /** Decrypts a sealed unit into `dst`; false when it does not authenticate. Throws KEY_REQUIRED when locked. */
@@ -109,6 +113,11 @@ export class OpenedSeal {
     const generation = this.info.encryption!.generations[GENERATION_NAMES[place.kind]]
     if (!generation) throw new SnapshotFormatError('CORRUPT', 'seal', `the file holds ${GENERATION_NAMES[place.kind]} units but its seal has no generation for them`, this.name)
     return openUnit(this.keys.unit, generation, place, sealed, dst)
+  }
+
+  /** The unit digest table's rows [first, first + count) (a signed file's; empty otherwise). */
+  digestRows(first: number, count: number): Buffer {
+    return this.digests?.subarray(first * UNIT_DIGEST_BYTES, (first + count) * UNIT_DIGEST_BYTES) ?? Buffer.alloc(0)
   }
 
   digestMatches(unit: number, stored: Buffer): boolean {

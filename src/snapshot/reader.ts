@@ -184,7 +184,11 @@ export class SnapshotReader {
       seal = openSeal(source, sealInfo, {manifest, unitCount, structuresEnd: Math.max(footer.indexOffset + indexBytes.length, footer.zeroMapOffset + zeroMapBytes.length), learned: learnedLocation(header.metadata, headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))}, keys, locked)
     }
     // What the file holds, not how it is laid out: attaching a working set or learning one keeps it.
-    const identity = layer ? layerIdentity(geometry, layer.parents, layer.runs, layer.set, zeroMapBytes) : memoryDigest(geometry, index, zeroMapBytes)
+    const content = layer ? layerIdentity(geometry, layer.parents, layer.runs, layer.set, zeroMapBytes) : memoryDigest(geometry, index, zeroMapBytes)
+    // A signed file's identity also rests on its units' digests (its chunks', or a layer's own
+    // blocks': the rows a working set attached later does not move), so a layer's parent is bound
+    // to it by SHA-256, not only by CRC-32s that chosen memory could match.
+    const identity = seal?.info.signature ? signedIdentity(content, seal.digestRows(0, layer ? layer.set.blocks.length : index.length)) : content
     return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, identity, layout.digest('hex'), seal)
   }
 
@@ -436,6 +440,10 @@ export class SnapshotReader {
     const part = block === undefined ? `chunk ${unit}` : block < layerBlocks ? `layer block ${block}` : `packed working set block ${block - layerBlocks}`
     return new SnapshotFormatError(code, part, detail, this.source.name)
   }
+}
+
+function signedIdentity(content: string, digests: Buffer): string {
+  return createHash('sha256').update('uffd signed identity').update(content).update(digests).digest('hex')
 }
 
 function codecName(codec: Codec): string {
