@@ -12,7 +12,7 @@ import {crc32} from 'node:zlib'
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
 import {Codec, FOOTER_SIZE} from '../src/format/constants.js'
-import {fileKeys, keyId, manifestDigest, ManifestPart, openUnit, parseKey, SEAL_RECORD_SIZE, sealUnit, unitAad, UnitKind, unitNonce} from '../src/format/seal.js'
+import {contentKey, convergentKey, fileKeys, keyId, manifestDigest, ManifestPart, openConvergent, openUnit, parseKey, SEAL_RECORD_SIZE, sealConvergent, sealUnit, unitAad, UnitKind, unitNonce} from '../src/format/seal.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {attachWorkingSet} from '../src/snapshot/relayout.js'
 import {cliEnv, isRoot, NATIVE, ROOT, uffd, uffdAsync} from './helpers/cli.js'
@@ -59,6 +59,25 @@ describe('the construction, as docs/FORMAT.md words it', () => {
     const head = (part: number, length: number): Buffer => Buffer.concat([Buffer.from([part, 0, 0, 0]), Buffer.from([length, 0, 0, 0, 0, 0, 0, 0])])
     const expected = crypto.createHash('sha256').update('uffd seal v1 manifest').update(head(1, 1)).update('h').update(head(3, 2)).update('ii').digest()
     expect(manifest.equals(expected)).toBe(true)
+  })
+
+  it('derives convergent keys and seals convergent units as the page words it, matching its vectors', () => {
+    const ck = Buffer.from(crypto.hkdfSync('sha256', VECTOR_KEY, Buffer.alloc(0), Buffer.from('uffd seal v1 convergent key'), 32))
+    expect(convergentKey(VECTOR_KEY).equals(ck)).toBe(true)
+    const key = crypto.createHmac('sha256', ck).update('uffd seal v1 content').update(Buffer.from([3, 0x00, 0x20, 0, 0])).update(VECTOR_PLAIN).digest()
+    expect(contentKey(ck, Codec.Zstd, 8192, VECTOR_PLAIN).equals(key)).toBe(true)
+    const cipher = crypto.createCipheriv('aes-256-gcm', key, Buffer.alloc(12))
+    cipher.setAAD(Buffer.concat([Buffer.from('uffd seal v1 convergent unit'), Buffer.from([3, 0x00, 0x20, 0, 0])]))
+    const independent = Buffer.concat([cipher.update(VECTOR_PLAIN), cipher.final(), cipher.getAuthTag()])
+    expect(sealConvergent(key, Codec.Zstd, 8192, VECTOR_PLAIN).equals(independent)).toBe(true)
+    expect({convergentKey: ck.toString('hex'), contentKey: key.toString('hex'), sealed: independent.toString('hex')}).toEqual({
+      convergentKey: 'a248d905f3214a62712243d81b3482c132a51acb785c566b23aa913868c57110',
+      contentKey: '98d1e46d392cb869b53a5a32dbe060f703d36330d71a19178c9dc3c5e4e1c902',
+      sealed: 'e4533f44f6b75f1977b3864e45ff6804e854240fba9a76e14deb4f7e1adb19f99efec8ca4336ee81d38f5a1e',
+    })
+    const dst = Buffer.alloc(VECTOR_PLAIN.length)
+    expect(openConvergent(key, Codec.Zstd, 8192, independent, dst) && dst.equals(VECTOR_PLAIN)).toBe(true)
+    expect(openConvergent(key, Codec.Lz4, 8192, independent, dst), 'another codec').toBe(false)
   })
 
   it('refuses a unit opened for any other place, generation, codec or length, or changed by one bit', () => {
