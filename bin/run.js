@@ -18,14 +18,17 @@ if (!fast) {
 /**
  * The resume path's bundle (scripts/bundle.mjs: a few files to load rather than each module),
  * when it was made from the dist/ there is now; after a bare tsc, which rewrites every file of
- * dist/, the modules themselves (their workers then start unbundled too).
+ * dist/ (minutes after the last build, as a rule), the modules themselves (their workers then
+ * start unbundled too). Not to the second: npm extracts an installed package's files in no set
+ * order, each with the time it was written, so a module may be a moment newer than its bundle.
  */
 async function resumeEntry() {
+  const staleAfterMs = 30_000
   const {statSync} = await import('node:fs')
   const bundle = new URL('../dist/bundle/cli-resume-entry.js', import.meta.url)
   const modules = new URL('../dist/cli/resume-entry.js', import.meta.url)
   try {
-    if (statSync(bundle).mtimeMs >= statSync(modules).mtimeMs) return bundle.href
+    if (statSync(bundle).mtimeMs >= statSync(modules).mtimeMs - staleAfterMs) return bundle.href
   } catch {
     // No bundle: the modules.
   }
