@@ -323,6 +323,19 @@ describe('sealed snapshots through the CLI', () => {
     expect(text.stdout).toMatch(/sealed\s+encrypted \(aes-256-gcm, key [0-9a-f]{16}; not opened: no key given\); what is shown is not authenticated/)
   })
 
+  it('a reader opened without the key (stats, cp) never hands out a payload: KEY_REQUIRED', () => {
+    const reader = opened(at('enc.uffd'))
+    try {
+      const chunk = reader.index.findIndex((e) => e.codec !== Codec.None)
+      expect(() => reader.readPayload(chunk)).toThrow(/is encrypted .*give its key/)
+      expect(() => reader.codecBytes(chunk)).toThrow(/is encrypted .*give its key/)
+      // Its stored bytes, for copying as they are, checksum checked.
+      expect(reader.storedBytes(chunk).length).toBe(reader.entry(chunk).storedLength)
+    } finally {
+      reader.close()
+    }
+  })
+
   it('--verify-key refuses an unsigned file, another signer, and a signature over other bytes; a directory of keys is trusted', () => {
     expect(fails(['verify', at('plain.uffd'), '--verify-key', at('sign.pub')]).code).toBe('SIGNATURE_INVALID')
     const other = fails(['verify', at('signed.uffd'), '--verify-key', at('other.pub')])

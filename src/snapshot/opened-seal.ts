@@ -92,6 +92,11 @@ export class OpenedSeal {
     return this.encrypted && this.keys === undefined
   }
 
+  /** Throws KEY_REQUIRED when the file is encrypted and was opened without its key. */
+  requireKey(): void {
+    if (this.locked) throw keyRequired(this.name, this.info)
+  }
+
   /** Whether the header, index and tables were authenticated (by the file key's MAC, or a verified signature). */
   get authenticated(): boolean {
     return this.keys !== undefined || this.verifiedSigner !== undefined

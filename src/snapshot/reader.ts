@@ -217,6 +217,8 @@ export class SnapshotReader {
   private payloadOf(chunk: number, dst: Buffer | undefined, wait: boolean): Buffer | undefined {
     const entry = this.entry(chunk)
     if (entry.codec === Codec.None) return Buffer.alloc(0)
+    // Opened without its key: its stored bytes are ciphertext, never a payload.
+    this.seal?.requireKey()
     let payload: Buffer
     if (dst) {
       if (dst.length < entry.payloadLength) throw new RangeError(`buffer of ${dst.length} bytes is too small for chunk ${chunk} (${entry.payloadLength})`)
@@ -271,6 +273,7 @@ export class SnapshotReader {
    * as storedBytes(unit, true) verifies them: for writing them into another file, sealed anew.
    */
   codecBytes(unit: number): Buffer {
+    this.seal?.requireKey()
     const {stored, plain} = this.verifiedUnit(unit, true)
     return plain === stored ? plain : Buffer.from(plain)
   }
