@@ -92,7 +92,8 @@ describe('the unit cache', () => {
       expect(shared.decodes.get(base)).toBe(needed.size)
       // The second layer to ask for a base chunk both need finds it decoded.
       expect(shared.hits.get(base)).toBeGreaterThanOrEqual([...chunksUsingBase(a)].filter((c) => chunksUsingBase(b).has(c)).length)
-      expect((separate[0].decodes.get(base) ?? 0) + (separate[1].decodes.get(base) ?? 0)).toBe(chunksUsingBase(a).size + chunksUsingBase(b).size)
+      // (A chain alone on its cache decodes base chunks straight into the chunk it assembles.)
+      expect(a2.files[0].unitsDecoded + b2.files[0].unitsDecoded).toBe(chunksUsingBase(a).size + chunksUsingBase(b).size)
       // What a resume counts as storedUnitsShared: b took decoded each base chunk a had read first
       // (the same cache entries, keyed by the base's layout); a itself, and chains with caches of
       // their own, were spared nothing.
@@ -122,6 +123,54 @@ describe('the unit cache', () => {
         }
       }),
       {numRuns: 40},
+    )
+  })
+
+  it('decodes each layer block once for all readers of one chain that share its blocks (as the fault loop and its decoders do)', () => {
+    const first = chain('a.uffd', new UnitCache())
+    const files = [SnapshotReader.open(at('base.uffd')), SnapshotReader.open(at('a.uffd'))]
+    const second = LayeredReader.fromFiles(files, ['base.uffd', 'a.uffd'], new UnitCache(), first.blockShare)
+    const dst = Buffer.alloc(CHUNK)
+    try {
+      const chunks = Array.from({length: SIZE / CHUNK}, (_, c) => c)
+      for (const c of chunks) {
+        for (const reader of c % 2 === 0 ? [first, second] : [second, first]) {
+          reader.readChunk(c, dst)
+          expect(dst.equals(images.get('a.uffd')!.subarray(c * CHUNK, (c + 1) * CHUNK)), `chunk ${c}`).toBe(true)
+        }
+      }
+      const blocks = first.files[1].layer!.set.blocks.length
+      expect(blocks).toBeGreaterThan(1)
+      expect(first.files[1].unitsDecoded + second.files[1].unitsDecoded).toBe(blocks)
+    } finally {
+      first.close()
+      second.close()
+    }
+  })
+
+  it('assembles every chunk into a caller buffer whatever it held, base pages moved in place', () => {
+    const dst = Buffer.alloc(CHUNK)
+    fc.assert(
+      fc.property(fc.array(fc.integer({min: 0, max: SIZE / CHUNK - 1}), {minLength: 1, maxLength: 64}), fc.integer({min: 0, max: 255}), (reads, fill) => {
+        const reader = chain('b.uffd', new UnitCache())
+        try {
+          for (const c of reads) {
+            dst.fill(fill)
+            const payload = reader.readPayload(c, dst)
+            const image = images.get('b.uffd')!
+            const expected = Buffer.concat(
+              Array.from({length: CHUNK / PAGE}, (_, i) => c * (CHUNK / PAGE) + i)
+                .filter((p) => !reader.zeroMap.isZero(p))
+                .map((p) => image.subarray(p * PAGE, (p + 1) * PAGE)),
+            )
+            expect(payload.equals(expected), `chunk ${c}`).toBe(true)
+          }
+          expect(reader.files[0].unitsDecoded).toBeGreaterThan(0)
+        } finally {
+          reader.close()
+        }
+      }),
+      {numRuns: 30},
     )
   })
 })

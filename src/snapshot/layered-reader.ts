@@ -12,6 +12,7 @@ import {type PackedSet} from '../format/packed-set.js'
 import {payloadPageIndex, type ZeroMap} from '../format/zero-map.js'
 import {type ByteSource, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority} from './byte-source.js'
 import {SnapshotReader} from './reader.js'
+import {SharedLayerBlocks, type SharedBlocksShare} from './shared-blocks.js'
 import {threadUnitCache, type UnitCache} from './unit-cache.js'
 
 /**
@@ -45,6 +46,8 @@ export class LayeredReader {
   /** This chain's number in the unit cache. */
   private readonly chain: number
   private shared = 0
+  /** The layers' decoded blocks, in memory this process's threads share. */
+  private readonly blocks: SharedLayerBlocks
 
   private constructor(
     /** The chain, base first, the top layer last. */
@@ -53,7 +56,9 @@ export class LayeredReader {
     readonly paths: readonly string[],
     /** Decoded units of the files, keyed by file identity: shared with other chains of this thread. */
     private readonly units: UnitCache,
+    blocks: SharedBlocksShare | undefined,
   ) {
+    this.blocks = new SharedLayerBlocks(files, blocks)
     this.chain = units.attach()
     const top = files.at(-1)!
     this.remote = files.some((f) => f.remote)
@@ -82,11 +87,17 @@ export class LayeredReader {
   /**
    * The chain of `files` (base first, each ancestor's identity checked by whoever found it),
    * cross-checked (see docs/FORMAT.md) before anything is served. The readers are this one's
-   * from then on; on a throw the caller still owns them.
+   * from then on; on a throw the caller still owns them. `blocks`: another thread's chain's
+   * blockShare, to share its decoded layer blocks.
    */
-  static fromFiles(files: SnapshotReader[], paths: string[], units: UnitCache = threadUnitCache): LayeredReader {
+  static fromFiles(files: SnapshotReader[], paths: string[], units: UnitCache = threadUnitCache, blocks?: SharedBlocksShare): LayeredReader {
     checkChain(files, paths)
-    return new LayeredReader(files, paths, units)
+    return new LayeredReader(files, paths, units, blocks)
+  }
+
+  /** For the threads this one starts: their readers of this chain then share its decoded layer blocks. */
+  get blockShare(): SharedBlocksShare {
+    return this.blocks.share
   }
 
   get source(): ByteSource {
@@ -201,24 +212,85 @@ export class LayeredReader {
     const {payloadLength} = this.entry(chunk)
     if (dst && dst.length < payloadLength) throw new RangeError(`buffer of ${dst.length} bytes is too small for chunk ${chunk} (${payloadLength})`)
     if (!dst && this.scratch.length < payloadLength) this.scratch = Buffer.alloc(this.geometry.chunkSize)
-    const payload = (dst ?? this.scratch).subarray(0, payloadLength)
-    const first = this.geometry.firstPageOfChunk(chunk)
-    const end = first + this.geometry.pagesInChunk(chunk)
-    let at = 0
+    const room = dst ?? this.scratch
+    const payload = room.subarray(0, payloadLength)
+    const pieces = this.piecesOfChunk(chunk)
+    const baseDone = this.baseInPlace(chunk, pieces, room, wait)
+    if (baseDone === undefined) return undefined
+    const {pageSize} = this.geometry
     // The units another chain had decoded, once each however many runs of the chunk they hold.
     const spared = new Set<string>()
+    for (const {source, unit, position, count, at} of pieces) {
+      if (baseDone && source === 0) continue
+      const from = this.unitPayload(source, unit, wait, spared)
+      if (!from) return undefined
+      from.copy(payload, at, position * pageSize, (position + count) * pageSize)
+    }
+    this.shared += spared.size
+    return payload
+  }
+
+  /**
+   * Decodes the chunk's base chunk straight into `room` and moves its pages to their places in
+   * the resolved payload, when no other chain of this thread could want it (then it goes through
+   * the unit cache, for them): saves a chunk-sized copy per chunk. The base's pages keep their
+   * order in the resolved payload, so every one moves the same way as its neighbours or not at
+   * all: those moving towards the start are moved first, in ascending order, the others after, in
+   * descending order, and no move overwrites a page still to be moved. True when done, false when
+   * the caller must take the base's pieces from the unit cache, undefined when its stored bytes
+   * are not on this host (without `wait`).
+   */
+  private baseInPlace(chunk: number, pieces: readonly ChunkPiece[], room: Buffer, wait: boolean): boolean | undefined {
+    const base = this.files[0]
+    const own = pieces.filter((piece) => piece.source === 0)
+    if (own.length === 0 || this.units.sharedByChains || this.units.holds(base, chunk)) return false
+    if (room.length < base.entry(chunk).payloadLength) return false
+    const decoded = wait ? base.readPayload(chunk, room) : base.readPayloadIfLocal(chunk, room)
+    if (!decoded) return undefined
+    const {pageSize} = this.geometry
+    const move = ({position, count, at}: ChunkPiece): void => {
+      room.copy(room, at, position * pageSize, (position + count) * pageSize)
+    }
+    for (const piece of own) if (piece.at < piece.position * pageSize) move(piece)
+    for (let i = own.length - 1; i >= 0; i--) if (own[i].at > own[i].position * pageSize) move(own[i])
+    return true
+  }
+
+  /**
+   * Unit `unit` of file `source`, decoded and verified: a layer's block from the shared blocks
+   * when it has room there, unless other chains of this thread read through its unit cache (which
+   * shares blocks between chains with a common layer).
+   */
+  private unitPayload(source: number, unit: number, wait: boolean, spared: Set<string>): Buffer | undefined {
+    const file = this.files[source]
+    if (source > 0 && !this.units.sharedByChains) {
+      const block = this.blocks.take(file, source, unit, wait)
+      if (block !== 'no-room') return block
+    }
+    const taken = this.units.take(file, unit, wait, this.chain)
+    if (taken?.shared) spared.add(`${source}:${unit}`)
+    return taken?.payload
+  }
+
+  /** Where each of the chunk's data pages comes from: runs of them, in page order, each with its byte offset `at` in the resolved payload. */
+  private piecesOfChunk(chunk: number): ChunkPiece[] {
+    const {pageSize} = this.geometry
+    const first = this.geometry.firstPageOfChunk(chunk)
+    const end = first + this.geometry.pagesInChunk(chunk)
+    const pieces: ChunkPiece[] = []
+    let at = 0
     for (let r = findRun(this.runs, first), p = first; p < end; r++) {
       const run = this.runs[r]
       const stop = Math.min(end, run.firstPage + run.pageCount)
       if (run.source !== SOURCE_ZERO) {
-        const next = this.copyPages(run.source, p, stop, payload, at, wait, spared)
-        if (next === undefined) return undefined
-        at = next
+        for (const piece of this.pieces(run.source, p, stop)) {
+          pieces.push({source: run.source, ...piece, at})
+          at += piece.count * pageSize
+        }
       }
       p = stop
     }
-    this.shared += spared.size
-    return payload
+    return pieces
   }
 
   /** Fills `dst` with the chunk's whole-page bytes (zero pages included), as SnapshotReader.readChunk. */
@@ -237,6 +309,20 @@ export class LayeredReader {
     }
   }
 
+  /**
+   * Decodes one of the layers' blocks into the shared blocks ahead of need (a thread with nothing
+   * else to do: each block serves many chunks, and a fault then finds it decoded). False when
+   * every block that has room there is decoded or being decoded. A block that fails its checks
+   * is left for the fault that needs it to report.
+   */
+  decodeBlockAhead(): boolean {
+    try {
+      return this.blocks.warmOne(this.files)
+    } catch {
+      return true
+    }
+  }
+
   /** Loads every layer's decoders now (see SnapshotReader.prepareDecoding). */
   prepareDecoding(): void {
     for (const f of this.files) f.prepareDecoding()
@@ -246,24 +332,6 @@ export class LayeredReader {
     if (!this.closed) this.units.detach()
     this.closed = true
     for (const f of this.files) f.close()
-  }
-
-  /**
-   * Copies pages [from, to) of file `source` (all data pages there: checked at open) to `dst` at
-   * `at`; returns the next offset, or undefined (without `wait`) when a unit is not on this host.
-   * Adds to `spared` the units it took that another chain had decoded.
-   */
-  private copyPages(source: number, from: number, to: number, dst: Buffer, at: number, wait: boolean, spared: Set<string>): number | undefined {
-    const {pageSize} = this.geometry
-    for (const {unit, position, count} of this.pieces(source, from, to)) {
-      const taken = this.units.take(this.files[source], unit, wait, this.chain)
-      if (!taken) return undefined
-      if (taken.shared) spared.add(`${source}:${unit}`)
-      const {payload} = taken
-      payload.copy(dst, at, position * pageSize, (position + count) * pageSize)
-      at += count * pageSize
-    }
-    return at
   }
 
   /**
@@ -300,6 +368,17 @@ export class LayeredReader {
     }
     return pieces
   }
+}
+
+/** A run of a resolved chunk's data pages held by one unit of one file of the chain. */
+interface ChunkPiece {
+  source: number
+  unit: number
+  /** The first page's place among the unit's payload pages. */
+  position: number
+  count: number
+  /** Its byte offset in the resolved chunk's payload. */
+  at: number
 }
 
 /**

@@ -5,6 +5,7 @@ import {RemoteByteSource} from '../remote/remote-source.js'
 import {type RemoteShare} from '../remote/shared.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {SnapshotReader} from './reader.js'
+import {type SharedBlocksShare} from './shared-blocks.js'
 import {NO_READ_KEYS, type ReadKeys, readKeysFromShare, type ReadKeysShare} from './sealing.js'
 
 /** One file of a snapshot for a thread: a local path (opened at `openPath`), or a remote file's share with this thread's own port to its fetcher. */
@@ -19,7 +20,7 @@ export type FileSpec = {kind: 'file'; path: string; openPath?: string} | {kind: 
 export type SnapshotSpec = (
   | {kind: 'file'; path: string; openPath?: string}
   | {kind: 'remote'; share: RemoteShare; port: MessagePort}
-  | {kind: 'chain'; files: FileSpec[]; paths: string[]; landedFd: number}
+  | {kind: 'chain'; files: FileSpec[]; paths: string[]; landedFd: number; blocks?: SharedBlocksShare}
 ) & {
   /** The keys the command opened it with (sealed snapshots), for the thread to open it with too. */
   keys?: ReadKeysShare
@@ -31,7 +32,7 @@ export function openSpec(spec: SnapshotSpec): ImageReader {
   const files: SnapshotReader[] = []
   try {
     for (const file of spec.files) files.push(openFileSpec(file, keys))
-    return LayeredReader.fromFiles(files, spec.paths)
+    return LayeredReader.fromFiles(files, spec.paths, undefined, spec.blocks)
   } catch (error) {
     for (const f of files) f.close()
     throw error
@@ -41,6 +42,14 @@ export function openSpec(spec: SnapshotSpec): ImageReader {
 /** Opens one file of a spec on this thread, with the keys the command opened it with. */
 export function openFileSpec(spec: FileSpec, keys: ReadKeys = NO_READ_KEYS): SnapshotReader {
   return spec.kind === 'file' ? SnapshotReader.open(spec.path, spec.openPath, keys) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port), keys)
+}
+
+/**
+ * `spec`, for threads that will read beside `reader` (its opening here): a chain's readers there
+ * then share this one's decoded layer blocks.
+ */
+export function sharingDecoded(spec: SnapshotSpec, reader: ImageReader): SnapshotSpec {
+  return spec.kind === 'chain' && reader instanceof LayeredReader ? {...spec, blocks: reader.blockShare} : spec
 }
 
 export function specTransfer(spec: SnapshotSpec): Transferable[] {

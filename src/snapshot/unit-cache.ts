@@ -47,6 +47,17 @@ export class UnitCache {
     this.reserved = Math.max(0, Math.floor(entries))
   }
 
+  /** Whether several chains read through it (or it was told to keep base chunks for them): a decoded base chunk may serve another. */
+  get sharedByChains(): boolean {
+    return this.chains > 1 || this.reserved > 0
+  }
+
+  /** Whether unit `unit` of `file` is decoded here now. */
+  holds(file: SnapshotReader, unit: number): boolean {
+    const key = `${file.layout}:${unit}`
+    return this.entries.has(key) || this.blocks.has(key)
+  }
+
   /** A chain stops using it; with none left, its buffers are dropped. */
   detach(): void {
     this.chains = Math.max(0, this.chains - 1)

@@ -4,7 +4,7 @@ import {receiveMessageOnPort} from 'node:worker_threads'
 import {UffdError} from '../../core/errors.js'
 import {WorkingSetRecorder} from '../../format/working-set-recorder.js'
 import {type ImageReader} from '../../snapshot/layered-reader.js'
-import {openSpec, specLandedFd} from '../../snapshot/spec.js'
+import {openSpec, sharingDecoded, specLandedFd} from '../../snapshot/spec.js'
 import {threadUnitCache} from '../../snapshot/unit-cache.js'
 import {
   closeFd,
@@ -112,7 +112,7 @@ export class FaultLoop {
     const pool =
       config.decoders > 0
         ? new DecodePool(
-            served.map(({snapshot}) => snapshot),
+            served.map(({snapshot}, image) => sharingDecoded(snapshot, readers[image])),
             config.decoders,
             readaheadSlots + stagedSlots.reduce((a, b) => a + b, 0),
             chunkSize,
