@@ -1,5 +1,7 @@
 import {workerData} from 'node:worker_threads'
 
+import {ChunkDecompressor} from '../../snapshot/decompressor.js'
+import {LayeredReader} from '../../snapshot/layered-reader.js'
 import {openSpec} from '../../snapshot/spec.js'
 import {eventfdSignal, setThreadNice} from '../../sys/index.js'
 import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ERROR, SLOT_PENDING, SLOT_READY, type DecoderConfig} from './slots.js'
@@ -12,8 +14,9 @@ import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ER
  * Atomics.wait until a request or the stop flag arrives.
  */
 const config = workerData as DecoderConfig
-const readers = config.snapshots.map((spec) => openSpec(spec))
-for (const reader of readers) reader.prepareDecoding()
+// The codecs' native modules load first: a thread torn down while it loads them can abort the
+// process, so the fault loop waits for this much before it serves (and before a run ends).
+new ChunkDecompressor()
 const states = new Int32Array(config.states)
 const lengths = new Int32Array(config.lengths)
 const decodes = new Int32Array(config.decodes)
@@ -27,6 +30,10 @@ const control = new Int32Array(config.control)
 setThreadNice(DECODER_NICE)
 Atomics.add(control, CONTROL_STARTED, 1)
 Atomics.notify(control, CONTROL_STARTED)
+// Opened after saying so: the fault loop serves meanwhile (it decodes what faults itself), and a
+// chain of layers takes a while to open and check, at this thread's lower priority.
+const readers = config.snapshots.map((spec) => openSpec(spec))
+for (const reader of readers) reader.prepareDecoding()
 
 const {affinity} = config
 
@@ -47,10 +54,17 @@ function claim(): number {
   }
 }
 
+// Chains whose layer blocks are still to decode: with nothing asked, a decoder decodes them ahead.
+let ahead = readers.filter((reader): reader is LayeredReader => reader instanceof LayeredReader)
+
 while (Atomics.load(control, CONTROL_STOP) === 0) {
   const generation = Atomics.load(control, CONTROL_GENERATION)
   const slot = claim()
   if (slot < 0) {
+    if (ahead.length > 0) {
+      ahead = ahead.filter((reader) => reader.decodeBlockAhead())
+      continue
+    }
     Atomics.wait(control, CONTROL_GENERATION, generation)
     continue
   }
