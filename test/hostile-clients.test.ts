@@ -309,7 +309,7 @@ describe.skipIf(skip !== undefined)('fork events', () => {
   // in place of a client's uffd. Its bytes are read and decoded like any uffd's.
   it('a fork event naming an fd the handler holds, or no userfaultfd at all, fails that client alone and closes nothing', async () => {
     const region: GuestRegion = {baseHostVirtAddr: 0x7f00_0000_0000, size: 8 * MiB, offset: 0, pageSize: 4096}
-    const host = new FaultLoopHost({snapshot: {kind: 'file', path: snapshot}, cacheBytes: 1 << 20, faultAroundBytes: 4096, spinMicros: 0, decoders: 0, readaheadBytes: 0, populateAll: false, record: false, countHits: false, workingSetUnits: [], keepWorkingSet: false})
+    const host = new FaultLoopHost({snapshot: {kind: 'file', path: snapshot}, cacheBytes: 1 << 20, stageBytes: 1 << 20, faultAroundBytes: 4096, spinMicros: 0, decoders: 0, readaheadBytes: 0, populateAll: false, record: false, countHits: false, workingSetUnits: [], keepWorkingSet: false})
     const messages: FromWorker[] = []
     const held: number[] = []
     try {

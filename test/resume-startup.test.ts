@@ -33,7 +33,8 @@ describe('the fast command line of uffd resume', () => {
   it('takes the plain forms a VMM launcher uses', () => {
     const parsed = parsePlainCommandLine(['vm.uffd', '--socket', '/tmp/s.sock', '--ready-file=/tmp/r', '--no-kill', '--timeout', '0', '--populate', 'all', '--json'], FAST_FLAGS, ['snapshot'])
     expect(parsed?.args).toEqual({snapshot: 'vm.uffd'})
-    expect(parsed?.flags).toMatchObject({socket: '/tmp/s.sock', 'ready-file': '/tmp/r', kill: false, timeout: 0, populate: 'all', json: true, serve: false, 'cache-mb': 256, 'fault-around': 'auto'})
+    expect(parsed?.flags).toMatchObject({socket: '/tmp/s.sock', 'ready-file': '/tmp/r', kill: false, timeout: 0, populate: 'all', json: true, serve: false, 'fault-around': 'auto'})
+    expect(parsed?.flags['cache-mb']).toBeUndefined()
   })
 
   it('leaves help, usage errors and unusual forms to oclif', () => {

@@ -17,7 +17,7 @@ import {remoteOptions} from './remote-flags.js'
 import {readKeysFromFlags} from './seal-flags.js'
 import {type ReadKeys} from '../snapshot/sealing.js'
 import {InterruptedError} from './report-error.js'
-import {type ResumeFlags} from './resume-flags.js'
+import {DEFAULT_CACHE_MB, DEFAULT_SERVE_CACHE_MB, DEFAULT_STAGE_MB, type ResumeFlags} from './resume-flags.js'
 
 /**
  * Serves `snapshotArg` as `flags` say and returns what happened; under `json` it prints nothing
@@ -108,12 +108,14 @@ async function serve(snapshot: OpenedSnapshot, also: AlsoServed[], decoders: num
     process.stderr.write(`uffd resume: ${line}\n`)
   }
   let result: ResumeResult
+  const cacheMb = flags['cache-mb'] ?? (flags.serve ? DEFAULT_SERVE_CACHE_MB : DEFAULT_CACHE_MB)
   const common = {
     snapshot,
     timeoutMs: flags.timeout * 1000,
     readyFile: flags['ready-file'],
     kill: flags.kill,
-    cacheBytes: flags['cache-mb'] * 1024 * 1024,
+    cacheBytes: cacheMb * 1024 * 1024,
+    stageBytes: (flags['cache-mb'] ?? DEFAULT_STAGE_MB) * 1024 * 1024,
     faultAroundBytes: window.maxBytes,
     faultAroundMinBytes: window.minBytes,
     kernelZeros: flags['kernel-zeros'],

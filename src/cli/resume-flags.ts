@@ -6,6 +6,13 @@ import {type FlagSpec, type FlagValues} from './flag-specs.js'
 import {remoteFlagSpecs} from './remote-flags.js'
 import {readSealFlagSpecs} from './seal-flags.js'
 
+/** --cache-mb without --serve: a chunk is installed whole or nearly, so a client seldom faults on it again. */
+export const DEFAULT_CACHE_MB = 32
+/** --cache-mb with --serve: every client of the snapshot faults on the same chunks. */
+export const DEFAULT_SERVE_CACHE_MB = 256
+/** Room for the working set decoded before the first client, unless --cache-mb says otherwise. */
+export const DEFAULT_STAGE_MB = 256
+
 export const RESUME_SNAPSHOT_ARG = 'Snapshot to serve: a path, an http(s):// URL or s3://BUCKET/KEY (chunks are fetched as they fault or are prefetched, into the --cache-dir).'
 
 export const resumeFlagSpecs = {
@@ -23,7 +30,11 @@ export const resumeFlagSpecs = {
       "SNAPSHOT=SOCKET: also serve SNAPSHOT (a path or URL, a layer's parents found as for the first) to the VMMs that connect to SOCKET; repeatable. A VMM's handshake does not name a snapshot, so each gets its own socket. One fault loop and one set of decoders serve them all: layers over a common base share its decoded chunks (counted as chunks.storedUnitsShared); the snapshots' caches share --cache-mb, and decoded base chunks are kept within as much again. Ready (--ready-file, listing every socket, and the 'listening on' line) once every socket listens. With --serve; not with --working-set FILE, --record or --learn, which name one snapshot.",
   },
   kill: {kind: 'boolean', summary: 'Kill a client that can no longer be served correctly (--no-kill leaves it frozen).', default: true, allowNo: true},
-  'cache-mb': {kind: 'integer', summary: 'Memory for decoded chunks, MiB; the working set staged before the first client gets as much again.', default: 256, min: 1},
+  'cache-mb': {
+    kind: 'integer',
+    summary: `Memory for decoded chunks kept for faults to come, MiB (default ${DEFAULT_CACHE_MB}, with --serve ${DEFAULT_SERVE_CACHE_MB}: one client rarely faults again where a chunk was installed, many clients of one snapshot do). Given, it also bounds the working set decoded before the first client (else ${DEFAULT_STAGE_MB} MiB).`,
+    min: 1,
+  },
   'fault-around': {kind: 'string', summary: 'Bytes installed around each faulting page: "auto" adapts (the chunk for an isolated fault, doubling up to 2 MiB, or the chunk size if larger, while faults land next to each other; zero runs over the whole 2 MiB); a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size) or "page" (no fault-around) is a fixed window.', default: 'auto'},
   'kernel-zeros': {
     kind: 'boolean',
@@ -59,3 +70,4 @@ export const resumeFlagSpecs = {
 export const jsonFlagSpec = {json: {kind: 'boolean', summary: 'Format output as json.', default: false}} as const satisfies Record<string, FlagSpec>
 
 export type ResumeFlags = FlagValues<typeof resumeFlagSpecs>
+

@@ -10,12 +10,26 @@ import {UffdError} from './errors.js'
  * Code bundled by scripts/bundle.mjs (where process.env.UFFD_BUNDLE is "1" at build time) runs
  * the worker's bundle: dist/resume/decoder/worker.js is dist/bundle/resume-decoder-worker.js.
  */
-export function startWorker(callerUrl: string, name: string, workerData: unknown, transferList: Transferable[] = []): Worker {
-  if (!callerUrl.endsWith('.ts')) return new Worker(process.env.UFFD_BUNDLE ? bundleOf(new URL(`./${name}.js`, callerUrl)) : new URL(`./${name}.js`, callerUrl), {workerData, transferList})
+export function startWorker(callerUrl: string, name: string, workerData: unknown, transferList: Transferable[] = [], limits: WorkerLimits = {}): Worker {
+  const resourceLimits = limits.youngGenerationMb === undefined ? undefined : {maxYoungGenerationSizeMb: limits.youngGenerationMb}
+  if (!callerUrl.endsWith('.ts')) return new Worker(process.env.UFFD_BUNDLE ? bundleOf(new URL(`./${name}.js`, callerUrl)) : new URL(`./${name}.js`, callerUrl), {workerData, transferList, resourceLimits})
   const url = new URL(`./${name}.ts`, callerUrl).href
   const bootstrap = `import('tsx/esm/api').then(({register}) => { register(); return import(${JSON.stringify(url)}) })`
-  return new Worker(bootstrap, {eval: true, workerData, transferList})
+  return new Worker(bootstrap, {eval: true, workerData, transferList, resourceLimits})
 }
+
+export interface WorkerLimits {
+  /** V8's young generation for the thread's isolate, MiB (V8's default lets it grow to tens of MiB before it collects). */
+  youngGenerationMb?: number
+}
+
+/**
+ * The young generation of a resume's long-lived threads (fault loop, decoders, fetcher): each
+ * isolate otherwise grows its own to ~12 MiB of resident memory before scavenging, though these
+ * threads allocate little per fault and keep less; a handler per VM on a host of many VMs pays
+ * that per thread.
+ */
+export const RESUME_THREAD_LIMITS: WorkerLimits = {youngGenerationMb: 2}
 
 /** The bundle of dist/ module `url` (scripts/bundle.mjs names it by its path in dist/). */
 function bundleOf(url: URL): URL {

@@ -41,7 +41,10 @@ export type FromWorker =
 export interface WorkerConfig {
   /** How the worker opens the snapshot (its decoders get specs of their own from it). */
   snapshot: SnapshotSpec
+  /** The decoded-chunk cache, shared by the snapshots served. */
   cacheBytes: number
+  /** Decode-pool room for working sets decoded before the first client, shared likewise. */
+  stageBytes: number
   /** The largest fault-around window; it starts at faultAroundMinBytes (when given) and grows to this while faults land near each other. */
   faultAroundBytes: number
   faultAroundMinBytes?: number

@@ -1,6 +1,6 @@
 import {type Worker} from 'node:worker_threads'
 
-import {startWorker} from '../../core/workers.js'
+import {RESUME_THREAD_LIMITS, startWorker} from '../../core/workers.js'
 import {childSpec, type SnapshotSpec, specTransfer} from '../../snapshot/spec.js'
 import {createEventfd, closeFd, eventfdDrain} from '../../sys/index.js'
 import {CONTROL_CELLS, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, type DecoderConfig, SLOT_ERROR, SLOT_FREE, SLOT_PENDING, SLOT_READY} from '../decoder/slots.js'
@@ -77,7 +77,7 @@ export class DecodePool {
       // (Several snapshots: a unit of one goes to the decoder that has the same unit of the others.)
       const affinity = served.length > 1 && decoders > 1 ? {index: i, decoders} : undefined
       const config: DecoderConfig = {snapshots: specs, arena: this.arena, slotBytes, states, lengths, decodes, shared, images, units, order, claims, control, eventFd: this.eventFd, affinity}
-      this.workers.push(startWorker(import.meta.url, '../decoder/worker', config, specs.flatMap((spec) => specTransfer(spec))))
+      this.workers.push(startWorker(import.meta.url, '../decoder/worker', config, specs.flatMap((spec) => specTransfer(spec)), RESUME_THREAD_LIMITS))
     }
   }
 

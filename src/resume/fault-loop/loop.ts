@@ -104,11 +104,12 @@ export class FaultLoop {
     const chunkSize = Math.max(...readers.map((r) => r.geometry.chunkSize))
     // Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.
     const readaheadSlots = Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize)))
-    // Plus one per working-set unit staged before the first client, within --cache-mb. Slots are
+    // Plus one per working-set unit staged before the first client, within stageBytes. Slots are
     // chunk-sized, but only the decoded bytes are ever touched, so only those take memory.
-    // (Several snapshots share --cache-mb, here and in their caches below.)
+    // (Several snapshots share stageBytes, and --cache-mb in their caches below.)
     const cacheBytes = Math.floor(config.cacheBytes / served.length)
-    const stagedSlots = served.map(({workingSetUnits}) => (config.decoders > 0 ? Math.min(workingSetUnits.length, Math.floor(cacheBytes / chunkSize)) : 0))
+    const stageBytes = Math.floor(config.stageBytes / served.length)
+    const stagedSlots = served.map(({workingSetUnits}) => (config.decoders > 0 ? Math.min(workingSetUnits.length, Math.floor(stageBytes / chunkSize)) : 0))
     const pool =
       config.decoders > 0
         ? new DecodePool(

@@ -1,7 +1,7 @@
 import {MessageChannel, type Worker} from 'node:worker_threads'
 
 import {UffdError} from '../../core/errors.js'
-import {startWorker} from '../../core/workers.js'
+import {RESUME_THREAD_LIMITS, startWorker} from '../../core/workers.js'
 import {closeFd, createEventfd, eventfdSignal} from '../../sys/index.js'
 import {type FromWorker, type ToWorker, type WorkerConfig} from '../protocol.js'
 import {RunStats} from '../run-stats.js'
@@ -9,7 +9,7 @@ import {type OpenedSnapshot} from '../../snapshot/open.js'
 import {specTransfer} from '../../snapshot/spec.js'
 
 /** How chunks are served, the same for a VMM's client and for CRIU's restored processes. */
-export type ServingSettings = Pick<WorkerConfig, 'cacheBytes' | 'faultAroundBytes' | 'faultAroundMinBytes' | 'kernelZeros' | 'spinMicros' | 'decoders' | 'readaheadBytes'> & {
+export type ServingSettings = Pick<WorkerConfig, 'cacheBytes' | 'stageBytes' | 'faultAroundBytes' | 'faultAroundMinBytes' | 'kernelZeros' | 'spinMicros' | 'decoders' | 'readaheadBytes'> & {
   /** The snapshot the command opened (a local file, or object storage through the fetcher thread). */
   snapshot: OpenedSnapshot
 }
@@ -18,8 +18,8 @@ export type ServingSettings = Pick<WorkerConfig, 'cacheBytes' | 'faultAroundByte
  * The serving settings out of a command's options, as the worker receives them: picked field by
  * field, since the options also hold things a worker cannot receive (an AbortSignal, callbacks).
  */
-export function servingSettings(o: ServingSettings): Pick<WorkerConfig, 'snapshot' | 'cacheBytes' | 'faultAroundBytes' | 'faultAroundMinBytes' | 'kernelZeros' | 'spinMicros' | 'decoders' | 'readaheadBytes'> {
-  return {snapshot: o.snapshot.spec(), cacheBytes: o.cacheBytes, faultAroundBytes: o.faultAroundBytes, faultAroundMinBytes: o.faultAroundMinBytes, kernelZeros: o.kernelZeros, spinMicros: o.spinMicros, decoders: o.decoders, readaheadBytes: o.readaheadBytes}
+export function servingSettings(o: ServingSettings): Pick<WorkerConfig, 'snapshot' | 'cacheBytes' | 'stageBytes' | 'faultAroundBytes' | 'faultAroundMinBytes' | 'kernelZeros' | 'spinMicros' | 'decoders' | 'readaheadBytes'> {
+  return {snapshot: o.snapshot.spec(), cacheBytes: o.cacheBytes, stageBytes: o.stageBytes, faultAroundBytes: o.faultAroundBytes, faultAroundMinBytes: o.faultAroundMinBytes, kernelZeros: o.kernelZeros, spinMicros: o.spinMicros, decoders: o.decoders, readaheadBytes: o.readaheadBytes}
 }
 
 /**
@@ -37,7 +37,7 @@ export class FaultLoopHost {
     this.controlFd = createEventfd()
     const full: WorkerConfig = {...config, stats: this.stats.buffer, control: this.channel.port2, controlFd: this.controlFd}
     const specs = [config.snapshot, ...(config.also ?? []).map((a) => a.snapshot)]
-    this.events = new WorkerEvents(startWorker(import.meta.url, '../fault-loop/worker', full, [this.channel.port2, ...specs.flatMap((spec) => specTransfer(spec))]))
+    this.events = new WorkerEvents(startWorker(import.meta.url, '../fault-loop/worker', full, [this.channel.port2, ...specs.flatMap((spec) => specTransfer(spec))], RESUME_THREAD_LIMITS))
   }
 
   send(message: ToWorker): void {
