@@ -42,6 +42,7 @@ export const BENCHMARKS: Benchmark[] = [
   {name: 'startup', script: 'bench/startup.ts', args: ['--image', GUEST_1G], runs: 15, images: [GUEST_1G], commands: []},
   {name: 'layers', script: 'bench/layers.ts', args: ['--image', GUEST_1G], runs: 5, images: [GUEST_1G], commands: []},
   {name: 'sealed', script: 'bench/sealed.ts', args: ['--image', GUEST_1G], runs: 5, images: [GUEST_1G], commands: ['openssl']},
+  {name: 'memory', script: 'bench/memory.ts', args: ['--image', GUEST_1G], runs: 3, images: [GUEST_1G], commands: ['dd'], root: true},
   {name: 'criu', script: 'bench/criu.ts', args: ['--mib', '512'], runs: 3, images: [], commands: ['criu'], root: true},
 ]
 
