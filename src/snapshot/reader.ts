@@ -38,6 +38,7 @@ export class SnapshotReader {
    * \`uffd resume\`'s main thread before it listens, never loads the codecs' native modules.
    */
   private decompressor: ChunkDecompressor | undefined
+  private identityDigest: string | undefined
   private storedScratch = Buffer.alloc(0)
   private payloadScratch = Buffer.alloc(0)
   /** Decrypted stored bytes of a sealed unit, before decoding. */
@@ -57,12 +58,6 @@ export class SnapshotReader {
     readonly packed: PackedSet | undefined,
     /** For a layer: its chain, run table and blocks (its units; it has no chunks). */
     readonly layer: LayerData | undefined,
-    /**
-     * Its content identity, 64 hex digits (a base: memoryDigest; a layer: layerIdentity): how a
-     * layer recognises its parent whatever it is called now and however it was laid out since
-     * (docs/FORMAT.md, Layers).
-     */
-    readonly identity: string,
     /**
      * SHA-256 of the bytes that say what every unit is (header, footer, index, zero map, a layer's
      * tables): two files with the same layout hold the same units under the same numbers, so a
@@ -183,17 +178,31 @@ export class SnapshotReader {
       const unitCount = index.length + (layer?.set.blocks.length ?? 0) + (packed?.blocks.length ?? 0)
       seal = openSeal(source, sealInfo, {manifest, unitCount, structuresEnd: Math.max(footer.indexOffset + indexBytes.length, footer.zeroMapOffset + zeroMapBytes.length), learned: learnedLocation(header.metadata, headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))}, keys, locked)
     }
-    // What the file holds, not how it is laid out: attaching a working set or learning one keeps it.
-    const content = layer ? layerIdentity(geometry, layer.parents, layer.runs, layer.set, zeroMapBytes) : memoryDigest(geometry, index, zeroMapBytes)
-    // A signed file's identity also rests on its units' digests (its chunks', or a layer's own
-    // blocks': the rows a working set attached later does not move), so a layer's parent is bound
-    // to it by SHA-256, not only by CRC-32s that chosen memory could match.
-    const identity = seal?.info.signature ? signedIdentity(content, seal.digestRows(0, layer ? layer.set.blocks.length : index.length)) : content
-    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, identity, layout.digest('hex'), seal)
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal)
   }
 
   get fileSize(): number {
     return this.source.size
+  }
+
+  /**
+   * Its content identity, 64 hex digits (a base: memoryDigest; a layer: layerIdentity): how a
+   * layer recognises its parent whatever it is called now and however it was laid out since
+   * (docs/FORMAT.md, Layers). What the file holds, not how it is laid out: attaching a working
+   * set or learning one keeps it. A signed file's identity also rests on its units' digests (its
+   * chunks', or a layer's own blocks': the rows a working set attached later does not move), so a
+   * layer's parent is bound to it by SHA-256, not only by CRC-32s that chosen memory could match.
+   * Computed when first asked (checking a chain's parents, writing a layer): the threads that
+   * only serve a file never need it.
+   */
+  get identity(): string {
+    if (this.identityDigest === undefined) {
+      const zeroMapBytes = this.zeroMap.bytes
+      const layer = this.layer
+      const content = layer ? layerIdentity(this.geometry, layer.parents, layer.runs, layer.set, zeroMapBytes) : memoryDigest(this.geometry, this.index, zeroMapBytes)
+      this.identityDigest = this.seal?.info.signature ? signedIdentity(content, this.seal.digestRows(0, layer ? layer.set.blocks.length : this.index.length)) : content
+    }
+    return this.identityDigest
   }
 
   /**
