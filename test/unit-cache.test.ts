@@ -3,6 +3,7 @@
 // snapshot files written by the CLI; every read checked against the raw image.
 import fs from 'node:fs'
 import path from 'node:path'
+import {crc32} from 'node:zlib'
 
 import fc from 'fast-check'
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
@@ -173,4 +174,48 @@ describe('the unit cache', () => {
       {numRuns: 30},
     )
   })
+
+  it('assembles a layer chunked otherwise than its base from the base chunks that hold its pages', () => {
+    // uffd writes a layer with its parent's chunk size, but a chain only has to agree on pages:
+    // a layer of 128 KiB chunks over the 64 KiB chunks of base.uffd, header rewritten by hand.
+    const bytes = fs.readFileSync(at('a.uffd'))
+    const headerSize = bytes.readUInt32LE(12)
+    bytes.writeUInt32LE(2 * CHUNK, 36)
+    const headerCrc = crc32(bytes.subarray(0, headerSize - 8))
+    bytes.writeUInt32LE(headerCrc, headerSize - 8)
+    const footer = bytes.length - 64
+    bytes.writeUInt32LE(headerCrc, footer + 48)
+    bytes.writeUInt32LE(crc32(bytes.subarray(footer, footer + 60)), footer + 60)
+    fs.writeFileSync(at('a-128k.uffd'), bytes)
+    const reader = LayeredReader.fromFiles([SnapshotReader.open(at('base.uffd')), SnapshotReader.open(at('a-128k.uffd'))], ['base.uffd', 'a-128k.uffd'], new UnitCache())
+    const dst = Buffer.alloc(2 * CHUNK)
+    try {
+      expect(reader.geometry.chunkSize).toBe(2 * CHUNK)
+      for (let c = 0; c < reader.geometry.chunkCount; c++) {
+        reader.readChunk(c, dst)
+        expect(dst.equals(images.get('a.uffd')!.subarray(c * 2 * CHUNK, (c + 1) * 2 * CHUNK)), `chunk ${c}`).toBe(true)
+      }
+    } finally {
+      reader.close()
+    }
+  })
+
+  it('never waits for a layer block another thread claimed: a thread that died decoding it holds up nobody', () => {
+    const first = chain('a.uffd', new UnitCache())
+    const files = [SnapshotReader.open(at('base.uffd')), SnapshotReader.open(at('a.uffd'))]
+    // Every block claimed and never published, as by a thread that stopped mid-decode.
+    new Int32Array(first.blockShare.states).fill(1)
+    const second = LayeredReader.fromFiles(files, ['base.uffd', 'a.uffd'], new UnitCache(), first.blockShare)
+    const dst = Buffer.alloc(CHUNK)
+    try {
+      for (let c = 0; c < SIZE / CHUNK; c++) {
+        second.readChunk(c, dst)
+        expect(dst.equals(images.get('a.uffd')!.subarray(c * CHUNK, (c + 1) * CHUNK)), `chunk ${c}`).toBe(true)
+      }
+    } finally {
+      first.close()
+      second.close()
+    }
+  })
 })
+

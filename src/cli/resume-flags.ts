@@ -70,4 +70,3 @@ export const resumeFlagSpecs = {
 export const jsonFlagSpec = {json: {kind: 'boolean', summary: 'Format output as json.', default: false}} as const satisfies Record<string, FlagSpec>
 
 export type ResumeFlags = FlagValues<typeof resumeFlagSpecs>
-

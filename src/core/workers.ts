@@ -24,7 +24,7 @@ export interface WorkerLimits {
 }
 
 /**
- * The young generation of a resume's long-lived threads (fault loop, decoders, fetcher): each
+ * The young generation of a resume's long-lived threads (the fault loop, the decoders): each
  * isolate otherwise grows its own to ~12 MiB of resident memory before scavenging, though these
  * threads allocate little per fault and keep less; a handler per VM on a host of many VMs pays
  * that per thread.

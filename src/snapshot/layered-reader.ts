@@ -222,9 +222,10 @@ export class LayeredReader {
     const spared = new Set<string>()
     for (const {source, unit, position, count, at} of pieces) {
       if (baseDone && source === 0) continue
-      const from = this.unitPayload(source, unit, wait, spared)
-      if (!from) return undefined
-      from.copy(payload, at, position * pageSize, (position + count) * pageSize)
+      const taken = this.unitPayload(source, unit, wait)
+      if (!taken) return undefined
+      if (taken.shared) spared.add(`${source}:${unit}`)
+      taken.payload.copy(payload, at, position * pageSize, (position + count) * pageSize)
     }
     this.shared += spared.size
     return payload
@@ -234,16 +235,18 @@ export class LayeredReader {
    * Decodes the chunk's base chunk straight into `room` and moves its pages to their places in
    * the resolved payload, when no other chain of this thread could want it (then it goes through
    * the unit cache, for them): saves a chunk-sized copy per chunk. The base's pages keep their
-   * order in the resolved payload, so every one moves the same way as its neighbours or not at
-   * all: those moving towards the start are moved first, in ascending order, the others after, in
-   * descending order, and no move overwrites a page still to be moved. True when done, false when
-   * the caller must take the base's pieces from the unit cache, undefined when its stored bytes
-   * are not on this host (without `wait`).
+   * order in the resolved payload (both offsets ascend), though a piece may move towards the start
+   * and a later one towards the end (base pages became zero, zero pages gained data): those moving
+   * towards the start are moved first, in ascending order, the others after, in descending order,
+   * and no move overwrites a page still to be moved. Only where the chunk is one chunk of the base
+   * (the base may be chunked otherwise: a chain agrees on pages, not chunks). True when done, false
+   * when the caller must take the base's pieces from the unit cache, undefined when its stored
+   * bytes are not on this host (without `wait`).
    */
   private baseInPlace(chunk: number, pieces: readonly ChunkPiece[], room: Buffer, wait: boolean): boolean | undefined {
     const base = this.files[0]
     const own = pieces.filter((piece) => piece.source === 0)
-    if (own.length === 0 || this.units.sharedByChains || this.units.holds(base, chunk)) return false
+    if (own.length === 0 || own.some((piece) => piece.unit !== chunk) || this.units.sharedByChains || this.units.holds(base, chunk)) return false
     if (room.length < base.entry(chunk).payloadLength) return false
     const decoded = wait ? base.readPayload(chunk, room) : base.readPayloadIfLocal(chunk, room)
     if (!decoded) return undefined
@@ -257,19 +260,19 @@ export class LayeredReader {
   }
 
   /**
-   * Unit `unit` of file `source`, decoded and verified: a layer's block from the shared blocks
-   * when it has room there, unless other chains of this thread read through its unit cache (which
-   * shares blocks between chains with a common layer).
+   * Unit `unit` of file `source`, decoded and verified, and whether another chain of this thread
+   * had decoded it: a layer's block from the shared blocks when it has a place there and no other
+   * thread is decoding it, unless other chains of this thread read through its unit cache (which
+   * shares blocks between chains with a common layer). Undefined, without `wait`, when its stored
+   * bytes are not on this host.
    */
-  private unitPayload(source: number, unit: number, wait: boolean, spared: Set<string>): Buffer | undefined {
+  private unitPayload(source: number, unit: number, wait: boolean): {payload: Buffer; shared: boolean} | undefined {
     const file = this.files[source]
     if (source > 0 && !this.units.sharedByChains) {
       const block = this.blocks.take(file, source, unit, wait)
-      if (block !== 'no-room') return block
+      if (block !== 'elsewhere') return block && {payload: block, shared: false}
     }
-    const taken = this.units.take(file, unit, wait, this.chain)
-    if (taken?.shared) spared.add(`${source}:${unit}`)
-    return taken?.payload
+    return this.units.take(file, unit, wait, this.chain)
   }
 
   /** Where each of the chunk's data pages comes from: runs of them, in page order, each with its byte offset `at` in the resolved payload. */
@@ -306,20 +309,6 @@ export class LayeredReader {
         payload.copy(dst, i * pageSize, from, from + pageSize)
         from += pageSize
       }
-    }
-  }
-
-  /**
-   * Decodes one of the layers' blocks into the shared blocks ahead of need (a thread with nothing
-   * else to do: each block serves many chunks, and a fault then finds it decoded). False when
-   * every block that has room there is decoded or being decoded. A block that fails its checks
-   * is left for the fault that needs it to report.
-   */
-  decodeBlockAhead(): boolean {
-    try {
-      return this.blocks.warmOne(this.files)
-    } catch {
-      return true
     }
   }
 

@@ -1,7 +1,6 @@
 import {workerData} from 'node:worker_threads'
 
 import {ChunkDecompressor} from '../../snapshot/decompressor.js'
-import {LayeredReader} from '../../snapshot/layered-reader.js'
 import {openSpec} from '../../snapshot/spec.js'
 import {eventfdSignal, setThreadNice} from '../../sys/index.js'
 import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ERROR, SLOT_PENDING, SLOT_READY, type DecoderConfig} from './slots.js'
@@ -30,8 +29,9 @@ const control = new Int32Array(config.control)
 setThreadNice(DECODER_NICE)
 Atomics.add(control, CONTROL_STARTED, 1)
 Atomics.notify(control, CONTROL_STARTED)
-// Opened after saying so: the fault loop serves meanwhile (it decodes what faults itself), and a
-// chain of layers takes a while to open and check, at this thread's lower priority.
+// Opened after saying so: unless it stages a working set first (which waits for the decoders'
+// work), the fault loop serves meanwhile, decoding what faults itself, while a chain of layers
+// takes a while to open and check here, at this thread's lower priority.
 const readers = config.snapshots.map((spec) => openSpec(spec))
 for (const reader of readers) reader.prepareDecoding()
 
@@ -54,17 +54,10 @@ function claim(): number {
   }
 }
 
-// Chains whose layer blocks are still to decode: with nothing asked, a decoder decodes them ahead.
-let ahead = readers.filter((reader): reader is LayeredReader => reader instanceof LayeredReader)
-
 while (Atomics.load(control, CONTROL_STOP) === 0) {
   const generation = Atomics.load(control, CONTROL_GENERATION)
   const slot = claim()
   if (slot < 0) {
-    if (ahead.length > 0) {
-      ahead = ahead.filter((reader) => reader.decodeBlockAhead())
-      continue
-    }
     Atomics.wait(control, CONTROL_GENERATION, generation)
     continue
   }
