@@ -307,9 +307,9 @@ describe('layers', () => {
     }
   })
 
-  it('a layer carries incompatible bit 0 (older readers refuse it), and cp copies it byte for byte, its base kept where it is already', () => {
+  it('a layer carries incompatible bit 0 (older readers refuse it) and bit 2 (bound units), and cp copies it byte for byte, its base kept where it is already', () => {
     const bytes = fs.readFileSync(at('v1.uffd'))
-    expect(bytes.readBigUInt64LE(16)).toBe(1n)
+    expect(bytes.readBigUInt64LE(16)).toBe(0b101n)
     const cp = ok(['cp', at('v1.uffd'), at('copy.uffd')])
     expect(cp.files.map((f: {copied: boolean}) => f.copied)).toEqual([false, true])
     expect(fs.readFileSync(at('copy.uffd')).equals(bytes)).toBe(true)

@@ -1,6 +1,7 @@
 import {createHash} from 'node:crypto'
 
-import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_ENCRYPTED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
+import {BoundKind, type BoundPlace, learnedPlace, placeSeed} from '../format/bind.js'
+import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_BOUND, INCOMPAT_ENCRYPTED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
@@ -77,7 +78,11 @@ export class SnapshotReader {
     // A layer's own blocks first, then the packed working set's (docs/FORMAT.md, Layers).
     this.blocks = [...(layer?.set.blocks ?? []), ...(packed?.blocks ?? [])]
     this.unitCount = index.length + this.blocks.length
+    this.bound = (header.incompatFeatures & INCOMPAT_BOUND) !== 0n
   }
+
+  /** Each unit's CRC is seeded with its place (incompat bit 2), so bytes moved to another place fail it. */
+  readonly bound: boolean
 
   /** The units after the chunks: a layer's blocks, then the packed working set's. */
   private readonly blocks: readonly ChunkEntry[]
@@ -247,6 +252,32 @@ export class SnapshotReader {
     return block < layerBlocks ? {kind: UnitKind.LayerBlock, number: block, ...place} : {kind: UnitKind.PackedBlock, number: block - layerBlocks, ...place}
   }
 
+  /**
+   * Where a unit belongs, as its bound CRC names it: a chunk by its own index (a deduplicated
+   * chunk too: its CRC is its own entry's, unlike its seal, so every entry is bound to its place),
+   * a block by its position in its table and its first page.
+   */
+  boundPlace(unit: number): BoundPlace {
+    const entry = this.entry(unit)
+    const fields = {codec: entry.codec, payloadLength: entry.payloadLength}
+    const block = this.packedBlock(unit)
+    if (block === undefined) return {kind: BoundKind.Chunk, number: unit, firstPage: this.geometry.firstPageOfChunk(unit), ...fields}
+    const layerBlocks = this.layer?.set.blocks.length ?? 0
+    const set = block < layerBlocks ? this.layer!.set : this.packed!
+    const number = block < layerBlocks ? block : block - layerBlocks
+    return {kind: block < layerBlocks ? BoundKind.LayerBlock : BoundKind.PackedBlock, number, firstPage: set.pages[set.blocks[number].listStart], ...fields}
+  }
+
+  /** What a unit's stored CRC starts from: its place's seed in a bound file, else 0 (the CRC of its bytes alone). */
+  crcSeed(unit: number): number {
+    return this.bound ? placeSeed(this.boundPlace(unit)) : 0
+  }
+
+  /** What the learned runs' stored CRC starts from (as crcSeed for a unit). */
+  learnedSeed(codec: Codec, rawLength: number): number {
+    return this.bound ? placeSeed(learnedPlace(codec, rawLength)) : 0
+  }
+
   /** Learned runs' stored bytes (their CRC checked by the caller), decrypted when the file is encrypted. */
   learnedPlain(stored: Buffer, codec: Codec, rawLength: number): Buffer {
     if (!this.seal?.encrypted) return stored
@@ -320,8 +351,10 @@ export class SnapshotReader {
 
   /** The unit's plaintext (the stored bytes themselves unless encrypted), or what is wrong with them. */
   private check(unit: number, entry: ChunkEntry, stored: Buffer, dst?: Buffer): Buffer | SnapshotFormatError {
-    const crc = crc32(stored)
-    if (crc !== entry.storedCrc) return this.chunkError(unit, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)})`)
+    // One more CRC over a 20-byte record in a bound file: bytes moved here from another place,
+    // with their CRC copied along, fail.
+    const crc = crc32(stored, this.crcSeed(unit))
+    if (crc !== entry.storedCrc) return this.chunkError(unit, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)}${this.bound ? ' for this place' : ''})`)
     // A verified signature covers the digest of every unit: the checksum stops accidents, this stops a forger.
     if (this.seal?.digestsChecked && !this.seal.digestMatches(unit, stored)) return this.chunkError(unit, 'NOT_AUTHENTIC', 'its digest differs from the one the signed unit digest table records')
     if (!this.seal?.encrypted || this.seal.locked) return stored

@@ -18,7 +18,8 @@ import {crc32} from 'node:zlib'
 import {isErrorCode, UffdError} from '../../src/core/errors.js'
 import {isErrnoName} from '../../src/sys/errors.js'
 import {mergeWorkingSets, checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from '../../src/format/working-set.js'
-import {FOOTER_SIZE, INDEX_ENTRY_SIZE, PACKED_BLOCK_ENTRY_SIZE, RegionKind} from '../../src/format/constants.js'
+import {BoundKind, placeSeed} from '../../src/format/bind.js'
+import {FOOTER_SIZE, INCOMPAT_BOUND, INDEX_ENTRY_SIZE, PACKED_BLOCK_ENTRY_SIZE, RegionKind} from '../../src/format/constants.js'
 import {packedBlockRuns, zeroRunWindowBytes} from '../../src/format/packed-set.js'
 import {payloadPageIndex} from '../../src/format/zero-map.js'
 import {readResumeReport, renderResumeReport} from '../../src/resume/main/report-render.js'
@@ -389,8 +390,10 @@ function tellingValue(rng: Rng, f: Field, old: bigint, size: number, others: rea
 
 /**
  * Recomputes every checksum a reader checks, in dependency order, where the (mutated) fields
- * locate them inside the file: stored bytes of chunks and packed blocks, the packed table (in the
- * metadata), the header (and its copy in the footer), the index, the zero map and the footer.
+ * locate them inside the file: stored bytes of chunks and packed blocks (in a bound file, seeded
+ * with the place the mutated header and entries give them, as a reader computes it), the packed
+ * table (in the metadata), the header (and its copy in the footer), the index, the zero map and
+ * the footer.
  */
 export function reseal(bytes: Buffer, layout: Layout): void {
   const size = bytes.length
@@ -402,18 +405,27 @@ export function reseal(bytes: Buffer, layout: Layout): void {
   const chunkCount = u64(F + 16)
   const zeroMapOffset = u64(F + 24)
   const zeroMapSize = u64(F + 32)
-  const resealEntry = (at: number): void => {
+  const bound = (bytes.readBigUInt64LE(16) & INCOMPAT_BOUND) !== 0n
+  const pagesPerChunk = Math.floor(bytes.readUInt32LE(36) / Math.max(1, bytes.readUInt32LE(32)))
+  const resealEntry = (at: number, kind: BoundKind, number: number, firstPage: number): void => {
     if (!inFile(at, 32)) return
     const dataOffset = u64(at)
     const storedLength = bytes.readUInt32LE(at + 8)
-    if (bytes[at + 20] !== 0 && inFile(dataOffset, storedLength)) bytes.writeUInt32LE(crc32(bytes.subarray(dataOffset, dataOffset + storedLength)), at + 16)
+    const seed = bound ? placeSeed({kind, number, firstPage, codec: bytes[at + 20], payloadLength: bytes.readUInt32LE(at + 12)}) : 0
+    if (bytes[at + 20] !== 0 && inFile(dataOffset, storedLength)) bytes.writeUInt32LE(crc32(bytes.subarray(dataOffset, dataOffset + storedLength), seed), at + 16)
   }
   if (chunkCount < 1 << 20 && inFile(indexOffset, chunkCount * INDEX_ENTRY_SIZE)) {
-    for (let c = 0; c < chunkCount; c++) resealEntry(indexOffset + c * INDEX_ENTRY_SIZE)
+    for (let c = 0; c < chunkCount; c++) resealEntry(indexOffset + c * INDEX_ENTRY_SIZE, BoundKind.Chunk, c, c * pagesPerChunk)
   }
   const packed = layout.packed
   if (packed && layout.packedCrcAt !== undefined && inFile(packed.offset, packed.length)) {
-    for (let b = 0; b < packed.blocks; b++) resealEntry(packed.offset + b * PACKED_BLOCK_ENTRY_SIZE)
+    const listAt = packed.offset + packed.blocks * PACKED_BLOCK_ENTRY_SIZE
+    for (let b = 0; b < packed.blocks; b++) {
+      const at = packed.offset + b * PACKED_BLOCK_ENTRY_SIZE
+      const listStart = bytes.readUInt32LE(at + 24)
+      const firstPage = listStart < packed.pages && inFile(listAt + 4 * listStart, 4) ? bytes.readUInt32LE(listAt + 4 * listStart) : 0
+      resealEntry(at, BoundKind.PackedBlock, b, firstPage)
+    }
     bytes.write(crc32(bytes.subarray(packed.offset, packed.offset + packed.length)).toString(16).padStart(8, '0'), layout.packedCrcAt, 'latin1')
   }
   // The header's CRC where its size field says it is (if that lies in the file), and at the base's.
