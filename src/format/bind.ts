@@ -4,7 +4,7 @@ import {crc32} from 'node:zlib'
  * Bound units (docs/FORMAT.md, incompat bit 2): in a file with the bit, a stored unit's CRC-32
  * covers a record of its place followed by its stored bytes, so bytes moved to another place
  * (another chunk's index entry, another block's table entry, another file's learned runs) fail
- * their check although their own CRC came with them. Pure: zlib's CRC-32 over a 20-byte record.
+ * their check although their own CRC came with them. Pure: zlib's CRC-32 over a 16-byte record.
  */
 
 /** What a unit is, as its place record names it (the numbers of UnitKind in seal.ts). */
@@ -20,23 +20,32 @@ export interface BoundPlace {
   kind: BoundKind
   /** A chunk's index (its own: a deduplicated chunk's too), a block's position in its table, 0 for learned runs. */
   number: number
-  /** The image page its payload starts at: a chunk's first page, a block's first listed page; 0 for learned runs. */
-  firstPage: number
   codec: number
   /** Bytes once decoded (learned runs: their rawLength). */
   payloadLength: number
+  /** A block's image pages, as its table lists them (a chunk's follow from its number; learned runs have none). */
+  pages?: ArrayLike<number>
 }
 
-export const PLACE_RECORD_SIZE = 20
+export const PLACE_RECORD_SIZE = 16
 
-/** kind (u8), codec (u8), reserved (u16, 0), number (u32), first page (u64), payload length (u32); little-endian. */
+/**
+ * kind (u8), codec (u8), reserved (u16, 0), number (u32), payload length (u32), the CRC-32 of the
+ * block's page list (u32 LE each; 0 without one); little-endian. Two chunks' records of one codec
+ * and payload length differ in the 32 bits of their numbers only, and a CRC-32 tells apart any
+ * two inputs that differ within 32 consecutive bits: no chunk's bytes pass at another chunk's place.
+ */
 export function placeRecord(place: BoundPlace): Buffer {
   const record = Buffer.alloc(PLACE_RECORD_SIZE)
   record.writeUInt8(place.kind, 0)
   record.writeUInt8(place.codec, 1)
   record.writeUInt32LE(place.number, 4)
-  record.writeBigUInt64LE(BigInt(place.firstPage), 8)
-  record.writeUInt32LE(place.payloadLength, 16)
+  record.writeUInt32LE(place.payloadLength, 8)
+  if (place.pages) {
+    const list = Buffer.alloc(place.pages.length * 4)
+    for (let i = 0; i < place.pages.length; i++) list.writeUInt32LE(place.pages[i], 4 * i)
+    record.writeUInt32LE(crc32(list), 12)
+  }
   return record
 }
 
@@ -101,5 +110,5 @@ export function crc32Combine(crcA: number, crcB: number, lengthB: number): numbe
 
 /** The place of a file's learned runs (one unit, number 0): `codec` as stored, `rawLength` decoded. */
 export function learnedPlace(codec: number, rawLength: number): BoundPlace {
-  return {kind: BoundKind.LearnedRuns, number: 0, firstPage: 0, codec, payloadLength: rawLength}
+  return {kind: BoundKind.LearnedRuns, number: 0, codec, payloadLength: rawLength}
 }

@@ -101,7 +101,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     const c = compressor.compress(payload)
     // The compressor reuses its output buffer: keep a copy (sealing makes one).
     const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length, unit: blocks.length}, c.stored) : Buffer.from(c.stored)
-    blocks.push({dataOffset: dataAt, storedLength: bytes.length, payloadLength: payload.length, storedCrc: crc32(bytes, placeSeed({kind: BoundKind.LayerBlock, number: blocks.length, firstPage: pendingPages[0], codec: c.codec, payloadLength: payload.length})), codec: c.codec, flags: 0, listStart: changed.length - pendingPages.length, pageCount: pendingPages.length})
+    blocks.push({dataOffset: dataAt, storedLength: bytes.length, payloadLength: payload.length, storedCrc: crc32(bytes, placeSeed({kind: BoundKind.LayerBlock, number: blocks.length, pages: pendingPages, codec: c.codec, payloadLength: payload.length})), codec: c.codec, flags: 0, listStart: changed.length - pendingPages.length, pageCount: pendingPages.length})
     stored.push(bytes)
     dataAt += bytes.length
     storedBytes += bytes.length

@@ -43,6 +43,8 @@ export class SnapshotReader {
   private payloadScratch = Buffer.alloc(0)
   /** Decrypted stored bytes of a sealed unit, before decoding. */
   private plainScratch = Buffer.alloc(0)
+  /** Units whose remote bytes failed a check and were dropped to be fetched again (once), until one passes. */
+  private readonly refetched = new Set<number>()
   /** Stored units read and verified by readPayload so far (what a resume's stats count as decoded). */
   unitsDecoded = 0
   /** One file shares no decoded units with other snapshots (LayeredReader.unitsShared does). */
@@ -255,17 +257,18 @@ export class SnapshotReader {
   /**
    * Where a unit belongs, as its bound CRC names it: a chunk by its own index (a deduplicated
    * chunk too: its CRC is its own entry's, unlike its seal, so every entry is bound to its place),
-   * a block by its position in its table and its first page.
+   * a block by its position in its table and the pages it lists.
    */
   boundPlace(unit: number): BoundPlace {
     const entry = this.entry(unit)
     const fields = {codec: entry.codec, payloadLength: entry.payloadLength}
     const block = this.packedBlock(unit)
-    if (block === undefined) return {kind: BoundKind.Chunk, number: unit, firstPage: this.geometry.firstPageOfChunk(unit), ...fields}
+    if (block === undefined) return {kind: BoundKind.Chunk, number: unit, ...fields}
     const layerBlocks = this.layer?.set.blocks.length ?? 0
     const set = block < layerBlocks ? this.layer!.set : this.packed!
     const number = block < layerBlocks ? block : block - layerBlocks
-    return {kind: block < layerBlocks ? BoundKind.LayerBlock : BoundKind.PackedBlock, number, firstPage: set.pages[set.blocks[number].listStart], ...fields}
+    const {listStart, pageCount} = set.blocks[number]
+    return {kind: block < layerBlocks ? BoundKind.LayerBlock : BoundKind.PackedBlock, number, pages: set.pages.subarray(listStart, listStart + pageCount), ...fields}
   }
 
   /** What a unit's stored CRC starts from: its place's seed in a bound file, else 0 (the CRC of its bytes alone). */
@@ -340,12 +343,17 @@ export class SnapshotReader {
     let stored = read()
     if (stored === undefined) return undefined as Out
     let outcome = this.check(unit, entry, stored, dst)
-    if (outcome instanceof SnapshotFormatError && this.source.discard?.(entry.dataOffset, entry.storedLength)) {
+    if (outcome instanceof SnapshotFormatError && !this.refetched.has(unit) && this.source.discard?.(entry.dataOffset, entry.storedLength)) {
+      // Once: a no-wait read finds the bytes gone and returns, and fresh bytes that fail as well
+      // are the file's, not the cache's (a crafted entry pointing at another unit's bytes passes
+      // the fetcher's check of that unit's CRC): failing now, not fetching them over and over.
+      this.refetched.add(unit)
       stored = read()
       if (stored === undefined) return undefined as Out
       outcome = this.check(unit, entry, stored, dst)
     }
     if (outcome instanceof SnapshotFormatError) throw outcome
+    this.refetched.delete(unit)
     return {stored, plain: outcome} as Out
   }
 

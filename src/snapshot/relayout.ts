@@ -82,7 +82,7 @@ function* packBlocks(reader: ImageReader, pagesInTouchOrder: readonly number[], 
       // The compressor reuses its output buffer: keep a copy (sealing makes one).
       const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.PackedBlock, number: b, codec: c.codec, payloadLength: payload.length, unit: firstUnit + b}, c.stored) : Buffer.from(c.stored)
       stored.push(bytes)
-      blocks.push({storedLength: bytes.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(bytes, bound ? placeSeed({kind: BoundKind.PackedBlock, number: b, firstPage: plan.pages[0], codec: c.codec, payloadLength: payload.length}) : 0), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
+      blocks.push({storedLength: bytes.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(bytes, bound ? placeSeed({kind: BoundKind.PackedBlock, number: b, pages: plan.pages, codec: c.codec, payloadLength: payload.length}) : 0), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
       yield {kind: 'drain'}
     }
   }

@@ -54,7 +54,7 @@ export async function squashChain(reader: LayeredReader, output: string, options
   const place = (c: number, codec: Codec, payloadLength: number, plain: Buffer): ChunkEntry => {
     const stored = sealer ? sealer.seal({kind: UnitKind.Chunk, number: c, codec, payloadLength, unit: c}, plain) : plain
     if (digests) unitDigest(stored).copy(digests, c * UNIT_DIGEST_BYTES)
-    return {dataOffset: file.append(stored), storedLength: stored.length, payloadLength, storedCrc: crc32(stored, placeSeed({kind: BoundKind.Chunk, number: c, firstPage: geometry.firstPageOfChunk(c), codec, payloadLength})), codec, flags: 0, ...(sealer?.encrypted ? {sealedAs: c} : {})}
+    return {dataOffset: file.append(stored), storedLength: stored.length, payloadLength, storedCrc: crc32(stored, placeSeed({kind: BoundKind.Chunk, number: c, codec, payloadLength})), codec, flags: 0, ...(sealer?.encrypted ? {sealedAs: c} : {})}
   }
   const compressor = new ChunkCompressor(options.codec, options.level)
   const zeroPage = Buffer.alloc(pageSize)

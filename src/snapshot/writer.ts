@@ -210,7 +210,7 @@ class Assembler {
       }
       const bytes = stored.subarray(chunk.storedOffset, chunk.storedOffset + chunk.storedLength)
       // Every entry's CRC is bound to its own place, a deduplicated one's too (docs/FORMAT.md, Bound units).
-      const place = (plainCrc: number): number => unitCrc(plainCrc, bytes.length, {kind: BoundKind.Chunk, number: index, firstPage: this.geometry.firstPageOfChunk(index), codec: chunk.codec, payloadLength: chunk.payloadLength})
+      const place = (plainCrc: number): number => unitCrc(plainCrc, bytes.length, {kind: BoundKind.Chunk, number: index, codec: chunk.codec, payloadLength: chunk.payloadLength})
       const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, storedCrc: place(chunk.storedCrc), codec: chunk.codec, flags: 0, ...(this.sealer?.encrypted ? {sealedAs: index} : {})}
       if (this.sealer?.convergent) {
         if (!chunk.contentKey) throw new UffdError('INTERNAL', `${this.file.destination}: a convergently sealed chunk without its content key`)
