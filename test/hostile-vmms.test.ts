@@ -9,6 +9,7 @@ import {afterAll, afterEach, beforeAll, describe, expect, it} from 'vitest'
 
 import {uffd} from './helpers/cli.js'
 import {fcClientSkipReason, type Handler, startFcClient, startHandler} from './helpers/fc-handlers.js'
+import {SnapshotReader} from '../src/snapshot/reader.js'
 import {makeImage, tempDir} from './helpers/images.js'
 import {exitWithin, killAll, type Running, waitFor} from './helpers/processes.js'
 
@@ -45,6 +46,15 @@ function alive(pid: number): boolean {
     return !/^State:\s+Z/m.test(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))
   } catch {
     return false
+  }
+}
+
+function headerCrcOf(file: string): number {
+  const reader = SnapshotReader.open(file)
+  try {
+    return reader.header.headerCrc
+  } finally {
+    reader.close()
   }
 }
 
@@ -148,6 +158,53 @@ describe.skipIf(skip !== undefined)('a VMM accepted, then found unservable', () 
     const resume = await exitWithin(handler.proc, 5_000, 'uffd resume')
     expect(resume.code).toBe(1)
     expect(resume.json.clients).toMatchObject([{id: 1, ended: 'exited', error: {code: 'FAULT_OUTSIDE_REGIONS'}}])
+  })
+})
+
+describe.skipIf(skip !== undefined)('a VMM whose memory is not registered with the uffd it sends', () => {
+  it('--serve --populate all: the first fill finds it unregistered (ENOENT, its process alive): killed and reported so, not left running; the next VM served', async () => {
+    const handler = await startResume(['--serve', '--populate', 'all', '--json'])
+    // It would stay 20 s: long past what the handler needs to find it out.
+    const hostile = startClient(handler, ['--hostile', 'unregistered', '--hold-ms', '20000'])
+    const end = await exitWithin(hostile, 8_000, 'fc_client --hostile unregistered')
+    expect(end.signal, `${end.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe('SIGKILL')
+    expect(handler.proc.stderr()).toMatch(/client 1: uffd: UFFDIO_(COPY|ZEROPAGE) failed while installing client 1's memory at 0x[0-9a-f]+ \(ENOENT: not registered with the uffd it sent/)
+    const vm = await exitWithin(startClient(handler, ['--touch', 'random', '--verify-all']), 20_000, 'fc_client')
+    expect(vm.code, `${vm.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+    handler.proc.child.kill('SIGTERM')
+    const resume = await exitWithin(handler.proc, 5_000, 'uffd resume (SIGTERM)')
+    expect(resume.json.clients).toMatchObject([
+      {id: 1, ended: 'killed', error: {code: 'ENOENT'}},
+      {id: 2, ended: 'exited'},
+    ])
+  })
+
+  it('one client, --no-kill, its working set installed at connect: reported frozen at once, and the run ends with its error when it exits', async () => {
+    const pages = Array.from({length: 300}, (_, i) => (i * 7) % 2048)
+    const withSet = path.join(dir, 'with-set.uffd')
+    fs.writeFileSync(path.join(dir, 'set.ws'), JSON.stringify({kind: 'uffd-working-set', version: 1, snapshot: {logicalSize: 8 * MiB, pageSize: 4096, headerCrc: headerCrcOf(snapshot)}, runs: 1, pages, firstTouchMs: pages.map((_, i) => i)}))
+    const attached = uffd(['working-set', 'attach', snapshot, path.join(dir, 'set.ws'), '-o', withSet])
+    expect(attached.status, attached.stderr).toBe(0)
+    const handler = await startHandler(live, dir, withSet, ['--no-kill', '--json'])
+    const frozen = startClient(handler, ['--hostile', 'unregistered', '--hold-ms', '20000'])
+    await waitFor('the client to be left frozen', () => /client 1 left frozen/.test(handler.proc.stderr()), 8_000)
+    expect(handler.proc.stderr()).toMatch(/\(ENOENT: not registered with the uffd it sent/)
+    expect(alive(frozen.child.pid!), '--no-kill: not killed').toBe(true)
+    frozen.child.kill('SIGKILL')
+    const resume = await exitWithin(handler.proc, 5_000, 'uffd resume')
+    expect(resume.code).toBe(1)
+    expect(resume.json.error.code).toBe('ENOENT')
+    expect(resume.json.clients).toMatchObject([{id: 1, ended: 'exited', error: {code: 'ENOENT'}}])
+  })
+
+  it('a VMM that exits right after sending it, before anything is filled: ended as exited, no error', async () => {
+    const handler = await startResume(['--json'])
+    const gone = await exitWithin(startClient(handler, ['--hostile', 'unregistered']), 5_000, 'fc_client --hostile unregistered')
+    expect(gone.code).toBe(0)
+    const resume = await exitWithin(handler.proc, 5_000, 'uffd resume')
+    expect(resume.code, resume.stderr).toBe(0)
+    expect(resume.json.clients).toMatchObject([{id: 1, ended: 'exited'}])
+    expect(resume.json.error).toBeUndefined()
   })
 })
 
