@@ -208,6 +208,33 @@ describe.skipIf(skip !== undefined)('a VMM whose memory is not registered with t
   })
 })
 
+describe.skipIf(skip !== undefined)('pidfds taken without SO_PEERPIDFD (UFFD_PEERPIDFD=0: pidfd_open of the peer\'s pid, as before Linux 6.5)', () => {
+  it('--serve: a refused VMM and one found unservable are killed through those pidfds; the VM beside them is served', async () => {
+    const handler = await startHandler(live, dir, snapshot, ['--serve', '--json'], {UFFD_PEERPIDFD: '0'})
+    // A well-formed handshake that does not fit the snapshot (16 MiB of memory, 8 MiB served): refused.
+    const refused = await exitWithin(startClient(handler, ['--size', '16M', '--regions', '2', '--count', '1']), 10_000, 'fc_client (refused)')
+    expect(refused.signal, `${refused.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe('SIGKILL')
+    await waitFor('the kill to be logged', () => /killing the refused client \(pid \d+\)/.test(handler.proc.stderr()), 5_000)
+    // (Logged once the session is up, after the socket listens.)
+    expect(handler.proc.stderr()).toMatch(/UFFD_PEERPIDFD=0: each client's pidfd is taken with pidfd_open of its pid/)
+    // Accepted, then unservable: killed through the pidfd its lifeline holds.
+    const outside = await exitWithin(startClient(handler, ['--hostile', 'fault-outside', '--touch', 'sequential']), 10_000, 'fc_client --hostile fault-outside')
+    expect(outside.signal, `${outside.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe('SIGKILL')
+    const vm = await exitWithin(startClient(handler, ['--touch', 'random', '--verify-all']), 20_000, 'fc_client')
+    expect(vm.code, `${vm.stderr}\nuffd resume:\n${handler.proc.stderr()}`).toBe(0)
+    handler.proc.child.kill('SIGTERM')
+    const resume = await exitWithin(handler.proc, 5_000, 'uffd resume (SIGTERM)')
+    // (A client that failed once accepted is the run's error: exit 1, interrupted.)
+    expect(resume.json.interrupted, resume.stderr).toBe(true)
+    expect(resume.json.rejected.map((r: {code: string}) => r.code)).toEqual(['BAD_HANDSHAKE'])
+    // Ended through the pidfd (its exit seen on it), not by its socket closing.
+    expect(resume.json.clients).toMatchObject([
+      {id: 1, ended: 'killed', error: {code: 'FAULT_OUTSIDE_REGIONS'}},
+      {id: 2, ended: 'exited'},
+    ])
+  })
+})
+
 describe.skipIf(skip !== undefined)('one userfaultfd on two connections', () => {
   it('a VMM that dup()s its uffd and connects twice is served once; the second connection is refused, and nobody is killed', async () => {
     const handler = await startResume(['--serve', '--json'])
