@@ -83,9 +83,11 @@ static const char *const malformed_names[] = {
 // Well-formed VMMs that misbehave in one way (the handler must contain them):
 // partial-handshake: sends its uffd with the first half of the JSON only, then touches memory;
 // fault-outside: registers all of its memory but announces one page less, and touches that page;
-// connect-twice: sends its handshake on two connections, the second with a dup() of its uffd.
-enum hostile_kind { HOSTILE_NONE, HOSTILE_PARTIAL, HOSTILE_FAULT_OUTSIDE, HOSTILE_TWICE };
-static const char *const hostile_names[] = {"", "partial-handshake", "fault-outside", "connect-twice"};
+// connect-twice: sends its handshake on two connections, the second with a dup() of its uffd;
+// unregistered: sends an initialised uffd with no memory registered on it, then does not touch
+// its memory (it would read its own zeros) and stays until --hold-ms has passed.
+enum hostile_kind { HOSTILE_NONE, HOSTILE_PARTIAL, HOSTILE_FAULT_OUTSIDE, HOSTILE_TWICE, HOSTILE_UNREGISTERED };
+static const char *const hostile_names[] = {"", "partial-handshake", "fault-outside", "connect-twice", "unregistered"};
 
 struct range {
 	uint64_t off, len;
@@ -427,7 +429,7 @@ static int create_uffd(void)
 		die(EXIT_SETUP, "UFFDIO_API: kernel lacks features 0x%" PRIx64,
 		    want & ~(uint64_t)api.features);
 
-	for (unsigned i = 0; i < mem.n; i++) {
+	for (unsigned i = 0; i < mem.n && opt.hostile != HOSTILE_UNREGISTERED; i++) {
 		struct uffdio_register reg = {
 			.range = {.start = (uintptr_t)mem.r[i].base, .len = mem.r[i].size},
 			.mode = UFFDIO_REGISTER_MODE_MISSING,
@@ -1028,7 +1030,8 @@ static void usage(FILE *f)
 	    "  --hostile KIND          partial-handshake (uffd + half the JSON, then touch) |\n"
 	    "                          fault-outside (announce one page less, touch it) |\n"
 	    "                          connect-twice (the handshake again on a second connection\n"
-	    "                          with a dup() of the uffd)\n"
+	    "                          with a dup() of the uffd) | unregistered (send a uffd that\n"
+	    "                          has no memory registered, touch nothing, stay --hold-ms)\n"
 	    "  --timeout-ms N          give up with exit 3 after N ms (default 120000, 0: never)\n"
 	    "  --hold-ms N             sleep N ms after printing the result\n"
 	    "  --delay-ms N            sleep N ms between the handshake and the first touch (a guest\n"
@@ -1137,7 +1140,7 @@ static void parse_args(int argc, char **argv)
 		case O_HOLD_MS: opt.hold_ms = arg_u64("hold-ms", optarg, false); break;
 		case O_DELAY_MS: opt.delay_ms = arg_u64("delay-ms", optarg, false); break;
 		case O_HOSTILE:
-			opt.hostile = (enum hostile_kind)arg_enum("hostile", optarg, hostile_names, 4);
+			opt.hostile = (enum hostile_kind)arg_enum("hostile", optarg, hostile_names, 5);
 			if (opt.hostile == HOSTILE_NONE)
 				die(EXIT_SETUP, "--hostile: empty kind");
 			break;
@@ -1239,6 +1242,13 @@ int main(int argc, char **argv)
 	}
 	if (opt.malformed != MAL_NONE) {
 		wait_for_close(sock);
+		return 0;
+	}
+	if (opt.hostile == HOSTILE_UNREGISTERED) {
+		watchdog_stop();
+		printf("{\"ok\":true,\"hostile\":\"unregistered\"}\n");
+		fflush(stdout);
+		sleep_ms(opt.hold_ms);
 		return 0;
 	}
 

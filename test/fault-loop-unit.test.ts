@@ -285,13 +285,13 @@ describe('Installer against a simulated kernel', () => {
     expectImageWherePresent(kernel)
   })
 
-  it('ENOENT on one page: a restored process settles it as unregistered; for a VMM its mapping is gone', () => {
+  it('ENOENT on one page: a restored process settles it as unregistered; a VMM\'s memory not registered while it runs cannot be served (ENOENT)', () => {
     for (const nonCooperative of [true, false]) {
       const {kernel, installer, regions, stats} = setup()
       const client = new Client(1, UFFD, regions, reader.geometry, undefined, nonCooperative)
       kernel.unregistered.add(10 + 3)
-      const result = installer.fill(client, regions[0], 10, 8, ZEROS)
       if (nonCooperative) {
+        const result = installer.fill(client, regions[0], 10, 8, ZEROS)
         expect(result).toEqual({outcome: 'served', pages: 7})
         expect(client.states.get(13)).toBe(PAGE_REMOVED)
         expect(kernel.wakes).toEqual([13])
@@ -300,8 +300,10 @@ describe('Installer against a simulated kernel', () => {
         // 13, refused), then 1, 2, 1 pages.
         expect(stats.get('zeropageIoctls')).toBe(11)
       } else {
-        // The pages before it are in; the client is gone at the page that is not registered.
-        expect(result).toEqual({outcome: 'gone', pages: 3})
+        // The pages before it are in; at the page that is not registered serving it has failed
+        // (an exited process gives ESRCH, below): not taken for gone, and left 'running'.
+        expect(() => installer.fill(client, regions[0], 10, 8, ZEROS)).toThrow(expect.objectContaining({code: 'ENOENT', message: expect.stringMatching(/UFFDIO_ZEROPAGE failed while installing client 1's memory at 0x[0-9a-f]+ \(ENOENT: not registered with the uffd it sent/)}))
+        for (const p of [10, 11, 12]) expect(client.states.get(p)).toBe(PAGE_PRESENT)
         expect(client.states.get(13)).toBe(PAGE_MISSING)
       }
     }
@@ -827,8 +829,8 @@ describe('zero ranges handed to the kernel', () => {
       expect(client.states.get(p)).toBe(PAGE_PRESENT)
       expect(kernel.present[p]).toBe(0)
     }
-    // Outside that range an unregistered page still means the VMM's mapping is gone.
+    // Outside that range an unregistered page still means the VMM's memory cannot be served.
     kernel.unregistered.add(1800)
-    expect(server.serve(client, {address: BASE + 1800 * PAGE, readAt: performance.now()}).outcome).toBe('gone')
+    expect(() => server.serve(client, {address: BASE + 1800 * PAGE, readAt: performance.now()})).toThrow(expect.objectContaining({code: 'ENOENT'}))
   })
 })

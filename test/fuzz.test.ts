@@ -10,7 +10,7 @@ import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {verifySnapshot} from '../src/snapshot/inspect.js'
-import {checkAttach, checkCli, checkSnapshot, checkStatsFile, checkWorkingSet, type Corpus, jsonCase, makeCorpus, Rng, runCase, snapshotCase, Tally} from './helpers/fuzz.js'
+import {checkAttach, checkCli, checkMoved, checkSnapshot, checkStatsFile, checkWorkingSet, type Corpus, jsonCase, makeCorpus, movedUnitCase, Rng, runCase, snapshotCase, Tally} from './helpers/fuzz.js'
 import {tempDir} from './helpers/images.js'
 
 const SEED = Number(process.env.UFFD_FUZZ_SEED ?? 20260102)
@@ -64,6 +64,17 @@ describe(`fuzz (seed ${SEED})`, () => {
     const seen = new Set(tally.counts.get('sealed')!.keys())
     // Crafted mutations get past the checksums to the authentication behind them.
     expect(seen, JSON.stringify(tally.summary())).toContain('NOT_AUTHENTIC')
+  }, 120_000)
+
+  it('600 snapshots with units moved (entries given other units\' bytes and CRCs, structures resealed): each refused, or read as exactly its image', () => {
+    const tally = new Tally()
+    for (let i = 0; i < 600; i++) {
+      const c = movedUnitCase(corpus, SEED, i)
+      runCase(tally, 'moved', SEED, i, c.how, () => checkMoved(c.bytes, `moved-${i}.uffd`, c.base))
+    }
+    expectClean(tally, 'moved units')
+    // Refused by the units' bound checksums (docs/FORMAT.md, Bound units), past every structure's.
+    expect(tally.count('moved', 'CORRUPT (checksum)'), JSON.stringify(tally.summary())).toBeGreaterThan(300)
   }, 120_000)
 
   it('1,000 mutated working sets through parse, merge, the identity check and (1 in 8) attach', () => {

@@ -35,7 +35,7 @@ function table(lengths: number[], gaps: number[] = []): ExtentTable {
     offsets.push(at)
     at += length + (gaps[i] ?? 0)
   }
-  return {offsets: Float64Array.from(offsets), lengths: Int32Array.from(lengths), crcs: new Uint32Array(lengths.length)}
+  return {offsets: Float64Array.from(offsets), lengths: Int32Array.from(lengths), crcs: new Uint32Array(lengths.length), seeds: new Uint32Array(lengths.length)}
 }
 
 describe('planRun: which neighbours one ranged request takes', () => {

@@ -218,10 +218,11 @@ function storedChunks(file: string): number[] {
   }
 }
 
-function entryOf(file: string, chunk: number): {dataOffset: number; storedLength: number; storedCrc: number} {
+/** A unit's index entry, and the seed its bound CRC starts from (docs/FORMAT.md, Bound units). */
+function entryOf(file: string, chunk: number): {dataOffset: number; storedLength: number; storedCrc: number; seed: number} {
   const reader = opened(file)
   try {
-    return reader.entry(chunk)
+    return {...reader.entry(chunk), seed: reader.crcSeed(chunk)}
   } finally {
     reader.close()
   }
@@ -365,12 +366,12 @@ describe('sealed snapshots through the CLI', () => {
     const f = copy(at('signed.uffd'), 'launder.uffd')
     const reader = SnapshotReader.open(f)
     const chunk = reader.index.findIndex((e, c) => c > 8 && e.codec === Codec.Zstd && !(e.flags & 1))
-    const e = reader.entry(chunk)
+    const e = {...reader.entry(chunk), seed: reader.crcSeed(chunk)}
     const headerCrc = reader.header.headerCrc
     reader.close()
     const bytes = readAt(f, e.dataOffset, e.storedLength)
     bytes[30] ^= 0x01
-    forgeCrc(bytes, 50, e.storedCrc)
+    forgeCrc(bytes, 50, e.storedCrc, e.seed)
     patch(f, e.dataOffset, bytes)
     const pages = Array.from({length: 50}, (_, i) => i * 3)
     fs.writeFileSync(at('launder.ws'), JSON.stringify({kind: 'uffd-working-set', version: 1, snapshot: {logicalSize: SIZE, pageSize: PAGE, headerCrc}, runs: 1, pages, firstTouchMs: pages.map((_, i) => i)}))
@@ -410,11 +411,11 @@ describe('sealed snapshots through the CLI', () => {
     expect(ok(['verify', at('bound/top.uffd'), '--against', at('bound/changed.raw')]).ok).toBe(true)
     const reader = opened(at('bound/base.uffd'))
     const chunk = reader.index.findIndex((e, c) => c > 20 && e.codec === Codec.Zstd && !(e.flags & 1))
-    const e = reader.entry(chunk)
+    const e = {...reader.entry(chunk), seed: reader.crcSeed(chunk)}
     reader.close()
     const bytes = readAt(at('bound/base.uffd'), e.dataOffset, e.storedLength)
     bytes[10] ^= 0x02
-    forgeCrc(bytes, 30, e.storedCrc)
+    forgeCrc(bytes, 30, e.storedCrc, e.seed)
     patch(at('bound/base.uffd'), e.dataOffset, bytes)
     // The layer's record of its parent covers the parent's digest table, and a signed file's units
     // are always checked against it: no --verify-key is needed for this.
@@ -520,7 +521,7 @@ describe('sealed snapshots through the CLI', () => {
         const e = entryOf(f, chunk)
         const bytes = readAt(f, e.dataOffset, e.storedLength)
         bytes[from(e.storedLength)] ^= 0x10
-        forgeCrc(bytes, 8, e.storedCrc)
+        forgeCrc(bytes, 8, e.storedCrc, e.seed)
         patch(f, e.dataOffset, bytes)
         const err = fails(['verify', f, '--key-file', at('key')])
         expect(err.message).toContain(`chunk ${chunk}: does not authenticate under the file's key`)
@@ -534,7 +535,7 @@ describe('sealed snapshots through the CLI', () => {
       const theirs = entryOf(at('enc2.uffd'), chunk)
       expect(theirs.storedLength, 'the same memory compresses to the same length').toBe(mine.storedLength)
       const bytes = readAt(at('enc2.uffd'), theirs.dataOffset, theirs.storedLength)
-      forgeCrc(bytes, 0, mine.storedCrc)
+      forgeCrc(bytes, 0, mine.storedCrc, mine.seed)
       patch(f, mine.dataOffset, bytes)
       const err = fails(['verify', f, '--key-file', at('key')])
       expect(err.message).toContain(`chunk ${chunk}: does not authenticate under the file's key`)
@@ -544,11 +545,11 @@ describe('sealed snapshots through the CLI', () => {
       const f = copy(at('signed.uffd'), 'signed-unit.uffd')
       const reader = SnapshotReader.open(f)
       const chunk = reader.index.findIndex((e, c) => c > 8 && e.codec === Codec.Zstd && !(e.flags & 1))
-      const e = reader.entry(chunk)
+      const e = {...reader.entry(chunk), seed: reader.crcSeed(chunk)}
       reader.close()
       const bytes = readAt(f, e.dataOffset, e.storedLength)
       bytes[20] ^= 0x01
-      forgeCrc(bytes, 40, e.storedCrc)
+      forgeCrc(bytes, 40, e.storedCrc, e.seed)
       patch(f, e.dataOffset, bytes)
       const err = fails(['verify', f, '--verify-key', at('sign.pub')])
       expect(err.message).toMatch(new RegExp(`chunk ${chunk}: its digest differs`))
@@ -622,7 +623,7 @@ describe('sealed snapshots through the CLI', () => {
     const dst = entryOf(f, to)
     const bytes = Buffer.alloc(dst.storedLength)
     readAt(f, src.dataOffset, Math.min(src.storedLength, dst.storedLength)).copy(bytes)
-    forgeCrc(bytes, 4, dst.storedCrc)
+    forgeCrc(bytes, 4, dst.storedCrc, dst.seed)
     patch(f, dst.dataOffset, bytes)
     expect(fails(['verify', f, '--key-file', at('key')]).message).toContain(`chunk ${to}: does not authenticate`)
     // A set attached: the chunks are copied with their content keys, the packed blocks sealed convergently too.
@@ -753,7 +754,7 @@ describe.skipIf(clientSkip !== undefined)('resuming a sealed snapshot with a rea
     const e = entryOf(f, chunk)
     const bytes = readAt(f, e.dataOffset, e.storedLength)
     bytes[7] ^= 0x04
-    forgeCrc(bytes, 100, e.storedCrc)
+    forgeCrc(bytes, 100, e.storedCrc, e.seed)
     patch(f, e.dataOffset, bytes)
     const {client, handler} = await resume(f, ['--key-file', at('key')], ['--touch', 'sequential', '--verify-all'])
     expect(client.signal, `${client.stdout}${client.stderr}`).toBe('SIGKILL')

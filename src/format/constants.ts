@@ -40,7 +40,13 @@ export const INCOMPAT_LAYERED = 1n << 0n
  * seal record precedes the footer. A reader that ignored the bit would decode ciphertext.
  */
 export const INCOMPAT_ENCRYPTED = 1n << 1n
-export const KNOWN_INCOMPAT_FEATURES = INCOMPAT_LAYERED | INCOMPAT_ENCRYPTED
+/**
+ * Every stored unit's CRC is bound to its place (docs/FORMAT.md, Bound units; src/format/bind.ts):
+ * seeded with a record of the unit's kind, number, first page, codec and payload length. A reader
+ * that ignored the bit would find every CRC wrong.
+ */
+export const INCOMPAT_BOUND = 1n << 2n
+export const KNOWN_INCOMPAT_FEATURES = INCOMPAT_LAYERED | INCOMPAT_ENCRYPTED | INCOMPAT_BOUND
 /**
  * The snapshot carries a working set (metadata.workingSet) and stores those chunks first, so a
  * handler can read them with one sequential read. Readers that ignore it lose nothing.

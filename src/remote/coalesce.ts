@@ -3,6 +3,11 @@ export interface ExtentTable {
   offsets: Float64Array
   lengths: Int32Array
   crcs: Uint32Array
+  /**
+   * What each extent's CRC starts from: in a file whose units are bound to their places, the seed
+   * of a unit stored there (crcs[i] is that unit's stored CRC); else 0.
+   */
+  seeds: Uint32Array
 }
 
 /**

@@ -10,7 +10,7 @@ import {SnapshotReader} from '../snapshot/reader.js'
 import {NO_READ_KEYS, type ReadKeys} from '../snapshot/sealing.js'
 import {closeFd, createEventfd, eventfdSignal} from '../sys/index.js'
 import {crc32} from '../sys/crc.js'
-import {backoffMs} from './coalesce.js'
+import {backoffMs, type ExtentTable} from './coalesce.js'
 import {DiskCache} from './disk-cache.js'
 import {type FetcherMessage} from './fetcher/worker.js'
 import {describeLocation, type Location} from './location.js'
@@ -115,6 +115,7 @@ export class RemoteSnapshot {
       extentOffsets: extents.offsets,
       extentLengths: extents.lengths,
       extentCrcs: extents.crcs,
+      extentSeeds: extents.seeds,
       cacheDir: cache.dir,
       cacheRoot: options.cacheRoot,
       cacheMaxBytes: options.cacheMaxBytes,
@@ -193,13 +194,13 @@ export class RemoteSnapshot {
  * with its header and tail) into the cache directory, checked against their CRC, and marks them
  * present: they are not fetched again. One that fails its check is left to be fetched.
  */
-function keepOpenedExtents(cache: DiskCache, extents: {offsets: Float64Array; lengths: Int32Array; crcs: Uint32Array}, segments: readonly {offset: number; bytes: Uint8Array}[], states: Int32Array): void {
+function keepOpenedExtents(cache: DiskCache, extents: ExtentTable, segments: readonly {offset: number; bytes: Uint8Array}[], states: Int32Array): void {
   for (let e = 0; e < extents.offsets.length; e++) {
     const range = {offset: extents.offsets[e], length: extents.lengths[e]}
     const within = segments.find((s) => range.offset >= s.offset && range.offset + range.length <= s.offset + s.bytes.length)
     if (!within) continue
     const bytes = within.bytes.subarray(range.offset - within.offset, range.offset - within.offset + range.length)
-    if (crc32(bytes) !== extents.crcs[e]) continue
+    if (crc32(bytes, extents.seeds[e]) !== extents.crcs[e]) continue
     try {
       if (!cache.has(range)) cache.publish(range, bytes)
       states[e] = EXTENT_PRESENT
@@ -317,19 +318,25 @@ async function retried<T>(attempt: () => Promise<T>, deadline: number, deadlineM
   }
 }
 
-/** The distinct stored byte ranges of a snapshot (chunks and packed blocks; deduplicated chunks share one), sorted by offset. */
-function extentTable(reader: SnapshotReader): {offsets: Float64Array; lengths: Int32Array; crcs: Uint32Array} {
-  const byRange = new Map<string, {offset: number; length: number; crc: number}>()
+/**
+ * The distinct stored byte ranges of a snapshot (chunks and packed blocks; deduplicated chunks
+ * share one), sorted by offset, each with the CRC and seed of one unit stored there: in a bound
+ * file the entries sharing bytes have CRCs bound to their own places, and any one of them checks
+ * the bytes (the reader checks each unit against its own when it reads it).
+ */
+function extentTable(reader: SnapshotReader): ExtentTable {
+  const byRange = new Map<string, {offset: number; length: number; crc: number; seed: number}>()
   for (let unit = 0; unit < reader.unitCount; unit++) {
     const entry = reader.entry(unit)
     if (entry.codec === Codec.None || entry.storedLength === 0) continue
-    byRange.set(`${entry.dataOffset}:${entry.storedLength}`, {offset: entry.dataOffset, length: entry.storedLength, crc: entry.storedCrc})
+    byRange.set(`${entry.dataOffset}:${entry.storedLength}`, {offset: entry.dataOffset, length: entry.storedLength, crc: entry.storedCrc, seed: reader.crcSeed(unit)})
   }
   const extents = [...byRange.values()].sort((a, b) => a.offset - b.offset || a.length - b.length)
   return {
     offsets: Float64Array.from(extents, (e) => e.offset),
     lengths: Int32Array.from(extents, (e) => e.length),
     crcs: Uint32Array.from(extents, (e) => e.crc),
+    seeds: Uint32Array.from(extents, (e) => e.seed),
   }
 }
 

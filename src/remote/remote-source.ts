@@ -34,7 +34,7 @@ export class RemoteByteSource implements ByteSource {
   ) {
     this.name = share.name
     this.size = share.identity.size
-    this.table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs: share.extentCrcs}
+    this.table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs: share.extentCrcs, seeds: share.extentSeeds}
     this.states = new Int32Array(share.states)
     this.counters = new RemoteCounters(share.counters)
     this.cache = new DiskCache(share.cacheDir)

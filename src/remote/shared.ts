@@ -69,10 +69,11 @@ export interface RemoteShare {
   identity: ObjectIdentity
   /** Byte ranges read when the snapshot was opened (header, index, zero map, packed table, footer). */
   segments: {offset: number; bytes: Uint8Array}[]
-  /** Per extent, sorted by offset: its offset, stored length and CRC-32. */
+  /** Per extent, sorted by offset: its offset, stored length, CRC-32 and the CRC's seed (ExtentTable). */
   extentOffsets: Float64Array
   extentLengths: Int32Array
   extentCrcs: Uint32Array
+  extentSeeds: Uint32Array
   /** The snapshot's cache directory: root/<identity digest>. */
   cacheDir: string
   cacheRoot: string

@@ -126,9 +126,12 @@ function layout(reader: SnapshotReader): Piece[] {
     pieces.push({offset: runs.offset, length: runs.length, structure: {part: 'layer run table', check: (b) => crc32(b) === runs.crc}})
   }
   const learned = learnedLocation(header.metadata, header.headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))
-  const learnedCrc = (header.metadata.workingSet as {learned?: {crc?: unknown}} | undefined)?.learned?.crc
+  const learnedAt = (header.metadata.workingSet as {learned?: {crc?: unknown; codec?: unknown; rawLength?: unknown}} | undefined)?.learned
+  const learnedCrc = learnedAt?.crc
   if (learned && typeof learnedCrc === 'string') {
-    pieces.push({offset: learned.offset, length: learned.length, structure: {part: 'learned runs', check: (b) => crc32(b).toString(16).padStart(8, '0') === learnedCrc}})
+    // Bound to its place in a bound file, by its codec and decoded length (as readLearnedRuns checks it).
+    const seed = reader.learnedSeed(learnedAt?.codec === 'zstd' ? Codec.Zstd : Codec.Raw, typeof learnedAt?.rawLength === 'number' ? learnedAt.rawLength : 0)
+    pieces.push({offset: learned.offset, length: learned.length, structure: {part: 'learned runs', check: (b) => crc32(b, seed).toString(16).padStart(8, '0') === learnedCrc}})
   }
   if (reader.seal) {
     // A sealed or signed file's unit digests and seal record, as the reader checked them at open.

@@ -3,7 +3,8 @@ import {setImmediate as yieldToEventLoop} from 'node:timers/promises'
 import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
-import {FOOTER_SIZE, INCOMPAT_LAYERED, SOURCE_ZERO} from '../format/constants.js'
+import {BoundKind, placeSeed} from '../format/bind.js'
+import {FOOTER_SIZE, INCOMPAT_BOUND, INCOMPAT_LAYERED, SOURCE_ZERO} from '../format/constants.js'
 import {encodeHeader} from '../format/header.js'
 import {baseRuns, composeRuns, encodeRunTable, type LayerParent, type LayerRun, MAX_LAYER_DEPTH} from '../format/layer.js'
 import {encodePackedTable, type PackedBlock} from '../format/packed-set.js'
@@ -100,7 +101,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     const c = compressor.compress(payload)
     // The compressor reuses its output buffer: keep a copy (sealing makes one).
     const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length, unit: blocks.length}, c.stored) : Buffer.from(c.stored)
-    blocks.push({dataOffset: dataAt, storedLength: bytes.length, payloadLength: payload.length, storedCrc: crc32(bytes), codec: c.codec, flags: 0, listStart: changed.length - pendingPages.length, pageCount: pendingPages.length})
+    blocks.push({dataOffset: dataAt, storedLength: bytes.length, payloadLength: payload.length, storedCrc: crc32(bytes, placeSeed({kind: BoundKind.LayerBlock, number: blocks.length, pages: pendingPages, codec: c.codec, payloadLength: payload.length})), codec: c.codec, flags: 0, listStart: changed.length - pendingPages.length, pageCount: pendingPages.length})
     stored.push(bytes)
     dataAt += bytes.length
     storedBytes += bytes.length
@@ -183,7 +184,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     const blocksAt = headerSize + dataAt
     const runsAt = blocksAt + blockTable.length
     header = encodeHeader({
-      incompatFeatures: INCOMPAT_LAYERED | (sealer?.incompatFeatures ?? 0n),
+      incompatFeatures: INCOMPAT_LAYERED | INCOMPAT_BOUND | (sealer?.incompatFeatures ?? 0n),
       compatFeatures: sealer?.compatFeatures ?? 0n,
       pageSize,
       chunkSize: geometry.chunkSize,

@@ -40,9 +40,9 @@ export function readLearnedRuns(reader: SnapshotReader): {runs: LearnedRun[]; ke
   }
   const stored = Buffer.alloc(length)
   reader.source.readAt(stored, offset)
-  if (crc32(stored).toString(16).padStart(8, '0') !== crc) throw new UffdError('CORRUPT', `${where}: checksum mismatch`)
-  const raw = Buffer.alloc(rawLength)
   const codecNumber = codec === 'zstd' ? Codec.Zstd : Codec.Raw
+  if (crc32(stored, reader.learnedSeed(codecNumber, rawLength)).toString(16).padStart(8, '0') !== crc) throw new UffdError('CORRUPT', `${where}: checksum mismatch`)
+  const raw = Buffer.alloc(rawLength)
   new ChunkDecompressor().decompress(codecNumber, reader.learnedPlain(stored, codecNumber, rawLength), raw)
   return {runs: decodeLearnedRuns(raw, where, reader.geometry.pageCount), keep}
 }

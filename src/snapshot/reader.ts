@@ -1,6 +1,7 @@
 import {createHash} from 'node:crypto'
 
-import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_ENCRYPTED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
+import {BoundKind, type BoundPlace, learnedPlace, placeSeed} from '../format/bind.js'
+import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_BOUND, INCOMPAT_ENCRYPTED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
@@ -43,6 +44,8 @@ export class SnapshotReader {
   private payloadScratch = Buffer.alloc(0)
   /** Decrypted stored bytes of a sealed unit, before decoding. */
   private plainScratch = Buffer.alloc(0)
+  /** Units whose remote bytes failed a check and were dropped to be fetched again (once), until one passes. */
+  private readonly refetched = new Set<number>()
   /** Stored units read and verified by readPayload so far (what a resume's stats count as decoded). */
   unitsDecoded = 0
   /** One file shares no decoded units with other snapshots (LayeredReader.unitsShared does). */
@@ -72,7 +75,11 @@ export class SnapshotReader {
     // A layer's own blocks first, then the packed working set's (docs/FORMAT.md, Layers).
     this.blocks = [...(layer?.set.blocks ?? []), ...(packed?.blocks ?? [])]
     this.unitCount = index.length + this.blocks.length
+    this.bound = (header.incompatFeatures & INCOMPAT_BOUND) !== 0n
   }
+
+  /** Each unit's CRC is seeded with its place (incompat bit 2), so bytes moved to another place fail it. */
+  readonly bound: boolean
 
   /** The units after the chunks: a layer's blocks, then the packed working set's. */
   private readonly blocks: readonly ChunkEntry[]
@@ -256,6 +263,33 @@ export class SnapshotReader {
     return block < layerBlocks ? {kind: UnitKind.LayerBlock, number: block, ...place} : {kind: UnitKind.PackedBlock, number: block - layerBlocks, ...place}
   }
 
+  /**
+   * Where a unit belongs, as its bound CRC names it: a chunk by its own index (a deduplicated
+   * chunk too: its CRC is its own entry's, unlike its seal, so every entry is bound to its place),
+   * a block by its position in its table and the pages it lists.
+   */
+  boundPlace(unit: number): BoundPlace {
+    const entry = this.entry(unit)
+    const fields = {codec: entry.codec, payloadLength: entry.payloadLength}
+    const block = this.packedBlock(unit)
+    if (block === undefined) return {kind: BoundKind.Chunk, number: unit, ...fields}
+    const layerBlocks = this.layer?.set.blocks.length ?? 0
+    const set = block < layerBlocks ? this.layer!.set : this.packed!
+    const number = block < layerBlocks ? block : block - layerBlocks
+    const {listStart, pageCount} = set.blocks[number]
+    return {kind: block < layerBlocks ? BoundKind.LayerBlock : BoundKind.PackedBlock, number, pages: set.pages.subarray(listStart, listStart + pageCount), ...fields}
+  }
+
+  /** What a unit's stored CRC starts from: its place's seed in a bound file, else 0 (the CRC of its bytes alone). */
+  crcSeed(unit: number): number {
+    return this.bound ? placeSeed(this.boundPlace(unit)) : 0
+  }
+
+  /** What the learned runs' stored CRC starts from (as crcSeed for a unit). */
+  learnedSeed(codec: Codec, rawLength: number): number {
+    return this.bound ? placeSeed(learnedPlace(codec, rawLength)) : 0
+  }
+
   /** Learned runs' stored bytes (their CRC checked by the caller), decrypted when the file is encrypted. */
   learnedPlain(stored: Buffer, codec: Codec, rawLength: number): Buffer {
     if (!this.seal?.encrypted) return stored
@@ -318,19 +352,26 @@ export class SnapshotReader {
     let stored = read()
     if (stored === undefined) return undefined as Out
     let outcome = this.check(unit, entry, stored, dst)
-    if (outcome instanceof SnapshotFormatError && this.source.discard?.(entry.dataOffset, entry.storedLength)) {
+    if (outcome instanceof SnapshotFormatError && !this.refetched.has(unit) && this.source.discard?.(entry.dataOffset, entry.storedLength)) {
+      // Once: a no-wait read finds the bytes gone and returns, and fresh bytes that fail as well
+      // are the file's, not the cache's (a crafted entry pointing at another unit's bytes passes
+      // the fetcher's check of that unit's CRC): failing now, not fetching them over and over.
+      this.refetched.add(unit)
       stored = read()
       if (stored === undefined) return undefined as Out
       outcome = this.check(unit, entry, stored, dst)
     }
     if (outcome instanceof SnapshotFormatError) throw outcome
+    this.refetched.delete(unit)
     return {stored, plain: outcome} as Out
   }
 
   /** The unit's plaintext (the stored bytes themselves unless encrypted), or what is wrong with them. */
   private check(unit: number, entry: ChunkEntry, stored: Buffer, dst?: Buffer): Buffer | SnapshotFormatError {
-    const crc = crc32(stored)
-    if (crc !== entry.storedCrc) return this.chunkError(unit, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)})`)
+    // One more CRC over a 20-byte record in a bound file: bytes moved here from another place,
+    // with their CRC copied along, fail.
+    const crc = crc32(stored, this.crcSeed(unit))
+    if (crc !== entry.storedCrc) return this.chunkError(unit, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)}${this.bound ? ' for this place' : ''})`)
     // A verified signature covers the digest of every unit: the checksum stops accidents, this stops a forger.
     if (this.seal?.digestsChecked && !this.seal.digestMatches(unit, stored)) return this.chunkError(unit, 'NOT_AUTHENTIC', 'its digest differs from the one the signed unit digest table records')
     if (!this.seal?.encrypted || this.seal.locked) return stored

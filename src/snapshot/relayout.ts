@@ -2,7 +2,8 @@ import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
 import {formatBytes} from '../core/units.js'
-import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, COMPAT_WORKING_SET, INCOMPAT_ENCRYPTED} from '../format/constants.js'
+import {BoundKind, learnedPlace, placeSeed} from '../format/bind.js'
+import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, COMPAT_WORKING_SET, INCOMPAT_BOUND, INCOMPAT_ENCRYPTED} from '../format/constants.js'
 import {encodeRunTable} from '../format/layer.js'
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
@@ -49,8 +50,11 @@ export function packOptionsFor(metadata: Record<string, unknown>, codec: string 
   return {codec: chosen as PackOptions['codec'], level}
 }
 
-/** `firstUnit`: the unit number of the first block (after the file's chunks, or a layer's own blocks). */
-function* packBlocks(reader: ImageReader, pagesInTouchOrder: readonly number[], options: PackOptions, sealer: FileSealer | undefined, firstUnit: number): Generator<Wait, {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array}, void> {
+/**
+ * `firstUnit`: the unit number of the first block (after the file's chunks, or a layer's own
+ * blocks); `bound`: the file written binds its units' CRCs to their places.
+ */
+function* packBlocks(reader: ImageReader, pagesInTouchOrder: readonly number[], options: PackOptions, sealer: FileSealer | undefined, firstUnit: number, bound: boolean): Generator<Wait, {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored: Buffer[]; list: Uint32Array}, void> {
   const {zeroMap, geometry} = reader
   const plans = planPackedBlocks(pagesInTouchOrder, geometry.pagesPerChunk)
   const compressor = new ChunkCompressor(options.codec === 'none' ? 'raw' : options.codec, options.level)
@@ -78,7 +82,7 @@ function* packBlocks(reader: ImageReader, pagesInTouchOrder: readonly number[], 
       // The compressor reuses its output buffer: keep a copy (sealing makes one).
       const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.PackedBlock, number: b, codec: c.codec, payloadLength: payload.length, unit: firstUnit + b}, c.stored) : Buffer.from(c.stored)
       stored.push(bytes)
-      blocks.push({storedLength: bytes.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(bytes), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
+      blocks.push({storedLength: bytes.length, payloadLength: payload.length, storedCrc: c.codec === Codec.None ? 0 : crc32(bytes, bound ? placeSeed({kind: BoundKind.PackedBlock, number: b, pages: plan.pages, codec: c.codec, payloadLength: payload.length}) : 0), codec: c.codec, flags: 0, listStart: plan.listStart, pageCount: plan.pageCount})
       yield {kind: 'drain'}
     }
   }
@@ -198,9 +202,12 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   // Chunks are copied as they are stored (sealed for their places under the file's salt); the
   // packed blocks and learned runs are new, and sealed under new generations.
   const sealer = FileSealer.rewrite(reader.seal?.info, options.seal ?? {}, [UnitKind.Chunk], [...(packing ? [UnitKind.PackedBlock] : []), ...(set.learned ? [UnitKind.LearnedRuns] : [])], reader.source.name)
+  // The chunks' CRCs are copied with their bytes, to the same places: a bound file stays bound,
+  // an older one unbound (its chunks' CRCs are part of its identity, which layers on it record).
+  const bound = (header.incompatFeatures & INCOMPAT_BOUND) !== 0n
   if (packing) yield {kind: 'all', units: chunks}
-  const packed = packing ? yield* packBlocks(reader, pages, options, sealer, index.length) : undefined
-  const learned = set.learned ? storedLearnedRuns(reader, set.learned, sealer) : undefined
+  const packed = packing ? yield* packBlocks(reader, pages, options, sealer, index.length, bound) : undefined
+  const learned = set.learned ? storedLearnedRuns(reader, set.learned, sealer, bound) : undefined
   // The header records where the packed table lies, which depends on the header's own size:
   // encode until the size is stable. The CRC is fixed-width hex and a larger header only adds
   // digits to the offset, so this settles in two or three rounds.
@@ -284,7 +291,8 @@ function* relayoutLayer(chain: LayeredReader, out: OutputSink, set: SetToAttach,
   // The layer's blocks are copied as sealed; the packed blocks are new (units after the layer's).
   const sealer = FileSealer.rewrite(top.seal?.info, options.seal ?? {}, [UnitKind.LayerBlock], pages.length > 0 ? [UnitKind.PackedBlock] : [], top.source.name)
   if (pages.length > 0) yield {kind: 'all', units: chunks}
-  const packed = pages.length > 0 ? yield* packBlocks(chain, pages, options, sealer, layer.set.blocks.length) : undefined
+  // The layer's blocks keep their numbers and first pages: their CRCs hold, bound or not.
+  const packed = pages.length > 0 ? yield* packBlocks(chain, pages, options, sealer, layer.set.blocks.length, (header.incompatFeatures & INCOMPAT_BOUND) !== 0n) : undefined
   const runTable = encodeRunTable(layer.runs)
   const ownUnits = layer.set.blocks.map((_, b) => b)
   const ownStored = layer.set.blocks.reduce((n, b) => n + (b.codec === Codec.None ? 0 : b.storedLength), 0)
@@ -374,7 +382,7 @@ function hex8(bytes: Buffer): string {
 }
 
 /** The compressed form of learned runs and what the metadata says of it (but where: the caller places it). */
-function storedLearnedRuns(reader: SnapshotReader, learned: NonNullable<SetToAttach['learned']>, sealer: FileSealer | undefined): {stored: Buffer; location: Omit<LearnedRunsLocation, 'offset'>} {
+function storedLearnedRuns(reader: SnapshotReader, learned: NonNullable<SetToAttach['learned']>, sealer: FileSealer | undefined, bound: boolean): {stored: Buffer; location: Omit<LearnedRunsLocation, 'offset'>} {
   const raw = encodeLearnedRuns(learned.runs)
   const c = new ChunkCompressor('zstd', 3).compress(raw)
   const stored = sealer?.encrypted ? sealer.seal({kind: UnitKind.LearnedRuns, number: 0, codec: c.codec, payloadLength: raw.length}, c.stored) : Buffer.from(c.stored)
@@ -383,7 +391,7 @@ function storedLearnedRuns(reader: SnapshotReader, learned: NonNullable<SetToAtt
     location: {
       length: stored.length,
       rawLength: raw.length,
-      crc: crc32(stored).toString(16).padStart(8, '0'),
+      crc: crc32(stored, bound ? placeSeed(learnedPlace(c.codec, raw.length)) : 0).toString(16).padStart(8, '0'),
       codec: c.codec === Codec.Zstd ? 'zstd' : 'raw',
       runs: learned.runs.length,
       keep: learned.keep,

@@ -1,6 +1,7 @@
 import {setImmediate as yieldToEventLoop} from 'node:timers/promises'
 
-import {Codec, SOURCE_ZERO} from '../format/constants.js'
+import {BoundKind, placeSeed} from '../format/bind.js'
+import {Codec, INCOMPAT_BOUND, SOURCE_ZERO} from '../format/constants.js'
 import {findRun} from '../format/layer.js'
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
@@ -41,7 +42,7 @@ export async function squashChain(reader: LayeredReader, output: string, options
   // A new file: its units are sealed anew, under a salt of its own.
   const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.Chunk])
   const header = encodeHeader({
-    incompatFeatures: sealer?.incompatFeatures ?? 0n,
+    incompatFeatures: INCOMPAT_BOUND | (sealer?.incompatFeatures ?? 0n),
     compatFeatures: sealer?.compatFeatures ?? 0n,
     pageSize,
     chunkSize: geometry.chunkSize,
@@ -53,7 +54,7 @@ export async function squashChain(reader: LayeredReader, output: string, options
   const place = (c: number, codec: Codec, payloadLength: number, plain: Buffer): ChunkEntry => {
     const stored = sealer ? sealer.seal({kind: UnitKind.Chunk, number: c, codec, payloadLength, unit: c}, plain) : plain
     if (digests) unitDigest(stored).copy(digests, c * UNIT_DIGEST_BYTES)
-    return {dataOffset: file.append(stored), storedLength: stored.length, payloadLength, storedCrc: crc32(stored), codec, flags: 0, ...(sealer?.encrypted ? {sealedAs: c} : {})}
+    return {dataOffset: file.append(stored), storedLength: stored.length, payloadLength, storedCrc: crc32(stored, placeSeed({kind: BoundKind.Chunk, number: c, codec, payloadLength})), codec, flags: 0, ...(sealer?.encrypted ? {sealedAs: c} : {})}
   }
   const compressor = new ChunkCompressor(options.codec, options.level)
   const zeroPage = Buffer.alloc(pageSize)

@@ -1,6 +1,7 @@
 
 import {UffdError} from '../core/errors.js'
-import {CHUNK_FLAG_SHARED, Codec} from '../format/constants.js'
+import {BoundKind, unitCrc} from '../format/bind.js'
+import {CHUNK_FLAG_SHARED, Codec, INCOMPAT_BOUND} from '../format/constants.js'
 import {Geometry} from '../format/geometry.js'
 import {encodeHeader, type Region, type SnapshotMetadata} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
@@ -88,7 +89,7 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
   const geometry = new Geometry(options.pageSize, options.chunkSize, input.logicalSize)
   const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.Chunk])
   const header = encodeHeader({
-    incompatFeatures: sealer?.incompatFeatures ?? 0n,
+    incompatFeatures: INCOMPAT_BOUND | (sealer?.incompatFeatures ?? 0n),
     compatFeatures: sealer?.compatFeatures ?? 0n,
     pageSize: options.pageSize,
     chunkSize: options.chunkSize,
@@ -165,6 +166,8 @@ class Assembler {
   zeroPages = 0
   dedupChunks = 0
   dedupBytes = 0
+  /** Each chunk's CRC of its stored bytes alone (entries hold it bound to their place). */
+  private readonly plainCrcs: number[] = []
   /** Stored chunks by (crc, lengths, codec), to find identical payloads stored before. */
   private readonly seen = new Map<string, number[]>()
   /** Each chunk's SHA-256 (32 bytes at entry index * 32), when the sink cannot read bytes back. */
@@ -202,19 +205,22 @@ class Assembler {
       usage.payloadBytes += chunk.payloadLength
       if (chunk.codec === Codec.None) {
         this.entries.push({dataOffset: 0, storedLength: 0, payloadLength: 0, storedCrc: 0, codec: Codec.None, flags: 0})
+        this.plainCrcs.push(0)
         continue
       }
       const bytes = stored.subarray(chunk.storedOffset, chunk.storedOffset + chunk.storedLength)
-      const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, storedCrc: chunk.storedCrc, codec: chunk.codec, flags: 0, ...(this.sealer?.encrypted ? {sealedAs: index} : {})}
+      // Every entry's CRC is bound to its own place, a deduplicated one's too (docs/FORMAT.md, Bound units).
+      const place = (plainCrc: number): number => unitCrc(plainCrc, bytes.length, {kind: BoundKind.Chunk, number: index, codec: chunk.codec, payloadLength: chunk.payloadLength})
+      const entry: ChunkEntry = {dataOffset: 0, storedLength: bytes.length, payloadLength: chunk.payloadLength, storedCrc: place(chunk.storedCrc), codec: chunk.codec, flags: 0, ...(this.sealer?.encrypted ? {sealedAs: index} : {})}
       if (this.sealer?.convergent) {
         if (!chunk.contentKey) throw new UffdError('INTERNAL', `${this.file.destination}: a convergently sealed chunk without its content key`)
         this.sealer.recordKey(index, chunk.contentKey)
       }
       const original = this.findIdentical(entry, bytes, chunk)
       if (original !== undefined) {
-        // The original's stored bytes, sealed for its place (and so its CRC and digest too).
+        // The original's stored bytes, sealed for its place (and so its digest too); their CRC bound to this place.
         const first = this.entries[original]
-        Object.assign(entry, {dataOffset: first.dataOffset, storedCrc: first.storedCrc, flags: CHUNK_FLAG_SHARED, ...(this.sealed ? {sealedAs: first.sealedAs} : {})})
+        Object.assign(entry, {dataOffset: first.dataOffset, storedCrc: place(this.plainCrcs[original]), flags: CHUNK_FLAG_SHARED, ...(this.sealed ? {sealedAs: first.sealedAs} : {})})
         first.flags = CHUNK_FLAG_SHARED
         this.unitDigests?.copyWithin(index * UNIT_DIGEST_BYTES, original * UNIT_DIGEST_BYTES, (original + 1) * UNIT_DIGEST_BYTES)
         this.dedupChunks++
@@ -228,6 +234,7 @@ class Assembler {
         }
       }
       this.entries.push(entry)
+      this.plainCrcs.push(original === undefined ? chunk.storedCrc : this.plainCrcs[original])
     }
     return covered
   }
@@ -246,7 +253,7 @@ class Assembler {
   private findIdentical(entry: ChunkEntry, bytes: Buffer, chunk: EncodedChunk): number | undefined {
     // Sealed bytes differ for identical chunks (each is sealed for its own place): what was
     // sealed nominates candidates, and is what is compared (the workers' digests are of it too).
-    const key = `${this.sealed ? chunk.plainCrc : entry.storedCrc}:${entry.payloadLength}:${entry.codec}:${entry.storedLength}`
+    const key = `${this.sealed ? chunk.plainCrc : chunk.storedCrc}:${entry.payloadLength}:${entry.codec}:${entry.storedLength}`
     const candidates = this.seen.get(key)
     const {digests} = this
     const digest = chunk.digest

@@ -39,9 +39,9 @@ export function uffd(args: string[], options: {input?: string; timeoutMs?: numbe
   return {status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr, json}
 }
 
-/** Starts the CLI without waiting; for commands that run until told to stop. */
-export function uffdSpawn(args: string[]) {
-  return spawn(process.execPath, [UFFD_BIN, ...args], {stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv()})
+/** Starts the CLI without waiting; for commands that run until told to stop. `env`: added to its environment. */
+export function uffdSpawn(args: string[], env: NodeJS.ProcessEnv = {}) {
+  return spawn(process.execPath, [UFFD_BIN, ...args], {stdio: ['ignore', 'pipe', 'pipe'], env: {...cliEnv(), ...env}})
 }
 
 export function isRoot(): boolean {

@@ -2,10 +2,13 @@
 // checksum by setting four other bytes. Tests use it to craft changes a checksum cannot see.
 import {crc32} from 'node:zlib'
 
-/** Sets buf[at..at+4) so that crc32(buf) equals `target` (solving the 32 linear equations over GF(2)). */
-export function forgeCrc(buf: Buffer, at: number, target: number): void {
+/**
+ * Sets buf[at..at+4) so that crc32(buf, seed) equals `target` (solving the 32 linear equations
+ * over GF(2)): a bound unit's CRC (docs/FORMAT.md, Bound units) is seeded with its place.
+ */
+export function forgeCrc(buf: Buffer, at: number, target: number, seed = 0): void {
   buf.fill(0, at, at + 4)
-  const base = crc32(buf)
+  const base = crc32(buf, seed)
   const zero = crc32(Buffer.alloc(buf.length))
   // What flipping each of the 32 bits changes in the checksum.
   const effects: number[] = []
@@ -36,5 +39,5 @@ export function forgeCrc(buf: Buffer, at: number, target: number): void {
   }
   if (residual !== 0) throw new Error('no solution (cannot happen for CRC-32)')
   buf.writeUInt32LE(x, at)
-  if (crc32(buf) !== target >>> 0) throw new Error('forgery failed')
+  if (crc32(buf, seed) !== target >>> 0) throw new Error('forgery failed')
 }

@@ -25,12 +25,12 @@ export interface Handler {
 
 let names = 0
 
-/** `uffd resume FILE --socket ... --ready-file ... ARGS` in `dir`, once its ready file is written. */
-export async function startHandler(live: Set<ChildProcess>, dir: string, file: string, args: string[]): Promise<Handler> {
+/** `uffd resume FILE --socket ... --ready-file ... ARGS` in `dir` (`env` added to its environment), once its ready file is written. */
+export async function startHandler(live: Set<ChildProcess>, dir: string, file: string, args: string[], env: NodeJS.ProcessEnv = {}): Promise<Handler> {
   const name = `r${process.pid}-${names++}`
   const socket = path.join(dir, `${name}.sock`)
   const ready = path.join(dir, `${name}.ready`)
-  const proc = track(live, uffdSpawn(['resume', file, '--socket', socket, '--ready-file', ready, ...args]), args.includes('--json'))
+  const proc = track(live, uffdSpawn(['resume', file, '--socket', socket, '--ready-file', ready, ...args], env), args.includes('--json'))
   await waitFor('uffd resume to write its ready file', () => fs.existsSync(ready) || proc.exited, 30_000)
   if (!fs.existsSync(ready)) throw new Error(`uffd resume exited (${(await proc.done).code}) before it was ready:\n${proc.stderr()}`)
   return {proc, socket}

@@ -18,7 +18,8 @@ import {crc32} from 'node:zlib'
 import {isErrorCode, UffdError} from '../../src/core/errors.js'
 import {isErrnoName} from '../../src/sys/errors.js'
 import {mergeWorkingSets, checkMatches, chunksInTouchOrder, parseWorkingSet, type WorkingSetFile} from '../../src/format/working-set.js'
-import {FOOTER_SIZE, INDEX_ENTRY_SIZE, PACKED_BLOCK_ENTRY_SIZE, RegionKind} from '../../src/format/constants.js'
+import {BoundKind, placeSeed} from '../../src/format/bind.js'
+import {FOOTER_SIZE, INCOMPAT_BOUND, INDEX_ENTRY_SIZE, PACKED_BLOCK_ENTRY_SIZE, RegionKind} from '../../src/format/constants.js'
 import {packedBlockRuns, zeroRunWindowBytes} from '../../src/format/packed-set.js'
 import {payloadPageIndex} from '../../src/format/zero-map.js'
 import {readResumeReport, renderResumeReport} from '../../src/resume/main/report-render.js'
@@ -389,10 +390,12 @@ function tellingValue(rng: Rng, f: Field, old: bigint, size: number, others: rea
 
 /**
  * Recomputes every checksum a reader checks, in dependency order, where the (mutated) fields
- * locate them inside the file: stored bytes of chunks and packed blocks, the packed table (in the
- * metadata), the header (and its copy in the footer), the index, the zero map and the footer.
+ * locate them inside the file: stored bytes of chunks and packed blocks (in a bound file, seeded
+ * with the place the mutated header and entries give them, as a reader computes it), the packed
+ * table (in the metadata), the header (and its copy in the footer), the index, the zero map and
+ * the footer.
  */
-export function reseal(bytes: Buffer, layout: Layout): void {
+export function reseal(bytes: Buffer, layout: Layout, units = true): void {
   const size = bytes.length
   if (size < FOOTER_SIZE) return
   const F = size - FOOTER_SIZE
@@ -402,18 +405,28 @@ export function reseal(bytes: Buffer, layout: Layout): void {
   const chunkCount = u64(F + 16)
   const zeroMapOffset = u64(F + 24)
   const zeroMapSize = u64(F + 32)
-  const resealEntry = (at: number): void => {
+  const bound = (bytes.readBigUInt64LE(16) & INCOMPAT_BOUND) !== 0n
+  const resealEntry = (at: number, kind: BoundKind, number: number, pages?: Uint32Array): void => {
     if (!inFile(at, 32)) return
     const dataOffset = u64(at)
     const storedLength = bytes.readUInt32LE(at + 8)
-    if (bytes[at + 20] !== 0 && inFile(dataOffset, storedLength)) bytes.writeUInt32LE(crc32(bytes.subarray(dataOffset, dataOffset + storedLength)), at + 16)
+    const seed = bound ? placeSeed({kind, number, pages, codec: bytes[at + 20], payloadLength: bytes.readUInt32LE(at + 12)}) : 0
+    if (units && bytes[at + 20] !== 0 && inFile(dataOffset, storedLength)) bytes.writeUInt32LE(crc32(bytes.subarray(dataOffset, dataOffset + storedLength), seed), at + 16)
   }
   if (chunkCount < 1 << 20 && inFile(indexOffset, chunkCount * INDEX_ENTRY_SIZE)) {
-    for (let c = 0; c < chunkCount; c++) resealEntry(indexOffset + c * INDEX_ENTRY_SIZE)
+    for (let c = 0; c < chunkCount; c++) resealEntry(indexOffset + c * INDEX_ENTRY_SIZE, BoundKind.Chunk, c)
   }
   const packed = layout.packed
   if (packed && layout.packedCrcAt !== undefined && inFile(packed.offset, packed.length)) {
-    for (let b = 0; b < packed.blocks; b++) resealEntry(packed.offset + b * PACKED_BLOCK_ENTRY_SIZE)
+    const listAt = packed.offset + packed.blocks * PACKED_BLOCK_ENTRY_SIZE
+    for (let b = 0; b < packed.blocks; b++) {
+      const at = packed.offset + b * PACKED_BLOCK_ENTRY_SIZE
+      // The pages the (mutated) entry lists, as a reader that accepted the table would bind it to.
+      const listStart = bytes.readUInt32LE(at + 24)
+      const count = Math.max(0, Math.min(bytes.readUInt32LE(at + 28), packed.pages - listStart))
+      const pages = inFile(listAt + 4 * listStart, 4 * count) ? Uint32Array.from({length: count}, (_, i) => bytes.readUInt32LE(listAt + 4 * (listStart + i))) : new Uint32Array(0)
+      resealEntry(at, BoundKind.PackedBlock, b, pages)
+    }
     bytes.write(crc32(bytes.subarray(packed.offset, packed.offset + packed.length)).toString(16).padStart(8, '0'), layout.packedCrcAt, 'latin1')
   }
   // The header's CRC where its size field says it is (if that lies in the file), and at the base's.
@@ -573,6 +586,69 @@ export function snapshotCase(corpus: Corpus, seed: number, index: number, from =
     }
   }
   return {bytes, how: `${base.name}: ${hows.join('; ')}`, base}
+}
+
+/**
+ * Case `index` of `seed` that moves units (docs/FORMAT.md, Bound units): one to three index or
+ * packed-table entries given another entry's stored bytes (offset, length, CRC and codec, as an
+ * attacker copies them), and every structure's checksum recomputed, but no unit's: what binding
+ * is for. checkMoved then requires each to be refused, or read as exactly the image.
+ */
+export function movedUnitCase(corpus: Corpus, seed: number, index: number): {bytes: Buffer; how: string; base: BaseSnapshot} {
+  const rng = new Rng(seed, 2_000_000 + index)
+  const base = rng.pick(corpus.snapshots)
+  const bytes = Buffer.from(base.bytes)
+  const entries = base.layout.fields.filter((f) => f.name.endsWith(' data_offset')).map((f) => ({name: f.name.replace(/ data_offset$/, ''), at: f.at}))
+  const hows: string[] = []
+  for (let i = 0, n = 1 + rng.int(3); i < n; i++) {
+    const to = rng.pick(entries)
+    const from = rng.pick(entries)
+    bytes.copy(bytes, to.at, from.at, from.at + 12)
+    bytes.copy(bytes, to.at + 16, from.at + 16, from.at + 21)
+    hows.push(`${to.name} given the bytes of ${from.name}`)
+  }
+  reseal(bytes, base.layout, false)
+  return {bytes, how: `${base.name}: ${hows.join('; ')}; structures resealed`, base}
+}
+
+/**
+ * A moved-units case (movedUnitCase) read in-process: refused, or every chunk and packed block
+ * read as the image the base snapshot holds. Reading another place's bytes is a crash.
+ */
+export function checkMoved(bytes: Buffer, name: string, base: BaseSnapshot): Outcome {
+  const original = SnapshotReader.fromSource(new MemorySource(base.name, base.bytes))
+  let image: Buffer
+  try {
+    image = decodeImage(original)
+  } finally {
+    original.close()
+  }
+  let reader: SnapshotReader
+  try {
+    reader = SnapshotReader.fromSource(new MemorySource(name, bytes))
+  } catch (error) {
+    return refusal(error, 'open')
+  }
+  try {
+    return attempt('read', () => {
+      if (!decodeImage(reader).equals(image)) throw new FuzzCrash('moved unit', new Error('a chunk was read with another place\'s bytes'))
+      const {packed, geometry, zeroMap} = reader
+      for (let b = 0; b < (packed?.blocks.length ?? 0); b++) {
+        const block = packed!.blocks[b]
+        const payload = reader.readPayload(reader.packedUnit(b))
+        let at = 0
+        for (let k = block.listStart; k < block.listStart + block.pageCount; k++) {
+          const p = packed!.pages[k]
+          if (zeroMap.isZero(p)) continue
+          const want = image.subarray(p * geometry.pageSize, Math.min(image.length, (p + 1) * geometry.pageSize))
+          if (!payload.subarray(at, at + want.length).equals(want)) throw new FuzzCrash('moved unit', new Error(`packed block ${b} was read with another place's bytes`))
+          at += geometry.pageSize
+        }
+      }
+    })
+  } finally {
+    reader.close()
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

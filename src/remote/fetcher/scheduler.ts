@@ -151,7 +151,7 @@ export class FetchScheduler {
         for (let e = first; e < end; e++) {
           const at = offsets[e] - from
           const piece = bytes.subarray(at, at + lengths[e])
-          if (crc32(piece) === this.table.crcs[e]) this.settle(e, Buffer.from(piece))
+          if (crc32(piece, this.table.seeds[e]) === this.table.crcs[e]) this.settle(e, Buffer.from(piece))
           else {
             if (bad < 0) bad = e
             lastBad = e

@@ -22,7 +22,7 @@ const counters = new RemoteCounters(share.counters)
 const latency = new BigInt64Array(share.latency)
 const cache = new DiskCache(share.cacheDir)
 const handover = new Handover(share)
-const table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs: share.extentCrcs}
+const table = {offsets: share.extentOffsets, lengths: share.extentLengths, crcs: share.extentCrcs, seeds: share.extentSeeds}
 const scheduler = new FetchScheduler(table, await remoteObject(share.location, share.s3, 1, share.fetch.concurrency), share.identity, share.fetch, counters, latency, Math.random, take)
 
 /**

@@ -14,7 +14,8 @@ import {PAGE_MISSING} from './page-states.js'
 /**
  * What happened to a request for a client: 'served' (every page asked for is present, or was
  * never the handler's to fill), 'retry' (the client's address space is changing: read its events
- * first, then ask again), 'gone' (its mapping or its whole process is gone).
+ * first, then ask again), 'gone' (its whole address space is gone: the process exited, or exec'd;
+ * or a restored process's child is).
  */
 export type Outcome = 'served' | 'retry' | 'gone'
 
@@ -70,8 +71,10 @@ export const kernelFillCalls: FillCalls = {
  *   a VMA boundary (a region mapped or advised in parts: the installer then fills it in pieces),
  *   or, for one page, the page is not registered: a restored process split, moved or
  *   unregistered part of a mapping (no fault can ask for it), a VMM's mapping is gone, or it
- *   lies in a zero range the kernel took over when an UNREGISTER failed midway.
- * - ESRCH: the mm is gone (the process exited).
+ *   lies in a zero range the kernel took over when an UNREGISTER failed midway. For a VMM,
+ *   whose regions never change and are registered before it sends its uffd, the mm is alive
+ *   (else ESRCH): the memory it announced is not registered with that uffd.
+ * - ESRCH: the mm is gone (mmget_not_zero failed: the process exited, or exec'd).
  */
 export type FillErrnoMeaning = 'installed' | 'already-present' | 'address-space-changing' | 'not-registered' | 'gone' | 'unexpected'
 
@@ -188,8 +191,12 @@ export class Installer {
             this.calls.wake(client.uffd, dst + done, this.pageSize)
             client.states.markPresent(page, 1)
           } else {
-            // A VMM's regions never change: its mapping there is gone.
-            return {outcome: 'gone', pages}
+            // A VMM's memory that is not registered with its uffd while it runs (an exited
+            // process gives ESRCH): it never registered it, or unregistered or unmapped it
+            // since. No fault of it comes here and nothing can be installed there, so serving
+            // it has failed (it is killed, or frozen), rather than left 'running' on whatever its
+            // own memory holds.
+            throw new SysError(zero && !this.huge ? 'UFFDIO_ZEROPAGE' : 'UFFDIO_COPY', result.error, `installing client ${client.id}'s memory at ${hex(dst + done)}`, "not registered with the uffd it sent (never registered, or unregistered or unmapped since): it cannot be served")
           }
           done += this.pageSize
           continue

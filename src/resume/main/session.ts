@@ -7,7 +7,7 @@ import {SnapshotReader} from '../../snapshot/reader.js'
 import {closeFd, dupFd, isUserfaultfd, sameOpenFile, SysError, uffdApiCompleted} from '../../sys/index.js'
 import {type GuestRegion, HandshakeError, parseHandshake, SnapshotMismatchError, validateRegions} from './handshake.js'
 import {PendingHandshake} from './pending-handshake.js'
-import {killPeer, type Peer, peerAgain, peerOf} from './peer.js'
+import {killPeer, PEER_PIDFD, type Peer, peerAgain, peerOf} from './peer.js'
 import {prefetchPlan} from './prefetch-plan.js'
 import {type ClientIntake, type ClientSummary, type FrontEnd, type ResumeResult, serveClients, type SessionOptions, writeStatsFile} from './serving-session.js'
 import {type ReadKeys} from '../../snapshot/sealing.js'
@@ -141,6 +141,7 @@ class FirecrackerClients implements FrontEnd {
     private readonly geometries: readonly Geometry[],
   ) {
     this.socketPath = options.socketPath
+    if (!PEER_PIDFD) options.log("UFFD_PEERPIDFD=0: each client's pidfd is taken with pidfd_open of its pid, as before Linux 6.5")
   }
 
   /**
