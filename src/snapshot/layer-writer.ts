@@ -3,18 +3,22 @@ import {setImmediate as yieldToEventLoop} from 'node:timers/promises'
 import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
-import {FOOTER_SIZE, INCOMPAT_LAYERED, SOURCE_ZERO} from '../format/constants.js'
+import {COMPAT_PAGE_DIGESTS, FOOTER_SIZE, INCOMPAT_LAYERED, SOURCE_ZERO} from '../format/constants.js'
 import {encodeHeader} from '../format/header.js'
 import {baseRuns, composeRuns, encodeRunTable, type LayerParent, type LayerRun, MAX_LAYER_DEPTH} from '../format/layer.js'
 import {encodePackedTable, type PackedBlock} from '../format/packed-set.js'
+import {encodeDigestTable, expandDigestKey, PAGE_DIGEST_BYTES} from '../format/page-digest.js'
 import {ManifestPart, SEAL_RECORD_SIZE, UNIT_DIGEST_BYTES, unitDigest, UnitKind} from '../format/seal.js'
 import {ZeroMap} from '../format/zero-map.js'
+import {crc32 as fastCrc32} from '../sys/crc.js'
+import {pageDigests} from '../sys/digest.js'
 import {onFile} from '../sys/errors.js'
 import {appendTail} from './atomic-file.js'
 import {type ReadSegment} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {type OutputSink} from './output-sink.js'
+import {resolvedDigests} from './page-digests.js'
 import {FileSealer, type SealingOptions} from './sealing.js'
 import {type ImageInput} from './writer.js'
 
@@ -30,6 +34,8 @@ export interface LayerOptions {
   signal?: AbortSignal
   /** Encrypt and/or sign the layer (docs/FORMAT.md, Sealed snapshots). */
   seal?: SealingOptions
+  /** Store the layer's own page digest table when its parent chain has digests [default: true]; never in a sealed layer. */
+  pageDigests?: boolean
 }
 
 /** The snapshot a layer is written over: its reader, how it prints, and the file name the layer records for it. */
@@ -57,6 +63,10 @@ export interface LayerSummary {
   storedBytes: number
   /** Pages of the image (diff: the diff file's data pages) compared with the parent. */
   comparedPages: number
+  /** How pages were compared: by the chain's page digests, or by decoding the parent. */
+  compared: 'digests' | 'decoded'
+  /** Bytes of the layer's own page digest table (0: it has none). */
+  pageDigestBytes: number
   seconds: number
 }
 
@@ -83,6 +93,10 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   const parentRuns = parent instanceof LayeredReader ? parent.runs : baseRuns(parent.zeroMap)
   const self = ancestors.length
 
+  // With a digest for every page of the parent chain, pages are compared by digest and the parent
+  // is never decoded (docs/FORMAT.md, Page digests); the layer then stores its own pages' digests
+  // too, under the chain's key. A sealed layer stores none (its digests would be in the clear).
+  const parentDigests = resolvedDigests(parent)
   const compressor = new ChunkCompressor(options.codec, options.level)
   const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.LayerBlock])
   const reader = new SegmentReader()
@@ -108,6 +122,10 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     pendingPages = []
   }
 
+  const digestKey = parentDigests && expandDigestKey(parentDigests.info.key)
+  const ownDigests = parentDigests !== undefined && !sealer && options.pageDigests !== false
+  const ownRows: Buffer[] = []
+  const newDigests = Buffer.alloc(geometry.pagesPerChunk * PAGE_DIGEST_BYTES)
   const zeroPage = Buffer.alloc(pageSize)
   const olderBuffer = Buffer.alloc(geometry.chunkSize)
   const newer = Buffer.alloc(geometry.chunkSize)
@@ -116,7 +134,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   // A parent in object storage streams in with the fetcher's concurrency, not one round trip
   // per chunk compared (a diff compares only the chunks it has data in).
   const segmentsOf = (c: number): ReadSegment[] => input.segments(geometry.chunkStart(c), Math.min(input.logicalSize, geometry.chunkStart(c) + geometry.pagesInChunk(c) * pageSize))
-  if (parent.remote) parent.fetchAhead(Array.from({length: geometry.chunkCount}, (_, c) => c).filter((c) => !options.diff || segmentsOf(c).length > 0))
+  if (parent.remote && !parentDigests) parent.fetchAhead(Array.from({length: geometry.chunkCount}, (_, c) => c).filter((c) => !options.diff || segmentsOf(c).length > 0))
   try {
     for (let c = 0; c < geometry.chunkCount; c++) {
       if (c % 16 === 0) {
@@ -138,6 +156,23 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
       // Pages are compared with the parent chunk's payload (its data pages, in order), decoded
       // only once a compared page is a data page of the parent: a zero page is compared with
       // zeros, so a diff whose pages were all zero in the parent decodes nothing.
+      if (digestKey) {
+        compared += compareByDigest({first, pages, newer, present: options.diff ? present : undefined, unchanged, pageSize, parentZero: parent.zeroMap, parentRows: parentDigests!.rows, key: digestKey, zeroPage, digests: newDigests}, (page, at, digest) => {
+          if (digest === undefined) {
+            overrides.push({firstPage: page, pageCount: 1, source: SOURCE_ZERO})
+            zeroed++
+            return
+          }
+          overrides.push({firstPage: page, pageCount: 1, source: self})
+          changed.push(page)
+          pendingPages.push(page)
+          pending.push(Buffer.from(newer.subarray(at, at + pageSize)))
+          if (ownDigests) ownRows.push(Buffer.from(digest))
+          if (pendingPages.length === geometry.pagesPerChunk) flush()
+        })
+        options.onProgress?.(end, input.logicalSize)
+        continue
+      }
       let older: Buffer | undefined
       for (let i = 0, position = 0; i < pages; i++) {
         const page = first + i
@@ -174,6 +209,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
 
   // The header names where the tables lie, after the blocks' bytes; its own size depends on those
   // numbers' digits, so it is encoded until its size stops changing (numbers only grow: twice or three times).
+  const digestTable = ownDigests ? encodeDigestTable(Buffer.concat(ownRows), fastCrc32) : undefined
   let headerSize = 0
   let header: Buffer
   let blockTable: Buffer
@@ -184,7 +220,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     const runsAt = blocksAt + blockTable.length
     header = encodeHeader({
       incompatFeatures: INCOMPAT_LAYERED | (sealer?.incompatFeatures ?? 0n),
-      compatFeatures: sealer?.compatFeatures ?? 0n,
+      compatFeatures: (sealer?.compatFeatures ?? 0n) | (digestTable ? COMPAT_PAGE_DIGESTS : 0n),
       pageSize,
       chunkSize: geometry.chunkSize,
       logicalSize: geometry.logicalSize,
@@ -194,6 +230,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
         codec: options.codec,
         level: options.level,
         ...(options.diff ? {diff: true} : {}),
+        ...(digestTable ? {pageDigests: parentDigests!.info} : {}),
         layer: {
           runs: {offset: runsAt, length: runTable.length, crc: hex8(runTable), count: runs.length},
           blocks: {offset: blocksAt, length: blockTable.length, crc: hex8(blockTable), blocks: blocks.length, pages: changed.length},
@@ -206,7 +243,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     headerSize = header.length
   }
 
-  const file = open(header.length + storedBytes + blockTable.length + runTable.length + zeroMap.bytes.length + (sealer ? SEAL_RECORD_SIZE + blocks.length * UNIT_DIGEST_BYTES : 0) + FOOTER_SIZE)
+  const file = open(header.length + storedBytes + blockTable.length + runTable.length + (digestTable?.length ?? 0) + zeroMap.bytes.length + (sealer ? SEAL_RECORD_SIZE + blocks.length * UNIT_DIGEST_BYTES : 0) + FOOTER_SIZE)
   try {
     file.append(header)
     for (const bytes of stored) {
@@ -216,6 +253,8 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     }
     file.append(blockTable)
     file.append(runTable)
+    // Right before the (empty) index, where a reader looks for it.
+    if (digestTable) file.append(digestTable)
     const seal = sealer && {
       sealer,
       parts: [
@@ -243,6 +282,8 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
       blocks: blocks.length,
       storedBytes,
       comparedPages: compared,
+      compared: digestKey ? 'digests' : 'decoded',
+      pageDigestBytes: digestTable?.length ?? 0,
       seconds: (performance.now() - started) / 1000,
     }
   } finally {
@@ -268,6 +309,69 @@ function checkUnchangedPlacement(input: ImageInput, parent: ImageReader, parentP
   const theirs = parent.header.regions
   const k = ours.findIndex((r, i) => theirs[i] === undefined || r.imageOffset !== theirs[i].imageOffset || r.address !== theirs[i].address || r.size !== theirs[i].size || r.owner !== theirs[i].owner)
   if (k >= 0 || ours.length !== theirs.length) fail(k >= 0 ? `region ${k} (task ${ours[k].owner}, 0x${ours[k].address.toString(16)}, ${ours[k].size} bytes) is not laid out alike in it` : `it has ${theirs.length} regions, the dump ${ours.length}`)
+}
+
+/** One chunk of the new image, to compare with its parent by digest. */
+interface DigestComparison {
+  first: number
+  pages: number
+  /** The chunk's bytes, whole pages. */
+  newer: Buffer
+  /** A diff: the pages it has data for (the others are unchanged). */
+  present: Uint8Array | undefined
+  /** Pages the input says are unchanged. */
+  unchanged: Uint8Array
+  pageSize: number
+  parentZero: ZeroMap
+  /** The parent chain's resolved digests, 16 bytes per image page. */
+  parentRows: Buffer
+  key: Uint32Array
+  zeroPage: Buffer
+  /** Scratch for the chunk's digests, 16 bytes per page. */
+  digests: Buffer
+}
+
+/**
+ * Compares a chunk's pages with the parent's by content digest: a page that is zero now differs
+ * exactly when the parent's is not; any other page differs when the parent's is zero or its digest
+ * differs (docs/FORMAT.md, Page digests: a changed page is missed with probability <= 2^-64).
+ * Every run of compared non-zero pages is digested in one call. Calls `onChanged` per changed
+ * page in page order, with its offset in `newer` and its digest (undefined: it became zero).
+ * Returns the pages compared.
+ */
+function compareByDigest(c: DigestComparison, onChanged: (page: number, at: number, digest: Buffer | undefined) => void): number {
+  const {pages, pageSize, newer, digests} = c
+  // 0 skipped, 1 compared and zero now, 2 compared and non-zero (to digest).
+  const kind = new Uint8Array(pages)
+  let compared = 0
+  for (let i = 0; i < pages; i++) {
+    if ((c.present && !c.present[i]) || c.unchanged[i]) continue
+    compared++
+    const at = i * pageSize
+    kind[i] = c.zeroPage.compare(newer, at, at + pageSize) === 0 ? 1 : 2
+  }
+  for (let i = 0; i < pages; ) {
+    if (kind[i] !== 2) {
+      i++
+      continue
+    }
+    let j = i
+    while (j < pages && kind[j] === 2) j++
+    pageDigests(newer.subarray(i * pageSize, j * pageSize), j - i, c.key, digests.subarray(i * PAGE_DIGEST_BYTES))
+    i = j
+  }
+  for (let i = 0; i < pages; i++) {
+    if (kind[i] === 0) continue
+    const page = c.first + i
+    const wasZero = c.parentZero.isZero(page)
+    if (kind[i] === 1) {
+      if (!wasZero) onChanged(page, i * pageSize, undefined)
+      continue
+    }
+    const digest = digests.subarray(i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES)
+    if (wasZero || c.parentRows.compare(digest, 0, PAGE_DIGEST_BYTES, page * PAGE_DIGEST_BYTES, (page + 1) * PAGE_DIGEST_BYTES) !== 0) onChanged(page, i * pageSize, digest)
+  }
+  return compared
 }
 
 function hex8(bytes: Buffer): string {
