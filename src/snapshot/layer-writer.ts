@@ -106,26 +106,35 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   const stored: Buffer[] = []
   let storedBytes = 0
   let dataAt = 0
-  let pending: Buffer[] = []
+  // The block being filled: its pages' bytes copied in place (a GiB image compares 262144 pages:
+  // a buffer per page kept the collector busy).
+  const pending = Buffer.alloc(geometry.chunkSize)
   let pendingPages: number[] = []
+  const addPage = (page: number, from: Buffer, at: number): void => {
+    from.copy(pending, pendingPages.length * pageSize, at, at + pageSize)
+    pendingPages.push(page)
+    if (pendingPages.length === geometry.pagesPerChunk) flush()
+  }
   const flush = (): void => {
-    if (pending.length === 0) return
-    const payload = Buffer.concat(pending)
+    if (pendingPages.length === 0) return
+    const payload = pending.subarray(0, pendingPages.length * pageSize)
     const c = compressor.compress(payload)
     // The compressor reuses its output buffer: keep a copy (sealing makes one).
-    const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length, unit: blocks.length}, c.stored) : Buffer.from(c.stored)
+    const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length, unit: blocks.length}, c.stored) : copyOf(c.stored)
     blocks.push({dataOffset: dataAt, storedLength: bytes.length, payloadLength: payload.length, storedCrc: crc32(bytes), codec: c.codec, flags: 0, listStart: changed.length - pendingPages.length, pageCount: pendingPages.length})
     stored.push(bytes)
     dataAt += bytes.length
     storedBytes += bytes.length
-    pending = []
     pendingPages = []
   }
 
   const digestKey = parentDigests && expandDigestKey(parentDigests.info.key)
   const ownDigests = parentDigests !== undefined && !sealer && options.pageDigests !== false
-  const ownRows: Buffer[] = []
+  // The layer's own rows, in page-list order: at most one per page.
+  const ownRows = Buffer.alloc(ownDigests ? geometry.pageCount * PAGE_DIGEST_BYTES : 0)
   const newDigests = Buffer.alloc(geometry.pagesPerChunk * PAGE_DIGEST_BYTES)
+  const pageKinds = new Uint8Array(geometry.pagesPerChunk)
+  const unchangedScratch = new Uint8Array(geometry.pagesPerChunk)
   const zeroPage = Buffer.alloc(pageSize)
   const olderBuffer = Buffer.alloc(geometry.chunkSize)
   const newer = Buffer.alloc(geometry.chunkSize)
@@ -149,26 +158,24 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
       const segments = segmentsOf(c)
       // A diff's holes are unchanged pages: a chunk without data is its parent's.
       if (options.diff && segments.length === 0) continue
-      const present = reader.read(segments, start, newer.subarray(0, pages * pageSize), pageSize)
+      const present = reader.read(segments, start, newer.subarray(0, pages * pageSize), pageSize, options.diff)
       // Pages the input says are unchanged (not in it): the parent's, like a diff's holes.
-      const unchanged = new Uint8Array(pages)
+      const unchanged = unchangedScratch.fill(0).subarray(0, pages)
       for (const r of input.unchanged?.(start, end) ?? []) unchanged.fill(1, Math.floor((r.start - start) / pageSize), Math.ceil((r.end - start) / pageSize))
       // Pages are compared with the parent chunk's payload (its data pages, in order), decoded
       // only once a compared page is a data page of the parent: a zero page is compared with
       // zeros, so a diff whose pages were all zero in the parent decodes nothing.
       if (digestKey) {
-        compared += compareByDigest({first, pages, newer, present: options.diff ? present : undefined, unchanged, pageSize, parentZero: parent.zeroMap, parentRows: parentDigests!.rows, key: digestKey, zeroPage, digests: newDigests}, (page, at, digest) => {
+        compared += compareByDigest({first, pages, newer, present: options.diff ? present : undefined, unchanged, pageSize, parentZero: parent.zeroMap, parentRows: parentDigests!.rows, key: digestKey, zeroPage, digests: newDigests, kind: pageKinds}, (page, at, digest) => {
           if (digest === undefined) {
             overrides.push({firstPage: page, pageCount: 1, source: SOURCE_ZERO})
             zeroed++
             return
           }
           overrides.push({firstPage: page, pageCount: 1, source: self})
+          if (ownDigests) digest.copy(ownRows, changed.length * PAGE_DIGEST_BYTES)
           changed.push(page)
-          pendingPages.push(page)
-          pending.push(Buffer.from(newer.subarray(at, at + pageSize)))
-          if (ownDigests) ownRows.push(Buffer.from(digest))
-          if (pendingPages.length === geometry.pagesPerChunk) flush()
+          addPage(page, newer, at)
         })
         options.onProgress?.(end, input.logicalSize)
         continue
@@ -191,9 +198,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
         }
         overrides.push({firstPage: page, pageCount: 1, source: self})
         changed.push(page)
-        pendingPages.push(page)
-        pending.push(Buffer.from(newer.subarray(at, at + pageSize)))
-        if (pendingPages.length === geometry.pagesPerChunk) flush()
+        addPage(page, newer, at)
       }
       options.onProgress?.(Math.min(input.logicalSize, start + pages * pageSize), input.logicalSize)
     }
@@ -209,7 +214,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
 
   // The header names where the tables lie, after the blocks' bytes; its own size depends on those
   // numbers' digits, so it is encoded until its size stops changing (numbers only grow: twice or three times).
-  const digestTable = ownDigests ? encodeDigestTable(Buffer.concat(ownRows), fastCrc32) : undefined
+  const digestTable = ownDigests ? encodeDigestTable(ownRows.subarray(0, changed.length * PAGE_DIGEST_BYTES), fastCrc32) : undefined
   let headerSize = 0
   let header: Buffer
   let blockTable: Buffer
@@ -329,6 +334,8 @@ interface DigestComparison {
   zeroPage: Buffer
   /** Scratch for the chunk's digests, 16 bytes per page. */
   digests: Buffer
+  /** Scratch, a byte per page of a chunk. */
+  kind: Uint8Array
 }
 
 /**
@@ -342,7 +349,7 @@ interface DigestComparison {
 function compareByDigest(c: DigestComparison, onChanged: (page: number, at: number, digest: Buffer | undefined) => void): number {
   const {pages, pageSize, newer, digests} = c
   // 0 skipped, 1 compared and zero now, 2 compared and non-zero (to digest).
-  const kind = new Uint8Array(pages)
+  const kind = c.kind.fill(0, 0, pages)
   let compared = 0
   for (let i = 0; i < pages; i++) {
     if ((c.present && !c.present[i]) || c.unchanged[i]) continue
@@ -368,10 +375,17 @@ function compareByDigest(c: DigestComparison, onChanged: (page: number, at: numb
       if (!wasZero) onChanged(page, i * pageSize, undefined)
       continue
     }
-    const digest = digests.subarray(i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES)
-    if (wasZero || c.parentRows.compare(digest, 0, PAGE_DIGEST_BYTES, page * PAGE_DIGEST_BYTES, (page + 1) * PAGE_DIGEST_BYTES) !== 0) onChanged(page, i * pageSize, digest)
+    if (wasZero || c.parentRows.compare(digests, i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES, page * PAGE_DIGEST_BYTES, (page + 1) * PAGE_DIGEST_BYTES) !== 0) {
+      onChanged(page, i * pageSize, digests.subarray(i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES))
+    }
   }
   return compared
+}
+
+function copyOf(bytes: Buffer): Buffer {
+  const out = Buffer.allocUnsafe(bytes.length)
+  bytes.copy(out)
+  return out
 }
 
 function hex8(bytes: Buffer): string {
@@ -381,14 +395,36 @@ function hex8(bytes: Buffer): string {
 /** Reads an image range from its segments, on this thread (a layer's writer compares as it reads). */
 class SegmentReader {
   private readonly fds = new Map<string, number>()
+  /** Reused: valid until the next read. */
+  private present = new Uint8Array(0)
 
   /**
    * Fills `dst` (image bytes from `start`) from `segments`, zeros elsewhere; returns which pages
    * of it any segment touched (a diff's data pages).
    */
-  read(segments: readonly ReadSegment[], start: number, dst: Buffer, pageSize: number): Uint8Array {
-    dst.fill(0)
-    const present = new Uint8Array(dst.length / pageSize)
+  read(segments: readonly ReadSegment[], start: number, dst: Buffer, pageSize: number, holesUnchanged: boolean): Uint8Array {
+    // Only the gaps between segments are zeroed (a full image's chunk is one segment); with
+    // `holesUnchanged` (a diff), only the parts of gaps inside pages a segment touches: the
+    // other pages are not looked at.
+    const zero = (from: number, to: number): void => {
+      if (holesUnchanged) {
+        const headEnd = Math.min(to, Math.ceil(from / pageSize) * pageSize)
+        const tailStart = Math.max(headEnd, Math.floor(to / pageSize) * pageSize)
+        if (from % pageSize !== 0 && from > 0) dst.fill(0, from, headEnd)
+        if (to % pageSize !== 0 && to < dst.length) dst.fill(0, tailStart, to)
+        return
+      }
+      dst.fill(0, from, to)
+    }
+    let cursor = 0
+    for (const s of [...segments].sort((a, b) => a.imageOffset - b.imageOffset)) {
+      const at = s.imageOffset - start
+      if (at > cursor) zero(cursor, at)
+      cursor = Math.max(cursor, at + s.length)
+    }
+    if (cursor < dst.length) zero(cursor, dst.length)
+    this.present.fill(0)
+    const present = this.present.length === dst.length / pageSize ? this.present : (this.present = new Uint8Array(dst.length / pageSize))
     for (const s of segments) {
       let fd = this.fds.get(s.path)
       if (fd === undefined) this.fds.set(s.path, (fd = onFile(s.path, 'opening', () => fs.openSync(s.path, 'r'))))
