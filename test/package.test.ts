@@ -67,7 +67,7 @@ describe('scripts/build-native.sh (the install script)', () => {
   it('builds the shared libraries, and only those', () => {
     const r = spawnSync('sh', [path.join(dir, 'scripts/build-native.sh')], {encoding: 'utf8'})
     expect(r.status, r.stderr).toBe(0)
-    expect(fs.readdirSync(path.join(dir, 'native/build')).sort()).toEqual(['libuffd_crc.so', 'libuffd_fill.so'])
+    expect(fs.readdirSync(path.join(dir, 'native/build')).sort()).toEqual(['libuffd_crc.so', 'libuffd_digest.so', 'libuffd_fill.so'])
   })
 
   it('without a C compiler, fails with a message that says what to install', () => {

@@ -204,7 +204,7 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
       const open = set ? (): OutputSink => new AtomicFile(aside, {mode: 0o600}) : prepared.open
       const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
       const write = (input: ImageInput, signal: AbortSignal): Promise<LayerSummary> =>
-        writeLayer(input, {reader: parent.reader, shown: parentPath, fileName: fileNameOf(parentLocation)}, open, {codec: flags.codec as CompressionCodec, level: flags.level, diff: flags.diff ?? false, signal, onProgress: bar.update, seal, pageDigests: flags['page-digests']})
+        writeLayer(input, {reader: parent.reader, shown: parentPath, fileName: fileNameOf(parentLocation)}, open, {codec: flags.codec as CompressionCodec, level: flags.level, diff: flags.diff ?? false, signal, onProgress: bar.update, seal, pageDigests: flags['page-digests'], jobs: flags.jobs ?? os.availableParallelism()})
       const summary = await withInterruptHandling(async (signal) => {
         let layer: LayerSummary
         try {

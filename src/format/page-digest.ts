@@ -115,3 +115,14 @@ export function decodeDigestTable(table: Buffer, count: number, crc32: (data: Ui
   if (table.readUInt32LE(rows) !== count) throw new SnapshotFormatError('CORRUPT', 'page digest table', `records ${table.readUInt32LE(rows)} rows, the file stores ${count} pages`)
   return table.subarray(0, rows)
 }
+
+/**
+ * Where a file's table of `count` rows lies: it ends where the index (or, in a layer, the zero
+ * map) starts, since the header cannot say. A problem (it would start inside the header) as a string.
+ */
+export function digestTableLocation(count: number, dataEnd: number, headerSize: number): {offset: number; length: number} | string {
+  const length = digestTableLength(count)
+  const offset = dataEnd - length
+  if (offset < headerSize) return `${length} bytes for ${count} pages do not fit before the index at ${dataEnd}`
+  return {offset, length}
+}

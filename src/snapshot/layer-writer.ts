@@ -1,4 +1,3 @@
-import fs from 'node:fs'
 import {setImmediate as yieldToEventLoop} from 'node:timers/promises'
 import {crc32} from 'node:zlib'
 
@@ -11,8 +10,6 @@ import {encodeDigestTable, expandDigestKey, PAGE_DIGEST_BYTES} from '../format/p
 import {ManifestPart, SEAL_RECORD_SIZE, UNIT_DIGEST_BYTES, unitDigest, UnitKind} from '../format/seal.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {crc32 as fastCrc32} from '../sys/crc.js'
-import {pageDigests} from '../sys/digest.js'
-import {onFile} from '../sys/errors.js'
 import {appendTail} from './atomic-file.js'
 import {type ReadSegment} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
@@ -20,7 +17,10 @@ import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {type OutputSink} from './output-sink.js'
 import {resolvedDigests} from './page-digests.js'
 import {FileSealer, type SealingOptions} from './sealing.js'
+import {SegmentReader} from './segment-reader.js'
 import {type ImageInput} from './writer.js'
+import {type CompareJob, type CompareResult} from './compare-job.js'
+import {WorkerPool} from './compression-pool.js'
 
 export interface LayerOptions {
   codec: CompressionCodec
@@ -36,7 +36,12 @@ export interface LayerOptions {
   seal?: SealingOptions
   /** Store the layer's own page digest table when its parent chain has digests [default: true]; never in a sealed layer. */
   pageDigests?: boolean
+  /** Worker threads comparing by digest [default: 1]. */
+  jobs?: number
 }
+
+/** Chunks per compare job: enough to amortise messaging with the workers. */
+const COMPARE_JOB_CHUNKS = 16
 
 /** The snapshot a layer is written over: its reader, how it prints, and the file name the layer records for it. */
 export interface LayerParentInput {
@@ -132,9 +137,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   const ownDigests = parentDigests !== undefined && !sealer && options.pageDigests !== false
   // The layer's own rows, in page-list order: at most one per page.
   const ownRows = Buffer.alloc(ownDigests ? geometry.pageCount * PAGE_DIGEST_BYTES : 0)
-  const newDigests = Buffer.alloc(geometry.pagesPerChunk * PAGE_DIGEST_BYTES)
-  const pageKinds = new Uint8Array(geometry.pagesPerChunk)
-  const unchangedScratch = new Uint8Array(geometry.pagesPerChunk)
+  const noneUnchanged = new Uint8Array(geometry.pagesPerChunk)
   const zeroPage = Buffer.alloc(pageSize)
   const olderBuffer = Buffer.alloc(geometry.chunkSize)
   const newer = Buffer.alloc(geometry.chunkSize)
@@ -144,67 +147,122 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   // per chunk compared (a diff compares only the chunks it has data in).
   const segmentsOf = (c: number): ReadSegment[] => input.segments(geometry.chunkStart(c), Math.min(input.logicalSize, geometry.chunkStart(c) + geometry.pagesInChunk(c) * pageSize))
   if (parent.remote && !parentDigests) parent.fetchAhead(Array.from({length: geometry.chunkCount}, (_, c) => c).filter((c) => !options.diff || segmentsOf(c).length > 0))
-  try {
-    for (let c = 0; c < geometry.chunkCount; c++) {
-      if (c % 16 === 0) {
-        // Comparing and compressing run on this thread: let a signal in between chunks.
-        await yieldToEventLoop()
-        options.signal?.throwIfAborted()
+  const unchangedOf = (start: number, end: number, pages: number): Uint8Array | undefined => {
+    const ranges = input.unchanged?.(start, end) ?? []
+    if (ranges.length === 0) return undefined
+    const out = new Uint8Array(pages)
+    for (const r of ranges) out.fill(1, Math.floor((r.start - start) / pageSize), Math.ceil((r.end - start) / pageSize))
+    return out
+  }
+  if (digestKey) {
+    // Read and compared by workers, a job of chunks at a time; results are taken in image order.
+    const jobs = Math.max(1, options.jobs ?? 1)
+    const pool = new WorkerPool<CompareJob, CompareResult>(jobs, 'compare-worker', {key: digestKey})
+    const inflight: {result: Promise<CompareResult>; firstPage: number; end: number}[] = []
+    const take = async (): Promise<void> => {
+      const {result, firstPage, end} = inflight.shift()!
+      const r = await result
+      compared += r.compared
+      const bytes = Buffer.from(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength)
+      // Zeroed and changed pages interleave: overrides go in page order.
+      for (let a = 0, b = 0; a < r.changed.length || b < r.zeroed.length; ) {
+        if (b >= r.zeroed.length || (a < r.changed.length && r.changed[a] < r.zeroed[b])) {
+          const page = firstPage + r.changed[a]
+          overrides.push({firstPage: page, pageCount: 1, source: self})
+          if (ownDigests) ownRows.set(r.digests.subarray(a * PAGE_DIGEST_BYTES, (a + 1) * PAGE_DIGEST_BYTES), changed.length * PAGE_DIGEST_BYTES)
+          changed.push(page)
+          addPage(page, bytes, a * pageSize)
+          a++
+        } else {
+          overrides.push({firstPage: firstPage + r.zeroed[b], pageCount: 1, source: SOURCE_ZERO})
+          zeroed++
+          b++
+        }
       }
-      const first = geometry.firstPageOfChunk(c)
-      const pages = geometry.pagesInChunk(c)
-      const start = geometry.chunkStart(c)
-      const end = Math.min(input.logicalSize, start + pages * pageSize)
-      const segments = segmentsOf(c)
-      // A diff's holes are unchanged pages: a chunk without data is its parent's.
-      if (options.diff && segments.length === 0) continue
-      const present = reader.read(segments, start, newer.subarray(0, pages * pageSize), pageSize, options.diff)
-      // Pages the input says are unchanged (not in it): the parent's, like a diff's holes.
-      const unchanged = unchangedScratch.fill(0).subarray(0, pages)
-      for (const r of input.unchanged?.(start, end) ?? []) unchanged.fill(1, Math.floor((r.start - start) / pageSize), Math.ceil((r.end - start) / pageSize))
-      // Pages are compared with the parent chunk's payload (its data pages, in order), decoded
-      // only once a compared page is a data page of the parent: a zero page is compared with
-      // zeros, so a diff whose pages were all zero in the parent decodes nothing.
-      if (digestKey) {
-        compared += compareByDigest({first, pages, newer, present: options.diff ? present : undefined, unchanged, pageSize, parentZero: parent.zeroMap, parentRows: parentDigests!.rows, key: digestKey, zeroPage, digests: newDigests, kind: pageKinds}, (page, at, digest) => {
-          if (digest === undefined) {
+      options.onProgress?.(end, input.logicalSize)
+    }
+    try {
+      for (let c = 0, id = 0; c < geometry.chunkCount; c += COMPARE_JOB_CHUNKS, id++) {
+        options.signal?.throwIfAborted()
+        const count = Math.min(COMPARE_JOB_CHUNKS, geometry.chunkCount - c)
+        const firstPage = geometry.firstPageOfChunk(c)
+        let pages = 0
+        for (let k = 0; k < count; k++) pages += geometry.pagesInChunk(c + k)
+        const start = geometry.chunkStart(c)
+        const end = Math.min(input.logicalSize, start + pages * pageSize)
+        const segments = input.segments(start, end)
+        // A diff's holes are unchanged pages: a job without data is its parent's.
+        if (options.diff && segments.length === 0) continue
+        const job: CompareJob = {
+          id,
+          firstPage,
+          pages,
+          pageSize,
+          start,
+          segments,
+          diff: options.diff,
+          unchanged: unchangedOf(start, end, pages),
+          parentZero: parent.zeroMap.bytes.slice(firstPage >>> 3, (firstPage + pages + 7) >>> 3),
+          parentRows: parentDigests!.rows.subarray(firstPage * PAGE_DIGEST_BYTES, (firstPage + pages) * PAGE_DIGEST_BYTES),
+        }
+        const result = pool.submit(job)
+        // Marked handled now: awaited (and its error raised) in order, or abandoned after an earlier failure.
+        result.catch(() => {})
+        inflight.push({result, firstPage, end})
+        while (inflight.length > jobs * 4) await take()
+      }
+      while (inflight.length > 0) await take()
+      flush()
+    } finally {
+      await pool.close()
+    }
+  } else {
+    try {
+      for (let c = 0; c < geometry.chunkCount; c++) {
+        if (c % 16 === 0) {
+          // Comparing and compressing run on this thread: let a signal in between chunks.
+          await yieldToEventLoop()
+          options.signal?.throwIfAborted()
+        }
+        const first = geometry.firstPageOfChunk(c)
+        const pages = geometry.pagesInChunk(c)
+        const start = geometry.chunkStart(c)
+        const end = Math.min(input.logicalSize, start + pages * pageSize)
+        const segments = segmentsOf(c)
+        // A diff's holes are unchanged pages: a chunk without data is its parent's.
+        if (options.diff && segments.length === 0) continue
+        const present = reader.read(segments, start, newer.subarray(0, pages * pageSize), pageSize, options.diff)
+        // Pages the input says are unchanged (not in it): the parent's, like a diff's holes.
+        const unchanged = unchangedOf(start, end, pages) ?? noneUnchanged
+        // Pages are compared with the parent chunk's payload (its data pages, in order), decoded
+        // only once a compared page is a data page of the parent: a zero page is compared with
+        // zeros, so a diff whose pages were all zero in the parent decodes nothing.
+        let older: Buffer | undefined
+        for (let i = 0, position = 0; i < pages; i++) {
+          const page = first + i
+          const parentZero = parent.zeroMap.isZero(page)
+          const olderAt = position * pageSize
+          if (!parentZero) position++
+          if ((options.diff && !present[i]) || unchanged[i]) continue
+          compared++
+          const at = i * pageSize
+          const isZero = (): boolean => zeroPage.compare(newer, at, at + pageSize) === 0
+          if (parentZero ? isZero() : newer.compare((older ??= parent.readPayload(c, olderBuffer)), olderAt, olderAt + pageSize, at, at + pageSize) === 0) continue
+          if (!parentZero && isZero()) {
             overrides.push({firstPage: page, pageCount: 1, source: SOURCE_ZERO})
             zeroed++
-            return
+            continue
           }
           overrides.push({firstPage: page, pageCount: 1, source: self})
-          if (ownDigests) digest.copy(ownRows, changed.length * PAGE_DIGEST_BYTES)
           changed.push(page)
           addPage(page, newer, at)
-        })
-        options.onProgress?.(end, input.logicalSize)
-        continue
-      }
-      let older: Buffer | undefined
-      for (let i = 0, position = 0; i < pages; i++) {
-        const page = first + i
-        const parentZero = parent.zeroMap.isZero(page)
-        const olderAt = position * pageSize
-        if (!parentZero) position++
-        if ((options.diff && !present[i]) || unchanged[i]) continue
-        compared++
-        const at = i * pageSize
-        const isZero = (): boolean => zeroPage.compare(newer, at, at + pageSize) === 0
-        if (parentZero ? isZero() : newer.compare((older ??= parent.readPayload(c, olderBuffer)), olderAt, olderAt + pageSize, at, at + pageSize) === 0) continue
-        if (!parentZero && isZero()) {
-          overrides.push({firstPage: page, pageCount: 1, source: SOURCE_ZERO})
-          zeroed++
-          continue
         }
-        overrides.push({firstPage: page, pageCount: 1, source: self})
-        changed.push(page)
-        addPage(page, newer, at)
+        options.onProgress?.(Math.min(input.logicalSize, start + pages * pageSize), input.logicalSize)
       }
-      options.onProgress?.(Math.min(input.logicalSize, start + pages * pageSize), input.logicalSize)
+      flush()
+    } finally {
+      reader.close()
     }
-    flush()
-  } finally {
-    reader.close()
   }
 
   const runs = composeRuns(parentRuns, overrides)
@@ -316,72 +374,6 @@ function checkUnchangedPlacement(input: ImageInput, parent: ImageReader, parentP
   if (k >= 0 || ours.length !== theirs.length) fail(k >= 0 ? `region ${k} (task ${ours[k].owner}, 0x${ours[k].address.toString(16)}, ${ours[k].size} bytes) is not laid out alike in it` : `it has ${theirs.length} regions, the dump ${ours.length}`)
 }
 
-/** One chunk of the new image, to compare with its parent by digest. */
-interface DigestComparison {
-  first: number
-  pages: number
-  /** The chunk's bytes, whole pages. */
-  newer: Buffer
-  /** A diff: the pages it has data for (the others are unchanged). */
-  present: Uint8Array | undefined
-  /** Pages the input says are unchanged. */
-  unchanged: Uint8Array
-  pageSize: number
-  parentZero: ZeroMap
-  /** The parent chain's resolved digests, 16 bytes per image page. */
-  parentRows: Buffer
-  key: Uint32Array
-  zeroPage: Buffer
-  /** Scratch for the chunk's digests, 16 bytes per page. */
-  digests: Buffer
-  /** Scratch, a byte per page of a chunk. */
-  kind: Uint8Array
-}
-
-/**
- * Compares a chunk's pages with the parent's by content digest: a page that is zero now differs
- * exactly when the parent's is not; any other page differs when the parent's is zero or its digest
- * differs (docs/FORMAT.md, Page digests: a changed page is missed with probability <= 2^-64).
- * Every run of compared non-zero pages is digested in one call. Calls `onChanged` per changed
- * page in page order, with its offset in `newer` and its digest (undefined: it became zero).
- * Returns the pages compared.
- */
-function compareByDigest(c: DigestComparison, onChanged: (page: number, at: number, digest: Buffer | undefined) => void): number {
-  const {pages, pageSize, newer, digests} = c
-  // 0 skipped, 1 compared and zero now, 2 compared and non-zero (to digest).
-  const kind = c.kind.fill(0, 0, pages)
-  let compared = 0
-  for (let i = 0; i < pages; i++) {
-    if ((c.present && !c.present[i]) || c.unchanged[i]) continue
-    compared++
-    const at = i * pageSize
-    kind[i] = c.zeroPage.compare(newer, at, at + pageSize) === 0 ? 1 : 2
-  }
-  for (let i = 0; i < pages; ) {
-    if (kind[i] !== 2) {
-      i++
-      continue
-    }
-    let j = i
-    while (j < pages && kind[j] === 2) j++
-    pageDigests(newer.subarray(i * pageSize, j * pageSize), j - i, c.key, digests.subarray(i * PAGE_DIGEST_BYTES))
-    i = j
-  }
-  for (let i = 0; i < pages; i++) {
-    if (kind[i] === 0) continue
-    const page = c.first + i
-    const wasZero = c.parentZero.isZero(page)
-    if (kind[i] === 1) {
-      if (!wasZero) onChanged(page, i * pageSize, undefined)
-      continue
-    }
-    if (wasZero || c.parentRows.compare(digests, i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES, page * PAGE_DIGEST_BYTES, (page + 1) * PAGE_DIGEST_BYTES) !== 0) {
-      onChanged(page, i * pageSize, digests.subarray(i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES))
-    }
-  }
-  return compared
-}
-
 function copyOf(bytes: Buffer): Buffer {
   const out = Buffer.allocUnsafe(bytes.length)
   bytes.copy(out)
@@ -390,57 +382,4 @@ function copyOf(bytes: Buffer): Buffer {
 
 function hex8(bytes: Buffer): string {
   return crc32(bytes).toString(16).padStart(8, '0')
-}
-
-/** Reads an image range from its segments, on this thread (a layer's writer compares as it reads). */
-class SegmentReader {
-  private readonly fds = new Map<string, number>()
-  /** Reused: valid until the next read. */
-  private present = new Uint8Array(0)
-
-  /**
-   * Fills `dst` (image bytes from `start`) from `segments`, zeros elsewhere; returns which pages
-   * of it any segment touched (a diff's data pages).
-   */
-  read(segments: readonly ReadSegment[], start: number, dst: Buffer, pageSize: number, holesUnchanged: boolean): Uint8Array {
-    // Only the gaps between segments are zeroed (a full image's chunk is one segment); with
-    // `holesUnchanged` (a diff), only the parts of gaps inside pages a segment touches: the
-    // other pages are not looked at.
-    const zero = (from: number, to: number): void => {
-      if (holesUnchanged) {
-        const headEnd = Math.min(to, Math.ceil(from / pageSize) * pageSize)
-        const tailStart = Math.max(headEnd, Math.floor(to / pageSize) * pageSize)
-        if (from % pageSize !== 0 && from > 0) dst.fill(0, from, headEnd)
-        if (to % pageSize !== 0 && to < dst.length) dst.fill(0, tailStart, to)
-        return
-      }
-      dst.fill(0, from, to)
-    }
-    let cursor = 0
-    for (const s of [...segments].sort((a, b) => a.imageOffset - b.imageOffset)) {
-      const at = s.imageOffset - start
-      if (at > cursor) zero(cursor, at)
-      cursor = Math.max(cursor, at + s.length)
-    }
-    if (cursor < dst.length) zero(cursor, dst.length)
-    this.present.fill(0)
-    const present = this.present.length === dst.length / pageSize ? this.present : (this.present = new Uint8Array(dst.length / pageSize))
-    for (const s of segments) {
-      let fd = this.fds.get(s.path)
-      if (fd === undefined) this.fds.set(s.path, (fd = onFile(s.path, 'opening', () => fs.openSync(s.path, 'r'))))
-      const at = s.imageOffset - start
-      for (let done = 0; done < s.length; ) {
-        const n = onFile(s.path, 'reading', () => fs.readSync(fd, dst, at + done, s.length - done, s.position + done))
-        if (n === 0) throw new UffdError('TRUNCATED', `${s.path}: ended at ${s.position + done}, expected ${s.length - done} more bytes`)
-        done += n
-      }
-      present.fill(1, Math.floor(at / pageSize), Math.ceil((at + s.length) / pageSize))
-    }
-    return present
-  }
-
-  close(): void {
-    for (const fd of this.fds.values()) fs.closeSync(fd)
-    this.fds.clear()
-  }
 }

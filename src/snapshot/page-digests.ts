@@ -1,9 +1,9 @@
 // Reading page digest tables (docs/FORMAT.md, Page digests): a file's own, and the one a chain
 // resolves to (each page's digest from the file that holds it), which a layer compares with.
 
-import {COMPAT_PAGE_DIGESTS, SOURCE_ZERO} from '../format/constants.js'
+import {SOURCE_ZERO} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
-import {checkDigestInfo, decodeDigestTable, digestTableLength, expandDigestKey, PAGE_DIGEST_BYTES, type PageDigestInfo} from '../format/page-digest.js'
+import {checkDigestInfo, decodeDigestTable, expandDigestKey, PAGE_DIGEST_BYTES, type PageDigestInfo} from '../format/page-digest.js'
 import {crc32} from '../sys/crc.js'
 import {pageDigests} from '../sys/digest.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
@@ -34,17 +34,12 @@ export function digestRowCount(file: SnapshotReader): number {
  * The table ends where the chunk index starts, so it is found without the header saying where.
  */
 export function readFileDigests(file: SnapshotReader): FileDigests | undefined {
-  if ((file.header.compatFeatures & COMPAT_PAGE_DIGESTS) === 0n) return undefined
+  const table = file.pageDigestTable
+  if (!table) return undefined
   try {
     const info = checkDigestInfo(file.header.metadata.pageDigests)
-    const count = digestRowCount(file)
-    const length = digestTableLength(count)
-    const end = Math.min(file.footer.indexOffset, file.footer.zeroMapOffset)
-    const offset = end - length
-    if (offset < file.header.headerSize) throw new SnapshotFormatError('CORRUPT', 'page digest table', `${length} bytes for ${count} pages do not fit before the index at ${end}`)
-    const table = Buffer.alloc(length)
-    file.source.readAt(table, offset)
-    return {info, rows: decodeDigestTable(table, count, crc32), offset, length}
+    if ('problem' in table) throw new SnapshotFormatError('CORRUPT', 'page digest table', table.problem)
+    return {info, rows: decodeDigestTable(table.bytes, digestRowCount(file), crc32), offset: table.offset, length: table.bytes.length}
   } catch (error) {
     if (error instanceof SnapshotFormatError) throw error.withFile(file.source.name)
     throw error

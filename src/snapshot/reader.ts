@@ -1,6 +1,6 @@
 import {createHash} from 'node:crypto'
 
-import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_ENCRYPTED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
+import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_PAGE_DIGESTS, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_ENCRYPTED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
@@ -8,6 +8,7 @@ import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} 
 import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, layerIdentity, layerPagesProblem} from '../format/layer.js'
 import {memoryDigest} from '../format/learned-runs.js'
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
+import {digestTableLocation} from '../format/page-digest.js'
 import {checkSealMetadata, ManifestPart, SEAL_RECORD_SIZE, TAG_BYTES, UnitKind, type UnitPlace} from '../format/seal.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {crc32} from '../sys/crc.js'
@@ -67,6 +68,11 @@ export class SnapshotReader {
     readonly layout: string,
     /** How the file is sealed, and what this reader can check and decrypt of it. */
     readonly seal: OpenedSeal | undefined,
+    /**
+     * The page digest table's bytes (compat bit 3), read with the structures, unchecked (page-digests.ts
+     * checks them when a writer or verify uses them), or why they could not be located.
+     */
+    readonly pageDigestTable: {offset: number; bytes: Buffer} | {problem: string} | undefined = undefined,
   ) {
     this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
     // A layer's own blocks first, then the packed working set's (docs/FORMAT.md, Layers).
@@ -169,6 +175,19 @@ export class SnapshotReader {
       manifest.push({part: ManifestPart.LayerBlockTable, bytes: blockTable}, {part: ManifestPart.LayerRunTable, bytes: runTable})
       layer = {parents: location.parents, runs, set}
     }
+    // Read now, with the other structures: a remote file's reader reads only what it read at open.
+    let pageDigestTable: {offset: number; bytes: Buffer} | {problem: string} | undefined
+    if ((header.compatFeatures & COMPAT_PAGE_DIGESTS) !== 0n) {
+      const rows = layer ? layer.set.pages.length : geometry.pageCount - zeroMap.countZero(0, geometry.pageCount)
+      const at = digestTableLocation(rows, Math.min(footer.indexOffset, footer.zeroMapOffset), headerSize)
+      if (typeof at === 'string') {
+        pageDigestTable = {problem: at}
+      } else {
+        const bytes = Buffer.alloc(at.length)
+        source.readAt(bytes, at.offset)
+        pageDigestTable = {offset: at.offset, bytes}
+      }
+    }
     let seal: OpenedSeal | undefined
     if (!sealInfo && keys.verifyKeys.length > 0) throw new SnapshotFormatError('SIGNATURE_INVALID', 'signature', 'the file is not signed, and --verify-key requires a signature')
     // A key given means the snapshot is expected sealed: a file written over it unencrypted (by
@@ -178,7 +197,7 @@ export class SnapshotReader {
       const unitCount = index.length + (layer?.set.blocks.length ?? 0) + (packed?.blocks.length ?? 0)
       seal = openSeal(source, sealInfo, {manifest, unitCount, structuresEnd: Math.max(footer.indexOffset + indexBytes.length, footer.zeroMapOffset + zeroMapBytes.length), learned: learnedLocation(header.metadata, headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))}, keys, locked)
     }
-    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal)
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal, pageDigestTable)
   }
 
   get fileSize(): number {
