@@ -30,27 +30,32 @@ static inline uint32_t load32(const uint8_t *p)
 	return v; // x86-64 is little-endian, as the format's words are
 }
 
-static void nh_page_scalar(const uint8_t *page, const uint32_t *key, uint8_t *out)
+// Returns whether the page is all zeros (found in the same pass: a layer writer needs both).
+static int nh_page_scalar(const uint8_t *page, const uint32_t *key, uint8_t *out)
 {
 	uint64_t a = 0, b = 0;
+	uint32_t any = 0;
 	for (int i = 0; i < PAGE_WORDS; i += 2) {
 		uint32_t m0 = load32(page + 4 * i), m1 = load32(page + 4 * i + 4);
+		any |= m0 | m1;
 		a += (uint64_t)(uint32_t)(m0 + key[i]) * (uint32_t)(m1 + key[i + 1]);
 		b += (uint64_t)(uint32_t)(m0 + key[i + 2]) * (uint32_t)(m1 + key[i + 3]);
 	}
 	memcpy(out, &a, 8);
 	memcpy(out + 8, &b, 8);
+	return any == 0;
 }
 
 #ifdef __x86_64__
 // Eight words at a time: the sums as four 64-bit lanes of (even word, odd word), and
 // _mm256_mul_epu32 multiplies each lane's low half by its high half shifted down.
-__attribute__((target("avx2"))) static void nh_page_avx2(const uint8_t *page, const uint32_t *key, uint8_t *out)
+__attribute__((target("avx2"))) static int nh_page_avx2(const uint8_t *page, const uint32_t *key, uint8_t *out)
 {
-	__m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
+	__m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0, any = a0;
 	for (int i = 0; i < PAGE_WORDS; i += 16) {
 		__m256i m0 = _mm256_loadu_si256((const __m256i *)(page + 4 * i));
 		__m256i m1 = _mm256_loadu_si256((const __m256i *)(page + 4 * i + 32));
+		any = _mm256_or_si256(any, _mm256_or_si256(m0, m1));
 		__m256i s0 = _mm256_add_epi32(m0, _mm256_loadu_si256((const __m256i *)(key + i)));
 		__m256i s1 = _mm256_add_epi32(m1, _mm256_loadu_si256((const __m256i *)(key + i + 8)));
 		__m256i t0 = _mm256_add_epi32(m0, _mm256_loadu_si256((const __m256i *)(key + i + 2)));
@@ -66,6 +71,7 @@ __attribute__((target("avx2"))) static void nh_page_avx2(const uint8_t *page, co
 	uint64_t a = la[0] + la[1] + la[2] + la[3], b = lb[0] + lb[1] + lb[2] + lb[3];
 	memcpy(out, &a, 8);
 	memcpy(out + 8, &b, 8);
+	return _mm256_testz_si256(any, any);
 }
 
 static int has_avx2(void)
@@ -85,18 +91,25 @@ int uffd_page_digest_key_words(void)
 	return KEY_WORDS;
 }
 
-// Digests of `count` consecutive 4 KiB pages at `pages`: 16 bytes each to `out`. `scalar` forces
-// the portable path (for tests that compare the two).
-void uffd_page_digests(const uint8_t *pages, size_t count, const uint32_t *key, uint8_t *out, int scalar)
+// Digests of `count` consecutive 4 KiB pages at `pages`: 16 bytes each to `out`; with `zero` (may
+// be NULL), zero[p] = 1 when page p is all zeros, else 0. `scalar` forces the portable path (for
+// tests that compare the two).
+void uffd_page_digests(const uint8_t *pages, size_t count, const uint32_t *key, uint8_t *out, uint8_t *zero, int scalar)
 {
 #ifdef __x86_64__
 	if (!scalar && has_avx2()) {
-		for (size_t p = 0; p < count; p++)
-			nh_page_avx2(pages + p * PAGE_BYTES, key, out + p * 16);
+		for (size_t p = 0; p < count; p++) {
+			int z = nh_page_avx2(pages + p * PAGE_BYTES, key, out + p * 16);
+			if (zero)
+				zero[p] = (uint8_t)z;
+		}
 		return;
 	}
 #endif
 	(void)scalar;
-	for (size_t p = 0; p < count; p++)
-		nh_page_scalar(pages + p * PAGE_BYTES, key, out + p * 16);
+	for (size_t p = 0; p < count; p++) {
+		int z = nh_page_scalar(pages + p * PAGE_BYTES, key, out + p * 16);
+		if (zero)
+			zero[p] = (uint8_t)z;
+	}
 }

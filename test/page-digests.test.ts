@@ -59,9 +59,19 @@ describe('page digest (NH-128)', () => {
         const scalar = Buffer.alloc(count * 16)
         pageDigestsJs(pages, count, key, js)
         pageDigests(pages, count, key, fast)
-        pageDigests(pages, count, key, scalar, true)
+        pageDigests(pages, count, key, scalar, undefined, true)
         expect(fast.equals(js)).toBe(true)
         expect(scalar.equals(js)).toBe(true)
+        // Zero pages found in the same pass, by both paths.
+        if (count > 1) pages.fill(0, PAGE, 2 * PAGE)
+        const zero = new Uint8Array(count)
+        const zeroScalar = new Uint8Array(count)
+        pageDigests(pages, count, key, fast, zero)
+        pageDigests(pages, count, key, scalar, zeroScalar, true)
+        const expected = Array.from({length: count}, (_, p) => (pages.subarray(p * PAGE, (p + 1) * PAGE).every((b) => b === 0) ? 1 : 0))
+        expect([...zero]).toEqual(expected)
+        expect([...zeroScalar]).toEqual(expected)
+        expect(fast.equals(scalar)).toBe(true)
       }),
       {numRuns: 40},
     )

@@ -40,38 +40,37 @@ export interface CompareResult {
  * Compares the job's pages, read into `image` (the job's bytes, whole pages), with the parent's:
  * a page that is zero now differs exactly when the parent's is not; any other page differs when
  * the parent's is zero or its digest differs (a changed page is missed with probability <= 2^-64
- * for content chosen without knowledge of the key). Every run of compared non-zero pages is
- * digested in one call. `present`: a diff's data pages.
+ * for content chosen without knowledge of the key). `present`: a diff's data pages.
  */
-export function compareByDigest(job: CompareJob, image: Buffer, present: Uint8Array | undefined, key: Uint32Array, zeroPage: Buffer): CompareResult {
+export function compareByDigest(job: CompareJob, image: Buffer, present: Uint8Array | undefined, key: Uint32Array): CompareResult {
   const {pages, pageSize} = job
-  // 0 skipped, 1 compared and zero now, 2 compared and non-zero (to digest).
-  const kind = new Uint8Array(pages)
+  // Each run of compared pages is digested, and its zero pages found, in one native pass.
+  const compare = new Uint8Array(pages)
   let compared = 0
   for (let i = 0; i < pages; i++) {
     if ((present && !present[i]) || job.unchanged?.[i]) continue
+    compare[i] = 1
     compared++
-    const at = i * pageSize
-    kind[i] = zeroPage.compare(image, at, at + pageSize) === 0 ? 1 : 2
   }
   const digests = Buffer.alloc(pages * PAGE_DIGEST_BYTES)
+  const zero = new Uint8Array(pages)
   for (let i = 0; i < pages; ) {
-    if (kind[i] !== 2) {
+    if (!compare[i]) {
       i++
       continue
     }
     let j = i
-    while (j < pages && kind[j] === 2) j++
-    pageDigests(image.subarray(i * pageSize, j * pageSize), j - i, key, digests.subarray(i * PAGE_DIGEST_BYTES))
+    while (j < pages && compare[j]) j++
+    pageDigests(image.subarray(i * pageSize, j * pageSize), j - i, key, digests.subarray(i * PAGE_DIGEST_BYTES), zero.subarray(i))
     i = j
   }
   const rows = Buffer.from(job.parentRows.buffer, job.parentRows.byteOffset, job.parentRows.byteLength)
   const changed: number[] = []
   const zeroed: number[] = []
   for (let i = 0; i < pages; i++) {
-    if (kind[i] === 0) continue
+    if (!compare[i]) continue
     const wasZero = (job.parentZero[i >>> 3] & (1 << (i & 7))) !== 0
-    if (kind[i] === 1) {
+    if (zero[i]) {
       if (!wasZero) zeroed.push(i)
     } else if (wasZero || rows.compare(digests, i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES, i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES) !== 0) {
       changed.push(i)

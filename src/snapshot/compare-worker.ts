@@ -10,15 +10,13 @@ import {SegmentReader} from './segment-reader.js'
 const {key} = workerData as {key: Uint32Array}
 const reader = new SegmentReader()
 let image = Buffer.alloc(0)
-let zeroPage = Buffer.alloc(0)
 
 function run(job: CompareJob): CompareResult {
   const length = job.pages * job.pageSize
   if (image.length < length) image = Buffer.alloc(length)
-  if (zeroPage.length !== job.pageSize) zeroPage = Buffer.alloc(job.pageSize)
   const bytes = image.subarray(0, length)
   const present = reader.read(job.segments, job.start, bytes, job.pageSize, job.diff)
-  return compareByDigest(job, bytes, job.diff ? present : undefined, key, zeroPage)
+  return compareByDigest(job, bytes, job.diff ? present : undefined, key)
 }
 
 parentPort!.on('message', (job: CompareJob) => {

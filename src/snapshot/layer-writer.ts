@@ -41,7 +41,7 @@ export interface LayerOptions {
 }
 
 /** Chunks per compare job: enough to amortise messaging with the workers. */
-const COMPARE_JOB_CHUNKS = 16
+const COMPARE_JOB_CHUNKS = 32
 
 /** The snapshot a layer is written over: its reader, how it prints, and the file name the layer records for it. */
 export interface LayerParentInput {
@@ -203,7 +203,8 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
           diff: options.diff,
           unchanged: unchangedOf(start, end, pages),
           parentZero: parent.zeroMap.bytes.slice(firstPage >>> 3, (firstPage + pages + 7) >>> 3),
-          parentRows: parentDigests!.rows.subarray(firstPage * PAGE_DIGEST_BYTES, (firstPage + pages) * PAGE_DIGEST_BYTES),
+          // A copy: a view would post its whole buffer (every page's rows) with each job.
+          parentRows: new Uint8Array(parentDigests!.rows.subarray(firstPage * PAGE_DIGEST_BYTES, (firstPage + pages) * PAGE_DIGEST_BYTES)),
         }
         const result = pool.submit(job)
         // Marked handled now: awaited (and its error raised) in order, or abandoned after an earlier failure.

@@ -9,11 +9,15 @@ export const nativeDigests: boolean = libc.pageDigestsNative !== undefined
 
 /**
  * Digests of `count` consecutive 4 KiB pages at the start of `pages` into `out` (16 bytes each),
- * with `key` (expandDigestKey). `portable`: the native library's scalar path (tests compare it).
+ * with `key` (expandDigestKey); with `zero`, also a byte per page, 1 when it is all zeros (found
+ * in the same pass). `portable`: the native library's scalar path (tests compare it).
  */
-export function pageDigests(pages: Uint8Array, count: number, key: Uint32Array, out: Uint8Array, portable = false): void {
-  if (pages.length < count * 4096 || out.length < count * 16) throw new RangeError(`${count} pages need ${count * 4096} bytes in and ${count * 16} out, got ${pages.length} and ${out.length}`)
+export function pageDigests(pages: Uint8Array, count: number, key: Uint32Array, out: Uint8Array, zero?: Uint8Array, portable = false): void {
+  if (pages.length < count * 4096 || out.length < count * 16 || (zero && zero.length < count)) throw new RangeError(`${count} pages need ${count * 4096} bytes in and ${count * 16} out, got ${pages.length} and ${out.length}`)
   if (count === 0) return
-  if (libc.pageDigestsNative) libc.pageDigestsNative(pages, count, key, out, portable ? 1 : 0)
-  else pageDigestsJs(pages, count, key, out)
+  if (libc.pageDigestsNative) return libc.pageDigestsNative(pages, count, key, out, zero ?? null, portable ? 1 : 0)
+  pageDigestsJs(pages, count, key, out)
+  if (zero) for (let p = 0; p < count; p++) zero[p] = ZERO_PAGE.compare(pages, p * 4096, (p + 1) * 4096) === 0 ? 1 : 0
 }
+
+const ZERO_PAGE = Buffer.alloc(4096)

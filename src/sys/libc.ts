@@ -65,16 +65,17 @@ export const crc32Native = loadCrc()
 /**
  * native/libuffd_digest: page digests (NH, docs/FORMAT.md, Page digests) of `count` 4 KiB pages
  * at `pages`, 16 bytes each into `out`, with `keyWords` (Uint32Array of uffd_page_digest_key_words
- * words); `scalar` 1 forces the portable path. Undefined when not built or turned off
+ * words); `zero` (or null) gets a byte per page, 1 for an all-zero page; `scalar` 1 forces the portable path. Undefined when not built or turned off
  * (UFFD_NATIVE_DIGEST=0): src/format/page-digest.ts computes the same in JavaScript.
  */
-function loadDigest(): ((pages: Uint8Array, count: number, keyWords: Uint32Array, out: Uint8Array, scalar: number) => void) | undefined {
+type PageDigestsFn = (pages: Uint8Array, count: number, keyWords: Uint32Array, out: Uint8Array, zero: Uint8Array | null, scalar: number) => void
+function loadDigest(): PageDigestsFn | undefined {
   const digestLib = loadOptional(ownLibrary('libuffd_digest.so'), 'UFFD_NATIVE_DIGEST')
   if (!digestLib) return undefined
   const keyWords = (digestLib.func('uffd_page_digest_key_words', 'int', []) as () => number)()
   // A library built for another key length would digest differently: use the JavaScript path.
   if (keyWords !== 1026) return undefined
-  return digestLib.func('uffd_page_digests', 'void', ['void *', 'size_t', 'void *', 'void *', 'int']) as (pages: Uint8Array, count: number, keyWords: Uint32Array, out: Uint8Array, scalar: number) => void
+  return digestLib.func('uffd_page_digests', 'void', ['void *', 'size_t', 'void *', 'void *', 'void *', 'int']) as PageDigestsFn
 }
 export const pageDigestsNative = loadDigest()
 
