@@ -3,7 +3,6 @@ import {CHUNK_FLAG_SHARED, Codec, CODEC_NAMES, RegionKind} from '../format/const
 import {learnedSet, type LearnedRun} from '../format/learned-runs.js'
 import {readLearnedRuns} from './learn.js'
 import {pagesBySource} from '../format/layer.js'
-import {type ZeroMap} from '../format/zero-map.js'
 import {type SnapshotReader} from './reader.js'
 import {FileByteSource} from './byte-source.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
@@ -256,14 +255,9 @@ export function verifySnapshot(reader: ImageReader, file: string, againstPath?: 
   try {
     for (let c = 0; c < geometry.chunkCount && errors.length < maxErrors; c++) {
       try {
-        if (single?.covers(c)) {
-          // Decoded once: the payload's digests checked, then laid out as readChunk would.
-          const payload = reader.readPayload(c)
-          errors.push(...single.checkPayload(c, payload).slice(0, maxErrors - errors.length))
-          expandChunk(payload, reader.zeroMap, geometry.firstPageOfChunk(c), geometry.pagesInChunk(c), geometry.pageSize, chunk)
-        } else {
-          reader.readChunk(c, chunk)
-        }
+        reader.readChunk(c, chunk)
+        // The rows of the chunk's data pages, against the pages just decoded.
+        if (single?.covers(c)) errors.push(...single.checkChunk(c, chunk).slice(0, maxErrors - errors.length))
       } catch (error) {
         // A refusal is a problem of the file, to list; anything else is a bug of ours, and
         // listing it would report a good file as damaged.
@@ -307,19 +301,6 @@ export function verifySnapshot(reader: ImageReader, file: string, againstPath?: 
   const blocksChecked = errors.length < maxErrors ? verifyPacked(reader, errors, maxErrors) : 0
   if (errors.length < maxErrors) verifyLearned(reader, errors)
   return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked, pageDigestsChecked: single?.checked ?? 0, errors, against}
-}
-
-/** A chunk's whole-page bytes from its payload (its non-zero pages, in order), into `dst`. */
-function expandChunk(payload: Buffer, zeroMap: ZeroMap, first: number, pages: number, pageSize: number, dst: Buffer): void {
-  for (let i = 0, from = 0; i < pages; i++) {
-    const at = i * pageSize
-    if (zeroMap.isZero(first + i)) {
-      dst.fill(0, at, at + pageSize)
-    } else {
-      payload.copy(dst, at, from, from + pageSize)
-      from += pageSize
-    }
-  }
 }
 
 /** Checks the learned runs decode, and that the packed set is their majority (what --learn attached). */
