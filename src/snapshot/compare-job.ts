@@ -5,6 +5,7 @@
 import {PAGE_DIGEST_BYTES} from '../format/page-digest.js'
 import {pageDigests} from '../sys/digest.js'
 import {type ReadSegment} from './chunk-job.js'
+import {SegmentReader} from './segment-reader.js'
 
 /** Whole chunks of the new image, from page `firstPage` (a multiple of 8). */
 export interface CompareJob {
@@ -83,4 +84,24 @@ export function compareByDigest(job: CompareJob, image: Buffer, present: Uint8Ar
     digests.copy(changedDigests, k * PAGE_DIGEST_BYTES, i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES)
   })
   return {id: job.id, compared, changed: Uint32Array.from(changed), bytes: new Uint8Array(bytes.buffer, 0, bytes.length), digests: new Uint8Array(changedDigests.buffer, 0, changedDigests.length), zeroed: Uint32Array.from(zeroed)}
+}
+
+/** Runs compare jobs on the calling thread: reads each job's range of the image and compares it. */
+export class CompareRunner {
+  private readonly reader = new SegmentReader()
+  private image = Buffer.alloc(0)
+
+  constructor(private readonly key: Uint32Array) {}
+
+  run(job: CompareJob): CompareResult {
+    const length = job.pages * job.pageSize
+    if (this.image.length < length) this.image = Buffer.alloc(length)
+    const bytes = this.image.subarray(0, length)
+    const present = this.reader.read(job.segments, job.start, bytes, job.pageSize, job.diff)
+    return compareByDigest(job, bytes, job.diff ? present : undefined, this.key)
+  }
+
+  close(): void {
+    this.reader.close()
+  }
 }

@@ -19,7 +19,7 @@ import {resolvedDigests} from './page-digests.js'
 import {FileSealer, type SealingOptions} from './sealing.js'
 import {SegmentReader} from './segment-reader.js'
 import {type ImageInput} from './writer.js'
-import {type CompareJob, type CompareResult} from './compare-job.js'
+import {type CompareJob, type CompareResult, CompareRunner} from './compare-job.js'
 import {WorkerPool} from './compression-pool.js'
 
 export interface LayerOptions {
@@ -42,6 +42,8 @@ export interface LayerOptions {
 
 /** Chunks per compare job: enough to amortise messaging with the workers. */
 const COMPARE_JOB_CHUNKS = 32
+/** An input with at most this much data is compared on the writer's thread, without workers. */
+const IN_THREAD_BYTES = 64 * 1024 * 1024
 
 /** The snapshot a layer is written over: its reader, how it prints, and the file name the layer records for it. */
 export interface LayerParentInput {
@@ -156,8 +158,11 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   }
   if (digestKey) {
     // Read and compared by workers, a job of chunks at a time; results are taken in image order.
-    const jobs = Math.max(1, options.jobs ?? 1)
-    const pool = new WorkerPool<CompareJob, CompareResult>(jobs, 'compare-worker', {key: digestKey})
+    // An input with little data (a diff, mostly) is compared on this thread: starting workers
+    // would cost more than reading it.
+    const dataBytes = input.segments(0, input.logicalSize).reduce((n, s) => n + s.length, 0)
+    const jobs = dataBytes <= IN_THREAD_BYTES ? 0 : Math.max(1, options.jobs ?? 1)
+    const pool = jobs > 0 ? new WorkerPool<CompareJob, CompareResult>(jobs, 'compare-worker', {key: digestKey}) : new CompareRunner(digestKey)
     const inflight: {result: Promise<CompareResult>; firstPage: number; end: number}[] = []
     const take = async (): Promise<void> => {
       const {result, firstPage, end} = inflight.shift()!
@@ -206,16 +211,21 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
           // A copy: a view would post its whole buffer (every page's rows) with each job.
           parentRows: new Uint8Array(parentDigests!.rows.subarray(firstPage * PAGE_DIGEST_BYTES, (firstPage + pages) * PAGE_DIGEST_BYTES)),
         }
-        const result = pool.submit(job)
+        const result = pool instanceof CompareRunner ? Promise.resolve(pool.run(job)) : pool.submit(job)
         // Marked handled now: awaited (and its error raised) in order, or abandoned after an earlier failure.
         result.catch(() => {})
         inflight.push({result, firstPage, end})
-        while (inflight.length > jobs * 4) await take()
+        while (inflight.length > jobs * 4) {
+          await take()
+          // In-thread jobs run here: let a signal in between them.
+          if (jobs === 0) await yieldToEventLoop()
+        }
       }
       while (inflight.length > 0) await take()
       flush()
     } finally {
-      await pool.close()
+      if (pool instanceof CompareRunner) pool.close()
+      else await pool.close()
     }
   } else {
     try {

@@ -34,7 +34,7 @@ export function digestRowCount(file: SnapshotReader): number {
  * The table ends where the chunk index starts, so it is found without the header saying where.
  */
 export function readFileDigests(file: SnapshotReader): FileDigests | undefined {
-  const table = file.pageDigestTable
+  const table = file.pageDigestTable()
   if (!table) return undefined
   try {
     const info = checkDigestInfo(file.header.metadata.pageDigests)

@@ -69,10 +69,10 @@ export class SnapshotReader {
     /** How the file is sealed, and what this reader can check and decrypt of it. */
     readonly seal: OpenedSeal | undefined,
     /**
-     * The page digest table's bytes (compat bit 3), read with the structures, unchecked (page-digests.ts
-     * checks them when a writer or verify uses them), or why they could not be located.
+     * Where the page digest table lies (compat bit 3), with its bytes when they were read at open,
+     * or why it could not be located; undefined without a table.
      */
-    readonly pageDigestTable: {offset: number; bytes: Buffer} | {problem: string} | undefined = undefined,
+    private readonly digestTable: {offset: number; length: number; bytes?: Buffer} | {problem: string} | undefined = undefined,
   ) {
     this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
     // A layer's own blocks first, then the packed working set's (docs/FORMAT.md, Layers).
@@ -175,17 +175,17 @@ export class SnapshotReader {
       manifest.push({part: ManifestPart.LayerBlockTable, bytes: blockTable}, {part: ManifestPart.LayerRunTable, bytes: runTable})
       layer = {parents: location.parents, runs, set}
     }
-    // Read now, with the other structures: a remote file's reader reads only what it read at open.
-    let pageDigestTable: {offset: number; bytes: Buffer} | {problem: string} | undefined
+    // A local file's table is read when asked (serving never asks); any other source's now, with
+    // the structures: a remote file's reader reads only what its probe read at open.
+    let digestTable: {offset: number; length: number; bytes?: Buffer} | {problem: string} | undefined
     if ((header.compatFeatures & COMPAT_PAGE_DIGESTS) !== 0n) {
       const rows = layer ? layer.set.pages.length : geometry.pageCount - zeroMap.countZero(0, geometry.pageCount)
       const at = digestTableLocation(rows, Math.min(footer.indexOffset, footer.zeroMapOffset), headerSize)
       if (typeof at === 'string') {
-        pageDigestTable = {problem: at}
+        digestTable = {problem: at}
       } else {
-        const bytes = Buffer.alloc(at.length)
-        source.readAt(bytes, at.offset)
-        pageDigestTable = {offset: at.offset, bytes}
+        digestTable = at
+        if (!(source instanceof FileByteSource)) source.readAt((digestTable.bytes = Buffer.alloc(at.length)), at.offset)
       }
     }
     let seal: OpenedSeal | undefined
@@ -197,7 +197,15 @@ export class SnapshotReader {
       const unitCount = index.length + (layer?.set.blocks.length ?? 0) + (packed?.blocks.length ?? 0)
       seal = openSeal(source, sealInfo, {manifest, unitCount, structuresEnd: Math.max(footer.indexOffset + indexBytes.length, footer.zeroMapOffset + zeroMapBytes.length), learned: learnedLocation(header.metadata, headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))}, keys, locked)
     }
-    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal, pageDigestTable)
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal, digestTable)
+  }
+
+  /** The page digest table's bytes, unchecked (page-digests.ts checks them), or why it could not be located; undefined without a table. */
+  pageDigestTable(): {offset: number; bytes: Buffer} | {problem: string} | undefined {
+    const table = this.digestTable
+    if (!table || 'problem' in table) return table
+    if (!table.bytes) this.source.readAt((table.bytes = Buffer.alloc(table.length)), table.offset)
+    return {offset: table.offset, bytes: table.bytes}
   }
 
   get fileSize(): number {
