@@ -9,7 +9,9 @@
  *   (b) write time of that layer, from the full image (pages compared by content) and from a
  *       Firecracker Diff file of the changed pages (`--diff`), against writing the full snapshot:
  *       wall time of the command (what a user waits) and the writer's own time (its --json
- *       `seconds`: without starting Node and the CLI)
+ *       `seconds`: without starting Node and the CLI); the full snapshot is also written with
+ *       --no-page-digests (what storing page digests costs it), and each file's page digest
+ *       table is shown as a share of its size
  *   (c) resume of the top of a 3-deep chain (base, then three such changes one on another)
  *       against the same image squashed (`uffd squash`), with native/fc_client touching memory
  *       (sequential and random over every page, random --sparse of them), handler and client
@@ -182,7 +184,7 @@ async function main(): Promise<void> {
   }
   console.log(`${image}: ${pageCount} pages, ${dataPages.length} data pages; base snapshot ${fs.statSync(at('base.uffd')).size} bytes; chains and squashed snapshots verified (uffd verify, fc_client --verify-all)`)
 
-  type Write = {wall: number; seconds: number; bytes: number}
+  type Write = {wall: number; seconds: number; bytes: number; digestBytes: number}
   const writes: Record<string, Record<string, Write[]>> = {}
   const touches = [
     {name: 'sequential, every page', args: ['--touch', 'sequential']},
@@ -194,13 +196,15 @@ async function main(): Promise<void> {
     for (const p of prepared) {
       const jobs: [string, string[]][] = [
         ['full snapshot', ['snapshot', '--mem-file', p.v1, '-o', at('full.uffd'), '--force']],
+        // What storing page digests costs the full snapshot.
+        ['full snapshot, --no-page-digests', ['snapshot', '--mem-file', p.v1, '-o', at('full.uffd'), '--force', '--no-page-digests']],
         ['layer (full image, compared)', ['snapshot', '--mem-file', p.v1, '--parent', at('base.uffd'), '-o', at('layer.uffd'), '--force']],
         ['layer (--diff file)', ['snapshot', '--mem-file', p.v1diff, '--diff', '--parent', at('base.uffd'), '-o', at('layer.uffd'), '--force']],
       ]
       for (let k = 0; k < jobs.length; k++) {
         const [name, args] = jobs[(k + i) % jobs.length]
         const t = timed(args)
-        ;((writes[p.pattern.name] ??= {})[name] ??= []).push({wall: t.wall, seconds: t.summary.seconds, bytes: t.summary.fileSize})
+        ;((writes[p.pattern.name] ??= {})[name] ??= []).push({wall: t.wall, seconds: t.summary.seconds, bytes: t.summary.fileSize, digestBytes: t.summary.pageDigestBytes ?? 0})
         process.stderr.write(`run ${i + 1}/${runs} ${p.pattern.name} / ${name}: ${t.wall.toFixed(2)} s wall, ${t.summary.seconds.toFixed(2)} s writing, ${t.summary.fileSize} bytes\n`)
       }
       for (const touch of touches) {
@@ -229,12 +233,13 @@ async function main(): Promise<void> {
       const bytes = median(xs.map((x) => x.bytes))
       const wall = median(xs.map((x) => x.wall))
       const seconds = median(xs.map((x) => x.seconds))
-      writeRows.push([p.pattern.name, name, String(bytes), `${((bytes / fullBytes) * 100).toFixed(2)}%`, wall.toFixed(2), `${(fullWall / wall).toFixed(2)}x`, seconds.toFixed(3), `${(fullSeconds / seconds).toFixed(2)}x`])
+      const digestBytes = median(xs.map((x) => x.digestBytes))
+      writeRows.push([p.pattern.name, name, String(bytes), `${((bytes / fullBytes) * 100).toFixed(2)}%`, `${((digestBytes / bytes) * 100).toFixed(2)}%`, wall.toFixed(2), `${(fullWall / wall).toFixed(2)}x`, seconds.toFixed(3), `${(fullSeconds / seconds).toFixed(2)}x`])
     }
   }
   const changed = prepared.map((p) => `${p.pattern.name}: ${p.changedPages} pages (${((p.changedPages / pageCount) * 100).toFixed(2)}%)`).join('; ')
   console.log(`\n(a, b) one change on the base (${changed}), medians of ${runs} runs\n`)
-  console.log(table(['change', 'written', 'bytes', 'size vs full', 'wall s', 'wall speed vs full', 'writing s', 'writing speed vs full'], writeRows))
+  console.log(table(['change', 'written', 'bytes', 'size vs full', 'digest table share', 'wall s', 'wall speed vs full', 'writing s', 'writing speed vs full'], writeRows))
 
   const resumeRows = Object.entries(resumes).map(([key, r]) => {
     const sq = median(r['squashed'])

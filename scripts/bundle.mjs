@@ -29,7 +29,7 @@ const pkg = JSON.parse(await fs.readFile(path.join(root, 'package.json'), 'utf8'
 const bundled = new Set(['@sinclair/typebox'])
 const external = Object.keys(pkg.dependencies).filter((name) => !bundled.has(name))
 
-export const ENTRIES = ['cli/resume-entry', 'resume/fault-loop/worker', 'resume/decoder/worker', 'remote/fetcher/worker', 'snapshot/compress-worker']
+export const ENTRIES = ['cli/resume-entry', 'resume/fault-loop/worker', 'resume/decoder/worker', 'remote/fetcher/worker', 'snapshot/compress-worker', 'snapshot/compare-worker']
 
 const outdir = path.join(dist, 'bundle')
 

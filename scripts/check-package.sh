@@ -38,8 +38,8 @@ step "npm install -g $(basename "$tarball") into a temporary prefix"
 prefix=$work/prefix
 npm install -g --prefix "$prefix" --no-audit --no-fund --loglevel=error "$tarball" >/dev/null
 installed=$prefix/lib/node_modules/uffd
-for lib in libuffd_fill.so libuffd_crc.so; do [ -f "$installed/native/build/$lib" ] || fail "the install did not build native/build/$lib"; done
-[ "$(ls "$installed/native/build")" = "$(printf 'libuffd_crc.so\nlibuffd_fill.so')" ] || fail "the install built more than the libraries: $(ls "$installed/native/build")"
+for lib in libuffd_fill.so libuffd_crc.so libuffd_digest.so; do [ -f "$installed/native/build/$lib" ] || fail "the install did not build native/build/$lib"; done
+[ "$(ls "$installed/native/build")" = "$(printf 'libuffd_crc.so\nlibuffd_digest.so\nlibuffd_fill.so')" ] || fail "the install built more than the libraries: $(ls "$installed/native/build")"
 
 # Every command, from outside the repository, with the installed binary first on PATH.
 run_commands() {

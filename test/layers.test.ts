@@ -162,22 +162,30 @@ describe('layers', () => {
     }
     fs.closeSync(fd)
     fs.writeFileSync(at('zd.raw'), image)
-    const parent = SnapshotReader.open(at('base.uffd'))
-    const decoded: number[] = []
-    const read = parent.readPayload.bind(parent)
-    parent.readPayload = (unit: number, dst?: Buffer): Buffer => {
-      decoded.push(unit)
-      return read(unit, dst)
+    // Compared by decoding: a base without page digests. With them (base.uffd), nothing is decoded.
+    ok(['snapshot', '--mem-file', at('base.raw'), '-o', at('base-nd.uffd'), '--no-page-digests'])
+    for (const [file, expected] of [
+      ['base-nd.uffd', [Math.floor(dataPage / PPC)]],
+      ['base.uffd', []],
+    ] as const) {
+      const parent = SnapshotReader.open(at(file))
+      const decoded: number[] = []
+      const read = parent.readPayload.bind(parent)
+      parent.readPayload = (unit: number, dst?: Buffer): Buffer => {
+        decoded.push(unit)
+        return read(unit, dst)
+      }
+      try {
+        const s = await writeLayer(memFileInput(at('zd.diff')), {reader: parent, shown: at(file), fileName: file}, () => new AtomicFile(at(`zd-${file}`)), {codec: 'zstd', level: 1, diff: true})
+        expect(s.comparedPages).toBe(9)
+        expect(s.storedPages).toBe(8)
+        expect(s.compared).toBe(expected.length ? 'decoded' : 'digests')
+        expect(decoded).toEqual(expected)
+      } finally {
+        parent.close()
+      }
+      expect(ok(['verify', at(`zd-${file}`), '--against', at('zd.raw')]).ok).toBe(true)
     }
-    try {
-      const s = await writeLayer(memFileInput(at('zd.diff')), {reader: parent, shown: at('base.uffd'), fileName: 'base.uffd'}, () => new AtomicFile(at('zd.uffd')), {codec: 'zstd', level: 1, diff: true})
-      expect(s.comparedPages).toBe(9)
-      expect(s.storedPages).toBe(8)
-      expect(decoded).toEqual([Math.floor(dataPage / PPC)])
-    } finally {
-      parent.close()
-    }
-    expect(ok(['verify', at('zd.uffd'), '--against', at('zd.raw')]).ok).toBe(true)
   })
 
   it('a missing, swapped or corrupt parent is refused with a code naming it', () => {

@@ -59,7 +59,7 @@ describe('scripts/build-native.sh (the install script)', () => {
     // What the package holds of native/: the libraries' sources and the Makefile.
     fs.mkdirSync(path.join(dir, 'native'))
     fs.mkdirSync(path.join(dir, 'scripts'))
-    for (const f of ['Makefile', 'libuffd_fill.c', 'libuffd_crc.c']) fs.copyFileSync(path.join(ROOT, 'native', f), path.join(dir, 'native', f))
+    for (const f of ['Makefile', 'libuffd_fill.c', 'libuffd_crc.c', 'libuffd_digest.c']) fs.copyFileSync(path.join(ROOT, 'native', f), path.join(dir, 'native', f))
     fs.copyFileSync(path.join(ROOT, 'scripts/build-native.sh'), path.join(dir, 'scripts/build-native.sh'))
   })
   afterAll(() => fs.rmSync(dir, {recursive: true, force: true}))
@@ -67,7 +67,7 @@ describe('scripts/build-native.sh (the install script)', () => {
   it('builds the shared libraries, and only those', () => {
     const r = spawnSync('sh', [path.join(dir, 'scripts/build-native.sh')], {encoding: 'utf8'})
     expect(r.status, r.stderr).toBe(0)
-    expect(fs.readdirSync(path.join(dir, 'native/build')).sort()).toEqual(['libuffd_crc.so', 'libuffd_fill.so'])
+    expect(fs.readdirSync(path.join(dir, 'native/build')).sort()).toEqual(['libuffd_crc.so', 'libuffd_digest.so', 'libuffd_fill.so'])
   })
 
   it('without a C compiler, fails with a message that says what to install', () => {

@@ -45,7 +45,7 @@ export default class Verify extends BaseCommand {
       await snapshot.close()
     }
     if (result.ok) {
-      this.log(`${snapshot.name}: OK${sealedNote(reader)}, ${result.chunksChecked} chunks, ${formatBytes(result.bytesChecked)} verified${result.blocksChecked ? `, ${result.blocksChecked} packed working-set blocks match their chunks` : ''}${result.unitsChecked === undefined ? '' : `, ${result.unitsChecked} stored units of the chain decoded`}${flags.against ? `, identical to ${flags.against}` : ''}`)
+      this.log(`${snapshot.name}: OK${sealedNote(reader)}, ${result.chunksChecked} chunks, ${formatBytes(result.bytesChecked)} verified${result.blocksChecked ? `, ${result.blocksChecked} packed working-set blocks match their chunks` : ''}${result.unitsChecked === undefined ? '' : `, ${result.unitsChecked} stored units of the chain decoded`}${result.pageDigestsChecked ? `, ${result.pageDigestsChecked} page digests match their pages` : ''}${flags.against ? `, identical to ${flags.against}` : ''}`)
     } else {
       for (const e of result.errors) process.stderr.write(`${e}\n`)
       if (!this.jsonEnabled()) process.stderr.write(`${snapshot.name}: FAILED\n`)

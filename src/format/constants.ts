@@ -64,7 +64,13 @@ export const COMPAT_PACKED_WORKING_SET = 1n << 1n
  * footer. A reader that ignores the bit reads the file correctly, unauthenticated.
  */
 export const COMPAT_SIGNED = 1n << 2n
-export const KNOWN_COMPAT_FEATURES = COMPAT_WORKING_SET | COMPAT_PACKED_WORKING_SET | COMPAT_SIGNED
+/**
+ * The file carries a page digest table (metadata.pageDigests; docs/FORMAT.md, Page digests): a
+ * keyed 128-bit digest of each non-zero page it stores, so a layer written over it compares
+ * digests instead of decoding it. Readers that ignore the bit lose nothing.
+ */
+export const COMPAT_PAGE_DIGESTS = 1n << 3n
+export const KNOWN_COMPAT_FEATURES = COMPAT_WORKING_SET | COMPAT_PACKED_WORKING_SET | COMPAT_SIGNED | COMPAT_PAGE_DIGESTS
 
 export enum Codec {
   /** All-zero chunk: nothing stored. */

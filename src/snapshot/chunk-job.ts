@@ -27,6 +27,8 @@ export interface ChunkJob {
   digests?: boolean
   /** Compute each chunk's unit digest (docs/FORMAT.md, Sealed snapshots) of its bytes as stored: a signed file's. */
   unitDigests?: boolean
+  /** Digest every non-zero page with these NH key words (docs/FORMAT.md, Page digests). */
+  pageDigestKey?: Uint32Array
 }
 
 /** How a worker seals chunks: the file's unit key and its chunks' generation (docs/FORMAT.md, Sealed snapshots). */
@@ -56,12 +58,15 @@ export interface ChunkJobResult {
   id: number
   chunks: EncodedChunk[]
   stored: Uint8Array
+  /** With pageDigestKey: the digests of the job's non-zero pages in page order, 16 bytes each. */
+  pageDigests?: Uint8Array
 }
 
 /**
  * Turns one chunk's bytes into its stored form: finds zero pages (never stored), concatenates the
  * rest into the payload, compresses it and checksums the stored bytes. Pure apart from the compressor's
- * buffers; shared by the worker and by tests.
+ * buffers; shared by the worker and by tests. The payload returned is a view of `bytes` or of
+ * `payloadScratch`, valid until either is reused.
  */
 export function encodeChunk(
   bytes: Buffer,
@@ -69,7 +74,7 @@ export function encodeChunk(
   compressor: ChunkCompressor,
   zeroPage: Buffer,
   payloadScratch: Buffer,
-): {chunk: Omit<EncodedChunk, 'storedOffset' | 'storedLength'>; stored: Buffer} {
+): {chunk: Omit<EncodedChunk, 'storedOffset' | 'storedLength'>; stored: Buffer; payload: Buffer} {
   const pages = bytes.length / pageSize
   const zeroBits = new Uint8Array(Math.ceil(pages / 8))
   let zeroPages = 0
@@ -84,12 +89,12 @@ export function encodeChunk(
     }
   }
   if (payloadLength === 0) {
-    return {chunk: {codec: Codec.None, payloadLength: 0, storedCrc: 0, zeroBits, zeroPages}, stored: Buffer.alloc(0)}
+    return {chunk: {codec: Codec.None, payloadLength: 0, storedCrc: 0, zeroBits, zeroPages}, stored: Buffer.alloc(0), payload: Buffer.alloc(0)}
   }
   // A chunk without zero pages is its own payload; otherwise its non-zero pages are packed.
   const payload = zeroPages === 0 ? bytes : compactPayload(bytes, pageSize, zeroBits, payloadScratch, payloadLength)
   const {codec, stored} = compressor.compress(payload)
-  return {chunk: {codec, payloadLength, storedCrc: crc32(stored), zeroBits, zeroPages}, stored}
+  return {chunk: {codec, payloadLength, storedCrc: crc32(stored), zeroBits, zeroPages}, stored, payload}
 }
 
 /** Writes the non-zero pages of `bytes`, in order, to the start of `scratch`. */

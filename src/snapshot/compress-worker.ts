@@ -4,8 +4,10 @@ import {parentPort, workerData} from 'node:worker_threads'
 import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
+import {pageDigests} from '../sys/digest.js'
 import {onFile} from '../sys/errors.js'
 import {Codec, maxStoredLength} from '../format/constants.js'
+import {PAGE_DIGEST_BYTES} from '../format/page-digest.js'
 import {contentKey, sealConvergent, sealUnit, TAG_BYTES, unitDigest, UnitKind} from '../format/seal.js'
 import {type ChunkJob, type ChunkJobResult, type ChunkSealing, type EncodedChunk, encodeChunk} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
@@ -99,12 +101,22 @@ function run(job: ChunkJob): ChunkJobResult {
   const stored = storedScratch
   const chunks: EncodedChunk[] = []
   let storedAt = 0
+  // Digested here, while the payload is in cache, and in parallel: a full snapshot pays one
+  // pass of NH over its data pages (docs/FORMAT.md, Page digests).
+  const digestKey = job.pageDigestKey
+  const digestRows = digestKey ? Buffer.allocUnsafeSlow((length / job.pageSize) * PAGE_DIGEST_BYTES) : undefined
+  let digestAt = 0
   for (const {start, end, covered} of spans) {
     const chunkLength = end - start
     const bytes = input.subarray(start, end)
     if (covered) {
       const encoded = encodeChunk(bytes, job.pageSize, compressor, zeroPage, payloadScratch)
       const empty = encoded.stored.length === 0
+      if (digestRows && !empty) {
+        const pages = encoded.payload.length / job.pageSize
+        pageDigests(encoded.payload, pages, digestKey!, digestRows.subarray(digestAt))
+        digestAt += pages * PAGE_DIGEST_BYTES
+      }
       const digest = job.digests && !empty ? crypto.createHash('sha256').update(encoded.stored).digest() : undefined
       const chunk = job.firstChunk + chunks.length
       // Sealed for this chunk's place; the CRC is of the bytes as the file holds them.
@@ -127,13 +139,14 @@ function run(job: ChunkJob): ChunkJobResult {
   // the main thread collect gigabytes of external memory on a large snapshot.
   const result = Buffer.allocUnsafeSlow(storedAt)
   stored.copy(result, 0, 0, storedAt)
-  return {id: job.id, chunks, stored: new Uint8Array(result.buffer, result.byteOffset, storedAt)}
+  const rows = digestRows && new Uint8Array(digestRows.buffer, digestRows.byteOffset, digestAt)
+  return {id: job.id, chunks, stored: new Uint8Array(result.buffer, result.byteOffset, storedAt), ...(rows ? {pageDigests: rows} : {})}
 }
 
 parentPort!.on('message', (job: ChunkJob) => {
   try {
     const result = run(job)
-    parentPort!.postMessage({ok: true, result}, [result.stored.buffer as ArrayBuffer])
+    parentPort!.postMessage({ok: true, result}, [result.stored.buffer as ArrayBuffer, ...(result.pageDigests ? [result.pageDigests.buffer as ArrayBuffer] : [])])
   } catch (error) {
     parentPort!.postMessage({ok: false, id: job.id, error: (error as Error).message, code: (error as NodeJS.ErrnoException).code})
   }

@@ -5,32 +5,32 @@ import {startWorker} from '../core/workers.js'
 import {type ChunkJob, type ChunkJobResult, type ChunkSealing} from './chunk-job.js'
 import {type CompressionCodec} from './codecs.js'
 
-type Reply = {ok: true; result: ChunkJobResult} | {ok: false; id: number; error: string; code?: string}
+type Reply<R> = {ok: true; result: R} | {ok: false; id: number; error: string; code?: string}
 
-/** A fixed set of compression workers; jobs queue until a worker is idle. */
-export class CompressionPool {
+/** A fixed set of workers running one module; jobs queue until a worker is idle. */
+export class WorkerPool<J, R> {
   private readonly idle: Worker[] = []
-  private readonly queue: {job: ChunkJob; resolve: (r: ChunkJobResult) => void; reject: (e: Error) => void}[] = []
-  private readonly pending = new Map<Worker, {resolve: (r: ChunkJobResult) => void; reject: (e: Error) => void}>()
+  private readonly queue: {job: J; resolve: (r: R) => void; reject: (e: Error) => void}[] = []
+  private readonly pending = new Map<Worker, {resolve: (r: R) => void; reject: (e: Error) => void}>()
   private readonly workers: Worker[] = []
   private failure: Error | undefined
   private closing = false
 
-  /** `sealing`: encrypt each chunk's stored bytes for its place (FileSealer.chunkSealing). */
-  constructor(size: number, codec: CompressionCodec, level: number, sealing?: ChunkSealing) {
+  /** `module`: the worker's module next to this one (as startWorker takes it), started with `workerData`. */
+  constructor(size: number, module: string, workerData: unknown) {
     for (let i = 0; i < size; i++) {
-      const worker = startWorker(import.meta.url, 'compress-worker', {codec, level, sealing})
-      worker.on('message', (reply: Reply) => this.onReply(worker, reply))
+      const worker = startWorker(import.meta.url, module, workerData)
+      worker.on('message', (reply: Reply<R>) => this.onReply(worker, reply))
       worker.on('error', (error) => this.fail(error))
       worker.on('exit', (code) => {
-        if (code !== 0 && !this.failure && !this.closing) this.fail(new UffdError('WORKER_EXIT', `compression worker exited with code ${code}`))
+        if (code !== 0 && !this.failure && !this.closing) this.fail(new UffdError('WORKER_EXIT', `${module} exited with code ${code}`))
       })
       this.workers.push(worker)
       this.idle.push(worker)
     }
   }
 
-  submit(job: ChunkJob): Promise<ChunkJobResult> {
+  submit(job: J): Promise<R> {
     if (this.failure) return Promise.reject(this.failure)
     return new Promise((resolve, reject) => {
       this.queue.push({job, resolve, reject})
@@ -40,7 +40,7 @@ export class CompressionPool {
 
   async close(): Promise<void> {
     this.closing = true
-    this.fail(new UffdError('INTERNAL', 'compression pool closed'))
+    this.fail(new UffdError('INTERNAL', 'worker pool closed'))
     await Promise.all(this.workers.map((w) => w.terminate()))
   }
 
@@ -53,7 +53,7 @@ export class CompressionPool {
     }
   }
 
-  private onReply(worker: Worker, reply: Reply): void {
+  private onReply(worker: Worker, reply: Reply<R>): void {
     const waiter = this.pending.get(worker)
     this.pending.delete(worker)
     this.idle.push(worker)
@@ -69,5 +69,13 @@ export class CompressionPool {
     for (const waiter of this.pending.values()) waiter.reject(error)
     for (const queued of this.queue.splice(0)) queued.reject(error)
     this.pending.clear()
+  }
+}
+
+/** Compression workers (compress-worker.ts). */
+export class CompressionPool extends WorkerPool<ChunkJob, ChunkJobResult> {
+  /** `sealing`: encrypt each chunk's stored bytes for its place (FileSealer.chunkSealing). */
+  constructor(size: number, codec: CompressionCodec, level: number, sealing?: ChunkSealing) {
+    super(size, 'compress-worker', {codec, level, sealing})
   }
 }

@@ -3,6 +3,8 @@ import {SnapshotFormatError} from '../format/errors.js'
 import {decodeFooter} from '../format/index-table.js'
 import {checkLayerLocation} from '../format/layer.js'
 import {checkPackedLocation} from '../format/packed-set.js'
+import {encodeDigestTable, PAGE_DIGEST_BYTES} from '../format/page-digest.js'
+import {readFileDigests} from './page-digests.js'
 import {learnedLocation} from './opened-seal.js'
 import {crc32} from '../sys/crc.js'
 import {type OutputSink} from './output-sink.js'
@@ -132,6 +134,11 @@ function layout(reader: SnapshotReader): Piece[] {
     // Bound to its place in a bound file, by its codec and decoded length (as readLearnedRuns checks it).
     const seed = reader.learnedSeed(learnedAt?.codec === 'zstd' ? Codec.Zstd : Codec.Raw, typeof learnedAt?.rawLength === 'number' ? learnedAt.rawLength : 0)
     pieces.push({offset: learned.offset, length: learned.length, structure: {part: 'learned runs', check: (b) => crc32(b, seed).toString(16).padStart(8, '0') === learnedCrc}})
+  }
+  const digests = readFileDigests(reader)
+  if (digests) {
+    const rows = digests.rows.length / PAGE_DIGEST_BYTES
+    pieces.push({offset: digests.offset, length: digests.length, structure: {part: 'page digest table', check: (b) => b.equals(encodeDigestTable(b.subarray(0, rows * PAGE_DIGEST_BYTES), crc32))}})
   }
   if (reader.seal) {
     // A sealed or signed file's unit digests and seal record, as the reader checked them at open.

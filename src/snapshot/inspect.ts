@@ -10,6 +10,7 @@ import {walkPackedPages} from './packed-pages.js'
 import {workingSetIdentity} from './attached-set.js'
 import {type OpenedSeal} from './opened-seal.js'
 import {attachedWorkingSet} from './relayout.js'
+import {DigestChecker, readFileDigests} from './page-digests.js'
 
 export interface SnapshotStats {
   file: string
@@ -213,6 +214,8 @@ export interface VerifyResult {
   blocksChecked: number
   /** A chain: every stored unit of every file decoded (also those no page of the image uses now). */
   unitsChecked?: number
+  /** Pages whose row in their file's page digest table was checked against the page (0: no file has a table). */
+  pageDigestsChecked: number
   errors: string[]
   against?: {file: string; mismatchedPages: number; firstMismatchOffset: number | null}
 }
@@ -236,10 +239,25 @@ export function verifySnapshot(reader: ImageReader, file: string, againstPath?: 
   }
   let chunksChecked = 0
   let bytesChecked = 0
+  const files = reader instanceof LayeredReader ? reader.files : [reader]
+  const checkers = files.map((f) => {
+    try {
+      const table = readFileDigests(f)
+      return table && new DigestChecker(f, table)
+    } catch (error) {
+      if (!(error instanceof UffdError)) throw error
+      errors.push(error.message)
+      return undefined
+    }
+  })
+  // One file: its rows are checked in the image pass, against the payload that pass decodes.
+  const single = reader instanceof LayeredReader ? undefined : checkers[0]
   try {
     for (let c = 0; c < geometry.chunkCount && errors.length < maxErrors; c++) {
       try {
         reader.readChunk(c, chunk)
+        // The rows of the chunk's data pages, against the pages just decoded.
+        if (single?.covers(c)) errors.push(...single.checkChunk(c, chunk).slice(0, maxErrors - errors.length))
       } catch (error) {
         // A refusal is a problem of the file, to list; anything else is a bug of ours, and
         // listing it would report a good file as damaged.
@@ -275,14 +293,14 @@ export function verifySnapshot(reader: ImageReader, file: string, againstPath?: 
     errors.push(`${against.mismatchedPages} pages differ from ${against.file}; first difference at byte ${against.firstMismatchOffset}`)
   }
   if (reader instanceof LayeredReader) {
-    const unitsChecked = verifyChainUnits(reader, errors, maxErrors)
+    const unitsChecked = verifyChainUnits(reader, checkers, errors, maxErrors)
     // A layer's packed working set holds pages of the resolved image, whichever file has them.
     const blocksChecked = errors.length < maxErrors ? verifyPacked(reader, errors, maxErrors) : 0
-    return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked, unitsChecked, errors, against}
+    return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked, unitsChecked, pageDigestsChecked: checkers.reduce((n, k) => n + (k?.checked ?? 0), 0), errors, against}
   }
   const blocksChecked = errors.length < maxErrors ? verifyPacked(reader, errors, maxErrors) : 0
   if (errors.length < maxErrors) verifyLearned(reader, errors)
-  return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked, errors, against}
+  return {file, ok: errors.length === 0, chunksChecked, bytesChecked, blocksChecked, pageDigestsChecked: single?.checked ?? 0, errors, against}
 }
 
 /** Checks the learned runs decode, and that the packed set is their majority (what --learn attached). */
@@ -308,14 +326,15 @@ function verifyLearned(reader: SnapshotReader, errors: string[]): void {
  * top's table uses, and a unit a later layer covered is still part of its file (a shorter chain
  * built on that file would serve it).
  */
-function verifyChainUnits(reader: LayeredReader, errors: string[], maxErrors: number): number {
+function verifyChainUnits(reader: LayeredReader, checkers: readonly (DigestChecker | undefined)[], errors: string[], maxErrors: number): number {
   let checked = 0
   const scratch = Buffer.alloc(Math.max(...reader.files.map((f) => f.geometry.chunkSize)))
-  for (const f of reader.files) {
+  for (const [i, f] of reader.files.entries()) {
     for (let unit = 0; unit < f.unitCount && errors.length < maxErrors; unit++) {
       try {
-        f.readPayload(unit, scratch)
+        const payload = f.readPayload(unit, scratch)
         checked++
+        if (checkers[i]?.covers(unit)) errors.push(...checkers[i]!.checkPayload(unit, payload).slice(0, maxErrors - errors.length))
       } catch (error) {
         if (!(error instanceof UffdError)) throw error
         errors.push(error.message)

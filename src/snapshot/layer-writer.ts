@@ -1,23 +1,27 @@
-import fs from 'node:fs'
 import {setImmediate as yieldToEventLoop} from 'node:timers/promises'
 import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
 import {BoundKind, placeSeed} from '../format/bind.js'
-import {FOOTER_SIZE, INCOMPAT_BOUND, INCOMPAT_LAYERED, SOURCE_ZERO} from '../format/constants.js'
+import {COMPAT_PAGE_DIGESTS, FOOTER_SIZE, INCOMPAT_BOUND, INCOMPAT_LAYERED, SOURCE_ZERO} from '../format/constants.js'
 import {encodeHeader} from '../format/header.js'
 import {baseRuns, composeRuns, encodeRunTable, type LayerParent, type LayerRun, MAX_LAYER_DEPTH} from '../format/layer.js'
 import {encodePackedTable, type PackedBlock} from '../format/packed-set.js'
+import {encodeDigestTable, expandDigestKey, PAGE_DIGEST_BYTES} from '../format/page-digest.js'
 import {ManifestPart, SEAL_RECORD_SIZE, UNIT_DIGEST_BYTES, unitDigest, UnitKind} from '../format/seal.js'
 import {ZeroMap} from '../format/zero-map.js'
-import {onFile} from '../sys/errors.js'
+import {crc32 as fastCrc32} from '../sys/crc.js'
 import {appendTail} from './atomic-file.js'
 import {type ReadSegment} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {type OutputSink} from './output-sink.js'
+import {resolvedDigests} from './page-digests.js'
 import {FileSealer, type SealingOptions} from './sealing.js'
+import {SegmentReader} from './segment-reader.js'
 import {type ImageInput} from './writer.js'
+import {type CompareJob, type CompareResult, CompareRunner} from './compare-job.js'
+import {WorkerPool} from './compression-pool.js'
 
 export interface LayerOptions {
   codec: CompressionCodec
@@ -31,7 +35,16 @@ export interface LayerOptions {
   signal?: AbortSignal
   /** Encrypt and/or sign the layer (docs/FORMAT.md, Sealed snapshots). */
   seal?: SealingOptions
+  /** Store the layer's own page digest table when its parent chain has digests [default: true]; never in a sealed layer. */
+  pageDigests?: boolean
+  /** Worker threads comparing by digest [default: 1]. */
+  jobs?: number
 }
+
+/** Chunks per compare job: enough to amortise messaging with the workers. */
+const COMPARE_JOB_CHUNKS = 32
+/** An input with at most this much data is compared on the writer's thread, without workers. */
+const IN_THREAD_BYTES = 64 * 1024 * 1024
 
 /** The snapshot a layer is written over: its reader, how it prints, and the file name the layer records for it. */
 export interface LayerParentInput {
@@ -58,6 +71,10 @@ export interface LayerSummary {
   storedBytes: number
   /** Pages of the image (diff: the diff file's data pages) compared with the parent. */
   comparedPages: number
+  /** How pages were compared: by the chain's page digests, or by decoding the parent. */
+  compared: 'digests' | 'decoded'
+  /** Bytes of the layer's own page digest table (0: it has none). */
+  pageDigestBytes: number
   seconds: number
 }
 
@@ -84,6 +101,10 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   const parentRuns = parent instanceof LayeredReader ? parent.runs : baseRuns(parent.zeroMap)
   const self = ancestors.length
 
+  // With a digest for every page of the parent chain, pages are compared by digest and the parent
+  // is never decoded (docs/FORMAT.md, Page digests); the layer then stores its own pages' digests
+  // too, under the chain's key. A sealed layer stores none (its digests would be in the clear).
+  const parentDigests = resolvedDigests(parent)
   const compressor = new ChunkCompressor(options.codec, options.level)
   const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.LayerBlock])
   const reader = new SegmentReader()
@@ -93,22 +114,33 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   const stored: Buffer[] = []
   let storedBytes = 0
   let dataAt = 0
-  let pending: Buffer[] = []
+  // The block being filled: its pages' bytes copied in place (a GiB image compares 262144 pages:
+  // a buffer per page kept the collector busy).
+  const pending = Buffer.alloc(geometry.chunkSize)
   let pendingPages: number[] = []
+  const addPage = (page: number, from: Buffer, at: number): void => {
+    from.copy(pending, pendingPages.length * pageSize, at, at + pageSize)
+    pendingPages.push(page)
+    if (pendingPages.length === geometry.pagesPerChunk) flush()
+  }
   const flush = (): void => {
-    if (pending.length === 0) return
-    const payload = Buffer.concat(pending)
+    if (pendingPages.length === 0) return
+    const payload = pending.subarray(0, pendingPages.length * pageSize)
     const c = compressor.compress(payload)
     // The compressor reuses its output buffer: keep a copy (sealing makes one).
-    const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length, unit: blocks.length}, c.stored) : Buffer.from(c.stored)
+    const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length, unit: blocks.length}, c.stored) : copyOf(c.stored)
     blocks.push({dataOffset: dataAt, storedLength: bytes.length, payloadLength: payload.length, storedCrc: crc32(bytes, placeSeed({kind: BoundKind.LayerBlock, number: blocks.length, pages: pendingPages, codec: c.codec, payloadLength: payload.length})), codec: c.codec, flags: 0, listStart: changed.length - pendingPages.length, pageCount: pendingPages.length})
     stored.push(bytes)
     dataAt += bytes.length
     storedBytes += bytes.length
-    pending = []
     pendingPages = []
   }
 
+  const digestKey = parentDigests && expandDigestKey(parentDigests.info.key)
+  const ownDigests = parentDigests !== undefined && !sealer && options.pageDigests !== false
+  // The layer's own rows, in page-list order: at most one per page.
+  const ownRows = Buffer.alloc(ownDigests ? geometry.pageCount * PAGE_DIGEST_BYTES : 0)
+  const noneUnchanged = new Uint8Array(geometry.pagesPerChunk)
   const zeroPage = Buffer.alloc(pageSize)
   const olderBuffer = Buffer.alloc(geometry.chunkSize)
   const newer = Buffer.alloc(geometry.chunkSize)
@@ -117,55 +149,132 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
   // A parent in object storage streams in with the fetcher's concurrency, not one round trip
   // per chunk compared (a diff compares only the chunks it has data in).
   const segmentsOf = (c: number): ReadSegment[] => input.segments(geometry.chunkStart(c), Math.min(input.logicalSize, geometry.chunkStart(c) + geometry.pagesInChunk(c) * pageSize))
-  if (parent.remote) parent.fetchAhead(Array.from({length: geometry.chunkCount}, (_, c) => c).filter((c) => !options.diff || segmentsOf(c).length > 0))
-  try {
-    for (let c = 0; c < geometry.chunkCount; c++) {
-      if (c % 16 === 0) {
-        // Comparing and compressing run on this thread: let a signal in between chunks.
-        await yieldToEventLoop()
-        options.signal?.throwIfAborted()
-      }
-      const first = geometry.firstPageOfChunk(c)
-      const pages = geometry.pagesInChunk(c)
-      const start = geometry.chunkStart(c)
-      const end = Math.min(input.logicalSize, start + pages * pageSize)
-      const segments = segmentsOf(c)
-      // A diff's holes are unchanged pages: a chunk without data is its parent's.
-      if (options.diff && segments.length === 0) continue
-      const present = reader.read(segments, start, newer.subarray(0, pages * pageSize), pageSize)
-      // Pages the input says are unchanged (not in it): the parent's, like a diff's holes.
-      const unchanged = new Uint8Array(pages)
-      for (const r of input.unchanged?.(start, end) ?? []) unchanged.fill(1, Math.floor((r.start - start) / pageSize), Math.ceil((r.end - start) / pageSize))
-      // Pages are compared with the parent chunk's payload (its data pages, in order), decoded
-      // only once a compared page is a data page of the parent: a zero page is compared with
-      // zeros, so a diff whose pages were all zero in the parent decodes nothing.
-      let older: Buffer | undefined
-      for (let i = 0, position = 0; i < pages; i++) {
-        const page = first + i
-        const parentZero = parent.zeroMap.isZero(page)
-        const olderAt = position * pageSize
-        if (!parentZero) position++
-        if ((options.diff && !present[i]) || unchanged[i]) continue
-        compared++
-        const at = i * pageSize
-        const isZero = (): boolean => zeroPage.compare(newer, at, at + pageSize) === 0
-        if (parentZero ? isZero() : newer.compare((older ??= parent.readPayload(c, olderBuffer)), olderAt, olderAt + pageSize, at, at + pageSize) === 0) continue
-        if (!parentZero && isZero()) {
-          overrides.push({firstPage: page, pageCount: 1, source: SOURCE_ZERO})
+  if (parent.remote && !parentDigests) parent.fetchAhead(Array.from({length: geometry.chunkCount}, (_, c) => c).filter((c) => !options.diff || segmentsOf(c).length > 0))
+  const unchangedOf = (start: number, end: number, pages: number): Uint8Array | undefined => {
+    const ranges = input.unchanged?.(start, end) ?? []
+    if (ranges.length === 0) return undefined
+    const out = new Uint8Array(pages)
+    for (const r of ranges) out.fill(1, Math.floor((r.start - start) / pageSize), Math.ceil((r.end - start) / pageSize))
+    return out
+  }
+  if (digestKey) {
+    // Read and compared by workers, a job of chunks at a time; results are taken in image order.
+    // An input with little data (a diff, mostly) is compared on this thread: starting workers
+    // would cost more than reading it.
+    const dataBytes = input.segments(0, input.logicalSize).reduce((n, s) => n + s.length, 0)
+    const jobs = dataBytes <= IN_THREAD_BYTES ? 0 : Math.max(1, options.jobs ?? 1)
+    const pool = jobs > 0 ? new WorkerPool<CompareJob, CompareResult>(jobs, 'compare-worker', {key: digestKey}) : new CompareRunner(digestKey)
+    const inflight: {result: Promise<CompareResult>; firstPage: number; end: number}[] = []
+    const take = async (): Promise<void> => {
+      const {result, firstPage, end} = inflight.shift()!
+      const r = await result
+      compared += r.compared
+      const bytes = Buffer.from(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength)
+      // Zeroed and changed pages interleave: overrides go in page order.
+      for (let a = 0, b = 0; a < r.changed.length || b < r.zeroed.length; ) {
+        if (b >= r.zeroed.length || (a < r.changed.length && r.changed[a] < r.zeroed[b])) {
+          const page = firstPage + r.changed[a]
+          overrides.push({firstPage: page, pageCount: 1, source: self})
+          if (ownDigests) ownRows.set(r.digests.subarray(a * PAGE_DIGEST_BYTES, (a + 1) * PAGE_DIGEST_BYTES), changed.length * PAGE_DIGEST_BYTES)
+          changed.push(page)
+          addPage(page, bytes, a * pageSize)
+          a++
+        } else {
+          overrides.push({firstPage: firstPage + r.zeroed[b], pageCount: 1, source: SOURCE_ZERO})
           zeroed++
-          continue
+          b++
         }
-        overrides.push({firstPage: page, pageCount: 1, source: self})
-        changed.push(page)
-        pendingPages.push(page)
-        pending.push(Buffer.from(newer.subarray(at, at + pageSize)))
-        if (pendingPages.length === geometry.pagesPerChunk) flush()
       }
-      options.onProgress?.(Math.min(input.logicalSize, start + pages * pageSize), input.logicalSize)
+      options.onProgress?.(end, input.logicalSize)
     }
-    flush()
-  } finally {
-    reader.close()
+    try {
+      for (let c = 0, id = 0; c < geometry.chunkCount; c += COMPARE_JOB_CHUNKS, id++) {
+        options.signal?.throwIfAborted()
+        const count = Math.min(COMPARE_JOB_CHUNKS, geometry.chunkCount - c)
+        const firstPage = geometry.firstPageOfChunk(c)
+        let pages = 0
+        for (let k = 0; k < count; k++) pages += geometry.pagesInChunk(c + k)
+        const start = geometry.chunkStart(c)
+        const end = Math.min(input.logicalSize, start + pages * pageSize)
+        const segments = input.segments(start, end)
+        // A diff's holes are unchanged pages: a job without data is its parent's.
+        if (options.diff && segments.length === 0) continue
+        const job: CompareJob = {
+          id,
+          firstPage,
+          pages,
+          pageSize,
+          start,
+          segments,
+          diff: options.diff,
+          unchanged: unchangedOf(start, end, pages),
+          parentZero: parent.zeroMap.bytes.slice(firstPage >>> 3, (firstPage + pages + 7) >>> 3),
+          // A copy: a view would post its whole buffer (every page's rows) with each job.
+          parentRows: new Uint8Array(parentDigests!.rows.subarray(firstPage * PAGE_DIGEST_BYTES, (firstPage + pages) * PAGE_DIGEST_BYTES)),
+        }
+        const result = pool instanceof CompareRunner ? Promise.resolve(pool.run(job)) : pool.submit(job)
+        // Marked handled now: awaited (and its error raised) in order, or abandoned after an earlier failure.
+        result.catch(() => {})
+        inflight.push({result, firstPage, end})
+        while (inflight.length > jobs * 4) {
+          await take()
+          // In-thread jobs run here: let a signal in between them.
+          if (jobs === 0) await yieldToEventLoop()
+        }
+      }
+      while (inflight.length > 0) await take()
+      flush()
+    } finally {
+      if (pool instanceof CompareRunner) pool.close()
+      else await pool.close()
+    }
+  } else {
+    try {
+      for (let c = 0; c < geometry.chunkCount; c++) {
+        if (c % 16 === 0) {
+          // Comparing and compressing run on this thread: let a signal in between chunks.
+          await yieldToEventLoop()
+          options.signal?.throwIfAborted()
+        }
+        const first = geometry.firstPageOfChunk(c)
+        const pages = geometry.pagesInChunk(c)
+        const start = geometry.chunkStart(c)
+        const end = Math.min(input.logicalSize, start + pages * pageSize)
+        const segments = segmentsOf(c)
+        // A diff's holes are unchanged pages: a chunk without data is its parent's.
+        if (options.diff && segments.length === 0) continue
+        const present = reader.read(segments, start, newer.subarray(0, pages * pageSize), pageSize, options.diff)
+        // Pages the input says are unchanged (not in it): the parent's, like a diff's holes.
+        const unchanged = unchangedOf(start, end, pages) ?? noneUnchanged
+        // Pages are compared with the parent chunk's payload (its data pages, in order), decoded
+        // only once a compared page is a data page of the parent: a zero page is compared with
+        // zeros, so a diff whose pages were all zero in the parent decodes nothing.
+        let older: Buffer | undefined
+        for (let i = 0, position = 0; i < pages; i++) {
+          const page = first + i
+          const parentZero = parent.zeroMap.isZero(page)
+          const olderAt = position * pageSize
+          if (!parentZero) position++
+          if ((options.diff && !present[i]) || unchanged[i]) continue
+          compared++
+          const at = i * pageSize
+          const isZero = (): boolean => zeroPage.compare(newer, at, at + pageSize) === 0
+          if (parentZero ? isZero() : newer.compare((older ??= parent.readPayload(c, olderBuffer)), olderAt, olderAt + pageSize, at, at + pageSize) === 0) continue
+          if (!parentZero && isZero()) {
+            overrides.push({firstPage: page, pageCount: 1, source: SOURCE_ZERO})
+            zeroed++
+            continue
+          }
+          overrides.push({firstPage: page, pageCount: 1, source: self})
+          changed.push(page)
+          addPage(page, newer, at)
+        }
+        options.onProgress?.(Math.min(input.logicalSize, start + pages * pageSize), input.logicalSize)
+      }
+      flush()
+    } finally {
+      reader.close()
+    }
   }
 
   const runs = composeRuns(parentRuns, overrides)
@@ -175,6 +284,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
 
   // The header names where the tables lie, after the blocks' bytes; its own size depends on those
   // numbers' digits, so it is encoded until its size stops changing (numbers only grow: twice or three times).
+  const digestTable = ownDigests ? encodeDigestTable(ownRows.subarray(0, changed.length * PAGE_DIGEST_BYTES), fastCrc32) : undefined
   let headerSize = 0
   let header: Buffer
   let blockTable: Buffer
@@ -185,7 +295,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     const runsAt = blocksAt + blockTable.length
     header = encodeHeader({
       incompatFeatures: INCOMPAT_LAYERED | INCOMPAT_BOUND | (sealer?.incompatFeatures ?? 0n),
-      compatFeatures: sealer?.compatFeatures ?? 0n,
+      compatFeatures: (sealer?.compatFeatures ?? 0n) | (digestTable ? COMPAT_PAGE_DIGESTS : 0n),
       pageSize,
       chunkSize: geometry.chunkSize,
       logicalSize: geometry.logicalSize,
@@ -195,6 +305,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
         codec: options.codec,
         level: options.level,
         ...(options.diff ? {diff: true} : {}),
+        ...(digestTable ? {pageDigests: parentDigests!.info} : {}),
         layer: {
           runs: {offset: runsAt, length: runTable.length, crc: hex8(runTable), count: runs.length},
           blocks: {offset: blocksAt, length: blockTable.length, crc: hex8(blockTable), blocks: blocks.length, pages: changed.length},
@@ -207,7 +318,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     headerSize = header.length
   }
 
-  const file = open(header.length + storedBytes + blockTable.length + runTable.length + zeroMap.bytes.length + (sealer ? SEAL_RECORD_SIZE + blocks.length * UNIT_DIGEST_BYTES : 0) + FOOTER_SIZE)
+  const file = open(header.length + storedBytes + blockTable.length + runTable.length + (digestTable?.length ?? 0) + zeroMap.bytes.length + (sealer ? SEAL_RECORD_SIZE + blocks.length * UNIT_DIGEST_BYTES : 0) + FOOTER_SIZE)
   try {
     file.append(header)
     for (const bytes of stored) {
@@ -217,6 +328,8 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     }
     file.append(blockTable)
     file.append(runTable)
+    // Right before the (empty) index, where a reader looks for it.
+    if (digestTable) file.append(digestTable)
     const seal = sealer && {
       sealer,
       parts: [
@@ -244,6 +357,8 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
       blocks: blocks.length,
       storedBytes,
       comparedPages: compared,
+      compared: digestKey ? 'digests' : 'decoded',
+      pageDigestBytes: digestTable?.length ?? 0,
       seconds: (performance.now() - started) / 1000,
     }
   } finally {
@@ -271,37 +386,12 @@ function checkUnchangedPlacement(input: ImageInput, parent: ImageReader, parentP
   if (k >= 0 || ours.length !== theirs.length) fail(k >= 0 ? `region ${k} (task ${ours[k].owner}, 0x${ours[k].address.toString(16)}, ${ours[k].size} bytes) is not laid out alike in it` : `it has ${theirs.length} regions, the dump ${ours.length}`)
 }
 
-function hex8(bytes: Buffer): string {
-  return crc32(bytes).toString(16).padStart(8, '0')
+function copyOf(bytes: Buffer): Buffer {
+  const out = Buffer.allocUnsafe(bytes.length)
+  bytes.copy(out)
+  return out
 }
 
-/** Reads an image range from its segments, on this thread (a layer's writer compares as it reads). */
-class SegmentReader {
-  private readonly fds = new Map<string, number>()
-
-  /**
-   * Fills `dst` (image bytes from `start`) from `segments`, zeros elsewhere; returns which pages
-   * of it any segment touched (a diff's data pages).
-   */
-  read(segments: readonly ReadSegment[], start: number, dst: Buffer, pageSize: number): Uint8Array {
-    dst.fill(0)
-    const present = new Uint8Array(dst.length / pageSize)
-    for (const s of segments) {
-      let fd = this.fds.get(s.path)
-      if (fd === undefined) this.fds.set(s.path, (fd = onFile(s.path, 'opening', () => fs.openSync(s.path, 'r'))))
-      const at = s.imageOffset - start
-      for (let done = 0; done < s.length; ) {
-        const n = onFile(s.path, 'reading', () => fs.readSync(fd, dst, at + done, s.length - done, s.position + done))
-        if (n === 0) throw new UffdError('TRUNCATED', `${s.path}: ended at ${s.position + done}, expected ${s.length - done} more bytes`)
-        done += n
-      }
-      present.fill(1, Math.floor(at / pageSize), Math.ceil((at + s.length) / pageSize))
-    }
-    return present
-  }
-
-  close(): void {
-    for (const fd of this.fds.values()) fs.closeSync(fd)
-    this.fds.clear()
-  }
+function hex8(bytes: Buffer): string {
+  return crc32(bytes).toString(16).padStart(8, '0')
 }

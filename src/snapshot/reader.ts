@@ -1,7 +1,7 @@
 import {createHash} from 'node:crypto'
 
 import {BoundKind, type BoundPlace, learnedPlace, placeSeed} from '../format/bind.js'
-import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_BOUND, INCOMPAT_ENCRYPTED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
+import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_PAGE_DIGESTS, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_BOUND, INCOMPAT_ENCRYPTED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
@@ -9,6 +9,7 @@ import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} 
 import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, layerIdentity, layerPagesProblem} from '../format/layer.js'
 import {memoryDigest} from '../format/learned-runs.js'
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
+import {digestTableLocation} from '../format/page-digest.js'
 import {checkSealMetadata, ManifestPart, SEAL_RECORD_SIZE, TAG_BYTES, UnitKind, type UnitPlace} from '../format/seal.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {crc32} from '../sys/crc.js'
@@ -70,6 +71,11 @@ export class SnapshotReader {
     readonly layout: string,
     /** How the file is sealed, and what this reader can check and decrypt of it. */
     readonly seal: OpenedSeal | undefined,
+    /**
+     * Where the page digest table lies (compat bit 3), with its bytes when they were read at open,
+     * or why it could not be located; undefined without a table.
+     */
+    private readonly digestTable: {offset: number; length: number; bytes?: Buffer} | {problem: string} | undefined = undefined,
   ) {
     this.geometry = new Geometry(header.pageSize, header.chunkSize, header.logicalSize)
     // A layer's own blocks first, then the packed working set's (docs/FORMAT.md, Layers).
@@ -176,6 +182,19 @@ export class SnapshotReader {
       manifest.push({part: ManifestPart.LayerBlockTable, bytes: blockTable}, {part: ManifestPart.LayerRunTable, bytes: runTable})
       layer = {parents: location.parents, runs, set}
     }
+    // A local file's table is read when asked (serving never asks); any other source's now, with
+    // the structures: a remote file's reader reads only what its probe read at open.
+    let digestTable: {offset: number; length: number; bytes?: Buffer} | {problem: string} | undefined
+    if ((header.compatFeatures & COMPAT_PAGE_DIGESTS) !== 0n) {
+      const rows = layer ? layer.set.pages.length : geometry.pageCount - zeroMap.countZero(0, geometry.pageCount)
+      const at = digestTableLocation(rows, Math.min(footer.indexOffset, footer.zeroMapOffset), headerSize)
+      if (typeof at === 'string') {
+        digestTable = {problem: at}
+      } else {
+        digestTable = at
+        if (!(source instanceof FileByteSource)) source.readAt((digestTable.bytes = Buffer.alloc(at.length)), at.offset)
+      }
+    }
     let seal: OpenedSeal | undefined
     if (!sealInfo && keys.verifyKeys.length > 0) throw new SnapshotFormatError('SIGNATURE_INVALID', 'signature', 'the file is not signed, and --verify-key requires a signature')
     // A key given means the snapshot is expected sealed: a file written over it unencrypted (by
@@ -185,7 +204,15 @@ export class SnapshotReader {
       const unitCount = index.length + (layer?.set.blocks.length ?? 0) + (packed?.blocks.length ?? 0)
       seal = openSeal(source, sealInfo, {manifest, unitCount, structuresEnd: Math.max(footer.indexOffset + indexBytes.length, footer.zeroMapOffset + zeroMapBytes.length), learned: learnedLocation(header.metadata, headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))}, keys, locked)
     }
-    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal)
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal, digestTable)
+  }
+
+  /** The page digest table's bytes, unchecked (page-digests.ts checks them), or why it could not be located; undefined without a table. */
+  pageDigestTable(): {offset: number; bytes: Buffer} | {problem: string} | undefined {
+    const table = this.digestTable
+    if (!table || 'problem' in table) return table
+    if (!table.bytes) this.source.readAt((table.bytes = Buffer.alloc(table.length)), table.offset)
+    return {offset: table.offset, bytes: table.bytes}
   }
 
   get fileSize(): number {

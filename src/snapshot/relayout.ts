@@ -3,7 +3,8 @@ import {crc32} from 'node:zlib'
 import {UffdError} from '../core/errors.js'
 import {formatBytes} from '../core/units.js'
 import {BoundKind, learnedPlace, placeSeed} from '../format/bind.js'
-import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_SIGNED, COMPAT_WORKING_SET, INCOMPAT_BOUND, INCOMPAT_ENCRYPTED} from '../format/constants.js'
+import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_PAGE_DIGESTS, COMPAT_SIGNED, COMPAT_WORKING_SET, INCOMPAT_BOUND, INCOMPAT_ENCRYPTED} from '../format/constants.js'
+import {encodeDigestTable} from '../format/page-digest.js'
 import {encodeRunTable} from '../format/layer.js'
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
@@ -18,6 +19,7 @@ import {packedPageSteps} from './packed-pages.js'
 import {ReadAhead} from './read-ahead.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
 import {SnapshotReader} from './reader.js'
+import {readFileDigests} from './page-digests.js'
 import {FileSealer, type SealingOptions} from './sealing.js'
 import {type AttachedWorkingSet, type LearnedRunsLocation} from './attached-set.js'
 
@@ -208,6 +210,8 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   if (packing) yield {kind: 'all', units: chunks}
   const packed = packing ? yield* packBlocks(reader, pages, options, sealer, index.length, bound) : undefined
   const learned = set.learned ? storedLearnedRuns(reader, set.learned, sealer, bound) : undefined
+  // The page digest table is carried, checked, unless the result is sealed (it would be in the clear).
+  const digestTable = sealer ? undefined : carriedDigestTable(reader)
   // The header records where the packed table lies, which depends on the header's own size:
   // encode until the size is stable. The CRC is fixed-width hex and a larger header only adds
   // digits to the offset, so this settles in two or three rounds.
@@ -223,15 +227,15 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
     const workingSet: AttachedWorkingSet = {chunks, pages: pages.length, runs: set.runs}
     if (packed) workingSet.packed = {offset: at, length: table.length, crc: hex8(table), blocks: blocks.length, pages: packed.list.length, codec: options.codec}
     if (learned) workingSet.learned = {...learned.location, offset: at + table.length}
-    const {seal: _oldSeal, ...metadata} = header.metadata
+    const {seal: _oldSeal, pageDigests: _digests, ...metadata} = header.metadata
     encoded = encodeHeader({
       incompatFeatures: (header.incompatFeatures & ~INCOMPAT_ENCRYPTED) | (sealer?.incompatFeatures ?? 0n),
-      compatFeatures: (header.compatFeatures & ~(COMPAT_PACKED_WORKING_SET | COMPAT_SIGNED)) | COMPAT_WORKING_SET | (packed ? COMPAT_PACKED_WORKING_SET : 0n) | (sealer?.compatFeatures ?? 0n),
+      compatFeatures: (header.compatFeatures & ~(COMPAT_PACKED_WORKING_SET | COMPAT_SIGNED | COMPAT_PAGE_DIGESTS)) | COMPAT_WORKING_SET | (packed ? COMPAT_PACKED_WORKING_SET : 0n) | (digestTable ? COMPAT_PAGE_DIGESTS : 0n) | (sealer?.compatFeatures ?? 0n),
       pageSize: header.pageSize,
       chunkSize: header.chunkSize,
       logicalSize: header.logicalSize,
       regions: header.regions,
-      metadata: {...metadata, workingSet, ...(sealer ? {seal: sealer.metadata} : {})},
+      metadata: {...metadata, workingSet, ...(digestTable ? {pageDigests: header.metadata.pageDigests} : {}), ...(sealer ? {seal: sealer.metadata} : {})},
     })
     if (encoded.length === headerSize) break
   }
@@ -266,6 +270,8 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   }
   if (digests) for (const [b, bytes] of (packed?.stored ?? []).entries()) if (bytes.length > 0) unitDigest(bytes).copy(digests, (index.length + b) * UNIT_DIGEST_BYTES)
   const parts = [...(packed ? [{part: ManifestPart.PackedTable, bytes: table}] : []), ...(learned ? [{part: ManifestPart.LearnedRuns, bytes: learned.stored}] : [])]
+  // Right before the index, where a reader looks for it.
+  if (digestTable) out.append(digestTable)
   appendTail(out, entries, reader.zeroMap, encoded, sealer ? {sealer, parts, unitDigests: digests, blocks: blocks.length} : undefined)
   return {fileSize: out.size, chunksFirst: chunks.length, packedBlocks: blocks.length, packedBytes: (packed?.stored ?? []).reduce((n, b) => n + b.length, 0)}
 }
@@ -294,6 +300,7 @@ function* relayoutLayer(chain: LayeredReader, out: OutputSink, set: SetToAttach,
   // The layer's blocks keep their numbers and first pages: their CRCs hold, bound or not.
   const packed = pages.length > 0 ? yield* packBlocks(chain, pages, options, sealer, layer.set.blocks.length, (header.incompatFeatures & INCOMPAT_BOUND) !== 0n) : undefined
   const runTable = encodeRunTable(layer.runs)
+  const digestTable = sealer ? undefined : carriedDigestTable(top)
   const ownUnits = layer.set.blocks.map((_, b) => b)
   const ownStored = layer.set.blocks.reduce((n, b) => n + (b.codec === Codec.None ? 0 : b.storedLength), 0)
   let encoded: Buffer = Buffer.alloc(0)
@@ -320,7 +327,7 @@ function* relayoutLayer(chain: LayeredReader, out: OutputSink, set: SetToAttach,
     const meta = header.metadata.layer as Record<string, unknown>
     encoded = encodeHeader({
       incompatFeatures: (header.incompatFeatures & ~INCOMPAT_ENCRYPTED) | (sealer?.incompatFeatures ?? 0n),
-      compatFeatures: (header.compatFeatures & ~(COMPAT_PACKED_WORKING_SET | COMPAT_WORKING_SET | COMPAT_SIGNED)) | (packed ? COMPAT_WORKING_SET | COMPAT_PACKED_WORKING_SET : 0n) | (sealer?.compatFeatures ?? 0n),
+      compatFeatures: (header.compatFeatures & ~(COMPAT_PACKED_WORKING_SET | COMPAT_WORKING_SET | COMPAT_SIGNED | COMPAT_PAGE_DIGESTS)) | (packed ? COMPAT_WORKING_SET | COMPAT_PACKED_WORKING_SET : 0n) | (digestTable ? COMPAT_PAGE_DIGESTS : 0n) | (sealer?.compatFeatures ?? 0n),
       pageSize: header.pageSize,
       chunkSize: header.chunkSize,
       logicalSize: header.logicalSize,
@@ -328,6 +335,7 @@ function* relayoutLayer(chain: LayeredReader, out: OutputSink, set: SetToAttach,
       metadata: {
         ...header.metadata,
         ...(packed ? {workingSet} : {workingSet: undefined}),
+        pageDigests: digestTable ? header.metadata.pageDigests : undefined,
         layer: {
           ...meta,
           runs: {offset: runsAt, length: runTable.length, crc: hex8(runTable), count: layer.runs.length},
@@ -361,6 +369,7 @@ function* relayoutLayer(chain: LayeredReader, out: OutputSink, set: SetToAttach,
   if (digests) for (const [b, bytes] of (packed?.stored ?? []).entries()) if (bytes.length > 0) unitDigest(bytes).copy(digests, (ownCount + b) * UNIT_DIGEST_BYTES)
   out.append(blockTable)
   out.append(runTable)
+  if (digestTable) out.append(digestTable)
   const parts = [...(packed ? [{part: ManifestPart.PackedTable, bytes: packedTable}] : []), {part: ManifestPart.LayerBlockTable, bytes: blockTable}, {part: ManifestPart.LayerRunTable, bytes: runTable}]
   appendTail(out, [], top.zeroMap, encoded, sealer ? {sealer, parts, unitDigests: digests, blocks: ownCount + packedBlocks.length} : undefined)
   return {fileSize: out.size, chunksFirst: 0, packedBlocks: packedBlocks.length, packedBytes: (packed?.stored ?? []).reduce((n, b) => n + b.length, 0)}
@@ -375,6 +384,15 @@ function placePacked(packed: {blocks: Omit<PackedBlock, 'dataOffset'>[]; stored:
     return {...b, dataOffset}
   })
   return {blocks, table: encodePackedTable({blocks, pages: packed.list}), tableAt: at}
+}
+
+/**
+ * A file's page digest table to copy into its rewrite (its rows stay valid: they follow its pages,
+ * not where they are stored), checked first; undefined when it has none.
+ */
+function carriedDigestTable(file: SnapshotReader): Buffer | undefined {
+  const table = readFileDigests(file)
+  return table && encodeDigestTable(table.rows, crc32)
 }
 
 function hex8(bytes: Buffer): string {

@@ -1,7 +1,8 @@
 import {setImmediate as yieldToEventLoop} from 'node:timers/promises'
 
 import {BoundKind, placeSeed} from '../format/bind.js'
-import {Codec, INCOMPAT_BOUND, SOURCE_ZERO} from '../format/constants.js'
+import {Codec, COMPAT_PAGE_DIGESTS, INCOMPAT_BOUND, SOURCE_ZERO} from '../format/constants.js'
+import {encodeDigestTable, PAGE_DIGEST_BYTES} from '../format/page-digest.js'
 import {findRun} from '../format/layer.js'
 import {encodeHeader} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
@@ -12,6 +13,7 @@ import {AtomicFile, appendTail} from './atomic-file.js'
 import {encodeChunk} from './chunk-job.js'
 import {ChunkCompressor, type CompressionCodec} from './codecs.js'
 import {type LayeredReader} from './layered-reader.js'
+import {resolvedDigests} from './page-digests.js'
 import {FileSealer, type SealingOptions} from './sealing.js'
 
 export interface SquashSummary {
@@ -38,22 +40,25 @@ export async function squashChain(reader: LayeredReader, output: string, options
   const base = reader.files[0]
   const {pageSize} = geometry
   const sameChunks = base.geometry.chunkSize === geometry.chunkSize
-  const {layer: _layer, seal: _seal, ...metadata} = reader.header.metadata
+  const {layer: _layer, seal: _seal, pageDigests: _digests, ...metadata} = reader.header.metadata
   // A new file: its units are sealed anew, under a salt of its own.
   const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.Chunk])
+  // The chain's digests, each from the file holding its page, are the squashed file's: nothing
+  // to hash. A sealed output stores none (docs/FORMAT.md, Page digests).
+  const digests = sealer ? undefined : resolvedDigests(reader)
   const header = encodeHeader({
     incompatFeatures: INCOMPAT_BOUND | (sealer?.incompatFeatures ?? 0n),
-    compatFeatures: sealer?.compatFeatures ?? 0n,
+    compatFeatures: (sealer?.compatFeatures ?? 0n) | (digests ? COMPAT_PAGE_DIGESTS : 0n),
     pageSize,
     chunkSize: geometry.chunkSize,
     logicalSize: geometry.logicalSize,
     regions: reader.header.regions,
-    metadata: {...metadata, codec: options.codec, level: options.level, squashedFrom: reader.paths.map((p, k) => ({name: p, id: reader.files[k].identity})), ...(sealer ? {seal: sealer.metadata} : {})},
+    metadata: {...metadata, codec: options.codec, level: options.level, squashedFrom: reader.paths.map((p, k) => ({name: p, id: reader.files[k].identity})), ...(digests ? {pageDigests: digests.info} : {}), ...(sealer ? {seal: sealer.metadata} : {})},
   })
-  const digests = sealer?.signed ? Buffer.alloc(geometry.chunkCount * UNIT_DIGEST_BYTES) : undefined
+  const unitDigests = sealer?.signed ? Buffer.alloc(geometry.chunkCount * UNIT_DIGEST_BYTES) : undefined
   const place = (c: number, codec: Codec, payloadLength: number, plain: Buffer): ChunkEntry => {
     const stored = sealer ? sealer.seal({kind: UnitKind.Chunk, number: c, codec, payloadLength, unit: c}, plain) : plain
-    if (digests) unitDigest(stored).copy(digests, c * UNIT_DIGEST_BYTES)
+    if (unitDigests) unitDigest(stored).copy(unitDigests, c * UNIT_DIGEST_BYTES)
     return {dataOffset: file.append(stored), storedLength: stored.length, payloadLength, storedCrc: crc32(stored, placeSeed({kind: BoundKind.Chunk, number: c, codec, payloadLength})), codec, flags: 0, ...(sealer?.encrypted ? {sealedAs: c} : {})}
   }
   const compressor = new ChunkCompressor(options.codec, options.level)
@@ -94,7 +99,13 @@ export async function squashChain(reader: LayeredReader, output: string, options
       }
       options.onProgress?.(geometry.chunkStart(c) + geometry.chunkLogicalLength(c), geometry.logicalSize)
     }
-    appendTail(file, entries, zeroMap, header, sealer ? {sealer, parts: [], unitDigests: digests, blocks: 0} : undefined)
+    if (digests) {
+      // A base's rows: its non-zero pages', in page order, right before the index.
+      const rows = Buffer.alloc((geometry.pageCount - zeroMap.countZero(0, geometry.pageCount)) * PAGE_DIGEST_BYTES)
+      for (let p = 0, row = 0; p < geometry.pageCount; p++) if (!zeroMap.isZero(p)) digests.rows.copy(rows, row++ * PAGE_DIGEST_BYTES, p * PAGE_DIGEST_BYTES, (p + 1) * PAGE_DIGEST_BYTES)
+      file.append(encodeDigestTable(rows, crc32))
+    }
+    appendTail(file, entries, zeroMap, header, sealer ? {sealer, parts: [], unitDigests, blocks: 0} : undefined)
     options.signal?.throwIfAborted()
     file.commit()
     return {path: output, logicalSize: geometry.logicalSize, fileSize: file.size, chunkCount: geometry.chunkCount, copiedChunks: copied, encodedChunks: encoded, seconds: (performance.now() - started) / 1000}

@@ -1,11 +1,13 @@
 
 import {UffdError} from '../core/errors.js'
 import {BoundKind, unitCrc} from '../format/bind.js'
-import {CHUNK_FLAG_SHARED, Codec, INCOMPAT_BOUND} from '../format/constants.js'
+import {CHUNK_FLAG_SHARED, Codec, COMPAT_PAGE_DIGESTS, INCOMPAT_BOUND} from '../format/constants.js'
 import {Geometry} from '../format/geometry.js'
 import {encodeHeader, type Region, type SnapshotMetadata} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
+import {DIGEST_PAGE_SIZE, encodeDigestTable, expandDigestKey, newDigestInfo} from '../format/page-digest.js'
 import {UNIT_DIGEST_BYTES, UnitKind} from '../format/seal.js'
+import {crc32} from '../sys/crc.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {AtomicFile, appendTail} from './atomic-file.js'
 import {type ChunkJob, type ChunkJobResult, type EncodedChunk, type ReadSegment} from './chunk-job.js'
@@ -45,6 +47,12 @@ export interface WriteOptions {
   name?: string
   /** Encrypt and/or sign the snapshot (docs/FORMAT.md, Sealed snapshots). */
   seal?: SealingOptions
+  /**
+   * Store a page digest table (docs/FORMAT.md, Page digests) [default: true]. Only for 4 KiB
+   * pages, and never in a sealed file (digests in the clear would let anyone holding it test
+   * guesses of a page's content).
+   */
+  pageDigests?: boolean
 }
 
 export interface CodecUsage {
@@ -65,6 +73,8 @@ export interface WriteSummary {
   dedupChunks: number
   dedupBytes: number
   codecs: Record<string, CodecUsage>
+  /** Bytes of the page digest table (0: the file has none). */
+  pageDigestBytes: number
   seconds: number
 }
 
@@ -88,14 +98,16 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
   if (input.unchangedPages) throw new UffdError('CRIU_IMAGE', `${String(input.metadata.criuDir ?? 'the input')} is an incremental dump: ${input.unchangedPages} of its pages are in its parent dump; write it as a layer over the parent dump's snapshot (uffd snapshot --criu-dir DIR --parent SNAPSHOT)`)
   const geometry = new Geometry(options.pageSize, options.chunkSize, input.logicalSize)
   const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.Chunk])
+  const digestInfo = options.pageDigests !== false && options.pageSize === DIGEST_PAGE_SIZE && !sealer ? newDigestInfo() : undefined
+  const digestKey = digestInfo && expandDigestKey(digestInfo.key)
   const header = encodeHeader({
     incompatFeatures: INCOMPAT_BOUND | (sealer?.incompatFeatures ?? 0n),
-    compatFeatures: sealer?.compatFeatures ?? 0n,
+    compatFeatures: (sealer?.compatFeatures ?? 0n) | (digestInfo ? COMPAT_PAGE_DIGESTS : 0n),
     pageSize: options.pageSize,
     chunkSize: options.chunkSize,
     logicalSize: input.logicalSize,
     regions: input.regions,
-    metadata: {...input.metadata, codec: options.codec, level: options.level, ...(sealer ? {seal: sealer.metadata} : {})},
+    metadata: {...input.metadata, codec: options.codec, level: options.level, ...(digestInfo ? {pageDigests: digestInfo} : {}), ...(sealer ? {seal: sealer.metadata} : {})},
   })
 
   const file = typeof output === 'string' ? new AtomicFile(output, {mode: options.mode, name: options.name}) : output
@@ -115,7 +127,7 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
       const start = geometry.chunkStart(first)
       const end = Math.min(input.logicalSize, geometry.chunkStart(first + count))
       const chunkLengths = Array.from({length: count}, (_, i) => geometry.chunkPaddedLength(first + i))
-      const job: ChunkJob = {id, firstChunk: first, start, chunkLengths, pageSize: options.pageSize, segments: input.segments(start, end), digests, unitDigests: sealer?.signed}
+      const job: ChunkJob = {id, firstChunk: first, start, chunkLengths, pageSize: options.pageSize, segments: input.segments(start, end), digests, unitDigests: sealer?.signed, ...(digestKey ? {pageDigestKey: digestKey} : {})}
       const result = pool.submit(job)
       // Marked handled now: a job can fail while an earlier one is awaited; it is awaited (and its
       // error raised) in order, or abandoned after an earlier failure.
@@ -135,6 +147,10 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
       options.onProgress?.(Math.min(doneBytes, input.logicalSize), input.logicalSize)
       await file.drain(options.signal)
     }
+    // It ends where the index starts: its place and length follow from the footer and the zero
+    // map, since the header, written first, cannot say where it lies (docs/FORMAT.md, Page digests).
+    const digestTable = digestInfo ? encodeDigestTable(Buffer.concat(assembler.pageDigests), crc32) : undefined
+    if (digestTable) file.append(digestTable)
     appendTail(file, assembler.entries, assembler.zeroMap, header, sealer ? {sealer, parts: [], unitDigests: assembler.unitDigests, blocks: 0} : undefined)
     options.signal?.throwIfAborted()
     await file.commit()
@@ -150,6 +166,7 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
       dedupChunks: assembler.dedupChunks,
       dedupBytes: assembler.dedupBytes,
       codecs: assembler.codecs,
+      pageDigestBytes: digestTable?.length ?? 0,
       seconds: (performance.now() - started) / 1000,
     }
   } finally {
@@ -164,6 +181,8 @@ class Assembler {
   readonly zeroMap: ZeroMap
   readonly codecs: Record<string, CodecUsage> = {}
   zeroPages = 0
+  /** The workers' page digests, job by job: the non-zero pages' in page order. */
+  readonly pageDigests: Uint8Array[] = []
   dedupChunks = 0
   dedupBytes = 0
   /** Each chunk's CRC of its stored bytes alone (entries hold it bound to their place). */
@@ -193,6 +212,7 @@ class Assembler {
   consume(result: ChunkJobResult): number {
     let covered = 0
     const stored = Buffer.from(result.stored.buffer, result.stored.byteOffset, result.stored.length)
+    if (result.pageDigests) this.pageDigests.push(result.pageDigests)
     for (const chunk of result.chunks) {
       const index = this.entries.length
       const pages = this.geometry.pagesInChunk(index)

@@ -83,4 +83,5 @@ export {
 export {adviseWillNeed, dupFd, fsyncDir, preadInto, seekData, seekHole, setNonBlocking, tryLockExclusive} from './file.js'
 export {hasSystemLz4, lz4DecodeBlock} from './lz4.js'
 export {crc32, nativeCrc32} from './crc.js'
+export {nativeDigests, pageDigests} from './digest.js'
 export {SIGKILL, pidfdOpen, pidfdSendSignal, pinThreadToCurrentCpu, processMadvise, processVmReadv, sameOpenFile, setThreadNice} from './process.js'

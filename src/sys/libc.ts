@@ -1,7 +1,7 @@
 // The raw libc surface of the project, declared once through koffi.
 //
 // This is the only file that loads native libraries: libc, our own native/libuffd_fill and
-// native/libuffd_crc, and the system's liblz4 when it is there.
+// native/libuffd_crc and native/libuffd_digest, and the system's liblz4 when it is there.
 // Everything here is internal to src/sys: the typed wrappers in the sibling modules validate
 // arguments, turn failures into SysError and hide koffi's types from the rest of the program.
 //
@@ -61,6 +61,23 @@ function loadCrc(): ((crc: number, buf: Uint8Array, len: number) => number) | un
   return crcLib.func('uffd_crc32', 'uint32_t', ['uint32_t', 'void *', 'size_t']) as (crc: number, buf: Uint8Array, len: number) => number
 }
 export const crc32Native = loadCrc()
+
+/**
+ * native/libuffd_digest: page digests (NH, docs/FORMAT.md, Page digests) of `count` 4 KiB pages
+ * at `pages`, 16 bytes each into `out`, with `keyWords` (Uint32Array of uffd_page_digest_key_words
+ * words); `zero` (or null) gets a byte per page, 1 for an all-zero page; `scalar` 1 forces the portable path. Undefined when not built or turned off
+ * (UFFD_NATIVE_DIGEST=0): src/format/page-digest.ts computes the same in JavaScript.
+ */
+type PageDigestsFn = (pages: Uint8Array, count: number, keyWords: Uint32Array, out: Uint8Array, zero: Uint8Array | null, scalar: number) => void
+function loadDigest(): PageDigestsFn | undefined {
+  const digestLib = loadOptional(ownLibrary('libuffd_digest.so'), 'UFFD_NATIVE_DIGEST')
+  if (!digestLib) return undefined
+  const keyWords = (digestLib.func('uffd_page_digest_key_words', 'int', []) as () => number)()
+  // A library built for another key length would digest differently: use the JavaScript path.
+  if (keyWords !== 1026) return undefined
+  return digestLib.func('uffd_page_digests', 'void', ['void *', 'size_t', 'void *', 'void *', 'void *', 'int']) as PageDigestsFn
+}
+export const pageDigestsNative = loadDigest()
 
 /**
  * The first arguments of every libuffd_fill entry point: the client (its uffd, page states, the

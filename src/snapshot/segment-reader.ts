@@ -1,0 +1,58 @@
+import fs from 'node:fs'
+
+import {UffdError} from '../core/errors.js'
+import {onFile} from '../sys/errors.js'
+import {type ReadSegment} from './chunk-job.js'
+
+/** Reads image ranges from their segments on the calling thread (a layer's writer compares as it reads). */
+export class SegmentReader {
+  private readonly fds = new Map<string, number>()
+  /** Reused: valid until the next read. */
+  private present = new Uint8Array(0)
+
+  /**
+   * Fills `dst` (image bytes from `start`) from `segments`, zeros elsewhere; returns which pages
+   * of it any segment touched (a diff's data pages). With `holesUnchanged` (a diff) the pages no
+   * segment touches are left as they were: nobody looks at them.
+   */
+  read(segments: readonly ReadSegment[], start: number, dst: Buffer, pageSize: number, holesUnchanged: boolean): Uint8Array {
+    // Only the gaps between segments are zeroed (a full image's chunk is one segment); with
+    // `holesUnchanged`, only the parts of gaps inside pages a segment touches.
+    const zero = (from: number, to: number): void => {
+      if (holesUnchanged) {
+        const headEnd = Math.min(to, Math.ceil(from / pageSize) * pageSize)
+        const tailStart = Math.max(headEnd, Math.floor(to / pageSize) * pageSize)
+        if (from % pageSize !== 0 && from > 0) dst.fill(0, from, headEnd)
+        if (to % pageSize !== 0 && to < dst.length) dst.fill(0, tailStart, to)
+        return
+      }
+      dst.fill(0, from, to)
+    }
+    let cursor = 0
+    for (const s of [...segments].sort((a, b) => a.imageOffset - b.imageOffset)) {
+      const at = s.imageOffset - start
+      if (at > cursor) zero(cursor, at)
+      cursor = Math.max(cursor, at + s.length)
+    }
+    if (cursor < dst.length) zero(cursor, dst.length)
+    this.present.fill(0)
+    const present = this.present.length === dst.length / pageSize ? this.present : (this.present = new Uint8Array(dst.length / pageSize))
+    for (const s of segments) {
+      let fd = this.fds.get(s.path)
+      if (fd === undefined) this.fds.set(s.path, (fd = onFile(s.path, 'opening', () => fs.openSync(s.path, 'r'))))
+      const at = s.imageOffset - start
+      for (let done = 0; done < s.length; ) {
+        const n = onFile(s.path, 'reading', () => fs.readSync(fd, dst, at + done, s.length - done, s.position + done))
+        if (n === 0) throw new UffdError('TRUNCATED', `${s.path}: ended at ${s.position + done}, expected ${s.length - done} more bytes`)
+        done += n
+      }
+      present.fill(1, Math.floor(at / pageSize), Math.ceil((at + s.length) / pageSize))
+    }
+    return present
+  }
+
+  close(): void {
+    for (const fd of this.fds.values()) fs.closeSync(fd)
+    this.fds.clear()
+  }
+}
