@@ -3,7 +3,6 @@
 // bytes (their CRC copied with them) is refused by verify and by resume serving a real client,
 // which never gets a wrong byte. Files written before the bit (fixtures/unbound-snapshot, made by
 // uffd d9898ca) read, verify and resume as they did.
-import {spawn} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 import {crc32} from 'node:zlib'
@@ -18,6 +17,7 @@ import {baseImage, changedImage, WORKING_SET_PAGES} from '../fixtures/unbound-sn
 import {isRoot, NATIVE, ROOT, uffd, uffdAsync} from './helpers/cli.js'
 import {DirRangeServer} from './helpers/dir-range-server.js'
 import {compressiblePage, pseudoRandom, tempDir} from './helpers/images.js'
+import {runFcClient} from './helpers/layered.js'
 
 const FC_CLIENT = path.join(NATIVE, 'fc_client')
 const FIXTURES = path.join(ROOT, 'fixtures/unbound-snapshot')
@@ -311,14 +311,6 @@ describe('CRC-consistent crafted files', () => {
 })
 
 describe.skipIf(clientSkip !== undefined)('resume with a real client (fc_client --verify-all)', () => {
-  function client(socket: string, image: string, args: string[]): Promise<{status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string}> {
-    const child = spawn(FC_CLIENT, ['--socket', socket, '--image', image, ...args, '--timeout-ms', '30000'], {stdio: ['ignore', 'pipe', 'pipe']})
-    let stdout = ''
-    let stderr = ''
-    child.stdout.on('data', (d) => (stdout += d))
-    child.stderr.on('data', (d) => (stderr += d))
-    return new Promise((resolve) => child.on('close', (status, signal) => resolve({status, signal, stdout, stderr})))
-  }
 
   async function resume(snapshot: string, image: string, extra: string[] = [], clientArgs = ['--touch', 'sequential', '--verify-all']) {
     const socket = at(`${path.basename(snapshot)}.${Math.random().toString(36).slice(2)}.sock`)
@@ -326,7 +318,7 @@ describe.skipIf(clientSkip !== undefined)('resume with a real client (fc_client 
     const handler = uffdAsync(['resume', snapshot, '--socket', socket, '--ready-file', ready, '--timeout', '30', '--json', ...extra], {timeoutMs: 90_000})
     for (let i = 0; i < 1200 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
     expect(fs.existsSync(ready), 'the handler never became ready').toBe(true)
-    const done = await client(socket, image, clientArgs)
+    const done = await runFcClient(socket, image, clientArgs)
     return {client: done, handler: await handler}
   }
 

@@ -3,7 +3,7 @@
 // files: round trips, stats without the key, and an attacker's changes at every kind of place
 // (header, index, zero map, units, tags, the seal record, signatures, units replayed from another
 // snapshot under the same key), CRC-consistent where a checksum would otherwise give them away.
-import {spawn, spawnSync} from 'node:child_process'
+import {spawnSync} from 'node:child_process'
 import crypto from 'node:crypto'
 import fs from 'node:fs'
 import path from 'node:path'
@@ -19,6 +19,7 @@ import {cliEnv, isRoot, NATIVE, ROOT, uffd, uffdAsync} from './helpers/cli.js'
 import {forgeCrc} from './helpers/crc-forge.js'
 import {DirRangeServer} from './helpers/dir-range-server.js'
 import {makeImage, tempDir} from './helpers/images.js'
+import {runFcClient} from './helpers/layered.js'
 
 const PAGE = 4096
 const SIZE = 8 * 1024 * 1024
@@ -663,15 +664,8 @@ describe('sealed snapshots through the CLI', () => {
 })
 
 describe.skipIf(clientSkip !== undefined)('resuming a sealed snapshot with a real client', () => {
-  /** fc_client, without blocking this process (which may be serving it over HTTP). */
-  function client(socket: string, args: string[]): Promise<{status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string}> {
-    const child = spawn(FC_CLIENT, ['--socket', socket, '--image', image, ...args, '--timeout-ms', '30000'], {stdio: ['ignore', 'pipe', 'pipe']})
-    let stdout = ''
-    let stderr = ''
-    child.stdout.on('data', (d) => (stdout += d))
-    child.stderr.on('data', (d) => (stderr += d))
-    return new Promise((resolve) => child.on('close', (status, signal) => resolve({status, signal, stdout, stderr})))
-  }
+  /** fc_client on the sealed image, without blocking this process (which may be serving it over HTTP). */
+  const client = (socket: string, args: string[]): ReturnType<typeof runFcClient> => runFcClient(socket, image, args)
 
   async function resume(snapshot: string, extra: string[], clientArgs: string[]) {
     const socket = at(`${path.basename(snapshot)}.${Math.random().toString(36).slice(2)}.sock`)

@@ -24,11 +24,11 @@ export function uffdOk(args: string[]): any {
 }
 
 /** Runs fc_client on `socket` with the expected `image` to its end, without blocking the event loop. */
-export function runFcClient(socket: string, image: string, args: string[]): Promise<{status: number | null; stdout: string; stderr: string}> {
+export function runFcClient(socket: string, image: string, args: string[]): Promise<{status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string}> {
   const child = spawn(FC_CLIENT, ['--socket', socket, '--image', image, ...args, '--timeout-ms', '30000'], {stdio: ['ignore', 'pipe', 'pipe']})
   let stdout = ''
   let stderr = ''
   child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d))
   child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d))
-  return new Promise((resolve) => child.on('close', (status) => resolve({status, stdout, stderr})))
+  return new Promise((resolve) => child.on('close', (status, signal) => resolve({status, signal, stdout, stderr})))
 }
