@@ -128,7 +128,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     const payload = pending.subarray(0, pendingPages.length * pageSize)
     const c = compressor.compress(payload)
     // The compressor reuses its output buffer: keep a copy (sealing makes one).
-    const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length, unit: blocks.length}, c.stored) : copyOf(c.stored)
+    const bytes = sealer?.encrypted ? sealer.seal({kind: UnitKind.LayerBlock, number: blocks.length, codec: c.codec, payloadLength: payload.length, unit: blocks.length}, c.stored) : Buffer.from(c.stored)
     blocks.push({dataOffset: dataAt, storedLength: bytes.length, payloadLength: payload.length, storedCrc: crc32(bytes, placeSeed({kind: BoundKind.LayerBlock, number: blocks.length, pages: pendingPages, codec: c.codec, payloadLength: payload.length})), codec: c.codec, flags: 0, listStart: changed.length - pendingPages.length, pageCount: pendingPages.length})
     stored.push(bytes)
     dataAt += bytes.length
@@ -384,12 +384,6 @@ function checkUnchangedPlacement(input: ImageInput, parent: ImageReader, parentP
   const theirs = parent.header.regions
   const k = ours.findIndex((r, i) => theirs[i] === undefined || r.imageOffset !== theirs[i].imageOffset || r.address !== theirs[i].address || r.size !== theirs[i].size || r.owner !== theirs[i].owner)
   if (k >= 0 || ours.length !== theirs.length) fail(k >= 0 ? `region ${k} (task ${ours[k].owner}, 0x${ours[k].address.toString(16)}, ${ours[k].size} bytes) is not laid out alike in it` : `it has ${theirs.length} regions, the dump ${ours.length}`)
-}
-
-function copyOf(bytes: Buffer): Buffer {
-  const out = Buffer.allocUnsafe(bytes.length)
-  bytes.copy(out)
-  return out
 }
 
 function hex8(bytes: Buffer): string {

@@ -246,7 +246,7 @@ export class LayeredReader {
   private baseInPlace(chunk: number, pieces: readonly ChunkPiece[], room: Buffer, wait: boolean): boolean | undefined {
     const base = this.files[0]
     const own = pieces.filter((piece) => piece.source === 0)
-    if (own.length === 0 || own.some((piece) => piece.unit !== chunk) || this.units.sharedByChains || this.units.holds(base, chunk)) return false
+    if (own.length === 0 || own.some((piece) => piece.unit !== chunk) || this.units.sharedByChains) return false
     if (room.length < base.entry(chunk).payloadLength) return false
     const decoded = wait ? base.readPayload(chunk, room) : base.readPayloadIfLocal(chunk, room)
     if (!decoded) return undefined

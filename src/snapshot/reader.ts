@@ -395,7 +395,7 @@ export class SnapshotReader {
 
   /** The unit's plaintext (the stored bytes themselves unless encrypted), or what is wrong with them. */
   private check(unit: number, entry: ChunkEntry, stored: Buffer, dst?: Buffer): Buffer | SnapshotFormatError {
-    // One more CRC over a 20-byte record in a bound file: bytes moved here from another place,
+    // One more CRC over a 16-byte record in a bound file: bytes moved here from another place,
     // with their CRC copied along, fail.
     const crc = crc32(stored, this.crcSeed(unit))
     if (crc !== entry.storedCrc) return this.chunkError(unit, 'CORRUPT', `checksum mismatch (stored ${hex(entry.storedCrc)}, computed ${hex(crc)}${this.bound ? ' for this place' : ''})`)

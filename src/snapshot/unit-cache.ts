@@ -52,12 +52,6 @@ export class UnitCache {
     return this.chains > 1 || this.reserved > 0
   }
 
-  /** Whether unit `unit` of `file` is decoded here now. */
-  holds(file: SnapshotReader, unit: number): boolean {
-    const key = `${file.layout}:${unit}`
-    return this.entries.has(key) || this.blocks.has(key)
-  }
-
   /** A chain stops using it; with none left, its buffers are dropped. */
   detach(): void {
     this.chains = Math.max(0, this.chains - 1)
