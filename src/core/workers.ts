@@ -37,3 +37,11 @@ function bundleOf(url: URL): URL {
   if (at < 0) throw new UffdError('INTERNAL', `${url.href} is not a module of dist/ (a bundle started from elsewhere)`)
   return new URL(`${url.pathname.slice(0, at)}/dist/bundle/${url.pathname.slice(at + '/dist/'.length).replaceAll('/', '-')}`, url)
 }
+
+/**
+ * What a pool sends a worker to end it (WorkerPool.close): the worker closes its port and its
+ * thread ends by itself. A worker is never terminated while it may still be loading its modules:
+ * one torn down while koffi loads aborts the whole process (SIGABRT), and a message is handled
+ * only once they have loaded.
+ */
+export const WORKER_STOP = 'stop'

@@ -1,5 +1,6 @@
 import {parentPort, workerData} from 'node:worker_threads'
 
+import {WORKER_STOP} from '../core/workers.js'
 import {type CompareJob, CompareRunner} from './compare-job.js'
 
 /**
@@ -8,7 +9,8 @@ import {type CompareJob, CompareRunner} from './compare-job.js'
  */
 const runner = new CompareRunner((workerData as {key: Uint32Array}).key)
 
-parentPort!.on('message', (job: CompareJob) => {
+parentPort!.on('message', (job: CompareJob | typeof WORKER_STOP) => {
+  if (job === WORKER_STOP) return parentPort!.close()
   try {
     const result = runner.run(job)
     parentPort!.postMessage({ok: true, result}, [result.bytes.buffer as ArrayBuffer, result.digests.buffer as ArrayBuffer])

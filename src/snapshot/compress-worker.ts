@@ -4,6 +4,7 @@ import {parentPort, workerData} from 'node:worker_threads'
 import {crc32} from 'node:zlib'
 
 import {UffdError} from '../core/errors.js'
+import {WORKER_STOP} from '../core/workers.js'
 import {pageDigests} from '../sys/digest.js'
 import {onFile} from '../sys/errors.js'
 import {Codec, maxStoredLength} from '../format/constants.js'
@@ -143,7 +144,8 @@ function run(job: ChunkJob): ChunkJobResult {
   return {id: job.id, chunks, stored: new Uint8Array(result.buffer, result.byteOffset, storedAt), ...(rows ? {pageDigests: rows} : {})}
 }
 
-parentPort!.on('message', (job: ChunkJob) => {
+parentPort!.on('message', (job: ChunkJob | typeof WORKER_STOP) => {
+  if (job === WORKER_STOP) return parentPort!.close()
   try {
     const result = run(job)
     parentPort!.postMessage({ok: true, result}, [result.stored.buffer as ArrayBuffer, ...(result.pageDigests ? [result.pageDigests.buffer as ArrayBuffer] : [])])

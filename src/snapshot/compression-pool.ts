@@ -1,9 +1,12 @@
 import {type Worker} from 'node:worker_threads'
 
 import {errorFromWorker, UffdError} from '../core/errors.js'
-import {startWorker} from '../core/workers.js'
+import {startWorker, WORKER_STOP} from '../core/workers.js'
 import {type ChunkJob, type ChunkJobResult, type ChunkSealing} from './chunk-job.js'
 import {type CompressionCodec} from './codecs.js'
+
+/** How long close() waits for a worker to end by itself before it is terminated. */
+const STOP_MS = 5000
 
 type Reply<R> = {ok: true; result: R} | {ok: false; id: number; error: string; code?: string}
 
@@ -38,10 +41,24 @@ export class WorkerPool<J, R> {
     })
   }
 
+  /**
+   * Ends the workers: each is asked to stop and ends once its modules have loaded and its job (if
+   * any) is done (see WORKER_STOP); one that has not within STOP_MS is terminated.
+   */
   async close(): Promise<void> {
     this.closing = true
     this.fail(new UffdError('INTERNAL', 'worker pool closed'))
-    await Promise.all(this.workers.map((w) => w.terminate()))
+    await Promise.all(
+      this.workers.map(async (worker) => {
+        const exited = new Promise<void>((resolve) => worker.once('exit', () => resolve()))
+        if (worker.threadId < 0) return
+        worker.postMessage(WORKER_STOP)
+        let timer: NodeJS.Timeout | undefined
+        const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), STOP_MS)))
+        if ((await Promise.race([exited, late])) === 'late') await worker.terminate()
+        clearTimeout(timer)
+      }),
+    )
   }
 
   private dispatch(): void {

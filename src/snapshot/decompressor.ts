@@ -1,8 +1,7 @@
 // Decoding of stored chunks. Apart from codecs.ts because it loads src/sys (koffi, for the
-// system's liblz4): compression workers, which are started and ended with every snapshot, only
-// need the encoder, and koffi loaded in many short-lived worker threads aborted the process now
-// and then (a fatal error inside koffi's module initialisation, seen in ~1 of 4 runs of the
-// snapshot round-trip tests).
+// system's liblz4): compression workers only need the encoder. (They load koffi all the same
+// now, for page digests: a worker terminated while koffi loads aborts the process, so a pool
+// ends its workers with WORKER_STOP, src/core/workers.ts, never by terminating one still loading.)
 import {UffdError} from '../core/errors.js'
 import {Codec} from '../format/constants.js'
 import {hasSystemLz4, lz4DecodeBlock} from '../sys/lz4.js'
