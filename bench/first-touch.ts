@@ -1,6 +1,9 @@
 /**
  * bench/first-touch: the first resume of a snapshot, before any working set exists, on a fresh
- * host (page cache dropped before every run, so neither the raw file nor the snapshot is cached).
+ * host: neither the raw file nor the snapshot is in the page cache. By default (`--evict files`)
+ * just those two files are evicted before every run, as on a host that has run uffd (and node)
+ * before but never this snapshot; `--evict all` drops the whole page cache, so node and uffd's own
+ * code are read from disk too.
  * The same client (native/fc_client) touches the same pages, each once:
  *   random 0.2%, 1% and 5% of the image's pages (scattered first touches), and 10% of them in
  *   runs of 16 pages (clustered), in a shuffled order.
@@ -16,15 +19,20 @@
  *
  *   node --import tsx bench/first-touch.ts --image /work/data/guest-1g.raw [--runs 5]
  *        [--placements split,shared,client,free] [--patterns r0.2,r1,r5,c10] [--uffd-args "..."]
- * Needs root (dropping the page cache; fc_client's uffd).
+ *        [--evict files|all]
+ * Needs root (evicting the page cache; fc_client's uffd).
  */
 import fs from 'node:fs'
 import path from 'node:path'
 
-import {arg, dropCaches, median, NATIVE, run, shuffled, start, table, tempDir, UFFD, waitForFile, writeResults, pinned, type Placement, placementsOf} from './lib.js'
+import {arg, dropCaches, evictFiles, median, NATIVE, run, shuffled, start, table, tempDir, UFFD, waitForFile, writeResults, pinned, type Placement, placementsOf} from './lib.js'
 
 const image = arg('image', '/work/data/guest-1g.raw')
 const runs = Number(arg('runs', '5'))
+/** "files": only the raw image and the snapshot evicted (a host that has run uffd before but never
+ * this snapshot); "all": the whole page cache dropped (node and uffd's own code read from disk too). */
+const evict = arg('evict', 'files')
+if (evict !== 'files' && evict !== 'all') throw new Error('--evict is files or all')
 const uffdArgs = arg('uffd-args', '').split(' ').filter(Boolean)
 const work = tempDir('uffd-bench-first-touch-')
 const snapshot = path.join(work, 'image.uffd')
@@ -89,7 +97,8 @@ interface Measured {
 
 async function measure(handler: Handler, traceFile: string, placement: Placement, tag: string): Promise<Measured> {
   const touch = ['--image', image, '--touch', `trace:${traceFile}`]
-  dropCaches()
+  if (evict === 'all') dropCaches()
+  else evictFiles([image, snapshot])
   const client = async (args: string[]): Promise<number> => {
     const spawnedAt = performance.now()
     const c = await start(...pinned(placement.client, path.join(NATIVE, 'fc_client'), [...args, ...touch])).done
