@@ -203,7 +203,7 @@ describe('ChunkCache over a real snapshot', () => {
   it("returns each chunk's verified payload, from the cache or decoded again after eviction", () => {
     const stats = new RunStats()
     const cache = new ChunkCache(reader, 3 * 65536, stats)
-    const withData = reader.index.flatMap((e, c) => (e.codec === Codec.None ? [] : [c]))
+    const withData = [...reader.index].flatMap((e, c) => (e.codec === Codec.None ? [] : [c]))
     expect(withData.length).toBeGreaterThan(4)
     const expected = new Map(withData.map((c) => [c, Buffer.from(reader.readPayload(c))]))
     for (const round of [0, 1]) {

@@ -201,7 +201,7 @@ describe.skipIf(skip)('uffd resume --criu-dir with criu restore --lazy-pages', (
     const printed = lines(out).length
     // One byte flipped in the middle of every stored chunk: the first lazy fault of either task fails its checksum.
     const reader = SnapshotReader.open(snapshot)
-    const flips = reader.index.map((e, i) => ({e, i})).filter(({e}) => e.storedLength > 64).map(({i}) => {
+    const flips = [...reader.index].map((e, i) => ({e, i})).filter(({e}) => e.storedLength > 64).map(({i}) => {
       const entry = reader.entry(i)
       return entry.dataOffset + Math.floor(entry.storedLength / 2)
     })

@@ -6,7 +6,7 @@ import {type Codec, RegionKind} from '../src/format/constants.js'
 import {SnapshotFormatError} from '../src/format/errors.js'
 import {Geometry} from '../src/format/geometry.js'
 import {decodeHeader, encodeHeader, type HeaderFields, type Region} from '../src/format/header.js'
-import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, encodeFooter, encodeIndex} from '../src/format/index-table.js'
+import {type ChunkEntry, ChunkIndex, decodeFooter, decodeIndex, decodeZeroMap, encodeFooter, encodeIndex} from '../src/format/index-table.js'
 import {ZeroMap} from '../src/format/zero-map.js'
 
 const region = (imageOffset: number, size: number, name: string, kind = RegionKind.ProcessVma): Region => ({
@@ -148,7 +148,7 @@ describe('footer, index and zero map', () => {
     const f = decodeFooter(encodeFooter(footer), fileSize, headerSize, 0xabcdef, geometry)
     expect(f).toEqual(footer)
     const map = decodeZeroMap(Buffer.from(zeroMap.bytes), f, geometry)
-    expect(decodeIndex(index, f, headerSize, geometry, map)).toEqual(entries)
+    expect([...decodeIndex(index, f, headerSize, geometry, map)]).toEqual(entries)
   })
 
   it('refuses a footer from another header, a wrong chunk count, out-of-file offsets', () => {
@@ -178,5 +178,34 @@ describe('footer, index and zero map', () => {
     check({storedLength: 1 << 20}, 3, /impossible/)
     check({flags: 4}, 0, /unknown flags/)
     expectFormatError(() => decodeIndex(Buffer.from(index).fill(1, 0, 1), f, headerSize, geometry, map), 'CORRUPT', /index: checksum/)
+  })
+})
+
+describe('ChunkIndex', () => {
+  const entry = fc.record({
+    dataOffset: fc.integer({min: 0, max: Number.MAX_SAFE_INTEGER}),
+    storedLength: fc.nat({max: 0xffff_ffff}),
+    payloadLength: fc.nat({max: 0xffff_ffff}),
+    storedCrc: fc.nat({max: 0xffff_ffff}),
+    codec: fc.constantFrom(0, 1, 2, 3) as fc.Arbitrary<Codec>,
+    flags: fc.nat({max: 1}),
+  })
+
+  it('reads back every field of what it encodes, sealed or not, offsets past 4 GiB included', () => {
+    fc.assert(
+      fc.property(fc.array(entry, {maxLength: 40}), fc.boolean(), (entries, sealed) => {
+        const expected = entries.map((e, c) => (sealed && e.codec !== 0 ? {...e, sealedAs: c} : e))
+        const index = ChunkIndex.of(entries, sealed)
+        expect(index.length).toBe(entries.length)
+        expect([...index]).toEqual(expected)
+        expect([...index.keys()]).toEqual(entries.map((_, c) => c))
+        expected.forEach((e, c) => {
+          expect(index.at(c)).toEqual(e)
+          expect(index.codec(c)).toBe(e.codec)
+        })
+        expect(() => index.at(entries.length)).toThrow(RangeError)
+        expect(() => index.at(-1)).toThrow(RangeError)
+      }),
+    )
   })
 })

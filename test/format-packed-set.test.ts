@@ -6,7 +6,7 @@ import {describe, expect, it} from 'vitest'
 import {Codec} from '../src/format/constants.js'
 import {SnapshotFormatError} from '../src/format/errors.js'
 import {Geometry} from '../src/format/geometry.js'
-import {checkPackedLocation, decodePackedTable, encodePackedTable, type PackedBlock, packedBlockRuns, packedTableLength, planPackedBlocks, zeroRunWindowBytes} from '../src/format/packed-set.js'
+import {checkPackedLocation, decodePackedTable, encodePackedTable, type PackedBlock, packedBlockRuns, PackedPageLookup, packedTableLength, planPackedBlocks, zeroRunWindowBytes} from '../src/format/packed-set.js'
 import {ZeroMap} from '../src/format/zero-map.js'
 
 const geometry = new Geometry(4096, 64 * 1024, 256 * 4096) // 256 pages, 16 per chunk
@@ -40,6 +40,20 @@ describe('planPackedBlocks', () => {
           expect(p.listStart).toBe(i * perBlock)
           expect(p.pages).toEqual([...pages.slice(i * perBlock, (i + 1) * perBlock)].sort((a, b) => a - b))
         })
+      }),
+    )
+  })
+})
+
+describe('PackedPageLookup', () => {
+  it('finds the block of every packed page and no block for any other page', () => {
+    fc.assert(
+      fc.property(fc.uniqueArray(fc.integer({min: 0, max: 255}), {maxLength: 200}), fc.integer({min: 1, max: 16}), (pages, perBlock) => {
+        const {blocks, list} = build(pages, perBlock, new ZeroMap(256))
+        const lookup = new PackedPageLookup({blocks, pages: list})
+        const oracle = new Map<number, number>()
+        blocks.forEach((b, i) => list.slice(b.listStart, b.listStart + b.pageCount).forEach((page) => oracle.set(page, i)))
+        for (let page = 0; page < 256; page++) expect(lookup.blockOf(page)).toBe(oracle.get(page) ?? -1)
       }),
     )
   })

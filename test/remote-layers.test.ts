@@ -85,7 +85,7 @@ function ownExtents(file: string, chunks: number[]): {first: number; last: numbe
   try {
     return chunks
       .map((c) => reader.entry(c))
-      .filter((e) => reader.index.filter((o) => o.dataOffset === e.dataOffset).length === 1)
+      .filter((e) => [...reader.index].filter((o) => o.dataOffset === e.dataOffset).length === 1)
       .map((e) => ({first: e.dataOffset, last: e.dataOffset + e.storedLength - 1}))
   } finally {
     reader.close()

@@ -312,7 +312,7 @@ describe('a remote fault through the fetcher thread', () => {
       expect(server.serve(client, {address: base + 41 * chunkPages * 4096, readAt: performance.now()}).outcome).toBe('wait')
       expect(server.serve(client, {address: base + 70 * chunkPages * 4096, readAt: performance.now()}).outcome).toBe('wait')
       for (let i = 0; i < 400 && ![40, 41, 42, 43, 69, 70, 71].every((c) => reader.isLocal(c)); i++) await new Promise((resolve) => setTimeout(resolve, 10))
-      const chunkAt = (offset: number): number => reader.index.findIndex((e) => e.dataOffset === offset)
+      const chunkAt = (offset: number): number => [...reader.index].findIndex((e) => e.dataOffset === offset)
       const asked = proxy.requests.slice(before).map((r) => {
         const [from, to] = r.range!.replace('bytes=', '').split('-').map(Number)
         return [chunkAt(from), chunkAt(to + 1) < 0 ? reader.index.length : chunkAt(to + 1)]

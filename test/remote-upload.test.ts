@@ -110,7 +110,7 @@ function randomImage(file: string, bytes: number): void {
 /** A copy of `file` with one byte of chunk `chunk`'s stored data flipped. */
 function corruptCopy(file: string, chunk: number, to: string): void {
   const reader = SnapshotReader.open(file)
-  const entry = reader.index[chunk]
+  const entry = reader.index.at(chunk)
   reader.close()
   const bytes = fs.readFileSync(file)
   bytes[entry.dataOffset + (entry.storedLength >> 1)] ^= 0xff

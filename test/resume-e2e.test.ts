@@ -145,7 +145,7 @@ function snapshotOf(kind: Kind, codec: CompressionCodec, chunkSize: number, page
 function storedChunks(snapshot: string): number {
   const reader = SnapshotReader.open(snapshot)
   try {
-    return reader.index.filter((e) => e.codec !== Codec.None).length
+    return [...reader.index].filter((e) => e.codec !== Codec.None).length
   } finally {
     reader.close()
   }
@@ -536,7 +536,7 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       let at: number
       let firstPage: number
       try {
-        chunk = reader.index.findIndex((e, c) => c >= 40 && e.codec === Codec.Zstd && (e.flags & 1) === 0 && e.storedLength > 64)
+        chunk = [...reader.index].findIndex((e, c) => c >= 40 && e.codec === Codec.Zstd && (e.flags & 1) === 0 && e.storedLength > 64)
         expect(chunk, 'a stored zstd chunk to corrupt').toBeGreaterThan(0)
         const entry = reader.entry(chunk)
         at = entry.dataOffset + Math.floor(entry.storedLength / 2)

@@ -213,7 +213,7 @@ function craftIndex(file: string, edit: (index: Buffer) => void): void {
 function storedChunks(file: string): number[] {
   const reader = opened(file)
   try {
-    return reader.index.flatMap((e, c) => (e.codec === Codec.Zstd && (e.flags & 1) === 0 && e.storedLength >= 256 ? [c] : []))
+    return [...reader.index].flatMap((e, c) => (e.codec === Codec.Zstd && (e.flags & 1) === 0 && e.storedLength >= 256 ? [c] : []))
   } finally {
     reader.close()
   }
@@ -328,7 +328,7 @@ describe('sealed snapshots through the CLI', () => {
   it('a reader opened without the key (stats, cp) never hands out a payload: KEY_REQUIRED', () => {
     const reader = opened(at('enc.uffd'))
     try {
-      const chunk = reader.index.findIndex((e) => e.codec !== Codec.None)
+      const chunk = [...reader.index].findIndex((e) => e.codec !== Codec.None)
       expect(() => reader.readPayload(chunk)).toThrow(/is encrypted .*give its key/)
       expect(() => reader.codecBytes(chunk)).toThrow(/is encrypted .*give its key/)
       // Its stored bytes, for copying as they are, checksum checked.
@@ -366,7 +366,7 @@ describe('sealed snapshots through the CLI', () => {
   it('signs a rewrite only of what was authenticated: a forged unit of a signed file is not laundered by attach --sign-key; a signed chain squashes only signed', () => {
     const f = copy(at('signed.uffd'), 'launder.uffd')
     const reader = SnapshotReader.open(f)
-    const chunk = reader.index.findIndex((e, c) => c > 8 && e.codec === Codec.Zstd && !(e.flags & 1))
+    const chunk = [...reader.index].findIndex((e, c) => c > 8 && e.codec === Codec.Zstd && !(e.flags & 1))
     const e = {...reader.entry(chunk), seed: reader.crcSeed(chunk)}
     const headerCrc = reader.header.headerCrc
     reader.close()
@@ -411,7 +411,7 @@ describe('sealed snapshots through the CLI', () => {
     ok(['snapshot', '--mem-file', at('bound/changed.raw'), '--parent', at('bound/base.uffd'), '-o', at('bound/top.uffd'), '--sign-key', at('sign.pem')])
     expect(ok(['verify', at('bound/top.uffd'), '--against', at('bound/changed.raw')]).ok).toBe(true)
     const reader = opened(at('bound/base.uffd'))
-    const chunk = reader.index.findIndex((e, c) => c > 20 && e.codec === Codec.Zstd && !(e.flags & 1))
+    const chunk = [...reader.index].findIndex((e, c) => c > 20 && e.codec === Codec.Zstd && !(e.flags & 1))
     const e = {...reader.entry(chunk), seed: reader.crcSeed(chunk)}
     reader.close()
     const bytes = readAt(at('bound/base.uffd'), e.dataOffset, e.storedLength)
@@ -545,7 +545,7 @@ describe('sealed snapshots through the CLI', () => {
     it('changes a signed (unencrypted) unit keeping its CRC: refused with --verify-key', () => {
       const f = copy(at('signed.uffd'), 'signed-unit.uffd')
       const reader = SnapshotReader.open(f)
-      const chunk = reader.index.findIndex((e, c) => c > 8 && e.codec === Codec.Zstd && !(e.flags & 1))
+      const chunk = [...reader.index].findIndex((e, c) => c > 8 && e.codec === Codec.Zstd && !(e.flags & 1))
       const e = {...reader.entry(chunk), seed: reader.crcSeed(chunk)}
       reader.close()
       const bytes = readAt(f, e.dataOffset, e.storedLength)

@@ -136,9 +136,9 @@ describe('damaged and foreign files', () => {
       headerSize = reader.header.headerSize
       footer = reader.footer
       chunkCount = reader.geometry.chunkCount
-      const c = reader.index.findIndex((e, i) => i >= 3 && e.codec !== Codec.None && (e.flags & CHUNK_FLAG_SHARED) === 0)
+      const c = [...reader.index].findIndex((e, i) => i >= 3 && e.codec !== Codec.None && (e.flags & CHUNK_FLAG_SHARED) === 0)
       expect(c).toBeGreaterThanOrEqual(3)
-      victim = {chunk: c, dataOffset: reader.index[c].dataOffset, storedLength: reader.index[c].storedLength}
+      victim = {chunk: c, dataOffset: reader.index.at(c).dataOffset, storedLength: reader.index.at(c).storedLength}
     } finally {
       reader.close()
     }

@@ -102,11 +102,11 @@ describe('what is stored', () => {
     expect(s.zeroPages).toBe(zeroPages)
     expect(s.dedupChunks).toBe(2)
     const reader = SnapshotReader.open(path.join(dir, 'dedup.uffd'))
-    expect(reader.index[5].dataOffset).toBe(reader.index[1].dataOffset)
-    expect(reader.index[7].dataOffset).toBe(reader.index[1].dataOffset)
-    expect(reader.index[1].flags & 1).toBe(1)
+    expect(reader.index.at(5).dataOffset).toBe(reader.index.at(1).dataOffset)
+    expect(reader.index.at(7).dataOffset).toBe(reader.index.at(1).dataOffset)
+    expect(reader.index.at(1).flags & 1).toBe(1)
     // The stored data section holds no more than the non-zero payload needs, and the page digest table.
-    const payload = reader.index.reduce((sum, e, i) => sum + (i === 5 || i === 7 ? 0 : e.storedLength), 0)
+    const payload = [...reader.index].reduce((sum, e, i) => sum + (i === 5 || i === 7 ? 0 : e.storedLength), 0)
     expect(reader.footer.indexOffset - reader.header.headerSize).toBe(payload + readFileDigests(reader)!.length)
     reader.close()
   })
@@ -176,5 +176,36 @@ describe('atomic output', () => {
     })
     await expect(done).rejects.toThrow(/abort/i)
     expect(fs.readdirSync(sub)).toEqual([])
+  })
+})
+
+describe('shared tables', () => {
+  it("open a file with another opening's index and zero map, and refuse another file's", async () => {
+    const write = async (name: string, seed: number): Promise<string> => {
+      const raw = path.join(dir, `${name}.raw`)
+      const out = path.join(dir, `${name}.uffd`)
+      const image = makeImage('mixed', 2 * 1024 * 1024, seed)
+      fs.writeFileSync(raw, image)
+      await writeSnapshot(memFileInput(raw), out, {codec: 'zstd', level: 1, chunkSize: 65536, pageSize: 4096, jobs: 1})
+      return out
+    }
+    const a = await write('tables-a', 1)
+    const b = await write('tables-b', 2)
+    const first = SnapshotReader.open(a)
+    const again = SnapshotReader.open(a, a, undefined, false, first.tables)
+    try {
+      // The same memory, not a copy: a thread that opens with them keeps no tables of its own.
+      expect(again.tables.index).toBe(first.tables.index)
+      expect(again.tables.zeroMap).toBe(first.tables.zeroMap)
+      expect(decodeImage(again).equals(decodeImage(first))).toBe(true)
+      // Another file's tables of the same sizes fail that file's own footer checksums.
+      const other = SnapshotReader.open(b)
+      expect(other.tables.index.byteLength).toBe(first.tables.index.byteLength)
+      other.close()
+      expect(() => SnapshotReader.open(b, b, undefined, false, first.tables)).toThrow(/checksum mismatch/)
+    } finally {
+      again.close()
+      first.close()
+    }
   })
 })

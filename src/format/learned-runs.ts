@@ -100,7 +100,7 @@ export function learnedSet(runs: readonly LearnedRun[], snapshot: WorkingSetFile
  * each chunk's codec, lengths and checksum. Two files with the same digest are relayouts of one
  * image, so a run learned on one may be folded into the other.
  */
-export function memoryDigest(geometry: Geometry, index: readonly ChunkEntry[], zeroMap: Uint8Array): string {
+export function memoryDigest(geometry: Geometry, index: Iterable<ChunkEntry> & {readonly length: number}, zeroMap: Uint8Array): string {
   const hash = createHash('sha256')
   const head = Buffer.alloc(24)
   head.writeUInt32LE(geometry.pageSize, 0)

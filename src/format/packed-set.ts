@@ -5,6 +5,7 @@ import {SnapshotFormatError} from './errors.js'
 import {type Geometry} from './geometry.js'
 import {hex} from './header.js'
 import {type ChunkEntry, storedLengthProblem, writeEntryFields} from './index-table.js'
+import {indexOfPage} from './layer.js'
 import {type ZeroMap} from './zero-map.js'
 
 /**
@@ -187,4 +188,28 @@ export function zeroRunWindowBytes(set: PackedSet): number {
   let adjacent = 0
   for (let i = 1; i < sorted.length; i++) if (sorted[i] === sorted[i - 1] + 1) adjacent++
   return adjacent * 2 < sorted.length ? 2 * 1024 * 1024 : 256 * 1024
+}
+
+/**
+ * Which block of a packed set holds each of its pages, as the set's pages sorted with their
+ * blocks beside them and found by bisection: a table of every page of the image would cost 4
+ * bytes per page (16 MiB for 16 GiB) where this costs 8 per packed page.
+ */
+export class PackedPageLookup {
+  private readonly pages: Uint32Array
+  private readonly blocks: Int32Array
+
+  constructor(set: PackedSet) {
+    const order = Uint32Array.from(set.pages.keys()).sort((a, b) => set.pages[a] - set.pages[b])
+    this.pages = order.map((k) => set.pages[k])
+    const blockOfListIndex = new Int32Array(set.pages.length)
+    set.blocks.forEach((b, i) => blockOfListIndex.fill(i, b.listStart, b.listStart + b.pageCount))
+    this.blocks = Int32Array.from(order, (k) => blockOfListIndex[k])
+  }
+
+  /** The block holding `page`, or -1 when the set has no such page. */
+  blockOf(page: number): number {
+    const i = indexOfPage(this.pages, page)
+    return i < 0 ? -1 : this.blocks[i]
+  }
 }

@@ -6,10 +6,10 @@ import {Codec, SOURCE_ZERO} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {type Geometry} from '../format/geometry.js'
 import {type SnapshotHeader} from '../format/header.js'
-import {type ChunkEntry} from '../format/index-table.js'
+import {type ChunkEntry, ChunkIndex} from '../format/index-table.js'
 import {baseRuns, findRun, indexOfPage, type LayerParent, type LayerRun} from '../format/layer.js'
 import {type PackedSet} from '../format/packed-set.js'
-import {payloadPageIndex, type ZeroMap} from '../format/zero-map.js'
+import {payloadPosition, type ZeroMap} from '../format/zero-map.js'
 import {type ByteSource, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority} from './byte-source.js'
 import {SnapshotReader} from './reader.js'
 import {SharedLayerBlocks, type SharedBlocksShare} from './shared-blocks.js'
@@ -27,7 +27,7 @@ export class LayeredReader {
   readonly header: SnapshotHeader
   readonly zeroMap: ZeroMap
   /** One entry per resolved chunk: its payload length (codec none: all zeros; else data to assemble). */
-  readonly index: ChunkEntry[]
+  readonly index: ChunkIndex
   /**
    * The top layer's packed working set, if it carries one: its blocks hold pages of the resolved
    * image, whichever file of the chain holds them, and are units chunkCount.. onwards here.
@@ -38,7 +38,6 @@ export class LayeredReader {
   /** Whether any file of the chain is in object storage (isLocal and fetchAhead mean something). */
   readonly remote: boolean
   readonly runs: readonly LayerRun[]
-  private readonly basePayloadIndex: Int32Array
   /** Per layer file: the block holding each position of its page list. */
   private readonly blockOfListIndex: Int32Array[]
   private scratch = Buffer.alloc(0)
@@ -67,15 +66,16 @@ export class LayeredReader {
     this.zeroMap = top.zeroMap
     this.runs = top.layer!.runs
     const {pageSize} = this.geometry
-    this.index = Array.from({length: this.geometry.chunkCount}, (_, c) => {
-      const first = this.geometry.firstPageOfChunk(c)
-      const pages = this.geometry.pagesInChunk(c)
-      const payloadLength = (pages - this.zeroMap.countZero(first, pages)) * pageSize
-      return {dataOffset: 0, storedLength: payloadLength, payloadLength, storedCrc: 0, codec: payloadLength === 0 ? Codec.None : Codec.Raw, flags: 0}
-    })
+    this.index = ChunkIndex.of(
+      Array.from({length: this.geometry.chunkCount}, (_, c) => {
+        const first = this.geometry.firstPageOfChunk(c)
+        const pages = this.geometry.pagesInChunk(c)
+        const payloadLength = (pages - this.zeroMap.countZero(first, pages)) * pageSize
+        return {dataOffset: 0, storedLength: payloadLength, payloadLength, storedCrc: 0, codec: payloadLength === 0 ? Codec.None : Codec.Raw, flags: 0}
+      }),
+    )
     this.packed = top.packed
     this.unitCount = this.index.length + (this.packed?.blocks.length ?? 0)
-    this.basePayloadIndex = payloadPageIndex(files[0].zeroMap, files[0].geometry.pagesPerChunk)
     this.blockOfListIndex = files.map((f) => {
       const blocks = f.layer?.set.blocks ?? []
       const of = new Int32Array(f.layer?.set.pages.length ?? 0)
@@ -124,7 +124,7 @@ export class LayeredReader {
 
   entry(unit: number): ChunkEntry {
     if (!Number.isInteger(unit) || unit < 0 || unit >= this.unitCount) throw new RangeError(`chunk ${unit} is outside 0..${this.unitCount - 1}`)
-    return unit < this.index.length ? this.index[unit] : this.packed!.blocks[unit - this.index.length]
+    return unit < this.index.length ? this.index.at(unit) : this.packed!.blocks[unit - this.index.length]
   }
 
   /** The packed working-set block a unit number names, or undefined for a chunk. */
@@ -339,7 +339,7 @@ export class LayeredReader {
         // are all data pages there, so consecutive ones in one chunk are adjacent in its payload.
         const ppc = file.geometry.pagesPerChunk
         unit = Math.floor(p / ppc)
-        position = this.basePayloadIndex[p]
+        position = payloadPosition(file.zeroMap, p, ppc)
         count = Math.min(to, (unit + 1) * ppc) - p
       } else {
         // A layer: its pages ascend through its list, so consecutive pages are adjacent there and

@@ -131,12 +131,12 @@ async function openFile(location: Location, opening: Opening, landedFd?: number)
     const reader = SnapshotReader.open(location.path, location.path, opening.keys, opening.locked)
     // Threads open the file this one has open, not the name: another handler's --learn may
     // rename a new layout over it meanwhile, and two layouts' packed units differ.
-    return {reader, name: location.path, remote: undefined, spec: () => ({kind: 'file', path: location.path, openPath: localSource(reader).sameFilePath})}
+    return {reader, name: location.path, remote: undefined, spec: () => ({kind: 'file', path: location.path, openPath: localSource(reader).sameFilePath, tables: reader.tables})}
   }
   // Loaded only for URLs: a local snapshot's start-up does not pay for the remote machinery.
   const {RemoteSnapshot} = await import('../remote/remote-snapshot.js')
   const snapshot = await RemoteSnapshot.open(location, opening.remote, landedFd, opening.keys, opening.locked)
-  return {reader: snapshot.reader, name: describeLocation(location), remote: snapshot, spec: () => ({kind: 'remote', ...snapshot.threadShare()})}
+  return {reader: snapshot.reader, name: describeLocation(location), remote: snapshot, spec: () => ({kind: 'remote', ...snapshot.threadShare(), tables: snapshot.reader.tables})}
 }
 
 async function openParent(at: Location, parent: LayerParent, k: number, count: number, layer: string, where: LayersPrefix, opening: Opening, landedFd: number): Promise<OpenedFile> {
@@ -184,7 +184,7 @@ function reportOf(remotes: readonly RemoteSnapshot[]): RemoteReport | undefined 
 
 function single(file: OpenedFile): SnapshotSpec {
   const spec = file.spec()
-  return spec.kind === 'file' ? {kind: 'file', path: spec.path, openPath: spec.openPath} : spec
+  return spec.kind === 'file' ? {kind: 'file', path: spec.path, openPath: spec.openPath, tables: spec.tables} : spec
 }
 
 async function closeFile(file: OpenedFile): Promise<void> {

@@ -1,4 +1,4 @@
-import {payloadPageIndex} from '../format/zero-map.js'
+import {payloadPosition} from '../format/zero-map.js'
 import {type ImageReader} from './layered-reader.js'
 
 /** Block payload held in memory at once while walking a large packed set. */
@@ -41,7 +41,6 @@ export function walkPackedPages(reader: ImageReader, blockPages: readonly ArrayL
 export function* packedPageSteps(reader: ImageReader, blockPages: readonly ArrayLike<number>[], walk: Omit<PackedPageWalk, 'end'>): Generator<PackedPageStep> {
   const {zeroMap, geometry} = reader
   const {pageSize, pagesPerChunk} = geometry
-  const positionInChunk = payloadPageIndex(zeroMap, pagesPerChunk)
   const payloadBytes = (pages: ArrayLike<number>): number => {
     let n = 0
     for (let i = 0; i < pages.length; i++) if (!zeroMap.isZero(pages[i])) n += pageSize
@@ -76,7 +75,7 @@ export function* packedPageSteps(reader: ImageReader, blockPages: readonly Array
         throw error
       }
       for (const need of wanted.get(chunk)!) {
-        const start = positionInChunk[need.page] * pageSize
+        const start = payloadPosition(zeroMap, need.page, pagesPerChunk) * pageSize
         walk.page(need.block, payloads[need.block - from]!, need.at, need.page, chunk, chunkPayload.subarray(start, start + pageSize))
       }
       yield {kind: 'chunk'}

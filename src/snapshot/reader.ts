@@ -5,7 +5,7 @@ import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_PAGE_DIGESTS, COMPAT_SIGNED, FI
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
-import {type ChunkEntry, decodeFooter, decodeIndex, decodeZeroMap, type Footer} from '../format/index-table.js'
+import {type ChunkEntry, type ChunkIndex, decodeFooter, decodeIndex, decodeZeroMap, type Footer} from '../format/index-table.js'
 import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, layerIdentity, layerPagesProblem} from '../format/layer.js'
 import {memoryDigest} from '../format/learned-runs.js'
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
@@ -26,6 +26,25 @@ export interface LayerData {
   runs: LayerRun[]
   /** Its own pages (ascending through the list) in blocks: units 0.. of the file. */
   set: PackedSet
+}
+
+/**
+ * A file's index and zero map bytes, in memory every thread of the process can map: one thread
+ * reads them, the threads it starts open the same file with them (SnapshotSpec) instead of each
+ * keeping a copy (2.5 MiB for a 16 GiB image). They are checked again by each opening, against
+ * the footer it reads from the file itself, so they stand in only for bytes equal to the file's.
+ */
+export interface SharedTables {
+  index: SharedArrayBuffer
+  zeroMap: SharedArrayBuffer
+}
+
+/** `length` bytes at `offset` of the file, in shared memory: `shared` when it holds exactly that many (see SharedTables), else read. */
+function sharedBytes(source: ByteSource, length: number, offset: number, shared: SharedArrayBuffer | undefined): Buffer {
+  if (shared?.byteLength === length) return Buffer.from(shared)
+  const bytes = Buffer.from(new SharedArrayBuffer(length))
+  source.readAt(bytes, offset)
+  return bytes
 }
 
 /**
@@ -56,7 +75,7 @@ export class SnapshotReader {
     readonly source: ByteSource,
     readonly header: SnapshotHeader,
     readonly footer: Footer,
-    readonly index: readonly ChunkEntry[],
+    readonly index: ChunkIndex,
     readonly zeroMap: ZeroMap,
     /** The packed working set, if the file has one: its blocks are units chunkCount.. onwards. */
     readonly packed: PackedSet | undefined,
@@ -71,6 +90,8 @@ export class SnapshotReader {
     readonly layout: string,
     /** How the file is sealed, and what this reader can check and decrypt of it. */
     readonly seal: OpenedSeal | undefined,
+    /** The index and zero map bytes, for the threads this one starts (SharedTables). */
+    readonly tables: SharedTables,
     /**
      * Where the page digest table lies (compat bit 3), with its bytes when they were read at open,
      * or why it could not be located; undefined without a table.
@@ -101,13 +122,14 @@ export class SnapshotReader {
    * encrypted file opened without its key is refused (KEY_REQUIRED) unless `locked` allows it:
    * then only what is not secret can be read (its structures, unauthenticated; no unit).
    */
-  static open(path: string, openPath = path, keys: ReadKeys = NO_READ_KEYS, locked = false): SnapshotReader {
-    return SnapshotReader.fromSource(new FileByteSource(path, openPath), keys, locked)
+  static open(path: string, openPath = path, keys: ReadKeys = NO_READ_KEYS, locked = false, tables?: SharedTables): SnapshotReader {
+    return SnapshotReader.fromSource(new FileByteSource(path, openPath), keys, locked, tables)
   }
 
-  static fromSource(source: ByteSource, keys: ReadKeys = NO_READ_KEYS, locked = false): SnapshotReader {
+  /** `tables`: another thread's reader's, of this same file (SharedTables). */
+  static fromSource(source: ByteSource, keys: ReadKeys = NO_READ_KEYS, locked = false, tables?: SharedTables): SnapshotReader {
     try {
-      return SnapshotReader.load(source, keys, locked)
+      return SnapshotReader.load(source, keys, locked, tables)
     } catch (error) {
       source.close()
       if (error instanceof SnapshotFormatError) throw error.withFile(source.name)
@@ -115,7 +137,7 @@ export class SnapshotReader {
     }
   }
 
-  private static load(source: ByteSource, keys: ReadKeys, locked: boolean): SnapshotReader {
+  private static load(source: ByteSource, keys: ReadKeys, locked: boolean, tables: SharedTables | undefined): SnapshotReader {
     const minimum = FIXED_HEADER_SIZE + HEADER_TRAILER_SIZE + FOOTER_SIZE
     const fixed = Buffer.alloc(Math.min(FIXED_HEADER_SIZE, source.size))
     source.readAt(fixed, 0)
@@ -139,12 +161,10 @@ export class SnapshotReader {
     if (source.size < headerSize + FOOTER_SIZE + sealTail) throw new SnapshotFormatError('TRUNCATED', 'seal record', `file of ${source.size} bytes ends before its seal record`)
     const footer = decodeFooter(footerBytes, source.size - sealTail, headerSize, header.headerCrc, geometry, layered)
 
-    const zeroMapBytes = Buffer.alloc(footer.zeroMapSize)
-    source.readAt(zeroMapBytes, footer.zeroMapOffset)
+    const zeroMapBytes = sharedBytes(source, footer.zeroMapSize, footer.zeroMapOffset, tables?.zeroMap)
     const zeroMap = decodeZeroMap(zeroMapBytes, footer, geometry)
 
-    const indexBytes = Buffer.alloc(footer.chunkCount * INDEX_ENTRY_SIZE)
-    source.readAt(indexBytes, footer.indexOffset)
+    const indexBytes = sharedBytes(source, footer.chunkCount * INDEX_ENTRY_SIZE, footer.indexOffset, tables?.index)
     const index = decodeIndex(indexBytes, footer, headerSize, geometry, zeroMap, encrypted)
     const manifest: {part: ManifestPart; bytes: Uint8Array}[] = [
       {part: ManifestPart.Header, bytes: headerBytes},
@@ -204,7 +224,8 @@ export class SnapshotReader {
       const unitCount = index.length + (layer?.set.blocks.length ?? 0) + (packed?.blocks.length ?? 0)
       seal = openSeal(source, sealInfo, {manifest, unitCount, structuresEnd: Math.max(footer.indexOffset + indexBytes.length, footer.zeroMapOffset + zeroMapBytes.length), learned: learnedLocation(header.metadata, headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))}, keys, locked)
     }
-    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal, digestTable)
+    const shared = {index: indexBytes.buffer as SharedArrayBuffer, zeroMap: zeroMapBytes.buffer as SharedArrayBuffer}
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal, shared, digestTable)
   }
 
   /** The page digest table's bytes, unchecked (page-digests.ts checks them), or why it could not be located; undefined without a table. */
@@ -452,7 +473,7 @@ export class SnapshotReader {
   /** The index entry of a chunk, or of a packed block (unit chunkCount + block). */
   entry(unit: number): ChunkEntry {
     if (!Number.isInteger(unit) || unit < 0 || unit >= this.unitCount) throw new RangeError(`chunk ${unit} is outside 0..${this.unitCount - 1}`)
-    return unit < this.index.length ? this.index[unit] : this.blocks[unit - this.index.length]
+    return unit < this.index.length ? this.index.at(unit) : this.blocks[unit - this.index.length]
   }
 
   /** The packed block a unit number names (for a layer: one of its blocks, then the packed set's), or undefined for a chunk. */

@@ -197,7 +197,7 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   const {header, index, geometry} = reader
   for (const p of set.pages) if (!Number.isInteger(p) || p < 0 || p >= geometry.pageCount) throw new RangeError(`working-set page ${p} is outside the snapshot's ${geometry.pageCount} pages`)
   const pages = [...new Set(set.pages)]
-  const chunks = chunksInTouchOrder(pages, geometry.pagesPerChunk).filter((c) => index[c].codec !== Codec.None)
+  const chunks = chunksInTouchOrder(pages, geometry.pagesPerChunk).filter((c) => index.codec(c) !== Codec.None)
   const first = new Set(chunks)
   const order = [...chunks, ...index.keys()].filter((c, i) => i < chunks.length || !first.has(c))
   const packing = options.codec !== 'none' && pages.length > 0
@@ -253,7 +253,7 @@ function* relayout(reader: SnapshotReader, out: OutputSink, set: SetToAttach, op
   const moved = new Map<number, {at: number; digest?: Buffer}>()
   for (let i = 0; i < order.length; i++) {
     const c = order[i]
-    const e = index[c]
+    const e = entries[c]
     if (e.codec === Codec.None) continue
     let copied = moved.get(e.dataOffset)
     if (copied === undefined) {
@@ -293,7 +293,7 @@ function* relayoutLayer(chain: LayeredReader, out: OutputSink, set: SetToAttach,
   // A layer has no chunks to put first: only the packed copy prefetches anything.
   if (options.codec === 'none') throw new UffdError('USAGE', `--pack none: a layer has no chunks to reorder, so its working set must be packed (zstd, lz4 or raw)`)
   const pages = [...new Set(set.pages)]
-  const chunks = chunksInTouchOrder(pages, geometry.pagesPerChunk).filter((c) => chain.index[c].codec !== Codec.None)
+  const chunks = chunksInTouchOrder(pages, geometry.pagesPerChunk).filter((c) => chain.index.codec(c) !== Codec.None)
   // The layer's blocks are copied as sealed; the packed blocks are new (units after the layer's).
   const sealer = FileSealer.rewrite(top.seal?.info, options.seal ?? {}, [UnitKind.LayerBlock], pages.length > 0 ? [UnitKind.PackedBlock] : [], top.source.name)
   if (pages.length > 0) yield {kind: 'all', units: chunks}

@@ -4,12 +4,15 @@ import {type FetcherMessage} from '../remote/fetcher/worker.js'
 import {RemoteByteSource} from '../remote/remote-source.js'
 import {type RemoteShare} from '../remote/shared.js'
 import {type ImageReader, LayeredReader} from './layered-reader.js'
-import {SnapshotReader} from './reader.js'
+import {type SharedTables, SnapshotReader} from './reader.js'
 import {type SharedBlocksShare} from './shared-blocks.js'
 import {NO_READ_KEYS, type ReadKeys, readKeysFromShare, type ReadKeysShare} from './sealing.js'
 
-/** One file of a snapshot for a thread: a local path (opened at `openPath`), or a remote file's share with this thread's own port to its fetcher. */
-export type FileSpec = {kind: 'file'; path: string; openPath?: string} | {kind: 'remote'; share: RemoteShare; port: MessagePort}
+/**
+ * One file of a snapshot for a thread: a local path (opened at `openPath`), or a remote file's
+ * share with this thread's own port to its fetcher; with the tables of the opening that made it.
+ */
+export type FileSpec = ({kind: 'file'; path: string; openPath?: string} | {kind: 'remote'; share: RemoteShare; port: MessagePort}) & {tables?: SharedTables}
 
 /**
  * How a thread opens the snapshot a command opened: one file (local or remote), or a chain of
@@ -18,8 +21,7 @@ export type FileSpec = {kind: 'file'; path: string; openPath?: string} | {kind: 
  * pass specTransfer(spec) as the worker's transfer list.
  */
 export type SnapshotSpec = (
-  | {kind: 'file'; path: string; openPath?: string}
-  | {kind: 'remote'; share: RemoteShare; port: MessagePort}
+  | FileSpec
   | {kind: 'chain'; files: FileSpec[]; paths: string[]; landedFd: number; blocks?: SharedBlocksShare}
 ) & {
   /** The keys the command opened it with (sealed snapshots), for the thread to open it with too. */
@@ -41,7 +43,7 @@ export function openSpec(spec: SnapshotSpec): ImageReader {
 
 /** Opens one file of a spec on this thread, with the keys the command opened it with. */
 export function openFileSpec(spec: FileSpec, keys: ReadKeys = NO_READ_KEYS): SnapshotReader {
-  return spec.kind === 'file' ? SnapshotReader.open(spec.path, spec.openPath, keys) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port), keys)
+  return spec.kind === 'file' ? SnapshotReader.open(spec.path, spec.openPath, keys, false, spec.tables) : SnapshotReader.fromSource(new RemoteByteSource(spec.share, spec.port), keys, false, spec.tables)
 }
 
 /**
@@ -78,5 +80,5 @@ function childFileSpec(spec: FileSpec): FileSpec {
   const {port1, port2} = new MessageChannel()
   const message: FetcherMessage = {type: 'port', port: port1}
   spec.port.postMessage(message, [port1])
-  return {kind: 'remote', share: spec.share, port: port2}
+  return {kind: 'remote', share: spec.share, port: port2, tables: spec.tables}
 }

@@ -21,7 +21,6 @@ import {mergeWorkingSets, checkMatches, chunksInTouchOrder, parseWorkingSet, typ
 import {BoundKind, placeSeed} from '../../src/format/bind.js'
 import {FOOTER_SIZE, INCOMPAT_BOUND, INDEX_ENTRY_SIZE, PACKED_BLOCK_ENTRY_SIZE, RegionKind} from '../../src/format/constants.js'
 import {packedBlockRuns, zeroRunWindowBytes} from '../../src/format/packed-set.js'
-import {payloadPageIndex} from '../../src/format/zero-map.js'
 import {readResumeReport, renderResumeReport} from '../../src/resume/main/report-render.js'
 import {buildReport, RunStats} from '../../src/resume/run-stats.js'
 import {type ByteSource} from '../../src/snapshot/byte-source.js'
@@ -698,7 +697,6 @@ export function checkSnapshot(bytes: Buffer, name: string, sealed?: BaseSnapshot
     })
     if (verify !== 'OK') return verify
     const startUp = attempt('resume start-up', () => {
-      payloadPageIndex(reader.zeroMap, reader.geometry.pagesPerChunk)
       if (reader.packed) {
         zeroRunWindowBytes(reader.packed)
         for (let b = 0; b < reader.packed.blocks.length; b++) packedBlockRuns(reader.packed, b, reader.zeroMap)

@@ -1,8 +1,8 @@
 import {UffdError} from '../../core/errors.js'
 import {SnapshotFormatError} from '../../format/errors.js'
 import {type Geometry} from '../../format/geometry.js'
-import {packedBlockRuns, zeroRunWindowBytes} from '../../format/packed-set.js'
-import {largeZeroRuns, payloadPageIndex, type ZeroMap} from '../../format/zero-map.js'
+import {PackedPageLookup, packedBlockRuns, zeroRunWindowBytes} from '../../format/packed-set.js'
+import {largeZeroRuns, payloadPosition, type ZeroMap} from '../../format/zero-map.js'
 import {type ImageReader} from '../../snapshot/layered-reader.js'
 import {addressOf, rethrowAsSysError, SysError} from '../../sys/index.js'
 import {type GuestRegion} from '../protocol.js'
@@ -92,10 +92,8 @@ export class FaultServer {
   private readonly chunkCount: number
   /** The snapshot's name, for errors reading it. */
   private readonly snapshotName: string
-  /** Each page's position in its chunk's payload (see payloadPageIndex). */
-  private readonly payloadIndex: Int32Array
-  /** Each page's packed working-set block, or -1 (when serving from packed blocks). */
-  private readonly blockOfPage: Int32Array | undefined
+  /** Which packed working-set block holds a page (when serving from packed blocks). */
+  private readonly packedPages: PackedPageLookup | undefined
   /** Each packed block's runs (packedBlockRuns): the same for every client (only while the set is served from its blocks). */
   private readonly runsOfBlock: Int32Array[] = []
   /** The image's large zero runs (largeZeroRuns), found when a client first wants them. */
@@ -115,14 +113,10 @@ export class FaultServer {
     this.chunkCount = reader.index.length
     this.snapshotName = reader.source.name
     this.windowSizes = windowSizes(options.faultAroundMinBytes ?? options.faultAroundBytes, options.faultAroundBytes, this.pageSize)
-    this.payloadIndex = payloadPageIndex(reader.zeroMap, this.geometry.pagesPerChunk)
     const packed = reader.packed
     if (options.packedWorkingSet && packed) {
-      this.blockOfPage = new Int32Array(this.geometry.pageCount).fill(-1)
-      for (const [b, block] of packed.blocks.entries()) {
-        for (let k = block.listStart; k < block.listStart + block.pageCount; k++) this.blockOfPage[packed.pages[k]] = b
-        this.runsOfBlock.push(packedBlockRuns(packed, b, reader.zeroMap))
-      }
+      this.packedPages = new PackedPageLookup(packed)
+      for (let b = 0; b < packed.blocks.length; b++) this.runsOfBlock.push(packedBlockRuns(packed, b, reader.zeroMap))
     }
   }
 
@@ -157,17 +151,18 @@ export class FaultServer {
     const kind = this.zeroMap.isZero(page) ? 'faultsZero' : 'faultsData'
     // Bytes still in object storage: the fault waits (the vCPU with it) while the loop goes on
     // serving everything else; it is served again when they land.
-    const unit = this.blockOfPage && this.blockOfPage[page] >= 0 ? this.chunkCount + this.blockOfPage[page] : kind === 'faultsData' ? this.geometry.chunkOfOffset(page * this.pageSize) : -1
+    const block = this.packedPages?.blockOf(page) ?? -1
+    const unit = block >= 0 ? this.chunkCount + block : kind === 'faultsData' ? this.geometry.chunkOfOffset(page * this.pageSize) : -1
     // (isLocal is a hint from the extent states; a file evicted since it landed is found out by
     // the read itself, which then asks for it and answers 'wait' the same way.)
     if (unit >= 0 && !this.source.isLocal(unit)) {
       this.source.fetchNow([unit], unit < this.chunkCount ? this.chunksAround(page, region) : [])
       return {outcome: 'wait', window: undefined}
     }
-    if (this.blockOfPage && this.blockOfPage[page] >= 0) {
+    if (block >= 0) {
       // A page of the packed working set: its block holds the pages touched around the same
       // time, wherever they lie, which predicts the next faults better than its neighbours do.
-      const installed = this.installBlock(client, this.blockOfPage[page], page)
+      const installed = this.installBlock(client, block, page)
       if (installed.outcome === 'wait') return {outcome: 'wait', window: undefined}
       if (installed.outcome !== 'served' && !(installed.outcome === 'gone' && client.states.get(page) === PAGE_PRESENT)) return {outcome: installed.outcome, window: undefined}
       this.recordServed(fault, kind)
@@ -352,7 +347,7 @@ export class FaultServer {
    */
   private payloadAddress(page: number): number | undefined {
     const unit = this.unitAddress(this.geometry.chunkOfOffset(page * this.pageSize))
-    return unit === undefined ? undefined : unit + this.payloadIndex[page] * this.pageSize
+    return unit === undefined ? undefined : unit + payloadPosition(this.zeroMap, page, this.geometry.pagesPerChunk) * this.pageSize
   }
 
   /**
