@@ -17,7 +17,7 @@ import {remoteOptions} from './remote-flags.js'
 import {readKeysFromFlags} from './seal-flags.js'
 import {type ReadKeys} from '../snapshot/sealing.js'
 import {InterruptedError} from './report-error.js'
-import {DEFAULT_CACHE_MB, DEFAULT_SERVE_CACHE_MB, DEFAULT_STAGE_MB, type ResumeFlags} from './resume-flags.js'
+import {DEFAULT_CACHE_MB, DEFAULT_DECODERS, DEFAULT_SERVE_CACHE_MB, DEFAULT_STAGE_MB, type ResumeFlags} from './resume-flags.js'
 
 /**
  * Serves `snapshotArg` as `flags` say and returns what happened; under `json` it prints nothing
@@ -29,7 +29,7 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
   if (flags['learn-runs'] !== undefined && !flags.learn) throw new UffdError('USAGE', '--learn-runs needs --learn')
   // The session opens the set itself, and would block on a FIFO before listening.
   if (flags['working-set'] && flags['working-set'] !== 'none') checkInput(flags['working-set'])
-  const decoders = flags.decoders ?? os.availableParallelism()
+  const decoders = flags.decoders ?? Math.min(os.availableParallelism(), flags.serve ? Infinity : DEFAULT_DECODERS)
   const remote = remoteOptions(flags)
   // First of all: a script waiting for the ready file must not take an earlier run's for this
   // one's while the snapshot opens (over the network, that can take a while).

@@ -6,8 +6,17 @@ import {type FlagSpec, type FlagValues} from './flag-specs.js'
 import {remoteFlagSpecs} from './remote-flags.js'
 import {readSealFlagSpecs} from './seal-flags.js'
 
-/** --cache-mb without --serve: a chunk is installed whole or nearly, so a client seldom faults on it again. */
-export const DEFAULT_CACHE_MB = 32
+/**
+ * --cache-mb without --serve: a chunk is installed whole or nearly, so a client seldom faults on
+ * it again (bench/first-touch decodes as many chunks with 8 MiB as with 256 in every pattern).
+ */
+export const DEFAULT_CACHE_MB = 8
+/**
+ * --decoders without --serve, at most: one client's faults are installed by the one fault loop,
+ * which two decoders keep ahead of, and each decoder is a thread of its own (~13 MiB resident):
+ * one per CPU of a large host would multiply a handler's memory for no speed.
+ */
+export const DEFAULT_DECODERS = 2
 /** --cache-mb with --serve: every client of the snapshot faults on the same chunks. */
 export const DEFAULT_SERVE_CACHE_MB = 256
 /** Room for the working set decoded before the first client, unless --cache-mb says otherwise. */
@@ -50,7 +59,7 @@ export const resumeFlagSpecs = {
     default: 'auto',
   },
   readahead: {kind: 'string', summary: 'Most memory installed ahead of a sequential run of faults (a size, 0 to disable); the distance doubles with each fault that continues the run.', default: '256M'},
-  decoders: {kind: 'integer', summary: 'Threads decoding chunks ahead of need [default: number of CPUs]; 0 decodes in the fault loop only.', min: 0, max: 64},
+  decoders: {kind: 'integer', summary: `Threads decoding chunks ahead of need [default: ${DEFAULT_DECODERS}, or the number of CPUs if fewer; with --serve the number of CPUs]; 0 decodes in the fault loop only.`, min: 0, max: 64},
   record: {kind: 'string', summary: 'Write the working set (the pages each fault installed, faulting page first, in fault order, with times) to this file at exit.'},
   learn: {
     kind: 'boolean',

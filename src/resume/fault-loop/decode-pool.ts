@@ -37,7 +37,6 @@ export class DecodePool {
   private readonly bySlotChunk = new Map<number, number>()
   /** Per slot: its current decode has been counted (countOnce). */
   private readonly counted: Uint8Array
-  private next = 0
   private requests = 0
 
   /**
@@ -110,10 +109,10 @@ export class DecodePool {
   request(chunk: number, image = 0): boolean {
     const key = slotKey(image, chunk)
     if (this.bySlotChunk.has(key)) return true
-    for (let i = 0; i < this.slots; i++) {
-      const slot = (this.next + i) % this.slots
+    // The lowest free slot: the arena's pages are touched (made resident) only as deep as the
+    // most requests ever in flight at once, not all of them over time.
+    for (let slot = 0; slot < this.slots; slot++) {
       if (Atomics.load(this.states, slot) !== SLOT_FREE) continue
-      this.next = slot + 1
       this.slotChunk[slot] = chunk
       this.slotImage[slot] = image
       this.counted[slot] = 0

@@ -102,8 +102,10 @@ export class FaultLoop {
     for (const reader of readers) reader.prepareDecoding()
     const clock = new RunClock()
     const chunkSize = Math.max(...readers.map((r) => r.geometry.chunkSize))
-    // Enough slots to keep every decoder busy with readahead queued behind, within ~64 MiB.
-    const readaheadSlots = Math.max(4 * config.decoders, Math.min(64, Math.floor((64 << 20) / chunkSize)))
+    // Enough slots to keep every decoder busy with readahead queued behind, within ~8 MiB: a
+    // decoded slot is installed as soon as the loop gets to it, so more in flight buys nothing
+    // but resident memory (the arena's pages are touched as deep as requests ever queue).
+    const readaheadSlots = Math.max(4 * config.decoders, Math.min(64, Math.floor((8 << 20) / chunkSize)))
     // Plus one per working-set unit staged before the first client, within stageBytes. Slots are
     // chunk-sized, but only the decoded bytes are ever touched, so only those take memory.
     // (Several snapshots share stageBytes, and --cache-mb in their caches below.)
