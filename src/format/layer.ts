@@ -183,9 +183,16 @@ export function checkLayerLocation(value: unknown, dataStart: number, dataEnd: n
 export function layerPagesProblem(runs: readonly LayerRun[], self: number, set: PackedSet, zeroMap: ZeroMap): string | undefined {
   let k = 0
   for (const r of runs) {
+    // A whole run at once when it agrees with the zero map (counted a byte of the map at a time:
+    // every thread that opens a chain checks each of its layers), page by page to say where not.
+    const zeros = zeroMap.countZero(r.firstPage, r.pageCount)
+    if (zeros !== (r.source === SOURCE_ZERO ? r.pageCount : 0)) {
+      for (let p = r.firstPage; p < r.firstPage + r.pageCount; p++) {
+        if ((r.source === SOURCE_ZERO) !== zeroMap.isZero(p)) return `page ${p} is ${zeroMap.isZero(p) ? '' : 'not '}zero in the zero map, but its run's source is ${r.source === SOURCE_ZERO ? 'zero' : r.source}`
+      }
+    }
+    if (r.source !== self) continue
     for (let p = r.firstPage; p < r.firstPage + r.pageCount; p++) {
-      if ((r.source === SOURCE_ZERO) !== zeroMap.isZero(p)) return `page ${p} is ${zeroMap.isZero(p) ? '' : 'not '}zero in the zero map, but its run's source is ${r.source === SOURCE_ZERO ? 'zero' : r.source}`
-      if (r.source !== self) continue
       if (k >= set.pages.length || set.pages[k] !== p) return `page ${p} comes from this layer but is not the next stored page (${k < set.pages.length ? set.pages[k] : 'none'})`
       k++
     }
