@@ -3,10 +3,12 @@
 // listening are the few imported here; the session's are loaded once the socket listens.
 
 import os from 'node:os'
+import {type Worker} from 'node:worker_threads'
 
 import {UffdError} from '../core/errors.js'
 import {formatBytes, parseSize} from '../core/units.js'
 import {Listener, removeStaleReadyFile} from '../resume/main/listener.js'
+import {endPrestarted, prestartFaultLoop} from '../resume/main/prestarted-loop.js'
 import {listensAfterWorkingSet} from '../resume/main/prefetch-plan.js'
 import {type AlsoServed, type ResumeResult} from '../resume/main/serving-session.js'
 import {checkInput} from '../snapshot/input-file.js'
@@ -23,8 +25,19 @@ import {DEFAULT_CACHE_MB, DEFAULT_DECODERS, DEFAULT_SERVE_CACHE_MB, DEFAULT_STAG
  * Serves `snapshotArg` as `flags` say and returns what happened; under `json` it prints nothing
  * on stdout (the caller prints the result). A FlagValueError is thrown only before anything is
  * listened on or written, so a caller may hand the command line to oclif to report it.
+ * `faultLoop`: the fault-loop thread, started as early as the caller could (prestartFaultLoop);
+ * it is this command's from then on, ended whatever happens.
  */
-export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, json: boolean): Promise<ResumeResult> {
+export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, json: boolean, faultLoop: Worker = prestartFaultLoop()): Promise<ResumeResult> {
+  try {
+    return await resumeWith(snapshotArg, flags, json, faultLoop)
+  } finally {
+    // Never given its settings (an error before serving), or ended with the session already.
+    await endPrestarted(faultLoop)
+  }
+}
+
+async function resumeWith(snapshotArg: string, flags: ResumeFlags, json: boolean, faultLoop: Worker): Promise<ResumeResult> {
   // oclif's dependsOn counts --learn's default (false) as given, so it lets this through.
   if (flags['learn-runs'] !== undefined && !flags.learn) throw new UffdError('USAGE', '--learn-runs needs --learn')
   // The session opens the set itself, and would block on a FIFO before listening.
@@ -47,7 +60,7 @@ export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, jso
     if (flags.learn && !(snapshot.reader instanceof SnapshotReader)) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: a layer cannot learn (learn on the base before layering, or squash the chain first)')
     if (flags.learn && snapshot.reader instanceof SnapshotReader && snapshot.reader.seal?.info.signature) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: a signed snapshot cannot be rewritten here (its signature needs the signing key); attach learned sets where snapshots are signed (uffd working-set attach --sign-key)')
     if (snapshot.remote && flags.learn) throw new UffdError('USAGE', '--learn rewrites the snapshot in place: it needs a local file, not a URL (learn on a local copy, then `uffd cp` it back)')
-    return await serve(snapshot, also, decoders, flags, json, keys)
+    return await serve(snapshot, also, decoders, flags, json, keys, faultLoop)
   } finally {
     for (const a of also) await a.snapshot.close()
     await snapshot.close()
@@ -82,7 +95,7 @@ function alsoServed(flags: ResumeFlags): {snapshot: string; socketPath: string}[
   })
 }
 
-async function serve(snapshot: OpenedSnapshot, also: AlsoServed[], decoders: number, flags: ResumeFlags, json: boolean, keys: ReadKeys): Promise<ResumeResult> {
+async function serve(snapshot: OpenedSnapshot, also: AlsoServed[], decoders: number, flags: ResumeFlags, json: boolean, keys: ReadKeys, faultLoop: Worker): Promise<ResumeResult> {
   const {chunkSize, pageSize} = snapshot.reader.geometry
   const window = faultAround(flags['fault-around'], chunkSize, pageSize)
   const readaheadBytes = size(flags.readahead, '--readahead')
@@ -123,6 +136,7 @@ async function serve(snapshot: OpenedSnapshot, also: AlsoServed[], decoders: num
     decoders,
     readaheadBytes,
     statsFile: flags['stats-file'],
+    faultLoop,
     signal: controller.signal,
     log,
     onStats: (statsOf: () => unknown) => {

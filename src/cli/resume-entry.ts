@@ -3,6 +3,7 @@
 // command line that is not plain (help, a usage error, anything parsePlainCommandLine leaves to
 // oclif) it returns false before doing anything, and oclif runs the command as it always did.
 
+import {prestartFaultLoop} from '../resume/main/prestarted-loop.js'
 import {FlagValueError, parsePlainCommandLine} from './flag-specs.js'
 import {failureReport} from './report-error.js'
 import {jsonFlagSpec, resumeFlagSpecs} from './resume-flags.js'
@@ -17,12 +18,14 @@ export async function runResumeFast(argv: readonly string[]): Promise<boolean> {
   if (!parsed) return false
   const {json} = parsed.flags
   if (json && process.stdout.isTTY) return false
+  // The fault-loop thread starts now, beside loading and opening what comes before listening.
+  const faultLoop = prestartFaultLoop()
   try {
     // Loaded only for a command line this path runs: the modules behind it define koffi's types,
     // which the modules oclif loads for any other command line would define a second time (koffi
     // refuses a duplicate type name) when this file comes from the bundle.
     const {resumeCommand} = await import('./resume-command.js')
-    const result = await resumeCommand(parsed.args.snapshot, parsed.flags, json)
+    const result = await resumeCommand(parsed.args.snapshot, parsed.flags, json, faultLoop)
     if (json) console.log(JSON.stringify(result, null, 2))
   } catch (error) {
     // Thrown before anything was listened on or written: oclif reports it as its own.

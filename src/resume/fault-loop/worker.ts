@@ -2,10 +2,15 @@
 import {parentPort, workerData} from 'node:worker_threads'
 
 import {type WorkerConfig} from '../protocol.js'
-import {FaultLoop} from './loop.js'
 
-const config = workerData as WorkerConfig
-const loop = FaultLoop.start(config, FaultLoop.channelOf(config, (message) => parentPort!.postMessage(message)))
-loop.run()
-await loop.close()
+// Started before the main thread knows its settings (prestartFaultLoop), it loads the loop's
+// modules at once, beside the main thread's start-up, and gets its settings as its first message
+// (null: it is not wanted, and ends).
+const {FaultLoop} = await import('./loop.js')
+const config = (workerData as WorkerConfig | null) ?? (await new Promise<WorkerConfig | null>((resolve) => parentPort!.once('message', resolve)))
+if (config) {
+  const loop = FaultLoop.start(config, FaultLoop.channelOf(config, (message) => parentPort!.postMessage(message)))
+  loop.run()
+  await loop.close()
+}
 process.exit(0)

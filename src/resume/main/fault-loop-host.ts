@@ -33,11 +33,16 @@ export class FaultLoopHost {
   private readonly controlFd: number
   private readonly channel = new MessageChannel()
 
-  constructor(config: Omit<WorkerConfig, 'stats' | 'control' | 'controlFd'>) {
+  /** `prestarted`: a worker from prestartFaultLoop, given its settings here (else one is started). */
+  constructor(config: Omit<WorkerConfig, 'stats' | 'control' | 'controlFd'>, prestarted?: Worker) {
     this.controlFd = createEventfd()
     const full: WorkerConfig = {...config, stats: this.stats.buffer, control: this.channel.port2, controlFd: this.controlFd}
     const specs = [config.snapshot, ...(config.also ?? []).map((a) => a.snapshot)]
-    this.events = new WorkerEvents(startWorker(import.meta.url, '../fault-loop/worker', full, [this.channel.port2, ...specs.flatMap((spec) => specTransfer(spec))], RESUME_THREAD_LIMITS))
+    const transfer = [this.channel.port2, ...specs.flatMap((spec) => specTransfer(spec))]
+    // (threadId is -1 once its end has been seen.)
+    const worker = prestarted && prestarted.threadId >= 0 ? prestarted : undefined
+    if (worker) worker.postMessage(full, transfer)
+    this.events = new WorkerEvents(worker ?? startWorker(import.meta.url, '../fault-loop/worker', full, transfer, RESUME_THREAD_LIMITS))
   }
 
   send(message: ToWorker): void {

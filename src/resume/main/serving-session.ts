@@ -1,3 +1,5 @@
+import {type Worker} from 'node:worker_threads'
+
 import {UffdError} from '../../core/errors.js'
 import {formatBytes} from '../../core/units.js'
 import {writeFileAtomically} from '../../snapshot/atomic-file.js'
@@ -19,6 +21,8 @@ export interface SessionOptions extends ServingSettings {
   /** Kill a client that can no longer be served correctly rather than leave it frozen. */
   kill: boolean
   statsFile?: string
+  /** A fault-loop worker started early (prestartFaultLoop), for this session to give its settings to. */
+  faultLoop?: Worker
   signal: AbortSignal
   log: (line: string) => void
   /** Receives a function that reports the statistics so far (for SIGUSR1). */
@@ -206,7 +210,7 @@ class ServingSession implements ClientIntake {
   ) {
     this.signal = options.signal
     this.listeners = options.listeners
-    this.host = new FaultLoopHost({...servingSettings(options), ...prefetching})
+    this.host = new FaultLoopHost({...servingSettings(options), ...prefetching}, options.faultLoop)
     options.onStats?.(() => this.report())
     this.hitSampler = prefetching.countHits ? new PrefetchHitSampler(this.host.stats, this.clients) : undefined
   }
