@@ -422,7 +422,7 @@ describe('Prefetcher: population, readiness and REMOVE', () => {
     const step = prefetcher.step()
     expect(step).toMatchObject({result: 'outcome', outcome: 'retry'})
     const loop = new FaultLoop(
-      {config: {keepWorkingSet: false, countHits: false, spinMicros: 0}, images: [{reader, source: new DecodedUnits(reader, undefined, stats, 1 << 20), server, prefetcher, workingSetUnits: [], stagedSlots: 0}], stats, clock, pool: undefined, recorder: undefined},
+      {config: {keepWorkingSet: false, countHits: false, spinMicros: 0}, images: [{reader, source: new DecodedUnits(reader, undefined, stats, 1 << 20), server, prefetcher, workingSetUnits: [], stagedSlots: 0}], stats, clock, pool: undefined, decodersAtOnce: false, recorder: undefined},
       {controlFd: -1, receive: () => undefined, post: () => {}},
     )
     // Part of a chunk population has not reached (the rest of it must still be filled), and a

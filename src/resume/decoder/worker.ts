@@ -13,8 +13,12 @@ import {DECODER_NICE, CONTROL_GENERATION, CONTROL_STARTED, CONTROL_STOP, SLOT_ER
  * Atomics.wait until a request or the stop flag arrives.
  */
 const config = workerData as DecoderConfig
+// Decoding ahead must never take a core from the fault loop or the client: they preempt us,
+// from the start (loading the codecs takes a while, and the fault loop may be serving already).
+setThreadNice(DECODER_NICE)
 // The codecs' native modules load first: a thread torn down while it loads them can abort the
-// process, so the fault loop waits for this much before it serves (and before a run ends).
+// process, so the pool lets a decoder that has not said it started end by itself (close()), and a
+// fault loop that stages a working set waits for this much before it serves.
 new ChunkDecompressor()
 const states = new Int32Array(config.states)
 const lengths = new Int32Array(config.lengths)
@@ -25,8 +29,6 @@ const units = new Int32Array(config.units)
 const order = new Int32Array(config.order)
 const claims = new Int32Array(config.claims)
 const control = new Int32Array(config.control)
-// Decoding ahead must never take a core from the fault loop or the client: they preempt us.
-setThreadNice(DECODER_NICE)
 Atomics.add(control, CONTROL_STARTED, 1)
 Atomics.notify(control, CONTROL_STARTED)
 // Opened after saying so: unless it stages a working set first (which waits for the decoders'

@@ -38,6 +38,8 @@ export class DecodePool {
   /** Per slot: its current decode has been counted (countOnce). */
   private readonly counted: Uint8Array
   private requests = 0
+  /** What the decoders decode, one spec per snapshot (see start()). */
+  private readonly served: readonly SnapshotSpec[]
 
   /**
    * `snapshots`: what the decoders decode, one snapshot or several (--also): each decoder opens
@@ -45,7 +47,7 @@ export class DecodePool {
    */
   constructor(
     snapshots: SnapshotSpec | readonly SnapshotSpec[],
-    decoders: number,
+    private readonly decoders: number,
     readonly slots: number,
     private readonly slotBytes: number,
   ) {
@@ -70,12 +72,40 @@ export class DecodePool {
     this.claims = new Int32Array(claims)
     this.control = new Int32Array(control)
     this.counted = new Uint8Array(slots)
-    const served = Array.isArray(snapshots) ? snapshots : [snapshots as SnapshotSpec]
+    this.served = Array.isArray(snapshots) ? snapshots : [snapshots as SnapshotSpec]
+  }
+
+  /**
+   * Starts the decoder threads (once): on the first request, unless the owner knows they will be
+   * wanted from the start. Until a request comes (a scan's readahead, a working set, a remote
+   * chunk) there is nothing for them to do, and each thread's start-up (~100 ms of CPU, before
+   * it can lower its priority) would compete with the first faults, which the fault loop decodes
+   * itself meanwhile: scattered faults alone never start them.
+   */
+  start(): void {
+    if (this.workers.length > 0) return
+    const {served, decoders} = this
+    const buffer = (view: Int32Array): SharedArrayBuffer => view.buffer as SharedArrayBuffer
     for (let i = 0; i < decoders; i++) {
       const specs = served.map((spec) => childSpec(spec))
       // (Several snapshots: a unit of one goes to the decoder that has the same unit of the others.)
       const affinity = served.length > 1 && decoders > 1 ? {index: i, decoders} : undefined
-      const config: DecoderConfig = {snapshots: specs, arena: this.arena, slotBytes, states, lengths, decodes, shared, images, units, order, claims, control, eventFd: this.eventFd, affinity}
+      const config: DecoderConfig = {
+        snapshots: specs,
+        arena: this.arena,
+        slotBytes: this.slotBytes,
+        states: buffer(this.states),
+        lengths: buffer(this.lengths),
+        decodes: buffer(this.decodes),
+        shared: buffer(this.shared),
+        images: buffer(this.slotImage),
+        units: buffer(this.slotChunk),
+        order: buffer(this.order),
+        claims: buffer(this.claims),
+        control: buffer(this.control),
+        eventFd: this.eventFd,
+        affinity,
+      }
       this.workers.push(startWorker(import.meta.url, '../decoder/worker', config, specs.flatMap((spec) => specTransfer(spec)), RESUME_THREAD_LIMITS))
     }
   }
@@ -109,6 +139,7 @@ export class DecodePool {
   request(chunk: number, image = 0): boolean {
     const key = slotKey(image, chunk)
     if (this.bySlotChunk.has(key)) return true
+    this.start()
     // The lowest free slot: the arena's pages are touched (made resident) only as deep as the
     // most requests ever in flight at once, not all of them over time.
     for (let slot = 0; slot < this.slots; slot++) {

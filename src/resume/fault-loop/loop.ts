@@ -67,6 +67,12 @@ export interface LoopParts {
   stats: RunStats
   clock: RunClock
   pool: DecodePool | undefined
+  /**
+   * The decoders are wanted from the first client on (--populate all, --serve, a working set,
+   * object storage): they start with the loop, which is ready once they are. Else the first
+   * request for one starts them (DecodePool.start) and the loop serves at once.
+   */
+  decodersAtOnce: boolean
   /** Records the first snapshot's clients (--record takes one snapshot). */
   recorder: WorkingSetRecorder | undefined
 }
@@ -121,6 +127,8 @@ export class FaultLoop {
             chunkSize,
           )
         : undefined
+    const decodersAtOnce = pool !== undefined && (config.populateAll || config.keepWorkingSet || served.some(({snapshot, workingSetUnits}) => workingSetUnits.length > 0 || specLandedFd(snapshot) >= 0))
+    if (decodersAtOnce) pool.start()
     // A helper thread installs most of each client's staged working set beside this one:
     // single-page copies cost ~2-3 µs each in the kernel and two threads copying run side by side.
     const installHelper = pool !== undefined && availableParallelism() > 1 && process.env.UFFD_INSTALL_HELPER !== '0'
@@ -141,7 +149,7 @@ export class FaultLoop {
     })
     const recorder = config.record ? new WorkingSetRecorder(readers[0].geometry.pageCount) : undefined
     if (config.countHits) stats.set('hitsTracked', pinnedForHitCounting() ? 1 : 0)
-    return new FaultLoop({config, images, stats, clock, pool, recorder}, channel)
+    return new FaultLoop({config, images, stats, clock, pool, decodersAtOnce, recorder}, channel)
   }
 
   /** The worker's channel over a MessagePort and its eventfd. */
@@ -165,13 +173,15 @@ export class FaultLoop {
   run(): void {
     const {pool, stats, images} = this.parts
     this.rebuildPollSet()
-    // Ready means ready to serve at full speed: decoders that are still loading would hold up the
-    // work that needs them (and a thread torn down while it loads its native modules can abort the
-    // process, so none may still be loading when a short run ends). If they never start, faults
-    // are decoded here. A local snapshot's working set is also decoded before the socket listens
-    // (after a handshake, installing it then costs only the copies); from object storage the set
-    // is fetched while the client connects: nothing waits for the network.
-    const started = pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false
+    // Ready means ready to serve at full speed: decoders wanted from the first client on are
+    // waited for (if they never start, faults are decoded here), and a local snapshot's working
+    // set is decoded before the socket listens (after a handshake, installing it then costs only
+    // the copies); from object storage the set is fetched while the client connects: nothing
+    // waits for the network. Decoders started by a first request are not waited for: until one
+    // claims a request the loop takes it back for a fault that needs it and decodes it here (a
+    // wait for them was most of a first fault's latency), and the pool lets a decoder still
+    // loading its native modules end by itself (close()).
+    const started = this.parts.decodersAtOnce && (pool?.waitUntilStarted(STARTUP_WAIT_MS) ?? false)
     const staged = {units: 0, bytes: 0}
     for (const image of images) {
       if (!started || image.stagedSlots === 0 || image.reader.remote) continue
