@@ -273,10 +273,12 @@ describe('PageStates', () => {
         const oracle: number[] = Array.from({length: pages}, () => PAGE_MISSING)
         for (const {kind, first, count} of ops) {
           const n = Math.min(count, pages - first)
+          expect(states.allMissing(first, n)).toBe(oracle.slice(first, first + n).every((s) => s === PAGE_MISSING))
           if (kind === 'present') states.markPresent(first, n)
           else states.markRemoved(first, n)
           for (let p = first; p < first + n; p++) oracle[p] = kind === 'present' ? PAGE_PRESENT : PAGE_REMOVED
           expect(states.presentCount).toBe(oracle.filter((s) => s === PAGE_PRESENT).length)
+          expect(states.settledCount).toBe(oracle.filter((s) => s !== PAGE_MISSING).length)
         }
         expect(Array.from({length: pages}, (_, p) => states.get(p))).toEqual(oracle)
       }),

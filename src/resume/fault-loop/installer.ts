@@ -256,7 +256,7 @@ export class Installer {
    */
   handToKernel(client: Client, region: GuestRegion, first: number, count: number): boolean {
     if (!this.calls.unregister) return false
-    for (let p = first; p < first + count; p++) if (client.states.get(p) !== PAGE_MISSING) return false
+    if (!client.states.allMissing(first, count)) return false
     const start = region.baseHostVirtAddr + (first * this.pageSize - region.offset)
     const length = count * this.pageSize
     try {
