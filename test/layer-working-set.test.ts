@@ -98,7 +98,8 @@ describe.skipIf(skip)('a working set on a layer', () => {
         child.stderr!.on('data', (d: Buffer | string) => (log += d.toString()))
       },
     })
-    for (let i = 0; i < 400 && !fs.existsSync(ready); i++) await new Promise((r) => setTimeout(r, 25))
+    // (The readiness line follows the ready file: wait for both.)
+    for (let i = 0; i < 400 && !(fs.existsSync(ready) && log.includes('listening on')); i++) await new Promise((r) => setTimeout(r, 25))
     expect(JSON.parse(fs.readFileSync(ready, 'utf8')).sockets).toEqual([sockC, sockA])
     expect(log.indexOf('working set staged')).toBeGreaterThanOrEqual(0)
     expect(log.indexOf('working set staged')).toBeLessThan(log.indexOf(`listening on ${sockC}, ${sockA}`))
