@@ -7,7 +7,8 @@ import {fileURLToPath} from 'node:url'
 /** Shared plumbing of the benchmarks: processes, readiness, medians, result files. */
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..')
 export const NATIVE = path.join(ROOT, 'native/build')
-export const UFFD = path.join(ROOT, 'bin/run.js')
+/** The uffd under test: this checkout's, or another built checkout's bin/run.js (UFFD_BENCH_BIN) for an A/B by hand. */
+export const UFFD = process.env.UFFD_BENCH_BIN ?? path.join(ROOT, 'bin/run.js')
 
 export function median(values: number[]): number {
   const s = [...values].sort((a, b) => a - b)
