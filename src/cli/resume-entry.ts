@@ -3,7 +3,9 @@
 // command line that is not plain (help, a usage error, anything parsePlainCommandLine leaves to
 // oclif) it returns false before doing anything, and oclif runs the command as it always did.
 
-import {prestartFaultLoop} from '../resume/main/prestarted-loop.js'
+import {type Worker} from 'node:worker_threads'
+
+import {endPrestarted, prestartFaultLoop} from '../resume/main/prestarted-loop.js'
 import {FlagValueError, parsePlainCommandLine} from './flag-specs.js'
 import {failureReport} from './report-error.js'
 import {jsonFlagSpec, resumeFlagSpecs} from './resume-flags.js'
@@ -18,9 +20,10 @@ export async function runResumeFast(argv: readonly string[]): Promise<boolean> {
   if (!parsed) return false
   const {json} = parsed.flags
   if (json && process.stdout.isTTY) return false
-  // The fault-loop thread starts now, beside loading and opening what comes before listening.
-  const faultLoop = prestartFaultLoop()
+  let faultLoop: Worker | undefined
   try {
+    // The fault-loop thread starts now, beside loading and opening what comes before listening.
+    faultLoop = prestartFaultLoop()
     // Loaded only for a command line this path runs: the modules behind it define koffi's types,
     // which the modules oclif loads for any other command line would define a second time (koffi
     // refuses a duplicate type name) when this file comes from the bundle.
@@ -34,6 +37,10 @@ export async function runResumeFast(argv: readonly string[]): Promise<boolean> {
     process.exitCode = report.exitCode
     if (json) console.log(JSON.stringify({error: report.error}, null, 2))
     else process.stderr.write(`uffd resume: ${report.error.message}\n`)
+  } finally {
+    // resumeCommand ends it; this is for a failure before it ran (the import): a thread left
+    // waiting for its settings would keep the process alive.
+    if (faultLoop) await endPrestarted(faultLoop)
   }
   return true
 }

@@ -10,7 +10,12 @@ const {FaultLoop} = await import('./loop.js')
 const config = (workerData as WorkerConfig | null) ?? (await new Promise<WorkerConfig | null>((resolve) => parentPort!.once('message', resolve)))
 if (config) {
   const loop = FaultLoop.start(config, FaultLoop.channelOf(config, (message) => parentPort!.postMessage(message)))
-  loop.run()
-  await loop.close()
+  try {
+    loop.run()
+  } finally {
+    // Also when the loop throws: its decoders may still be loading their native modules, and a
+    // thread ended under them then would abort the process (the pool lets them end by themselves).
+    await loop.close()
+  }
 }
 process.exit(0)
