@@ -175,8 +175,8 @@ export class ChunkIndex {
     return this.bytes[c * INDEX_ENTRY_SIZE + 20]
   }
 
-  keys(): IterableIterator<number> {
-    return Array.from({length: this.length}, (_, c) => c).values()
+  *keys(): IterableIterator<number> {
+    for (let c = 0; c < this.length; c++) yield c
   }
 
   *[Symbol.iterator](): IterableIterator<ChunkEntry> {

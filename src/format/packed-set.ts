@@ -190,6 +190,13 @@ export function zeroRunWindowBytes(set: PackedSet): number {
   return adjacent * 2 < sorted.length ? 2 * 1024 * 1024 : 256 * 1024
 }
 
+/** For each position of a set's page list, the block holding it (blocks partition the list in order). */
+export function blockOfListIndex(set: PackedSet): Int32Array {
+  const of = new Int32Array(set.pages.length)
+  set.blocks.forEach((b, i) => of.fill(i, b.listStart, b.listStart + b.pageCount))
+  return of
+}
+
 /**
  * Which block of a packed set holds each of its pages, as the set's pages sorted with their
  * blocks beside them and found by bisection: a table of every page of the image would cost 4
@@ -202,9 +209,8 @@ export class PackedPageLookup {
   constructor(set: PackedSet) {
     const order = Uint32Array.from(set.pages.keys()).sort((a, b) => set.pages[a] - set.pages[b])
     this.pages = order.map((k) => set.pages[k])
-    const blockOfListIndex = new Int32Array(set.pages.length)
-    set.blocks.forEach((b, i) => blockOfListIndex.fill(i, b.listStart, b.listStart + b.pageCount))
-    this.blocks = Int32Array.from(order, (k) => blockOfListIndex[k])
+    const blockOf = blockOfListIndex(set)
+    this.blocks = Int32Array.from(order, (k) => blockOf[k])
   }
 
   /** The block holding `page`, or -1 when the set has no such page. */

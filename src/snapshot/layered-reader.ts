@@ -8,7 +8,7 @@ import {type Geometry} from '../format/geometry.js'
 import {type SnapshotHeader} from '../format/header.js'
 import {type ChunkEntry, ChunkIndex} from '../format/index-table.js'
 import {baseRuns, findRun, indexOfPage, type LayerParent, type LayerRun} from '../format/layer.js'
-import {type PackedSet} from '../format/packed-set.js'
+import {blockOfListIndex, type PackedSet} from '../format/packed-set.js'
 import {payloadPosition, type ZeroMap} from '../format/zero-map.js'
 import {type ByteSource, PRIORITY_DEMAND, PRIORITY_PREFETCH, type Priority} from './byte-source.js'
 import {SnapshotReader} from './reader.js'
@@ -76,12 +76,7 @@ export class LayeredReader {
     )
     this.packed = top.packed
     this.unitCount = this.index.length + (this.packed?.blocks.length ?? 0)
-    this.blockOfListIndex = files.map((f) => {
-      const blocks = f.layer?.set.blocks ?? []
-      const of = new Int32Array(f.layer?.set.pages.length ?? 0)
-      blocks.forEach((b, i) => of.fill(i, b.listStart, b.listStart + b.pageCount))
-      return of
-    })
+    this.blockOfListIndex = files.map((f) => (f.layer ? blockOfListIndex(f.layer.set) : new Int32Array(0)))
   }
 
   /**
