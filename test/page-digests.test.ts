@@ -189,6 +189,10 @@ describe('snapshots and layers with page digests', () => {
     const v = ok(['verify', at('base.uffd'), '--against', at('base.raw')])
     expect(v.pageDigestsChecked).toBe(PAGES - zeros)
     expect(SnapshotReader.open(at('old.uffd')).header.metadata.pageDigests).toBeUndefined()
+    // stats shows the table without reading it; a file without one shows none.
+    const s = ok(['stats', at('base.uffd')])
+    expect(s.pageDigests).toEqual({rows: PAGES - zeros, bytes: table.length})
+    expect(ok(['stats', at('old.uffd')]).pageDigests).toBeUndefined()
   })
 
   for (const [name, input, diff] of [
@@ -228,6 +232,12 @@ describe('snapshots and layers with page digests', () => {
     expect(o.compared).toBe('decoded')
     expect(layerShape(at('v2-d.uffd'))).toEqual(layerShape(at('v2-o.uffd')))
     ok(['verify', at('v2-d.uffd'), '--against', at('v2.raw')])
+    // stats: each file of the chain with its own table's size; the decoded chain's layers have none.
+    const withDigests = ok(['stats', at('v2-d.uffd')])
+    expect(withDigests.chain.map((f: any) => f.pageDigestBytes)).toEqual([withDigests.chain[0].pageDigestBytes, ok(['stats', at('scattered-d.uffd')]).pageDigests.bytes, d.pageDigestBytes])
+    expect(withDigests.chain.every((f: any) => f.pageDigestBytes > 0)).toBe(true)
+    expect(withDigests.pageDigests.bytes).toBe(d.pageDigestBytes)
+    expect(ok(['stats', at('v2-o.uffd')]).chain.map((f: any) => f.pageDigestBytes)).toEqual([0, 0, 0])
   })
 
   it('a corrupt digest table is caught by verify and refused by the layer writer', () => {

@@ -123,8 +123,8 @@ export default class Stats extends BaseCommand {
     if (s.layer) row('layer', `${s.layer.pages} changed pages stored in ${s.layer.blocks} blocks, over ${s.layer.depth} file(s)`)
     else row('chunks', `${s.chunkCount} of ${formatBytes(s.chunkSize)}: ${s.allZeroChunks} all-zero, ${s.dedupChunks} deduplicated (saving ${formatBytes(s.dedupSavedBytes)})`)
     if (s.chain) {
-      row('chain', '          size   stored units   provides  file')
-      for (const f of s.chain) row('', `${f.role.padEnd(8)} ${formatBytes(f.fileSize).padStart(9)} ${String(f.unitsStored).padStart(14)} ${formatPercent(f.pagesProvided, s.pageCount).padStart(10)}  ${f.file}`)
+      row('chain', '          size   stored units   provides    digests  file')
+      for (const f of s.chain) row('', `${f.role.padEnd(8)} ${formatBytes(f.fileSize).padStart(9)} ${String(f.unitsStored).padStart(14)} ${formatPercent(f.pagesProvided, s.pageCount).padStart(10)} ${(f.pageDigestBytes > 0 ? formatBytes(f.pageDigestBytes) : '-').padStart(10)}  ${f.file}`)
     }
     row('codec', `${s.layer ? 'blocks' : 'chunks'}      payload      stored   ratio`)
     for (const [name, u] of Object.entries(s.codecs)) {
@@ -141,6 +141,8 @@ export default class Stats extends BaseCommand {
       row('working set', `${ws.pages} pages from ${ws.runs} run(s), ${ws.chunksFirst} chunks stored first${packed}`)
       if (ws.learned) row('learned', `the majority of the last ${ws.learned.runs} of at most ${ws.learned.keep} runs of \`uffd resume --learn\` (${formatBytes(ws.learned.storedBytes)} stored)`)
     }
+    const d = s.pageDigests
+    if (d) row('page digests', 'problem' in d ? `table not located: ${d.problem}` : `${d.rows} rows (a 16-byte digest per page this file stores), ${formatBytes(d.bytes)}: lets \`snapshot --parent\` compare pages without decoding`)
     if (s.criu) row('CRIU pages', `${formatBytes(s.criu.rawPageBytes)} in the dump's page images, ${s.criu.ratio.toFixed(2)}x the snapshot's ${formatBytes(s.criu.snapshotBytes)}`)
     if (s.tasks.length > 0) {
       row('tasks', `   pid      mapped    non-zero${s.criu ? '  raw pages' : ''}  regions`)

@@ -10,7 +10,7 @@ import {walkPackedPages} from './packed-pages.js'
 import {workingSetIdentity} from './attached-set.js'
 import {type OpenedSeal} from './opened-seal.js'
 import {attachedWorkingSet} from './relayout.js'
-import {DigestChecker, readFileDigests} from './page-digests.js'
+import {DigestChecker, digestRowCount, readFileDigests} from './page-digests.js'
 
 export interface SnapshotStats {
   file: string
@@ -37,6 +37,8 @@ export interface SnapshotStats {
   workingSet?: {pages: number; runs: number; chunksFirst: number; learned?: {runs: number; keep: number; storedBytes: number}; packed?: {blocks: number; pages: number; payloadBytes: number; storedBytes: number; codecs: Record<string, number>}}
   /** A layer: its depth (ancestors), and its pages stored in blocks (counted in codecs too). */
   layer?: {depth: number; blocks: number; pages: number}
+  /** Its page digest table (docs/FORMAT.md, Page digests): a row per page it stores, and the table's bytes; `problem` when it cannot be located. */
+  pageDigests?: {rows: number; bytes: number} | {problem: string}
   /** A sealed or signed file: how, and what this run could check of it. */
   seal?: SealStats
   /** A layer's chain, base first: each file, its size, what it stores and the share of the image it provides. */
@@ -56,6 +58,8 @@ export interface ChainFile {
   pagesProvided: number
   /** pagesProvided / the image's pages. */
   share: number
+  /** Bytes of its page digest table (0: it has none). */
+  pageDigestBytes: number
 }
 
 /** Deeper than this, metadata is shown as a marker: uffd itself never writes more than 3 levels. */
@@ -120,8 +124,20 @@ export function chainStats(reader: LayeredReader): ChainFile[] {
       storedBytes: units.reduce((n, length) => n + length, 0),
       pagesProvided: provided.pages[k],
       share: pageCount === 0 ? 0 : provided.pages[k] / pageCount,
+      pageDigestBytes: digestTableBytes(f),
     }
   })
+}
+
+function digestTableBytes(reader: SnapshotReader): number {
+  const extent = reader.pageDigestExtent()
+  return extent && 'length' in extent ? extent.length : 0
+}
+
+function pageDigestStats(reader: SnapshotReader): SnapshotStats['pageDigests'] {
+  const extent = reader.pageDigestExtent()
+  if (!extent) return undefined
+  return 'problem' in extent ? extent : {rows: digestRowCount(reader), bytes: extent.length}
 }
 
 /** Stats of one file, or of a chain's top layer with the chain. */
@@ -182,6 +198,7 @@ export function snapshotStats(reader: SnapshotReader, file: string): SnapshotSta
     regions: header.regions.map((r) => ({...r, kind: r.kind === RegionKind.ProcessVma ? 'vma' : 'guest-memory'})),
     workingSet: workingSetStats(reader),
     ...(reader.layer ? {layer: {depth: reader.layer.parents.length, blocks: reader.layer.set.blocks.length, pages: reader.layer.set.pages.length}} : {}),
+    ...(reader.pageDigestExtent() ? {pageDigests: pageDigestStats(reader)} : {}),
     ...(reader.seal ? {seal: sealStats(reader.seal)} : {}),
     metadata: boundedMetadata(header.metadata),
   }

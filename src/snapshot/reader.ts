@@ -228,6 +228,13 @@ export class SnapshotReader {
     return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal, shared, digestTable)
   }
 
+  /** Where the page digest table lies (its trailer included), without reading it, or why it could not be located; undefined without a table. */
+  pageDigestExtent(): {offset: number; length: number} | {problem: string} | undefined {
+    const table = this.digestTable
+    if (!table || 'problem' in table) return table
+    return {offset: table.offset, length: table.length}
+  }
+
   /** The page digest table's bytes, unchecked (page-digests.ts checks them), or why it could not be located; undefined without a table. */
   pageDigestTable(): {offset: number; bytes: Buffer} | {problem: string} | undefined {
     const table = this.digestTable
