@@ -126,6 +126,27 @@ describe.skipIf(skip)('a working set on a layer', () => {
     expect(stats.pages.prefetched).toBeGreaterThanOrEqual(SET_PAGES)
   }, 120_000)
 
+  it('squash keeps the top layer\'s working set: attached to the squashed file, prefetched at resume', async () => {
+    // d.uffd carries its set (the test above).
+    const sq = ok(['squash', at('d.uffd'), '-o', at('d-sq.uffd')])
+    expect(sq.path).toBe(at('d-sq.uffd'))
+    expect(sq.workingSetPages).toBe(SET_PAGES)
+    expect(fs.readdirSync(dir).filter((f) => f.includes('unattached'))).toEqual([])
+    const s = ok(['stats', at('d-sq.uffd')])
+    expect(s.layer).toBeUndefined()
+    expect(s.workingSet.packed.pages).toBe(SET_PAGES)
+    expect(s.workingSet.chunksFirst).toBeGreaterThan(0)
+    expect(s.pageDigests.rows).toBeGreaterThan(0)
+    expect(ok(['verify', at('d-sq.uffd'), '--against', at('c.raw')]).ok).toBe(true)
+    const {client, stats} = await resume(at('d-sq.uffd'), at('c.raw'), [], ['--touch', 'random', '--verify-all', '--delay-ms', '1000'])
+    expect(client.verify_errors).toBe(0)
+    expect(stats.pages.prefetched).toBeGreaterThanOrEqual(SET_PAGES)
+    // A chain whose top carries no set squashes to a file without one.
+    const plain = ok(['squash', at('c.uffd'), '-o', at('c-sq.uffd')])
+    expect(plain.workingSetPages).toBeUndefined()
+    expect(ok(['stats', at('c-sq.uffd')]).workingSet).toBeUndefined()
+  }, 120_000)
+
   it('attaches to a layer read over HTTP (its chain fetched), written to a local file', async () => {
     // The same pages as a set recorded on c.uffd (a set names its snapshot by its header CRC).
     const c = fs.readFileSync(at('c.uffd'))

@@ -20,7 +20,7 @@ import {readInputText} from '../snapshot/input-file.js'
 import {criuDirInput, freezeProcess, memFileInput, ProcessInput, processExists, ProcessSnapshotError} from '../snapshot/inputs.js'
 import {parseWorkingSet, WorkingSetError} from '../format/working-set.js'
 import {type OutputSink} from '../snapshot/output-sink.js'
-import {chainFileAt, outputLocation, prepareOutput} from '../snapshot/outputs.js'
+import {asidePath, chainFileAt, outputLocation, prepareOutput} from '../snapshot/outputs.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {attachedSizeHint, describeAttached, PACK_CODECS, packOptionsFor, writeAttached} from '../snapshot/relayout.js'
 import {type ImageInput, type WriteSummary, writeSnapshot} from '../snapshot/writer.js'
@@ -118,7 +118,7 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
     // With a set, the snapshot is written aside first (beside a local output, in $TMPDIR for an
     // upload) and only the attached result takes the output's name, so a failed attach leaves
     // the output as it was.
-    const aside = location.kind === 'file' ? path.join(path.dirname(path.resolve(location.path)), `.${path.basename(location.path)}.${process.pid}.unattached.tmp`) : path.join(os.tmpdir(), `.uffd-${process.pid}.unattached.tmp`)
+    const aside = asidePath(location)
     const written = set ? aside : undefined
     // (Errors about the file aside name the output, unless that is an object: then $TMPDIR is what fills up.)
     // Opened only once the input is known to fit (and the set to fit it): nothing is uploaded before.
@@ -200,7 +200,7 @@ With -o s3://BUCKET/KEY the snapshot is uploaded as it is written (a multipart u
       }
       // With a set, the layer is written aside first (beside a local output, in $TMPDIR for an
       // upload), then attached to the output's name, so a failed attach leaves the output as it was.
-      const aside = location.kind === 'file' ? path.join(path.dirname(path.resolve(location.path)), `.${path.basename(location.path)}.${process.pid}.unattached.tmp`) : path.join(os.tmpdir(), `.uffd-${process.pid}.unattached.tmp`)
+      const aside = asidePath(location)
       const open = set ? (): OutputSink => new AtomicFile(aside, {mode: 0o600}) : prepared.open
       const bar = progressBar(!this.jsonEnabled(), flags.pid ? source : path.basename(source))
       const write = (input: ImageInput, signal: AbortSignal): Promise<LayerSummary> =>

@@ -1,3 +1,5 @@
+import fs from 'node:fs'
+
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../cli/base-command.js'
@@ -13,12 +15,22 @@ import {formatBytes} from '../core/units.js'
 import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
 import {LayeredReader} from '../snapshot/layered-reader.js'
 import {openSnapshot} from '../snapshot/open.js'
-import {outputLocation, prepareOutput} from '../snapshot/outputs.js'
+import {asidePath, outputLocation, prepareOutput} from '../snapshot/outputs.js'
+import {SnapshotReader} from '../snapshot/reader.js'
+import {attachedSizeHint, attachedWorkingSet, describeAttached, packOptionsFor, type SetToAttach, writeAttached} from '../snapshot/relayout.js'
 import {type SquashSummary, squashChain} from '../snapshot/squash.js'
+
+/** The working set attached to a chain's top layer (a layer's is always packed: its page list is the set, in touch order between blocks). */
+function topWorkingSet(chain: LayeredReader): (SetToAttach & {codec: string}) | undefined {
+  const top = chain.files.at(-1)!
+  const ws = attachedWorkingSet(top)
+  if (!ws?.packed || !top.packed || top.packed.pages.length === 0) return undefined
+  return {pages: Array.from(top.packed.pages), runs: ws.runs, codec: ws.packed.codec}
+}
 
 export default class Squash extends BaseCommand {
   static override summary = 'Write the image a layer and its chain resolve to as one self-contained snapshot.'
-  static override description = `Reads TOP with its ancestors (found next to it by their recorded names, in the same directory, bucket prefix or URL directory, or under --layers, each checked against its recorded identity; remote files are fetched through the --cache-dir) and writes an ordinary snapshot of the same memory. Chunks whose pages all come from the base have its stored bytes copied, verified, without recompressing; the others are assembled from the chain and compressed with --codec. The output appears atomically; an interrupted or failed run leaves nothing behind.`
+  static override description = `Reads TOP with its ancestors (found next to it by their recorded names, in the same directory, bucket prefix or URL directory, or under --layers, each checked against its recorded identity; remote files are fetched through the --cache-dir) and writes an ordinary snapshot of the same memory. Chunks whose pages all come from the base have its stored bytes copied, verified, without recompressing; the others are assembled from the chain and compressed with --codec. A working set attached to TOP is attached to the output too (packed as it was, its chunks stored first). The output appears atomically; an interrupted or failed run leaves nothing behind.`
 
   static override examples = ['<%= config.bin %> squash vm3.uffd -o vm3-full.uffd']
 
@@ -61,13 +73,33 @@ export default class Squash extends BaseCommand {
       const meta = reader.header.metadata
       const codec = (flags.codec ?? (['zstd', 'lz4', 'raw'].includes(meta.codec as string) ? meta.codec : 'zstd')) as CompressionCodec
       const level = flags.level ?? (Number.isInteger(meta.level) ? (meta.level as number) : 1)
+      // The top layer's working set is the squashed file's too (the same memory): it is attached
+      // to it, so the resumes it made fast stay fast. The chain is squashed aside first, then
+      // attached to the output's name, so a failure leaves the output as it was.
+      const set = topWorkingSet(reader)
+      const aside = asidePath(location)
       const bar = progressBar(!this.jsonEnabled(), 'squash')
-      let summary: SquashSummary
-      try {
-        summary = await withInterruptHandling((signal) => squashChain(reader, prepared.destination, {codec, level, mode, signal, onProgress: bar.update, seal}), `${prepared.destination} left as it was`)
-      } finally {
-        bar.stop()
-      }
+      const summary = await withInterruptHandling(async (signal): Promise<SquashSummary> => {
+        let squashed: SquashSummary
+        try {
+          squashed = await squashChain(reader, set ? aside : prepared.destination, {codec, level, mode: set ? 0o600 : mode, signal, onProgress: bar.update, seal, name: prepared.destination})
+        } finally {
+          bar.stop()
+        }
+        if (!set) return squashed
+        try {
+          const plain = SnapshotReader.open(prepared.destination, aside, {keys: seal.key ? [seal.key] : [], verifyKeys: []})
+          try {
+            const attached = await writeAttached(plain, prepared.open(attachedSizeHint(plain, set)), set, {...packOptionsFor({codec, level}, set.codec), seal}, signal)
+            this.logToStderr(`${prepared.destination}: the top layer's working set: ${describeAttached(attached, set)}`)
+            return {...squashed, path: prepared.destination, fileSize: attached.fileSize, workingSetPages: set.pages.length}
+          } finally {
+            plain.close()
+          }
+        } finally {
+          fs.rmSync(aside, {force: true})
+        }
+      }, `${prepared.destination} left as it was`)
       this.log(`${summary.path}: ${reader.files.length} files -> ${formatBytes(summary.fileSize)}, ${summary.copiedChunks} chunks copied from the base, ${summary.encodedChunks} compressed again, ${summary.seconds.toFixed(2)} s`)
       return summary
     } finally {

@@ -1,4 +1,6 @@
 import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
 
 import {UffdError} from '../core/errors.js'
 import {describeLocation, isRemote, type Location, parseLocation} from '../remote/location.js'
@@ -20,6 +22,16 @@ export function outputLocation(text: string, options: {mode?: number; flag?: str
   if (location.kind === 'http') throw new UffdError('USAGE', `${describeLocation(location)}: ${flag} cannot be an http(s):// URL (read-only); write to a path or s3://BUCKET/KEY`)
   if (location.kind === 's3' && options.mode !== undefined) throw new UffdError('USAGE', `--mode applies to local files only, not to ${describeLocation(location)} (access to an object is the bucket's policy)`)
   return location
+}
+
+/**
+ * Where a command writes a file it then rewrites into the output (a snapshot or layer before its
+ * working set is attached): beside a local output (same filesystem, its space), in $TMPDIR for
+ * an upload. The caller removes it.
+ */
+export function asidePath(location: OutputLocation): string {
+  if (location.kind !== 'file') return path.join(os.tmpdir(), `.uffd-${process.pid}.unattached.tmp`)
+  return path.join(path.dirname(path.resolve(location.path)), `.${path.basename(location.path)}.${process.pid}.unattached.tmp`)
 }
 
 /** An output checked before any work, opened once the writer knows about how large it will be. */

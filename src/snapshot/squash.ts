@@ -25,6 +25,8 @@ export interface SquashSummary {
   copiedChunks: number
   /** Chunks assembled from several files and compressed again. */
   encodedChunks: number
+  /** The top layer's working set, attached to the squashed file (its pages); absent without one. */
+  workingSetPages?: number
   seconds: number
 }
 
@@ -34,7 +36,7 @@ export interface SquashSummary {
  * bytes copied, verified, not recompressed; any other chunk is assembled from the chain and
  * compressed with `codec`. Atomic, like every snapshot written.
  */
-export async function squashChain(reader: LayeredReader, output: string, options: {codec: CompressionCodec; level: number; mode?: number; signal?: AbortSignal; onProgress?: (done: number, total: number) => void; seal?: SealingOptions}): Promise<SquashSummary> {
+export async function squashChain(reader: LayeredReader, output: string, options: {codec: CompressionCodec; level: number; mode?: number; name?: string; signal?: AbortSignal; onProgress?: (done: number, total: number) => void; seal?: SealingOptions}): Promise<SquashSummary> {
   const started = performance.now()
   const {geometry, runs} = reader
   const base = reader.files[0]
@@ -72,7 +74,7 @@ export async function squashChain(reader: LayeredReader, output: string, options
   if (reader.remote) reader.fetchAhead(Array.from({length: geometry.chunkCount}, (_, c) => c))
   let copied = 0
   let encoded = 0
-  const file = new AtomicFile(output, {mode: options.mode})
+  const file = new AtomicFile(output, {mode: options.mode, name: options.name})
   try {
     file.append(header)
     for (let c = 0; c < geometry.chunkCount; c++) {
