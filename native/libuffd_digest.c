@@ -11,9 +11,15 @@
 //
 // Loaded by src/sys/libc.ts when built; without it src/format/page-digest.ts computes the same
 // digests in JavaScript (slowly). The AVX2 path and the scalar one give identical results.
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #ifdef __x86_64__
 #include <immintrin.h>
 #endif
@@ -112,4 +118,101 @@ void uffd_page_digests(const uint8_t *pages, size_t count, const uint32_t *key, 
 		if (zero)
 			zero[p] = (uint8_t)z;
 	}
+}
+
+// A file mapped while it is digested can shrink under the mapping (a memory file truncated by
+// its VMM): touching a page past its new end raises SIGBUS, which would kill the process. The
+// handler below turns that into an error return for the thread digesting that mapping, and
+// leaves any other SIGBUS to the handler that was there before (the default: the process dies).
+static __thread sigjmp_buf *guard_jump;
+static __thread const uint8_t *guard_start;
+static __thread const uint8_t *guard_end;
+static struct sigaction previous_bus;
+static pthread_once_t bus_once = PTHREAD_ONCE_INIT;
+
+static void on_bus(int sig, siginfo_t *info, void *context)
+{
+	const uint8_t *at = info->si_addr;
+	if (guard_jump && at >= guard_start && at < guard_end)
+		siglongjmp(*guard_jump, 1);
+	if (previous_bus.sa_flags & SA_SIGINFO) {
+		previous_bus.sa_sigaction(sig, info, context);
+	} else if (previous_bus.sa_handler == SIG_DFL) {
+		// Returning runs the faulting access again, now under the default action.
+		signal(sig, SIG_DFL);
+	} else if (previous_bus.sa_handler != SIG_IGN) {
+		previous_bus.sa_handler(sig);
+	}
+}
+
+static void install_bus_handler(void)
+{
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_sigaction = on_bus;
+	sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGBUS, &sa, &previous_bus);
+}
+
+// The mapping of the file the calling thread digests: the whole file, mapped once and kept
+// until uffd_file_digests_release (or another file is asked for). Mapping and unmapping each
+// range instead costs a TLB shootdown on every CPU per unmap, which made it no faster than read().
+static __thread const uint8_t *held_map;
+static __thread size_t held_length;
+static __thread dev_t held_dev;
+static __thread ino_t held_ino;
+
+void uffd_file_digests_release(void)
+{
+	if (held_map)
+		munmap((void *)held_map, held_length);
+	held_map = NULL;
+	held_length = 0;
+}
+
+// uffd_page_digests of `count` pages of file `fd` from byte `offset` (a multiple of 4096), read
+// through a private read-only mapping instead of being copied out: the kernel maps the page
+// cache's pages, which costs several times less than read() copying them (a layer written from a
+// full memory image digests every page of it). Returns 0; -errno when the range cannot be mapped
+// (not a regular file, past its end: the caller reads it instead and reports what is wrong), or
+// -EFAULT when the file shrank while it was being digested.
+int uffd_file_page_digests(int fd, int64_t offset, size_t count, const uint32_t *key, uint8_t *out, uint8_t *zero)
+{
+	if (offset < 0 || offset % PAGE_BYTES != 0)
+		return -EINVAL;
+	if (count == 0)
+		return 0;
+	struct stat st;
+	if (fstat(fd, &st) != 0)
+		return -errno;
+	size_t length = count * PAGE_BYTES;
+	if (!S_ISREG(st.st_mode) || (uint64_t)offset + length > (uint64_t)st.st_size)
+		return -ERANGE;
+	if (!held_map || held_dev != st.st_dev || held_ino != st.st_ino || (uint64_t)offset + length > held_length) {
+		uffd_file_digests_release();
+		void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+		if (map == MAP_FAILED)
+			return -errno;
+		held_map = map;
+		held_length = (size_t)st.st_size;
+		held_dev = st.st_dev;
+		held_ino = st.st_ino;
+	}
+	pthread_once(&bus_once, install_bus_handler);
+	const uint8_t *pages = held_map + offset;
+	sigjmp_buf jump;
+	int result = 0;
+	if (sigsetjmp(jump, 1) == 0) {
+		guard_start = held_map;
+		guard_end = held_map + held_length;
+		guard_jump = &jump;
+		uffd_page_digests(pages, count, key, out, zero, 0);
+	} else {
+		result = -EFAULT;
+		// The file shrank: map it again on the next call.
+		uffd_file_digests_release();
+	}
+	guard_jump = NULL;
+	return result;
 }

@@ -2,7 +2,7 @@
 // JavaScript reference, the table, and end to end through the real CLI: layers compared by digest
 // equal layers compared by decoding, a corrupt table is caught, squash/attach/cp carry it, and a
 // real client resumes a layer over a digest base byte for byte.
-import {spawnSync} from 'node:child_process'
+import {spawn, spawnSync} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 
@@ -15,7 +15,8 @@ import {workingSetIdentity} from '../src/snapshot/attached-set.js'
 import {readFileDigests} from '../src/snapshot/page-digests.js'
 import {SnapshotReader} from '../src/snapshot/reader.js'
 import {crc32} from '../src/sys/crc.js'
-import {nativeDigests, pageDigests} from '../src/sys/digest.js'
+import {filePageDigests, nativeDigests, pageDigests, releaseFilePageDigests} from '../src/sys/digest.js'
+import {filePageDigestsNative} from '../src/sys/libc.js'
 import {isRoot, NATIVE, uffd, uffdAsync} from './helpers/cli.js'
 import {makeImage, pseudoRandom, tempDir} from './helpers/images.js'
 
@@ -75,6 +76,64 @@ describe('page digest (NH-128)', () => {
       }),
       {numRuns: 40},
     )
+  })
+
+  it.skipIf(!nativeDigests)('digests pages where they lie in a file (mapped) as it does them in memory; a range past the end is refused', () => {
+    const file = path.join(tempDir('uffd-digest-map-'), 'image')
+    const pages = 300
+    const bytes = pseudoRandom(pages * PAGE, 5)
+    bytes.fill(0, 7 * PAGE, 9 * PAGE)
+    fs.writeFileSync(file, bytes)
+    const key = expandDigestKey(KEY)
+    const fd = fs.openSync(file, 'r')
+    try {
+      const inMemory = Buffer.alloc(pages * 16)
+      const zeroInMemory = new Uint8Array(pages)
+      pageDigests(bytes, pages, key, inMemory, zeroInMemory)
+      for (const [from, count] of [[0, pages], [7, 3], [299, 1], [100, 50]]) {
+        const out = Buffer.alloc(count * 16)
+        const zero = new Uint8Array(count)
+        expect(filePageDigests(fd, from * PAGE, count, key, out, zero)).toBe(true)
+        expect(out.equals(inMemory.subarray(from * 16, (from + count) * 16))).toBe(true)
+        expect([...zero]).toEqual([...zeroInMemory.subarray(from, from + count)])
+      }
+      // Past the end, or not page-aligned: not done (the caller reads, and meets the error there).
+      expect(filePageDigests(fd, 299 * PAGE, 2, key, Buffer.alloc(32), new Uint8Array(2))).toBe(false)
+      expect(filePageDigests(fd, 100, 1, key, Buffer.alloc(16), new Uint8Array(1))).toBe(false)
+      // Another file on the same descriptor number is mapped anew, not read through the old mapping.
+      releaseFilePageDigests()
+    } finally {
+      fs.closeSync(fd)
+    }
+  })
+
+  it.skipIf(!nativeDigests)('a file shrinking while it is digested through its mapping fails the call (SIGBUS caught), not the process', {timeout: 30_000}, async () => {
+    const file = path.join(tempDir('uffd-digest-shrink-'), 'image')
+    const pages = 16384
+    fs.writeFileSync(file, pseudoRandom(pages * PAGE, 9))
+    // Another process cuts the file to one page every 2 ms and restores its length at once: a call
+    // finding it whole (fstat) then loses its pages while it hashes them.
+    const cutter = spawn('python3', ['-c', `import os, time\nfd = os.open(${JSON.stringify(file)}, os.O_RDWR)\nwhile True:\n  time.sleep(0.002)\n  os.ftruncate(fd, 4096)\n  os.ftruncate(fd, ${pages * PAGE})\n`], {stdio: 'ignore'})
+    const key = expandDigestKey(KEY)
+    const fd = fs.openSync(file, 'r')
+    const codes = new Map<number, number>()
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 200))
+      const out = Buffer.alloc(pages * 16)
+      const zero = new Uint8Array(pages)
+      // Until the race is met (a few hundred calls, usually), for at most 15 s.
+      for (const until = Date.now() + 15_000; !codes.has(-14) && Date.now() < until; ) {
+        const code = filePageDigestsNative!(fd, 0, pages, key, out, zero)
+        codes.set(code, (codes.get(code) ?? 0) + 1)
+      }
+    } finally {
+      cutter.kill('SIGKILL')
+      fs.closeSync(fd)
+      releaseFilePageDigests()
+    }
+    // -EFAULT (14): the mapping lost its pages under the hash; -ERANGE (34): short when checked; 0: whole throughout.
+    expect([...codes.keys()].every((c) => [0, -14, -34].includes(c)), JSON.stringify([...codes])).toBe(true)
+    expect(codes.get(-14) ?? 0, JSON.stringify([...codes])).toBeGreaterThan(0)
   })
 
   it('changes when any single byte of the page changes', () => {

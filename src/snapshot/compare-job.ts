@@ -3,7 +3,7 @@
 // reading and hashing a full image are spread over the cores.
 
 import {PAGE_DIGEST_BYTES} from '../format/page-digest.js'
-import {pageDigests} from '../sys/digest.js'
+import {filePageDigests, pageDigests, releaseFilePageDigests} from '../sys/digest.js'
 import {type ReadSegment} from './chunk-job.js'
 import {SegmentReader} from './segment-reader.js'
 
@@ -38,23 +38,38 @@ export interface CompareResult {
 }
 
 /**
- * Compares the job's pages, read into `image` (the job's bytes, whole pages), with the parent's:
- * a page that is zero now differs exactly when the parent's is not; any other page differs when
- * the parent's is zero or its digest differs (a changed page is missed with probability <= 2^-64
- * for content chosen without knowledge of the key). `present`: a diff's data pages.
+ * What the job's pages hold now, as digests: `digests` and `zero` already hold those of the pages
+ * marked in `done` (digested from a mapping of their file); the other pages `present` marks are
+ * in `image` (the job's bytes, whole pages) and digested here. Pages `present` does not mark were
+ * not read: a diff's holes are unchanged, a full image's are zero (a sparse memory file's holes
+ * are half of a guest's memory: known zero, never hashed).
  */
-export function compareByDigest(job: CompareJob, image: Buffer, present: Uint8Array | undefined, key: Uint32Array): CompareResult {
+export interface JobPages {
+  image: Buffer
+  present: Uint8Array
+  done: Uint8Array
+  digests: Buffer
+  zero: Uint8Array
+}
+
+/**
+ * Compares the job's pages with the parent's: a page that is zero now differs exactly when the
+ * parent's is not; any other page differs when the parent's is zero or its digest differs (a
+ * changed page is missed with probability <= 2^-64 for content chosen without knowledge of the
+ * key). Returns the changed pages with their digests; their bytes are the caller's to add.
+ */
+export function compareByDigest(job: CompareJob, now: JobPages, key: Uint32Array): Omit<CompareResult, 'bytes'> {
   const {pages, pageSize} = job
-  // Each run of compared pages is digested, and its zero pages found, in one native pass.
+  const {present, done, digests, zero} = now
+  // Each run of pages read and not yet digested is digested, and its zero pages found, in one native pass.
   const compare = new Uint8Array(pages)
   let compared = 0
   for (let i = 0; i < pages; i++) {
-    if ((present && !present[i]) || job.unchanged?.[i]) continue
-    compare[i] = 1
+    if ((job.diff && !present[i]) || job.unchanged?.[i]) continue
+    if (!present[i]) zero[i] = 1
+    else if (!done[i]) compare[i] = 1
     compared++
   }
-  const digests = Buffer.alloc(pages * PAGE_DIGEST_BYTES)
-  const zero = new Uint8Array(pages)
   for (let i = 0; i < pages; ) {
     if (!compare[i]) {
       i++
@@ -62,14 +77,14 @@ export function compareByDigest(job: CompareJob, image: Buffer, present: Uint8Ar
     }
     let j = i
     while (j < pages && compare[j]) j++
-    pageDigests(image.subarray(i * pageSize, j * pageSize), j - i, key, digests.subarray(i * PAGE_DIGEST_BYTES), zero.subarray(i))
+    pageDigests(now.image.subarray(i * pageSize, j * pageSize), j - i, key, digests.subarray(i * PAGE_DIGEST_BYTES), zero.subarray(i))
     i = j
   }
   const rows = Buffer.from(job.parentRows.buffer, job.parentRows.byteOffset, job.parentRows.byteLength)
   const changed: number[] = []
   const zeroed: number[] = []
   for (let i = 0; i < pages; i++) {
-    if (!compare[i]) continue
+    if ((job.diff && !present[i]) || job.unchanged?.[i]) continue
     const wasZero = (job.parentZero[i >>> 3] & (1 << (i & 7))) !== 0
     if (zero[i]) {
       if (!wasZero) zeroed.push(i)
@@ -77,16 +92,12 @@ export function compareByDigest(job: CompareJob, image: Buffer, present: Uint8Ar
       changed.push(i)
     }
   }
-  const bytes = Buffer.allocUnsafeSlow(changed.length * pageSize)
   const changedDigests = Buffer.allocUnsafeSlow(changed.length * PAGE_DIGEST_BYTES)
-  changed.forEach((i, k) => {
-    image.copy(bytes, k * pageSize, i * pageSize, (i + 1) * pageSize)
-    digests.copy(changedDigests, k * PAGE_DIGEST_BYTES, i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES)
-  })
-  return {id: job.id, compared, changed: Uint32Array.from(changed), bytes: new Uint8Array(bytes.buffer, 0, bytes.length), digests: new Uint8Array(changedDigests.buffer, 0, changedDigests.length), zeroed: Uint32Array.from(zeroed)}
+  changed.forEach((i, k) => digests.copy(changedDigests, k * PAGE_DIGEST_BYTES, i * PAGE_DIGEST_BYTES, (i + 1) * PAGE_DIGEST_BYTES))
+  return {id: job.id, compared, changed: Uint32Array.from(changed), digests: new Uint8Array(changedDigests.buffer, 0, changedDigests.length), zeroed: Uint32Array.from(zeroed)}
 }
 
-/** Runs compare jobs on the calling thread: reads each job's range of the image and compares it. */
+/** Runs compare jobs on the calling thread: reads (or maps) each job's range of the image and compares it. */
 export class CompareRunner {
   private readonly reader = new SegmentReader()
   private image = Buffer.alloc(0)
@@ -94,14 +105,46 @@ export class CompareRunner {
   constructor(private readonly key: Uint32Array) {}
 
   run(job: CompareJob): CompareResult {
-    const length = job.pages * job.pageSize
+    const {pages, pageSize} = job
+    const length = pages * pageSize
     if (this.image.length < length) this.image = Buffer.alloc(length)
-    const bytes = this.image.subarray(0, length)
-    const present = this.reader.read(job.segments, job.start, bytes, job.pageSize, job.diff)
-    return compareByDigest(job, bytes, job.diff ? present : undefined, this.key)
+    const image = this.image.subarray(0, length)
+    const digests = Buffer.alloc(pages * PAGE_DIGEST_BYTES)
+    const zero = new Uint8Array(pages)
+    // Whole pages of a file are digested where they lie, through a mapping; what is left (a part
+    // of a page, a file that cannot be mapped: /proc/PID/mem) is read. Pages no segment touches
+    // are not filled: compareByDigest knows what they are.
+    const done = new Uint8Array(pages)
+    const mapped: ReadSegment[] = []
+    const toRead: ReadSegment[] = []
+    for (const s of job.segments) {
+      const at = s.imageOffset - job.start
+      const whole = pageSize === 4096 && at % pageSize === 0 && s.length % pageSize === 0
+      if (whole && filePageDigests(this.reader.fd(s.path), s.position, s.length / pageSize, this.key, digests.subarray((at / pageSize) * PAGE_DIGEST_BYTES), zero.subarray(at / pageSize))) {
+        done.fill(1, at / pageSize, (at + s.length) / pageSize)
+        mapped.push(s)
+      } else {
+        toRead.push(s)
+      }
+    }
+    const present = this.reader.read(toRead, job.start, image, pageSize, true)
+    for (let i = 0; i < pages; i++) present[i] |= done[i]
+    const result = compareByDigest(job, {image, present, done, digests, zero}, this.key)
+    // The changed pages' bytes: from the buffer if read, else read now (a few percent of them).
+    const bytes = Buffer.allocUnsafeSlow(result.changed.length * pageSize)
+    result.changed.forEach((i, k) => {
+      if (!done[i]) image.copy(bytes, k * pageSize, i * pageSize, (i + 1) * pageSize)
+      else {
+        const offset = job.start + i * pageSize
+        const s = mapped.find((x) => offset >= x.imageOffset && offset < x.imageOffset + x.length)!
+        this.reader.readAt(s.path, s.position + (offset - s.imageOffset), bytes.subarray(k * pageSize, (k + 1) * pageSize))
+      }
+    })
+    return {...result, bytes: new Uint8Array(bytes.buffer, 0, bytes.length)}
   }
 
   close(): void {
+    releaseFilePageDigests()
     this.reader.close()
   }
 }

@@ -10,7 +10,11 @@ import {type CompareJob, CompareRunner} from './compare-job.js'
 const runner = new CompareRunner((workerData as {key: Uint32Array}).key)
 
 parentPort!.on('message', (job: CompareJob | typeof WORKER_STOP) => {
-  if (job === WORKER_STOP) return parentPort!.close()
+  if (job === WORKER_STOP) {
+    // Its file mapping is the process's, not the thread's: it would outlive the thread.
+    runner.close()
+    return parentPort!.close()
+  }
   try {
     const result = runner.run(job)
     parentPort!.postMessage({ok: true, result}, [result.bytes.buffer as ArrayBuffer, result.digests.buffer as ArrayBuffer])

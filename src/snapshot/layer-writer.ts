@@ -157,6 +157,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     for (const r of ranges) out.fill(1, Math.floor((r.start - start) / pageSize), Math.ceil((r.end - start) / pageSize))
     return out
   }
+  let closingWorkers: Promise<void> | undefined
   if (digestKey) {
     // Read and compared by workers, a job of chunks at a time; results are taken in image order.
     // An input with little data (a diff, mostly) is compared on this thread: starting workers
@@ -224,10 +225,15 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
       }
       while (inflight.length > 0) await take()
       flush()
-    } finally {
+    } catch (error) {
       if (pool instanceof CompareRunner) pool.close()
       else await pool.close()
+      throw error
     }
+    // The workers unmap the image and end while the tables are made and the file written (an
+    // unmap of a GiB takes tens of ms); awaited before returning.
+    if (pool instanceof CompareRunner) pool.close()
+    else closingWorkers = pool.close()
   } else {
     try {
       for (let c = 0; c < geometry.chunkCount; c++) {
@@ -342,6 +348,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     appendTail(file, [], zeroMap, header, seal)
     options.signal?.throwIfAborted()
     await file.commit()
+    await closingWorkers
     return {
       path: file.destination,
       parent: parentPath,
@@ -363,6 +370,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     }
   } finally {
     await file.discard()
+    await closingWorkers
   }
 }
 

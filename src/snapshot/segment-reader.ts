@@ -15,6 +15,13 @@ export class SegmentReader {
    * of it any segment touched (a diff's data pages). With `holesUnchanged` (a diff) the pages no
    * segment touches are left as they were: nobody looks at them.
    */
+  /** The descriptor of `path`, opened once (for reading) and kept until close(). */
+  fd(path: string): number {
+    let fd = this.fds.get(path)
+    if (fd === undefined) this.fds.set(path, (fd = onFile(path, 'opening', () => fs.openSync(path, 'r'))))
+    return fd
+  }
+
   read(segments: readonly ReadSegment[], start: number, dst: Buffer, pageSize: number, holesUnchanged: boolean): Uint8Array {
     // Only the gaps between segments are zeroed (a full image's chunk is one segment); with
     // `holesUnchanged`, only the parts of gaps inside pages a segment touches.
@@ -38,17 +45,21 @@ export class SegmentReader {
     this.present.fill(0)
     const present = this.present.length === dst.length / pageSize ? this.present : (this.present = new Uint8Array(dst.length / pageSize))
     for (const s of segments) {
-      let fd = this.fds.get(s.path)
-      if (fd === undefined) this.fds.set(s.path, (fd = onFile(s.path, 'opening', () => fs.openSync(s.path, 'r'))))
       const at = s.imageOffset - start
-      for (let done = 0; done < s.length; ) {
-        const n = onFile(s.path, 'reading', () => fs.readSync(fd, dst, at + done, s.length - done, s.position + done))
-        if (n === 0) throw new UffdError('TRUNCATED', `${s.path}: ended at ${s.position + done}, expected ${s.length - done} more bytes`)
-        done += n
-      }
+      this.readAt(s.path, s.position, dst.subarray(at, at + s.length))
       present.fill(1, Math.floor(at / pageSize), Math.ceil((at + s.length) / pageSize))
     }
     return present
+  }
+
+  /** Fills `dst` from `path` at `position`; TRUNCATED if the file ends first. */
+  readAt(path: string, position: number, dst: Uint8Array): void {
+    const fd = this.fd(path)
+    for (let done = 0; done < dst.length; ) {
+      const n = onFile(path, 'reading', () => fs.readSync(fd, dst, done, dst.length - done, position + done))
+      if (n === 0) throw new UffdError('TRUNCATED', `${path}: ended at ${position + done}, expected ${dst.length - done} more bytes`)
+      done += n
+    }
   }
 
   close(): void {

@@ -20,4 +20,22 @@ export function pageDigests(pages: Uint8Array, count: number, key: Uint32Array, 
   if (zero) for (let p = 0; p < count; p++) zero[p] = ZERO_PAGE.compare(pages, p * 4096, (p + 1) * 4096) === 0 ? 1 : 0
 }
 
+/**
+ * pageDigests of `count` pages of the file open as `fd` from byte `position` (a multiple of 4096),
+ * read through a mapping of the file rather than copied out (the thread keeps the whole file
+ * mapped until releaseFilePageDigests); false when that cannot be done (no
+ * native library, a file that cannot be mapped, a range past its end, a file that shrank while it
+ * was read): the caller reads the pages and digests them instead, and meets any error there.
+ */
+export function filePageDigests(fd: number, position: number, count: number, key: Uint32Array, out: Uint8Array, zero: Uint8Array): boolean {
+  if (out.length < count * 16 || zero.length < count) throw new RangeError(`${count} pages need ${count * 16} bytes out and ${count} zero flags, got ${out.length} and ${zero.length}`)
+  if (!libc.filePageDigestsNative || position % 4096 !== 0) return false
+  return libc.filePageDigestsNative(fd, position, count, key, out, zero) === 0
+}
+
+/** Unmaps the file the calling thread's filePageDigests keeps mapped between calls. */
+export function releaseFilePageDigests(): void {
+  libc.filePageDigestsReleaseNative?.()
+}
+
 const ZERO_PAGE = Buffer.alloc(4096)

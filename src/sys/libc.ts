@@ -69,15 +69,29 @@ export const crc32Native = loadCrc()
  * (UFFD_NATIVE_DIGEST=0): src/format/page-digest.ts computes the same in JavaScript.
  */
 type PageDigestsFn = (pages: Uint8Array, count: number, keyWords: Uint32Array, out: Uint8Array, zero: Uint8Array | null, scalar: number) => void
-function loadDigest(): PageDigestsFn | undefined {
+/**
+ * The same of `count` pages of file `fd` from byte `offset`, through a mapping of the file (no
+ * copy; the calling thread keeps the whole file mapped until filePageDigestsReleaseNative): 0, or -errno when it cannot be mapped (-ERANGE: past the file's end or not a regular
+ * file), -EFAULT when the file shrank under the mapping (its SIGBUS caught by the library).
+ */
+type FilePageDigestsFn = (fd: number, offset: number, count: number, keyWords: Uint32Array, out: Uint8Array, zero: Uint8Array | null) => number
+function loadDigest(): {pages: PageDigestsFn; file: FilePageDigestsFn; release: () => void} | undefined {
   const digestLib = loadOptional(ownLibrary('libuffd_digest.so'), 'UFFD_NATIVE_DIGEST')
   if (!digestLib) return undefined
   const keyWords = (digestLib.func('uffd_page_digest_key_words', 'int', []) as () => number)()
   // A library built for another key length would digest differently: use the JavaScript path.
   if (keyWords !== 1026) return undefined
-  return digestLib.func('uffd_page_digests', 'void', ['void *', 'size_t', 'void *', 'void *', 'void *', 'int']) as PageDigestsFn
+  return {
+    pages: digestLib.func('uffd_page_digests', 'void', ['void *', 'size_t', 'void *', 'void *', 'void *', 'int']) as PageDigestsFn,
+    file: digestLib.func('uffd_file_page_digests', 'int', ['int', 'int64_t', 'size_t', 'void *', 'void *', 'void *']) as FilePageDigestsFn,
+    release: digestLib.func('uffd_file_digests_release', 'void', []) as () => void,
+  }
 }
-export const pageDigestsNative = loadDigest()
+const digestNative = loadDigest()
+export const pageDigestsNative = digestNative?.pages
+export const filePageDigestsNative = digestNative?.file
+/** Unmaps the file the calling thread's filePageDigestsNative keeps mapped (the whole file, between calls). */
+export const filePageDigestsReleaseNative = digestNative?.release
 
 /**
  * The first arguments of every libuffd_fill entry point: the client (its uffd, page states, the
