@@ -52,7 +52,24 @@ describe('Geometry', () => {
   })
 })
 
+/** Bits as runs of random lengths (whole bytes of the map all set or clear, and not). */
+const runBits = fc.array(fc.tuple(fc.boolean(), fc.integer({min: 1, max: 40})), {maxLength: 30}).map((runs) => runs.flatMap(([zero, n]) => Array<boolean>(n).fill(zero)))
+
 describe('ZeroMap', () => {
+  it('fillZero marks exactly the range, whatever its alignment', () => {
+    fc.assert(
+      fc.property(runBits, fc.nat(), fc.nat(), (bits, a, b) => {
+        const map = new ZeroMap(bits.length)
+        bits.forEach((zero, p) => zero && map.setZero(p))
+        const first = bits.length === 0 ? 0 : a % bits.length
+        const count = b % (bits.length - first + 1)
+        map.fillZero(first, count)
+        bits.forEach((zero, p) => expect(map.isZero(p)).toBe(zero || (p >= first && p < first + count)))
+        expect(map.paddingIsClear()).toBe(true)
+      }),
+    )
+  })
+
   it('stores bits and finds runs like a boolean array does', () => {
     fc.assert(
       fc.property(fc.array(fc.boolean(), {maxLength: 300}), fc.nat(), fc.nat(), (bits, a, b) => {

@@ -42,10 +42,15 @@ export const MAX_LAYER_DEPTH = 64
 /** The runs of an ordinary snapshot seen as a parent: its non-zero pages from itself (source 0), its zero pages zero. */
 export function baseRuns(zeroMap: ZeroMap): LayerRun[] {
   const runs: LayerRun[] = []
-  for (let p = 0; p < zeroMap.pageCount; ) {
+  const {bytes, pageCount} = zeroMap
+  for (let p = 0; p < pageCount; ) {
     const zero = zeroMap.isZero(p)
     let q = p + 1
-    while (q < zeroMap.pageCount && zeroMap.isZero(q) === zero) q++
+    while (q < pageCount && (q & 7) !== 0 && zeroMap.isZero(q) === zero) q++
+    // Whole bytes of the map at a time while they continue the run (a guest's zero ranges are long).
+    const same = zero ? 0xff : 0
+    while (q + 8 <= pageCount && (q & 7) === 0 && bytes[q >>> 3] === same) q += 8
+    while (q < pageCount && zeroMap.isZero(q) === zero) q++
     runs.push({firstPage: p, pageCount: q - p, source: zero ? SOURCE_ZERO : 0})
     p = q
   }

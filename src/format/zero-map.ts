@@ -33,6 +33,19 @@ export class ZeroMap {
     this.bytes[page >>> 3] |= 1 << (page & 7)
   }
 
+  /** Marks pages [first, first + count) zero: whole bytes of the map at a time between the ends. */
+  fillZero(first: number, count: number): void {
+    const end = first + count
+    let p = first
+    for (; p < end && (p & 7) !== 0; p++) this.setZero(p)
+    if (p + 8 <= end) {
+      const bytesEnd = (end & ~7) >>> 3
+      this.bytes.fill(0xff, p >>> 3, bytesEnd)
+      p = bytesEnd << 3
+    }
+    for (; p < end; p++) this.setZero(p)
+  }
+
   /** Copies `count` bits from a chunk-local map (bit i = page first+i) into this map. */
   setRange(firstPage: number, count: number, localBits: Uint8Array): void {
     for (let i = 0; i < count; i++) {

@@ -285,7 +285,7 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
 
   const runs = composeRuns(parentRuns, overrides)
   const zeroMap = new ZeroMap(geometry.pageCount)
-  for (const r of runs) if (r.source === SOURCE_ZERO) for (let p = r.firstPage; p < r.firstPage + r.pageCount; p++) zeroMap.setZero(p)
+  for (const r of runs) if (r.source === SOURCE_ZERO) zeroMap.fillZero(r.firstPage, r.pageCount)
   const runTable = encodeRunTable(runs)
 
   // The header names where the tables lie, after the blocks' bytes; its own size depends on those

@@ -68,7 +68,7 @@ export async function squashChain(reader: LayeredReader, output: string, options
   const bytes = Buffer.alloc(geometry.chunkSize)
   const scratch = Buffer.alloc(geometry.chunkSize)
   const zeroMap = new ZeroMap(geometry.pageCount)
-  for (let p = 0; p < geometry.pageCount; p++) if (reader.zeroMap.isZero(p)) zeroMap.setZero(p)
+  zeroMap.bytes.set(reader.zeroMap.bytes)
   const entries: ChunkEntry[] = []
   // A chain in object storage streams in with the fetchers' concurrency, not a round trip per chunk.
   if (reader.remote) reader.fetchAhead(Array.from({length: geometry.chunkCount}, (_, c) => c))
