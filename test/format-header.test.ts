@@ -2,7 +2,7 @@ import fc from 'fast-check'
 import {describe, expect, it} from 'vitest'
 import {crc32} from 'node:zlib'
 
-import {type Codec, RegionKind} from '../src/format/constants.js'
+import {Codec, RegionKind} from '../src/format/constants.js'
 import {SnapshotFormatError} from '../src/format/errors.js'
 import {Geometry} from '../src/format/geometry.js'
 import {decodeHeader, encodeHeader, type HeaderFields, type Region} from '../src/format/header.js'
@@ -205,6 +205,15 @@ describe('ChunkIndex', () => {
         })
         expect(() => index.at(entries.length)).toThrow(RangeError)
         expect(() => index.at(-1)).toThrow(RangeError)
+      }),
+    )
+  })
+
+  it('ofRawChunks is the index of raw chunks of those payload lengths (codec none for 0)', () => {
+    fc.assert(
+      fc.property(fc.array(fc.oneof(fc.constant(0), fc.nat({max: 0xffff_ffff})), {maxLength: 40}), (lengths) => {
+        const expected = lengths.map((n): ChunkEntry => ({dataOffset: 0, storedLength: n, payloadLength: n, storedCrc: 0, codec: n === 0 ? Codec.None : Codec.Raw, flags: 0}))
+        expect([...ChunkIndex.ofRawChunks(Uint32Array.from(lengths))]).toEqual([...ChunkIndex.of(expected)])
       }),
     )
   })

@@ -33,7 +33,9 @@ export interface Footer {
 
 /** Writes the first 22 bytes of an index entry (a packed block entry shares them). */
 export function writeEntryFields(buf: Buffer, at: number, e: ChunkEntry): void {
-  buf.writeBigUInt64LE(BigInt(e.dataOffset), at)
+  // A safe integer as two 32-bit halves (no BigInt per entry: indexes run to 65536 entries).
+  buf.writeUInt32LE(e.dataOffset % 2 ** 32, at)
+  buf.writeUInt32LE(Math.floor(e.dataOffset / 2 ** 32), at + 4)
   buf.writeUInt32LE(e.storedLength, at + 8)
   buf.writeUInt32LE(e.payloadLength, at + 12)
   buf.writeUInt32LE(e.storedCrc, at + 16)
@@ -44,7 +46,8 @@ export function writeEntryFields(buf: Buffer, at: number, e: ChunkEntry): void {
 /** `sealed`: the file is encrypted, and each entry records whose place its bytes were sealed for. */
 export function encodeIndex(entries: readonly ChunkEntry[], sealed = false): Buffer {
   const buf = Buffer.alloc(entries.length * INDEX_ENTRY_SIZE)
-  for (const [i, e] of entries.entries()) {
+  for (let i = 0; i < entries.length; i++) {
+    const e = entries[i]
     writeEntryFields(buf, i * INDEX_ENTRY_SIZE, e)
     if (sealed && e.codec !== Codec.None) buf.writeUInt32LE(e.sealedAs ?? i, i * INDEX_ENTRY_SIZE + 24)
   }
@@ -163,6 +166,24 @@ export class ChunkIndex {
   /** An index of `entries` (a derived index: a chain's resolved chunks), encoded as a file holds them. */
   static of(entries: readonly ChunkEntry[], sealed = false): ChunkIndex {
     return new ChunkIndex(encodeIndex(entries, sealed), sealed)
+  }
+
+  /**
+   * An index of chunks held raw, chunk c's payload `payloadLengths[c]` bytes (0: all zero pages,
+   * codec none), written straight into its bytes: a chain's resolved chunks, which every thread
+   * serving a chain makes for itself.
+   */
+  static ofRawChunks(payloadLengths: Uint32Array): ChunkIndex {
+    const bytes = Buffer.alloc(payloadLengths.length * INDEX_ENTRY_SIZE)
+    for (let c = 0; c < payloadLengths.length; c++) {
+      const length = payloadLengths[c]
+      if (length === 0) continue
+      const at = c * INDEX_ENTRY_SIZE
+      bytes.writeUInt32LE(length, at + 8)
+      bytes.writeUInt32LE(length, at + 12)
+      bytes[at + 20] = Codec.Raw
+    }
+    return new ChunkIndex(bytes, false)
   }
 
   /** Chunk `c`'s entry (a new object each call: changing it changes nothing here). */

@@ -88,12 +88,13 @@ export function decodePackedTable(buf: Buffer, location: PackedSetLocation, data
   const seen = new Uint8Array(geometry.pageCount)
   const blocks: PackedBlock[] = []
   let nextListStart = 0
-  for (let i = 0; i < location.blocks; i++) {
+  // The block being checked, for the error (no closure or string made per block until one fails).
+  let i = 0
+  const fail = (detail: string): never => {
+    throw new SnapshotFormatError('CORRUPT', `${what} block ${i}`, detail)
+  }
+  for (; i < location.blocks; i++) {
     const at = i * PACKED_BLOCK_ENTRY_SIZE
-    const part = `${what} block ${i}`
-    const fail = (detail: string): never => {
-      throw new SnapshotFormatError('CORRUPT', part, detail)
-    }
     const dataOffset = buf.readBigUInt64LE(at)
     if (dataOffset > BigInt(Number.MAX_SAFE_INTEGER)) fail(`data offset ${dataOffset} is out of range`)
     const b: PackedBlock = {

@@ -2,7 +2,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 
 import {UffdError} from '../core/errors.js'
-import {Codec, SOURCE_ZERO} from '../format/constants.js'
+import {SOURCE_ZERO} from '../format/constants.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {type Geometry} from '../format/geometry.js'
 import {type SnapshotHeader} from '../format/header.js'
@@ -66,14 +66,13 @@ export class LayeredReader {
     this.zeroMap = top.zeroMap
     this.runs = top.layer!.runs
     const {pageSize} = this.geometry
-    this.index = ChunkIndex.of(
-      Array.from({length: this.geometry.chunkCount}, (_, c) => {
-        const first = this.geometry.firstPageOfChunk(c)
-        const pages = this.geometry.pagesInChunk(c)
-        const payloadLength = (pages - this.zeroMap.countZero(first, pages)) * pageSize
-        return {dataOffset: 0, storedLength: payloadLength, payloadLength, storedCrc: 0, codec: payloadLength === 0 ? Codec.None : Codec.Raw, flags: 0}
-      }),
-    )
+    const payloadLengths = new Uint32Array(this.geometry.chunkCount)
+    for (let c = 0; c < payloadLengths.length; c++) {
+      const first = this.geometry.firstPageOfChunk(c)
+      const pages = this.geometry.pagesInChunk(c)
+      payloadLengths[c] = (pages - this.zeroMap.countZero(first, pages)) * pageSize
+    }
+    this.index = ChunkIndex.ofRawChunks(payloadLengths)
     this.packed = top.packed
     this.unitCount = this.index.length + (this.packed?.blocks.length ?? 0)
     this.blockOfListIndex = files.map((f) => (f.layer ? blockOfListIndex(f.layer.set) : new Int32Array(0)))
@@ -386,14 +385,22 @@ function checkChain(files: readonly SnapshotReader[], paths: readonly string[]):
   }
   const self = files.length - 1
   const tables = files.map((f, k) => (k === 0 ? baseRuns(f.zeroMap) : f.layer!.runs))
-  for (const run of runs) {
+  // The top's runs ascend: each file's table is walked once, a cursor per file (every thread
+  // serving the chain checks it, on code not yet optimised).
+  const cursors = new Array<number>(files.length).fill(0)
+  for (let i = 0; i < runs.length; i++) {
+    const run = runs[i]
     if (run.source === SOURCE_ZERO || run.source === self) continue
     const table = tables[run.source]
-    for (let p = run.firstPage, r = findRun(table, p); p < run.firstPage + run.pageCount; r++) {
+    let r = cursors[run.source]
+    while (table[r].firstPage + table[r].pageCount <= run.firstPage) r++
+    for (let p = run.firstPage; p < run.firstPage + run.pageCount; r++) {
       const theirs = table[r]
       if (theirs.source !== run.source) fail(self, `pages from ${p} are taken from ${paths[run.source]}, which does not hold them`)
       p = theirs.firstPage + theirs.pageCount
     }
+    // Its last run may go on past this one.
+    cursors[run.source] = r - 1
   }
 }
 
