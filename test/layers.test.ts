@@ -36,6 +36,13 @@ function changed(image: Buffer, seed: number, stride: number, cluster: number): 
   return out
 }
 
+/** `bytes`' first `length` bytes (zero-padded), in shared memory. */
+function sameSize(bytes: SharedArrayBuffer, length: number): SharedArrayBuffer {
+  const out = new SharedArrayBuffer(length)
+  new Uint8Array(out).set(new Uint8Array(bytes).subarray(0, length))
+  return out
+}
+
 function ok(args: string[]): any {
   const r = uffd([...args, '--json'])
   expect(r.status, `uffd ${args.join(' ')}:\n${r.stdout}${r.stderr}`).toBe(0)
@@ -315,6 +322,33 @@ describe('layers', () => {
       }
     } finally {
       chain.close()
+    }
+  })
+
+  it("a chain opened with another opening's tables reads the same bytes without checking them again; another layer's tables are refused", () => {
+    const names = ['base.uffd', 'v1.uffd', 'v2.uffd']
+    const first = LayeredReader.fromFiles(names.map((f) => SnapshotReader.open(at(f))), names, new UnitCache())
+    const again = LayeredReader.fromFiles(first.files.map((f, k) => SnapshotReader.open(at(names[k]), at(names[k]), undefined, false, f.tables)), names, new UnitCache())
+    try {
+      expect(first.files.map((f) => f.checkedElsewhere)).toEqual([false, false, false])
+      expect(again.files.map((f) => f.checkedElsewhere)).toEqual([true, true, true])
+      // The same memory, not copies; the layer's own runs are decoded only when asked.
+      expect(again.files[1].tables.layerRuns).toBe(first.files[1].tables.layerRuns)
+      expect(again.files[2].layer!.runs).toEqual(first.files[2].layer!.runs)
+      const v2 = fs.readFileSync(at('v2.raw'))
+      const dst = Buffer.alloc(again.geometry.chunkSize)
+      for (let c = 0; c < again.geometry.chunkCount; c++) {
+        again.readChunk(c, dst)
+        expect(dst.equals(v2.subarray(c * again.geometry.chunkSize, (c + 1) * again.geometry.chunkSize)), `chunk ${c}`).toBe(true)
+      }
+      // v1's tables for v2 (the same sizes, crafted so): its header's CRCs refuse them.
+      const v1 = first.files[1].tables
+      const v2Tables = first.files[2].tables
+      const swapped = {...v2Tables, layerRuns: sameSize(v1.layerRuns!, v2Tables.layerRuns!.byteLength)}
+      expect(() => SnapshotReader.open(at('v2.uffd'), at('v2.uffd'), undefined, false, swapped)).toThrow(/layer run table.*checksum mismatch|checksum mismatch/)
+    } finally {
+      again.close()
+      first.close()
     }
   })
 

@@ -85,7 +85,8 @@ export class LayeredReader {
    * blockShare, to share its decoded layer blocks.
    */
   static fromFiles(files: SnapshotReader[], paths: string[], units: UnitCache = threadUnitCache, blocks?: SharedBlocksShare): LayeredReader {
-    checkChain(files, paths)
+    // Opened from another thread's checked tables (SharedTables): that opening checked the chain.
+    if (!files.every((f) => f.checkedElsewhere)) checkChain(files, paths)
     return new LayeredReader(files, paths, units, blocks)
   }
 
