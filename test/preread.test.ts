@@ -7,6 +7,8 @@ import path from 'node:path'
 import {afterAll, beforeAll, describe, expect, it} from 'vitest'
 
 import {cgroupMemory, memoryAvailable, prereadFiles} from '../src/resume/main/preread.js'
+import {prereadPaced} from '../src/sys/index.js'
+import {prereadPacedNative} from '../src/sys/libc.js'
 import {uffd} from './helpers/cli.js'
 import {makeImage, tempDir} from './helpers/images.js'
 
@@ -72,6 +74,23 @@ describe('reading the snapshot ahead into the page cache', () => {
     stopped.abort()
     expect(await prereadFiles(files, stopped.signal, size * 4)).toMatchObject({bytes: 0, skipped: 'stopped'})
     fs.closeSync(fd)
+  })
+
+  it.skipIf(!prereadPacedNative())('the paced native loop asks for the whole file a step at a time, and asks for nothing once stopped', async () => {
+    const fd = fs.openSync(snapshot, 'r')
+    try {
+      const size = fs.statSync(snapshot).size
+      expect(await prereadPaced(fd, size, 1 << 20, new Int32Array(new SharedArrayBuffer(4)))).toBe(size)
+      // A step that does not divide the file: the last one is short.
+      expect(await prereadPaced(fd, size, 3 << 20, new Int32Array(new SharedArrayBuffer(4)))).toBe(size)
+      const stop = new Int32Array(new SharedArrayBuffer(4))
+      Atomics.store(stop, 0, 1)
+      expect(await prereadPaced(fd, size, 1 << 20, stop)).toBe(0)
+      // posix_fadvise's error comes back as a SysError.
+      await expect(prereadPaced(-1, size, 1 << 20, new Int32Array(new SharedArrayBuffer(4)))!).rejects.toThrow(/EBADF/)
+    } finally {
+      fs.closeSync(fd)
+    }
   })
 
   it('reads MemAvailable from /proc/meminfo', () => {

@@ -133,6 +133,29 @@ export function setNonBlocking(fd: number, step: string): void {
 }
 
 /**
+ * Has the kernel read the whole file behind `fd` (`size` bytes) into the page cache, `step` bytes
+ * at a time, each asked for only once the one before it has been read (native/libuffd_preread,
+ * on a libuv thread): other reads of the file then wait behind at most two steps, where a
+ * WILLNEED of the whole file queues all of it ahead of them. Setting stop[0] ends it between
+ * steps. Resolves with the bytes asked for; undefined when the library is not there (then use
+ * adviseWillNeed).
+ */
+export function prereadPaced(fd: number, size: number, step: number, stop: Int32Array): Promise<number> | undefined {
+  checkUnsigned('size', size)
+  const paced = libc.prereadPacedNative()
+  if (!paced) return undefined
+  return new Promise((resolve, reject) => {
+    // `stop` is read by the native loop until it returns: the closure keeps it alive until then.
+    paced(fd, size, step, libc.addressOfView(stop), (error, result) => {
+      void stop
+      if (error) reject(error as Error)
+      else if (result < 0) reject(new SysError('posix_fadvise', -result, 'reading ahead'))
+      else resolve(result)
+    })
+  })
+}
+
+/**
  * Has the kernel read [offset, +length) of the file behind `fd` into the page cache
  * (posix_fadvise WILLNEED), from a libuv thread so the caller's thread never waits on the disk:
  * resolves once the reads are submitted, not when they complete. Pages already cached are left

@@ -80,7 +80,7 @@ export {
   mmapFile,
   munmap,
 } from './memory.js'
-export {adviseWillNeed, dupFd, fsyncDir, preadInto, seekData, seekHole, setNonBlocking, tryLockExclusive} from './file.js'
+export {adviseWillNeed, dupFd, fsyncDir, preadInto, prereadPaced, seekData, seekHole, setNonBlocking, tryLockExclusive} from './file.js'
 export {hasSystemLz4, lz4DecodeBlock} from './lz4.js'
 export {crc32, nativeCrc32} from './crc.js'
 export {nativeDigests, pageDigests} from './digest.js'

@@ -317,6 +317,22 @@ export function fail(syscall: string, step: string): never {
   throw new SysError(syscall, koffi.errno(), step)
 }
 
+/**
+ * native/libuffd_preread's paced read-ahead of a whole file, called on a libuv thread: (fd,
+ * size, step, address of an Int32 stop flag it reads between steps, done(error, bytes asked or
+ * -errno)). Loaded when first asked (only `--preread auto` wants it); undefined when not built or
+ * turned off (UFFD_NATIVE_PREREAD=0).
+ */
+type PrereadPacedAsync = (fd: number, size: number, step: number, stopAddress: number, done: (error: unknown, result: number) => void) => void
+let prereadPaced: PrereadPacedAsync | null | undefined
+export function prereadPacedNative(): PrereadPacedAsync | undefined {
+  if (prereadPaced === undefined) {
+    const fn = loadOptional(ownLibrary('libuffd_preread.so'), 'UFFD_NATIVE_PREREAD')?.func('uffd_preread_paced', 'int64_t', ['int', 'int64_t', 'int64_t', 'uintptr_t'])
+    prereadPaced = fn ? (fn as unknown as {async: PrereadPacedAsync}).async : null
+  }
+  return prereadPaced ?? undefined
+}
+
 /** Address of a Buffer's or typed array's first byte (its byteOffset included), as a number. */
 export function addressOfView(view: ArrayBufferView): number {
   return Number(koffi.address(view))

@@ -1,9 +1,15 @@
 import fs from 'node:fs'
 
-import {adviseWillNeed} from '../../sys/index.js'
+import {adviseWillNeed, prereadPaced} from '../../sys/index.js'
 
 /** Each request to the kernel covers this much, so a stop is obeyed within one of them. */
 const STEP_BYTES = 8 << 20
+
+/**
+ * Paced, a step is asked for once the one before it has been read: a fault's own read waits
+ * behind at most two of them (~5 ms at this host's 760 MB/s, ~40 ms at 100 MB/s).
+ */
+const PACED_STEP_BYTES = 2 << 20
 
 /** What reading ahead did: bytes asked into the page cache, and how long it took. */
 export interface Preread {
@@ -17,7 +23,8 @@ export interface Preread {
  * Reads the snapshot's files into the page cache in the background (`--preread auto`): on a fresh
  * host the first faults would otherwise each wait for a random read of the disk, and the stored
  * snapshot is several times smaller than the memory it holds, so reading it whole in large
- * sequential requests costs less than a few hundred random ones. Only when every file fits in a
+ * sequential requests costs less than a few hundred random ones; paced (readAheadFile), so that
+ * the faults' own reads are not queued behind the whole file. Only when every file fits in a
  * quarter of the memory available (a larger one would push out what the host needs, and be
  * pushed out itself before it is used): the host's, or less within a cgroup's memory limit,
  * whose page cache counts against it. `paths` are the files the handler has open
@@ -34,18 +41,38 @@ export async function prereadFiles(paths: readonly string[], signal: AbortSignal
       return {bytes: 0, ms: 0, skipped: `the snapshot (${total} bytes) is larger than a quarter of the memory available`}
     }
     let bytes = 0
-    for (const [i, fd] of fds.entries()) {
-      for (let offset = 0; offset < sizes[i]; offset += STEP_BYTES) {
-        if (signal.aborted) return {bytes, ms: performance.now() - started, skipped: 'stopped'}
-        const length = Math.min(STEP_BYTES, sizes[i] - offset)
-        await adviseWillNeed(fd, offset, length)
-        bytes += length
-      }
+    // Read by the native loop between its steps.
+    const stop = new Int32Array(new SharedArrayBuffer(4))
+    const stopping = (): void => {
+      Atomics.store(stop, 0, 1)
     }
-    return {bytes, ms: performance.now() - started}
+    signal.addEventListener('abort', stopping)
+    try {
+      for (const [i, fd] of fds.entries()) {
+        if (signal.aborted) break
+        bytes += await readAheadFile(fd, sizes[i], signal, stop)
+      }
+    } finally {
+      signal.removeEventListener('abort', stopping)
+    }
+    return {bytes, ms: performance.now() - started, ...(signal.aborted ? {skipped: 'stopped'} : {})}
   } finally {
     for (const fd of fds) fs.closeSync(fd)
   }
+}
+
+/** Asks one file into the page cache, paced when native/libuffd_preread is there; the bytes asked for. */
+async function readAheadFile(fd: number, size: number, signal: AbortSignal, stop: Int32Array): Promise<number> {
+  const paced = prereadPaced(fd, size, PACED_STEP_BYTES, stop)
+  if (paced) return paced
+  // Without it: WILLNEED a step at a time, each submitted but not waited for.
+  let bytes = 0
+  for (let offset = 0; offset < size && !signal.aborted; offset += STEP_BYTES) {
+    const length = Math.min(STEP_BYTES, size - offset)
+    await adviseWillNeed(fd, offset, length)
+    bytes += length
+  }
+  return bytes
 }
 
 /**
