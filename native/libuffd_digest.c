@@ -123,26 +123,45 @@ void uffd_page_digests(const uint8_t *pages, size_t count, const uint32_t *key, 
 // A file mapped while it is digested can shrink under the mapping (a memory file truncated by
 // its VMM): touching a page past its new end raises SIGBUS, which would kill the process. The
 // handler below turns that into an error return for the thread digesting that mapping, and
-// leaves any other SIGBUS to the handler that was there before (the default: the process dies).
-static __thread sigjmp_buf *guard_jump;
-static __thread const uint8_t *guard_start;
-static __thread const uint8_t *guard_end;
+// leaves any other SIGBUS as it would have been: to the handler installed before, or fatal.
+//
+// The guard is thread-local, initial-exec (static TLS: reading it in a signal handler allocates
+// nothing, where a dlopen'd library's default TLS model may call malloc on a thread's first
+// access), and looked at only while some thread has one set.
+#define GUARD_TLS __thread __attribute__((tls_model("initial-exec")))
+static GUARD_TLS sigjmp_buf *guard_jump;
+static GUARD_TLS const uint8_t *guard_start;
+static GUARD_TLS const uint8_t *guard_end;
+static int guards_set;
 static struct sigaction previous_bus;
 static pthread_once_t bus_once = PTHREAD_ONCE_INIT;
 
 static void on_bus(int sig, siginfo_t *info, void *context)
 {
-	const uint8_t *at = info->si_addr;
-	if (guard_jump && at >= guard_start && at < guard_end)
-		siglongjmp(*guard_jump, 1);
+	if (__atomic_load_n(&guards_set, __ATOMIC_ACQUIRE) > 0 && guard_jump) {
+		const uint8_t *at = info->si_addr;
+		if (at >= guard_start && at < guard_end)
+			siglongjmp(*guard_jump, 1);
+	}
 	if (previous_bus.sa_flags & SA_SIGINFO) {
 		previous_bus.sa_sigaction(sig, info, context);
-	} else if (previous_bus.sa_handler == SIG_DFL) {
-		// Returning runs the faulting access again, now under the default action.
-		signal(sig, SIG_DFL);
-	} else if (previous_bus.sa_handler != SIG_IGN) {
-		previous_bus.sa_handler(sig);
+		return;
 	}
+	if (previous_bus.sa_handler != SIG_DFL && previous_bus.sa_handler != SIG_IGN) {
+		previous_bus.sa_handler(sig);
+		return;
+	}
+	if (info->si_code <= 0) {
+		// Sent (kill, tgkill), not a fault: ignored if it was, else its default action, now.
+		if (previous_bus.sa_handler == SIG_IGN)
+			return;
+		signal(sig, SIG_DFL);
+		raise(sig);
+		return;
+	}
+	// A fault outside any guard: the kernel kills a process that ignores or does not handle one,
+	// and so it does once the faulting access runs again under the default action.
+	signal(sig, SIG_DFL);
 }
 
 static void install_bus_handler(void)
@@ -158,10 +177,14 @@ static void install_bus_handler(void)
 // The mapping of the file the calling thread digests: the whole file, mapped once and kept
 // until uffd_file_digests_release (or another file is asked for). Mapping and unmapping each
 // range instead costs a TLB shootdown on every CPU per unmap, which made it no faster than read().
-static __thread const uint8_t *held_map;
-static __thread size_t held_length;
-static __thread dev_t held_dev;
-static __thread ino_t held_ino;
+static GUARD_TLS const uint8_t *held_map;
+static GUARD_TLS size_t held_length;
+static GUARD_TLS dev_t held_dev;
+static GUARD_TLS ino_t held_ino;
+// A mapping is the process's: a thread that ends without releasing it (a worker terminated)
+// has it unmapped by this key's destructor, which runs as the thread exits.
+static pthread_key_t held_key;
+static pthread_once_t held_key_once = PTHREAD_ONCE_INIT;
 
 void uffd_file_digests_release(void)
 {
@@ -169,6 +192,17 @@ void uffd_file_digests_release(void)
 		munmap((void *)held_map, held_length);
 	held_map = NULL;
 	held_length = 0;
+}
+
+static void release_at_thread_exit(void *unused)
+{
+	(void)unused;
+	uffd_file_digests_release();
+}
+
+static void create_held_key(void)
+{
+	pthread_key_create(&held_key, release_at_thread_exit);
 }
 
 // uffd_page_digests of `count` pages of file `fd` from byte `offset` (a multiple of 4096), read
@@ -198,6 +232,8 @@ int uffd_file_page_digests(int fd, int64_t offset, size_t count, const uint32_t 
 		held_length = (size_t)st.st_size;
 		held_dev = st.st_dev;
 		held_ino = st.st_ino;
+		pthread_once(&held_key_once, create_held_key);
+		pthread_setspecific(held_key, (void *)1);
 	}
 	pthread_once(&bus_once, install_bus_handler);
 	const uint8_t *pages = held_map + offset;
@@ -207,12 +243,17 @@ int uffd_file_page_digests(int fd, int64_t offset, size_t count, const uint32_t 
 		guard_start = held_map;
 		guard_end = held_map + held_length;
 		guard_jump = &jump;
+		__atomic_add_fetch(&guards_set, 1, __ATOMIC_RELEASE);
+		__atomic_signal_fence(__ATOMIC_SEQ_CST);
 		uffd_page_digests(pages, count, key, out, zero, 0);
+		__atomic_signal_fence(__ATOMIC_SEQ_CST);
 	} else {
 		result = -EFAULT;
-		// The file shrank: map it again on the next call.
-		uffd_file_digests_release();
 	}
 	guard_jump = NULL;
+	__atomic_sub_fetch(&guards_set, 1, __ATOMIC_RELEASE);
+	// The file shrank: map it again on the next call.
+	if (result == -EFAULT)
+		uffd_file_digests_release();
 	return result;
 }

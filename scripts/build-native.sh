@@ -11,7 +11,7 @@ missing=
 command -v "$compiler" >/dev/null 2>&1 || missing="a C compiler ($compiler)"
 command -v make >/dev/null 2>&1 || missing="${missing:+$missing and }make"
 if [ -n "$missing" ]; then
-  echo "uffd: installing needs $missing to build native/libuffd_fill.so, native/libuffd_crc.so and native/libuffd_digest.so;" >&2
+  echo "uffd: installing needs $missing to build native/libuffd_fill.so, native/libuffd_crc.so, native/libuffd_digest.so and native/libuffd_preread.so;" >&2
   echo "uffd: install gcc and make (Debian/Ubuntu: apt-get install gcc make), then install uffd again" >&2
   exit 1
 fi

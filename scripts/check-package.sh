@@ -27,7 +27,7 @@ tarball=$(echo "$work"/uffd-*.tgz)
 [ -f "$tarball" ] || fail "npm pack wrote no tarball"
 listing=$(tar -tzf "$tarball")
 for want in package/bin/run.js package/dist/commands/stats.js package/dist/bundle/cli-resume-entry.js package/oclif.manifest.json package/native/Makefile \
-  package/native/libuffd_fill.c package/native/libuffd_crc.c package/scripts/build-native.sh; do
+  package/native/libuffd_fill.c package/native/libuffd_crc.c package/native/libuffd_digest.c package/native/libuffd_preread.c package/scripts/build-native.sh; do
   grep -qx "$want" <<<"$listing" || fail "the tarball lacks ${want#package/}"
 done
 if grep -E '^package/(native/build/|native/(fc_client|kvm_vmm|baseline_handler|abi_dump|copy_floor|lazy_mm_ops|memory_pattern)\.c|src/|test/|bench/|bin/dev\.js)' <<<"$listing"; then
@@ -38,8 +38,8 @@ step "npm install -g $(basename "$tarball") into a temporary prefix"
 prefix=$work/prefix
 npm install -g --prefix "$prefix" --no-audit --no-fund --loglevel=error "$tarball" >/dev/null
 installed=$prefix/lib/node_modules/uffd
-for lib in libuffd_fill.so libuffd_crc.so libuffd_digest.so; do [ -f "$installed/native/build/$lib" ] || fail "the install did not build native/build/$lib"; done
-[ "$(ls "$installed/native/build")" = "$(printf 'libuffd_crc.so\nlibuffd_digest.so\nlibuffd_fill.so')" ] || fail "the install built more than the libraries: $(ls "$installed/native/build")"
+for lib in libuffd_fill.so libuffd_crc.so libuffd_digest.so libuffd_preread.so; do [ -f "$installed/native/build/$lib" ] || fail "the install did not build native/build/$lib"; done
+[ "$(ls "$installed/native/build")" = "$(printf 'libuffd_crc.so\nlibuffd_digest.so\nlibuffd_fill.so\nlibuffd_preread.so')" ] || fail "the install built more than the libraries: $(ls "$installed/native/build")"
 
 # Every command, from outside the repository, with the installed binary first on PATH.
 run_commands() {

@@ -106,6 +106,12 @@ describe('layers', () => {
 
   it('squash writes one self-contained snapshot of the chain, copying base chunks it can', () => {
     // Scattered changes touch every chunk: all are assembled again.
+    // Over a file of its own chain: refused, the file kept (its layers would no longer resolve).
+    const base = fs.readFileSync(at('base.uffd'))
+    const clash = uffd(['squash', at('v2.uffd'), '-o', at('base.uffd'), '--force', '--json'])
+    expect(clash.status).toBe(2)
+    expect(clash.json.error.code).toBe('USAGE')
+    expect(fs.readFileSync(at('base.uffd')).equals(base)).toBe(true)
     const s = ok(['squash', at('v2.uffd'), '-o', at('sq.uffd')])
     expect(s.copiedChunks).toBe(0)
     expect(s.encodedChunks).toBeGreaterThan(0)
@@ -328,7 +334,7 @@ describe('layers', () => {
   it("a chain opened with another opening's tables reads the same bytes without checking them again; another layer's tables are refused", () => {
     const names = ['base.uffd', 'v1.uffd', 'v2.uffd']
     const first = LayeredReader.fromFiles(names.map((f) => SnapshotReader.open(at(f))), names, new UnitCache())
-    const again = LayeredReader.fromFiles(first.files.map((f, k) => SnapshotReader.open(at(names[k]), at(names[k]), undefined, false, f.tables)), names, new UnitCache())
+    const again = LayeredReader.fromFiles(first.files.map((f, k) => SnapshotReader.open(at(names[k]), at(names[k]), undefined, false, f.tables)), names, new UnitCache(), undefined, true)
     try {
       expect(first.files.map((f) => f.checkedElsewhere)).toEqual([false, false, false])
       expect(again.files.map((f) => f.checkedElsewhere)).toEqual([true, true, true])
@@ -345,7 +351,18 @@ describe('layers', () => {
       const v1 = first.files[1].tables
       const v2Tables = first.files[2].tables
       const swapped = {...v2Tables, layerRuns: sameSize(v1.layerRuns!, v2Tables.layerRuns!.byteLength)}
-      expect(() => SnapshotReader.open(at('v2.uffd'), at('v2.uffd'), undefined, false, swapped)).toThrow(/layer run table.*checksum mismatch|checksum mismatch/)
+      expect(() => SnapshotReader.open(at('v2.uffd'), at('v2.uffd'), undefined, false, swapped)).toThrow(/layer run table.*checksum mismatch/)
+      // Another file's tables whole: its zero map fails this file's footer CRC.
+      expect(() => SnapshotReader.open(at('v2.uffd'), at('v2.uffd'), undefined, false, v1)).toThrow(/zero map: checksum mismatch/)
+      // This file's own tables under another layout digest: used, but every check is made again.
+      const relabelled = SnapshotReader.open(at('v2.uffd'), at('v2.uffd'), undefined, false, {...v2Tables, layout: '0'.repeat(64)})
+      expect(relabelled.checkedElsewhere).toBe(false)
+      expect(relabelled.tables.layerRuns).toBe(v2Tables.layerRuns)
+      relabelled.close()
+      // Files each of a checked layout, but not said to be a checked chain: the chain is checked.
+      const unsaid = LayeredReader.fromFiles(first.files.map((f, k) => SnapshotReader.open(at(names[k]), at(names[k]), undefined, false, f.tables)), names, new UnitCache())
+      expect(unsaid.files.every((f) => f.checkedElsewhere)).toBe(true)
+      unsaid.close()
     } finally {
       again.close()
       first.close()

@@ -15,7 +15,7 @@ import {formatBytes} from '../core/units.js'
 import {type CompressionCodec, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL} from '../snapshot/codecs.js'
 import {LayeredReader} from '../snapshot/layered-reader.js'
 import {openSnapshot} from '../snapshot/open.js'
-import {asidePath, outputLocation, prepareOutput} from '../snapshot/outputs.js'
+import {asidePath, chainFileAt, outputLocation, prepareOutput} from '../snapshot/outputs.js'
 import {SnapshotReader} from '../snapshot/reader.js'
 import {attachedSizeHint, attachedWorkingSet, describeAttached, packOptionsFor, type SetToAttach, writeAttached} from '../snapshot/relayout.js'
 import {type SquashSummary, squashChain} from '../snapshot/squash.js'
@@ -30,7 +30,7 @@ function topWorkingSet(chain: LayeredReader): (SetToAttach & {codec: string}) | 
 
 export default class Squash extends BaseCommand {
   static override summary = 'Write the image a layer and its chain resolve to as one self-contained snapshot.'
-  static override description = `Reads TOP with its ancestors (found next to it by their recorded names, in the same directory, bucket prefix or URL directory, or under --layers, each checked against its recorded identity; remote files are fetched through the --cache-dir) and writes an ordinary snapshot of the same memory. Chunks whose pages all come from the base have its stored bytes copied, verified, without recompressing; the others are assembled from the chain and compressed with --codec. A working set attached to TOP is attached to the output too (packed as it was, its chunks stored first). The output appears atomically; an interrupted or failed run leaves nothing behind.`
+  static override description = `Reads TOP with its ancestors (found next to it by their recorded names, in the same directory, bucket prefix or URL directory, or under --layers, each checked against its recorded identity; remote files are fetched through the --cache-dir) and writes an ordinary snapshot of the same memory. Chunks whose pages all come from the base have its stored bytes copied, verified, without recompressing; the others are assembled from the chain and compressed with --codec. A working set attached to TOP is attached to the output too (packed again with its codec, its chunks stored first). The output appears atomically; an interrupted or failed run leaves nothing behind.`
 
   static override examples = ['<%= config.bin %> squash vm3.uffd -o vm3-full.uffd']
 
@@ -60,6 +60,8 @@ export default class Squash extends BaseCommand {
     const {reader} = snapshot
     try {
       if (!(reader instanceof LayeredReader)) throw new UffdError('USAGE', `${snapshot.name} is not a layer: it is self-contained already`)
+      const clash = chainFileAt(location, reader.paths)
+      if (clash) throw new UffdError('USAGE', `the output ${flags.output} is ${clash}, a file of the chain: replacing it would lose that file (the layers on it would no longer resolve)`)
       // A chain with an encrypted file squashes to an encrypted file (under the same key): its
       // memory must not come out in the clear because it was squashed.
       const encrypted = reader.files.some((f) => f.seal?.encrypted)

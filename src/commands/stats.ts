@@ -142,7 +142,7 @@ export default class Stats extends BaseCommand {
       if (ws.learned) row('learned', `the majority of the last ${ws.learned.runs} of at most ${ws.learned.keep} runs of \`uffd resume --learn\` (${formatBytes(ws.learned.storedBytes)} stored)`)
     }
     const d = s.pageDigests
-    if (d) row('page digests', 'problem' in d ? `table not located: ${d.problem}` : `${d.rows} rows (a 16-byte digest per page this file stores), ${formatBytes(d.bytes)}: lets \`snapshot --parent\` compare pages without decoding`)
+    if (d) row('page digests', 'problem' in d ? `table not located: ${d.problem}` : `${d.rows} rows (a 16-byte digest per page this file stores), ${formatBytes(d.bytes)}${s.chain ? '' : ': a layer on it compares pages by digest, without decoding it'}`)
     if (s.criu) row('CRIU pages', `${formatBytes(s.criu.rawPageBytes)} in the dump's page images, ${s.criu.ratio.toFixed(2)}x the snapshot's ${formatBytes(s.criu.snapshotBytes)}`)
     if (s.tasks.length > 0) {
       row('tasks', `   pid      mapped    non-zero${s.criu ? '  raw pages' : ''}  regions`)

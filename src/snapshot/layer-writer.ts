@@ -283,93 +283,98 @@ export async function writeLayer(input: ImageInput, of: LayerParentInput, open: 
     }
   }
 
-  const runs = composeRuns(parentRuns, overrides)
-  const zeroMap = new ZeroMap(geometry.pageCount)
-  for (const r of runs) if (r.source === SOURCE_ZERO) zeroMap.fillZero(r.firstPage, r.pageCount)
-  const runTable = encodeRunTable(runs)
-
-  // The header names where the tables lie, after the blocks' bytes; its own size depends on those
-  // numbers' digits, so it is encoded until its size stops changing (numbers only grow: twice or three times).
-  const digestTable = ownDigests ? encodeDigestTable(ownRows.subarray(0, changed.length * PAGE_DIGEST_BYTES), fastCrc32) : undefined
-  let headerSize = 0
-  let header: Buffer
-  let blockTable: Buffer
-  for (;;) {
-    const placed = blocks.map((b) => ({...b, dataOffset: headerSize + b.dataOffset}))
-    blockTable = encodePackedTable({blocks: placed, pages: Uint32Array.from(changed)})
-    const blocksAt = headerSize + dataAt
-    const runsAt = blocksAt + blockTable.length
-    header = encodeHeader({
-      incompatFeatures: INCOMPAT_LAYERED | INCOMPAT_BOUND | (sealer?.incompatFeatures ?? 0n),
-      compatFeatures: (sealer?.compatFeatures ?? 0n) | (digestTable ? COMPAT_PAGE_DIGESTS : 0n),
-      pageSize,
-      chunkSize: geometry.chunkSize,
-      logicalSize: geometry.logicalSize,
-      regions: input.regions,
-      metadata: {
-        ...input.metadata,
-        codec: options.codec,
-        level: options.level,
-        ...(options.diff ? {diff: true} : {}),
-        ...(digestTable ? {pageDigests: parentDigests!.info} : {}),
-        layer: {
-          runs: {offset: runsAt, length: runTable.length, crc: hex8(runTable), count: runs.length},
-          blocks: {offset: blocksAt, length: blockTable.length, crc: hex8(blockTable), blocks: blocks.length, pages: changed.length},
-          parents: ancestors,
-        },
-        ...(sealer ? {seal: sealer.metadata} : {}),
-      },
-    })
-    if (header.length === headerSize) break
-    headerSize = header.length
-  }
-
-  const file = open(header.length + storedBytes + blockTable.length + runTable.length + (digestTable?.length ?? 0) + zeroMap.bytes.length + (sealer ? SEAL_RECORD_SIZE + blocks.length * UNIT_DIGEST_BYTES : 0) + FOOTER_SIZE)
+  // The layer's tables and file, from what the comparison found (its workers may still be ending).
   try {
-    file.append(header)
-    for (const bytes of stored) {
-      file.append(bytes)
-      // An upload holds the writer here while its parts go out.
-      await file.drain(options.signal)
+    const runs = composeRuns(parentRuns, overrides)
+    const zeroMap = new ZeroMap(geometry.pageCount)
+    for (const r of runs) if (r.source === SOURCE_ZERO) zeroMap.fillZero(r.firstPage, r.pageCount)
+    const runTable = encodeRunTable(runs)
+
+    // The header names where the tables lie, after the blocks' bytes; its own size depends on those
+    // numbers' digits, so it is encoded until its size stops changing (numbers only grow: twice or three times).
+    const digestTable = ownDigests ? encodeDigestTable(ownRows.subarray(0, changed.length * PAGE_DIGEST_BYTES), fastCrc32) : undefined
+    let headerSize = 0
+    let header: Buffer
+    let blockTable: Buffer
+    for (;;) {
+      const placed = blocks.map((b) => ({...b, dataOffset: headerSize + b.dataOffset}))
+      blockTable = encodePackedTable({blocks: placed, pages: Uint32Array.from(changed)})
+      const blocksAt = headerSize + dataAt
+      const runsAt = blocksAt + blockTable.length
+      header = encodeHeader({
+        incompatFeatures: INCOMPAT_LAYERED | INCOMPAT_BOUND | (sealer?.incompatFeatures ?? 0n),
+        compatFeatures: (sealer?.compatFeatures ?? 0n) | (digestTable ? COMPAT_PAGE_DIGESTS : 0n),
+        pageSize,
+        chunkSize: geometry.chunkSize,
+        logicalSize: geometry.logicalSize,
+        regions: input.regions,
+        metadata: {
+          ...input.metadata,
+          codec: options.codec,
+          level: options.level,
+          ...(options.diff ? {diff: true} : {}),
+          ...(digestTable ? {pageDigests: parentDigests!.info} : {}),
+          layer: {
+            runs: {offset: runsAt, length: runTable.length, crc: hex8(runTable), count: runs.length},
+            blocks: {offset: blocksAt, length: blockTable.length, crc: hex8(blockTable), blocks: blocks.length, pages: changed.length},
+            parents: ancestors,
+          },
+          ...(sealer ? {seal: sealer.metadata} : {}),
+        },
+      })
+      if (header.length === headerSize) break
+      headerSize = header.length
     }
-    file.append(blockTable)
-    file.append(runTable)
-    // Right before the (empty) index, where a reader looks for it.
-    if (digestTable) file.append(digestTable)
-    const seal = sealer && {
-      sealer,
-      parts: [
-        {part: ManifestPart.LayerBlockTable, bytes: blockTable},
-        {part: ManifestPart.LayerRunTable, bytes: runTable},
-      ],
-      unitDigests: sealer.signed ? Buffer.concat(stored.map((b) => unitDigest(b))) : undefined,
-      blocks: blocks.length,
-    }
-    appendTail(file, [], zeroMap, header, seal)
-    options.signal?.throwIfAborted()
-    await file.commit()
-    await closingWorkers
-    return {
-      path: file.destination,
-      parent: parentPath,
-      depth: self,
-      logicalSize: geometry.logicalSize,
-      fileSize: file.size,
-      pageSize,
-      chunkSize: geometry.chunkSize,
-      pageCount: geometry.pageCount,
-      changedPages: changed.length + zeroed,
-      zeroedPages: zeroed,
-      storedPages: changed.length,
-      blocks: blocks.length,
-      storedBytes,
-      comparedPages: compared,
-      compared: digestKey ? 'digests' : 'decoded',
-      pageDigestBytes: digestTable?.length ?? 0,
-      seconds: (performance.now() - started) / 1000,
+
+    const file = open(header.length + storedBytes + blockTable.length + runTable.length + (digestTable?.length ?? 0) + zeroMap.bytes.length + (sealer ? SEAL_RECORD_SIZE + blocks.length * UNIT_DIGEST_BYTES : 0) + FOOTER_SIZE)
+    try {
+      file.append(header)
+      for (const bytes of stored) {
+        file.append(bytes)
+        // An upload holds the writer here while its parts go out.
+        await file.drain(options.signal)
+      }
+      file.append(blockTable)
+      file.append(runTable)
+      // Right before the (empty) index, where a reader looks for it.
+      if (digestTable) file.append(digestTable)
+      const seal = sealer && {
+        sealer,
+        parts: [
+          {part: ManifestPart.LayerBlockTable, bytes: blockTable},
+          {part: ManifestPart.LayerRunTable, bytes: runTable},
+        ],
+        unitDigests: sealer.signed ? Buffer.concat(stored.map((b) => unitDigest(b))) : undefined,
+        blocks: blocks.length,
+      }
+      appendTail(file, [], zeroMap, header, seal)
+      options.signal?.throwIfAborted()
+      await file.commit()
+      // Counted in the writer's time: its workers have ended.
+      await closingWorkers
+      return {
+        path: file.destination,
+        parent: parentPath,
+        depth: self,
+        logicalSize: geometry.logicalSize,
+        fileSize: file.size,
+        pageSize,
+        chunkSize: geometry.chunkSize,
+        pageCount: geometry.pageCount,
+        changedPages: changed.length + zeroed,
+        zeroedPages: zeroed,
+        storedPages: changed.length,
+        blocks: blocks.length,
+        storedBytes,
+        comparedPages: compared,
+        compared: digestKey ? 'digests' : 'decoded',
+        pageDigestBytes: digestTable?.length ?? 0,
+        seconds: (performance.now() - started) / 1000,
+      }
+    } finally {
+      await file.discard()
     }
   } finally {
-    await file.discard()
     await closingWorkers
   }
 }

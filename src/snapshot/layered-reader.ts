@@ -82,11 +82,12 @@ export class LayeredReader {
    * The chain of `files` (base first, each ancestor's identity checked by whoever found it),
    * cross-checked (see docs/FORMAT.md) before anything is served. The readers are this one's
    * from then on; on a throw the caller still owns them. `blocks`: another thread's chain's
-   * blockShare, to share its decoded layer blocks.
+   * blockShare, to share its decoded layer blocks; `checkedBefore`: the opening whose tables the
+   * files were opened with checked their chain (SnapshotSpec `checked`).
    */
-  static fromFiles(files: SnapshotReader[], paths: string[], units: UnitCache = threadUnitCache, blocks?: SharedBlocksShare): LayeredReader {
-    // Opened from another thread's checked tables (SharedTables): that opening checked the chain.
-    if (!files.every((f) => f.checkedElsewhere)) checkChain(files, paths)
+  static fromFiles(files: SnapshotReader[], paths: string[], units: UnitCache = threadUnitCache, blocks?: SharedBlocksShare, checkedBefore = false): LayeredReader {
+    // `checkedBefore`: the chain of these very files (each of the layout that opening checked) was checked there.
+    if (!(checkedBefore && files.every((f) => f.checkedElsewhere))) checkChain(files, paths)
     return new LayeredReader(files, paths, units, blocks)
   }
 

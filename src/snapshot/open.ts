@@ -106,7 +106,8 @@ export async function openSnapshot(text: string, remote: RemoteOptions, layers?:
     name: top.name,
     location,
     remote: remotes.length > 0,
-    spec: () => ({kind: 'chain', files: files.map((f) => f.spec()), paths: [...reader.paths], landedFd, ...shared}),
+    // (The reader was made by LayeredReader.fromFiles, which checked the chain.)
+    spec: () => ({kind: 'chain', files: files.map((f) => f.spec()), paths: [...reader.paths], landedFd, ...shared, checked: true}),
     report: (...others) => reportOf([...remotes, ...others.flatMap((o) => o.remotes())]),
     remotes: () => [...remotes],
     localFiles: () => localFiles(files),

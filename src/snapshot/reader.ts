@@ -6,7 +6,7 @@ import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
 import {type ChunkEntry, type ChunkIndex, decodeFooter, decodeIndex, decodeZeroMap, type Footer} from '../format/index-table.js'
-import {checkLayerLocation, checkRunTableCrc, decodeRunTable, type LayerParent, type LayerRun, layerIdentity, layerPagesProblem} from '../format/layer.js'
+import {checkLayerLocation, decodeRunTable, type LayerParent, type LayerRun, layerIdentity, layerPagesProblem} from '../format/layer.js'
 import {memoryDigest} from '../format/learned-runs.js'
 import {checkPackedLocation, decodePackedTable, type PackedSet} from '../format/packed-set.js'
 import {digestTableLocation} from '../format/page-digest.js'
@@ -37,16 +37,17 @@ export interface LayerData {
 export interface SharedTables {
   index: SharedArrayBuffer
   zeroMap: SharedArrayBuffer
-  /**
-   * A layer's run and block tables. An opening given these (by the opening of the same file that
-   * checked them) checks their CRCs against the header it reads itself, and then not their
-   * structure again, nor its chain's: the bytes are those that were checked (each table's CRC is
-   * in the header, the header's own in the footer), and the checks are a function of the bytes.
-   * Every thread serving a chain would otherwise repeat them, on code not yet optimised, while
-   * the client's first faults wait.
-   */
+  /** A layer's run and block tables. */
   layerRuns?: SharedArrayBuffer
   layerBlocks?: SharedArrayBuffer
+  /**
+   * The layout digest of the opening that made these (SnapshotReader.layout: SHA-256 of the
+   * header, footer, index, zero map and a layer's tables, each as that opening read and checked
+   * them). An opening whose own layout digest is this one does not check a layer's runs against
+   * its pages again: those checks are a function of exactly these bytes. Every thread serving a
+   * chain would otherwise repeat them, on code not yet optimised, while the first faults wait.
+   */
+  layout: string
 }
 
 /** `length` bytes at `offset` of the file, in shared memory: `shared` when it holds exactly that many (see SharedTables), else read. */
@@ -102,7 +103,7 @@ export class SnapshotReader {
     readonly seal: OpenedSeal | undefined,
     /** The index and zero map bytes (and a layer's tables), for the threads this one starts (SharedTables). */
     readonly tables: SharedTables,
-    /** Opened with the tables of an opening that checked them (SharedTables), a layer's included: a chain of such files was checked there too. */
+    /** Its layout is that of the opening whose SharedTables it was given, which checked every table of it (SharedTables.layout). */
     readonly checkedElsewhere: boolean,
     /**
      * Where the page digest table lies (compat bit 3), with its bytes when they were read at open,
@@ -198,27 +199,27 @@ export class SnapshotReader {
     const layout = createHash('sha256').update(headerBytes).update(footerBytes).update(indexBytes).update(zeroMapBytes)
     let layer: LayerData | undefined
     let layerTables: Pick<SharedTables, 'layerRuns' | 'layerBlocks'> = {}
-    // Given another opening's tables of this file (which checked them), as a layer its run table too.
-    let checkedElsewhere = tables !== undefined
+    let layoutDigest: string
+    let checkedElsewhere: boolean
     if (layered) {
       const meta = header.metadata.layer as {blocks?: unknown} | undefined
       const dataEnd = Math.min(footer.indexOffset, footer.zeroMapOffset)
       const location = checkLayerLocation(meta, headerSize, dataEnd, geometry)
       const blocksAt = checkPackedLocation(meta?.blocks, headerSize, dataEnd, geometry, 'layer')
       const blockTable = sharedBytes(source, blocksAt.length, blocksAt.offset, tables?.layerBlocks)
-      const set = decodePackedTable(blockTable, blocksAt, headerSize, dataEnd, geometry, zeroMap, 'layer', encrypted)
       const runTable = sharedBytes(source, location.runs.length, location.runs.offset, tables?.layerRuns)
-      checkedElsewhere = tables?.layerRuns?.byteLength === runTable.length
+      layoutDigest = layout.update(blockTable).update(runTable).digest('hex')
+      // The checks of the tables below are a function of these bytes (and the header's): an
+      // opening of the same layout made them (SharedTables.layout).
+      checkedElsewhere = tables?.layout === layoutDigest
+      const set = decodePackedTable(blockTable, blocksAt, headerSize, dataEnd, geometry, zeroMap, 'layer', encrypted)
       // Decoded when first asked (a serving thread asks only for its chain's top layer's).
       let runs: LayerRun[] | undefined
-      if (checkedElsewhere) {
-        checkRunTableCrc(runTable, location)
-      } else {
+      if (!checkedElsewhere) {
         runs = decodeRunTable(runTable, location, geometry.pageCount)
         const problem = layerPagesProblem(runs, location.parents.length, set, zeroMap)
         if (problem) throw new SnapshotFormatError('CORRUPT', 'layer', problem)
       }
-      layout.update(blockTable).update(runTable)
       manifest.push({part: ManifestPart.LayerBlockTable, bytes: blockTable}, {part: ManifestPart.LayerRunTable, bytes: runTable})
       layer = {
         parents: location.parents,
@@ -228,6 +229,9 @@ export class SnapshotReader {
         set,
       }
       layerTables = {layerRuns: runTable.buffer as SharedArrayBuffer, layerBlocks: blockTable.buffer as SharedArrayBuffer}
+    } else {
+      layoutDigest = layout.digest('hex')
+      checkedElsewhere = tables?.layout === layoutDigest
     }
     // A local file's table is read when asked (serving never asks); any other source's now, with
     // the structures: a remote file's reader reads only what its probe read at open.
@@ -251,8 +255,8 @@ export class SnapshotReader {
       const unitCount = index.length + (layer?.set.blocks.length ?? 0) + (packed?.blocks.length ?? 0)
       seal = openSeal(source, sealInfo, {manifest, unitCount, structuresEnd: Math.max(footer.indexOffset + indexBytes.length, footer.zeroMapOffset + zeroMapBytes.length), learned: learnedLocation(header.metadata, headerSize, Math.min(footer.indexOffset, footer.zeroMapOffset))}, keys, locked)
     }
-    const shared = {index: indexBytes.buffer as SharedArrayBuffer, zeroMap: zeroMapBytes.buffer as SharedArrayBuffer, ...layerTables}
-    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layout.digest('hex'), seal, shared, checkedElsewhere, digestTable)
+    const shared = {index: indexBytes.buffer as SharedArrayBuffer, zeroMap: zeroMapBytes.buffer as SharedArrayBuffer, ...layerTables, layout: layoutDigest}
+    return new SnapshotReader(source, header, footer, index, zeroMap, packed, layer, layoutDigest, seal, shared, checkedElsewhere, digestTable)
   }
 
   /** Where the page digest table lies (its trailer included), without reading it, or why it could not be located; undefined without a table. */

@@ -10,11 +10,6 @@ export class SegmentReader {
   /** Reused: valid until the next read. */
   private present = new Uint8Array(0)
 
-  /**
-   * Fills `dst` (image bytes from `start`) from `segments`, zeros elsewhere; returns which pages
-   * of it any segment touched (a diff's data pages). With `holesUnchanged` (a diff) the pages no
-   * segment touches are left as they were: nobody looks at them.
-   */
   /** The descriptor of `path`, opened once (for reading) and kept until close(). */
   fd(path: string): number {
     let fd = this.fds.get(path)
@@ -22,6 +17,12 @@ export class SegmentReader {
     return fd
   }
 
+  /**
+   * Fills `dst` (image bytes from `start`) from `segments`, zeros elsewhere; returns which pages
+   * of it any segment touched (a diff's data pages). With `holesUnchanged` the pages no segment
+   * touches are left as they were, for a caller that knows what they are without their bytes (a
+   * diff's holes are unchanged, a full image's zero).
+   */
   read(segments: readonly ReadSegment[], start: number, dst: Buffer, pageSize: number, holesUnchanged: boolean): Uint8Array {
     // Only the gaps between segments are zeroed (a full image's chunk is one segment); with
     // `holesUnchanged`, only the parts of gaps inside pages a segment touches.

@@ -22,7 +22,8 @@ export type FileSpec = ({kind: 'file'; path: string; openPath?: string} | {kind:
  */
 export type SnapshotSpec = (
   | FileSpec
-  | {kind: 'chain'; files: FileSpec[]; paths: string[]; landedFd: number; blocks?: SharedBlocksShare}
+  /** `checked`: the opening that made this spec checked the chain (LayeredReader.fromFiles). */
+  | {kind: 'chain'; files: FileSpec[]; paths: string[]; landedFd: number; blocks?: SharedBlocksShare; checked?: boolean}
 ) & {
   /** The keys the command opened it with (sealed snapshots), for the thread to open it with too. */
   keys?: ReadKeysShare
@@ -34,7 +35,7 @@ export function openSpec(spec: SnapshotSpec): ImageReader {
   const files: SnapshotReader[] = []
   try {
     for (const file of spec.files) files.push(openFileSpec(file, keys))
-    return LayeredReader.fromFiles(files, spec.paths, undefined, spec.blocks)
+    return LayeredReader.fromFiles(files, spec.paths, undefined, spec.blocks, spec.checked === true)
   } catch (error) {
     for (const f of files) f.close()
     throw error

@@ -71,20 +71,27 @@ export const crc32Native = loadCrc()
 type PageDigestsFn = (pages: Uint8Array, count: number, keyWords: Uint32Array, out: Uint8Array, zero: Uint8Array | null, scalar: number) => void
 /**
  * The same of `count` pages of file `fd` from byte `offset`, through a mapping of the file (no
- * copy; the calling thread keeps the whole file mapped until filePageDigestsReleaseNative): 0, or -errno when it cannot be mapped (-ERANGE: past the file's end or not a regular
- * file), -EFAULT when the file shrank under the mapping (its SIGBUS caught by the library).
+ * copy; the calling thread keeps the whole file mapped until filePageDigestsReleaseNative or
+ * its end): 0, or -errno when it cannot be mapped (-ERANGE: past the file's end or not a
+ * regular file), -EFAULT when the file shrank under the mapping (its SIGBUS caught there).
  */
 type FilePageDigestsFn = (fd: number, offset: number, count: number, keyWords: Uint32Array, out: Uint8Array, zero: Uint8Array | null) => number
-function loadDigest(): {pages: PageDigestsFn; file: FilePageDigestsFn; release: () => void} | undefined {
+function loadDigest(): {pages: PageDigestsFn; file?: FilePageDigestsFn; release?: () => void} | undefined {
   const digestLib = loadOptional(ownLibrary('libuffd_digest.so'), 'UFFD_NATIVE_DIGEST')
   if (!digestLib) return undefined
   const keyWords = (digestLib.func('uffd_page_digest_key_words', 'int', []) as () => number)()
   // A library built for another key length would digest differently: use the JavaScript path.
   if (keyWords !== 1026) return undefined
-  return {
-    pages: digestLib.func('uffd_page_digests', 'void', ['void *', 'size_t', 'void *', 'void *', 'void *', 'int']) as PageDigestsFn,
-    file: digestLib.func('uffd_file_page_digests', 'int', ['int', 'int64_t', 'size_t', 'void *', 'void *', 'void *']) as FilePageDigestsFn,
-    release: digestLib.func('uffd_file_digests_release', 'void', []) as () => void,
+  const pages = digestLib.func('uffd_page_digests', 'void', ['void *', 'size_t', 'void *', 'void *', 'void *', 'int']) as PageDigestsFn
+  try {
+    return {
+      pages,
+      file: digestLib.func('uffd_file_page_digests', 'int', ['int', 'int64_t', 'size_t', 'void *', 'void *', 'void *']) as FilePageDigestsFn,
+      release: digestLib.func('uffd_file_digests_release', 'void', []) as () => void,
+    }
+  } catch {
+    // A library built before these existed: digests of memory only (files are then read).
+    return {pages}
   }
 }
 const digestNative = loadDigest()
