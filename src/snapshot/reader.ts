@@ -43,11 +43,24 @@ export interface SharedTables {
   /**
    * The layout digest of the opening that made these (SnapshotReader.layout: SHA-256 of the
    * header, footer, index, zero map and a layer's tables, each as that opening read and checked
-   * them). An opening whose own layout digest is this one does not check a layer's runs against
-   * its pages again: those checks are a function of exactly these bytes. Every thread serving a
-   * chain would otherwise repeat them, on code not yet optimised, while the first faults wait.
+   * them). An opening given these must find this layout (else CORRUPT: the file was rewritten in
+   * place), and then does not check a layer's runs against its pages again: those checks are a
+   * function of exactly these bytes. Every thread serving a chain would otherwise repeat them, on
+   * code not yet optimised, while the first faults wait.
    */
   layout: string
+}
+
+/**
+ * Whether this opening, given another's tables of the same file (SharedTables), found the layout
+ * that one checked; without tables, false. A different layout is refused: the file was rewritten
+ * in place since that opening checked it, and what it held then (its identity, checked against
+ * what a layer on it records) is not what it holds now.
+ */
+function sameLayout(tables: SharedTables | undefined, layout: string): boolean {
+  if (!tables) return false
+  if (tables.layout !== layout) throw new SnapshotFormatError('CORRUPT', 'layout', 'the file changed since it was opened: its header, index or tables are not those the handler checked')
+  return true
 }
 
 /** `length` bytes at `offset` of the file, in shared memory: `shared` when it holds exactly that many (see SharedTables), else read. */
@@ -209,9 +222,9 @@ export class SnapshotReader {
       const blockTable = sharedBytes(source, blocksAt.length, blocksAt.offset, tables?.layerBlocks)
       const runTable = sharedBytes(source, location.runs.length, location.runs.offset, tables?.layerRuns)
       layoutDigest = layout.update(blockTable).update(runTable).digest('hex')
-      // The checks of the tables below are a function of these bytes (and the header's): an
-      // opening of the same layout made them (SharedTables.layout).
-      checkedElsewhere = tables?.layout === layoutDigest
+      // The checks of the tables below are a function of these bytes (and the header's): the
+      // opening whose tables these are made them (SharedTables.layout).
+      checkedElsewhere = sameLayout(tables, layoutDigest)
       const set = decodePackedTable(blockTable, blocksAt, headerSize, dataEnd, geometry, zeroMap, 'layer', encrypted)
       // Decoded when first asked (a serving thread asks only for its chain's top layer's).
       let runs: LayerRun[] | undefined
@@ -231,7 +244,7 @@ export class SnapshotReader {
       layerTables = {layerRuns: runTable.buffer as SharedArrayBuffer, layerBlocks: blockTable.buffer as SharedArrayBuffer}
     } else {
       layoutDigest = layout.digest('hex')
-      checkedElsewhere = tables?.layout === layoutDigest
+      checkedElsewhere = sameLayout(tables, layoutDigest)
     }
     // A local file's table is read when asked (serving never asks); any other source's now, with
     // the structures: a remote file's reader reads only what its probe read at open.
