@@ -294,6 +294,45 @@ describe('snapshots and layers with page digests', () => {
     })
   }
 
+  it('a large image is compared in worker threads, through mappings of the file, to the same layer as decoding gives: sparse holes over data, a partial last page', () => {
+    // More data than the writer compares on its own thread (64 MiB): compare workers, each
+    // digesting its range of the file through a mapping.
+    const big = path.join(dir, 'big')
+    fs.mkdirSync(big, {recursive: true})
+    // 80 MiB and 100 bytes: the last page is partial (and changed).
+    const size = 80 * 1024 * 1024 + 100
+    const base = Buffer.concat([makeImage('mixed', size - 100, 21), pseudoRandom(100, 22)])
+    fs.writeFileSync(path.join(big, 'base.raw'), base)
+    ok(['snapshot', '--mem-file', path.join(big, 'base.raw'), '-o', path.join(big, 'base.uffd')])
+    ok(['snapshot', '--mem-file', path.join(big, 'base.raw'), '-o', path.join(big, 'old.uffd'), '--no-page-digests'])
+    // The new image: scattered changes, and holes punched where the base has data (a sparse file
+    // written with gaps: those pages read as zero, and became zero).
+    const next = Buffer.from(base)
+    const pages = Math.ceil(size / PAGE)
+    for (let p = 3; p < pages; p += 97) next[Math.min(size - 1, p * PAGE + ((p * 37) % PAGE))] ^= 0x5a
+    next[size - 1] ^= 0xff
+    const image = path.join(big, 'next.raw')
+    const fd = fs.openSync(image, 'w')
+    const hole = (p: number): boolean => p % 5000 < 40
+    for (let p = 0; p < pages; p++) if (!hole(p)) fs.writeSync(fd, next, p * PAGE, Math.min(PAGE, size - p * PAGE), p * PAGE)
+    fs.ftruncateSync(fd, size)
+    fs.closeSync(fd)
+    const expected = Buffer.from(next)
+    for (let p = 0; p < pages; p++) if (hole(p)) expected.fill(0, p * PAGE, Math.min(size, (p + 1) * PAGE))
+    const byDigest = ok(['snapshot', '--mem-file', image, '--parent', path.join(big, 'base.uffd'), '-o', path.join(big, 'd.uffd'), '--jobs', '2'])
+    const byDecode = ok(['snapshot', '--mem-file', image, '--parent', path.join(big, 'old.uffd'), '-o', path.join(big, 'o.uffd')])
+    expect(byDigest.compared).toBe('digests')
+    expect(byDigest.zeroedPages).toBeGreaterThan(0)
+    expect(byDigest.changedPages).toBe(byDecode.changedPages)
+    expect(byDigest.zeroedPages).toBe(byDecode.zeroedPages)
+    expect(layerShape(path.join(big, 'd.uffd'))).toEqual(layerShape(path.join(big, 'o.uffd')))
+    fs.writeFileSync(path.join(big, 'expected.raw'), expected)
+    const v = ok(['verify', path.join(big, 'd.uffd'), '--against', path.join(big, 'expected.raw')])
+    expect(v.ok).toBe(true)
+    expect(v.pageDigestsChecked).toBeGreaterThan(byDigest.storedPages)
+    fs.rmSync(big, {recursive: true, force: true})
+  }, 120_000)
+
   it('a layer on a layer compares with the chain resolved: each page by the digest of the file holding it', () => {
     const v1 = fs.readFileSync(at('scattered.raw'))
     const v2 = changed(v1, 7, 53, 1700)
