@@ -54,7 +54,7 @@ export const resumeFlagSpecs = {
   populate: {kind: 'string', summary: 'Fill memory ahead of faults: "none" (lazy; sequential readahead only) or "all" (the whole memory in the background, demand faults first).', options: ['none', 'all'], default: 'none'},
   preread: {
     kind: 'string',
-    summary: 'Read the snapshot file into the page cache in the background from the start, so that on a fresh host first faults do not each wait for the disk: "auto" (when the file is at most a quarter of the memory available) or "off".',
+    summary: 'Read the snapshot file into the page cache in the background from the start, so that on a fresh host first faults do not each wait for the disk (2 MiB at a time, each once the one before it is in, so a fault\'s own read waits behind little): "auto" (when the file is at most a quarter of the memory available) or "off".',
     options: ['auto', 'off'],
     default: 'auto',
   },

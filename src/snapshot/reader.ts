@@ -237,7 +237,11 @@ export class SnapshotReader {
       layer = {
         parents: location.parents,
         get runs(): LayerRun[] {
-          return (runs ??= decodeRunTable(runTable, location, geometry.pageCount))
+          try {
+            return (runs ??= decodeRunTable(runTable, location, geometry.pageCount))
+          } catch (error) {
+            throw error instanceof SnapshotFormatError ? error.withFile(source.name) : error
+          }
         },
         set,
       }
