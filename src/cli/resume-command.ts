@@ -25,15 +25,17 @@ import {DEFAULT_CACHE_MB, DEFAULT_DECODERS, DEFAULT_SERVE_CACHE_MB, DEFAULT_STAG
  * Serves `snapshotArg` as `flags` say and returns what happened; under `json` it prints nothing
  * on stdout (the caller prints the result). A FlagValueError is thrown only before anything is
  * listened on or written, so a caller may hand the command line to oclif to report it.
- * `faultLoop`: the fault-loop thread, started as early as the caller could (prestartFaultLoop);
- * it is this command's from then on, ended whatever happens.
+ * `faultLoop`: the fault-loop thread, started as early as the caller could (prestartFaultLoop),
+ * which the caller ends (endPrestarted); without it, this starts one and ends it itself.
  */
-export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, json: boolean, faultLoop: Worker = prestartFaultLoop()): Promise<ResumeResult> {
+export async function resumeCommand(snapshotArg: string, flags: ResumeFlags, json: boolean, faultLoop?: Worker): Promise<ResumeResult> {
+  if (faultLoop) return resumeWith(snapshotArg, flags, json, faultLoop)
+  const own = prestartFaultLoop()
   try {
-    return await resumeWith(snapshotArg, flags, json, faultLoop)
+    return await resumeWith(snapshotArg, flags, json, own)
   } finally {
     // Never given its settings (an error before serving), or ended with the session already.
-    await endPrestarted(faultLoop)
+    await endPrestarted(own)
   }
 }
 

@@ -38,8 +38,8 @@ export async function runResumeFast(argv: readonly string[]): Promise<boolean> {
     if (json) console.log(JSON.stringify({error: report.error}, null, 2))
     else process.stderr.write(`uffd resume: ${report.error.message}\n`)
   } finally {
-    // resumeCommand ends it; this is for a failure before it ran (the import): a thread left
-    // waiting for its settings would keep the process alive.
+    // Never given its settings (a failure before serving, the import's included: a thread left
+    // waiting for them would keep the process alive), or ended with the session already.
     if (faultLoop) await endPrestarted(faultLoop)
   }
   return true

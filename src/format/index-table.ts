@@ -175,13 +175,12 @@ export class ChunkIndex {
    */
   static ofRawChunks(payloadLengths: Uint32Array): ChunkIndex {
     const bytes = Buffer.alloc(payloadLengths.length * INDEX_ENTRY_SIZE)
+    // One entry, rewritten for each chunk with data (an all-zero chunk's entry is all zeros).
+    const entry: ChunkEntry = {dataOffset: 0, storedLength: 0, payloadLength: 0, storedCrc: 0, codec: Codec.Raw, flags: 0}
     for (let c = 0; c < payloadLengths.length; c++) {
-      const length = payloadLengths[c]
-      if (length === 0) continue
-      const at = c * INDEX_ENTRY_SIZE
-      bytes.writeUInt32LE(length, at + 8)
-      bytes.writeUInt32LE(length, at + 12)
-      bytes[at + 20] = Codec.Raw
+      if (payloadLengths[c] === 0) continue
+      entry.storedLength = entry.payloadLength = payloadLengths[c]
+      writeEntryFields(bytes, c * INDEX_ENTRY_SIZE, entry)
     }
     return new ChunkIndex(bytes, false)
   }
