@@ -46,7 +46,14 @@ export const INCOMPAT_ENCRYPTED = 1n << 1n
  * that ignored the bit would find every CRC wrong.
  */
 export const INCOMPAT_BOUND = 1n << 2n
-export const KNOWN_INCOMPAT_FEATURES = INCOMPAT_LAYERED | INCOMPAT_ENCRYPTED | INCOMPAT_BOUND
+/**
+ * zstd chunks may be framed (docs/FORMAT.md, Framed chunks; src/format/frames.ts): one
+ * independent zstd frame per group of metadata.framePages image pages, so a fault decodes only
+ * its group. A reader that ignored the bit would find a framed chunk's first frame declaring less
+ * than its payload, and refuse it as corrupt at fault time.
+ */
+export const INCOMPAT_FRAMED = 1n << 3n
+export const KNOWN_INCOMPAT_FEATURES = INCOMPAT_LAYERED | INCOMPAT_ENCRYPTED | INCOMPAT_BOUND | INCOMPAT_FRAMED
 /**
  * The snapshot carries a working set (metadata.workingSet) and stores those chunks first, so a
  * handler can read them with one sequential read. Readers that ignore it lose nothing.

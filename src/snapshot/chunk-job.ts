@@ -1,6 +1,7 @@
 import {crc32} from 'node:zlib'
 
 import {Codec} from '../format/constants.js'
+import {groupPayloadBytesOfBits} from '../format/frames.js'
 import {type ChunkCompressor} from './codecs.js'
 
 /** A byte range of a source file that lands at `imageOffset` in the image. */
@@ -29,6 +30,8 @@ export interface ChunkJob {
   unitDigests?: boolean
   /** Digest every non-zero page with these NH key words (docs/FORMAT.md, Page digests). */
   pageDigestKey?: Uint32Array
+  /** Frame zstd chunks every this many pages (docs/FORMAT.md, Framed chunks); 0: one frame a chunk. */
+  framePages?: number
 }
 
 /** How a worker seals chunks: the file's unit key and its chunks' generation (docs/FORMAT.md, Sealed snapshots). */
@@ -74,6 +77,7 @@ export function encodeChunk(
   compressor: ChunkCompressor,
   zeroPage: Buffer,
   payloadScratch: Buffer,
+  framePages = 0,
 ): {chunk: Omit<EncodedChunk, 'storedOffset' | 'storedLength'>; stored: Buffer; payload: Buffer} {
   const pages = bytes.length / pageSize
   const zeroBits = new Uint8Array(Math.ceil(pages / 8))
@@ -93,7 +97,7 @@ export function encodeChunk(
   }
   // A chunk without zero pages is its own payload; otherwise its non-zero pages are packed.
   const payload = zeroPages === 0 ? bytes : compactPayload(bytes, pageSize, zeroBits, payloadScratch, payloadLength)
-  const {codec, stored} = compressor.compress(payload)
+  const {codec, stored} = compressor.compress(payload, framePages > 0 ? groupPayloadBytesOfBits(zeroBits, pages, framePages, pageSize) : undefined)
   return {chunk: {codec, payloadLength, storedCrc: crc32(stored), zeroBits, zeroPages}, stored, payload}
 }
 

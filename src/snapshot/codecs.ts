@@ -18,6 +18,19 @@ export const lz4 = (): typeof Lz4 => (lz4Module ??= require('lz4-napi') as typeo
 
 export type CompressionCodec = 'zstd' | 'lz4' | 'raw'
 
+/**
+ * 64 KiB frames, the kernel's own fault-around for file pages: chosen by bench/first-touch
+ * against 16 and 32 KiB and unframed chunks (docs/BENCHMARKS.md, Framed chunks), at a small cost
+ * in size (one zstd frame header and checksum per frame, and less context to compress with).
+ */
+export const DEFAULT_FRAME_SIZE = 64 * 1024
+
+/** Pages per frame for a frame size (0: unframed), given the codec and geometry. */
+export function framePagesFor(codec: CompressionCodec, frameSize: number, pageSize: number, chunkSize: number): number {
+  if (codec !== 'zstd' || frameSize < pageSize || frameSize >= chunkSize) return 0
+  return Math.floor(frameSize / pageSize)
+}
+
 export const ZSTD_MIN_LEVEL = -131072
 export const ZSTD_MAX_LEVEL = 22
 
@@ -41,15 +54,24 @@ export class ChunkCompressor {
 
   /**
    * Returns the stored form and its codec. Falls back to raw whenever compression would not make
-   * the payload smaller, so incompressible memory costs no decode time at fault time.
+   * the payload smaller, so incompressible memory costs no decode time at fault time. With
+   * `groupBytes` (the payload bytes of each non-empty group of a framed chunk), zstd writes one
+   * frame per group.
    */
-  compress(payload: Buffer): {codec: Codec; stored: Buffer} {
+  compress(payload: Buffer, groupBytes?: readonly number[]): {codec: Codec; stored: Buffer} {
     let stored: Buffer | undefined
     let codec = Codec.Raw
     if (this.codec === 'zstd') {
-      const bound = zstd().compressBound(payload.length)
+      // Framed (src/format/frames.ts): one frame per group, back to back, each within its bound.
+      const framed = groupBytes !== undefined && groupBytes.length > 1
+      const bound = framed ? groupBytes.reduce((sum, bytes) => sum + zstd().compressBound(bytes), 0) : zstd().compressBound(payload.length)
       if (this.output.length < bound) this.output = Buffer.alloc(bound)
-      const n = this.cctx.compress2(this.output, payload)
+      let n = 0
+      if (framed) {
+        for (let at = 0, g = 0; g < groupBytes.length; at += groupBytes[g], g++) n += this.cctx.compress2(this.output.subarray(n), payload.subarray(at, at + groupBytes[g]))
+      } else {
+        n = this.cctx.compress2(this.output, payload)
+      }
       stored = this.output.subarray(0, n)
       codec = Codec.Zstd
     } else if (this.codec === 'lz4') {

@@ -111,7 +111,7 @@ function run(job: ChunkJob): ChunkJobResult {
     const chunkLength = end - start
     const bytes = input.subarray(start, end)
     if (covered) {
-      const encoded = encodeChunk(bytes, job.pageSize, compressor, zeroPage, payloadScratch)
+      const encoded = encodeChunk(bytes, job.pageSize, compressor, zeroPage, payloadScratch, job.framePages)
       const empty = encoded.stored.length === 0
       if (digestRows && !empty) {
         const pages = encoded.payload.length / job.pageSize

@@ -4,6 +4,7 @@
 // ends its workers with WORKER_STOP, src/core/workers.ts, never by terminating one still loading.)
 import {UffdError} from '../core/errors.js'
 import {Codec} from '../format/constants.js'
+import {zstdFrameAt} from '../format/frames.js'
 import {hasSystemLz4, lz4DecodeBlock} from '../sys/lz4.js'
 import {lz4, zstd} from './codecs.js'
 
@@ -18,7 +19,8 @@ export class ChunkDecompressor {
   /** `systemLz4`: decode lz4 with the system's liblz4 (in place) rather than lz4-napi. */
   constructor(private readonly systemLz4 = hasSystemLz4) {}
 
-  decompress(codec: Codec, stored: Buffer, dst: Buffer): void {
+  /** `framed`: the file frames its zstd chunks (src/format/frames.ts), so a chunk may hold several frames. */
+  decompress(codec: Codec, stored: Buffer, dst: Buffer, framed = false): void {
     switch (codec) {
       case Codec.Raw:
         if (stored.length !== dst.length) throw new UffdError('CORRUPT', `raw data is ${stored.length} bytes, expected ${dst.length}`)
@@ -26,7 +28,11 @@ export class ChunkDecompressor {
         return
       case Codec.Zstd: {
         const size = zstd().getFrameContentSize(stored)
-        if (size !== null && size !== dst.length) throw new UffdError('CORRUPT', `zstd frame declares ${size} bytes, expected ${dst.length}`)
+        if (size !== null && size !== dst.length) {
+          if (!framed) throw new UffdError('CORRUPT', `zstd frame declares ${size} bytes, expected ${dst.length}`)
+          const declared = framesDeclare(stored)
+          if (declared !== dst.length) throw new UffdError('CORRUPT', typeof declared === 'string' ? declared : `zstd frames declare ${declared} bytes, expected ${dst.length}`)
+        }
         const n = this.dctx.decompress(dst, stored)
         if (n !== dst.length) throw new UffdError('CORRUPT', `zstd produced ${n} bytes, expected ${dst.length}`)
         return
@@ -49,4 +55,22 @@ export class ChunkDecompressor {
         throw new UffdError('CORRUPT', `codec ${codec} has no data to decode`)
     }
   }
+
+  /** Decodes whole zstd frames (checked by chunkFrames) into `dst`, which they fill exactly. */
+  decompressFrames(stored: Buffer, dst: Buffer): void {
+    const n = this.dctx.decompress(dst, stored)
+    if (n !== dst.length) throw new UffdError('CORRUPT', `zstd produced ${n} bytes, expected ${dst.length}`)
+  }
+}
+
+/** The bytes the zstd frames of `stored` declare together, or what is wrong with them. */
+function framesDeclare(stored: Uint8Array): number | string {
+  let total = 0
+  for (let at = 0; at < stored.length; ) {
+    const frame = zstdFrameAt(stored, at)
+    if (typeof frame === 'string') return frame
+    total += frame.contentSize
+    at += frame.length
+  }
+  return total
 }

@@ -17,6 +17,8 @@ export interface SnapshotStats {
   format: string
   pageSize: number
   chunkSize: number
+  /** Bytes of image per zstd frame of a framed file (docs/FORMAT.md, Framed chunks); 0: one frame a chunk. */
+  frameSize: number
   logicalSize: number
   fileSize: number
   /** logicalSize / fileSize */
@@ -183,6 +185,7 @@ export function snapshotStats(reader: SnapshotReader, file: string): SnapshotSta
     format: `${header.major}.${header.minor}`,
     pageSize: header.pageSize,
     chunkSize: header.chunkSize,
+    frameSize: reader.framePages * header.pageSize,
     logicalSize: header.logicalSize,
     fileSize: reader.fileSize,
     ratio: reader.fileSize === 0 ? 0 : header.logicalSize / reader.fileSize,

@@ -197,6 +197,16 @@ export class LayeredReader {
    * them, every stored unit verified on the way. A view of `dst`, or of scratch valid until the
    * next call.
    */
+  /** A chain's chunks are assembled from its files: decoded whole (see SnapshotReader.readFramesIfLocal). */
+  readFramesIfLocal(_chunk: number, _first: number, _end: number, _dst: Buffer): 'whole' {
+    return 'whole'
+  }
+
+  /** None: see readFramesIfLocal. */
+  readonly framesDecoded = 0
+  /** Its chunks are never decoded by frames (see readFramesIfLocal). */
+  readonly framePages = 0
+
   readPayload(chunk: number, dst?: Buffer): Buffer {
     const block = this.packedBlock(chunk)
     if (block !== undefined) return this.files.at(-1)!.readPayload(this.topUnit(block), dst)

@@ -1,7 +1,8 @@
 import {createHash} from 'node:crypto'
 
 import {BoundKind, type BoundPlace, learnedPlace, placeSeed} from '../format/bind.js'
-import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_PAGE_DIGESTS, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_BOUND, INCOMPAT_ENCRYPTED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
+import {Codec, COMPAT_PACKED_WORKING_SET, COMPAT_PAGE_DIGESTS, COMPAT_SIGNED, FIXED_HEADER_SIZE, FOOTER_SIZE, HEADER_TRAILER_SIZE, INCOMPAT_BOUND, INCOMPAT_ENCRYPTED, INCOMPAT_FRAMED, INCOMPAT_LAYERED, INDEX_ENTRY_SIZE} from '../format/constants.js'
+import {chunkFrames, framePagesProblem, framesOfPages, groupPayloadBytes} from '../format/frames.js'
 import {SnapshotFormatError} from '../format/errors.js'
 import {Geometry} from '../format/geometry.js'
 import {decodeHeader, hex, peekHeaderSize, type SnapshotHeader} from '../format/header.js'
@@ -129,7 +130,17 @@ export class SnapshotReader {
     this.blocks = [...(layer?.set.blocks ?? []), ...(packed?.blocks ?? [])]
     this.unitCount = index.length + this.blocks.length
     this.bound = (header.incompatFeatures & INCOMPAT_BOUND) !== 0n
+    if ((header.incompatFeatures & INCOMPAT_FRAMED) !== 0n) {
+      const problem = framePagesProblem(header.metadata.framePages, this.geometry.pagesPerChunk)
+      if (problem) throw new SnapshotFormatError('INVALID', 'metadata', `framePages: ${problem}`, source.name)
+      this.framePages = header.metadata.framePages as number
+    } else {
+      this.framePages = 0
+    }
   }
+
+  /** Its zstd chunks are framed every this many pages (incompat bit 3, src/format/frames.ts); 0: one frame a chunk. */
+  readonly framePages: number
 
   /** Each unit's CRC is seeded with its place (incompat bit 2), so bytes moved to another place fail it. */
   readonly bound: boolean
@@ -356,6 +367,49 @@ export class SnapshotReader {
     return payload
   }
 
+  /**
+   * Decodes only the frames of framed chunk `chunk` (src/format/frames.ts) that hold its image
+   * pages [first, end), into `dst`, verified as readPayload verifies: the stored bytes of the
+   * whole chunk against their checksum (and seal), each frame decoded against its own checksum,
+   * every frame passed over checked against the pages its group holds. Returns their payload (a
+   * view of `dst`) and the payload page it starts at. 'whole' when only decoding the whole chunk
+   * would do (the file or chunk is not framed, or those frames are all of it); undefined when its
+   * bytes are not on this host (asked for, as by readPayloadIfLocal).
+   */
+  readFramesIfLocal(chunk: number, first: number, end: number, dst: Buffer): {payload: Buffer; payloadPage: number} | 'whole' | undefined {
+    if (this.framePages === 0 || chunk >= this.index.length) return 'whole'
+    const entry = this.entry(chunk)
+    if (entry.codec !== Codec.Zstd) return 'whole'
+    this.seal?.requireKey()
+    const chunkFirst = this.geometry.firstPageOfChunk(chunk)
+    const pages = this.geometry.pagesInChunk(chunk)
+    const groups = groupPayloadBytes(this.zeroMap, chunkFirst, pages, this.framePages, this.geometry.pageSize)
+    const span = framesOfPages(this.zeroMap, chunkFirst, pages, this.framePages, first, end)
+    if (span.to === span.from || (span.from === 0 && span.to === groups.length)) return 'whole'
+    const checked = this.checked(chunk, entry, () => this.readStored(entry, dst, false))
+    if (checked === undefined) return undefined
+    const frames = chunkFrames(checked.plain, groups)
+    if (frames === 'whole') return 'whole'
+    if (typeof frames === 'string') throw this.chunkError(chunk, 'CORRUPT', frames)
+    let bytes = 0
+    for (let f = span.from; f < span.to; f++) bytes += groups[f]
+    if (dst.length < bytes) throw new RangeError(`buffer of ${dst.length} bytes is too small for ${bytes} bytes of chunk ${chunk}`)
+    const from = frames[span.from].offset
+    const to = frames[span.to - 1].offset + frames[span.to - 1].length
+    const payload = dst.subarray(0, bytes)
+    const decompressor = (this.decompressor ??= new ChunkDecompressor())
+    try {
+      decompressor.decompressFrames(checked.plain.subarray(from, to), payload)
+    } catch (error) {
+      throw this.chunkError(chunk, 'CORRUPT', `zstd frames ${span.from}..${span.to - 1} do not decode (${(error as Error).message})`)
+    }
+    this.framesDecoded += span.to - span.from
+    return {payload, payloadPage: span.payloadPage}
+  }
+
+  /** Frames decoded on their own by readFramesIfLocal so far. */
+  framesDecoded = 0
+
   /** Where a unit sits, as its seal binds it. */
   private placeOf(unit: number, entry: ChunkEntry): UnitPlace {
     const block = this.packedBlock(unit)
@@ -497,7 +551,7 @@ export class SnapshotReader {
     // Outside the try: a codec library that fails to load is not a corrupt chunk.
     const decompressor = (this.decompressor ??= new ChunkDecompressor())
     try {
-      decompressor.decompress(entry.codec, stored, payload)
+      decompressor.decompress(entry.codec, stored, payload, this.framePages > 0 && unit < this.index.length)
     } catch (error) {
       throw this.chunkError(unit, 'CORRUPT', `${codecName(entry.codec)} data does not decode (${(error as Error).message})`)
     }

@@ -1,7 +1,7 @@
 import {setImmediate as yieldToEventLoop} from 'node:timers/promises'
 
 import {BoundKind, placeSeed} from '../format/bind.js'
-import {Codec, COMPAT_PAGE_DIGESTS, INCOMPAT_BOUND, SOURCE_ZERO} from '../format/constants.js'
+import {Codec, COMPAT_PAGE_DIGESTS, INCOMPAT_BOUND, INCOMPAT_FRAMED, SOURCE_ZERO} from '../format/constants.js'
 import {encodeDigestTable, PAGE_DIGEST_BYTES} from '../format/page-digest.js'
 import {findRun} from '../format/layer.js'
 import {encodeHeader} from '../format/header.js'
@@ -11,7 +11,7 @@ import {ZeroMap} from '../format/zero-map.js'
 import {crc32} from '../sys/crc.js'
 import {AtomicFile, appendTail} from './atomic-file.js'
 import {encodeChunk} from './chunk-job.js'
-import {ChunkCompressor, type CompressionCodec} from './codecs.js'
+import {ChunkCompressor, type CompressionCodec, DEFAULT_FRAME_SIZE, framePagesFor} from './codecs.js'
 import {type LayeredReader} from './layered-reader.js'
 import {resolvedDigests} from './page-digests.js'
 import {FileSealer, type SealingOptions} from './sealing.js'
@@ -42,20 +42,23 @@ export async function squashChain(reader: LayeredReader, output: string, options
   const base = reader.files[0]
   const {pageSize} = geometry
   const sameChunks = base.geometry.chunkSize === geometry.chunkSize
-  const {layer: _layer, seal: _seal, pageDigests: _digests, ...metadata} = reader.header.metadata
+  const {layer: _layer, seal: _seal, pageDigests: _digests, framePages: _framePages, ...metadata} = reader.header.metadata
+  // The base's stored chunks are copied as they are, framed or not: the output frames as the base
+  // does (docs/FORMAT.md, Framed chunks), and frames the chunks it compresses again the same way.
+  const framePages = sameChunks ? base.framePages : framePagesFor(options.codec, DEFAULT_FRAME_SIZE, pageSize, geometry.chunkSize)
   // A new file: its units are sealed anew, under a salt of its own.
   const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.Chunk])
   // The chain's digests, each from the file holding its page, are the squashed file's: nothing
   // to hash. A sealed output stores none (docs/FORMAT.md, Page digests).
   const digests = sealer ? undefined : resolvedDigests(reader)
   const header = encodeHeader({
-    incompatFeatures: INCOMPAT_BOUND | (sealer?.incompatFeatures ?? 0n),
+    incompatFeatures: INCOMPAT_BOUND | (framePages > 0 ? INCOMPAT_FRAMED : 0n) | (sealer?.incompatFeatures ?? 0n),
     compatFeatures: (sealer?.compatFeatures ?? 0n) | (digests ? COMPAT_PAGE_DIGESTS : 0n),
     pageSize,
     chunkSize: geometry.chunkSize,
     logicalSize: geometry.logicalSize,
     regions: reader.header.regions,
-    metadata: {...metadata, codec: options.codec, level: options.level, squashedFrom: reader.paths.map((p, k) => ({name: p, id: reader.files[k].identity})), ...(digests ? {pageDigests: digests.info} : {}), ...(sealer ? {seal: sealer.metadata} : {})},
+    metadata: {...metadata, codec: options.codec, level: options.level, ...(framePages > 0 ? {framePages} : {}), squashedFrom: reader.paths.map((p, k) => ({name: p, id: reader.files[k].identity})), ...(digests ? {pageDigests: digests.info} : {}), ...(sealer ? {seal: sealer.metadata} : {})},
   })
   const unitDigests = sealer?.signed ? Buffer.alloc(geometry.chunkCount * UNIT_DIGEST_BYTES) : undefined
   const place = (c: number, codec: Codec, payloadLength: number, plain: Buffer): ChunkEntry => {
@@ -95,7 +98,7 @@ export async function squashChain(reader: LayeredReader, output: string, options
       } else {
         const length = geometry.chunkPaddedLength(c)
         reader.readChunk(c, bytes)
-        const {chunk, stored} = encodeChunk(bytes.subarray(0, length), pageSize, compressor, zeroPage, scratch)
+        const {chunk, stored} = encodeChunk(bytes.subarray(0, length), pageSize, compressor, zeroPage, scratch, options.codec === 'zstd' ? framePages : 0)
         entries.push(place(c, chunk.codec, chunk.payloadLength, Buffer.from(stored)))
         encoded++
       }

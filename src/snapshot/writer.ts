@@ -1,7 +1,7 @@
 
 import {UffdError} from '../core/errors.js'
 import {BoundKind, unitCrc} from '../format/bind.js'
-import {CHUNK_FLAG_SHARED, Codec, COMPAT_PAGE_DIGESTS, INCOMPAT_BOUND} from '../format/constants.js'
+import {CHUNK_FLAG_SHARED, Codec, COMPAT_PAGE_DIGESTS, INCOMPAT_BOUND, INCOMPAT_FRAMED} from '../format/constants.js'
 import {Geometry} from '../format/geometry.js'
 import {encodeHeader, type Region, type SnapshotMetadata} from '../format/header.js'
 import {type ChunkEntry} from '../format/index-table.js'
@@ -11,7 +11,7 @@ import {crc32} from '../sys/crc.js'
 import {ZeroMap} from '../format/zero-map.js'
 import {AtomicFile, appendTail} from './atomic-file.js'
 import {type ChunkJob, type ChunkJobResult, type EncodedChunk, type ReadSegment} from './chunk-job.js'
-import {type CompressionCodec} from './codecs.js'
+import {type CompressionCodec, DEFAULT_FRAME_SIZE, framePagesFor} from './codecs.js'
 import {CompressionPool} from './compression-pool.js'
 import {type OutputSink} from './output-sink.js'
 import {FileSealer, type SealingOptions} from './sealing.js'
@@ -53,6 +53,12 @@ export interface WriteOptions {
    * guesses of a page's content).
    */
   pageDigests?: boolean
+  /**
+   * Bytes of image per zstd frame within a chunk (docs/FORMAT.md, Framed chunks), so an isolated
+   * fault decodes one frame rather than its whole chunk; 0 for one frame a chunk [default:
+   * DEFAULT_FRAME_SIZE]. No framing where a frame would not be smaller than a chunk.
+   */
+  frameSize?: number
 }
 
 export interface CodecUsage {
@@ -100,14 +106,15 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
   const sealer = FileSealer.create(options.seal ?? {}, [UnitKind.Chunk])
   const digestInfo = options.pageDigests !== false && options.pageSize === DIGEST_PAGE_SIZE && !sealer ? newDigestInfo() : undefined
   const digestKey = digestInfo && expandDigestKey(digestInfo.key)
+  const framePages = framePagesFor(options.codec, options.frameSize ?? DEFAULT_FRAME_SIZE, options.pageSize, options.chunkSize)
   const header = encodeHeader({
-    incompatFeatures: INCOMPAT_BOUND | (sealer?.incompatFeatures ?? 0n),
+    incompatFeatures: INCOMPAT_BOUND | (framePages > 0 ? INCOMPAT_FRAMED : 0n) | (sealer?.incompatFeatures ?? 0n),
     compatFeatures: (sealer?.compatFeatures ?? 0n) | (digestInfo ? COMPAT_PAGE_DIGESTS : 0n),
     pageSize: options.pageSize,
     chunkSize: options.chunkSize,
     logicalSize: input.logicalSize,
     regions: input.regions,
-    metadata: {...input.metadata, codec: options.codec, level: options.level, ...(digestInfo ? {pageDigests: digestInfo} : {}), ...(sealer ? {seal: sealer.metadata} : {})},
+    metadata: {...input.metadata, codec: options.codec, level: options.level, ...(framePages > 0 ? {framePages} : {}), ...(digestInfo ? {pageDigests: digestInfo} : {}), ...(sealer ? {seal: sealer.metadata} : {})},
   })
 
   const file = typeof output === 'string' ? new AtomicFile(output, {mode: options.mode, name: options.name}) : output
@@ -127,7 +134,7 @@ export async function writeSnapshot(input: ImageInput, output: string | OutputSi
       const start = geometry.chunkStart(first)
       const end = Math.min(input.logicalSize, geometry.chunkStart(first + count))
       const chunkLengths = Array.from({length: count}, (_, i) => geometry.chunkPaddedLength(first + i))
-      const job: ChunkJob = {id, firstChunk: first, start, chunkLengths, pageSize: options.pageSize, segments: input.segments(start, end), digests, unitDigests: sealer?.signed, ...(digestKey ? {pageDigestKey: digestKey} : {})}
+      const job: ChunkJob = {id, firstChunk: first, start, chunkLengths, pageSize: options.pageSize, segments: input.segments(start, end), digests, framePages, unitDigests: sealer?.signed, ...(digestKey ? {pageDigestKey: digestKey} : {})}
       const result = pool.submit(job)
       // Marked handled now: a job can fail while an earlier one is awaited; it is awaited (and its
       // error raised) in order, or abandoned after an earlier failure.
