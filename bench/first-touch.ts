@@ -19,7 +19,7 @@
  *
  *   node --import tsx bench/first-touch.ts --image /work/data/guest-1g.raw [--runs 5]
  *        [--placements split,shared,client,free] [--patterns r0.2,r1,r5,c10] [--uffd-args "..."]
- *        [--evict files|all]
+ *        [--evict files|all] [--snapshot-args "--frame-size 0"]
  * Needs root (evicting the page cache; fc_client's uffd).
  */
 import fs from 'node:fs'
@@ -34,6 +34,8 @@ const runs = Number(arg('runs', '5'))
 const evict = arg('evict', 'files')
 if (evict !== 'files' && evict !== 'all') throw new Error('--evict is files or all')
 const uffdArgs = arg('uffd-args', '').split(' ').filter(Boolean)
+/** How the snapshot is written (e.g. "--frame-size 0" for one zstd frame a chunk). */
+const snapshotArgs = arg('snapshot-args', '').split(' ').filter(Boolean)
 const work = tempDir('uffd-bench-first-touch-')
 const snapshot = path.join(work, 'image.uffd')
 const pageCount = Math.ceil(fs.statSync(image).size / 4096)
@@ -132,7 +134,7 @@ async function measure(handler: Handler, traceFile: string, placement: Placement
 
 async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('bench/first-touch needs root (dropping the page cache, fc_client)')
-  const made = run(process.execPath, [UFFD, 'snapshot', '--mem-file', image, '-o', snapshot, '--force'])
+  const made = run(process.execPath, [UFFD, 'snapshot', '--mem-file', image, '-o', snapshot, '--force', ...snapshotArgs])
   if (made.code !== 0) throw new Error(`snapshot failed: ${made.stderr}`)
   console.log(`${image}: ${pageCount} pages; snapshot ${fs.statSync(snapshot).size} B`)
   const ms: Record<string, Record<Handler, number[]>> = {}
@@ -171,7 +173,7 @@ async function main(): Promise<void> {
   }
   console.log(`\nfirst touches, page cache dropped before each run (${image}, medians of ${runs} runs; ms from start until touched, (ready at))\n`)
   console.log(table(['pattern', 'placement', 'File backend', 'baseline', HANDLERS[2].name, 'uffd faults / chunks decoded / MiB copied', 'uffd vs baseline (target >= 2x)', 'uffd vs File backend (target >= 1x)'], rows))
-  console.log(`\nresults: ${writeResults('first-touch', {image, runs, uffdArgs, placements, ms, readyMs, done, rows})}`)
+  console.log(`\nresults: ${writeResults('first-touch', {image, runs, uffdArgs, snapshotArgs, placements, ms, readyMs, done, rows})}`)
   fs.rmSync(work, {recursive: true, force: true})
 }
 

@@ -149,6 +149,13 @@ class ScriptedSource implements PayloadSource {
     if (this.corrupt.has(unit)) throw new SnapshotFormatError('CORRUPT', `chunk ${unit}`, 'stored bytes do not match their checksum')
     return this.reader.readPayload(unit)
   }
+  private readonly frameScratch = Buffer.alloc(4 << 20)
+  framesOf(chunk: number, first: number, end: number): number | 'whole' | undefined {
+    if (this.corrupt.has(chunk)) throw new SnapshotFormatError('CORRUPT', `chunk ${chunk}`, 'stored bytes do not match their checksum')
+    if (this.remote.has(chunk)) return undefined
+    const got = this.reader.readFramesIfLocal(chunk, first, end, this.frameScratch)
+    return got === undefined || got === 'whole' ? got : addressOf(got.payload) - got.payloadPage * this.reader.geometry.pageSize
+  }
   isReady(unit: number): boolean {
     return !this.notReady.has(unit)
   }

@@ -305,6 +305,22 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       })
     }
 
+    for (const extra of [[], ['--decoders', '0']]) {
+      it(`framed chunks (the default): isolated faults under --fault-around auto decode their frames alone, byte-exact (mixed image, random touch, 2 regions${extra.length ? `, ${extra.join(' ')}` : ''})`, async () => {
+        const snapshot = snapshotOf('mixed', 'zstd', 256 * 1024)
+        const reader = SnapshotReader.open(snapshot)
+        expect(reader.framePages).toBe(16)
+        reader.close()
+        const img = image('mixed')
+        const r = await serveOne(snapshot, img, ['--touch', 'random', '--regions', '2', '--verify-all'], ['--fault-around', 'auto', ...extra])
+        const {pages} = pageCounts(img.data)
+        expect(r.client).toMatchObject({regions: 2, pages_touched: pages, pages_verified: pages})
+        expectEveryPageOnce(r.stats, img.data)
+        expect(r.stats.chunks.framesDecoded).toBeGreaterThan(0)
+        expect(r.stats.ioctls.eexist + r.stats.ioctls.eagain).toBe(0)
+      })
+    }
+
     it('evicts and re-decodes chunks with a cache smaller than the image (--cache-mb 1, 1M chunks, random pages, no decoders)', async () => {
       const snapshot = snapshotOf('mixed', 'zstd', MiB)
       const img = image('mixed')

@@ -44,7 +44,7 @@ export const resumeFlagSpecs = {
     summary: `Memory for decoded chunks kept for faults to come, MiB (default ${DEFAULT_CACHE_MB}, with --serve ${DEFAULT_SERVE_CACHE_MB}: one client rarely faults again where a chunk was installed, many clients of one snapshot do). Given, it also bounds the working set decoded before the first client (else ${DEFAULT_STAGE_MB} MiB).`,
     min: 1,
   },
-  'fault-around': {kind: 'string', summary: 'Bytes installed around each faulting page: "auto" adapts (the chunk for an isolated fault, doubling up to 2 MiB, or the chunk size if larger, while faults land next to each other; zero runs over the whole 2 MiB); a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size) or "page" (no fault-around) is a fixed window.', default: 'auto'},
+  'fault-around': {kind: 'string', summary: 'Bytes installed around each faulting page: "auto" adapts (for an isolated fault the chunk, or one frame of a framed chunk, doubling up to 2 MiB, or the chunk size if larger, while faults land next to each other; zero runs over the whole 2 MiB); a size (e.g. 64K, 2M), "chunk" (the snapshot\'s chunk size) or "page" (no fault-around) is a fixed window.', default: 'auto'},
   'kernel-zeros': {
     kind: 'boolean',
     summary: "Hand the snapshot's large all-zero ranges (2 MiB or more, the longest 128) back to the kernel when a VMM connects (UFFDIO_UNREGISTER): their first touch then costs no fault, and the kernel maps zeros there, also after a balloon removal (which is then not reported). Each range splits the VMM's mapping (up to two more VMAs); one the kernel cannot hand over whole (vm.max_map_count) is registered again and served by faults. Not for --criu-dir. --no-kernel-zeros serves them with faults.",

@@ -41,8 +41,8 @@ export const ResumeReportSchema = Type.Object(
     staged: Type.Optional(nullable(Type.Object({units: count(), bytes: count(), ms: ms()}))),
     ioctls: Type.Object({copy: count(), zeropage: count(), eexist: count(), eagain: count()}),
     bytes: Type.Object({copied: count(), decompressed: count()}),
-    // storedUnitsDecoded, storedUnitsShared: optional, reports written before they were counted have none.
-    chunks: Type.Object({decoded: count(), storedUnitsDecoded: Type.Optional(count()), storedUnitsShared: Type.Optional(count()), cacheHits: count(), cacheMisses: count(), hitRate: nullable(Type.Number({minimum: 0, maximum: 1}))}),
+    // framesDecoded (chunks' frames decoded on their own), storedUnitsDecoded, storedUnitsShared: optional, reports written before they were counted have none.
+    chunks: Type.Object({decoded: count(), framesDecoded: Type.Optional(count()), storedUnitsDecoded: Type.Optional(count()), storedUnitsShared: Type.Optional(count()), cacheHits: count(), cacheMisses: count(), hitRate: nullable(Type.Number({minimum: 0, maximum: 1}))}),
     events: Type.Object({remove: count(), removedPages: count(), unmap: count(), remap: count(), fork: count()}),
     // min: optional, reports written before it was kept have none.
     latencyUs: Type.Object({p50: nullable(ms()), p90: nullable(ms()), p99: nullable(ms()), min: Type.Optional(nullable(ms())), max: nullable(ms()), mean: nullable(ms())}),

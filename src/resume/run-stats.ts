@@ -24,6 +24,7 @@ export const COUNTERS = [
   'zeropageIoctls',
   'bytesCopied',
   'chunksDecoded',
+  'framesDecoded',
   'unitsDecoded',
   'unitsShared',
   'bytesDecompressed',
@@ -187,7 +188,7 @@ export interface ResumeReport {
    * stored units a chain took already decoded by another snapshot's chain served by the same
    * handler (sibling layers over one base, `--also`): decodes spared (absent in older reports).
    */
-  chunks: {decoded: number; storedUnitsDecoded?: number; storedUnitsShared?: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
+  chunks: {decoded: number; framesDecoded?: number; storedUnitsDecoded?: number; storedUnitsShared?: number; cacheHits: number; cacheMisses: number; hitRate: number | null}
   events: {remove: number; removedPages: number; unmap: number; remap: number; fork: number}
   /**
    * Time from reading a fault message to the faulting page being installed, in µs; every
@@ -234,7 +235,7 @@ export function buildReport(stats: RunStats, snapshot: string, startedAt: Date, 
     staged: g('stagedUnits') ? {units: g('stagedUnits'), bytes: g('stagedBytes'), ms: g('stagedMs')} : null,
     ioctls: {copy: g('copyIoctls'), zeropage: g('zeropageIoctls'), eexist: g('eexist'), eagain: g('eagain')},
     bytes: {copied: g('bytesCopied'), decompressed: g('bytesDecompressed')},
-    chunks: {decoded: g('chunksDecoded'), storedUnitsDecoded: g('unitsDecoded'), storedUnitsShared: g('unitsShared'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},
+    chunks: {decoded: g('chunksDecoded'), framesDecoded: g('framesDecoded'), storedUnitsDecoded: g('unitsDecoded'), storedUnitsShared: g('unitsShared'), cacheHits: g('cacheHits'), cacheMisses: g('cacheMisses'), hitRate: lookups ? g('cacheHits') / lookups : null},
     events: {remove: g('removeEvents'), removedPages: g('removedPages'), unmap: g('unmapEvents'), remap: g('remapEvents'), fork: g('forkEvents')},
     latencyUs: {p50: percentile(0.5), p90: percentile(0.9), p99: percentile(0.99), min, max, mean: faults ? g('latencySumUs') / faults : null},
     timeToFirstFaultMs: faults ? g('firstFaultMs') : null,

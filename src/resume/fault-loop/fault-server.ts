@@ -172,14 +172,16 @@ export class FaultServer {
     const regionFirst = region.offset / this.pageSize
     const regionEnd = regionFirst + region.size / this.pageSize
     const window = nextWindow(client.faultWindow, page, this.windowSizes, regionFirst, regionEnd)
+    const frames = kind === 'faultsData' ? this.framesBase(unit, window) : undefined
+    if (frames === 'wait') return {outcome: 'wait', window: undefined}
     const [runFirst, runEnd] = this.runAround(client, page, window.first, window.end)
-    const faulting = this.fillRun(client, region, runFirst, runEnd - runFirst)
+    const faulting = this.fillRun(client, region, runFirst, runEnd - runFirst, undefined, frames)
     if (faulting.outcome !== 'served') return {outcome: faulting.outcome, window: undefined}
     client.faultWindow = window
     this.recordServed(fault, kind)
     // The fault itself is served; the rest of the window is a bonus. If the address space
     // is changing (EAGAIN), the remaining pages are left to later faults.
-    const rest = this.fillWindow(client, region, window.first, window.end)
+    const rest = this.fillWindow(client, region, window.first, window.end, undefined, 'all', frames)
     let pages = faulting.pages + rest.pages
     let outcome = rest.outcome
     // Zero runs cost no decode and almost no copy: they are filled over the widest window
@@ -192,6 +194,21 @@ export class FaultServer {
     }
     this.stats.add('faultAroundPages', pages - 1)
     return {outcome: outcome === 'gone' ? 'gone' : 'served', window: {page, first: window.first, end: window.end}}
+  }
+
+  /**
+   * A window smaller than its chunk (the window lies in one chunk: both are aligned) is served
+   * from the frames holding it alone, when the chunk is framed and nothing has it decoded: the
+   * address its payload would start at (PayloadSource.framesOf). Undefined: install from the
+   * whole payload; 'wait': its bytes are not on this host.
+   */
+  private framesBase(chunk: number, window: {first: number; end: number}): number | undefined | 'wait' {
+    // Only for an adaptive window: it installs the whole of what it decodes, and grows when its
+    // neighbours are wanted. A fixed window smaller than a chunk (a page-by-page recording run)
+    // has the rest of the chunk wanted by the faults after it: decoded whole, into the cache.
+    if (this.windowSizes.minPages === this.windowSizes.maxPages || window.end - window.first >= this.geometry.pagesPerChunk) return undefined
+    const base = this.unitBytes(chunk, () => this.source.framesOf(chunk, window.first, window.end))
+    return base === 'whole' ? undefined : (base ?? 'wait')
   }
 
   /**
@@ -302,8 +319,11 @@ export class FaultServer {
     return this.runsOfBlock[block]
   }
 
-  /** Installs every still-missing run in [first, end) of one region (of zero pages only, with 'zeros'). */
-  private fillWindow(client: Client, region: GuestRegion, first: number, end: number, copied?: CopiedRange[], what: 'all' | 'zeros' = 'all'): Installed {
+  /**
+   * Installs every still-missing run in [first, end) of one region (of zero pages only, with
+   * 'zeros'); data from the frames at `frames` (see framesBase) when given, else from the whole payload.
+   */
+  private fillWindow(client: Client, region: GuestRegion, first: number, end: number, copied?: CopiedRange[], what: 'all' | 'zeros' = 'all', frames?: number): Installed {
     let pages = 0
     let p = first
     while (p < end) {
@@ -321,7 +341,7 @@ export class FaultServer {
         p = q
         continue
       }
-      const r = this.fillRun(client, region, p, q - p, copied)
+      const r = this.fillRun(client, region, p, q - p, copied, frames)
       pages += r.pages
       if (r.outcome === 'wait') {
         p = q
@@ -333,9 +353,12 @@ export class FaultServer {
     return {outcome: 'served', pages}
   }
 
-  /** Installs a run of pages that are all zero or all in one chunk; 'wait' when the chunk's bytes are not on this host. */
-  private fillRun(client: Client, region: GuestRegion, first: number, count: number, copied?: CopiedRange[]): Attempted {
-    const source = this.zeroMap.isZero(first) ? ZEROS : this.payloadAddress(first)
+  /**
+   * Installs a run of pages that are all zero or all in one chunk, data from the frames at
+   * `frames` when given; 'wait' when the chunk's bytes are not on this host.
+   */
+  private fillRun(client: Client, region: GuestRegion, first: number, count: number, copied?: CopiedRange[], frames?: number): Attempted {
+    const source = this.zeroMap.isZero(first) ? ZEROS : frames !== undefined ? frames + this.payloadOffset(first) : this.payloadAddress(first)
     if (source === undefined) return {outcome: 'wait', pages: 0}
     return this.installer.fill(client, region, first, count, source, copied)
   }
@@ -347,7 +370,12 @@ export class FaultServer {
    */
   private payloadAddress(page: number): number | undefined {
     const unit = this.unitAddress(this.geometry.chunkOfOffset(page * this.pageSize))
-    return unit === undefined ? undefined : unit + payloadPosition(this.zeroMap, page, this.geometry.pagesPerChunk) * this.pageSize
+    return unit === undefined ? undefined : unit + this.payloadOffset(page)
+  }
+
+  /** Where `page`'s bytes lie in its chunk's payload, from the payload's start. */
+  private payloadOffset(page: number): number {
+    return payloadPosition(this.zeroMap, page, this.geometry.pagesPerChunk) * this.pageSize
   }
 
   /**
@@ -357,9 +385,14 @@ export class FaultServer {
    * clients go on, and fail in turn only if they need that unit too.
    */
   private unitAddress(unit: number): number | undefined {
+    const payload = this.unitBytes(unit, () => this.source.payload(unit))
+    return payload === undefined ? undefined : addressOf(payload)
+  }
+
+  /** What `read` returns for `unit`, its failures made a client's (see unitAddress). */
+  private unitBytes<T>(unit: number, read: () => T): T {
     try {
-      const payload = this.source.payload(unit)
-      return payload === undefined ? undefined : addressOf(payload)
+      return read()
     } catch (error) {
       if (error instanceof SnapshotFormatError) throw new UffdError(error.code, error.message, {cause: error})
       if (error instanceof UffdError || error instanceof SysError) throw error

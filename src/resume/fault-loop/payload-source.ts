@@ -21,6 +21,14 @@ export interface PayloadSource {
    * network. Throws SnapshotFormatError when it cannot be verified.
    */
   payload(unit: number): Buffer | undefined
+  /**
+   * For a fault that wants only image pages [first, end) of framed chunk `chunk`: those pages'
+   * frames decoded on their own, here, when nothing has the chunk decoded or on its way. Returns
+   * the address its payload would start at (payload page p lies at that address plus p pages,
+   * for the pages of those frames only), valid until the next call. 'whole': use payload()
+   * instead; undefined as for payload(). Throws SnapshotFormatError as payload() does.
+   */
+  framesOf(chunk: number, first: number, end: number): number | 'whole' | undefined
   /** Whether `unit` can be installed without waiting: nothing to decode, decoded, or failed (installing it reports the error). */
   isReady(unit: number): boolean
   /**
@@ -90,6 +98,8 @@ export class DecodedUnits implements PayloadSource {
   /** Units decoded before any client connected (stage()), in order, and whether they stay. */
   private staged: number[] = []
   private keepStaged = false
+  /** Where framesOf decodes: a chunk's frames are at most the chunk. */
+  private readonly frameScratch: Buffer
   retainReleased = false
 
   constructor(
@@ -103,6 +113,7 @@ export class DecodedUnits implements PayloadSource {
     private readonly image = 0,
   ) {
     this.cache = new ChunkCache(reader, cacheBytes, stats)
+    this.frameScratch = Buffer.alloc(reader.framePages > 0 ? reader.geometry.chunkSize : 0)
   }
 
   get eventFd(): number {
@@ -122,6 +133,16 @@ export class DecodedUnits implements PayloadSource {
 
   fetchNow(units: readonly number[], around: readonly number[] = []): void {
     this.reader.fetchAhead(units, PRIORITY_DEMAND, around)
+  }
+
+  framesOf(chunk: number, first: number, end: number): number | 'whole' | undefined {
+    if (this.cache.has(chunk) || this.isRequested(chunk)) return 'whole'
+    const before = this.reader.framesDecoded
+    const got = this.reader.readFramesIfLocal(chunk, first, end, this.frameScratch)
+    if (got === undefined || got === 'whole') return got
+    this.stats.add('framesDecoded', this.reader.framesDecoded - before)
+    this.stats.add('bytesDecompressed', got.payload.length)
+    return addressOf(got.payload) - got.payloadPage * this.reader.geometry.pageSize
   }
 
   payload(unit: number): Buffer | undefined {

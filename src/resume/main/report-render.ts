@@ -55,7 +55,7 @@ export function renderResumeReport(file: string, r: ResumeReport): string[] {
     ['ioctls', `${r.ioctls.copy} UFFDIO_COPY, ${r.ioctls.zeropage} UFFDIO_ZEROPAGE, ${r.ioctls.eexist} EEXIST, ${r.ioctls.eagain} EAGAIN`],
     [
       'chunks',
-      `${r.chunks.decoded} decoded (${formatBytes(r.bytes.decompressed)}${r.chunks.storedUnitsDecoded && r.chunks.storedUnitsDecoded !== r.chunks.decoded ? `, from ${r.chunks.storedUnitsDecoded} stored units of the chain` : ''}${r.chunks.storedUnitsShared ? `; ${r.chunks.storedUnitsShared} stored units taken decoded by another snapshot's chain` : ''}), cache ${r.chunks.cacheHits} hits / ${r.chunks.cacheMisses} misses` +
+      `${r.chunks.decoded} decoded${r.chunks.framesDecoded ? ` whole and ${r.chunks.framesDecoded} frames on their own` : ''} (${formatBytes(r.bytes.decompressed)}${r.chunks.storedUnitsDecoded && r.chunks.storedUnitsDecoded !== r.chunks.decoded ? `, from ${r.chunks.storedUnitsDecoded} stored units of the chain` : ''}${r.chunks.storedUnitsShared ? `; ${r.chunks.storedUnitsShared} stored units taken decoded by another snapshot's chain` : ''}), cache ${r.chunks.cacheHits} hits / ${r.chunks.cacheMisses} misses` +
         (r.chunks.hitRate === null ? '' : ` (${formatPercent(r.chunks.cacheHits, r.chunks.cacheHits + r.chunks.cacheMisses)} hits)`),
     ],
     ...(r.remote
