@@ -8,7 +8,7 @@
  *
  * --quick runs each benchmark once (--runs 1; bench/codecs on 256 KiB chunks, zstd 1 and lz4 only):
  *   a check that everything runs, not figures. --only takes names from bench/suite.ts (snapshot,
- *   resume, prefetch-scattered, prefetch-clusters, codecs-1g, codecs-2g, remote, startup, layers, criu) or a prefix
+ *   resume, prefetch-scattered, prefetch-clusters, codecs-1g, codecs-2g, remote, frames, first-touch, startup, layers, criu) or a prefix
  *   ("prefetch", "codecs"). --list prints the commands and runs nothing. Build first (`npm run
  *   bench` does). Everything takes ~50 min on a quiet machine (bench/codecs ~15 min per image),
  *   about twice that under load; making a missing guest image 2-3 min more (5-6 min the first time,

@@ -38,6 +38,7 @@ export const BENCHMARKS: Benchmark[] = [
   {name: 'codecs-1g', script: 'bench/codecs.ts', args: ['--image', GUEST_1G], runs: 5, quick: ['--chunks', '256K', '--codecs', 'zstd:1,lz4'], images: [GUEST_1G], commands: ['zstd', 'lz4']},
   {name: 'codecs-2g', script: 'bench/codecs.ts', args: ['--image', GUEST_2G], runs: 5, quick: ['--chunks', '256K', '--codecs', 'zstd:1,lz4'], images: [GUEST_2G], commands: ['zstd', 'lz4']},
   {name: 'remote', script: 'bench/remote.ts', args: ['--image', GUEST_1G], runs: 3, images: [GUEST_1G], commands: ['curl', 'ip', 'tc'], root: true},
+  {name: 'frames', script: 'bench/frames.ts', args: ['--image', GUEST_1G], runs: 5, images: [GUEST_1G], commands: []},
   {name: 'first-touch', script: 'bench/first-touch.ts', args: ['--image', GUEST_1G], runs: 5, quick: ['--placements', 'free'], images: [GUEST_1G], commands: ['taskset'], root: true},
   {name: 'startup', script: 'bench/startup.ts', args: ['--image', GUEST_1G], runs: 15, images: [GUEST_1G], commands: []},
   {name: 'layers', script: 'bench/layers.ts', args: ['--image', GUEST_1G], runs: 5, images: [GUEST_1G], commands: []},

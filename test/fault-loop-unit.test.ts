@@ -410,6 +410,45 @@ describe('FaultServer with a scripted payload source', () => {
   })
 })
 
+describe('FaultServer over framed chunks (adaptive window)', () => {
+  it('serves isolated faults from their frames, and a grown window clipped by a small region across a chunk boundary from each chunk\'s own bytes', () => {
+    // 256 KiB chunks of 64 KiB frames; regions of 60, 10 and the rest of the pages: the middle one
+    // straddles the boundary between chunks 0 and 1 (page 64).
+    const sub = tempDir()
+    const bytes = makeImage('compressible', 1 << 20, 5)
+    fs.writeFileSync(path.join(sub, 'mem.raw'), bytes)
+    const made = uffd(['snapshot', '--mem-file', path.join(sub, 'mem.raw'), '-o', path.join(sub, 'mem.uffd'), '--chunk-size', '256K'])
+    expect(made.status, made.stderr).toBe(0)
+    const framed = SnapshotReader.open(path.join(sub, 'mem.uffd'))
+    try {
+      expect(framed.framePages).toBe(16)
+      const pages = framed.geometry.pageCount
+      const kernel = new SimulatedKernel(pages)
+      const stats = new RunStats()
+      const source = new DecodedUnits(framed, undefined, stats, 1 << 20)
+      const installer = new Installer(kernel, stats, PAGE, framed.zeroMap, 1)
+      const server = new FaultServer(framed, source, installer, stats, new RunClock(), {faultAroundBytes: 2 << 20, faultAroundMinBytes: 64 * 1024})
+      const regions: GuestRegion[] = [
+        {baseHostVirtAddr: BASE, size: 60 * PAGE, offset: 0, pageSize: PAGE},
+        {baseHostVirtAddr: BASE + 60 * PAGE, size: 10 * PAGE, offset: 60 * PAGE, pageSize: PAGE},
+        {baseHostVirtAddr: BASE + 70 * PAGE, size: (pages - 70) * PAGE, offset: 70 * PAGE, pageSize: PAGE},
+      ]
+      const client = new Client(1, UFFD, regions, framed.geometry)
+      // 100: an isolated fault, its frame alone; 80, 115: nearby, the window grows past a chunk;
+      // 60: the grown window clipped to [60, 70), pages of chunks 0 and 1.
+      for (const page of [100, 80, 115, 60]) expect(server.serve(client, {address: BASE + page * PAGE, readAt: performance.now()} as never).outcome).toBe('served')
+      expect(stats.get('framesDecoded')).toBeGreaterThan(0)
+      for (let p = 0; p < pages; p++) {
+        if (kernel.present[p] && !kernel.memory.subarray(p * PAGE, (p + 1) * PAGE).equals(bytes.subarray(p * PAGE, (p + 1) * PAGE))) throw new Error(`page ${p} holds the wrong bytes`)
+      }
+      expect(kernel.present.subarray(60, 70).every((x) => x === 1)).toBe(true)
+    } finally {
+      framed.close()
+      fs.rmSync(sub, {recursive: true, force: true})
+    }
+  })
+})
+
 describe('Prefetcher: population, readiness and REMOVE', () => {
   it('waits for a unit that is not ready, and never refills memory removed while it populates', () => {
     const {kernel, server, installer, source, scripted, client, stats, clock} = setup()

@@ -187,7 +187,6 @@ describe('framed snapshots', () => {
       const at = (position - got.payloadPage) * PAGE
       expect(got.payload.subarray(at, at + PAGE).equals(bytes.subarray(page * PAGE, (page + 1) * PAGE))).toBe(true)
     }
-    expect(reader.framesDecoded).toBeGreaterThan(0)
     reader.close()
   })
 

@@ -99,7 +99,7 @@ function alsoServed(flags: ResumeFlags): {snapshot: string; socketPath: string}[
 
 async function serve(snapshot: OpenedSnapshot, also: AlsoServed[], decoders: number, flags: ResumeFlags, json: boolean, keys: ReadKeys, faultLoop: Worker): Promise<ResumeResult> {
   const {chunkSize, pageSize} = snapshot.reader.geometry
-  const window = faultAround(flags['fault-around'], chunkSize, pageSize, snapshot.reader.framePages)
+  const window = faultAround(flags['fault-around'], chunkSize, pageSize)
   const readaheadBytes = size(flags.readahead, '--readahead')
 
   const controller = new AbortController()
@@ -228,14 +228,14 @@ function size(text: string, flag: string): number {
 }
 
 /**
- * The fault-around window's smallest and largest size. "auto" adapts: the smallest unit that
- * decodes on its own (a frame of a framed chunk, else the chunk: its decode the faulting page pays
- * for anyway) growing to 2 MiB while faults land near each other; a size, "chunk" or "page" is
- * fixed. `framePages`: the snapshot's frame size in pages (0: unframed).
+ * The fault-around window's smallest and largest size. "auto" adapts: each snapshot's smallest
+ * part that decodes on its own ('unit': a frame of a framed file, else a chunk, whose decode the
+ * faulting page pays for anyway) growing to 2 MiB while faults land near each other; a size,
+ * "chunk" or "page" is fixed.
  */
-function faultAround(text: string, chunkSize: number, pageSize: number, framePages: number): {minBytes: number; maxBytes: number} {
+function faultAround(text: string, chunkSize: number, pageSize: number): {minBytes: number | 'unit'; maxBytes: number} {
   const fixed = (bytes: number): {minBytes: number; maxBytes: number} => ({minBytes: bytes, maxBytes: bytes})
-  if (text === 'auto') return {minBytes: framePages > 0 ? framePages * pageSize : Math.max(chunkSize, pageSize), maxBytes: Math.max(2 * 1024 * 1024, chunkSize, pageSize)}
+  if (text === 'auto') return {minBytes: 'unit', maxBytes: Math.max(2 * 1024 * 1024, chunkSize, pageSize)}
   if (text === 'chunk') return fixed(chunkSize)
   if (text === 'page') return fixed(pageSize)
   let bytes: number

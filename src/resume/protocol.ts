@@ -45,9 +45,13 @@ export interface WorkerConfig {
   cacheBytes: number
   /** Decode-pool room for working sets decoded before the first client, shared likewise. */
   stageBytes: number
-  /** The largest fault-around window; it starts at faultAroundMinBytes (when given) and grows to this while faults land near each other. */
+  /**
+   * The largest fault-around window; it starts at faultAroundMinBytes (when given) and grows to
+   * this while faults land near each other. 'unit': at each snapshot's smallest part that decodes
+   * on its own (smallestWindowBytes: a frame of a framed file, else a chunk).
+   */
   faultAroundBytes: number
-  faultAroundMinBytes?: number
+  faultAroundMinBytes?: number | 'unit'
   /** Hand a VMM's large all-zero ranges to the kernel at connect (FaultServer.handZerosToKernel). */
   kernelZeros?: boolean
   /** Threads decoding chunks ahead of need (readahead, population); 0 decodes in the fault loop only. */

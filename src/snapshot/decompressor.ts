@@ -4,7 +4,6 @@
 // ends its workers with WORKER_STOP, src/core/workers.ts, never by terminating one still loading.)
 import {UffdError} from '../core/errors.js'
 import {Codec} from '../format/constants.js'
-import {zstdFrameAt} from '../format/frames.js'
 import {hasSystemLz4, lz4DecodeBlock} from '../sys/lz4.js'
 import {lz4, zstd} from './codecs.js'
 
@@ -19,7 +18,10 @@ export class ChunkDecompressor {
   /** `systemLz4`: decode lz4 with the system's liblz4 (in place) rather than lz4-napi. */
   constructor(private readonly systemLz4 = hasSystemLz4) {}
 
-  /** `framed`: the file frames its zstd chunks (src/format/frames.ts), so a chunk may hold several frames. */
+  /**
+   * `framed`: a chunk of a file that frames its zstd chunks (src/format/frames.ts), whose frames
+   * the caller checked (chunkFrames): its first frame may declare only its group.
+   */
   decompress(codec: Codec, stored: Buffer, dst: Buffer, framed = false): void {
     switch (codec) {
       case Codec.Raw:
@@ -28,11 +30,7 @@ export class ChunkDecompressor {
         return
       case Codec.Zstd: {
         const size = zstd().getFrameContentSize(stored)
-        if (size !== null && size !== dst.length) {
-          if (!framed) throw new UffdError('CORRUPT', `zstd frame declares ${size} bytes, expected ${dst.length}`)
-          const declared = framesDeclare(stored)
-          if (declared !== dst.length) throw new UffdError('CORRUPT', typeof declared === 'string' ? declared : `zstd frames declare ${declared} bytes, expected ${dst.length}`)
-        }
+        if (size !== null && size !== dst.length && !framed) throw new UffdError('CORRUPT', `zstd frame declares ${size} bytes, expected ${dst.length}`)
         const n = this.dctx.decompress(dst, stored)
         if (n !== dst.length) throw new UffdError('CORRUPT', `zstd produced ${n} bytes, expected ${dst.length}`)
         return
@@ -63,14 +61,3 @@ export class ChunkDecompressor {
   }
 }
 
-/** The bytes the zstd frames of `stored` declare together, or what is wrong with them. */
-function framesDeclare(stored: Uint8Array): number | string {
-  let total = 0
-  for (let at = 0; at < stored.length; ) {
-    const frame = zstdFrameAt(stored, at)
-    if (typeof frame === 'string') return frame
-    total += frame.contentSize
-    at += frame.length
-  }
-  return total
-}

@@ -202,8 +202,6 @@ export class LayeredReader {
     return 'whole'
   }
 
-  /** None: see readFramesIfLocal. */
-  readonly framesDecoded = 0
   /** Its chunks are never decoded by frames (see readFramesIfLocal). */
   readonly framePages = 0
 

@@ -372,19 +372,17 @@ export class SnapshotReader {
    * pages [first, end), into `dst`, verified as readPayload verifies: the stored bytes of the
    * whole chunk against their checksum (and seal), each frame decoded against its own checksum,
    * every frame passed over checked against the pages its group holds. Returns their payload (a
-   * view of `dst`) and the payload page it starts at. 'whole' when only decoding the whole chunk
+   * view of `dst`), the payload page it starts at and how many frames it holds. 'whole' when only decoding the whole chunk
    * would do (the file or chunk is not framed, or those frames are all of it); undefined when its
    * bytes are not on this host (asked for, as by readPayloadIfLocal).
    */
-  readFramesIfLocal(chunk: number, first: number, end: number, dst: Buffer): {payload: Buffer; payloadPage: number} | 'whole' | undefined {
+  readFramesIfLocal(chunk: number, first: number, end: number, dst: Buffer): {payload: Buffer; payloadPage: number; frames: number} | 'whole' | undefined {
     if (this.framePages === 0 || chunk >= this.index.length) return 'whole'
     const entry = this.entry(chunk)
     if (entry.codec !== Codec.Zstd) return 'whole'
     this.seal?.requireKey()
-    const chunkFirst = this.geometry.firstPageOfChunk(chunk)
-    const pages = this.geometry.pagesInChunk(chunk)
-    const groups = groupPayloadBytes(this.zeroMap, chunkFirst, pages, this.framePages, this.geometry.pageSize)
-    const span = framesOfPages(this.zeroMap, chunkFirst, pages, this.framePages, first, end)
+    const groups = this.groupsOf(chunk)
+    const span = framesOfPages(this.zeroMap, this.geometry.firstPageOfChunk(chunk), this.geometry.pagesInChunk(chunk), this.framePages, first, end)
     if (span.to === span.from || (span.from === 0 && span.to === groups.length)) return 'whole'
     const checked = this.checked(chunk, entry, () => this.readStored(entry, dst, false))
     if (checked === undefined) return undefined
@@ -403,12 +401,13 @@ export class SnapshotReader {
     } catch (error) {
       throw this.chunkError(chunk, 'CORRUPT', `zstd frames ${span.from}..${span.to - 1} do not decode (${(error as Error).message})`)
     }
-    this.framesDecoded += span.to - span.from
-    return {payload, payloadPage: span.payloadPage}
+    return {payload, payloadPage: span.payloadPage, frames: span.to - span.from}
   }
 
-  /** Frames decoded on their own by readFramesIfLocal so far. */
-  framesDecoded = 0
+  /** The payload bytes each frame of framed chunk `chunk` must declare (groupPayloadBytes). */
+  private groupsOf(chunk: number): number[] {
+    return groupPayloadBytes(this.zeroMap, this.geometry.firstPageOfChunk(chunk), this.geometry.pagesInChunk(chunk), this.framePages, this.geometry.pageSize)
+  }
 
   /** Where a unit sits, as its seal binds it. */
   private placeOf(unit: number, entry: ChunkEntry): UnitPlace {
@@ -550,8 +549,15 @@ export class SnapshotReader {
   private decode(unit: number, entry: ChunkEntry, stored: Buffer, payload: Buffer): void {
     // Outside the try: a codec library that fails to load is not a corrupt chunk.
     const decompressor = (this.decompressor ??= new ChunkDecompressor())
+    // A framed chunk decoded whole is held to what decoding its frames alone would check (a
+    // header walk): verify and a fault judge it alike.
+    const framed = this.framePages > 0 && unit < this.index.length && entry.codec === Codec.Zstd
+    if (framed) {
+      const frames = chunkFrames(stored, this.groupsOf(unit))
+      if (typeof frames === 'string') throw this.chunkError(unit, 'CORRUPT', frames)
+    }
     try {
-      decompressor.decompress(entry.codec, stored, payload, this.framePages > 0 && unit < this.index.length)
+      decompressor.decompress(entry.codec, stored, payload, framed)
     } catch (error) {
       throw this.chunkError(unit, 'CORRUPT', `${codecName(entry.codec)} data does not decode (${(error as Error).message})`)
     }

@@ -26,6 +26,15 @@ export interface Attempted {
   pages: number
 }
 
+/**
+ * A chunk's frames decoded on their own for one fault (see FaultServer.framesBase): `base` is
+ * where the chunk's payload would start, so payload page p of those frames lies p pages past it.
+ */
+interface DecodedFrames {
+  chunk: number
+  base: number
+}
+
 /** The image pages a served fault installed around its faulting page: [first, end), page first. */
 export interface FaultWindow {
   page: number
@@ -66,6 +75,16 @@ export interface ServeOptions {
  */
 export const KERNEL_ZERO_MIN_BYTES = 2 * 1024 * 1024
 export const KERNEL_ZERO_MAX_RANGES = 128
+
+/**
+ * The smallest part of `reader`'s chunks that decodes on its own, in bytes: where an adaptive
+ * window starts (an isolated fault pays for its decode anyway). A frame of a framed file, else
+ * a chunk (a chain's chunks are assembled whole).
+ */
+export function smallestWindowBytes(reader: ImageReader): number {
+  const {pageSize, chunkSize} = reader.geometry
+  return reader.framePages > 0 ? reader.framePages * pageSize : Math.max(chunkSize, pageSize)
+}
 
 /**
  * Zero runs around packed set pages grow within aligned windows of this many pages
@@ -197,18 +216,21 @@ export class FaultServer {
   }
 
   /**
-   * A window smaller than its chunk (the window lies in one chunk: both are aligned) is served
-   * from the frames holding it alone, when the chunk is framed and nothing has it decoded: the
-   * address its payload would start at (PayloadSource.framesOf). Undefined: install from the
-   * whole payload; 'wait': its bytes are not on this host.
+   * A window inside one chunk and smaller than it is served from the frames holding it alone,
+   * when the chunk is framed and nothing has it decoded (PayloadSource.framesOf). Undefined:
+   * install from the whole payload; 'wait': its bytes are not on this host.
    */
-  private framesBase(chunk: number, window: {first: number; end: number}): number | undefined | 'wait' {
+  private framesBase(chunk: number, window: {first: number; end: number}): DecodedFrames | undefined | 'wait' {
     // Only for an adaptive window: it installs the whole of what it decodes, and grows when its
     // neighbours are wanted. A fixed window smaller than a chunk (a page-by-page recording run)
     // has the rest of the chunk wanted by the faults after it: decoded whole, into the cache.
-    if (this.windowSizes.minPages === this.windowSizes.maxPages || window.end - window.first >= this.geometry.pagesPerChunk) return undefined
+    if (this.windowSizes.minPages === this.windowSizes.maxPages) return undefined
+    // A grown window clipped to a small region can be smaller than a chunk and still cross into
+    // the next one, whose pages are not in these frames.
+    const {pagesPerChunk} = this.geometry
+    if (window.end - window.first >= pagesPerChunk || Math.floor(window.first / pagesPerChunk) !== chunk || Math.floor((window.end - 1) / pagesPerChunk) !== chunk) return undefined
     const base = this.unitBytes(chunk, () => this.source.framesOf(chunk, window.first, window.end))
-    return base === 'whole' ? undefined : (base ?? 'wait')
+    return base === 'whole' ? undefined : base === undefined ? 'wait' : {chunk, base}
   }
 
   /**
@@ -321,9 +343,10 @@ export class FaultServer {
 
   /**
    * Installs every still-missing run in [first, end) of one region (of zero pages only, with
-   * 'zeros'); data from the frames at `frames` (see framesBase) when given, else from the whole payload.
+   * 'zeros'); data of `frames`' chunk from those frames (see framesBase) when given, else from
+   * the whole payload.
    */
-  private fillWindow(client: Client, region: GuestRegion, first: number, end: number, copied?: CopiedRange[], what: 'all' | 'zeros' = 'all', frames?: number): Installed {
+  private fillWindow(client: Client, region: GuestRegion, first: number, end: number, copied?: CopiedRange[], what: 'all' | 'zeros' = 'all', frames?: DecodedFrames): Installed {
     let pages = 0
     let p = first
     while (p < end) {
@@ -354,11 +377,12 @@ export class FaultServer {
   }
 
   /**
-   * Installs a run of pages that are all zero or all in one chunk, data from the frames at
-   * `frames` when given; 'wait' when the chunk's bytes are not on this host.
+   * Installs a run of pages that are all zero or all in one chunk, data from `frames` when they
+   * are that chunk's; 'wait' when the chunk's bytes are not on this host.
    */
-  private fillRun(client: Client, region: GuestRegion, first: number, count: number, copied?: CopiedRange[], frames?: number): Attempted {
-    const source = this.zeroMap.isZero(first) ? ZEROS : frames !== undefined ? frames + this.payloadOffset(first) : this.payloadAddress(first)
+  private fillRun(client: Client, region: GuestRegion, first: number, count: number, copied?: CopiedRange[], frames?: DecodedFrames): Attempted {
+    const fromFrames = frames !== undefined && this.geometry.chunkOfOffset(first * this.pageSize) === frames.chunk
+    const source = this.zeroMap.isZero(first) ? ZEROS : fromFrames ? frames.base + this.payloadOffset(first) : this.payloadAddress(first)
     if (source === undefined) return {outcome: 'wait', pages: 0}
     return this.installer.fill(client, region, first, count, source, copied)
   }

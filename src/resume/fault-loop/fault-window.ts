@@ -3,8 +3,9 @@
  *
  * A window that always spans the largest size pays for neighbours the guest may never touch:
  * an isolated fault decodes and copies every chunk of its window. So the window adapts, as the
- * kernel's readahead does: it starts at the smallest size (a chunk, whose decode the faulting
- * page pays for anyway) and doubles each time a fault lands next to (or inside the reach of) the
+ * kernel's readahead does: it starts at the smallest size (the smallest part of a chunk that
+ * decodes on its own: a frame of a framed chunk, else the chunk, whose decode the faulting page
+ * pays for anyway) and doubles each time a fault lands next to (or inside the reach of) the
  * window before it, up to the largest; a fault elsewhere starts again from the smallest.
  * Windows are aligned to their own size in image pages, so a grown window holds the smaller ones
  * before it, and are clipped to the faulting region.

@@ -28,7 +28,7 @@ import {type FromWorker, type ToWorker, type WorkerConfig} from '../protocol.js'
 import {RunClock, RunStats} from '../run-stats.js'
 import {Client, type PendingFault} from './client.js'
 import {DecodePool} from './decode-pool.js'
-import {FaultServer, zeroRunWindowPages} from './fault-server.js'
+import {FaultServer, smallestWindowBytes, zeroRunWindowPages} from './fault-server.js'
 import {Installer, kernelFillCalls} from './installer.js'
 import {DecodedUnits} from './payload-source.js'
 import {Prefetcher} from './prefetch.js'
@@ -143,7 +143,7 @@ export class FaultLoop {
       // Faults on packed working-set pages are served from their blocks only while those blocks are
       // being prefetched (not with --working-set none, nor for CRIU's restored processes).
       const packedWorkingSet = workingSetUnits.some((unit) => unit >= reader.index.length)
-      const server = new FaultServer(reader, source, installer, stats, clock, {faultAroundBytes: config.faultAroundBytes, faultAroundMinBytes: config.faultAroundMinBytes, packedWorkingSet})
+      const server = new FaultServer(reader, source, installer, stats, clock, {faultAroundBytes: config.faultAroundBytes, faultAroundMinBytes: config.faultAroundMinBytes === 'unit' ? smallestWindowBytes(reader) : config.faultAroundMinBytes, packedWorkingSet})
       const prefetcher = new Prefetcher(server, installer, source, reader, stats, clock, {readaheadBytes: config.readaheadBytes, populateAll: config.populateAll, decodeAhead: readaheadSlots, installHelper})
       return {reader, source, server, prefetcher, workingSetUnits, stagedSlots: stagedSlots[image]}
     })

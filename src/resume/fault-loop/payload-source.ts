@@ -137,10 +137,9 @@ export class DecodedUnits implements PayloadSource {
 
   framesOf(chunk: number, first: number, end: number): number | 'whole' | undefined {
     if (this.cache.has(chunk) || this.isRequested(chunk)) return 'whole'
-    const before = this.reader.framesDecoded
     const got = this.reader.readFramesIfLocal(chunk, first, end, this.frameScratch)
     if (got === undefined || got === 'whole') return got
-    this.stats.add('framesDecoded', this.reader.framesDecoded - before)
+    this.stats.add('framesDecoded', got.frames)
     this.stats.add('bytesDecompressed', got.payload.length)
     return addressOf(got.payload) - got.payloadPage * this.reader.geometry.pageSize
   }
