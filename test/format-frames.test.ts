@@ -48,7 +48,7 @@ describe('framed chunks: the pure frame walk', () => {
     expect(framePagesProblem(1, 64)).toBeUndefined()
     expect(framePagesProblem(64, 64)).toMatch(/not smaller than a chunk/)
     expect(framePagesProblem(12, 64)).toMatch(/power of two/)
-    expect(framePagesProblem('8', 64)).toMatch(/power of two/)
+    expect(framePagesProblem('8', 64)).toMatch(/"8" is not a number of pages/)
     expect(framePagesProblem(0, 64)).toMatch(/power of two/)
   })
 

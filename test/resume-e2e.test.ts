@@ -321,6 +321,21 @@ describe.skipIf(skip !== undefined)('uffd resume with real userfaultfd clients',
       })
     }
 
+    it('framed chunks: a grown window clipped by a region smaller than a chunk, across a chunk boundary, serves each chunk\'s own pages (3 regions of 50 pages, 256K chunks)', async () => {
+      // Faults at pages 0, 16, 32 grow the window past a chunk; the fault at 70 lies in the
+      // region [50, 100), which straddles the boundary between chunks 0 and 1 at page 64.
+      const img = image('mixed')
+      const small = path.join(dir, 'small-150.raw')
+      fs.writeFileSync(small, img.data.subarray(0, 150 * PAGE))
+      const out = path.join(dir, 'small-150.uffd')
+      const made = uffd(['snapshot', '--mem-file', small, '-o', out, '--chunk-size', '256K'])
+      expect(made.status, made.stderr).toBe(0)
+      const trace = path.join(dir, 'small-150.trace')
+      fs.writeFileSync(trace, [0, 16, 32, 70].map((p) => String(p * PAGE)).join('\n'))
+      const r = await serveOne(out, {file: small, data: img.data.subarray(0, 150 * PAGE)}, ['--touch', `trace:${trace}`, '--regions', '3', '--verify-all'], ['--decoders', '0', '--readahead', '0'])
+      expect(r.client).toMatchObject({regions: 3, pages_verified: 150})
+    })
+
     it('evicts and re-decodes chunks with a cache smaller than the image (--cache-mb 1, 1M chunks, random pages, no decoders)', async () => {
       const snapshot = snapshotOf('mixed', 'zstd', MiB)
       const img = image('mixed')

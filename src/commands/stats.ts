@@ -121,7 +121,7 @@ export default class Stats extends BaseCommand {
     row('stored size', `${formatBytes(s.fileSize)} (${s.fileSize} bytes), ratio ${s.ratio.toFixed(2)}x`)
     row('zero pages', `${s.zeroPages} (${formatPercent(s.zeroPages, s.pageCount)}, ${formatBytes(s.zeroBytes)}), never stored`)
     if (s.layer) row('layer', `${s.layer.pages} changed pages stored in ${s.layer.blocks} blocks, over ${s.layer.depth} file(s)`)
-    else row('chunks', `${s.chunkCount} of ${formatBytes(s.chunkSize)}${s.frameSize ? ` (zstd in frames of ${formatBytes(s.frameSize)})` : ''}: ${s.allZeroChunks} all-zero, ${s.dedupChunks} deduplicated (saving ${formatBytes(s.dedupSavedBytes)})`)
+    else row('chunks', `${s.chunkCount} of ${formatBytes(s.chunkSize)}${s.frameSize && s.codecs.zstd ? ` (zstd in frames of ${formatBytes(s.frameSize)})` : ''}: ${s.allZeroChunks} all-zero, ${s.dedupChunks} deduplicated (saving ${formatBytes(s.dedupSavedBytes)})`)
     if (s.chain) {
       row('chain', '          size   stored units   provides    digests  file')
       for (const f of s.chain) row('', `${f.role.padEnd(8)} ${formatBytes(f.fileSize).padStart(9)} ${String(f.unitsStored).padStart(14)} ${formatPercent(f.pagesProvided, s.pageCount).padStart(10)} ${(f.pageDigestBytes > 0 ? formatBytes(f.pageDigestBytes) : '-').padStart(10)}  ${f.file}`)

@@ -17,7 +17,8 @@ const DICTIONARY_ID_BYTES = [0, 1, 2, 4]
 
 /** Whether `framePages` is a valid frame size for chunks of `pagesPerChunk` pages: a power of two below it. */
 export function framePagesProblem(framePages: unknown, pagesPerChunk: number): string | undefined {
-  if (typeof framePages !== 'number' || !Number.isInteger(framePages) || framePages < 1 || (framePages & (framePages - 1)) !== 0) return `frame size ${String(framePages)} pages is not a power of two`
+  if (typeof framePages !== 'number') return `frame size ${JSON.stringify(framePages) ?? String(framePages)} is not a number of pages`
+  if (!Number.isInteger(framePages) || framePages < 1 || (framePages & (framePages - 1)) !== 0) return `frame size ${framePages} pages is not a power of two`
   if (framePages >= pagesPerChunk) return `frame size ${framePages} pages is not smaller than a chunk (${pagesPerChunk} pages)`
   return undefined
 }
