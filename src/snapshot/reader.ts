@@ -372,9 +372,10 @@ export class SnapshotReader {
    * pages [first, end), into `dst`, verified as readPayload verifies: the stored bytes of the
    * whole chunk against their checksum (and seal), each frame decoded against its own checksum,
    * every frame passed over checked against the pages its group holds. Returns their payload (a
-   * view of `dst`), the payload page it starts at and how many frames it holds. 'whole' when only decoding the whole chunk
-   * would do (the file or chunk is not framed, or those frames are all of it); undefined when its
-   * bytes are not on this host (asked for, as by readPayloadIfLocal).
+   * view of `dst`), the payload page it starts at and how many frames it holds. 'whole' when
+   * only decoding the whole chunk would do (the file or chunk is not framed, or those frames are
+   * all of it); undefined when its bytes are not on this host (asked for, as by
+   * readPayloadIfLocal).
    */
   readFramesIfLocal(chunk: number, first: number, end: number, dst: Buffer): {payload: Buffer; payloadPage: number; frames: number} | 'whole' | undefined {
     if (this.framePages === 0 || chunk >= this.index.length) return 'whole'

@@ -229,7 +229,12 @@ export class FaultServer {
     // the next one, whose pages are not in these frames.
     const {pagesPerChunk} = this.geometry
     if (window.end - window.first >= pagesPerChunk || Math.floor(window.first / pagesPerChunk) !== chunk || Math.floor((window.end - 1) / pagesPerChunk) !== chunk) return undefined
-    const base = this.unitBytes(chunk, () => this.source.framesOf(chunk, window.first, window.end))
+    let base: number | 'whole' | undefined
+    try {
+      base = this.source.framesOf(chunk, window.first, window.end)
+    } catch (error) {
+      this.unitFailed(chunk, error)
+    }
     return base === 'whole' ? undefined : base === undefined ? 'wait' : {chunk, base}
   }
 
@@ -409,21 +414,21 @@ export class FaultServer {
    * clients go on, and fail in turn only if they need that unit too.
    */
   private unitAddress(unit: number): number | undefined {
-    const payload = this.unitBytes(unit, () => this.source.payload(unit))
-    return payload === undefined ? undefined : addressOf(payload)
+    try {
+      const payload = this.source.payload(unit)
+      return payload === undefined ? undefined : addressOf(payload)
+    } catch (error) {
+      this.unitFailed(unit, error)
+    }
   }
 
-  /** What `read` returns for `unit`, its failures made a client's (see unitAddress). */
-  private unitBytes<T>(unit: number, read: () => T): T {
-    try {
-      return read()
-    } catch (error) {
-      if (error instanceof SnapshotFormatError) throw new UffdError(error.code, error.message, {cause: error})
-      if (error instanceof UffdError || error instanceof SysError) throw error
-      // Node's fs fails a read (EIO from a failing disk, a device that shrank) with an error that
-      // names neither the file nor the chunk, and that the loop would not contain to one client.
-      const what = unit < this.chunkCount ? `chunk ${unit}` : `packed working-set block ${unit - this.chunkCount}`
-      rethrowAsSysError(error, (error as NodeJS.ErrnoException).syscall ?? 'read', `reading ${what} of ${this.snapshotName}`)
-    }
+  /** A unit's read or check failed: the error a client fails with (see unitAddress). */
+  private unitFailed(unit: number, error: unknown): never {
+    if (error instanceof SnapshotFormatError) throw new UffdError(error.code, error.message, {cause: error})
+    if (error instanceof UffdError || error instanceof SysError) throw error
+    // Node's fs fails a read (EIO from a failing disk, a device that shrank) with an error that
+    // names neither the file nor the chunk, and that the loop would not contain to one client.
+    const what = unit < this.chunkCount ? `chunk ${unit}` : `packed working-set block ${unit - this.chunkCount}`
+    rethrowAsSysError(error, (error as NodeJS.ErrnoException).syscall ?? 'read', `reading ${what} of ${this.snapshotName}`)
   }
 }
