@@ -124,6 +124,17 @@ describe('layers', () => {
     expect(sc.encodedChunks).toBe(1)
     expect(sc.copiedChunks).toBeGreaterThan(0)
     expect(ok(['verify', at('sqc.uffd'), '--against', at('c.raw')]).ok).toBe(true)
+    // The base's stored chunks are framed (the default): copied as they are, the output frames
+    // the same way, and its chunks compressed again too.
+    expect(ok(['stats', at('base.uffd')]).frameSize).toBe(64 * 1024)
+    expect(ok(['stats', at('sqc.uffd')]).frameSize).toBe(64 * 1024)
+    const squashed = SnapshotReader.open(at('sqc.uffd'))
+    try {
+      const frames = [...Array(squashed.index.length).keys()].map((c) => squashed.readFramesIfLocal(c, c * 64, c * 64 + 1, Buffer.alloc(256 * 1024)))
+      expect(frames.some((f) => typeof f === 'object')).toBe(true)
+    } finally {
+      squashed.close()
+    }
     const moved = tempDir('uffd-layers-squashed-')
     try {
       // Alone in a directory: nothing of the chain is needed.

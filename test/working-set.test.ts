@@ -89,7 +89,8 @@ describe('uffd working-set merge', () => {
     image = path.join(dir, 'guest.mem')
     fs.writeFileSync(image, makeImage('mixed', 1 << 20, 9))
     snap = path.join(dir, 'guest.uffd')
-    await writeSnapshot(memFileInput(image), snap, {codec: 'zstd', level: 1, chunkSize: 65536, pageSize: 4096, jobs: 1})
+    // Framed (16 KiB frames in 64 KiB chunks): attaching must keep them framed.
+    await writeSnapshot(memFileInput(image), snap, {codec: 'zstd', level: 1, chunkSize: 65536, pageSize: 4096, jobs: 1, frameSize: 16384})
     const reader = SnapshotReader.open(snap)
     const identity = {logicalSize: reader.geometry.logicalSize, pageSize: 4096, headerCrc: reader.header.headerCrc}
     reader.close()
@@ -140,6 +141,10 @@ describe('uffd working-set merge', () => {
     expect(a.json).toMatchObject({output: attached, pages: 3})
     const v = uffd(['verify', attached, '--against', image, '--json'])
     expect(v.json, v.stdout).toMatchObject({ok: true})
+    // Its chunks are copied as they are stored: framed ones stay framed, and the file says so.
+    const frameSize = (file: string): number => uffd(['stats', file, '--json']).json.frameSize
+    expect(frameSize(snap)).toBe(16384)
+    expect(frameSize(attached)).toBe(16384)
   })
 
   it("a set of another snapshot or a malformed file is BAD_WORKING_SET naming the file, and nothing is written", () => {
