@@ -104,6 +104,44 @@ describe('layers', () => {
     expect(s.chain[2].pagesProvided).toBe(s.layer.pages)
   })
 
+  it("a chain serves a chunk its base holds unchanged from the base's frames, and assembles any other whole", () => {
+    // One 64-page (one-chunk) run changed: every other chunk is the base's.
+    const changedImage = fs.readFileSync(at('base.raw'))
+    pseudoRandom(64 * PAGE, 12).copy(changedImage, 128 * PAGE)
+    fs.writeFileSync(at('fr.raw'), changedImage)
+    ok(['snapshot', '--mem-file', at('fr.raw'), '--parent', at('base.uffd'), '-o', at('fr.uffd')])
+    const names = ['base.uffd', 'fr.uffd']
+    const chain = LayeredReader.fromFiles(names.map((f) => SnapshotReader.open(at(f))), names, new UnitCache())
+    const base = SnapshotReader.open(at('base.uffd'))
+    const image = changedImage
+    try {
+      expect(chain.framePages).toBe(16)
+      const dst = Buffer.alloc(256 * 1024)
+      let framed = 0
+      let whole = 0
+      for (let c = 0; c < chain.index.length; c++) {
+        const page = c * 64 + 20
+        if (chain.zeroMap.isZero(page)) continue
+        const got = chain.readFramesIfLocal(c, page, page + 1, dst)
+        if (got === undefined) throw new Error('a local file is always here')
+        if (got === 'whole') {
+          whole++
+          continue
+        }
+        framed++
+        // Only where the chunk is the base's unchanged: its resolved payload is the base's.
+        expect(chain.readPayload(c).equals(base.readPayload(c))).toBe(true)
+        const at = (page - c * 64 - chain.zeroMap.countZero(c * 64, 20) - got.payloadPage) * PAGE
+        expect(got.payload.subarray(at, at + PAGE).equals(image.subarray(page * PAGE, (page + 1) * PAGE))).toBe(true)
+      }
+      expect(framed).toBeGreaterThan(0)
+      expect(whole).toBeGreaterThan(0)
+    } finally {
+      chain.close()
+      base.close()
+    }
+  })
+
   it('squash writes one self-contained snapshot of the chain, copying base chunks it can', () => {
     // Scattered changes touch every chunk: all are assembled again.
     // Over a file of its own chain: refused, the file kept (its layers would no longer resolve).

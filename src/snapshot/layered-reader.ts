@@ -76,7 +76,12 @@ export class LayeredReader {
     this.packed = top.packed
     this.unitCount = this.index.length + (this.packed?.blocks.length ?? 0)
     this.blockOfListIndex = files.map((f) => (f.layer ? blockOfListIndex(f.layer.set) : new Int32Array(0)))
+    // The base's frames serve the chunks it holds unchanged, where its chunks are the chain's.
+    this.framePages = files[0].geometry.chunkSize === this.geometry.chunkSize ? files[0].framePages : 0
   }
+
+  /** The base's frame size in pages where its chunks are the chain's (readFramesIfLocal), else 0. */
+  readonly framePages: number
 
   /**
    * The chain of `files` (base first, each ancestor's identity checked by whoever found it),
@@ -193,18 +198,29 @@ export class LayeredReader {
   }
 
   /**
+   * As SnapshotReader.readFramesIfLocal, for a chunk that is its base's chunk unchanged (every
+   * data page the base's, at the same place in the payload: the same pages zero), read from the
+   * base's frames; any other chunk is assembled from its files, whole.
+   */
+  readFramesIfLocal(chunk: number, first: number, end: number, dst: Buffer): {payload: Buffer; payloadPage: number; frames: number} | 'whole' | undefined {
+    if (this.framePages === 0 || chunk >= this.index.length) return 'whole'
+    const base = this.files[0]
+    const pieces = this.piecesOfChunk(chunk)
+    const {pageSize} = this.geometry
+    let bytes = 0
+    for (const piece of pieces) {
+      if (piece.source !== 0 || piece.unit !== chunk || piece.at !== piece.position * pageSize) return 'whole'
+      bytes += piece.count * pageSize
+    }
+    if (bytes === 0 || bytes !== base.entry(chunk).payloadLength) return 'whole'
+    return base.readFramesIfLocal(chunk, first, end, dst)
+  }
+
+  /**
    * Chunk `chunk`'s payload (its non-zero pages, in order), assembled from the files that hold
    * them, every stored unit verified on the way. A view of `dst`, or of scratch valid until the
    * next call.
    */
-  /** A chain's chunks are assembled from its files: decoded whole (see SnapshotReader.readFramesIfLocal). */
-  readFramesIfLocal(_chunk: number, _first: number, _end: number, _dst: Buffer): 'whole' {
-    return 'whole'
-  }
-
-  /** Its chunks are never decoded by frames (see readFramesIfLocal). */
-  readonly framePages = 0
-
   readPayload(chunk: number, dst?: Buffer): Buffer {
     const block = this.packedBlock(chunk)
     if (block !== undefined) return this.files.at(-1)!.readPayload(this.topUnit(block), dst)

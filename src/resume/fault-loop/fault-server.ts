@@ -78,8 +78,8 @@ export const KERNEL_ZERO_MAX_RANGES = 128
 
 /**
  * The smallest part of `reader`'s chunks that decodes on its own, in bytes: where an adaptive
- * window starts (an isolated fault pays for its decode anyway). A frame of a framed file, else
- * a chunk (a chain's chunks are assembled whole).
+ * window starts (an isolated fault pays for its decode anyway). A frame of a framed file (of a
+ * chain's base, whose frames serve the chunks it holds unchanged), else a chunk.
  */
 export function smallestWindowBytes(reader: ImageReader): number {
   const {pageSize, chunkSize} = reader.geometry
