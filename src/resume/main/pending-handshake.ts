@@ -75,8 +75,29 @@ export class PendingHandshake {
     }
   }
 
+  /**
+   * Gives the handshake up (the handler stops taking clients): reads the first message if it has
+   * arrived but was not read yet (never blocking), since a VMM sends its uffd only once its memory
+   * is registered, so a uffd still in the socket is one it already waits on; then closes what it
+   * sent (not the connection). Returns whether the sender waits on memory (holdsInitialisedUffd).
+   */
+  abandon(): boolean {
+    if (this.uffd === undefined && this.length === 0) {
+      try {
+        const first = this.receiveFirst()
+        if (first) this.length += first.length
+      } catch (error) {
+        // What cannot be read (a message without its fd, too many fds) brought no uffd to wait on.
+        if (!(error instanceof UffdError || error instanceof SysError)) throw error
+      }
+    }
+    const waits = this.holdsInitialisedUffd()
+    this.discard()
+    return waits
+  }
+
   /** Closes what the connection sent (not the connection itself), when it is given up on. */
-  discard(): void {
+  private discard(): void {
     if (this.uffd !== undefined) closeFd(this.uffd)
     this.uffd = undefined
   }

@@ -304,11 +304,11 @@ class FirecrackerClients implements FrontEnd {
 
   /**
    * Stopping with a handshake still arriving: not a refusal of the peer (not counted), but a VMM
-   * that already sent its initialised uffd waits on memory nobody will serve, so it is killed.
+   * that already sent its initialised uffd (read by now, or still in the socket) waits on memory
+   * nobody will serve, so it is killed.
    */
   private abandon(intake: ClientIntake, connection: number, handshake: PendingHandshake): void {
-    const clientWaits = handshake.holdsInitialisedUffd()
-    handshake.discard()
+    const clientWaits = handshake.abandon()
     if (clientWaits) intake.log(`no longer taking clients: closing a handshake still arriving${handshake.peer.pid ? ` (pid ${handshake.peer.pid})` : ''}, whose uffd came`)
     this.close(intake, connection, handshake.peer, this.options.kill && clientWaits)
   }
@@ -317,8 +317,7 @@ class FirecrackerClients implements FrontEnd {
   private giveUpOldest(intake: ClientIntake, pending: Map<number, PendingHandshake>): void {
     const [connection, handshake] = pending.entries().next().value as [number, PendingHandshake]
     pending.delete(connection)
-    const clientWaits = handshake.holdsInitialisedUffd()
-    handshake.discard()
+    const clientWaits = handshake.abandon()
     this.refuse(intake, connection, handshake.peer, new HandshakeError(`more than ${MAX_PENDING_HANDSHAKES} connections were sending their handshakes at once; the one waiting longest was closed`), clientWaits)
   }
 
