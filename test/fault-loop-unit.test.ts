@@ -150,7 +150,7 @@ class ScriptedSource implements PayloadSource {
     return this.reader.readPayload(unit)
   }
   private readonly frameScratch = Buffer.alloc(4 << 20)
-  framesOf(chunk: number, first: number, end: number): number | 'whole' | undefined {
+  framesOf(chunk: number, first: number, end: number): number | 'ready' | 'whole' | undefined {
     if (this.corrupt.has(chunk)) throw new SnapshotFormatError('CORRUPT', `chunk ${chunk}`, 'stored bytes do not match their checksum')
     if (this.remote.has(chunk)) return undefined
     const got = this.reader.readFramesIfLocal(chunk, first, end, this.frameScratch)

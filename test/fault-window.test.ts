@@ -1,7 +1,7 @@
 import fc from 'fast-check'
 import {describe, expect, it} from 'vitest'
 
-import {nextWindow, NO_WINDOW, widestWindow, type WindowHistory, windowSizes} from '../src/resume/fault-loop/fault-window.js'
+import {atLeast, nextWindow, NO_WINDOW, widestWindow, type WindowHistory, windowSizes} from '../src/resume/fault-loop/fault-window.js'
 
 const CHUNK = windowSizes(256 * 1024, 2 * 1024 * 1024, 4096)
 
@@ -17,6 +17,23 @@ function windows(pages: number[], sizes = CHUNK, region: [number, number] = [0, 
 }
 
 describe('fault-around windows', () => {
+  it('atLeast grows a window to a whole aligned unit (a chunk decoded whole), clipped to the region, and leaves a larger one be', () => {
+    const frame = {pages: 16, first: 96, end: 112}
+    expect(atLeast(frame, 64, 100, 0, 1 << 18)).toEqual({pages: 64, first: 64, end: 128})
+    expect(atLeast(frame, 64, 100, 90, 110)).toEqual({pages: 64, first: 90, end: 110})
+    const grown = {pages: 128, first: 0, end: 128}
+    expect(atLeast(grown, 64, 100, 0, 1 << 18)).toBe(grown)
+    fc.assert(
+      fc.property(fc.integer({min: 0, max: (1 << 18) - 1}), fc.constantFrom(1, 16, 64, 512), (page, pages) => {
+        const w = atLeast(NO_WINDOW, pages, page, 0, 1 << 18)
+        expect(w.first).toBeLessThanOrEqual(page)
+        expect(w.end).toBeGreaterThan(page)
+        expect(w.first % pages).toBe(0)
+        expect(w.end - w.first).toBe(pages)
+      }),
+    )
+  })
+
   it('sizes: the smallest is never above the largest, both at least a page', () => {
     expect(windowSizes(256 * 1024, 2 * 1024 * 1024, 4096)).toEqual({minPages: 64, maxPages: 512})
     expect(windowSizes(4 << 20, 2 << 20, 4096)).toEqual({minPages: 512, maxPages: 512})

@@ -8,7 +8,7 @@ import {addressOf, rethrowAsSysError, SysError} from '../../sys/index.js'
 import {type GuestRegion} from '../protocol.js'
 import {type RunClock, type RunStats} from '../run-stats.js'
 import {type Client, type PendingFault} from './client.js'
-import {nextWindow, widestWindow, windowSizes, type WindowSizes} from './fault-window.js'
+import {atLeast, nextWindow, widestWindow, windowSizes, type WindowSizes} from './fault-window.js'
 import {type CopiedRange, type Installed, type Installer, type Outcome, ZEROS} from './installer.js'
 import {PAGE_MISSING, PAGE_PRESENT, PAGE_REMOVED} from './page-states.js'
 import {type PayloadSource} from './payload-source.js'
@@ -190,9 +190,12 @@ export class FaultServer {
     }
     const regionFirst = region.offset / this.pageSize
     const regionEnd = regionFirst + region.size / this.pageSize
-    const window = nextWindow(client.faultWindow, page, this.windowSizes, regionFirst, regionEnd)
-    const frames = kind === 'faultsData' ? this.framesBase(unit, window) : undefined
-    if (frames === 'wait') return {outcome: 'wait', window: undefined}
+    let window = nextWindow(client.faultWindow, page, this.windowSizes, regionFirst, regionEnd)
+    const decoded = kind === 'faultsData' ? this.framesBase(unit, window) : undefined
+    if (decoded === 'wait') return {outcome: 'wait', window: undefined}
+    // Decoded (or assembled) whole by this fault, not by frames: it installs all it paid for.
+    if (decoded === 'whole') window = atLeast(window, this.geometry.pagesPerChunk, page, regionFirst, regionEnd)
+    const frames = decoded === 'whole' ? undefined : decoded
     const [runFirst, runEnd] = this.runAround(client, page, window.first, window.end)
     const faulting = this.fillRun(client, region, runFirst, runEnd - runFirst, undefined, frames)
     if (faulting.outcome !== 'served') return {outcome: faulting.outcome, window: undefined}
@@ -218,9 +221,11 @@ export class FaultServer {
   /**
    * A window inside one chunk and smaller than it is served from the frames holding it alone,
    * when the chunk is framed and nothing has it decoded (PayloadSource.framesOf). Undefined:
-   * install from the whole payload; 'wait': its bytes are not on this host.
+   * install from the whole payload; 'whole': the same, decoding it whole now (the chunk cannot be
+   * decoded by frames: raw, assembled from a chain's files, one frame); 'wait': its bytes are
+   * not on this host.
    */
-  private framesBase(chunk: number, window: {first: number; end: number}): DecodedFrames | undefined | 'wait' {
+  private framesBase(chunk: number, window: {first: number; end: number}): DecodedFrames | undefined | 'whole' | 'wait' {
     // Only for an adaptive window: it installs the whole of what it decodes, and grows when its
     // neighbours are wanted. A fixed window smaller than a chunk (a page-by-page recording run)
     // has the rest of the chunk wanted by the faults after it: decoded whole, into the cache.
@@ -229,13 +234,14 @@ export class FaultServer {
     // the next one, whose pages are not in these frames.
     const {pagesPerChunk} = this.geometry
     if (window.end - window.first >= pagesPerChunk || Math.floor(window.first / pagesPerChunk) !== chunk || Math.floor((window.end - 1) / pagesPerChunk) !== chunk) return undefined
-    let base: number | 'whole' | undefined
+    let base: number | 'ready' | 'whole' | undefined
     try {
       base = this.source.framesOf(chunk, window.first, window.end)
     } catch (error) {
       this.unitFailed(chunk, error)
     }
-    return base === 'whole' ? undefined : base === undefined ? 'wait' : {chunk, base}
+    if (base === 'ready') return undefined
+    return base === 'whole' ? 'whole' : base === undefined ? 'wait' : {chunk, base}
   }
 
   /**

@@ -47,6 +47,16 @@ export function nextWindow(last: WindowHistory, page: number, sizes: WindowSizes
   return {pages, first, end}
 }
 
+/**
+ * `window` grown to at least `pages` (aligned to that size, clipped to the region), for a fault
+ * that has to decode more than its window anyway: it installs what it paid for.
+ */
+export function atLeast(window: WindowHistory, pages: number, page: number, regionFirst: number, regionEnd: number): WindowHistory {
+  if (window.pages >= pages) return window
+  const first = page - (page % pages)
+  return {pages, first: Math.max(regionFirst, first), end: Math.min(regionEnd, first + pages)}
+}
+
 /** The largest window around `page`, clipped to its region: where zero runs are filled with a fault whatever its window (mapping zeros costs no decode and almost no copy). */
 export function widestWindow(page: number, sizes: WindowSizes, regionFirst: number, regionEnd: number): {first: number; end: number} {
   const first = page - (page % sizes.maxPages)

@@ -25,10 +25,11 @@ export interface PayloadSource {
    * For a fault that wants only image pages [first, end) of framed chunk `chunk`: those pages'
    * frames decoded on their own, here, when nothing has the chunk decoded or on its way. Returns
    * the address its payload would start at (payload page p lies at that address plus p pages,
-   * for the pages of those frames only), valid until the next call. 'whole': use payload()
-   * instead; undefined as for payload(). Throws SnapshotFormatError as payload() does.
+   * for the pages of those frames only), valid until the next call. Else use payload(): 'ready'
+   * when the chunk is decoded or on its way, 'whole' when it must be decoded (or assembled) whole
+   * now; undefined as for payload(). Throws SnapshotFormatError as payload() does.
    */
-  framesOf(chunk: number, first: number, end: number): number | 'whole' | undefined
+  framesOf(chunk: number, first: number, end: number): number | 'ready' | 'whole' | undefined
   /** Whether `unit` can be installed without waiting: nothing to decode, decoded, or failed (installing it reports the error). */
   isReady(unit: number): boolean
   /**
@@ -135,8 +136,8 @@ export class DecodedUnits implements PayloadSource {
     this.reader.fetchAhead(units, PRIORITY_DEMAND, around)
   }
 
-  framesOf(chunk: number, first: number, end: number): number | 'whole' | undefined {
-    if (this.cache.has(chunk) || this.isRequested(chunk)) return 'whole'
+  framesOf(chunk: number, first: number, end: number): number | 'ready' | 'whole' | undefined {
+    if (this.cache.has(chunk) || this.isRequested(chunk)) return 'ready'
     const got = this.reader.readFramesIfLocal(chunk, first, end, this.frameScratch)
     if (got === undefined || got === 'whole') return got
     this.stats.add('framesDecoded', got.frames)
