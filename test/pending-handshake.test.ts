@@ -10,15 +10,8 @@ import {afterEach, beforeEach, describe, expect, it} from 'vitest'
 import {PendingHandshake} from '../src/resume/main/pending-handshake.js'
 import {peerOf} from '../src/resume/main/peer.js'
 import {acceptUnix, closeFd, connectUnix, createEventfd, createUserfaultfd, isUserfaultfd, listenUnix, sendWithFds, uffdApi} from '../src/sys/index.js'
+import {uffdUnavailableReason} from './helpers/uffd.js'
 
-function uffdUnavailableReason(): string | undefined {
-  try {
-    closeFd(createUserfaultfd())
-    return undefined
-  } catch (error) {
-    return `cannot create a userfaultfd here (${(error as Error).message}); run as root on Linux with CONFIG_USERFAULTFD`
-  }
-}
 const skipReason = uffdUnavailableReason()
 if (skipReason !== undefined) console.log(`[pending-handshake] skipping: ${skipReason}`)
 

@@ -49,16 +49,9 @@ import {
 import {UFFDIO_COPY, UFFDIO_COPY_LAYOUT} from '../src/sys/uffd.js'
 import {RawStruct} from '../src/sys/raw.js'
 import {reserveHugePages} from './helpers/hugepages.js'
+import {uffdUnavailableReason} from './helpers/uffd.js'
 
 // --- can this machine run the real-uffd tests? --------------------------------------------------
-function uffdUnavailableReason(): string | undefined {
-  try {
-    closeFd(createUserfaultfd())
-    return undefined
-  } catch (error) {
-    return `cannot create a userfaultfd here (${(error as Error).message}); run as root on Linux with CONFIG_USERFAULTFD`
-  }
-}
 const skipReason = uffdUnavailableReason()
 if (skipReason !== undefined) console.log(`[sys-uffd] skipping real-uffd tests: ${skipReason}`)
 
