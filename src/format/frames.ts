@@ -37,17 +37,6 @@ export function groupPayloadBytes(zeroMap: ZeroMap, firstPage: number, pages: nu
   return bytes
 }
 
-/** As groupPayloadBytes, from a chunk's own zero bits (bit i = page i is zero), for a writer. */
-export function groupPayloadBytesOfBits(zeroBits: Uint8Array, pages: number, framePages: number, pageSize: number): number[] {
-  const bytes: number[] = []
-  for (let g = 0; g < pages; g += framePages) {
-    let data = 0
-    for (let i = g, end = Math.min(pages, g + framePages); i < end; i++) if (!(zeroBits[i >>> 3] & (1 << (i & 7)))) data++
-    if (data > 0) bytes.push(data * pageSize)
-  }
-  return bytes
-}
-
 /** One zstd frame's place in a chunk's stored bytes and the bytes it declares. */
 export interface ZstdFrame {
   offset: number

@@ -1,7 +1,8 @@
 import {crc32} from 'node:zlib'
 
 import {Codec} from '../format/constants.js'
-import {groupPayloadBytesOfBits} from '../format/frames.js'
+import {groupPayloadBytes} from '../format/frames.js'
+import {ZeroMap} from '../format/zero-map.js'
 import {type ChunkCompressor} from './codecs.js'
 
 /** A byte range of a source file that lands at `imageOffset` in the image. */
@@ -97,7 +98,7 @@ export function encodeChunk(
   }
   // A chunk without zero pages is its own payload; otherwise its non-zero pages are packed.
   const payload = zeroPages === 0 ? bytes : compactPayload(bytes, pageSize, zeroBits, payloadScratch, payloadLength)
-  const {codec, stored} = compressor.compress(payload, framePages > 0 ? groupPayloadBytesOfBits(zeroBits, pages, framePages, pageSize) : undefined)
+  const {codec, stored} = compressor.compress(payload, framePages > 0 ? groupPayloadBytes(new ZeroMap(pages, zeroBits), 0, pages, framePages, pageSize) : undefined)
   return {chunk: {codec, payloadLength, storedCrc: crc32(stored), zeroBits, zeroPages}, stored, payload}
 }
 

@@ -19,8 +19,8 @@ export class ChunkDecompressor {
   constructor(private readonly systemLz4 = hasSystemLz4) {}
 
   /**
-   * `framed`: a chunk of a file that frames its zstd chunks (src/format/frames.ts), whose frames
-   * the caller checked (chunkFrames): its first frame may declare only its group.
+   * `framed`: a chunk of a file that frames its zstd chunks (src/format/frames.ts), or some of its
+   * frames, which the caller checked (chunkFrames): the first frame may declare only its group.
    */
   decompress(codec: Codec, stored: Buffer, dst: Buffer, framed = false): void {
     switch (codec) {
@@ -52,12 +52,6 @@ export class ChunkDecompressor {
       default:
         throw new UffdError('CORRUPT', `codec ${codec} has no data to decode`)
     }
-  }
-
-  /** Decodes whole zstd frames (checked by chunkFrames) into `dst`, which they fill exactly. */
-  decompressFrames(stored: Buffer, dst: Buffer): void {
-    const n = this.dctx.decompress(dst, stored)
-    if (n !== dst.length) throw new UffdError('CORRUPT', `zstd produced ${n} bytes, expected ${dst.length}`)
   }
 }
 

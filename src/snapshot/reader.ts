@@ -398,7 +398,7 @@ export class SnapshotReader {
     const payload = dst.subarray(0, bytes)
     const decompressor = (this.decompressor ??= new ChunkDecompressor())
     try {
-      decompressor.decompressFrames(checked.plain.subarray(from, to), payload)
+      decompressor.decompress(Codec.Zstd, checked.plain.subarray(from, to), payload, true)
     } catch (error) {
       throw this.chunkError(chunk, 'CORRUPT', `zstd frames ${span.from}..${span.to - 1} do not decode (${(error as Error).message})`)
     }

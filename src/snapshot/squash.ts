@@ -98,7 +98,7 @@ export async function squashChain(reader: LayeredReader, output: string, options
       } else {
         const length = geometry.chunkPaddedLength(c)
         reader.readChunk(c, bytes)
-        const {chunk, stored} = encodeChunk(bytes.subarray(0, length), pageSize, compressor, zeroPage, scratch, options.codec === 'zstd' ? framePages : 0)
+        const {chunk, stored} = encodeChunk(bytes.subarray(0, length), pageSize, compressor, zeroPage, scratch, framePages)
         entries.push(place(c, chunk.codec, chunk.payloadLength, Buffer.from(stored)))
         encoded++
       }

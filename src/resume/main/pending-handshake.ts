@@ -84,8 +84,7 @@ export class PendingHandshake {
   abandon(): boolean {
     if (this.uffd === undefined && this.length === 0) {
       try {
-        const first = this.receiveFirst()
-        if (first) this.length += first.length
+        this.receiveFirst()
       } catch (error) {
         // What cannot be read (a message without its fd, too many fds) brought no uffd to wait on.
         if (!(error instanceof UffdError || error instanceof SysError)) throw error
